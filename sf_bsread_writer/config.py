@@ -1,0 +1,292 @@
+"""Every option of every command, its default and its environment variable, once.
+
+Each command (buffer, writer, gateway, CA bridge, simulator) declares its
+options here as a list of :class:`Option`. :func:`parse_args` builds the
+argparse parser from that list and takes defaults from the environment, so
+that a systemd unit can keep all settings in an environment file
+(``EnvironmentFile=``) and the command line can still override them:
+
+    command line  >  environment (PREFIX + DEST upper-cased)  >  default
+
+The environment variable of an option is ``<prefix><DEST>``, for example
+``SF_BSREAD_BUFFER_OUTPUT_PORT`` for the buffer's ``--output_port``. The
+complete list is printed by ``--help`` and in docs/configuration.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Option",
+    "parse_args",
+    "build_parser",
+    "BUFFER_OPTIONS",
+    "BUFFER_ENV_PREFIX",
+    "WRITER_OPTIONS",
+    "WRITER_ENV_PREFIX",
+    "GATEWAY_OPTIONS",
+    "GATEWAY_ENV_PREFIX",
+    "BRIDGE_OPTIONS",
+    "BRIDGE_ENV_PREFIX",
+    "SIMULATE_OPTIONS",
+    "SIMULATE_ENV_PREFIX",
+    "LOG_LEVELS",
+    "DEFAULT_BIND",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+]
+
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+# Secure default: nothing listens beyond this machine unless told to.
+DEFAULT_BIND = "127.0.0.1"
+
+# A single bsread message larger than this is rejected as oversize. Large
+# enough for a 16 Mpixel uint32 image uncompressed; protects the ring.
+DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+
+
+def _bool(text: str | bool) -> bool:
+    """Parse a boolean from an environment file ("1", "true", "yes", "on")."""
+    if isinstance(text, bool):
+        return text
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use 1/0, true/false, yes/no)")
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {text!r}")
+    return level
+
+
+@dataclass(frozen=True)
+class Option:
+    """One command-line option, also settable from the environment.
+
+    ``flags`` empty means a positional argument (then ``dest`` is its name).
+    ``kind`` is "value" (takes an argument), "flag" (store_true) or "list"
+    (may be repeated; environment value is comma separated).
+    """
+
+    dest: str
+    flags: tuple[str, ...] = ()
+    default: Any = None
+    type: Callable[[str], Any] = str
+    help: str = ""
+    kind: str = "value"
+    choices: Sequence[Any] | None = None
+    metavar: str | None = None
+    required: bool = False
+
+
+def _env_name(prefix: str, option: Option) -> str:
+    return prefix + option.dest.upper()
+
+
+def _from_env(prefix: str, option: Option, environ: Mapping[str, str]) -> tuple[bool, Any]:
+    name = _env_name(prefix, option)
+    if name not in environ:
+        return False, None
+    raw = environ[name]
+    try:
+        if option.kind == "flag":
+            return True, _bool(raw)
+        if option.kind == "list":
+            return True, [option.type(item.strip()) for item in raw.split(",") if item.strip()]
+        return True, option.type(raw)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"environment variable {name}={raw!r} is invalid: {error}") from None
+
+
+def build_parser(
+    prog: str,
+    description: str,
+    options: Sequence[Option],
+    env_prefix: str,
+    environ: Mapping[str, str] | None = None,
+) -> argparse.ArgumentParser:
+    """Build an argparse parser whose defaults come from ``environ``."""
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=f"Every option can also be set in the environment as {env_prefix}<DEST> "
+        f"(e.g. {_env_name(env_prefix, options[0])}); the command line wins.",
+    )
+    for option in options:
+        found, env_value = _from_env(env_prefix, option, environ)
+        default = env_value if found else option.default
+        env_help = f" [env {_env_name(env_prefix, option)}; default: {default!r}]"
+        if not option.flags:
+            # A positional that the environment may supply.
+            parser.add_argument(
+                option.dest,
+                nargs=None if (option.required and not found) else "?",
+                default=default,
+                type=option.type,
+                help=option.help + env_help,
+                metavar=option.metavar or option.dest,
+            )
+            continue
+        kwargs: dict[str, Any] = {"dest": option.dest, "default": default, "help": option.help + env_help}
+        if option.kind == "flag":
+            kwargs["action"] = "store_true"
+        elif option.kind == "list":
+            kwargs.update(action="append", type=option.type, metavar=option.metavar)
+            # argparse appends to the default list in place: give it a copy.
+            kwargs["default"] = list(default or [])
+        else:
+            kwargs.update(type=option.type, choices=option.choices, metavar=option.metavar)
+        parser.add_argument(*option.flags, **kwargs)
+    return parser
+
+
+def parse_args(
+    prog: str,
+    description: str,
+    options: Sequence[Option],
+    env_prefix: str,
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> argparse.Namespace:
+    """Parse ``argv`` for one command; see the module docstring for precedence."""
+    parser = build_parser(prog, description, options, env_prefix, environ)
+    args = parser.parse_args(argv)
+    for option in options:
+        if option.required and getattr(args, option.dest) in (None, [], ""):
+            parser.error(f"{option.dest} is required (argument or {_env_name(env_prefix, option)})")
+    return args
+
+
+_log_option = Option(
+    "log_level", ("--log_level", "--log-level"), "INFO", _log_level, "Log level.", metavar="LEVEL"
+)
+
+# --------------------------------------------------------------------------
+# sf_bsread_buffer
+# --------------------------------------------------------------------------
+BUFFER_ENV_PREFIX = "SF_BSREAD_BUFFER_"
+BUFFER_OPTIONS: list[Option] = [
+    Option("stream", (), None, str, "Source stream address, e.g. tcp://ioc:9999.", required=True, metavar="STREAM"),
+    Option("output_port", ("-o", "--output_port", "--output-port"), 8888, int,
+           "Port of the live output (0: any free port)."),
+    Option("buffer_length", ("-b", "--buffer_length", "--buffer-length"), 1000, int,
+           "Most messages the ring holds (oldest evicted first)."),
+    Option("buffer_bytes", ("--buffer-bytes", "--buffer_bytes"), 2 * 1024**3, int,
+           "Most bytes of raw frames the ring holds (oldest evicted first)."),
+    Option("max_message_bytes", ("--max-message-bytes",), DEFAULT_MAX_MESSAGE_BYTES, int,
+           "A message larger than this is rejected as oversize."),
+    Option("source_mode", ("--source-mode", "--source_mode"), "pull", str,
+           "How to connect to the source.", choices=("pull", "sub")),
+    Option("output_mode", ("--output-mode", "--output_mode"), "pub", str,
+           "Live output socket: pub (fan-out, drops for slow viewers) or push (one legacy consumer).",
+           choices=("pub", "push")),
+    Option("replay_port", ("--replay-port", "--replay_port"), 8889, int,
+           "Port of the replay endpoint that writers use (0: any free port)."),
+    Option("rest_port", ("--rest-port", "--rest_port"), 8890, int,
+           "Port of the HTTP status API (0: any free port)."),
+    Option("bind", ("--bind",), DEFAULT_BIND, str, "Address to bind all listening sockets to."),
+    Option("name", ("--name",), "BSBUFFER", str, "Name of this buffer (logs, status, CA status PV prefix)."),
+    Option("ca", ("--ca",), False, _bool, "Serve the stream and the status over EPICS Channel Access.", kind="flag"),
+    Option("ca_prefix", ("--ca-prefix", "--ca_prefix"), "", str, "Prefix of every channel PV."),
+    _log_option,
+    Option("analyzer", ("--analyzer",), False, _bool,
+           "Log anomalies of the incoming stream (pulse-id jumps, resets, header changes) at INFO.", kind="flag"),
+]
+
+# --------------------------------------------------------------------------
+# sf_bsread_writer
+# --------------------------------------------------------------------------
+WRITER_ENV_PREFIX = "SF_BSREAD_WRITER_"
+WRITER_OPTIONS: list[Option] = [
+    Option("stream_address", (), None, str,
+           "The buffer's replay endpoint (or, with --direct, a plain bsread stream).", required=True),
+    Option("output_file", (), None, str, "HDF5 file to write (/dev/null: consume without writing).",
+           required=True),
+    Option("user_id", (), None, int, "Run as this uid (and its gid) before touching files; -1 keeps the user.",
+           required=True),
+    Option("rest_port", (), None, int, "Port of the REST API (0: any free port).", required=True),
+    Option("rest_host", ("--rest-host", "--rest_host"), DEFAULT_BIND, str, "Address of the REST API."),
+    Option("direct", ("--direct",), False, _bool,
+           "STREAM_ADDRESS is a plain bsread stream (live only), not a buffer's replay endpoint.", kind="flag"),
+    Option("direct_mode", ("--direct-mode",), "pull", str, "Socket type for --direct.", choices=("pull", "sub")),
+    Option("output_root", ("--output-root", "--output_root"), None, str,
+           "When set, every output file must resolve inside this directory."),
+    Option("stop_deadline", ("--stop-deadline", "--stop_deadline"), 10.0, float,
+           "Seconds to wait for the stop pulse once the source is silent; then close and record what is missing."),
+    Option("flush_interval", ("--flush-interval",), 1.0, float,
+           "Seconds between flushes of the file (what survives a kill -9)."),
+    Option("finished_grace", ("--finished-grace",), 2.0, float,
+           "Seconds the REST API keeps answering 'finished' before the process exits."),
+    _log_option,
+]
+
+# --------------------------------------------------------------------------
+# sf_bsread_gateway
+# --------------------------------------------------------------------------
+GATEWAY_ENV_PREFIX = "SF_BSREAD_GATEWAY_"
+GATEWAY_OPTIONS: list[Option] = [
+    Option("buffer_output", (), None, str, "The buffer's live output address, e.g. tcp://host:8888.",
+           required=True),
+    Option("status_url", ("--status-url",), None, str,
+           "The buffer's HTTP status base URL (e.g. http://host:8890) for the NAME: status PVs."),
+    Option("source_mode", ("--source-mode",), "sub", str, "Socket type towards the buffer output.",
+           choices=("sub", "pull")),
+    Option("ca_prefix", ("--ca-prefix", "--ca_prefix"), "", str, "Prefix of every channel PV."),
+    Option("name", ("--name",), "BSBUFFER", str, "Prefix of the status PVs (NAME:PULSE_ID, ...)."),
+    Option("max_rate", ("--max-rate",), 10.0, float, "Most updates per second of one PV."),
+    Option("total_rate", ("--total-rate",), 20000.0, float, "Most PV updates per second in all."),
+    Option("writable", ("--writable",), False, _bool, "Allow caput (default: read-only).", kind="flag"),
+    Option("allow_hosts", ("--allow-host",), [], str,
+           "With --writable: only these peer IP addresses may write (repeatable).", kind="list", metavar="IP"),
+    _log_option,
+]
+
+# --------------------------------------------------------------------------
+# sf_bsread_ca_bridge
+# --------------------------------------------------------------------------
+BRIDGE_ENV_PREFIX = "SF_BSREAD_CA_BRIDGE_"
+BRIDGE_OPTIONS: list[Option] = [
+    Option("pvs", ("--pv",), [], str, "An upstream PV to bring into the stream (repeatable).",
+           kind="list", metavar="NAME"),
+    Option("pv_file", ("--pv-file",), None, str, "File with one PV name per line (# comments)."),
+    Option("port", ("--port",), None, int, "Port of the bsread stream this bridge publishes.", required=False),
+    Option("bind", ("--bind",), DEFAULT_BIND, str, "Address to bind the stream to."),
+    Option("mode", ("--mode",), "push", str, "bsread socket type.", choices=("push", "pub")),
+    Option("rate", ("--rate",), 100.0, float, "Messages per second."),
+    Option("pulse_id_pv", ("--pulse-id-pv",), None, str,
+           "PV whose value is the pulse id; default: derived from time at the nominal rate."),
+    _log_option,
+]
+
+# --------------------------------------------------------------------------
+# sf_bsread_simulate
+# --------------------------------------------------------------------------
+SIMULATE_ENV_PREFIX = "SF_BSREAD_SIMULATE_"
+SIMULATE_OPTIONS: list[Option] = [
+    Option("profile", ("--profile",), "mixed", str, "What to send.",
+           choices=("camera", "scalars", "mixed", "demo")),
+    Option("port", ("--port",), 9999, int, "Port to bind the stream to (0: any free port)."),
+    Option("bind", ("--bind",), DEFAULT_BIND, str, "Address to bind to."),
+    Option("mode", ("--mode",), "push", str, "Socket type.", choices=("push", "pub")),
+    Option("rate", ("--rate",), 100.0, float, "Messages per second (0: as fast as possible)."),
+    Option("count", ("--count",), 0, int, "Messages to send (0: until stopped)."),
+    Option("start_pulse_id", ("--start-pulse-id",), 0, int,
+           "First pulse id (0: derived from the current time, SwissFEL-like)."),
+    Option("pulse_id_step", ("--pulse-id-step",), 1, int, "Pulse-id increment per message."),
+    Option("compression", ("--compression",), "none", str, "Compression of array channels.",
+           choices=("none", "bitshuffle_lz4", "lz4")),
+    Option("n_channels", ("--n-channels",), 500, int, "Channels of the 'scalars' profile."),
+    Option("image_shape", ("--image-shape",), "1280x1024", str,
+           "Camera image size WIDTHxHEIGHT (bsread shape order)."),
+    _log_option,
+]

@@ -1,0 +1,142 @@
+"""Test utilities: free ports, polling with a deadline, subprocesses that are always cleaned up.
+
+No test sleeps to synchronise: it polls a condition with ``wait_for`` (which
+fails with a message when the deadline passes) or reads a readiness line
+from a child's output with ``Child.wait_for_line``.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Loopback-only Channel Access: nothing may broadcast from tests.
+EPICS_LOOPBACK_ENV = {
+    "EPICS_CA_AUTO_ADDR_LIST": "NO",
+    "EPICS_CA_ADDR_LIST": "127.0.0.1",
+    "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
+    "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
+    "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
+}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (prefer binding port 0 where possible)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
+             message: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+class Child:
+    """A subprocess whose combined output is read line by line in a thread.
+
+    Use as a context manager (or call ``stop``): the process is terminated,
+    then killed, whatever happens in the test.
+    """
+
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None,
+                 cwd: str | os.PathLike | None = None) -> None:
+        full_env = dict(os.environ)
+        full_env.setdefault("OMP_NUM_THREADS", "1")
+        full_env["PYTHONUNBUFFERED"] = "1"
+        if env:
+            full_env.update(env)
+        self.args = list(args)
+        self.process = subprocess.Popen(
+            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=full_env, cwd=cwd, text=True, bufsize=1,
+        )
+        self.lines: list[str] = []
+        self._queue: "queue.Queue[str | None]" = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def python_module(cls, module: str, *args: str, **kwargs: Any) -> "Child":
+        return cls([sys.executable, "-m", module, *args], **kwargs)
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for_line(self, predicate: Callable[[str], bool] | str, timeout: float = 20.0) -> str:
+        """Return the first new output line matching ``predicate`` (a substring or a function)."""
+        match = (lambda line: predicate in line) if isinstance(predicate, str) else predicate
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no line matching {predicate!r} within {timeout}s; output:\n"
+                                     + "\n".join(self.lines[-50:]))
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                self._queue.put(None)  # keep the end marker for later callers
+                raise AssertionError(f"process exited ({self.process.poll()}) before a line matching "
+                                     f"{predicate!r}; output:\n" + "\n".join(self.lines[-50:]))
+            self.lines.append(line)
+            if match(line):
+                return line
+
+    def output(self) -> str:
+        """Everything read so far (drains the queue without blocking)."""
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self._queue.put(None)
+                break
+            self.lines.append(line)
+        return "\n".join(self.lines)
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return self.process.returncode
+
+    def __enter__(self) -> "Child":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
