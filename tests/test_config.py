@@ -1,0 +1,83 @@
+"""Option parsing: command line > environment > default, for every command."""
+import pytest
+
+from sf_bsread_writer import config
+
+
+def parse_buffer(argv, environ=None):
+    return config.parse_args("sf_bsread_buffer", "test", config.BUFFER_OPTIONS, config.BUFFER_ENV_PREFIX,
+                             argv, environ or {})
+
+
+def test_original_spellings_still_work():
+    args = parse_buffer(["tcp://src:9999", "-o", "12300", "-b", "100", "--log_level", "DEBUG", "--analyzer"])
+    assert args.stream == "tcp://src:9999"
+    assert args.output_port == 12300
+    assert args.buffer_length == 100
+    assert args.log_level == "DEBUG"
+    assert args.analyzer is True
+
+
+def test_defaults_are_secure_and_complete():
+    args = parse_buffer(["tcp://src:9999"])
+    assert args.bind == "127.0.0.1"
+    assert args.source_mode == "pull"
+    assert args.output_mode == "pub"
+    assert args.ca is False
+    assert args.name == "BSBUFFER"
+
+
+def test_environment_supplies_everything_including_the_positional():
+    env = {
+        "SF_BSREAD_BUFFER_STREAM": "tcp://env:1",
+        "SF_BSREAD_BUFFER_OUTPUT_PORT": "7000",
+        "SF_BSREAD_BUFFER_CA": "yes",
+        "SF_BSREAD_BUFFER_SOURCE_MODE": "sub",
+    }
+    args = parse_buffer([], env)
+    assert (args.stream, args.output_port, args.ca, args.source_mode) == ("tcp://env:1", 7000, True, "sub")
+
+
+def test_command_line_wins_over_environment():
+    env = {"SF_BSREAD_BUFFER_STREAM": "tcp://env:1", "SF_BSREAD_BUFFER_OUTPUT_PORT": "7000"}
+    args = parse_buffer(["tcp://cli:2", "-o", "7001"], env)
+    assert (args.stream, args.output_port) == ("tcp://cli:2", 7001)
+
+
+def test_missing_required_positional_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as raised:
+        parse_buffer([])
+    assert raised.value.code == 2
+    assert "stream" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize("name,value", [("SF_BSREAD_BUFFER_OUTPUT_PORT", "eighty"),
+                                        ("SF_BSREAD_BUFFER_CA", "maybe"),
+                                        ("SF_BSREAD_BUFFER_LOG_LEVEL", "LOUD")])
+def test_invalid_environment_value_names_the_variable(name, value):
+    with pytest.raises(SystemExit) as raised:
+        parse_buffer(["tcp://src:1"], {name: value})
+    assert name in str(raised.value.code)
+
+
+def test_invalid_choice_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        parse_buffer(["tcp://src:1", "--output-mode", "broadcast"])
+    assert "output-mode" in capsys.readouterr().err
+
+
+def test_list_option_from_environment_and_command_line():
+    env = {"SF_BSREAD_CA_BRIDGE_PVS": "A:B, C:D"}
+    args = config.parse_args("b", "t", config.BRIDGE_OPTIONS, config.BRIDGE_ENV_PREFIX, ["--pv", "E:F"], env)
+    assert args.pvs == ["A:B", "C:D", "E:F"]
+    args = config.parse_args("b", "t", config.BRIDGE_OPTIONS, config.BRIDGE_ENV_PREFIX, [], env)
+    assert args.pvs == ["A:B", "C:D"]
+
+
+def test_writer_positionals_as_the_original():
+    args = config.parse_args("w", "t", config.WRITER_OPTIONS, config.WRITER_ENV_PREFIX,
+                             ["tcp://buf:8889", "out.h5", "-1", "4000", "--log_level=DEBUG"], {})
+    assert (args.stream_address, args.output_file, args.user_id, args.rest_port) == \
+        ("tcp://buf:8889", "out.h5", -1, 4000)
+    assert args.rest_host == "127.0.0.1"
+    assert args.log_level == "DEBUG"
