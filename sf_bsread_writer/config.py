@@ -290,3 +290,43 @@ SIMULATE_OPTIONS: list[Option] = [
            "Camera image size WIDTHxHEIGHT (bsread shape order)."),
     _log_option,
 ]
+
+
+# --------------------------------------------------------------------------
+# Reference documentation, generated from the lists above
+# --------------------------------------------------------------------------
+COMMANDS: list[tuple[str, str, list[Option]]] = [
+    ("sf_bsread_buffer", BUFFER_ENV_PREFIX, BUFFER_OPTIONS),
+    ("sf_bsread_writer", WRITER_ENV_PREFIX, WRITER_OPTIONS),
+    ("sf_bsread_gateway", GATEWAY_ENV_PREFIX, GATEWAY_OPTIONS),
+    ("sf_bsread_ca_bridge", BRIDGE_ENV_PREFIX, BRIDGE_OPTIONS),
+    ("sf_bsread_simulate", SIMULATE_ENV_PREFIX, SIMULATE_OPTIONS),
+]
+
+
+def markdown_reference() -> str:
+    """docs/configuration.md: every option of every command (regenerate with
+    ``python -m sf_bsread_writer.config > docs/configuration.md``)."""
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from `sf_bsread_writer/config.py` by `python -m sf_bsread_writer.config`; "
+        "a test fails when this file is out of date.",
+        "",
+        "Precedence: command line > environment variable > default. Flags take 1/0, true/false, "
+        "yes/no, on/off in the environment; repeatable options take a comma-separated list.",
+    ]
+    for command, prefix, options in COMMANDS:
+        out += ["", f"## {command}", "", "| option | environment | default | meaning |", "|---|---|---|---|"]
+        for option in options:
+            spelled = ", ".join(f"`{flag}`" for flag in option.flags) if option.flags else \
+                f"`{(option.metavar or option.dest).upper()}` (positional)"
+            if option.choices:
+                spelled += " (" + "\\|".join(str(choice) for choice in option.choices) + ")"
+            default = "required" if option.required else f"`{option.default!r}`"
+            out.append(f"| {spelled} | `{_env_name(prefix, option)}` | {default} | {option.help} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_reference(), end="")

@@ -81,3 +81,10 @@ def test_writer_positionals_as_the_original():
         ("tcp://buf:8889", "out.h5", -1, 4000)
     assert args.rest_host == "127.0.0.1"
     assert args.log_level == "DEBUG"
+
+
+def test_configuration_reference_is_up_to_date():
+    from tests.helpers import ROOT
+    documented = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert documented == config.markdown_reference(), \
+        "docs/configuration.md is stale: python -m sf_bsread_writer.config > docs/configuration.md"
