@@ -1,0 +1,614 @@
+"""h5format: the SwissFEL layout on real files, read back with plain h5py.
+
+Messages are built with ``protocol.build_message`` and parsed with
+``protocol.MessageParser`` so that the file sees exactly what the writer
+will give it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import hdf5plugin  # noqa: F401  (bitshuffle filter for reading)
+import numpy as np
+import pytest
+
+from sf_bsread_writer import h5format, protocol
+from sf_bsread_writer.h5format import H5File
+
+from .helpers import ROOT
+
+_PARSER = protocol.MessageParser()
+
+NUMERIC_TYPES = ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+                 "float32", "float64"]
+
+
+def channel(name: str, type: str = "float64", shape: Sequence[int] = (1,), encoding: str = "little",
+            compression: str = "none") -> dict[str, Any]:
+    return {"name": name, "type": type, "shape": list(shape), "encoding": encoding, "compression": compression}
+
+
+def message(pulse_id: int, channels: Sequence[dict[str, Any]], values: Sequence[Any],
+            timestamp: float | None = None) -> protocol.Message:
+    """A parsed message as the writer gets it from the wire."""
+    frames = protocol.build_message(pulse_id, channels, values,
+                                    timestamp=timestamp if timestamp is not None else 1_700_000_000 + pulse_id / 100)
+    return _PARSER.parse(frames)
+
+
+def value_for(type: str, pulse_id: int, shape: Sequence[int] = (1,)) -> Any:
+    """A deterministic value of ``type`` and bsread ``shape`` (fastest first) for ``pulse_id``."""
+    array_shape = tuple(shape[::-1])
+    count = int(np.prod(array_shape))
+    if type == "string":
+        return f"pulse {pulse_id} ü"
+    if type == "bool":
+        values = (np.arange(count) + pulse_id) % 2 == 0
+    else:
+        info = np.iinfo(type) if np.dtype(type).kind in "iu" else None
+        base = np.arange(count, dtype="f8") + pulse_id
+        if info is not None:
+            values = (base % min(int(info.max), 10_000)).astype(type)
+            values.flat[0] = info.max if pulse_id % 2 else info.min  # the extremes survive too
+        else:
+            values = (base * 0.25 + 1e-3).astype(type)
+    return values.reshape(array_shape)
+
+
+def read(path: Path) -> h5py.File:
+    return h5py.File(path, "r")
+
+
+# --------------------------------------------------------------------- general
+
+
+def test_general_datasets_are_fixed_length_strings_with_not_given_default(tmp_path: Path) -> None:
+    path = tmp_path / "general.h5"
+    params = {"general/created": "2024-05-01T10:00:00", "general/user": "p12345", "general/process": "daq",
+              "general/detector": "JF07", "general/exposure": 0.5, "run/number": 17, "general/tags": ["a", "b"]}
+    H5File(path, params).close()
+    with read(path) as f:
+        general = f["general"]
+        assert general["created"][()] == b"2024-05-01T10:00:00"
+        assert general["created"].dtype.kind == "S" and general["created"].shape == ()
+        assert general["user"][()] == b"p12345"
+        assert general["instrument"][()] == b"not given"
+        assert general["detector"][()] == b"JF07"
+        assert general["exposure"][()] == 0.5
+        assert general["run.number"][()] == 17
+        assert general["tags"][()] == b'["a", "b"]'
+        assert json.loads(general.attrs["parameters"]) == params
+        assert f.attrs["format_version"] == h5format.FORMAT_VERSION
+        assert f.attrs["complete"] == 1
+        assert f.attrs["number_of_messages"] == 0
+
+
+# ---------------------------------------------------------------- every type
+
+
+@pytest.mark.parametrize("encoding", ["little", "big"])
+@pytest.mark.parametrize("type", NUMERIC_TYPES)
+def test_every_numeric_type_scalar_and_array_round_trips_exactly(tmp_path: Path, type: str, encoding: str) -> None:
+    path = tmp_path / "types.h5"
+    channels = [channel("SCALAR", type, (1,), encoding), channel("WAVE", type, (7,), encoding),
+                channel("IMAGE", type, (5, 3), encoding)]
+    pulse_ids = list(range(1000, 1013))
+    with H5File(path, block_rows=4) as h5:
+        for pulse_id in pulse_ids:
+            h5.append(message(pulse_id, channels, [value_for(type, pulse_id, c["shape"]) for c in channels]))
+    with read(path) as f:
+        for spec in channels:
+            group = f["data"][spec["name"]]
+            data = group["data"]
+            assert data.shape == (len(pulse_ids), *spec["shape"][::-1])
+            expected_dtype = np.dtype(bool) if type == "bool" else np.dtype(type).newbyteorder(
+                ">" if encoding == "big" else "<")
+            assert data.dtype == expected_dtype
+            for row, pulse_id in enumerate(pulse_ids):
+                np.testing.assert_array_equal(
+                    data[row], np.asarray(value_for(type, pulse_id, spec["shape"])).reshape(spec["shape"][::-1]))
+            assert list(group["pulse_id"][:]) == pulse_ids
+            assert group["pulse_id"].dtype == np.dtype("<i8")
+            assert group["is_data_present"].dtype == np.dtype("u1")
+            assert list(group["is_data_present"][:]) == [1] * len(pulse_ids)
+            assert group.attrs["type"] == type
+            assert list(group.attrs["shape"]) == spec["shape"]
+            assert group.attrs["encoding"] == encoding
+            assert group.attrs["compression"] == "none"
+
+
+def test_scalar_dataset_is_n_by_1(tmp_path: Path) -> None:
+    path = tmp_path / "scalar.h5"
+    with H5File(path) as h5:
+        for pulse_id in range(5):
+            h5.append(message(pulse_id, [channel("X")], [pulse_id * 1.5]))
+    with read(path) as f:
+        assert f["data/X/data"].shape == (5, 1)
+        assert list(f["data/X/data"][:, 0]) == [0.0, 1.5, 3.0, 4.5, 6.0]
+
+
+def test_strings_are_vlen_utf8_and_absent_is_empty(tmp_path: Path) -> None:
+    path = tmp_path / "strings.h5"
+    values = ["hello", None, "Grüße ✓", "", "x" * 1000]
+    with H5File(path) as h5:
+        for pulse_id, value in enumerate(values, start=10):
+            h5.append(message(pulse_id, [channel("S", "string")], [value]))
+    with read(path) as f:
+        data = f["data/S/data"]
+        assert data.shape == (5,)
+        assert h5py.check_string_dtype(data.dtype).encoding == "utf-8"
+        assert data.asstr()[:].tolist() == ["hello", "", "Grüße ✓", "", "x" * 1000]
+        # An empty string is sent as an empty value part: "no data" on the wire.
+        assert list(f["data/S/is_data_present"][:]) == [1, 0, 1, 0, 1]
+        assert list(f["data/S/pulse_id"][:]) == [10, 0, 12, 0, 14]
+
+
+def test_channel_timestamps_in_ns(tmp_path: Path) -> None:
+    path = tmp_path / "ts.h5"
+    channels = [channel("LE"), channel("BE", encoding="big")]
+    with H5File(path) as h5:
+        h5.append(message(1, channels, [1.0, 2.0], timestamp=1_700_000_000.25))
+        h5.append(message(2, channels, [None, 3.0], timestamp=1_700_000_001.5))
+    with read(path) as f:
+        assert list(f["data/LE/timestamp"][:]) == [1_700_000_000_250_000_000, 0]
+        assert list(f["data/BE/timestamp"][:]) == [1_700_000_000_250_000_000, 1_700_000_001_500_000_000]
+        assert f["data/LE/timestamp"].dtype == np.dtype("<i8")
+        assert f.attrs["first_timestamp"] == pytest.approx(1_700_000_000.25)
+        assert f.attrs["last_timestamp"] == pytest.approx(1_700_000_001.5)
+
+
+# ------------------------------------------------------------ bitshuffle_lz4
+
+
+def _image(pulse_id: int, shape: tuple[int, int] = (96, 80), dtype: str = "<u2") -> np.ndarray:
+    rng = np.random.default_rng(pulse_id)
+    return (rng.poisson(20, size=shape) + pulse_id).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["<u2", ">f4", "<i8"])
+def test_bitshuffle_images_are_stored_as_direct_chunks_without_decompression(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    path = tmp_path / "bslz4.h5"
+    type_name = np.dtype(dtype).name
+    encoding = "big" if np.dtype(dtype).byteorder == ">" else "little"
+    spec = channel("CAM", type_name, (80, 96), encoding, "bitshuffle_lz4")
+    messages = [message(pulse_id, [spec], [_image(pulse_id, dtype=dtype)]) for pulse_id in range(500, 510)]
+    parts = [bytes(m.value_part(0)) for m in messages]
+
+    def no_decoding(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the direct chunk path decoded a value")
+
+    monkeypatch.setattr(protocol, "decode_value", no_decoding)
+    with H5File(path, block_rows=3) as h5:
+        for m in messages:
+            h5.append(m)
+    monkeypatch.undo()
+    with read(path) as f:
+        data = f["data/CAM/data"]
+        assert data.shape == (10, 96, 80)
+        assert data.chunks == (1, 96, 80)
+        assert list(data._filters) == ["32008"]  # bitshuffle, the only filter
+        assert data._filters["32008"][-1] == 2  # LZ4 mode
+        assert data.dtype == np.dtype(dtype)
+        for row, pulse_id in enumerate(range(500, 510)):
+            np.testing.assert_array_equal(data[row], _image(pulse_id, dtype=dtype))
+            filter_mask, stored = data.id.read_direct_chunk((row, 0, 0))
+            assert filter_mask == 0 and stored == parts[row]  # the bytes as received
+        assert f["data/CAM"].attrs["storage"] == "bitshuffle_lz4 direct chunk"
+
+
+def _legacy_block_size_part(part: bytes, itemsize: int) -> bytes:
+    """The same chunk with the block size field in elements (pre-2018 Python producers)."""
+    nbytes, block_bytes = struct.unpack(">QI", part[:12])
+    return struct.pack(">QI", nbytes, block_bytes // itemsize) + part[12:]
+
+
+def test_bitshuffle_fallback_decodes_and_writes_through_filter(tmp_path: Path) -> None:
+    path = tmp_path / "fallback.h5"
+    spec = channel("CAM", "uint16", (80, 96), "little", "bitshuffle_lz4")
+    frames_list = [protocol.build_message(p, [spec], [_image(p)], timestamp=1.0 + p) for p in range(3)]
+    # Row 1: legacy block size field -> guard says no -> decoded + written through the filter.
+    frames_list[1][2] = _legacy_block_size_part(bytes(frames_list[1][2]), 2)
+    messages = [_PARSER.parse(frames) for frames in frames_list]
+    assert protocol.direct_chunk_compatible(messages[0].data_header.channels[0], messages[0].value_part(0))
+    assert not protocol.direct_chunk_compatible(messages[1].data_header.channels[0], messages[1].value_part(0))
+    with H5File(path) as h5:
+        for m in messages:
+            h5.append(m)
+        column = h5._columns["CAM"][("uint16", (96, 80))]
+        h5.flush()
+        assert column.direct_chunks == 2 and column.filtered_rows == 1
+    with read(path) as f:
+        for row in range(3):
+            np.testing.assert_array_equal(f["data/CAM/data"][row], _image(row))
+        # Written through the filter: a valid chunk, not the legacy bytes.
+        assert f["data/CAM/data"].id.read_direct_chunk((1, 0, 0))[1] != bytes(frames_list[1][2])
+
+
+def test_small_bitshuffle_arrays_and_uncompressed_images_are_buffered(tmp_path: Path) -> None:
+    path = tmp_path / "small.h5"
+    channels = [channel("SMALL", "float64", (16,), compression="bitshuffle_lz4"),
+                channel("RAW", "uint16", (80, 96))]
+    with H5File(path) as h5:
+        for p in range(4):
+            h5.append(message(p, channels, [np.arange(16.0) + p, _image(p)]))
+    with read(path) as f:
+        assert f["data/SMALL"].attrs["storage"] == "buffered"
+        assert f["data/SMALL/data"].compression is None
+        np.testing.assert_array_equal(f["data/SMALL/data"][3], np.arange(16.0) + 3)
+        np.testing.assert_array_equal(f["data/RAW/data"][2], _image(2))
+        assert f["data/RAW/data"].shape == (4, 96, 80)
+
+
+# ------------------------------------------------------ chunking and blocks
+
+
+def test_chunk_shapes_are_sane() -> None:
+    assert h5format.chunk_shape((1,), 8) == (1024, 1)
+    assert h5format.chunk_shape((4096, 4096), 4) == (1, 4096, 4096)  # 64 MiB, far below 4 GiB
+    assert h5format.chunk_shape((1024, 1280), 2, one_row=True) == (1, 1024, 1280)
+    assert h5format.chunk_shape((2048,), 8) == (64, 2048)
+    huge = h5format.chunk_shape((40000, 40000), 8)  # 12.8 GB per row: split within the row
+    assert huge[0] == 1 and 8 * np.prod(huge) <= h5format.MAX_CHUNK_BYTES
+
+
+def test_large_image_dataset_has_one_row_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "big.h5"
+    channels = [channel("BIG", "uint32", (4096, 4096)),
+                channel("BIGZ", "uint32", (4096, 4096), compression="bitshuffle_lz4")]
+    image = np.zeros((4096, 4096), "<u4")
+    image[::7, ::5] = 3
+    with H5File(path) as h5:
+        h5.append(message(1, channels, [image, image]))
+    with read(path) as f:
+        assert f["data/BIG/data"].chunks == (1, 4096, 4096)
+        assert f["data/BIGZ/data"].chunks == (1, 4096, 4096)
+        np.testing.assert_array_equal(f["data/BIGZ/data"][0], image)
+        assert f["data/BIG/data"][0, 7, 5] == 3
+
+
+def test_ten_thousand_scalar_rows_are_written_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "blocks.h5"
+    calls: list[int] = []
+    original = h5format._Column.write_block
+
+    def counting(self: Any, start: int, count: int, pulse_ids: np.ndarray) -> int:
+        calls.append(count)
+        return original(self, start, count, pulse_ids)
+
+    monkeypatch.setattr(h5format._Column, "write_block", counting)
+    channels = [channel(f"CH{i}", "int32") for i in range(5)]
+    # A clock that never advances: only the block size triggers writes.
+    h5 = H5File(path, block_rows=1000, clock=lambda: 0.0)
+    frames = [protocol.build_message(p, channels, [p + i for i in range(5)], timestamp=float(p)) for p in range(10_000)]
+    for f in frames:
+        h5.append(_PARSER.parse(f))
+    h5.close()
+    assert h5.blocks_written == 10
+    assert len(calls) == 10 * 5 and set(calls) == {1000}
+    assert h5.hdf5_writes == 10 * 5 * 4  # data, pulse_id, is_data_present, timestamp per block
+    with read(path) as f:
+        np.testing.assert_array_equal(f["data/CH3/data"][:, 0], np.arange(10_000) + 3)
+        np.testing.assert_array_equal(f["data/CH3/pulse_id"][:], np.arange(10_000))
+
+
+def test_flush_interval_and_block_bytes_trigger_writes(tmp_path: Path) -> None:
+    now = [0.0]
+    h5 = H5File(tmp_path / "interval.h5", flush_interval=1.0, block_rows=10_000, block_bytes=10_000,
+                clock=lambda: now[0])
+    h5.append(message(1, [channel("X")], [1.0]))
+    assert h5.rows == 1 and h5.rows_flushed == 0 and not h5.flush_due()
+    now[0] = 1.5
+    assert h5.flush_due() and h5.maybe_flush()
+    assert h5.rows_flushed == 1
+    with read(h5.path) as f:  # readable while open, counts match what is on disk
+        assert f.attrs["number_of_messages"] == 1 and f.attrs["complete"] == 0
+    image = np.zeros((100, 100), "<u2")
+    h5.append(message(2, [channel("X"), channel("IMG", "uint16", (100, 100))], [2.0, image]))  # 20 kB > block
+    assert h5.rows_flushed == 2
+    h5.close()
+
+
+# ---------------------------------------------------- channel set changes
+
+
+def test_channel_first_absent_then_present_keeps_every_value(tmp_path: Path) -> None:
+    """The original dropped all values of a channel whose first value was absent."""
+    path = tmp_path / "first_absent.h5"
+    # The Python sender announces an absent value as float64 [1]; real type follows.
+    absent_spec = [channel("A"), channel("LATE")]
+    real_spec = [channel("A"), channel("LATE", "uint16", (3, 2))]
+    with H5File(path, block_rows=3) as h5:
+        for p in range(5):
+            h5.append(message(p, absent_spec, [float(p), None]))
+        for p in range(5, 9):
+            h5.append(message(p, real_spec, [float(p), np.full((2, 3), p, "<u2")]))
+    with read(path) as f:
+        late = f["data/LATE"]
+        assert late["data"].shape == (9, 2, 3) and late["data"].dtype == np.dtype("<u2")
+        assert list(late["is_data_present"][:]) == [0] * 5 + [1] * 4
+        assert list(late["pulse_id"][:]) == [0] * 5 + [5, 6, 7, 8]
+        assert (late["data"][:5] == 0).all()
+        for row in range(5, 9):
+            assert (late["data"][row] == row).all()
+        assert "LATE@2" not in f["data"]  # the absent announcement is not a type
+
+
+def test_channel_absent_with_unchanged_header_then_present(tmp_path: Path) -> None:
+    path = tmp_path / "same_header.h5"
+    spec = [channel("A", "int16"), channel("B", "int16")]
+    with H5File(path, block_rows=2) as h5:
+        for p in range(6):
+            h5.append(message(p, spec, [p, p if p >= 3 else None]))
+    with read(path) as f:
+        assert list(f["data/B/data"][:, 0]) == [0, 0, 0, 3, 4, 5]
+        assert list(f["data/B/is_data_present"][:]) == [0, 0, 0, 1, 1, 1]
+
+
+def test_channel_never_present_exists_all_absent(tmp_path: Path) -> None:
+    path = tmp_path / "never.h5"
+    with H5File(path) as h5:
+        for p in range(3):
+            h5.append(message(p, [channel("A"), channel("NEVER", "int32", (4,))], [1.0, None]))
+    with read(path) as f:
+        assert f["data/NEVER/data"].shape == (3, 4)
+        assert list(f["data/NEVER/is_data_present"][:]) == [0, 0, 0]
+
+
+def test_channel_added_and_removed_mid_run(tmp_path: Path) -> None:
+    path = tmp_path / "added_removed.h5"
+    before = [channel("KEEP"), channel("GONE", "int32")]
+    after = [channel("KEEP"), channel("NEW", "string")]
+    with H5File(path, block_rows=4) as h5:
+        for p in range(100, 106):
+            h5.append(message(p, before, [float(p), p]))
+        for p in range(106, 110):
+            h5.append(message(p, after, [float(p), f"n{p}"]))
+    with read(path) as f:
+        data = f["data"]
+        assert sorted(data) == ["GONE", "KEEP", "NEW"]
+        for name in data:
+            assert data[name]["data"].shape[0] == 10 and data[name]["pulse_id"].shape == (10,)
+        assert list(data["KEEP/pulse_id"][:]) == list(range(100, 110))
+        assert list(data["GONE/pulse_id"][:]) == list(range(100, 106)) + [0] * 4
+        assert list(data["GONE/data"][:, 0]) == list(range(100, 106)) + [0] * 4
+        assert list(data["NEW/pulse_id"][:]) == [0] * 6 + list(range(106, 110))
+        assert data["NEW/data"].asstr()[:].tolist() == [""] * 6 + [f"n{p}" for p in range(106, 110)]
+
+
+def test_channel_retyped_and_reshaped_mid_run_goes_to_variant_groups(tmp_path: Path) -> None:
+    path = tmp_path / "retyped.h5"
+    float_spec = [channel("OTHER"), channel("X")]
+    int_spec = [channel("OTHER"), channel("X", "int32")]
+    wave_spec = [channel("OTHER"), channel("X", "int32", (3,))]
+    with H5File(path, block_rows=2) as h5:
+        h5.append(message(1, float_spec, [1.0, 1.5]))
+        h5.append(message(2, int_spec, [2.0, 2]))
+        h5.append(message(3, wave_spec, [3.0, np.array([3, 4, 5], "<i4")]))
+        h5.append(message(4, float_spec, [4.0, 4.5]))  # back to the first type
+        h5.append(message(5, int_spec, [5.0, None]))
+    with read(path) as f:
+        data = f["data"]
+        assert sorted(data) == ["OTHER", "X", "X@2", "X@3"]
+        assert data["X/data"].dtype == np.dtype("<f8")
+        assert list(data["X/data"][:, 0]) == [1.5, 0, 0, 4.5, 0]
+        assert list(data["X/pulse_id"][:]) == [1, 0, 0, 4, 0]
+        assert data["X@2/data"].dtype == np.dtype("<i4") and data["X@2/data"].shape == (5, 1)
+        assert list(data["X@2/pulse_id"][:]) == [0, 2, 0, 0, 0]
+        assert data["X@3/data"].shape == (5, 3)
+        assert list(data["X@3/data"][2]) == [3, 4, 5]
+        assert list(data["X@3/is_data_present"][:]) == [0, 0, 1, 0, 0]
+        assert data["X@3"].attrs["channel"] == "X" and data["X@3"].attrs["variant"] == 3
+        assert list(data["X"].attrs["variants"]) == ["X", "X@2", "X@3"]
+        # Exactly one group holds each present value of X.
+        present = sum(data[g]["is_data_present"][:].astype(int) for g in ("X", "X@2", "X@3"))
+        assert list(present) == [1, 1, 1, 1, 0]
+
+
+def test_byte_order_or_compression_change_is_not_a_retype(tmp_path: Path) -> None:
+    path = tmp_path / "order.h5"
+    with H5File(path) as h5:
+        h5.append(message(1, [channel("X", "int32", (2,))], [np.array([1, 2])]))
+        h5.append(message(2, [channel("X", "int32", (2,), "big")], [np.array([3, 4])]))
+        h5.append(message(3, [channel("X", "int32", (2,), compression="bitshuffle_lz4")], [np.array([5, 6])]))
+    with read(path) as f:
+        assert list(f["data"]) == ["X"]
+        assert f["data/X/data"][:].tolist() == [[1, 2], [3, 4], [5, 6]]
+
+
+def test_rows_are_aligned_across_channels(tmp_path: Path) -> None:
+    path = tmp_path / "aligned.h5"
+    channels = [channel("EVERY"), channel("ODD", "int8"), channel("IMG", "uint16", (80, 96),
+                                                                   compression="bitshuffle_lz4"),
+                channel("S", "string")]
+    pulse_ids = list(range(2000, 2050, 2))
+    with H5File(path, block_rows=7) as h5:
+        for p in pulse_ids:
+            odd = (p // 2) % 2 == 1
+            h5.append(message(p, channels, [float(p), 1 if odd else None, _image(p) if p % 3 else None,
+                                            str(p) if p % 5 else None]))
+    with read(path) as f:
+        every = f["data/EVERY/pulse_id"][:]
+        assert list(every) == pulse_ids
+        for name in ("ODD", "IMG", "S"):
+            pid = f[f"data/{name}/pulse_id"][:]
+            present = f[f"data/{name}/is_data_present"][:]
+            assert len(pid) == len(pulse_ids) == len(f[f"data/{name}/data"])
+            assert ((pid == every) == (present == 1)).all()
+            assert (pid[present == 0] == 0).all()
+        for row, p in enumerate(pulse_ids):
+            if p % 3:
+                np.testing.assert_array_equal(f["data/IMG/data"][row], _image(p))
+            else:
+                assert not f["data/IMG/data"][row].any()
+
+
+def test_broken_value_is_recorded_absent_not_fatal(tmp_path: Path) -> None:
+    path = tmp_path / "broken.h5"
+    spec = channel("IMG", "uint16", (80, 96), compression="bitshuffle_lz4")
+    good = protocol.build_message(1, [spec], [_image(1)], timestamp=1.0)
+    bad = protocol.build_message(2, [spec], [_image(2)], timestamp=2.0)
+    bad[2] = struct.pack(">QI", 3, 8192) + b"\x00garbage"
+    with H5File(path) as h5:
+        h5.append(_PARSER.parse(good))
+        h5.append(_PARSER.parse(bad))
+    with read(path) as f:
+        assert list(f["data/IMG/is_data_present"][:]) == [1, 0]
+        np.testing.assert_array_equal(f["data/IMG/data"][0], _image(1))
+
+
+def test_wrong_size_scalar_is_absent_and_the_rest_of_the_row_is_kept(tmp_path: Path) -> None:
+    """A packed (uncompressed, fixed size) value of the wrong size takes the slow path for its row."""
+    path = tmp_path / "wrong_size.h5"
+    channels = [channel("A", "int32"), channel("B", "int32"), channel("C", "float64", encoding="big")]
+    frames = [protocol.build_message(p, channels, [p, 10 * p, p / 2], timestamp=float(p)) for p in range(1, 6)]
+    frames[2][4] = b"\x01\x02"  # B of pulse 3: 2 bytes for an int32
+    with H5File(path) as h5:
+        for f in frames:
+            h5.append(_PARSER.parse(f))
+    with read(path) as f:
+        assert list(f["data/A/data"][:, 0]) == [1, 2, 3, 4, 5]
+        assert list(f["data/B/data"][:, 0]) == [10, 20, 0, 40, 50]
+        assert list(f["data/B/is_data_present"][:]) == [1, 1, 0, 1, 1]
+        assert list(f["data/C/data"][:, 0]) == [0.5, 1.0, 1.5, 2.0, 2.5]
+        assert list(f["data/C/timestamp"][:]) == [p * 1_000_000_000 for p in range(1, 6)]
+
+
+# ------------------------------------------------- missing, attributes, close
+
+
+def test_missing_pulses_table_and_file_attributes(tmp_path: Path) -> None:
+    path = tmp_path / "missing.h5"
+    h5 = H5File(path)
+    h5.set_attributes({"start_pulse_id": 100, "stop_pulse_id": 120, "start_time": None})
+    for p in (100, 101, 105, 106):
+        h5.append(message(p, [channel("X")], [1.0]))
+    h5.record_missing(102, 104, "ring_overrun")
+    h5.record_missing(110, 120, "source_silent", count=6)
+    assert h5.missing_pulses == 9
+    h5.close({"stop_reason": "stop_pulse", "requested": {"by": "pulse_id"}})
+    with read(path) as f:
+        table = f["missing"][:]
+        assert table["first_pulse_id"].tolist() == [102, 110]
+        assert table["last_pulse_id"].tolist() == [104, 120]
+        assert table["count"].tolist() == [3, 6]
+        assert [r.decode() for r in table["reason"]] == ["ring_overrun", "source_silent"]
+        attrs = f.attrs
+        assert attrs["missing_pulses"] == 9
+        assert attrs["start_pulse_id"] == 100 and attrs["stop_pulse_id"] == 120
+        assert "start_time" not in attrs
+        assert attrs["first_pulse_id"] == 100 and attrs["last_pulse_id"] == 106
+        assert attrs["number_of_messages"] == 4 and attrs["complete"] == 1
+        assert attrs["stop_reason"] == "stop_pulse"
+        assert attrs["requested"] == '{"by": "pulse_id"}'
+
+
+def test_close_is_idempotent_and_counts(tmp_path: Path) -> None:
+    path = tmp_path / "close.h5"
+    h5 = H5File(path)
+    h5.append(message(1, [channel("X"), channel("Y", "int8", (4,))], [1.0, np.arange(4)]))
+    assert h5.rows == 1 and h5.bytes_written == 8 + 4
+    assert h5.channels == ["X", "Y"]
+    h5.close({"stop_pulse_id": 1})
+    h5.close()
+    h5.close({"ignored": 1})
+    assert h5.closed
+    with pytest.raises(ValueError):
+        h5.append(message(2, [channel("X")], [2.0]))
+    with read(path) as f:
+        assert f.attrs["stop_pulse_id"] == 1 and "ignored" not in f.attrs
+
+
+# --------------------------------------------------------------- kill -9
+
+_CHILD = textwrap.dedent("""
+    import os, sys
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import numpy as np
+    from sf_bsread_writer import h5format, protocol
+    path, first = sys.argv[1], int(sys.argv[2])
+    channels = [
+        {"name": f"S{i}", "type": "float64", "shape": [1]} for i in range(20)
+    ] + [
+        {"name": "WAVE", "type": "int32", "shape": [256]},
+        {"name": "TEXT", "type": "string", "shape": [1]},
+        {"name": "CAM", "type": "uint16", "shape": [128, 96], "compression": "bitshuffle_lz4"},
+    ]
+    parser = protocol.MessageParser()
+    image = (np.arange(96 * 128) % 1000).astype("<u2").reshape(96, 128)
+    h5 = h5format.H5File(path, {"general/user": "kill-test"}, flush_interval=0.05, block_rows=50)
+    flushes = 0
+    pulse_id = first
+    while True:
+        values = [pulse_id * 0.5 + i for i in range(20)] + [
+            np.arange(256, dtype="<i4") + pulse_id % 100_000, f"p{pulse_id}", image + (pulse_id % 1000)]
+        h5.append(parser.parse(protocol.build_message(pulse_id, channels, values, timestamp=pulse_id / 100)))
+        pulse_id += 1
+        if h5.flushes != flushes:
+            flushes = h5.flushes
+            print("flushed", h5.rows_flushed, flush=True)
+""")
+
+
+def _check_killed_file(path: Path, first: int, flushed_at_least: int) -> int:
+    """The file opens with plain h5py and its first number_of_messages rows are complete."""
+    with h5py.File(path, "r") as f:
+        rows = int(f.attrs["number_of_messages"])
+        assert f.attrs["complete"] == 0
+        assert rows >= flushed_at_least
+        assert f["general/user"][()] == b"kill-test"
+        expected_pulse_ids = np.arange(first, first + rows)
+        for name in [f"S{i}" for i in range(20)] + ["WAVE", "TEXT", "CAM"]:
+            group = f["data"][name]
+            for dataset in ("data", "pulse_id", "is_data_present", "timestamp"):
+                assert group[dataset].shape[0] >= rows, (name, dataset)
+            np.testing.assert_array_equal(group["pulse_id"][:rows], expected_pulse_ids)
+            assert (group["is_data_present"][:rows] == 1).all()
+        for i in (0, 19):
+            np.testing.assert_array_equal(f[f"data/S{i}/data"][:rows, 0], expected_pulse_ids * 0.5 + i)
+        np.testing.assert_array_equal(f["data/WAVE/data"][:rows, -1], expected_pulse_ids % 100_000 + 255)
+        assert f["data/TEXT/data"].asstr()[:rows].tolist() == [f"p{p}" for p in expected_pulse_ids]
+        image = (np.arange(96 * 128) % 1000).astype("<u2").reshape(96, 128)
+        for row in sorted({0, rows // 2, rows - 1}):
+            if rows:
+                np.testing.assert_array_equal(f["data/CAM/data"][row], image + (first + row) % 1000)
+    return rows
+
+
+@pytest.mark.parametrize("flushes_before_kill, extra_delay", [(1, 0.0), (3, 0.013), (10, 0.031), (25, 0.047)])
+def test_kill_9_leaves_a_readable_file_with_data_up_to_the_last_flush(
+        tmp_path: Path, flushes_before_kill: int, extra_delay: float) -> None:
+    path = tmp_path / "killed.h5"
+    first = 20_000_000_000
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), str(first)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        flushed = 0
+        for _ in range(flushes_before_kill):
+            line = child.stdout.readline()
+            assert line.startswith("flushed"), (line, child.stderr.read() if child.poll() is not None else "")
+            flushed = int(line.split()[1])
+        time.sleep(extra_delay)  # kill at a different phase: mid-append or mid-flush
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+        child.stderr.close()
+    rows = _check_killed_file(path, first, flushed)
+    assert rows >= flushed > 0
