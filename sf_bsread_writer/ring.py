@@ -1,0 +1,605 @@
+"""The ring: recent raw bsread messages, addressed by sequence number, pulse_id and time.
+
+The buffer keeps every message exactly as it arrived (its frames are never
+decoded and re-encoded) so that what a writer or a viewer receives is
+byte for byte what the source sent. The ring is pure bookkeeping: no
+sockets, no threads, no clock. The buffer's single-threaded main loop
+appends what it received and sends what ``frames(seq)`` returns.
+
+Addressing
+    Every stored message gets a sequence number ``seq`` that grows by one per
+    stored message and is never reused. A reader's cursor is therefore a
+    plain int; ``seek(cursor)`` tells it where it can continue and, when the
+    answer is not ``cursor``, that messages were lost under it (evicted for
+    space, or dropped by a pulse-id reset). Messages are kept sorted by
+    pulse_id (a backwards pulse_id evicts the tail first, see ``append``), so
+    ``seq_for_pulse_id`` is a binary search.
+
+Storage (why it looks like this; numbers in docs/performance.md)
+    * Per-message index fields (seq, pulse_id, timestamp, bytes) live in
+      preallocated numpy arrays used circularly: no per-message Python ints.
+    * Small parts (< ``LARGE_PART_BYTES``, pyzmq's zero-copy threshold) are
+      packed into one ``bytes`` per message. pyzmq copies such parts on send
+      anyway, and a 500-channel scalar message has 1002 parts of 8-16 bytes:
+      one ``zmq.Frame`` each would cost about 10x the payload (and a Frame
+      received from libzmq can pin its whole 8 KiB receive batch).
+    * The part lengths of a message form a ``_Layout`` that is shared with the
+      previous message when identical (the usual case: same channels).
+    * Part 1 (the bsread data header, ~80 bytes per channel, sent in every
+      message) is shared with the previous message when byte-identical, so a
+      scalar stream's ring holds one copy of its data header, not one per
+      message. ``n_bytes`` still counts it for every message (the logical,
+      on-the-wire size, which is what ``max_bytes`` bounds), so the memory
+      actually held is at most ``n_bytes`` plus small overhead.
+    * Large parts (images, big arrays) are kept as the objects received
+      (``zmq.Frame`` with ``copy=False``, or ``bytes``): zero copies in, and
+      libzmq reference-counts them, so the same frame can be sent to any
+      number of peers, any number of times, with ``copy=False``.
+    Where large parts live in memory is decided by the allocator: see
+    ``tune_allocator``, which the buffer calls once at start.
+
+Thread safety: none. One owner (the buffer's main loop).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import enum
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "LARGE_PART_BYTES",
+    "AppendResult",
+    "AppendStatus",
+    "Ring",
+    "RingCounters",
+    "tune_allocator",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Parts at least this large are kept by reference (zero-copy); smaller ones
+#: are packed. Equal to pyzmq's default ``zmq.COPY_THRESHOLD``: below it pyzmq
+#: copies on send even with ``copy=False``, so a reference would buy nothing.
+LARGE_PART_BYTES = 65536
+
+# Types whose content cannot change after we took a reference to them.
+try:  # pragma: no cover - pyzmq is a hard dependency; the guard keeps the core importable
+    import zmq as _zmq
+
+    _IMMUTABLE_LARGE: tuple[type, ...] = (bytes, _zmq.Frame)
+except ImportError:  # pragma: no cover
+    _IMMUTABLE_LARGE = (bytes,)
+
+
+class AppendStatus(str, enum.Enum):
+    """What ``Ring.append`` did with a message (stable values: usable as statistics keys)."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # same pulse_id as the newest held message: not stored
+    OVERSIZE = "oversize"  # larger than max_bytes on its own: not stored, ring untouched
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Outcome of one ``Ring.append``; everything the caller may want to count or log."""
+
+    status: AppendStatus
+    seq: int | None = None  # seq of the stored message (None unless STORED)
+    evicted: int = 0  # oldest messages evicted to make room (count or bytes bound)
+    reset_evicted: int = 0  # newest messages evicted because the pulse_id went backwards
+    skipped_pulses: int = 0  # > 0: pulses missing before this one (a jump)
+
+    @property
+    def stored(self) -> bool:
+        return self.status is AppendStatus.STORED
+
+    @property
+    def reset(self) -> bool:
+        return self.reset_evicted > 0
+
+
+@dataclass(slots=True)
+class RingCounters:
+    """Cumulative counts since the ring was created (for /statistics)."""
+
+    stored: int = 0
+    evicted: int = 0  # by the count/bytes bound
+    evicted_bytes: int = 0
+    resets: int = 0  # appends whose pulse_id was below the newest held one
+    reset_evicted: int = 0  # messages evicted by those resets
+    duplicates: int = 0  # appends with pulse_id == newest: not stored
+    oversize: int = 0  # appends larger than max_bytes: not stored
+    jumps: int = 0  # forward steps larger than the stream's usual step
+    jumped_pulses: int = 0  # pulses missing in those jumps
+
+
+class _Layout:
+    """Where each part of a message lives; shared by consecutive messages with equal part lengths.
+
+    ``small_slices`` cut the packed bytes into the small parts (in order, part
+    1 excluded); ``inserts`` lists ``(part index, source)`` for the parts that
+    are not packed, in increasing part order: source -1 is the shared part 1,
+    source k >= 0 is the k-th large part.
+    """
+
+    __slots__ = ("lengths", "small_slices", "inserts", "packed_indices", "nbytes")
+
+    def __init__(self, lengths: tuple[int, ...]) -> None:
+        self.lengths = lengths
+        self.nbytes = sum(lengths)
+        small_slices: list[slice] = []
+        inserts: list[tuple[int, int]] = []
+        packed_indices: list[int] = []
+        offset = 0
+        n_large = 0
+        for index, length in enumerate(lengths):
+            if index == 1:
+                inserts.append((1, -1))
+            elif length >= LARGE_PART_BYTES:
+                inserts.append((index, n_large))
+                n_large += 1
+            else:
+                small_slices.append(slice(offset, offset + length))
+                packed_indices.append(index)
+                offset += length
+        self.small_slices = small_slices
+        self.inserts = inserts
+        # None when the packed parts are exactly "part 0 and parts 2.." (the fast path)
+        self.packed_indices = None if n_large == 0 else packed_indices
+
+
+def _as_part(frame: Any) -> Any:
+    """A frame as something with len() == its byte count; memoryviews are cast to bytes."""
+    if type(frame) is memoryview and (frame.ndim != 1 or frame.itemsize != 1):
+        return frame.cast("B")
+    return frame
+
+
+class Ring:
+    """Raw messages bounded by count and bytes, evicting the oldest; see the module docstring.
+
+    Held messages have sequence numbers in ``[first_seq, next_seq)``; the
+    range has holes only where a pulse-id reset dropped messages, and
+    ``seek`` steps over them. Every method is O(1) or O(log n) in the number
+    of held messages, except ``append`` which is O(parts of the message) (and
+    O(evicted) when it evicts).
+    """
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        if max_messages < 1:
+            raise ValueError(f"max_messages must be >= 1, got {max_messages}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+        self.max_messages = int(max_messages)
+        self.max_bytes = int(max_bytes)
+        capacity = self.max_messages
+        self._capacity = capacity
+        self._seq = np.zeros(capacity, dtype=np.int64)
+        self._pulse_id = np.zeros(capacity, dtype=np.int64)
+        self._timestamp = np.zeros(capacity, dtype=np.float64)
+        # running maximum of timestamps: what seq_for_time searches (sorted even if time is not)
+        self._time_key = np.zeros(capacity, dtype=np.float64)
+        self._nbytes = np.zeros(capacity, dtype=np.int64)
+        self._packed: list[bytes | None] = [None] * capacity
+        self._layout: list[_Layout | None] = [None] * capacity
+        self._header: list[Any] = [None] * capacity
+        self._large: list[tuple] = [()] * capacity
+        self._head = 0  # slot of the oldest held message
+        self._count = 0
+        self._n_bytes = 0
+        self._next_seq = 0
+        self._last_layout: _Layout | None = None
+        self._last_header: Any = None
+        self._last_step: int | None = None
+        self._usual_step: int | None = None
+        self.counters = RingCounters()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def n_messages(self) -> int:
+        return self._count
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def n_bytes(self) -> int:
+        """Sum of the lengths of every part of every held message (what ``max_bytes`` bounds)."""
+        return self._n_bytes
+
+    @property
+    def first_seq(self) -> int:
+        """Seq of the oldest held message; ``next_seq`` when empty. A cursor below it was evicted."""
+        if self._count == 0:
+            return self._next_seq
+        return int(self._seq[self._head])
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next stored message will get (one past the newest ever stored)."""
+        return self._next_seq
+
+    @property
+    def oldest_pulse_id(self) -> int | None:
+        return int(self._pulse_id[self._head]) if self._count else None
+
+    @property
+    def newest_pulse_id(self) -> int | None:
+        return int(self._pulse_id[self._slot_of_index(self._count - 1)]) if self._count else None
+
+    @property
+    def usual_step(self) -> int | None:
+        """The pulse-id step this stream usually advances by (None until known)."""
+        return self._usual_step
+
+    # ------------------------------------------------------------------ append
+
+    def append(self, pulse_id: int, timestamp: float, frames: Sequence[Any]) -> AppendResult:
+        """Store one message's raw frames (``zmq.Frame`` received with ``copy=False``, or bytes-like).
+
+        The caller has validated the message (``protocol``); the ring only
+        looks at the pulse_id, the timestamp and the part lengths. Rules:
+
+        * larger than ``max_bytes`` on its own: rejected (``OVERSIZE``), the
+          ring is left untouched. Wiping a whole ring to hold one message
+          that cannot fit anyway would lose everything for nothing.
+        * pulse_id equal to the newest held one: rejected (``DUPLICATE``).
+        * pulse_id below the newest held one (the source restarted or its
+          pulse-id counter was reset): every held message with a pulse_id
+          >= the new one is evicted first (a warning is logged), so the ring
+          stays sorted by pulse_id. Their seqs are never reused (a hole).
+        * otherwise the oldest messages are evicted until the new one fits
+          both bounds.
+
+        ``bytes`` and ``zmq.Frame`` large parts are kept by reference and must
+        not be modified afterwards (neither can be); other large buffers
+        (bytearray, memoryview) are copied, because their owner could.
+        """
+        pulse_id = int(pulse_id)
+        if not frames:
+            raise ValueError("a message has at least one part")
+        if any(type(f) is memoryview for f in frames):
+            frames = [_as_part(f) for f in frames]
+        lengths = tuple(map(len, frames))
+        nbytes = self._last_layout.nbytes if (
+            self._last_layout is not None and self._last_layout.lengths == lengths) else sum(lengths)
+        if nbytes > self.max_bytes:
+            self.counters.oversize += 1
+            logger.warning("message with pulse_id %d has %d bytes, more than the ring's max_bytes %d:"
+                           " not stored", pulse_id, nbytes, self.max_bytes)
+            return AppendResult(AppendStatus.OVERSIZE)
+
+        reset_evicted = 0
+        skipped = 0
+        if self._count:
+            newest = int(self._pulse_id[self._slot_of_index(self._count - 1)])
+            if pulse_id == newest:
+                self.counters.duplicates += 1
+                return AppendResult(AppendStatus.DUPLICATE)
+            if pulse_id < newest:
+                reset_evicted = self._evict_from_pulse_id(pulse_id)
+                logger.warning("pulse_id went backwards from %d to %d (source restart?): evicted %d"
+                               " held messages with pulse_id >= %d", newest, pulse_id, reset_evicted,
+                               pulse_id)
+                self._last_step = None
+            else:
+                skipped = self._track_step(pulse_id - newest)
+
+        evicted = 0
+        while self._count and (self._count >= self.max_messages
+                               or self._n_bytes + nbytes > self.max_bytes):
+            self._evict_oldest()
+            evicted += 1
+
+        slot = self._slot_of_index(self._count)
+        seq = self._next_seq
+        self._store(slot, frames, lengths)
+        self._seq[slot] = seq
+        self._pulse_id[slot] = pulse_id
+        timestamp = float(timestamp)
+        self._timestamp[slot] = timestamp
+        self._insert_time_key(slot, timestamp)
+        self._nbytes[slot] = nbytes
+        self._count += 1
+        self._n_bytes += nbytes
+        self._next_seq = seq + 1
+        self.counters.stored += 1
+        return AppendResult(AppendStatus.STORED, seq, evicted, reset_evicted, skipped)
+
+    def _track_step(self, step: int) -> int:
+        """Count a jump if ``step`` exceeds the usual step; return the pulses skipped.
+
+        The usual step is the most recent step seen twice in a row (the first
+        step seen until then), so a source that changes its rate is
+        re-learned after two messages while an isolated jump never becomes
+        "usual".
+        """
+        usual = self._usual_step
+        skipped = 0
+        if usual is None:
+            self._usual_step = step
+        elif step > usual:
+            skipped = (step - 1) // usual
+            self.counters.jumps += 1
+            self.counters.jumped_pulses += skipped
+        if step == self._last_step:
+            self._usual_step = step
+        self._last_step = step
+        return skipped
+
+    def _insert_time_key(self, slot: int, timestamp: float) -> None:
+        """Keep ``_time_key`` = suffix minimum of the held timestamps (sorted; see seq_for_time).
+
+        Monotonic time costs one comparison. A timestamp below earlier keys
+        lowers them (a vectorised slice assignment, O(affected)).
+        """
+        key = np.inf if timestamp != timestamp else timestamp  # NaN says nothing about time
+        count = self._count
+        if count and self._time_key[self._slot_of_index(count - 1)] > key:
+            start = self._search(self._time_key, key, side="right")
+            self._assign(self._time_key, start, count, key)
+        self._time_key[slot] = key
+
+    def _recompute_time_keys(self) -> None:
+        """After a reset removed the tail, the suffix minima of what is left may have to rise again."""
+        if not self._count:
+            return
+        order = [self._slot_of_index(i) for i in (0, self._count - 1)]
+        if order[0] <= order[1]:
+            times = self._timestamp[order[0]:order[1] + 1].copy()
+        else:
+            times = np.concatenate([self._timestamp[order[0]:], self._timestamp[:order[1] + 1]])
+        times[np.isnan(times)] = np.inf
+        keys = np.minimum.accumulate(times[::-1])[::-1]
+        self._assign(self._time_key, 0, self._count, keys)
+
+    def _assign(self, array: np.ndarray, start: int, stop: int, value: Any) -> None:
+        """``array[held index start:stop] = value`` across the circular wrap (value: scalar or array)."""
+        if start >= stop:
+            return
+        first = self._slot_of_index(start)
+        n = stop - start
+        n_first = min(n, self._capacity - first)
+        if isinstance(value, np.ndarray):
+            array[first:first + n_first] = value[:n_first]
+            array[:n - n_first] = value[n_first:]
+        else:
+            array[first:first + n_first] = value
+            array[:n - n_first] = value
+
+    def _store(self, slot: int, frames: Sequence[Any], lengths: tuple[int, ...]) -> None:
+        layout = self._last_layout
+        if layout is None or layout.lengths != lengths:
+            layout = self._last_layout = _Layout(lengths)
+        if layout.packed_indices is None:
+            packed = b"".join([frames[0], *frames[2:]]) if len(frames) > 1 else bytes(frames[0])
+            large: tuple = ()
+        else:
+            packed = b"".join([frames[i] for i in layout.packed_indices])
+            large = tuple(
+                f if isinstance(f, _IMMUTABLE_LARGE) else bytes(f)
+                for index, f in enumerate(frames) if index != 1 and lengths[index] >= LARGE_PART_BYTES)
+        header = None
+        if len(frames) > 1:
+            part = frames[1]
+            header = part if type(part) is bytes else bytes(part)
+            if header == self._last_header:
+                header = self._last_header  # share one copy of an unchanged data header
+            else:
+                self._last_header = header
+        self._packed[slot] = packed
+        self._layout[slot] = layout
+        self._header[slot] = header
+        self._large[slot] = large
+
+    # ------------------------------------------------------------------ eviction
+
+    def _release(self, slot: int) -> None:
+        self._packed[slot] = None
+        self._layout[slot] = None
+        self._header[slot] = None
+        self._large[slot] = ()
+
+    def _evict_oldest(self) -> None:
+        slot = self._head
+        nbytes = int(self._nbytes[slot])
+        self._release(slot)
+        self._head = (slot + 1) % self._capacity
+        self._count -= 1
+        self._n_bytes -= nbytes
+        self.counters.evicted += 1
+        self.counters.evicted_bytes += nbytes
+
+    def _evict_from_pulse_id(self, pulse_id: int) -> int:
+        """Evict every held message with pulse_id >= ``pulse_id`` (the tail); return how many."""
+        keep = self._search(self._pulse_id, pulse_id)
+        n_evict = self._count - keep
+        for index in range(keep, self._count):
+            slot = self._slot_of_index(index)
+            self._n_bytes -= int(self._nbytes[slot])
+            self._release(slot)
+        self._count = keep
+        self._recompute_time_keys()
+        self.counters.resets += 1
+        self.counters.reset_evicted += n_evict
+        return n_evict
+
+    # ------------------------------------------------------------------ lookup
+
+    def _slot_of_index(self, index: int) -> int:
+        """Slot of the index-th held message (0 = oldest)."""
+        slot = self._head + index
+        return slot - self._capacity if slot >= self._capacity else slot
+
+    def _search(self, array: np.ndarray, value: int | float, side: str = "left") -> int:
+        """Index (0 = oldest) of the first held message whose ``array`` entry is >= value (> for "right").
+
+        ``array`` is sorted over the held messages in ring order; held slots
+        are at most two contiguous runs, each searched with numpy.
+        """
+        count = self._count
+        if count == 0:
+            return 0
+        head = self._head
+        end = head + count
+        if end <= self._capacity:
+            return int(np.searchsorted(array[head:end], value, side=side))
+        first_run = array[head:]
+        last = first_run[-1]
+        if value < last or (side == "left" and value == last):
+            return int(np.searchsorted(first_run, value, side=side))
+        return len(first_run) + int(np.searchsorted(array[:end - self._capacity], value, side=side))
+
+    def _slot_of_seq(self, seq: int) -> int:
+        """Slot holding ``seq``; KeyError if it is not held."""
+        count = self._count
+        first = self.first_seq
+        if count == 0 or seq < first or seq >= self._next_seq:
+            raise KeyError(seq)
+        if self._next_seq - first == count:  # no holes: direct
+            return self._slot_of_index(seq - first)
+        index = self._search(self._seq, seq)
+        slot = self._slot_of_index(index)
+        if index >= count or int(self._seq[slot]) != seq:
+            raise KeyError(seq)  # in a hole left by a reset
+        return slot
+
+    def __contains__(self, seq: int) -> bool:
+        try:
+            self._slot_of_seq(seq)
+        except KeyError:
+            return False
+        return True
+
+    def seek(self, seq: int) -> int:
+        """The first held seq >= ``seq``; ``next_seq`` if there is none.
+
+        This is where a reader whose cursor is ``seq`` continues. When the
+        answer is not ``seq`` (and ``seq < next_seq``), the messages in
+        between were lost to the reader: evicted for space (``seq <
+        first_seq``) or by a pulse-id reset. It owes its client a gap notice.
+        """
+        first = self.first_seq
+        if seq <= first:
+            return first
+        if seq >= self._next_seq:
+            return self._next_seq
+        if self._next_seq - first == self._count:
+            return seq
+        index = self._search(self._seq, seq)
+        return int(self._seq[self._slot_of_index(index)]) if index < self._count else self._next_seq
+
+    def frames(self, seq: int) -> list:
+        """The message's parts, for ``socket.send_multipart(parts, copy=False)``. KeyError if not held.
+
+        Small parts are read-only memoryviews into the packed storage (pyzmq
+        copies them on send); large parts are the stored ``zmq.Frame``/bytes
+        objects (sent zero-copy, any number of times). The list is new on every
+        call; its buffers stay valid even after the message is evicted.
+        """
+        slot = self._slot_of_seq(seq)
+        layout = self._layout[slot]
+        parts = list(map(memoryview(self._packed[slot]).__getitem__, layout.small_slices))
+        header = self._header[slot]
+        large = self._large[slot]
+        for index, source in layout.inserts:
+            parts.insert(index, header if source < 0 else large[source])
+        return parts
+
+    def pulse_id(self, seq: int) -> int:
+        return int(self._pulse_id[self._slot_of_seq(seq)])
+
+    def timestamp(self, seq: int) -> float:
+        """The global timestamp given to ``append`` (seconds), unmodified."""
+        return float(self._timestamp[self._slot_of_seq(seq)])
+
+    def nbytes(self, seq: int) -> int:
+        return int(self._nbytes[self._slot_of_seq(seq)])
+
+    def seq_for_pulse_id(self, pulse_id: int) -> int:
+        """First held seq whose pulse_id >= ``pulse_id``; ``next_seq`` if none. O(log n).
+
+        A pulse_id that is not held (skipped by a jump, or already evicted)
+        gives the next one held; below the oldest gives ``first_seq``.
+        """
+        index = self._search(self._pulse_id, int(pulse_id))
+        if index >= self._count:
+            return self._next_seq
+        return int(self._seq[self._slot_of_index(index)])
+
+    def seq_for_time(self, t: float) -> int:
+        """First held seq at which the global timestamp reaches ``t``; ``next_seq`` if none. O(log n).
+
+        Precisely: the first held message from which on *every* held message
+        has a timestamp >= ``t`` (a NaN timestamp counts as no constraint).
+        For non-decreasing timestamps that is plain bisection. When time is
+        not monotonic (a clock stepping back, one message stamped in the
+        future or the past) the answer is still well defined, never fails
+        and never disturbs the pulse_id order: a future-stamped message is
+        ignored once a later one is earlier; a past-stamped one makes every
+        held message before it count as "before t", until it is evicted.
+        (Kept as a suffix minimum of the timestamps, updated at append.)
+        """
+        index = self._search(self._time_key, float(t))
+        if index >= self._count:
+            return self._next_seq
+        return int(self._seq[self._slot_of_index(index)])
+
+    def __repr__(self) -> str:
+        return (f"Ring({self._count}/{self.max_messages} messages, {self._n_bytes}/{self.max_bytes} bytes,"
+                f" seq [{self.first_seq}, {self._next_seq}), pulse_id {self.oldest_pulse_id}"
+                f"..{self.newest_pulse_id})")
+
+
+# ---------------------------------------------------------------------- allocator
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_allocator(mmap_threshold: int = 32 * 1024 * 1024,
+                   trim_threshold: int = 1024 * 1024 * 1024) -> bool:
+    """Make glibc reuse freed large blocks warm instead of returning them to the kernel.
+
+    Why: the ring keeps the large parts that libzmq allocated for each
+    received message and frees them when they are evicted. With glibc's
+    defaults a multi-megabyte block is served by a fresh ``mmap`` (or the
+    heap top is trimmed after it is freed), so every message pays page
+    faults and zeroing of fresh pages: measured here, forwarding 2.6 MB
+    images through a ring without this ran well below a bare relay (numbers
+    in docs/performance.md). Raising the mmap threshold (32 MiB is glibc's
+    maximum on 64-bit) makes such blocks come from the heap, and a high trim
+    threshold keeps freed heap memory mapped, so an evicted image's block is
+    reused, already faulted in, by the next image. Setting either disables
+    glibc's dynamic threshold adjustment. Memory stays bounded by the ring's
+    ``max_bytes`` plus what is in flight; it is simply not handed back to
+    the kernel while the process runs, which is what a permanently running
+    buffer wants.
+
+    Call once, early in the process (before the sockets receive anything).
+    Returns False, changing nothing, where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        logger.info("no glibc mallopt: allocator left at its defaults")
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(
+        mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
+    if ok:
+        logger.debug("glibc malloc tuned: mmap_threshold=%d trim_threshold=%d",
+                     mmap_threshold, trim_threshold)
+    else:
+        logger.warning("mallopt refused mmap_threshold=%d / trim_threshold=%d",
+                       mmap_threshold, trim_threshold)
+    return ok

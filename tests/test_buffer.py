@@ -1,0 +1,569 @@
+"""The buffer service end to end: real ZeroMQ sockets, bsread's Sender as source, bsread's Source as consumer.
+
+Every test starts its buffer in-process (``Buffer.run`` in a thread, port 0
+everywhere) except the CLI tests, which launch the real command. No sleeps:
+conditions are polled with ``wait_for`` against generous deadlines.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import requests
+import zmq
+from bsread import SUB, Source
+
+from sf_bsread_writer.buffer import Buffer
+from sf_bsread_writer.protocol import build_message
+from sf_bsread_writer.replay import Data, End, Gap, ReplayClient
+from sf_bsread_writer.simulate import Simulator, expected_values
+from tests.helpers import Child, free_port, wait_for
+
+DEADLINE = 30.0
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def running_buffer(stream: str, **kwargs) -> Iterator[Buffer]:
+    """A Buffer running in a thread on free ports; always stopped and joined."""
+    kwargs.setdefault("heartbeat_interval", 0.2)
+    buffer = Buffer(stream, output_port=0, replay_port=0, rest_port=0, **kwargs)
+    thread = threading.Thread(target=buffer.run, name="buffer", daemon=True)
+    thread.start()
+    try:
+        assert buffer.started.wait(DEADLINE)
+        assert not buffer.stopped.is_set(), "buffer failed to start"
+        yield buffer
+    finally:
+        buffer.stop()
+        thread.join(DEADLINE)
+        assert not thread.is_alive()
+
+
+@contextlib.contextmanager
+def sending(simulator: Simulator, count: int = 0) -> Iterator[threading.Thread]:
+    """Run ``simulator.run(count)`` in a thread; stop and close it at the end."""
+    thread = threading.Thread(target=simulator.run, args=(count,), name="simulator", daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        simulator.stop()
+        thread.join(DEADLINE)
+        simulator.close()  # lingers up to 1 s so that what was sent reaches the buffer
+        assert not thread.is_alive()
+
+
+class Tee:
+    """Sits between a source and the buffer and records every message byte for byte, by pulse id."""
+
+    def __init__(self, source: str) -> None:
+        self.context = zmq.Context()
+        self.pull = self.context.socket(zmq.PULL)
+        self.pull.connect(source)
+        self.push = self.context.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.push.bind("tcp://127.0.0.1:0")
+        self.address = self.push.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.messages: dict[int, list[bytes]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tee", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.pull.poll(100):
+                continue
+            frames = self.pull.recv_multipart()
+            self.messages[json.loads(frames[0])["pulse_id"]] = frames
+            self.push.send_multipart(frames)  # the buffer is connected: cannot block for long
+
+    def __enter__(self) -> "Tee":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(DEADLINE)
+        self.pull.close(linger=0)
+        self.push.close(linger=0)
+        self.context.term()
+
+
+def received(buffer: Buffer, n: int) -> dict:
+    return wait_for(lambda: (s := buffer.statistics())["received"] >= n and s, DEADLINE,
+                    message=f"{n} messages received")
+
+
+def replay_all(address: str, start_pulse_id: int, stop_pulse_id: int, window: int = 32,
+               expect_gaps: bool = False) -> tuple[list[Data], list[Gap]]:
+    """Replay a range to its End; returns the data and the gap notices."""
+    data: list[Data] = []
+    gaps: list[Gap] = []
+    with ReplayClient(address, start_pulse_id=start_pulse_id, stop_pulse_id=stop_pulse_id, window=window,
+                      heartbeat_interval=0.2) as client:
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            assert time.monotonic() < deadline, "replay did not end"
+            event = client.receive(1.0)
+            if isinstance(event, Data):
+                data.append(event)
+            elif isinstance(event, Gap):
+                gaps.append(event)
+            elif isinstance(event, End):
+                break
+            elif event is not None:
+                raise AssertionError(f"unexpected {event}")
+    if not expect_gaps:
+        assert gaps == []
+    return data, gaps
+
+
+def as_bytes(frames) -> list[bytes]:
+    return [bytes(frame) for frame in frames]
+
+
+# ---------------------------------------------------------------------------
+# data integrity
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("compression", ["bitshuffle_lz4", "lz4"])
+def test_live_output_and_replay_byte_for_byte(compression):
+    """What a consumer and a writer get is what the source sent: every frame, hash and compressed part."""
+    n = 60
+    simulator = Simulator("mixed", compression=compression, start_pulse_id=10_000, rate=500)
+    # The ring holds more than the simulator can send: nothing is evicted however slow the viewer joins.
+    with Tee(simulator.open()) as tee, running_buffer(tee.address, buffer_length=20_000) as buffer:
+        sub = zmq.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.connect(buffer.output_address)
+        try:
+            # PUB drops what is sent before the subscription arrives: send until the viewer sees something.
+            with sending(simulator, 10_000):
+                live = {}
+                def _got_n():
+                    while sub.poll(10):
+                        frames = sub.recv_multipart()
+                        live[json.loads(frames[0])["pulse_id"]] = frames
+                    return len(live) >= n
+                wait_for(_got_n, DEADLINE, message="live messages")
+            for pulse_id, frames in live.items():
+                assert frames == tee.messages[pulse_id]
+        finally:
+            sub.close()
+        first = min(tee.messages)
+        data, _ = replay_all(buffer.replay_address, first, first + n - 1)
+        assert [d.pulse_id for d in data] == list(range(first, first + n))
+        for event in data:
+            assert as_bytes(event.frames) == tee.messages[event.pulse_id]
+
+
+def test_bsread_source_decodes_live_output():
+    """bsread's own receiver reads the buffer's PUB output and finds the exact values of every pulse."""
+    simulator = Simulator("mixed", compression="bitshuffle_lz4", start_pulse_id=20_000, rate=500)
+    with running_buffer(simulator.open()) as buffer, sending(simulator):
+        host, port = buffer.output_address.rsplit("//", 1)[1].rsplit(":", 1)
+        source = Source(host=host, port=int(port), mode=SUB, receive_timeout=1000).connect()
+        try:
+            seen = []
+            def _receive():
+                message = source.receive()
+                if message is not None and message.data.data:
+                    seen.append(message.data)
+                return len(seen) >= 20
+            wait_for(_receive, DEADLINE, interval=0, message="20 messages decoded by bsread")
+        finally:
+            source.disconnect()
+    for data in seen:
+        expected = expected_values("mixed", data.pulse_id)
+        for name, value in expected.items():
+            got = data.data[name].value
+            if value is None:
+                assert got is None, name
+            elif isinstance(value, str):
+                assert got == value
+            else:  # bsread returns 1-element arrays as scalars
+                assert np.array_equal(np.asarray(got).reshape(value.shape), value), name
+
+
+# ---------------------------------------------------------------------------
+# replay
+# ---------------------------------------------------------------------------
+def test_replay_from_past_pulse_and_two_clients_at_once():
+    n = 200
+    simulator = Simulator("scalars", n_channels=20, start_pulse_id=5_000)
+    with running_buffer(simulator.open(), buffer_length=1000) as buffer:
+        with sending(simulator, n) as thread:
+            thread.join(DEADLINE)
+        received(buffer, n)
+        # a range entirely in the past, from the middle of the ring
+        data, _ = replay_all(buffer.replay_address, 5_050, 5_099)
+        assert [d.pulse_id for d in data] == list(range(5_050, 5_100))
+        # two writers at once, each its own cursor, each gets everything (backlog, then live)
+        simulator2 = Simulator("scalars", n_channels=20, start_pulse_id=5_000 + n, rate=400)
+        simulator2.port = int(simulator.address.rsplit(":", 1)[1])
+        results: dict[str, list] = {}
+
+        def _client(tag: str, start: int) -> None:
+            results[tag] = replay_all(buffer.replay_address, start, 5_000 + 2 * n - 1, window=16)[0]
+
+        clients = [threading.Thread(target=_client, args=("a", 5_000)),
+                   threading.Thread(target=_client, args=("b", 5_100))]
+        for client in clients:
+            client.start()
+        simulator2.open()
+        with sending(simulator2, n):
+            for client in clients:
+                client.join(DEADLINE * 2)
+                assert not client.is_alive()
+    assert [d.pulse_id for d in results["a"]] == list(range(5_000, 5_000 + 2 * n))
+    assert [d.pulse_id for d in results["b"]] == list(range(5_100, 5_000 + 2 * n))
+
+
+def test_slow_client_gets_gap_while_others_are_unaffected():
+    n = 250
+    # 100 Hz with a ring of 100: the fast writer may lag up to a second (loaded CI machine) without loss.
+    simulator = Simulator("scalars", n_channels=10, start_pulse_id=1_000, rate=100)
+    with running_buffer(simulator.open(), buffer_length=100) as buffer:
+        fast_result: list = []
+        fast = threading.Thread(target=lambda: fast_result.extend(
+            replay_all(buffer.replay_address, 1_000, 1_000 + n - 1, window=64)[0]))
+        slow = ReplayClient(buffer.replay_address, start_pulse_id=1_000, stop_pulse_id=1_000 + n - 1, window=4,
+                            heartbeat_interval=0.2)
+        slow.start()
+        fast.start()
+        try:
+            with sending(simulator, n) as thread:
+                thread.join(DEADLINE)
+            received(buffer, n)  # the slow client has not read anything yet: the ring (100) overtook it
+            fast.join(DEADLINE)
+            assert not fast.is_alive()
+            slow_data, slow_gaps = [], []
+            while True:
+                event = slow.receive(DEADLINE)
+                assert event is not None
+                if isinstance(event, End):
+                    break
+                (slow_data if isinstance(event, Data) else slow_gaps).append(event)
+        finally:
+            slow.close()
+            fast.join(DEADLINE)
+        statistics = wait_for(lambda: (s := buffer.statistics())["replay"]["ended"] == 2 and s, DEADLINE)
+    assert [d.pulse_id for d in fast_result] == list(range(1_000, 1_000 + n))
+    assert len(slow_gaps) == 1 and slow_gaps[0].reason == "evicted"
+    gap = slow_gaps[0]
+    # nothing silent: what arrived plus what was reported lost is everything
+    assert len(slow_data) + gap.count == n
+    assert gap.first_pulse_id == slow_data[gap.first_pulse_id - 1_000 - 1].pulse_id + 1
+    assert slow_data[gap.first_pulse_id - 1_000].pulse_id == gap.last_pulse_id + 1
+    assert statistics["replay"]["gaps"] >= 1 and statistics["replay"]["lost"] == gap.count
+
+
+# ---------------------------------------------------------------------------
+# ring bounds, bad input, source restarts
+# ---------------------------------------------------------------------------
+def test_eviction_by_count_and_by_bytes_in_statistics():
+    simulator = Simulator("scalars", n_channels=10, start_pulse_id=1_000)
+    address = simulator.open()
+    with running_buffer(address, buffer_length=20) as by_count, sending(simulator, 50):
+        statistics = wait_for(lambda: (s := by_count.statistics())["received"] >= 50 and s, DEADLINE)
+        message_bytes = statistics["received_bytes"] // 50  # about: timestamps vary in length
+        ring = statistics["ring"]
+        assert ring["messages"] == 20 and ring["evicted"] == 30
+        assert ring["oldest_pulse_id"] == 1_030 and ring["newest_pulse_id"] == 1_049
+        assert ring["bytes"] + ring["evicted_bytes"] == statistics["received_bytes"]
+    simulator = Simulator("scalars", n_channels=10, start_pulse_id=1_000)
+    limit = 7 * message_bytes + message_bytes // 2
+    with running_buffer(simulator.open(), buffer_length=1000, buffer_bytes=limit) as by_bytes, \
+            sending(simulator, 50):
+        ring = wait_for(lambda: (s := by_bytes.statistics())["received"] >= 50 and s, DEADLINE)["ring"]
+        assert ring["messages"] == 7 and ring["bytes"] <= limit and ring["evicted"] == 43
+        assert ring["max_bytes"] == limit and ring["newest_pulse_id"] == 1_049
+
+
+def _bad_messages() -> dict[str, list[bytes]]:
+    good = build_message(1, [{"name": "X", "type": "int32"}], [1])
+    header = json.loads(good[0])
+
+    def main(**changes) -> bytes:
+        return json.dumps({**header, **changes}).encode()
+
+    bad_header = b"not json at all"
+    zip_header = json.dumps({"htype": "bsr_d-1.1", "channels": [{"name": "Y", "compression": "zip"}]}).encode()
+    return {
+        "main_header_not_json": [b"{not json", *good[1:]],
+        "bad_pulse_id": [main(pulse_id=-5), *good[1:]],
+        "part_count": [good[0], good[1], good[2]],
+        "unknown_compression": [main(hash="c" * 32), zip_header, b"", b""],
+        "data_header_invalid": [main(hash="d" * 32), bad_header, b"", b""],
+        "oversize": [good[0], good[1], b"\x00" * 300_000, good[3]],
+    }
+
+
+def test_bad_input_is_counted_by_reason_and_dropped_while_good_flows():
+    context = zmq.Context()
+    source = context.socket(zmq.PUSH)
+    source.setsockopt(zmq.LINGER, 0)
+    source.bind("tcp://127.0.0.1:0")
+    viewer = context.socket(zmq.PULL)
+    viewer.setsockopt(zmq.LINGER, 0)
+    channels = [{"name": "X", "type": "int32"}]
+    try:
+        with running_buffer(source.getsockopt_string(zmq.LAST_ENDPOINT), output_mode="push",
+                            max_message_bytes=200_000) as buffer:
+            viewer.connect(buffer.output_address)
+            # PUSH drops (and counts) while the viewer's connection is not up yet: probe until it is.
+            probes = iter(range(1, 100))
+
+            def _probe() -> bool:
+                probe = next(probes)
+                source.send_multipart(build_message(probe, channels, [probe]))
+                return viewer.poll(50)
+
+            wait_for(_probe, DEADLINE, interval=0, message="the viewer's connection")
+            n_probes = next(probes) - 1
+            base = wait_for(lambda: (s := buffer.statistics())["received"] == n_probes and s, DEADLINE)
+            bad = _bad_messages()
+            pulse_id = 100
+            for frames in bad.values():
+                source.send_multipart(build_message(pulse_id, channels, [pulse_id]))
+                source.send_multipart(frames)
+                pulse_id += 1
+            source.send_multipart([json.dumps({"htype": "bsr_stop-1.0"}).encode()])  # control message
+            source.send_multipart(build_message(pulse_id, channels, [pulse_id]))
+            statistics = wait_for(lambda: (s := buffer.statistics())["received"] == n_probes + len(bad) + 1
+                                  and s["ignored"] == 1 and s, DEADLINE, message="all messages handled")
+            # the live output saw exactly the good messages, in order
+            live = []
+
+            def _live() -> bool:
+                if viewer.poll(100):
+                    frames = viewer.recv_multipart()
+                    if json.loads(frames[0])["pulse_id"] >= 100:
+                        live.append(frames)
+                return len(live) == len(bad) + 1
+
+            wait_for(_live, DEADLINE, message="live messages")
+            data, _ = replay_all(buffer.replay_address, 100, pulse_id)
+    finally:
+        source.close()
+        viewer.close()
+        context.term()
+    assert statistics["rejected"] == {reason: 1 for reason in bad}
+    assert statistics["rejected_total"] == len(bad) and statistics["ignored"] == 1
+    assert statistics["received"] - base["received"] == len(bad) + 1
+    assert statistics["forwarded"] - base["forwarded"] == len(bad) + 1
+    assert [json.loads(frames[0])["pulse_id"] for frames in live] == list(range(100, pulse_id + 1))
+    assert [d.pulse_id for d in data] == list(range(100, pulse_id + 1))
+
+
+def test_source_restart_with_pulse_id_reset():
+    first = Simulator("scalars", n_channels=5, start_pulse_id=9_000, rate=1000)
+    address = first.open()
+    port = int(address.rsplit(":", 1)[1])
+    with running_buffer(address) as buffer:
+        client = ReplayClient(buffer.replay_address, start_pulse_id=9_000, window=64, heartbeat_interval=0.2)
+        client.start()
+        try:
+            with sending(first, 30) as thread:
+                thread.join(DEADLINE)
+            received(buffer, 30)
+            # the source goes away and comes back on the same address, counting from 100
+            second = Simulator("scalars", n_channels=5, port=port, start_pulse_id=100, rate=1000)
+            second.open()
+            with sending(second, 30) as thread:
+                thread.join(DEADLINE)
+            statistics = received(buffer, 60)
+            events = []
+            while len([e for e in events if isinstance(e, Data)]) < 60:
+                event = client.receive(DEADLINE)
+                assert event is not None
+                events.append(event)
+        finally:
+            client.close()
+    assert statistics["pulse_ids"]["resets"] == 1
+    assert statistics["ring"]["oldest_pulse_id"] == 100 and statistics["ring"]["newest_pulse_id"] == 129
+    assert statistics["source"]["idle_seconds"] is not None
+    pulse_ids = [e.pulse_id if isinstance(e, Data) else e for e in events]
+    assert pulse_ids == [*range(9_000, 9_030), Gap(None, None, "source_reset", 0), *range(100, 130)]
+
+
+# ---------------------------------------------------------------------------
+# socket modes
+# ---------------------------------------------------------------------------
+def test_push_output_counts_drops_without_consumer_then_delivers():
+    simulator = Simulator("scalars", n_channels=3, start_pulse_id=1)
+    with running_buffer(simulator.open(), output_mode="push") as buffer:
+        with sending(simulator, 10) as thread:
+            thread.join(DEADLINE)
+        received(buffer, 10)
+        assert buffer.statistics()["output_drops"] == 10  # nobody connected: dropped, counted, not blocked
+        pull = zmq.Context.instance().socket(zmq.PULL)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.connect(buffer.output_address)
+        try:
+            simulator2 = Simulator("scalars", n_channels=3, start_pulse_id=11, rate=200,
+                                   port=int(simulator.address.rsplit(":", 1)[1]))
+            simulator2.open()
+            got = []
+            with sending(simulator2):
+                wait_for(lambda: (pull.poll(100) and got.append(pull.recv_multipart())) or len(got) >= 20,
+                         DEADLINE)
+        finally:
+            pull.close()
+    pulse_ids = [json.loads(frames[0])["pulse_id"] for frames in got]
+    assert pulse_ids == sorted(pulse_ids) and len(set(pulse_ids)) == len(pulse_ids)
+
+
+def test_sub_source_mode():
+    simulator = Simulator("mixed", mode="pub", start_pulse_id=1, rate=200)
+    with running_buffer(simulator.open(), source_mode="sub") as buffer, sending(simulator):
+        statistics = received(buffer, 20)
+    assert statistics["rejected_total"] == 0 and statistics["source"]["mode"] == "sub"
+
+
+# ---------------------------------------------------------------------------
+# HTTP and the real command
+# ---------------------------------------------------------------------------
+def test_http_status_statistics_metrics_and_404():
+    simulator = Simulator("scalars", n_channels=3, start_pulse_id=1_000)
+    with running_buffer(simulator.open(), name="HTTPTEST") as buffer:
+        with sending(simulator, 20) as thread:
+            thread.join(DEADLINE)
+        received(buffer, 20)
+        client = ReplayClient(buffer.replay_address, start_pulse_id=1_000, window=4).start()
+        try:
+            wait_for(lambda: client.receive(0.1) is not None, DEADLINE)
+            # the HTTP thread answers from the latest published snapshot
+            statistics = wait_for(lambda: (s := requests.get(buffer.rest_url + "/statistics", timeout=5).json())
+                                  ["statistics"]["replay"]["active_sessions"] == 1 and s, DEADLINE)
+            status = requests.get(buffer.rest_url + "/status", timeout=5)
+            metrics = requests.get(buffer.rest_url + "/metrics", timeout=5)
+            missing = requests.get(buffer.rest_url + "/nope", timeout=5)
+            wrong_method = requests.post(buffer.rest_url + "/status", timeout=5)
+        finally:
+            client.close()
+    assert status.status_code == 200
+    assert status.json()["state"] == "ok" and status.json()["status"] == "receiving"
+    assert status.json()["name"] == "HTTPTEST" and status.json()["newest_pulse_id"] == 1_019
+    assert statistics["state"] == "ok"
+    body = statistics["statistics"]
+    assert body["received"] == 20 and body["ring"]["messages"] == 20 and body["ring"]["oldest_pulse_id"] == 1_000
+    session = body["replay"]["sessions"][0]
+    assert session["start_pulse_id"] == 1_000 and session["sent"] >= 1 and session["window"] == 4
+    assert body["rates"]["messages_per_second"] >= 0 and body["source"]["idle_seconds"] >= 0
+    assert metrics.status_code == 200 and metrics.headers["Content-Type"].startswith("text/plain")
+    assert 'sf_bsread_buffer_received_messages_total{buffer="HTTPTEST"} 20' in metrics.text
+    assert 'sf_bsread_buffer_newest_pulse_id{buffer="HTTPTEST"} 1019' in metrics.text
+    assert missing.status_code == 404 and missing.json()["state"] == "error"
+    assert wrong_method.status_code == 405 and wrong_method.json()["state"] == "error"
+
+
+def test_cli_ready_line_systemd_notify_and_sigterm(tmp_path):
+    """The real command: settings from the environment, READY line, sd_notify, clean SIGTERM."""
+    notify_path = str(tmp_path / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(DEADLINE)
+    env = {"NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "200000",
+           "SF_BSREAD_BUFFER_NAME": "CLITEST", "SF_BSREAD_BUFFER_REST_PORT": "0"}
+    try:
+        with Child.python_module("sf_bsread_writer.buffer", f"tcp://127.0.0.1:{free_port()}", "-o", "0",
+                                 "--replay-port", "0", "-b", "50", env=env) as child:
+            endpoints = json.loads(child.wait_for_line("READY ").split("READY ", 1)[1])
+            assert set(endpoints) >= {"output", "replay", "rest"}
+            assert endpoints["output"].startswith("tcp://127.0.0.1:")
+            states = {notify.recv(4096).decode() for _ in range(2)}
+            assert any(s.startswith("READY=1") for s in states) and "WATCHDOG=1" in states
+            status = requests.get(endpoints["rest"] + "/status", timeout=5).json()
+            assert status["name"] == "CLITEST" and status["status"] == "waiting_for_source"
+            child.signal(signal.SIGTERM)
+            assert child.wait(DEADLINE) == 0
+            output = child.output()
+    finally:
+        notify.close()
+    assert "Traceback" not in output
+    assert "stopped" in output
+
+
+def test_cli_rejects_bad_options():
+    with Child.python_module("sf_bsread_writer.buffer", "tcp://127.0.0.1:1", "--output-mode", "fan") as child:
+        assert child.wait(DEADLINE) == 2
+        assert "invalid choice" in child.output()
+
+
+def test_replay_errors_and_silent_writer_expiry():
+    """A malformed request gets an error reply; a writer that stops talking is expired and counted."""
+    with running_buffer("tcp://127.0.0.1:1", session_timeout=0.5) as buffer:
+        context = zmq.Context()
+        dealer = context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(buffer.replay_address)
+        try:
+            dealer.send(b"not json")
+            assert dealer.poll(DEADLINE * 1000)
+            kind, body = dealer.recv_multipart()
+            assert kind == b"error" and json.loads(body)["reason"] == "not_json"
+            dealer.send(json.dumps({"type": "request", "start_pulse_id": -1}).encode())
+            assert dealer.poll(DEADLINE * 1000)
+            assert json.loads(dealer.recv_multipart()[1])["reason"] == "bad_field"
+            dealer.send(json.dumps({"type": "credit", "received": 0}).encode())
+            assert dealer.poll(DEADLINE * 1000)
+            assert json.loads(dealer.recv_multipart()[1])["reason"] == "unknown_session"
+            dealer.send(json.dumps({"type": "request", "start_pulse_id": 0}).encode())
+            assert dealer.poll(DEADLINE * 1000)
+            assert dealer.recv_multipart()[0] == b"accepted"
+            statistics = wait_for(lambda: (s := buffer.statistics())["replay"]["expired"] == 1 and s, DEADLINE)
+        finally:
+            dealer.close()
+            context.term()
+    assert statistics["replay"]["active_sessions"] == 0 and statistics["replay"]["refused"] == 2
+
+
+def test_analyzer_logs_anomalies(caplog):
+    context = zmq.Context()
+    source = context.socket(zmq.PUSH)
+    source.setsockopt(zmq.LINGER, 0)
+    source.bind("tcp://127.0.0.1:0")
+    try:
+        with caplog.at_level("INFO", logger="sf_bsread_writer.buffer"), \
+                running_buffer(source.getsockopt_string(zmq.LAST_ENDPOINT), analyzer=True) as buffer:
+            for pulse_id, channel in ((10, "A"), (11, "A"), (12, "A"), (20, "A"), (21, "B"), (5, "B")):
+                source.send_multipart(build_message(pulse_id, [{"name": channel, "type": "int32"}], [1]))
+            statistics = received(buffer, 6)
+    finally:
+        source.close()
+        context.term()
+    text = caplog.text
+    assert "jumped to 20" in text and "header changed at pulse 21" in text and "went back from 21 to 5" in text
+    assert statistics["pulse_ids"]["jumps"] == 1 and statistics["pulse_ids"]["resets"] == 1
+    assert statistics["header_changes"] == 1
+
+
+# ---------------------------------------------------------------------------
+# status.py (pure)
+# ---------------------------------------------------------------------------
+def test_status_answers_from_a_snapshot():
+    from sf_bsread_writer import status
+
+    buffer = Buffer("tcp://127.0.0.1:1", name='quote"me')  # never run: the initial snapshot
+    snapshot = buffer.statistics()
+    assert status.describe(snapshot) == "waiting_for_source"
+    assert status.status_answer(snapshot)["state"] == "ok"
+    answer = status.statistics_answer(snapshot)
+    assert answer["statistics"]["ring"]["max_messages"] == 1000
+    json.dumps(answer)  # serialisable as is
+    text = status.prometheus_text({**snapshot, "rejected": {"part_count": 3}})
+    assert 'sf_bsread_buffer_rejected_messages_total{buffer="quote\\"me",reason="part_count"} 3' in text
+    assert "sf_bsread_buffer_newest_pulse_id{" not in text  # None: no sample, the family stays
+    assert "# TYPE sf_bsread_buffer_newest_pulse_id gauge" in text
+    idle = {**snapshot, "source": {**snapshot["source"], "connected_once": True, "idle_seconds": 60.0}}
+    assert status.describe(idle) == "source_idle"

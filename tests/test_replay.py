@@ -1,0 +1,297 @@
+"""The replay protocol: wire messages and the server-side session (pure), and the client against bare sockets."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import zmq
+
+from sf_bsread_writer.replay import (
+    MAX_WINDOW, Accepted, BufferLost, Close, Credit, Data, End, Error, ErrorReason, Gap, Heartbeat,
+    ReplayClient, ReplayProtocolError, ReplaySession, Request, SetStop, build_accepted, build_close,
+    build_credit, build_data, build_end, build_error, build_gap, build_heartbeat, build_request,
+    build_set_stop, parse_buffer_message, parse_writer_message,
+)
+from sf_bsread_writer.ring import Ring
+
+
+# ---------------------------------------------------------------------------
+# wire messages
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("request_", [
+    Request(start_pulse_id=0),
+    Request(start_pulse_id=20_000_000_000, stop_pulse_id=20_000_000_100, window=1),
+    Request(start_time=1.7e9, stop_time=1.7e9 + 10.5, window=MAX_WINDOW),
+    Request(start_time=1.7e9, stop_pulse_id=5),
+])
+def test_request_round_trip(request_):
+    assert parse_writer_message(build_request(request_)) == request_
+
+
+def test_writer_messages_round_trip():
+    assert parse_writer_message(build_credit(17)) == Credit(17)
+    assert parse_writer_message(build_set_stop(99)) == SetStop(99, None)
+    assert parse_writer_message(build_set_stop(None, 5.0)) == SetStop(None, 5.0)
+    assert parse_writer_message(build_close()) == Close()
+
+
+@pytest.mark.parametrize("frames, reason", [
+    ([b"not json"], ErrorReason.NOT_JSON),
+    ([b"\xff\xfe"], ErrorReason.NOT_JSON),
+    ([b"[1, 2]"], ErrorReason.NOT_OBJECT),
+    ([b'{"type": "request"}', b"extra"], ErrorReason.BAD_FRAMES),
+    ([], ErrorReason.BAD_FRAMES),
+    ([b'{"type": "dance"}'], ErrorReason.UNKNOWN_TYPE),
+    ([b'{"type": "request"}'], ErrorReason.BAD_FIELD),  # no start
+    ([b'{"type": "request", "start_pulse_id": 1, "start_time": 2}'], ErrorReason.BAD_FIELD),
+    ([b'{"type": "request", "start_pulse_id": -1}'], ErrorReason.BAD_FIELD),
+    ([b'{"type": "request", "start_pulse_id": 1.5}'], ErrorReason.BAD_FIELD),
+    ([b'{"type": "request", "start_pulse_id": true}'], ErrorReason.BAD_FIELD),
+    ([b'{"type": "request", "start_pulse_id": "7"}'], ErrorReason.BAD_FIELD),
+    ([b'{"type": "request", "start_pulse_id": 10, "stop_pulse_id": 9}'], ErrorReason.BAD_FIELD),
+    ([b'{"type": "request", "start_time": 10, "stop_time": 9}'], ErrorReason.BAD_FIELD),
+    ([b'{"type": "request", "start_time": NaN}'], ErrorReason.BAD_FIELD),
+    ([b'{"type": "request", "start_pulse_id": 1, "window": 0}'], ErrorReason.BAD_FIELD),
+    ([b'{"type": "request", "start_pulse_id": 1, "window": 100000}'], ErrorReason.BAD_FIELD),
+    ([b'{"type": "request", "start_pulse_id": 1, "version": 2}'], ErrorReason.UNSUPPORTED_VERSION),
+    ([b'{"type": "credit", "received": -3}'], ErrorReason.BAD_FIELD),
+    ([b'{"type": "credit"}'], ErrorReason.BAD_FIELD),
+    ([b'{"type": "stop", "stop_pulse_id": "soon"}'], ErrorReason.BAD_FIELD),
+])
+def test_malformed_writer_messages(frames, reason):
+    with pytest.raises(ReplayProtocolError) as info:
+        parse_writer_message(frames)
+    assert info.value.reason == reason
+    assert info.value.detail
+
+
+def test_buffer_messages_round_trip():
+    frames = [b'{"htype": "bsr_m-1.1"}', b"header", b"\x00" * 3, b""]
+    data = parse_buffer_message(build_data(12345, frames))
+    assert data == Data(12345, frames) and data.frames == frames
+    gap = Gap(10, 20, "evicted", 11)
+    assert parse_buffer_message(build_gap(gap)) == gap
+    assert parse_buffer_message(build_gap(Gap(None, None, "source_reset", 0))) == Gap(None, None, "source_reset", 0)
+    assert parse_buffer_message(build_end(End("stop_pulse_id", 99))) == End("stop_pulse_id", 99)
+    assert parse_buffer_message(build_heartbeat(Heartbeat(1, 2))) == Heartbeat(1, 2)
+    assert parse_buffer_message(build_error(ErrorReason.NOT_JSON, "oops")) == Error("not_json", "oops")
+    assert parse_buffer_message(build_accepted(Accepted(64, None, None))) == Accepted(64, None, None)
+
+
+@pytest.mark.parametrize("frames", [[], [b"data x"], [b"gap"], [b"gap", b"{"], [b"what", b"{}"],
+                                    [b"gap", b'{"count": "many"}']])
+def test_malformed_buffer_messages(frames):
+    with pytest.raises(ReplayProtocolError):
+        parse_buffer_message(frames)
+
+
+# ---------------------------------------------------------------------------
+# the session, against a real Ring (frames are opaque to both)
+# ---------------------------------------------------------------------------
+def _frames(pulse_id: int) -> list[bytes]:
+    return [json.dumps({"pulse_id": pulse_id}).encode(), b"header", b"value%d" % pulse_id, b"\x00" * 16]
+
+
+def _ring(pulse_ids, max_messages=1000, t0=1000.0) -> Ring:
+    ring = Ring(max_messages, 10**9)
+    for pulse_id in pulse_ids:
+        ring.append(pulse_id, t0 + pulse_id * 0.01, _frames(pulse_id))
+    return ring
+
+
+def _data(events) -> list[int]:
+    return [event.pulse_id for event in events if isinstance(event, Data)]
+
+
+def test_session_backlog_respects_window_and_credit():
+    ring = _ring(range(100, 120))
+    session = ReplaySession("s", Request(start_pulse_id=105, window=4), ring, now=0.0)
+    first = session.poll(ring, 0.0)
+    assert _data(first) == [105, 106, 107, 108]
+    assert [bytes(f) for f in first[0].frames] == _frames(105)  # the original frames, unchanged
+    assert session.poll(ring, 0.0) == []  # no credit: nothing
+    session.on_message(Credit(3), 0.0)
+    assert _data(session.poll(ring, 0.0)) == [109, 110, 111]
+    session.on_message(Credit(1000), 0.0)  # more than sent: capped, cannot inflate the window
+    assert session.in_flight == 0
+    assert _data(session.poll(ring, 0.0)) == [112, 113, 114, 115]
+
+
+def test_session_stop_is_inclusive_and_ends_at_once():
+    ring = _ring(range(100, 110))
+    session = ReplaySession("s", Request(start_pulse_id=102, stop_pulse_id=104, window=100), ring, 0.0)
+    events = session.poll(ring, 0.0)
+    assert _data(events) == [102, 103, 104]
+    assert events[-1] == End("stop_pulse_id", 104)
+    assert session.ended and session.poll(ring, 0.0) == []
+
+
+def test_session_ends_on_stop_pulse_not_held():
+    """A slow source skips the stop pulse: the first later pulse ends the session."""
+    ring = _ring(range(100, 200, 10))
+    session = ReplaySession("s", Request(start_pulse_id=100, stop_pulse_id=125, window=100), ring, 0.0)
+    events = session.poll(ring, 0.0)
+    assert _data(events) == [100, 110, 120] and events[-1] == End("stop_pulse_id", 120)
+
+
+def test_session_follows_live_and_stop_update():
+    ring = _ring(range(100, 103))
+    session = ReplaySession("s", Request(start_pulse_id=101, window=100), ring, 0.0)
+    assert _data(session.poll(ring, 0.0)) == [101, 102]
+    assert session.poll(ring, 0.1) == []  # caught up, nothing new, heartbeat not due
+    for pulse_id in range(103, 106):
+        ring.append(pulse_id, 0.0, _frames(pulse_id))
+    assert _data(session.poll(ring, 0.2)) == [103, 104, 105]
+    session.on_message(SetStop(stop_pulse_id=104), 0.3)  # already passed: end at once
+    assert session.poll(ring, 0.3) == [End("stop_pulse_id", 105)]
+
+
+def test_session_start_in_the_future_skips_older_live_messages():
+    ring = _ring(range(100, 105))
+    session = ReplaySession("s", Request(start_pulse_id=108, stop_pulse_id=109, window=100), ring, 0.0)
+    assert session.poll(ring, 0.0) == []
+    for pulse_id in range(105, 112):
+        ring.append(pulse_id, 0.0, _frames(pulse_id))
+    events = session.poll(ring, 0.0)
+    assert _data(events) == [108, 109] and isinstance(events[-1], End)
+
+
+def test_session_before_buffer_gap():
+    ring = _ring(range(100, 110))
+    session = ReplaySession("s", Request(start_pulse_id=50, stop_pulse_id=101, window=100), ring, 0.0)
+    events = session.poll(ring, 0.0)
+    assert events[0] == Gap(50, 99, "before_buffer", None)
+    assert _data(events) == [100, 101]
+
+
+def test_session_time_start_and_stop():
+    ring = _ring(range(100, 120))  # timestamps 1001.00, 1001.01, ...
+    session = ReplaySession("s", Request(start_time=1001.05, stop_time=1001.075, window=100), ring, 0.0)
+    events = session.poll(ring, 0.0)
+    assert _data(events) == [105, 106, 107]
+    assert events[-1] == End("stop_time", 107)
+    before = ReplaySession("s", Request(start_time=900.0, window=2), ring, 0.0)
+    assert before.poll(ring, 0.0)[0] == Gap(None, 99, "before_buffer", None)
+
+
+def test_session_eviction_gap_counts_exactly():
+    ring = _ring(range(100, 105), max_messages=10)
+    session = ReplaySession("s", Request(start_pulse_id=100, window=2), ring, 0.0)
+    assert _data(session.poll(ring, 0.0)) == [100, 101]
+    for pulse_id in range(105, 130):  # the ring (10) overtakes the stalled cursor (at 102)
+        ring.append(pulse_id, 0.0, _frames(pulse_id))
+    assert session.poll(ring, 0.0) == []  # no credit yet: the gap waits, coalesced
+    session.on_message(Credit(2), 0.0)
+    events = session.poll(ring, 0.0)
+    assert events[0] == Gap(102, 119, "evicted", 18)
+    assert _data(events) == [120, 121]
+    assert session.gaps == 1 and session.lost == 18
+
+
+def test_session_source_reset_with_and_without_loss():
+    ring = _ring(range(100, 110))
+    caught_up = ReplaySession("a", Request(start_pulse_id=100, window=100), ring, 0.0)
+    behind = ReplaySession("b", Request(start_pulse_id=100, window=4), ring, 0.0)
+    assert len(_data(caught_up.poll(ring, 0.0))) == 10
+    assert _data(behind.poll(ring, 0.0)) == [100, 101, 102, 103]
+    for pulse_id in range(5, 8):  # source restarted: the ring drops everything >= 5
+        ring.append(pulse_id, 0.0, _frames(pulse_id))
+    events = caught_up.poll(ring, 0.0)
+    assert events[0] == Gap(None, None, "source_reset", 0)  # nothing lost, but say so
+    assert _data(events) == [5, 6, 7]
+    behind.on_message(Credit(4), 0.0)
+    events = behind.poll(ring, 0.0)
+    assert events[0] == Gap(104, None, "source_reset", 6)  # 104..109 never sent
+    assert _data(events) == [5, 6, 7]
+
+
+def test_session_heartbeat_when_idle_and_expiry():
+    ring = _ring(range(100, 101))
+    session = ReplaySession("s", Request(start_pulse_id=200, window=8), ring, 0.0, heartbeat_interval=1.0)
+    assert session.poll(ring, 0.5) == []
+    assert session.poll(ring, 1.1) == [Heartbeat(100, 100)]
+    assert session.poll(ring, 1.5) == []
+    assert not session.expired(5.0, timeout=10.0)
+    session.on_message(Credit(0), 9.0)
+    assert not session.expired(15.0, timeout=10.0) and session.expired(19.5, timeout=10.0)
+
+
+def test_session_budget_bounds_work_per_poll():
+    ring = _ring(range(0, 500))
+    session = ReplaySession("s", Request(start_pulse_id=0, window=MAX_WINDOW), ring, 0.0)
+    assert len(_data(session.poll(ring, 0.0, budget=7))) == 7
+    assert session.has_work(ring)
+
+
+# ---------------------------------------------------------------------------
+# the client against bare sockets
+# ---------------------------------------------------------------------------
+@pytest.fixture
+def context():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.term()
+
+
+def test_client_grants_credit_and_heartbeats(context):
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("tcp://127.0.0.1:0")
+    client = ReplayClient(router.getsockopt_string(zmq.LAST_ENDPOINT), start_pulse_id=7, window=4,
+                          heartbeat_interval=0.2, context=context)
+    try:
+        client.start()
+        assert router.poll(10_000)
+        identity, body = router.recv_multipart()
+        assert parse_writer_message([body]) == Request(start_pulse_id=7, window=4)
+        router.send_multipart([identity, *build_accepted(Accepted(4, None, None))])
+        for pulse_id in (7, 8):
+            router.send_multipart([identity, *build_data(pulse_id, _frames(pulse_id))])
+        events = [client.receive(10), client.receive(10)]
+        assert [e.pulse_id for e in events] == [7, 8]
+        assert [bytes(f) for f in events[0].frames] == _frames(7)
+        # window 4 -> a credit every 1 message; the cumulative count reaches 2
+        credits = []
+        while not credits or credits[-1] < 2:
+            assert router.poll(10_000)
+            credits.append(parse_writer_message(router.recv_multipart()[1:]).received)
+        # nothing to read: the client still sends heartbeats (credit messages) while waiting
+        assert client.receive(0.5) is None
+        assert router.poll(5_000)
+        assert parse_writer_message(router.recv_multipart()[1:]) == Credit(2)
+    finally:
+        client.close()
+        router.close()
+
+
+def test_client_reports_buffer_lost_and_re_requests(context):
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("tcp://127.0.0.1:0")
+    client = ReplayClient(router.getsockopt_string(zmq.LAST_ENDPOINT), start_pulse_id=7, window=4,
+                          heartbeat_interval=0.1, peer_timeout=0.5, context=context)
+    try:
+        client.start()
+        event = client.receive(10)
+        assert isinstance(event, BufferLost) and event.seconds_silent >= 0.5
+        # it asked again, on a new socket: two requests in all (credit heartbeats in between)
+        requests = []
+        while len(requests) < 2:
+            assert router.poll(10_000)
+            message = parse_writer_message(router.recv_multipart()[1:])
+            if isinstance(message, Request):
+                requests.append(message)
+        assert requests == [Request(start_pulse_id=7, window=4)] * 2
+        assert client.restarts == 1
+    finally:
+        client.close()
+        router.close()
+
+
+def test_client_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        ReplayClient("tcp://127.0.0.1:1", start_pulse_id=1, start_time=2.0)
+    with pytest.raises(ValueError):
+        ReplayClient("tcp://127.0.0.1:1")
+    with pytest.raises(ValueError):
+        ReplayClient("tcp://127.0.0.1:1", start_pulse_id=1, window=0)
