@@ -1,0 +1,355 @@
+"""The writer end to end: bsread's Sender (simulate) -> a real buffer -> the writer -> real HDF5 files.
+
+One buffer ingests a mixed-profile stream (every type, a big-endian
+channel, bitshuffle_lz4 arrays, a channel absent on most pulses) for the
+whole module; each test writes a range of it and checks pulse ids and
+values against ``simulate.expected_values``. Writers run as the real CLI
+where the process matters (READY line, exit codes, signals, kill -9,
+privileges) and in-process otherwise (faster on a shared machine).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401  (bitshuffle filter for reading)
+import numpy as np
+import pytest
+
+from sf_bsread_writer.buffer import Buffer
+from sf_bsread_writer.client import WriterClient
+from sf_bsread_writer.httpserver import HttpServer
+from sf_bsread_writer.rest import make_app
+from sf_bsread_writer.simulate import Simulator, channel_metadata, expected_values
+from sf_bsread_writer.writer import Writer, WriterSettings, drop_privileges, main
+from tests.helpers import Child, wait_for
+
+PROFILE = "mixed"
+COMPRESSION = "bitshuffle_lz4"
+FIRST_PULSE_ID = 50_000_000
+PARAMETERS = {"general/created": "2024-05-01T12:00:00", "general/user": "e12345",
+              "general/process": "test_writer", "general/instrument": "simulation", "run/number": 7}
+CHANNEL_NAMES = [entry["name"] for entry in channel_metadata(PROFILE, COMPRESSION)]
+ALWAYS_PRESENT = "MIXED:FLOAT64"
+DEADLINE = 60.0  # generous: a 2-core machine shared with other test suites
+
+
+class Stream:
+    """A simulator at 100 Hz and a buffer fed by it, both in threads of this process."""
+
+    def __init__(self, count: int = 0, rate: float = 100.0, first_pulse_id: int = FIRST_PULSE_ID) -> None:
+        self.simulator = Simulator(PROFILE, rate=rate, start_pulse_id=first_pulse_id, compression=COMPRESSION)
+        source = self.simulator.open()
+        self.buffer = Buffer(source, buffer_length=20_000, rest_port=None, output_mode="pub")
+        self._threads = [threading.Thread(target=self.buffer.run, daemon=True),
+                         threading.Thread(target=self.simulator.run, args=(count,), daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        assert self.buffer.started.wait(DEADLINE)
+        self.replay = self.buffer.replay_address
+        self.output = self.buffer.output_address
+
+    def ring(self) -> dict:
+        return self.buffer.statistics()["ring"]
+
+    def wait_for_pulse(self, pulse_id: int) -> None:
+        wait_for(lambda: (self.ring()["newest_pulse_id"] or 0) >= pulse_id, timeout=DEADLINE,
+                 message=f"pulse {pulse_id} in the buffer")
+
+    def close(self) -> None:
+        self.simulator.stop()
+        self._threads[1].join(timeout=10)
+        self.buffer.stop()
+        self._threads[0].join(timeout=10)
+        self.simulator.close(linger=0)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    stream = Stream()
+    try:
+        stream.wait_for_pulse(FIRST_PULSE_ID + 150)
+        yield stream
+    finally:
+        stream.close()
+
+
+@contextlib.contextmanager
+def in_process_writer(address: str, output_file: str | os.PathLike, **options):
+    settings = WriterSettings(address, str(output_file), **{"finished_grace": 0.0, **options})
+    writer = Writer(settings)
+    server = HttpServer(make_app(writer), "127.0.0.1", 0).start()
+    try:
+        yield writer, WriterClient(server.url, timeout=DEADLINE)
+    finally:
+        writer.stop(wait=DEADLINE)
+        server.stop()
+
+
+def writer_process(address: str, output_file: str | os.PathLike, *options: str, user_id: str = "-1",
+                   **kwargs) -> tuple[Child, WriterClient]:
+    child = Child.python_module("sf_bsread_writer.writer", address, str(output_file), user_id, "0",
+                                "--finished-grace", "0.5", *options, **kwargs)
+    line = child.wait_for_line("READY ", timeout=DEADLINE)
+    return child, WriterClient(json.loads(line.split("READY ", 1)[1])["rest"], timeout=DEADLINE)
+
+
+def written_pulse_ids(path: str | os.PathLike) -> list[int]:
+    with h5py.File(path, "r") as file:
+        return file[f"data/{ALWAYS_PRESENT}/pulse_id"][()].tolist()
+
+
+def assert_values(path: str | os.PathLike, pulse_ids: list[int], rows: int | None = None,
+                  exact_length: bool = True) -> None:
+    """Every channel has a row per pulse id, and the first ``rows`` rows (default all) hold what was sent.
+
+    ``exact_length=False``: datasets may be longer (a file left by kill -9).
+    """
+    with h5py.File(path, "r") as file:
+        for name in CHANNEL_NAMES:
+            group = file["data"][name]
+            present = group["is_data_present"][()]
+            data = group["data"][()]
+            stored_pulse_ids = group["pulse_id"][()]
+            assert len(present) == len(pulse_ids) if exact_length else len(present) >= len(pulse_ids), name
+            for row, pulse_id in enumerate(pulse_ids[:rows]):
+                expected = expected_values(PROFILE, pulse_id)[name]
+                if expected is None:
+                    assert present[row] == 0 and stored_pulse_ids[row] == 0, (name, pulse_id)
+                    continue
+                assert present[row] == 1 and stored_pulse_ids[row] == pulse_id, (name, pulse_id)
+                value = data[row]
+                if isinstance(expected, str):
+                    assert (value.decode() if isinstance(value, bytes) else value) == expected, (name, pulse_id)
+                else:
+                    assert np.array_equal(np.asarray(value).reshape(expected.shape), expected), (name, pulse_id)
+                    assert np.asarray(value).dtype.newbyteorder("=") == expected.dtype.newbyteorder("="), name
+
+
+def test_past_range_with_exact_values_through_the_cli(stream, tmp_path):
+    """The point of the buffer: a range that was over before the writer started."""
+    ring = stream.ring()
+    start, stop = ring["oldest_pulse_id"] + 20, ring["oldest_pulse_id"] + 99
+    assert stop < ring["newest_pulse_id"]
+    output = tmp_path / "deep" / "past.h5"
+    child, client = writer_process(stream.replay, output)
+    with child:
+        assert client.status() == "waiting"
+        assert client.set_parameters(PARAMETERS) == PARAMETERS
+        assert client.stop_pulse_id(stop) == "waiting"  # a stop before the start is fine
+        assert client.start_pulse_id(start) in ("writing", "finishing", "finished")
+        assert child.wait(timeout=DEADLINE) == 0  # writes, closes, exits by itself
+    assert "Closed" in child.output()
+    assert written_pulse_ids(output) == list(range(start, stop + 1))
+    assert_values(output, list(range(start, stop + 1)))
+    with h5py.File(output, "r") as file:
+        assert file["general/user"][()] == b"e12345" and file["general/instrument"][()] == b"simulation"
+        assert file.attrs["requested_start_pulse_id"] == start and file.attrs["requested_stop_pulse_id"] == stop
+        assert file.attrs["end_reason"] == "stop_reached" and file.attrs["complete"] == 1
+        assert file.attrs["missing_pulses"] == 0 and "missing" not in file
+
+
+def test_a_stop_pulse_that_arrives_after_it_was_written_cuts_the_file(stream, tmp_path):
+    """start_pulse_id, then stop_pulse_id: the replay may run past the stop in between; the file ends at the stop."""
+    start = stream.ring()["oldest_pulse_id"]
+    with in_process_writer(stream.replay, tmp_path / "late_stop.h5") as (writer, client):
+        client.start_pulse_id(start)
+        wait_for(lambda: client.statistics()["messages_written"] >= 60, timeout=DEADLINE, message="60 messages")
+        client.stop_pulse_id(start + 29)
+        assert client.wait_for("finished", timeout=DEADLINE) == "finished"
+        statistics = client.statistics()
+    assert (statistics["messages_written"], statistics["last_pulse_id"], statistics["missing_pulses"]) == \
+        (30, start + 29, 0)
+    assert written_pulse_ids(tmp_path / "late_stop.h5") == list(range(start, start + 30))
+    assert_values(tmp_path / "late_stop.h5", list(range(start, start + 30)))
+    with h5py.File(tmp_path / "late_stop.h5", "r") as file:
+        assert file.attrs["number_of_messages"] == 30 and file.attrs["last_pulse_id"] == start + 29
+        assert file.attrs["rows_removed_after_stop"] >= 30 and file.attrs["complete"] == 1
+
+
+def test_two_writers_with_overlapping_ranges_at_once(stream, tmp_path):
+    newest = stream.ring()["newest_pulse_id"]
+    ranges = [(newest - 120, newest + 30), (newest - 60, newest + 60)]  # past and future, overlapping
+    with in_process_writer(stream.replay, tmp_path / "a.h5") as (_, first), \
+            in_process_writer(stream.replay, tmp_path / "b.h5") as (_, second):
+        for client, (start, stop) in zip((first, second), ranges):
+            client.set_parameters(PARAMETERS)
+            client.start_pulse_id(start)
+            client.stop_pulse_id(stop)
+        for client in (first, second):
+            assert client.wait_for("finished", timeout=DEADLINE) == "finished"
+        statistics = [first.statistics(), second.statistics()]
+    for name, (start, stop), stats in zip(("a.h5", "b.h5"), ranges, statistics):
+        expected = list(range(start, stop + 1))
+        assert written_pulse_ids(tmp_path / name) == expected
+        assert (stats["messages_written"], stats["missing_pulses"], stats["progress"]) == (len(expected), 0, 1.0)
+        assert (stats["first_pulse_id"], stats["last_pulse_id"]) == (start, stop)
+    assert_values(tmp_path / "b.h5", list(range(ranges[1][0], ranges[1][1] + 1)))
+
+
+def test_start_and_stop_by_time(stream, tmp_path):
+    with in_process_writer(stream.replay, tmp_path / "unused.h5") as (writer, client):
+        assert client.start_now(output_file=str(tmp_path / "by_time.h5")) == "writing"
+        wait_for(lambda: client.statistics()["messages_written"] >= 20, timeout=DEADLINE, message="20 messages")
+        client.stop_now()
+        assert client.wait_for("finished", timeout=DEADLINE) == "finished"
+        statistics = client.statistics()
+    pulse_ids = written_pulse_ids(tmp_path / "by_time.h5")
+    assert pulse_ids == list(range(pulse_ids[0], pulse_ids[0] + len(pulse_ids)))  # contiguous
+    assert len(pulse_ids) == statistics["messages_written"] >= 20
+    # The range applies to the messages' global timestamps.
+    assert statistics["start_timestamp"] <= statistics["first_timestamp"]
+    assert statistics["last_timestamp"] <= statistics["stop_timestamp"]
+    with h5py.File(tmp_path / "by_time.h5", "r") as file:
+        assert file.attrs["requested_start_time"] == statistics["start_timestamp"]
+        assert file.attrs["requested_stop_time"] == statistics["stop_timestamp"]
+        assert file.attrs["first_timestamp"] == statistics["first_timestamp"]
+    assert statistics["end_reason"] == "stop_reached"
+    assert not (tmp_path / "unused.h5").exists()
+    assert_values(tmp_path / "by_time.h5", pulse_ids)
+
+
+@pytest.mark.parametrize("how", ["stop", "kill", "SIGTERM", "SIGINT"])
+def test_ending_mid_run_leaves_a_closed_readable_file(stream, tmp_path, how):
+    output = tmp_path / f"{how}.h5"
+    child, client = writer_process(stream.replay, output)
+    with child:
+        client.start_pulse_id(stream.ring()["newest_pulse_id"])  # open-ended: no stop pulse
+        wait_for(lambda: client.statistics()["messages_written"] >= 10, timeout=DEADLINE, message="10 messages")
+        if how == "stop":
+            assert client.stop() == "finished"
+        elif how == "kill":
+            assert client.kill() == "finished"
+        else:
+            child.signal(getattr(signal, how))
+        assert child.wait(timeout=DEADLINE) == 0
+    pulse_ids = written_pulse_ids(output)
+    assert len(pulse_ids) >= 10 and pulse_ids == list(range(pulse_ids[0], pulse_ids[0] + len(pulse_ids)))
+    assert_values(output, pulse_ids, rows=20)
+    with h5py.File(output, "r") as file:
+        assert file.attrs["complete"] == 1
+        assert file.attrs["end_reason"] == {"stop": "stopped", "kill": "killed"}.get(how, f"signal_{how}")
+
+
+def test_kill_9_leaves_the_data_up_to_the_last_flush(stream, tmp_path):
+    output = tmp_path / "sigkill.h5"
+    child, client = writer_process(stream.replay, output, "--flush-interval", "0.2")
+    with child:
+        client.start_pulse_id(stream.ring()["oldest_pulse_id"])
+        flushed = wait_for(lambda: client.statistics()["rows_flushed"] >= 50 and client.statistics()["rows_flushed"],
+                           timeout=DEADLINE, message="50 rows flushed")
+        child.signal(signal.SIGKILL)
+        assert child.wait(timeout=DEADLINE) == -signal.SIGKILL
+    with h5py.File(output, "r") as file:  # opens without h5clear
+        assert file.attrs["complete"] == 0
+        rows = int(file.attrs["number_of_messages"])  # valid rows (a kill inside a flush may leave more)
+    pulse_ids = written_pulse_ids(output)[:rows]
+    assert rows >= flushed
+    assert pulse_ids == list(range(pulse_ids[0], pulse_ids[0] + rows))
+    assert_values(output, pulse_ids, rows=30, exact_length=False)
+
+
+def test_a_source_that_dies_before_the_stop_pulse(tmp_path):
+    first = 70_000_000
+    dying = Stream(count=60, rate=0.0, first_pulse_id=first)  # sends 60 messages, then nothing
+    try:
+        dying.wait_for_pulse(first + 59)
+        with in_process_writer(dying.replay, tmp_path / "silent.h5", stop_deadline=1.0) as (writer, client):
+            client.start_pulse_id(first + 10)
+            client.stop_pulse_id(first + 199)
+            assert client.wait_for("finished", timeout=DEADLINE) == "finished"
+            statistics = client.statistics()
+    finally:
+        dying.close()
+    assert written_pulse_ids(tmp_path / "silent.h5") == list(range(first + 10, first + 60))
+    assert statistics["end_reason"] == "source_silent"
+    assert statistics["missing"] == [{"first_pulse_id": first + 60, "last_pulse_id": first + 199, "count": 140,
+                                      "reason": "source_silent"}]
+    assert 0 < statistics["progress"] < 1
+    with h5py.File(tmp_path / "silent.h5", "r") as file:
+        assert file["missing"][()].tolist() == [(first + 60, first + 199, 140, b"source_silent")]
+        assert file.attrs["missing_pulses"] == 140 and file.attrs["complete"] == 1
+
+
+def test_direct_mode_reads_a_plain_stream(stream, tmp_path):
+    """--direct: no buffer in between; here the buffer's live output (PUB) is the plain bsread stream."""
+    with in_process_writer(stream.output, tmp_path / "direct.h5", direct=True, direct_mode="sub") as (_, client):
+        start = stream.ring()["newest_pulse_id"] + 100  # live only: a start after the SUB has joined
+        client.start_pulse_id(start)
+        client.stop_pulse_id(start + 29)
+        assert client.wait_for("finished", timeout=DEADLINE) == "finished"
+        statistics = client.statistics()
+        assert statistics["missing_pulses"] == 0, statistics
+    assert written_pulse_ids(tmp_path / "direct.h5") == list(range(start, start + 30))
+    assert_values(tmp_path / "direct.h5", list(range(start, start + 30)))
+
+
+def test_dev_null_consumes_without_writing(stream):
+    ring = stream.ring()
+    start = ring["oldest_pulse_id"] + 5
+    with in_process_writer(stream.replay, "/dev/null") as (_, client):
+        client.start_pulse_id(start)
+        client.stop_pulse_id(start + 49)
+        assert client.wait_for("finished", timeout=DEADLINE) == "finished"
+        statistics = client.statistics()
+    assert statistics["messages_written"] == 50 and statistics["bytes_written"] > 0
+    assert statistics["output_file"] == "/dev/null"
+
+
+def test_output_root_escape_is_refused_at_launch(stream, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    with Child.python_module("sf_bsread_writer.writer", stream.replay, str(tmp_path / "outside.h5"), "-1", "0",
+                             "--output-root", str(root)) as child:
+        assert child.wait(timeout=DEADLINE) == 2
+    assert "outside the output root" in child.output()
+    assert not (tmp_path / "outside.h5").exists()
+
+
+@pytest.fixture
+def shared_directory():
+    """A directory that another user can reach and write (pytest's tmp_path is private to its owner)."""
+    path = Path(tempfile.mkdtemp(prefix="sf_bsread_writer_test_"))
+    path.chmod(0o777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_user_id_drops_privileges_and_says_when_it_cannot(stream, shared_directory):
+    shared = shared_directory
+    nobody = 65534
+    child, client = writer_process(stream.replay, shared / "as_nobody.h5", user_id=str(nobody))
+    with child:
+        start = stream.ring()["oldest_pulse_id"]
+        client.start_pulse_id(start)
+        client.stop_pulse_id(start + 9)
+        assert child.wait(timeout=DEADLINE) == 0
+    assert (shared / "as_nobody.h5").stat().st_uid == nobody
+    assert written_pulse_ids(shared / "as_nobody.h5") == list(range(start, start + 10))
+
+
+
+def test_a_user_switch_that_is_not_permitted_is_a_clear_error(monkeypatch, tmp_path, caplog):
+    """As a plain user: the writer refuses to start (exit code 2) and says what to do."""
+    def refuse(_: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    for name, value in (("getuid", lambda: 1000), ("geteuid", lambda: 1000), ("getgid", lambda: 1000),
+                        ("setgid", refuse), ("setuid", refuse)):
+        monkeypatch.setattr(os, name, value)
+    with pytest.raises(PermissionError, match="cannot switch to uid 0 gid 0: Operation not permitted.*"
+                                              "only root may change user: start as root or pass -1"):
+        drop_privileges(0)
+    assert main(["tcp://127.0.0.1:1", str(tmp_path / "never.h5"), "0", "0"]) == 2
+    assert "only root may change user" in caplog.text
+    assert not (tmp_path / "never.h5").exists()
