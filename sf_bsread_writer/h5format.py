@@ -54,7 +54,7 @@ import os
 import struct
 import time
 from array import array
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,7 @@ from . import protocol
 __all__ = [
     "H5File",
     "MissingRange",
+    "FILE_ATTRIBUTES",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "GENERAL_FIELDS",
@@ -92,6 +93,16 @@ NOT_GIVEN = "not given"
 
 # "/data/<channel>@2" holds values of a channel's second (type, shape).
 VARIANT_SEPARATOR = "@"
+
+# Every attribute a file may carry on "/", in the order of docs/file-format.md,
+# which says what each one means (tests/test_h5format.py keeps the two equal).
+# The first group is H5File's own; set_attributes() accepts the second group only.
+OWN_ATTRIBUTES = ("format", "format_version", "number_of_messages", "first_pulse_id", "last_pulse_id",
+                  "first_timestamp", "last_timestamp", "missing_pulses", "absent_values", "complete",
+                  "rows_removed_after_stop")
+CALLER_ATTRIBUTES = ("requested_start_pulse_id", "requested_stop_pulse_id", "requested_start_time",
+                     "requested_stop_time", "end_reason", "unlocated_gaps")
+FILE_ATTRIBUTES = OWN_ATTRIBUTES + CALLER_ATTRIBUTES
 
 DEFAULT_FLUSH_INTERVAL = 1.0  # seconds: the most data a SIGKILL can cost
 DEFAULT_BLOCK_ROWS = 1000  # rows held in memory before they are written
@@ -239,10 +250,24 @@ class _Column:
         """Write the pending values at file rows ``start..start+count``; return HDF5 writes."""
         raise NotImplementedError
 
-    def pending_bytes(self) -> int:
-        return 0
+    def _drop_values(self, keep: int) -> None:
+        """Forget the pending values of block rows ``keep`` and later."""
+        raise NotImplementedError
 
     # -- shared row bookkeeping ------------------------------------------
+    def resize(self, rows: int) -> None:
+        """Grow or shrink every dataset of the group to ``rows`` rows (they all share axis 0)."""
+        for dataset in (self.data, self.pulse_id, self.is_data_present, self.timestamp):
+            dataset.id.set_extent((rows, *dataset.shape[1:]))
+
+    def drop_pending(self, keep: int) -> None:
+        """Forget the pending rows from block row ``keep`` on (``H5File.truncate``)."""
+        if self.filled > keep:
+            del self.present[keep:]
+            del self.timestamps[keep * _TIMESTAMP_BYTES:]
+            self._drop_values(keep)
+            self.filled = keep
+
     def _pad(self, upto: int) -> None:
         count = upto - self.filled
         if count > 0:
@@ -275,9 +300,7 @@ class _Column:
     def write_block(self, start: int, count: int, pulse_ids: np.ndarray) -> int:
         """Grow every dataset to ``start + count`` rows and write the block; return HDF5 writes."""
         self._pad(count)
-        end = start + count
-        for dataset in (self.data, self.pulse_id, self.is_data_present, self.timestamp):
-            dataset.id.set_extent((end, *dataset.shape[1:]))
+        self.resize(start + count)
         present = np.frombuffer(self.present, dtype="u1")
         _write_rows(self.is_data_present, start, present)
         _write_rows(self.pulse_id, start, np.where(present != 0, pulse_ids, 0).astype("<i8"))
@@ -319,6 +342,9 @@ class _FixedColumn(_Column):
     def _pad_values(self, count: int) -> None:
         self.values += bytes(self.row_nbytes * count)
 
+    def _drop_values(self, keep: int) -> None:
+        del self.values[keep * self.row_nbytes:]
+
     def append_batch(self, spec: protocol.ChannelSpec, row: int, values: np.ndarray, stamps: np.ndarray,
                      present: np.ndarray) -> None:
         """Rows ``row..row+n`` at once from the packed fast path (absent rows hold zeros)."""
@@ -334,9 +360,6 @@ class _FixedColumn(_Column):
         self.timestamps += stamps.tobytes()
         self.filled = row + len(present)
 
-    def pending_bytes(self) -> int:
-        return len(self.values)
-
     def _write_values(self, start: int, count: int) -> int:
         block = np.frombuffer(self.values, dtype=self.dtype).reshape((count, *self.row_shape))
         _write_rows(self.data, start, block)
@@ -351,7 +374,6 @@ class _StringColumn(_Column):
 
     def __init__(self, group: h5py.Group, spec: protocol.ChannelSpec, rows_written: int) -> None:
         self.values: list[str] = []
-        self.nbytes = 0
         super().__init__(group, spec, rows_written, np.dtype("u1"), ())
 
     def _create_data(self, group: h5py.Group, spec: protocol.ChannelSpec, rows: int) -> h5py.Dataset:
@@ -371,19 +393,17 @@ class _StringColumn(_Column):
                 return 0
             text = value if isinstance(value, str) else str(value)
         self.values.append(text)
-        self.nbytes += len(part)
         return len(part)
 
     def _pad_values(self, count: int) -> None:
         self.values.extend([""] * count)
 
-    def pending_bytes(self) -> int:
-        return self.nbytes
+    def _drop_values(self, keep: int) -> None:
+        del self.values[keep:]
 
     def _write_values(self, start: int, count: int) -> int:
         self.data[start:start + count] = np.array(self.values, dtype=object)
         self.values = []
-        self.nbytes = 0
         return 1
 
 
@@ -395,7 +415,6 @@ class _DirectChunkColumn(_Column):
     def __init__(self, group: h5py.Group, spec: protocol.ChannelSpec, rows_written: int) -> None:
         self.chunks: list[tuple[int, Any]] = []  # (block row, compressed bytes as received)
         self.decoded: list[tuple[int, np.ndarray]] = []  # fallback: written through the filter
-        self.nbytes = 0
         self.direct_chunks = 0
         self.filtered_rows = 0
         super().__init__(group, spec, rows_written, np.dtype(spec.dtype), tuple(spec.array_shape))
@@ -415,14 +434,14 @@ class _DirectChunkColumn(_Column):
             if value is None:
                 return 0
             self.decoded.append((row, np.ascontiguousarray(value, dtype=self.dtype)))
-        self.nbytes += len(part)
         return len(part)
 
     def _pad_values(self, count: int) -> None:
         pass  # unwritten chunks read as the fill value 0
 
-    def pending_bytes(self) -> int:
-        return self.nbytes
+    def _drop_values(self, keep: int) -> None:
+        self.chunks = [(row, part) for row, part in self.chunks if row < keep]
+        self.decoded = [(row, value) for row, value in self.decoded if row < keep]
 
     def _write_values(self, start: int, count: int) -> int:
         zeros = (0,) * len(self.row_shape)
@@ -436,7 +455,6 @@ class _DirectChunkColumn(_Column):
         writes = len(self.chunks) + len(self.decoded)
         self.chunks = []
         self.decoded = []
-        self.nbytes = 0
         return writes
 
 
@@ -564,20 +582,21 @@ class H5File:
         self._segment_stamps = bytearray()
         self._segment_present = bytearray()
         self._last_spec: dict[str, protocol.ChannelSpec] = {}  # every channel ever announced
-        self._pulse_ids = array("q")  # pulse id of each pending row
+        # One entry per row appended (on disk and pending): the pulse ids of a block,
+        # and what truncate() needs to put the counters back (24 bytes per row).
+        self._row_pulse_ids = array("q")
+        self._row_timestamps = array("d")
+        self._row_absent_values = array("q")  # absent_values after the row
+        self._row_bytes_written = array("q")  # bytes_written after the row
         self._pending_bytes = 0
         self._rows_written = 0  # rows on disk (in every dataset)
         self._missing: list[MissingRange] = []
         self._missing_pending: list[MissingRange] = []
+        self._missing_rewrite = False  # truncate() replaced the records: /missing is rewritten
         self._attributes: dict[str, Any] = {}
         self._last_flush = clock()
 
-        self.rows = 0  # messages appended (pending included)
         self.bytes_written = 0  # value bytes accepted (as received: compressed stays compressed)
-        self.first_pulse_id: int | None = None
-        self.last_pulse_id: int | None = None
-        self.first_timestamp: float | None = None
-        self.last_timestamp: float | None = None
         self.absent_values = 0  # channel values announced in a header but empty
         self.hdf5_writes = 0  # dataset writes issued by block writes (for tests/benchmarks)
         self.blocks_written = 0
@@ -589,6 +608,27 @@ class H5File:
     def channels(self) -> list[str]:
         """Names of every channel seen in a data header, in order of first sight."""
         return list(self._last_spec)
+
+    @property
+    def rows(self) -> int:
+        """Messages appended (pending included)."""
+        return len(self._row_pulse_ids)
+
+    @property
+    def first_pulse_id(self) -> int | None:
+        return self._row_pulse_ids[0] if self._row_pulse_ids else None
+
+    @property
+    def last_pulse_id(self) -> int | None:
+        return self._row_pulse_ids[-1] if self._row_pulse_ids else None
+
+    @property
+    def first_timestamp(self) -> float | None:
+        return self._row_timestamps[0] if self._row_timestamps else None
+
+    @property
+    def last_timestamp(self) -> float | None:
+        return self._row_timestamps[-1] if self._row_timestamps else None
 
     @property
     def rows_flushed(self) -> int:
@@ -614,9 +654,8 @@ class H5File:
         plan = self._plan
         if plan is None or (header is not plan.header and header.hash != plan.header.hash):
             plan = self._use_header(header)
-        row = len(self._pulse_ids)
-        pulse_id = message.pulse_id
-        self._pulse_ids.append(pulse_id)
+        row = len(self._row_pulse_ids) - self._rows_written
+        self._row_pulse_ids.append(message.pulse_id)
         accepted_total = 0
         slow = plan.others
         if plan.packed:
@@ -640,12 +679,9 @@ class H5File:
             accepted_total += column.append(spec, part, message.timestamp_part(index), row)
         self._pending_bytes += accepted_total
         self.bytes_written += accepted_total
-        self.rows += 1
-        if self.first_pulse_id is None:
-            self.first_pulse_id = pulse_id
-            self.first_timestamp = message.timestamp
-        self.last_pulse_id = pulse_id
-        self.last_timestamp = message.timestamp
+        self._row_timestamps.append(message.timestamp)
+        self._row_absent_values.append(self.absent_values)
+        self._row_bytes_written.append(self.bytes_written)
         if (row + 1 >= self.block_rows or self._pending_bytes >= self.block_bytes
                 or self._clock() - self._last_flush >= self.flush_interval):
             self.flush()
@@ -676,11 +712,15 @@ class H5File:
         lists and dicts are stored as JSON text.
         """
         self._check_open()
+        unknown = sorted(set(attributes) - set(CALLER_ATTRIBUTES))
+        if unknown:
+            raise ValueError(f"not a documented file attribute: {', '.join(unknown)} "
+                             f"(docs/file-format.md; settable: {', '.join(CALLER_ATTRIBUTES)})")
         self._attributes.update(attributes)
 
     def flush_due(self) -> bool:
         """True when data waits and the flush interval has passed (for idle loops)."""
-        return (not self._closed and bool(self._pulse_ids or self._missing_pending)
+        return (not self._closed and (self.rows > self._rows_written or bool(self._missing_pending))
                 and self._clock() - self._last_flush >= self.flush_interval)
 
     def maybe_flush(self) -> bool:
@@ -689,6 +729,50 @@ class H5File:
             self.flush()
             return True
         return False
+
+    def truncate(self, rows: int, missing: Iterable[MissingRange] | None = None) -> int:
+        """Keep only the first ``rows`` rows; return how many were removed.
+
+        For a stop that comes after its pulse was written (normal for a past
+        range: the replay runs ahead before the DAQ sends the stop). Rows not
+        flushed yet are dropped from memory; rows on disk are cut by shrinking
+        every dataset under /data (all share axis 0). ``rows``,
+        ``first_/last_pulse_id``, ``first_/last_timestamp``, ``absent_values``
+        and ``bytes_written`` then describe the rows kept, and the attribute
+        ``rows_removed_after_stop`` adds up the rows removed. ``missing``
+        replaces the records of /missing (the caller clips them to its stop:
+        the file does not know the pulse step); None keeps them. Groups
+        created by removed rows stay, all absent. Ends with a :meth:`flush`:
+        on return the file on disk is the cut one.
+        """
+        self._check_open()
+        if not 0 <= rows <= self.rows:
+            raise ValueError(f"cannot truncate {self.rows} rows to {rows}")
+        removed = self.rows - rows
+        self._scatter()  # every pending row into its column
+        columns = list(self._each_column())
+        for column in columns:
+            column.drop_pending(max(0, rows - self._rows_written))
+        if rows < self._rows_written:
+            # The row count first: a reader (or a kill) never sees rows counted that are gone.
+            self._file.attrs["number_of_messages"] = np.int64(rows)
+            for column in columns:
+                column.resize(rows)
+            self._rows_written = rows
+        for log in (self._row_pulse_ids, self._row_timestamps, self._row_absent_values, self._row_bytes_written):
+            del log[rows:]
+        self.absent_values = self._row_absent_values[-1] if rows else 0
+        self.bytes_written = self._row_bytes_written[-1] if rows else 0
+        self._pending_bytes = 0  # the rows kept are written by the flush below
+        if missing is not None:
+            self._missing = list(missing)
+            self._missing_pending = list(self._missing)
+            self._missing_rewrite = True
+        if removed:
+            self._attributes["rows_removed_after_stop"] = self._attributes.get("rows_removed_after_stop", 0) + removed
+            logger.info("%s: %d rows removed after the stop, %d kept", self.path, removed, rows)
+        self.flush()
+        return removed
 
     def flush(self) -> None:
         """Write pending rows and missing records, update attributes, ``H5Fflush``.
@@ -714,7 +798,7 @@ class H5File:
             return
         try:
             if attributes:
-                self._attributes.update(attributes)
+                self.set_attributes(attributes)
             self._write_block()
             for name, spec in self._last_spec.items():
                 if name not in self._columns:
@@ -840,25 +924,31 @@ class H5File:
                            spec.name, signature[0], list(signature[1]), group_name)
         return column
 
+    def _each_column(self) -> Iterable[_Column]:
+        for variants in self._columns.values():
+            yield from variants.values()
+
     def _write_block(self) -> None:
         """Write the pending rows of every column: one resize and slice write per dataset."""
         self._scatter()
-        count = len(self._pulse_ids)
+        start = self._rows_written
+        count = self.rows - start
         if not count:
             return
-        start = self._rows_written
-        pulse_ids = np.frombuffer(self._pulse_ids, dtype="i8")
+        pulse_ids = np.frombuffer(self._row_pulse_ids[start:], dtype="i8")  # a copy: the log keeps growing
         writes = 0
-        for variants in self._columns.values():
-            for column in variants.values():
-                writes += column.write_block(start, count, pulse_ids)
+        for column in self._each_column():
+            writes += column.write_block(start, count, pulse_ids)
         self._rows_written = start + count
-        self._pulse_ids = array("q")
         self._pending_bytes = 0
         self.hdf5_writes += writes
         self.blocks_written += 1
 
     def _write_missing(self) -> None:
+        if self._missing_rewrite:
+            self._missing_rewrite = False
+            if "missing" in self._file:
+                del self._file["missing"]  # absent when nothing is missing, as always
         if not self._missing_pending:
             return
         if "missing" not in self._file:
@@ -891,6 +981,9 @@ class H5File:
             attrs["last_pulse_id"] = np.int64(self.last_pulse_id)
             attrs["first_timestamp"] = float(self.first_timestamp)
             attrs["last_timestamp"] = float(self.last_timestamp)
+        else:  # none yet, or truncate() removed them all
+            for key in ("first_pulse_id", "last_pulse_id", "first_timestamp", "last_timestamp"):
+                attrs.pop(key, None)
         attrs["complete"] = np.uint8(complete)
 
     def _write_general(self, general: dict[str, Any], extra: dict[str, Any]) -> None:

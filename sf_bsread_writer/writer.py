@@ -43,8 +43,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import h5py
-import numpy as np
 import zmq
 
 from sf_bsread_writer import config, replay
@@ -641,6 +639,11 @@ class NullOutput:
     def maybe_flush(self) -> bool:
         return False
 
+    def truncate(self, rows: int, missing: Any = None) -> int:
+        """Only ``rows`` follows (nothing was written; the byte counts keep the removed rows)."""
+        removed, self.rows = self.rows - rows, rows
+        return removed
+
     def close(self, attributes: dict | None = None) -> None:
         pass
 
@@ -902,12 +905,7 @@ class Writer:
         attributes["end_reason"] = end_reason
         if self._unlocated_gaps:
             attributes["unlocated_gaps"] = list(self._unlocated_gaps)
-        if loop.keep_rows is not None:
-            attributes["rows_removed_after_stop"] = output.rows - loop.keep_rows
-        closers = [(lambda: output.close(attributes), "the file"), (source.close, "the source")]
-        if loop.keep_rows is not None and isinstance(output, H5File):
-            closers.insert(1, (lambda: _cut_file(start.output_file, loop.keep_rows, pulse_range), "cutting the file"))
-        for closer, what in closers:
+        for closer, what in ((lambda: output.close(attributes), "the file"), (source.close, "the source")):
             try:
                 closer()
             except Exception as error:  # noqa: BLE001
@@ -955,40 +953,6 @@ def _requested_range(start_pulse_id: int | None, start_time: float | None,
             "requested_stop_pulse_id": stop_pulse_id, "requested_stop_time": stop_time}
 
 
-def _cut_file(path: str, rows: int, pulse_range: PulseRange) -> None:
-    """Remove the rows written past a stop that arrived late (see :meth:`PulseRange.set_stop`).
-
-    Runs on the closed file. Every per-row dataset under /data shares axis 0
-    (rows line up across channels), so the cut is one resize per dataset;
-    the row count, the last pulse written and the /missing table are
-    rewritten to match. ``absent_values`` still counts the removed rows.
-    """
-    with h5py.File(path, "r+") as file:
-        def cut(name: str, node: Any) -> None:
-            if isinstance(node, h5py.Dataset) and node.ndim and node.shape[0] > rows:
-                node.resize(rows, axis=0)
-
-        file["data"].visititems(cut)
-        attrs = file.attrs
-        attrs["number_of_messages"] = np.int64(rows)
-        for key, value in (("first_pulse_id", pulse_range.first_pulse_id), ("last_pulse_id", pulse_range.last_pulse_id),
-                           ("first_timestamp", pulse_range.first_timestamp),
-                           ("last_timestamp", pulse_range.last_timestamp)):
-            if value is None:
-                attrs.pop(key, None)
-            else:
-                attrs[key] = np.int64(value) if key.endswith("pulse_id") else float(value)
-        if "missing" in file:
-            table = file["missing"]
-            kept = np.zeros(len(pulse_range.missing), dtype=table.dtype)
-            for name in ("first_pulse_id", "last_pulse_id", "count", "reason"):
-                kept[name] = [getattr(item, name) for item in pulse_range.missing]
-            table.resize(len(kept), axis=0)
-            table[...] = kept
-        attrs["missing_pulses"] = np.int64(pulse_range.missing_count)
-    logger.info("Cut %s to %d rows (the stop came after its pulse was written)", path, rows)
-
-
 def _missing_dict(item: MissingRange) -> dict:
     return {"first_pulse_id": item.first_pulse_id, "last_pulse_id": item.last_pulse_id,
             "count": item.count, "reason": item.reason}
@@ -1031,7 +995,6 @@ class _RunLoop:
         self.stop_deadline = writer.settings.stop_deadline
         self.stop_now = False
         self.buffer_lost = False  # since the last data
-        self.keep_rows: int | None = None  # cut the file to this many rows at close (a late stop)
         now = time.monotonic()
         self.last_data_at = now
         self.stop_set_at = now
@@ -1048,8 +1011,11 @@ class _RunLoop:
             if reason is not None:
                 return self.finish(reason)
             now = time.monotonic()
+            # append() flushes on its own; this covers a quiet source and events that write
+            # no row (gaps, messages before the start or out of order), so no row waits in
+            # memory longer than flush_interval (what kill -9 can cost).
+            self.output.maybe_flush()
             if event is None:
-                self.output.maybe_flush()
                 if self._silent(now):
                     return self.finish("buffer_lost" if self.buffer_lost else "source_silent")
             elif isinstance(event, replay.Data):
@@ -1091,10 +1057,9 @@ class _RunLoop:
                 return command.reason
             if isinstance(command, SetStop):
                 keep = self.range.set_stop(command.stop_pulse_id, command.stop_time)
-                if keep is not None:
-                    logger.info("The stop came after its pulse was written: the file is cut to %d rows at close",
-                                keep)
-                    self.keep_rows = keep
+                if keep is not None:  # rows past the new stop were written already: remove them
+                    removed = self.output.truncate(keep, self.range.missing)
+                    logger.info("The stop came after its pulse was written: %d rows removed", removed)
                     self.counters.messages_written = keep
                 self.source.set_stop(stop_pulse_id=command.stop_pulse_id, stop_time=command.stop_time)
                 self.stop_set_at = time.monotonic()

@@ -491,13 +491,14 @@ def test_wrong_size_scalar_is_absent_and_the_rest_of_the_row_is_kept(tmp_path: P
 def test_missing_pulses_table_and_file_attributes(tmp_path: Path) -> None:
     path = tmp_path / "missing.h5"
     h5 = H5File(path)
-    h5.set_attributes({"start_pulse_id": 100, "stop_pulse_id": 120, "start_time": None})
+    h5.set_attributes({"requested_start_pulse_id": 100, "requested_stop_pulse_id": 120,
+                       "requested_start_time": None})
     for p in (100, 101, 105, 106):
         h5.append(message(p, [channel("X")], [1.0]))
     h5.record_missing(102, 104, "ring_overrun")
     h5.record_missing(110, 120, "source_silent", count=6)
     assert h5.missing_pulses == 9
-    h5.close({"stop_reason": "stop_pulse", "requested": {"by": "pulse_id"}})
+    h5.close({"end_reason": "stop_reached", "unlocated_gaps": [{"count": 3, "reason": "evicted"}]})
     with read(path) as f:
         table = f["missing"][:]
         assert table["first_pulse_id"].tolist() == [102, 110]
@@ -506,12 +507,12 @@ def test_missing_pulses_table_and_file_attributes(tmp_path: Path) -> None:
         assert [r.decode() for r in table["reason"]] == ["ring_overrun", "source_silent"]
         attrs = f.attrs
         assert attrs["missing_pulses"] == 9
-        assert attrs["start_pulse_id"] == 100 and attrs["stop_pulse_id"] == 120
-        assert "start_time" not in attrs
+        assert attrs["requested_start_pulse_id"] == 100 and attrs["requested_stop_pulse_id"] == 120
+        assert "requested_start_time" not in attrs
         assert attrs["first_pulse_id"] == 100 and attrs["last_pulse_id"] == 106
         assert attrs["number_of_messages"] == 4 and attrs["complete"] == 1
-        assert attrs["stop_reason"] == "stop_pulse"
-        assert attrs["requested"] == '{"by": "pulse_id"}'
+        assert attrs["end_reason"] == "stop_reached"
+        assert attrs["unlocated_gaps"] == '[{"count": 3, "reason": "evicted"}]'
 
 
 def test_close_is_idempotent_and_counts(tmp_path: Path) -> None:
@@ -520,14 +521,14 @@ def test_close_is_idempotent_and_counts(tmp_path: Path) -> None:
     h5.append(message(1, [channel("X"), channel("Y", "int8", (4,))], [1.0, np.arange(4)]))
     assert h5.rows == 1 and h5.bytes_written == 8 + 4
     assert h5.channels == ["X", "Y"]
-    h5.close({"stop_pulse_id": 1})
+    h5.close({"requested_stop_pulse_id": 1})
     h5.close()
     h5.close({"ignored": 1})
     assert h5.closed
     with pytest.raises(ValueError):
         h5.append(message(2, [channel("X")], [2.0]))
     with read(path) as f:
-        assert f.attrs["stop_pulse_id"] == 1 and "ignored" not in f.attrs
+        assert f.attrs["requested_stop_pulse_id"] == 1 and "ignored" not in f.attrs
 
 
 # --------------------------------------------------------------- kill -9
@@ -612,3 +613,117 @@ def test_kill_9_leaves_a_readable_file_with_data_up_to_the_last_flush(
         child.stderr.close()
     rows = _check_killed_file(path, first, flushed)
     assert rows >= flushed > 0
+
+
+# ------------------------------------------- truncate (a stop that came late)
+
+_CAM = channel("CAM", "uint16", (80, 96), compression="bitshuffle_lz4")  # 15 KiB: a direct chunk column
+_FLOAT_SPECS = [channel("X"), channel("S", "string"), _CAM]
+_INT_SPECS = [channel("X", "int32"), channel("S", "string"), _CAM]  # X retyped: /data/X@2
+
+
+def _late_stop_messages() -> list[protocol.Message]:
+    """Six rows touching every column kind, a variant group, absent values, and a channel new in row 5."""
+    rows = [(_FLOAT_SPECS, [1.5, "a", _image(10)]),
+            (_INT_SPECS, [2, "b", _image(11)]),
+            (_FLOAT_SPECS, [3.5, None, _image(12)]),
+            (_FLOAT_SPECS, [4.5, "d", _image(13)]),
+            (_INT_SPECS, [5, "e", None]),
+            (_FLOAT_SPECS + [channel("NEW")], [6.5, "f", _image(15), 6.0])]
+    return [message(10 + row, specs, values) for row, (specs, values) in enumerate(rows)]
+
+
+def _assert_same_rows(path: Path, reference: Path) -> None:
+    """``path`` holds exactly the rows of ``reference``; groups only in ``path`` are all absent."""
+    with read(path) as f, read(reference) as g:
+        assert f.attrs["number_of_messages"] == g.attrs["number_of_messages"]
+        for key in ("first_pulse_id", "last_pulse_id", "first_timestamp", "last_timestamp", "absent_values"):
+            assert f.attrs[key] == g.attrs[key], key
+        for name in f["data"]:
+            for dataset in ("data", "pulse_id", "is_data_present", "timestamp"):
+                actual = f[f"data/{name}/{dataset}"][()]
+                assert len(actual) == g.attrs["number_of_messages"], (name, dataset)
+                if name in g["data"]:
+                    np.testing.assert_array_equal(actual, g[f"data/{name}/{dataset}"][()], err_msg=name)
+                elif dataset == "is_data_present":
+                    assert not actual.any(), name
+
+
+@pytest.mark.parametrize("flushed", [0, 3, 6], ids=["unflushed", "partly_flushed", "flushed"])
+def test_truncate_removes_the_rows_after_a_late_stop(tmp_path: Path, flushed: int) -> None:
+    messages = _late_stop_messages()
+    keep = 3
+    reference = tmp_path / "reference.h5"
+    with H5File(reference) as h5:
+        for m in messages[:keep]:
+            h5.append(m)
+        expected_counts = (h5.rows, h5.absent_values, h5.bytes_written)
+    now = [0.0]
+    h5 = H5File(tmp_path / "cut.h5", block_rows=1000, clock=lambda: now[0])  # flushes only when told
+    h5.record_missing(20, 29, "source_silent")  # on disk (/missing) at the first flush below
+    for row, m in enumerate(messages):
+        if row == flushed:
+            h5.flush()
+        h5.append(m)
+    if flushed == len(messages):
+        h5.flush()
+    assert h5.rows_flushed == flushed
+    clipped = [h5format.MissingRange(20, 25, 6, "source_silent")]
+    assert h5.truncate(keep, clipped) == 3
+    assert (h5.rows, h5.absent_values, h5.bytes_written) == expected_counts
+    assert (h5.first_pulse_id, h5.last_pulse_id, h5.last_timestamp) == (10, 12, messages[2].timestamp)
+    assert h5.rows_flushed == keep and h5.missing == clipped and h5.missing_pulses == 6
+    with read(h5.path) as f:  # on disk at once, before the close
+        assert f.attrs["number_of_messages"] == keep and f["data/X/data"].shape == (keep, 1)
+    h5.close()
+    _assert_same_rows(tmp_path / "cut.h5", reference)
+    with read(tmp_path / "cut.h5") as f:
+        assert f.attrs["rows_removed_after_stop"] == 3 and f.attrs["complete"] == 1
+        assert f["missing"][()].tolist() == [(20, 25, 6, b"source_silent")] and f.attrs["missing_pulses"] == 6
+        assert f["data/CAM"].attrs["storage"] == "bitshuffle_lz4 direct chunk"
+        assert list(f["data/X@2/pulse_id"][()]) == [0, 11, 0]
+        for row in range(keep):
+            np.testing.assert_array_equal(f["data/CAM/data"][row], _image(10 + row))
+
+
+def test_truncate_to_nothing_and_appending_after_it(tmp_path: Path) -> None:
+    messages = _late_stop_messages()
+    h5 = H5File(tmp_path / "empty.h5")
+    for m in messages[:2]:
+        h5.append(m)
+    h5.flush()
+    h5.record_missing(12, 12, "pulse_id_jump")
+    assert h5.truncate(0, missing=[]) == 2
+    assert (h5.rows, h5.first_pulse_id, h5.absent_values, h5.bytes_written, h5.missing) == (0, None, 0, 0, [])
+    with read(h5.path) as f:
+        assert f.attrs["number_of_messages"] == 0 and "last_pulse_id" not in f.attrs and "missing" not in f
+    h5.append(messages[3])  # the file goes on from the cut
+    assert h5.truncate(1) == 0  # nothing to remove: no attribute change, missing kept
+    h5.close()
+    with read(h5.path) as f:
+        assert f.attrs["number_of_messages"] == 1 and f.attrs["rows_removed_after_stop"] == 2
+        assert list(f["data/X/pulse_id"][()]) == [13] and f["data/X/data"][0, 0] == 4.5
+    with pytest.raises(ValueError):
+        H5File(tmp_path / "more.h5").truncate(1)
+
+
+# ------------------------------------------------------- file attributes
+
+
+def _documented_file_attributes() -> list[str]:
+    """The attribute names of the table "File attributes" in docs/file-format.md, in order."""
+    text = (ROOT / "docs" / "file-format.md").read_text()
+    section = text.split("## File attributes", 1)[1].split("\n## ", 1)[0]
+    return [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")]
+
+
+def test_the_documented_file_attributes_are_the_ones_in_the_code() -> None:
+    assert _documented_file_attributes() == list(h5format.FILE_ATTRIBUTES)
+
+
+def test_only_documented_attributes_can_be_set(tmp_path: Path) -> None:
+    with H5File(tmp_path / "attrs.h5") as h5:
+        with pytest.raises(ValueError, match="start_pulse_id"):
+            h5.set_attributes({"start_pulse_id": 1})
+        with pytest.raises(ValueError, match="number_of_messages"):
+            h5.set_attributes({"number_of_messages": 1})  # the file's own

@@ -1,13 +1,15 @@
 """The writer's REST API over a real HTTP server (port 0) with requests, and the client on top of it.
 
 The source is a scripted stand-in for the ReplayClient (the buffer has its
-own end-to-end tests in test_writer.py); the output is a real H5File.
+own end-to-end tests in test_writer.py); the output is a real H5File. The
+last tests drive the Writer without HTTP where a fake clock is needed.
 """
 from __future__ import annotations
 
 import json
 import queue
 import threading
+import time
 from types import SimpleNamespace
 
 import h5py
@@ -17,6 +19,7 @@ import requests
 from sf_bsread_writer import client as client_module
 from sf_bsread_writer import replay
 from sf_bsread_writer.client import WriterClient, WriterError
+from sf_bsread_writer.h5format import FILE_ATTRIBUTES, H5File
 from sf_bsread_writer.httpserver import HttpServer
 from sf_bsread_writer.protocol import build_message
 from sf_bsread_writer.rest import make_app
@@ -318,3 +321,84 @@ def test_client_cli(api, capsys):
     code, out = run("stop")
     assert code == 0 and json.loads(out)["status"] == "finished"
     assert client_module.main(["http://127.0.0.1:1", "status", "--timeout", "2"]) == 2
+
+
+# ----------------------------------------- the run loop with a scripted source
+
+
+def test_a_late_stop_cuts_the_file_and_every_attribute_is_documented(api):
+    """start_pulse_id, then a stop behind what was written: the rows after it are removed before the close."""
+    call(api, "POST", "/parameters", json=PARAMETERS)
+    call(api, "PUT", "/start_pulse_id/10")
+    api.source.send(10, 11, 12, 13, 14, 15)
+    api.source.events.put(replay.Gap(None, None, "before_buffer", 2))  # unlocated: in the attributes
+    wait_for(lambda: api.writer.statistics()["gap_notices"] == 1, message="6 messages and the gap")
+    assert call(api, "PUT", "/stop_pulse_id/12")[1]["status"] in ("writing", "finishing", "finished")
+    wait_for(api.writer.done.is_set, message="the writer to finish")
+    statistics = api.writer.statistics()
+    assert (statistics["messages_written"], statistics["last_pulse_id"], statistics["end_reason"]) == \
+        (3, 12, "stop_reached")
+    with h5py.File(api.root / "out.h5", "r") as file:
+        assert list(file["data/VALUE/pulse_id"][()]) == [10, 11, 12]
+        assert file.attrs["rows_removed_after_stop"] == 3 and file.attrs["last_pulse_id"] == 12
+        assert json.loads(file.attrs["unlocated_gaps"])[0]["count"] == 2
+        assert set(file.attrs) == set(FILE_ATTRIBUTES) - {"requested_start_time", "requested_stop_time"}
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _writer(tmp_path, source, output_factory=None, clock=time.time) -> Writer:
+    settings = WriterSettings("tcp://127.0.0.1:1", str(tmp_path / "out.h5"), finished_grace=0.0)
+    writer = Writer(settings, source_factory=source, output_factory=output_factory, clock=clock)
+    writer.set_parameters(PARAMETERS)
+    return writer
+
+
+def test_a_range_by_time_has_the_documented_attributes(tmp_path):
+    source, clock = ScriptedSource(), Clock(1000.0)
+    writer = _writer(tmp_path, source, clock=clock)
+    writer.start_now()
+    source.send(1, 2, 3, timestamp=1000.0)
+    wait_for(lambda: writer.statistics()["messages_written"] == 3, message="3 messages")
+    clock.now = 2000.0
+    writer.stop_now()  # nothing follows: the silent source ends the run
+    assert writer.done.wait(30)
+    with h5py.File(tmp_path / "out.h5", "r") as file:
+        assert (file.attrs["requested_start_time"], file.attrs["requested_stop_time"]) == (1000.0, 2000.0)
+        assert set(file.attrs) == set(FILE_ATTRIBUTES) - {
+            "requested_start_pulse_id", "requested_stop_pulse_id", "unlocated_gaps", "rows_removed_after_stop"}
+
+
+class NeverQuietSource(ScriptedSource):
+    """After its script, the oldest message again and again: never a receive timeout, never a row."""
+
+    def receive(self, timeout: float):
+        try:
+            return self.events.get_nowait()
+        except queue.Empty:
+            self.closed.wait(0.001)  # pacing only: a busy source, not a spinning one
+            return replay.Data(1, build_message(1, CHANNELS, [0.5]))
+
+
+@pytest.mark.parametrize("source_class", [ScriptedSource, NeverQuietSource], ids=["quiet", "busy_without_rows"])
+def test_rows_are_flushed_within_the_interval_without_a_new_row(tmp_path, source_class):
+    """The kill -9 guarantee (data at most flush_interval old) holds when no row comes to trigger a flush."""
+    source, clock = source_class(), Clock(0.0)
+    writer = _writer(tmp_path, source, lambda start: H5File(start.output_file, flush_interval=1.0, clock=clock))
+    try:
+        writer.start_pulse_id(1)
+        source.send(1, 2, 3)
+        wait_for(lambda: writer.statistics()["messages_written"] == 3, message="3 messages")
+        assert writer.statistics()["rows_flushed"] == 0  # the interval has not passed yet
+        clock.now = 1.5
+        wait_for(lambda: writer.statistics()["rows_flushed"] == 3, message="the idle flush")
+        if source_class is NeverQuietSource:
+            assert writer.statistics()["messages_out_of_order"] > 0
+    finally:
+        writer.stop(wait=30)
