@@ -248,6 +248,8 @@ GATEWAY_OPTIONS: list[Option] = [
     Option("writable", ("--writable",), False, _bool, "Allow caput (default: read-only).", kind="flag"),
     Option("allow_hosts", ("--allow-host",), [], str,
            "With --writable: only these peer IP addresses may write (repeatable).", kind="list", metavar="IP"),
+    Option("parent_pid", ("--parent-pid",), 0, int,
+           "Exit when this process is gone (set by the buffer for --ca; 0: never)."),
     _log_option,
 ]
 

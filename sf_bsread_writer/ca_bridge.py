@@ -1,0 +1,336 @@
+"""IOC PVs -> bsread stream: CLI ``sf_bsread_ca_bridge``.
+
+One Channel Access subscription per PV (however many consumers the stream
+has), and a bsread stream on ``--port`` at a fixed ``--rate``, like an IOC's
+bsread source. Any buffer can ingest it, so IOC PVs are buffered, written to
+HDF5 next to the beam data, and served back over CA by that buffer's gateway
+(a classic CA gateway: many clients, one upstream subscription).
+
+Each message carries, for every PV, its newest value with its **EPICS
+timestamp as the channel timestamp** (so a slow PV repeated in many messages
+still says when it was measured), and a pulse id:
+
+* from ``--pulse-id-pv`` when given: a message is sent only when that PV has
+  advanced (never the same pulse id twice: a buffer drops duplicates);
+* else derived from the clock at the nominal rate,
+  ``round(unix_time * rate)``, so ids grow by one per period and a late tick
+  shows as a gap, not as a shifted id.
+
+A disconnected PV (and one not yet connected) is sent as an absent value and
+counted; reconnection is libca's job and automatic. The CA type of a PV
+fixes its bsread type (table in docs/gateway.md); an array PV's length is its
+current element count, so the data header changes if that changes.
+
+The client is pyepics (the real libca): reconnection, beacons and the
+EPICS_CA_* environment behave exactly as in any EPICS tool. Secure default:
+when the environment names no CA address list, searches go to 127.0.0.1
+only (libca would broadcast them); set ``EPICS_CA_ADDR_LIST`` to reach IOCs
+on a network.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import MutableMapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from .config import BRIDGE_ENV_PREFIX, BRIDGE_OPTIONS, parse_args
+from .protocol import build_message
+
+__all__ = ["main", "Bridge", "PVState", "read_pv_file", "prepare_client_environment", "BSREAD_TYPE_BY_CA_TYPE"]
+
+logger = logging.getLogger(__name__)
+
+#: CA native type (pyepics/libca numbering) -> bsread type. ENUM is sent as its index.
+BSREAD_TYPE_BY_CA_TYPE: dict[int, str] = {
+    0: "string",   # DBF_STRING
+    1: "int16",    # DBF_SHORT
+    2: "float32",  # DBF_FLOAT
+    3: "uint16",   # DBF_ENUM (index)
+    4: "uint8",    # DBF_CHAR
+    5: "int32",    # DBF_LONG
+    6: "float64",  # DBF_DOUBLE
+}
+
+_SUMMARY_INTERVAL_S = 30.0
+
+
+def prepare_client_environment(environ: MutableMapping[str, str]) -> list[str]:
+    """Secure default for a CA client: no address list configured -> search 127.0.0.1 only."""
+    if environ.get("EPICS_CA_ADDR_LIST") or environ.get("EPICS_CA_AUTO_ADDR_LIST"):
+        return []
+    environ["EPICS_CA_ADDR_LIST"] = "127.0.0.1"
+    environ["EPICS_CA_AUTO_ADDR_LIST"] = "NO"
+    return ["EPICS_CA_ADDR_LIST=127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST=NO"]
+
+
+def read_pv_file(path: str | os.PathLike) -> list[str]:
+    """PV names, one per line; ``#`` starts a comment; blank lines ignored."""
+    names = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        name = line.split("#", 1)[0].strip()
+        if name:
+            names.append(name)
+    return names
+
+
+@dataclass
+class PVState:
+    """What the CA callbacks know of one PV.
+
+    ``latest`` is ``(ca_type, value, sec, ns)``, replaced whole by the CA
+    callback thread, so the sending thread never pairs a value with the
+    timestamp of another update.
+    """
+
+    name: str
+    connected: bool = False
+    latest: tuple[int | None, Any, int, int] | None = None
+    updates: int = 0
+    disconnects: int = 0
+    absent_sent: int = 0
+
+    def spec(self, latest: tuple[int | None, Any, int, int] | None) -> dict[str, Any]:
+        """The data-header entry of this PV's channel (float64 [1] until its type is known)."""
+        if latest is None or latest[0] is None:
+            return {"name": self.name, "type": "float64", "shape": [1]}
+        ca_type, value = latest[0], latest[1]
+        bsread_type = BSREAD_TYPE_BY_CA_TYPE.get(ca_type, "float64")
+        if bsread_type == "string":
+            return {"name": self.name, "type": "string", "shape": [1]}
+        count = int(np.size(value)) if value is not None else 1
+        return {"name": self.name, "type": bsread_type, "shape": [max(1, count)]}
+
+
+class Bridge:
+    """CA subscriptions in, bsread messages out; see the module docstring."""
+
+    def __init__(self, pv_names: Sequence[str], port: int, bind: str = "127.0.0.1", mode: str = "push",
+                 rate: float = 100.0, pulse_id_pv: str | None = None) -> None:
+        if not pv_names:
+            raise ValueError("no PV given (--pv NAME or --pv-file FILE)")
+        if rate <= 0:
+            raise ValueError("--rate must be > 0")
+        self.pv_names = list(dict.fromkeys(pv_names))  # unique, in order
+        self.port = port
+        self.bind = bind
+        self.mode = mode
+        self.rate = rate
+        self.pulse_id_pv = pulse_id_pv
+        self.states = {name: PVState(name) for name in self.pv_names}
+        self._pulse_state = PVState(pulse_id_pv) if pulse_id_pv else None
+        self._pvs: list[Any] = []
+        self._stop = threading.Event()
+        self.context: zmq.Context | None = None
+        self.socket: zmq.Socket | None = None
+        self.address: str | None = None
+        self.sent = 0
+        self.send_drops = 0
+        self.waiting_for_pulse_id = 0
+        self.last_pulse_id: int | None = None
+
+    # -- CA side ---------------------------------------------------------------
+    def connect(self) -> None:
+        import epics  # after the environment is prepared: libca reads it once
+
+        def on_connection(pvname: str | None = None, conn: bool | None = None, **_: Any) -> None:
+            state = self._state_of(pvname)
+            if state is None:
+                return
+            if conn:
+                logger.info("PV %s connected", pvname)
+            elif state.connected:
+                state.disconnects += 1
+                logger.warning("PV %s disconnected; sending it as absent until it is back", pvname)
+            state.connected = bool(conn)
+
+        def on_value(pvname: str | None = None, value: Any = None, ftype: int | None = None,
+                     posixseconds: int = 0, nanoseconds: int = 0, **_: Any) -> None:
+            state = self._state_of(pvname)
+            if state is None:
+                return
+            native = epics.dbr.native_type(ftype) if ftype is not None else None
+            if isinstance(value, np.ndarray):
+                value = value.copy()  # libca reuses its buffer
+            state.latest = (native, value, int(posixseconds), int(nanoseconds))
+            state.updates += 1
+            if not state.connected:  # a value means connected, whatever order callbacks come in
+                state.connected = True
+
+        names = self.pv_names + ([self.pulse_id_pv] if self.pulse_id_pv else [])
+        for name in names:
+            pv = epics.PV(name, form="time", auto_monitor=True, callback=on_value,
+                          connection_callback=on_connection)
+            self._pvs.append(pv)
+        logger.info("subscribed to %d PV(s)", len(names))
+
+    def _state_of(self, name: str | None) -> PVState | None:
+        if name is None:
+            return None
+        if self._pulse_state is not None and name == self.pulse_id_pv:
+            return self._pulse_state
+        return self.states.get(name)
+
+    # -- bsread side -----------------------------------------------------------
+    def open(self) -> str:
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.PUSH if self.mode == "push" else zmq.PUB)
+        self.socket.setsockopt(zmq.LINGER, 1000)
+        self.socket.setsockopt(zmq.SNDHWM, 1000)
+        if self.port == 0:
+            port = self.socket.bind_to_random_port(f"tcp://{self.bind}")
+        else:
+            self.socket.bind(f"tcp://{self.bind}:{self.port}")
+            port = self.port
+        self.address = f"tcp://{self.bind}:{port}"
+        return self.address
+
+    def next_pulse_id(self, now: float) -> int | None:
+        """The pulse id of a message sent at ``now``, or None when there is no new one yet."""
+        if self._pulse_state is not None:
+            latest = self._pulse_state.latest
+            if latest is None or latest[1] is None or not self._pulse_state.connected:
+                return None
+            value = latest[1]
+            try:
+                pulse_id = int(np.asarray(value).reshape(-1)[0])
+            except (TypeError, ValueError, IndexError):
+                return None
+        else:
+            pulse_id = int(round(now * self.rate))
+        if pulse_id < 0 or (self.last_pulse_id is not None and pulse_id <= self.last_pulse_id):
+            return None
+        return pulse_id
+
+    def build(self, pulse_id: int, now: float) -> list[bytes]:
+        channels, values, stamps = [], [], []
+        for name in self.pv_names:
+            state = self.states[name]
+            latest = state.latest
+            spec = state.spec(latest)
+            value = latest[1] if (latest is not None and state.connected) else None
+            if value is not None and spec["type"] != "string":
+                value = np.asarray(value, dtype=spec["type"]).reshape(-1)
+            elif value is not None:
+                value = str(value)
+            if value is None:
+                state.absent_sent += 1
+            channels.append(spec)
+            values.append(value)
+            stamps.append((latest[2], latest[3]) if value is not None else None)
+        return build_message(pulse_id, channels, values, timestamp=now, channel_timestamps=stamps)
+
+    def run(self, duration: float | None = None) -> None:
+        """Send at ``rate`` until :meth:`stop` (or ``duration`` seconds)."""
+        assert self.socket is not None
+        period = 1.0 / self.rate
+        started = time.monotonic()
+        next_tick = started
+        next_summary = started + _SUMMARY_INTERVAL_S
+        while not self._stop.is_set():
+            now = time.time()
+            pulse_id = self.next_pulse_id(now)
+            if pulse_id is None:
+                self.waiting_for_pulse_id += 1
+            else:
+                frames = self.build(pulse_id, now)
+                try:
+                    self.socket.send_multipart(frames, flags=zmq.NOBLOCK)
+                    self.sent += 1
+                except zmq.Again:
+                    self.send_drops += 1  # PUSH without a consumer: drop, never block the bridge
+                self.last_pulse_id = pulse_id
+            monotonic = time.monotonic()
+            if monotonic >= next_summary:
+                logger.info("%s", self.summary())
+                next_summary = monotonic + _SUMMARY_INTERVAL_S
+            if duration is not None and monotonic - started >= duration:
+                break
+            next_tick += period
+            if next_tick < monotonic:  # late: skip the missed ticks (the pulse ids show the gap)
+                next_tick = monotonic + period - (monotonic - next_tick) % period
+            self._stop.wait(max(0.0, next_tick - time.monotonic()))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def summary(self) -> str:
+        connected = sum(1 for state in self.states.values() if state.connected)
+        absent = sum(state.absent_sent for state in self.states.values())
+        disconnects = sum(state.disconnects for state in self.states.values())
+        return (f"sent {self.sent} messages (last pulse id {self.last_pulse_id}), {connected}/{len(self.states)} "
+                f"PVs connected, {absent} absent values sent, {disconnects} disconnects, "
+                f"{self.send_drops} messages dropped (no consumer)")
+
+    def close(self) -> None:
+        for pv in self._pvs:
+            try:
+                pv.clear_callbacks()
+                pv.disconnect()
+            except Exception:  # libca may already be finalizing
+                logger.debug("could not disconnect %s", getattr(pv, "pvname", pv), exc_info=True)
+        self._pvs.clear()
+        if self.socket is not None:
+            self.socket.close()
+        if self.context is not None:
+            self.context.term()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``sf_bsread_ca_bridge --pv NAME ... --port P``; returns the exit code."""
+    args = parse_args("sf_bsread_ca_bridge", "Bring EPICS Channel Access PVs into a bsread stream.",
+                      BRIDGE_OPTIONS, BRIDGE_ENV_PREFIX, argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    names = list(args.pvs or [])
+    if args.pv_file:
+        try:
+            names += read_pv_file(args.pv_file)
+        except OSError as error:
+            logger.error("cannot read --pv-file: %s", error)
+            return 2
+    if args.port is None:
+        logger.error("--port is required")
+        return 2
+    changes = prepare_client_environment(os.environ)
+    if changes:
+        logger.info("no CA address list configured: searching loopback only (%s)", ", ".join(changes))
+    try:
+        bridge = Bridge(names, args.port, args.bind, args.mode, args.rate, args.pulse_id_pv)
+    except ValueError as error:
+        logger.error("%s", error)
+        return 2
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        bridge.stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        address = bridge.open()
+    except zmq.ZMQError as error:
+        logger.error("cannot bind: %s", error)
+        return 1
+    try:
+        bridge.connect()
+        print("READY " + json.dumps({"address": address, "mode": args.mode, "rate": args.rate,
+                                     "pvs": bridge.pv_names, "pulse_id_pv": args.pulse_id_pv}), flush=True)
+        bridge.run()
+        logger.info("%s", bridge.summary())
+    finally:
+        bridge.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

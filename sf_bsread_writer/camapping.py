@@ -1,0 +1,202 @@
+"""How a bsread channel is shown as an EPICS Channel Access PV (pure, no I/O).
+
+Channel Access has six value types (STRING, SHORT, FLOAT, ENUM, CHAR, LONG,
+DOUBLE) and no 64-bit or unsigned integer. bsread has thirteen. The mapping
+below is chosen so that **no value changes on the way**:
+
+=========  ===============  ===============================================
+bsread     CA native type   why
+=========  ===============  ===============================================
+bool       CHAR             0/1, an unsigned byte
+int8       SHORT            CA CHAR is unsigned: -1 would read back as 255
+uint8      CHAR             exact
+int16      SHORT            exact
+uint16     LONG             SHORT is signed: 65535 would read back as -1
+int32      LONG             exact
+uint32     DOUBLE           LONG is signed; every uint32 is exact in a double
+int64      DOUBLE           CA has no 64-bit integer; an int64 put into a
+uint64     DOUBLE           LONG read back as 0 in research runs. Exact up to
+                            2**53 (pulse ids, counters); beyond, rounded
+float32    FLOAT            exact
+float64    DOUBLE           exact
+string     STRING           up to 39 UTF-8 bytes (DBR_STRING is 40 bytes with
+                            its terminator); a longer value turns the PV into
+                            a CHAR array (an EPICS "long string", read it
+                            with ``caget -S``) so that nothing is cut off
+=========  ===============  ===============================================
+
+A channel whose bsread shape is not ``[1]`` is a waveform of the element
+type above, ``prod(shape)`` elements, flattened in bsread order (fastest
+dimension first, which is numpy's C order of ``shape[::-1]``). Its numpy
+shape (``shape[::-1]``, the shape of one row in the HDF5 file) is published
+by the gateway as the extra PV ``<pv>:SHAPE``.
+
+The gateway decides a PV's type from the data header alone (plus, for
+strings, whether a long value has been seen), so a PV's type changes only
+when the header does: then the PV is replaced and clients reconnect.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CaMapping",
+    "CA_TYPE_BY_BSREAD_TYPE",
+    "MAX_STRING_BYTES",
+    "DEFAULT_LONG_STRING_BYTES",
+    "map_channel",
+    "to_ca_value",
+    "fits_dbr_string",
+    "UnknownTypeError",
+]
+
+#: A DBR_STRING holds 40 bytes including the terminating NUL.
+MAX_STRING_BYTES = 39
+
+#: Longest text a long-string PV (CHAR array) holds; longer values are cut
+#: and flagged with a MINOR alarm. Clients need EPICS_CA_MAX_ARRAY_BYTES
+#: above this (the EPICS default, 16384, is).
+DEFAULT_LONG_STRING_BYTES = 4096
+
+#: bsread type -> CA native type name (see the table in the module docstring).
+CA_TYPE_BY_BSREAD_TYPE: dict[str, str] = {
+    "bool": "CHAR",
+    "int8": "SHORT",
+    "uint8": "CHAR",
+    "int16": "SHORT",
+    "uint16": "LONG",
+    "int32": "LONG",
+    "uint32": "DOUBLE",
+    "int64": "DOUBLE",
+    "uint64": "DOUBLE",
+    "float32": "FLOAT",
+    "float64": "DOUBLE",
+    "string": "STRING",
+}
+
+# Native-endian numpy dtype that holds each CA type's values exactly.
+_NUMPY_BY_CA_TYPE: dict[str, np.dtype] = {
+    "CHAR": np.dtype(np.uint8),
+    "SHORT": np.dtype(np.int16),
+    "LONG": np.dtype(np.int32),
+    "FLOAT": np.dtype(np.float32),
+    "DOUBLE": np.dtype(np.float64),
+}
+
+
+class UnknownTypeError(ValueError):
+    """The data header names a type that bsread does not define."""
+
+
+@dataclass(frozen=True)
+class CaMapping:
+    """The CA side of one bsread channel.
+
+    ``ca_type`` is a CA native type name ("DOUBLE", "FLOAT", "LONG", "SHORT",
+    "CHAR", "STRING"); ``long_string`` marks a CHAR array that carries text.
+    ``count`` is the element count (1 for scalars and STRING; the byte limit
+    for long strings). ``shape`` is the numpy shape of one value (``()`` for
+    scalars and strings). Two mappings that compare equal can share a PV.
+    """
+
+    bsread_type: str
+    ca_type: str
+    count: int
+    shape: tuple[int, ...]
+    long_string: bool = False
+
+    @property
+    def is_array(self) -> bool:
+        """A waveform (published with a ``:SHAPE`` PV)."""
+        return bool(self.shape)
+
+    @property
+    def numpy_dtype(self) -> np.dtype | None:
+        """dtype of the values handed to the CA server (None for text)."""
+        if self.ca_type == "STRING" or self.long_string:
+            return None
+        return _NUMPY_BY_CA_TYPE[self.ca_type]
+
+    def describe(self) -> str:
+        """One line for logs and docs, e.g. ``uint16 [1024, 1280] -> LONG[1310720]``."""
+        if self.long_string:
+            return f"{self.bsread_type} -> CHAR[{self.count}] (long string)"
+        if self.is_array:
+            return f"{self.bsread_type} {list(self.shape)} -> {self.ca_type}[{self.count}]"
+        return f"{self.bsread_type} -> {self.ca_type}"
+
+
+def map_channel(bsread_type: str, shape: Sequence[int] = (1,), *, long_string: bool = False,
+                long_string_bytes: int = DEFAULT_LONG_STRING_BYTES) -> CaMapping:
+    """The CA mapping of a bsread channel of ``bsread_type`` and header ``shape`` (fastest first).
+
+    ``long_string`` asks for the CHAR-array form of a string channel (the
+    gateway sets it once a value over 39 bytes has been seen).
+    """
+    try:
+        ca_type = CA_TYPE_BY_BSREAD_TYPE[bsread_type]
+    except KeyError:
+        raise UnknownTypeError(f"unknown bsread type {bsread_type!r}") from None
+    if ca_type == "STRING":
+        if long_string:
+            return CaMapping(bsread_type, "CHAR", long_string_bytes, (), long_string=True)
+        return CaMapping(bsread_type, "STRING", 1, ())
+    header_shape = tuple(int(n) for n in shape) or (1,)
+    if header_shape == (1,):
+        return CaMapping(bsread_type, ca_type, 1, ())
+    numpy_shape = header_shape[::-1]
+    return CaMapping(bsread_type, ca_type, max(1, math.prod(numpy_shape)), numpy_shape)
+
+
+def fits_dbr_string(text: str) -> bool:
+    """Whether ``text`` fits a DBR_STRING unchanged (39 UTF-8 bytes)."""
+    return len(text) <= MAX_STRING_BYTES and len(text.encode("utf-8")) <= MAX_STRING_BYTES
+
+
+def to_ca_value(mapping: CaMapping, value: Any) -> tuple[Any, bool]:
+    """Convert a decoded bsread value to what the CA server stores for ``mapping``.
+
+    Returns ``(ca_value, truncated)``. Numbers come back as a Python scalar
+    (scalar PVs) or a 1-D contiguous array of the CA type's numpy dtype
+    (waveforms, flattened in C order of the numpy shape); text as ``str``
+    (STRING) or ``bytes`` (long string). ``truncated`` is True only when a
+    text was longer than the PV can hold (the caller flags an alarm, or, for
+    a STRING PV, switches to the long-string form first).
+    """
+    if mapping.ca_type == "STRING" or mapping.long_string:
+        text = value if isinstance(value, str) else _as_text(value)
+        if mapping.long_string:
+            data = text.encode("utf-8")
+            if len(data) > mapping.count:
+                return data[: mapping.count], True
+            return data, False
+        if not fits_dbr_string(text):
+            return _cut_utf8(text, MAX_STRING_BYTES), True
+        return text, False
+    dtype = _NUMPY_BY_CA_TYPE[mapping.ca_type]
+    array = np.asarray(value)
+    if mapping.is_array:
+        flat = np.ascontiguousarray(array.reshape(-1), dtype=dtype)
+        return flat, False
+    scalar = array.reshape(-1)[0] if array.size else 0
+    if dtype.kind == "f":
+        return float(scalar), False
+    return int(scalar), False
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, np.ndarray) and value.dtype.kind in "SU":
+        return str(value.reshape(-1)[0])
+    return str(value)
+
+
+def _cut_utf8(text: str, max_bytes: int) -> str:
+    """The longest prefix of ``text`` whose UTF-8 form fits ``max_bytes`` (no broken character)."""
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")

@@ -1,0 +1,639 @@
+"""EPICS Channel Access gateway over a buffer: CLI ``sf_bsread_gateway`` and the buffer's ``--ca``.
+
+Every channel of the buffer's live stream is served as the PV ``PREFIX +
+channel`` and the buffer's status as ``NAME:PULSE_ID`` and friends (see
+docs/gateway.md). The gateway always runs as its own process: caproto's
+server slows down badly when the same process also keeps a core busy with
+Python work (the buffer's ingest), and the buffer's ingest must never wait
+for a CA client. The buffer starts it with :func:`start_process`, which
+returns a :class:`GatewaySupervisor` that restarts the gateway if it dies.
+
+Inside the process:
+
+* an ingest thread receives the buffer's live output (SUB) and keeps only
+  the newest message (conflation: a slow gateway skips messages, it never
+  queues them);
+* the asyncio loop applies the newest message at most ``--max-rate`` times
+  a second (fewer if ``--total-rate`` would be exceeded by the PVs clients
+  watch), so camonitor clients are not flooded;
+* a status thread polls the buffer's ``GET /statistics`` once a second;
+* the caproto server runs under a supervisor coroutine that restarts it if
+  it ever stops with an error.
+
+Channel Access stays on this machine unless the EPICS environment says
+otherwise: see :func:`prepare_epics_environment`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .config import GATEWAY_ENV_PREFIX, GATEWAY_OPTIONS, parse_args
+
+__all__ = [
+    "main",
+    "start_process",
+    "GatewaySupervisor",
+    "prepare_epics_environment",
+    "CAPROTO_TUNING",
+    "STATUS_PVS",
+    "gateway_command",
+]
+
+logger = logging.getLogger(__name__)
+
+#: caproto batching that keeps 100 Hz updates on time (its defaults delivered
+#: them up to 1 s late in research runs). Applied unless already set.
+CAPROTO_TUNING = {
+    "CAPROTO_SERVER_HIGH_LOAD_TIMEOUT_SEC": "0.001",
+    "CAPROTO_SERVER_MAX_LATENCY_SEC": "0.02",
+}
+
+# (suffix, CA type, meaning). Counters are DOUBLE: they outgrow a 32-bit LONG.
+STATUS_PVS: tuple[tuple[str, str, str], ...] = (
+    ("PULSE_ID", "DOUBLE", "newest pulse id in the buffer"),
+    ("OLDEST_PULSE_ID", "DOUBLE", "oldest pulse id in the buffer"),
+    ("RATE", "DOUBLE", "messages per second the buffer receives"),
+    ("N_MESSAGES", "DOUBLE", "messages held in the ring"),
+    ("RECEIVED", "DOUBLE", "valid messages received since start"),
+    ("REJECTED", "DOUBLE", "malformed messages dropped since start"),
+    ("IDLE_S", "DOUBLE", "seconds since the last message from the source"),
+    ("N_WRITERS", "LONG", "active replay sessions (writers)"),
+    ("CHANNELS", "LONG", "channels in the stream's data header"),
+    ("STATE", "STRING", "what the buffer is doing (receiving, source_idle, ...)"),
+    ("MAX_RATE", "DOUBLE", "most updates per second of one PV (writable with --writable)"),
+)
+
+# The beacon/interface defaults used when the environment does not name any:
+# nothing leaves this machine, nothing is broadcast.
+_LOOPBACK_DEFAULTS = {
+    "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
+    "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
+    "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
+}
+
+# Seconds without a message after which every channel PV is flagged INVALID/COMM.
+STALE_AFTER_S = 3.0
+
+
+def prepare_epics_environment(environ: MutableMapping[str, str]) -> list[str]:
+    """Complete ``environ`` for a CA server the way EPICS base reads it; returns what was changed.
+
+    * EPICS_CAS_SERVER_PORT (server only) wins over EPICS_CA_SERVER_PORT;
+      caproto reads only the latter, so it is copied.
+    * EPICS_CAS_BEACON_PORT defaults to EPICS_CA_REPEATER_PORT, as in EPICS
+      base (caproto would use 5065 whatever the repeater port).
+    * Secure default: when the environment names no server interface, the
+      server listens on 127.0.0.1 only, and when it names no beacon
+      addresses, beacons go to 127.0.0.1 only (caproto would broadcast them
+      to 255.255.255.255). Set the standard variables to serve a network.
+    """
+    changes: list[str] = []
+
+    def put(key: str, value: str) -> None:
+        environ[key] = value
+        changes.append(f"{key}={value}")
+
+    if environ.get("EPICS_CAS_SERVER_PORT"):
+        if environ.get("EPICS_CA_SERVER_PORT") != environ["EPICS_CAS_SERVER_PORT"]:
+            put("EPICS_CA_SERVER_PORT", environ["EPICS_CAS_SERVER_PORT"])
+    if not environ.get("EPICS_CAS_BEACON_PORT") and environ.get("EPICS_CA_REPEATER_PORT"):
+        put("EPICS_CAS_BEACON_PORT", environ["EPICS_CA_REPEATER_PORT"])
+    if not environ.get("EPICS_CAS_INTF_ADDR_LIST"):
+        put("EPICS_CAS_INTF_ADDR_LIST", _LOOPBACK_DEFAULTS["EPICS_CAS_INTF_ADDR_LIST"])
+    if not environ.get("EPICS_CAS_BEACON_ADDR_LIST") and not environ.get("EPICS_CAS_AUTO_BEACON_ADDR_LIST"):
+        put("EPICS_CAS_AUTO_BEACON_ADDR_LIST", _LOOPBACK_DEFAULTS["EPICS_CAS_AUTO_BEACON_ADDR_LIST"])
+        put("EPICS_CAS_BEACON_ADDR_LIST", _LOOPBACK_DEFAULTS["EPICS_CAS_BEACON_ADDR_LIST"])
+    for key, value in CAPROTO_TUNING.items():
+        if key not in environ:
+            put(key, value)
+    return changes
+
+
+# --------------------------------------------------------------------------
+# Ingest: the buffer's live output -> newest message
+# --------------------------------------------------------------------------
+class _Ingest(threading.Thread):
+    """Receives the live output and keeps only the newest message for the asyncio loop."""
+
+    def __init__(self, address: str, mode: str, notify: Any) -> None:
+        super().__init__(name="gateway-ingest", daemon=True)
+        self.address = address
+        self.mode = mode
+        self._notify = notify
+        self._lock = threading.Lock()
+        self._latest: list[Any] | None = None
+        self._stop_event = threading.Event()
+        self.received = 0
+        self.last_receive_monotonic: float | None = None
+        self.error: BaseException | None = None
+
+    def take(self) -> list[Any] | None:
+        with self._lock:
+            frames, self._latest = self._latest, None
+        return frames
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        import zmq
+
+        context = zmq.Context.instance()
+        socket = context.socket(zmq.SUB if self.mode == "sub" else zmq.PULL)
+        try:
+            if self.mode == "sub":
+                socket.setsockopt(zmq.SUBSCRIBE, b"")
+            socket.setsockopt(zmq.RCVHWM, 4)  # old messages are worthless here
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(self.address)
+            poller = zmq.Poller()
+            poller.register(socket, zmq.POLLIN)
+            while not self._stop_event.is_set():
+                if not poller.poll(200):
+                    continue
+                # Drain what is queued; only the newest message matters.
+                frames = None
+                while True:
+                    try:
+                        # copy=True: for the many small parts of a wide stream, bytes are
+                        # about 3x cheaper than zmq.Frame objects; an image copy is a memcpy.
+                        frames = socket.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.received += 1
+                if frames is None:
+                    continue
+                self.last_receive_monotonic = time.monotonic()
+                with self._lock:
+                    was_empty = self._latest is None
+                    self._latest = frames
+                if was_empty:
+                    self._notify()
+        except Exception as error:  # reported by the gateway, which then exits non-zero
+            self.error = error
+            logger.exception("ingest from %s failed", self.address)
+            self._notify()
+        finally:
+            socket.close(0)
+
+
+# --------------------------------------------------------------------------
+# Status: the buffer's GET /statistics, once a second
+# --------------------------------------------------------------------------
+class _StatusPoller(threading.Thread):
+    def __init__(self, base_url: str, interval: float = 1.0) -> None:
+        super().__init__(name="gateway-status", daemon=True)
+        self.url = base_url.rstrip("/") + "/statistics"
+        self.interval = interval
+        self._stop_event = threading.Event()
+        self.latest: dict[str, Any] | None = None
+        self.latest_monotonic: float | None = None
+        self.failures = 0
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            started = time.monotonic()
+            try:
+                with urllib.request.urlopen(self.url, timeout=max(0.5, self.interval)) as answer:
+                    document = json.loads(answer.read())
+                statistics = document.get("statistics") if isinstance(document, dict) else None
+                if not isinstance(statistics, dict):
+                    raise ValueError("answer has no 'statistics' object")
+                statistics = dict(statistics)
+                statistics["_status"] = document.get("status")
+                self.latest = statistics
+                self.latest_monotonic = time.monotonic()
+            except (OSError, ValueError, urllib.error.URLError) as error:
+                self.failures += 1
+                if self.failures == 1 or self.failures % 60 == 0:
+                    logger.warning("buffer status %s unavailable (%d times): %s", self.url, self.failures, error)
+            self._stop_event.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+
+def _dig(document: dict[str, Any] | None, *path: str) -> Any:
+    value: Any = document
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+# --------------------------------------------------------------------------
+# The gateway (asyncio side)
+# --------------------------------------------------------------------------
+@dataclass
+class GatewaySettings:
+    buffer_output: str
+    status_url: str | None = None
+    source_mode: str = "sub"
+    prefix: str = ""
+    name: str = "BSBUFFER"
+    max_rate: float = 10.0
+    total_rate: float = 20000.0
+    writable: bool = False
+    allow_hosts: tuple[str, ...] = ()
+    parent_pid: int = 0
+
+
+class Gateway:
+    """Owns the PV database, the caproto server and the loops that feed it."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        from . import caserver
+        from .protocol import MessageParser
+
+        self.settings = settings
+        self.cs = caserver
+        self.policy = caserver.AccessPolicy(settings.writable, frozenset(settings.allow_hosts))
+        self.pvdb: dict[str, Any] = {}
+        self.context: Any = None
+        self.stream = caserver.StreamPVs(lambda: self.context, self.pvdb, settings.prefix, self.policy)
+        self.parser = MessageParser()
+        self.status: dict[str, Any] = {}
+        for suffix, ca_type, doc in STATUS_PVS:
+            status_pv = caserver.StatusPV(suffix, ca_type, doc)
+            writable = suffix == "MAX_RATE"
+            value = settings.max_rate if writable else ("" if ca_type == "STRING" else 0)
+            self.pvdb[f"{settings.name}:{suffix}"] = status_pv.create(self.policy, writable=writable, value=value)
+            self.status[suffix] = status_pv
+        max_rate_pv = self.status["MAX_RATE"].pv
+        max_rate_pv.on_put = self._on_max_rate_put
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.ingest = _Ingest(settings.buffer_output, settings.source_mode, self._notify_threadsafe)
+        self.poller = _StatusPoller(settings.status_url) if settings.status_url else None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.rejected = 0
+        self.server_restarts = 0
+        self._rate_window: list[tuple[float, int]] = []
+        self.newest_pulse_id: int | None = None
+        self.last_applied_monotonic: float | None = None
+
+    # -- plumbing -----------------------------------------------------------
+    def _notify_threadsafe(self) -> None:
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake.set)
+
+    def _on_max_rate_put(self, value: Any) -> None:
+        try:
+            rate = float(value)
+        except (TypeError, ValueError):
+            return
+        if rate > 0:
+            logger.info("max rate per PV set to %.3g Hz over CA", rate)
+            self.settings.max_rate = rate
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def interval(self) -> float:
+        """Seconds between two updates of the PVs: the per-PV limit, or the overall budget."""
+        per_pv = 1.0 / self.settings.max_rate if self.settings.max_rate > 0 else 0.0
+        watched = self.stream.n_watched
+        budget = watched / self.settings.total_rate if self.settings.total_rate > 0 else 0.0
+        return max(per_pv, budget)
+
+    # -- loops --------------------------------------------------------------
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self.ingest.start()
+        if self.poller is not None:
+            self.poller.start()
+        tasks = [
+            asyncio.create_task(self._serve(), name="ca-server"),
+            asyncio.create_task(self._apply_loop(), name="apply"),
+            asyncio.create_task(self._status_loop(), name="status"),
+        ]
+        stopper = asyncio.create_task(self._stopping.wait())
+        try:
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            failed = [task for task in done if task is not stopper and task.exception() is not None]
+            for task in failed:
+                logger.error("gateway task %s failed: %r", task.get_name(), task.exception())
+            return 1 if failed or self.ingest.error is not None else 0
+        finally:
+            for task in [*tasks, stopper]:
+                task.cancel()
+            await asyncio.gather(*tasks, stopper, return_exceptions=True)
+            self.ingest.stop()
+            if self.poller is not None:
+                self.poller.stop()
+            self.ingest.join(timeout=2)
+
+    async def _serve(self) -> None:
+        """Run the caproto server; if it ever ends with an error, start a new one (same PVs)."""
+        backoff = 0.5
+        while True:
+            context = self.cs.GatewayContext(self.pvdb)
+            self.context = context
+            started = time.monotonic()
+            try:
+                await context.run(startup_hook=self._announce)
+                # caproto's run() swallows its cancellation and returns.
+                if self._stopping.is_set() or asyncio.current_task().cancelling():
+                    return
+                logger.warning("CA server ended; restarting")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("CA server failed; restarting it")
+            finally:
+                await context.server_tasks.cancel_all()
+                for circuit in list(context.circuits):
+                    circuit.client.close()
+                context.forget_queues()
+                self.context = None
+            self.server_restarts += 1
+            backoff = 0.5 if time.monotonic() - started > 30 else min(backoff * 2, 10.0)
+            await asyncio.sleep(backoff)  # not synchronisation: a pause before restarting
+
+    async def _announce(self, async_lib: Any) -> None:
+        context = self.context
+        ready = {
+            "ca_port": context.port,
+            "interfaces": list(context.interfaces),
+            "beacons": [f"{host}:{port}" for host, port in context.beacon_socks],
+            "status_pvs": [f"{self.settings.name}:{suffix}" for suffix, _, _ in STATUS_PVS],
+            "prefix": self.settings.prefix,
+            "restarts": self.server_restarts,
+        }
+        if any(host.startswith("255.") or host.endswith(".255") for host, _ in context.beacon_socks):
+            logger.warning("CA beacons are broadcast (%s): set EPICS_CAS_BEACON_ADDR_LIST", ready["beacons"])
+        # The readiness line is part of the CLI contract (like the buffer's): stdout, whatever the log level.
+        print("READY " + json.dumps(ready), flush=True)
+
+    async def _apply_loop(self) -> None:
+        next_due = 0.0
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.ingest.error is not None:
+                raise RuntimeError(f"ingest failed: {self.ingest.error}")
+            now = time.monotonic()
+            if now < next_due:
+                await asyncio.sleep(next_due - now)  # rate limit, then take the newest
+            frames = self.ingest.take()
+            if frames is None:
+                continue
+            try:
+                message = self.parser.parse(frames)
+            except Exception as error:  # ProtocolError or IgnoredMessage: never fatal
+                self.rejected += 1
+                if self.rejected <= 10:
+                    logger.warning("message not shown: %s", error)
+                continue
+            started = time.monotonic()
+            await self.stream.apply(message)
+            self.newest_pulse_id = message.pulse_id
+            self.last_applied_monotonic = started
+            next_due = started + self.interval()
+
+    async def _status_loop(self) -> None:
+        """1 Hz: status PVs, and the stale flag when the stream has stopped."""
+        while True:
+            await asyncio.sleep(1.0)  # the status PVs' own rate, not synchronisation
+            stamp = self.cs.now_stamp()
+            last = self.ingest.last_receive_monotonic
+            if last is not None and time.monotonic() - last > STALE_AFTER_S:
+                await self.stream.mark_stale(stamp)
+            await self._update_status(stamp)
+            if self.settings.parent_pid and not _alive(self.settings.parent_pid):
+                logger.warning("parent process %d is gone; gateway exits", self.settings.parent_pid)
+                self.stop()
+
+    async def _update_status(self, stamp: Any) -> None:
+        cs = self.cs
+        statistics = self.poller.latest if self.poller is not None else None
+        fresh = (self.poller is not None and self.poller.latest_monotonic is not None
+                 and time.monotonic() - self.poller.latest_monotonic < 5.0)
+        own_idle = (time.monotonic() - self.ingest.last_receive_monotonic
+                    if self.ingest.last_receive_monotonic is not None else None)
+        own = {
+            "PULSE_ID": self.newest_pulse_id,
+            "CHANNELS": len(self.stream.stats.channel_names) if self.stream.stats.messages_applied else None,
+            "IDLE_S": own_idle,
+            "RATE": self._own_rate(),
+        }
+        from_buffer = {
+            "PULSE_ID": _dig(statistics, "ring", "newest_pulse_id"),
+            "OLDEST_PULSE_ID": _dig(statistics, "ring", "oldest_pulse_id"),
+            "RATE": _dig(statistics, "rates", "messages_per_second"),
+            "N_MESSAGES": _dig(statistics, "ring", "messages"),
+            "RECEIVED": _dig(statistics, "received"),
+            "REJECTED": _dig(statistics, "rejected_total"),
+            "IDLE_S": _dig(statistics, "source", "idle_seconds"),
+            "N_WRITERS": _dig(statistics, "replay", "active_sessions"),
+            "STATE": _dig(statistics, "_status"),
+        }
+        for suffix, status_pv in self.status.items():
+            if suffix == "MAX_RATE":
+                if status_pv.pv.value != self.settings.max_rate:
+                    await status_pv.pv.set_value(self.settings.max_rate, stamp)
+                elif status_pv.pv.alarm.severity:
+                    await status_pv.pv.set_value(self.settings.max_rate, stamp)
+                continue
+            value = from_buffer.get(suffix) if fresh else None
+            if value is None and suffix != "CHANNELS":
+                value = own.get(suffix) if (self.poller is None or not fresh) else None
+            if suffix == "CHANNELS":
+                value = own["CHANNELS"]
+            if value is None:
+                alarm = cs.ALARM_STALE if self.poller is not None and not fresh else cs.ALARM_ABSENT
+                await status_pv.pv.set_alarm_only(alarm, stamp)
+                continue
+            if status_pv.ca_type == "STRING":
+                value = str(value)[:39]
+            elif status_pv.ca_type == "LONG":
+                value = int(value)
+            else:
+                value = float(value)
+            await status_pv.pv.set_value(value, stamp)
+
+    def _own_rate(self) -> float | None:
+        now = time.monotonic()
+        window = self._rate_window
+        window.append((now, self.ingest.received))
+        while len(window) > 2 and now - window[0][0] > 5.0:
+            window.pop(0)
+        if len(window) < 2 or window[-1][0] - window[0][0] <= 0:
+            return None
+        return (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still exists (our parent while it lives: no pid-reuse confusion)."""
+    if os.getppid() == pid:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """``sf_bsread_gateway BUFFER_OUTPUT [--status-url URL] ...``; returns the exit code."""
+    args = parse_args("sf_bsread_gateway", "Serve a bsread buffer's live stream and status as EPICS PVs.",
+                      GATEWAY_OPTIONS, GATEWAY_ENV_PREFIX, argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    changes = prepare_epics_environment(os.environ)
+    if changes:
+        logger.info("EPICS environment completed: %s", ", ".join(changes))
+    if "caproto.server.common" in sys.modules:
+        logger.warning("caproto was imported before the tuning variables were set; they may not apply")
+    from . import caserver  # imports caproto.server: after the environment is prepared
+
+    logger.info("caproto tuning: %s", caserver.caproto_tuning())
+    settings = GatewaySettings(
+        buffer_output=args.buffer_output,
+        status_url=args.status_url,
+        source_mode=args.source_mode,
+        prefix=args.ca_prefix,
+        name=args.name,
+        max_rate=args.max_rate,
+        total_rate=args.total_rate,
+        writable=args.writable,
+        allow_hosts=tuple(args.allow_hosts or ()),
+        parent_pid=getattr(args, "parent_pid", 0) or 0,
+    )
+    if settings.allow_hosts and not settings.writable:
+        logger.warning("--allow-host has no effect without --writable")
+    return asyncio.run(_run(settings))
+
+
+async def _run(settings: GatewaySettings) -> int:
+    gateway = Gateway(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, gateway.stop)
+    code = await gateway.run()
+    logger.info("gateway stopped (exit code %d)", code)
+    return code
+
+
+# --------------------------------------------------------------------------
+# For the buffer's --ca: the gateway as a supervised child process
+# --------------------------------------------------------------------------
+def gateway_command(buffer_output: str, status_url: str | None = None, prefix: str = "",
+                    name: str = "BSBUFFER", *, log_level: str = "INFO",
+                    extra_args: Sequence[str] = (), parent_pid: int | None = None) -> list[str]:
+    """The command line that runs the gateway (``python -m sf_bsread_writer.gateway ...``)."""
+    command = [sys.executable, "-m", "sf_bsread_writer.gateway", buffer_output,
+               "--ca-prefix", prefix, "--name", name, "--log-level", log_level]
+    if status_url:
+        command += ["--status-url", status_url]
+    if parent_pid:
+        command += ["--parent-pid", str(parent_pid)]
+    return command + list(extra_args)
+
+
+class GatewaySupervisor:
+    """Runs the gateway as a child process and restarts it whenever it exits unexpectedly.
+
+    The child inherits stdout/stderr (its logs go where the buffer's go) and
+    the environment (EPICS_* settings). It exits by itself if the process
+    that started it disappears (``--parent-pid``), so a ``kill -9`` of the
+    buffer leaves no orphan serving stale PVs.
+    """
+
+    def __init__(self, command: list[str], env: dict[str, str] | None = None,
+                 max_backoff: float = 30.0) -> None:
+        self.command = command
+        self.env = env
+        self.max_backoff = max_backoff
+        self.process: subprocess.Popen | None = None
+        self.restarts = 0
+        self._stop_event = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name="gateway-supervisor", daemon=True)
+
+    def start(self) -> "GatewaySupervisor":
+        self.process = self._spawn()
+        self._thread.start()
+        return self
+
+    def _spawn(self) -> subprocess.Popen:
+        logger.info("starting CA gateway: %s", " ".join(self.command))
+        return subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL)
+
+    def _supervise(self) -> None:
+        backoff = 1.0
+        while not self._stop_event.is_set():
+            process = self.process
+            assert process is not None
+            started = time.monotonic()
+            while process.poll() is None:
+                if self._stop_event.wait(0.5):
+                    return
+            if self._stop_event.is_set():
+                return
+            logger.error("CA gateway exited with %s; restarting in %.0f s", process.returncode, backoff)
+            if self._stop_event.wait(backoff):
+                return
+            backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, self.max_backoff)
+            self.restarts += 1
+            self.process = self._spawn()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """Stop supervising and terminate the gateway (SIGTERM, then SIGKILL after ``timeout``)."""
+        self._stop_event.set()
+        process = self.process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout)
+        return process.returncode
+
+
+def start_process(buffer_output: str, status_url: str | None = None, prefix: str = "",
+                  name: str = "BSBUFFER", *, source_mode: str = "sub", log_level: str = "INFO",
+                  extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> GatewaySupervisor:
+    """Start the gateway for a buffer's ``--ca`` and keep it running; call ``.stop()`` at shutdown.
+
+    ``buffer_output`` is the address of the buffer's live output as a client
+    connects to it (``tcp://127.0.0.1:PORT``), ``status_url`` its HTTP base
+    URL (``http://127.0.0.1:REST_PORT``). The buffer's own output must be PUB
+    (``--output-mode pub``); with a PUSH output pass ``source_mode="pull"``,
+    and the gateway takes the messages the single legacy consumer would get.
+    """
+    command = gateway_command(buffer_output, status_url, prefix, name, log_level=log_level,
+                              extra_args=["--source-mode", source_mode, *extra_args], parent_pid=os.getpid())
+    return GatewaySupervisor(command, env=env).start()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

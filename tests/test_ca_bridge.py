@@ -1,0 +1,250 @@
+"""sf_bsread_ca_bridge with a real IOC (caproto, started here): values, EPICS timestamps, pulse ids,
+disconnects and reconnects; and the whole chain IOC -> bridge -> buffer (--ca) -> writer -> HDF5, with the
+IOC's PVs served back by the buffer's gateway. All on loopback with free ports.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import zmq
+
+from sf_bsread_writer import ca_bridge
+from sf_bsread_writer.protocol import MessageParser
+
+from .ca_helpers import CaprotoClient, ca_env, run_tool, start_repeater
+from .helpers import Child, free_port, wait_for
+
+IOC_SCRIPT = str(Path(__file__).with_name("ca_ioc.py"))
+PVS = ["BR:DOUBLE", "BR:LONG", "BR:STRING", "BR:WAVE", "BR:STATIC"]
+
+
+@pytest.fixture(scope="module")
+def ioc_env():
+    environment = ca_env()
+    repeater = start_repeater(environment)
+    yield environment
+    repeater.stop()
+
+
+def start_ioc(env, rate=20.0):
+    ioc = Child([sys.executable, IOC_SCRIPT, "BR", str(rate)], env=env)
+    ioc.wait_for_line("IOC READY", timeout=30)
+    return ioc
+
+
+def start_bridge(env, *args):
+    bridge = Child([sys.executable, "-m", "sf_bsread_writer.ca_bridge", *[f"--pv={pv}" for pv in PVS],
+                    "--port", "0", *args], env=env)
+    ready = json.loads(bridge.wait_for_line("READY", timeout=30).split("READY", 1)[1])
+    return bridge, ready
+
+
+class Consumer:
+    """A raw bsread consumer (PULL) that parses with protocol.MessageParser."""
+
+    def __init__(self, address):
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.PULL)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(address)
+        self.parser = MessageParser()
+
+    def messages(self, count, timeout=30.0, where=lambda message: True):
+        found = []
+        deadline = time.monotonic() + timeout
+        while len(found) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"only {len(found)} of {count} messages within {timeout}s")
+            if self.socket.poll(int(remaining * 1000)):
+                message = self.parser.parse(self.socket.recv_multipart())
+                if where(message):
+                    found.append(message)
+        return found
+
+    def close(self):
+        self.socket.close(0)
+        self.context.term()
+
+
+def values_of(message):
+    names = [spec.name for spec in message.data_header.channels]
+    return {name: (message.value(i), message.channel_timestamp(i) if message.is_present(i) else None)
+            for i, name in enumerate(names)}
+
+
+def all_present(message):
+    return all(message.is_present(i) for i in range(message.n_channels))
+
+
+def test_pvs_become_a_bsread_stream_with_their_epics_timestamps(ioc_env):
+    ioc = start_ioc(ioc_env)
+    bridge = consumer = None
+    try:
+        bridge, ready = start_bridge(ioc_env, "--rate", "50")
+        consumer = Consumer(ready["address"])
+        messages = consumer.messages(40, where=all_present)
+        header = {spec.name: (spec.type, spec.shape) for spec in messages[-1].data_header.channels}
+        assert header == {"BR:DOUBLE": ("float64", (1,)), "BR:LONG": ("int32", (1,)),
+                          "BR:STRING": ("string", (1,)), "BR:WAVE": ("float64", (8,)),
+                          "BR:STATIC": ("float64", (1,))}
+        pulse_ids = [message.pulse_id for message in messages]
+        assert pulse_ids == sorted(set(pulse_ids)), "pulse ids strictly increase"
+        now = time.time()
+        assert abs(pulse_ids[-1] / 50 - now) < 30, "derived from the clock at the nominal rate"
+        consistent = 0
+        for message in messages:
+            values = values_of(message)
+            n = int(values["BR:LONG"][0][0])
+            if values["BR:DOUBLE"][1] == values["BR:LONG"][1]:  # from the same IOC update
+                assert values["BR:DOUBLE"][0][0] == n / 4
+                consistent += 1
+            if values["BR:STRING"][1] == values["BR:LONG"][1]:
+                assert values["BR:STRING"][0] == f"s{n}"
+            wave = values["BR:WAVE"][0]
+            assert wave.tolist() == [wave[0] + i for i in range(8)]
+            sec, ns = values["BR:LONG"][1]
+            assert abs(sec + ns * 1e-9 - now) < 60 and 0 <= ns < 1_000_000_000
+            # A PV that never changes keeps its (old) EPICS timestamp: it tells the age of the value.
+            assert values["BR:STATIC"][0][0] == 42.5
+            assert values["BR:STATIC"][1] < (sec, ns)
+        assert consistent > len(messages) // 2
+    finally:
+        for one in (consumer,):
+            if one is not None:
+                one.close()
+        if bridge is not None:
+            bridge.stop()
+        ioc.stop()
+
+
+def test_pulse_id_from_a_pv_is_never_repeated(ioc_env):
+    ioc = start_ioc(ioc_env, rate=20.0)
+    bridge = consumer = None
+    try:
+        bridge, ready = start_bridge(ioc_env, "--rate", "100", "--pulse-id-pv", "BR:PULSE")
+        consumer = Consumer(ready["address"])
+        messages = consumer.messages(15, where=all_present)
+        pulse_ids = [message.pulse_id for message in messages]
+        assert all(1_000_000 < pulse_id < 2_000_000 for pulse_id in pulse_ids), pulse_ids
+        assert pulse_ids == sorted(set(pulse_ids))
+    finally:
+        if consumer is not None:
+            consumer.close()
+        if bridge is not None:
+            bridge.stop()
+        ioc.stop()
+
+
+def test_disconnected_pvs_are_sent_absent_and_come_back(ioc_env):
+    ioc = start_ioc(ioc_env)
+    bridge = consumer = None
+    try:
+        bridge, ready = start_bridge(ioc_env, "--rate", "50")
+        consumer = Consumer(ready["address"])
+        before = consumer.messages(5, where=all_present)[-1]
+        ioc.stop()
+        absent = consumer.messages(5, where=lambda m: not any(m.is_present(i) for i in range(m.n_channels)))
+        # Still the types learnt while connected: the data header does not flip to float64.
+        assert absent[-1].data_header.hash == before.data_header.hash
+        bridge.wait_for_line("disconnected", timeout=10)
+        ioc = start_ioc(ioc_env)
+        back = consumer.messages(3, timeout=60, where=all_present)
+        assert back[-1].pulse_id > absent[-1].pulse_id
+    finally:
+        if consumer is not None:
+            consumer.close()
+        if bridge is not None:
+            bridge.stop()
+            assert "absent values sent" in bridge.output()
+        ioc.stop()
+
+
+def test_pv_file_and_loopback_default(tmp_path):
+    pv_file = tmp_path / "pvs.txt"
+    pv_file.write_text("# upstream PVs\nA:ONE\n\nA:TWO  # the second\n", encoding="utf-8")
+    assert ca_bridge.read_pv_file(pv_file) == ["A:ONE", "A:TWO"]
+    empty: dict[str, str] = {}
+    assert ca_bridge.prepare_client_environment(empty)
+    assert empty == {"EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO"}
+    site = {"EPICS_CA_ADDR_LIST": "10.0.0.255"}
+    assert ca_bridge.prepare_client_environment(site) == [] and site == {"EPICS_CA_ADDR_LIST": "10.0.0.255"}
+
+
+def test_ioc_to_bridge_to_buffer_to_writer_to_hdf5_and_back_over_ca(ioc_env, tmp_path):
+    """The whole chain; the buffer's --ca gateway serves the IOC's PVs again (one upstream subscription)."""
+    import h5py
+
+    gateway_port = str(free_port())
+    gateway_env = ioc_env | {"EPICS_CA_SERVER_PORT": gateway_port, "EPICS_CAS_SERVER_PORT": gateway_port}
+    ioc = start_ioc(ioc_env)
+    children = []
+    client = None
+    try:
+        bridge, ready = start_bridge(ioc_env, "--rate", "50")
+        children.append(bridge)
+        buffer = Child([sys.executable, "-m", "sf_bsread_writer.buffer", ready["address"], "-o", "0",
+                        "--replay-port", "0", "--rest-port", "0", "--ca", "--ca-prefix", "GW:", "--name", "BRBUF"],
+                       env=gateway_env)
+        children.append(buffer)
+        endpoints = json.loads(buffer.wait_for_line("READY {", timeout=30).split("READY", 1)[1])
+        rest = endpoints["rest"]
+
+        def statistics():
+            return requests.get(f"{rest}/statistics", timeout=5).json()["statistics"]
+
+        stats = wait_for(lambda: (s := statistics())["ring"]["messages"] >= 60 and s, timeout=60, interval=0.2,
+                         message="60 messages in the buffer")
+        start_pulse_id = stats["ring"]["oldest_pulse_id"] + 10
+        stop_pulse_id = start_pulse_id + 29
+        output = tmp_path / "bridge.h5"
+        writer = Child([sys.executable, "-m", "sf_bsread_writer.writer", endpoints["replay"], str(output), "-1", "0",
+                        "--finished-grace", "0.2"], env=ioc_env)
+        children.append(writer)
+        api = json.loads(writer.wait_for_line("READY", timeout=30).split("READY", 1)[1])["rest"]
+        parameters = {"general/created": "now", "general/user": "test", "general/process": "test_ca_bridge",
+                      "general/instrument": "ioc"}
+        for method, path, body in (("POST", "/parameters", parameters),
+                                   ("PUT", f"/start_pulse_id/{start_pulse_id}", None),
+                                   ("PUT", f"/stop_pulse_id/{stop_pulse_id}", None)):
+            answer = requests.request(method, api + path, json=body, timeout=5).json()
+            assert answer["state"] == "ok", answer
+        assert writer.process.wait(timeout=60) == 0, writer.output()
+
+        with h5py.File(output, "r") as h5:
+            long_values = h5["/data/BR:LONG/data"][:].reshape(-1)
+            pulse_ids = h5["/data/BR:LONG/pulse_id"][:]
+            present = h5["/data/BR:LONG/is_data_present"][:]
+            assert pulse_ids[0] >= start_pulse_id and pulse_ids[-1] <= stop_pulse_id and len(pulse_ids) >= 25
+            assert present.all()
+            assert np.all(np.diff(long_values) >= 0) and long_values[-1] > 0  # the IOC counter
+            assert h5["/data/BR:WAVE/data"].shape[1:] == (8,)
+            assert h5["/data/BR:STATIC/data"][0].reshape(-1)[0] == 42.5
+            strings = [s.decode() if isinstance(s, bytes) else s for s in h5["/data/BR:STRING/data"][:]]
+            assert all(s.startswith("s") for s in strings)
+
+        # Back over CA through the buffer's gateway: caget and the caproto client see the IOC's values.
+        client = CaprotoClient(gateway_env)
+        reading = wait_for(lambda: (lambda r: r if r.metadata.severity == 0 else None)(client.read("GW:BR:LONG")),
+                           timeout=30, interval=0.2, message="GW:BR:LONG through the gateway")
+        assert reading.data[0] > 0
+        # Status PVs follow the buffer's statistics (polled at 1 Hz).
+        wait_for(lambda: (lambda r: r.metadata.severity == 0 and r.data[0] >= 60)(client.read("BRBUF:RECEIVED")),
+                 timeout=30, interval=0.2, message="BRBUF:RECEIVED from the buffer's statistics")
+        wait_for(lambda: client.read("BRBUF:N_MESSAGES").data[0] >= 60, timeout=30, interval=0.2,
+                 message="BRBUF:N_MESSAGES")
+        assert client.read("BRBUF:STATE").data[0].decode() == "receiving"
+        output_text = run_tool("caget", ["GW:BR:STRING", "BRBUF:PULSE_ID"], gateway_env)
+        assert "GW:BR:STRING" in output_text and " s" in output_text, output_text
+    finally:
+        if client is not None:
+            client.close()
+        for child in reversed(children):
+            child.stop()
+        ioc.stop()

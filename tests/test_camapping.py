@@ -1,0 +1,104 @@
+"""bsread -> Channel Access type mapping (pure): every type, shapes, strings; nothing changes on the way."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sf_bsread_writer.camapping import (CA_TYPE_BY_BSREAD_TYPE, DEFAULT_LONG_STRING_BYTES, MAX_STRING_BYTES,
+                                        UnknownTypeError, fits_dbr_string, map_channel, to_ca_value)
+
+# bsread type -> (CA type, the extreme values that must survive the trip exactly)
+EXTREMES = {
+    "bool": ("CHAR", [False, True]),
+    "int8": ("SHORT", [-128, 127]),
+    "uint8": ("CHAR", [0, 255]),
+    "int16": ("SHORT", [-32768, 32767]),
+    "uint16": ("LONG", [0, 65535]),
+    "int32": ("LONG", [-2**31, 2**31 - 1]),
+    "uint32": ("DOUBLE", [0, 2**32 - 1]),
+    "int64": ("DOUBLE", [-2**53, 2**53, 20_000_000_000]),
+    "uint64": ("DOUBLE", [0, 2**53, 20_000_000_000]),
+    "float32": ("FLOAT", [np.float32(1.1), np.float32(-3.4e38), np.float32(1e-45)]),
+    "float64": ("DOUBLE", [0.1, -1.7976931348623157e308, 5e-324]),
+}
+
+# What a CA client holds for each CA type (DBR value types are big-endian on the wire; values compare by number).
+CA_DTYPES = {"CHAR": np.uint8, "SHORT": np.int16, "LONG": np.int32, "FLOAT": np.float32, "DOUBLE": np.float64}
+
+
+def test_every_bsread_type_is_mapped():
+    assert set(CA_TYPE_BY_BSREAD_TYPE) == set(EXTREMES) | {"string"}
+
+
+@pytest.mark.parametrize("bsread_type", sorted(EXTREMES))
+def test_scalar_extremes_survive_exactly(bsread_type):
+    ca_type, values = EXTREMES[bsread_type]
+    mapping = map_channel(bsread_type, [1])
+    assert (mapping.ca_type, mapping.count, mapping.shape, mapping.is_array) == (ca_type, 1, (), False)
+    for value in values:
+        original = np.array([value], dtype=np.dtype(bsread_type if bsread_type != "bool" else "?"))
+        ca_value, truncated = to_ca_value(mapping, original)
+        assert not truncated
+        assert isinstance(ca_value, (int, float))
+        on_wire = np.array([ca_value], dtype=CA_DTYPES[ca_type])
+        assert on_wire[0] == original[0], (bsread_type, value, ca_value)
+
+
+@pytest.mark.parametrize("bsread_type", sorted(EXTREMES))
+def test_arrays_are_waveforms_flattened_in_bsread_order(bsread_type):
+    ca_type, values = EXTREMES[bsread_type]
+    numpy_type = np.dtype(bsread_type if bsread_type != "bool" else "?")
+    # header shape [4, 3]: 4 is the fastest dimension -> numpy (3, 4)
+    array = np.resize(np.array(values, dtype=numpy_type), (3, 4))
+    mapping = map_channel(bsread_type, [4, 3])
+    assert (mapping.ca_type, mapping.count, mapping.shape, mapping.is_array) == (ca_type, 12, (3, 4), True)
+    ca_value, truncated = to_ca_value(mapping, array)
+    assert not truncated
+    assert ca_value.dtype == CA_DTYPES[ca_type] and ca_value.shape == (12,)
+    assert ca_value.flags.c_contiguous
+    np.testing.assert_array_equal(ca_value.astype(numpy_type).reshape(mapping.shape), array)
+
+
+def test_big_endian_input_is_converted_by_value_not_by_bytes():
+    mapping = map_channel("uint16", [3])
+    ca_value, _ = to_ca_value(mapping, np.array([1, 256, 65535], dtype=">u2"))
+    assert ca_value.tolist() == [1, 256, 65535]
+
+
+def test_one_element_shapes_and_image():
+    assert map_channel("float64", []).shape == ()
+    assert map_channel("float64", [1]).is_array is False
+    image = map_channel("uint16", [1280, 1024])
+    assert image.shape == (1024, 1280) and image.count == 1280 * 1024 and image.ca_type == "LONG"
+    assert "LONG[1310720]" in image.describe()
+
+
+def test_short_string_is_a_dbr_string():
+    mapping = map_channel("string", [1])
+    assert (mapping.ca_type, mapping.count, mapping.long_string) == ("STRING", 1, False)
+    assert to_ca_value(mapping, "x" * MAX_STRING_BYTES) == ("x" * MAX_STRING_BYTES, False)
+
+
+def test_long_string_is_flagged_for_a_dbr_string_and_fits_a_char_array():
+    text = "é" * 30  # 30 characters, 60 UTF-8 bytes
+    assert not fits_dbr_string(text)
+    cut, truncated = to_ca_value(map_channel("string"), text)
+    assert truncated and len(cut.encode()) <= MAX_STRING_BYTES and text.startswith(cut)
+    long_mapping = map_channel("string", long_string=True)
+    assert (long_mapping.ca_type, long_mapping.long_string, long_mapping.count) == ("CHAR", True,
+                                                                                   DEFAULT_LONG_STRING_BYTES)
+    data, truncated = to_ca_value(long_mapping, text)
+    assert data == text.encode() and not truncated
+    data, truncated = to_ca_value(map_channel("string", long_string=True, long_string_bytes=8), text)
+    assert truncated and len(data) == 8
+
+
+def test_unknown_type_is_an_error():
+    with pytest.raises(UnknownTypeError):
+        map_channel("complex128", [1])
+
+
+def test_mappings_compare_by_what_the_pv_needs():
+    assert map_channel("int64", [1]) == map_channel("int64", [1])
+    assert map_channel("int64", [1]) != map_channel("uint64", [1])  # retype: the PV is replaced
+    assert map_channel("float64", [3]) != map_channel("float64", [4])

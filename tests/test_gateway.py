@@ -1,0 +1,561 @@
+"""The CA gateway with real CA clients: caproto's threading client, pyepics (libca) and EPICS base's tools.
+
+All on loopback with free ports (tests/ca_helpers.py). A bsread PUB socket in
+the test process feeds the gateway messages built with protocol.build_message,
+so every type and every change of the channel set is exact and deterministic.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import numpy as np
+import pytest
+
+from sf_bsread_writer import gateway
+
+from .ca_helpers import (T0, CaprotoClient, Feeder, Tool, ca_env, pulse_of, run_pyepics, run_tool, start_gateway,
+                         start_repeater)
+from .helpers import Child, free_port, wait_for
+
+PREFIX = "GWT:"
+NAME = "GWTEST"
+
+CHANNELS = [
+    {"name": "BOOL", "type": "bool"},
+    {"name": "I8", "type": "int8"},
+    {"name": "U8", "type": "uint8"},
+    {"name": "I16", "type": "int16"},
+    {"name": "U16", "type": "uint16"},
+    {"name": "I32", "type": "int32"},
+    {"name": "U32", "type": "uint32"},
+    {"name": "I64", "type": "int64"},
+    {"name": "U64", "type": "uint64"},
+    {"name": "F32", "type": "float32"},
+    {"name": "F64", "type": "float64"},
+    {"name": "TEXT", "type": "string"},
+    {"name": "LONGTEXT", "type": "string"},
+    {"name": "WAVE", "type": "float64", "shape": [5]},
+    {"name": "IMAGE", "type": "uint16", "shape": [4, 3]},
+    {"name": "BIGINTS", "type": "int64", "shape": [3]},
+    {"name": "FLAKY", "type": "float64"},
+]
+
+
+def expected_values(pulse_id: int) -> list:
+    return [
+        pulse_id % 2 == 0,
+        -(pulse_id % 100) - 1,
+        200 + pulse_id % 50,
+        -30000 + pulse_id % 100,
+        60000 + pulse_id % 100,
+        -2_000_000_000 + pulse_id,
+        4_000_000_000 + pulse_id,
+        2**52 + pulse_id,
+        2**53 - 1000 + pulse_id % 1000,
+        np.float32(pulse_id / 8),
+        pulse_id * 0.1,
+        f"p{pulse_id}",
+        "L" * 60 + str(pulse_id),
+        np.arange(5, dtype=np.float64) + pulse_id,
+        (np.arange(12, dtype=np.uint16).reshape(3, 4) + 65000 + pulse_id % 100).astype(np.uint16),
+        np.array([2**40 + pulse_id, -pulse_id, 0], dtype=np.int64),
+        float(pulse_id),
+    ]
+
+
+def values_for(pulse_id: int) -> list:
+    typed = []
+    for channel, value in zip(CHANNELS, expected_values(pulse_id)):
+        if channel["type"] not in ("string", "bool") and channel.get("shape", [1]) == [1]:
+            value = np.array([value], dtype=channel["type"])
+        typed.append(value)
+    return typed
+
+
+@pytest.fixture(scope="module")
+def env():
+    environment = ca_env()
+    repeater = start_repeater(environment)
+    yield environment
+    repeater.stop()
+
+
+@pytest.fixture(scope="module")
+def feeder():
+    source = Feeder(CHANNELS, values_for, rate=20.0)
+    yield source
+    source.close()
+
+
+@pytest.fixture(scope="module")
+def served(env, feeder, tmp_path_factory):
+    trace = tmp_path_factory.mktemp("strace") / "gateway.strace"
+    child, ready = start_gateway(feeder.address, env, "--ca-prefix", PREFIX, "--name", NAME,
+                                 "--max-rate", "20", strace_file=trace)
+    yield child, ready, trace
+    child.stop()
+
+
+@pytest.fixture(scope="module")
+def client(env, served):
+    caproto_client = CaprotoClient(env)
+    yield caproto_client
+    caproto_client.close()
+
+
+def ca_type_name(pv) -> str:
+    """The native type as EPICS names it (caproto calls DBR_SHORT "INT")."""
+    name = pv.channel.native_data_type.name
+    return "SHORT" if name == "INT" else name
+
+
+def _wait_valid(client, name, timeout=30.0):
+    """Read until the PV has a value (severity NO_ALARM)."""
+    return wait_for(lambda: _read_ok(client, name), timeout=timeout, interval=0.1,
+                    message=f"{name} to carry a valid value")
+
+
+def _read_ok(client, name):
+    reading = client.read(name)
+    return reading if reading.metadata.severity == 0 else None
+
+
+# --------------------------------------------------------------------------
+# Types and timestamps, caproto client
+# --------------------------------------------------------------------------
+CA_NATIVE = {
+    "BOOL": "CHAR", "I8": "SHORT", "U8": "CHAR", "I16": "SHORT", "U16": "LONG", "I32": "LONG", "U32": "DOUBLE",
+    "I64": "DOUBLE", "U64": "DOUBLE", "F32": "FLOAT", "F64": "DOUBLE", "TEXT": "STRING", "WAVE": "DOUBLE",
+    "IMAGE": "LONG", "BIGINTS": "DOUBLE",
+}
+
+
+def test_every_bsread_type_reads_back_exactly_with_its_bsread_timestamp(client):
+    for index, channel in enumerate(CHANNELS):
+        name = channel["name"]
+        if name not in CA_NATIVE:
+            continue
+        pv = client.pv(PREFIX + name)
+        assert ca_type_name(pv) == CA_NATIVE[name], name
+        reading = _wait_valid(client, PREFIX + name)
+        pulse_id = pulse_of(reading.metadata.stamp.secondsSinceEpoch)
+        assert reading.metadata.stamp.nanoSeconds == pulse_id, "the channel timestamp, not the time of serving"
+        expected = expected_values(pulse_id)[index]
+        if name == "TEXT":
+            assert reading.data[0].decode() == expected
+        elif isinstance(expected, np.ndarray):
+            np.testing.assert_array_equal(np.asarray(reading.data), expected.reshape(-1))
+        else:
+            assert reading.data[0] == expected, (name, reading.data[0], expected)
+
+
+def test_arrays_publish_their_numpy_shape(client):
+    assert client.read(PREFIX + "IMAGE:SHAPE").data.tolist() == [3, 4]
+    assert client.read(PREFIX + "WAVE:SHAPE").data.tolist() == [5]
+
+
+def test_long_string_becomes_a_char_array_holding_all_of_it(client):
+    def long_form():
+        pv = client.pv(PREFIX + "LONGTEXT")
+        return pv if ca_type_name(pv) == "CHAR" else None
+
+    wait_for(long_form, timeout=30, interval=0.2, message="LONGTEXT to be served as a CHAR array")
+    reading = _wait_valid(client, PREFIX + "LONGTEXT")
+    text = bytes(np.asarray(reading.data, dtype=np.uint8)).decode()
+    assert text == "L" * 60 + str(pulse_of(reading.metadata.stamp.secondsSinceEpoch))
+
+
+def test_absent_value_raises_an_alarm_and_keeps_no_fresh_timestamp(client, feeder):
+    _wait_valid(client, PREFIX + "FLAKY")
+    feeder.absent.add("FLAKY")
+    try:
+        flagged = wait_for(lambda: (lambda r: r if r.metadata.severity == 3 else None)(client.read(PREFIX + "FLAKY")),
+                           timeout=20, interval=0.1, message="FLAKY flagged INVALID")
+        assert flagged.metadata.status == 17  # UDF
+        # The others in the same messages stay valid.
+        assert client.read(PREFIX + "F64").metadata.severity == 0
+    finally:
+        feeder.absent.discard("FLAKY")
+    _wait_valid(client, PREFIX + "FLAKY")
+
+
+def test_status_pvs_from_the_stream_alone(client, feeder):
+    reading = wait_for(lambda: (lambda r: r if r.metadata.severity == 0 else None)(client.read(f"{NAME}:PULSE_ID")),
+                       timeout=20, interval=0.2, message="status PULSE_ID")
+    assert abs(reading.data[0] - feeder.pulse_id) < 200
+    assert client.read(f"{NAME}:CHANNELS").data[0] == len(CHANNELS)
+    rate = wait_for(lambda: (lambda r: r if r.metadata.severity == 0 else None)(client.read(f"{NAME}:RATE")),
+                    timeout=20, interval=0.2, message="status RATE")
+    assert 5 < rate.data[0] < 40
+    # Without --status-url there is no ring to report: flagged, not zero.
+    assert client.read(f"{NAME}:N_MESSAGES").metadata.severity == 3
+    assert client.read(f"{NAME}:MAX_RATE").data[0] == 20
+
+
+# --------------------------------------------------------------------------
+# Read-only, with every client
+# --------------------------------------------------------------------------
+def test_caput_is_refused_by_every_client(client, env):
+    pv = client.pv(PREFIX + "F64")
+    assert str(pv.access_rights) in ("AccessRights.READ", "READ", "1") or int(pv.access_rights) == 1
+    with pytest.raises(Exception):
+        pv.write([1.0], wait=True, timeout=5)
+    output = run_tool("caput", [PREFIX + "F64", "1"], env)
+    assert "write access denied" in output.lower(), output
+    result = run_pyepics(f"""
+        pv = epics.get_pv({PREFIX + 'F64'!r}, timeout=20)
+        pv.wait_for_connection(timeout=20)
+        result = {{"write_access": pv.write_access, "read_access": pv.read_access}}
+        try:
+            pv.put(1.0, wait=True, timeout=5)
+            result["put"] = "accepted"
+        except Exception as error:
+            result["put"] = repr(error)
+    """, env)
+    assert result["read_access"] and not result["write_access"]
+    assert result["put"] != "accepted"
+
+
+# --------------------------------------------------------------------------
+# EPICS base tools and pyepics
+# --------------------------------------------------------------------------
+def test_epics_base_tools(env, served, client):
+    _wait_valid(client, PREFIX + "I64")
+    output = run_tool("caget", ["-a", "-g", "17", PREFIX + "I64", PREFIX + "TEXT", f"{NAME}:PULSE_ID"], env)
+    lines = {line.split()[0]: line.split() for line in output.splitlines() if line.strip()}
+    assert set(lines) == {PREFIX + "I64", PREFIX + "TEXT", f"{NAME}:PULSE_ID"}, output
+    # -a prints name, date, time, value: the date is the bsread timestamp (T0 + pulse id)
+    i64 = lines[PREFIX + "I64"]
+    assert float(i64[3]) >= 2**52, output
+    assert lines[PREFIX + "TEXT"][3].startswith("p")
+    info = run_tool("cainfo", [PREFIX + "IMAGE"], env)
+    assert "DBF_LONG" in info and "Element count:    12" in info and "no write" in info, info
+
+    monitor = Tool("camonitor", ["-t", "s", PREFIX + "F64"], env)
+    try:
+        wait_for(lambda: len([line for line in monitor.lines if PREFIX + "F64" in line]) >= 5, timeout=30,
+                 interval=0.1, message="5 camonitor updates")
+    finally:
+        monitor.stop()
+    values = [float(line.split()[-1]) for line in monitor.lines if PREFIX + "F64" in line]
+    assert all(b > a for a, b in zip(values, values[1:])), values  # fresh values, in order
+
+
+def test_pyepics_reads_values_timestamps_and_monitors(env, served, client, feeder):
+    _wait_valid(client, PREFIX + "WAVE")
+    result = run_pyepics(f"""
+        import time
+        values = []
+        pv = epics.get_pv({PREFIX + 'F64'!r}, form='time', timeout=20)
+        pv.wait_for_connection(timeout=20)
+        pv.add_callback(lambda value=None, timestamp=None, **kw: values.append((value, timestamp)))
+        wave = epics.caget({PREFIX + 'WAVE'!r}, timeout=20)
+        image = epics.caget({PREFIX + 'IMAGE'!r}, timeout=20)
+        shape = epics.caget({PREFIX + 'IMAGE:SHAPE'!r}, timeout=20)
+        text = epics.caget({PREFIX + 'LONGTEXT'!r}, as_string=True, timeout=20)
+        u64 = epics.caget({PREFIX + 'U64'!r}, timeout=20)
+        deadline = time.monotonic() + 30
+        while len(values) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        result = {{"values": values, "wave": list(map(float, wave)), "image": list(map(int, image)),
+                   "shape": list(map(int, shape)), "text": text, "u64": u64}}
+    """, env)
+    assert len(result["values"]) >= 5
+    for value, stamp in result["values"]:
+        assert value == pytest.approx(0.1 * round(stamp - T0))  # value and timestamp from the same pulse
+    wave = result["wave"]
+    assert wave == [wave[0] + i for i in range(5)]
+    assert result["shape"] == [3, 4] and len(result["image"]) == 12 and min(result["image"]) >= 65000
+    assert result["text"].startswith("L" * 60)
+    assert result["u64"] >= 2**53 - 1000
+
+
+# --------------------------------------------------------------------------
+# Loopback only
+# --------------------------------------------------------------------------
+def test_nothing_is_broadcast(served, client):
+    child, ready, trace = served
+    assert ready["interfaces"] == ["127.0.0.1"]
+    assert all(beacon.startswith("127.0.0.1:") for beacon in ready["beacons"])
+    _wait_valid(client, PREFIX + "F64")
+    text = trace.read_text()
+    assert "connect(" in text or "sendto(" in text  # the trace works
+    assert "255.255.255.255" not in text
+
+
+def test_prepare_epics_environment_defaults_to_loopback_and_honours_settings():
+    empty: dict[str, str] = {}
+    gateway.prepare_epics_environment(empty)
+    assert empty["EPICS_CAS_INTF_ADDR_LIST"] == "127.0.0.1"
+    assert empty["EPICS_CAS_AUTO_BEACON_ADDR_LIST"] == "NO"
+    assert empty["EPICS_CAS_BEACON_ADDR_LIST"] == "127.0.0.1"
+    assert empty["CAPROTO_SERVER_MAX_LATENCY_SEC"] == "0.02"
+    site = {"EPICS_CAS_INTF_ADDR_LIST": "10.1.2.3", "EPICS_CAS_BEACON_ADDR_LIST": "10.1.255.255",
+            "EPICS_CAS_SERVER_PORT": "5070", "EPICS_CA_SERVER_PORT": "5064", "EPICS_CA_REPEATER_PORT": "5071",
+            "CAPROTO_SERVER_MAX_LATENCY_SEC": "0.1"}
+    gateway.prepare_epics_environment(site)
+    assert site["EPICS_CAS_INTF_ADDR_LIST"] == "10.1.2.3"
+    assert site["EPICS_CAS_BEACON_ADDR_LIST"] == "10.1.255.255"
+    assert "EPICS_CAS_AUTO_BEACON_ADDR_LIST" not in site
+    assert site["EPICS_CA_SERVER_PORT"] == "5070"  # the server port wins for a server
+    assert site["EPICS_CAS_BEACON_PORT"] == "5071"
+    assert site["CAPROTO_SERVER_MAX_LATENCY_SEC"] == "0.1"
+
+
+# --------------------------------------------------------------------------
+# Channel set changes
+# --------------------------------------------------------------------------
+PYEPICS_WATCHER = """
+import sys, time, epics
+def on_update(pvname=None, value=None, type=None, **kw):
+    print("UPDATE", type.replace("time_", ""), value, flush=True)
+def on_connection(pvname=None, conn=None, **kw):
+    print("CONNECTED", conn, flush=True)
+pv = epics.get_pv(sys.argv[1], form="time", callback=on_update, connection_callback=on_connection)
+time.sleep(90)
+"""
+
+
+def test_channels_appear_disappear_and_change_type(env):
+    a = {"name": "A", "type": "float64"}
+    b = {"name": "B", "type": "float64"}
+    c = {"name": "C", "type": "int32", "shape": [2]}
+    a_short = {"name": "A", "type": "int16"}
+    source = Feeder([a, b], lambda pid: [float(pid), -float(pid)], rate=20.0)
+    caproto_client = None
+    child = None
+    watchers: list[Child] = []
+    try:
+        port = str(free_port())
+        local_env = env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}
+        child, _ = start_gateway(source.address, local_env, "--ca-prefix", "DYN:", "--name", "DYN",
+                                 "--max-rate", "20")
+        caproto_client = CaprotoClient(local_env)
+        _wait_valid(caproto_client, "DYN:A")
+        _wait_valid(caproto_client, "DYN:B")
+        # A libca client (pyepics) monitoring A across the retype below.
+        watcher = Child([sys.executable, "-c", PYEPICS_WATCHER, "DYN:A"], env=local_env)
+        watchers.append(watcher)
+        watcher.wait_for_line(lambda line: line.startswith("UPDATE double"), timeout=40)
+
+        # A new channel: a new PV.
+        source.set([a, b, c], lambda pid: [float(pid), -float(pid), np.array([pid, -pid], dtype=np.int32)])
+        reading = _wait_valid(caproto_client, "DYN:C")
+        assert np.asarray(reading.data).tolist()[0] == -np.asarray(reading.data).tolist()[1]
+        assert wait_for(lambda: caproto_client.read("DYN:CHANNELS").data[0] == 3, timeout=10, interval=0.1)
+
+        # A channel gone: its PV is flagged INVALID/DISABLE, not frozen as if fresh.
+        source.set([a, c], lambda pid: [float(pid), np.array([pid, -pid], dtype=np.int32)])
+        gone = wait_for(lambda: (lambda r: r if r.metadata.severity == 3 else None)(caproto_client.read("DYN:B")),
+                        timeout=20, interval=0.1, message="B flagged")
+        assert gone.metadata.status == 18  # DISABLE
+
+        # A retyped channel: the PV follows (clients are disconnected and reconnect with the new type).
+        source.set([a_short, c], lambda pid: [np.array([pid % 1000], dtype=np.int16),
+                                              np.array([pid, -pid], dtype=np.int32)])
+        # libca reconnects by itself and monitors the new type.
+        watcher.wait_for_line(lambda line: line.startswith("CONNECTED False"), timeout=30)
+        watcher.wait_for_line(lambda line: line.startswith("UPDATE short"), timeout=30)
+        info = run_tool("cainfo", ["DYN:A"], local_env)
+        assert "DBF_SHORT" in info, info
+        # caproto's threading client does not search again after a server-side
+        # channel disconnect (its own limitation); a new client sees the new type.
+        fresh = CaprotoClient(local_env)
+        try:
+            assert ca_type_name(fresh.pv("DYN:A")) == "SHORT"
+        finally:
+            fresh.close()
+    finally:
+        for watcher in watchers:
+            watcher.stop()
+        if caproto_client is not None:
+            caproto_client.close()
+        if child is not None:
+            child.stop()
+        source.close()
+
+
+# --------------------------------------------------------------------------
+# Stream stopped -> stale alarm
+# --------------------------------------------------------------------------
+def test_stopped_stream_flags_every_channel(env):
+    source = Feeder([{"name": "X", "type": "float64"}], lambda pid: [float(pid)], rate=20.0)
+    child = None
+    caproto_client = None
+    try:
+        port = str(free_port())
+        local_env = env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}
+        child, _ = start_gateway(source.address, local_env, "--ca-prefix", "STALE:", "--name", "STALE")
+        caproto_client = CaprotoClient(local_env)
+        _wait_valid(caproto_client, "STALE:X")
+        source.close()
+        stale = wait_for(lambda: (lambda r: r if r.metadata.severity == 3 else None)(caproto_client.read("STALE:X")),
+                         timeout=20, interval=0.2, message="X flagged when the stream stops")
+        assert stale.metadata.status == 9  # COMM
+    finally:
+        if caproto_client is not None:
+            caproto_client.close()
+        if child is not None:
+            child.stop()
+        source.close()
+
+
+# --------------------------------------------------------------------------
+# Writable, by peer address
+# --------------------------------------------------------------------------
+def test_writable_access_is_checked_against_the_peer_address_not_the_claimed_host(env):
+    port = str(free_port())
+    local_env = env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}
+    source = Feeder([{"name": "X", "type": "float64"}], lambda pid: [float(pid)], rate=10.0)
+    child = None
+    clients = []
+    try:
+        # Only 10.9.9.9 may write; a client on 127.0.0.1 claims to be 10.9.9.9.
+        child, _ = start_gateway(source.address, local_env, "--name", "ACC", "--writable",
+                                 "--allow-host", "10.9.9.9")
+        liar = CaprotoClient(local_env)
+        clients.append(liar)
+        liar.context.host_name = "10.9.9.9"
+        pv = liar.pv("ACC:MAX_RATE")
+        assert int(pv.access_rights) == 1  # READ only
+        with pytest.raises(Exception):
+            pv.write([50.0], wait=True, timeout=5)
+        child.stop()
+
+        # 127.0.0.1 allowed: the control PV is writable, the stream PV still is not.
+        port = str(free_port())
+        local_env = env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}
+        child, _ = start_gateway(source.address, local_env, "--name", "ACC", "--writable",
+                                 "--allow-host", "127.0.0.1")
+        honest = CaprotoClient(local_env)
+        clients.append(honest)
+        pv = honest.pv("ACC:MAX_RATE")
+        assert int(pv.access_rights) == 3
+        pv.write([5.0], wait=True, timeout=10)
+        assert wait_for(lambda: honest.read("ACC:MAX_RATE").data[0] == 5.0, timeout=10, interval=0.1)
+        assert int(honest.pv("X").access_rights) == 1
+        output = run_tool("caput", ["ACC:MAX_RATE", "7"], local_env)
+        assert "New" in output and "7" in output.split("New", 1)[1], output
+    finally:
+        for one in clients:
+            one.close()
+        if child is not None:
+            child.stop()
+        source.close()
+
+
+# --------------------------------------------------------------------------
+# Clients that disconnect under load
+# --------------------------------------------------------------------------
+def test_clients_disconnecting_under_load_do_not_stop_the_server(env):
+    n_channels = 200
+    channels = [{"name": f"L{i:03d}", "type": "float64", "shape": [64]} for i in range(n_channels)]
+    waveform = np.arange(64, dtype=np.float64)
+    source = Feeder(channels, lambda pid: [waveform + pid] * n_channels, rate=100.0)
+    port = str(free_port())
+    local_env = env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}
+    child = None
+    client = None
+    try:
+        child, _ = start_gateway(source.address, local_env, "--name", "LOAD", "--max-rate", "100",
+                                 "--total-rate", "1000000")
+        names = [c["name"] for c in channels]
+        script = (
+            "import sys, time\n"
+            "from caproto.threading.client import Context\n"
+            "ctx = Context(timeout=20)\n"
+            f"pvs = ctx.get_pvs(*{names!r}, timeout=20)\n"
+            "for pv in pvs: pv.wait_for_connection(timeout=20)\n"
+            "subs = [pv.subscribe(data_type='time') for pv in pvs]\n"
+            "for sub in subs: sub.add_callback(lambda *a: None)\n"
+            "print('SUBSCRIBED', flush=True)\n"
+            "time.sleep(60)\n"
+        )
+        for round_ in range(3):
+            heavy = [Child([sys.executable, "-c", script], env=local_env) for _ in range(3)]
+            try:
+                for one in heavy:
+                    one.wait_for_line("SUBSCRIBED", timeout=60)
+                for one in heavy:  # abrupt: the server sees the TCP connection drop mid-stream
+                    one.process.kill()
+            finally:
+                for one in heavy:
+                    one.stop()
+        assert child.process.poll() is None, child.output()
+        client = CaprotoClient(local_env)
+        reading = _wait_valid(client, "L000")
+        assert len(reading.data) == 64
+        log = child.output()
+        assert "deque mutated" not in log
+        assert "Server error. Will shut down" not in log
+    finally:
+        if client is not None:
+            client.close()
+        if child is not None:
+            child.stop()
+        source.close()
+
+
+# --------------------------------------------------------------------------
+# Supervision (what the buffer uses for --ca)
+# --------------------------------------------------------------------------
+def test_supervisor_restarts_a_dead_gateway(env, feeder):
+    port = str(free_port())
+    local_env = dict(os.environ) | env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}
+    supervisor = gateway.start_process(feeder.address, None, "SUP:", "SUP", env=local_env)
+    try:
+        wait_for(lambda: supervisor.running, timeout=10)
+        first = supervisor.process.pid
+        supervisor.process.send_signal(signal.SIGKILL)
+        wait_for(lambda: supervisor.restarts == 1 and supervisor.running, timeout=30, interval=0.1,
+                 message="the gateway to be restarted")
+        assert supervisor.process.pid != first
+        client = CaprotoClient(local_env)
+        try:
+            _wait_valid(client, "SUP:F64")
+        finally:
+            client.close()
+    finally:
+        assert supervisor.stop() is not None
+    assert not supervisor.running
+
+
+# --------------------------------------------------------------------------
+# The caproto 1.3.0 crash, reproduced without sockets
+# --------------------------------------------------------------------------
+def test_fan_out_survives_a_subscription_removed_mid_iteration():
+    """caproto iterates a live deque across an await; a disconnect in between raised
+    "deque mutated during iteration" and ended the server. GatewayContext iterates a snapshot."""
+    import asyncio
+    from collections import deque
+    from types import SimpleNamespace
+
+    from caproto.asyncio.server import Context as StockContext
+
+    from sf_bsread_writer.caserver import GatewayContext
+
+    def scenario(context_class):
+        async def run():
+            context = context_class({}, ["127.0.0.1"])  # caproto's queues need the running loop
+            subs = [SimpleNamespace(name=f"s{i}", circuit=SimpleNamespace(connected=True)) for i in range(3)]
+            context.subscriptions["spec"] = deque(subs)
+            sent = []
+
+            async def send(sub_spec, sub, **_):
+                sent.append(sub.name)
+                if sub is subs[0]:  # a client disconnects while the fan-out awaits
+                    subs[1].circuit.connected = False
+                    context.subscriptions["spec"].remove(subs[1])
+                await asyncio.sleep(0)
+
+            context._subscription_queue_send = send
+            await context._subscription_queue_iteration(("spec",), None, [], 0, None)
+            return sent
+
+        return asyncio.run(run())
+
+    with pytest.raises(RuntimeError, match="deque mutated during iteration"):
+        scenario(StockContext)
+    assert scenario(GatewayContext) == ["s0", "s2"]
