@@ -414,7 +414,12 @@ class Buffer:
         timestamp = message.timestamp
         self._analyze(message, pulse_id)
         result = self.ring.append(pulse_id, timestamp, frames)
-        if result.status is not AppendStatus.STORED:
+        if result.status is AppendStatus.HELD_BACK:
+            # The ring waits for the next messages to tell a source restart from a stray message
+            # (ring.py); the live output is a relay and passes it on now.
+            logger.info("pulse id %d is below the newest held (%s): held back from the ring until confirmed",
+                        pulse_id, self.ring.newest_pulse_id)
+        elif result.status is not AppendStatus.STORED:
             if result.status is AppendStatus.DUPLICATE:
                 self._duplicates += 1
                 self._reject_log.warning("duplicate", "message with repeated pulse id %d dropped", pulse_id)
@@ -677,6 +682,8 @@ class Buffer:
                 "jumped_pulses": counter("jumped_pulses"),
                 "resets": counter("resets"),
                 "reset_evicted": counter("reset_evicted"),
+                "held_back": counter("held_back"),
+                "out_of_order": counter("out_of_order"),
             },
             "rates": {
                 "messages_per_second": (self._received - first_received) / span if span > 0 else 0.0,

@@ -12,8 +12,19 @@ Addressing
     plain int; ``seek(cursor)`` tells it where it can continue and, when the
     answer is not ``cursor``, that messages were lost under it (evicted for
     space, or dropped by a pulse-id reset). Messages are kept sorted by
-    pulse_id (a backwards pulse_id evicts the tail first, see ``append``), so
-    ``seq_for_pulse_id`` is a binary search.
+    pulse_id (a confirmed pulse-id reset evicts the tail first, see
+    ``append``), so ``seq_for_pulse_id`` is a binary search.
+
+Pulse-id resets need confirmation
+    A source that restarts numbers its pulses from a lower value and keeps
+    counting up; a single glitched message (a pulse_id of 0 in a stream at
+    2e10, a late re-send) does not continue. Acting on the first backwards
+    message would let one bad message evict the whole ring, so a backwards
+    pulse_id is *held back* until ``reset_confirm`` messages in a row,
+    increasing among themselves, confirm the new timeline. Only then is the
+    old tail evicted and the held messages stored. If the stream goes on
+    above the newest held pulse_id instead, the held-back messages are
+    dropped and counted as ``out_of_order``.
 
 Storage (why it looks like this; numbers in docs/performance.md)
     * Per-message index fields (seq, pulse_id, timestamp, bytes) live in
@@ -54,6 +65,7 @@ import numpy as np
 
 __all__ = [
     "LARGE_PART_BYTES",
+    "RESET_CONFIRM_MESSAGES",
     "AppendResult",
     "AppendStatus",
     "Ring",
@@ -67,6 +79,10 @@ logger = logging.getLogger(__name__)
 #: are packed. Equal to pyzmq's default ``zmq.COPY_THRESHOLD``: below it pyzmq
 #: copies on send even with ``copy=False``, so a reference would buy nothing.
 LARGE_PART_BYTES = 65536
+
+#: Backwards messages in a row, increasing among themselves, that confirm a
+#: pulse-id reset (a source restart). 3 messages are 30 ms at 100 Hz.
+RESET_CONFIRM_MESSAGES = 3
 
 # Types whose content cannot change after we took a reference to them.
 try:  # pragma: no cover - pyzmq is a hard dependency; the guard keeps the core importable
@@ -83,6 +99,7 @@ class AppendStatus(str, enum.Enum):
     STORED = "stored"
     DUPLICATE = "duplicate"  # same pulse_id as the newest held message: not stored
     OVERSIZE = "oversize"  # larger than max_bytes on its own: not stored, ring untouched
+    HELD_BACK = "held_back"  # pulse_id went backwards: held until a reset is confirmed (module doc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +131,8 @@ class RingCounters:
     resets: int = 0  # appends whose pulse_id was below the newest held one
     reset_evicted: int = 0  # messages evicted by those resets
     duplicates: int = 0  # appends with pulse_id == newest: not stored
+    held_back: int = 0  # backwards messages held until a reset was confirmed or refuted
+    out_of_order: int = 0  # held-back messages dropped: the stream went on above them
     oversize: int = 0  # appends larger than max_bytes: not stored
     jumps: int = 0  # forward steps larger than the stream's usual step
     jumped_pulses: int = 0  # pulses missing in those jumps
@@ -171,13 +190,19 @@ class Ring:
     O(evicted) when it evicts).
     """
 
-    def __init__(self, max_messages: int, max_bytes: int) -> None:
+    def __init__(self, max_messages: int, max_bytes: int,
+                 reset_confirm: int = RESET_CONFIRM_MESSAGES) -> None:
+        if reset_confirm < 1:
+            raise ValueError(f"reset_confirm must be >= 1, got {reset_confirm}")
         if max_messages < 1:
             raise ValueError(f"max_messages must be >= 1, got {max_messages}")
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         self.max_messages = int(max_messages)
         self.max_bytes = int(max_bytes)
+        self.reset_confirm = int(reset_confirm)
+        # backwards messages awaiting confirmation: (pulse_id, timestamp, frames, lengths, nbytes)
+        self._held_back: list[tuple[int, float, Sequence[Any], tuple[int, ...], int]] = []
         capacity = self.max_messages
         self._capacity = capacity
         self._seq = np.zeros(capacity, dtype=np.int64)
@@ -251,10 +276,14 @@ class Ring:
           ring is left untouched. Wiping a whole ring to hold one message
           that cannot fit anyway would lose everything for nothing.
         * pulse_id equal to the newest held one: rejected (``DUPLICATE``).
-        * pulse_id below the newest held one (the source restarted or its
-          pulse-id counter was reset): every held message with a pulse_id
-          >= the new one is evicted first (a warning is logged), so the ring
-          stays sorted by pulse_id. Their seqs are never reused (a hole).
+        * pulse_id below the newest held one: ``HELD_BACK`` until
+          ``reset_confirm`` such messages in a row (increasing among
+          themselves) confirm a reset (the source restarted). Then every held
+          message with a pulse_id >= the first held-back one is evicted (a
+          warning is logged), so the ring stays sorted by pulse_id, and the
+          held-back messages are stored; the result is the last one's. Their
+          seqs are never reused (a hole). A message above the newest ends the
+          wait: the held-back ones are dropped (``out_of_order``).
         * otherwise the oldest messages are evicted until the new one fits
           both bounds.
 
@@ -276,7 +305,6 @@ class Ring:
                            " not stored", pulse_id, nbytes, self.max_bytes)
             return AppendResult(AppendStatus.OVERSIZE)
 
-        reset_evicted = 0
         skipped = 0
         if self._count:
             newest = int(self._pulse_id[self._slot_of_index(self._count - 1)])
@@ -284,14 +312,55 @@ class Ring:
                 self.counters.duplicates += 1
                 return AppendResult(AppendStatus.DUPLICATE)
             if pulse_id < newest:
-                reset_evicted = self._evict_from_pulse_id(pulse_id)
-                logger.warning("pulse_id went backwards from %d to %d (source restart?): evicted %d"
-                               " held messages with pulse_id >= %d", newest, pulse_id, reset_evicted,
-                               pulse_id)
-                self._last_step = None
-            else:
-                skipped = self._track_step(pulse_id - newest)
+                return self._hold_back(pulse_id, timestamp, frames, lengths, nbytes, newest)
+            if self._held_back:
+                self._drop_held_back(f"the stream went on at pulse_id {pulse_id}")
+            skipped = self._track_step(pulse_id - newest)
+        seq, evicted = self._store_message(pulse_id, timestamp, frames, lengths, nbytes)
+        return AppendResult(AppendStatus.STORED, seq, evicted, 0, skipped)
 
+    def _hold_back(self, pulse_id: int, timestamp: float, frames: Sequence[Any], lengths: tuple[int, ...],
+                   nbytes: int, newest: int) -> AppendResult:
+        """A backwards pulse_id: wait for confirmation of a reset (module docstring)."""
+        held = self._held_back
+        if held and pulse_id <= held[-1][0]:
+            if pulse_id == held[-1][0]:
+                self.counters.duplicates += 1
+                return AppendResult(AppendStatus.DUPLICATE)
+            self._drop_held_back(f"pulse_id {pulse_id} went below them again")
+            held = self._held_back
+        held.append((pulse_id, timestamp, list(frames), lengths, nbytes))
+        self.counters.held_back += 1
+        if len(held) < self.reset_confirm:
+            return AppendResult(AppendStatus.HELD_BACK)
+
+        self._held_back = []
+        reset_evicted = self._evict_from_pulse_id(held[0][0])
+        logger.warning("pulse_id went backwards from %d to %d and went on (%d messages): source restart;"
+                       " evicted %d held messages with pulse_id >= %d", newest, held[0][0], len(held),
+                       reset_evicted, held[0][0])
+        self._last_step = None
+        evicted = 0
+        previous = None
+        for held_pulse_id, held_timestamp, held_frames, held_lengths, held_nbytes in held:
+            if previous is not None:
+                self._track_step(held_pulse_id - previous)
+            seq, evicted_now = self._store_message(held_pulse_id, held_timestamp, held_frames, held_lengths,
+                                                   held_nbytes)
+            evicted += evicted_now
+            previous = held_pulse_id
+        return AppendResult(AppendStatus.STORED, seq, evicted, reset_evicted, 0)
+
+    def _drop_held_back(self, why: str) -> None:
+        dropped = [entry[0] for entry in self._held_back]
+        self._held_back = []
+        self.counters.out_of_order += len(dropped)
+        logger.warning("dropped %d out-of-order message(s) with pulse_id %s: %s", len(dropped),
+                       ", ".join(map(str, dropped)), why)
+
+    def _store_message(self, pulse_id: int, timestamp: float, frames: Sequence[Any], lengths: tuple[int, ...],
+                       nbytes: int) -> tuple[int, int]:
+        """Evict the oldest until the message fits both bounds, then store it; return (seq, evicted)."""
         evicted = 0
         while self._count and (self._count >= self.max_messages
                                or self._n_bytes + nbytes > self.max_bytes):
@@ -311,7 +380,7 @@ class Ring:
         self._n_bytes += nbytes
         self._next_seq = seq + 1
         self.counters.stored += 1
-        return AppendResult(AppendStatus.STORED, seq, evicted, reset_evicted, skipped)
+        return seq, evicted
 
     def _track_step(self, step: int) -> int:
         """Count a jump if ``step`` exceeds the usual step; return the pulses skipped.

@@ -13,7 +13,7 @@ times may be None)::
     rejected {reason: count}, rejected_total, ignored, duplicates, header_changes,
     ring {messages, bytes, max_messages, max_bytes, oldest_pulse_id,
           newest_pulse_id, evicted, evicted_bytes},
-    pulse_ids {last, usual_step, jumps, jumped_pulses, resets, reset_evicted},
+    pulse_ids {last, usual_step, jumps, jumped_pulses, resets, reset_evicted, held_back, out_of_order},
     rates {messages_per_second, bytes_per_second, window_seconds},
     replay {active_sessions, started, ended, expired, refused, disconnected,
             send_failures, sent, gaps, lost,
@@ -146,6 +146,8 @@ def prometheus_text(snapshot: Mapping[str, Any]) -> str:
     m.one("newest_pulse_id", "gauge", "Newest pulse id held.", ring["newest_pulse_id"])
     m.one("pulse_id_jumps_total", "counter", "Pulse-id steps different from the usual step.", pulse_ids["jumps"])
     m.one("pulse_id_resets_total", "counter", "Pulse ids going backwards (source restarts).", pulse_ids["resets"])
+    m.one("out_of_order_messages_total", "counter",
+          "Backwards messages dropped because the stream went on above them.", pulse_ids["out_of_order"])
     m.one("message_rate", "gauge", "Messages per second (recent window).", snapshot["rates"]["messages_per_second"])
     m.one("byte_rate", "gauge", "Bytes per second (recent window).", snapshot["rates"]["bytes_per_second"])
     m.one("source_idle_seconds", "gauge", "Seconds since the last message from the source.",

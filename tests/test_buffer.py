@@ -396,6 +396,30 @@ def test_source_restart_with_pulse_id_reset():
     assert pulse_ids == [*range(9_000, 9_030), Gap(None, None, "source_reset", 0), *range(100, 130)]
 
 
+def test_one_stray_pulse_id_does_not_evict_the_ring():
+    """A glitched pulse_id (0 in a stream at 5e9) is held back, then dropped as out of order."""
+    context = zmq.Context()
+    source = context.socket(zmq.PUSH)
+    source.setsockopt(zmq.LINGER, 0)
+    source.bind("tcp://127.0.0.1:0")
+    channels = [{"name": "X", "type": "int64"}]
+    try:
+        with running_buffer(source.getsockopt_string(zmq.LAST_ENDPOINT)) as buffer:
+            for pulse_id in [*range(5_000_000_000, 5_000_000_020), 0, *range(5_000_000_020, 5_000_000_030)]:
+                source.send_multipart(build_message(pulse_id, channels, [pulse_id]))
+            statistics = wait_for(lambda: (s := buffer.statistics())["ring"]["newest_pulse_id"] == 5_000_000_029
+                                  and s, DEADLINE, message="the stream after the stray message")
+            data, _ = replay_all(buffer.replay_address, 5_000_000_000, 5_000_000_029)
+            pulse_ids = [d.pulse_id for d in data]
+    finally:
+        source.close()
+        context.term()
+    assert pulse_ids == list(range(5_000_000_000, 5_000_000_030))  # nothing evicted, nothing missing
+    assert statistics["ring"]["messages"] == 30
+    assert statistics["pulse_ids"]["resets"] == 0
+    assert (statistics["pulse_ids"]["held_back"], statistics["pulse_ids"]["out_of_order"]) == (1, 1)
+
+
 # ---------------------------------------------------------------------------
 # socket modes
 # ---------------------------------------------------------------------------
@@ -536,9 +560,12 @@ def test_analyzer_logs_anomalies(caplog):
     try:
         with caplog.at_level("INFO", logger="sf_bsread_writer.buffer"), \
                 running_buffer(source.getsockopt_string(zmq.LAST_ENDPOINT), analyzer=True) as buffer:
-            for pulse_id, channel in ((10, "A"), (11, "A"), (12, "A"), (20, "A"), (21, "B"), (5, "B")):
+            # ... then a source restart at 5, confirmed by the messages after it
+            for pulse_id, channel in ((10, "A"), (11, "A"), (12, "A"), (20, "A"), (21, "B"), (5, "B"), (6, "B"),
+                                      (7, "B")):
                 source.send_multipart(build_message(pulse_id, [{"name": channel, "type": "int32"}], [1]))
-            statistics = received(buffer, 6)
+            statistics = wait_for(lambda: (s := buffer.statistics())["pulse_ids"]["resets"] == 1 and s,
+                                  DEADLINE, message="the confirmed reset")
     finally:
         source.close()
         context.term()

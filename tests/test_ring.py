@@ -251,7 +251,7 @@ def test_duplicate_pulse_id_is_not_stored():
 
 
 def test_reset_evicts_the_other_timeline_and_leaves_a_hole(caplog):
-    ring = Ring(100, 10**9)
+    ring = Ring(100, 10**9, reset_confirm=1)  # act on the first backwards message
     fill(ring, [100, 101, 102, 103, 104])  # seqs 0..4
     with caplog.at_level(logging.WARNING, logger="sf_bsread_writer.ring"):
         result = ring.append(102, 0.0, message(102))
@@ -273,11 +273,59 @@ def test_reset_evicts_the_other_timeline_and_leaves_a_hole(caplog):
 
 
 def test_reset_below_everything_empties_the_old_timeline():
-    ring = Ring(4, 10**9)
+    ring = Ring(4, 10**9, reset_confirm=1)
     fill(ring, range(1000, 1010))
     result = ring.append(1, 0.0, message(1))
     assert result.reset_evicted == 4 and held_pulse_ids(ring) == [1]
     assert ring.first_seq == 10 and ring.seek(0) == 10
+
+
+def test_a_single_backwards_glitch_is_dropped_and_the_ring_untouched(caplog):
+    ring = Ring(100, 10**9)  # default: a reset needs RESET_CONFIRM_MESSAGES in a row
+    fill(ring, range(2_000_000, 2_000_010))
+    before = (held_pulse_ids(ring), ring.n_bytes, ring.next_seq)
+    assert ring.append(0, 0.0, message(0)).status is AppendStatus.HELD_BACK
+    assert held_pulse_ids(ring) == before[0]  # nothing evicted on one message's word
+    with caplog.at_level(logging.WARNING, logger="sf_bsread_writer.ring"):
+        result = ring.append(2_000_010, 0.0, message(2_000_010))
+    assert result.stored and not result.reset
+    assert held_pulse_ids(ring) == [*range(2_000_000, 2_000_011)]
+    assert ring.counters.resets == 0 and ring.counters.reset_evicted == 0
+    assert (ring.counters.held_back, ring.counters.out_of_order) == (1, 1)
+    assert "out-of-order" in caplog.text and "pulse_id 0" in caplog.text
+
+
+def test_a_source_restart_is_confirmed_by_consecutive_messages():
+    ring = Ring(100, 10**9, reset_confirm=3)
+    fill(ring, [100, 101, 102, 103, 104])  # seqs 0..4
+    assert ring.append(10, 1.0, message(10)).status is AppendStatus.HELD_BACK
+    assert ring.append(11, 1.0, message(11)).status is AppendStatus.HELD_BACK
+    assert held_pulse_ids(ring) == [100, 101, 102, 103, 104]
+    result = ring.append(12, 1.0, message(12))
+    assert result.stored and result.reset and result.reset_evicted == 5
+    assert held_pulse_ids(ring) == [10, 11, 12] and result.seq == 7  # 10 -> 5, 11 -> 6, 12 -> 7
+    assert as_bytes(ring.frames(5)) == message(10)
+    assert ring.counters.resets == 1 and ring.counters.out_of_order == 0 and ring.counters.held_back == 3
+    assert ring.seek(0) == 5 and ring.seq_for_pulse_id(11) == 6
+    fill(ring, [13, 14])
+    assert ring.usual_step == 1 and ring.counters.jumps == 0
+
+
+def test_held_back_messages_must_increase_among_themselves():
+    ring = Ring(100, 10**9, reset_confirm=3)
+    fill(ring, [100, 101])
+    assert ring.append(50, 0.0, message(50)).status is AppendStatus.HELD_BACK
+    assert ring.append(50, 0.0, message(50)).status is AppendStatus.DUPLICATE
+    assert ring.append(40, 0.0, message(40)).status is AppendStatus.HELD_BACK  # 50 was a stray
+    assert ring.counters.out_of_order == 1
+    ring.append(41, 0.0, message(41))
+    assert ring.append(42, 0.0, message(42)).reset
+    assert held_pulse_ids(ring) == [40, 41, 42]
+
+
+def test_reset_confirm_must_be_positive():
+    with pytest.raises(ValueError):
+        Ring(10, 10, reset_confirm=0)
 
 
 def test_jumps_are_counted_against_the_usual_step():
@@ -369,7 +417,8 @@ def test_ring_matches_reference_model(seed):
     rng = random.Random(seed)
     max_messages = rng.choice([1, 2, 5, 17])
     max_bytes = rng.choice([400, 3000, 5 * LARGE_PART_BYTES, 10**9])
-    ring, model = Ring(max_messages, max_bytes), ModelRing(max_messages, max_bytes)
+    # the model resets on the first backwards message; confirmation has tests of its own
+    ring, model = Ring(max_messages, max_bytes, reset_confirm=1), ModelRing(max_messages, max_bytes)
     pulse_id, t = 1000, 100.0
     for _ in range(300):
         roll = rng.random()
