@@ -89,6 +89,8 @@ LOOP_SLICE_SECONDS = 0.02
 # reference, whatever this says.
 REPLAY_COPY_THRESHOLD = 1024 * 1024
 REPLAY_REQUEST_BATCH = 256
+# Messages queued to the CA gateway; it wants only the newest, so a slow gateway loses old ones.
+CA_FEED_HWM = 4
 # The ROUTER never holds more than window + a few control messages per writer.
 REPLAY_SNDHWM = 100_000
 # Longest sleep of the loop when idle (bounds the reaction to stop()).
@@ -209,7 +211,7 @@ class Buffer:
                  buffer_bytes: int = 2 * 1024**3, max_message_bytes: int = config.DEFAULT_MAX_MESSAGE_BYTES,
                  source_mode: str = "pull", output_mode: str = "pub", replay_port: int = 0,
                  rest_port: int | None = 0, bind: str = config.DEFAULT_BIND, name: str = "BSBUFFER",
-                 analyzer: bool = False, ca: bool = False, ca_prefix: str = "",
+                 analyzer: bool = False, ca: bool = False, ca_prefix: str = "", ca_max_rate: float = 10.0,
                  session_timeout: float = 10.0, heartbeat_interval: float = 1.0,
                  snapshot_interval: float = 0.25, print_ready: bool = False, log_level: str = "INFO",
                  **ignored: Any) -> None:
@@ -230,6 +232,13 @@ class Buffer:
         self.analyzer = analyzer
         self.ca = ca
         self.ca_prefix = ca_prefix
+        if ca and ca_max_rate <= 0:
+            raise ValueError("ca_max_rate must be positive")
+        self.ca_max_rate = ca_max_rate
+        self._ca_feed: zmq.Socket | None = None  # --ca: loopback PUB to the gateway, ca_max_rate msg/s
+        self._ca_feed_address: str | None = None
+        self._ca_next_feed = 0.0
+        self._ca_fed = 0
         self.session_timeout = session_timeout
         self.heartbeat_interval = heartbeat_interval
         self.snapshot_interval = snapshot_interval
@@ -317,6 +326,17 @@ class Buffer:
             router.copy_threshold = REPLAY_COPY_THRESHOLD
             router.bind(f"tcp://{self.bind}:{self.replay_port}")
             self.replay_address = router.getsockopt_string(zmq.LAST_ENDPOINT)
+
+            if self.ca:
+                # The gateway's own feed, not the live output: PVs update at most ca_max_rate times a
+                # second, so the gateway need not ingest (and the buffer need not send) every message,
+                # and a PUSH live output keeps all its messages for its one legacy consumer.
+                self._ca_feed = context.socket(zmq.PUB)
+                sockets.append(self._ca_feed)
+                self._ca_feed.setsockopt(zmq.SNDHWM, CA_FEED_HWM)
+                self._ca_feed.setsockopt(zmq.LINGER, 0)
+                self._ca_feed.bind("tcp://127.0.0.1:0")  # the gateway is our own child: loopback only
+                self._ca_feed_address = self._ca_feed.getsockopt_string(zmq.LAST_ENDPOINT)
 
             if self.rest_port is not None:
                 http = HttpServer(make_app(self.statistics), self.bind, self.rest_port).start()
@@ -437,6 +457,14 @@ class Buffer:
         self._received_bytes += message.nbytes
         self._last_message_time = timestamp
         self._forward(frames, output)
+        if self._ca_feed is not None and self._last_message_monotonic >= self._ca_next_feed:
+            self._feed_gateway(frames)
+
+    def _feed_gateway(self, frames: list[zmq.Frame]) -> None:
+        """--ca: at most ca_max_rate messages a second to the gateway (PUB: never blocks)."""
+        self._ca_next_feed = self._last_message_monotonic + 1.0 / self.ca_max_rate
+        self._ca_feed.send_multipart(frames, copy=False)
+        self._ca_fed += 1
 
     def _forward(self, frames: list[zmq.Frame], output: zmq.Socket) -> None:
         """Live output; never blocks. Non-blocking applies to the first part only (bsread-format.md)."""
@@ -664,6 +692,8 @@ class Buffer:
             "rejected_total": sum(self._rejected.values()),
             "ignored": self._ignored,
             "duplicates": self._duplicates,
+            "ca_feed": None if self._ca_feed_address is None else {
+                "address": self._ca_feed_address, "max_rate": self.ca_max_rate, "sent": self._ca_fed},
             "header_changes": self._header_changes,
             "ring": {
                 "messages": ring.n_messages,
@@ -697,17 +727,14 @@ class Buffer:
 
     # -- optional CA gateway ------------------------------------------------
     def _start_gateway(self) -> None:
-        """--ca: the CA gateway as a supervised child process reading the live output (gateway.py)."""
-        if not self.ca:
+        """--ca: the CA gateway as a supervised child process reading its feed (gateway.py)."""
+        if self._ca_feed_address is None:
             return
         from . import gateway  # imported only when asked for: it brings caproto
 
-        host, port = self.output_address.rsplit("//", 1)[-1].rsplit(":", 1)
-        if host in ("0.0.0.0", "*", "::", "[::]"):
-            host = "127.0.0.1"
         self._gateway = gateway.start_process(
-            f"tcp://{host}:{port}", self.rest_url, self.ca_prefix, self.name,
-            source_mode="pull" if self.output_mode == "push" else "sub", log_level=self.log_level)
+            self._ca_feed_address, self.rest_url, self.ca_prefix, self.name, source_mode="sub",
+            log_level=self.log_level, extra_args=["--max-rate", repr(self.ca_max_rate)])
 
     def _stop_gateway(self) -> None:
         if self._gateway is not None:

@@ -198,6 +198,8 @@ BUFFER_OPTIONS: list[Option] = [
     Option("name", ("--name",), "BSBUFFER", str, "Name of this buffer (logs, status, CA status PV prefix)."),
     Option("ca", ("--ca",), False, _bool, "Serve the stream and the status over EPICS Channel Access.", kind="flag"),
     Option("ca_prefix", ("--ca-prefix", "--ca_prefix"), "", str, "Prefix of every channel PV."),
+    Option("ca_max_rate", ("--ca-max-rate",), 10.0, float,
+           "With --ca: most messages per second passed to the gateway, so most updates per second of a PV."),
     _log_option,
     Option("analyzer", ("--analyzer",), False, _bool,
            "Log anomalies of the incoming stream (pulse-id jumps, resets, header changes) at INFO.", kind="flag"),

@@ -624,11 +624,11 @@ def start_process(buffer_output: str, status_url: str | None = None, prefix: str
                   extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> GatewaySupervisor:
     """Start the gateway for a buffer's ``--ca`` and keep it running; call ``.stop()`` at shutdown.
 
-    ``buffer_output`` is the address of the buffer's live output as a client
-    connects to it (``tcp://127.0.0.1:PORT``), ``status_url`` its HTTP base
-    URL (``http://127.0.0.1:REST_PORT``). The buffer's own output must be PUB
-    (``--output-mode pub``); with a PUSH output pass ``source_mode="pull"``,
-    and the gateway takes the messages the single legacy consumer would get.
+    ``buffer_output`` is the bsread stream the gateway reads, as a client
+    connects to it (``tcp://127.0.0.1:PORT``); the buffer passes its own
+    rate-limited loopback feed, never its live output (a PUSH live output
+    would share its messages between the legacy consumer and the gateway).
+    ``status_url`` is the buffer's HTTP base URL (``http://127.0.0.1:REST_PORT``).
     """
     command = gateway_command(buffer_output, status_url, prefix, name, log_level=log_level,
                               extra_args=["--source-mode", source_mode, *extra_args], parent_pid=os.getpid())

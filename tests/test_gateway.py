@@ -559,3 +559,83 @@ def test_fan_out_survives_a_subscription_removed_mid_iteration():
     with pytest.raises(RuntimeError, match="deque mutated during iteration"):
         scenario(StockContext)
     assert scenario(GatewayContext) == ["s0", "s2"]
+
+
+# ---------------------------------------------------------------------------
+# The buffer's --ca: its own rate-limited feed, the live output untouched
+# ---------------------------------------------------------------------------
+def test_buffer_ca_feed_is_rate_limited_and_leaves_a_push_output_whole(env, monkeypatch):
+    """With --ca and a PUSH live output, the one legacy consumer still gets every message."""
+    import json
+    import threading
+    import time
+
+    import zmq
+
+    from sf_bsread_writer.buffer import Buffer
+    from sf_bsread_writer.protocol import build_message
+
+    port = str(free_port())
+    for key, value in (env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}).items():
+        monkeypatch.setenv(key, value)  # the gateway child inherits the loopback environment
+    context = zmq.Context()
+    source = context.socket(zmq.PUSH)
+    source.setsockopt(zmq.LINGER, 0)
+    source.bind("tcp://127.0.0.1:0")
+    consumer = context.socket(zmq.PULL)
+    consumer.setsockopt(zmq.LINGER, 0)
+    buffer = Buffer(source.getsockopt_string(zmq.LAST_ENDPOINT), output_mode="push", rest_port=0,
+                    ca=True, ca_prefix="FEED:", name="FEED", ca_max_rate=5.0)
+    buffer_thread = threading.Thread(target=buffer.run, daemon=True)
+    buffer_thread.start()
+    stop_sending = threading.Event()
+    sent: list[int] = []
+
+    def _send() -> None:  # a paced source at ~200 Hz: the rate limit, not the source, sets the feed
+        channels = [{"name": "X", "type": "int64"}]
+        pulse_id = 0
+        while not stop_sending.is_set():
+            pulse_id += 1
+            source.send_multipart(build_message(pulse_id, channels, [np.array([pulse_id])]))
+            sent.append(pulse_id)
+            stop_sending.wait(0.005)
+
+    sender = threading.Thread(target=_send, daemon=True)
+    caproto_client = None
+    received: list[int] = []
+    try:
+        assert buffer.started.wait(30)
+        consumer.connect(buffer.output_address)
+        sender.start()
+        caproto_client = CaprotoClient(dict(os.environ))
+        _wait_valid(caproto_client, "FEED:X")  # the gateway serves the stream from its feed
+        before = buffer.statistics()
+        window_start = time.monotonic()
+        wait_for(lambda: buffer.statistics()["received"] >= before["received"] + 400, 30,
+                 message="400 more messages")
+        after = buffer.statistics()
+        window = time.monotonic() - window_start
+        value = caproto_client.read("FEED:X").data[0]
+        stop_sending.set()
+        sender.join(10)
+        deadline = time.monotonic() + 20
+        while (not received or received[-1] != sent[-1]) and time.monotonic() < deadline:
+            if consumer.poll(200):
+                received.append(int(json.loads(consumer.recv_multipart()[0])["pulse_id"]))
+    finally:
+        stop_sending.set()
+        if caproto_client is not None:
+            caproto_client.close()
+        buffer.stop()
+        buffer_thread.join(30)
+        source.close()
+        consumer.close()
+        context.term()
+    # The legacy consumer lost nothing once connected (PUSH drops only before a peer is there).
+    assert received and received == list(range(received[0], sent[-1] + 1))
+    assert buffer.statistics()["output_drops"] == received[0] - 1
+    # The gateway got at most --ca-max-rate messages a second of the ~200 a second received.
+    fed = after["ca_feed"]["sent"] - before["ca_feed"]["sent"]
+    snapshot_slack = 2 * 0.25 * 5.0 + 2  # statistics are snapshots, published every 0.25 s
+    assert 1 <= fed <= 5.0 * window + snapshot_slack, (fed, window)
+    assert 1 <= value <= sent[-1]
