@@ -749,8 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Buffer one bsread stream in a ring; serve it live, replayed to writers and over HTTP.",
         config.BUFFER_OPTIONS, config.BUFFER_ENV_PREFIX, argv,
     )
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config.configure_logging(args.log_level)
     try:
         buffer = Buffer.from_args(args, print_ready=True)
     except ValueError as error:

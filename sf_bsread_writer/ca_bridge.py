@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from . import config
 from .config import BRIDGE_ENV_PREFIX, BRIDGE_OPTIONS, parse_args
 from .protocol import build_message
 
@@ -290,8 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``sf_bsread_ca_bridge --pv NAME ... --port P``; returns the exit code."""
     args = parse_args("sf_bsread_ca_bridge", "Bring EPICS Channel Access PVs into a bsread stream.",
                       BRIDGE_OPTIONS, BRIDGE_ENV_PREFIX, argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config.configure_logging(args.log_level)
     names = list(args.pvs or [])
     if args.pv_file:
         try:

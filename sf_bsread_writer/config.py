@@ -15,9 +15,11 @@ complete list is printed by ``--help`` and in docs/configuration.md.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "LOG_LEVELS",
     "DEFAULT_BIND",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "configure_logging",
 ]
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
@@ -165,6 +168,16 @@ def parse_args(
         if option.required and getattr(args, option.dest) in (None, [], ""):
             parser.error(f"{option.dest} is required (argument or {_env_name(env_prefix, option)})")
     return args
+
+
+def configure_logging(level: str) -> None:
+    """One log format for every command, on stderr: stdout carries only the READY line.
+
+    mflow (under bsread) logs every bind at INFO through a handler of its
+    own, which would print each line twice; it is kept to warnings.
+    """
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mflow").setLevel(logging.WARNING)
 
 
 _log_option = Option(

@@ -40,6 +40,7 @@ from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import config
 from .config import GATEWAY_ENV_PREFIX, GATEWAY_OPTIONS, parse_args
 
 __all__ = [
@@ -498,8 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``sf_bsread_gateway BUFFER_OUTPUT [--status-url URL] ...``; returns the exit code."""
     args = parse_args("sf_bsread_gateway", "Serve a bsread buffer's live stream and status as EPICS PVs.",
                       GATEWAY_OPTIONS, GATEWAY_ENV_PREFIX, argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config.configure_logging(args.log_level)
     changes = prepare_epics_environment(os.environ)
     if changes:
         logger.info("EPICS environment completed: %s", ", ".join(changes))

@@ -285,9 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point ``sf_bsread_simulate``; returns the exit code."""
     args = config.parse_args("sf_bsread_simulate", "A bsread source (bsread's own Sender) for demos and tests.",
                              config.SIMULATE_OPTIONS, config.SIMULATE_ENV_PREFIX, argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mflow").setLevel(logging.WARNING)  # it logs every bind at INFO with its own handler
+    config.configure_logging(args.log_level)
     try:
         simulator = Simulator(args.profile, args.port, args.bind, args.mode, args.rate, args.start_pulse_id,
                               args.pulse_id_step, args.compression, args.n_channels, args.image_shape)

@@ -45,7 +45,7 @@ from typing import Any
 
 import zmq
 
-from sf_bsread_writer import config, replay
+from . import config, replay
 from sf_bsread_writer.h5format import H5File, MissingRange
 from sf_bsread_writer.protocol import IgnoredMessage, MessageParser, ProtocolError
 
@@ -1212,7 +1212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = config.parse_args("sf_bsread_writer", "bsread writer: one pulse range from a buffer into an HDF5 file",
                              config.WRITER_OPTIONS, config.WRITER_ENV_PREFIX, argv)
-    logging.basicConfig(level=args.log_level, format="[%(levelname)s] %(name)s - %(message)s")
+    config.configure_logging(args.log_level)
     settings = WriterSettings(
         stream_address=args.stream_address, output_file=args.output_file, output_root=args.output_root,
         direct=args.direct, direct_mode=args.direct_mode, stop_deadline=args.stop_deadline,
