@@ -387,6 +387,8 @@ class PulseRange:
         self.last_timestamp: float | None = None
         self.step: int | None = None
         self.past_stop = False
+        # The stop pulse (not a stop time) ended the range: only then is a tail up to it owed.
+        self.ended_by_stop_pulse = False
         self.missing: list[MissingRange] = []
         self._covered: list[tuple[int, int]] = []
         self._previous: int | None = None  # last written pulse id in the current numbering
@@ -423,6 +425,7 @@ class PulseRange:
         keep = len(self._written_ids)
         if stop_pulse_id is not None and self._written_ids and self._written_ids[-1] > stop_pulse_id:
             keep = min(keep, bisect.bisect_right(self._written_ids, stop_pulse_id))
+            self.ended_by_stop_pulse = True
         if stop_time is not None and self._written_times and self._written_times[-1] > stop_time:
             keep = min(keep, bisect.bisect_right(self._written_times, stop_time))
         if keep == len(self._written_ids):
@@ -470,8 +473,10 @@ class PulseRange:
         return None
 
     def classify(self, pulse_id: int, timestamp: float) -> Verdict:
-        if ((self.stop_pulse_id is not None and pulse_id > self.stop_pulse_id)
-                or (self.stop_time is not None and timestamp > self.stop_time)):
+        if self.stop_pulse_id is not None and pulse_id > self.stop_pulse_id:
+            self.past_stop = self.ended_by_stop_pulse = True
+            return Verdict.AFTER
+        if self.stop_time is not None and timestamp > self.stop_time:
             self.past_stop = True
             return Verdict.AFTER
         if ((self.start_pulse_id is not None and pulse_id < self.start_pulse_id)
@@ -539,19 +544,22 @@ class PulseRange:
         silent, stopped, ...); ``head_reason`` pulses before the first one
         received. A tail that a message past the stop skipped over is a
         pulse-id jump. Needs the start (or stop) as pulse ids: a range by
-        time has no pulse ids to name.
+        time has no pulse ids to name. With a stop time as well, the tail up
+        to the stop pulse is owed only if the stop pulse came first: pulses
+        after the stop time (``stop_now``) were never part of the range.
         """
         found: list[MissingRange] = []
         step = self.step or 1
+        tail_owed = self.stop_pulse_id is not None and (self.stop_time is None or self.ended_by_stop_pulse)
         if self.first_pulse_id is None:
-            if self.start_pulse_id is not None and self.stop_pulse_id is not None:
+            if self.start_pulse_id is not None and tail_owed:
                 # Nothing of the range arrived at all.
                 found += self._record(self.start_pulse_id, self.stop_pulse_id,
                                       head_reason if self.past_stop else reason)
             return found
         if self.start_pulse_id is not None and self.first_pulse_id - self.start_pulse_id >= step:
             found += self._record(self.start_pulse_id, self.first_pulse_id - 1, head_reason)
-        if self.stop_pulse_id is not None and self.stop_pulse_id - self.last_pulse_id >= step:
+        if tail_owed and self.stop_pulse_id - self.last_pulse_id >= step:
             found += self._record(self.last_pulse_id + 1, self.stop_pulse_id,
                                   "pulse_id_jump" if self.past_stop else reason)
         return found

@@ -329,6 +329,34 @@ def test_a_message_past_the_stop_makes_the_tail_a_jump():
     assert as_tuples(pulse_range.close("stop_reached")) == [(103, 110, 8, "pulse_id_jump")]
 
 
+def test_a_stop_time_before_the_stop_pulse_owes_no_tail():
+    """stop_now on a range whose stop pulse lies far ahead: the pulses after the stop time
+    were never part of the range, so nothing is missing (not ~1e9 'pulse_id_jump' pulses)."""
+    ended_by_time = PulseRange(start_pulse_id=100, stop_pulse_id=10**9)
+    feed(ended_by_time, [100, 101, 102])
+    ended_by_time.set_stop(10**9, stop_time=102.5)  # PUT /stop_now at t = 102.5
+    assert feed(ended_by_time, [103]) == ([], [])
+    assert ended_by_time.complete
+    assert ended_by_time.close("stop_reached") == [] and ended_by_time.missing_count == 0
+
+    # The same when the source is silent after stop_now (the run ends without a later message).
+    silent = PulseRange(start_pulse_id=100, stop_pulse_id=10**9)
+    feed(silent, [100, 101, 102])
+    silent.set_stop(10**9, stop_time=102.5)
+    assert silent.close("stopped") == []
+
+    # And when nothing of the range arrived before the stop time.
+    empty = PulseRange(start_pulse_id=100, stop_pulse_id=10**9)
+    empty.set_stop(10**9, stop_time=50.0)
+    assert feed(empty, [100]) == ([], [])
+    assert empty.close("stop_reached") == []
+
+    # The stop pulse coming first still owes its tail, whatever the stop time.
+    pulse_first = PulseRange(start_pulse_id=100, stop_pulse_id=110, stop_time=10**6)
+    feed(pulse_first, [100, 101, 102, 115])
+    assert as_tuples(pulse_first.close("stop_reached")) == [(103, 110, 8, "pulse_id_jump")]
+
+
 def test_nothing_received():
     silent = PulseRange(start_pulse_id=100, stop_pulse_id=109)
     assert as_tuples(silent.close("source_silent")) == [(100, 109, 10, "source_silent")]
