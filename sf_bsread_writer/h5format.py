@@ -79,6 +79,7 @@ __all__ = [
     "TARGET_CHUNK_BYTES",
     "MAX_CHUNK_ROWS",
     "DIRECT_CHUNK_MIN_BYTES",
+    "CHUNK_CACHE_BYTES",
     "chunk_shape",
 ]
 
@@ -118,6 +119,19 @@ MAX_CHUNK_BYTES = 256 * 1024 * 1024
 # A bitshuffle_lz4 array smaller than this is decoded and buffered instead
 # of stored as one chunk per row (tiny chunks make a huge chunk index).
 DIRECT_CHUNK_MIN_BYTES = 4096
+
+# HDF5's raw data chunk cache, per dataset: none. The default (HDF5 2.0: 8 MiB
+# and 8191 slots per dataset; 1 MiB / 521 before) only ever fills here: block
+# writes go to the newest chunk, and a chunk once touched stays cached until
+# its dataset's cache is full. With 4 datasets per channel that is memory that
+# grows through the whole run, ~300 B per row for the demo profile (48 of 52
+# datasets are scalar-sized: full only after 8 MiB / 8 B = 1M rows, ~3 h at
+# 100 Hz); benchmarks/bench_h5_memory.py and docs/performance.md "Writer: RSS".
+# Nothing is read back, unfiltered chunks take a block's rows straight to the
+# file, and a direct-chunk or filtered row is one whole chunk, so the cache
+# bought nothing (bench_h5format.py: same throughput without it).
+CHUNK_CACHE_BYTES = 0
+CHUNK_CACHE_SLOTS = 1
 
 _STRING_DTYPE = h5py.string_dtype("utf-8")
 _TIMESTAMP_BYTES = 16  # bsread timestamp part: int64 sec + int64 ns
@@ -563,8 +577,9 @@ class H5File:
         self.block_bytes = int(block_bytes)
         self._clock = clock
         # Default (earliest) libver on purpose: no superblock "open for write"
-        # flag, so a file left by SIGKILL opens without h5clear.
-        self._file = h5py.File(self.path, "w")
+        # flag, so a file left by SIGKILL opens without h5clear. No raw data
+        # chunk cache: see CHUNK_CACHE_BYTES.
+        self._file = h5py.File(self.path, "w", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=CHUNK_CACHE_SLOTS)
         self._closed = False
         self._data = self._file.create_group("data")
         self._write_general(dict(general or {}), dict(extra_parameters or {}))

@@ -278,6 +278,35 @@ def test_large_image_dataset_has_one_row_chunks(tmp_path: Path) -> None:
         assert f["data/BIG/data"][0, 7, 5] == 3
 
 
+def test_no_raw_data_chunk_cache_and_blocks_across_chunk_boundaries_read_back(tmp_path: Path) -> None:
+    """HDF5's chunk cache only grew with the run (docs/performance.md "Writer: RSS"): H5File has none.
+
+    Blocks of 7 rows straddle the 1024-row chunks of the buffered datasets,
+    so every partial-chunk write goes straight to the file and must read back.
+    """
+    path = tmp_path / "nocache.h5"
+    specs = [channel("SCALAR"), channel("TEXT", "string"),
+             channel("CAM", "uint16", (64, 64), compression="bitshuffle_lz4")]
+    rows = 2100
+    with H5File(path, block_rows=7) as h5:
+        for pulse_id in range(1, rows + 1):
+            h5.append(message(pulse_id, specs, [float(pulse_id), f"p{pulse_id}",
+                                                _image(pulse_id, (64, 64))]))
+        datasets = []
+        h5._file.visititems(lambda name, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) else None)
+        chunked = [d for d in datasets if d.chunks]
+        assert len(chunked) == 12
+        for dataset in chunked:
+            assert dataset.id.get_access_plist().get_chunk_cache()[1] == h5format.CHUNK_CACHE_BYTES == 0
+    with read(path) as f:
+        np.testing.assert_array_equal(f["data/SCALAR/data"][:, 0], np.arange(1, rows + 1, dtype="f8"))
+        assert f["data/TEXT/data"].asstr()[-1] == f"p{rows}"
+        assert f["data/TEXT/data"].asstr()[1023:1026].tolist() == ["p1024", "p1025", "p1026"]
+        np.testing.assert_array_equal(f["data/CAM/pulse_id"][:], np.arange(1, rows + 1))
+        np.testing.assert_array_equal(f["data/CAM/data"][rows - 1], _image(rows, (64, 64)))
+        assert f["data/CAM"].attrs["storage"] == "bitshuffle_lz4 direct chunk"
+
+
 def test_ten_thousand_scalar_rows_are_written_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "blocks.h5"
     calls: list[int] = []
