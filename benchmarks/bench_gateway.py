@@ -5,7 +5,8 @@
 Scenarios (every process on 127.0.0.1, free ports, nothing broadcast):
 
 * ``one_pv_100hz``  buffer --ca ingesting a 500-channel 100 Hz stream; the
-  gateway at --max-rate 100; EPICS base ``camonitor -t sc`` on 1 PV.
+  buffer at --ca-max-rate 100 (so the gateway at --max-rate 100); EPICS base
+  ``camonitor -t sc`` on 1 PV.
 * ``1000_pvs_10hz`` buffer --ca ingesting a 1000-channel 100 Hz stream (one
   buffer holds one stream, so the stream is that wide); default --max-rate 10;
   ``camonitor`` on all 1000 PVs.
@@ -214,7 +215,7 @@ def _cpu_share(pids: list[int | None], seconds: float) -> list[float | None]:
 
 def scenario_one_pv(env: dict[str, str], duration: float) -> dict[str, Any]:
     stack = Stack(env, "scalars", 100, ca=True,
-                  gateway_env={"SF_BSREAD_GATEWAY_MAX_RATE": "100", "SF_BSREAD_GATEWAY_TOTAL_RATE": "100000"})
+                  gateway_env={"SF_BSREAD_BUFFER_CA_MAX_RATE": "100", "SF_BSREAD_GATEWAY_TOTAL_RATE": "100000"})
     try:
         result = _monitor(["SCALAR:CH0000"], env, duration, stack.endpoints["output"])
         gateway = _gateway_pid(stack.buffer)

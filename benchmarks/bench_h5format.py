@@ -39,6 +39,8 @@ import hdf5plugin  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OriginalPatternWriter  # noqa: E402
 from sf_bsread_writer import h5format, protocol  # noqa: E402
 
 
@@ -73,22 +75,9 @@ def run_original_pattern(path: Path, messages: list[protocol.Message]) -> float:
     """Element by element, as the original writer did (resize + write per channel per message)."""
     start = time.perf_counter()
     with h5py.File(path, "w") as f:
-        datasets: dict[str, tuple[h5py.Dataset, h5py.Dataset, h5py.Dataset]] = {}
-        for row, message in enumerate(messages):
-            for index, spec in enumerate(message.data_header.channels):
-                if spec.name not in datasets:
-                    group = f.create_group(f"data/{spec.name}")
-                    datasets[spec.name] = (
-                        group.create_dataset("data", (0, 1), maxshape=(None, 1), chunks=(100, 1), dtype=spec.dtype),
-                        group.create_dataset("pulse_id", (0,), maxshape=(None,), chunks=(100,), dtype="i8"),
-                        group.create_dataset("is_data_present", (0,), maxshape=(None,), chunks=(100,), dtype="u1"))
-                data, pulse_id, present = datasets[spec.name]
-                value = message.value(index)
-                for dataset in (data, pulse_id, present):
-                    dataset.resize(row + 1, axis=0)
-                data[row] = value
-                pulse_id[row] = message.pulse_id
-                present[row] = 1
+        original = OriginalPatternWriter(f)
+        for message in messages:
+            original.append(message)
     return time.perf_counter() - start
 
 

@@ -168,32 +168,11 @@ def run_bare(kind: str, replay: str, first: int, last: int, out: str) -> None:
 
         parser = MessageParser()
         with h5py.File(out, "w") as f, ReplayClient(replay, start_pulse_id=first, stop_pulse_id=last) as client:
-            datasets: dict[str, tuple[Any, Any, Any]] = {}
-            row = 0
+            original = common.OriginalPatternWriter(f)
             while True:
                 event = client.receive(5.0)
                 if isinstance(event, Data):
-                    message = parser.parse(event.frames)
-                    # The original writer (writer_format.BsreadH5Writer via bsread's h5 Writer): per
-                    # message and channel, grow data / pulse_id / is_data_present by one row and write
-                    # one element into each; chunks of 100 rows, no compression.
-                    for index, spec in enumerate(message.data_header.channels):
-                        if spec.name not in datasets:
-                            group = f.create_group(f"data/{spec.name}")
-                            datasets[spec.name] = (
-                                group.create_dataset("data", (0, 1), maxshape=(None, 1), chunks=(100, 1),
-                                                     dtype=spec.dtype),
-                                group.create_dataset("pulse_id", (0,), maxshape=(None,), chunks=(100,), dtype="i8"),
-                                group.create_dataset("is_data_present", (0,), maxshape=(None,), chunks=(100,),
-                                                     dtype="u1"))
-                        data, pulse_id, present = datasets[spec.name]
-                        value = message.value(index)
-                        for dataset in (data, pulse_id, present):
-                            dataset.resize(row + 1, axis=0)
-                        data[row] = value
-                        pulse_id[row] = message.pulse_id
-                        present[row] = 1
-                    row += 1
+                    original.append(parser.parse(event.frames))
                     received += 1
                 elif isinstance(event, End) or event is None:
                     break

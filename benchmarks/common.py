@@ -314,3 +314,36 @@ class RawConsumer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class OriginalPatternWriter:
+    """The original writer's HDF5 pattern, the baseline of the writer benchmarks.
+
+    As the original (writer_format.BsreadH5Writer via bsread's h5 Writer) did:
+    per message and channel, grow data / pulse_id / is_data_present by one
+    row and write one element into each; chunks of 100 rows, no compression.
+    Scalars only (that is what the benchmarks feed it).
+    """
+
+    def __init__(self, file: Any) -> None:
+        self.file = file  # an open h5py.File
+        self.datasets: dict[str, tuple[Any, Any, Any]] = {}
+        self.row = 0
+
+    def append(self, message: Any) -> None:
+        row = self.row
+        for index, spec in enumerate(message.data_header.channels):
+            if spec.name not in self.datasets:
+                group = self.file.create_group(f"data/{spec.name}")
+                self.datasets[spec.name] = (
+                    group.create_dataset("data", (0, 1), maxshape=(None, 1), chunks=(100, 1), dtype=spec.dtype),
+                    group.create_dataset("pulse_id", (0,), maxshape=(None,), chunks=(100,), dtype="i8"),
+                    group.create_dataset("is_data_present", (0,), maxshape=(None,), chunks=(100,), dtype="u1"))
+            data, pulse_id, present = self.datasets[spec.name]
+            value = message.value(index)
+            for dataset in (data, pulse_id, present):
+                dataset.resize(row + 1, axis=0)
+            data[row] = value
+            pulse_id[row] = message.pulse_id
+            present[row] = 1
+        self.row += 1

@@ -457,12 +457,22 @@ class Buffer:
         self._received_bytes += message.nbytes
         self._last_message_time = timestamp
         self._forward(frames, output)
-        if self._ca_feed is not None and self._last_message_monotonic >= self._ca_next_feed:
-            self._feed_gateway(frames)
+        if self._ca_feed is not None:
+            self._feed_gateway(frames, self._last_message_monotonic)
 
-    def _feed_gateway(self, frames: list[zmq.Frame]) -> None:
-        """--ca: at most ca_max_rate messages a second to the gateway (PUB: never blocks)."""
-        self._ca_next_feed = self._last_message_monotonic + 1.0 / self.ca_max_rate
+    def _feed_gateway(self, frames: list[zmq.Frame], now: float) -> None:
+        """--ca: at most ca_max_rate messages a second to the gateway (PUB: never blocks).
+
+        Feeds keep to a grid of 1/ca_max_rate with half an interval of
+        tolerance: a source at exactly the limit (100 Hz, --ca-max-rate 100)
+        arrives with jitter, and timing each feed from the previous arrival
+        would skip every message that comes a little early. Each feed moves
+        the grid on by a whole interval, so the average never exceeds the limit.
+        """
+        interval = 1.0 / self.ca_max_rate
+        if now + interval / 2 < self._ca_next_feed:
+            return
+        self._ca_next_feed = max(self._ca_next_feed, now - interval / 2) + interval
         self._ca_feed.send_multipart(frames, copy=False)
         self._ca_fed += 1
 
