@@ -63,7 +63,7 @@ def _udp_port_taken(port: int) -> bool:
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
-            sock.bind(("0.0.0.0", port))
+            sock.bind(("127.0.0.1", port))  # fails too while the repeater holds the port
         except OSError:
             return True
     return False
