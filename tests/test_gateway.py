@@ -7,6 +7,7 @@ so every type and every change of the channel set is exact and deterministic.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 
@@ -91,7 +92,8 @@ def feeder():
 
 @pytest.fixture(scope="module")
 def served(env, feeder, tmp_path_factory):
-    trace = tmp_path_factory.mktemp("strace") / "gateway.strace"
+    # strace is part of the machine image; without it only the broadcast check is skipped.
+    trace = tmp_path_factory.mktemp("strace") / "gateway.strace" if shutil.which("strace") else None
     child, ready = start_gateway(feeder.address, env, "--ca-prefix", PREFIX, "--name", NAME,
                                  "--max-rate", "20", strace_file=trace)
     yield child, ready, trace
@@ -280,6 +282,8 @@ def test_nothing_is_broadcast(served, client):
     assert ready["interfaces"] == ["127.0.0.1"]
     assert all(beacon.startswith("127.0.0.1:") for beacon in ready["beacons"])
     _wait_valid(client, PREFIX + "F64")
+    if trace is None:
+        pytest.skip("strace is not installed: the traffic of the gateway cannot be traced")
     text = trace.read_text()
     assert "connect(" in text or "sendto(" in text  # the trace works
     assert "255.255.255.255" not in text
