@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -766,12 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", error)
         return 2
 
-    def _on_signal(signum: int, frame: Any) -> None:
-        logger.info("signal %s: stopping", signal.Signals(signum).name)
-        buffer.stop()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    config.stop_on_signals(buffer.stop)
     try:
         buffer.run()
     except zmq.ZMQError as error:

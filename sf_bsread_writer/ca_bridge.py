@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -311,11 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", error)
         return 2
 
-    def _on_signal(signum: int, frame: Any) -> None:
-        bridge.stop()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    config.stop_on_signals(bridge.stop)
     try:
         address = bridge.open()
     except zmq.ZMQError as error:

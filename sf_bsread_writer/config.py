@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_BIND",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "configure_logging",
+    "stop_on_signals",
 ]
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
@@ -178,6 +180,20 @@ def configure_logging(level: str) -> None:
     """
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mflow").setLevel(logging.WARNING)
+
+
+def stop_on_signals(stop: Callable[[], None]) -> None:
+    """SIGTERM (systemd, kill) and SIGINT (Ctrl-C) call ``stop``.
+
+    ``stop`` only asks the service's loop to end; the loop then closes its
+    sockets and the command returns 0: a clean stop, no traceback.
+    """
+    def handler(signum: int, frame: Any) -> None:
+        logging.getLogger(__name__).info("signal %s: stopping", signal.Signals(signum).name)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 _log_option = Option(

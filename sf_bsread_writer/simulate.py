@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import signal
 import sys
 import threading
 import time
@@ -293,11 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", error)
         return 2
 
-    def _on_signal(signum: int, frame: Any) -> None:
-        simulator.stop()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    config.stop_on_signals(simulator.stop)
     try:
         address = simulator.open()
     except (RuntimeError, zmq.ZMQError) as error:
