@@ -15,7 +15,7 @@ $(STAMP): setup.py pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m sf_bsread_writer.demo
+	$(PY) -m sf_bsread_writer.tools.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

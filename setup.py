@@ -33,12 +33,12 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "sf_bsread_buffer=sf_bsread_writer.buffer:main",
-            "sf_bsread_simulate=sf_bsread_writer.simulate:main",
-            "sf_bsread_writer=sf_bsread_writer.writer:main",
+            "sf_bsread_buffer=sf_bsread_writer.buffer.cli:main",
+            "sf_bsread_simulate=sf_bsread_writer.tools.simulate:main",
+            "sf_bsread_writer=sf_bsread_writer.writer.cli:main",
             "sf_bsread_writer_client=sf_bsread_writer.client:main",
-            "sf_bsread_gateway=sf_bsread_writer.gateway:main",
-            "sf_bsread_ca_bridge=sf_bsread_writer.ca_bridge:main",
+            "sf_bsread_gateway=sf_bsread_writer.ca.gateway:main",
+            "sf_bsread_ca_bridge=sf_bsread_writer.ca.bridge:main",
         ],
     },
 )

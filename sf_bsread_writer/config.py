@@ -15,13 +15,12 @@ complete list is printed by ``--help`` and in docs/configuration.md.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import signal
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from .core.protocol import DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = [
     "Option",
@@ -40,18 +39,12 @@ __all__ = [
     "LOG_LEVELS",
     "DEFAULT_BIND",
     "DEFAULT_MAX_MESSAGE_BYTES",
-    "configure_logging",
-    "stop_on_signals",
 ]
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
 # Secure default: nothing listens beyond this machine unless told to.
 DEFAULT_BIND = "127.0.0.1"
-
-# A single bsread message larger than this is rejected as oversize. Large
-# enough for a 16 Mpixel uint32 image uncompressed; protects the ring.
-DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 
 
 def _bool(text: str | bool) -> bool:
@@ -170,30 +163,6 @@ def parse_args(
         if option.required and getattr(args, option.dest) in (None, [], ""):
             parser.error(f"{option.dest} is required (argument or {_env_name(env_prefix, option)})")
     return args
-
-
-def configure_logging(level: str) -> None:
-    """One log format for every command, on stderr: stdout carries only the READY line.
-
-    mflow (under bsread) logs every bind at INFO through a handler of its
-    own, which would print each line twice; it is kept to warnings.
-    """
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mflow").setLevel(logging.WARNING)
-
-
-def stop_on_signals(stop: Callable[[], None]) -> None:
-    """SIGTERM (systemd, kill) and SIGINT (Ctrl-C) call ``stop``.
-
-    ``stop`` only asks the service's loop to end; the loop then closes its
-    sockets and the command returns 0: a clean stop, no traceback.
-    """
-    def handler(signum: int, frame: Any) -> None:
-        logging.getLogger(__name__).info("signal %s: stopping", signal.Signals(signum).name)
-        stop()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
 
 
 _log_option = Option(

@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from sf_bsread_writer.protocol import build_message
+from sf_bsread_writer.core.protocol import build_message
 
 from .helpers import EPICS_LOOPBACK_ENV, ROOT, Child, free_port, wait_for
 
@@ -108,7 +108,7 @@ def start_gateway(address: str, env: dict[str, str], *args: str, strace_file: Pa
 
     ``--parent-pid`` makes it exit on its own should this test process die.
     """
-    command = [sys.executable, "-m", "sf_bsread_writer.gateway", address, "--parent-pid", str(os.getpid()), *args]
+    command = [sys.executable, "-m", "sf_bsread_writer.ca.gateway", address, "--parent-pid", str(os.getpid()), *args]
     if strace_file is not None:
         command = ["strace", "-f", "-qq", "-e", "trace=connect,sendto,sendmsg,sendmmsg", "-e", "signal=none",
                    "-o", str(strace_file), *command]

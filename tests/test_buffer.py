@@ -20,10 +20,11 @@ import requests
 import zmq
 from bsread import SUB, Source
 
-from sf_bsread_writer.buffer import Buffer
-from sf_bsread_writer.protocol import build_message
-from sf_bsread_writer.replay import Data, End, Gap, ReplayClient
-from sf_bsread_writer.simulate import Simulator, expected_values
+from sf_bsread_writer.buffer.service import Buffer
+from sf_bsread_writer.core.protocol import build_message
+from sf_bsread_writer.core.replay_messages import Data, End, Gap
+from sf_bsread_writer.tools.simulate import Simulator, expected_values
+from sf_bsread_writer.transport.replay_client import ReplayClient
 from tests.helpers import Child, free_port, wait_for
 
 DEADLINE = 30.0
@@ -99,7 +100,7 @@ class Tee:
 
 
 def received(buffer: Buffer, n: int) -> dict:
-    return wait_for(lambda: (s := buffer.statistics())["received"] >= n and s, DEADLINE,
+    return wait_for(lambda: (s := buffer.statistics()).received >= n and s, DEADLINE,
                     message=f"{n} messages received")
 
 
@@ -256,7 +257,7 @@ def test_slow_client_gets_gap_while_others_are_unaffected():
         finally:
             slow.close()
             fast.join(DEADLINE)
-        statistics = wait_for(lambda: (s := buffer.statistics())["replay"]["ended"] == 2 and s, DEADLINE)
+        statistics = wait_for(lambda: (s := buffer.statistics()).replay.ended == 2 and s, DEADLINE)
     assert [d.pulse_id for d in fast_result] == list(range(1_000, 1_000 + n))
     assert len(slow_gaps) == 1 and slow_gaps[0].reason == "evicted"
     gap = slow_gaps[0]
@@ -264,7 +265,7 @@ def test_slow_client_gets_gap_while_others_are_unaffected():
     assert len(slow_data) + gap.count == n
     assert gap.first_pulse_id == slow_data[gap.first_pulse_id - 1_000 - 1].pulse_id + 1
     assert slow_data[gap.first_pulse_id - 1_000].pulse_id == gap.last_pulse_id + 1
-    assert statistics["replay"]["gaps"] >= 1 and statistics["replay"]["lost"] == gap.count
+    assert statistics.replay.gaps >= 1 and statistics.replay.lost == gap.count
 
 
 # ---------------------------------------------------------------------------
@@ -274,19 +275,19 @@ def test_eviction_by_count_and_by_bytes_in_statistics():
     simulator = Simulator("scalars", n_channels=10, start_pulse_id=1_000)
     address = simulator.open()
     with running_buffer(address, buffer_length=20) as by_count, sending(simulator, 50):
-        statistics = wait_for(lambda: (s := by_count.statistics())["received"] >= 50 and s, DEADLINE)
-        message_bytes = statistics["received_bytes"] // 50  # about: timestamps vary in length
-        ring = statistics["ring"]
-        assert ring["messages"] == 20 and ring["evicted"] == 30
-        assert ring["oldest_pulse_id"] == 1_030 and ring["newest_pulse_id"] == 1_049
-        assert ring["bytes"] + ring["evicted_bytes"] == statistics["received_bytes"]
+        statistics = wait_for(lambda: (s := by_count.statistics()).received >= 50 and s, DEADLINE)
+        message_bytes = statistics.received_bytes // 50  # about: timestamps vary in length
+        ring = statistics.ring
+        assert ring.messages == 20 and ring.evicted == 30
+        assert ring.oldest_pulse_id == 1_030 and ring.newest_pulse_id == 1_049
+        assert ring.bytes + ring.evicted_bytes == statistics.received_bytes
     simulator = Simulator("scalars", n_channels=10, start_pulse_id=1_000)
     limit = 7 * message_bytes + message_bytes // 2
     with running_buffer(simulator.open(), buffer_length=1000, buffer_bytes=limit) as by_bytes, \
             sending(simulator, 50):
-        ring = wait_for(lambda: (s := by_bytes.statistics())["received"] >= 50 and s, DEADLINE)["ring"]
-        assert ring["messages"] == 7 and ring["bytes"] <= limit and ring["evicted"] == 43
-        assert ring["max_bytes"] == limit and ring["newest_pulse_id"] == 1_049
+        ring = wait_for(lambda: (s := by_bytes.statistics()).received >= 50 and s, DEADLINE).ring
+        assert ring.messages == 7 and ring.bytes <= limit and ring.evicted == 43
+        assert ring.max_bytes == limit and ring.newest_pulse_id == 1_049
 
 
 def _bad_messages() -> dict[str, list[bytes]]:
@@ -330,7 +331,7 @@ def test_bad_input_is_counted_by_reason_and_dropped_while_good_flows():
 
             wait_for(_probe, DEADLINE, interval=0, message="the viewer's connection")
             n_probes = next(probes) - 1
-            base = wait_for(lambda: (s := buffer.statistics())["received"] == n_probes and s, DEADLINE)
+            base = wait_for(lambda: (s := buffer.statistics()).received == n_probes and s, DEADLINE)
             bad = _bad_messages()
             pulse_id = 100
             for frames in bad.values():
@@ -339,8 +340,8 @@ def test_bad_input_is_counted_by_reason_and_dropped_while_good_flows():
                 pulse_id += 1
             source.send_multipart([json.dumps({"htype": "bsr_stop-1.0"}).encode()])  # control message
             source.send_multipart(build_message(pulse_id, channels, [pulse_id]))
-            statistics = wait_for(lambda: (s := buffer.statistics())["received"] == n_probes + len(bad) + 1
-                                  and s["ignored"] == 1 and s, DEADLINE, message="all messages handled")
+            statistics = wait_for(lambda: (s := buffer.statistics()).received == n_probes + len(bad) + 1
+                                  and s.ignored == 1 and s, DEADLINE, message="all messages handled")
             # the live output saw exactly the good messages, in order
             live = []
 
@@ -357,10 +358,10 @@ def test_bad_input_is_counted_by_reason_and_dropped_while_good_flows():
         source.close()
         viewer.close()
         context.term()
-    assert statistics["rejected"] == {reason: 1 for reason in bad}
-    assert statistics["rejected_total"] == len(bad) and statistics["ignored"] == 1
-    assert statistics["received"] - base["received"] == len(bad) + 1
-    assert statistics["forwarded"] - base["forwarded"] == len(bad) + 1
+    assert statistics.rejected == {reason: 1 for reason in bad}
+    assert statistics.rejected_total == len(bad) and statistics.ignored == 1
+    assert statistics.received - base.received == len(bad) + 1
+    assert statistics.forwarded - base.forwarded == len(bad) + 1
     assert [json.loads(frames[0])["pulse_id"] for frames in live] == list(range(100, pulse_id + 1))
     assert [d.pulse_id for d in data] == list(range(100, pulse_id + 1))
 
@@ -389,9 +390,9 @@ def test_source_restart_with_pulse_id_reset():
                 events.append(event)
         finally:
             client.close()
-    assert statistics["pulse_ids"]["resets"] == 1
-    assert statistics["ring"]["oldest_pulse_id"] == 100 and statistics["ring"]["newest_pulse_id"] == 129
-    assert statistics["source"]["idle_seconds"] is not None
+    assert statistics.pulse_ids.resets == 1
+    assert statistics.ring.oldest_pulse_id == 100 and statistics.ring.newest_pulse_id == 129
+    assert statistics.source.idle_seconds is not None
     pulse_ids = [e.pulse_id if isinstance(e, Data) else e for e in events]
     assert pulse_ids == [*range(9_000, 9_030), Gap(None, None, "source_reset", 0), *range(100, 130)]
 
@@ -407,7 +408,7 @@ def test_one_stray_pulse_id_does_not_evict_the_ring():
         with running_buffer(source.getsockopt_string(zmq.LAST_ENDPOINT)) as buffer:
             for pulse_id in [*range(5_000_000_000, 5_000_000_020), 0, *range(5_000_000_020, 5_000_000_030)]:
                 source.send_multipart(build_message(pulse_id, channels, [pulse_id]))
-            statistics = wait_for(lambda: (s := buffer.statistics())["ring"]["newest_pulse_id"] == 5_000_000_029
+            statistics = wait_for(lambda: (s := buffer.statistics()).ring.newest_pulse_id == 5_000_000_029
                                   and s, DEADLINE, message="the stream after the stray message")
             data, _ = replay_all(buffer.replay_address, 5_000_000_000, 5_000_000_029)
             pulse_ids = [d.pulse_id for d in data]
@@ -415,9 +416,9 @@ def test_one_stray_pulse_id_does_not_evict_the_ring():
         source.close()
         context.term()
     assert pulse_ids == list(range(5_000_000_000, 5_000_000_030))  # nothing evicted, nothing missing
-    assert statistics["ring"]["messages"] == 30
-    assert statistics["pulse_ids"]["resets"] == 0
-    assert (statistics["pulse_ids"]["held_back"], statistics["pulse_ids"]["out_of_order"]) == (1, 1)
+    assert statistics.ring.messages == 30
+    assert statistics.pulse_ids.resets == 0
+    assert (statistics.pulse_ids.held_back, statistics.pulse_ids.out_of_order) == (1, 1)
 
 
 # ---------------------------------------------------------------------------
@@ -429,7 +430,7 @@ def test_push_output_counts_drops_without_consumer_then_delivers():
         with sending(simulator, 10) as thread:
             thread.join(DEADLINE)
         received(buffer, 10)
-        assert buffer.statistics()["output_drops"] == 10  # nobody connected: dropped, counted, not blocked
+        assert buffer.statistics().output_drops == 10  # nobody connected: dropped, counted, not blocked
         pull = zmq.Context.instance().socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
         pull.connect(buffer.output_address)
@@ -451,7 +452,7 @@ def test_sub_source_mode():
     simulator = Simulator("mixed", mode="pub", start_pulse_id=1, rate=200)
     with running_buffer(simulator.open(), source_mode="sub") as buffer, sending(simulator):
         statistics = received(buffer, 20)
-    assert statistics["rejected_total"] == 0 and statistics["source"]["mode"] == "sub"
+    assert statistics.rejected_total == 0 and statistics.source.mode == "sub"
 
 
 # ---------------------------------------------------------------------------
@@ -545,11 +546,11 @@ def test_replay_errors_and_silent_writer_expiry():
             dealer.send(json.dumps({"type": "request", "start_pulse_id": 0}).encode())
             assert dealer.poll(DEADLINE * 1000)
             assert dealer.recv_multipart()[0] == b"accepted"
-            statistics = wait_for(lambda: (s := buffer.statistics())["replay"]["expired"] == 1 and s, DEADLINE)
+            statistics = wait_for(lambda: (s := buffer.statistics()).replay.expired == 1 and s, DEADLINE)
         finally:
             dealer.close()
             context.term()
-    assert statistics["replay"]["active_sessions"] == 0 and statistics["replay"]["refused"] == 2
+    assert statistics.replay.active_sessions == 0 and statistics.replay.refused == 2
 
 
 def test_analyzer_logs_anomalies(caplog):
@@ -564,33 +565,35 @@ def test_analyzer_logs_anomalies(caplog):
             for pulse_id, channel in ((10, "A"), (11, "A"), (12, "A"), (20, "A"), (21, "B"), (5, "B"), (6, "B"),
                                       (7, "B")):
                 source.send_multipart(build_message(pulse_id, [{"name": channel, "type": "int32"}], [1]))
-            statistics = wait_for(lambda: (s := buffer.statistics())["pulse_ids"]["resets"] == 1 and s,
+            statistics = wait_for(lambda: (s := buffer.statistics()).pulse_ids.resets == 1 and s,
                                   DEADLINE, message="the confirmed reset")
     finally:
         source.close()
         context.term()
     text = caplog.text
     assert "jumped to 20" in text and "header changed at pulse 21" in text and "went back from 21 to 5" in text
-    assert statistics["pulse_ids"]["jumps"] == 1 and statistics["pulse_ids"]["resets"] == 1
-    assert statistics["header_changes"] == 1
+    assert statistics.pulse_ids.jumps == 1 and statistics.pulse_ids.resets == 1
+    assert statistics.header_changes == 1
 
 
 # ---------------------------------------------------------------------------
-# status.py (pure)
+# core/status.py (pure)
 # ---------------------------------------------------------------------------
 def test_status_answers_from_a_snapshot():
-    from sf_bsread_writer import status
+    from dataclasses import replace
+
+    from sf_bsread_writer.core import status
 
     buffer = Buffer("tcp://127.0.0.1:1", name='quote"me')  # never run: the initial snapshot
     snapshot = buffer.statistics()
-    assert status.describe(snapshot) == "waiting_for_source"
-    assert status.status_answer(snapshot)["state"] == "ok"
-    answer = status.statistics_answer(snapshot)
+    assert snapshot.describe() == "waiting_for_source"
+    assert snapshot.status_answer()["state"] == "ok"
+    answer = snapshot.statistics_answer()
     assert answer["statistics"]["ring"]["max_messages"] == 1000
     json.dumps(answer)  # serialisable as is
-    text = status.prometheus_text({**snapshot, "rejected": {"part_count": 3}})
+    text = status.prometheus_text(replace(snapshot, rejected={"part_count": 3}))
     assert 'sf_bsread_buffer_rejected_messages_total{buffer="quote\\"me",reason="part_count"} 3' in text
     assert "sf_bsread_buffer_newest_pulse_id{" not in text  # None: no sample, the family stays
     assert "# TYPE sf_bsread_buffer_newest_pulse_id gauge" in text
-    idle = {**snapshot, "source": {**snapshot["source"], "connected_once": True, "idle_seconds": 60.0}}
-    assert status.describe(idle) == "source_idle"
+    idle = replace(snapshot, source=replace(snapshot.source, connected_once=True, idle_seconds=60.0))
+    assert idle.describe() == "source_idle"

@@ -14,8 +14,9 @@ import pytest
 import requests
 import zmq
 
-from sf_bsread_writer import ca_bridge
-from sf_bsread_writer.protocol import MessageParser
+from sf_bsread_writer.ca import bridge as ca_bridge
+from sf_bsread_writer.ca.environment import prepare_client_environment
+from sf_bsread_writer.core.protocol import MessageParser
 
 from .ca_helpers import CaprotoClient, ca_env, run_tool, start_repeater
 from .helpers import Child, free_port, wait_for
@@ -39,7 +40,7 @@ def start_ioc(env, rate=20.0):
 
 
 def start_bridge(env, *args):
-    bridge = Child([sys.executable, "-m", "sf_bsread_writer.ca_bridge", *[f"--pv={pv}" for pv in PVS],
+    bridge = Child([sys.executable, "-m", "sf_bsread_writer.ca.bridge", *[f"--pv={pv}" for pv in PVS],
                     "--port", "0", *args], env=env)
     ready = json.loads(bridge.wait_for_line("READY", timeout=30).split("READY", 1)[1])
     return bridge, ready
@@ -171,10 +172,10 @@ def test_pv_file_and_loopback_default(tmp_path):
     pv_file.write_text("# upstream PVs\nA:ONE\n\nA:TWO  # the second\n", encoding="utf-8")
     assert ca_bridge.read_pv_file(pv_file) == ["A:ONE", "A:TWO"]
     empty: dict[str, str] = {}
-    assert ca_bridge.prepare_client_environment(empty)
+    assert prepare_client_environment(empty)
     assert empty == {"EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO"}
     site = {"EPICS_CA_ADDR_LIST": "10.0.0.255"}
-    assert ca_bridge.prepare_client_environment(site) == [] and site == {"EPICS_CA_ADDR_LIST": "10.0.0.255"}
+    assert prepare_client_environment(site) == [] and site == {"EPICS_CA_ADDR_LIST": "10.0.0.255"}
 
 
 def test_ioc_to_bridge_to_buffer_to_writer_to_hdf5_and_back_over_ca(ioc_env, tmp_path):

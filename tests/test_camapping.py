@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sf_bsread_writer.camapping import (CA_TYPE_BY_BSREAD_TYPE, DEFAULT_LONG_STRING_BYTES, MAX_STRING_BYTES,
+from sf_bsread_writer.core.camapping import (CA_TYPE_BY_BSREAD_TYPE, DEFAULT_LONG_STRING_BYTES, MAX_STRING_BYTES,
                                         UnknownTypeError, fits_dbr_string, map_channel, to_ca_value)
 
 # bsread type -> (CA type, the extreme values that must survive the trip exactly)

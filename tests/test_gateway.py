@@ -14,7 +14,9 @@ import sys
 import numpy as np
 import pytest
 
-from sf_bsread_writer import gateway
+from sf_bsread_writer.buffer import children
+from sf_bsread_writer.ca import gateway
+from sf_bsread_writer.ca.environment import prepare_server_environment
 
 from .ca_helpers import (T0, CaprotoClient, Feeder, Tool, ca_env, pulse_of, run_pyepics, run_tool, start_gateway,
                          start_repeater)
@@ -291,7 +293,7 @@ def test_nothing_is_broadcast(served, client):
 
 def test_prepare_epics_environment_defaults_to_loopback_and_honours_settings():
     empty: dict[str, str] = {}
-    gateway.prepare_epics_environment(empty)
+    prepare_server_environment(empty)
     assert empty["EPICS_CAS_INTF_ADDR_LIST"] == "127.0.0.1"
     assert empty["EPICS_CAS_AUTO_BEACON_ADDR_LIST"] == "NO"
     assert empty["EPICS_CAS_BEACON_ADDR_LIST"] == "127.0.0.1"
@@ -299,7 +301,7 @@ def test_prepare_epics_environment_defaults_to_loopback_and_honours_settings():
     site = {"EPICS_CAS_INTF_ADDR_LIST": "10.1.2.3", "EPICS_CAS_BEACON_ADDR_LIST": "10.1.255.255",
             "EPICS_CAS_SERVER_PORT": "5070", "EPICS_CA_SERVER_PORT": "5064", "EPICS_CA_REPEATER_PORT": "5071",
             "CAPROTO_SERVER_MAX_LATENCY_SEC": "0.1"}
-    gateway.prepare_epics_environment(site)
+    prepare_server_environment(site)
     assert site["EPICS_CAS_INTF_ADDR_LIST"] == "10.1.2.3"
     assert site["EPICS_CAS_BEACON_ADDR_LIST"] == "10.1.255.255"
     assert "EPICS_CAS_AUTO_BEACON_ADDR_LIST" not in site
@@ -508,7 +510,7 @@ def test_clients_disconnecting_under_load_do_not_stop_the_server(env):
 def test_supervisor_restarts_a_dead_gateway(env, feeder):
     port = str(free_port())
     local_env = dict(os.environ) | env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}
-    supervisor = gateway.start_process(feeder.address, None, "SUP:", "SUP", env=local_env)
+    supervisor = children.start_gateway(feeder.address, None, "SUP:", "SUP", env=local_env)
     try:
         wait_for(lambda: supervisor.running, timeout=10)
         first = supervisor.process.pid
@@ -538,7 +540,7 @@ def test_fan_out_survives_a_subscription_removed_mid_iteration():
 
     from caproto.asyncio.server import Context as StockContext
 
-    from sf_bsread_writer.caserver import GatewayContext
+    from sf_bsread_writer.ca.server import GatewayContext
 
     def scenario(context_class):
         async def run():
@@ -576,8 +578,8 @@ def test_buffer_ca_feed_is_rate_limited_and_leaves_a_push_output_whole(env, monk
 
     import zmq
 
-    from sf_bsread_writer.buffer import Buffer
-    from sf_bsread_writer.protocol import build_message
+    from sf_bsread_writer.buffer.service import Buffer
+    from sf_bsread_writer.core.protocol import build_message
 
     port = str(free_port())
     for key, value in (env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}).items():
@@ -615,7 +617,7 @@ def test_buffer_ca_feed_is_rate_limited_and_leaves_a_push_output_whole(env, monk
         _wait_valid(caproto_client, "FEED:X")  # the gateway serves the stream from its feed
         before = buffer.statistics()
         window_start = time.monotonic()
-        wait_for(lambda: buffer.statistics()["received"] >= before["received"] + 400, 30,
+        wait_for(lambda: buffer.statistics().received >= before.received + 400, 30,
                  message="400 more messages")
         after = buffer.statistics()
         window = time.monotonic() - window_start
@@ -637,9 +639,9 @@ def test_buffer_ca_feed_is_rate_limited_and_leaves_a_push_output_whole(env, monk
         context.term()
     # The legacy consumer lost nothing once connected (PUSH drops only before a peer is there).
     assert received and received == list(range(received[0], sent[-1] + 1))
-    assert buffer.statistics()["output_drops"] == received[0] - 1
+    assert buffer.statistics().output_drops == received[0] - 1
     # The gateway got at most --ca-max-rate messages a second of the ~200 a second received.
-    fed = after["ca_feed"]["sent"] - before["ca_feed"]["sent"]
+    fed = after.ca_feed.sent - before.ca_feed.sent
     snapshot_slack = 2 * 0.25 * 5.0 + 2  # statistics are snapshots, published every 0.25 s
     assert 1 <= fed <= 5.0 * window + snapshot_slack, (fed, window)
     assert 1 <= value <= sent[-1]

@@ -23,8 +23,11 @@ import hdf5plugin  # noqa: F401  (bitshuffle filter for reading)
 import numpy as np
 import pytest
 
-from sf_bsread_writer import h5format, protocol
-from sf_bsread_writer.h5format import H5File
+from sf_bsread_writer.core import protocol
+from sf_bsread_writer.core.pulse_range import MissingRange
+from sf_bsread_writer.h5 import columns, layout
+from sf_bsread_writer.h5 import file as h5_file
+from sf_bsread_writer.h5.file import H5File
 
 from .helpers import ROOT
 
@@ -89,7 +92,7 @@ def test_general_datasets_are_fixed_length_strings_with_not_given_default(tmp_pa
         assert general["run.number"][()] == 17
         assert general["tags"][()] == b'["a", "b"]'
         assert json.loads(general.attrs["parameters"]) == params
-        assert f.attrs["format_version"] == h5format.FORMAT_VERSION
+        assert f.attrs["format_version"] == layout.FORMAT_VERSION
         assert f.attrs["complete"] == 1
         assert f.attrs["number_of_messages"] == 0
 
@@ -255,12 +258,12 @@ def test_small_bitshuffle_arrays_and_uncompressed_images_are_buffered(tmp_path: 
 
 
 def test_chunk_shapes_are_sane() -> None:
-    assert h5format.chunk_shape((1,), 8) == (1024, 1)
-    assert h5format.chunk_shape((4096, 4096), 4) == (1, 4096, 4096)  # 64 MiB, far below 4 GiB
-    assert h5format.chunk_shape((1024, 1280), 2, one_row=True) == (1, 1024, 1280)
-    assert h5format.chunk_shape((2048,), 8) == (64, 2048)
-    huge = h5format.chunk_shape((40000, 40000), 8)  # 12.8 GB per row: split within the row
-    assert huge[0] == 1 and 8 * np.prod(huge) <= h5format.MAX_CHUNK_BYTES
+    assert layout.chunk_shape((1,), 8) == (1024, 1)
+    assert layout.chunk_shape((4096, 4096), 4) == (1, 4096, 4096)  # 64 MiB, far below 4 GiB
+    assert layout.chunk_shape((1024, 1280), 2, one_row=True) == (1, 1024, 1280)
+    assert layout.chunk_shape((2048,), 8) == (64, 2048)
+    huge = layout.chunk_shape((40000, 40000), 8)  # 12.8 GB per row: split within the row
+    assert huge[0] == 1 and 8 * np.prod(huge) <= layout.MAX_CHUNK_BYTES
 
 
 def test_large_image_dataset_has_one_row_chunks(tmp_path: Path) -> None:
@@ -297,7 +300,7 @@ def test_no_raw_data_chunk_cache_and_blocks_across_chunk_boundaries_read_back(tm
         chunked = [d for d in datasets if d.chunks]
         assert len(chunked) == 12
         for dataset in chunked:
-            assert dataset.id.get_access_plist().get_chunk_cache()[1] == h5format.CHUNK_CACHE_BYTES == 0
+            assert dataset.id.get_access_plist().get_chunk_cache()[1] == h5_file.CHUNK_CACHE_BYTES == 0
     with read(path) as f:
         np.testing.assert_array_equal(f["data/SCALAR/data"][:, 0], np.arange(1, rows + 1, dtype="f8"))
         assert f["data/TEXT/data"].asstr()[-1] == f"p{rows}"
@@ -310,13 +313,13 @@ def test_no_raw_data_chunk_cache_and_blocks_across_chunk_boundaries_read_back(tm
 def test_ten_thousand_scalar_rows_are_written_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "blocks.h5"
     calls: list[int] = []
-    original = h5format._Column.write_block
+    original = columns.Column.write_block
 
     def counting(self: Any, start: int, count: int, pulse_ids: np.ndarray) -> int:
         calls.append(count)
         return original(self, start, count, pulse_ids)
 
-    monkeypatch.setattr(h5format._Column, "write_block", counting)
+    monkeypatch.setattr(columns.Column, "write_block", counting)
     channels = [channel(f"CH{i}", "int32") for i in range(5)]
     # A clock that never advances: only the block size triggers writes.
     h5 = H5File(path, block_rows=1000, clock=lambda: 0.0)
@@ -566,7 +569,8 @@ _CHILD = textwrap.dedent("""
     import os, sys
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import numpy as np
-    from sf_bsread_writer import h5format, protocol
+    from sf_bsread_writer.core import protocol
+    from sf_bsread_writer.h5.file import H5File
     path, first = sys.argv[1], int(sys.argv[2])
     channels = [
         {"name": f"S{i}", "type": "float64", "shape": [1]} for i in range(20)
@@ -577,7 +581,7 @@ _CHILD = textwrap.dedent("""
     ]
     parser = protocol.MessageParser()
     image = (np.arange(96 * 128) % 1000).astype("<u2").reshape(96, 128)
-    h5 = h5format.H5File(path, {"general/user": "kill-test"}, flush_interval=0.05, block_rows=50)
+    h5 = H5File(path, {"general/user": "kill-test"}, flush_interval=0.05, block_rows=50)
     flushes = 0
     pulse_id = first
     while True:
@@ -697,7 +701,7 @@ def test_truncate_removes_the_rows_after_a_late_stop(tmp_path: Path, flushed: in
     if flushed == len(messages):
         h5.flush()
     assert h5.rows_flushed == flushed
-    clipped = [h5format.MissingRange(20, 25, 6, "source_silent")]
+    clipped = [MissingRange(20, 25, 6, "source_silent")]
     assert h5.truncate(keep, clipped) == 3
     assert (h5.rows, h5.absent_values, h5.bytes_written) == expected_counts
     assert (h5.first_pulse_id, h5.last_pulse_id, h5.last_timestamp) == (10, 12, messages[2].timestamp)
@@ -747,7 +751,7 @@ def _documented_file_attributes() -> list[str]:
 
 
 def test_the_documented_file_attributes_are_the_ones_in_the_code() -> None:
-    assert _documented_file_attributes() == list(h5format.FILE_ATTRIBUTES)
+    assert _documented_file_attributes() == list(layout.FILE_ATTRIBUTES)
 
 
 def test_only_documented_attributes_can_be_set(tmp_path: Path) -> None:

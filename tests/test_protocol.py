@@ -1,4 +1,4 @@
-"""Tests of the pure protocol core (sf_bsread_writer.protocol).
+"""Tests of the pure protocol core (sf_bsread_writer.core.protocol).
 
 Independent references: bsread's own Sender (over a real ZeroMQ socket, and
 captured in-process for the full type x compression matrix), bsread's value
@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 import bsread
 from bsread.data.compression import LZ4, BitshuffleLZ4
 from bsread.data.helpers import get_channel_reader, get_value_bytes, get_value_reader
-from sf_bsread_writer.protocol import (
+from sf_bsread_writer.core.protocol import (
     ChannelSpec,
     DataHeader,
     DataHeaderCache,

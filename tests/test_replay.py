@@ -6,13 +6,15 @@ import json
 import pytest
 import zmq
 
-from sf_bsread_writer.replay import (
-    MAX_WINDOW, Accepted, BufferLost, Close, Credit, Data, End, Error, ErrorReason, Gap, Heartbeat,
-    ReplayClient, ReplayProtocolError, ReplaySession, Request, SetStop, build_accepted, build_close,
-    build_credit, build_data, build_end, build_error, build_gap, build_heartbeat, build_request,
-    build_set_stop, parse_buffer_message, parse_writer_message,
+from sf_bsread_writer.core.replay_messages import (
+    MAX_WINDOW, Accepted, BufferLost, CloseSession, Credit, Data, End, ErrorReason, Gap, Heartbeat, Refused,
+    ReplayProtocolError, Request, SetStop, build_accepted, build_close, build_credit, build_data, build_end,
+    build_error, build_gap, build_heartbeat, build_request, build_set_stop, parse_buffer_message,
+    parse_writer_message,
 )
-from sf_bsread_writer.ring import Ring
+from sf_bsread_writer.core.replay_session import ReplaySession
+from sf_bsread_writer.core.ring import Ring
+from sf_bsread_writer.transport.replay_client import ReplayClient
 
 
 # ---------------------------------------------------------------------------
@@ -32,7 +34,7 @@ def test_writer_messages_round_trip():
     assert parse_writer_message(build_credit(17)) == Credit(17)
     assert parse_writer_message(build_set_stop(99)) == SetStop(99, None)
     assert parse_writer_message(build_set_stop(None, 5.0)) == SetStop(None, 5.0)
-    assert parse_writer_message(build_close()) == Close()
+    assert parse_writer_message(build_close()) == CloseSession()
 
 
 @pytest.mark.parametrize("frames, reason", [
@@ -74,7 +76,7 @@ def test_buffer_messages_round_trip():
     assert parse_buffer_message(build_gap(Gap(None, None, "source_reset", 0))) == Gap(None, None, "source_reset", 0)
     assert parse_buffer_message(build_end(End("stop_pulse_id", 99))) == End("stop_pulse_id", 99)
     assert parse_buffer_message(build_heartbeat(Heartbeat(1, 2))) == Heartbeat(1, 2)
-    assert parse_buffer_message(build_error(ErrorReason.NOT_JSON, "oops")) == Error("not_json", "oops")
+    assert parse_buffer_message(build_error(ErrorReason.NOT_JSON, "oops")) == Refused("not_json", "oops")
     assert parse_buffer_message(build_accepted(Accepted(64, None, None))) == Accepted(64, None, None)
 
 

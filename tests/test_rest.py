@@ -17,13 +17,14 @@ import pytest
 import requests
 
 from sf_bsread_writer import client as client_module
-from sf_bsread_writer import replay
 from sf_bsread_writer.client import WriterClient, WriterError
-from sf_bsread_writer.h5format import FILE_ATTRIBUTES, H5File
+from sf_bsread_writer.core import replay_messages as replay
+from sf_bsread_writer.core.protocol import build_message
+from sf_bsread_writer.h5.file import H5File
+from sf_bsread_writer.h5.layout import FILE_ATTRIBUTES
 from sf_bsread_writer.httpserver import HttpServer
-from sf_bsread_writer.protocol import build_message
-from sf_bsread_writer.rest import make_app
-from sf_bsread_writer.writer import Writer, WriterSettings
+from sf_bsread_writer.writer.rest import make_app
+from sf_bsread_writer.writer.service import Writer, WriterSettings
 from tests.helpers import wait_for
 
 PARAMETERS = {"general/created": "2024-01-01T00:00:00", "general/user": "e12345",
@@ -242,7 +243,7 @@ def test_a_range_written_through_the_api(api):
 def test_stop_closes_the_file_and_answers_when_closed(api):
     call(api, "PUT", "/start_pulse_id/10")
     api.source.send(10, 11, 12)
-    wait_for(lambda: api.writer.statistics()["messages_written"] == 3, message="3 messages")
+    wait_for(lambda: api.writer.statistics().messages_written == 3, message="3 messages")
     assert call(api, "GET", "/stop") == (200, {"state": "ok", "status": "finished"})
     assert api.writer.done.is_set() and api.source.closed.is_set()
     with h5py.File(api.root / "out.h5", "r") as file:
@@ -264,7 +265,7 @@ def test_stop_now_closes_a_silent_source_at_once(api):
     assert call(api, "PUT", "/stop_now")[1]["status"] in ("writing", "finishing", "finished")
     wait_for(lambda: api.writer.done.is_set(), timeout=15, message="stop_now on a silent source")
     statistics = api.writer.statistics()
-    assert statistics["end_reason"] == "source_silent" and statistics["messages_before_start"] == 1
+    assert statistics.end_reason == "source_silent" and statistics.messages_before_start == 1
     assert api.source.stops and api.source.stops[0][1] is not None
 
 
@@ -332,11 +333,11 @@ def test_a_late_stop_cuts_the_file_and_every_attribute_is_documented(api):
     call(api, "PUT", "/start_pulse_id/10")
     api.source.send(10, 11, 12, 13, 14, 15)
     api.source.events.put(replay.Gap(None, None, "before_buffer", 2))  # unlocated: in the attributes
-    wait_for(lambda: api.writer.statistics()["gap_notices"] == 1, message="6 messages and the gap")
+    wait_for(lambda: api.writer.statistics().gap_notices == 1, message="6 messages and the gap")
     assert call(api, "PUT", "/stop_pulse_id/12")[1]["status"] in ("writing", "finishing", "finished")
     wait_for(api.writer.done.is_set, message="the writer to finish")
     statistics = api.writer.statistics()
-    assert (statistics["messages_written"], statistics["last_pulse_id"], statistics["end_reason"]) == \
+    assert (statistics.messages_written, statistics.last_pulse_id, statistics.end_reason) == \
         (3, 12, "stop_reached")
     with h5py.File(api.root / "out.h5", "r") as file:
         assert list(file["data/VALUE/pulse_id"][()]) == [10, 11, 12]
@@ -365,7 +366,7 @@ def test_a_range_by_time_has_the_documented_attributes(tmp_path):
     writer = _writer(tmp_path, source, clock=clock)
     writer.start_now()
     source.send(1, 2, 3, timestamp=1000.0)
-    wait_for(lambda: writer.statistics()["messages_written"] == 3, message="3 messages")
+    wait_for(lambda: writer.statistics().messages_written == 3, message="3 messages")
     clock.now = 2000.0
     writer.stop_now()  # nothing follows: the silent source ends the run
     assert writer.done.wait(30)
@@ -392,13 +393,13 @@ def test_rows_are_flushed_within_the_interval_without_a_new_row(tmp_path, source
     source, clock = source_class(), Clock(0.0)
     writer = _writer(tmp_path, source, lambda start: H5File(start.output_file, flush_interval=1.0, clock=clock))
     try:
-        writer.start_pulse_id(1)
+        writer.start_at_pulse(1)
         source.send(1, 2, 3)
-        wait_for(lambda: writer.statistics()["messages_written"] == 3, message="3 messages")
-        assert writer.statistics()["rows_flushed"] == 0  # the interval has not passed yet
+        wait_for(lambda: writer.statistics().messages_written == 3, message="3 messages")
+        assert writer.statistics().rows_flushed == 0  # the interval has not passed yet
         clock.now = 1.5
-        wait_for(lambda: writer.statistics()["rows_flushed"] == 3, message="the idle flush")
+        wait_for(lambda: writer.statistics().rows_flushed == 3, message="the idle flush")
         if source_class is NeverQuietSource:
-            assert writer.statistics()["messages_out_of_order"] > 0
+            assert writer.statistics().messages_out_of_order > 0
     finally:
         writer.stop(wait=30)

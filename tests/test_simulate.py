@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import zmq
 
-from sf_bsread_writer.protocol import MessageParser
-from sf_bsread_writer.simulate import Simulator, channel_metadata, expected_values, parse_image_shape
+from sf_bsread_writer.core.protocol import MessageParser
+from sf_bsread_writer.tools.simulate import Simulator, channel_metadata, expected_values, parse_image_shape
 from tests.helpers import Child
 
 DEADLINE = 30.0
@@ -98,7 +98,7 @@ def test_bad_arguments():
 
 
 def test_cli_count_then_exit():
-    with Child.python_module("sf_bsread_writer.simulate", "--profile", "scalars", "--n-channels", "3",
+    with Child.python_module("sf_bsread_writer.tools.simulate", "--profile", "scalars", "--n-channels", "3",
                              "--port", "0", "--rate", "0", "--count", "5", "--start-pulse-id", "42") as child:
         ready = json.loads(child.wait_for_line("READY ").split("READY ", 1)[1])
         assert ready["address"].startswith("tcp://127.0.0.1:")
@@ -120,7 +120,7 @@ def test_cli_count_then_exit():
 
 
 def test_cli_sigterm_exits_cleanly():
-    with Child.python_module("sf_bsread_writer.simulate", "--profile", "mixed", "--port", "0",
+    with Child.python_module("sf_bsread_writer.tools.simulate", "--profile", "mixed", "--port", "0",
                              "--rate", "100") as child:
         child.wait_for_line("READY ")  # no consumer: the sender waits for one, SIGTERM must still work
         child.signal(signal.SIGTERM)

@@ -23,12 +23,14 @@ import hdf5plugin  # noqa: F401  (bitshuffle filter for reading)
 import numpy as np
 import pytest
 
-from sf_bsread_writer.buffer import Buffer
+from sf_bsread_writer.buffer.service import Buffer
 from sf_bsread_writer.client import WriterClient
+from sf_bsread_writer.core.status import RingStatus
 from sf_bsread_writer.httpserver import HttpServer
-from sf_bsread_writer.rest import make_app
-from sf_bsread_writer.simulate import Simulator, channel_metadata, expected_values
-from sf_bsread_writer.writer import Writer, WriterSettings, drop_privileges, main
+from sf_bsread_writer.tools.simulate import Simulator, channel_metadata, expected_values
+from sf_bsread_writer.writer.cli import drop_privileges, main
+from sf_bsread_writer.writer.rest import make_app
+from sf_bsread_writer.writer.service import Writer, WriterSettings
 from tests.helpers import Child, wait_for
 
 PROFILE = "mixed"
@@ -56,11 +58,11 @@ class Stream:
         self.replay = self.buffer.replay_address
         self.output = self.buffer.output_address
 
-    def ring(self) -> dict:
-        return self.buffer.statistics()["ring"]
+    def ring(self) -> RingStatus:
+        return self.buffer.statistics().ring
 
     def wait_for_pulse(self, pulse_id: int) -> None:
-        wait_for(lambda: (self.ring()["newest_pulse_id"] or 0) >= pulse_id, timeout=DEADLINE,
+        wait_for(lambda: (self.ring().newest_pulse_id or 0) >= pulse_id, timeout=DEADLINE,
                  message=f"pulse {pulse_id} in the buffer")
 
     def close(self) -> None:
@@ -136,8 +138,8 @@ def assert_values(path: str | os.PathLike, pulse_ids: list[int], rows: int | Non
 def test_past_range_with_exact_values_through_the_cli(stream, tmp_path):
     """The point of the buffer: a range that was over before the writer started."""
     ring = stream.ring()
-    start, stop = ring["oldest_pulse_id"] + 20, ring["oldest_pulse_id"] + 99
-    assert stop < ring["newest_pulse_id"]
+    start, stop = ring.oldest_pulse_id + 20, ring.oldest_pulse_id + 99
+    assert stop < ring.newest_pulse_id
     output = tmp_path / "deep" / "past.h5"
     child, client = writer_process(stream.replay, output)
     with child:
@@ -158,7 +160,7 @@ def test_past_range_with_exact_values_through_the_cli(stream, tmp_path):
 
 def test_a_stop_pulse_that_arrives_after_it_was_written_cuts_the_file(stream, tmp_path):
     """start_pulse_id, then stop_pulse_id: the replay may run past the stop in between; the file ends at the stop."""
-    start = stream.ring()["oldest_pulse_id"]
+    start = stream.ring().oldest_pulse_id
     with in_process_writer(stream.replay, tmp_path / "late_stop.h5") as (writer, client):
         client.start_pulse_id(start)
         wait_for(lambda: client.statistics()["messages_written"] >= 60, timeout=DEADLINE, message="60 messages")
@@ -175,7 +177,7 @@ def test_a_stop_pulse_that_arrives_after_it_was_written_cuts_the_file(stream, tm
 
 
 def test_two_writers_with_overlapping_ranges_at_once(stream, tmp_path):
-    newest = stream.ring()["newest_pulse_id"]
+    newest = stream.ring().newest_pulse_id
     ranges = [(newest - 120, newest + 30), (newest - 60, newest + 60)]  # past and future, overlapping
     with in_process_writer(stream.replay, tmp_path / "a.h5") as (_, first), \
             in_process_writer(stream.replay, tmp_path / "b.h5") as (_, second):
@@ -221,7 +223,7 @@ def test_ending_mid_run_leaves_a_closed_readable_file(stream, tmp_path, how):
     output = tmp_path / f"{how}.h5"
     child, client = writer_process(stream.replay, output)
     with child:
-        client.start_pulse_id(stream.ring()["newest_pulse_id"])  # open-ended: no stop pulse
+        client.start_pulse_id(stream.ring().newest_pulse_id)  # open-ended: no stop pulse
         wait_for(lambda: client.statistics()["messages_written"] >= 10, timeout=DEADLINE, message="10 messages")
         if how == "stop":
             assert client.stop() == "finished"
@@ -242,7 +244,7 @@ def test_kill_9_leaves_the_data_up_to_the_last_flush(stream, tmp_path):
     output = tmp_path / "sigkill.h5"
     child, client = writer_process(stream.replay, output, "--flush-interval", "0.2")
     with child:
-        client.start_pulse_id(stream.ring()["oldest_pulse_id"])
+        client.start_pulse_id(stream.ring().oldest_pulse_id)
         flushed = wait_for(lambda: client.statistics()["rows_flushed"] >= 50 and client.statistics()["rows_flushed"],
                            timeout=DEADLINE, message="50 rows flushed")
         child.signal(signal.SIGKILL)
@@ -281,7 +283,7 @@ def test_a_source_that_dies_before_the_stop_pulse(tmp_path):
 def test_direct_mode_reads_a_plain_stream(stream, tmp_path):
     """--direct: no buffer in between; here the buffer's live output (PUB) is the plain bsread stream."""
     with in_process_writer(stream.output, tmp_path / "direct.h5", direct=True, direct_mode="sub") as (_, client):
-        start = stream.ring()["newest_pulse_id"] + 100  # live only: a start after the SUB has joined
+        start = stream.ring().newest_pulse_id + 100  # live only: a start after the SUB has joined
         client.start_pulse_id(start)
         client.stop_pulse_id(start + 29)
         assert client.wait_for("finished", timeout=DEADLINE) == "finished"
@@ -293,7 +295,7 @@ def test_direct_mode_reads_a_plain_stream(stream, tmp_path):
 
 def test_dev_null_consumes_without_writing(stream):
     ring = stream.ring()
-    start = ring["oldest_pulse_id"] + 5
+    start = ring.oldest_pulse_id + 5
     with in_process_writer(stream.replay, "/dev/null") as (_, client):
         client.start_pulse_id(start)
         client.stop_pulse_id(start + 49)
@@ -330,7 +332,7 @@ def test_user_id_drops_privileges_and_says_when_it_cannot(stream, shared_directo
     nobody = 65534
     child, client = writer_process(stream.replay, shared / "as_nobody.h5", user_id=str(nobody))
     with child:
-        start = stream.ring()["oldest_pulse_id"]
+        start = stream.ring().oldest_pulse_id
         client.start_pulse_id(start)
         client.stop_pulse_id(start + 9)
         assert child.wait(timeout=DEADLINE) == 0

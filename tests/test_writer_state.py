@@ -5,19 +5,18 @@ import os
 
 import pytest
 
-from sf_bsread_writer.writer import (
+from sf_bsread_writer.core.acquisition import (
     BadRequest,
-    Close,
-    PulseRange,
-    SetStop,
-    Start,
+    EndRun,
+    MoveStop,
+    StartRun,
     State,
-    Verdict,
     WriterControl,
     WrongState,
     parse_pulse_id,
-    resolve_output_file,
 )
+from sf_bsread_writer.core.pulse_range import PulseRange, Verdict
+from sf_bsread_writer.writer.outputs import resolve_output_file
 
 PARAMETERS = {"general/created": "2024-01-01T00:00:00", "general/user": "e12345",
               "general/process": "daq", "general/instrument": "alvra"}
@@ -99,9 +98,9 @@ def test_happy_path_by_pulse_id():
     assert control.set_parameters({**PARAMETERS, "extra/key": [1, 2]})["extra/key"] == [1, 2]
     assert control.stop_at_pulse(200) is None  # before the start: remembered, nothing to send yet
     start = control.start_at_pulse(100)
-    assert start == Start("out.h5", 100, None, 200, None, {**PARAMETERS, "extra/key": [1, 2]})
+    assert start == StartRun("out.h5", 100, None, 200, None, {**PARAMETERS, "extra/key": [1, 2]})
     assert control.state is State.WRITING
-    assert control.stop_at_pulse(150) == SetStop(150, None)  # moved while writing
+    assert control.stop_at_pulse(150) == MoveStop(150, None)  # moved while writing
     control.finishing("stop_reached")
     assert control.state is State.FINISHING
     control.finished()
@@ -112,10 +111,10 @@ def test_start_now_and_stop_now_use_the_given_clock():
     control = WriterControl("out.h5")
     start = control.start_now(1000.5, output_file="other.h5")
     assert (start.start_pulse_id, start.start_time, start.output_file) == (None, 1000.5, "other.h5")
-    assert control.stop_now(1010.25) == SetStop(None, 1010.25, now=True)
+    assert control.stop_now(1010.25) == MoveStop(None, 1010.25, now=True)
     # A second stop_now never moves the stop later.
-    assert control.stop_now(1020.0) == SetStop(None, 1010.25, now=True)
-    assert control.stop_at_pulse(5) == SetStop(5, 1010.25)  # whichever comes first
+    assert control.stop_now(1020.0) == MoveStop(None, 1010.25, now=True)
+    assert control.stop_at_pulse(5) == MoveStop(5, 1010.25)  # whichever comes first
 
 
 def test_output_file_is_checked_at_start():
@@ -163,7 +162,7 @@ def test_wrong_state_is_409():
         control.start_now(2.0)
     with pytest.raises(WrongState, match="parameters can only be set before the start"):
         control.set_parameters(PARAMETERS)
-    assert control.stop() == Close("stopped")
+    assert control.stop() == EndRun("stopped")
     assert control.state is State.FINISHING
     for request in (lambda: control.stop_at_pulse(20), lambda: control.stop_now(3.0),
                     lambda: control.start_at_pulse(30), lambda: control.set_parameters(PARAMETERS)):

@@ -29,13 +29,12 @@ on a network.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,13 +42,15 @@ from typing import Any
 import numpy as np
 import zmq
 
-from . import config
-from .config import BRIDGE_ENV_PREFIX, BRIDGE_OPTIONS, parse_args
-from .protocol import build_message
+from .. import process
+from ..config import BRIDGE_ENV_PREFIX, BRIDGE_OPTIONS, parse_args
+from ..core.protocol import build_message
+from .environment import prepare_client_environment
 
-__all__ = ["main", "Bridge", "PVState", "read_pv_file", "prepare_client_environment", "BSREAD_TYPE_BY_CA_TYPE"]
+__all__ = ["main", "Bridge", "PVState", "read_pv_file", "BSREAD_TYPE_BY_CA_TYPE"]
 
-logger = logging.getLogger(__name__)
+# The import path even when run as ``python -m`` (where __name__ is "__main__").
+logger = logging.getLogger(__spec__.name)
 
 #: CA native type (pyepics/libca numbering) -> bsread type. ENUM is sent as its index.
 BSREAD_TYPE_BY_CA_TYPE: dict[int, str] = {
@@ -63,15 +64,6 @@ BSREAD_TYPE_BY_CA_TYPE: dict[int, str] = {
 }
 
 _SUMMARY_INTERVAL_S = 30.0
-
-
-def prepare_client_environment(environ: MutableMapping[str, str]) -> list[str]:
-    """Secure default for a CA client: no address list configured -> search 127.0.0.1 only."""
-    if environ.get("EPICS_CA_ADDR_LIST") or environ.get("EPICS_CA_AUTO_ADDR_LIST"):
-        return []
-    environ["EPICS_CA_ADDR_LIST"] = "127.0.0.1"
-    environ["EPICS_CA_AUTO_ADDR_LIST"] = "NO"
-    return ["EPICS_CA_ADDR_LIST=127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST=NO"]
 
 
 def read_pv_file(path: str | os.PathLike) -> list[str]:
@@ -290,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``sf_bsread_ca_bridge --pv NAME ... --port P``; returns the exit code."""
     args = parse_args("sf_bsread_ca_bridge", "Bring EPICS Channel Access PVs into a bsread stream.",
                       BRIDGE_OPTIONS, BRIDGE_ENV_PREFIX, argv)
-    config.configure_logging(args.log_level)
+    process.configure_logging(args.log_level)
     names = list(args.pvs or [])
     if args.pv_file:
         try:
@@ -310,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", error)
         return 2
 
-    config.stop_on_signals(bridge.stop)
+    process.stop_on_signals(lambda name: bridge.stop())
     try:
         address = bridge.open()
     except zmq.ZMQError as error:
@@ -318,8 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         bridge.connect()
-        print("READY " + json.dumps({"address": address, "mode": args.mode, "rate": args.rate,
-                                     "pvs": bridge.pv_names, "pulse_id_pv": args.pulse_id_pv}), flush=True)
+        process.print_ready({"address": address, "mode": args.mode, "rate": args.rate,
+                             "pvs": bridge.pv_names, "pulse_id_pv": args.pulse_id_pv})
         bridge.run()
         logger.info("%s", bridge.summary())
     finally:

@@ -5,8 +5,8 @@ channel`` and the buffer's status as ``NAME:PULSE_ID`` and friends (see
 docs/gateway.md). The gateway always runs as its own process: caproto's
 server slows down badly when the same process also keeps a core busy with
 Python work (the buffer's ingest), and the buffer's ingest must never wait
-for a CA client. The buffer starts it with :func:`start_process`, which
-returns a :class:`GatewaySupervisor` that restarts the gateway if it dies.
+for a CA client. The buffer starts it with its ``--ca`` as a supervised
+child (``buffer.children``) fed by a rate-limited loopback feed.
 
 Inside the process:
 
@@ -16,12 +16,13 @@ Inside the process:
 * the asyncio loop applies the newest message at most ``--max-rate`` times
   a second (fewer if ``--total-rate`` would be exceeded by the PVs clients
   watch), so camonitor clients are not flooded;
-* a status thread polls the buffer's ``GET /statistics`` once a second;
+* a status thread polls the buffer's ``GET /statistics`` once a second and
+  reads it back as the typed ``core.status.BufferStatus``;
 * the caproto server runs under a supervisor coroutine that restarts it if
   it ever stops with an error.
 
 Channel Access stays on this machine unless the EPICS environment says
-otherwise: see :func:`prepare_epics_environment`.
+otherwise: see ``ca.environment``.
 """
 from __future__ import annotations
 
@@ -29,38 +30,26 @@ import asyncio
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import config
-from .config import GATEWAY_ENV_PREFIX, GATEWAY_OPTIONS, parse_args
+from .. import process
+from ..config import GATEWAY_ENV_PREFIX, GATEWAY_OPTIONS, parse_args
+from ..core.protocol import MessageParser
+from ..core.rates import RateEstimator
+from ..core.status import BufferStatus
+from .environment import prepare_server_environment
 
-__all__ = [
-    "main",
-    "start_process",
-    "GatewaySupervisor",
-    "prepare_epics_environment",
-    "CAPROTO_TUNING",
-    "STATUS_PVS",
-    "gateway_command",
-]
+__all__ = ["main", "Gateway", "GatewaySettings", "STATUS_PVS"]
 
-logger = logging.getLogger(__name__)
-
-#: caproto batching that keeps 100 Hz updates on time (its defaults delivered
-#: them up to 1 s late in research runs). Applied unless already set.
-CAPROTO_TUNING = {
-    "CAPROTO_SERVER_HIGH_LOAD_TIMEOUT_SEC": "0.001",
-    "CAPROTO_SERVER_MAX_LATENCY_SEC": "0.02",
-}
+# The import path even when run as ``python -m`` (where __name__ is "__main__").
+logger = logging.getLogger(__spec__.name)
 
 # (suffix, CA type, meaning). Counters are DOUBLE: they outgrow a 32-bit LONG.
 STATUS_PVS: tuple[tuple[str, str, str], ...] = (
@@ -77,50 +66,8 @@ STATUS_PVS: tuple[tuple[str, str, str], ...] = (
     ("MAX_RATE", "DOUBLE", "most updates per second of one PV (writable with --writable)"),
 )
 
-# The beacon/interface defaults used when the environment does not name any:
-# nothing leaves this machine, nothing is broadcast.
-_LOOPBACK_DEFAULTS = {
-    "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
-    "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
-    "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
-}
-
 # Seconds without a message after which every channel PV is flagged INVALID/COMM.
 STALE_AFTER_S = 3.0
-
-
-def prepare_epics_environment(environ: MutableMapping[str, str]) -> list[str]:
-    """Complete ``environ`` for a CA server the way EPICS base reads it; returns what was changed.
-
-    * EPICS_CAS_SERVER_PORT (server only) wins over EPICS_CA_SERVER_PORT;
-      caproto reads only the latter, so it is copied.
-    * EPICS_CAS_BEACON_PORT defaults to EPICS_CA_REPEATER_PORT, as in EPICS
-      base (caproto would use 5065 whatever the repeater port).
-    * Secure default: when the environment names no server interface, the
-      server listens on 127.0.0.1 only, and when it names no beacon
-      addresses, beacons go to 127.0.0.1 only (caproto would broadcast them
-      to 255.255.255.255). Set the standard variables to serve a network.
-    """
-    changes: list[str] = []
-
-    def put(key: str, value: str) -> None:
-        environ[key] = value
-        changes.append(f"{key}={value}")
-
-    if environ.get("EPICS_CAS_SERVER_PORT"):
-        if environ.get("EPICS_CA_SERVER_PORT") != environ["EPICS_CAS_SERVER_PORT"]:
-            put("EPICS_CA_SERVER_PORT", environ["EPICS_CAS_SERVER_PORT"])
-    if not environ.get("EPICS_CAS_BEACON_PORT") and environ.get("EPICS_CA_REPEATER_PORT"):
-        put("EPICS_CAS_BEACON_PORT", environ["EPICS_CA_REPEATER_PORT"])
-    if not environ.get("EPICS_CAS_INTF_ADDR_LIST"):
-        put("EPICS_CAS_INTF_ADDR_LIST", _LOOPBACK_DEFAULTS["EPICS_CAS_INTF_ADDR_LIST"])
-    if not environ.get("EPICS_CAS_BEACON_ADDR_LIST") and not environ.get("EPICS_CAS_AUTO_BEACON_ADDR_LIST"):
-        put("EPICS_CAS_AUTO_BEACON_ADDR_LIST", _LOOPBACK_DEFAULTS["EPICS_CAS_AUTO_BEACON_ADDR_LIST"])
-        put("EPICS_CAS_BEACON_ADDR_LIST", _LOOPBACK_DEFAULTS["EPICS_CAS_BEACON_ADDR_LIST"])
-    for key, value in CAPROTO_TUNING.items():
-        if key not in environ:
-            put(key, value)
-    return changes
 
 
 # --------------------------------------------------------------------------
@@ -195,12 +142,14 @@ class _Ingest(threading.Thread):
 # Status: the buffer's GET /statistics, once a second
 # --------------------------------------------------------------------------
 class _StatusPoller(threading.Thread):
+    """The buffer's ``GET /statistics`` once a second, as a typed snapshot (``latest``)."""
+
     def __init__(self, base_url: str, interval: float = 1.0) -> None:
         super().__init__(name="gateway-status", daemon=True)
         self.url = base_url.rstrip("/") + "/statistics"
         self.interval = interval
         self._stop_event = threading.Event()
-        self.latest: dict[str, Any] | None = None
+        self.latest: BufferStatus | None = None
         self.latest_monotonic: float | None = None
         self.failures = 0
 
@@ -213,27 +162,15 @@ class _StatusPoller(threading.Thread):
             try:
                 with urllib.request.urlopen(self.url, timeout=max(0.5, self.interval)) as answer:
                     document = json.loads(answer.read())
-                statistics = document.get("statistics") if isinstance(document, dict) else None
-                if not isinstance(statistics, dict):
+                if not isinstance(document, dict) or "statistics" not in document:
                     raise ValueError("answer has no 'statistics' object")
-                statistics = dict(statistics)
-                statistics["_status"] = document.get("status")
-                self.latest = statistics
+                self.latest = BufferStatus.from_json(document["statistics"])
                 self.latest_monotonic = time.monotonic()
-            except (OSError, ValueError, urllib.error.URLError) as error:
+            except (OSError, ValueError, TypeError, urllib.error.URLError) as error:
                 self.failures += 1
                 if self.failures == 1 or self.failures % 60 == 0:
                     logger.warning("buffer status %s unavailable (%d times): %s", self.url, self.failures, error)
             self._stop_event.wait(max(0.0, self.interval - (time.monotonic() - started)))
-
-
-def _dig(document: dict[str, Any] | None, *path: str) -> Any:
-    value: Any = document
-    for key in path:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
 
 
 # --------------------------------------------------------------------------
@@ -257,8 +194,7 @@ class Gateway:
     """Owns the PV database, the caproto server and the loops that feed it."""
 
     def __init__(self, settings: GatewaySettings) -> None:
-        from . import caserver
-        from .protocol import MessageParser
+        from . import server as caserver  # imports caproto.server: after the environment is prepared
 
         self.settings = settings
         self.cs = caserver
@@ -283,7 +219,7 @@ class Gateway:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.rejected = 0
         self.server_restarts = 0
-        self._rate_window: list[tuple[float, int]] = []
+        self._own_rates = RateEstimator(window=5.0)
         self.newest_pulse_id: int | None = None
         self.last_applied_monotonic: float | None = None
 
@@ -378,8 +314,7 @@ class Gateway:
         }
         if any(host.startswith("255.") or host.endswith(".255") for host, _ in context.beacon_socks):
             logger.warning("CA beacons are broadcast (%s): set EPICS_CAS_BEACON_ADDR_LIST", ready["beacons"])
-        # The readiness line is part of the CLI contract (like the buffer's): stdout, whatever the log level.
-        print("READY " + json.dumps(ready), flush=True)
+        process.print_ready(ready)
 
     async def _apply_loop(self) -> None:
         next_due = 0.0
@@ -433,16 +368,16 @@ class Gateway:
             "IDLE_S": own_idle,
             "RATE": self._own_rate(),
         }
-        from_buffer = {
-            "PULSE_ID": _dig(statistics, "ring", "newest_pulse_id"),
-            "OLDEST_PULSE_ID": _dig(statistics, "ring", "oldest_pulse_id"),
-            "RATE": _dig(statistics, "rates", "messages_per_second"),
-            "N_MESSAGES": _dig(statistics, "ring", "messages"),
-            "RECEIVED": _dig(statistics, "received"),
-            "REJECTED": _dig(statistics, "rejected_total"),
-            "IDLE_S": _dig(statistics, "source", "idle_seconds"),
-            "N_WRITERS": _dig(statistics, "replay", "active_sessions"),
-            "STATE": _dig(statistics, "_status"),
+        from_buffer = {} if statistics is None else {
+            "PULSE_ID": statistics.ring.newest_pulse_id,
+            "OLDEST_PULSE_ID": statistics.ring.oldest_pulse_id,
+            "RATE": statistics.rates.messages_per_second,
+            "N_MESSAGES": statistics.ring.messages,
+            "RECEIVED": statistics.received,
+            "REJECTED": statistics.rejected_total,
+            "IDLE_S": statistics.source.idle_seconds,
+            "N_WRITERS": statistics.replay.active_sessions,
+            "STATE": statistics.describe(),
         }
         for suffix, status_pv in self.status.items():
             if suffix == "MAX_RATE":
@@ -469,14 +404,9 @@ class Gateway:
             await status_pv.pv.set_value(value, stamp)
 
     def _own_rate(self) -> float | None:
-        now = time.monotonic()
-        window = self._rate_window
-        window.append((now, self.ingest.received))
-        while len(window) > 2 and now - window[0][0] > 5.0:
-            window.pop(0)
-        if len(window) < 2 or window[-1][0] - window[0][0] <= 0:
-            return None
-        return (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
+        """Messages per second this gateway receives (used when the buffer's status is unavailable)."""
+        self._own_rates.add(time.monotonic(), self.ingest.received)
+        return self._own_rates.rate()
 
 
 def _alive(pid: int) -> bool:
@@ -499,13 +429,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``sf_bsread_gateway BUFFER_OUTPUT [--status-url URL] ...``; returns the exit code."""
     args = parse_args("sf_bsread_gateway", "Serve a bsread buffer's live stream and status as EPICS PVs.",
                       GATEWAY_OPTIONS, GATEWAY_ENV_PREFIX, argv)
-    config.configure_logging(args.log_level)
-    changes = prepare_epics_environment(os.environ)
+    process.configure_logging(args.log_level)
+    changes = prepare_server_environment(os.environ)
     if changes:
         logger.info("EPICS environment completed: %s", ", ".join(changes))
     if "caproto.server.common" in sys.modules:
         logger.warning("caproto was imported before the tuning variables were set; they may not apply")
-    from . import caserver  # imports caproto.server: after the environment is prepared
+    from . import server as caserver  # imports caproto.server: after the environment is prepared
 
     logger.info("caproto tuning: %s", caserver.caproto_tuning())
     settings = GatewaySettings(
@@ -528,111 +458,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _run(settings: GatewaySettings) -> int:
     gateway = Gateway(settings)
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, gateway.stop)
-    code = await gateway.run()
+    restore = process.stop_on_signals(lambda name: loop.call_soon_threadsafe(gateway.stop))
+    try:
+        code = await gateway.run()
+    finally:
+        restore()
     logger.info("gateway stopped (exit code %d)", code)
     return code
-
-
-# --------------------------------------------------------------------------
-# For the buffer's --ca: the gateway as a supervised child process
-# --------------------------------------------------------------------------
-def gateway_command(buffer_output: str, status_url: str | None = None, prefix: str = "",
-                    name: str = "BSBUFFER", *, log_level: str = "INFO",
-                    extra_args: Sequence[str] = (), parent_pid: int | None = None) -> list[str]:
-    """The command line that runs the gateway (``python -m sf_bsread_writer.gateway ...``)."""
-    command = [sys.executable, "-m", "sf_bsread_writer.gateway", buffer_output,
-               "--ca-prefix", prefix, "--name", name, "--log-level", log_level]
-    if status_url:
-        command += ["--status-url", status_url]
-    if parent_pid:
-        command += ["--parent-pid", str(parent_pid)]
-    return command + list(extra_args)
-
-
-class GatewaySupervisor:
-    """Runs the gateway as a child process and restarts it whenever it exits unexpectedly.
-
-    The child inherits stdout/stderr (its logs go where the buffer's go) and
-    the environment (EPICS_* settings). It exits by itself if the process
-    that started it disappears (``--parent-pid``), so a ``kill -9`` of the
-    buffer leaves no orphan serving stale PVs.
-    """
-
-    def __init__(self, command: list[str], env: dict[str, str] | None = None,
-                 max_backoff: float = 30.0) -> None:
-        self.command = command
-        self.env = env
-        self.max_backoff = max_backoff
-        self.process: subprocess.Popen | None = None
-        self.restarts = 0
-        self._stop_event = threading.Event()
-        self._thread = threading.Thread(target=self._supervise, name="gateway-supervisor", daemon=True)
-
-    def start(self) -> "GatewaySupervisor":
-        self.process = self._spawn()
-        self._thread.start()
-        return self
-
-    def _spawn(self) -> subprocess.Popen:
-        logger.info("starting CA gateway: %s", " ".join(self.command))
-        return subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL)
-
-    def _supervise(self) -> None:
-        backoff = 1.0
-        while not self._stop_event.is_set():
-            process = self.process
-            assert process is not None
-            started = time.monotonic()
-            while process.poll() is None:
-                if self._stop_event.wait(0.5):
-                    return
-            if self._stop_event.is_set():
-                return
-            logger.error("CA gateway exited with %s; restarting in %.0f s", process.returncode, backoff)
-            if self._stop_event.wait(backoff):
-                return
-            backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, self.max_backoff)
-            self.restarts += 1
-            self.process = self._spawn()
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, timeout: float = 5.0) -> int | None:
-        """Stop supervising and terminate the gateway (SIGTERM, then SIGKILL after ``timeout``)."""
-        self._stop_event.set()
-        process = self.process
-        if process is None:
-            return None
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=timeout)
-        if self._thread.is_alive():
-            self._thread.join(timeout=timeout)
-        return process.returncode
-
-
-def start_process(buffer_output: str, status_url: str | None = None, prefix: str = "",
-                  name: str = "BSBUFFER", *, source_mode: str = "sub", log_level: str = "INFO",
-                  extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> GatewaySupervisor:
-    """Start the gateway for a buffer's ``--ca`` and keep it running; call ``.stop()`` at shutdown.
-
-    ``buffer_output`` is the bsread stream the gateway reads, as a client
-    connects to it (``tcp://127.0.0.1:PORT``); the buffer passes its own
-    rate-limited loopback feed, never its live output (a PUSH live output
-    would share its messages between the legacy consumer and the gateway).
-    ``status_url`` is the buffer's HTTP base URL (``http://127.0.0.1:REST_PORT``).
-    """
-    command = gateway_command(buffer_output, status_url, prefix, name, log_level=log_level,
-                              extra_args=["--source-mode", source_mode, *extra_args], parent_pid=os.getpid())
-    return GatewaySupervisor(command, env=env).start()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ end, whatever happens.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -23,6 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import requests
+
+from .. import process
+from ..core.status import BufferStatus
 
 __all__ = ["main", "summarize_file"]
 
@@ -50,8 +52,9 @@ class _Process:
         assert self.popen.stdout is not None
         for line in self.popen.stdout:
             line = line.rstrip("\n")
-            if line.startswith("READY ") and self.ready is None:
-                self.ready = json.loads(line[len("READY "):])
+            ready = process.parse_ready(line)
+            if ready is not None and self.ready is None:
+                self.ready = ready
                 self._ready_event.set()
             print(f"  [{self.tag}] {line}", flush=True)
         self._ready_event.set()
@@ -113,8 +116,8 @@ def summarize_file(path: str | os.PathLike) -> str:
     return "\n".join(lines)
 
 
-def _buffer_statistics(rest_url: str) -> dict:
-    return requests.get(f"{rest_url}/statistics", timeout=5).json()["statistics"]
+def _buffer_statistics(rest_url: str) -> BufferStatus:
+    return BufferStatus.from_json(requests.get(f"{rest_url}/statistics", timeout=5).json()["statistics"])
 
 
 def run(output_dir: Path = OUTPUT_DIR) -> Path:
@@ -125,7 +128,7 @@ def run(output_dir: Path = OUTPUT_DIR) -> Path:
     processes: list[_Process] = []
     try:
         print("1. simulator: camera image (bitshuffle_lz4), scalars and strings at 100 Hz", flush=True)
-        simulator = _Process("simulate", ["sf_bsread_writer.simulate", "--profile", "demo", "--port", "0",
+        simulator = _Process("simulate", ["sf_bsread_writer.tools.simulate", "--profile", "demo", "--port", "0",
                                           "--rate", "100"])
         processes.append(simulator)
         source = simulator.wait_ready()["address"]
@@ -139,10 +142,10 @@ def run(output_dir: Path = OUTPUT_DIR) -> Path:
 
         # Let the buffer accumulate: the range to write lies entirely in the past.
         stats = _poll("300 messages in the buffer",
-                      lambda: (s := _buffer_statistics(rest)) and s["ring"]["messages"] >= 300 and s, 60)
-        start_pulse_id = stats["ring"]["oldest_pulse_id"] + 50
+                      lambda: (s := _buffer_statistics(rest)).ring.messages >= 300 and s, 60)
+        start_pulse_id = stats.ring.oldest_pulse_id + 50
         stop_pulse_id = start_pulse_id + RANGE_LENGTH - 1
-        print(f"3. buffer holds pulses {stats['ring']['oldest_pulse_id']}..{stats['ring']['newest_pulse_id']};"
+        print(f"3. buffer holds pulses {stats.ring.oldest_pulse_id}..{stats.ring.newest_pulse_id};"
               f" writing {start_pulse_id}..{stop_pulse_id}, a range that is already past", flush=True)
 
         writer = _Process("writer", ["sf_bsread_writer.writer", endpoints["replay"], str(output_file), "-1", "0",
@@ -150,7 +153,7 @@ def run(output_dir: Path = OUTPUT_DIR) -> Path:
         processes.append(writer)
         api = writer.wait_ready()["rest"]
         parameters = {"general/created": time.strftime("%Y-%m-%dT%H:%M:%S"), "general/user": "demo",
-                      "general/process": "sf_bsread_writer.demo", "general/instrument": "simulation"}
+                      "general/process": "sf_bsread_writer.tools.demo", "general/instrument": "simulation"}
         for method, path, body in (("POST", "/parameters", parameters),
                                    ("PUT", f"/start_pulse_id/{start_pulse_id}", None),
                                    ("PUT", f"/stop_pulse_id/{stop_pulse_id}", None)):
@@ -167,12 +170,12 @@ def run(output_dir: Path = OUTPUT_DIR) -> Path:
         print(summarize_file(output_file), flush=True)
         return output_file
     finally:
-        for process in reversed(processes):
-            process.stop()
+        for child in reversed(processes):
+            child.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    process.configure_logging("INFO")
     try:
         run()
     except (RuntimeError, requests.RequestException, subprocess.TimeoutExpired) as error:

@@ -42,7 +42,7 @@ from caproto.server import common as _server_common
 from caproto.server.server import (ChannelByte, ChannelData, ChannelDouble, ChannelFloat,
                                    ChannelInteger, ChannelShort, ChannelString)
 
-from .camapping import MAX_STRING_BYTES, CaMapping, fits_dbr_string, map_channel, to_ca_value
+from ..core.camapping import MAX_STRING_BYTES, CaMapping, fits_dbr_string, map_channel, to_ca_value
 
 __all__ = [
     "AccessPolicy",

@@ -14,30 +14,21 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import bottle
 
-from sf_bsread_writer.writer import BadRequest, RequestError, Writer, parse_pulse_id
+from ..core.acquisition import BadRequest, RequestError, parse_pulse_id
+from ..httpserver import RequestCounter, error_answer, install_json_errors, ok_answer
+from .service import Writer
 
-__all__ = ["make_app", "RequestCounter", "MAX_BODY_BYTES"]
+__all__ = ["make_app", "MAX_BODY_BYTES"]
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024  # parameters are a few hundred bytes; anything huge is a mistake
 START_BODY_KEYS = ("output_file",)
-
-
-def _answer(status: str, **extra: Any) -> dict:
-    return {"state": "ok", "status": status, **extra}
-
-
-def _error(http_status: int, message: str) -> str:
-    bottle.response.status = http_status
-    bottle.response.content_type = "application/json"
-    return json.dumps({"state": "error", "status": message})
 
 
 def _read_json_body(required: bool) -> Any:
@@ -73,7 +64,7 @@ def _start_options(body: Any) -> str | None:
     return output_file
 
 
-def make_app(writer: Writer) -> "RequestCounter":
+def make_app(writer: Writer) -> RequestCounter:
     """The Bottle app for ``writer``, wrapped so that the process can wait for answers in flight."""
     app = bottle.Bottle(catchall=True)
 
@@ -85,130 +76,63 @@ def make_app(writer: Writer) -> "RequestCounter":
             except RequestError as error:
                 logger.info("%s %s refused (%d): %s", bottle.request.method, bottle.request.path,
                             error.http_status, error.message)
-                return _error(error.http_status, error.message)
+                return error_answer(error.http_status, error.message)
         wrapper.__name__ = callback.__name__
         return wrapper
 
     @app.get("/status")
     @handle
     def status() -> dict:
-        return _answer(writer.status())
+        return ok_answer(writer.status())
 
     @app.get("/statistics")
     @handle
     def statistics() -> dict:
-        return _answer(writer.status(), statistics=writer.statistics())
+        return ok_answer(writer.status(), statistics=writer.statistics().to_json())
 
     @app.post("/parameters")
     @handle
     def set_parameters() -> dict:
         parameters = writer.set_parameters(_read_json_body(required=True))
-        return _answer(writer.status(), parameters=parameters)
+        return ok_answer(writer.status(), parameters=parameters)
 
     @app.get("/parameters")
     @handle
     def get_parameters() -> dict:
-        return _answer(writer.status(), parameters=writer.parameters())
+        return ok_answer(writer.status(), parameters=writer.parameters())
 
     @app.put("/start_pulse_id/<pulse_id>")
     @handle
     def start_pulse_id(pulse_id: str) -> dict:
         value = parse_pulse_id(pulse_id, "start_pulse_id")
         output_file = _start_options(_read_json_body(required=False))
-        return _answer(writer.start_pulse_id(value, output_file))
+        return ok_answer(writer.start_at_pulse(value, output_file))
 
     @app.put("/stop_pulse_id/<pulse_id>")
     @handle
     def stop_pulse_id(pulse_id: str) -> dict:
-        return _answer(writer.stop_pulse_id(parse_pulse_id(pulse_id, "stop_pulse_id")))
+        return ok_answer(writer.stop_at_pulse(parse_pulse_id(pulse_id, "stop_pulse_id")))
 
     @app.put("/start_now")
     @handle
     def start_now() -> dict:
         output_file = _start_options(_read_json_body(required=False))
-        return _answer(writer.start_now(output_file))
+        return ok_answer(writer.start_now(output_file))
 
     @app.put("/stop_now")
     @handle
     def stop_now() -> dict:
-        return _answer(writer.stop_now())
+        return ok_answer(writer.stop_now())
 
     @app.get("/stop")
     @handle
     def stop() -> dict:
-        return _answer(writer.stop())
+        return ok_answer(writer.stop())
 
     @app.get("/kill")
     @handle
     def kill() -> dict:
-        return _answer(writer.kill())
+        return ok_answer(writer.kill())
 
-    def error_handler(error: bottle.HTTPError) -> str:
-        if error.status_code == 404:
-            message = f"unknown path {bottle.request.path}"
-        elif error.status_code == 405:
-            allowed = error.headers.get("Allow", "")
-            message = f"method {bottle.request.method} not allowed on {bottle.request.path} (allowed: {allowed})"
-        elif error.status_code >= 500:
-            if error.exception is not None:
-                logger.error("%s %s failed: %s", bottle.request.method, bottle.request.path, error.exception,
-                             exc_info=(type(error.exception), error.exception, error.exception.__traceback__))
-                message = f"internal error: {type(error.exception).__name__}: {error.exception}"
-            else:
-                message = f"internal error: {error.body}"
-        else:
-            message = str(error.body)
-        bottle.response.content_type = "application/json"
-        return json.dumps({"state": "error", "status": message})
-
-    app.default_error_handler = error_handler
+    install_json_errors(app)
     return RequestCounter(app)
-
-
-class RequestCounter:
-    """A WSGI wrapper counting requests whose answer is not yet completely sent.
-
-    The process waits for ``in_flight() == 0`` before it exits, so that the
-    answer of ``/stop`` or ``/kill`` reaches its client.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self._lock = threading.Lock()
-        self._count = 0
-
-    def in_flight(self) -> int:
-        return self._count
-
-    def _done(self) -> None:
-        with self._lock:
-            self._count -= 1
-
-    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
-        with self._lock:
-            self._count += 1
-        try:
-            result = self.app(environ, start_response)
-        except BaseException:
-            self._done()
-            raise
-        return _ClosingIterable(result, self._done)
-
-
-class _ClosingIterable:
-    """The app's answer; the WSGI server calls ``close`` once it is sent."""
-
-    def __init__(self, result: Iterable[bytes], on_close: Callable[[], None]) -> None:
-        self._result = result
-        self._on_close = on_close
-
-    def __iter__(self):
-        return iter(self._result)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._result, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._on_close()

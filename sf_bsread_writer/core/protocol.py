@@ -58,7 +58,6 @@ import logging
 import math
 import struct
 import sys
-import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -69,7 +68,6 @@ import bitshuffle
 import lz4.block
 import numpy as np
 
-from .config import DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = [
     "RejectReason",
@@ -91,9 +89,14 @@ __all__ = [
     "COMPRESSIONS",
     "TYPES",
     "BITSHUFFLE_BLOCK_BYTES",
+    "DEFAULT_MAX_MESSAGE_BYTES",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: A single bsread message larger than this is rejected as oversize. Large
+#: enough for a 16 Mpixel uint32 image uncompressed; protects the ring.
+DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 
 #: Anything holding one part: bytes, bytearray, memoryview, zmq.Frame.
 Frame = Any
@@ -929,7 +932,8 @@ def build_message(pulse_id: int, channels: Sequence[ChannelSpec | Mapping[str, A
 
     ``channels`` are :class:`ChannelSpec` or data-header dicts; ``values``
     one per channel (None -> two empty parts). ``timestamp`` is seconds
-    (float) or ``(sec, ns)``; None means now. ``channel_timestamps`` default
+    (float) or ``(sec, ns)``; None sends ``(0, 0)``, bsread's "not given"
+    (the core reads no clock: a producer passes its own ``time.time()``). ``channel_timestamps`` default
     to the global timestamp. The data header is JSON, compressed per
     ``dh_compression`` like a string value, and ``hash`` is the MD5 hex of
     those exact bytes (bsread's ``Sender._create_data_header``).
@@ -944,7 +948,7 @@ def build_message(pulse_id: int, channels: Sequence[ChannelSpec | Mapping[str, A
     dh_spec = _DATA_HEADER_SPECS.get(dh_compression)
     if dh_spec is None:
         raise ValueError(f"dh_compression {dh_compression!r} is not one of none, lz4, bitshuffle_lz4")
-    sec, ns = _split_timestamp(time.time() if timestamp is None else timestamp)
+    sec, ns = _split_timestamp((0, 0) if timestamp is None else timestamp)
 
     data_header = json.dumps({"htype": "bsr_d-1.1", "channels": [spec.metadata() for spec in specs]})
     data_header_bytes = encode_value(dh_spec, data_header)

@@ -47,14 +47,12 @@ Storage (why it looks like this; numbers in docs/performance.md)
       libzmq reference-counts them, so the same frame can be sent to any
       number of peers, any number of times, with ``copy=False``.
     Where large parts live in memory is decided by the allocator: see
-    ``tune_allocator``, which the buffer calls once at start.
+    ``process.tune_allocator``, which the buffer calls once at start.
 
 Thread safety: none. One owner (the buffer's main loop).
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import enum
 import logging
 from collections.abc import Sequence
@@ -70,7 +68,6 @@ __all__ = [
     "AppendStatus",
     "Ring",
     "RingCounters",
-    "tune_allocator",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,13 +81,11 @@ LARGE_PART_BYTES = 65536
 #: pulse-id reset (a source restart). 3 messages are 30 ms at 100 Hz.
 RESET_CONFIRM_MESSAGES = 3
 
-# Types whose content cannot change after we took a reference to them.
-try:  # pragma: no cover - pyzmq is a hard dependency; the guard keeps the core importable
-    import zmq as _zmq
-
-    _IMMUTABLE_LARGE: tuple[type, ...] = (bytes, _zmq.Frame)
-except ImportError:  # pragma: no cover
-    _IMMUTABLE_LARGE = (bytes,)
+# Part types whose owner may still change their content: a large one is
+# copied. Every other part (bytes, a zmq.Frame received with copy=False) is
+# immutable and kept by reference. Named this way round so that the core
+# needs no import of zmq to recognise its frames.
+_MUTABLE_BUFFERS: tuple[type, ...] = (bytearray, memoryview)
 
 
 class AppendStatus(str, enum.Enum):
@@ -453,7 +448,7 @@ class Ring:
         else:
             packed = b"".join([frames[i] for i in layout.packed_indices])
             large = tuple(
-                f if isinstance(f, _IMMUTABLE_LARGE) else bytes(f)
+                bytes(f) if isinstance(f, _MUTABLE_BUFFERS) else f
                 for index, f in enumerate(frames) if index != 1 and lengths[index] >= LARGE_PART_BYTES)
         header = None
         if len(frames) > 1:
@@ -625,50 +620,3 @@ class Ring:
         return (f"Ring({self._count}/{self.max_messages} messages, {self._n_bytes}/{self.max_bytes} bytes,"
                 f" seq [{self.first_seq}, {self._next_seq}), pulse_id {self.oldest_pulse_id}"
                 f"..{self.newest_pulse_id})")
-
-
-# ---------------------------------------------------------------------- allocator
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
-def tune_allocator(mmap_threshold: int = 32 * 1024 * 1024,
-                   trim_threshold: int = 1024 * 1024 * 1024) -> bool:
-    """Make glibc reuse freed large blocks warm instead of returning them to the kernel.
-
-    Why: the ring keeps the large parts that libzmq allocated for each
-    received message and frees them when they are evicted. With glibc's
-    defaults a multi-megabyte block is served by a fresh ``mmap`` (or the
-    heap top is trimmed after it is freed), so every message pays page
-    faults and zeroing of fresh pages: measured here, forwarding 2.6 MB
-    images through a ring without this ran well below a bare relay (numbers
-    in docs/performance.md). Raising the mmap threshold (32 MiB is glibc's
-    maximum on 64-bit) makes such blocks come from the heap, and a high trim
-    threshold keeps freed heap memory mapped, so an evicted image's block is
-    reused, already faulted in, by the next image. Setting either disables
-    glibc's dynamic threshold adjustment. Memory stays bounded by the ring's
-    ``max_bytes`` plus what is in flight; it is simply not handed back to
-    the kernel while the process runs, which is what a permanently running
-    buffer wants.
-
-    Call once, early in the process (before the sockets receive anything).
-    Returns False, changing nothing, where the C library is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        logger.info("no glibc mallopt: allocator left at its defaults")
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(
-        mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
-    if ok:
-        logger.debug("glibc malloc tuned: mmap_threshold=%d trim_threshold=%d",
-                     mmap_threshold, trim_threshold)
-    else:
-        logger.warning("mallopt refused mmap_threshold=%d / trim_threshold=%d",
-                       mmap_threshold, trim_threshold)
-    return ok

@@ -28,7 +28,6 @@ the command prints ``READY {"address": "tcp://127.0.0.1:PORT", ...}``.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 import threading
@@ -40,11 +39,12 @@ import numpy as np
 import zmq
 from bsread import PUB, PUSH, Sender
 
-from . import config
+from .. import config, process
 
 __all__ = ["PROFILES", "Simulator", "channel_metadata", "expected_values", "parse_image_shape", "main"]
 
-logger = logging.getLogger("sf_bsread_writer.simulate")
+# The import path even when run as ``python -m`` (where __name__ is "__main__").
+logger = logging.getLogger(__spec__.name)
 
 PROFILES = ("camera", "scalars", "mixed", "demo")
 
@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point ``sf_bsread_simulate``; returns the exit code."""
     args = config.parse_args("sf_bsread_simulate", "A bsread source (bsread's own Sender) for demos and tests.",
                              config.SIMULATE_OPTIONS, config.SIMULATE_ENV_PREFIX, argv)
-    config.configure_logging(args.log_level)
+    process.configure_logging(args.log_level)
     try:
         simulator = Simulator(args.profile, args.port, args.bind, args.mode, args.rate, args.start_pulse_id,
                               args.pulse_id_step, args.compression, args.n_channels, args.image_shape)
@@ -292,15 +292,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", error)
         return 2
 
-    config.stop_on_signals(simulator.stop)
+    process.stop_on_signals(lambda name: simulator.stop())
     try:
         address = simulator.open()
     except (RuntimeError, zmq.ZMQError) as error:
         logger.error("cannot bind: %s", error)
         return 1
     try:
-        print("READY " + json.dumps({"address": address, "profile": args.profile, "mode": args.mode,
-                                     "first_pulse_id": simulator.next_pulse_id}), flush=True)
+        process.print_ready({"address": address, "profile": args.profile, "mode": args.mode,
+                             "first_pulse_id": simulator.next_pulse_id})
         sent = simulator.run(args.count)
         logger.info("sent %d messages, last pulse id %d", sent, simulator.next_pulse_id - simulator.pulse_id_step)
     finally:

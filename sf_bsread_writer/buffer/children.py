@@ -1,0 +1,120 @@
+"""The buffer's child processes: the CA gateway for ``--ca`` (and, next, the web service for ``--web``).
+
+Every service that serves clients beyond the writers runs in its own
+process, so that no client can slow ingest or share its GIL: the buffer
+starts it with its command line and a :class:`ChildSupervisor` restarts it
+with backoff if it dies, and stops it when the buffer stops. The buffer
+knows its children only by their command lines; it imports none of their
+code (caproto, aiohttp stay out of the buffer process).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+__all__ = ["ChildSupervisor", "gateway_command", "start_gateway"]
+
+logger = logging.getLogger(__name__)
+
+
+def gateway_command(buffer_output: str, status_url: str | None = None, prefix: str = "",
+                    name: str = "BSBUFFER", *, log_level: str = "INFO",
+                    extra_args: Sequence[str] = (), parent_pid: int | None = None) -> list[str]:
+    """The command line that runs the gateway (``python -m sf_bsread_writer.ca.gateway ...``)."""
+    command = [sys.executable, "-m", "sf_bsread_writer.ca.gateway", buffer_output,
+               "--ca-prefix", prefix, "--name", name, "--log-level", log_level]
+    if status_url:
+        command += ["--status-url", status_url]
+    if parent_pid:
+        command += ["--parent-pid", str(parent_pid)]
+    return command + list(extra_args)
+
+
+class ChildSupervisor:
+    """Runs a child process and restarts it, with backoff, whenever it exits unexpectedly.
+
+    The child inherits stdout/stderr (its logs go where the buffer's go) and
+    the environment (EPICS_* settings). A child must exit by itself when the
+    process that started it disappears (the gateway's ``--parent-pid``), so
+    a ``kill -9`` of the buffer leaves no orphan serving stale data.
+    """
+
+    def __init__(self, command: list[str], env: dict[str, str] | None = None,
+                 max_backoff: float = 30.0) -> None:
+        self.command = command
+        self.env = env
+        self.max_backoff = max_backoff
+        self.process: subprocess.Popen | None = None
+        self.restarts = 0
+        self._stop_event = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name="child-supervisor", daemon=True)
+
+    def start(self) -> "ChildSupervisor":
+        self.process = self._spawn()
+        self._thread.start()
+        return self
+
+    def _spawn(self) -> subprocess.Popen:
+        logger.info("starting child process: %s", " ".join(self.command))
+        return subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL)
+
+    def _supervise(self) -> None:
+        backoff = 1.0
+        while not self._stop_event.is_set():
+            process = self.process
+            assert process is not None
+            started = time.monotonic()
+            while process.poll() is None:
+                if self._stop_event.wait(0.5):
+                    return
+            if self._stop_event.is_set():
+                return
+            logger.error("child process %s exited with %s; restarting in %.0f s", self.command[:3],
+                         process.returncode, backoff)
+            if self._stop_event.wait(backoff):
+                return
+            backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, self.max_backoff)
+            self.restarts += 1
+            self.process = self._spawn()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """Stop supervising and terminate the child (SIGTERM, then SIGKILL after ``timeout``)."""
+        self._stop_event.set()
+        process = self.process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout)
+        return process.returncode
+
+
+def start_gateway(buffer_output: str, status_url: str | None = None, prefix: str = "",
+                  name: str = "BSBUFFER", *, source_mode: str = "sub", log_level: str = "INFO",
+                  extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> ChildSupervisor:
+    """Start the gateway for a buffer's ``--ca`` and keep it running; call ``.stop()`` at shutdown.
+
+    ``buffer_output`` is the bsread stream the gateway reads, as a client
+    connects to it (``tcp://127.0.0.1:PORT``); the buffer passes its own
+    rate-limited loopback feed, never its live output (a PUSH live output
+    would share its messages between the legacy consumer and the gateway).
+    ``status_url`` is the buffer's HTTP base URL (``http://127.0.0.1:REST_PORT``).
+    """
+    command = gateway_command(buffer_output, status_url, prefix, name, log_level=log_level,
+                              extra_args=["--source-mode", source_mode, *extra_args], parent_pid=os.getpid())
+    return ChildSupervisor(command, env=env).start()

@@ -1,0 +1,232 @@
+"""The buffer's replay endpoint: a ROUTER socket and one pure ``ReplaySession`` per writer.
+
+The sessions (``core.replay_session``) decide what each writer gets; this
+shell reads the writers' messages, sends what the sessions return, and
+keeps the totals for the status snapshot. It runs in the buffer's loop
+thread, which owns the ring, and never blocks: a writer that does not keep
+up is simply served less (credits), and a vanished one is dropped.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from ..core.replay_messages import (
+    Accepted, CloseSession, Data, End, ErrorReason, Gap, Heartbeat, ReplayProtocolError, Request, build_accepted,
+    build_end, build_error, build_gap, build_heartbeat, data_kind, parse_writer_message,
+)
+from ..core.replay_session import ReplaySession
+from ..core.ring import Ring
+from ..core.status import ReplayStatus
+from ..transport.multipart import send_message
+
+__all__ = ["ReplayEndpoint"]
+
+logger = logging.getLogger(__name__)
+
+# Ring entries one replay session may look at per pass over the sessions, and in all per pass.
+SESSION_BUDGET = 32
+REPLAY_BUDGET = 512
+# Parts below this are copied on send by the ROUTER (pyzmq's copy_threshold).
+# pyzmq's default (64 KiB) sends a larger bytes part, e.g. the ~70 kB data
+# header of a 500-channel stream that the ring keeps as bytes, zero-copy: a
+# Python-side zmq.Frame plus a round trip through pyzmq's garbage-collector
+# thread on every send, far dearer than copying 70 kB. zmq.Frame parts (the
+# large parts the ring keeps as received: images) are always sent by
+# reference, whatever this says.
+REPLAY_COPY_THRESHOLD = 1024 * 1024
+REPLAY_REQUEST_BATCH = 256
+# The ROUTER never holds more than window + a few control messages per writer.
+REPLAY_SNDHWM = 100_000
+
+_TOTALS = ("started", "ended", "expired", "refused", "disconnected", "send_failures", "sent", "gaps", "lost")
+
+
+class ReplayEndpoint:
+    """Serves every writer's session from ``ring``; owned by the buffer's loop thread.
+
+    :meth:`serve` reads what the writers sent and sends what their sessions
+    owe until nothing can be sent or a deadline passes; :meth:`expire`
+    drops sessions whose writer fell silent; :meth:`status` is this
+    endpoint in the buffer's snapshot.
+    """
+
+    def __init__(self, context: zmq.Context, address: str, ring: Ring, heartbeat_interval: float,
+                 session_timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ring = ring
+        self.clock = clock
+        self.heartbeat_interval = heartbeat_interval
+        self.session_timeout = session_timeout
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished writer raises instead of dropping
+        router.setsockopt(zmq.SNDHWM, REPLAY_SNDHWM)
+        router.setsockopt(zmq.LINGER, 0)
+        router.copy_threshold = REPLAY_COPY_THRESHOLD
+        try:
+            router.bind(address)
+        except zmq.ZMQError:
+            router.close(linger=0)
+            raise
+        self.socket = router
+        self.address: str = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sessions: dict[bytes, ReplaySession] = {}
+        self._totals = dict.fromkeys(_TOTALS, 0)
+        self._round_robin = 0
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self._sessions.clear()
+
+    # -- serving ------------------------------------------------------------
+    def serve(self, deadline: float) -> bool:
+        """Read writer messages and serve sessions until nothing can be sent or ``deadline`` passed.
+
+        Returns True if some session still has something to send (the loop must not sleep).
+        Credits are read between passes, so a writer that keeps up is served
+        continuously within the slice instead of once per loop turn (one pass
+        sends at most SESSION_BUDGET messages to a session).
+        """
+        while True:
+            self._read_requests(self.clock())
+            busy = self._serve_sessions(self.clock())
+            if not busy or self.clock() >= deadline:
+                return busy
+
+    def expire(self, now: float) -> None:
+        """Drop the sessions whose writer has been silent for ``session_timeout``."""
+        for identity, session in list(self._sessions.items()):
+            if session.expired(now, self.session_timeout):
+                logger.warning("replay: session %s expired (writer silent for %.1f s)",
+                               session.session_id, now - session.last_heard)
+                self._totals["expired"] += 1
+                self._retire(identity, session)
+
+    def status(self) -> ReplayStatus:
+        """Totals since the start (active sessions included) and every active session."""
+        totals = dict(self._totals)
+        for session in self._sessions.values():
+            totals["sent"] += session.sent
+            totals["gaps"] += session.gaps
+            totals["lost"] += session.lost
+        sessions = tuple(session.status() for session in self._sessions.values())
+        return ReplayStatus(active_sessions=len(sessions), sessions=sessions, **totals)
+
+    # -- writer -> buffer ---------------------------------------------------
+    def _read_requests(self, now: float) -> None:
+        router = self.socket
+        for _ in range(REPLAY_REQUEST_BATCH):
+            try:
+                parts = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity, body = parts[0], parts[1:]
+            session = self._sessions.get(identity)
+            try:
+                message = parse_writer_message(body)
+            except ReplayProtocolError as error:
+                self._totals["refused"] += 1
+                logger.warning("replay: malformed message from %s: %s", identity.hex(), error)
+                self._send_control(identity, build_error(error.reason, error.detail))
+                continue
+            if isinstance(message, Request):
+                if session is not None:
+                    self._retire(identity, session)
+                session = ReplaySession(identity.hex(), message, self.ring, now, self.heartbeat_interval)
+                self._sessions[identity] = session
+                self._totals["started"] += 1
+                logger.info("replay: session %s: start pulse %s / time %s, stop pulse %s / time %s, window %d",
+                            session.session_id, message.start_pulse_id, message.start_time,
+                            message.stop_pulse_id, message.stop_time, session.window)
+                self._send_control(identity, build_accepted(Accepted(
+                    session.window, self.ring.oldest_pulse_id, self.ring.newest_pulse_id)))
+            elif session is None:
+                if not isinstance(message, CloseSession):
+                    self._send_control(identity, build_error(
+                        ErrorReason.UNKNOWN_SESSION, "no session for this writer: send a request first"))
+            elif isinstance(message, CloseSession):
+                logger.info("replay: session %s closed by the writer", session.session_id)
+                self._retire(identity, session)
+            else:
+                session.on_message(message, now)
+
+    # -- buffer -> writer ---------------------------------------------------
+    def _serve_sessions(self, now: float) -> bool:
+        """Round-robin over sessions with a bounded budget; True if some session has more to send."""
+        if not self._sessions:
+            return False
+        identities = list(self._sessions)
+        start = self._round_robin % len(identities)
+        self._round_robin += 1
+        budget = REPLAY_BUDGET
+        busy = False
+        for identity in identities[start:] + identities[:start]:
+            session = self._sessions.get(identity)
+            if session is None:
+                continue
+            if budget <= 0:
+                busy = busy or session.has_work(self.ring)
+                continue
+            before = session.sent
+            for event in session.poll(self.ring, now, min(SESSION_BUDGET, budget)):
+                if not self._send_event(identity, event):
+                    break
+            budget -= max(1, session.sent - before)
+            if session.ended is not None:
+                logger.info("replay: session %s ended (%s) after %d messages, last pulse %s",
+                            session.session_id, session.ended.reason, session.sent, session.ended.last_pulse_id)
+                self._totals["ended"] += 1
+                self._retire(identity, session)
+            elif identity in self._sessions and session.has_work(self.ring):
+                busy = True
+        return busy
+
+    def _send_control(self, identity: bytes, frames: list[bytes]) -> bool:
+        try:
+            self.socket.send_multipart([identity, *frames], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as error:  # Again (HWM) or EHOSTUNREACH (writer gone)
+            logger.debug("replay: cannot send to %s: %s", identity.hex(), error)
+            return False
+
+    def _send_event(self, identity: bytes, event: Any) -> bool:
+        """One event of a session: data as identity, kind frame, the original frames (``build_data``)."""
+        if isinstance(event, Data):
+            head, frames = [identity, data_kind(event.pulse_id)], event.frames
+        elif isinstance(event, Gap):
+            head, frames = [identity], build_gap(event)
+        elif isinstance(event, End):
+            head, frames = [identity], build_end(event)
+        elif isinstance(event, Heartbeat):
+            head, frames = [identity], build_heartbeat(event)
+        else:  # pragma: no cover - sessions produce nothing else
+            raise TypeError(f"unexpected replay event {event!r}")
+        try:
+            send_message(self.socket, head, frames)
+        except zmq.ZMQError as error:
+            return self._send_failed(identity, error)
+        return True
+
+    def _send_failed(self, identity: bytes, error: zmq.ZMQError) -> bool:
+        session = self._sessions.get(identity)
+        if error.errno == zmq.EHOSTUNREACH:
+            self._totals["disconnected"] += 1
+            logger.info("replay: writer of session %s disconnected", identity.hex())
+        else:
+            # Cannot happen while the writer respects its window; the session ends and the
+            # writer (BufferLost after its peer timeout) re-requests from where it was.
+            self._totals["send_failures"] += 1
+            logger.error("replay: cannot send to session %s (%s); dropping the session", identity.hex(), error)
+        if session is not None:
+            self._retire(identity, session)
+        return False
+
+    def _retire(self, identity: bytes, session: ReplaySession) -> None:
+        if self._sessions.get(identity) is session:
+            del self._sessions[identity]
+            self._totals["sent"] += session.sent
+            self._totals["gaps"] += session.gaps
+            self._totals["lost"] += session.lost

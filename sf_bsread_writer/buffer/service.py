@@ -1,0 +1,458 @@
+"""The buffer service: ingest one bsread stream, keep it in a ring, serve it live and replayed.
+
+This module is the I/O shell around the pure ring (``core.ring``) and the
+bsread parser (``core.protocol``). One thread (the one calling
+:meth:`Buffer.run`) owns every ZeroMQ socket and the ring:
+
+- **ingest** (PULL or SUB, connecting to the source): drained first, up to
+  a batch per loop, so nothing downstream can starve it. Each message is
+  validated by ``MessageParser`` (main header, data header by hash, part
+  count, size), stored as its raw frames in the ring, then handed to the
+  live output. Rejected messages are counted by reason and dropped.
+- **live output** (PUB, or PUSH for a legacy single consumer): never blocks.
+- **replay** (``buffer.replay_endpoint``): one pure ``ReplaySession`` per
+  writer, served round-robin with a bounded amount of work per loop.
+- **HTTP** (``buffer.http_app`` on ``httpserver.HttpServer``, its own
+  threads): answers from an immutable, typed status snapshot
+  (``core.status.BufferStatus``) that the loop publishes a few times a
+  second; the HTTP threads never touch the ring or a socket.
+- **--ca**: a rate-limited loopback feed for the CA gateway, a child
+  process supervised by ``ca.supervisor``.
+
+On start it prints the READY line (``process.print_ready``) with its
+endpoints and tells systemd READY=1, then pings the watchdog.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from argparse import Namespace
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from .. import config, process
+from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES, IgnoredMessage, MessageParser, ProtocolError
+from ..core.rates import RateEstimator
+from ..core.ring import AppendStatus, Ring
+from ..core.status import (
+    BufferStatus, CaFeedStatus, Endpoints, PulseIdStatus, RateStatus, ReplayStatus, RingStatus, SourceStatus,
+)
+from ..httpserver import HttpServer
+from . import children
+from .http_app import make_app
+from .replay_endpoint import ReplayEndpoint
+
+__all__ = ["Buffer"]
+
+logger = logging.getLogger(__name__)
+
+# Receive queue towards the source and send queue of the live output, in
+# messages. Small on purpose: with 2.6 MB images, 100 queued messages are
+# already 260 MB beside the ring.
+INGEST_HWM = 100
+OUTPUT_HWM = 100
+# Messages per loop: ingest drains up to INGEST_BATCH before replay gets a turn.
+INGEST_BATCH = 256
+# Most time ingest, and then replay, may take per loop turn while the other also has work.
+# Why a time slice and not only message counts: with a source that outruns
+# the buffer, ingest always has a full queue, and a loop turn of up to 256
+# ingested messages against 32 replayed ones gave replay ~1/8 of the loop
+# (a 500-channel replay ran at 60 msg/s, docs/performance.md). Equal slices
+# give each side at least half of the loop when both are busy; each takes less
+# when it has less to do, so at production rates (a 100 Hz scalar stream costs
+# ingest ~40% of the loop) ingest never falls behind and replay gets the rest.
+# 20 ms of ingest delay is 2 messages at 100 Hz, well within INGEST_HWM.
+LOOP_SLICE_SECONDS = 0.02
+# Messages queued to the CA gateway; it wants only the newest, so a slow gateway loses old ones.
+CA_FEED_HWM = 4
+# Longest sleep of the loop when idle (bounds the reaction to stop()).
+IDLE_POLL_MS = 100
+RATE_WINDOW_SECONDS = 5.0
+REJECT_LOG_INTERVAL = 5.0
+
+
+class _RateLimitedLog:
+    """Log a repeated warning at most once per interval and key, saying how many were suppressed."""
+
+    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
+        self.interval = interval
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, key: str, message: str, *args: Any) -> None:
+        now = self.clock()
+        if now - self._last.get(key, -1e9) >= self.interval:
+            suppressed = self._suppressed.pop(key, 0)
+            suffix = f" ({suppressed} more like this suppressed)" if suppressed else ""
+            logger.warning(message + suffix, *args)
+            self._last[key] = now
+        else:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+
+
+class Buffer:
+    """The buffer service, usable in-process (tests) or via ``buffer.cli``.
+
+    Construct with keyword arguments named like the CLI options (see
+    ``config.BUFFER_OPTIONS``) or with :meth:`from_args`; call :meth:`run`
+    (blocks until :meth:`stop`; any thread, but sockets stay in that
+    thread). ``started`` is set once every endpoint is bound; then
+    ``output_address``, ``replay_address`` and ``rest_url`` hold the
+    actual endpoints (port 0 = any free port). :meth:`statistics` returns
+    the latest published snapshot (safe from any thread).
+    """
+
+    def __init__(self, stream: str, output_port: int = 0, buffer_length: int = 1000,
+                 buffer_bytes: int = 2 * 1024**3, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 source_mode: str = "pull", output_mode: str = "pub", replay_port: int = 0,
+                 rest_port: int | None = 0, bind: str = config.DEFAULT_BIND, name: str = "BSBUFFER",
+                 analyzer: bool = False, ca: bool = False, ca_prefix: str = "", ca_max_rate: float = 10.0,
+                 session_timeout: float = 10.0, heartbeat_interval: float = 1.0,
+                 snapshot_interval: float = 0.25, print_ready: bool = False, log_level: str = "INFO",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if source_mode not in ("pull", "sub"):
+            raise ValueError(f"source_mode must be pull or sub, not {source_mode!r}")
+        if output_mode not in ("pub", "push"):
+            raise ValueError(f"output_mode must be pub or push, not {output_mode!r}")
+        if buffer_length < 1 or buffer_bytes < 1:
+            raise ValueError("buffer_length and buffer_bytes must be positive")
+        if ca and ca_max_rate <= 0:
+            raise ValueError("ca_max_rate must be positive")
+        self.stream = stream
+        self.output_port = output_port
+        self.source_mode = source_mode
+        self.output_mode = output_mode
+        self.replay_port = replay_port
+        self.rest_port = rest_port
+        self.bind = bind
+        self.name = name
+        self.analyzer = analyzer
+        self.ca = ca
+        self.ca_prefix = ca_prefix
+        self.ca_max_rate = ca_max_rate
+        self.session_timeout = session_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.snapshot_interval = snapshot_interval
+        self.print_ready = print_ready
+        self.log_level = log_level
+        self.max_messages = buffer_length
+        self.max_bytes = buffer_bytes
+        self._clock = clock
+
+        self.ring = Ring(buffer_length, buffer_bytes)  # owned by the loop thread
+        self._parser = MessageParser(max_message_bytes)
+        self.started = threading.Event()
+        self.stopped = threading.Event()
+        self._stop_requested = threading.Event()
+        self.output_address: str | None = None
+        self.replay_address: str | None = None
+        self.rest_url: str | None = None
+        self._replay: ReplayEndpoint | None = None
+        self._ca_feed: zmq.Socket | None = None  # --ca: loopback PUB to the gateway, ca_max_rate msg/s
+        self._ca_feed_address: str | None = None
+        self._ca_next_feed = 0.0
+        self._ca_fed = 0
+        self._gateway: children.ChildSupervisor | None = None  # with --ca
+
+        # Counters (loop thread only; published through snapshots).
+        self._start_monotonic = clock()
+        self._received = 0
+        self._received_bytes = 0
+        self._forwarded = 0
+        self._output_drops = 0
+        self._rejected: dict[str, int] = {}
+        self._ignored = 0
+        self._duplicates = 0
+        self._header_changes = 0
+        self._last_hash: str | None = None
+        self._last_pulse_id: int | None = None
+        self._last_message_monotonic: float | None = None
+        self._last_message_time: float | None = None
+        self._rates = RateEstimator(RATE_WINDOW_SECONDS)
+        self._reject_log = _RateLimitedLog(REJECT_LOG_INTERVAL, clock)
+        self._snapshot_lock = threading.Lock()
+        self._snapshot: BufferStatus
+        self._publish_snapshot(clock())
+
+    @classmethod
+    def from_args(cls, args: Namespace, **overrides: Any) -> "Buffer":
+        """Build from an argparse namespace of ``config.BUFFER_OPTIONS`` (every option is an argument here)."""
+        options = {option.dest: getattr(args, option.dest) for option in config.BUFFER_OPTIONS}
+        return cls(**{**options, **overrides})
+
+    # -- public, thread-safe ----------------------------------------------
+    def stop(self) -> None:
+        """Ask the loop to finish (returns at once; the loop exits within ~0.1 s)."""
+        self._stop_requested.set()
+
+    def statistics(self) -> BufferStatus:
+        """The latest published snapshot (frozen)."""
+        with self._snapshot_lock:
+            return self._snapshot
+
+    # -- main loop ----------------------------------------------------------
+    def run(self) -> None:
+        """Bind, announce readiness, loop until stop(), then close everything."""
+        context = zmq.Context()
+        http: HttpServer | None = None
+        sockets: list[zmq.Socket] = []
+        try:
+            ingest = context.socket(zmq.SUB if self.source_mode == "sub" else zmq.PULL)
+            sockets.append(ingest)
+            ingest.setsockopt(zmq.RCVHWM, INGEST_HWM)
+            ingest.setsockopt(zmq.LINGER, 0)
+            if self.source_mode == "sub":
+                ingest.setsockopt(zmq.SUBSCRIBE, b"")
+            ingest.connect(self.stream)
+
+            output = context.socket(zmq.PUSH if self.output_mode == "push" else zmq.PUB)
+            sockets.append(output)
+            output.setsockopt(zmq.SNDHWM, OUTPUT_HWM)
+            output.setsockopt(zmq.LINGER, 0)
+            output.bind(f"tcp://{self.bind}:{self.output_port}")
+            self.output_address = output.getsockopt_string(zmq.LAST_ENDPOINT)
+
+            self._replay = ReplayEndpoint(context, f"tcp://{self.bind}:{self.replay_port}", self.ring,
+                                          self.heartbeat_interval, self.session_timeout, self._clock)
+            self.replay_address = self._replay.address
+
+            if self.ca:
+                # The gateway's own feed, not the live output: PVs update at most ca_max_rate times a
+                # second, so the gateway need not ingest (and the buffer need not send) every message,
+                # and a PUSH live output keeps all its messages for its one legacy consumer.
+                self._ca_feed = context.socket(zmq.PUB)
+                sockets.append(self._ca_feed)
+                self._ca_feed.setsockopt(zmq.SNDHWM, CA_FEED_HWM)
+                self._ca_feed.setsockopt(zmq.LINGER, 0)
+                self._ca_feed.bind("tcp://127.0.0.1:0")  # the gateway is our own child: loopback only
+                self._ca_feed_address = self._ca_feed.getsockopt_string(zmq.LAST_ENDPOINT)
+
+            if self.rest_port is not None:
+                http = HttpServer(make_app(self.statistics), self.bind, self.rest_port).start()
+                self.rest_url = http.url
+
+            self._tune_allocator()
+            self._announce_ready()
+            self._start_gateway()
+            self._loop(ingest, output, self._replay)
+        finally:
+            process.sd_notify("STOPPING=1")
+            self._stop_gateway()
+            if http is not None:
+                http.stop()
+            if self._replay is not None:
+                self._replay.close()
+            for sock in sockets:
+                sock.close(linger=0)
+            context.term()
+            self.started.set()  # release anybody waiting even if binding failed
+            self.stopped.set()
+            logger.info("buffer %s stopped", self.name)
+
+    def _tune_allocator(self) -> None:
+        try:
+            process.tune_allocator()
+        except Exception as error:  # tuning is an optimisation, never a reason not to run
+            logger.warning("allocator tuning failed: %s", error)
+
+    def _announce_ready(self) -> None:
+        logger.info("buffer %s: ingesting %s (%s), live output %s (%s), replay %s, HTTP %s",
+                    self.name, self.stream, self.source_mode, self.output_address, self.output_mode,
+                    self.replay_address, self.rest_url)
+        self._publish_snapshot(self._clock())
+        if self.print_ready:
+            process.print_ready(self._endpoints().to_json())
+        process.sd_notify(f"READY=1\nSTATUS=ingesting {self.stream}")
+        self.started.set()
+
+    def _loop(self, ingest: zmq.Socket, output: zmq.Socket, replay: ReplayEndpoint) -> None:
+        poller = zmq.Poller()
+        poller.register(ingest, zmq.POLLIN)
+        poller.register(replay.socket, zmq.POLLIN)
+        clock = self._clock
+        watchdog = process.watchdog_interval()
+        next_watchdog = clock()
+        next_snapshot = clock()
+        busy = False
+        while not self._stop_requested.is_set():
+            poller.poll(0 if busy else IDLE_POLL_MS)
+            self._drain_ingest(ingest, output, clock() + LOOP_SLICE_SECONDS)
+            busy = replay.serve(clock() + LOOP_SLICE_SECONDS)
+            now = clock()
+            if now >= next_snapshot:
+                replay.expire(now)
+                self._publish_snapshot(now)
+                next_snapshot = now + self.snapshot_interval
+            if watchdog is not None and now >= next_watchdog:
+                process.sd_notify("WATCHDOG=1")
+                next_watchdog = now + watchdog
+        self._publish_snapshot(clock(), state="stopping")
+
+    # -- ingest -------------------------------------------------------------
+    def _drain_ingest(self, ingest: zmq.Socket, output: zmq.Socket, deadline: float) -> None:
+        """Ingest what is queued: up to INGEST_BATCH messages, until ``deadline`` (the loop's clock)."""
+        for _ in range(INGEST_BATCH):
+            try:
+                frames = ingest.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._ingest(frames, output)
+            if self._clock() >= deadline:
+                return
+
+    def _ingest(self, frames: list[zmq.Frame], output: zmq.Socket) -> None:
+        self._last_message_monotonic = self._clock()
+        try:
+            message = self._parser.parse(frames)
+        except IgnoredMessage as ignored:
+            self._ignored += 1
+            if self.analyzer:
+                logger.info("analyzer: control message %s ignored", getattr(ignored, "htype", ignored))
+            return
+        except ProtocolError as error:
+            reason = getattr(error.reason, "value", str(error.reason))
+            self._rejected[reason] = self._rejected.get(reason, 0) + 1
+            self._reject_log.warning(reason, "rejected message (%s): %s", reason, error.detail)
+            return
+        except Exception as error:  # a parser bug must cost one message, not the service
+            reason = "parser_error"
+            self._rejected[reason] = self._rejected.get(reason, 0) + 1
+            self._reject_log.warning(reason, "message dropped, the parser failed: %r", error)
+            return
+        pulse_id = message.pulse_id
+        timestamp = message.timestamp
+        self._analyze(message, pulse_id)
+        result = self.ring.append(pulse_id, timestamp, frames)
+        if result.status is AppendStatus.HELD_BACK:
+            # The ring waits for the next messages to tell a source restart from a stray message
+            # (ring.py); the live output is a relay and passes it on now.
+            logger.info("pulse id %d is below the newest held (%s): held back from the ring until confirmed",
+                        pulse_id, self.ring.newest_pulse_id)
+        elif result.status is not AppendStatus.STORED:
+            if result.status is AppendStatus.DUPLICATE:
+                self._duplicates += 1
+                self._reject_log.warning("duplicate", "message with repeated pulse id %d dropped", pulse_id)
+            else:  # larger than the whole ring (--buffer-bytes)
+                reason = "larger_than_ring"
+                self._rejected[reason] = self._rejected.get(reason, 0) + 1
+            return
+        if self.analyzer and result.skipped_pulses:
+            logger.info("analyzer: pulse id jumped to %d, %d pulses skipped (usual step %s)",
+                        pulse_id, result.skipped_pulses, self.ring.usual_step)
+        if result.reset_evicted:
+            logger.info("pulse ids restarted at %d: %d newer messages dropped from the ring",
+                        pulse_id, result.reset_evicted)
+        self._received += 1
+        self._received_bytes += message.nbytes
+        self._last_message_time = timestamp
+        self._forward(frames, output)
+        if self._ca_feed is not None:
+            self._feed_gateway(frames, self._last_message_monotonic)
+
+    def _feed_gateway(self, frames: list[zmq.Frame], now: float) -> None:
+        """--ca: at most ca_max_rate messages a second to the gateway (PUB: never blocks).
+
+        Feeds keep to a grid of 1/ca_max_rate with half an interval of
+        tolerance: a source at exactly the limit (100 Hz, --ca-max-rate 100)
+        arrives with jitter, and timing each feed from the previous arrival
+        would skip every message that comes a little early. Each feed moves
+        the grid on by a whole interval, so the average never exceeds the limit.
+        """
+        interval = 1.0 / self.ca_max_rate
+        if now + interval / 2 < self._ca_next_feed:
+            return
+        self._ca_next_feed = max(self._ca_next_feed, now - interval / 2) + interval
+        self._ca_feed.send_multipart(frames, copy=False)
+        self._ca_fed += 1
+
+    def _forward(self, frames: list[zmq.Frame], output: zmq.Socket) -> None:
+        """Live output; never blocks. Non-blocking applies to the first part only (bsread-format.md)."""
+        try:
+            output.send(frames[0], zmq.SNDMORE | zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self._output_drops += 1  # PUSH without a peer or at its high-water mark
+            return
+        output.send_multipart(frames[1:], copy=False)
+        self._forwarded += 1
+
+    def _analyze(self, message: Any, pulse_id: int) -> None:
+        """Count (and with --analyzer log) header changes; jumps and resets are counted by the ring."""
+        header_hash = message.main.hash
+        if header_hash != self._last_hash:
+            if self._last_hash is not None:
+                self._header_changes += 1
+                if self.analyzer:
+                    logger.info("analyzer: data header changed at pulse %d (hash %s -> %s, %d channels)",
+                                pulse_id, self._last_hash, header_hash, message.n_channels)
+            self._last_hash = header_hash
+        if self._last_pulse_id is not None and pulse_id < self._last_pulse_id and self.analyzer:
+            logger.info("analyzer: pulse id went back from %d to %d", self._last_pulse_id, pulse_id)
+        self._last_pulse_id = pulse_id
+
+    # -- statistics ---------------------------------------------------------
+    def _endpoints(self) -> Endpoints:
+        return Endpoints(stream=self.stream, output=self.output_address, replay=self.replay_address,
+                         rest=self.rest_url)
+
+    def _publish_snapshot(self, now: float, state: str = "running") -> None:
+        ring = self.ring
+        counters = ring.counters
+        self._rates.add(now, self._received, self._received_bytes)
+        messages_per_second, bytes_per_second = self._rates.rates() or (0.0, 0.0)
+        idle = None if self._last_message_monotonic is None else now - self._last_message_monotonic
+        replay = self._replay.status() if self._replay is not None else ReplayStatus(
+            active_sessions=0, started=0, ended=0, expired=0, refused=0, disconnected=0, send_failures=0,
+            sent=0, gaps=0, lost=0, sessions=())
+        snapshot = BufferStatus(
+            name=self.name,
+            state=state,
+            time=time.time(),
+            uptime_seconds=now - self._start_monotonic,
+            endpoints=self._endpoints(),
+            source=SourceStatus(address=self.stream, mode=self.source_mode, idle_seconds=idle,
+                                last_message_time=self._last_message_time,
+                                connected_once=self._last_message_monotonic is not None),
+            received=self._received,
+            received_bytes=self._received_bytes,
+            forwarded=self._forwarded,
+            output_mode=self.output_mode,
+            output_drops=self._output_drops,
+            rejected=dict(self._rejected),
+            rejected_total=sum(self._rejected.values()),
+            ignored=self._ignored,
+            duplicates=self._duplicates,
+            ca_feed=None if self._ca_feed_address is None else CaFeedStatus(
+                address=self._ca_feed_address, max_rate=self.ca_max_rate, sent=self._ca_fed),
+            header_changes=self._header_changes,
+            ring=RingStatus(messages=ring.n_messages, bytes=ring.n_bytes, max_messages=self.max_messages,
+                            max_bytes=self.max_bytes, oldest_pulse_id=ring.oldest_pulse_id,
+                            newest_pulse_id=ring.newest_pulse_id, evicted=counters.evicted,
+                            evicted_bytes=counters.evicted_bytes),
+            pulse_ids=PulseIdStatus(last=self._last_pulse_id, usual_step=ring.usual_step, jumps=counters.jumps,
+                                    jumped_pulses=counters.jumped_pulses, resets=counters.resets,
+                                    reset_evicted=counters.reset_evicted, held_back=counters.held_back,
+                                    out_of_order=counters.out_of_order),
+            rates=RateStatus(messages_per_second=messages_per_second, bytes_per_second=bytes_per_second,
+                             window_seconds=self._rates.span),
+            replay=replay,
+        )
+        with self._snapshot_lock:
+            self._snapshot = snapshot
+
+    # -- optional CA gateway ------------------------------------------------
+    def _start_gateway(self) -> None:
+        """--ca: the CA gateway as a supervised child process reading its feed."""
+        if self._ca_feed_address is None:
+            return
+        self._gateway = children.start_gateway(
+            self._ca_feed_address, self.rest_url, self.ca_prefix, self.name, source_mode="sub",
+            log_level=self.log_level, extra_args=["--max-rate", repr(self.ca_max_rate)])
+
+    def _stop_gateway(self) -> None:
+        if self._gateway is not None:
+            self._gateway.stop()
+            self._gateway = None

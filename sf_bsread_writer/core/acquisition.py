@@ -1,0 +1,322 @@
+"""One acquisition's control: which request of the DAQ is legal when, and what it tells the run loop (pure).
+
+:class:`WriterControl` is the state machine behind the writer's REST API:
+what the DAQ asked for (parameters, start and stop by pulse id or by time)
+and which request is legal in which state. Every REST call is one method
+call that either returns a command for the run loop (:class:`StartRun`,
+:class:`MoveStop`, :class:`EndRun`) or raises :class:`BadRequest` (400) /
+:class:`WrongState` (409). :class:`SilenceWatch` is the run loop's one
+clock-driven decision: when a quiet source ends the run. No threads,
+sockets, files or clock here: ``now`` is an argument.
+
+States::
+
+    waiting --start--> writing --stop reached / silent source / stop, kill, signal--> finishing --> finished
+       |   ^                  `-- an exception while writing ----------------------> finishing --> error
+       |   `-- the file or the source cannot be opened (400; the DAQ may try again)
+       `-- /stop, /kill, SIGTERM before any start (no file) --------------------------------> finished
+"""
+from __future__ import annotations
+
+import enum
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = [
+    "State",
+    "RequestError",
+    "BadRequest",
+    "WrongState",
+    "OutsideRoot",
+    "REQUIRED_PARAMETERS",
+    "MAX_PULSE_ID",
+    "parse_pulse_id",
+    "check_parameters",
+    "StartRun",
+    "MoveStop",
+    "EndRun",
+    "WriterControl",
+    "SilenceWatch",
+    "STOP_NOW_SILENCE",
+]
+
+REQUIRED_PARAMETERS = ("general/created", "general/user", "general/process", "general/instrument")
+MAX_PULSE_ID = 2**63 - 1  # pulse ids are int64 on the wire and in the file
+# After /stop_now a source that has delivered nothing for this long is taken
+# as silent at once (instead of waiting the whole --stop-deadline).
+STOP_NOW_SILENCE = 1.0
+
+
+# ---------------------------------------------------------------------------
+# Errors and input validation
+# ---------------------------------------------------------------------------
+class State(str, enum.Enum):
+    """What ``GET /status`` answers."""
+
+    WAITING = "waiting"      # no start yet: parameters and a stop pulse may be set
+    WRITING = "writing"      # started: messages of the range go into the file
+    FINISHING = "finishing"  # the range is over (or stop/kill/signal): closing the file
+    FINISHED = "finished"    # file closed; the process exits after the grace period
+    ERROR = "error"          # the writer failed; the file is closed as far as possible
+
+
+class RequestError(Exception):
+    """A REST request that cannot be carried out; ``http_status`` says why in HTTP terms."""
+
+    http_status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(RequestError):
+    """The request itself is wrong (400): bad pulse id, broken body, path outside the root, ..."""
+
+    http_status = 400
+
+
+class OutsideRoot(BadRequest):
+    """The output file would resolve outside ``--output-root`` (400; at launch: exit code 2)."""
+
+
+class WrongState(RequestError):
+    """The request is fine but not now (409): start while writing, stop before start, ..."""
+
+    http_status = 409
+
+
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def parse_pulse_id(text: str | int, what: str = "pulse_id") -> int:
+    """A pulse id from a URL segment: a non-negative int64 written in decimal digits."""
+    if isinstance(text, bool):
+        raise BadRequest(f"{what} must be an integer, not {text!r}")
+    if isinstance(text, int):
+        value = text
+    else:
+        if not _DIGITS.fullmatch(text):
+            if re.fullmatch(r"\s*-\s*[0-9]+\s*", text):
+                raise BadRequest(f"{what} must not be negative: {text!r}")
+            raise BadRequest(f"{what} must be a non-negative integer, not {text!r}")
+        value = int(text)
+    if value < 0:
+        raise BadRequest(f"{what} must not be negative: {value}")
+    if value > MAX_PULSE_ID:
+        raise BadRequest(f"{what} {value} does not fit in int64")
+    return value
+
+
+def check_parameters(body: object) -> dict:
+    """The body of ``POST /parameters``: a JSON object with the four required fields (strings or numbers)."""
+    if not isinstance(body, dict):
+        raise BadRequest(f"parameters must be a JSON object, not {type(body).__name__}")
+    missing = [name for name in REQUIRED_PARAMETERS if body.get(name) in (None, "")]
+    if missing:
+        raise BadRequest(f"missing parameters: {', '.join(missing)} (required: {', '.join(REQUIRED_PARAMETERS)})")
+    for name in REQUIRED_PARAMETERS:
+        value = body[name]
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise BadRequest(f"parameter {name} must be a string or a number, not {json.dumps(value)}")
+    return dict(body)
+
+
+# ---------------------------------------------------------------------------
+# Commands from the control to the run loop
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StartRun:
+    """Begin an acquisition: open ``output_file`` and ask the source from the start on."""
+
+    output_file: str
+    start_pulse_id: int | None
+    start_time: float | None
+    stop_pulse_id: int | None
+    stop_time: float | None
+    parameters: dict
+
+
+@dataclass(frozen=True)
+class MoveStop:
+    """The stop changed while writing. ``now``: /stop_now, a silent source ends the run at once."""
+
+    stop_pulse_id: int | None
+    stop_time: float | None
+    now: bool = False
+
+
+@dataclass(frozen=True)
+class EndRun:
+    """Close the file now; pulses of the range not yet written are recorded as missing for ``reason``."""
+
+    reason: str
+
+
+# ---------------------------------------------------------------------------
+# The state machine
+# ---------------------------------------------------------------------------
+class WriterControl:
+    """Which request is legal when, and what it means for the run loop.
+
+    Pure: ``now`` is passed in, paths are checked by the injected
+    ``check_output`` (default: accepted as given). Not thread-safe on its
+    own; :class:`Writer` holds a lock around every call.
+    """
+
+    def __init__(self, output_file: str, check_output: Callable[[str, bool], str] | None = None) -> None:
+        self.default_output_file = output_file  # OUTPUT_FILE of the command line
+        self.output_file = output_file  # of the current (or last) start
+        # check_output(path, requested) -> the path to write; requested: given over REST.
+        self._check_output = check_output or (lambda path, requested: path)
+        self.state = State.WAITING
+        self.parameters: dict = {}
+        self.start_pulse_id: int | None = None
+        self.start_time: float | None = None
+        self.stop_pulse_id: int | None = None
+        self.stop_time: float | None = None
+        self.end_reason: str | None = None
+        self.error: str | None = None
+
+    # -- what the DAQ asks ---------------------------------------------------
+    def set_parameters(self, body: object) -> dict:
+        self._require_waiting("parameters can only be set before the start")
+        self.parameters = check_parameters(body)
+        return self.parameters
+
+    def start_at_pulse(self, pulse_id: int, output_file: str | None = None) -> StartRun:
+        self._require_waiting("cannot start")
+        if self.stop_pulse_id is not None and pulse_id > self.stop_pulse_id:
+            raise BadRequest(f"start_pulse_id {pulse_id} is after the stop_pulse_id {self.stop_pulse_id}")
+        return self._start(output_file, start_pulse_id=pulse_id)
+
+    def start_now(self, now: float, output_file: str | None = None) -> StartRun:
+        self._require_waiting("cannot start")
+        return self._start(output_file, start_time=now)
+
+    def stop_at_pulse(self, pulse_id: int) -> MoveStop | None:
+        """Set (or move) the inclusive last pulse id; before the start too. None: nothing to tell the run loop."""
+        if self.state not in (State.WAITING, State.WRITING):
+            raise WrongState(f"cannot set stop_pulse_id: the writer is {self.state.value}")
+        if self.start_pulse_id is not None and pulse_id < self.start_pulse_id:
+            raise BadRequest(f"stop_pulse_id {pulse_id} is before the start_pulse_id {self.start_pulse_id}")
+        self.stop_pulse_id = pulse_id
+        if self.state is State.WAITING:
+            return None
+        return MoveStop(self.stop_pulse_id, self.stop_time)
+
+    def stop_now(self, now: float) -> MoveStop:
+        """Stop at the current time (and at the stop pulse, if one is set and comes first)."""
+        if self.state is State.WAITING:
+            raise WrongState("cannot stop_now: the writer has not started (GET /stop ends it without a file)")
+        if self.state is not State.WRITING:
+            raise WrongState(f"cannot stop_now: the writer is {self.state.value}")
+        if self.stop_time is None or now < self.stop_time:
+            self.stop_time = now
+        return MoveStop(self.stop_pulse_id, self.stop_time, now=True)
+
+    def stop(self, reason: str = "stopped") -> EndRun | None:
+        """End the acquisition now (``GET /stop``, ``/kill``, a signal). None: no run to close."""
+        if self.state is State.WAITING:
+            self.state = State.FINISHED
+            self.end_reason = f"{reason} before start"
+            return None
+        if self.state is State.WRITING:
+            self.state = State.FINISHING
+            self.end_reason = reason
+            return EndRun(reason)
+        return None  # already finishing or finished: idempotent
+
+    # -- what the run loop reports --------------------------------------------
+    def start_failed(self, message: str) -> None:
+        """Opening the file or the source failed: back to waiting, the DAQ may try again.
+
+        If a stop arrived while opening, the writer is finished instead (no file).
+        """
+        self.error = message
+        if self.state is State.FINISHING:
+            self.state = State.FINISHED
+            return
+        self.state = State.WAITING
+        self.start_pulse_id = self.start_time = None
+        self.output_file = self.default_output_file
+
+    def finishing(self, reason: str) -> None:
+        if self.state is State.WRITING:
+            self.state = State.FINISHING
+            self.end_reason = reason
+
+    def finished(self, error: str | None = None) -> None:
+        self.state = State.ERROR if error else State.FINISHED
+        if error:
+            self.error = error
+
+    # -- helpers ---------------------------------------------------------------
+    def _require_waiting(self, what: str) -> None:
+        if self.state is State.WAITING:
+            return
+        if self.state is State.WRITING:
+            started = (f"start_pulse_id {self.start_pulse_id}" if self.start_pulse_id is not None
+                       else f"start time {self.start_time}")
+            raise WrongState(f"{what}: the writer is already writing (from {started})")
+        raise WrongState(f"{what}: the writer is {self.state.value}")
+
+    def _start(self, output_file: str | None, start_pulse_id: int | None = None,
+               start_time: float | None = None) -> StartRun:
+        if output_file is None:
+            path = self._check_output(self.default_output_file, False)
+        else:
+            path = self._check_output(output_file, True)
+        self.output_file = path
+        self.start_pulse_id, self.start_time = start_pulse_id, start_time
+        self.state = State.WRITING
+        self.error = None
+        return StartRun(path, start_pulse_id, start_time, self.stop_pulse_id, self.stop_time, dict(self.parameters))
+
+
+# ---------------------------------------------------------------------------
+# When a quiet source ends the run
+# ---------------------------------------------------------------------------
+class SilenceWatch:
+    """Decides when a source that has gone quiet ends the run; fed the run loop's clock.
+
+    Only a run with a stop (pulse or time) can end by silence: without one
+    the writer waits for the DAQ. The clock starts at the last data message
+    or the last stop change, whichever is later, so a stop set long after
+    the source went quiet still waits the whole deadline. After
+    ``/stop_now`` the source is given only ``stop_now_silence`` (at most the
+    deadline): the DAQ said "now", and a live source that stays quiet for a
+    second has nothing more for this run. While the buffer is lost (the
+    replay client re-requests by itself), the end is ``buffer_lost``, not
+    ``source_silent``.
+    """
+
+    def __init__(self, stop_deadline: float, now: float, stop_now_silence: float = STOP_NOW_SILENCE) -> None:
+        self.stop_deadline = stop_deadline
+        self.stop_now_silence = stop_now_silence
+        self.last_data_at = now
+        self.stop_moved_at = now
+        self.stop_now = False
+        self.buffer_is_lost = False  # since the last data
+
+    def data(self, now: float) -> None:
+        self.last_data_at = now
+        self.buffer_is_lost = False
+
+    def buffer_lost(self) -> None:
+        self.buffer_is_lost = True
+
+    def stop_moved(self, now: float, at_once: bool) -> None:
+        self.stop_moved_at = now
+        self.stop_now = self.stop_now or at_once
+
+    def end_reason(self, now: float, has_stop: bool) -> str | None:
+        """``source_silent`` / ``buffer_lost`` when nothing arrived for too long, else None."""
+        if not has_stop:
+            return None
+        limit = min(self.stop_deadline, self.stop_now_silence) if self.stop_now else self.stop_deadline
+        if now - max(self.last_data_at, self.stop_moved_at) <= limit:
+            return None
+        return "buffer_lost" if self.buffer_is_lost else "source_silent"

@@ -1,0 +1,418 @@
+"""Typed status snapshots of the buffer and the writer, and their one JSON and one Prometheus rendering (pure).
+
+A snapshot is a tree of frozen dataclasses. The service that owns the
+counters builds a fresh one (the buffer's loop a few times a second, the
+writer on each request) and every reader uses the types, never string
+paths into a dict: the buffer's HTTP API, the CA gateway (which reads the
+buffer's ``GET /statistics`` back with :meth:`BufferStatus.from_json`) and
+the coming web service. Renaming a field is then a type error in every
+reader, not a PV that silently goes into alarm.
+
+The JSON field names are the ones users script against (docs/buffer.md,
+"GET /statistics"; docs/writer.md, "GET /statistics"); field order is JSON
+order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .pulse_range import MissingRange
+from .replay_messages import Gap
+
+__all__ = [
+    "SOURCE_IDLE_SECONDS",
+    "Endpoints",
+    "SourceStatus",
+    "CaFeedStatus",
+    "RingStatus",
+    "PulseIdStatus",
+    "RateStatus",
+    "SessionStatus",
+    "ReplayStatus",
+    "BufferStatus",
+    "prometheus_text",
+    "WriterStatistics",
+    "MAX_MISSING_SHOWN",
+    "json_value",
+]
+
+# No message for this long: the status says the source is idle.
+SOURCE_IDLE_SECONDS = 5.0
+
+
+class _Record:
+    """JSON in and out for the snapshot dataclasses (nested records, tuples of records, None)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """A plain dict for ``json.dumps`` (nested records as dicts, tuples as lists)."""
+        return {field.name: _to_json(getattr(self, field.name)) for field in dataclasses.fields(self)}
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> Any:
+        """The record from :meth:`to_json`'s output; ValueError names a missing field.
+
+        Fields this version does not know are ignored, so an older reader
+        keeps working against a newer service.
+        """
+        if not isinstance(document, Mapping):
+            raise ValueError(f"{cls.__name__}: expected a JSON object, not {type(document).__name__}")
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for field in dataclasses.fields(cls):
+            if field.name not in document:
+                raise ValueError(f"{cls.__name__}: field {field.name!r} missing")
+            values[field.name] = _from_json(hints[field.name], document[field.name], f"{cls.__name__}.{field.name}")
+        return cls(**values)
+
+
+def json_value(value: Any) -> Any:
+    """Any snapshot value as plain JSON data: records as dicts, tuples as lists (e.g. for a file attribute)."""
+    return _to_json(value)
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, _Record):
+        return value.to_json()
+    if isinstance(value, (MissingRange, Gap)):  # records of pulse_range and replay_messages, same four fields
+        return {"first_pulse_id": value.first_pulse_id, "last_pulse_id": value.last_pulse_id,
+                "count": value.count, "reason": value.reason}
+    if isinstance(value, tuple):
+        return [_to_json(item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _to_json(item) for key, item in value.items()}
+    return value
+
+
+def _from_json(hint: Any, value: Any, where: str) -> Any:
+    """``value`` as the type ``hint`` says: a record, an optional record, a tuple of records, or as is."""
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        records = [arg for arg in typing.get_args(hint) if isinstance(arg, type) and issubclass(arg, _Record)]
+        return records[0].from_json(value) if records else value
+    if origin is tuple:
+        (item_hint, *_rest) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, not {type(value).__name__}")
+        return tuple(_from_json(item_hint, item, where) for item in value)
+    if isinstance(hint, type) and issubclass(hint, _Record):
+        return hint.from_json(value)
+    if hint in (MissingRange, Gap):
+        return hint(**value)
+    return value
+
+
+# ---------------------------------------------------------------------------
+# The buffer
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Endpoints(_Record):
+    """Where the buffer listens (actual addresses: port 0 resolved)."""
+
+    stream: str
+    output: str | None
+    replay: str | None
+    rest: str | None
+
+
+@dataclass(frozen=True)
+class SourceStatus(_Record):
+    address: str
+    mode: str  # pull | sub
+    idle_seconds: float | None  # since the last message; None before the first
+    last_message_time: float | None  # the source's global timestamp of the last message stored
+    connected_once: bool  # a message has ever arrived
+
+
+@dataclass(frozen=True)
+class CaFeedStatus(_Record):
+    """``--ca``: the rate-limited loopback feed of the gateway."""
+
+    address: str
+    max_rate: float
+    sent: int
+
+
+@dataclass(frozen=True)
+class RingStatus(_Record):
+    messages: int
+    bytes: int
+    max_messages: int
+    max_bytes: int
+    oldest_pulse_id: int | None
+    newest_pulse_id: int | None
+    evicted: int
+    evicted_bytes: int
+
+
+@dataclass(frozen=True)
+class PulseIdStatus(_Record):
+    last: int | None
+    usual_step: int | None
+    jumps: int
+    jumped_pulses: int
+    resets: int
+    reset_evicted: int
+    held_back: int
+    out_of_order: int
+
+
+@dataclass(frozen=True)
+class RateStatus(_Record):
+    messages_per_second: float
+    bytes_per_second: float
+    window_seconds: float
+
+
+@dataclass(frozen=True)
+class SessionStatus(_Record):
+    """One writer's replay session (``core.replay_session.ReplaySession.status``)."""
+
+    session: str
+    start_pulse_id: int | None
+    start_time: float | None
+    stop_pulse_id: int | None
+    stop_time: float | None
+    cursor_seq: int
+    last_pulse_id: int | None
+    sent: int
+    in_flight: int
+    window: int
+    gaps: int
+    lost: int
+    ended: str | None
+
+
+@dataclass(frozen=True)
+class ReplayStatus(_Record):
+    """Totals over every session since the start (active ones included) and the active sessions."""
+
+    active_sessions: int
+    started: int
+    ended: int
+    expired: int
+    refused: int
+    disconnected: int
+    send_failures: int
+    sent: int
+    gaps: int
+    lost: int
+    sessions: tuple[SessionStatus, ...]
+
+
+@dataclass(frozen=True)
+class BufferStatus(_Record):
+    """Everything ``GET /statistics`` says about a buffer (field meanings: docs/buffer.md)."""
+
+    name: str
+    state: str  # running | stopping
+    time: float  # wall clock of the snapshot
+    uptime_seconds: float
+    endpoints: Endpoints
+    source: SourceStatus
+    received: int
+    received_bytes: int
+    forwarded: int
+    output_mode: str
+    output_drops: int
+    rejected: Mapping[str, int]  # by reason
+    rejected_total: int
+    ignored: int
+    duplicates: int
+    ca_feed: CaFeedStatus | None
+    header_changes: int
+    ring: RingStatus
+    pulse_ids: PulseIdStatus
+    rates: RateStatus
+    replay: ReplayStatus
+
+    def describe(self) -> str:
+        """One word for humans and monitoring: what the buffer is doing."""
+        if self.state == "stopping":
+            return "stopping"
+        if not self.source.connected_once:
+            return "waiting_for_source"
+        idle = self.source.idle_seconds
+        if idle is not None and idle > SOURCE_IDLE_SECONDS:
+            return "source_idle"
+        return "receiving"
+
+    def status_answer(self) -> dict[str, Any]:
+        """``GET /status``: a short answer for health checks."""
+        return {
+            "state": "ok",
+            "status": self.describe(),
+            "name": self.name,
+            "uptime_seconds": self.uptime_seconds,
+            "source_idle_seconds": self.source.idle_seconds,
+            "newest_pulse_id": self.ring.newest_pulse_id,
+            "oldest_pulse_id": self.ring.oldest_pulse_id,
+            "replay_sessions": self.replay.active_sessions,
+            "endpoints": self.endpoints.to_json(),
+        }
+
+    def statistics_answer(self) -> dict[str, Any]:
+        """``GET /statistics``: the whole snapshot."""
+        return {"state": "ok", "status": self.describe(), "statistics": self.to_json()}
+
+
+# ---------------------------------------------------------------------------
+# Prometheus text exposition format 0.0.4
+# ---------------------------------------------------------------------------
+_PREFIX = "sf_bsread_buffer_"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: Mapping[str, Any]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{key}="{_escape(str(value))}"' for key, value in labels.items()) + "}"
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+class _Metrics:
+    def __init__(self, base_labels: Mapping[str, Any]) -> None:
+        self.base = dict(base_labels)
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str,
+               samples: Iterable[tuple[Mapping[str, Any], Any]]) -> None:
+        samples = [(labels, value) for labels, value in samples if value is not None]
+        full = _PREFIX + name
+        self.lines.append(f"# HELP {full} {help_text}")
+        self.lines.append(f"# TYPE {full} {kind}")
+        for labels, value in samples:
+            self.lines.append(f"{full}{_labels({**self.base, **labels})} {_number(value)}")
+
+    def one(self, name: str, kind: str, help_text: str, value: Any) -> None:
+        self.family(name, kind, help_text, [({}, value)])
+
+
+def prometheus_text(status: BufferStatus) -> str:
+    """``GET /metrics``: the snapshot as Prometheus metrics (label ``buffer`` = the buffer's name)."""
+    m = _Metrics({"buffer": status.name})
+    ring, replay, pulse_ids = status.ring, status.replay, status.pulse_ids
+    m.one("up", "gauge", "1 while the buffer runs.", 1)
+    m.one("uptime_seconds", "gauge", "Seconds since the buffer started.", status.uptime_seconds)
+    m.one("received_messages_total", "counter", "Valid messages received and stored.", status.received)
+    m.one("received_bytes_total", "counter", "Bytes of valid messages received.", status.received_bytes)
+    m.one("forwarded_messages_total", "counter", "Messages handed to the live output.", status.forwarded)
+    m.one("output_drops_total", "counter",
+          "Messages the live output could not take (PUSH at high-water mark; PUB drops are invisible).",
+          status.output_drops)
+    m.family("rejected_messages_total", "counter", "Malformed messages dropped, by reason.",
+             [({"reason": reason}, count) for reason, count in sorted(status.rejected.items())])
+    m.one("ignored_messages_total", "counter", "Control messages (htype not bsr_m-*) ignored.", status.ignored)
+    m.one("duplicate_messages_total", "counter", "Messages dropped because their pulse id repeated the newest.",
+          status.duplicates)
+    m.one("header_changes_total", "counter", "Changes of the data header hash.", status.header_changes)
+    m.one("ring_messages", "gauge", "Messages held in the ring.", ring.messages)
+    m.one("ring_bytes", "gauge", "Bytes of raw frames held in the ring.", ring.bytes)
+    m.one("ring_max_messages", "gauge", "Most messages the ring holds.", ring.max_messages)
+    m.one("ring_max_bytes", "gauge", "Most bytes the ring holds.", ring.max_bytes)
+    m.one("ring_evicted_messages_total", "counter", "Messages evicted from the ring.", ring.evicted)
+    m.one("ring_evicted_bytes_total", "counter", "Bytes evicted from the ring.", ring.evicted_bytes)
+    m.one("oldest_pulse_id", "gauge", "Oldest pulse id held.", ring.oldest_pulse_id)
+    m.one("newest_pulse_id", "gauge", "Newest pulse id held.", ring.newest_pulse_id)
+    m.one("pulse_id_jumps_total", "counter", "Pulse-id steps different from the usual step.", pulse_ids.jumps)
+    m.one("pulse_id_resets_total", "counter", "Pulse ids going backwards (source restarts).", pulse_ids.resets)
+    m.one("out_of_order_messages_total", "counter",
+          "Backwards messages dropped because the stream went on above them.", pulse_ids.out_of_order)
+    m.one("message_rate", "gauge", "Messages per second (recent window).", status.rates.messages_per_second)
+    m.one("byte_rate", "gauge", "Bytes per second (recent window).", status.rates.bytes_per_second)
+    m.one("source_idle_seconds", "gauge", "Seconds since the last message from the source.",
+          status.source.idle_seconds)
+    m.one("replay_sessions", "gauge", "Active replay sessions.", replay.active_sessions)
+    m.one("replay_sessions_started_total", "counter", "Replay sessions accepted.", replay.started)
+    m.one("replay_sessions_expired_total", "counter", "Replay sessions expired (silent writer).", replay.expired)
+    m.one("replay_sent_messages_total", "counter", "Data messages sent to writers.", replay.sent)
+    m.one("replay_gaps_total", "counter", "Gap notices sent to writers.", replay.gaps)
+    m.one("replay_lost_messages_total", "counter", "Messages reported lost to writers (where known).", replay.lost)
+    sessions = replay.sessions
+    m.family("replay_session_last_pulse_id", "gauge", "Last pulse id sent to a session.",
+             [({"session": s.session}, s.last_pulse_id) for s in sessions])
+    m.family("replay_session_sent_messages", "gauge", "Data messages sent to a session.",
+             [({"session": s.session}, s.sent) for s in sessions])
+    m.family("replay_session_in_flight", "gauge", "Data messages in flight to a session.",
+             [({"session": s.session}, s.in_flight) for s in sessions])
+    m.family("replay_session_lost_messages", "gauge", "Messages a session lost.",
+             [({"session": s.session}, s.lost) for s in sessions])
+    return "\n".join(m.lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# The writer
+# ---------------------------------------------------------------------------
+MAX_MISSING_SHOWN = 100  # missing ranges listed in /statistics (all are in the file)
+
+
+@dataclass(frozen=True)
+class WriterStatistics(_Record):
+    """Everything ``GET /statistics`` says about an acquisition (field meanings: docs/writer.md).
+
+    The first six fields are the original writer's (the requested range and
+    the last message written); the rest were added.
+    """
+
+    start_pulse_id: int | None
+    stop_pulse_id: int | None
+    start_timestamp: float | None
+    stop_timestamp: float | None
+    last_pulse_id: int | None
+    last_timestamp: float | None
+    first_pulse_id: int | None
+    first_timestamp: float | None
+    output_file: str
+    messages_received: int
+    messages_written: int
+    bytes_written: int
+    rows_flushed: int  # rows on disk: what a kill -9 would leave in the file now
+    rate: float
+    messages_before_start: int
+    messages_out_of_order: int
+    messages_rejected: int
+    rejected_reasons: Mapping[str, int]
+    gap_notices: int
+    buffer_lost: int
+    missing_pulses: int
+    missing_by_reason: Mapping[str, int]
+    missing_ranges: int
+    missing: tuple[MissingRange, ...]  # the first MAX_MISSING_SHOWN (all are in the file)
+    unlocated_gaps: tuple[Gap, ...]  # losses whose pulse ids are unknown
+    absent_values: int
+    pulse_id_step: int | None
+    progress: float | None
+    end_reason: str | None
+    error: str | None
+
+    @staticmethod
+    def missing_summary(missing: Iterable[MissingRange]) -> dict[str, Any]:
+        """``missing_pulses``, ``missing_by_reason``, ``missing_ranges`` and ``missing`` of all records."""
+        records = list(missing)
+        by_reason: dict[str, int] = {}
+        for item in records:
+            by_reason[item.reason] = by_reason.get(item.reason, 0) + item.count
+        return {"missing_pulses": sum(item.count for item in records), "missing_by_reason": by_reason,
+                "missing_ranges": len(records), "missing": tuple(records[:MAX_MISSING_SHOWN])}

@@ -1,0 +1,2 @@
+"""The SwissFEL HDF5 file: ``layout`` (the contract readers rely on), ``columns`` (one channel's storage),
+``packed`` (the fast path for many scalar channels), ``file`` (H5File: rows in, blocks out, crash safe)."""

@@ -1,0 +1,529 @@
+"""One output file in the SwissFEL HDF5 layout: one row per bsread message, written in blocks.
+
+:class:`H5File` is the only thing the writer needs: it takes parsed
+:class:`~sf_bsread_writer.core.protocol.Message` objects and turns them into the
+layout of the original SwissFEL writer (``/general/*``, ``/data/<channel>/
+{data,pulse_id,is_data_present}``), extended with a per-channel
+``timestamp``, channel metadata attributes, file attributes and a
+``/missing`` table. docs/file-format.md is the reader's reference; this
+docstring is about how and why it is written the way it is. The layout as
+a contract (names, attributes, chunk shapes) is ``h5.layout``; the storage
+of one channel ``h5.columns``; the packed fast path ``h5.packed``.
+
+Why blocks. The original wrote one element per channel per message (resize
++ write), about 40 messages/s for 100 channels. Here ``append`` touches no
+HDF5 at all: it copies each present value part (raw bytes, already in the
+channel's byte order) into a per-channel buffer. HDF5 is only written in
+:meth:`H5File.flush` — one resize and one slice write per dataset per block —
+which runs when a block is full (``block_rows`` rows or ``block_bytes``
+bytes) or ``flush_interval`` seconds after the previous flush.
+
+Why direct chunks. A ``bitshuffle_lz4`` value part is byte for byte one
+chunk of the HDF5 bitshuffle filter (id 32008, LZ4). Array channels
+compressed that way get a dataset with ``chunks=(1,) + array_shape`` and that
+filter, and each part is stored with ``write_direct_chunk``: never
+decompressed. When :func:`protocol.direct_chunk_compatible` says no (legacy
+block size, wrong size), the value is decoded and written through the
+filter instead.
+
+Why this is crash safe. The file is created with HDF5's default (earliest)
+format. Every flush writes the block, updates the file attributes
+(``number_of_messages`` ...) and calls ``H5Fflush``; between flushes nothing
+is written at all, because values wait in memory. A process killed with
+SIGKILL therefore leaves the file as of the last completed flush (plus, at
+worst, raw data that no metadata points at yet), and the earliest format has
+no "file open for write" superblock flag, so a plain ``h5py.File(path,
+"r")`` opens it (SWMR and ``libver="latest"`` files need ``h5clear`` first
+after a crash: checked with HDF5 2.0). The first ``number_of_messages`` rows
+of every channel are complete; tests/test_h5format.py proves it by killing a
+child writer at several moments.
+
+Why lazy datasets. A channel's datasets are created at its first *present*
+value, with the type of that value, and earlier rows read as absent (fill
+value 0) — so a channel first seen absent (the Python sender announces an
+absent value as ``float64 [1]``) keeps every value that arrives later. A
+value whose (type, shape) differs from the channel's first one goes to a
+sibling group ``/data/<channel>@2`` (``@3``...), never into a renamed
+dataset: ``/data/<channel>/data`` always keeps the first type.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from array import array
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ..core import protocol
+from ..core.pulse_range import MissingRange
+from .columns import Column, new_column
+from .layout import (
+    CALLER_ATTRIBUTES, FORMAT_NAME, FORMAT_VERSION, GENERAL_FIELDS, MISSING_DTYPE, NOT_GIVEN, STRING_DTYPE,
+    VARIANT_SEPARATOR, attribute_value, channel_signature, fixed_string,
+)
+from .packed import HeaderPlan, PackedRows
+
+__all__ = [
+    "H5File",
+    "DEFAULT_FLUSH_INTERVAL",
+    "DEFAULT_BLOCK_ROWS",
+    "DEFAULT_BLOCK_BYTES",
+    "CHUNK_CACHE_BYTES",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FLUSH_INTERVAL = 1.0  # seconds: the most data a SIGKILL can cost
+DEFAULT_BLOCK_ROWS = 1000  # rows held in memory before they are written
+DEFAULT_BLOCK_BYTES = 64 * 1024 * 1024  # ... or this many value bytes
+
+# HDF5's raw data chunk cache, per dataset: none. The default (HDF5 2.0: 8 MiB
+# and 8191 slots per dataset; 1 MiB / 521 before) only ever fills here: block
+# writes go to the newest chunk, and a chunk once touched stays cached until
+# its dataset's cache is full. With 4 datasets per channel that is memory that
+# grows through the whole run, ~300 B per row for the demo profile (48 of 52
+# datasets are scalar-sized: full only after 8 MiB / 8 B = 1M rows, ~3 h at
+# 100 Hz); benchmarks/bench_h5_memory.py and docs/performance.md "Writer: RSS".
+# Nothing is read back, unfiltered chunks take a block's rows straight to the
+# file, and a direct-chunk or filtered row is one whole chunk, so the cache
+# bought nothing (bench_h5format.py: same throughput without it).
+CHUNK_CACHE_BYTES = 0
+CHUNK_CACHE_SLOTS = 1
+
+
+class H5File:
+    """One output file in the SwissFEL layout, fed one message per row.
+
+    Not thread safe: one owner (the writer's loop) calls everything. The
+    HDF5 file is open from construction until :meth:`close`; a crash leaves
+    the data of the last :meth:`flush` readable (see the module docstring).
+
+    ``general`` are the REST parameters (keys ``general/created`` or
+    ``created`` ...); ``extra_parameters`` anything else to keep. Both are
+    stored: see :meth:`_write_general`. ``clock`` is for tests.
+    """
+
+    def __init__(self, path: str | os.PathLike, general: Mapping[str, Any] | None = None,
+                 extra_parameters: Mapping[str, Any] | None = None, *,
+                 flush_interval: float = DEFAULT_FLUSH_INTERVAL, block_rows: int = DEFAULT_BLOCK_ROWS,
+                 block_bytes: int = DEFAULT_BLOCK_BYTES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if block_rows < 1:
+            raise ValueError(f"block_rows must be >= 1, not {block_rows}")
+        self.path = os.fspath(path)
+        self.flush_interval = float(flush_interval)
+        self.block_rows = int(block_rows)
+        self.block_bytes = int(block_bytes)
+        self._clock = clock
+        # Default (earliest) libver on purpose: no superblock "open for write"
+        # flag, so a file left by SIGKILL opens without h5clear. No raw data
+        # chunk cache: see CHUNK_CACHE_BYTES.
+        self._file = h5py.File(self.path, "w", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=CHUNK_CACHE_SLOTS)
+        self._closed = False
+        self._data = self._file.create_group("data")
+        self._write_general(dict(general or {}), dict(extra_parameters or {}))
+        self._file.attrs["format"] = FORMAT_NAME
+        self._file.attrs["format_version"] = FORMAT_VERSION
+        self._file.attrs["complete"] = np.uint8(0)
+
+        self._columns: dict[str, dict[tuple, Column]] = {}  # name -> signature -> column
+        self._plan: HeaderPlan | None = None  # for the data header of the last message
+        # The packed fast path gathers rows of one plan and hands them to the columns in one go.
+        self._packed = PackedRows()
+        self._last_spec: dict[str, protocol.ChannelSpec] = {}  # every channel ever announced
+        # One entry per row appended (on disk and pending): the pulse ids of a block,
+        # and what truncate() needs to put the counters back (24 bytes per row).
+        self._row_pulse_ids = array("q")
+        self._row_timestamps = array("d")
+        self._row_absent_values = array("q")  # absent_values after the row
+        self._row_bytes_written = array("q")  # bytes_written after the row
+        self._pending_bytes = 0
+        self._rows_written = 0  # rows on disk (in every dataset)
+        self._missing: list[MissingRange] = []
+        self._missing_pending: list[MissingRange] = []
+        self._missing_rewrite = False  # truncate() replaced the records: /missing is rewritten
+        self._attributes: dict[str, Any] = {}
+        self._last_flush = clock()
+
+        self.bytes_written = 0  # value bytes accepted (as received: compressed stays compressed)
+        self.absent_values = 0  # channel values announced in a header but empty
+        self.hdf5_writes = 0  # dataset writes issued by block writes (for tests/benchmarks)
+        self.blocks_written = 0
+        self.flushes = 0
+        logger.info("opened %s", self.path)
+
+    # -- public API ------------------------------------------------------
+    @property
+    def channels(self) -> list[str]:
+        """Names of every channel seen in a data header, in order of first sight."""
+        return list(self._last_spec)
+
+    @property
+    def rows(self) -> int:
+        """Messages appended (pending included)."""
+        return len(self._row_pulse_ids)
+
+    @property
+    def first_pulse_id(self) -> int | None:
+        return self._row_pulse_ids[0] if self._row_pulse_ids else None
+
+    @property
+    def last_pulse_id(self) -> int | None:
+        return self._row_pulse_ids[-1] if self._row_pulse_ids else None
+
+    @property
+    def first_timestamp(self) -> float | None:
+        return self._row_timestamps[0] if self._row_timestamps else None
+
+    @property
+    def last_timestamp(self) -> float | None:
+        return self._row_timestamps[-1] if self._row_timestamps else None
+
+    @property
+    def rows_flushed(self) -> int:
+        """Rows that are on disk and would survive a SIGKILL now."""
+        return self._rows_written
+
+    @property
+    def missing(self) -> list[MissingRange]:
+        return list(self._missing)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def append(self, message: protocol.Message) -> None:
+        """Add one row: every channel gets a value or an absent marker.
+
+        Touches no HDF5 unless a block is full or the flush interval has
+        passed, in which case it writes and flushes (see :meth:`flush`).
+        """
+        self._check_open()
+        header = message.data_header
+        plan = self._plan
+        if plan is None or (header is not plan.header and header.hash != plan.header.hash):
+            plan = self._use_header(header)
+        row = len(self._row_pulse_ids) - self._rows_written
+        self._row_pulse_ids.append(message.pulse_id)
+        accepted_total = 0
+        slow = plan.others
+        if plan.packed:
+            added = self._packed.add(plan, message.frames, row, self._column_for)
+            if added is None:  # a packed value of the wrong size: channel by channel
+                self._scatter()
+                slow = range(len(header.channels))
+            else:
+                accepted_total, absent = added
+                self.absent_values += absent
+        columns = plan.columns
+        channels = header.channels
+        for index in slow:
+            part = message.value_part(index)
+            if not len(part):
+                self.absent_values += 1
+                continue
+            spec = channels[index]
+            column = columns[index]
+            if column is None:
+                column = columns[index] = self._column_for(spec)
+            accepted_total += column.append(spec, part, message.timestamp_part(index), row)
+        self._pending_bytes += accepted_total
+        self.bytes_written += accepted_total
+        self._row_timestamps.append(message.timestamp)
+        self._row_absent_values.append(self.absent_values)
+        self._row_bytes_written.append(self.bytes_written)
+        if (row + 1 >= self.block_rows or self._pending_bytes >= self.block_bytes
+                or self._clock() - self._last_flush >= self.flush_interval):
+            self.flush()
+
+    def record_missing(self, first_pulse_id: int, last_pulse_id: int, reason: str,
+                       count: int | None = None) -> None:
+        """Note pulses that will not be in the file (written at the next flush).
+
+        ``count`` defaults to ``last - first + 1``; give it when the pulse
+        step is not 1 or when it is known from the source.
+        """
+        self._check_open()
+        first, last = int(first_pulse_id), int(last_pulse_id)
+        if last < first:
+            raise ValueError(f"last_pulse_id {last} < first_pulse_id {first}")
+        record = MissingRange(first, last, int(count) if count is not None else last - first + 1, str(reason))
+        self._missing.append(record)
+        self._missing_pending.append(record)
+
+    @property
+    def missing_pulses(self) -> int:
+        return sum(record.count for record in self._missing)
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        """File attributes (e.g. the requested range) written at the next flush and at close.
+
+        ``None`` values are skipped (an unset stop pulse is simply absent);
+        lists and dicts are stored as JSON text.
+        """
+        self._check_open()
+        unknown = sorted(set(attributes) - set(CALLER_ATTRIBUTES))
+        if unknown:
+            raise ValueError(f"not a documented file attribute: {', '.join(unknown)} "
+                             f"(docs/file-format.md; settable: {', '.join(CALLER_ATTRIBUTES)})")
+        self._attributes.update(attributes)
+
+    def flush_due(self) -> bool:
+        """True when data waits and the flush interval has passed (for idle loops)."""
+        return (not self._closed and (self.rows > self._rows_written or bool(self._missing_pending))
+                and self._clock() - self._last_flush >= self.flush_interval)
+
+    def maybe_flush(self) -> bool:
+        """Flush if :meth:`flush_due`; the writer calls this when the source is quiet."""
+        if self.flush_due():
+            self.flush()
+            return True
+        return False
+
+    def truncate(self, rows: int, missing: Iterable[MissingRange] | None = None) -> int:
+        """Keep only the first ``rows`` rows; return how many were removed.
+
+        For a stop that comes after its pulse was written (normal for a past
+        range: the replay runs ahead before the DAQ sends the stop). Rows not
+        flushed yet are dropped from memory; rows on disk are cut by shrinking
+        every dataset under /data (all share axis 0). ``rows``,
+        ``first_/last_pulse_id``, ``first_/last_timestamp``, ``absent_values``
+        and ``bytes_written`` then describe the rows kept, and the attribute
+        ``rows_removed_after_stop`` adds up the rows removed. ``missing``
+        replaces the records of /missing (the caller clips them to its stop:
+        the file does not know the pulse step); None keeps them. Groups
+        created by removed rows stay, all absent. Ends with a :meth:`flush`:
+        on return the file on disk is the cut one.
+        """
+        self._check_open()
+        if not 0 <= rows <= self.rows:
+            raise ValueError(f"cannot truncate {self.rows} rows to {rows}")
+        removed = self.rows - rows
+        self._scatter()  # every pending row into its column
+        columns = list(self._each_column())
+        for column in columns:
+            column.drop_pending(max(0, rows - self._rows_written))
+        if rows < self._rows_written:
+            # The row count first: a reader (or a kill) never sees rows counted that are gone.
+            self._file.attrs["number_of_messages"] = np.int64(rows)
+            for column in columns:
+                column.resize(rows)
+            self._rows_written = rows
+        for log in (self._row_pulse_ids, self._row_timestamps, self._row_absent_values, self._row_bytes_written):
+            del log[rows:]
+        self.absent_values = self._row_absent_values[-1] if rows else 0
+        self.bytes_written = self._row_bytes_written[-1] if rows else 0
+        self._pending_bytes = 0  # the rows kept are written by the flush below
+        if missing is not None:
+            self._missing = list(missing)
+            self._missing_pending = list(self._missing)
+            self._missing_rewrite = True
+        if removed:
+            self._attributes["rows_removed_after_stop"] = self._attributes.get("rows_removed_after_stop", 0) + removed
+            logger.info("%s: %d rows removed after the stop, %d kept", self.path, removed, rows)
+        self.flush()
+        return removed
+
+    def flush(self) -> None:
+        """Write pending rows and missing records, update attributes, ``H5Fflush``.
+
+        After it returns, everything appended so far survives a SIGKILL.
+        """
+        self._check_open()
+        self._write_block()
+        self._write_missing()
+        self._write_file_attributes(complete=False)
+        self._file.flush()
+        self._last_flush = self._clock()
+        self.flushes += 1
+
+    def close(self, attributes: Mapping[str, Any] | None = None) -> None:
+        """Write everything, mark the file complete and close it. Idempotent.
+
+        Channels announced but never present get all-absent datasets with
+        their last announced type. The HDF5 file is closed even when writing
+        fails (the error is then raised).
+        """
+        if self._closed:
+            return
+        try:
+            if attributes:
+                self.set_attributes(attributes)
+            self._write_block()
+            for name, spec in self._last_spec.items():
+                if name not in self._columns:
+                    self._column_for(spec)  # created with _rows_written rows, all absent
+            self._write_missing()
+            self._write_file_attributes(complete=True)
+        finally:
+            self._closed = True
+            self._file.close()
+        logger.info("closed %s: %d rows, %d channels, %d missing pulses",
+                    self.path, self.rows, len(self._last_spec), self.missing_pulses)
+
+    def __enter__(self) -> "H5File":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"{self.path} is closed")
+
+    def _use_header(self, header: Any) -> HeaderPlan:
+        """A new data header: map each channel index to its column (if any yet)."""
+        self._scatter()  # pending packed rows belong to the previous plan
+        columns: list[Column | None] = []
+        for spec in header.channels:
+            self._last_spec[spec.name] = spec
+            variants = self._columns.get(spec.name)
+            columns.append(variants.get(channel_signature(spec)) if variants else None)
+        self._plan = HeaderPlan(header, columns)
+        return self._plan
+
+    def _scatter(self) -> None:
+        """Every packed row gathered so far into its column (before anything else touches the columns)."""
+        self._packed.scatter(self._plan, self._column_for)
+
+    def _column_for(self, spec: protocol.ChannelSpec) -> Column:
+        """The column for this channel's (type, shape), creating it (and its group) if new."""
+        variants = self._columns.setdefault(spec.name, {})
+        signature = channel_signature(spec)
+        column = variants.get(signature)
+        if column is not None:
+            return column
+        if not variants:
+            group_name = spec.name
+        else:
+            number = len(variants) + 1
+            while f"{spec.name}{VARIANT_SEPARATOR}{number}" in self._data:
+                number += 1
+            group_name = f"{spec.name}{VARIANT_SEPARATOR}{number}"
+        group = self._data.create_group(group_name)
+        # Rows already on disk read as absent (fill value 0); pending rows of
+        # this block before the first value are padded as absent by append.
+        column = new_column(group, spec, self._rows_written)
+        variants[signature] = column
+        if len(variants) > 1:
+            group.attrs["channel"] = spec.name
+            group.attrs["variant"] = len(variants)
+            first = self._data[spec.name]
+            first.attrs["variants"] = np.array(
+                [spec.name] + [c.group.name.rsplit("/", 1)[1] for c in list(variants.values())[1:]],
+                dtype=STRING_DTYPE)
+            logger.warning("channel %s changed to %s %s: values go to /data/%s",
+                           spec.name, signature[0], list(signature[1]), group_name)
+        return column
+
+    def _each_column(self) -> Iterable[Column]:
+        for variants in self._columns.values():
+            yield from variants.values()
+
+    def _write_block(self) -> None:
+        """Write the pending rows of every column: one resize and slice write per dataset."""
+        self._scatter()
+        start = self._rows_written
+        count = self.rows - start
+        if not count:
+            return
+        pulse_ids = np.frombuffer(self._row_pulse_ids[start:], dtype="i8")  # a copy: the log keeps growing
+        writes = 0
+        for column in self._each_column():
+            writes += column.write_block(start, count, pulse_ids)
+        self._rows_written = start + count
+        self._pending_bytes = 0
+        self.hdf5_writes += writes
+        self.blocks_written += 1
+
+    def _write_missing(self) -> None:
+        if self._missing_rewrite:
+            self._missing_rewrite = False
+            if "missing" in self._file:
+                del self._file["missing"]  # absent when nothing is missing, as always
+        if not self._missing_pending:
+            return
+        if "missing" not in self._file:
+            table = self._file.create_dataset("missing", shape=(0,), maxshape=(None,),
+                                              dtype=MISSING_DTYPE, chunks=(256,))
+            table.attrs["description"] = ("pulses not in the file: first_pulse_id..last_pulse_id "
+                                          "(inclusive), count pulses, and why")
+        table = self._file["missing"]
+        start = table.shape[0]
+        rows = np.array([(r.first_pulse_id, r.last_pulse_id, r.count, r.reason)
+                         for r in self._missing_pending], dtype=MISSING_DTYPE)
+        table.resize(start + len(rows), axis=0)
+        table[start:] = rows
+        self._missing_pending = []
+
+    def _write_file_attributes(self, complete: bool) -> None:
+        attrs = self._file.attrs
+        for key, value in self._attributes.items():
+            if value is None:
+                if key in attrs:
+                    del attrs[key]
+                continue
+            attrs[key] = attribute_value(value)
+        # Counts describe what is on disk, so that they hold after a crash too.
+        attrs["number_of_messages"] = np.int64(self._rows_written)
+        attrs["missing_pulses"] = np.int64(sum(r.count for r in self._missing))
+        attrs["absent_values"] = np.int64(self.absent_values)
+        if self._rows_written:
+            attrs["first_pulse_id"] = np.int64(self.first_pulse_id)
+            attrs["last_pulse_id"] = np.int64(self.last_pulse_id)
+            attrs["first_timestamp"] = float(self.first_timestamp)
+            attrs["last_timestamp"] = float(self.last_timestamp)
+        else:  # none yet, or truncate() removed them all
+            for key in ("first_pulse_id", "last_pulse_id", "first_timestamp", "last_timestamp"):
+                attrs.pop(key, None)
+        attrs["complete"] = np.uint8(complete)
+
+    def _write_general(self, general: dict[str, Any], extra: dict[str, Any]) -> None:
+        """/general: the four original datasets plus every other parameter.
+
+        The four fields are scalar fixed-length byte strings as in the
+        original ("not given" when unset). Every other parameter becomes a
+        scalar dataset ``/general/<key>`` (key without a leading
+        ``general/``, remaining ``/`` replaced by ``.``): strings as
+        fixed-length bytes, numbers as numbers, anything else as JSON text.
+        The full parameter dict as received is also kept, losslessly, as
+        JSON in the attribute ``/general.attrs["parameters"]``.
+        """
+        group = self._file.create_group("general")
+        parameters = {**general, **extra}
+        plain: dict[str, Any] = {}
+        for key, value in parameters.items():
+            name = str(key)
+            if name.startswith("general/"):
+                name = name[len("general/"):]
+            name = name.replace("/", ".") or "_"
+            if name in plain:
+                logger.warning("parameter %r collides with another after normalisation; "
+                               "kept in /general attribute 'parameters' only", key)
+                continue
+            plain[name] = value
+        for name in GENERAL_FIELDS:
+            value = plain.pop(name, None)
+            text = NOT_GIVEN if value is None else (value if isinstance(value, str) else str(value))
+            group.create_dataset(name, data=fixed_string(text))
+        for name, value in plain.items():
+            try:
+                if isinstance(value, str):
+                    data: Any = fixed_string(value)
+                elif isinstance(value, bool):
+                    data = np.uint8(value)
+                elif isinstance(value, (int, float)) and not (isinstance(value, int) and abs(value) >= 2**63):
+                    data = value
+                else:
+                    data = fixed_string(json.dumps(value, default=str))
+                group.create_dataset(name, data=data)
+            except (ValueError, TypeError) as error:
+                logger.warning("parameter %r not stored as a dataset (%s); kept in the "
+                               "'parameters' attribute", name, error)
+        group.attrs["parameters"] = json.dumps(parameters, default=str, sort_keys=True)

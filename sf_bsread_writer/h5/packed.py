@@ -1,0 +1,149 @@
+"""The packed fast path: the uncompressed fixed-size channels of a message gathered in two joins.
+
+For a 500-channel scalar stream a Python step per channel per message is
+where the time would go. A :class:`HeaderPlan` (built once per data
+header) says which channels are *packed* (uncompressed numbers of a fixed
+size, in a buffered column): their value and timestamp parts are gathered
+per message with two ``bytes.join`` calls into :class:`PackedRows`, and
+handed to their columns block-wise, one numpy slice per channel
+(:meth:`PackedRows.scatter`). Everything else goes channel by channel.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..core import protocol
+from .columns import Column, FixedColumn, column_class_for
+from .layout import ABSENT_TIMESTAMP, TIMESTAMP_BYTES
+
+__all__ = ["HeaderPlan", "PackedRows"]
+
+
+class HeaderPlan:
+    """How the messages of one data header are taken apart (built once per header change).
+
+    ``packed`` are the channels whose value part is stored as sent
+    (uncompressed numbers of a fixed size, in a buffered column): for them a
+    message costs two ``bytes.join`` calls and a length check instead of a
+    Python step per channel — a 500-channel scalar stream is otherwise
+    dominated by that loop. Everything else (strings, compressed values,
+    direct chunks, a packed value of the wrong size) goes channel by channel.
+    """
+
+    def __init__(self, header: Any, columns: list[Column | None]) -> None:
+        self.header = header
+        self.columns = columns  # column of each channel index, None until its first present value
+        self.packed: list[int] = []
+        self.others: list[int] = []
+        for index, spec in enumerate(header.channels):
+            column = columns[index]
+            packable = (not spec.is_string and spec.compression == "none" and spec.nbytes
+                        and (column is None or isinstance(column, FixedColumn))
+                        and (column is not None or column_class_for(spec) is FixedColumn))
+            (self.packed if packable else self.others).append(index)
+        packed_specs = [header.channels[i] for i in self.packed]
+        self.expected = [spec.nbytes for spec in packed_specs]
+        self.expected_stamps = [TIMESTAMP_BYTES] * len(self.packed)
+        self.zero_values = [bytes(n) for n in self.expected]
+        self.offsets = np.concatenate([[0], np.cumsum(self.expected, dtype=np.int64)]).astype(np.int64)
+        self.row_nbytes = int(self.offsets[-1])
+        self.all_present = b"\x01" * len(self.packed)
+        value_indices = [2 + 2 * i for i in self.packed]
+        stamp_indices = [3 + 2 * i for i in self.packed]
+        self.values_of = frames_getter(value_indices)
+        self.stamps_of = frames_getter(stamp_indices)
+
+
+def frames_getter(indices: list[int]) -> Callable[[Any], tuple]:
+    """``frames -> tuple of frames[i] for i in indices`` (always a tuple)."""
+    if len(indices) == 1:
+        only = indices[0]
+        return lambda frames: (frames[only],)
+    if not indices:
+        return lambda frames: ()
+    return operator.itemgetter(*indices)
+
+
+class PackedRows:
+    """Rows of the packed channels, gathered per message and handed to the columns in one go.
+
+    Holds consecutive block rows ``first_row .. first_row + count`` of one
+    plan; the file calls :meth:`scatter` before anything else touches the
+    columns (a new plan, a slow-path value, a block write, a truncate).
+    """
+
+    def __init__(self) -> None:
+        self.first_row = 0
+        self.count = 0
+        self._values = bytearray()
+        self._stamps = bytearray()
+        self._present = bytearray()
+
+    def add(self, plan: HeaderPlan, frames: Any, row: int,
+            column_for: Callable[[protocol.ChannelSpec], Column]) -> tuple[int, int] | None:
+        """Gather the packed channels' parts of one message as block row ``row``.
+
+        Returns (value bytes accepted, absent values), or None if a packed
+        value has the wrong size (the caller then takes the message channel
+        by channel).
+        """
+        values = plan.values_of(frames)
+        stamps = plan.stamps_of(frames)
+        lengths = list(map(len, values))
+        accepted = sum(lengths)
+        absent = 0
+        present: bytes | bytearray = plan.all_present
+        if lengths != plan.expected:
+            values, stamps, present = list(values), list(stamps), bytearray(present)
+            for j, (length, expected) in enumerate(zip(lengths, plan.expected)):
+                if length == expected:
+                    continue
+                if length:
+                    return None
+                values[j] = plan.zero_values[j]
+                stamps[j] = ABSENT_TIMESTAMP
+                present[j] = 0
+                absent += 1
+        if list(map(len, stamps)) != plan.expected_stamps:
+            stamps = [stamp if len(stamp) == TIMESTAMP_BYTES else ABSENT_TIMESTAMP for stamp in stamps]
+        if self.count and self.first_row + self.count != row:
+            self.scatter(plan, column_for)
+        if not self.count:
+            self.first_row = row
+        self._values += b"".join(values)
+        self._stamps += b"".join(stamps)
+        self._present += present
+        self.count += 1
+        return accepted, absent
+
+    def scatter(self, plan: HeaderPlan | None, column_for: Callable[[protocol.ChannelSpec], Column]) -> None:
+        """Hand the gathered rows to their columns (``column_for`` creates a column at its first value)."""
+        count = self.count
+        if not count:
+            return
+        assert plan is not None
+        packed = plan.packed
+        values = np.frombuffer(self._values, dtype="u1").reshape(count, plan.row_nbytes)
+        stamps = np.frombuffer(self._stamps, dtype="u1").reshape(count, TIMESTAMP_BYTES * len(packed))
+        present = np.frombuffer(self._present, dtype="u1").reshape(count, len(packed))
+        all_present = bool(present.all())
+        offsets = plan.offsets
+        channels = plan.header.channels
+        for j, index in enumerate(packed):
+            column_present = present[:, j]
+            if not all_present and not column_present.any():
+                continue  # absent throughout: padding does it, and no column before a first value
+            column = plan.columns[index]
+            if column is None:
+                column = plan.columns[index] = column_for(channels[index])
+            column.append_batch(channels[index], self.first_row, values[:, offsets[j]:offsets[j + 1]],
+                                stamps[:, TIMESTAMP_BYTES * j:TIMESTAMP_BYTES * (j + 1)],
+                                np.ascontiguousarray(column_present))
+        self.count = 0
+        self._values = bytearray()
+        self._stamps = bytearray()
+        self._present = bytearray()

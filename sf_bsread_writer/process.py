@@ -1,0 +1,176 @@
+"""What every command does the same way, once: log set-up, signals, the READY line, systemd, malloc.
+
+Each service (buffer, writer, CA gateway, CA bridge, simulator) is a thin
+CLI around its own loop; what they share about being a *process* lives here:
+
+* :func:`configure_logging`: one log format, on stderr (stdout carries only
+  the READY line);
+* :func:`stop_on_signals`: SIGTERM (systemd, kill) and SIGINT (Ctrl-C) ask
+  the service to stop; the handler only records, the service's own loop acts;
+* :func:`print_ready`: the one machine-readable line on stdout, ``READY
+  {json}``, that tests, the demo and scripts wait for;
+* :func:`sd_notify` and :func:`watchdog_interval`: systemd's ``Type=notify``
+  and its watchdog;
+* :func:`tune_allocator`: glibc malloc settings for processes that move
+  large frames.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = [
+    "configure_logging",
+    "stop_on_signals",
+    "print_ready",
+    "parse_ready",
+    "sd_notify",
+    "watchdog_interval",
+    "tune_allocator",
+]
+
+logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+READY_PREFIX = "READY "
+
+
+def configure_logging(level: str) -> None:
+    """One log format for every command, on stderr: stdout carries only the READY line.
+
+    mflow (under bsread) logs every bind at INFO through a handler of its
+    own, which would print each line twice; it is kept to warnings.
+    """
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mflow").setLevel(logging.WARNING)
+
+
+def stop_on_signals(stop: Callable[[str], None]) -> Callable[[], None]:
+    """SIGTERM and SIGINT call ``stop(signal_name)``; returns a function that restores the old handlers.
+
+    ``stop`` runs inside the signal handler, in the main thread between two
+    bytecodes, so it must only *ask*: set an event, append to a list, or
+    ``loop.call_soon_threadsafe`` for an asyncio loop. Taking a lock there
+    could deadlock with the interrupted code. The service's loop then ends,
+    closes its sockets and files, and the command returns 0: a clean stop,
+    no traceback.
+    """
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        logger.info("signal %s: stopping", name)
+        stop(name)
+
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+
+    def restore() -> None:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+    return restore
+
+
+def print_ready(payload: Mapping[str, Any]) -> None:
+    """Print ``READY {json}`` on stdout and flush: the command is serving, at these addresses.
+
+    Part of every CLI's contract, whatever the log level: scripts, tests and
+    the demo start a service with port 0 and read the ports actually bound
+    from this line.
+    """
+    sys.stdout.write(READY_PREFIX + json.dumps(dict(payload)) + "\n")
+    sys.stdout.flush()
+
+
+def parse_ready(line: str) -> dict[str, Any] | None:
+    """The payload of a READY line printed by :func:`print_ready`; None for any other line."""
+    if not line.startswith(READY_PREFIX):
+        return None
+    payload = json.loads(line[len(READY_PREFIX):])
+    return payload if isinstance(payload, dict) else None
+
+
+def sd_notify(state: str) -> bool:
+    """Send ``state`` (e.g. "READY=1") to systemd's notify socket, if there is one.
+
+    The whole sd_notify protocol: one datagram on the unix socket named by
+    NOTIFY_SOCKET ("@" means the abstract namespace). Returns False when not
+    run under systemd with Type=notify.
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+        return True
+    except OSError as error:
+        logger.warning("sd_notify(%r) failed: %s", state, error)
+        return False
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between watchdog pings (half of WATCHDOG_USEC), or None without a watchdog."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid.isdigit() and int(pid) != os.getpid()):
+        return None
+    try:
+        return max(0.05, int(usec) / 2e6)
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------- allocator
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_allocator(mmap_threshold: int = 32 * 1024 * 1024,
+                   trim_threshold: int = 1024 * 1024 * 1024) -> bool:
+    """Make glibc reuse freed large blocks warm instead of returning them to the kernel.
+
+    Why: the ring keeps the large parts that libzmq allocated for each
+    received message and frees them when they are evicted. With glibc's
+    defaults a multi-megabyte block is served by a fresh ``mmap`` (or the
+    heap top is trimmed after it is freed), so every message pays page
+    faults and zeroing of fresh pages: measured here, forwarding 2.6 MB
+    images through a ring without this ran well below a bare relay (numbers
+    in docs/performance.md). Raising the mmap threshold (32 MiB is glibc's
+    maximum on 64-bit) makes such blocks come from the heap, and a high trim
+    threshold keeps freed heap memory mapped, so an evicted image's block is
+    reused, already faulted in, by the next image. Setting either disables
+    glibc's dynamic threshold adjustment. Memory stays bounded by the ring's
+    ``max_bytes`` plus what is in flight; it is simply not handed back to
+    the kernel while the process runs, which is what a permanently running
+    buffer wants.
+
+    Call once, early in the process (before the sockets receive anything).
+    Returns False, changing nothing, where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        logger.info("no glibc mallopt: allocator left at its defaults")
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(
+        mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
+    if ok:
+        logger.debug("glibc malloc tuned: mmap_threshold=%d trim_threshold=%d",
+                     mmap_threshold, trim_threshold)
+    else:
+        logger.warning("mallopt refused mmap_threshold=%d / trim_threshold=%d",
+                       mmap_threshold, trim_threshold)
+    return ok

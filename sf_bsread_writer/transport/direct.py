@@ -1,0 +1,42 @@
+"""A plain live bsread stream as a writer's source (``sf_bsread_writer --direct``), no buffer in between."""
+from __future__ import annotations
+
+import zmq
+
+from ..core.replay_messages import Data
+
+__all__ = ["DirectSource"]
+
+
+class DirectSource:
+    """A plain bsread stream (PULL or SUB), live only: what the original writer read.
+
+    Offers the part of the ReplayClient interface the run loop uses; every
+    message is a ``Data`` whose ``pulse_id`` is None (the run loop
+    parses the frames anyway). There is no history: a start pulse in the past
+    is recorded as missing ("not_received"), and the run loop applies the stop.
+    """
+
+    def __init__(self, address: str, mode: str = "pull") -> None:
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.SUB if mode == "sub" else zmq.PULL)
+        if mode == "sub":
+            self._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._address = address
+
+    def start(self) -> "DirectSource":
+        self._socket.connect(self._address)
+        return self
+
+    def receive(self, timeout: float) -> Data | None:
+        if not self._socket.poll(int(timeout * 1000)):
+            return None
+        return Data(pulse_id=None, frames=self._socket.recv_multipart(copy=False))
+
+    def set_stop(self, stop_pulse_id: int | None = None, stop_time: float | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+        self._context.term()

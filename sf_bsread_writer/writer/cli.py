@@ -1,0 +1,136 @@
+"""CLI ``sf_bsread_writer STREAM_ADDRESS OUTPUT_FILE USER_ID REST_PORT``: one acquisition, then exit.
+
+:func:`main` binds the REST API, drops privileges, prints the READY line
+and hands over to :func:`serve`, which waits for the writer to finish,
+keeps answering ``/status`` for the grace period and returns the exit code:
+0 (finished), 1 (error), 2 (could not launch).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .. import config, process
+from ..core.acquisition import BadRequest, OutsideRoot
+from ..httpserver import HttpServer
+from .outputs import DEV_NULL, resolve_output_file
+from .rest import make_app
+from .service import Writer, WriterSettings
+
+__all__ = ["main", "serve", "drop_privileges"]
+
+logger = logging.getLogger(__name__)
+
+# How soon the main thread acts on SIGTERM/SIGINT.
+SIGNAL_LATENCY = 0.1
+# How long the answers of /stop and /kill (and of status polls) may take to reach their clients.
+ANSWER_FLUSH_SECONDS = 2.0
+
+
+def drop_privileges(user_id: int) -> None:
+    """Run as ``user_id`` and its primary group from now on (-1: keep the current user).
+
+    Raises ``PermissionError`` with a message saying what to do when the
+    process may not switch (only root may switch to another user).
+    """
+    if user_id == -1:
+        logger.info("Not changing process uid and gid.")
+        return
+    if user_id < 0:
+        raise ValueError(f"USER_ID must be -1 or a uid >= 0, not {user_id}")
+    try:
+        entry = pwd.getpwuid(user_id)
+        group_id, name = entry.pw_gid, entry.pw_name
+    except KeyError:
+        group_id, name = user_id, None  # an uid without a passwd entry: its group as the original did
+    if os.getuid() == user_id and os.geteuid() == user_id and os.getgid() == group_id:
+        logger.info("Already running as uid %d gid %d.", user_id, group_id)
+        return
+    try:
+        if os.geteuid() == 0:
+            if name is not None:
+                os.initgroups(name, group_id)
+            else:
+                os.setgroups([group_id])
+        os.setgid(group_id)
+        os.setuid(user_id)
+    except PermissionError as error:
+        raise PermissionError(
+            f"cannot switch to uid {user_id} gid {group_id}: {error.strerror} (running as uid {os.getuid()}; "
+            "only root may change user: start as root or pass -1)") from None
+    logger.info("Running as uid %d gid %d.", user_id, group_id)
+
+
+def serve(writer: Writer, server: Any, wait_until_idle: Callable[[float], bool] = lambda timeout: True) -> int:
+    """Wait for the writer to finish, keep answering for the grace period, return the exit code.
+
+    SIGTERM and SIGINT close the file (as ``/kill``). The handler only
+    records the signal; this loop, in the main thread, acts on it within
+    ``SIGNAL_LATENCY`` (taking locks inside a signal handler could deadlock).
+    ``wait_until_idle(timeout)`` waits for the HTTP answers still being sent.
+    """
+    pending: list[str] = []
+    restore = process.stop_on_signals(pending.append)
+    try:
+        while not writer.done.wait(SIGNAL_LATENCY):
+            if pending:
+                name = pending.pop()
+                logger.info("%s received: closing the file", name)
+                writer.exit_at_once.set()
+                writer.stop(reason=f"signal_{name}", wait=None)
+        grace_end = time.monotonic() + writer.settings.finished_grace
+        while not pending and time.monotonic() < grace_end:
+            if writer.exit_at_once.wait(min(SIGNAL_LATENCY, max(0.0, grace_end - time.monotonic()))):
+                break
+        wait_until_idle(ANSWER_FLUSH_SECONDS)
+    finally:
+        server.stop()
+        restore()
+    code = writer.exit_code
+    logger.info("Writer exits with %d (%s)", code, writer.status())
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI ``sf_bsread_writer STREAM_ADDRESS OUTPUT_FILE USER_ID REST_PORT [options]``."""
+    args = config.parse_args("sf_bsread_writer", "bsread writer: one pulse range from a buffer into an HDF5 file",
+                             config.WRITER_OPTIONS, config.WRITER_ENV_PREFIX, argv)
+    process.configure_logging(args.log_level)
+    settings = WriterSettings(
+        stream_address=args.stream_address, output_file=args.output_file, output_root=args.output_root,
+        direct=args.direct, direct_mode=args.direct_mode, stop_deadline=args.stop_deadline,
+        flush_interval=args.flush_interval, finished_grace=args.finished_grace,
+    )
+    logger.info("Starting writer: stream %s, output file %s%s", settings.stream_address, settings.output_file,
+                " (direct)" if settings.direct else "")
+    writer = Writer(settings)
+    app = make_app(writer)
+    try:
+        # Bind first (a privileged port needs the privileges), then drop them before touching any file.
+        server = HttpServer(app, args.rest_host, args.rest_port)
+    except OSError as error:
+        logger.error("Cannot listen on %s:%s: %s", args.rest_host, args.rest_port, error)
+        return 2
+    try:
+        drop_privileges(args.user_id)
+        if settings.output_root is not None and not os.path.isdir(settings.output_root):
+            raise ValueError(f"--output-root {settings.output_root} is not a directory")
+        if args.output_file != DEV_NULL:
+            try:
+                resolve_output_file(args.output_file, settings.output_root, os.getcwd())
+            except OutsideRoot as error:
+                raise ValueError(error.message) from None
+            except BadRequest as error:
+                # E.g. it exists: a start may still name another file over REST, so warn only.
+                logger.warning("OUTPUT_FILE: %s", error.message)
+    except (PermissionError, ValueError) as error:
+        logger.error("%s", error)
+        server.stop()
+        return 2
+    server.start()
+    process.print_ready({"rest": server.url})
+    return serve(writer, server, app.wait_until_idle)

@@ -1,0 +1,115 @@
+"""What the writer writes into: a path it is allowed to use, an HDF5 file, or /dev/null.
+
+The I/O side of a start: :func:`resolve_output_file` checks a requested path
+against ``--output-root`` (the REST layer turns its :class:`BadRequest` into
+a 400), :func:`open_output` creates the :class:`~sf_bsread_writer.h5.file.H5File`
+(or a :class:`NullOutput` for ``/dev/null``), and :func:`abandon_output`
+removes what a failed start left behind.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from ..core.acquisition import REQUIRED_PARAMETERS, BadRequest, OutsideRoot, StartRun
+from ..h5.file import H5File
+
+__all__ = ["DEV_NULL", "resolve_output_file", "NullOutput", "open_output", "abandon_output"]
+
+logger = logging.getLogger(__name__)
+
+DEV_NULL = "/dev/null"
+
+
+def resolve_output_file(path: object, output_root: str | None, base_dir: str | None = None) -> str:
+    """The absolute path to write ``path`` to, or :class:`BadRequest`.
+
+    With ``output_root`` the real path (every symlink resolved, ``..``
+    applied) must lie strictly inside the root's real path, so neither
+    ``../x.h5`` nor a symlink pointing out of the root can escape it. A
+    relative path is taken relative to ``base_dir`` (default: the root when
+    there is one, else the current directory). ``/dev/null`` is always
+    allowed: it writes nothing. An existing file is refused: the writer never
+    overwrites an earlier acquisition.
+    """
+    if not isinstance(path, str) or not path.strip():
+        raise BadRequest(f"output_file must be a non-empty string, not {path!r}")
+    if "\x00" in path:
+        raise BadRequest("output_file must not contain NUL characters")
+    if path == DEV_NULL:
+        return path
+    if base_dir is None:
+        base_dir = output_root if output_root is not None else os.getcwd()
+    candidate = path if os.path.isabs(path) else os.path.join(base_dir, path)
+    if output_root is None:
+        resolved = os.path.abspath(candidate)
+    else:
+        root = os.path.realpath(output_root)
+        resolved = os.path.realpath(candidate)
+        if resolved == root or os.path.commonpath([root, resolved]) != root:
+            raise OutsideRoot(f"output_file {path!r} resolves to {resolved}, outside the output root {root}")
+    if os.path.isdir(resolved):
+        raise BadRequest(f"output_file {path!r} is a directory")
+    if os.path.lexists(resolved):
+        raise BadRequest(f"output_file {resolved} already exists; the writer does not overwrite files")
+    return resolved
+
+
+class NullOutput:
+    """``/dev/null`` as the output file: consume the range, count it, write nothing (as the original)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.bytes_written = 0
+        self.absent_values = 0
+
+    def append(self, message: Any) -> None:
+        self.rows += 1
+        for index in range(message.n_channels):
+            size = len(message.value_part(index))
+            self.bytes_written += size
+            self.absent_values += size == 0
+
+    def record_missing(self, first_pulse_id: int, last_pulse_id: int, reason: str, count: int | None = None) -> None:
+        pass
+
+    def set_attributes(self, attributes: dict) -> None:
+        pass
+
+    def maybe_flush(self) -> bool:
+        return False
+
+    def truncate(self, rows: int, missing: Any = None) -> int:
+        """Only ``rows`` follows (nothing was written; the byte counts keep the removed rows)."""
+        removed, self.rows = self.rows - rows, rows
+        return removed
+
+    def close(self, attributes: dict | None = None) -> None:
+        pass
+
+
+def open_output(start: StartRun, flush_interval: float) -> H5File | NullOutput:
+    """The output of a run: the HDF5 file (its folder created, as the original did), or NullOutput."""
+    if start.output_file == DEV_NULL:
+        return NullOutput()
+    directory = os.path.dirname(start.output_file)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    if os.path.lexists(start.output_file):  # appeared since the request was checked
+        raise FileExistsError(f"{start.output_file} already exists; the writer does not overwrite files")
+    general = {name: start.parameters[name] for name in REQUIRED_PARAMETERS if name in start.parameters}
+    extra = {key: value for key, value in start.parameters.items() if key not in REQUIRED_PARAMETERS}
+    return H5File(start.output_file, general, extra, flush_interval=flush_interval)
+
+
+def abandon_output(start: StartRun, output: Any) -> None:
+    """After a failed start: close what was opened and remove the empty file it created."""
+    if output is None:
+        return
+    try:
+        output.close({})
+    except Exception:  # noqa: BLE001 (best effort; the start already failed)
+        logger.exception("Closing the abandoned output failed")
+    if start.output_file != DEV_NULL and os.path.exists(start.output_file):
+        os.unlink(start.output_file)

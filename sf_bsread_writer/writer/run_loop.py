@@ -1,0 +1,190 @@
+"""The body of the writer's run thread: receive, classify, write, until the range is over.
+
+The run thread is the only owner of the source and the output file. The
+decisions it makes are pure and live in the core (``PulseRange`` decides
+what belongs in the file and what is missing, ``SilenceWatch`` when a quiet
+source ends the run); this loop moves messages between the source and the
+file, applies the commands the REST threads post on its queue, and keeps
+the counters that ``/statistics`` shows. ``clock`` is injected, so the
+stop-deadline behaviour is tested with a fake clock and a scripted source.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.acquisition import EndRun, MoveStop, SilenceWatch
+from ..core.protocol import IgnoredMessage, MessageParser, ProtocolError
+from ..core.pulse_range import MissingRange, PulseRange, Verdict
+from ..core.rates import RateEstimator
+from ..core.replay_messages import BufferLost, Data, End, Gap, GapReason, Refused
+
+__all__ = ["RunCounters", "RunLoop", "POLL_INTERVAL"]
+
+logger = logging.getLogger(__name__)
+
+# How long one receive waits: the latency of commands (stop, kill) and of the
+# silence check. Short enough to feel immediate, long enough not to spin.
+POLL_INTERVAL = 0.1
+# The write rate shown while writing: over about the last second.
+RATE_WINDOW_SECONDS = 1.0
+
+
+@dataclass
+class RunCounters:
+    """Written by the run thread only; ``/statistics`` reads them without a lock (plain values)."""
+
+    messages_received: int = 0
+    messages_written: int = 0
+    messages_before_start: int = 0
+    messages_out_of_order: int = 0
+    messages_rejected: int = 0
+    rejected_reasons: dict[str, int] = field(default_factory=dict)
+    gap_notices: int = 0
+    buffer_lost: int = 0
+    rate: float = 0.0
+    # Losses whose pulse ids are unknown (a range by time before the buffer's
+    # oldest, a source reset): in the statistics and the file attributes, not in /missing.
+    unlocated_gaps: list[Gap] = field(default_factory=list)
+
+
+class RunLoop:
+    """Receive, filter, write, until the range is over; :meth:`run` returns why it ended.
+
+    ``source``: ``start``ed, with ``receive(timeout)``, ``set_stop`` (a
+    ReplayClient or DirectSource); ``output``: an H5File or NullOutput;
+    ``commands``: MoveStop / EndRun from the REST threads; ``on_finishing``
+    tells the control (under its lock) that the run is ending and why.
+    """
+
+    def __init__(self, source: Any, output: Any, pulse_range: PulseRange, counters: RunCounters,
+                 commands: "queue.SimpleQueue[MoveStop | EndRun]", stop_deadline: float,
+                 on_finishing: Callable[[str], None], clock: Callable[[], float]) -> None:
+        self.source = source
+        self.output = output
+        self.range = pulse_range
+        self.counters = counters
+        self.commands = commands
+        self.on_finishing = on_finishing
+        self.clock = clock
+        self.parser = MessageParser()
+        now = clock()
+        self.silence = SilenceWatch(stop_deadline, now)
+        self.started_at = now
+        self._rate = RateEstimator(RATE_WINDOW_SECONDS, resolution=RATE_WINDOW_SECONDS / 10)
+        self._rate.add(now, 0)
+
+    def run(self) -> str:
+        while True:
+            if self.range.complete:
+                return self.finish("stop_reached")
+            event = self.source.receive(POLL_INTERVAL)
+            # Commands after the receive, before the event: a stop posted while waiting
+            # applies to the message that ended the wait.
+            reason = self._apply_commands()
+            if reason is not None:
+                return self.finish(reason)
+            now = self.clock()
+            # append() flushes on its own; this covers a quiet source and events that write
+            # no row (gaps, messages before the start or out of order), so no row waits in
+            # memory longer than flush_interval (what kill -9 can cost).
+            self.output.maybe_flush()
+            if event is None:
+                reason = self.silence.end_reason(now, self.range.has_stop)
+                if reason is not None:
+                    return self.finish(reason)
+            elif isinstance(event, Data):
+                self.silence.data(now)
+                self._data(event.frames)
+                self._rate.add(now, self.counters.messages_written)
+                self.counters.rate = self._rate.rate() or self.counters.rate
+            elif isinstance(event, Gap):
+                self._gap(event)
+            elif isinstance(event, End):
+                logger.info("The buffer ended the replay: %s (last pulse_id %s)", event.reason, event.last_pulse_id)
+                self.range.end_reached()
+                return self.finish("stop_reached")
+            elif isinstance(event, BufferLost):
+                # The client re-requests the rest of the range by itself; a buffer that stays
+                # away is a silent source for the stop deadline.
+                self.counters.buffer_lost += 1
+                self.silence.buffer_lost()
+            elif isinstance(event, Refused):
+                raise RuntimeError(f"the buffer refused the replay request: {event.reason}: {event.detail}")
+            else:
+                logger.warning("Ignoring an unknown event from the source: %r", event)
+
+    def finish(self, reason: str) -> str:
+        """The range is over: record the head and tail that never arrived."""
+        self.on_finishing(reason)
+        for item in self.range.close(reason):
+            self._record(item)
+        return reason
+
+    def average_rate(self) -> float | None:
+        """Messages written per second since the run started (the rate shown once finished)."""
+        elapsed = self.clock() - self.started_at
+        return self.counters.messages_written / elapsed if elapsed > 0 else None
+
+    def _apply_commands(self) -> str | None:
+        while True:
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return None
+            if isinstance(command, EndRun):
+                return command.reason
+            if isinstance(command, MoveStop):
+                keep = self.range.set_stop(command.stop_pulse_id, command.stop_time)
+                if keep is not None:  # rows past the new stop were written already: remove them
+                    removed = self.output.truncate(keep, self.range.missing)
+                    logger.info("The stop came after its pulse was written: %d rows removed", removed)
+                    self.counters.messages_written = keep
+                self.source.set_stop(stop_pulse_id=command.stop_pulse_id, stop_time=command.stop_time)
+                self.silence.stop_moved(self.clock(), command.now)
+
+    def _data(self, frames: Sequence[Any]) -> None:
+        counters = self.counters
+        counters.messages_received += 1
+        try:
+            message = self.parser.parse(frames)
+        except IgnoredMessage:
+            return
+        except ProtocolError as error:
+            counters.messages_rejected += 1
+            key = error.reason.value
+            counters.rejected_reasons[key] = counters.rejected_reasons.get(key, 0) + 1
+            logger.warning("Rejected a message: %s", error)
+            return
+        verdict = self.range.classify(message.pulse_id, message.timestamp)
+        if verdict is Verdict.WRITE:
+            self.output.append(message)
+            counters.messages_written += 1
+            for item in self.range.written(message.pulse_id, message.timestamp):
+                self._record(item)
+        elif verdict is Verdict.BEFORE:
+            counters.messages_before_start += 1
+        elif verdict is Verdict.OLD:
+            counters.messages_out_of_order += 1
+
+    def _gap(self, gap: Gap) -> None:
+        self.counters.gap_notices += 1
+        if gap.reason == GapReason.SOURCE_RESET.value:
+            self.range.source_reset()
+        if gap.first_pulse_id is None or gap.last_pulse_id is None:
+            # Pulse ids unknown (a range by time before the buffer's oldest, a source reset):
+            # kept in the statistics and the file attributes, not in /missing.
+            if gap.count != 0:
+                logger.warning("Messages lost where pulse ids are unknown: %s", gap)
+                self.counters.unlocated_gaps.append(gap)
+            return
+        for item in self.range.gap(gap.first_pulse_id, gap.last_pulse_id, gap.reason, gap.count):
+            self._record(item)
+
+    def _record(self, item: MissingRange) -> None:
+        logger.warning("Pulses %d..%d missing (%d): %s", item.first_pulse_id, item.last_pulse_id, item.count,
+                       item.reason)
+        self.output.record_missing(item.first_pulse_id, item.last_pulse_id, item.reason, item.count)

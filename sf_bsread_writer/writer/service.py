@@ -1,0 +1,309 @@
+"""The writer service: one acquisition, driven over REST, written by one run thread.
+
+:class:`Writer` is the I/O shell around the pure core of an acquisition
+(``core.acquisition.WriterControl``: which request is legal when;
+``core.pulse_range.PulseRange``: what belongs in the file). REST threads
+call its public methods, which change the control under a lock and post
+commands on a queue; **one run thread owns the source and the file**
+(``writer.run_loop.RunLoop``; nobody else touches them) and reports back
+through the same lock.
+
+In ``finished`` and ``error`` the file is closed; the CLI (``writer.cli``)
+answers ``/status`` for ``--finished-grace`` seconds, then exits 0
+(finished) or 1 (error). Nothing here calls ``os._exit``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..core.acquisition import BadRequest, EndRun, MoveStop, StartRun, State, WriterControl
+from ..core.pulse_range import PulseRange
+from ..core.status import WriterStatistics, json_value
+from ..transport.direct import DirectSource
+from ..transport.replay_client import ReplayClient
+from .outputs import abandon_output, open_output, resolve_output_file
+from .run_loop import RunCounters, RunLoop
+
+__all__ = ["WriterSettings", "Writer", "START_TIMEOUT"]
+
+logger = logging.getLogger(__name__)
+
+# How long a start request waits for the run thread to open the file and the source.
+START_TIMEOUT = 20.0
+
+
+@dataclass
+class WriterSettings:
+    """Everything the writer needs from its command line."""
+
+    stream_address: str
+    output_file: str
+    output_root: str | None = None
+    direct: bool = False
+    direct_mode: str = "pull"
+    stop_deadline: float = 10.0
+    flush_interval: float = 1.0
+    finished_grace: float = 2.0
+
+
+def _requested_range(start_pulse_id: int | None, start_time: float | None,
+                     stop_pulse_id: int | None, stop_time: float | None) -> dict:
+    """File attributes of the requested range (None: not requested, the attribute is left out)."""
+    return {"requested_start_pulse_id": start_pulse_id, "requested_start_time": start_time,
+            "requested_stop_pulse_id": stop_pulse_id, "requested_stop_time": stop_time}
+
+
+class Writer:
+    """One acquisition: the control under a lock, a command queue, one run thread owning source and file.
+
+    The REST layer calls the public methods from its request threads; they
+    return plain data or raise ``RequestError``. ``done`` is set once the
+    file is closed (or when the writer ends without ever starting).
+    ``source_factory`` and ``output_factory`` (StartRun -> object) replace
+    the ReplayClient/DirectSource and the H5File, for tests; ``clock`` is
+    the wall clock that ``start_now``/``stop_now`` compare with the source's
+    timestamps, ``monotonic`` the run loop's clock for its deadlines.
+    """
+
+    def __init__(self, settings: WriterSettings,
+                 source_factory: Callable[[StartRun], Any] | None = None,
+                 output_factory: Callable[[StartRun], Any] | None = None,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._monotonic = monotonic
+        self._source_factory = source_factory or self._default_source
+        self._output_factory = output_factory or self._default_output
+        self._lock = threading.Lock()
+        self._control = WriterControl(settings.output_file, self._check_output)
+        self._commands: queue.SimpleQueue[MoveStop | EndRun] = queue.SimpleQueue()
+        self._counters = RunCounters()
+        self._range: PulseRange | None = None
+        self._output: Any = None
+        self._thread: threading.Thread | None = None
+        self.done = threading.Event()
+        self.exit_at_once = threading.Event()  # /kill or a signal: no grace period
+
+    # -- REST entry points -------------------------------------------------------
+    @property
+    def state(self) -> State:
+        return self._control.state
+
+    def status(self) -> str:
+        return self._control.state.value
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self._control.state is State.ERROR else 0
+
+    def set_parameters(self, body: object) -> dict:
+        with self._lock:
+            parameters = self._control.set_parameters(body)
+        logger.info("Parameters set: %s", parameters)
+        return parameters
+
+    def parameters(self) -> dict:
+        with self._lock:
+            return dict(self._control.parameters)
+
+    def start_at_pulse(self, pulse_id: int, output_file: str | None = None) -> str:
+        """``PUT /start_pulse_id/<id>``."""
+        with self._lock:
+            start = self._control.start_at_pulse(pulse_id, output_file)
+        return self._launch(start)
+
+    def start_now(self, output_file: str | None = None) -> str:
+        """``PUT /start_now``."""
+        with self._lock:
+            start = self._control.start_now(self._clock(), output_file)
+        return self._launch(start)
+
+    def stop_at_pulse(self, pulse_id: int) -> str:
+        """``PUT /stop_pulse_id/<id>``."""
+        with self._lock:
+            command = self._control.stop_at_pulse(pulse_id)
+            if command is not None:
+                self._commands.put(command)
+        logger.info("stop_pulse_id set to %d", pulse_id)
+        return self.status()
+
+    def stop_now(self) -> str:
+        """``PUT /stop_now``."""
+        with self._lock:
+            command = self._control.stop_now(self._clock())
+            self._commands.put(command)
+        logger.info("stop_now: stopping at time %.6f", command.stop_time)
+        return self.status()
+
+    def stop(self, reason: str = "stopped", wait: float | None = 60.0) -> str:
+        """Close the file now and end the process; waits (up to ``wait`` s) until the file is closed."""
+        with self._lock:
+            command = self._control.stop(reason)
+            if command is not None:
+                self._commands.put(command)
+            elif self._thread is None and self._control.state is State.FINISHED:
+                self.done.set()  # stopped before any start: no file, nothing to close
+        logger.info("Stop requested (%s)", reason)
+        if wait is not None:
+            self.done.wait(wait)
+        return self.status()
+
+    def kill(self, wait: float | None = 60.0) -> str:
+        """As :meth:`stop`, then exit without the grace period."""
+        self.exit_at_once.set()
+        return self.stop("killed", wait)
+
+    def statistics(self) -> WriterStatistics:
+        """``GET /statistics``, typed (``.to_json()`` is the answer)."""
+        with self._lock:
+            control, pulse_range, output, counters = self._control, self._range, self._output, self._counters
+            return WriterStatistics(
+                start_pulse_id=control.start_pulse_id,
+                stop_pulse_id=control.stop_pulse_id,
+                start_timestamp=control.start_time,
+                stop_timestamp=control.stop_time,
+                last_pulse_id=pulse_range.last_pulse_id if pulse_range else None,
+                last_timestamp=pulse_range.last_timestamp if pulse_range else None,
+                first_pulse_id=pulse_range.first_pulse_id if pulse_range else None,
+                first_timestamp=pulse_range.first_timestamp if pulse_range else None,
+                output_file=control.output_file,
+                messages_received=counters.messages_received,
+                messages_written=counters.messages_written,
+                bytes_written=output.bytes_written if output is not None else 0,
+                rows_flushed=getattr(output, "rows_flushed", 0) if output is not None else 0,
+                rate=round(counters.rate, 3),
+                messages_before_start=counters.messages_before_start,
+                messages_out_of_order=counters.messages_out_of_order,
+                messages_rejected=counters.messages_rejected,
+                rejected_reasons=dict(counters.rejected_reasons),
+                gap_notices=counters.gap_notices,
+                buffer_lost=counters.buffer_lost,
+                **WriterStatistics.missing_summary(pulse_range.missing if pulse_range else ()),
+                unlocated_gaps=tuple(counters.unlocated_gaps),
+                absent_values=output.absent_values if output is not None else 0,
+                pulse_id_step=pulse_range.step if pulse_range else None,
+                progress=(pulse_range.progress() if pulse_range
+                          else 0.0 if control.state is State.WAITING else None),
+                end_reason=control.end_reason,
+                error=control.error,
+            )
+
+    # -- start -------------------------------------------------------------------
+    def _check_output(self, path: str, requested: bool) -> str:
+        # OUTPUT_FILE of the command line is relative to the working directory; a
+        # relative path given over REST is relative to --output-root when there is one.
+        base = self.settings.output_root if requested and self.settings.output_root else os.getcwd()
+        return resolve_output_file(path, self.settings.output_root, base)
+
+    def _launch(self, start: StartRun) -> str:
+        """Start the run thread and wait until it has opened the file and the source (or failed to)."""
+        logger.info("Starting: output %s, start_pulse_id %s, start_time %s, stop_pulse_id %s, stop_time %s",
+                    start.output_file, start.start_pulse_id, start.start_time, start.stop_pulse_id, start.stop_time)
+        opened = threading.Event()
+        outcome: dict[str, str] = {}
+        with self._lock:
+            self._thread = threading.Thread(target=self._run, args=(start, opened, outcome), name="writer-run",
+                                            daemon=True)
+            self._thread.start()
+        if not opened.wait(START_TIMEOUT):
+            logger.warning("The file and the source are still opening after %.0f s", START_TIMEOUT)
+        elif "error" in outcome:
+            raise BadRequest(outcome["error"])
+        return self.status()
+
+    # -- the run thread: the only owner of the source and the file ---------------
+    def _run(self, start: StartRun, opened: threading.Event, outcome: dict) -> None:
+        pulse_range = PulseRange(start.start_pulse_id, start.start_time, start.stop_pulse_id, start.stop_time)
+        source = output = None
+        try:
+            source = self._source_factory(start)
+            output = self._output_factory(start)
+            output.set_attributes(_requested_range(start.start_pulse_id, start.start_time,
+                                                   start.stop_pulse_id, start.stop_time))
+            source.start()
+        except Exception as error:  # noqa: BLE001 (any failure to open is reported to the DAQ)
+            logger.exception("Cannot start writing %s", start.output_file)
+            outcome["error"] = f"cannot start writing {start.output_file}: {error}"
+            self._abandon(start, source, output)
+            with self._lock:
+                self._control.start_failed(outcome["error"])
+                self._thread = None
+                while not self._commands.empty():  # meant for the run that never was
+                    self._commands.get_nowait()
+                if self._control.state is State.FINISHED:
+                    self.done.set()
+            opened.set()
+            return
+        with self._lock:
+            self._range, self._output = pulse_range, output
+        opened.set()
+
+        loop = RunLoop(source, output, pulse_range, self._counters, self._commands, self.settings.stop_deadline,
+                       self._finishing, self._monotonic)
+        error_text: str | None = None
+        try:
+            end_reason = loop.run()
+        except Exception as error:  # noqa: BLE001 (whatever failed, the file gets closed)
+            logger.exception("The writer failed")
+            error_text = f"{type(error).__name__}: {error}"
+            end_reason = "writer_error"
+            try:
+                loop.finish(end_reason)
+            except Exception:  # noqa: BLE001 (the file must still be closed)
+                logger.exception("Recording the missing pulses failed")
+        self._finishing(end_reason)
+        attributes = _requested_range(start.start_pulse_id, start.start_time,
+                                      pulse_range.stop_pulse_id, pulse_range.stop_time)
+        attributes["end_reason"] = end_reason
+        if self._counters.unlocated_gaps:
+            attributes["unlocated_gaps"] = json_value(tuple(self._counters.unlocated_gaps))
+        for closer, what in ((lambda: output.close(attributes), "the file"), (source.close, "the source")):
+            try:
+                closer()
+            except Exception as error:  # noqa: BLE001
+                logger.exception("Closing %s failed", what)
+                error_text = error_text or f"closing {what} failed: {error}"
+        with self._lock:
+            self._control.finished(error_text)
+            average = loop.average_rate()
+            if average is not None:
+                self._counters.rate = average
+        logger.info("Closed %s: %d messages, pulse_id %s..%s, %d pulses missing; end: %s%s",
+                    start.output_file, self._counters.messages_written, pulse_range.first_pulse_id,
+                    pulse_range.last_pulse_id, pulse_range.missing_count, end_reason,
+                    f"; error: {error_text}" if error_text else "")
+        self.done.set()
+
+    def _finishing(self, reason: str) -> None:
+        """The run loop says the run is ending (called from the run thread)."""
+        with self._lock:
+            self._control.finishing(reason)
+
+    @staticmethod
+    def _abandon(start: StartRun, source: Any, output: Any) -> None:
+        """After a failed start: close what was opened and remove the empty file it created."""
+        abandon_output(start, output)
+        if source is not None:
+            try:
+                source.close()
+            except Exception:  # noqa: BLE001 (best effort; the start already failed)
+                logger.exception("Closing the abandoned source failed")
+
+    # -- default factories -------------------------------------------------------
+    def _default_source(self, start: StartRun) -> Any:
+        if self.settings.direct:
+            return DirectSource(self.settings.stream_address, self.settings.direct_mode)
+        return ReplayClient(self.settings.stream_address, start_pulse_id=start.start_pulse_id,
+                            start_time=start.start_time, stop_pulse_id=start.stop_pulse_id,
+                            stop_time=start.stop_time)
+
+    def _default_output(self, start: StartRun) -> Any:
+        return open_output(start, self.settings.flush_interval)
