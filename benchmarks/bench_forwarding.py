@@ -65,10 +65,11 @@ def middle(variant: str, in_port: int, out_port: int, ring_messages: int, ring_b
         while True:
             push.send_multipart(pull.recv_multipart(copy=False), copy=False)
 
-    from sf_bsread_writer.ring import Ring, tune_allocator
+    from sf_bsread_writer.core.ring import Ring
+    from sf_bsread_writer.process import tune_allocator
 
     try:
-        from sf_bsread_writer.protocol import parse_main_header
+        from sf_bsread_writer.core.protocol import parse_main_header
 
         def pulse_and_time(frame):
             header = parse_main_header(frame)
@@ -177,7 +178,8 @@ def measure_buffer(context, profile: str, variant: str, source_port: int,
             finally:
                 consumer.close()
 
-        from sf_bsread_writer.replay import Data, ReplayClient
+        from sf_bsread_writer.core.replay_messages import Data
+        from sf_bsread_writer.transport.replay_client import ReplayClient
 
         # let the ring fill (the live consumer keeps the output drained), then replay from its oldest pulse
         for _ in range(args.warmup):
@@ -242,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {profile:8s} {variant:12s} run {repeat + 1}: {rate:9.1f} msg/s "
                       f"({rate * size / 1e6:8.1f} MB/s, {n} messages)", flush=True)
     print()
-    print(f"| profile | message | variant | msg/s (median) | runs | MB/s | vs relay | vs original |")
-    print(f"|---|---|---|---|---|---|---|---|")
+    print("| profile | message | variant | msg/s (median) | runs | MB/s | vs relay | vs original |")
+    print("|---|---|---|---|---|---|---|---|")
     for profile in profiles:
         size = common.message_nbytes(profile)
         relay = results.get((profile, "relay"))

@@ -68,7 +68,7 @@ def _children(pid: int) -> list[int]:
 def _gateway_pid(buffer: Child) -> int | None:
     for pid in _children(buffer.process.pid):
         try:
-            if "sf_bsread_writer.gateway" in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "):
+            if "sf_bsread_writer.ca.gateway" in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "):
                 return pid
         except OSError:
             pass
@@ -89,7 +89,7 @@ class Stack:
             raise
 
     def _start(self, profile: str, rate: float, ca: bool, n_channels: int, name: str) -> None:
-        simulate = Child([sys.executable, "-m", "sf_bsread_writer.simulate", "--profile", profile, "--rate", str(rate),
+        simulate = Child([sys.executable, "-m", "sf_bsread_writer.tools.simulate", "--profile", profile, "--rate", str(rate),
                           "--n-channels", str(n_channels), "--port", "0", "--log-level", "WARNING"], env=self.env)
         self.children.append(simulate)
         address = json.loads(simulate.wait_for_line("READY", timeout=60).split("READY", 1)[1])["address"]

@@ -21,7 +21,7 @@ every time).
 Experiments (to bisect a growth; all off by default = the writer as is):
 
     --rdcc-nbytes N     file-level raw data chunk cache per dataset (h5py.File(rdcc_nbytes=N));
-                        H5File's own is h5format.CHUNK_CACHE_BYTES (0); HDF5's default,
+                        H5File's own is h5.file.CHUNK_CACHE_BYTES (0); HDF5's default,
                         i.e. H5File before the fix: --rdcc-nbytes 1048576 --rdcc-nslots 521
     --rdcc-nslots N     ... and its hash slots
     --mdc-max BYTES     metadata cache: fixed max size, adaptive resize off
@@ -58,7 +58,10 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sf_bsread_writer import h5format, protocol, simulate  # noqa: E402
+from sf_bsread_writer.core import protocol  # noqa: E402
+from sf_bsread_writer.h5 import file as h5_file_module  # noqa: E402
+from sf_bsread_writer.h5.file import H5File  # noqa: E402
+from sf_bsread_writer.tools import simulate  # noqa: E402
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         def patched_file(*a, **kw):  # the experiment's file access settings, only for this run
             return real_file(*a, **{**kw, **file_kwargs})
 
-        h5format.h5py.File = patched_file  # type: ignore[attr-defined]
+        h5_file_module.h5py.File = patched_file  # type: ignore[attr-defined]
 
     tmp = Path(tempfile.mkdtemp(prefix="h5mem-", dir=args.dir))
     clock_now = [0.0]
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = []
     t0 = time.perf_counter()
     try:
-        h5 = h5format.H5File(tmp / "run.h5", {"user": "bench"}, clock=lambda: clock_now[0])
+        h5 = H5File(tmp / "run.h5", {"user": "bench"}, clock=lambda: clock_now[0])
         if args.mdc_max is not None:
             config = h5._file.id.get_mdc_config()
             config.set_initial_size = True

@@ -41,7 +41,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OriginalPatternWriter  # noqa: E402
-from sf_bsread_writer import h5format, protocol  # noqa: E402
+from sf_bsread_writer.core import protocol  # noqa: E402
+from sf_bsread_writer.h5.file import H5File  # noqa: E402
 
 
 def scalar_messages(n_messages: int, n_channels: int) -> list[protocol.Message]:
@@ -64,7 +65,7 @@ def image_messages(n_messages: int, distinct: int = 8) -> list[protocol.Message]
 
 def run_h5file(path: Path, messages: list[protocol.Message]) -> float:
     start = time.perf_counter()
-    h5 = h5format.H5File(path, {})
+    h5 = H5File(path, {})
     for message in messages:
         h5.append(message)
     h5.close()

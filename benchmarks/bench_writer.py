@@ -15,7 +15,7 @@ repeat, interleaved (so machine noise hits them alike):
   writer        the real writer CLI (``python -m sf_bsread_writer.writer REPLAY out.h5 -1 0``),
                 REST POST /parameters, PUT /start_pulse_id, PUT /stop_pulse_id; timed from the
                 start request to /status == finished (file closed); its /statistics rate is shown too
-  writer-tuned  (--tuned-variant) the same with glibc malloc set as ring.tune_allocator() sets it
+  writer-tuned  (--tuned-variant) the same with glibc malloc set as process.tune_allocator() sets it
                 (GLIBC_TUNABLES), which the buffer calls and the writer does not
   bare          camera: ReplayClient + ``dataset.id.write_direct_chunk`` per image into an
                 h5py dataset with the bitshuffle filter (preallocated, one chunk per image);
@@ -32,7 +32,7 @@ bitshuffle_lz4 (a smooth spot on a pedestal + Gaussian noise, so it
 compresses like a real camera, ~2x); ``scalars`` 500 float64 channels
 (1002 parts).
 
-Soak (--soak-minutes M): ``sf_bsread_writer.simulate --profile demo --rate 100`` -> buffer ->
+Soak (--soak-minutes M): ``sf_bsread_writer.tools.simulate --profile demo --rate 100`` -> buffer ->
 writer (start_now, stop pulse 10^9 pulses ahead) for M minutes; the writer's
 VmRSS (/proc/PID/status) is sampled every --soak-interval seconds and printed
 with the slope after the first minute; then PUT /stop_now and the file is
@@ -88,7 +88,7 @@ def camera_image(seed: int) -> "Any":
 
 def message_templates(profile: str, distinct: int = 4) -> list[list[bytes]]:
     """Pre-built messages of the profile (same data header, ``distinct`` different value sets)."""
-    from sf_bsread_writer.protocol import build_message
+    from sf_bsread_writer.core.protocol import build_message
 
     if profile == "camera":
         return [build_message(FIRST, [CAMERA_SPEC], [camera_image(seed)], timestamp=1_700_000_000.0)
@@ -129,7 +129,8 @@ def run_bare(kind: str, replay: str, first: int, last: int, out: str) -> None:
     """Child: drain [first, last] through a ReplayClient, per ``kind``; print RESULT {messages, seconds}."""
     import zmq
 
-    from sf_bsread_writer.replay import Data, End, Error, ReplayClient
+    from sf_bsread_writer.core.replay_messages import Data, End, Refused
+    from sf_bsread_writer.transport.replay_client import ReplayClient
 
     count = last - first + 1
     start = time.perf_counter()
@@ -149,7 +150,7 @@ def run_bare(kind: str, replay: str, first: int, last: int, out: str) -> None:
                     received += 1
                 elif isinstance(event, End) or event is None:
                     break
-                elif isinstance(event, Error):
+                elif isinstance(event, Refused):
                     raise RuntimeError(event)
     elif kind == "bare-scalars":
         with ReplayClient(replay, start_pulse_id=first, stop_pulse_id=last) as client:
@@ -159,12 +160,12 @@ def run_bare(kind: str, replay: str, first: int, last: int, out: str) -> None:
                     received += 1
                 elif isinstance(event, End) or event is None:
                     break
-                elif isinstance(event, Error):
+                elif isinstance(event, Refused):
                     raise RuntimeError(event)
     elif kind == "original":
         import h5py
 
-        from sf_bsread_writer.protocol import MessageParser
+        from sf_bsread_writer.core.protocol import MessageParser
 
         parser = MessageParser()
         with h5py.File(out, "w") as f, ReplayClient(replay, start_pulse_id=first, stop_pulse_id=last) as client:
@@ -176,7 +177,7 @@ def run_bare(kind: str, replay: str, first: int, last: int, out: str) -> None:
                     received += 1
                 elif isinstance(event, End) or event is None:
                     break
-                elif isinstance(event, Error):
+                elif isinstance(event, Refused):
                     raise RuntimeError(event)
     else:
         raise ValueError(kind)
@@ -186,12 +187,12 @@ def run_bare(kind: str, replay: str, first: int, last: int, out: str) -> None:
 
 
 def run_profiled_writer(argv: list[str], out: str) -> int:
-    """Child: the writer CLI with cProfile around the run thread's loop (_RunLoop.run); stats dumped to ``out``."""
+    """Child: the writer CLI with cProfile around the run thread's loop (RunLoop.run); stats dumped to ``out``."""
     import cProfile
 
-    from sf_bsread_writer import writer
+    from sf_bsread_writer.writer import cli, run_loop
 
-    original = writer._RunLoop.run  # noqa: SLF001
+    original = run_loop.RunLoop.run
 
     def profiled(self: Any) -> str:
         profile = cProfile.Profile()
@@ -202,8 +203,8 @@ def run_profiled_writer(argv: list[str], out: str) -> int:
             profile.disable()
             profile.dump_stats(out)
 
-    writer._RunLoop.run = profiled  # noqa: SLF001
-    return writer.main(argv)
+    run_loop.RunLoop.run = profiled
+    return cli.main(argv)
 
 
 # ---------------------------------------------------------------- parent helpers
@@ -448,7 +449,7 @@ def soak(args: argparse.Namespace, workdir: Path) -> None:
     minutes = args.soak_minutes
     simulator = buffer = writer = None
     try:
-        simulator = common.Child([PY, "-m", "sf_bsread_writer.simulate", "--profile", "demo", "--port", "0",
+        simulator = common.Child([PY, "-m", "sf_bsread_writer.tools.simulate", "--profile", "demo", "--port", "0",
                                   "--rate", "100", "--log_level", "WARNING"], timeout=60)
         address = ready_json(simulator)["address"]
         buffer = common.Child([PY, "-m", "sf_bsread_writer.buffer", address, "-o", "0", "--replay-port", "0",

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from sf_bsread_writer.buffer import children
-from sf_bsread_writer.ca import gateway
 from sf_bsread_writer.ca.environment import prepare_server_environment
 
 from .ca_helpers import (T0, CaprotoClient, Feeder, Tool, ca_env, pulse_of, run_pyepics, run_tool, start_gateway,

@@ -1,11 +1,14 @@
-"""The replay protocol: wire messages and the server-side session (pure), and the client against bare sockets."""
+"""The replay protocol: wire messages, the buffer's session and the client's decisions (pure, fake clock),
+and the client's socket against a bare ROUTER."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import zmq
 
+from sf_bsread_writer.core.replay_client import ReplayClientState, Rerequest
 from sf_bsread_writer.core.replay_messages import (
     MAX_WINDOW, Accepted, BufferLost, CloseSession, Credit, Data, End, ErrorReason, Gap, Heartbeat, Refused,
     ReplayProtocolError, Request, SetStop, build_accepted, build_close, build_credit, build_data, build_end,
@@ -226,6 +229,74 @@ def test_session_budget_bounds_work_per_poll():
 
 
 # ---------------------------------------------------------------------------
+# the client's decisions on a fake clock (pure)
+# ---------------------------------------------------------------------------
+def _message(frames: list[bytes] | None):
+    return None if frames is None else parse_writer_message(frames)
+
+
+def test_client_state_credits_per_quarter_window_and_as_heartbeat():
+    state = ReplayClientState(Request(start_pulse_id=7, window=8), heartbeat_interval=1.0, peer_timeout=5.0)
+    assert _message(state.start(100.0)) == Request(start_pulse_id=7, window=8)
+    assert state.credit(100.5) is None  # nothing consumed, no heartbeat due yet
+    assert _message(state.credit(101.0)) == Credit(0)  # the heartbeat: a credit of what was consumed
+    assert state.credit(101.5) is None
+    assert state.received(build_accepted(Accepted(8, 1, 9)), 101.6) is None
+    assert state.accepted == Accepted(8, 1, 9)
+    assert state.received(build_data(7, _frames(7)), 101.7) == Data(7, _frames(7))
+    assert state.credit(101.7) is None  # window 8: a credit every 2 messages
+    assert state.received(build_data(8, _frames(8)), 101.8).pulse_id == 8
+    assert _message(state.credit(101.8)) == Credit(2)
+    assert state.last_pulse_id == 8
+    assert state.wait_seconds(101.8, deadline=110.0) == 0.5  # half a heartbeat interval at most
+    assert state.wait_seconds(101.8, deadline=101.9) == pytest.approx(0.1)
+    assert state.wait_seconds(101.8, deadline=100.0) == 0.0
+
+
+def test_client_state_gives_up_a_silent_buffer_and_asks_for_the_rest():
+    state = ReplayClientState(Request(start_pulse_id=7, stop_pulse_id=20, window=4), heartbeat_interval=1.0,
+                              peer_timeout=5.0)
+    state.start(0.0)
+    state.received(build_data(7, _frames(7)), 1.0)
+    state.received(build_data(8, _frames(8)), 1.0)
+    assert state.received(build_heartbeat(Heartbeat(1, 9)), 2.0) is None  # alive, nothing to tell
+    assert state.silence(7.0) is None  # heard at 2.0: 5 s are not more than the timeout
+    assert state.silence(7.5) == BufferLost(5.5)
+    # the rest of the range, from the pulse after the last one received, on a new socket
+    assert _message(state.restart(7.5)) == Request(start_pulse_id=9, stop_pulse_id=20, window=4)
+    assert state.restarts == 1
+    assert state.silence(12.0) is None  # the new socket has its own clock
+    assert _message(state.credit(8.5)) == Credit(0)  # and its own count
+
+
+def test_client_state_re_requests_a_forgotten_session_from_its_start():
+    state = ReplayClientState(Request(start_time=1.7e9, stop_time=1.7e9 + 5, window=4))
+    state.start(0.0)
+    assert state.received(build_error(ErrorReason.UNKNOWN_SESSION, "restarted"), 0.5) == Rerequest()
+    assert _message(state.restart(0.5)) == Request(start_time=1.7e9, stop_time=1.7e9 + 5, window=4)
+    assert state.received(build_error(ErrorReason.BAD_FIELD, "no"), 0.6) == Refused("bad_field", "no")
+
+
+def test_client_state_moves_the_stop_and_stays_quiet_after_the_end():
+    state = ReplayClientState(Request(start_pulse_id=7, window=4))
+    state.start(0.0)
+    assert _message(state.set_stop(9, None)) == SetStop(9, None)
+    assert _message(state.restart(0.1)) == Request(start_pulse_id=7, stop_pulse_id=9, window=4)
+    assert state.received(build_gap(Gap(7, 8, "evicted", 2)), 0.2) == Gap(7, 8, "evicted", 2)
+    assert state.received(build_end(End("stop_pulse_id", 9)), 0.3) == End("stop_pulse_id", 9)
+    assert state.received(build_data(10, _frames(10)), 0.4) is None  # nothing after End counts
+    assert state.credit(100.0) is None and state.silence(100.0) is None and state.close() is None
+
+
+def test_client_state_drops_a_malformed_message_but_hears_the_buffer():
+    state = ReplayClientState(Request(start_pulse_id=7, window=4), peer_timeout=5.0)
+    state.start(0.0)
+    assert state.received([b"dance"], 4.0) is None
+    assert state.silence(8.0) is None and state.silence(9.5) is not None
+    assert _message(state.close()) == CloseSession()
+
+
+# ---------------------------------------------------------------------------
 # the client against bare sockets
 # ---------------------------------------------------------------------------
 @pytest.fixture
@@ -235,12 +306,12 @@ def context():
     ctx.term()
 
 
-def test_client_grants_credit_and_heartbeats(context):
+def test_client_grants_credit_over_a_socket(context):
     router = context.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.bind("tcp://127.0.0.1:0")
     client = ReplayClient(router.getsockopt_string(zmq.LAST_ENDPOINT), start_pulse_id=7, window=4,
-                          heartbeat_interval=0.2, context=context)
+                          context=context)
     try:
         client.start()
         assert router.poll(10_000)
@@ -257,34 +328,37 @@ def test_client_grants_credit_and_heartbeats(context):
         while not credits or credits[-1] < 2:
             assert router.poll(10_000)
             credits.append(parse_writer_message(router.recv_multipart()[1:]).received)
-        # nothing to read: the client still sends heartbeats (credit messages) while waiting
-        assert client.receive(0.5) is None
-        assert router.poll(5_000)
-        assert parse_writer_message(router.recv_multipart()[1:]) == Credit(2)
+        assert client.accepted == Accepted(4, None, None) and client.last_pulse_id == 8
     finally:
         client.close()
         router.close()
 
 
-def test_client_reports_buffer_lost_and_re_requests(context):
+def test_client_re_requests_on_a_new_socket(context):
+    """The buffer forgot the session: the rest of the range is asked for from a new socket (identity)."""
     router = context.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.bind("tcp://127.0.0.1:0")
     client = ReplayClient(router.getsockopt_string(zmq.LAST_ENDPOINT), start_pulse_id=7, window=4,
-                          heartbeat_interval=0.1, peer_timeout=0.5, context=context)
+                          context=context)
     try:
         client.start()
-        event = client.receive(10)
-        assert isinstance(event, BufferLost) and event.seconds_silent >= 0.5
-        # it asked again, on a new socket: two requests in all (credit heartbeats in between)
+        assert router.poll(10_000)
+        first, _ = router.recv_multipart()
+        router.send_multipart([first, *build_data(7, _frames(7))])
+        assert client.receive(10).pulse_id == 7
+        router.send_multipart([first, *build_error(ErrorReason.UNKNOWN_SESSION, "who are you?")])
+        deadline = time.monotonic() + 10
+        while client.restarts == 0:  # handled inside receive: nothing for the caller
+            assert client.receive(0.05) is None and time.monotonic() < deadline
         requests = []
-        while len(requests) < 2:
+        while not requests:
             assert router.poll(10_000)
-            message = parse_writer_message(router.recv_multipart()[1:])
-            if isinstance(message, Request):
-                requests.append(message)
-        assert requests == [Request(start_pulse_id=7, window=4)] * 2
-        assert client.restarts == 1
+            identity, body = router.recv_multipart()
+            if isinstance(message := parse_writer_message([body]), Request):
+                requests.append((identity, message))
+        assert requests == [(requests[0][0], Request(start_pulse_id=8, window=4))]
+        assert requests[0][0] != first and client.restarts == 1
     finally:
         client.close()
         router.close()

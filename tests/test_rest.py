@@ -66,11 +66,11 @@ class ScriptedSource:
             self.events.put(replay.Data(pulse_id, frames))
 
 
-def _serve(root):
+def _serve(root, monotonic=time.monotonic):
     source = ScriptedSource()
     settings = WriterSettings("tcp://127.0.0.1:1", str(root / "out.h5"), output_root=str(root),
                               stop_deadline=30.0, flush_interval=0.2, finished_grace=0.0)
-    writer = Writer(settings, source_factory=source)
+    writer = Writer(settings, source_factory=source, monotonic=monotonic)
     server = HttpServer(make_app(writer), "127.0.0.1", 0).start()
     try:
         yield SimpleNamespace(url=server.url, writer=writer, source=source, root=root,
@@ -85,6 +85,19 @@ def api(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
     yield from _serve(root)
+
+
+@pytest.fixture
+def run_clock():
+    """The run loop's clock (deadlines): fake, moved on by the test, so no test waits for a deadline."""
+    return Clock(0.0)
+
+
+@pytest.fixture
+def api_on_run_clock(tmp_path, run_clock):
+    root = tmp_path / "root"
+    root.mkdir()
+    yield from _serve(root, monotonic=run_clock)
 
 
 @pytest.fixture(scope="module")
@@ -259,11 +272,15 @@ def test_kill_before_start_needs_no_file(api):
     assert call(api, "GET", "/statistics")[1]["statistics"]["end_reason"] == "killed before start"
 
 
-def test_stop_now_closes_a_silent_source_at_once(api):
+def test_stop_now_closes_a_silent_source_at_once(api_on_run_clock, run_clock):
+    api = api_on_run_clock
     call(api, "PUT", "/start_now")
     api.source.send(1)  # timestamp far in the past: before the start time
     assert call(api, "PUT", "/stop_now")[1]["status"] in ("writing", "finishing", "finished")
-    wait_for(lambda: api.writer.done.is_set(), timeout=15, message="stop_now on a silent source")
+    # The source stays quiet; 1 s of the run loop's clock (not the 30 s stop deadline) ends the run.
+    wait_for(lambda: run_clock.advance(0.05) or api.writer.done.is_set(), timeout=15,
+             message="stop_now on a silent source")
+    assert run_clock.now < 30.0
     statistics = api.writer.statistics()
     assert statistics.end_reason == "source_silent" and statistics.messages_before_start == 1
     assert api.source.stops and api.source.stops[0][1] is not None
@@ -353,23 +370,27 @@ class Clock:
     def __call__(self) -> float:
         return self.now
 
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
-def _writer(tmp_path, source, output_factory=None, clock=time.time) -> Writer:
+
+def _writer(tmp_path, source, output_factory=None, clock=time.time, monotonic=time.monotonic) -> Writer:
     settings = WriterSettings("tcp://127.0.0.1:1", str(tmp_path / "out.h5"), finished_grace=0.0)
-    writer = Writer(settings, source_factory=source, output_factory=output_factory, clock=clock)
+    writer = Writer(settings, source_factory=source, output_factory=output_factory, clock=clock,
+                    monotonic=monotonic)
     writer.set_parameters(PARAMETERS)
     return writer
 
 
-def test_a_range_by_time_has_the_documented_attributes(tmp_path):
+def test_a_range_by_time_has_the_documented_attributes(tmp_path, run_clock):
     source, clock = ScriptedSource(), Clock(1000.0)
-    writer = _writer(tmp_path, source, clock=clock)
+    writer = _writer(tmp_path, source, clock=clock, monotonic=run_clock)
     writer.start_now()
     source.send(1, 2, 3, timestamp=1000.0)
     wait_for(lambda: writer.statistics().messages_written == 3, message="3 messages")
     clock.now = 2000.0
     writer.stop_now()  # nothing follows: the silent source ends the run
-    assert writer.done.wait(30)
+    wait_for(lambda: run_clock.advance(0.05) or writer.done.is_set(), timeout=30, message="the silent source")
     with h5py.File(tmp_path / "out.h5", "r") as file:
         assert (file.attrs["requested_start_time"], file.attrs["requested_stop_time"]) == (1000.0, 2000.0)
         assert set(file.attrs) == set(FILE_ATTRIBUTES) - {

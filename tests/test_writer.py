@@ -16,6 +16,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import h5py
@@ -84,9 +85,9 @@ def stream():
 
 
 @contextlib.contextmanager
-def in_process_writer(address: str, output_file: str | os.PathLike, **options):
+def in_process_writer(address: str, output_file: str | os.PathLike, monotonic=time.monotonic, **options):
     settings = WriterSettings(address, str(output_file), **{"finished_grace": 0.0, **options})
-    writer = Writer(settings)
+    writer = Writer(settings, monotonic=monotonic)
     server = HttpServer(make_app(writer), "127.0.0.1", 0).start()
     try:
         yield writer, WriterClient(server.url, timeout=DEADLINE)
@@ -101,6 +102,17 @@ def writer_process(address: str, output_file: str | os.PathLike, *options: str, 
                                 "--finished-grace", "0.5", *options, **kwargs)
     line = child.wait_for_line("READY ", timeout=DEADLINE)
     return child, WriterClient(json.loads(line.split("READY ", 1)[1])["rest"], timeout=DEADLINE)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def written_pulse_ids(path: str | os.PathLike) -> list[int]:
@@ -261,12 +273,16 @@ def test_kill_9_leaves_the_data_up_to_the_last_flush(stream, tmp_path):
 def test_a_source_that_dies_before_the_stop_pulse(tmp_path):
     first = 70_000_000
     dying = Stream(count=60, rate=0.0, first_pulse_id=first)  # sends 60 messages, then nothing
+    run_clock = FakeClock()  # the writer's deadlines: moved on by the test once the source is quiet
     try:
         dying.wait_for_pulse(first + 59)
-        with in_process_writer(dying.replay, tmp_path / "silent.h5", stop_deadline=1.0) as (writer, client):
+        with in_process_writer(dying.replay, tmp_path / "silent.h5", monotonic=run_clock,
+                               stop_deadline=10.0) as (writer, client):
             client.start_pulse_id(first + 10)
             client.stop_pulse_id(first + 199)
-            assert client.wait_for("finished", timeout=DEADLINE) == "finished"
+            wait_for(lambda: client.statistics()["messages_written"] == 50, timeout=DEADLINE, message="50 rows")
+            wait_for(lambda: run_clock.advance(0.5) or client.status() == "finished", timeout=DEADLINE,
+                     message="the stop deadline")
             statistics = client.statistics()
     finally:
         dying.close()

@@ -1,0 +1,163 @@
+"""The writer's run loop on a fake clock: when a quiet source ends a run, without waiting real seconds.
+
+The source is scripted: it hands out its events, and once they are used up
+each receive "waits" its timeout by moving the fake clock on. The output
+is the real ``/dev/null`` output (NullOutput); the decisions under test are
+``core.acquisition.SilenceWatch`` and ``core.pulse_range.PulseRange`` as
+the loop applies them.
+"""
+from __future__ import annotations
+
+import queue
+
+import pytest
+
+from sf_bsread_writer.core.acquisition import STOP_NOW_SILENCE, EndRun, MoveStop, SilenceWatch
+from sf_bsread_writer.core.protocol import build_message
+from sf_bsread_writer.core.pulse_range import MissingRange, PulseRange
+from sf_bsread_writer.core.replay_messages import BufferLost, Data
+from sf_bsread_writer.writer.outputs import NullOutput
+from sf_bsread_writer.writer.run_loop import POLL_INTERVAL, RunCounters, RunLoop
+
+CHANNELS = [{"name": "VALUE", "type": "float64", "shape": [1]}]
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ScriptedSource:
+    """Events first; then every receive is a timeout that moves the clock on (and may run a hook)."""
+
+    def __init__(self, clock: FakeClock, events=(), on_idle=None) -> None:
+        self.clock = clock
+        self.events = list(events)
+        self.on_idle = on_idle
+        self.idle_polls = 0
+        self.stops: list[tuple] = []
+
+    def receive(self, timeout: float):
+        if self.events:
+            event = self.events.pop(0)
+            if callable(event):
+                return event()
+            return event
+        self.idle_polls += 1
+        self.clock.now += timeout
+        if self.on_idle is not None:
+            self.on_idle(self)
+        return None
+
+    def set_stop(self, stop_pulse_id=None, stop_time=None) -> None:
+        self.stops.append((stop_pulse_id, stop_time))
+
+
+def data(pulse_id: int, timestamp: float = 1.0e9) -> Data:
+    return Data(pulse_id, build_message(pulse_id, CHANNELS, [pulse_id * 0.5], timestamp=timestamp + pulse_id * 0.01))
+
+
+def make_loop(source, clock, pulse_range, stop_deadline=10.0, commands=None):
+    finishing: list[str] = []
+    commands = commands if commands is not None else queue.SimpleQueue()
+    loop = RunLoop(source, NullOutput(), pulse_range, RunCounters(), commands, stop_deadline,
+                   finishing.append, clock)
+    return loop, finishing
+
+
+def test_a_silent_source_ends_the_run_after_the_stop_deadline():
+    clock = FakeClock()
+    source = ScriptedSource(clock, [data(1), data(2), data(3)])
+    loop, finishing = make_loop(source, clock, PulseRange(start_pulse_id=1, stop_pulse_id=10), stop_deadline=10.0)
+    last_data = clock.now
+    assert loop.run() == "source_silent"
+    assert finishing == ["source_silent"]
+    # At the first idle poll past 10 s after the last message: not before, not a poll later.
+    assert 10.0 <= clock.now - last_data <= 10.0 + POLL_INTERVAL + 1e-9
+    assert loop.range.missing == [MissingRange(4, 10, 7, "source_silent")]
+    assert loop.counters.messages_written == 3 and loop.output.rows == 3
+
+
+def test_stop_now_gives_a_quiet_source_one_second_not_the_whole_deadline():
+    clock = FakeClock()
+    commands: queue.SimpleQueue = queue.SimpleQueue()
+
+    def stop_now() -> Data:
+        commands.put(MoveStop(None, 1.0e9 + 100, now=True))  # posted while the source delivers pulse 2
+        return data(2)
+
+    source = ScriptedSource(clock, [data(1), stop_now])
+    loop, _ = make_loop(source, clock, PulseRange(start_time=0.0), stop_deadline=30.0, commands=commands)
+    started = clock.now
+    assert loop.run() == "source_silent"
+    assert STOP_NOW_SILENCE <= clock.now - started <= STOP_NOW_SILENCE + POLL_INTERVAL + 1e-9
+    assert source.stops == [(None, 1.0e9 + 100)]
+
+
+def test_without_a_stop_a_quiet_source_keeps_the_run_open():
+    clock = FakeClock()
+    commands: queue.SimpleQueue = queue.SimpleQueue()
+
+    def after_a_minute(source: ScriptedSource) -> None:
+        if source.idle_polls == 600:
+            commands.put(EndRun("stopped"))  # GET /stop, a minute of fake time later
+
+    source = ScriptedSource(clock, [data(1)], on_idle=after_a_minute)
+    loop, _ = make_loop(source, clock, PulseRange(start_pulse_id=1), stop_deadline=10.0, commands=commands)
+    assert loop.run() == "stopped"
+    assert source.idle_polls == 600
+
+
+def test_a_buffer_that_stays_lost_ends_the_run_as_buffer_lost():
+    clock = FakeClock()
+    source = ScriptedSource(clock, [data(1), BufferLost(5.0)])
+    loop, _ = make_loop(source, clock, PulseRange(start_pulse_id=1, stop_pulse_id=5), stop_deadline=10.0)
+    assert loop.run() == "buffer_lost"
+    assert loop.counters.buffer_lost == 1
+    # Data after a lost buffer means it came back: silence is the source's again.
+    source = ScriptedSource(clock, [data(1), BufferLost(5.0), data(2)])
+    loop, _ = make_loop(source, clock, PulseRange(start_pulse_id=1, stop_pulse_id=5), stop_deadline=10.0)
+    assert loop.run() == "source_silent"
+
+
+def test_the_write_rate_is_measured_on_the_loop_clock():
+    clock = FakeClock()
+
+    def later(pulse_id: int):
+        def event() -> Data:
+            clock.now += 0.01  # 100 Hz
+            return data(pulse_id)
+        return event
+
+    source = ScriptedSource(clock, [later(pulse_id) for pulse_id in range(1, 301)])
+    loop, _ = make_loop(source, clock, PulseRange(start_pulse_id=1, stop_pulse_id=300))
+    assert loop.run() == "stop_reached"
+    assert loop.counters.rate == pytest.approx(100.0, rel=0.02)
+    assert loop.average_rate() == pytest.approx(100.0, rel=0.02)
+
+
+# -- SilenceWatch alone ------------------------------------------------------------
+def test_silence_watch_counts_from_the_later_of_data_and_stop():
+    watch = SilenceWatch(stop_deadline=10.0, now=0.0)
+    assert watch.end_reason(100.0, has_stop=False) is None  # no stop: never by silence
+    watch.data(5.0)
+    watch.stop_moved(12.0, at_once=False)  # a stop set long after the source went quiet
+    assert watch.end_reason(22.0, has_stop=True) is None
+    assert watch.end_reason(22.1, has_stop=True) == "source_silent"
+    watch.stop_moved(30.0, at_once=True)  # stop_now: one second is enough
+    assert watch.end_reason(31.0, has_stop=True) is None
+    assert watch.end_reason(31.1, has_stop=True) == "source_silent"
+    watch.buffer_lost()
+    assert watch.end_reason(31.1, has_stop=True) == "buffer_lost"
+    watch.data(40.0)
+    assert watch.end_reason(41.5, has_stop=True) == "source_silent"
+
+
+def test_silence_watch_never_waits_longer_after_stop_now_than_the_deadline():
+    watch = SilenceWatch(stop_deadline=0.5, now=0.0)
+    watch.stop_moved(0.0, at_once=True)
+    assert watch.end_reason(0.5, has_stop=True) is None
+    assert watch.end_reason(0.6, has_stop=True) == "source_silent"
