@@ -581,7 +581,10 @@ _CHILD = textwrap.dedent("""
     ]
     parser = protocol.MessageParser()
     image = (np.arange(96 * 128) % 1000).astype("<u2").reshape(96, 128)
-    h5 = H5File(path, {"general/user": "kill-test"}, flush_interval=0.05, block_rows=50)
+    flush_interval, block_rows = (float(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 3 else (0.05, 50)
+    h5 = H5File(path, {"general/user": "kill-test"}, flush_interval=flush_interval, block_rows=block_rows)
+    h5.set_attributes({"requested_start_pulse_id": first})
+    print("opened", flush=True)
     flushes = 0
     pulse_id = first
     while True:
@@ -620,16 +623,46 @@ def _check_killed_file(path: Path, first: int, flushed_at_least: int) -> int:
     return rows
 
 
+def _start_killable_child(path: Path, first: int, *options: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.Popen([sys.executable, "-c", _CHILD, str(path), str(first), *options], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.002, 0.02, 0.2])
+def test_kill_9_before_the_first_flush_leaves_a_readable_empty_file(tmp_path: Path, delay: float) -> None:
+    """The first second of a run: rows wait for the first flush, yet the file on disk is already whole."""
+    path = tmp_path / "killed-early.h5"
+    child = _start_killable_child(path, 5, "30.0", "1000000")  # no flush by time or block size
+    try:
+        line = child.stdout.readline()
+        assert line.startswith("opened"), (line, child.stderr.read() if child.poll() is not None else "")
+        time.sleep(delay)  # not synchronisation: the kill lands at a different moment of the appends
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+        child.stderr.close()
+    with h5py.File(path, "r") as f:
+        assert int(f.attrs["number_of_messages"]) == 0 and f.attrs["complete"] == 0
+        assert f.attrs["format_version"] == layout.FORMAT_VERSION
+        assert f["general/user"][()] == b"kill-test"
+        assert "data" in f
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left beside it
+
+
 @pytest.mark.parametrize("flushes_before_kill, extra_delay", [(1, 0.0), (3, 0.013), (10, 0.031), (25, 0.047)])
 def test_kill_9_leaves_a_readable_file_with_data_up_to_the_last_flush(
         tmp_path: Path, flushes_before_kill: int, extra_delay: float) -> None:
     path = tmp_path / "killed.h5"
     first = 20_000_000_000
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), str(first)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
+    child = _start_killable_child(path, first)
     try:
+        assert child.stdout.readline().startswith("opened")
         flushed = 0
         for _ in range(flushes_before_kill):
             line = child.stdout.readline()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import queue
+import shutil
 import threading
 import time
 from types import SimpleNamespace
@@ -288,9 +289,12 @@ def test_stop_now_closes_a_silent_source_at_once(api_on_run_clock, run_clock):
 
 def test_an_unopenable_file_is_400_and_the_writer_may_try_again(api):
     (api.root / "blocked").write_text("a file where a directory is needed")
-    assert_error(api, "PUT", "/start_pulse_id/5", 400, "cannot start writing", json={"output_file": "blocked/x.h5"})
+    assert_error(api, "PUT", "/start_pulse_id/5", 400, "blocked is a file, not a folder",
+                 json={"output_file": "blocked/x.h5"})
+    assert_error(api, "PUT", "/start_pulse_id/5", 400, "cannot start writing", "File name too long",
+                 json={"output_file": "x" * 300 + ".h5"})
     assert call(api, "GET", "/status")[1]["status"] == "waiting"
-    assert call(api, "PUT", "/start_pulse_id/5")[1]["status"] == "writing"
+    assert call(api, "PUT", "/start_pulse_id/5", json={"output_file": "y" * 252 + ".h5"})[1]["status"] == "writing"
 
 
 def test_an_internal_error_is_500_json_and_the_server_lives_on(api, monkeypatch):
@@ -424,3 +428,16 @@ def test_rows_are_flushed_within_the_interval_without_a_new_row(tmp_path, source
             assert writer.statistics().messages_out_of_order > 0
     finally:
         writer.stop(wait=30)
+
+
+def test_a_removed_output_folder_ends_the_run_as_an_error(api):
+    call(api, "PUT", "/stop_pulse_id/1000")
+    assert call(api, "PUT", "/start_pulse_id/1", json={"output_file": "run/x.h5"})[1]["status"] == "writing"
+    api.source.send(1, 2, 3)
+    wait_for(lambda: api.writer.statistics().rows_flushed == 3, message="3 rows on disk")
+    shutil.rmtree(api.root / "run")
+    api.source.send(4, 5, 6)  # the next flush finds the file gone
+    wait_for(api.writer.done.is_set, message="the writer to end")
+    statistics = api.writer.statistics()
+    assert api.writer.status() == "error" and api.writer.exit_code == 1
+    assert "removed while it was written" in statistics.error and statistics.end_reason == "writer_error"

@@ -67,6 +67,7 @@ from .layout import (
     VARIANT_SEPARATOR, attribute_value, channel_signature, fixed_string,
 )
 from .packed import HeaderPlan, PackedRows
+from .placement import FileSlot
 
 __all__ = [
     "H5File",
@@ -111,8 +112,8 @@ class H5File:
     def __init__(self, path: str | os.PathLike, general: Mapping[str, Any] | None = None,
                  extra_parameters: Mapping[str, Any] | None = None, *,
                  flush_interval: float = DEFAULT_FLUSH_INTERVAL, block_rows: int = DEFAULT_BLOCK_ROWS,
-                 block_bytes: int = DEFAULT_BLOCK_BYTES,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 block_bytes: int = DEFAULT_BLOCK_BYTES, clock: Callable[[], float] = time.monotonic,
+                 directory_fd: int | None = None) -> None:
         if block_rows < 1:
             raise ValueError(f"block_rows must be >= 1, not {block_rows}")
         self.path = os.fspath(path)
@@ -120,16 +121,6 @@ class H5File:
         self.block_rows = int(block_rows)
         self.block_bytes = int(block_bytes)
         self._clock = clock
-        # Default (earliest) libver on purpose: no superblock "open for write"
-        # flag, so a file left by SIGKILL opens without h5clear. No raw data
-        # chunk cache: see CHUNK_CACHE_BYTES.
-        self._file = h5py.File(self.path, "w", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=CHUNK_CACHE_SLOTS)
-        self._closed = False
-        self._data = self._file.create_group("data")
-        self._write_general(dict(general or {}), dict(extra_parameters or {}))
-        self._file.attrs["format"] = FORMAT_NAME
-        self._file.attrs["format_version"] = FORMAT_VERSION
-        self._file.attrs["complete"] = np.uint8(0)
 
         self._columns: dict[str, dict[tuple, Column]] = {}  # name -> signature -> column
         self._plan: HeaderPlan | None = None  # for the data header of the last message
@@ -155,7 +146,44 @@ class H5File:
         self.hdf5_writes = 0  # dataset writes issued by block writes (for tests/benchmarks)
         self.blocks_written = 0
         self.flushes = 0
+        self._closed = False
+        self._create(general, extra_parameters, directory_fd)
         logger.info("opened %s", self.path)
+
+    def _create(self, general: Mapping[str, Any] | None, extra_parameters: Mapping[str, Any] | None,
+                directory_fd: int | None) -> None:
+        """Create the file whole under a temporary name, flush its skeleton, then give it its name.
+
+        From the moment the path exists, the file opens with plain h5py
+        (``number_of_messages = 0``, ``complete = 0``): see h5/placement.py.
+        ``directory_fd``: the pinned directory to create it in (the writer's
+        output-root check was made on it).
+        """
+        self._slot = FileSlot(self.path, directory_fd)
+        try:
+            # Exclusive ("w-"): never truncates an existing file. Default (earliest)
+            # libver on purpose: no superblock "open for write" flag, so a file left
+            # by SIGKILL opens without h5clear. No raw data chunk cache: see CHUNK_CACHE_BYTES.
+            self._file = h5py.File(self._slot.creation_path, "w-", rdcc_nbytes=CHUNK_CACHE_BYTES,
+                                   rdcc_nslots=CHUNK_CACHE_SLOTS)
+        except BaseException:
+            self._slot.close()
+            raise
+        try:
+            self._file_fd = self._file.id.get_vfd_handle()
+            self._data = self._file.create_group("data")
+            self._write_general(dict(general or {}), dict(extra_parameters or {}))
+            self._file.attrs["format"] = FORMAT_NAME
+            self._file.attrs["format_version"] = FORMAT_VERSION
+            self._write_file_attributes(complete=False)
+            self._file.flush()
+            self._slot.publish()
+        except BaseException:
+            self._closed = True
+            self._file.close()
+            self._slot.discard()
+            self._slot.close()
+            raise
 
     # -- public API ------------------------------------------------------
     @property
@@ -335,6 +363,7 @@ class H5File:
         After it returns, everything appended so far survives a SIGKILL.
         """
         self._check_open()
+        self._slot.check(self._file_fd)  # a removed output folder is an error, not rows "written" into nothing
         self._write_block()
         self._write_missing()
         self._write_file_attributes(complete=False)
@@ -360,9 +389,11 @@ class H5File:
                     self._column_for(spec)  # created with _rows_written rows, all absent
             self._write_missing()
             self._write_file_attributes(complete=True)
+            self._slot.check(self._file_fd)  # complete, but where nobody will find it: an error
         finally:
             self._closed = True
             self._file.close()
+            self._slot.close()
         logger.info("closed %s: %d rows, %d channels, %d missing pulses",
                     self.path, self.rows, len(self._last_spec), self.missing_pulses)
 

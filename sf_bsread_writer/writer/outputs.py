@@ -5,6 +5,15 @@ against ``--output-root`` (the REST layer turns its :class:`BadRequest` into
 a 400), :func:`open_output` creates the :class:`~sf_bsread_writer.h5.file.H5File`
 (or a :class:`NullOutput` for ``/dev/null``), and :func:`abandon_output`
 removes what a failed start left behind.
+
+The check at the request and the creation at the start are two moments,
+and a folder can be swapped for a symlink in between. So :func:`open_output`
+checks again where it creates: it walks from the root to the file's folder
+one directory descriptor at a time (creating what is missing inside the
+descriptor it holds, never through a path), checks the real path of each
+descriptor against the root, and creates the file exclusively inside the
+last one (h5/placement.py). Whatever is swapped after a descriptor was
+checked no longer matters: the descriptor is the folder.
 """
 from __future__ import annotations
 
@@ -14,6 +23,7 @@ from typing import Any
 
 from ..core.acquisition import REQUIRED_PARAMETERS, BadRequest, OutsideRoot, StartRun
 from ..h5.file import H5File
+from ..h5.placement import FileSlot
 
 __all__ = ["DEV_NULL", "resolve_output_file", "NullOutput", "open_output", "abandon_output"]
 
@@ -37,6 +47,11 @@ def resolve_output_file(path: object, output_root: str | None, base_dir: str | N
         raise BadRequest(f"output_file must be a non-empty string, not {path!r}")
     if "\x00" in path:
         raise BadRequest("output_file must not contain NUL characters")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise BadRequest(f"output_file is not valid UTF-8 text ({error.reason} at character {error.start}: "
+                         "a lone surrogate?)") from None
     if path == DEV_NULL:
         return path
     if base_dir is None:
@@ -46,13 +61,22 @@ def resolve_output_file(path: object, output_root: str | None, base_dir: str | N
         resolved = os.path.abspath(candidate)
     else:
         root = os.path.realpath(output_root)
-        resolved = os.path.realpath(candidate)
+        try:
+            resolved = os.path.realpath(candidate)
+        except OSError as error:  # a symlink on the way changed while it was followed
+            raise BadRequest(f"output_file {path!r} cannot be resolved now ({error.strerror}): "
+                             "a folder on its path is changing; try again") from None
         if resolved == root or os.path.commonpath([root, resolved]) != root:
             raise OutsideRoot(f"output_file {path!r} resolves to {resolved}, outside the output root {root}")
     if os.path.isdir(resolved):
         raise BadRequest(f"output_file {path!r} is a directory")
     if os.path.lexists(resolved):
         raise BadRequest(f"output_file {resolved} already exists; the writer does not overwrite files")
+    ancestor = os.path.dirname(resolved)
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise BadRequest(f"output_file {path!r}: {ancestor} is a file, not a folder")
     return resolved
 
 
@@ -77,6 +101,9 @@ class NullOutput:
     def set_attributes(self, attributes: dict) -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
     def maybe_flush(self) -> bool:
         return False
 
@@ -89,18 +116,50 @@ class NullOutput:
         pass
 
 
-def open_output(start: StartRun, flush_interval: float) -> H5File | NullOutput:
-    """The output of a run: the HDF5 file (its folder created, as the original did), or NullOutput."""
+def open_output(start: StartRun, flush_interval: float, output_root: str | None = None) -> H5File | NullOutput:
+    """The output of a run: the HDF5 file (its folders created, as the original did), or NullOutput.
+
+    OutsideRoot if the folder is not inside ``output_root`` *now* (see the
+    module docstring); FileExistsError if the file appeared since the check.
+    """
     if start.output_file == DEV_NULL:
         return NullOutput()
-    directory = os.path.dirname(start.output_file)
-    if directory:
+    directory_fd = _open_output_directory(os.path.dirname(start.output_file), output_root)
+    try:
+        general = {name: start.parameters[name] for name in REQUIRED_PARAMETERS if name in start.parameters}
+        extra = {key: value for key, value in start.parameters.items() if key not in REQUIRED_PARAMETERS}
+        return H5File(start.output_file, general, extra, flush_interval=flush_interval, directory_fd=directory_fd)
+    finally:
+        os.close(directory_fd)
+
+
+def _open_output_directory(directory: str, output_root: str | None) -> int:
+    """A descriptor of the file's folder, created if missing; inside ``output_root`` when there is one."""
+    if output_root is None:
         os.makedirs(directory, exist_ok=True)
-    if os.path.lexists(start.output_file):  # appeared since the request was checked
-        raise FileExistsError(f"{start.output_file} already exists; the writer does not overwrite files")
-    general = {name: start.parameters[name] for name in REQUIRED_PARAMETERS if name in start.parameters}
-    extra = {key: value for key, value in start.parameters.items() if key not in REQUIRED_PARAMETERS}
-    return H5File(start.output_file, general, extra, flush_interval=flush_interval)
+        return FileSlot.open_directory(directory)
+    root = os.path.realpath(output_root)
+    relative = os.path.relpath(directory, root)
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        raise OutsideRoot(f"{directory} is outside the output root {root}")
+    fd = FileSlot.open_directory(root)
+    try:
+        for name in [] if relative == os.curdir else relative.split(os.sep):
+            try:
+                os.mkdir(name, dir_fd=fd)  # inside the folder this descriptor holds, whatever its path is now
+            except FileExistsError:
+                pass
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+            real = FileSlot.real_directory(fd)
+            if real != root and os.path.commonpath([root, real]) != root:
+                raise OutsideRoot(f"output_file {directory}: {name} now leads to {real}, outside the output "
+                                  f"root {root}")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def abandon_output(start: StartRun, output: Any) -> None:

@@ -228,6 +228,7 @@ class Writer:
             output = self._output_factory(start)
             output.set_attributes(_requested_range(start.start_pulse_id, start.start_time,
                                                    start.stop_pulse_id, start.stop_time))
+            output.flush()  # the requested range is in the file from the start, also after a kill -9
             source.start()
         except Exception as error:  # noqa: BLE001 (any failure to open is reported to the DAQ)
             logger.exception("Cannot start writing %s", start.output_file)
@@ -306,4 +307,4 @@ class Writer:
                             stop_time=start.stop_time)
 
     def _default_output(self, start: StartRun) -> Any:
-        return open_output(start, self.settings.flush_interval)
+        return open_output(start, self.settings.flush_interval, self.settings.output_root)

@@ -1,0 +1,123 @@
+"""Where an output file lives: created whole and exclusively in one directory, then watched.
+
+Three promises of the writer depend on how the file meets the file system:
+
+* **Never an unreadable file at the path.** HDF5 keeps its metadata in
+  memory until a flush, so a file killed right after ``h5py.File(path, "w")``
+  is a superblock without a root group ("bad object header version
+  number"). The file is therefore created under a hidden temporary name,
+  its skeleton (groups, attributes, ``number_of_messages = 0``) is flushed,
+  and only then is it linked at its real name (:meth:`FileSlot.publish`).
+  A kill before that leaves no file at the path, only the hidden
+  ``.sf_bsread_writer.<pid>.<random>.creating`` beside it.
+* **Never outside ``--output-root``, never over another file.** The
+  directory is opened once and pinned by its descriptor; the file is
+  created exclusively (``O_EXCL``: a dangling symlink or an existing file
+  fails) inside that very directory, through ``/proc/self/fd/<dir fd>``,
+  and linked there with ``link(2)``, which never replaces a name. Whoever
+  checks the root checks :attr:`FileSlot.directory`, the real path of the
+  pinned directory, so swapping a folder for a symlink after the check has
+  no effect on where the file goes.
+* **Never "written" into a file that is gone.** :meth:`FileSlot.check`
+  compares the open file with what its path names now; a removed output
+  folder (the file's link count drops to 0) or a replaced file is an error.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+
+__all__ = ["FileSlot", "OutputFileGone"]
+
+logger = logging.getLogger(__name__)
+
+_PROC_FD = "/proc/self/fd"
+
+
+class OutputFileGone(OSError):
+    """The output file is no longer the file at its path (its folder was removed, or it was replaced)."""
+
+
+class FileSlot:
+    """One output file's place: a pinned directory, a temporary name while created, the final name.
+
+    ``directory_fd`` (optional) is a directory descriptor the caller opened
+    and checked; it is duplicated, so the caller keeps its own. Without it,
+    the directory of ``path`` is opened here.
+    """
+
+    def __init__(self, path: str | os.PathLike, directory_fd: int | None = None) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        directory, self.name = os.path.split(self.path)
+        if directory_fd is None:
+            self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        else:
+            self._dir_fd = os.dup(directory_fd)
+        # Short whatever the name: a file name near the 255-byte limit must still work.
+        self.temporary_name = f".sf_bsread_writer.{os.getpid()}.{secrets.token_hex(4)}.creating"
+        self.published = False
+
+    @staticmethod
+    def open_directory(directory: str) -> int:
+        """A descriptor pinning ``directory`` (symlinks on the way followed once, now)."""
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    @staticmethod
+    def real_directory(directory_fd: int) -> str:
+        """The real path of a pinned directory, as the kernel sees it now."""
+        try:
+            return os.readlink(f"{_PROC_FD}/{directory_fd}")
+        except OSError:  # no /proc: the best the platform offers
+            return os.path.realpath(f"/dev/fd/{directory_fd}")
+
+    @property
+    def directory(self) -> str:
+        return self.real_directory(self._dir_fd)
+
+    @property
+    def creation_path(self) -> str:
+        """The path to create the file at: the temporary name inside the pinned directory."""
+        if os.path.isdir(_PROC_FD):
+            return f"{_PROC_FD}/{self._dir_fd}/{self.temporary_name}"
+        return os.path.join(os.path.dirname(self.path), self.temporary_name)
+
+    def publish(self) -> None:
+        """Give the whole file its real name (FileExistsError if the name is taken: nothing is replaced)."""
+        try:
+            os.link(self.temporary_name, self.name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd,
+                    follow_symlinks=False)
+        except FileExistsError:
+            raise FileExistsError(f"{self.path} already exists; the writer does not overwrite files") from None
+        os.unlink(self.temporary_name, dir_fd=self._dir_fd)
+        self.published = True
+
+    def discard(self) -> None:
+        """Remove the temporary file of a creation that failed (best effort)."""
+        if not self.published:
+            try:
+                os.unlink(self.temporary_name, dir_fd=self._dir_fd)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                logger.warning("cannot remove %s in %s: %s", self.temporary_name, self.path, error)
+
+    def check(self, file_fd: int) -> None:
+        """OutputFileGone unless the open file ``file_fd`` is still the file at :attr:`path`."""
+        opened = os.fstat(file_fd)
+        if opened.st_nlink == 0:
+            raise OutputFileGone(f"{self.path} was removed while it was written (was its folder deleted?)")
+        if not self.published:
+            return
+        try:
+            named = os.stat(self.path, follow_symlinks=False)
+        except OSError as error:
+            raise OutputFileGone(f"{self.path} is no longer reachable at its path ({error.strerror}): "
+                                 "its folder was moved or removed") from None
+        if (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
+            raise OutputFileGone(f"{self.path} was replaced by another file while it was written")
+
+    def close(self) -> None:
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
