@@ -64,9 +64,7 @@ def stop_on_signals(stop: Callable[[str], None]) -> Callable[[], None]:
     no traceback.
     """
     def handler(signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        logger.info("signal %s: stopping", name)
-        stop(name)
+        stop(signal.Signals(signum).name)  # no logging here: a handler may interrupt a log call
 
     previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
 

@@ -553,6 +553,42 @@ def test_replay_errors_and_silent_writer_expiry():
     assert statistics.replay.active_sessions == 0 and statistics.replay.refused == 2
 
 
+def test_hostile_replay_messages_are_refused_and_the_buffer_lives_on():
+    """Deeply nested JSON, huge and many-part messages on the replay port: refused, counted, never fatal."""
+    with running_buffer("tcp://127.0.0.1:1") as buffer:
+        context = zmq.Context()
+        dealer = context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(buffer.replay_address)
+        try:
+            dealer.send(b"[" * 1000 + b"]" * 1000)  # 2 kB, 1000 levels deep
+            assert dealer.poll(DEADLINE * 1000)
+            kind, body = dealer.recv_multipart()
+            assert kind == b"error" and json.loads(body)["reason"] == "not_json"
+            dealer.send(json.dumps({"type": "credit", "received": 1, "pad": "x" * 5000}).encode())
+            assert dealer.poll(DEADLINE * 1000)
+            assert json.loads(dealer.recv_multipart()[1])["reason"] == "bad_frames"  # larger than a message can be
+            dealer.send_multipart([b"{}"] * 3)
+            assert dealer.poll(DEADLINE * 1000)
+            assert json.loads(dealer.recv_multipart()[1])["reason"] == "bad_frames"
+            # Beyond the socket's limit: libzmq disconnects the sender before anything is read.
+            rude = context.socket(zmq.DEALER)
+            rude.setsockopt(zmq.LINGER, 0)
+            rude.connect(buffer.replay_address)
+            rude.send(b'{"type": "request", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+            rude.send(json.dumps({"type": "credit", "received": 1, "pad": "x" * 100_000}).encode())
+            rude.close()
+            # ... and the replay endpoint still works for a well-behaved writer.
+            with ReplayClient(buffer.replay_address, start_pulse_id=0, heartbeat_interval=0.2) as client:
+                wait_for(lambda: client.receive(0.1) is None and client.accepted is not None, DEADLINE,
+                         message="the buffer accepting a request")
+            wait_for(lambda: buffer.statistics().replay.refused >= 3, DEADLINE, message="the refusals counted")
+            assert not buffer.stopped.is_set()
+        finally:
+            dealer.close()
+            context.term()
+
+
 def test_analyzer_logs_anomalies(caplog):
     context = zmq.Context()
     source = context.socket(zmq.PUSH)

@@ -364,6 +364,48 @@ def test_client_re_requests_on_a_new_socket(context):
         router.close()
 
 
+class SteppingClock:
+    """Fake time that moves on by ``step`` at every reading: the client's waits are short, its clock long."""
+
+    def __init__(self, step: float) -> None:
+        self.now = 0.0
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_client_heartbeats_and_gives_up_a_silent_buffer_on_its_clock(context):
+    """The socket shell acts on the state's decisions: a credit while idle, BufferLost, a new socket."""
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("tcp://127.0.0.1:0")
+    # heartbeat 0.02 (fake s) -> real polls of 10 ms; every clock reading is 0.05 fake s later
+    client = ReplayClient(router.getsockopt_string(zmq.LAST_ENDPOINT), start_pulse_id=7, window=4,
+                          heartbeat_interval=0.02, peer_timeout=5.0, context=context, clock=SteppingClock(0.05))
+    try:
+        client.start()
+        assert router.poll(10_000)
+        first, body = router.recv_multipart()
+        assert parse_writer_message([body]) == Request(start_pulse_id=7, window=4)
+        event = client.receive(timeout=60.0)  # fake seconds: the buffer stays silent
+        assert isinstance(event, BufferLost) and event.seconds_silent > 5.0
+        messages = []
+        while not any(isinstance(m, Request) for _, m in messages) or router.poll(100):
+            assert router.poll(10_000)
+            identity, body = router.recv_multipart()
+            messages.append((identity, parse_writer_message([body])))
+        credits = [m for i, m in messages if i == first and isinstance(m, Credit)]
+        assert credits and all(credit == Credit(0) for credit in credits)  # heartbeats while it waited
+        requests = [(i, m) for i, m in messages if isinstance(m, Request)]
+        assert len(requests) == 1 and requests[0][0] != first  # the range again, from a new socket
+        assert requests[0][1] == Request(start_pulse_id=7, window=4) and client.restarts == 1
+    finally:
+        client.close()
+        router.close()
+
+
 def test_client_rejects_bad_arguments():
     with pytest.raises(ValueError):
         ReplayClient("tcp://127.0.0.1:1", start_pulse_id=1, start_time=2.0)

@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 
 import pytest
+import numpy as np
 import zmq
 
 from sf_bsread_writer.core.ring import LARGE_PART_BYTES, AppendStatus, Ring
@@ -144,6 +145,11 @@ def test_mutable_large_buffers_are_copied():
     buffer = bytearray(b"a" * LARGE_PART_BYTES * 2)
     seq = ring.append(1, 0.0, [b"m", b"h", buffer]).seq
     buffer[:] = b"b" * len(buffer)
+    assert bytes(ring.frames(seq)[2]) == b"a" * LARGE_PART_BYTES * 2
+    # Any buffer its owner can still write to, not only bytearray and memoryview.
+    array = np.full(LARGE_PART_BYTES * 2, ord("a"), dtype=np.uint8)
+    seq = ring.append(2, 0.0, [b"m", b"h", array]).seq
+    array[:] = ord("b")
     assert bytes(ring.frames(seq)[2]) == b"a" * LARGE_PART_BYTES * 2
 
 

@@ -161,3 +161,45 @@ def test_silence_watch_never_waits_longer_after_stop_now_than_the_deadline():
     watch.stop_moved(0.0, at_once=True)
     assert watch.end_reason(0.5, has_stop=True) is None
     assert watch.end_reason(0.6, has_stop=True) == "source_silent"
+
+
+def test_the_write_rate_falls_to_zero_when_nothing_is_written():
+    clock = FakeClock()
+    commands: queue.SimpleQueue = queue.SimpleQueue()
+
+    def later(pulse_id: int):
+        def event() -> Data:
+            clock.now += 0.01
+            return data(pulse_id)
+        return event
+
+    rates: list[float] = []
+
+    def watch(source: ScriptedSource) -> None:  # idle: nothing arrives any more
+        rates.append(loop.counters.rate)
+        if source.idle_polls == 30:
+            commands.put(EndRun("stopped"))
+
+    source = ScriptedSource(clock, [later(pulse_id) for pulse_id in range(1, 201)], on_idle=watch)
+    loop, _ = make_loop(source, clock, PulseRange(start_pulse_id=1), commands=commands)
+    assert loop.run() == "stopped"
+    assert rates[0] == pytest.approx(100.0, rel=0.05)  # still writing a moment ago
+    assert rates[-1] == 0.0  # three seconds of silence later
+
+
+def test_messages_that_are_not_written_do_not_keep_the_rate_up():
+    clock = FakeClock()
+
+    def later(pulse_id: int):
+        def event() -> Data:
+            clock.now += 0.01
+            return data(pulse_id)
+        return event
+
+    # 100 rows, then 2 s of messages that are not written (pulse ids already written), then the stop.
+    events = [later(p) for p in range(1, 101)] + [later(50) for _ in range(200)] + [later(300)]
+    source = ScriptedSource(clock, events)
+    loop, _ = make_loop(source, clock, PulseRange(start_pulse_id=1, stop_pulse_id=200))
+    assert loop.run() == "stop_reached"
+    assert loop.counters.messages_out_of_order == 200
+    assert loop.counters.rate == 0.0

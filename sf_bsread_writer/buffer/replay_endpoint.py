@@ -42,6 +42,9 @@ REPLAY_COPY_THRESHOLD = 1024 * 1024
 REPLAY_REQUEST_BATCH = 256
 # The ROUTER never holds more than window + a few control messages per writer.
 REPLAY_SNDHWM = 100_000
+# A writer whose message part exceeds this is disconnected by libzmq before
+# anything reads it; smaller malformed messages are answered with a reason.
+REPLAY_MAX_INBOUND_BYTES = 64 * 1024
 
 _TOTALS = ("started", "ended", "expired", "refused", "disconnected", "send_failures", "sent", "gaps", "lost")
 
@@ -63,6 +66,7 @@ class ReplayEndpoint:
         self.session_timeout = session_timeout
         router = context.socket(zmq.ROUTER)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished writer raises instead of dropping
+        router.setsockopt(zmq.MAXMSGSIZE, REPLAY_MAX_INBOUND_BYTES)
         router.setsockopt(zmq.SNDHWM, REPLAY_SNDHWM)
         router.setsockopt(zmq.LINGER, 0)
         router.copy_threshold = REPLAY_COPY_THRESHOLD
@@ -124,34 +128,41 @@ class ReplayEndpoint:
             except zmq.Again:
                 return
             identity, body = parts[0], parts[1:]
-            session = self._sessions.get(identity)
             try:
-                message = parse_writer_message(body)
+                self._handle(identity, body, now)
             except ReplayProtocolError as error:
                 self._totals["refused"] += 1
                 logger.warning("replay: malformed message from %s: %s", identity.hex(), error)
                 self._send_control(identity, build_error(error.reason, error.detail))
-                continue
-            if isinstance(message, Request):
-                if session is not None:
-                    self._retire(identity, session)
-                session = ReplaySession(identity.hex(), message, self.ring, now, self.heartbeat_interval)
-                self._sessions[identity] = session
-                self._totals["started"] += 1
-                logger.info("replay: session %s: start pulse %s / time %s, stop pulse %s / time %s, window %d",
-                            session.session_id, message.start_pulse_id, message.start_time,
-                            message.stop_pulse_id, message.stop_time, session.window)
-                self._send_control(identity, build_accepted(Accepted(
-                    session.window, self.ring.oldest_pulse_id, self.ring.newest_pulse_id)))
-            elif session is None:
-                if not isinstance(message, CloseSession):
-                    self._send_control(identity, build_error(
-                        ErrorReason.UNKNOWN_SESSION, "no session for this writer: send a request first"))
-            elif isinstance(message, CloseSession):
-                logger.info("replay: session %s closed by the writer", session.session_id)
+            except Exception:  # a bug must cost one writer's message, never the buffer
+                self._totals["refused"] += 1
+                logger.exception("replay: message from %s could not be handled", identity.hex())
+                self._send_control(identity, build_error(ErrorReason.BAD_FIELD, "the buffer could not handle it"))
+
+    def _handle(self, identity: bytes, body: list[bytes], now: float) -> None:
+        """One message of a writer (ReplayProtocolError if it does not follow the protocol)."""
+        session = self._sessions.get(identity)
+        message = parse_writer_message(body)
+        if isinstance(message, Request):
+            if session is not None:
                 self._retire(identity, session)
-            else:
-                session.on_message(message, now)
+            session = ReplaySession(identity.hex(), message, self.ring, now, self.heartbeat_interval)
+            self._sessions[identity] = session
+            self._totals["started"] += 1
+            logger.info("replay: session %s: start pulse %s / time %s, stop pulse %s / time %s, window %d",
+                        session.session_id, message.start_pulse_id, message.start_time,
+                        message.stop_pulse_id, message.stop_time, session.window)
+            self._send_control(identity, build_accepted(Accepted(
+                session.window, self.ring.oldest_pulse_id, self.ring.newest_pulse_id)))
+        elif session is None:
+            if not isinstance(message, CloseSession):
+                self._send_control(identity, build_error(
+                    ErrorReason.UNKNOWN_SESSION, "no session for this writer: send a request first"))
+        elif isinstance(message, CloseSession):
+            logger.info("replay: session %s closed by the writer", session.session_id)
+            self._retire(identity, session)
+        else:
+            session.on_message(message, now)
 
     # -- buffer -> writer ---------------------------------------------------
     def _serve_sessions(self, now: float) -> bool:

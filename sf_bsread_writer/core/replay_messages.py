@@ -35,6 +35,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "DEFAULT_WINDOW",
     "MAX_WINDOW",
+    "MAX_WRITER_MESSAGE_BYTES",
     "GapReason",
     "EndReason",
     "ErrorReason",
@@ -71,6 +72,9 @@ DEFAULT_WINDOW = 64
 # A writer may not ask for more than this many messages in flight: together
 # with the ring's own bound it caps what one writer can pin in memory.
 MAX_WINDOW = 4096
+#: A writer's message is one small JSON object (a request is ~150 bytes); a
+#: larger one is refused unparsed, so no input can make the buffer parse much.
+MAX_WRITER_MESSAGE_BYTES = 4096
 
 # First frame of every buffer -> writer message.
 KIND_DATA = b"data"  # b"data <pulse_id>", followed by the original frames
@@ -179,9 +183,14 @@ def _frame_bytes(frame: Any) -> bytes:
     return data if isinstance(data, bytes) else bytes(frame)
 
 
-def _load_object(frame: Any) -> dict[str, Any]:
+def _load_object(frame: Any, max_bytes: int | None = None) -> dict[str, Any]:
+    """One JSON object; ReplayProtocolError for anything else, whatever the bytes (never RecursionError)."""
+    if max_bytes is not None and len(frame) > max_bytes:
+        raise ReplayProtocolError(ErrorReason.BAD_FRAMES, f"message of {len(frame)} bytes, at most {max_bytes}")
     try:
         body = json.loads(_frame_bytes(frame))
+    except RecursionError:
+        raise ReplayProtocolError(ErrorReason.NOT_JSON, "not JSON: nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as error:
         raise ReplayProtocolError(ErrorReason.NOT_JSON, f"not JSON: {error}") from None
     if not isinstance(body, dict):
@@ -212,7 +221,7 @@ def parse_writer_message(frames: Sequence[Any]) -> Request | Credit | SetStop | 
     """Frames from a writer (without the ROUTER identity) -> message; ReplayProtocolError if malformed."""
     if len(frames) != 1:
         raise ReplayProtocolError(ErrorReason.BAD_FRAMES, f"expected 1 frame, got {len(frames)}")
-    body = _load_object(frames[0])
+    body = _load_object(frames[0], MAX_WRITER_MESSAGE_BYTES)
     kind = body.get("type")
     if kind == "request":
         version = body.get("version", PROTOCOL_VERSION)

@@ -81,11 +81,18 @@ LARGE_PART_BYTES = 65536
 #: pulse-id reset (a source restart). 3 messages are 30 ms at 100 Hz.
 RESET_CONFIRM_MESSAGES = 3
 
-# Part types whose owner may still change their content: a large one is
-# copied. Every other part (bytes, a zmq.Frame received with copy=False) is
-# immutable and kept by reference. Named this way round so that the core
-# needs no import of zmq to recognise its frames.
-_MUTABLE_BUFFERS: tuple[type, ...] = (bytearray, memoryview)
+
+
+def _immutable(part: Any) -> bool:
+    """Whether nobody can change ``part`` after we took it: ``bytes``, or a ``zmq.Frame``.
+
+    Only those large parts are kept by reference; any other buffer
+    (bytearray, memoryview, numpy array, mmap) is copied, because its owner
+    could still write to it. The frame is recognised by its type's module so
+    that the core needs no import of zmq.
+    """
+    kind = type(part)
+    return kind is bytes or (kind.__name__ == "Frame" and kind.__module__.startswith("zmq."))
 
 
 class AppendStatus(str, enum.Enum):
@@ -448,7 +455,7 @@ class Ring:
         else:
             packed = b"".join([frames[i] for i in layout.packed_indices])
             large = tuple(
-                bytes(f) if isinstance(f, _MUTABLE_BUFFERS) else f
+                f if _immutable(f) else bytes(f)
                 for index, f in enumerate(frames) if index != 1 and lengths[index] >= LARGE_PART_BYTES)
         header = None
         if len(frames) > 1:

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 # How long one receive waits: the latency of commands (stop, kill) and of the
 # silence check. Short enough to feel immediate, long enough not to spin.
 POLL_INTERVAL = 0.1
-# The write rate shown while writing: over about the last second.
+# The write rate shown while writing: over about the last second (shown once half a second is known).
 RATE_WINDOW_SECONDS = 1.0
 
 
@@ -99,8 +99,6 @@ class RunLoop:
             elif isinstance(event, Data):
                 self.silence.data(now)
                 self._data(event.frames)
-                self._rate.add(now, self.counters.messages_written)
-                self.counters.rate = self._rate.rate() or self.counters.rate
             elif isinstance(event, Gap):
                 self._gap(event)
             elif isinstance(event, End):
@@ -116,6 +114,7 @@ class RunLoop:
                 raise RuntimeError(f"the buffer refused the replay request: {event.reason}: {event.detail}")
             else:
                 logger.warning("Ignoring an unknown event from the source: %r", event)
+            self._update_rate(now)
 
     def finish(self, reason: str) -> str:
         """The range is over: record the head and tail that never arrived."""
@@ -128,6 +127,13 @@ class RunLoop:
         """Messages written per second since the run started (the rate shown once finished)."""
         elapsed = self.clock() - self.started_at
         return self.counters.messages_written / elapsed if elapsed > 0 else None
+
+    def _update_rate(self, now: float) -> None:
+        """Every loop turn, data or not: the rate falls to 0 within a second when nothing is written."""
+        self._rate.add(now, self.counters.messages_written)
+        rate = self._rate.rate()
+        if rate is not None and self._rate.span >= RATE_WINDOW_SECONDS / 2:
+            self.counters.rate = rate
 
     def _apply_commands(self) -> str | None:
         while True:
