@@ -793,3 +793,55 @@ def test_only_documented_attributes_can_be_set(tmp_path: Path) -> None:
             h5.set_attributes({"start_pulse_id": 1})
         with pytest.raises(ValueError, match="number_of_messages"):
             h5.set_attributes({"number_of_messages": 1})  # the file's own
+
+
+# ------------------------------------------- channel names are data
+
+HOSTILE_NAMES = {  # channel name -> its group under /data (docs/file-format.md, "Channel names")
+    "X:A": "X:A",
+    "X:A/pulse_id": "X:A%2Fpulse_id",  # was: a group under the dataset X:A/pulse_id
+    "/general": "%2Fgeneral",  # was: the file's own /general
+    "a/b/c": "a%2Fb%2Fc",
+    ".": "%2E",
+    "..": "%2E%2E",
+    "..x": "..x",
+    "A\x00B": "A%00B",
+    "tab\there": "tab%09here",
+    "S\ud800": "S%ED%A0%80",  # a lone surrogate: not text, kept by its bytes
+    "100%": "100%25",
+    "Ω-ü": "Ω-ü",
+}
+
+
+def test_every_channel_name_maps_to_a_documented_group_and_the_close_is_not_affected(tmp_path: Path) -> None:
+    path = tmp_path / "names.h5"
+    channels = [channel(name) for name in HOSTILE_NAMES]
+    with H5File(path, {"general/user": "names"}) as h5:
+        for pulse_id in range(1, 4):
+            h5.append(message(pulse_id, channels, [pulse_id + i for i in range(len(channels))]))
+        h5.append(message(4, [channel("X:A", "int32")], [7]))  # X:A retyped: a variant beside it
+    with h5py.File(path, "r") as f:
+        assert f.attrs["complete"] == 1 and f.attrs["number_of_messages"] == 4
+        assert f["general/user"][()] == b"names"  # untouched by "/general"
+        assert "refused_channels" not in f.attrs
+        for index, (name, group_name) in enumerate(HOSTILE_NAMES.items()):
+            group = f["data"][group_name]
+            assert group.attrs["name"] == layout.storable_text(name)
+            np.testing.assert_array_equal(group["data"][:3, 0], [1 + index, 2 + index, 3 + index])
+            assert layout.channel_of_group(group_name) == name
+        assert sorted(f["data"]) == sorted(set(HOSTILE_NAMES.values()) | {"X:A@2"})
+
+
+def test_a_channel_whose_group_cannot_be_made_is_refused_and_nothing_else_is_lost(tmp_path: Path) -> None:
+    """X@2 is the variant group of X once X changes type: a real channel of that name is refused, with a reason."""
+    path = tmp_path / "refused.h5"
+    with H5File(path) as h5:
+        h5.append(message(1, [channel("X"), channel("Y")], [1.0, 2.0]))
+        h5.append(message(2, [channel("X", "int32"), channel("Y")], [3, 4.0]))  # X@2 made for the new type
+        h5.append(message(3, [channel("X@2"), channel("Y")], [5.0, 6.0]))  # a channel named like it
+    assert h5.refused_channels == {"X@2": "its group /data/X@2 is already taken"}
+    with h5py.File(path, "r") as f:
+        assert f.attrs["complete"] == 1 and f.attrs["number_of_messages"] == 3
+        np.testing.assert_array_equal(f["data/Y/data"][:, 0], [2.0, 4.0, 6.0])
+        assert json.loads(f.attrs["refused_channels"]) == [
+            {"channel": "X@2", "reason": "its group /data/X@2 is already taken"}]

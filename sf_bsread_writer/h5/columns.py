@@ -28,7 +28,7 @@ import numpy as np
 from ..core import protocol
 from .layout import (
     ABSENT_TIMESTAMP, DIRECT_CHUNK_MIN_BYTES, MAX_CHUNK_BYTES, MAX_CHUNK_ROWS, NS_PER_S, STRING_DTYPE,
-    TIMESTAMP_BYTES, attribute_value, channel_signature, chunk_shape,
+    TIMESTAMP_BYTES, attribute_value, channel_signature, chunk_shape, storable_text,
 )
 
 __all__ = ["Column", "FixedColumn", "StringColumn", "DirectChunkColumn", "column_class_for", "new_column",
@@ -72,7 +72,7 @@ class Column:
             chunks=(MAX_CHUNK_ROWS,), fillvalue=0)
         self.timestamp.attrs["units"] = "ns since 1970-01-01T00:00:00Z (bsread channel timestamp)"
         for key, value in spec.metadata().items():
-            group.attrs[key] = attribute_value(value)
+            group.attrs[key] = attribute_value(storable_text(value) if key == "name" else value)
         group.attrs["storage"] = self.kind
 
     # -- subclass hooks ---------------------------------------------------

@@ -64,7 +64,7 @@ from ..core.pulse_range import MissingRange
 from .columns import Column, new_column
 from .layout import (
     CALLER_ATTRIBUTES, FORMAT_NAME, FORMAT_VERSION, GENERAL_FIELDS, MISSING_DTYPE, NOT_GIVEN, STRING_DTYPE,
-    VARIANT_SEPARATOR, attribute_value, channel_signature, fixed_string,
+    VARIANT_SEPARATOR, attribute_value, channel_group_name, channel_signature, fixed_string, storable_text,
 )
 from .packed import HeaderPlan, PackedRows
 from .placement import FileSlot
@@ -139,6 +139,7 @@ class H5File:
         self._missing_pending: list[MissingRange] = []
         self._missing_rewrite = False  # truncate() replaced the records: /missing is rewritten
         self._attributes: dict[str, Any] = {}
+        self._refused: dict[str, str] = {}  # channel name -> why it has no group
         self._last_flush = clock()
 
         self.bytes_written = 0  # value bytes accepted (as received: compressed stays compressed)
@@ -259,6 +260,8 @@ class H5File:
             column = columns[index]
             if column is None:
                 column = columns[index] = self._column_for(spec)
+                if column is None:  # refused: recorded once, its values dropped
+                    continue
             accepted_total += column.append(spec, part, message.timestamp_part(index), row)
         self._pending_bytes += accepted_total
         self.bytes_written += accepted_total
@@ -423,35 +426,63 @@ class H5File:
         """Every packed row gathered so far into its column (before anything else touches the columns)."""
         self._packed.scatter(self._plan, self._column_for)
 
-    def _column_for(self, spec: protocol.ChannelSpec) -> Column:
-        """The column for this channel's (type, shape), creating it (and its group) if new."""
+    def _column_for(self, spec: protocol.ChannelSpec) -> Column | None:
+        """The column for this channel's (type, shape), creating it (and its group) if new.
+
+        None for a refused channel: a group that cannot be made (its name
+        taken by a variant group, an HDF5 error) costs that channel, never
+        another one or the close; the refusal is recorded in the file.
+        """
+        if spec.name in self._refused:
+            return None
         variants = self._columns.setdefault(spec.name, {})
         signature = channel_signature(spec)
         column = variants.get(signature)
         if column is not None:
             return column
+        base = channel_group_name(spec.name)
         if not variants:
-            group_name = spec.name
+            group_name = base
+            if group_name in self._data:
+                return self._refuse(spec.name, f"its group /data/{group_name} is already taken")
         else:
             number = len(variants) + 1
-            while f"{spec.name}{VARIANT_SEPARATOR}{number}" in self._data:
+            while f"{base}{VARIANT_SEPARATOR}{number}" in self._data:
                 number += 1
-            group_name = f"{spec.name}{VARIANT_SEPARATOR}{number}"
-        group = self._data.create_group(group_name)
-        # Rows already on disk read as absent (fill value 0); pending rows of
-        # this block before the first value are padded as absent by append.
-        column = new_column(group, spec, self._rows_written)
+            group_name = f"{base}{VARIANT_SEPARATOR}{number}"
+        try:
+            group = self._data.create_group(group_name)
+            # Rows already on disk read as absent (fill value 0); pending rows of
+            # this block before the first value are padded as absent by append.
+            column = new_column(group, spec, self._rows_written)
+        except Exception as error:  # noqa: BLE001 (whatever HDF5 refuses costs this channel only)
+            logger.exception("channel %r: cannot create /data/%s", spec.name, group_name)
+            if not variants:
+                del self._columns[spec.name]
+            return self._refuse(spec.name, f"cannot create /data/{group_name}: {error}")
         variants[signature] = column
         if len(variants) > 1:
-            group.attrs["channel"] = spec.name
+            group.attrs["channel"] = storable_text(spec.name)
             group.attrs["variant"] = len(variants)
-            first = self._data[spec.name]
+            first = self._data[base]
             first.attrs["variants"] = np.array(
-                [spec.name] + [c.group.name.rsplit("/", 1)[1] for c in list(variants.values())[1:]],
+                [base] + [c.group.name.rsplit("/", 1)[1] for c in list(variants.values())[1:]],
                 dtype=STRING_DTYPE)
             logger.warning("channel %s changed to %s %s: values go to /data/%s",
                            spec.name, signature[0], list(signature[1]), group_name)
         return column
+
+    def _refuse(self, name: str, reason: str) -> None:
+        logger.error("channel %r refused: %s; its values are not in %s", name, reason, self.path)
+        self._refused[name] = reason
+        if not self._columns.get(name):
+            self._columns.pop(name, None)
+        return None
+
+    @property
+    def refused_channels(self) -> dict[str, str]:
+        """Channels whose values are not in the file, and why (also the file attribute ``refused_channels``)."""
+        return dict(self._refused)
 
     def _each_column(self) -> Iterable[Column]:
         for variants in self._columns.values():
@@ -513,6 +544,9 @@ class H5File:
         else:  # none yet, or truncate() removed them all
             for key in ("first_pulse_id", "last_pulse_id", "first_timestamp", "last_timestamp"):
                 attrs.pop(key, None)
+        if self._refused:
+            attrs["refused_channels"] = json.dumps(
+                [{"channel": name, "reason": reason} for name, reason in self._refused.items()])
         attrs["complete"] = np.uint8(complete)
 
     def _write_general(self, general: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -533,7 +567,7 @@ class H5File:
             name = str(key)
             if name.startswith("general/"):
                 name = name[len("general/"):]
-            name = name.replace("/", ".") or "_"
+            name = channel_group_name(name.replace("/", ".")) or "_"
             if name in plain:
                 logger.warning("parameter %r collides with another after normalisation; "
                                "kept in /general attribute 'parameters' only", key)

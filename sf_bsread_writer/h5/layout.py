@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
+from urllib.parse import unquote
 
 import h5py
 import numpy as np
@@ -40,6 +42,9 @@ __all__ = [
     "channel_signature",
     "attribute_value",
     "fixed_string",
+    "channel_group_name",
+    "channel_of_group",
+    "storable_text",
 ]
 
 FORMAT_NAME = "SwissFEL bsread"
@@ -57,7 +62,7 @@ VARIANT_SEPARATOR = "@"
 # The first group is H5File's own; set_attributes() accepts the second group only.
 OWN_ATTRIBUTES = ("format", "format_version", "number_of_messages", "first_pulse_id", "last_pulse_id",
                   "first_timestamp", "last_timestamp", "missing_pulses", "absent_values", "complete",
-                  "rows_removed_after_stop")
+                  "rows_removed_after_stop", "refused_channels")
 CALLER_ATTRIBUTES = ("requested_start_pulse_id", "requested_stop_pulse_id", "requested_start_time",
                      "requested_stop_time", "end_reason", "unlocated_gaps")
 FILE_ATTRIBUTES = OWN_ATTRIBUTES + CALLER_ATTRIBUTES
@@ -143,3 +148,42 @@ def fixed_string(text: str) -> np.bytes_ | np.ndarray:
     if not encoded:
         return np.array(b"", dtype="S1")
     return np.bytes_(encoded)
+
+
+# ---------------------------------------------------------------------------
+# Channel names are data
+# ---------------------------------------------------------------------------
+# Characters that cannot stand in an HDF5 link name as they are: "/" makes a
+# path, "%" is the escape itself, control characters and lone surrogates
+# are not storable text. "." and ".." are escaped only as whole names.
+_UNSAFE = re.compile(r"[%/\x00-\x1f\x7f\ud800-\udfff]")
+
+
+def channel_group_name(name: str) -> str:
+    """The name of a channel's group under ``/data``: the channel name, with unsafe characters escaped.
+
+    Escaping is percent-encoding of the character's UTF-8 bytes (lone
+    surrogates by their surrogate bytes), as in a URL: ``X:A/pulse_id`` is
+    the group ``X:A%2Fpulse_id``, ``100%`` is ``100%25``, a NUL is ``%00``;
+    the whole names ``.`` and ``..`` are ``%2E`` and ``%2E%2E``. Every
+    other name, including any non-ASCII text, is the group name as it is.
+    The mapping is one to one: :func:`channel_of_group` inverts it, and
+    the group's attribute ``name`` holds the channel name.
+    """
+    if name in (".", ".."):
+        return "%2E" * len(name)
+    return _UNSAFE.sub(lambda match: "".join(f"%{byte:02X}" for byte in
+                                             match.group().encode("utf-8", "surrogatepass")), name)
+
+
+def channel_of_group(group_name: str) -> str:
+    """The channel name of a group under ``/data`` (the inverse of :func:`channel_group_name`)."""
+    return unquote(group_name, encoding="utf-8", errors="surrogatepass")
+
+
+def storable_text(text: str) -> str:
+    """``text`` as an HDF5 string attribute keeps it: lone surrogates and NUL (which ends a C string) become U+FFFD."""
+    return _NOT_STORABLE.sub("\ufffd", text)
+
+
+_NOT_STORABLE = re.compile("[\x00\ud800-\udfff]")

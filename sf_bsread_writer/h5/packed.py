@@ -84,7 +84,7 @@ class PackedRows:
         self._present = bytearray()
 
     def add(self, plan: HeaderPlan, frames: Any, row: int,
-            column_for: Callable[[protocol.ChannelSpec], Column]) -> tuple[int, int] | None:
+            column_for: Callable[[protocol.ChannelSpec], Column | None]) -> tuple[int, int] | None:
         """Gather the packed channels' parts of one message as block row ``row``.
 
         Returns (value bytes accepted, absent values), or None if a packed
@@ -120,8 +120,9 @@ class PackedRows:
         self.count += 1
         return accepted, absent
 
-    def scatter(self, plan: HeaderPlan | None, column_for: Callable[[protocol.ChannelSpec], Column]) -> None:
-        """Hand the gathered rows to their columns (``column_for`` creates a column at its first value)."""
+    def scatter(self, plan: HeaderPlan | None, column_for: Callable[[protocol.ChannelSpec], Column | None]) -> None:
+        """Hand the gathered rows to their columns (``column_for`` creates a column at its first value;
+        None: the channel was refused)."""
         count = self.count
         if not count:
             return
@@ -140,6 +141,8 @@ class PackedRows:
             column = plan.columns[index]
             if column is None:
                 column = plan.columns[index] = column_for(channels[index])
+                if column is None:  # a refused channel: its values are dropped
+                    continue
             column.append_batch(channels[index], self.first_row, values[:, offsets[j]:offsets[j + 1]],
                                 stamps[:, TIMESTAMP_BYTES * j:TIMESTAMP_BYTES * (j + 1)],
                                 np.ascontiguousarray(column_present))
