@@ -366,6 +366,34 @@ def test_bad_input_is_counted_by_reason_and_dropped_while_good_flows():
     assert [d.pulse_id for d in data] == list(range(100, pulse_id + 1))
 
 
+def test_a_data_header_is_checked_by_its_bytes_not_its_hash_and_by_its_declared_sizes():
+    """Garbage under a known hash (was stored and forwarded) and a 2^62-byte channel: rejected, never forwarded."""
+    context = zmq.Context()
+    source = context.socket(zmq.PUSH)
+    source.setsockopt(zmq.LINGER, 0)
+    source.bind("tcp://127.0.0.1:0")
+    channels = [{"name": "X", "type": "int32"}]
+    huge = [{"name": "H", "type": "uint8", "shape": [2**31, 2**31]}]
+    try:
+        with running_buffer(source.getsockopt_string(zmq.LAST_ENDPOINT)) as buffer:
+            good = build_message(1, channels, [1])
+            source.send_multipart(good)
+            garbage = build_message(2, channels, [2])
+            garbage[1] = b"\xff" * len(garbage[1])  # the data header of pulse 1's hash, but not its bytes
+            source.send_multipart(garbage)
+            source.send_multipart(build_message(3, huge, [None]))  # 450 bytes declaring 2^62 per value
+            source.send_multipart(build_message(4, channels, [4]))
+            statistics = wait_for(lambda: (s := buffer.statistics()).rejected_total == 2 and s.received == 2
+                                  and s, DEADLINE, message="all four handled")
+            data, _ = replay_all(buffer.replay_address, 1, 4)
+    finally:
+        source.close()
+        context.term()
+    assert statistics.rejected == {"data_header_invalid": 2}
+    assert [d.pulse_id for d in data] == [1, 4]
+    assert statistics.forwarded == 2
+
+
 def test_source_restart_with_pulse_id_reset():
     first = Simulator("scalars", n_channels=5, start_pulse_id=9_000, rate=1000)
     address = first.open()

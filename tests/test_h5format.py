@@ -845,3 +845,48 @@ def test_a_channel_whose_group_cannot_be_made_is_refused_and_nothing_else_is_los
         np.testing.assert_array_equal(f["data/Y/data"][:, 0], [2.0, 4.0, 6.0])
         assert json.loads(f.attrs["refused_channels"]) == [
             {"channel": "X@2", "reason": "its group /data/X@2 is already taken"}]
+
+
+# ------------------------------------------- absent values cost no memory of their shape
+
+def test_absent_values_cost_no_memory_of_their_shape(tmp_path: Path) -> None:
+    """A 4 MiB channel absent in 59 of 60 pending rows: was 240 MB of zeros in memory, now ~the one value."""
+    import tracemalloc
+
+    big = channel("BIG", "uint8", (2048, 2048))  # 4 MiB per value, uncompressed
+    image = (np.arange(2048 * 2048) % 251).astype("u1").reshape(2048, 2048)
+    messages = [message(p, [channel("X"), big], [float(p), image if p == 30 else None]) for p in range(1, 61)]
+    path = tmp_path / "absent.h5"
+    tracemalloc.start()
+    try:
+        with H5File(path, flush_interval=1e9, block_rows=1000) as h5:
+            for item in messages:
+                h5.append(item)
+            held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 16 * 2**20, f"{held / 2**20:.0f} MiB held for one present 4 MiB value"
+    with h5py.File(path, "r") as f:
+        present = f["data/BIG/is_data_present"][()]
+        assert present.tolist() == [int(p == 30) for p in range(1, 61)]
+        np.testing.assert_array_equal(f["data/BIG/data"][29], image)
+        assert not f["data/BIG/data"][28].any() and not f["data/BIG/data"][59].any()
+        np.testing.assert_array_equal(f["data/X/data"][:, 0], np.arange(1, 61, dtype=float))
+
+
+def test_absent_rows_between_present_ones_read_back_in_place(tmp_path: Path) -> None:
+    """Sparse present rows of array channels, small (one write per block) and large (one write per run)."""
+    small = channel("W", "int32", (16,))
+    large = channel("L", "uint16", (300, 300))  # 180 kB rows: written by runs of present rows
+    pattern = [1, 0, 0, 1, 1, 0, 1, 1, 1, 0]
+    path = tmp_path / "runs.h5"
+    with H5File(path, block_rows=7) as h5:  # blocks cut the runs
+        for p, on in enumerate(pattern * 2):
+            h5.append(message(p, [small, large], [np.full(16, p, "i4") if on else None,
+                                                  np.full((300, 300), p, "u2") if on else None]))
+    with h5py.File(path, "r") as f:
+        for name in ("W", "L"):
+            data, present = f[f"data/{name}/data"][()], f[f"data/{name}/is_data_present"][()]
+            assert present.tolist() == pattern * 2
+            for p, on in enumerate(pattern * 2):
+                assert (data[p] == (p if on else 0)).all(), (name, p)

@@ -633,8 +633,16 @@ def test_cache_parses_once_per_hash_and_caches_failures() -> None:
     cache = DataHeaderCache(max_entries=2)
     good = json.dumps(GOOD_DATA_HEADER).encode()
     first = cache.get("h1", good)
-    assert cache.get("h1", b"not even looked at") is first  # the hash is the key, not verified
+    assert cache.get("h1", bytearray(good)) is first  # the same bytes: a hit, not parsed again
     assert (cache.hits, cache.misses) == (1, 1)
+    # The hash is only a key: other bytes under it are parsed, garbage is refused (was: taken unseen).
+    with pytest.raises(ProtocolError) as garbage:
+        cache.get("h1", b"not even looked at")
+    assert garbage.value.reason is RejectReason.DATA_HEADER_INVALID
+    assert cache.get("h1", good).names == ("a", "b")
+
+    cache = DataHeaderCache(max_entries=2)
+    cache.get("h1", good)
 
     bad = b'{"channels": [{"name": "x", "type": "float128"}]}'
     errors = []
@@ -828,3 +836,16 @@ def test_fuzz_decode_value_of_random_bytes(compression: str, channel_type: str, 
             continue
         if value is not None and not spec.is_string:
             assert value.shape == spec.array_shape and value.dtype == spec.dtype
+
+
+def test_a_channel_declaring_more_bytes_than_a_message_may_have_makes_the_header_invalid() -> None:
+    parser = MessageParser(max_message_bytes=10_000)
+    for shape in ([2**31, 2**31], [10_001], [2**15, 2**15]):
+        frames = build_message(1, [{"name": "H", "type": "uint8", "shape": shape}], [None])
+        assert sum(map(len, frames)) < 10_000  # the message itself is small
+        with pytest.raises(ProtocolError) as caught:
+            parser.parse(frames)
+        assert caught.value.reason is RejectReason.DATA_HEADER_INVALID
+        assert "bytes per value, more than a message may have (10000)" in caught.value.detail
+    fits = build_message(1, [{"name": "H", "type": "uint8", "shape": [10_000]}], [None])
+    assert parser.parse(fits).data_header.channels[0].nbytes == 10_000  # at the limit: fine

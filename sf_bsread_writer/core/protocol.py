@@ -476,8 +476,14 @@ _DATA_HEADER_SPECS = {compression: ChannelSpec("data_header", "string", compress
                       for compression in COMPRESSIONS}
 
 
-def parse_data_header(data_hash: str, frame: Frame, dh_compression: str = "none") -> DataHeader:
-    """Parse part 1 (uncached; use :class:`DataHeaderCache` in a stream)."""
+def parse_data_header(data_hash: str, frame: Frame, dh_compression: str = "none",
+                      max_value_bytes: int | None = None) -> DataHeader:
+    """Parse part 1 (uncached; use :class:`DataHeaderCache` in a stream).
+
+    ``max_value_bytes``: a channel that declares more bytes per value than
+    this (a message can never carry its value) makes the header invalid, so
+    that no consumer sizes anything by it.
+    """
     spec = _DATA_HEADER_SPECS.get(dh_compression)
     if spec is None:
         raise ProtocolError(RejectReason.UNKNOWN_COMPRESSION,
@@ -506,9 +512,14 @@ def parse_data_header(data_hash: str, frame: Frame, dh_compression: str = "none"
     channels = []
     for position, entry in enumerate(entries):
         try:
-            channels.append(ChannelSpec.from_header(entry))
+            spec = ChannelSpec.from_header(entry)
         except ProtocolError as error:
             raise ProtocolError(error.reason, f"channel {position}: {error.detail}") from None
+        if max_value_bytes is not None and spec.nbytes is not None and spec.nbytes > max_value_bytes:
+            raise ProtocolError(RejectReason.DATA_HEADER_INVALID,
+                                f"channel {position} {spec.name!r}: {spec.type} {list(spec.shape)} declares "
+                                f"{spec.nbytes} bytes per value, more than a message may have ({max_value_bytes})")
+        channels.append(spec)
     return DataHeader(data_hash, tuple(channels))
 
 
@@ -533,16 +544,20 @@ def _fingerprint(frame: Frame) -> tuple[int, int]:
 class DataHeaderCache:
     """Parsed data headers by (hash, dh_compression), least recently used evicted first.
 
-    Failures are cached too (keyed additionally by the bytes' CRC32) so that
-    a stream of identical bad messages costs one parse, while a good header
-    that happens to reuse a failing hash is still parsed.
+    The hash is a cache key, never verified, so a hit is only taken when the
+    part's bytes equal the bytes parsed for it (a memcmp): a message whose
+    data header is garbage under a known hash is parsed, and rejected, like
+    any other, and a consumer that joins at it is never handed bytes it
+    cannot parse. Failures are cached too (keyed additionally by the bytes'
+    CRC32) so that a stream of identical bad messages costs one parse.
     """
 
-    def __init__(self, max_entries: int = 64) -> None:
+    def __init__(self, max_entries: int = 64, max_value_bytes: int | None = None) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, not {max_entries}")
         self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[str, str], DataHeader | _Failure] = OrderedDict()
+        self.max_value_bytes = max_value_bytes
+        self._entries: OrderedDict[tuple[str, str], tuple[DataHeader, bytes] | _Failure] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -550,33 +565,36 @@ class DataHeaderCache:
         return len(self._entries)
 
     def get(self, data_hash: str, frame: Frame, dh_compression: str = "none") -> DataHeader:
-        """The parsed header for ``data_hash``, parsing ``frame`` only on a miss.
+        """The parsed header for ``data_hash``, parsing ``frame`` unless these very bytes were parsed.
 
         Raises :class:`ProtocolError` (every time) for a header that does not parse.
         """
         key = (data_hash, dh_compression)
         entry = self._entries.get(key)
+        buffer = _as_buffer(frame)
         if entry is not None:
-            if type(entry) is DataHeader:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return entry
-            if entry.fingerprint == _fingerprint(frame):
+            if type(entry) is tuple:
+                if entry[1] == buffer:
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    return entry[0]
+            elif entry.fingerprint == _fingerprint(buffer):
                 self._entries.move_to_end(key)
                 self.hits += 1
                 raise entry.error()
         self.misses += 1
         try:
-            parsed: DataHeader | _Failure = parse_data_header(data_hash, frame, dh_compression)
+            header = parse_data_header(data_hash, buffer, dh_compression, self.max_value_bytes)
+            parsed: tuple[DataHeader, bytes] | _Failure = (header, bytes(buffer))
         except ProtocolError as error:
-            parsed = _Failure(error.reason, error.detail, _fingerprint(frame))
+            parsed = _Failure(error.reason, error.detail, _fingerprint(buffer))
         self._entries[key] = parsed
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         if type(parsed) is _Failure:
             raise parsed.error()
-        return parsed
+        return parsed[0]
 
     def clear(self) -> None:
         self._entries.clear()
@@ -651,7 +669,7 @@ class MessageParser:
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, cache_entries: int = 64) -> None:
         self.max_message_bytes = max_message_bytes
-        self.cache = DataHeaderCache(cache_entries)
+        self.cache = DataHeaderCache(cache_entries, max_value_bytes=max_message_bytes)
 
     def parse(self, frames: Sequence[Frame]) -> Message:
         n_parts = len(frames)

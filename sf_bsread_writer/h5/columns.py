@@ -36,6 +36,10 @@ __all__ = ["Column", "FixedColumn", "StringColumn", "DirectChunkColumn", "column
 
 logger = logging.getLogger(__name__)
 
+# A block of a FixedColumn with absent rows is written as one array with zeros
+# in the absent rows when it is at most this large; above, run by run.
+DENSE_BLOCK_BYTES = 4 * 1024 * 1024
+
 
 class Column:
     """One channel group (``/data/<channel>`` or a variant) and its pending rows.
@@ -154,12 +158,20 @@ class Column:
 
 
 class FixedColumn(Column):
-    """Numeric and bool arrays/scalars: raw bytes gathered in one bytearray."""
+    """Numeric and bool arrays/scalars: the raw bytes of the present values gathered in one bytearray.
+
+    Only present values are held: an absent row costs its ``present`` flag,
+    never a row of zeros (a channel declaring 100 MB per value and always
+    absent costs nothing; HDF5's fill value 0 is what absent rows read as).
+    A block whose rows are all present is one write; otherwise the block is
+    expanded with zeros when it is small, or written run by run of present
+    rows when it is large.
+    """
 
     kind = "buffered"
 
     def __init__(self, group: h5py.Group, spec: protocol.ChannelSpec, rows_written: int) -> None:
-        self.values = bytearray()
+        self.values = bytearray()  # present rows only, in row order
         super().__init__(group, spec, rows_written, np.dtype(spec.dtype), tuple(spec.array_shape))
 
     def _create_data(self, group: h5py.Group, spec: protocol.ChannelSpec, rows: int) -> h5py.Dataset:
@@ -180,15 +192,18 @@ class FixedColumn(Column):
         return len(part)
 
     def _pad_values(self, count: int) -> None:
-        self.values += bytes(self.row_nbytes * count)
+        pass  # absent rows hold nothing: see the class docstring
 
     def _drop_values(self, keep: int) -> None:
-        del self.values[keep * self.row_nbytes:]
+        # Called once ``present`` is cut to ``keep`` rows: keep the values of its present rows.
+        del self.values[self.present.count(1) * self.row_nbytes:]
 
     def append_batch(self, spec: protocol.ChannelSpec, row: int, values: np.ndarray, stamps: np.ndarray,
                      present: np.ndarray) -> None:
-        """Rows ``row..row+n`` at once from the packed fast path (absent rows hold zeros)."""
+        """Rows ``row..row+n`` at once from the packed fast path (absent rows hold zeros there, not here)."""
         self._pad(row)
+        if not present.all():
+            values = values[present.astype(bool)]
         if spec.dtype != self.dtype:  # same type, other byte order
             values = np.ascontiguousarray(values).view(spec.dtype).astype(self.dtype).view("u1")
         self.values += np.ascontiguousarray(values).tobytes()
@@ -201,10 +216,28 @@ class FixedColumn(Column):
         self.filled = row + len(present)
 
     def _write_values(self, start: int, count: int) -> int:
-        block = np.frombuffer(self.values, dtype=self.dtype).reshape((count, *self.row_shape))
-        write_rows(self.data, start, block)
+        values = np.frombuffer(self.values, dtype=self.dtype).reshape((-1, *self.row_shape))
         self.values = bytearray()
-        return 1
+        n_present = len(values)
+        if n_present == count:
+            write_rows(self.data, start, values)
+            return 1
+        if not n_present:
+            return 0  # absent throughout: the fill value
+        present = np.frombuffer(self.present, dtype="u1").astype(bool)
+        if count * self.row_nbytes <= DENSE_BLOCK_BYTES:
+            block = np.zeros((count, *self.row_shape), dtype=self.dtype)
+            block[present] = values
+            write_rows(self.data, start, block)
+            return 1
+        # Large rows: one write per run of consecutive present rows.
+        rows = np.flatnonzero(present)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        writes = 0
+        for run, offset in zip(np.split(rows, breaks), np.concatenate([[0], breaks])):
+            write_rows(self.data, start + int(run[0]), values[offset:offset + len(run)])
+            writes += 1
+        return writes
 
 
 class StringColumn(Column):

@@ -20,7 +20,12 @@ from ..core import protocol
 from .columns import Column, FixedColumn, column_class_for
 from .layout import ABSENT_TIMESTAMP, TIMESTAMP_BYTES
 
-__all__ = ["HeaderPlan", "PackedRows"]
+__all__ = ["HeaderPlan", "PackedRows", "PACKED_MAX_VALUE_BYTES"]
+
+# Channels with larger values go channel by channel: an absent value in the
+# packed path is a row of zeros in the gathered segment, so only small ones
+# (scalars, short waveforms) are packed.
+PACKED_MAX_VALUE_BYTES = 4096
 
 
 class HeaderPlan:
@@ -42,6 +47,7 @@ class HeaderPlan:
         for index, spec in enumerate(header.channels):
             column = columns[index]
             packable = (not spec.is_string and spec.compression == "none" and spec.nbytes
+                        and spec.nbytes <= PACKED_MAX_VALUE_BYTES
                         and (column is None or isinstance(column, FixedColumn))
                         and (column is not None or column_class_for(spec) is FixedColumn))
             (self.packed if packable else self.others).append(index)
