@@ -363,7 +363,8 @@ def test_a_late_stop_cuts_the_file_and_every_attribute_is_documented(api):
         assert list(file["data/VALUE/pulse_id"][()]) == [10, 11, 12]
         assert file.attrs["rows_removed_after_stop"] == 3 and file.attrs["last_pulse_id"] == 12
         assert json.loads(file.attrs["unlocated_gaps"])[0]["count"] == 2
-        assert set(file.attrs) == set(FILE_ATTRIBUTES) - {"requested_start_time", "requested_stop_time"}
+        assert set(file.attrs) == set(FILE_ATTRIBUTES) - {"requested_start_time", "requested_stop_time",
+                                                          "refused_channels"}
 
 
 class Clock:
@@ -397,7 +398,8 @@ def test_a_range_by_time_has_the_documented_attributes(tmp_path, run_clock):
     with h5py.File(tmp_path / "out.h5", "r") as file:
         assert (file.attrs["requested_start_time"], file.attrs["requested_stop_time"]) == (1000.0, 2000.0)
         assert set(file.attrs) == set(FILE_ATTRIBUTES) - {
-            "requested_start_pulse_id", "requested_stop_pulse_id", "unlocated_gaps", "rows_removed_after_stop"}
+            "requested_start_pulse_id", "requested_stop_pulse_id", "unlocated_gaps", "rows_removed_after_stop",
+            "refused_channels"}
 
 
 class NeverQuietSource(ScriptedSource):
