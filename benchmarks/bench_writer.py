@@ -115,7 +115,7 @@ def run_sender(profile: str, count: int) -> None:
           flush=True)
     conn, _ = server.accept()
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    common._zmtp_handshake(conn, b"PUSH")  # noqa: SLF001
+    common.zmtp_handshake(conn, b"PUSH")
     for n in range(count):
         conn.sendmsg([common.zmtp_frame(headers(FIRST + n, time.time()), True), tails[n % len(tails)]])
     print(f"SENT {count}", flush=True)

@@ -204,7 +204,7 @@ def zmtp_frame(body: bytes, more: bool) -> bytes:
     return bytes([flags, len(body)]) + body
 
 
-def _recv_exactly(sock: _socket.socket, n: int) -> bytes:
+def recv_exactly(sock: _socket.socket, n: int) -> bytes:
     data = bytearray()
     while len(data) < n:
         chunk = sock.recv(n - len(data))
@@ -214,14 +214,14 @@ def _recv_exactly(sock: _socket.socket, n: int) -> bytes:
     return bytes(data)
 
 
-def _zmtp_handshake(sock: _socket.socket, socket_type: bytes) -> None:
+def zmtp_handshake(sock: _socket.socket, socket_type: bytes) -> None:
     sock.sendall(ZMTP_GREETING + _zmtp_ready(socket_type))
-    greeting = _recv_exactly(sock, 64)
+    greeting = recv_exactly(sock, 64)
     if greeting[0] != 0xFF or greeting[10] < 3:
         raise ConnectionError(f"not a ZMTP 3 peer: {greeting[:12]!r}")
-    flags = _recv_exactly(sock, 1)[0]
-    size = _recv_exactly(sock, 1)[0] if not flags & 2 else _struct.unpack(">Q", _recv_exactly(sock, 8))[0]
-    _recv_exactly(sock, size)  # the peer's READY command
+    flags = recv_exactly(sock, 1)[0]
+    size = recv_exactly(sock, 1)[0] if not flags & 2 else _struct.unpack(">Q", recv_exactly(sock, 8))[0]
+    recv_exactly(sock, size)  # the peer's READY command
 
 
 def run_raw_sender(profile: str, port: int, rate: float = 0.0) -> None:
@@ -237,7 +237,7 @@ def run_raw_sender(profile: str, port: int, rate: float = 0.0) -> None:
     print("READY", flush=True)
     conn, _ = server.accept()
     conn.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-    _zmtp_handshake(conn, b"PUSH")
+    zmtp_handshake(conn, b"PUSH")
     pulse_id = FIRST_PULSE_ID
     start = time.time()
     interval = 1.0 / rate if rate else 0.0
@@ -259,7 +259,7 @@ class RawConsumer:
 
     def __init__(self, port: int, timeout: float = 30.0) -> None:
         self.sock = _socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        _zmtp_handshake(self.sock, b"PULL")
+        zmtp_handshake(self.sock, b"PULL")
         self.buffer = bytearray(4 * 1024 * 1024)
         self.view = memoryview(self.buffer)
         self.start = 0

@@ -192,6 +192,11 @@ BUFFER_OPTIONS: list[Option] = [
            "Port of the replay endpoint that writers use (0: any free port)."),
     Option("rest_port", ("--rest-port", "--rest_port"), 8890, int,
            "Port of the HTTP status API (0: any free port)."),
+    Option("max_writers", ("--max-writers",), 16, int,
+           "Most replay sessions (writers) served at once; a further request is refused with a reason."),
+    Option("replay_inflight_bytes", ("--replay-inflight-bytes",), 64 * 1024**2, int,
+           "Most bytes sent to one writer and not yet acknowledged (at least one message): bounds what a "
+           "writer that stops reading pins in the buffer's memory."),
     Option("bind", ("--bind",), DEFAULT_BIND, str, "Address to bind all listening sockets to."),
     Option("name", ("--name",), "BSBUFFER", str, "Name of this buffer (logs, status, CA status PV prefix)."),
     Option("ca", ("--ca",), False, _bool, "Serve the stream and the status over EPICS Channel Access.", kind="flag"),

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -551,6 +552,95 @@ def test_cli_rejects_bad_options():
     with Child.python_module("sf_bsread_writer.buffer", "tcp://127.0.0.1:1", "--output-mode", "fan") as child:
         assert child.wait(DEADLINE) == 2
         assert "invalid choice" in child.output()
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_writers_that_never_read_cannot_grow_the_buffer():
+    """20 replay sessions that never grant credit nor read: at most --max-writers, each --replay-inflight-bytes.
+
+    Before: RSS 45 -> 1525 MB in 28 s and rising (every message of the stream queued per writer).
+    """
+    simulator = Simulator("mixed", start_pulse_id=1_000, rate=100)  # 0.85 MB a message, parts below 1 MiB
+    address = simulator.open()
+    context = zmq.Context()
+    dealers = []
+    try:
+        with sending(simulator, 0), \
+                Child.python_module("sf_bsread_writer.buffer", address, "-o", "0", "--replay-port", "0",
+                                    "--rest-port", "0", "-b", "40", "--max-writers", "8",
+                                    "--replay-inflight-bytes", "4000000") as child:
+            endpoints = json.loads(child.wait_for_line("READY ").split("READY ", 1)[1])
+            rest = endpoints["rest"]
+
+            def received() -> int:
+                return requests.get(rest + "/statistics", timeout=5).json()["statistics"]["received"]
+
+            wait_for(lambda: received() >= 40, DEADLINE, message="the ring full")
+            before = _rss_mb(child.process.pid)
+            for _ in range(20):
+                dealer = context.socket(zmq.DEALER)
+                dealer.setsockopt(zmq.LINGER, 0)
+                dealer.setsockopt(zmq.RCVHWM, 1)  # and never recv: its socket stops reading
+                dealer.connect(endpoints["replay"])
+                dealer.send(json.dumps({"type": "request", "start_pulse_id": 0, "window": 4096}).encode())
+                dealers.append(dealer)
+            mark = received()
+            wait_for(lambda: received() >= mark + 300, DEADLINE, message="3 s of stream meanwhile")
+            grown = _rss_mb(child.process.pid) - before
+            replay = requests.get(rest + "/statistics", timeout=5).json()["statistics"]["replay"]
+    finally:
+        for dealer in dealers:
+            dealer.close()
+        context.term()
+    assert replay["active_sessions"] == 8 and replay["refused"] == 12
+    assert all(session["in_flight_bytes"] <= 4_000_000 + 900_000 for session in replay["sessions"])
+    # 8 writers x 4 MB in flight, plus zmq's copies of them: far below the 20 x 3 s x 85 MB/s before.
+    print(f"buffer RSS {before:.0f} MB, grew by {grown:.0f} MB with 20 writers that never read")
+    assert grown < 150, f"buffer RSS grew by {grown:.0f} MB"
+
+
+def test_a_source_announcing_a_huge_part_is_disconnected_before_it_costs_memory():
+    """A raw ZMTP peer announces a 2 GiB part and streams: libzmq drops it at the header (ZMQ_MAXMSGSIZE).
+
+    Before: the buffer took the bytes as they came (+500 MB before any check of the message).
+    """
+    from benchmarks.common import zmtp_handshake
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(DEADLINE)
+    port = server.getsockname()[1]
+    sent = 0
+    try:
+        with Child.python_module("sf_bsread_writer.buffer", f"tcp://127.0.0.1:{port}", "-o", "0",
+                                 "--replay-port", "0", "--rest-port", "0", "-b", "10",
+                                 "--max-message-bytes", "1000000") as child:
+            endpoints = json.loads(child.wait_for_line("READY ").split("READY ", 1)[1])
+            connection, _ = server.accept()
+            with connection:
+                zmtp_handshake(connection, b"PUSH")
+                before = _rss_mb(child.process.pid)
+                connection.sendall(bytes([0x02]) + (2**31).to_bytes(8, "big"))  # one 2 GiB part, announced
+                chunk = bytes(1 << 20)
+                try:
+                    while sent < 300 << 20:
+                        connection.sendall(chunk)
+                        sent += len(chunk)
+                except OSError:
+                    pass  # disconnected: the point
+            grown = _rss_mb(child.process.pid) - before
+            assert requests.get(endpoints["rest"] + "/status", timeout=5).json()["state"] == "ok"
+    finally:
+        server.close()
+    assert sent < 64 << 20, f"{sent >> 20} MB of one announced part accepted"
+    assert grown < 50, f"buffer RSS grew by {grown:.0f} MB"
 
 
 def test_replay_errors_and_silent_writer_expiry():

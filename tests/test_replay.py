@@ -221,6 +221,24 @@ def test_session_heartbeat_when_idle_and_expiry():
     assert not session.expired(15.0, timeout=10.0) and session.expired(19.5, timeout=10.0)
 
 
+def test_session_bytes_in_flight_are_bounded_as_well_as_messages():
+    """A writer that never grants credit pins at most max_in_flight_bytes (at least one message), then nothing."""
+    ring = Ring(1000, 10**9)
+    for pulse_id in range(100):
+        ring.append(pulse_id, 0.0, [b"m%d" % pulse_id, b"h", b"v" * 10_000, b"t" * 16])
+    size = ring.nbytes(ring.first_seq)
+    session = ReplaySession("s", Request(start_pulse_id=0, window=MAX_WINDOW), ring, 0.0,
+                            max_in_flight_bytes=5 * size)
+    assert _data(session.poll(ring, 0.0, budget=100)) == [0, 1, 2, 3, 4]
+    assert session.poll(ring, 0.0, budget=100) == [] and not session.has_work(ring)
+    assert session.in_flight_bytes == 5 * size
+    session.on_message(Credit(2), 0.1)  # two consumed: room for two more
+    assert _data(session.poll(ring, 0.2, budget=100)) == [5, 6]
+    assert session.status().in_flight_bytes == 5 * size
+    tiny = ReplaySession("t", Request(start_pulse_id=0, window=8), ring, 0.0, max_in_flight_bytes=1)
+    assert _data(tiny.poll(ring, 0.0)) == [0]  # one message always fits, however large
+
+
 def test_session_budget_bounds_work_per_poll():
     ring = _ring(range(0, 500))
     session = ReplaySession("s", Request(start_pulse_id=0, window=MAX_WINDOW), ring, 0.0)

@@ -42,6 +42,10 @@ REPLAY_COPY_THRESHOLD = 1024 * 1024
 REPLAY_REQUEST_BATCH = 256
 # The ROUTER never holds more than window + a few control messages per writer.
 REPLAY_SNDHWM = 100_000
+# ZMTP heartbeats: a writer whose connection stops moving (it stopped reading
+# its socket) is disconnected, and what was queued for it freed, after this.
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 10_000
 # A writer whose message part exceeds this is disconnected by libzmq before
 # anything reads it; smaller malformed messages are answered with a reason.
 REPLAY_MAX_INBOUND_BYTES = 64 * 1024
@@ -59,14 +63,19 @@ class ReplayEndpoint:
     """
 
     def __init__(self, context: zmq.Context, address: str, ring: Ring, heartbeat_interval: float,
-                 session_timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 session_timeout: float, clock: Callable[[], float] = time.monotonic, max_sessions: int = 16,
+                 max_in_flight_bytes: int | None = 64 * 1024**2) -> None:
         self.ring = ring
         self.clock = clock
+        self.max_sessions = max_sessions
+        self.max_in_flight_bytes = max_in_flight_bytes
         self.heartbeat_interval = heartbeat_interval
         self.session_timeout = session_timeout
         router = context.socket(zmq.ROUTER)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished writer raises instead of dropping
         router.setsockopt(zmq.MAXMSGSIZE, REPLAY_MAX_INBOUND_BYTES)
+        router.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        router.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         router.setsockopt(zmq.SNDHWM, REPLAY_SNDHWM)
         router.setsockopt(zmq.LINGER, 0)
         router.copy_threshold = REPLAY_COPY_THRESHOLD
@@ -146,7 +155,12 @@ class ReplayEndpoint:
         if isinstance(message, Request):
             if session is not None:
                 self._retire(identity, session)
-            session = ReplaySession(identity.hex(), message, self.ring, now, self.heartbeat_interval)
+            elif len(self._sessions) >= self.max_sessions:
+                raise ReplayProtocolError(ErrorReason.TOO_MANY_SESSIONS,
+                                          f"the buffer serves at most {self.max_sessions} writers at once "
+                                          "(--max-writers); try again when one has ended")
+            session = ReplaySession(identity.hex(), message, self.ring, now, self.heartbeat_interval,
+                                    self.max_in_flight_bytes)
             self._sessions[identity] = session
             self._totals["started"] += 1
             logger.info("replay: session %s: start pulse %s / time %s, stop pulse %s / time %s, window %d",

@@ -111,6 +111,7 @@ class Buffer:
                  source_mode: str = "pull", output_mode: str = "pub", replay_port: int = 0,
                  rest_port: int | None = 0, bind: str = config.DEFAULT_BIND, name: str = "BSBUFFER",
                  analyzer: bool = False, ca: bool = False, ca_prefix: str = "", ca_max_rate: float = 10.0,
+                 max_writers: int = 16, replay_inflight_bytes: int = 64 * 1024**2,
                  session_timeout: float = 10.0, heartbeat_interval: float = 1.0,
                  snapshot_interval: float = 0.25, print_ready: bool = False, log_level: str = "INFO",
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -122,6 +123,8 @@ class Buffer:
             raise ValueError("buffer_length and buffer_bytes must be positive")
         if ca and ca_max_rate <= 0:
             raise ValueError("ca_max_rate must be positive")
+        if max_writers < 1 or replay_inflight_bytes < 1:
+            raise ValueError("max_writers and replay_inflight_bytes must be positive")
         self.stream = stream
         self.output_port = output_port
         self.source_mode = source_mode
@@ -134,6 +137,8 @@ class Buffer:
         self.ca = ca
         self.ca_prefix = ca_prefix
         self.ca_max_rate = ca_max_rate
+        self.max_writers = max_writers
+        self.replay_inflight_bytes = replay_inflight_bytes
         self.session_timeout = session_timeout
         self.heartbeat_interval = heartbeat_interval
         self.snapshot_interval = snapshot_interval
@@ -143,6 +148,7 @@ class Buffer:
         self.max_bytes = buffer_bytes
         self._clock = clock
 
+        self.max_message_bytes = max_message_bytes
         self.ring = Ring(buffer_length, buffer_bytes)  # owned by the loop thread
         self._parser = MessageParser(max_message_bytes)
         self.started = threading.Event()
@@ -205,6 +211,9 @@ class Buffer:
             sockets.append(ingest)
             ingest.setsockopt(zmq.RCVHWM, INGEST_HWM)
             ingest.setsockopt(zmq.LINGER, 0)
+            # A part larger than a message may be disconnects the source at its header, before
+            # libzmq buffers any of it (the parser's check would come after the whole message).
+            ingest.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
             if self.source_mode == "sub":
                 ingest.setsockopt(zmq.SUBSCRIBE, b"")
             ingest.connect(self.stream)
@@ -217,7 +226,8 @@ class Buffer:
             self.output_address = output.getsockopt_string(zmq.LAST_ENDPOINT)
 
             self._replay = ReplayEndpoint(context, f"tcp://{self.bind}:{self.replay_port}", self.ring,
-                                          self.heartbeat_interval, self.session_timeout, self._clock)
+                                          self.heartbeat_interval, self.session_timeout, self._clock,
+                                          self.max_writers, self.replay_inflight_bytes)
             self.replay_address = self._replay.address
 
             if self.ca:

@@ -41,7 +41,7 @@ from typing import Any
 
 from .. import process
 from ..config import GATEWAY_ENV_PREFIX, GATEWAY_OPTIONS, parse_args
-from ..core.protocol import MessageParser
+from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES, MessageParser
 from ..core.rates import RateEstimator
 from ..core.status import BufferStatus
 from .environment import prepare_server_environment
@@ -106,6 +106,7 @@ class _Ingest(threading.Thread):
                 socket.setsockopt(zmq.SUBSCRIBE, b"")
             socket.setsockopt(zmq.RCVHWM, 4)  # old messages are worthless here
             socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_MESSAGE_BYTES)
             socket.connect(self.address)
             poller = zmq.Poller()
             poller.register(socket, zmq.POLLIN)

@@ -106,6 +106,7 @@ class ErrorReason(str, enum.Enum):
     BAD_FIELD = "bad_field"
     UNSUPPORTED_VERSION = "unsupported_version"
     UNKNOWN_SESSION = "unknown_session"
+    TOO_MANY_SESSIONS = "too_many_sessions"  # the buffer serves its most writers already
 
 
 class ReplayProtocolError(ValueError):

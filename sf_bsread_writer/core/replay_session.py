@@ -8,6 +8,7 @@ are in :mod:`.replay_messages`; the protocol is docs/replay-protocol.md.
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Protocol
 
 from .replay_messages import (
@@ -27,6 +28,7 @@ class RingView(Protocol):
     newest_pulse_id: int | None
 
     def frames(self, seq: int) -> list: ...
+    def nbytes(self, seq: int) -> int: ...
     def pulse_id(self, seq: int) -> int: ...
     def timestamp(self, seq: int) -> float: ...
     def seek(self, seq: int) -> int: ...
@@ -42,7 +44,9 @@ class ReplaySession:
     returns, in order. Guarantees:
 
     - at most ``window`` :class:`Data` in flight (sent, not yet reported
-      consumed by a :class:`Credit`);
+      consumed by a :class:`Credit`), and at most ``max_in_flight_bytes`` of
+      them (but always one message): what a writer that stops reading can
+      pin in the buffer's memory is bounded whatever the message size;
     - messages in ring order, each at most once; a :class:`Gap` before the
       first message after any loss (coalesced: one gap per hole);
     - :class:`End` after the stop (inclusive) and nothing afterwards;
@@ -50,7 +54,7 @@ class ReplaySession:
     """
 
     def __init__(self, session_id: str, request: Request, ring: RingView, now: float,
-                 heartbeat_interval: float = 1.0) -> None:
+                 heartbeat_interval: float = 1.0, max_in_flight_bytes: int | None = None) -> None:
         self.session_id = session_id
         self.request = request
         self.window = min(request.window, MAX_WINDOW)
@@ -64,6 +68,9 @@ class ReplaySession:
         self.last_sent = now
         self.sent = 0  # data messages sent
         self.acked = 0  # data messages the writer reports consumed
+        self.max_in_flight_bytes = max_in_flight_bytes
+        self._in_flight_sizes: deque[int] = deque()  # bytes of the messages in flight, oldest first
+        self._in_flight_bytes = 0
         self.gaps = 0
         self.lost = 0  # messages reported lost (where known)
         self.last_pulse_id: int | None = None  # last pulse id sent
@@ -89,7 +96,10 @@ class ReplaySession:
         self.last_heard = now
         if isinstance(message, Credit):
             # Cumulative, so a lost or duplicated credit cannot inflate the window.
-            self.acked = max(self.acked, min(message.received, self.sent))
+            acked = max(self.acked, min(message.received, self.sent))
+            for _ in range(acked - self.acked):
+                self._in_flight_bytes -= self._in_flight_sizes.popleft()
+            self.acked = acked
         elif isinstance(message, SetStop):
             self.stop_pulse_id = message.stop_pulse_id
             self.stop_time = message.stop_time
@@ -98,6 +108,20 @@ class ReplaySession:
     def in_flight(self) -> int:
         return self.sent - self.acked
 
+    @property
+    def in_flight_bytes(self) -> int:
+        return self._in_flight_bytes
+
+    def _room_for(self, ring: RingView) -> bool:
+        """Another message may go out: the window has room, and the bytes in flight allow the next one."""
+        if self.in_flight >= self.window:
+            return False
+        if self.max_in_flight_bytes is None or not self._in_flight_sizes:
+            return True
+        if self.cursor >= ring.next_seq:
+            return True
+        return self.in_flight_bytes + ring.nbytes(ring.seek(self.cursor)) <= self.max_in_flight_bytes
+
     def expired(self, now: float, timeout: float) -> bool:
         return now - self.last_heard > timeout
 
@@ -105,7 +129,7 @@ class ReplaySession:
         """True if poll() would send something now (used to decide whether the loop may sleep)."""
         if self.ended is not None:
             return False
-        return bool(self._pending) or (self.in_flight < self.window and self.cursor < ring.next_seq)
+        return bool(self._pending) or (self.cursor < ring.next_seq and self._room_for(ring))
 
     # -- output to the writer ---------------------------------------------
     def _add_gap(self, gap: Gap, lost: int | None) -> None:
@@ -159,7 +183,7 @@ class ReplaySession:
             self._end(EndReason.STOP_PULSE_ID)  # the stop was moved below what was already sent
         while budget > 0 and self.ended is None and self.in_flight < self.window:
             self._catch_up(ring)
-            if self.cursor >= ring.next_seq:
+            if self.cursor >= ring.next_seq or not self._room_for(ring):
                 break
             budget -= 1
             pulse_id = ring.pulse_id(self.cursor)
@@ -181,6 +205,9 @@ class ReplaySession:
                 # Pulse ids went backwards without a loss for this writer: say so anyway.
                 self._add_gap(Gap(None, None, GapReason.SOURCE_RESET.value, 0), 0)
             self._pending.append(Data(pulse_id, ring.frames(self.cursor)))
+            size = ring.nbytes(self.cursor)
+            self._in_flight_sizes.append(size)
+            self._in_flight_bytes += size
             self.cursor += 1
             self.sent += 1
             self.last_pulse_id = pulse_id
@@ -200,7 +227,8 @@ class ReplaySession:
         return SessionStatus(
             session=self.session_id, start_pulse_id=self.start_pulse_id, start_time=self.start_time,
             stop_pulse_id=self.stop_pulse_id, stop_time=self.stop_time, cursor_seq=self.cursor,
-            last_pulse_id=self.last_pulse_id, sent=self.sent, in_flight=self.in_flight, window=self.window,
+            last_pulse_id=self.last_pulse_id, sent=self.sent, in_flight=self.in_flight,
+            in_flight_bytes=self.in_flight_bytes, window=self.window,
             gaps=self.gaps, lost=self.lost, ended=self.ended.reason if self.ended else None)
 
 

@@ -184,6 +184,7 @@ class SessionStatus(_Record):
     last_pulse_id: int | None
     sent: int
     in_flight: int
+    in_flight_bytes: int
     window: int
     gaps: int
     lost: int

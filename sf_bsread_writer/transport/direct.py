@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import zmq
 
+from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from ..core.replay_messages import Data
 
 __all__ = ["DirectSource"]
@@ -23,6 +24,7 @@ class DirectSource:
         if mode == "sub":
             self._socket.setsockopt(zmq.SUBSCRIBE, b"")
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_MESSAGE_BYTES)
         self._address = address
 
     def start(self) -> "DirectSource":
