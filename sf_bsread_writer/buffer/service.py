@@ -211,9 +211,10 @@ class Buffer:
             sockets.append(ingest)
             ingest.setsockopt(zmq.RCVHWM, INGEST_HWM)
             ingest.setsockopt(zmq.LINGER, 0)
-            # A part larger than a message may be disconnects the source at its header, before
-            # libzmq buffers any of it (the parser's check would come after the whole message).
-            ingest.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+            # A part far larger than a message may be (twice the limit) disconnects the source at
+            # its header, before libzmq buffers any of it; anything up to that arrives whole and
+            # is counted as oversize by the parser.
+            ingest.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_message_bytes)
             if self.source_mode == "sub":
                 ingest.setsockopt(zmq.SUBSCRIBE, b"")
             ingest.connect(self.stream)
