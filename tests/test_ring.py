@@ -473,3 +473,30 @@ def test_ring_matches_reference_model(seed):
 def test_tune_allocator_is_harmless():
     assert tune_allocator() in (True, False)
     assert tune_allocator() in (True, False)  # idempotent
+
+
+def test_a_stray_pulse_id_far_ahead_is_dropped_and_counters_stay_meaningful():
+    """One pulse id near 2^63 in a stream at 10: was stored, jumped_pulses 6.9e19, then a reset evicting it."""
+    ring = Ring(100, 10**9)
+    for pulse_id in range(1, 11):
+        ring.append(pulse_id, 0.0, [b"m", b"h"])
+    result = ring.append(2**63 - 5, 0.0, [b"stray", b"h"])
+    assert result.status is AppendStatus.HELD_BACK and ring.newest_pulse_id == 10
+    for pulse_id in range(11, 21):
+        assert ring.append(pulse_id, 0.0, [b"m", b"h"]).stored
+    counters = ring.counters
+    assert (counters.strays, counters.jumps, counters.jumped_pulses, counters.resets) == (1, 0, 0, 0)
+    assert [ring.pulse_id(seq) for seq in range(ring.first_seq, ring.next_seq)] == list(range(1, 21))
+
+
+def test_a_real_jump_far_ahead_is_stored_once_the_stream_goes_on_above_it():
+    ring = Ring(100, 10**9)
+    for pulse_id in range(1, 11):
+        ring.append(pulse_id, 0.0, [b"m", b"h"])
+    assert ring.append(1_000_000, 0.0, [b"m", b"h"]).status is AppendStatus.HELD_BACK  # a source back after a pause?
+    result = ring.append(1_000_001, 0.0, [b"m", b"h"])  # yes: it goes on from there
+    assert result.stored and ring.newest_pulse_id == 1_000_001
+    assert [ring.pulse_id(seq) for seq in range(ring.first_seq, ring.next_seq)][-3:] == [10, 1_000_000, 1_000_001]
+    assert (ring.counters.jumps, ring.counters.jumped_pulses, ring.counters.strays) == (1, 999_989, 0)
+    # A jump of a few steps is stored at once, as always.
+    assert ring.append(1_000_005, 0.0, [b"m", b"h"]).stored

@@ -446,7 +446,7 @@ class Buffer:
             pulse_ids=PulseIdStatus(last=self._last_pulse_id, usual_step=ring.usual_step, jumps=counters.jumps,
                                     jumped_pulses=counters.jumped_pulses, resets=counters.resets,
                                     reset_evicted=counters.reset_evicted, held_back=counters.held_back,
-                                    out_of_order=counters.out_of_order),
+                                    out_of_order=counters.out_of_order, strays=counters.strays),
             rates=RateStatus(messages_per_second=messages_per_second, bytes_per_second=bytes_per_second,
                              window_seconds=self._rates.span),
             replay=replay,

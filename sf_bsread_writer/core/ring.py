@@ -64,6 +64,7 @@ import numpy as np
 __all__ = [
     "LARGE_PART_BYTES",
     "RESET_CONFIRM_MESSAGES",
+    "FORWARD_CONFIRM_STEPS",
     "AppendResult",
     "AppendStatus",
     "Ring",
@@ -80,6 +81,11 @@ LARGE_PART_BYTES = 65536
 #: Backwards messages in a row, increasing among themselves, that confirm a
 #: pulse-id reset (a source restart). 3 messages are 30 ms at 100 Hz.
 RESET_CONFIRM_MESSAGES = 3
+
+#: A forward step of more than this many usual steps (10 s at 100 Hz) is held
+#: back until the next message goes on above it; one that does not was a
+#: stray pulse id (a glitch near 2^63, say) and is dropped.
+FORWARD_CONFIRM_STEPS = 1000
 
 
 
@@ -138,6 +144,7 @@ class RingCounters:
     oversize: int = 0  # appends larger than max_bytes: not stored
     jumps: int = 0  # forward steps larger than the stream's usual step
     jumped_pulses: int = 0  # pulses missing in those jumps
+    strays: int = 0  # messages far ahead of the stream that it did not follow: dropped
 
 
 class _Layout:
@@ -205,6 +212,8 @@ class Ring:
         self.reset_confirm = int(reset_confirm)
         # backwards messages awaiting confirmation: (pulse_id, timestamp, frames, lengths, nbytes)
         self._held_back: list[tuple[int, float, Sequence[Any], tuple[int, ...], int]] = []
+        # a message far ahead, awaiting the next one: (pulse_id, timestamp, frames, lengths, nbytes)
+        self._forward_candidate: tuple[int, float, Sequence[Any], tuple[int, ...], int] | None = None
         capacity = self.max_messages
         self._capacity = capacity
         self._seq = np.zeros(capacity, dtype=np.int64)
@@ -286,6 +295,11 @@ class Ring:
           held-back messages are stored; the result is the last one's. Their
           seqs are never reused (a hole). A message above the newest ends the
           wait: the held-back ones are dropped (``out_of_order``).
+        * pulse_id more than ``FORWARD_CONFIRM_STEPS`` usual steps above the
+          newest: ``HELD_BACK`` until the next message. If that one goes on
+          above it, both are stored (a real jump, counted); if not, it was a
+          stray and is dropped (``strays``), so one garbage pulse id can
+          neither end the ring's order nor inflate ``jumped_pulses``.
         * otherwise the oldest messages are evicted until the new one fits
           both bounds.
 
@@ -307,6 +321,19 @@ class Ring:
                            " not stored", pulse_id, nbytes, self.max_bytes)
             return AppendResult(AppendStatus.OVERSIZE)
 
+        candidate = self._forward_candidate
+        if candidate is not None:
+            self._forward_candidate = None
+            if pulse_id > candidate[0]:  # the stream went on above it: a real jump
+                self._append_in_order(*candidate, confirmed=True)
+            else:
+                self.counters.strays += 1
+                logger.warning("pulse_id %d far ahead of the stream was a stray (the next is %d): dropped",
+                               candidate[0], pulse_id)
+        return self._append_in_order(pulse_id, timestamp, frames, lengths, nbytes)
+
+    def _append_in_order(self, pulse_id: int, timestamp: float, frames: Sequence[Any], lengths: tuple[int, ...],
+                         nbytes: int, confirmed: bool = False) -> AppendResult:
         skipped = 0
         if self._count:
             newest = int(self._pulse_id[self._slot_of_index(self._count - 1)])
@@ -317,6 +344,11 @@ class Ring:
                 return self._hold_back(pulse_id, timestamp, frames, lengths, nbytes, newest)
             if self._held_back:
                 self._drop_held_back(f"the stream went on at pulse_id {pulse_id}")
+            usual = self._usual_step
+            if not confirmed and usual is not None and pulse_id - newest > FORWARD_CONFIRM_STEPS * usual:
+                self._forward_candidate = (pulse_id, timestamp, list(frames), lengths, nbytes)
+                self.counters.held_back += 1
+                return AppendResult(AppendStatus.HELD_BACK)
             skipped = self._track_step(pulse_id - newest)
         seq, evicted = self._store_message(pulse_id, timestamp, frames, lengths, nbytes)
         return AppendResult(AppendStatus.STORED, seq, evicted, 0, skipped)

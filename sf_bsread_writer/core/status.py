@@ -162,6 +162,7 @@ class PulseIdStatus(_Record):
     reset_evicted: int
     held_back: int
     out_of_order: int
+    strays: int
 
 
 @dataclass(frozen=True)
@@ -341,6 +342,8 @@ def prometheus_text(status: BufferStatus) -> str:
     m.one("pulse_id_resets_total", "counter", "Pulse ids going backwards (source restarts).", pulse_ids.resets)
     m.one("out_of_order_messages_total", "counter",
           "Backwards messages dropped because the stream went on above them.", pulse_ids.out_of_order)
+    m.one("stray_messages_total", "counter",
+          "Messages far ahead of the stream dropped because it did not follow them.", pulse_ids.strays)
     m.one("message_rate", "gauge", "Messages per second (recent window).", status.rates.messages_per_second)
     m.one("byte_rate", "gauge", "Bytes per second (recent window).", status.rates.bytes_per_second)
     m.one("source_idle_seconds", "gauge", "Seconds since the last message from the source.",
