@@ -153,6 +153,12 @@ def test_parameters(api):
                                                    "general/instrument"]),
     (json.dumps({**PARAMETERS, "general/user": None}).encode(), ["missing parameters: general/user"]),
     (json.dumps({**PARAMETERS, "general/user": [1]}).encode(), ["general/user must be a string"]),
+    # hostile bodies: were 500 (RecursionError) or accepted (NaN)
+    (b"[" * 50_000 + b"]" * 50_000, ["nested too deeply"]),
+    (b'{"general/created": "x", "general/user": "x", "general/process": "x", "general/instrument": "x", '
+     b'"scan": ' + b"[" * 40 + b"1" + b"]" * 40 + b"}", ["nested more than 32 levels"]),
+    (json.dumps({**PARAMETERS, "general/created": float("nan")}).encode(), ["NaN is not a JSON value"]),
+    (json.dumps({**PARAMETERS, "scan/step": float("inf")}).encode(), ["Infinity is not a JSON value"]),
 ])
 def test_bad_parameters(idle_api, body, words):
     api = idle_api

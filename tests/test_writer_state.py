@@ -401,3 +401,15 @@ def test_a_late_stop_can_cut_everything_and_clip_a_jump():
     feed(by_time, [7, 8, 9])
     assert by_time.set_stop(None, 6.5) == 0
     assert by_time.first_pulse_id is None and by_time.missing == [] and by_time.rows == 0
+
+
+def test_parameters_must_be_finite_and_shallow():
+    control = WriterControl("out.h5")
+    with pytest.raises(BadRequest, match="must be a finite number, not nan"):
+        control.set_parameters({**PARAMETERS, "general/created": float("nan")})
+    deep: object = 1
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(BadRequest, match="nested more than 32 levels"):
+        control.set_parameters({**PARAMETERS, "scan": deep})
+    assert control.set_parameters({**PARAMETERS, "scan": [[1, 2], [3]]})["scan"] == [[1, 2], [3]]

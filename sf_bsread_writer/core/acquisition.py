@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from . import jsontext
 
 __all__ = [
     "State",
@@ -121,6 +124,10 @@ def check_parameters(body: object) -> dict:
         value = body[name]
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise BadRequest(f"parameter {name} must be a string or a number, not {json.dumps(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadRequest(f"parameter {name} must be a finite number, not {value}")
+    if jsontext.depth(body) > jsontext.MAX_DEPTH:
+        raise BadRequest(f"parameters are nested more than {jsontext.MAX_DEPTH} levels")
     return dict(body)
 
 

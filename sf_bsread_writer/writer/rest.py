@@ -19,6 +19,7 @@ from typing import Any
 
 import bottle
 
+from ..core import jsontext
 from ..core.acquisition import BadRequest, RequestError, parse_pulse_id
 from ..httpserver import RequestCounter, error_answer, install_json_errors, ok_answer
 from .service import Writer
@@ -44,8 +45,8 @@ def _read_json_body(required: bool) -> Any:
             raise BadRequest("request body missing: expected a JSON object")
         return None
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return jsontext.loads(raw)
+    except jsontext.JsonError as error:
         raise BadRequest(f"request body is not valid JSON: {error}") from None
 
 
