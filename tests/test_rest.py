@@ -448,3 +448,35 @@ def test_a_removed_output_folder_ends_the_run_as_an_error(api):
     statistics = api.writer.statistics()
     assert api.writer.status() == "error" and api.writer.exit_code == 1
     assert "removed while it was written" in statistics.error and statistics.end_reason == "writer_error"
+
+
+# -- the outcome: complete, partial, failed --------------------------------------
+def _run_to_the_end(api, start: int, stop: int, *pulse_ids: int) -> dict:
+    call(api, "PUT", f"/stop_pulse_id/{stop}")
+    assert call(api, "PUT", f"/start_pulse_id/{start}")[1]["status"] == "writing"
+    api.source.send(*pulse_ids)
+    wait_for(api.writer.done.is_set, message="the writer to finish")
+    return call(api, "GET", "/statistics")[1]["statistics"]
+
+
+@pytest.mark.parametrize("pulse_ids, outcome, exit_code", [
+    ((1, 2, 3, 4), "complete", 0),
+    ((1, 2, 4), "partial", 3),  # pulse 3 missing
+    ((), "failed", 1),  # nothing of the range arrived: was exit 0 with "0 pulses missing" for a range by time
+], ids=["complete", "partial", "failed"])
+def test_the_outcome_is_the_same_word_everywhere(api_on_run_clock, run_clock, pulse_ids, outcome, exit_code):
+    api = api_on_run_clock
+    if not pulse_ids:  # a silent source: the stop deadline (30 s of the run loop's clock) ends the run
+        call(api, "PUT", "/stop_pulse_id/3")
+        call(api, "PUT", "/start_pulse_id/1")
+        wait_for(lambda: run_clock.advance(1.0) or api.writer.done.is_set(), message="the stop deadline")
+        statistics = call(api, "GET", "/statistics")[1]["statistics"]
+    else:
+        statistics = _run_to_the_end(api, 1, 3, *pulse_ids)
+    assert statistics["outcome"] == outcome and api.writer.exit_code == exit_code
+    with h5py.File(api.root / "out.h5", "r") as file:
+        assert file.attrs["outcome"] == outcome and file.attrs["complete"] == 1
+    with open(str(api.root / "out.h5") + ".summary.json", encoding="utf-8") as summary_file:
+        summary = json.load(summary_file)
+    assert summary["outcome"] == outcome and summary["output_file"] == str(api.root / "out.h5")
+    assert summary["missing_pulses"] == statistics["missing_pulses"] and "writer" in summary

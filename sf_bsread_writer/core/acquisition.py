@@ -43,6 +43,8 @@ __all__ = [
     "WriterControl",
     "SilenceWatch",
     "STOP_NOW_SILENCE",
+    "Outcome",
+    "judge_outcome",
 ]
 
 REQUIRED_PARAMETERS = ("general/created", "general/user", "general/process", "general/instrument")
@@ -186,6 +188,7 @@ class WriterControl:
         self.stop_time: float | None = None
         self.end_reason: str | None = None
         self.error: str | None = None
+        self.outcome: Outcome | None = None  # once the run has ended
 
     # -- what the DAQ asks ---------------------------------------------------
     def set_parameters(self, body: object) -> dict:
@@ -255,10 +258,11 @@ class WriterControl:
             self.state = State.FINISHING
             self.end_reason = reason
 
-    def finished(self, error: str | None = None) -> None:
+    def finished(self, error: str | None = None, outcome: "Outcome | None" = None) -> None:
         self.state = State.ERROR if error else State.FINISHED
         if error:
             self.error = error
+        self.outcome = outcome
 
     # -- helpers ---------------------------------------------------------------
     def _require_waiting(self, what: str) -> None:
@@ -327,3 +331,39 @@ class SilenceWatch:
         if now - max(self.last_data_at, self.stop_moved_at) <= limit:
             return None
         return "buffer_lost" if self.buffer_is_lost else "source_silent"
+
+
+# ---------------------------------------------------------------------------
+# What a run achieved
+# ---------------------------------------------------------------------------
+class Outcome(str, enum.Enum):
+    """What an acquisition achieved; the same word in the exit code, the file, /statistics and the summary.
+
+    The process's exit code is :attr:`exit_code`: 0 complete, 3 partial,
+    1 failed (2 is kept for a writer that could not even start).
+    """
+
+    COMPLETE = "complete"  # every requested pulse is in the file
+    PARTIAL = "partial"  # rows were written, but some of the range is not in the file (counted by reason)
+    FAILED = "failed"  # nothing was written, or the run ended in an error
+
+    @property
+    def exit_code(self) -> int:
+        return {Outcome.COMPLETE: 0, Outcome.PARTIAL: 3, Outcome.FAILED: 1}[self]
+
+
+def judge_outcome(rows: int, missing_pulses: int, lost_without_pulse_ids: int | None, refused_channels: int,
+                  range_open: bool, error: str | None) -> Outcome:
+    """The outcome of a run from what the file holds and what is known to be missing.
+
+    ``lost_without_pulse_ids``: messages the buffer reported lost where
+    pulse ids are unknown (None: an unknown number, at least one).
+    ``range_open``: the requested range had a stop (pulse or time) that
+    the run did not reach (a source gone silent, a stop request): the rest
+    of the range is missing even where no pulse id can name it.
+    """
+    if error is not None or rows == 0:
+        return Outcome.FAILED
+    if missing_pulses or lost_without_pulse_ids != 0 or refused_channels or range_open:
+        return Outcome.PARTIAL
+    return Outcome.COMPLETE

@@ -410,6 +410,7 @@ class WriterStatistics(_Record):
     progress: float | None
     end_reason: str | None
     error: str | None
+    outcome: str | None  # complete | partial | failed, once the run has ended (docs/writer.md)
 
     @staticmethod
     def missing_summary(missing: Iterable[MissingRange]) -> dict[str, Any]:

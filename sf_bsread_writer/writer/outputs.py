@@ -17,15 +17,18 @@ checked no longer matters: the descriptor is the folder.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from ..core.acquisition import REQUIRED_PARAMETERS, BadRequest, OutsideRoot, StartRun
 from ..h5.file import H5File
 from ..h5.placement import FileSlot
 
-__all__ = ["DEV_NULL", "resolve_output_file", "NullOutput", "open_output", "abandon_output"]
+__all__ = ["DEV_NULL", "resolve_output_file", "NullOutput", "open_output", "abandon_output", "summary_path",
+           "write_summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -172,3 +175,19 @@ def abandon_output(start: StartRun, output: Any) -> None:
         logger.exception("Closing the abandoned output failed")
     if start.output_file != DEV_NULL and os.path.exists(start.output_file):
         os.unlink(start.output_file)
+
+
+def summary_path(output_file: str) -> str:
+    """Where the JSON summary of a run goes: beside the file, ``<output_file>.summary.json``."""
+    return output_file + ".summary.json"
+
+
+def write_summary(output_file: str, summary: Mapping[str, Any]) -> str:
+    """Write the run's summary beside its file, whole or not at all (a temporary file renamed)."""
+    path = summary_path(output_file)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump(summary, file, indent=2, sort_keys=False)
+        file.write("\n")
+    os.replace(temporary, path)
+    return path

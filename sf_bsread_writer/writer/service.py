@@ -23,12 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.acquisition import BadRequest, EndRun, MoveStop, StartRun, State, WriterControl
+from .. import __version__
+from ..core.acquisition import BadRequest, EndRun, MoveStop, Outcome, StartRun, State, WriterControl, judge_outcome
 from ..core.pulse_range import PulseRange
 from ..core.status import WriterStatistics, json_value
 from ..transport.direct import DirectSource
 from ..transport.replay_client import ReplayClient
-from .outputs import abandon_output, open_output, resolve_output_file
+from .outputs import DEV_NULL, abandon_output, open_output, resolve_output_file, write_summary
 from .run_loop import RunCounters, RunLoop
 
 __all__ = ["WriterSettings", "Writer", "START_TIMEOUT"]
@@ -102,6 +103,10 @@ class Writer:
 
     @property
     def exit_code(self) -> int:
+        """0 complete (or ended before any start), 3 partial, 1 failed (docs/writer.md, "Outcome")."""
+        outcome = self._control.outcome
+        if outcome is not None:
+            return outcome.exit_code
         return 1 if self._control.state is State.ERROR else 0
 
     def set_parameters(self, body: object) -> dict:
@@ -194,6 +199,7 @@ class Writer:
                           else 0.0 if control.state is State.WAITING else None),
                 end_reason=control.end_reason,
                 error=control.error,
+                outcome=control.outcome.value if control.outcome is not None else None,
             )
 
     # -- start -------------------------------------------------------------------
@@ -261,9 +267,11 @@ class Writer:
             except Exception:  # noqa: BLE001 (the file must still be closed)
                 logger.exception("Recording the missing pulses failed")
         self._finishing(end_reason)
+        outcome = self._judge(pulse_range, output, error_text)
         attributes = _requested_range(start.start_pulse_id, start.start_time,
                                       pulse_range.stop_pulse_id, pulse_range.stop_time)
         attributes["end_reason"] = end_reason
+        attributes["outcome"] = outcome.value
         if self._counters.unlocated_gaps:
             attributes["unlocated_gaps"] = json_value(tuple(self._counters.unlocated_gaps))
         for closer, what in ((lambda: output.close(attributes), "the file"), (source.close, "the source")):
@@ -272,16 +280,35 @@ class Writer:
             except Exception as error:  # noqa: BLE001
                 logger.exception("Closing %s failed", what)
                 error_text = error_text or f"closing {what} failed: {error}"
+                outcome = Outcome.FAILED  # the file may say otherwise: the summary and the exit code do not
         with self._lock:
-            self._control.finished(error_text)
+            self._control.finished(error_text, outcome)
             average = loop.average_rate()
             if average is not None:
                 self._counters.rate = average
-        logger.info("Closed %s: %d messages, pulse_id %s..%s, %d pulses missing; end: %s%s",
-                    start.output_file, self._counters.messages_written, pulse_range.first_pulse_id,
+        self._write_summary(start)
+        logger.info("Closed %s: %s, %d messages, pulse_id %s..%s, %d pulses missing; end: %s%s",
+                    start.output_file, outcome.value, self._counters.messages_written, pulse_range.first_pulse_id,
                     pulse_range.last_pulse_id, pulse_range.missing_count, end_reason,
                     f"; error: {error_text}" if error_text else "")
         self.done.set()
+
+    def _judge(self, pulse_range: PulseRange, output: Any, error_text: str | None) -> Outcome:
+        unlocated = [gap.count for gap in self._counters.unlocated_gaps]
+        return judge_outcome(
+            rows=pulse_range.rows, missing_pulses=pulse_range.missing_count,
+            lost_without_pulse_ids=None if None in unlocated else sum(unlocated),
+            refused_channels=len(getattr(output, "refused_channels", {}) or {}),
+            range_open=pulse_range.has_stop and not pulse_range.complete, error=error_text)
+
+    def _write_summary(self, start: StartRun) -> None:
+        """The outcome beside the file (``<output_file>.summary.json``), for scripts, after the process is gone."""
+        if start.output_file == DEV_NULL:
+            return
+        try:
+            write_summary(start.output_file, {"writer": __version__, **self.statistics().to_json()})
+        except OSError as error:
+            logger.error("Cannot write the summary beside %s: %s", start.output_file, error)
 
     def _finishing(self, reason: str) -> None:
         """The run loop says the run is ending (called from the run thread)."""
