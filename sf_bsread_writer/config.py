@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,22 @@ def _bool(text: str | bool) -> bool:
     if value in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"not a boolean: {text!r} (use 1/0, true/false, yes/no)")
+
+
+_ADDRESS = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+|\*):([0-9]{1,5})|ipc://.+")
+
+
+class InvalidOption(argparse.ArgumentTypeError, ValueError):
+    """An option value that argparse reports with this message (and the environment parser as a ValueError)."""
+
+
+def zmq_address(text: str) -> str:
+    """A ZeroMQ address to connect to, checked when the command starts: ``tcp://host:port`` or ``ipc://path``."""
+    value = text.strip()
+    match = _ADDRESS.fullmatch(value)
+    if not match or (match.group(2) is not None and not 0 < int(match.group(2)) < 65536):
+        raise InvalidOption(f"not a ZeroMQ address: {text!r} (expected tcp://host:port, e.g. tcp://127.0.0.1:8889)")
+    return value
 
 
 def _log_level(text: str) -> str:
@@ -174,7 +191,8 @@ _log_option = Option(
 # --------------------------------------------------------------------------
 BUFFER_ENV_PREFIX = "SF_BSREAD_BUFFER_"
 BUFFER_OPTIONS: list[Option] = [
-    Option("stream", (), None, str, "Source stream address, e.g. tcp://ioc:9999.", required=True, metavar="STREAM"),
+    Option("stream", (), None, zmq_address, "Source stream address, e.g. tcp://ioc:9999.", required=True,
+           metavar="STREAM"),
     Option("output_port", ("-o", "--output_port", "--output-port"), 8888, int,
            "Port of the live output (0: any free port)."),
     Option("buffer_length", ("-b", "--buffer_length", "--buffer-length"), 1000, int,
@@ -213,7 +231,7 @@ BUFFER_OPTIONS: list[Option] = [
 # --------------------------------------------------------------------------
 WRITER_ENV_PREFIX = "SF_BSREAD_WRITER_"
 WRITER_OPTIONS: list[Option] = [
-    Option("stream_address", (), None, str,
+    Option("stream_address", (), None, zmq_address,
            "The buffer's replay endpoint (or, with --direct, a plain bsread stream).", required=True),
     Option("output_file", (), None, str, "HDF5 file to write (/dev/null: consume without writing).",
            required=True),
@@ -240,7 +258,7 @@ WRITER_OPTIONS: list[Option] = [
 # --------------------------------------------------------------------------
 GATEWAY_ENV_PREFIX = "SF_BSREAD_GATEWAY_"
 GATEWAY_OPTIONS: list[Option] = [
-    Option("buffer_output", (), None, str, "The buffer's live output address, e.g. tcp://host:8888.",
+    Option("buffer_output", (), None, zmq_address, "The buffer's live output address, e.g. tcp://host:8888.",
            required=True),
     Option("status_url", ("--status-url",), None, str,
            "The buffer's HTTP status base URL (e.g. http://host:8890) for the NAME: status PVs."),

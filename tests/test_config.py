@@ -104,3 +104,20 @@ def test_every_buffer_option_is_a_buffer_argument_and_misspellings_are_refused()
     assert (buffer.max_messages, buffer.name, buffer.rest_port) == (7, "B1", None)
     with pytest.raises(TypeError, match="bufer_length"):
         Buffer("tcp://127.0.0.1:1", bufer_length=5)  # the misspelling is the point
+
+
+@pytest.mark.parametrize("address", ["localhost:9999", "tcp://host", "tcp://host:0", "tcp://host:70000", "udp://x:1",
+                                     "", "tcp://ho st:1"])
+def test_stream_addresses_are_checked_when_the_command_starts(capsys, address):
+    for options, prefix, argv in ((config.BUFFER_OPTIONS, config.BUFFER_ENV_PREFIX, [address]),
+                                  (config.WRITER_OPTIONS, config.WRITER_ENV_PREFIX, [address, "x.h5", "-1", "0"]),
+                                  (config.GATEWAY_OPTIONS, config.GATEWAY_ENV_PREFIX, [address])):
+        with pytest.raises(SystemExit) as exit_:
+            config.parse_args("cmd", "", options, prefix, argv, environ={})
+        assert exit_.value.code == 2
+        assert "tcp://host:port" in capsys.readouterr().err or address == ""
+
+
+def test_good_addresses_pass():
+    for address in ("tcp://127.0.0.1:8889", "tcp://camera-ioc.psi.ch:9999", "tcp://[::1]:5", "ipc:///tmp/bs"):
+        assert config.zmq_address(address) == address

@@ -25,14 +25,14 @@ import numpy as np
 import pytest
 
 from sf_bsread_writer.buffer.service import Buffer
-from sf_bsread_writer.client import WriterClient
+from sf_bsread_writer.client import WriterClient, WriterError
 from sf_bsread_writer.core.status import RingStatus
 from sf_bsread_writer.httpserver import HttpServer
 from sf_bsread_writer.tools.simulate import Simulator, channel_metadata, expected_values
 from sf_bsread_writer.writer.cli import drop_privileges, main
 from sf_bsread_writer.writer.rest import make_app
 from sf_bsread_writer.writer.service import Writer, WriterSettings
-from tests.helpers import Child, wait_for
+from tests.helpers import Child, free_port, wait_for
 
 PROFILE = "mixed"
 COMPRESSION = "bitshuffle_lz4"
@@ -371,3 +371,46 @@ def test_a_user_switch_that_is_not_permitted_is_a_clear_error(monkeypatch, tmp_p
     assert main(["tcp://127.0.0.1:1", str(tmp_path / "never.h5"), "0", "0"]) == 2
     assert "only root may change user" in caplog.text
     assert not (tmp_path / "never.h5").exists()
+
+
+# -- a start that cannot work says so at once ---------------------------------------
+def test_a_writer_pointed_at_the_live_output_says_it_is_not_a_replay_endpoint(stream, tmp_path):
+    """As users of the original will do: was 200 "writing", 0 rows, exit 0."""
+    with in_process_writer(stream.output, tmp_path / "wrong.h5") as (writer, client):
+        with pytest.raises(WriterError) as refused:
+            client.start_pulse_id(FIRST_PULSE_ID)
+        assert refused.value.http_status == 400
+        assert "is not a replay endpoint" in refused.value.status and "--direct" in refused.value.status
+        assert client.status() == "waiting" and not (tmp_path / "wrong.h5").exists()
+
+
+def test_a_writer_pointed_at_nothing_says_nothing_answers(tmp_path):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    with in_process_writer(address, tmp_path / "nothing.h5", handshake_timeout=0.5) as (writer, client):
+        with pytest.raises(WriterError) as refused:
+            client.start_pulse_id(1)
+        assert refused.value.http_status == 400 and f"nothing answers at {address} within 0.5 s" in refused.value.status
+        assert not (tmp_path / "nothing.h5").exists()
+
+
+def test_a_start_older_than_the_buffer_is_answered_with_a_warning(stream, tmp_path):
+    with in_process_writer(stream.replay, tmp_path / "older.h5") as (writer, client):
+        client.stop_pulse_id(FIRST_PULSE_ID + 9)
+        answer = client._call("PUT", f"/start_pulse_id/{FIRST_PULSE_ID - 100}")
+        assert answer["status"] in ("writing", "finishing", "finished")
+        assert answer["warning"] == (f"pulses {FIRST_PULSE_ID - 100}..{FIRST_PULSE_ID - 1} are older than the "
+                                     f"buffer's oldest pulse {FIRST_PULSE_ID} and will be missing (before_buffer)")
+        assert writer.done.wait(DEADLINE) and writer.statistics().outcome == "partial" and writer.exit_code == 3
+
+
+def test_a_range_gone_from_the_buffer_is_a_failed_acquisition(stream, tmp_path):
+    """Was: 0 rows, end_reason stop_reached, exit 0."""
+    with in_process_writer(stream.replay, tmp_path / "gone.h5") as (writer, client):
+        client.stop_pulse_id(FIRST_PULSE_ID - 101)
+        answer = client._call("PUT", f"/start_pulse_id/{FIRST_PULSE_ID - 200}")
+        assert "nothing will be written (outcome failed)" in answer["warning"]
+        assert writer.done.wait(DEADLINE)
+        statistics = writer.statistics()
+    assert (statistics.outcome, writer.exit_code, statistics.messages_written) == ("failed", 1, 0)
+    with h5py.File(tmp_path / "gone.h5", "r") as file:
+        assert file.attrs["outcome"] == "failed" and file.attrs["missing_pulses"] == 100

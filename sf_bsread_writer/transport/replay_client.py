@@ -12,12 +12,25 @@ import time
 from collections.abc import Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from ..core.replay_client import ReplayClientState, Rerequest
-from ..core.replay_messages import DEFAULT_WINDOW, Accepted, Data, End, ReplayEvent, Request
+from ..core.replay_messages import DEFAULT_WINDOW, Accepted, Data, End, Refused, ReplayEvent, Request
 from .multipart import AdaptiveReceiver
 
-__all__ = ["ReplayClient"]
+__all__ = ["ReplayClient", "ReplayHandshakeError", "HANDSHAKE_SECONDS"]
+
+#: How long a writer's start waits for the buffer to accept its request.
+HANDSHAKE_SECONDS = 3.0
+_HANDSHAKE_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+                     | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_FIX = ("use the replay address from the buffer's READY line (its --replay-port), or --direct to read a "
+        "plain bsread stream without a buffer")
+
+
+class ReplayHandshakeError(ConnectionError):
+    """The address is not a buffer's replay endpoint, or it did not answer; the message names the fix."""
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +58,8 @@ class ReplayClient:
         self._clock = clock
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None  # ZeroMQ's own view of the connection, until the handshake
+        self._early: list[ReplayEvent] = []  # events read during the handshake, for receive()
         self._receiver = AdaptiveReceiver()
 
     # -- what the state knows -------------------------------------------------
@@ -68,17 +83,76 @@ class ReplayClient:
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "ReplayClient":
-        self._open()
+        self._open(watch=True)
         self._send(self.state.start(self._clock()))
         return self
 
-    def _open(self) -> None:
+    def _open(self, watch: bool = False) -> None:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         # In flight is bounded by the window: no receive limit needed here.
         socket.setsockopt(zmq.RCVHWM, 0)
+        if watch:
+            self._monitor = socket.get_monitor_socket(_HANDSHAKE_EVENTS)
         socket.connect(self.address)
         self._socket = socket
+
+    def handshake(self, timeout: float = HANDSHAKE_SECONDS) -> Accepted:
+        """Wait until the buffer accepts the request; ReplayHandshakeError (naming the fix) if it does not.
+
+        Tells apart, with ZeroMQ's socket monitor: nothing listening at the
+        address, a peer that drops the connection in the ZeroMQ handshake (a
+        socket of another type: a buffer's live output, a PUB or PUSH), a
+        ZeroMQ peer that never answers the request, and a buffer that refuses
+        it (too many writers, say). What arrives after the acceptance is kept
+        for :meth:`receive`.
+        """
+        socket = self._socket
+        assert socket is not None, "start() first"
+        deadline = time.monotonic() + timeout
+        connected = handshaken = False
+        try:
+            while self.state.accepted is None:
+                for event in self._monitor_events():
+                    if event == zmq.EVENT_CONNECTED:
+                        connected = True
+                    elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                        handshaken = True
+                    elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL) or (
+                            event == zmq.EVENT_DISCONNECTED and connected and not handshaken):
+                        raise ReplayHandshakeError(
+                            f"{self.address} is not a replay endpoint: the peer there ended the ZeroMQ handshake "
+                            f"(a socket of another type, such as a buffer's live output); {_FIX}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if not connected:
+                        raise ReplayHandshakeError(f"nothing answers at {self.address} within {timeout:g} s: is the "
+                                                   f"buffer running there? {_FIX}")
+                    raise ReplayHandshakeError(f"{self.address} did not answer the replay request within "
+                                               f"{timeout:g} s (a ZeroMQ peer, but not a buffer?); {_FIX}")
+                if not socket.poll(int(min(remaining, 0.05) * 1000) + 1):
+                    continue
+                event = self.state.received(self._receiver.receive(socket), self._clock())
+                if isinstance(event, Refused):
+                    raise ReplayHandshakeError(f"the buffer at {self.address} refused the request: "
+                                               f"{event.reason}: {event.detail}")
+                if event is not None and not isinstance(event, Rerequest):
+                    self._early.append(event)
+        finally:
+            self._stop_monitor()
+        return self.state.accepted
+
+    def _monitor_events(self) -> list[int]:
+        events = []
+        while self._monitor is not None and self._monitor.poll(0):
+            events.append(recv_monitor_message(self._monitor)["event"])
+        return events
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None and self._socket is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
+        self._monitor = None
 
     def _restart(self) -> None:
         """Re-request the rest of the range on a fresh socket (stale in-flight messages die with the old one)."""
@@ -103,6 +177,7 @@ class ReplayClient:
 
     def close(self) -> None:
         """Tell the buffer (best effort) and close the socket; safe to call twice."""
+        self._stop_monitor()
         if self._socket is None:
             return
         self._send(self.state.close())
@@ -120,6 +195,8 @@ class ReplayClient:
         """The next event, or None if nothing arrived within ``timeout`` seconds."""
         socket = self._socket
         assert socket is not None, "start() first"
+        if self._early:
+            return self._early.pop(0)
         state, clock = self.state, self._clock
         deadline = clock() + timeout
         while True:

@@ -22,7 +22,7 @@ import bottle
 from ..core import jsontext
 from ..core.acquisition import BadRequest, RequestError, parse_pulse_id
 from ..httpserver import RequestCounter, error_answer, install_json_errors, ok_answer
-from .service import Writer
+from .service import Started, Writer
 
 __all__ = ["make_app", "MAX_BODY_BYTES"]
 
@@ -63,6 +63,11 @@ def _start_options(body: Any) -> str | None:
     if output_file is not None and not isinstance(output_file, str):
         raise BadRequest(f"output_file must be a string, not {json.dumps(output_file)}")
     return output_file
+
+
+def _started(started: Started) -> dict:
+    """A start's answer: the state, and a ``warning`` about the range when there is one."""
+    return ok_answer(started.status, **({"warning": started.warning} if started.warning else {}))
 
 
 def make_app(writer: Writer) -> RequestCounter:
@@ -107,7 +112,7 @@ def make_app(writer: Writer) -> RequestCounter:
     def start_pulse_id(pulse_id: str) -> dict:
         value = parse_pulse_id(pulse_id, "start_pulse_id")
         output_file = _start_options(_read_json_body(required=False))
-        return ok_answer(writer.start_at_pulse(value, output_file))
+        return _started(writer.start_at_pulse(value, output_file))
 
     @app.put("/stop_pulse_id/<pulse_id>")
     @handle
@@ -118,7 +123,7 @@ def make_app(writer: Writer) -> RequestCounter:
     @handle
     def start_now() -> dict:
         output_file = _start_options(_read_json_body(required=False))
-        return ok_answer(writer.start_now(output_file))
+        return _started(writer.start_now(output_file))
 
     @app.put("/stop_now")
     @handle

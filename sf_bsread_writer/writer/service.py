@@ -26,13 +26,14 @@ from typing import Any
 from .. import __version__
 from ..core.acquisition import BadRequest, EndRun, MoveStop, Outcome, StartRun, State, WriterControl, judge_outcome
 from ..core.pulse_range import PulseRange
+from ..core.replay_messages import Accepted
 from ..core.status import WriterStatistics, json_value
 from ..transport.direct import DirectSource
-from ..transport.replay_client import ReplayClient
+from ..transport.replay_client import HANDSHAKE_SECONDS, ReplayClient
 from .outputs import DEV_NULL, abandon_output, open_output, resolve_output_file, write_summary
 from .run_loop import RunCounters, RunLoop
 
-__all__ = ["WriterSettings", "Writer", "START_TIMEOUT"]
+__all__ = ["WriterSettings", "Writer", "Started", "START_TIMEOUT"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,32 @@ class WriterSettings:
     stop_deadline: float = 10.0
     flush_interval: float = 1.0
     finished_grace: float = 2.0
+    handshake_timeout: float = HANDSHAKE_SECONDS  # how long a start waits for the buffer's acceptance
+
+
+@dataclass(frozen=True)
+class Started:
+    """The answer to a start: the writer's state, and what the DAQ should know about the range (or None)."""
+
+    status: str
+    warning: str | None = None
+
+
+def _start_warning(start: StartRun, accepted: Accepted | None) -> str | None:
+    """What the buffer's acceptance says about the requested range: older than what it holds?"""
+    if accepted is None or start.start_pulse_id is None:
+        return None
+    oldest = accepted.oldest_pulse_id
+    if oldest is None:
+        return ("the buffer holds no message yet: pulses before the first one it receives will be missing "
+                "(not_received)")
+    if start.start_pulse_id >= oldest:
+        return None
+    if start.stop_pulse_id is not None and start.stop_pulse_id < oldest:
+        return (f"none of pulses {start.start_pulse_id}..{start.stop_pulse_id} is in the buffer any more (its "
+                f"oldest is {oldest}): nothing will be written (outcome failed)")
+    return (f"pulses {start.start_pulse_id}..{oldest - 1} are older than the buffer's oldest pulse {oldest} "
+            "and will be missing (before_buffer)")
 
 
 def _requested_range(start_pulse_id: int | None, start_time: float | None,
@@ -119,13 +146,13 @@ class Writer:
         with self._lock:
             return dict(self._control.parameters)
 
-    def start_at_pulse(self, pulse_id: int, output_file: str | None = None) -> str:
+    def start_at_pulse(self, pulse_id: int, output_file: str | None = None) -> Started:
         """``PUT /start_pulse_id/<id>``."""
         with self._lock:
             start = self._control.start_at_pulse(pulse_id, output_file)
         return self._launch(start)
 
-    def start_now(self, output_file: str | None = None) -> str:
+    def start_now(self, output_file: str | None = None) -> Started:
         """``PUT /start_now``."""
         with self._lock:
             start = self._control.start_now(self._clock(), output_file)
@@ -209,12 +236,12 @@ class Writer:
         base = self.settings.output_root if requested and self.settings.output_root else os.getcwd()
         return resolve_output_file(path, self.settings.output_root, base)
 
-    def _launch(self, start: StartRun) -> str:
-        """Start the run thread and wait until it has opened the file and the source (or failed to)."""
+    def _launch(self, start: StartRun) -> Started:
+        """Start the run thread and wait until it has opened the source and the file (or failed to)."""
         logger.info("Starting: output %s, start_pulse_id %s, start_time %s, stop_pulse_id %s, stop_time %s",
                     start.output_file, start.start_pulse_id, start.start_time, start.stop_pulse_id, start.stop_time)
         opened = threading.Event()
-        outcome: dict[str, str] = {}
+        outcome: dict[str, str | None] = {}
         with self._lock:
             self._thread = threading.Thread(target=self._run, args=(start, opened, outcome), name="writer-run",
                                             daemon=True)
@@ -222,20 +249,27 @@ class Writer:
         if not opened.wait(START_TIMEOUT):
             logger.warning("The file and the source are still opening after %.0f s", START_TIMEOUT)
         elif "error" in outcome:
-            raise BadRequest(outcome["error"])
-        return self.status()
+            raise BadRequest(str(outcome["error"]))
+        warning = outcome.get("warning")
+        if warning:
+            logger.warning("Start: %s", warning)
+        return Started(self.status(), warning)
 
     # -- the run thread: the only owner of the source and the file ---------------
     def _run(self, start: StartRun, opened: threading.Event, outcome: dict) -> None:
         pulse_range = PulseRange(start.start_pulse_id, start.start_time, start.stop_pulse_id, start.stop_time)
         source = output = None
         try:
+            # The source first: a wrong address is refused before any file is created.
             source = self._source_factory(start)
+            source.start()
+            handshake = getattr(source, "handshake", None)  # a buffer's replay endpoint answers; a live stream not
+            accepted = handshake(self.settings.handshake_timeout) if handshake is not None else None
+            outcome["warning"] = _start_warning(start, accepted)
             output = self._output_factory(start)
             output.set_attributes(_requested_range(start.start_pulse_id, start.start_time,
                                                    start.stop_pulse_id, start.stop_time))
             output.flush()  # the requested range is in the file from the start, also after a kill -9
-            source.start()
         except Exception as error:  # noqa: BLE001 (any failure to open is reported to the DAQ)
             logger.exception("Cannot start writing %s", start.output_file)
             outcome["error"] = f"cannot start writing {start.output_file}: {error}"
