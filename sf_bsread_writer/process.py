@@ -35,6 +35,7 @@ __all__ = [
     "sd_notify",
     "watchdog_interval",
     "tune_allocator",
+    "die_with_parent",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,25 @@ def watchdog_interval() -> float | None:
         return max(0.05, int(usec) / 2e6)
     except ValueError:
         return None
+
+
+def die_with_parent() -> None:
+    """For ``subprocess.Popen(preexec_fn=...)``: the child gets SIGTERM when the thread that started it ends.
+
+    So that a ``kill -9`` of a buffer (or of a test run) leaves no child of
+    ours behind, however briefly. Linux ``prctl(PR_SET_PDEATHSIG)``; a
+    no-op elsewhere. The "parent" is the starting *thread*: start children
+    from a thread that lives as long as they should.
+    """
+    if _prctl is not None:  # looked up before any fork: between fork and exec, call only
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
 
 
 # ---------------------------------------------------------------------- allocator

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sf_bsread_writer.process import die_with_parent
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Loopback-only Channel Access: nothing may broadcast from tests.
@@ -68,6 +70,7 @@ class Child:
         self.process = subprocess.Popen(
             self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=full_env, cwd=cwd, text=True, bufsize=1,
+            preexec_fn=die_with_parent,  # a killed test run leaves no process behind (the CA repeater was one)
         )
         self.lines: list[str] = []
         self._queue: "queue.Queue[str | None]" = queue.Queue()

@@ -535,8 +535,10 @@ def test_cli_ready_line_systemd_notify_and_sigterm(tmp_path):
             endpoints = json.loads(child.wait_for_line("READY ").split("READY ", 1)[1])
             assert set(endpoints) >= {"output", "replay", "rest"}
             assert endpoints["output"].startswith("tcp://127.0.0.1:")
-            states = {notify.recv(4096).decode() for _ in range(2)}
-            assert any(s.startswith("READY=1") for s in states) and "WATCHDOG=1" in states
+            states: set[str] = set()
+            while not (any(s.startswith("READY=1") for s in states) and "WATCHDOG=1" in states
+                       and any(s.startswith("STATUS=waiting_for_source: 0.0 msg/s") for s in states)):
+                states.add(notify.recv(4096).decode())  # times out (DEADLINE) if one never comes
             status = requests.get(endpoints["rest"] + "/status", timeout=5).json()
             assert status["name"] == "CLITEST" and status["status"] == "waiting_for_source"
             child.signal(signal.SIGTERM)
@@ -728,6 +730,54 @@ def test_analyzer_logs_anomalies(caplog):
     assert "jumped to 20" in text and "header changed at pulse 21" in text and "went back from 21 to 5" in text
     assert statistics.pulse_ids.jumps == 1 and statistics.pulse_ids.resets == 1
     assert statistics.header_changes == 1
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_operators_read_the_stream_s_story_at_info_without_analyzer(caplog):
+    """First message, a jump, a header change, the source idle and back: once each, at INFO."""
+    clock = ManualClock()
+    context = zmq.Context()
+    source = context.socket(zmq.PUSH)
+    source.setsockopt(zmq.LINGER, 0)
+    source.bind("tcp://127.0.0.1:0")
+
+    def send(pulse_id: int, channel: str = "A") -> None:
+        source.send_multipart(build_message(pulse_id, [{"name": channel, "type": "int32"}], [1]))
+
+    def received(count: int) -> None:  # the snapshot follows the loop's clock: move it a little
+        wait_for(lambda: (setattr(clock, "now", clock.now + 0.3), buffer.statistics().received >= count)[1],
+                 DEADLINE, message=f"{count} messages")
+
+    try:
+        with caplog.at_level("INFO", logger="sf_bsread_writer.buffer"), \
+                running_buffer(source.getsockopt_string(zmq.LAST_ENDPOINT), clock=clock) as buffer:
+            for pulse_id in (10, 11, 12):
+                send(pulse_id)
+            received(3)
+            send(20)  # a jump
+            send(21, "B")  # a header change
+            received(5)
+            clock.now += 6  # nothing for 6 s of the loop's clock
+            wait_for(lambda: (setattr(clock, "now", clock.now + 0.3), "idle" in caplog.text)[1], DEADLINE,
+                     message="the source idle")
+            send(22, "B")
+            received(6)
+    finally:
+        source.close()
+        context.term()
+    text = caplog.text
+    assert text.count("first message from") == 1 and "pulse_id 10, 1 channels" in text
+    assert "pulse id jumped to 20: 7 pulses skipped" in text
+    assert "data header changed at pulse 21: 1 channels" in text
+    assert text.count("idle: no message for") == 1 and "last pulse_id 21" in text
+    assert "source back after" in text and "at pulse_id 22" in text
 
 
 # ---------------------------------------------------------------------------

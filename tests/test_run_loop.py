@@ -203,3 +203,25 @@ def test_messages_that_are_not_written_do_not_keep_the_rate_up():
     assert loop.run() == "stop_reached"
     assert loop.counters.messages_out_of_order == 200
     assert loop.counters.rate == 0.0
+
+
+def test_a_long_run_logs_its_progress_and_header_changes(caplog):
+    clock = FakeClock()
+    other = [{"name": "OTHER", "type": "int32", "shape": [1]}]
+
+    def later(pulse_id: int, channels=CHANNELS):
+        def event() -> Data:
+            clock.now += 1.0  # 1 Hz: a long run
+            return Data(pulse_id, build_message(pulse_id, channels, [pulse_id], timestamp=1.0e9 + pulse_id))
+        return event
+
+    events = [later(p) for p in range(1, 16)] + [later(16, other)] + [later(p) for p in range(17, 26)]
+    source = ScriptedSource(clock, events)
+    loop, _ = make_loop(source, clock, PulseRange(start_pulse_id=1, stop_pulse_id=25))
+    with caplog.at_level("INFO", logger="sf_bsread_writer.writer"):
+        assert loop.run() == "stop_reached"
+    progress = [r.getMessage() for r in caplog.records if "rows written" in r.getMessage()]
+    assert len(progress) == 2 and progress[0].startswith("10 rows written, last pulse_id 10")
+    assert "40 % done" in progress[0]
+    assert [r.getMessage() for r in caplog.records if "data header changed" in r.getMessage()] == [
+        "data header changed at pulse_id 16: 1 channels", "data header changed at pulse_id 17: 1 channels"]

@@ -414,3 +414,19 @@ def test_a_range_gone_from_the_buffer_is_a_failed_acquisition(stream, tmp_path):
     assert (statistics.outcome, writer.exit_code, statistics.messages_written) == ("failed", 1, 0)
     with h5py.File(tmp_path / "gone.h5", "r") as file:
         assert file.attrs["outcome"] == "failed" and file.attrs["missing_pulses"] == 100
+
+
+def test_the_writer_and_the_buffer_log_the_same_replay_session_id(stream, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="sf_bsread_writer"), \
+            in_process_writer(stream.replay, tmp_path / "logged.h5") as (writer, client):
+        start = stream.ring().oldest_pulse_id
+        client.stop_pulse_id(start + 4)
+        client.start_pulse_id(start)
+        assert writer.done.wait(DEADLINE)
+    requested = [r.getMessage() for r in caplog.records if r.name.endswith("replay_client") and "requested" in
+                 r.getMessage()]
+    session_id = requested[0].split()[2].rstrip(":")
+    assert len(session_id) == 16 and f"replay: session {session_id}: start pulse {start}" in caplog.text
+    assert f"replay: session {session_id} ended (stop_pulse_id) after 5 messages" in caplog.text
+    closed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Closed ")]
+    assert len(closed) == 1 and ": complete, 5 messages" in closed[0]

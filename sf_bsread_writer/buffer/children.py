@@ -17,6 +17,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+from .. import process
+
 __all__ = ["ChildSupervisor", "gateway_command", "start_gateway"]
 
 logger = logging.getLogger(__name__)
@@ -61,7 +63,8 @@ class ChildSupervisor:
 
     def _spawn(self) -> subprocess.Popen:
         logger.info("starting child process: %s", " ".join(self.command))
-        return subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL,
+                                preexec_fn=process.die_with_parent)
 
     def _supervise(self) -> None:
         backoff = 1.0

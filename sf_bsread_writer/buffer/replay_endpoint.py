@@ -49,6 +49,8 @@ HEARTBEAT_TIMEOUT_MS = 10_000
 # A writer whose message part exceeds this is disconnected by libzmq before
 # anything reads it; smaller malformed messages are answered with a reason.
 REPLAY_MAX_INBOUND_BYTES = 64 * 1024
+# A writer's losses are logged at most this often per writer.
+GAP_LOG_SECONDS = 5.0
 
 _TOTALS = ("started", "ended", "expired", "refused", "disconnected", "send_failures", "sent", "gaps", "lost")
 
@@ -88,6 +90,7 @@ class ReplayEndpoint:
         self.address: str = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sessions: dict[bytes, ReplaySession] = {}
         self._totals = dict.fromkeys(_TOTALS, 0)
+        self._gap_logged: dict[bytes, float] = {}
         self._round_robin = 0
 
     def close(self) -> None:
@@ -113,8 +116,9 @@ class ReplayEndpoint:
         """Drop the sessions whose writer has been silent for ``session_timeout``."""
         for identity, session in list(self._sessions.items()):
             if session.expired(now, self.session_timeout):
-                logger.warning("replay: session %s expired (writer silent for %.1f s)",
-                               session.session_id, now - session.last_heard)
+                logger.warning("replay: session %s expired (writer silent for %.1f s) after %d messages; "
+                               "%d messages lost", session.session_id, now - session.last_heard, session.sent,
+                               session.lost)
                 self._totals["expired"] += 1
                 self._retire(identity, session)
 
@@ -201,8 +205,9 @@ class ReplayEndpoint:
                     break
             budget -= max(1, session.sent - before)
             if session.ended is not None:
-                logger.info("replay: session %s ended (%s) after %d messages, last pulse %s",
-                            session.session_id, session.ended.reason, session.sent, session.ended.last_pulse_id)
+                logger.info("replay: session %s ended (%s) after %d messages, last pulse %s; %d gap notices, "
+                            "%d messages lost", session.session_id, session.ended.reason, session.sent,
+                            session.ended.last_pulse_id, session.gaps, session.lost)
                 self._totals["ended"] += 1
                 self._retire(identity, session)
             elif identity in self._sessions and session.has_work(self.ring):
@@ -223,6 +228,7 @@ class ReplayEndpoint:
             head, frames = [identity, data_kind(event.pulse_id)], event.frames
         elif isinstance(event, Gap):
             head, frames = [identity], build_gap(event)
+            self._log_gap(identity, event)
         elif isinstance(event, End):
             head, frames = [identity], build_end(event)
         elif isinstance(event, Heartbeat):
@@ -234,6 +240,15 @@ class ReplayEndpoint:
         except zmq.ZMQError as error:
             return self._send_failed(identity, error)
         return True
+
+    def _log_gap(self, identity: bytes, gap: Gap) -> None:
+        """A writer's losses, at most every GAP_LOG_SECONDS per writer (a slow writer may lose on every pass)."""
+        now = self.clock()
+        if now - self._gap_logged.get(identity, -1e9) < GAP_LOG_SECONDS:
+            return
+        self._gap_logged[identity] = now
+        logger.info("replay: session %s: %s messages lost (%s), pulse ids %s..%s", identity.hex(),
+                    "unknown" if gap.count is None else gap.count, gap.reason, gap.first_pulse_id, gap.last_pulse_id)
 
     def _send_failed(self, identity: bytes, error: zmq.ZMQError) -> bool:
         session = self._sessions.get(identity)
@@ -252,6 +267,7 @@ class ReplayEndpoint:
     def _retire(self, identity: bytes, session: ReplaySession) -> None:
         if self._sessions.get(identity) is session:
             del self._sessions[identity]
+            self._gap_logged.pop(identity, None)
             self._totals["sent"] += session.sent
             self._totals["gaps"] += session.gaps
             self._totals["lost"] += session.lost

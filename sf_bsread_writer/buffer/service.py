@@ -38,7 +38,8 @@ from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES, IgnoredMessage, MessagePa
 from ..core.rates import RateEstimator
 from ..core.ring import AppendStatus, Ring
 from ..core.status import (
-    BufferStatus, CaFeedStatus, Endpoints, PulseIdStatus, RateStatus, ReplayStatus, RingStatus, SourceStatus,
+    SOURCE_IDLE_SECONDS, BufferStatus, CaFeedStatus, Endpoints, PulseIdStatus, RateStatus, ReplayStatus, RingStatus,
+    SourceStatus,
 )
 from ..httpserver import HttpServer
 from . import children
@@ -72,10 +73,12 @@ CA_FEED_HWM = 4
 IDLE_POLL_MS = 100
 RATE_WINDOW_SECONDS = 5.0
 REJECT_LOG_INTERVAL = 5.0
+# systemd's STATUS= line (systemctl status) is refreshed this often.
+STATUS_LINE_SECONDS = 5.0
 
 
 class _RateLimitedLog:
-    """Log a repeated warning at most once per interval and key, saying how many were suppressed."""
+    """Log a repeated event at most once per interval and key, saying how many were suppressed."""
 
     def __init__(self, interval: float, clock: Callable[[], float]) -> None:
         self.interval = interval
@@ -84,11 +87,17 @@ class _RateLimitedLog:
         self._suppressed: dict[str, int] = {}
 
     def warning(self, key: str, message: str, *args: Any) -> None:
+        self.log(logging.WARNING, key, message, *args)
+
+    def info(self, key: str, message: str, *args: Any) -> None:
+        self.log(logging.INFO, key, message, *args)
+
+    def log(self, level: int, key: str, message: str, *args: Any) -> None:
         now = self.clock()
         if now - self._last.get(key, -1e9) >= self.interval:
             suppressed = self._suppressed.pop(key, 0)
             suffix = f" ({suppressed} more like this suppressed)" if suppressed else ""
-            logger.warning(message + suffix, *args)
+            logger.log(level, message + suffix, *args)
             self._last[key] = now
         else:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
@@ -177,8 +186,11 @@ class Buffer:
         self._last_hash: str | None = None
         self._last_pulse_id: int | None = None
         self._last_message_monotonic: float | None = None
+        self._previous_message_monotonic: float | None = None
+        self._idle_reported = False  # "source idle" logged, "source back" not yet
         self._last_message_time: float | None = None
         self._rates = RateEstimator(RATE_WINDOW_SECONDS)
+        self._next_status_line = 0.0
         self._reject_log = _RateLimitedLog(REJECT_LOG_INTERVAL, clock)
         self._snapshot_lock = threading.Lock()
         self._snapshot: BufferStatus
@@ -297,6 +309,7 @@ class Buffer:
             if now >= next_snapshot:
                 replay.expire(now)
                 self._publish_snapshot(now)
+                self._report(now)
                 next_snapshot = now + self.snapshot_interval
             if watchdog is not None and now >= next_watchdog:
                 process.sd_notify("WATCHDOG=1")
@@ -316,6 +329,7 @@ class Buffer:
                 return
 
     def _ingest(self, frames: list[zmq.Frame], output: zmq.Socket) -> None:
+        self._previous_message_monotonic = self._last_message_monotonic
         self._last_message_monotonic = self._clock()
         try:
             message = self._parser.parse(frames)
@@ -351,12 +365,19 @@ class Buffer:
                 reason = "larger_than_ring"
                 self._rejected[reason] = self._rejected.get(reason, 0) + 1
             return
-        if self.analyzer and result.skipped_pulses:
-            logger.info("analyzer: pulse id jumped to %d, %d pulses skipped (usual step %s)",
-                        pulse_id, result.skipped_pulses, self.ring.usual_step)
+        if result.skipped_pulses:
+            self._reject_log.info("jump", "pulse id jumped to %d: %d pulses skipped (usual step %s)",
+                                  pulse_id, result.skipped_pulses, self.ring.usual_step)
         if result.reset_evicted:
             logger.info("pulse ids restarted at %d: %d newer messages dropped from the ring",
                         pulse_id, result.reset_evicted)
+        if self._received == 0:
+            logger.info("first message from %s: pulse_id %d, %d channels", self.stream, pulse_id,
+                        message.n_channels)
+        if self._idle_reported:
+            self._idle_reported = False
+            logger.info("source back after %.1f s of silence, at pulse_id %d",
+                        self._last_message_monotonic - self._previous_message_monotonic, pulse_id)
         self._received += 1
         self._received_bytes += message.nbytes
         self._last_message_time = timestamp
@@ -391,20 +412,33 @@ class Buffer:
         self._forwarded += 1
 
     def _analyze(self, message: Any, pulse_id: int) -> None:
-        """Count (and with --analyzer log) header changes; jumps and resets are counted by the ring."""
+        """Count and log header changes; jumps and resets are counted by the ring."""
         header_hash = message.main.hash
         if header_hash != self._last_hash:
             if self._last_hash is not None:
                 self._header_changes += 1
-                if self.analyzer:
-                    logger.info("analyzer: data header changed at pulse %d (hash %s -> %s, %d channels)",
-                                pulse_id, self._last_hash, header_hash, message.n_channels)
+                self._reject_log.info("header", "data header changed at pulse %d: %d channels (hash %s -> %s)",
+                                      pulse_id, message.n_channels, self._last_hash, header_hash)
             self._last_hash = header_hash
         if self._last_pulse_id is not None and pulse_id < self._last_pulse_id and self.analyzer:
             logger.info("analyzer: pulse id went back from %d to %d", self._last_pulse_id, pulse_id)
         self._last_pulse_id = pulse_id
 
     # -- statistics ---------------------------------------------------------
+    def _report(self, now: float) -> None:
+        """What operators watch: a silent source (once, and when it is back) and systemd's STATUS= line."""
+        last = self._last_message_monotonic
+        if last is not None and not self._idle_reported and now - last > SOURCE_IDLE_SECONDS:
+            self._idle_reported = True
+            logger.warning("source %s idle: no message for %.0f s (last pulse_id %s)", self.stream, now - last,
+                           self._last_pulse_id)
+        if now >= self._next_status_line:
+            self._next_status_line = now + STATUS_LINE_SECONDS
+            status = self.statistics()
+            process.sd_notify(f"STATUS={status.describe()}: {status.rates.messages_per_second:.1f} msg/s, "
+                              f"ring {status.ring.messages} messages ({status.ring.oldest_pulse_id}.."
+                              f"{status.ring.newest_pulse_id}), {status.replay.active_sessions} writers")
+
     def _endpoints(self) -> Endpoints:
         return Endpoints(stream=self.stream, output=self.output_address, replay=self.replay_address,
                          rest=self.rest_url)

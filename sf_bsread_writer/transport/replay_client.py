@@ -8,6 +8,7 @@ docs/replay-protocol.md.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable
 
@@ -58,6 +59,7 @@ class ReplayClient:
         self._clock = clock
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
+        self.session_id: str | None = None  # the routing id of the current socket, as the buffer logs it
         self._monitor: zmq.Socket | None = None  # ZeroMQ's own view of the connection, until the handshake
         self._early: list[ReplayEvent] = []  # events read during the handshake, for receive()
         self._receiver = AdaptiveReceiver()
@@ -85,11 +87,15 @@ class ReplayClient:
     def start(self) -> "ReplayClient":
         self._open(watch=True)
         self._send(self.state.start(self._clock()))
+        logger.info("replay session %s: requested %s from %s", self.session_id, self.state.request, self.address)
         return self
 
     def _open(self, watch: bool = False) -> None:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
+        # Our own routing id: the buffer names the session by it, so both logs say the same id.
+        self.session_id = secrets.token_hex(8)
+        socket.setsockopt(zmq.ROUTING_ID, bytes.fromhex(self.session_id))
         # In flight is bounded by the window: no receive limit needed here.
         socket.setsockopt(zmq.RCVHWM, 0)
         if watch:
@@ -160,6 +166,8 @@ class ReplayClient:
             self._socket.close(linger=0)
         self._open()
         self._send(self.state.restart(self._clock()))
+        logger.info("replay session %s: the rest of the range requested again, after pulse_id %s",
+                    self.session_id, self.state.last_pulse_id)
 
     def _send(self, frames: list[bytes] | None) -> None:
         if frames is None:

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 POLL_INTERVAL = 0.1
 # The write rate shown while writing: over about the last second (shown once half a second is known).
 RATE_WINDOW_SECONDS = 1.0
+# A long run says how it is going this often (INFO).
+PROGRESS_LOG_SECONDS = 10.0
 
 
 @dataclass
@@ -76,6 +78,8 @@ class RunLoop:
         self.started_at = now
         self._rate = RateEstimator(RATE_WINDOW_SECONDS, resolution=RATE_WINDOW_SECONDS / 10)
         self._rate.add(now, 0)
+        self._next_progress_log = now + PROGRESS_LOG_SECONDS
+        self._header_hash: str | None = None
 
     def run(self) -> str:
         while True:
@@ -134,6 +138,12 @@ class RunLoop:
         rate = self._rate.rate()
         if rate is not None and self._rate.span >= RATE_WINDOW_SECONDS / 2:
             self.counters.rate = rate
+        if now >= self._next_progress_log:
+            self._next_progress_log = now + PROGRESS_LOG_SECONDS
+            progress = self.range.progress()
+            logger.info("%d rows written, last pulse_id %s, %.1f msg/s, %d pulses missing%s",
+                        self.counters.messages_written, self.range.last_pulse_id, self.counters.rate,
+                        self.range.missing_count, "" if progress is None else f", {100 * progress:.0f} % done")
 
     def _apply_commands(self) -> str | None:
         while True:
@@ -165,6 +175,10 @@ class RunLoop:
             counters.rejected_reasons[key] = counters.rejected_reasons.get(key, 0) + 1
             logger.warning("Rejected a message: %s", error)
             return
+        if message.main.hash != self._header_hash:
+            if self._header_hash is not None:
+                logger.info("data header changed at pulse_id %d: %d channels", message.pulse_id, message.n_channels)
+            self._header_hash = message.main.hash
         verdict = self.range.classify(message.pulse_id, message.timestamp)
         if verdict is Verdict.WRITE:
             self.output.append(message)
