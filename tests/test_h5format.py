@@ -6,6 +6,7 @@ will give it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -623,30 +624,37 @@ def _check_killed_file(path: Path, first: int, flushed_at_least: int) -> int:
     return rows
 
 
-def _start_killable_child(path: Path, first: int, *options: str) -> subprocess.Popen:
+@contextlib.contextmanager
+def _killable_child(path: Path, first: int, *options: str) -> Iterator[subprocess.Popen]:
+    """The _CHILD writer, killed with SIGKILL by the test (``_kill_9``) and cleaned up whatever happens."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return subprocess.Popen([sys.executable, "-c", _CHILD, str(path), str(first), *options], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-
-
-@pytest.mark.parametrize("delay", [0.0, 0.002, 0.02, 0.2])
-def test_kill_9_before_the_first_flush_leaves_a_readable_empty_file(tmp_path: Path, delay: float) -> None:
-    """The first second of a run: rows wait for the first flush, yet the file on disk is already whole."""
-    path = tmp_path / "killed-early.h5"
-    child = _start_killable_child(path, 5, "30.0", "1000000")  # no flush by time or block size
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), str(first), *options], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = child.stdout.readline()
         assert line.startswith("opened"), (line, child.stderr.read() if child.poll() is not None else "")
-        time.sleep(delay)  # not synchronisation: the kill lands at a different moment of the appends
-        child.send_signal(signal.SIGKILL)
-        assert child.wait(timeout=10) == -signal.SIGKILL
+        yield child
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
         child.stdout.close()
         child.stderr.close()
+
+
+def _kill_9(child: subprocess.Popen, delay: float) -> None:
+    time.sleep(delay)  # not synchronisation: the kill lands at a different moment of the appends or flushes
+    child.send_signal(signal.SIGKILL)
+    assert child.wait(timeout=10) == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.002, 0.02, 0.2])
+def test_kill_9_before_the_first_flush_leaves_a_readable_empty_file(tmp_path: Path, delay: float) -> None:
+    """The first second of a run: rows wait for the first flush, yet the file on disk is already whole."""
+    path = tmp_path / "killed-early.h5"
+    with _killable_child(path, 5, "30.0", "1000000") as child:  # no flush by time or block size
+        _kill_9(child, delay)
     with h5py.File(path, "r") as f:
         assert int(f.attrs["number_of_messages"]) == 0 and f.attrs["complete"] == 0
         assert f.attrs["format_version"] == layout.FORMAT_VERSION
@@ -660,23 +668,13 @@ def test_kill_9_leaves_a_readable_file_with_data_up_to_the_last_flush(
         tmp_path: Path, flushes_before_kill: int, extra_delay: float) -> None:
     path = tmp_path / "killed.h5"
     first = 20_000_000_000
-    child = _start_killable_child(path, first)
-    try:
-        assert child.stdout.readline().startswith("opened")
+    with _killable_child(path, first) as child:
         flushed = 0
         for _ in range(flushes_before_kill):
             line = child.stdout.readline()
             assert line.startswith("flushed"), (line, child.stderr.read() if child.poll() is not None else "")
             flushed = int(line.split()[1])
-        time.sleep(extra_delay)  # kill at a different phase: mid-append or mid-flush
-        child.send_signal(signal.SIGKILL)
-        assert child.wait(timeout=10) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        child.stdout.close()
-        child.stderr.close()
+        _kill_9(child, extra_delay)  # at a different phase: mid-append or mid-flush
     rows = _check_killed_file(path, first, flushed)
     assert rows >= flushed > 0
 
