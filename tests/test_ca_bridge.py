@@ -216,9 +216,14 @@ def test_ioc_to_bridge_to_buffer_to_writer_to_hdf5_and_back_over_ca(ioc_env, tmp
                                    ("PUT", f"/stop_pulse_id/{stop_pulse_id}", None)):
             answer = requests.request(method, api + path, json=body, timeout=5).json()
             assert answer["state"] == "ok", answer
-        assert writer.process.wait(timeout=60) == 0, writer.output()
+        # 0 complete, or 3 partial: the bridge's pulse ids follow the clock, so a late tick on a loaded
+        # machine is a gap of the stream, which the writer records (docs/writer.md, "Outcome").
+        code = writer.process.wait(timeout=60)
+        assert code in (0, 3), writer.output()
 
         with h5py.File(output, "r") as h5:
+            assert h5.attrs["outcome"] == ("complete" if code == 0 else "partial")
+            assert (h5.attrs["missing_pulses"] > 0) == (code == 3)
             long_values = h5["/data/BR:LONG/data"][:].reshape(-1)
             pulse_ids = h5["/data/BR:LONG/pulse_id"][:]
             present = h5["/data/BR:LONG/is_data_present"][:]

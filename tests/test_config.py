@@ -119,5 +119,6 @@ def test_stream_addresses_are_checked_when_the_command_starts(capsys, address):
 
 
 def test_good_addresses_pass():
-    for address in ("tcp://127.0.0.1:8889", "tcp://camera-ioc.psi.ch:9999", "tcp://[::1]:5", "ipc:///tmp/bs"):
+    for address in ("tcp://127.0.0.1:8889", "tcp://camera-ioc.psi.ch:9999", "tcp://[::1]:5", "ipc:///tmp/bs",
+                    "tcp://eth0;10.0.0.5:9999", "inproc://feed", "epgm://eth0;239.192.1.1:5555"):
         assert config.zmq_address(address) == address

@@ -1,6 +1,7 @@
 """Where the writer may create its file: inside --output-root, exclusively, even while the tree changes under it."""
 from __future__ import annotations
 
+import json
 import os
 import threading
 
@@ -9,7 +10,7 @@ import pytest
 
 from sf_bsread_writer.core.acquisition import REQUIRED_PARAMETERS, BadRequest, OutsideRoot, StartRun
 from sf_bsread_writer.h5.placement import OutputFileGone
-from sf_bsread_writer.writer.outputs import open_output, resolve_output_file
+from sf_bsread_writer.writer.outputs import open_output, resolve_output_file, write_summary
 
 PARAMETERS = dict.fromkeys(REQUIRED_PARAMETERS, "x")
 
@@ -127,3 +128,16 @@ def test_a_removed_output_folder_is_an_error_at_the_next_flush(tmp_path):
     finally:
         with pytest.raises(OutputFileGone):
             output.close()
+
+
+def test_the_summary_never_writes_through_a_symlink(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "precious").write_text("not yours")
+    (root / "x.h5.summary.json").symlink_to(outside / "precious")  # planted where the summary goes
+    write_summary(str(root / "x.h5"), {"outcome": "complete"}, str(root))
+    assert (outside / "precious").read_text() == "not yours"
+    assert not (root / "x.h5.summary.json").is_symlink()
+    assert json.loads((root / "x.h5.summary.json").read_text()) == {"outcome": "complete"}
+    assert sorted(p.name for p in root.iterdir()) == ["x.h5.summary.json"]  # no temporary left

@@ -849,3 +849,12 @@ def test_a_channel_declaring_more_bytes_than_a_message_may_have_makes_the_header
         assert "bytes per value, more than a message may have (10000)" in caught.value.detail
     fits = build_message(1, [{"name": "H", "type": "uint8", "shape": [10_000]}], [None])
     assert parser.parse(fits).data_header.channels[0].nbytes == 10_000  # at the limit: fine
+    # Compressed, a value may be larger than the message (up to LZ4's largest ratio): an image kept whole.
+    image = np.zeros((512, 1024), dtype="<u2")  # 1 MB, compressed to ~6 kB
+    compressed = build_message(1, [{"name": "I", "type": "uint16", "shape": [1024, 512],
+                                    "compression": "bitshuffle_lz4"}], [image])
+    assert sum(map(len, compressed)) < 10_000
+    assert (parser.parse(compressed).value(0) == image).all()
+    with pytest.raises(ProtocolError, match="decompressed"):
+        parser.parse(build_message(1, [{"name": "I", "type": "uint16", "shape": [2**31, 2**31],
+                                        "compression": "lz4"}], [None]))

@@ -480,3 +480,19 @@ def test_the_outcome_is_the_same_word_everywhere(api_on_run_clock, run_clock, pu
         summary = json.load(summary_file)
     assert summary["outcome"] == outcome and summary["output_file"] == str(api.root / "out.h5")
     assert summary["missing_pulses"] == statistics["missing_pulses"] and "writer" in summary
+
+
+def test_a_refused_channel_makes_the_outcome_partial(api, monkeypatch):
+    """Refusals found at the close (a channel first present in the last block) count too."""
+    from sf_bsread_writer.h5 import file as h5_file_module
+
+    monkeypatch.setattr(h5_file_module, "channel_group_name", lambda name: "VALUE" if name == "TWIN" else name)
+    call(api, "PUT", "/stop_pulse_id/2")
+    call(api, "PUT", "/start_pulse_id/1")
+    twin = CHANNELS + [{"name": "TWIN", "type": "float64", "shape": [1]}]
+    for pulse_id in (1, 2):
+        api.source.events.put(replay.Data(pulse_id, build_message(pulse_id, twin, [0.5, 1.5], timestamp=1.0e9)))
+    wait_for(api.writer.done.is_set, message="the writer to finish")
+    assert api.writer.statistics().outcome == "partial" and api.writer.exit_code == 3
+    with h5py.File(api.root / "out.h5", "r") as file:
+        assert file.attrs["outcome"] == "partial" and "TWIN" in file.attrs["refused_channels"]

@@ -500,3 +500,21 @@ def test_a_real_jump_far_ahead_is_stored_once_the_stream_goes_on_above_it():
     assert (ring.counters.jumps, ring.counters.jumped_pulses, ring.counters.strays) == (1, 999_989, 0)
     # A jump of a few steps is stored at once, as always.
     assert ring.append(1_000_005, 0.0, [b"m", b"h"]).stored
+
+
+def test_a_stray_far_ahead_does_not_end_the_confirmation_of_a_reset():
+    ring = Ring(100, 10**9, reset_confirm=3)
+    for pulse_id in range(100, 110):
+        ring.append(pulse_id, 0.0, [b"m", b"h"])
+    results = [ring.append(pulse_id, 0.0, [b"m", b"h"]) for pulse_id in (10, 11, 2**63 - 1, 12)]
+    assert results[-1].stored and ring.counters.resets == 1  # 10, 11, 12 confirmed the restart
+    assert (ring.counters.strays, ring.counters.out_of_order) == (1, 0)
+    assert [ring.pulse_id(s) for s in range(ring.first_seq, ring.next_seq) if s in ring][-3:] == [10, 11, 12]
+
+
+def test_the_result_of_a_confirmed_far_jump_tells_its_skipped_pulses():
+    ring = Ring(100, 10**9)
+    for pulse_id in range(1, 11):
+        ring.append(pulse_id, 0.0, [b"m", b"h"])
+    ring.append(1_000_000, 0.0, [b"m", b"h"])
+    assert ring.append(1_000_001, 0.0, [b"m", b"h"]).skipped_pulses == 999_989

@@ -389,7 +389,7 @@ def test_a_writer_pointed_at_nothing_says_nothing_answers(tmp_path):
     with in_process_writer(address, tmp_path / "nothing.h5", handshake_timeout=0.5) as (writer, client):
         with pytest.raises(WriterError) as refused:
             client.start_pulse_id(1)
-        assert refused.value.http_status == 400 and f"nothing answers at {address} within 0.5 s" in refused.value.status
+        assert refused.value.http_status == 503 and f"nothing answers at {address} within 0.5 s" in refused.value.status
         assert not (tmp_path / "nothing.h5").exists()
 
 

@@ -159,10 +159,14 @@ class ReplayEndpoint:
         if isinstance(message, Request):
             if session is not None:
                 self._retire(identity, session)
-            elif len(self._sessions) >= self.max_sessions:
-                raise ReplayProtocolError(ErrorReason.TOO_MANY_SESSIONS,
-                                          f"the buffer serves at most {self.max_sessions} writers at once "
-                                          "(--max-writers); try again when one has ended")
+            elif len(self._sessions) >= self.max_sessions:  # a full house, not a malformed message
+                self._totals["refused"] += 1
+                logger.warning("replay: a request of %s refused: %d writers already (--max-writers)",
+                               identity.hex(), len(self._sessions))
+                self._send_control(identity, build_error(
+                    ErrorReason.TOO_MANY_SESSIONS, f"the buffer serves at most {self.max_sessions} writers at once "
+                    "(--max-writers); try again when one has ended"))
+                return
             session = ReplaySession(identity.hex(), message, self.ring, now, self.heartbeat_interval,
                                     self.max_in_flight_bytes)
             self._sessions[identity] = session

@@ -353,10 +353,11 @@ class Buffer:
         self._analyze(message, pulse_id)
         result = self.ring.append(pulse_id, timestamp, frames)
         if result.status is AppendStatus.HELD_BACK:
-            # The ring waits for the next messages to tell a source restart from a stray message
-            # (ring.py); the live output is a relay and passes it on now.
-            logger.info("pulse id %d is below the newest held (%s): held back from the ring until confirmed",
-                        pulse_id, self.ring.newest_pulse_id)
+            # The ring waits for the next messages to tell a source restart or a real jump from a
+            # stray message (core/ring.py); the live output is a relay and passes it on now.
+            where = "below" if pulse_id < (self.ring.newest_pulse_id or 0) else "far above"
+            self._reject_log.info("held", "pulse id %d is %s the newest held (%s): held back from the ring until "
+                                  "the next messages confirm it", pulse_id, where, self.ring.newest_pulse_id)
         elif result.status is not AppendStatus.STORED:
             if result.status is AppendStatus.DUPLICATE:
                 self._duplicates += 1

@@ -32,6 +32,7 @@ __all__ = [
     "RequestError",
     "BadRequest",
     "WrongState",
+    "Unavailable",
     "OutsideRoot",
     "REQUIRED_PARAMETERS",
     "MAX_PULSE_ID",
@@ -85,6 +86,12 @@ class BadRequest(RequestError):
 
 class OutsideRoot(BadRequest):
     """The output file would resolve outside ``--output-root`` (400; at launch: exit code 2)."""
+
+
+class Unavailable(RequestError):
+    """The request is fine but what it needs cannot be reached now (503): a buffer down, or full of writers."""
+
+    http_status = 503
 
 
 class WrongState(RequestError):

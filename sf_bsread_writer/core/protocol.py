@@ -480,9 +480,12 @@ def parse_data_header(data_hash: str, frame: Frame, dh_compression: str = "none"
                       max_value_bytes: int | None = None) -> DataHeader:
     """Parse part 1 (uncached; use :class:`DataHeaderCache` in a stream).
 
-    ``max_value_bytes``: a channel that declares more bytes per value than
-    this (a message can never carry its value) makes the header invalid, so
-    that no consumer sizes anything by it.
+    ``max_value_bytes`` (the message-size limit): an uncompressed channel
+    that declares more bytes per value than this (no message can carry it),
+    or a compressed one declaring more than LZ4's largest ratio could expand
+    such a message to, makes the header invalid, so that no consumer sizes
+    anything by it. A compressed value larger than the message is normal
+    (a 2 MB image compressed into a 1 MB message).
     """
     spec = _DATA_HEADER_SPECS.get(dh_compression)
     if spec is None:
@@ -515,10 +518,13 @@ def parse_data_header(data_hash: str, frame: Frame, dh_compression: str = "none"
             spec = ChannelSpec.from_header(entry)
         except ProtocolError as error:
             raise ProtocolError(error.reason, f"channel {position}: {error.detail}") from None
-        if max_value_bytes is not None and spec.nbytes is not None and spec.nbytes > max_value_bytes:
-            raise ProtocolError(RejectReason.DATA_HEADER_INVALID,
-                                f"channel {position} {spec.name!r}: {spec.type} {list(spec.shape)} declares "
-                                f"{spec.nbytes} bytes per value, more than a message may have ({max_value_bytes})")
+        if max_value_bytes is not None and spec.nbytes is not None:
+            limit = max_value_bytes if spec.compression == "none" else max_value_bytes * _LZ4_MAX_RATIO
+            if spec.nbytes > limit:
+                raise ProtocolError(RejectReason.DATA_HEADER_INVALID,
+                                    f"channel {position} {spec.name!r}: {spec.type} {list(spec.shape)} declares "
+                                    f"{spec.nbytes} bytes per value, more than a message may have ({limit}"
+                                    f"{'' if spec.compression == 'none' else ' decompressed'})")
         channels.append(spec)
     return DataHeader(data_hash, tuple(channels))
 

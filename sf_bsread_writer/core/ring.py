@@ -322,15 +322,19 @@ class Ring:
             return AppendResult(AppendStatus.OVERSIZE)
 
         candidate = self._forward_candidate
-        if candidate is not None:
-            self._forward_candidate = None
-            if pulse_id > candidate[0]:  # the stream went on above it: a real jump
-                self._append_in_order(*candidate, confirmed=True)
-            else:
-                self.counters.strays += 1
-                logger.warning("pulse_id %d far ahead of the stream was a stray (the next is %d): dropped",
-                               candidate[0], pulse_id)
-        return self._append_in_order(pulse_id, timestamp, frames, lengths, nbytes)
+        if candidate is None:
+            return self._append_in_order(pulse_id, timestamp, frames, lengths, nbytes)
+        self._forward_candidate = None
+        if pulse_id <= candidate[0]:
+            self.counters.strays += 1
+            logger.warning("pulse_id %d far ahead of the stream was a stray (the next is %d): dropped",
+                           candidate[0], pulse_id)
+            return self._append_in_order(pulse_id, timestamp, frames, lengths, nbytes)
+        # The stream went on above it: a real jump, stored first; the result tells of both.
+        jump = self._append_in_order(*candidate, confirmed=True)
+        result = self._append_in_order(pulse_id, timestamp, frames, lengths, nbytes)
+        return AppendResult(result.status, result.seq, jump.evicted + result.evicted,
+                            jump.reset_evicted + result.reset_evicted, jump.skipped_pulses + result.skipped_pulses)
 
     def _append_in_order(self, pulse_id: int, timestamp: float, frames: Sequence[Any], lengths: tuple[int, ...],
                          nbytes: int, confirmed: bool = False) -> AppendResult:
@@ -342,13 +346,14 @@ class Ring:
                 return AppendResult(AppendStatus.DUPLICATE)
             if pulse_id < newest:
                 return self._hold_back(pulse_id, timestamp, frames, lengths, nbytes, newest)
-            if self._held_back:
-                self._drop_held_back(f"the stream went on at pulse_id {pulse_id}")
             usual = self._usual_step
             if not confirmed and usual is not None and pulse_id - newest > FORWARD_CONFIRM_STEPS * usual:
+                # Before anything else: a stray must not end the confirmation of a reset either.
                 self._forward_candidate = (pulse_id, timestamp, list(frames), lengths, nbytes)
                 self.counters.held_back += 1
                 return AppendResult(AppendStatus.HELD_BACK)
+            if self._held_back:
+                self._drop_held_back(f"the stream went on at pulse_id {pulse_id}")
             skipped = self._track_step(pulse_id - newest)
         seq, evicted = self._store_message(pulse_id, timestamp, frames, lengths, nbytes)
         return AppendResult(AppendStatus.STORED, seq, evicted, 0, skipped)

@@ -386,10 +386,8 @@ class H5File:
         try:
             if attributes:
                 self.set_attributes(attributes)
+            self.settle_channels()
             self._write_block()
-            for name, spec in self._last_spec.items():
-                if name not in self._columns:
-                    self._column_for(spec)  # created with _rows_written rows, all absent
             self._write_missing()
             self._write_file_attributes(complete=True)
             self._slot.check(self._file_fd)  # complete, but where nobody will find it: an error
@@ -399,6 +397,28 @@ class H5File:
             self._slot.close()
         logger.info("closed %s: %d rows, %d channels, %d missing pulses",
                     self.path, self.rows, len(self._last_spec), self.missing_pulses)
+
+    def settle_channels(self) -> None:
+        """Give every channel announced so far its group (or refuse it): after this, no append, no refusal.
+
+        :meth:`close` does it; the writer calls it first, so that the
+        outcome it writes into the file counts every refused channel.
+        """
+        self._check_open()
+        self._scatter()
+        for name, spec in self._last_spec.items():
+            if name not in self._columns:
+                self._column_for(spec)  # created with _rows_written rows, all absent
+
+    def abandon(self) -> None:
+        """Close and remove the file (a start that failed after it was created), through its pinned folder."""
+        try:
+            if not self._closed:
+                self._closed = True
+                self._file.close()
+        finally:
+            self._slot.remove()
+            self._slot.close()
 
     def __enter__(self) -> "H5File":
         return self

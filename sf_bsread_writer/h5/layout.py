@@ -154,9 +154,11 @@ def fixed_string(text: str) -> np.bytes_ | np.ndarray:
 # Channel names are data
 # ---------------------------------------------------------------------------
 # Characters that cannot stand in an HDF5 link name as they are: "/" makes a
-# path, "%" is the escape itself, control characters and lone surrogates
-# are not storable text. "." and ".." are escaped only as whole names.
-_UNSAFE = re.compile(r"[%/\x00-\x1f\x7f\ud800-\udfff]")
+# path, "%" is the escape itself, "@" separates a variant group's number
+# (X@2) so that no channel name can be taken for one, control characters
+# and lone surrogates are not storable text. "." and ".." are escaped only
+# as whole names.
+_UNSAFE = re.compile(r"[%/@\x00-\x1f\x7f\ud800-\udfff]")
 
 
 def channel_group_name(name: str) -> str:
@@ -164,7 +166,8 @@ def channel_group_name(name: str) -> str:
 
     Escaping is percent-encoding of the character's UTF-8 bytes (lone
     surrogates by their surrogate bytes), as in a URL: ``X:A/pulse_id`` is
-    the group ``X:A%2Fpulse_id``, ``100%`` is ``100%25``, a NUL is ``%00``;
+    the group ``X:A%2Fpulse_id``, ``100%`` is ``100%25``, ``X@2`` is
+    ``X%402`` (never a variant group's name), a NUL is ``%00``;
     the whole names ``.`` and ``..`` are ``%2E`` and ``%2E%2E``. Every
     other name, including any non-ASCII text, is the group name as it is.
     The mapping is one to one: :func:`channel_of_group` inverts it, and

@@ -92,6 +92,14 @@ class FileSlot:
         os.unlink(self.temporary_name, dir_fd=self._dir_fd)
         self.published = True
 
+    def remove(self) -> None:
+        """Unlink the file's name in the pinned directory (an abandoned start), never by its path."""
+        name = self.name if self.published else self.temporary_name
+        try:
+            os.unlink(name, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            pass
+
     def discard(self) -> None:
         """Remove the temporary file of a creation that failed (best effort)."""
         if not self.published:

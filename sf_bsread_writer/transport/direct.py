@@ -18,13 +18,13 @@ class DirectSource:
     is recorded as missing ("not_received"), and the run loop applies the stop.
     """
 
-    def __init__(self, address: str, mode: str = "pull") -> None:
+    def __init__(self, address: str, mode: str = "pull", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.SUB if mode == "sub" else zmq.PULL)
         if mode == "sub":
             self._socket.setsockopt(zmq.SUBSCRIBE, b"")
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_MESSAGE_BYTES)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes)  # as the buffer's ingest
         self._address = address
 
     def start(self) -> "DirectSource":

@@ -16,7 +16,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from ..core.replay_client import ReplayClientState, Rerequest
-from ..core.replay_messages import DEFAULT_WINDOW, Accepted, Data, End, Refused, ReplayEvent, Request
+from ..core.replay_messages import DEFAULT_WINDOW, Accepted, Data, End, ErrorReason, Refused, ReplayEvent, Request
 from .multipart import AdaptiveReceiver
 
 __all__ = ["ReplayClient", "ReplayHandshakeError", "HANDSHAKE_SECONDS"]
@@ -31,7 +31,15 @@ _FIX = ("use the replay address from the buffer's READY line (its --replay-port)
 
 
 class ReplayHandshakeError(ConnectionError):
-    """The address is not a buffer's replay endpoint, or it did not answer; the message names the fix."""
+    """The address is not a buffer's replay endpoint, or it did not answer; the message names the fix.
+
+    ``unavailable``: nothing answered at all (a buffer down or restarting:
+    trying again later may work), as opposed to a wrong address or a refusal.
+    """
+
+    def __init__(self, message: str, unavailable: bool = False) -> None:
+        super().__init__(message)
+        self.unavailable = unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -92,15 +100,22 @@ class ReplayClient:
 
     def _open(self, watch: bool = False) -> None:
         socket = self._context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)
-        # Our own routing id: the buffer names the session by it, so both logs say the same id.
-        self.session_id = secrets.token_hex(8)
-        socket.setsockopt(zmq.ROUTING_ID, bytes.fromhex(self.session_id))
-        # In flight is bounded by the window: no receive limit needed here.
-        socket.setsockopt(zmq.RCVHWM, 0)
-        if watch:
-            self._monitor = socket.get_monitor_socket(_HANDSHAKE_EVENTS)
-        socket.connect(self.address)
+        try:
+            socket.setsockopt(zmq.LINGER, 0)
+            # Our own routing id: the buffer names the session by it, so both logs say the same id.
+            self.session_id = secrets.token_hex(8)
+            socket.setsockopt(zmq.ROUTING_ID, bytes.fromhex(self.session_id))
+            # In flight is bounded by the window: no receive limit needed here.
+            socket.setsockopt(zmq.RCVHWM, 0)
+            if watch:
+                self._monitor = socket.get_monitor_socket(_HANDSHAKE_EVENTS)
+            socket.connect(self.address)
+        except BaseException:
+            if self._monitor is not None:
+                self._monitor.close(linger=0)
+                self._monitor = None
+            socket.close(linger=0)
+            raise
         self._socket = socket
 
     def handshake(self, timeout: float = HANDSHAKE_SECONDS) -> Accepted:
@@ -133,7 +148,7 @@ class ReplayClient:
                 if remaining <= 0:
                     if not connected:
                         raise ReplayHandshakeError(f"nothing answers at {self.address} within {timeout:g} s: is the "
-                                                   f"buffer running there? {_FIX}")
+                                                   f"buffer running there? {_FIX}", unavailable=True)
                     raise ReplayHandshakeError(f"{self.address} did not answer the replay request within "
                                                f"{timeout:g} s (a ZeroMQ peer, but not a buffer?); {_FIX}")
                 if not socket.poll(int(min(remaining, 0.05) * 1000) + 1):
@@ -141,8 +156,14 @@ class ReplayClient:
                 event = self.state.received(self._receiver.receive(socket), self._clock())
                 if isinstance(event, Refused):
                     raise ReplayHandshakeError(f"the buffer at {self.address} refused the request: "
-                                               f"{event.reason}: {event.detail}")
-                if event is not None and not isinstance(event, Rerequest):
+                                               f"{event.reason}: {event.detail}",
+                                               unavailable=event.reason == ErrorReason.TOO_MANY_SESSIONS.value)
+                if isinstance(event, Rerequest):  # the buffer restarted meanwhile: ask it again
+                    self._stop_monitor()
+                    self._restart()
+                    socket = self._socket
+                    connected = handshaken = True  # it answered: only its acceptance is awaited now
+                elif event is not None:
                     self._early.append(event)
         finally:
             self._stop_monitor()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -107,6 +108,9 @@ class NullOutput:
     def flush(self) -> None:
         pass
 
+    def settle_channels(self) -> None:
+        pass
+
     def maybe_flush(self) -> bool:
         return False
 
@@ -166,15 +170,14 @@ def _open_output_directory(directory: str, output_root: str | None) -> int:
 
 
 def abandon_output(start: StartRun, output: Any) -> None:
-    """After a failed start: close what was opened and remove the empty file it created."""
-    if output is None:
+    """After a failed start: close what was opened and remove the file it created (through its folder's descriptor)."""
+    abandon = getattr(output, "abandon", None)
+    if abandon is None:
         return
     try:
-        output.close({})
+        abandon()
     except Exception:  # noqa: BLE001 (best effort; the start already failed)
-        logger.exception("Closing the abandoned output failed")
-    if start.output_file != DEV_NULL and os.path.exists(start.output_file):
-        os.unlink(start.output_file)
+        logger.exception("Removing the abandoned output failed")
 
 
 def summary_path(output_file: str) -> str:
@@ -182,12 +185,27 @@ def summary_path(output_file: str) -> str:
     return output_file + ".summary.json"
 
 
-def write_summary(output_file: str, summary: Mapping[str, Any]) -> str:
-    """Write the run's summary beside its file, whole or not at all (a temporary file renamed)."""
+def write_summary(output_file: str, summary: Mapping[str, Any], output_root: str | None = None) -> str:
+    """Write the run's summary beside its file, whole or not at all, inside the root whatever changed meanwhile.
+
+    Created exclusively, without following a symlink, under a random name
+    in the folder's descriptor (walked from the root as for the file), then
+    renamed over ``<output_file>.summary.json`` in the same folder.
+    """
     path = summary_path(output_file)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(summary, file, indent=2, sort_keys=False)
-        file.write("\n")
-    os.replace(temporary, path)
+    directory_fd = _open_output_directory(os.path.dirname(path), output_root)
+    try:
+        temporary = f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                     dir_fd=directory_fd)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                json.dump(summary, file, indent=2)
+                file.write("\n")
+            os.replace(temporary, os.path.basename(path), src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
+        except BaseException:
+            os.unlink(temporary, dir_fd=directory_fd)
+            raise
+    finally:
+        os.close(directory_fd)
     return path

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.acquisition import EndRun, MoveStop, SilenceWatch
-from ..core.protocol import IgnoredMessage, MessageParser, ProtocolError
+from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES, IgnoredMessage, MessageParser, ProtocolError
 from ..core.pulse_range import MissingRange, PulseRange, Verdict
 from ..core.rates import RateEstimator
 from ..core.replay_messages import BufferLost, Data, End, Gap, GapReason, Refused
@@ -64,7 +64,8 @@ class RunLoop:
 
     def __init__(self, source: Any, output: Any, pulse_range: PulseRange, counters: RunCounters,
                  commands: "queue.SimpleQueue[MoveStop | EndRun]", stop_deadline: float,
-                 on_finishing: Callable[[str], None], clock: Callable[[], float]) -> None:
+                 on_finishing: Callable[[str], None], clock: Callable[[], float],
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.source = source
         self.output = output
         self.range = pulse_range
@@ -72,7 +73,7 @@ class RunLoop:
         self.commands = commands
         self.on_finishing = on_finishing
         self.clock = clock
-        self.parser = MessageParser()
+        self.parser = MessageParser(max_message_bytes)
         now = clock()
         self.silence = SilenceWatch(stop_deadline, now)
         self.started_at = now

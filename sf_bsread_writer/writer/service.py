@@ -20,11 +20,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import __version__
-from ..core.acquisition import BadRequest, EndRun, MoveStop, Outcome, StartRun, State, WriterControl, judge_outcome
+from ..core.acquisition import (
+    BadRequest, EndRun, MoveStop, Outcome, StartRun, State, Unavailable, WriterControl, judge_outcome,
+)
+from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from ..core.pulse_range import PulseRange
 from ..core.replay_messages import Accepted
 from ..core.status import WriterStatistics, json_value
@@ -54,6 +57,7 @@ class WriterSettings:
     flush_interval: float = 1.0
     finished_grace: float = 2.0
     handshake_timeout: float = HANDSHAKE_SECONDS  # how long a start waits for the buffer's acceptance
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -249,7 +253,7 @@ class Writer:
         if not opened.wait(START_TIMEOUT):
             logger.warning("The file and the source are still opening after %.0f s", START_TIMEOUT)
         elif "error" in outcome:
-            raise BadRequest(str(outcome["error"]))
+            raise (Unavailable if outcome.get("unavailable") else BadRequest)(str(outcome["error"]))
         warning = outcome.get("warning")
         if warning:
             logger.warning("Start: %s", warning)
@@ -273,6 +277,7 @@ class Writer:
         except Exception as error:  # noqa: BLE001 (any failure to open is reported to the DAQ)
             logger.exception("Cannot start writing %s", start.output_file)
             outcome["error"] = f"cannot start writing {start.output_file}: {error}"
+            outcome["unavailable"] = "yes" if getattr(error, "unavailable", False) else None
             self._abandon(start, source, output)
             with self._lock:
                 self._control.start_failed(outcome["error"])
@@ -288,7 +293,7 @@ class Writer:
         opened.set()
 
         loop = RunLoop(source, output, pulse_range, self._counters, self._commands, self.settings.stop_deadline,
-                       self._finishing, self._monotonic)
+                       self._finishing, self._monotonic, self.settings.max_message_bytes)
         error_text: str | None = None
         try:
             end_reason = loop.run()
@@ -301,6 +306,11 @@ class Writer:
             except Exception:  # noqa: BLE001 (the file must still be closed)
                 logger.exception("Recording the missing pulses failed")
         self._finishing(end_reason)
+        try:
+            output.settle_channels()  # every refusal known before the outcome is judged
+        except Exception as error:  # noqa: BLE001 (the close below reports what is wrong with the file)
+            logger.exception("Settling the channels failed")
+            error_text = error_text or f"{type(error).__name__}: {error}"
         outcome = self._judge(pulse_range, output, error_text)
         attributes = _requested_range(start.start_pulse_id, start.start_time,
                                       pulse_range.stop_pulse_id, pulse_range.stop_time)
@@ -315,12 +325,13 @@ class Writer:
                 logger.exception("Closing %s failed", what)
                 error_text = error_text or f"closing {what} failed: {error}"
                 outcome = Outcome.FAILED  # the file may say otherwise: the summary and the exit code do not
+        average = loop.average_rate()
+        if average is not None:
+            self._counters.rate = average
+        # The summary before /status says finished: a script that polls and then reads it finds it.
+        self._write_summary(start, replace(self.statistics(), outcome=outcome.value, error=error_text))
         with self._lock:
             self._control.finished(error_text, outcome)
-            average = loop.average_rate()
-            if average is not None:
-                self._counters.rate = average
-        self._write_summary(start)
         logger.info("Closed %s: %s, %d messages, pulse_id %s..%s, %d pulses missing; end: %s%s",
                     start.output_file, outcome.value, self._counters.messages_written, pulse_range.first_pulse_id,
                     pulse_range.last_pulse_id, pulse_range.missing_count, end_reason,
@@ -335,12 +346,13 @@ class Writer:
             refused_channels=len(getattr(output, "refused_channels", {}) or {}),
             range_open=pulse_range.has_stop and not pulse_range.complete, error=error_text)
 
-    def _write_summary(self, start: StartRun) -> None:
+    def _write_summary(self, start: StartRun, statistics: WriterStatistics) -> None:
         """The outcome beside the file (``<output_file>.summary.json``), for scripts, after the process is gone."""
         if start.output_file == DEV_NULL:
             return
         try:
-            write_summary(start.output_file, {"writer": __version__, **self.statistics().to_json()})
+            write_summary(start.output_file, {"writer": __version__, **statistics.to_json()},
+                          self.settings.output_root)
         except OSError as error:
             logger.error("Cannot write the summary beside %s: %s", start.output_file, error)
 
@@ -362,7 +374,8 @@ class Writer:
     # -- default factories -------------------------------------------------------
     def _default_source(self, start: StartRun) -> Any:
         if self.settings.direct:
-            return DirectSource(self.settings.stream_address, self.settings.direct_mode)
+            return DirectSource(self.settings.stream_address, self.settings.direct_mode,
+                                self.settings.max_message_bytes)
         return ReplayClient(self.settings.stream_address, start_pulse_id=start.start_pulse_id,
                             start_time=start.start_time, stop_pulse_id=start.stop_pulse_id,
                             stop_time=start.stop_time)
