@@ -26,7 +26,7 @@ import pytest
 
 from sf_bsread_writer.core import protocol
 from sf_bsread_writer.core.pulse_range import MissingRange
-from sf_bsread_writer.h5 import columns, layout
+from sf_bsread_writer.h5 import columns, layout, variants
 from sf_bsread_writer.h5 import file as h5_file
 from sf_bsread_writer.h5.file import H5File
 
@@ -420,33 +420,132 @@ def test_channel_added_and_removed_mid_run(tmp_path: Path) -> None:
         assert data["NEW/data"].asstr()[:].tolist() == [""] * 6 + [f"n{p}" for p in range(106, 110)]
 
 
-def test_channel_retyped_and_reshaped_mid_run_goes_to_variant_groups(tmp_path: Path) -> None:
+def test_channel_retyped_and_reshaped_mid_run_ends_in_the_originals_layout(tmp_path: Path) -> None:
+    """The newest type under data, older ones as data(1), data(2)...; one presence, pulse_id, timestamp."""
     path = tmp_path / "retyped.h5"
     float_spec = [channel("OTHER"), channel("X")]
     int_spec = [channel("OTHER"), channel("X", "int32")]
     wave_spec = [channel("OTHER"), channel("X", "int32", (3,))]
     with H5File(path, block_rows=2) as h5:
-        h5.append(message(1, float_spec, [1.0, 1.5]))
-        h5.append(message(2, int_spec, [2.0, 2]))
-        h5.append(message(3, wave_spec, [3.0, np.array([3, 4, 5], "<i4")]))
-        h5.append(message(4, float_spec, [4.0, 4.5]))  # back to the first type
-        h5.append(message(5, int_spec, [5.0, None]))
+        h5.append(message(1, float_spec, [1.0, 1.5], timestamp=1_700_000_001))
+        h5.append(message(2, int_spec, [2.0, 2], timestamp=1_700_000_002))
+        h5.append(message(3, wave_spec, [3.0, np.array([3, 4, 5], "<i4")], timestamp=1_700_000_003))
+        h5.append(message(4, float_spec, [4.0, 4.5], timestamp=1_700_000_004))  # the first type: newest again
+        h5.append(message(5, int_spec, [5.0, None], timestamp=1_700_000_005))
     with read(path) as f:
         data = f["data"]
-        assert sorted(data) == ["OTHER", "X", "X@2", "X@3"]
-        assert data["X/data"].dtype == np.dtype("<f8")
-        assert list(data["X/data"][:, 0]) == [1.5, 0, 0, 4.5, 0]
-        assert list(data["X/pulse_id"][:]) == [1, 0, 0, 4, 0]
-        assert data["X@2/data"].dtype == np.dtype("<i4") and data["X@2/data"].shape == (5, 1)
-        assert list(data["X@2/pulse_id"][:]) == [0, 2, 0, 0, 0]
-        assert data["X@3/data"].shape == (5, 3)
-        assert list(data["X@3/data"][2]) == [3, 4, 5]
-        assert list(data["X@3/is_data_present"][:]) == [0, 0, 1, 0, 0]
-        assert data["X@3"].attrs["channel"] == "X" and data["X@3"].attrs["variant"] == 3
-        assert list(data["X"].attrs["variants"]) == ["X", "X@2", "X@3"]
-        # Exactly one group holds each present value of X.
-        present = sum(data[g]["is_data_present"][:].astype(int) for g in ("X", "X@2", "X@3"))
-        assert list(present) == [1, 1, 1, 1, 0]
+        assert sorted(data) == ["OTHER", "X"]
+        x = data["X"]
+        assert sorted(x) == ["data", "data(1)", "data(2)", "data_variant", "is_data_present", "pulse_id",
+                             "timestamp"]
+        # data: the type of the last present value, every row.
+        assert x["data"].dtype == np.dtype("<f8") and x["data"].shape == (5, 1)
+        assert list(x["data"][:, 0]) == [1.5, 0, 0, 4.5, 0]
+        # data(1), data(2): older types by their last value, cut where the next one took over.
+        assert x["data(1)"].dtype == np.dtype("<i4") and x["data(1)"][()].tolist() == [[0], [2]]
+        assert x["data(2)"][()].tolist() == [[0, 0, 0], [0, 0, 0], [3, 4, 5]]
+        assert list(x["is_data_present"][()]) == [1, 1, 1, 1, 0]
+        assert list(x["pulse_id"][()]) == [1, 2, 3, 4, 0]
+        assert list(x["timestamp"][()]) == [(1_700_000_000 + p) * 10**9 for p in (1, 2, 3, 4)] + [0]
+        assert list(x["data_variant"][()]) == [0, 1, 2, 0, 0]
+        # The group describes data; every data dataset describes itself.
+        assert x.attrs["type"] == "float64" and "variants" not in x.attrs and "variant" not in x.attrs
+        assert x["data(1)"].attrs["type"] == "int32" and list(x["data(2)"].attrs["shape"]) == [3]
+        assert x["data"].attrs["type"] == "float64" and x["data(2)"].attrs["name"] == "X"
+        assert "data_variant" not in data["OTHER"]
+
+
+def test_a_type_change_reads_like_the_originals_file(tmp_path: Path) -> None:
+    """The original's own integration scenario: 10 scalars, then arrays of 3 -> data(1) 10 rows, data 30."""
+    path = tmp_path / "changing.h5"
+    with H5File(path) as h5:
+        for pulse_id in range(30):
+            value: Any = pulse_id if pulse_id < 10 else np.array([pulse_id] * 3, "<i8")
+            h5.append(message(pulse_id, [channel("changing_source", "int64", (1,) if pulse_id < 10 else (3,))],
+                              [value]))
+    with read(path) as f:
+        x = f["data/changing_source"]
+        assert len(x["data(1)"]) == 10 and len(x["data"]) == 30
+        assert x["data(1)"][:, 0].tolist() == list(range(10))
+        assert x["data"][10:].tolist() == [[p] * 3 for p in range(10, 30)]
+        assert not x["data"][:10].any()
+        assert x["is_data_present"][()].all() and list(x["pulse_id"][()]) == list(range(30))
+        assert list(x["data_variant"][()]) == [1] * 10 + [0] * 20
+
+
+@pytest.mark.parametrize("presence, order, lengths, variant_of_row", [
+    # A -> B: the original's numbering (A = data(1), cut where B began).
+    ([[1, 1, 0, 0], [0, 0, 1, 1]], (0, 1), (2, 4), [1, 1, 0, 0]),
+    # absent rows between the types: data(1) ends where B's first value is, not after A's last.
+    ([[1, 0, 0, 0, 0], [0, 0, 0, 1, 0]], (0, 1), (3, 5), [1, 0, 0, 0, 0]),
+    # A -> B -> A: A is the newest; B is cut where A came back.
+    ([[1, 0, 1], [0, 1, 0]], (1, 0), (2, 3), [0, 1, 0]),
+    # A -> B -> C
+    ([[1, 0, 0], [0, 1, 0], [0, 0, 1]], (0, 1, 2), (1, 2, 3), [1, 2, 0]),
+    # a variant with no value left (a late stop removed them): the oldest, data(1) with no row.
+    ([[1, 1], [0, 0]], (1, 0), (0, 2), [0, 0]),
+], ids=["a_then_b", "gap_between", "a_b_a", "a_b_c", "emptied"])
+def test_plan_merge_orders_and_cuts_like_the_original(presence: list[list[int]], order: tuple[int, ...],
+                                                      lengths: tuple[int, ...], variant_of_row: list[int]) -> None:
+    plan = variants.plan_merge([np.array(p, dtype="u1") for p in presence])
+    assert (plan.order, plan.lengths, plan.variant_of_row.tolist()) == (order, lengths, variant_of_row)
+    for index, row_flags in enumerate(presence):  # nothing present is ever cut
+        kept = plan.lengths[plan.order.index(index)]
+        assert not any(row_flags[kept:])
+
+
+def test_plan_merge_refuses_what_cannot_be_a_channel() -> None:
+    with pytest.raises(ValueError):
+        variants.plan_merge([])
+    with pytest.raises(ValueError):
+        variants.plan_merge([np.zeros(3, "u1"), np.zeros(2, "u1")])
+
+
+_RETYPE_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    import h5py
+    from sf_bsread_writer.core import protocol
+    from sf_bsread_writer.h5.file import H5File
+    path, when = sys.argv[1], sys.argv[2]
+    parser = protocol.MessageParser()
+    h5 = H5File(path, {"general/user": "kill-test"})
+    for pulse_id in range(1, 7):
+        spec = {"name": "X", "type": "float64" if pulse_id < 4 else "int32", "shape": [1]}
+        h5.append(parser.parse(protocol.build_message(pulse_id, [spec], [pulse_id + 0.5 if pulse_id < 4 else pulse_id],
+                                                      timestamp=1_700_000_000 + pulse_id)))
+    h5.flush()
+    if when == "before_close":
+        os.kill(os.getpid(), signal.SIGKILL)
+    moves = []
+    original_move = h5py.Group.move
+    def move_then_die(self, source, dest):
+        original_move(self, source, dest)
+        moves.append(dest)
+        if len(moves) == 2:  # both data datasets staged, none in place yet
+            os.kill(os.getpid(), signal.SIGKILL)
+    h5py.Group.move = move_then_die
+    h5.close()
+""")
+
+
+@pytest.mark.parametrize("when", ["before_close", "mid_merge"])
+def test_a_killed_file_with_a_type_change_keeps_the_writing_layout(tmp_path: Path, when: str) -> None:
+    """Until the close merges them, a changed channel's types are in sibling groups: each one whole."""
+    path = tmp_path / "killed-retyped.h5"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", _RETYPE_CHILD, str(path), when], env=env, timeout=60,
+                            capture_output=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    with h5py.File(path, "r") as f:
+        assert f.attrs["complete"] == 0 and f.attrs["number_of_messages"] == 6
+        assert sorted(f["data"]) == ["X", "X@2"]
+        first, second = f["data/X"], f["data/X@2"]
+        assert first["data"][:, 0].tolist() == [1.5, 2.5, 3.5, 0, 0, 0]
+        assert second["data"][:, 0].tolist() == [0, 0, 0, 4, 5, 6] and second["data"].dtype == np.dtype("<i4")
+        assert list(first.attrs["variants"]) == ["X", "X@2"]
+        assert second.attrs["channel"] == "X" and second.attrs["variant"] == 2
+        assert list(first["is_data_present"][()] + second["is_data_present"][()]) == [1] * 6
 
 
 def test_byte_order_or_compression_change_is_not_a_retype(tmp_path: Path) -> None:
@@ -702,7 +801,7 @@ def test_kill_9_leaves_a_readable_file_with_data_up_to_the_last_flush(
 
 _CAM = channel("CAM", "uint16", (80, 96), compression="bitshuffle_lz4")  # 15 KiB: a direct chunk column
 _FLOAT_SPECS = [channel("X"), channel("S", "string"), _CAM]
-_INT_SPECS = [channel("X", "int32"), channel("S", "string"), _CAM]  # X retyped: /data/X@2
+_INT_SPECS = [channel("X", "int32"), channel("S", "string"), _CAM]  # X retyped: /data/X/data(1) at close
 
 
 def _late_stop_messages() -> list[protocol.Message]:
@@ -764,7 +863,8 @@ def test_truncate_removes_the_rows_after_a_late_stop(tmp_path: Path, flushed: in
         assert f.attrs["rows_removed_after_stop"] == 3 and f.attrs["complete"] == 1
         assert f["missing"][()].tolist() == [(20, 25, 6, b"source_silent")] and f.attrs["missing_pulses"] == 6
         assert f["data/CAM"].attrs["storage"] == "bitshuffle_lz4 direct chunk"
-        assert list(f["data/X@2/pulse_id"][()]) == [0, 11, 0]
+        assert list(f["data/X/data_variant"][()]) == [0, 1, 0] and f["data/X/data(1)"][()].tolist() == [[0], [2]]
+        assert list(f["data/X/pulse_id"][()]) == [10, 11, 12]
         for row in range(keep):
             np.testing.assert_array_equal(f["data/CAM/data"][row], _image(10 + row))
 
@@ -845,9 +945,11 @@ def test_every_channel_name_maps_to_a_documented_group_and_the_close_is_not_affe
         for index, (name, group_name) in enumerate(HOSTILE_NAMES.items()):
             group = f["data"][group_name]
             assert group.attrs["name"] == layout.storable_text(name)
-            np.testing.assert_array_equal(group["data"][:3, 0], [1 + index, 2 + index, 3 + index])
+            first_type = group["data(1)" if name == "X:A" else "data"]  # X:A: the newer type is in data
+            np.testing.assert_array_equal(first_type[:3, 0], [1 + index, 2 + index, 3 + index])
             assert layout.channel_of_group(group_name) == name
-        assert sorted(f["data"]) == sorted(set(HOSTILE_NAMES.values()) | {"X:A@2"})
+        assert sorted(f["data"]) == sorted(HOSTILE_NAMES.values())
+        assert f["data/X:A/data"].dtype == np.dtype("<i4") and f["data/X:A/data(1)"].shape == (3, 1)
 
 
 def test_a_channel_whose_group_cannot_be_made_is_refused_and_nothing_else_is_lost(

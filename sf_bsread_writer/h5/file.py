@@ -43,8 +43,11 @@ value, with the type of that value, and earlier rows read as absent (fill
 value 0) — so a channel first seen absent (the Python sender announces an
 absent value as ``float64 [1]``) keeps every value that arrives later. A
 value whose (type, shape) differs from the channel's first one goes to a
-sibling group ``/data/<channel>@2`` (``@3``...), never into a renamed
-dataset: ``/data/<channel>/data`` always keeps the first type.
+sibling group ``/data/<channel>@2`` (``@3``...) while the file is written:
+appending never renames a dataset, so a killed file is always a consistent
+state of that "writing layout". At close the groups are merged into the
+original writer's layout (the newest type under ``data``, older ones as
+``data(1)``...): ``h5.variants``.
 """
 from __future__ import annotations
 
@@ -68,6 +71,7 @@ from .layout import (
 )
 from .packed import HeaderPlan, PackedRows
 from .placement import FileSlot
+from .variants import merge_variants
 
 __all__ = [
     "H5File",
@@ -388,6 +392,7 @@ class H5File:
                 self.set_attributes(attributes)
             self.settle_channels()
             self._write_block()
+            self._merge_variants()
             self._write_missing()
             self._write_file_attributes(complete=True)
             self._slot.check(self._file_fd)  # complete, but where nobody will find it: an error
@@ -491,6 +496,21 @@ class H5File:
             logger.warning("channel %s changed to %s %s: values go to /data/%s",
                            spec.name, signature[0], list(signature[1]), group_name)
         return column
+
+    def _merge_variants(self) -> None:
+        """Channels that changed type: their variant groups into the original's layout (``h5.variants``).
+
+        A merge that HDF5 refuses is logged and leaves that channel in the
+        writing layout (its data is all there); it never costs the close.
+        """
+        for name, variants in self._columns.items():
+            if len(variants) < 2:
+                continue
+            try:
+                merge_variants(self._data, [column.group for column in variants.values()])
+            except Exception:  # noqa: BLE001 (the rows are on disk either way)
+                logger.exception("channel %r: its types could not be merged; %s keeps /data/%s@n groups",
+                                 name, self.path, channel_group_name(name))
 
     def _refuse(self, name: str, reason: str) -> None:
         logger.error("channel %r refused: %s; its values are not in %s", name, reason, self.path)
