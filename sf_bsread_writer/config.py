@@ -252,8 +252,9 @@ WRITER_OPTIONS: list[Option] = [
            "Seconds between flushes of the file (what survives a kill -9)."),
     Option("max_message_bytes", ("--max-message-bytes",), DEFAULT_MAX_MESSAGE_BYTES, int,
            "A message larger than this is rejected (set it as the buffer's --max-message-bytes)."),
-    Option("finished_grace", ("--finished-grace",), 2.0, float,
-           "Seconds the REST API keeps answering 'finished' before the process exits."),
+    Option("finished_grace", ("--finished-grace",), 0.5, float,
+           "Seconds the REST API keeps answering 'finished' before the process exits (the original's clients "
+           "expect the process gone within 1.5 s of the stop; a poller slower than this sees it gone)."),
     _log_option,
 ]
 

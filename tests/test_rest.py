@@ -149,9 +149,9 @@ def test_parameters(api):
     (b"\xff\xfe", ["not valid JSON"]),
     (b"[1, 2]", ["JSON object"]),
     (b'"general/user"', ["JSON object"]),
-    (json.dumps({"general/user": "x"}).encode(), ["missing parameters", "general/created", "general/process",
+    (json.dumps({"general/user": "x"}).encode(), ["Missing mandatory parameters", "general/created", "general/process",
                                                    "general/instrument"]),
-    (json.dumps({**PARAMETERS, "general/user": None}).encode(), ["missing parameters: general/user"]),
+    (json.dumps({**PARAMETERS, "general/user": None}).encode(), ["Missing mandatory parameters: general/user"]),
     (json.dumps({**PARAMETERS, "general/user": [1]}).encode(), ["general/user must be a string"]),
     # hostile bodies: were 500 (RecursionError) or accepted (NaN)
     (b"[" * 50_000 + b"]" * 50_000, ["nested too deeply"]),
@@ -236,10 +236,13 @@ def test_a_range_written_through_the_api(api):
     assert call(api, "PUT", "/stop_pulse_id/105")[1]["status"] == "writing"
     wait_for(lambda: api.source.stops == [(105, None)], message="stop passed to the source")
     api.source.send(105, 106)
-    wait_for(lambda: api.writer.done.is_set(), message="the writer to finish")
+    # A start that names its output_file is persistent (as in the original): back to waiting, the
+    # statistics of the run that ended stay until the next start.
+    wait_for(lambda: call(api, "GET", "/statistics")[1]["statistics"]["runs_finished"] == 1,
+             message="the run to end")
     status, body = call(api, "GET", "/statistics")
     statistics = body["statistics"]
-    assert body["status"] == "finished"
+    assert body["status"] == "waiting" and statistics["outcome"] == "partial"
     assert {key: statistics[key] for key in ("start_pulse_id", "stop_pulse_id", "last_pulse_id", "first_pulse_id",
                                              "messages_written", "messages_before_start", "missing_pulses",
                                              "progress", "end_reason")} == {
@@ -257,7 +260,10 @@ def test_a_range_written_through_the_api(api):
         assert file.attrs["requested_start_pulse_id"] == 100 and file.attrs["requested_stop_pulse_id"] == 105
         assert file.attrs["end_reason"] == "stop_reached"
         assert file["missing"][()].tolist() == [(103, 103, 1, b"pulse_id_jump")]
-    assert_error(api, "PUT", "/stop_now", 409, "finished")
+    assert_error(api, "PUT", "/stop_now", 409, "has not started")
+    assert not api.writer.done.is_set()
+    assert call(api, "GET", "/stop") == (200, {"state": "ok", "status": "finished"})
+    assert api.writer.done.is_set() and api.writer.exit_code == 3
 
 
 def test_stop_closes_the_file_and_answers_when_closed(api):
@@ -324,9 +330,11 @@ def test_client_methods_and_errors(api):
     assert client.start_pulse_id(7, output_file="client.h5") == "writing"
     assert client.stop_pulse_id(8) == "writing"
     api.source.send(7, 8)
-    assert client.wait_for("finished", timeout=20, interval=0.05) == "finished"
+    # Its own output_file: persistent, so the run's end is "waiting" again, and /stop ends the writer.
+    assert client.wait_for("waiting", timeout=20, interval=0.05) == "waiting"
     assert client.statistics()["last_pulse_id"] == 8
     assert (api.root / "client.h5").exists()
+    assert client.stop() == "finished"
 
 
 def test_client_cli(api, capsys):
@@ -444,10 +452,13 @@ def test_a_removed_output_folder_ends_the_run_as_an_error(api):
     wait_for(lambda: api.writer.statistics().rows_flushed == 3, message="3 rows on disk")
     shutil.rmtree(api.root / "run")
     api.source.send(4, 5, 6)  # the next flush finds the file gone
-    wait_for(api.writer.done.is_set, message="the writer to end")
+    # A persistent run (its own output_file): the error is the run's, the writer waits for the next start.
+    wait_for(lambda: api.writer.statistics().runs_finished == 1, message="the run to end")
     statistics = api.writer.statistics()
-    assert api.writer.status() == "error" and api.writer.exit_code == 1
+    assert api.writer.status() == "waiting" and statistics.outcome == "failed"
     assert "removed while it was written" in statistics.error and statistics.end_reason == "writer_error"
+    api.writer.stop()
+    assert api.writer.done.is_set() and api.writer.exit_code == 1  # the worst run's outcome
 
 
 # -- the outcome: complete, partial, failed --------------------------------------

@@ -213,8 +213,9 @@ def test_start_and_stop_by_time(stream, tmp_path):
         assert client.start_now(output_file=str(tmp_path / "by_time.h5")) == "writing"
         wait_for(lambda: client.statistics()["messages_written"] >= 20, timeout=DEADLINE, message="20 messages")
         client.stop_now()
-        assert client.wait_for("finished", timeout=DEADLINE) == "finished"
+        assert client.wait_for("waiting", timeout=DEADLINE) == "waiting"  # its own output_file: persistent
         statistics = client.statistics()
+        assert client.stop() == "finished"
     pulse_ids = written_pulse_ids(tmp_path / "by_time.h5")
     assert pulse_ids == list(range(pulse_ids[0], pulse_ids[0] + len(pulse_ids)))  # contiguous
     assert len(pulse_ids) == statistics["messages_written"] >= 20

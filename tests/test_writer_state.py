@@ -9,6 +9,7 @@ from sf_bsread_writer.core.acquisition import (
     BadRequest,
     EndRun,
     MoveStop,
+    Outcome,
     StartRun,
     State,
     WriterControl,
@@ -136,9 +137,9 @@ def test_output_file_is_checked_at_start():
 
 @pytest.mark.parametrize("body, words", [
     ([1, 2], "JSON object"), ("text", "JSON object"), (None, "JSON object"),
-    ({}, "missing parameters: general/created, general/user, general/process, general/instrument"),
-    ({**PARAMETERS, "general/user": ""}, "missing parameters: general/user"),
-    ({k: v for k, v in PARAMETERS.items() if k != "general/process"}, "missing parameters: general/process"),
+    ({}, "Missing mandatory parameters: general/created, general/user, general/process, general/instrument"),
+    ({**PARAMETERS, "general/user": ""}, "Missing mandatory parameters: general/user"),
+    ({k: v for k, v in PARAMETERS.items() if k != "general/process"}, "Missing mandatory parameters: general/process"),
     ({**PARAMETERS, "general/user": {"name": "x"}}, "general/user must be a string or a number"),
     ({**PARAMETERS, "general/created": True}, "general/created must be a string or a number"),
 ])
@@ -208,6 +209,60 @@ def test_failure_while_writing_is_error():
     control.finishing("writer_error")
     control.finished("OSError: disk full")
     assert control.state is State.ERROR and control.error == "OSError: disk full"
+
+
+# -- persistent mode (the original's: a start that names its output_file) ----------
+def test_a_persistent_run_that_ends_by_itself_waits_for_the_next_start():
+    control = WriterControl("default.h5")
+    control.set_parameters(PARAMETERS)
+    control.stop_at_pulse(20)  # a stop set before the start belongs to that start
+    start = control.start_at_pulse(10, output_file="run1.h5")
+    assert start.persistent and start.stop_pulse_id == 20
+    control.finishing("stop_reached")
+    control.finished(outcome=Outcome.COMPLETE)
+    assert control.state is State.WAITING and control.runs_finished == 1
+    # Nothing of the last range carries over; the parameters do.
+    assert (control.start_pulse_id, control.stop_pulse_id, control.output_file) == (None, None, "default.h5")
+    assert control.outcome is Outcome.COMPLETE and control.parameters == PARAMETERS
+    second = control.start_now(5.0, output_file="run2.h5")
+    assert second.stop_pulse_id is None and second.persistent and control.outcome is None
+    control.finishing("source_silent")
+    control.finished(outcome=Outcome.PARTIAL)
+    assert control.state is State.WAITING and control.exit_outcome is Outcome.PARTIAL
+    assert control.stop() is None  # /stop while waiting ends the process
+    assert control.state is State.FINISHED and control.end_reason == "source_silent"
+    assert control.exit_outcome is Outcome.PARTIAL and control.runs_finished == 2
+
+
+def test_a_persistent_run_ended_by_stop_ends_the_process():
+    control = WriterControl("default.h5")
+    control.start_at_pulse(10, output_file="run1.h5")
+    assert control.stop("killed") == EndRun("killed")
+    control.finished(outcome=Outcome.COMPLETE)
+    assert control.state is State.FINISHED
+    with pytest.raises(WrongState, match="finished"):
+        control.start_at_pulse(11, output_file="run2.h5")
+
+
+def test_a_start_without_its_own_output_file_is_the_last_one():
+    control = WriterControl("default.h5")
+    control.start_at_pulse(10, output_file="run1.h5")
+    control.finished(outcome=Outcome.FAILED)
+    start = control.start_at_pulse(11)
+    assert not start.persistent and start.output_file == "default.h5"
+    control.finished(outcome=Outcome.COMPLETE)
+    assert control.state is State.FINISHED
+    assert control.outcome is Outcome.COMPLETE and control.exit_outcome is Outcome.FAILED  # the worst run counts
+
+
+def test_an_error_in_a_persistent_run_is_reported_and_the_writer_waits():
+    control = WriterControl("default.h5")
+    control.start_now(1.0, output_file="run1.h5")
+    control.finishing("writer_error")
+    control.finished("OSError: disk full", Outcome.FAILED)
+    assert control.state is State.WAITING and control.error == "OSError: disk full"
+    control.start_now(2.0, output_file="run2.h5")
+    assert control.error is None
 
 
 # -- the pulse range ---------------------------------------------------------------

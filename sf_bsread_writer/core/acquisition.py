@@ -12,9 +12,15 @@ sockets, files or clock here: ``now`` is an argument.
 States::
 
     waiting --start--> writing --stop reached / silent source / stop, kill, signal--> finishing --> finished
-       |   ^                  `-- an exception while writing ----------------------> finishing --> error
-       |   `-- the file or the source cannot be opened (400; the DAQ may try again)
-       `-- /stop, /kill, SIGTERM before any start (no file) --------------------------------> finished
+       |   ^ ^                `-- an exception while writing ----------------------> finishing --> error
+       |   | `-- the file or the source cannot be opened (400; the DAQ may try again)
+       |   `---- persistent mode: the run ended by itself (not by /stop, /kill, a signal) <-- finishing
+       `-- /stop, /kill, SIGTERM while waiting (before any start, or between persistent runs) -> finished
+
+Persistent mode is the original's: a start that names its own
+``output_file`` keeps the process for the next start once its run is over;
+a start without one is the last. The process's exit code is then the worst
+outcome of all its runs (:attr:`WriterControl.exit_outcome`).
 """
 from __future__ import annotations
 
@@ -128,7 +134,9 @@ def check_parameters(body: object) -> dict:
         raise BadRequest(f"parameters must be a JSON object, not {type(body).__name__}")
     missing = [name for name in REQUIRED_PARAMETERS if body.get(name) in (None, "")]
     if missing:
-        raise BadRequest(f"missing parameters: {', '.join(missing)} (required: {', '.join(REQUIRED_PARAMETERS)})")
+        # "Missing mandatory parameters" is the original's wording, which its clients look for.
+        raise BadRequest(f"Missing mandatory parameters: {', '.join(missing)} "
+                         f"(required: {', '.join(REQUIRED_PARAMETERS)})")
     for name in REQUIRED_PARAMETERS:
         value = body[name]
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
@@ -153,6 +161,7 @@ class StartRun:
     stop_pulse_id: int | None
     stop_time: float | None
     parameters: dict
+    persistent: bool = False  # the start named its output_file: the process waits for the next start after it
 
 
 @dataclass(frozen=True)
@@ -195,7 +204,11 @@ class WriterControl:
         self.stop_time: float | None = None
         self.end_reason: str | None = None
         self.error: str | None = None
-        self.outcome: Outcome | None = None  # once the run has ended
+        self.outcome: Outcome | None = None  # of the last run, once it has ended
+        self.persistent = False  # the current (or last) run keeps the process for the next start
+        self.ending = False  # /stop, /kill or a signal: the process ends after the current run
+        self.runs_finished = 0
+        self.exit_outcome: Outcome | None = None  # the worst outcome of every run so far
 
     # -- what the DAQ asks ---------------------------------------------------
     def set_parameters(self, body: object) -> dict:
@@ -235,10 +248,12 @@ class WriterControl:
         return MoveStop(self.stop_pulse_id, self.stop_time, now=True)
 
     def stop(self, reason: str = "stopped") -> EndRun | None:
-        """End the acquisition now (``GET /stop``, ``/kill``, a signal). None: no run to close."""
+        """End the acquisition and the process (``GET /stop``, ``/kill``, a signal). None: no run to close."""
+        self.ending = True
         if self.state is State.WAITING:
             self.state = State.FINISHED
-            self.end_reason = f"{reason} before start"
+            if not self.runs_finished:
+                self.end_reason = f"{reason} before start"
             return None
         if self.state is State.WRITING:
             self.state = State.FINISHING
@@ -266,10 +281,20 @@ class WriterControl:
             self.end_reason = reason
 
     def finished(self, error: str | None = None, outcome: "Outcome | None" = None) -> None:
-        self.state = State.ERROR if error else State.FINISHED
+        """The run's file is closed. A persistent run that ended by itself goes back to waiting."""
+        self.runs_finished += 1
+        self.outcome = outcome
+        if outcome is not None and (self.exit_outcome is None or outcome.exit_severity > self.exit_outcome.exit_severity):
+            self.exit_outcome = outcome
         if error:
             self.error = error
-        self.outcome = outcome
+        if self.persistent and not self.ending:
+            self.state = State.WAITING
+            # The next run asks for its own range: nothing of this one carries over but the parameters.
+            self.start_pulse_id = self.start_time = self.stop_pulse_id = self.stop_time = None
+            self.output_file = self.default_output_file
+            return
+        self.state = State.ERROR if error else State.FINISHED
 
     # -- helpers ---------------------------------------------------------------
     def _require_waiting(self, what: str) -> None:
@@ -290,8 +315,10 @@ class WriterControl:
         self.output_file = path
         self.start_pulse_id, self.start_time = start_pulse_id, start_time
         self.state = State.WRITING
-        self.error = None
-        return StartRun(path, start_pulse_id, start_time, self.stop_pulse_id, self.stop_time, dict(self.parameters))
+        self.error = self.end_reason = self.outcome = None
+        self.persistent = output_file is not None
+        return StartRun(path, start_pulse_id, start_time, self.stop_pulse_id, self.stop_time, dict(self.parameters),
+                        self.persistent)
 
 
 # ---------------------------------------------------------------------------
@@ -357,6 +384,11 @@ class Outcome(str, enum.Enum):
     @property
     def exit_code(self) -> int:
         return {Outcome.COMPLETE: 0, Outcome.PARTIAL: 3, Outcome.FAILED: 1}[self]
+
+    @property
+    def exit_severity(self) -> int:
+        """For the worst of several runs (persistent mode): failed > partial > complete."""
+        return {Outcome.COMPLETE: 0, Outcome.PARTIAL: 1, Outcome.FAILED: 2}[self]
 
 
 def judge_outcome(rows: int, missing_pulses: int, lost_without_pulse_ids: int | None, refused_channels: int,

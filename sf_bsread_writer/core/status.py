@@ -411,6 +411,7 @@ class WriterStatistics(_Record):
     end_reason: str | None
     error: str | None
     outcome: str | None  # complete | partial | failed, once the run has ended (docs/writer.md)
+    runs_finished: int = 0  # runs whose file is closed (more than one only in persistent mode)
 
     @staticmethod
     def missing_summary(missing: Iterable[MissingRange]) -> dict[str, Any]:

@@ -9,8 +9,11 @@ commands on a queue; **one run thread owns the source and the file**
 through the same lock.
 
 In ``finished`` and ``error`` the file is closed; the CLI (``writer.cli``)
-answers ``/status`` for ``--finished-grace`` seconds, then exits 0
-(finished) or 1 (error). Nothing here calls ``os._exit``.
+answers ``/status`` for ``--finished-grace`` seconds, then exits with the
+outcome's code. In persistent mode (a start that names its own
+``output_file``, as in the original) a run that ends by itself brings the
+writer back to ``waiting`` for the next start, and only ``/stop``,
+``/kill`` or a signal end the process. Nothing here calls ``os._exit``.
 """
 from __future__ import annotations
 
@@ -36,12 +39,14 @@ from ..transport.replay_client import HANDSHAKE_SECONDS, ReplayClient
 from .outputs import DEV_NULL, abandon_output, open_output, resolve_output_file, write_summary
 from .run_loop import RunCounters, RunLoop
 
-__all__ = ["WriterSettings", "Writer", "Started", "START_TIMEOUT"]
+__all__ = ["WriterSettings", "Writer", "Started", "START_TIMEOUT", "NO_PULSE_ID"]
 
 logger = logging.getLogger(__name__)
 
 # How long a start request waits for the run thread to open the file and the source.
 START_TIMEOUT = 20.0
+# /statistics' last_pulse_id before any message is written (the original's -1, which its clients compare with).
+NO_PULSE_ID = -1
 
 
 @dataclass
@@ -55,7 +60,7 @@ class WriterSettings:
     direct_mode: str = "pull"
     stop_deadline: float = 10.0
     flush_interval: float = 1.0
-    finished_grace: float = 2.0
+    finished_grace: float = 0.5  # as the CLI's default (docs/writer.md, "The exit")
     handshake_timeout: float = HANDSHAKE_SECONDS  # how long a start waits for the buffer's acceptance
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
@@ -121,6 +126,7 @@ class Writer:
         self._range: PulseRange | None = None
         self._output: Any = None
         self._thread: threading.Thread | None = None
+        self._last_run: WriterStatistics | None = None  # persistent mode: shown while waiting for the next start
         self.done = threading.Event()
         self.exit_at_once = threading.Event()  # /kill or a signal: no grace period
 
@@ -134,8 +140,8 @@ class Writer:
 
     @property
     def exit_code(self) -> int:
-        """0 complete (or ended before any start), 3 partial, 1 failed (docs/writer.md, "Outcome")."""
-        outcome = self._control.outcome
+        """0 complete (or ended before any start), 3 partial, 1 failed: the worst run's (docs/writer.md, "Outcome")."""
+        outcome = self._control.exit_outcome
         if outcome is not None:
             return outcome.exit_code
         return 1 if self._control.state is State.ERROR else 0
@@ -186,7 +192,7 @@ class Writer:
             if command is not None:
                 self._commands.put(command)
             elif self._thread is None and self._control.state is State.FINISHED:
-                self.done.set()  # stopped before any start: no file, nothing to close
+                self.done.set()  # stopped while waiting (before any start, or between persistent runs)
         logger.info("Stop requested (%s)", reason)
         if wait is not None:
             self.done.wait(wait)
@@ -198,15 +204,21 @@ class Writer:
         return self.stop("killed", wait)
 
     def statistics(self) -> WriterStatistics:
-        """``GET /statistics``, typed (``.to_json()`` is the answer)."""
+        """``GET /statistics``, typed (``.to_json()`` is the answer).
+
+        Between persistent runs: the last run's, until the next start.
+        """
         with self._lock:
             control, pulse_range, output, counters = self._control, self._range, self._output, self._counters
+            if control.state is State.WAITING and self._last_run is not None:
+                return replace(self._last_run, runs_finished=control.runs_finished)
+            last_pulse_id = pulse_range.last_pulse_id if pulse_range else None
             return WriterStatistics(
                 start_pulse_id=control.start_pulse_id,
                 stop_pulse_id=control.stop_pulse_id,
                 start_timestamp=control.start_time,
                 stop_timestamp=control.stop_time,
-                last_pulse_id=pulse_range.last_pulse_id if pulse_range else None,
+                last_pulse_id=NO_PULSE_ID if last_pulse_id is None else last_pulse_id,
                 last_timestamp=pulse_range.last_timestamp if pulse_range else None,
                 first_pulse_id=pulse_range.first_pulse_id if pulse_range else None,
                 first_timestamp=pulse_range.first_timestamp if pulse_range else None,
@@ -231,6 +243,7 @@ class Writer:
                 end_reason=control.end_reason,
                 error=control.error,
                 outcome=control.outcome.value if control.outcome is not None else None,
+                runs_finished=control.runs_finished,
             )
 
     # -- start -------------------------------------------------------------------
@@ -247,6 +260,8 @@ class Writer:
         opened = threading.Event()
         outcome: dict[str, str | None] = {}
         with self._lock:
+            # A run's own figures (the last run's stay in _last_run until this one has some).
+            self._counters, self._range, self._output = RunCounters(), None, None
             self._thread = threading.Thread(target=self._run, args=(start, opened, outcome), name="writer-run",
                                             daemon=True)
             self._thread.start()
@@ -329,14 +344,23 @@ class Writer:
         if average is not None:
             self._counters.rate = average
         # The summary before /status says finished: a script that polls and then reads it finds it.
-        self._write_summary(start, replace(self.statistics(), outcome=outcome.value, error=error_text))
+        final = replace(self.statistics(), outcome=outcome.value, error=error_text,
+                        runs_finished=self._control.runs_finished + 1)
+        self._write_summary(start, final)
         with self._lock:
             self._control.finished(error_text, outcome)
+            ended = self._control.state is not State.WAITING
+            if not ended:  # persistent: ready for the next start
+                self._last_run = final
+                self._thread = None
         logger.info("Closed %s: %s, %d messages, pulse_id %s..%s, %d pulses missing; end: %s%s",
                     start.output_file, outcome.value, self._counters.messages_written, pulse_range.first_pulse_id,
                     pulse_range.last_pulse_id, pulse_range.missing_count, end_reason,
                     f"; error: {error_text}" if error_text else "")
-        self.done.set()
+        if ended:
+            self.done.set()
+        else:
+            logger.info("Persistent mode: waiting for the next start (GET /stop ends the writer)")
 
     def _judge(self, pulse_range: PulseRange, output: Any, error_text: str | None) -> Outcome:
         unlocated = [gap.count for gap in self._counters.unlocated_gaps]
