@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .core.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from .core.timebase import MAX_CLOCK_SKEW
 
 __all__ = [
     "Option",
@@ -224,8 +225,12 @@ BUFFER_OPTIONS: list[Option] = [
     Option("ca_max_rate", ("--ca-max-rate",), 10.0, float,
            "With --ca: most messages per second passed to the gateway, so most updates per second of a PV."),
     _log_option,
+    Option("max_clock_skew", ("--max-clock-skew",), MAX_CLOCK_SKEW, float,
+           "Seconds a source's global timestamp may differ from the receive time; beyond (or when absent) "
+           "the receive time is the message's time for start_now/stop_now."),
     Option("analyzer", ("--analyzer",), False, _bool,
-           "Log anomalies of the incoming stream (pulse-id jumps, resets, header changes) at INFO.", kind="flag"),
+           "Log anomalies of the incoming stream at INFO: channels missing from a pulse (as the original), "
+           "pulse-id jumps, resets, header changes.", kind="flag"),
 ]
 
 # --------------------------------------------------------------------------
@@ -252,6 +257,9 @@ WRITER_OPTIONS: list[Option] = [
            "Seconds between flushes of the file (what survives a kill -9)."),
     Option("max_message_bytes", ("--max-message-bytes",), DEFAULT_MAX_MESSAGE_BYTES, int,
            "A message larger than this is rejected (set it as the buffer's --max-message-bytes)."),
+    Option("max_clock_skew", ("--max-clock-skew",), MAX_CLOCK_SKEW, float,
+           "With --direct: seconds a source's global timestamp may differ from the receive time; beyond "
+           "(or when absent) the receive time is the message's time for start_now/stop_now."),
     Option("finished_grace", ("--finished-grace",), 0.5, float,
            "Seconds the REST API keeps answering 'finished' before the process exits (the original's clients "
            "expect the process gone within 1.5 s of the stop; a poller slower than this sees it gone)."),

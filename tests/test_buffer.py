@@ -732,6 +732,59 @@ def test_analyzer_logs_anomalies(caplog):
     assert statistics.header_changes == 1
 
 
+def test_analyzer_logs_each_channel_missing_from_a_pulse_in_the_originals_words(caplog, monkeypatch):
+    from sf_bsread_writer.buffer import service
+
+    monkeypatch.setattr(service, "ANALYZER_MAX_LINES", 2)  # the cap, seen with a small stream
+    channels = [{"name": name, "type": "int32"} for name in ("A", "B", "C", "D")]
+    context = zmq.Context()
+    source = context.socket(zmq.PUSH)
+    source.setsockopt(zmq.LINGER, 0)
+    source.bind("tcp://127.0.0.1:0")
+    try:
+        with caplog.at_level("INFO", logger="sf_bsread_writer.buffer"), \
+                running_buffer(source.getsockopt_string(zmq.LAST_ENDPOINT), analyzer=True) as buffer:
+            source.send_multipart(build_message(1, channels, [1, None, 3, 4]))
+            source.send_multipart(build_message(2, channels, [None, None, None, 4]))
+            received(buffer, 2)
+    finally:
+        source.close()
+        context.term()
+    text = caplog.text
+    assert "Channel 'B' data missing in pulse_id 1." in text
+    assert "Channel 'A' data missing in pulse_id 2." in text and "Channel 'B' data missing in pulse_id 2." in text
+    assert "Channel 'C' data missing in pulse_id 2." not in text
+    assert "... and 1 more channels data missing in pulse_id 2." in text
+    assert "Channel 'D'" not in text
+
+
+def test_a_source_without_a_plausible_clock_is_timed_by_the_buffers_receive_time(caplog):
+    """core.timebase at ingest: the ring indexes, and the replay sends, the receive time instead."""
+    wall = 1_700_000_000.0
+    channels = [{"name": "A", "type": "int32"}]
+    context = zmq.Context()
+    source = context.socket(zmq.PUSH)
+    source.setsockopt(zmq.LINGER, 0)
+    source.bind("tcp://127.0.0.1:0")
+    try:
+        with caplog.at_level("INFO", logger="sf_bsread_writer.buffer"), \
+                running_buffer(source.getsockopt_string(zmq.LAST_ENDPOINT), wall_clock=lambda: wall) as buffer:
+            source.send_multipart(build_message(1, channels, [1], timestamp=(0, 0)))  # no clock
+            source.send_multipart(build_message(2, channels, [2], timestamp=wall - 0.5))  # a plausible one
+            source.send_multipart(build_message(3, channels, [3], timestamp=wall + 7200))  # two hours ahead
+            statistics = received(buffer, 3)
+            data, _ = replay_all(buffer.replay_address, 1, 3)
+    finally:
+        source.close()
+        context.term()
+    assert [event.time for event in data] == [wall, wall - 0.5, wall]
+    assert statistics.source.timed_by_receive == 2 and statistics.source.clock_offset_seconds == 7200.0
+    text = caplog.text
+    assert "pulse_id 1: the source's global timestamp 0.000000 is absent" in text
+    assert "pulse_id 2: the source's global timestamp is plausible again" in text
+    assert "+7200.000 s off the receive time" in text
+
+
 class ManualClock:
     def __init__(self) -> None:
         self.now = 1000.0

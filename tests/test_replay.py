@@ -83,8 +83,19 @@ def test_buffer_messages_round_trip():
     assert parse_buffer_message(build_accepted(Accepted(64, None, None))) == Accepted(64, None, None)
 
 
+def test_data_carries_the_time_the_buffer_indexed_it_by_exactly():
+    frames = [b"main", b"header"]
+    for time in (1_700_000_000.123456789, 0.1 + 0.2, 5e-324, 1e300):
+        data = parse_buffer_message(build_data(7, frames, time))
+        assert data.time == time and data.pulse_id == 7 and data.frames == frames  # repr: the same float back
+    assert parse_buffer_message(build_data(7, frames)).time is None  # no time known
+    assert parse_buffer_message(build_data(7, frames, float("nan"))).time is None  # NaN says nothing: not sent
+    assert parse_buffer_message([b"data 7", *frames]) == Data(7, frames)
+
+
 @pytest.mark.parametrize("frames", [[], [b"data x"], [b"gap"], [b"gap", b"{"], [b"what", b"{}"],
-                                    [b"gap", b'{"count": "many"}']])
+                                    [b"gap", b'{"count": "many"}'], [b"data 5 abc"], [b"data 5 1.0 2.0"],
+                                    [b"data 5 nan"], [b"data 5 inf"], [b"data 5  1.0"]])
 def test_malformed_buffer_messages(frames):
     with pytest.raises(ReplayProtocolError):
         parse_buffer_message(frames)

@@ -225,3 +225,34 @@ def test_a_long_run_logs_its_progress_and_header_changes(caplog):
     assert "40 % done" in progress[0]
     assert [r.getMessage() for r in caplog.records if "data header changed" in r.getMessage()] == [
         "data header changed at pulse_id 16: 1 channels", "data header changed at pulse_id 17: 1 channels"]
+
+
+# -- the time a range by time compares (core.timebase) ----------------------------
+def _zero_clock_data(pulse_id: int, time: float | None = None) -> Data:
+    """A message from a source without a clock (global timestamp 0), with the time the buffer sent."""
+    return Data(pulse_id, build_message(pulse_id, CHANNELS, [pulse_id * 0.5], timestamp=0.0), time)
+
+
+def test_a_range_by_time_uses_the_time_the_buffer_sends_and_says_which_base():
+    clock = FakeClock()
+    events = [_zero_clock_data(1, 99.0), _zero_clock_data(2, 100.5), data(3, 100.0), _zero_clock_data(4, 102.0)]
+    source = ScriptedSource(clock, events)
+    pulse_range = PulseRange(start_time=100.0, stop_time=101.0)
+    loop, _ = make_loop(source, clock, pulse_range)
+    assert loop.run() == "stop_reached"  # pulse 4's time is past the stop
+    assert loop.counters.messages_before_start == 1 and loop.counters.messages_written == 2
+    assert (pulse_range.first_timestamp, pulse_range.first_pulse_id) == (100.5, 2)
+    # Pulse 2 was timed by the buffer's receive time, pulse 3 by its own (plausible) timestamp.
+    assert loop.time_base == "mixed"
+
+
+def test_a_direct_source_without_a_clock_is_timed_by_the_writers_receive_time():
+    clock = FakeClock()
+    wall = FakeClock(5000.0)
+    source = ScriptedSource(clock, [_zero_clock_data(1), _zero_clock_data(2)])
+    pulse_range = PulseRange(start_time=4000.0, stop_pulse_id=2)
+    loop = RunLoop(source, NullOutput(), pulse_range, RunCounters(), queue.SimpleQueue(), 10.0, lambda reason: None,
+                   clock, receive_clock=wall)
+    assert loop.run() == "stop_reached"
+    assert loop.counters.messages_written == 2 and loop.time_base == "receive"
+    assert pulse_range.last_timestamp == 5000.0

@@ -229,7 +229,7 @@ class ReplayEndpoint:
     def _send_event(self, identity: bytes, event: Any) -> bool:
         """One event of a session: data as identity, kind frame, the original frames (``build_data``)."""
         if isinstance(event, Data):
-            head, frames = [identity, data_kind(event.pulse_id)], event.frames
+            head, frames = [identity, data_kind(event.pulse_id, event.time)], event.frames
         elif isinstance(event, Gap):
             head, frames = [identity], build_gap(event)
             self._log_gap(identity, event)

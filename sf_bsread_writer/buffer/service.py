@@ -37,6 +37,7 @@ from .. import config, process
 from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES, IgnoredMessage, MessageParser, ProtocolError
 from ..core.rates import RateEstimator
 from ..core.ring import AppendStatus, Ring
+from ..core.timebase import MAX_CLOCK_SKEW, TimeBase, message_time
 from ..core.status import (
     SOURCE_IDLE_SECONDS, BufferStatus, CaFeedStatus, Endpoints, PulseIdStatus, RateStatus, ReplayStatus, RingStatus,
     SourceStatus,
@@ -75,6 +76,8 @@ RATE_WINDOW_SECONDS = 5.0
 REJECT_LOG_INTERVAL = 5.0
 # systemd's STATUS= line (systemctl status) is refreshed this often.
 STATUS_LINE_SECONDS = 5.0
+# --analyzer: at most this many "data missing" lines per message (then one line with the count).
+ANALYZER_MAX_LINES = 100
 
 
 class _RateLimitedLog:
@@ -123,7 +126,8 @@ class Buffer:
                  max_writers: int = 16, replay_inflight_bytes: int = 64 * 1024**2,
                  session_timeout: float = 10.0, heartbeat_interval: float = 1.0,
                  snapshot_interval: float = 0.25, print_ready: bool = False, log_level: str = "INFO",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 max_clock_skew: float = MAX_CLOCK_SKEW, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         if source_mode not in ("pull", "sub"):
             raise ValueError(f"source_mode must be pull or sub, not {source_mode!r}")
         if output_mode not in ("pub", "push"):
@@ -155,7 +159,9 @@ class Buffer:
         self.log_level = log_level
         self.max_messages = buffer_length
         self.max_bytes = buffer_bytes
+        self.max_clock_skew = max_clock_skew
         self._clock = clock
+        self._wall_clock = wall_clock  # the receive time: core.timebase
 
         self.max_message_bytes = max_message_bytes
         self.ring = Ring(buffer_length, buffer_bytes)  # owned by the loop thread
@@ -189,6 +195,9 @@ class Buffer:
         self._previous_message_monotonic: float | None = None
         self._idle_reported = False  # "source idle" logged, "source back" not yet
         self._last_message_time: float | None = None
+        self._timed_by_receive = 0
+        self._time_base: TimeBase | None = None  # of the last message: a change is logged
+        self._clock_offset: float | None = None
         self._rates = RateEstimator(RATE_WINDOW_SECONDS)
         self._next_status_line = 0.0
         self._reject_log = _RateLimitedLog(REJECT_LOG_INTERVAL, clock)
@@ -349,7 +358,9 @@ class Buffer:
             self._reject_log.warning(reason, "message dropped, the parser failed: %r", error)
             return
         pulse_id = message.pulse_id
-        timestamp = message.timestamp
+        received_at = self._wall_clock()
+        timestamp, base = message_time(message.timestamp, received_at, self.max_clock_skew)
+        self._note_time_base(base, message.timestamp, received_at, pulse_id)
         self._analyze(message, pulse_id)
         result = self.ring.append(pulse_id, timestamp, frames)
         if result.status is AppendStatus.HELD_BACK:
@@ -412,8 +423,23 @@ class Buffer:
         output.send_multipart(frames[1:], copy=False)
         self._forwarded += 1
 
+    def _note_time_base(self, base: TimeBase, source_timestamp: float, received_at: float, pulse_id: int) -> None:
+        """Count the messages timed by their receive time; log when a source's clock becomes (im)plausible."""
+        self._clock_offset = source_timestamp - received_at if source_timestamp > 0 else None
+        if base is TimeBase.RECEIVE:
+            self._timed_by_receive += 1
+        if base is not self._time_base:
+            if base is TimeBase.RECEIVE:
+                logger.warning("pulse_id %d: the source's global timestamp %.6f is %s; time windows use the "
+                               "buffer's receive time for its messages (--max-clock-skew %g s)", pulse_id,
+                               source_timestamp, "absent" if source_timestamp <= 0 else
+                               f"{source_timestamp - received_at:+.3f} s off the receive time", self.max_clock_skew)
+            elif self._time_base is not None:
+                logger.info("pulse_id %d: the source's global timestamp is plausible again", pulse_id)
+            self._time_base = base
+
     def _analyze(self, message: Any, pulse_id: int) -> None:
-        """Count and log header changes; jumps and resets are counted by the ring."""
+        """Count and log header changes; jumps and resets are counted by the ring. --analyzer: absent values."""
         header_hash = message.main.hash
         if header_hash != self._last_hash:
             if self._last_hash is not None:
@@ -424,6 +450,23 @@ class Buffer:
         if self._last_pulse_id is not None and pulse_id < self._last_pulse_id and self.analyzer:
             logger.info("analyzer: pulse id went back from %d to %d", self._last_pulse_id, pulse_id)
         self._last_pulse_id = pulse_id
+        if self.analyzer:
+            self._log_absent_channels(message, pulse_id)
+
+    @staticmethod
+    def _log_absent_channels(message: Any, pulse_id: int) -> None:
+        """The original analyzer's line per channel without a value (its wording: scripts grep for it).
+
+        At most ``ANALYZER_MAX_LINES`` lines per message, then one line with
+        the count, so a stream of thousands of absent channels cannot flood the log.
+        """
+        absent = [i for i in range(message.n_channels) if not message.is_present(i)]
+        names = message.data_header.names
+        for i in absent[:ANALYZER_MAX_LINES]:
+            logger.info("Channel '%s' data missing in pulse_id %d.", names[i], pulse_id)
+        if len(absent) > ANALYZER_MAX_LINES:
+            logger.info("... and %d more channels data missing in pulse_id %d.", len(absent) - ANALYZER_MAX_LINES,
+                        pulse_id)
 
     # -- statistics ---------------------------------------------------------
     def _report(self, now: float) -> None:
@@ -461,7 +504,8 @@ class Buffer:
             endpoints=self._endpoints(),
             source=SourceStatus(address=self.stream, mode=self.source_mode, idle_seconds=idle,
                                 last_message_time=self._last_message_time,
-                                connected_once=self._last_message_monotonic is not None),
+                                connected_once=self._last_message_monotonic is not None,
+                                timed_by_receive=self._timed_by_receive, clock_offset_seconds=self._clock_offset),
             received=self._received,
             received_bytes=self._received_bytes,
             forwarded=self._forwarded,

@@ -77,7 +77,7 @@ MAX_WINDOW = 4096
 MAX_WRITER_MESSAGE_BYTES = 4096
 
 # First frame of every buffer -> writer message.
-KIND_DATA = b"data"  # b"data <pulse_id>", followed by the original frames
+KIND_DATA = b"data"  # b"data <pulse_id> <time>", followed by the original frames
 KIND_ACCEPTED = b"accepted"
 KIND_GAP = b"gap"
 KIND_END = b"end"
@@ -265,11 +265,15 @@ class Data:
     """One bsread message, as the original frames (main header, data header, values...).
 
     ``pulse_id`` is the buffer's (from the kind frame); None from a plain
-    live stream (``transport.direct``), whose frames carry it.
+    live stream (``transport.direct``), whose frames carry it. ``time``: the
+    time the buffer indexed the message by (``core.timebase``: the source's
+    global timestamp, or the buffer's receive time where the source's is
+    implausible); None from a plain stream or a buffer that does not say.
     """
 
     pulse_id: int | None
     frames: list = field(repr=False)
+    time: float | None = None
 
 
 @dataclass(frozen=True)
@@ -330,13 +334,21 @@ class Heartbeat:
 ReplayEvent = Data | Gap | End | BufferLost | Refused
 
 
-def data_kind(pulse_id: int) -> bytes:
-    """The kind frame of a data message; it carries the pulse id so that the client need not parse JSON."""
-    return b"data %d" % pulse_id
+def data_kind(pulse_id: int, time: float | None = None) -> bytes:
+    """The kind frame of a data message: ``data <pulse_id> <time>``, so that the client need not parse JSON.
+
+    ``time`` is written with ``repr`` (the shortest text that reads back as
+    the same float), so the writer can tell the buffer's receive time from
+    the source's timestamp by equality. A client also accepts ``data
+    <pulse_id>`` alone (no time known).
+    """
+    if time is None or not math.isfinite(time):
+        return b"data %d" % pulse_id
+    return b"data %d %s" % (pulse_id, repr(float(time)).encode())
 
 
-def build_data(pulse_id: int, frames: Sequence[Any]) -> list[Any]:
-    return [data_kind(pulse_id), *frames]
+def build_data(pulse_id: int, frames: Sequence[Any], time: float | None = None) -> list[Any]:
+    return [data_kind(pulse_id, time), *frames]
 
 
 def build_gap(gap: Gap) -> list[bytes]:
@@ -375,11 +387,17 @@ def parse_buffer_message(frames: Sequence[Any]) -> Data | Gap | End | Refused | 
         raise ReplayProtocolError(ErrorReason.BAD_FRAMES, "empty message")
     kind = _frame_bytes(frames[0])
     if kind.startswith(b"data "):
+        fields = kind[5:].split(b" ")
         try:
-            pulse_id = int(kind[5:])
+            if len(fields) > 2:
+                raise ValueError("too many fields")
+            pulse_id = int(fields[0])
+            time = float(fields[1]) if len(fields) == 2 else None
         except ValueError:
-            raise ReplayProtocolError(ErrorReason.BAD_FIELD, f"bad data kind frame {kind[:40]!r}") from None
-        return Data(pulse_id, list(frames[1:]))
+            raise ReplayProtocolError(ErrorReason.BAD_FIELD, f"bad data kind frame {kind[:60]!r}") from None
+        if time is not None and not math.isfinite(time):
+            raise ReplayProtocolError(ErrorReason.BAD_FIELD, f"data kind frame {kind[:60]!r}: time is not finite")
+        return Data(pulse_id, list(frames[1:]), time)
     if len(frames) != 2:
         raise ReplayProtocolError(ErrorReason.BAD_FRAMES, f"{kind[:20]!r}: expected 2 frames, got {len(frames)}")
     body = _load_object(frames[1])

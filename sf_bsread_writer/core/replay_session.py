@@ -187,7 +187,7 @@ class ReplaySession:
                 break
             budget -= 1
             pulse_id = ring.pulse_id(self.cursor)
-            timestamp = ring.timestamp(self.cursor) if (self.stop_time is not None or self.start_time is not None) else 0.0
+            timestamp = ring.timestamp(self.cursor)  # the ring's time: core.timebase (sent with the data)
             if not self._started:
                 # Only for a start in the future (live messages older than the start).
                 if (self.start_pulse_id is not None and pulse_id < self.start_pulse_id) or \
@@ -204,7 +204,7 @@ class ReplaySession:
             if self._order_pulse_id is not None and pulse_id <= self._order_pulse_id:
                 # Pulse ids went backwards without a loss for this writer: say so anyway.
                 self._add_gap(Gap(None, None, GapReason.SOURCE_RESET.value, 0), 0)
-            self._pending.append(Data(pulse_id, ring.frames(self.cursor)))
+            self._pending.append(Data(pulse_id, ring.frames(self.cursor), timestamp))
             size = ring.nbytes(self.cursor)
             self._in_flight_sizes.append(size)
             self._in_flight_bytes += size

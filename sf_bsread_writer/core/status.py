@@ -127,8 +127,11 @@ class SourceStatus(_Record):
     address: str
     mode: str  # pull | sub
     idle_seconds: float | None  # since the last message; None before the first
-    last_message_time: float | None  # the source's global timestamp of the last message stored
+    last_message_time: float | None  # the time of the last message stored (core.timebase)
     connected_once: bool  # a message has ever arrived
+    # Messages whose time is the buffer's receive time: the source's timestamp was absent or implausible.
+    timed_by_receive: int = 0
+    clock_offset_seconds: float | None = None  # source timestamp - receive time, of the last message
 
 
 @dataclass(frozen=True)
@@ -412,6 +415,7 @@ class WriterStatistics(_Record):
     error: str | None
     outcome: str | None  # complete | partial | failed, once the run has ended (docs/writer.md)
     runs_finished: int = 0  # runs whose file is closed (more than one only in persistent mode)
+    time_base: str | None = None  # where the rows' times came from: source | receive | mixed (core.timebase)
 
     @staticmethod
     def missing_summary(missing: Iterable[MissingRange]) -> dict[str, Any]:

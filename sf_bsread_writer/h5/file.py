@@ -230,11 +230,14 @@ class H5File:
     def closed(self) -> bool:
         return self._closed
 
-    def append(self, message: protocol.Message) -> None:
+    def append(self, message: protocol.Message, time: float | None = None) -> None:
         """Add one row: every channel gets a value or an absent marker.
 
-        Touches no HDF5 unless a block is full or the flush interval has
-        passed, in which case it writes and flushes (see :meth:`flush`).
+        ``time``: the row's time (``first_/last_timestamp``), when it is not
+        the message's global timestamp (``core.timebase``: the receive time
+        stands in for an implausible one). Touches no HDF5 unless a block is
+        full or the flush interval has passed, in which case it writes and
+        flushes (see :meth:`flush`).
         """
         self._check_open()
         header = message.data_header
@@ -269,7 +272,7 @@ class H5File:
             accepted_total += column.append(spec, part, message.timestamp_part(index), row)
         self._pending_bytes += accepted_total
         self.bytes_written += accepted_total
-        self._row_timestamps.append(message.timestamp)
+        self._row_timestamps.append(message.timestamp if time is None else time)
         self._row_absent_values.append(self.absent_values)
         self._row_bytes_written.append(self.bytes_written)
         if (row + 1 >= self.block_rows or self._pending_bytes >= self.block_bytes

@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream_address=args.stream_address, output_file=args.output_file, output_root=args.output_root,
         direct=args.direct, direct_mode=args.direct_mode, stop_deadline=args.stop_deadline,
         flush_interval=args.flush_interval, finished_grace=args.finished_grace,
-        max_message_bytes=args.max_message_bytes,
+        max_message_bytes=args.max_message_bytes, max_clock_skew=args.max_clock_skew,
     )
     logger.info("Starting writer: stream %s, output file %s%s", settings.stream_address, settings.output_file,
                 " (direct)" if settings.direct else "")

@@ -92,7 +92,7 @@ class NullOutput:
         self.bytes_written = 0
         self.absent_values = 0
 
-    def append(self, message: Any) -> None:
+    def append(self, message: Any, time: float | None = None) -> None:
         self.rows += 1
         for index in range(message.n_channels):
             size = len(message.value_part(index))

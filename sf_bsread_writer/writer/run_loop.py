@@ -21,6 +21,7 @@ from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES, IgnoredMessage, MessagePa
 from ..core.pulse_range import MissingRange, PulseRange, Verdict
 from ..core.rates import RateEstimator
 from ..core.replay_messages import BufferLost, Data, End, Gap, GapReason, Refused
+from ..core.timebase import MAX_CLOCK_SKEW, TimeBase, file_time_base, message_time
 
 __all__ = ["RunCounters", "RunLoop", "POLL_INTERVAL"]
 
@@ -48,6 +49,7 @@ class RunCounters:
     gap_notices: int = 0
     buffer_lost: int = 0
     rate: float = 0.0
+    time_base: str | None = None  # of the rows written: core.timebase (also the file attribute)
     # Losses whose pulse ids are unknown (a range by time before the buffer's
     # oldest, a source reset): in the statistics and the file attributes, not in /missing.
     unlocated_gaps: list[Gap] = field(default_factory=list)
@@ -60,12 +62,18 @@ class RunLoop:
     ReplayClient or DirectSource); ``output``: an H5File or NullOutput;
     ``commands``: MoveStop / EndRun from the REST threads; ``on_finishing``
     tells the control (under its lock) that the run is ending and why.
+
+    A message's time (what a range by time compares) is the one the buffer
+    sends with it (``Data.time``: ``core.timebase``). ``receive_clock`` is
+    for a source that sends none (``--direct``): the wall clock that stands
+    in for a source timestamp off by more than ``max_clock_skew``.
     """
 
     def __init__(self, source: Any, output: Any, pulse_range: PulseRange, counters: RunCounters,
                  commands: "queue.SimpleQueue[MoveStop | EndRun]", stop_deadline: float,
                  on_finishing: Callable[[str], None], clock: Callable[[], float],
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 receive_clock: Callable[[], float] | None = None, max_clock_skew: float = MAX_CLOCK_SKEW) -> None:
         self.source = source
         self.output = output
         self.range = pulse_range
@@ -81,6 +89,9 @@ class RunLoop:
         self._rate.add(now, 0)
         self._next_progress_log = now + PROGRESS_LOG_SECONDS
         self._header_hash: str | None = None
+        self.receive_clock = receive_clock
+        self.max_clock_skew = max_clock_skew
+        self._row_timed_by_receive = bytearray()  # per written row: 1 if its time is the receive time
 
     def run(self) -> str:
         while True:
@@ -103,7 +114,7 @@ class RunLoop:
                     return self.finish(reason)
             elif isinstance(event, Data):
                 self.silence.data(now)
-                self._data(event.frames)
+                self._data(event.frames, event.time)
             elif isinstance(event, Gap):
                 self._gap(event)
             elif isinstance(event, End):
@@ -160,10 +171,29 @@ class RunLoop:
                     removed = self.output.truncate(keep, self.range.missing)
                     logger.info("The stop came after its pulse was written: %d rows removed", removed)
                     self.counters.messages_written = keep
+                    del self._row_timed_by_receive[keep:]
+                    self._update_time_base()
                 self.source.set_stop(stop_pulse_id=command.stop_pulse_id, stop_time=command.stop_time)
                 self.silence.stop_moved(self.clock(), command.now)
 
-    def _data(self, frames: Sequence[Any]) -> None:
+    @property
+    def time_base(self) -> str | None:
+        """``source``, ``receive`` or ``mixed`` for the rows written; None without rows."""
+        return self.counters.time_base
+
+    def _update_time_base(self) -> None:
+        by_receive = self._row_timed_by_receive.count(1)
+        base = file_time_base(len(self._row_timed_by_receive) - by_receive, by_receive)
+        self.counters.time_base = base.value if base is not None else None
+
+    def _message_time(self, message: Any, sent_time: float | None) -> float:
+        if sent_time is not None:
+            return sent_time
+        if self.receive_clock is not None:
+            return message_time(message.timestamp, self.receive_clock(), self.max_clock_skew)[0]
+        return message.timestamp
+
+    def _data(self, frames: Sequence[Any], sent_time: float | None = None) -> None:
         counters = self.counters
         counters.messages_received += 1
         try:
@@ -180,11 +210,19 @@ class RunLoop:
             if self._header_hash is not None:
                 logger.info("data header changed at pulse_id %d: %d channels", message.pulse_id, message.n_channels)
             self._header_hash = message.main.hash
-        verdict = self.range.classify(message.pulse_id, message.timestamp)
+        time = self._message_time(message, sent_time)
+        verdict = self.range.classify(message.pulse_id, time)
         if verdict is Verdict.WRITE:
-            self.output.append(message)
+            self.output.append(message, time)
             counters.messages_written += 1
-            for item in self.range.written(message.pulse_id, message.timestamp):
+            by_receive = time != message.timestamp  # the buffer replaced an implausible source time
+            self._row_timed_by_receive.append(by_receive)
+            base = TimeBase.RECEIVE.value if by_receive else TimeBase.SOURCE.value
+            if counters.time_base is None:
+                counters.time_base = base
+            elif counters.time_base != base:
+                counters.time_base = TimeBase.MIXED.value
+            for item in self.range.written(message.pulse_id, time):
                 self._record(item)
         elif verdict is Verdict.BEFORE:
             counters.messages_before_start += 1

@@ -34,6 +34,7 @@ from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from ..core.pulse_range import PulseRange
 from ..core.replay_messages import Accepted
 from ..core.status import WriterStatistics, json_value
+from ..core.timebase import MAX_CLOCK_SKEW
 from ..transport.direct import DirectSource
 from ..transport.replay_client import HANDSHAKE_SECONDS, ReplayClient
 from .outputs import DEV_NULL, abandon_output, open_output, resolve_output_file, write_summary
@@ -63,6 +64,7 @@ class WriterSettings:
     finished_grace: float = 0.5  # as the CLI's default (docs/writer.md, "The exit")
     handshake_timeout: float = HANDSHAKE_SECONDS  # how long a start waits for the buffer's acceptance
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_clock_skew: float = MAX_CLOCK_SKEW  # --direct: core.timebase (a buffer decides for its messages)
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,7 @@ class Writer:
                 error=control.error,
                 outcome=control.outcome.value if control.outcome is not None else None,
                 runs_finished=control.runs_finished,
+                time_base=counters.time_base,
             )
 
     # -- start -------------------------------------------------------------------
@@ -308,7 +311,9 @@ class Writer:
         opened.set()
 
         loop = RunLoop(source, output, pulse_range, self._counters, self._commands, self.settings.stop_deadline,
-                       self._finishing, self._monotonic, self.settings.max_message_bytes)
+                       self._finishing, self._monotonic, self.settings.max_message_bytes,
+                       receive_clock=self._clock if self.settings.direct else None,
+                       max_clock_skew=self.settings.max_clock_skew)
         error_text: str | None = None
         try:
             end_reason = loop.run()
@@ -331,6 +336,7 @@ class Writer:
                                       pulse_range.stop_pulse_id, pulse_range.stop_time)
         attributes["end_reason"] = end_reason
         attributes["outcome"] = outcome.value
+        attributes["time_base"] = loop.time_base
         if self._counters.unlocated_gaps:
             attributes["unlocated_gaps"] = json_value(tuple(self._counters.unlocated_gaps))
         for closer, what in ((lambda: output.close(attributes), "the file"), (source.close, "the source")):

@@ -1,0 +1,59 @@
+"""Which clock a message's time is read from: the source's, or the receiver's when the source's is implausible (pure).
+
+A time window (``start_now``/``stop_now``) compares a message's time with
+the writer's clock. The source's global timestamp is the better time (it
+says when the pulse happened, not when a queue delivered it), but some
+sources send none (``(0, 0)``) or a clock that is wrong by hours; the
+original buffer stamped every message with its receive time, so windows
+worked for those sources. Here the source's timestamp is kept where it is
+plausible, within :data:`MAX_CLOCK_SKEW` of the time the message was
+received, and the receive time stands in where it is not. The buffer
+decides once, at ingest (the ring indexes that time; the replay tells a
+writer when a message's time is the buffer's: ``core.replay_messages``); a
+writer reading a live stream directly decides the same way with its own
+receive time. The file records which base its rows' times came from
+(attribute ``time_base``).
+"""
+from __future__ import annotations
+
+import enum
+import math
+
+__all__ = ["MAX_CLOCK_SKEW", "TimeBase", "message_time", "file_time_base"]
+
+# Seconds a source's timestamp may differ from the receive time and still be
+# believed. Far above network and queueing delays (ms) and a buffer's backlog
+# after a hiccup (s), far below a zero clock (decades) or a wrong time zone (hours).
+MAX_CLOCK_SKEW = 10.0
+
+
+class TimeBase(str, enum.Enum):
+    """Where a message's time came from (also the file attribute ``time_base``, with ``mixed``)."""
+
+    SOURCE = "source"  # the source's global timestamp
+    RECEIVE = "receive"  # the time the buffer (or a --direct writer) received it
+    MIXED = "mixed"  # a file whose rows have both
+
+
+def message_time(source_timestamp: float, received_at: float,
+                 max_skew: float = MAX_CLOCK_SKEW) -> tuple[float, TimeBase]:
+    """The time to select a message by: its source timestamp if plausible, else ``received_at``.
+
+    Implausible: not given (0), not finite, or more than ``max_skew``
+    seconds from the receive time (either way: a clock in the future is as
+    wrong as one in the past).
+    """
+    if source_timestamp > 0 and math.isfinite(source_timestamp) and abs(source_timestamp - received_at) <= max_skew:
+        return source_timestamp, TimeBase.SOURCE
+    return received_at, TimeBase.RECEIVE
+
+
+def file_time_base(rows_by_source: int, rows_by_receive: int) -> TimeBase | None:
+    """The ``time_base`` of a file from how many of its rows had each; None for a file without rows."""
+    if rows_by_receive and rows_by_source:
+        return TimeBase.MIXED
+    if rows_by_receive:
+        return TimeBase.RECEIVE
+    if rows_by_source:
+        return TimeBase.SOURCE
+    return None
