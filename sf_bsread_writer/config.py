@@ -260,6 +260,9 @@ WRITER_OPTIONS: list[Option] = [
     Option("max_clock_skew", ("--max-clock-skew",), MAX_CLOCK_SKEW, float,
            "With --direct: seconds a source's global timestamp may differ from the receive time; beyond "
            "(or when absent) the receive time is the message's time for start_now/stop_now."),
+    Option("decompress_images", ("--decompress-images",), False, _bool,
+           "Store bitshuffle_lz4 images decompressed (plain datasets any HDF5 reader opens, without the "
+           "filter plugin; bigger files, more CPU) instead of as the compressed chunks received.", kind="flag"),
     Option("finished_grace", ("--finished-grace",), 0.5, float,
            "Seconds the REST API keeps answering 'finished' before the process exits (the original's clients "
            "expect the process gone within 1.5 s of the stop; a poller slower than this sees it gone)."),

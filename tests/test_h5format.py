@@ -116,8 +116,8 @@ def test_every_numeric_type_scalar_and_array_round_trips_exactly(tmp_path: Path,
             group = f["data"][spec["name"]]
             data = group["data"]
             assert data.shape == (len(pulse_ids), *spec["shape"][::-1])
-            expected_dtype = np.dtype(bool) if type == "bool" else np.dtype(type).newbyteorder(
-                ">" if encoding == "big" else "<")
+            # Native byte order whatever the channel's encoding (as the original and psi-bsread's writer).
+            expected_dtype = np.dtype(bool) if type == "bool" else np.dtype(type).newbyteorder("=")
             assert data.dtype == expected_dtype
             for row, pulse_id in enumerate(pulse_ids):
                 np.testing.assert_array_equal(
@@ -210,6 +210,43 @@ def test_bitshuffle_images_are_stored_as_direct_chunks_without_decompression(
             filter_mask, stored = data.id.read_direct_chunk((row, 0, 0))
             assert filter_mask == 0 and stored == parts[row]  # the bytes as received
         assert f["data/CAM"].attrs["storage"] == "bitshuffle_lz4 direct chunk"
+
+
+_PLUGIN_LESS_READER = textwrap.dedent("""
+    import sys
+    import h5py  # and not hdf5plugin: a reader without the bitshuffle filter (MATLAB, h5dump, plain h5py)
+    with h5py.File(sys.argv[1], "r") as f:
+        try:
+            print(int(f["data/CAM/data"][()].astype("i8").sum()))
+        except OSError as error:
+            print("unreadable:", error)
+""")
+
+
+@pytest.mark.parametrize("decompress", [False, True], ids=["direct_chunks", "decompressed"])
+def test_images_stored_decompressed_open_without_the_plugin(tmp_path: Path, decompress: bool) -> None:
+    """--decompress-images: the same values in a plain dataset that any HDF5 reader opens."""
+    path = tmp_path / "images.h5"
+    spec = channel("CAM", "uint16", (80, 96), "big", "bitshuffle_lz4")
+    images = [_image(pulse_id, dtype=">u2") for pulse_id in range(3)]
+    with H5File(path, decompress_images=decompress) as h5:
+        for pulse_id, image in enumerate(images):
+            h5.append(message(pulse_id, [spec], [image]))
+    with read(path) as f:
+        data = f["data/CAM/data"]
+        np.testing.assert_array_equal(data[()], np.stack(images))
+        assert list(data._filters) == ([] if decompress else ["32008"])
+        # Decompressed values are stored natively; direct chunks keep the byte order they were compressed in.
+        assert data.dtype == (np.dtype("=u2") if decompress else np.dtype(">u2"))
+        assert f["data/CAM"].attrs["storage"] == ("buffered" if decompress else "bitshuffle_lz4 direct chunk")
+    env = {key: value for key, value in os.environ.items() if key != "HDF5_PLUGIN_PATH"}
+    result = subprocess.run([sys.executable, "-c", _PLUGIN_LESS_READER, str(path)], env=env, timeout=60,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    if decompress:
+        assert result.stdout.strip() == str(int(np.stack(images).astype("i8").sum()))
+    else:
+        assert result.stdout.startswith("unreadable:")  # what the option is for
 
 
 def _legacy_block_size_part(part: bytes, itemsize: int) -> bytes:

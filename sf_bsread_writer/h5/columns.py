@@ -172,7 +172,10 @@ class FixedColumn(Column):
 
     def __init__(self, group: h5py.Group, spec: protocol.ChannelSpec, rows_written: int) -> None:
         self.values = bytearray()  # present rows only, in row order
-        super().__init__(group, spec, rows_written, np.dtype(spec.dtype), tuple(spec.array_shape))
+        # Native byte order, as the original and psi-bsread's writer stored it: a big-endian
+        # channel's values are swapped once per block (append_batch) or per value, not by every reader.
+        super().__init__(group, spec, rows_written, np.dtype(spec.dtype).newbyteorder("="),
+                         tuple(spec.array_shape))
 
     def _create_data(self, group: h5py.Group, spec: protocol.ChannelSpec, rows: int) -> h5py.Dataset:
         chunks = chunk_shape(self.row_shape, self.dtype.itemsize)
@@ -182,8 +185,11 @@ class FixedColumn(Column):
 
     def _append_value(self, spec: protocol.ChannelSpec, part: Any, row: int) -> int:
         # Fast path: uncompressed, right size, same dtype -> the bytes as sent.
-        if spec.compression == "none" and len(part) == self.row_nbytes and spec.dtype == self.dtype:
-            self.values += part
+        if spec.compression == "none" and len(part) == self.row_nbytes:
+            if spec.dtype == self.dtype:
+                self.values += part
+            else:  # the other byte order: swapped into the native one
+                self.values += np.frombuffer(part, dtype=spec.dtype).astype(self.dtype).tobytes()
             return len(part)
         value = decode_or_absent(spec, part, self.name)
         if value is None:
@@ -352,15 +358,17 @@ def decode_or_absent(spec: protocol.ChannelSpec, part: Any, name: str) -> Any:
         return None
 
 
-def column_class_for(spec: protocol.ChannelSpec) -> type[Column]:
-    """Storage for a channel, chosen by its first present value."""
+def column_class_for(spec: protocol.ChannelSpec, decompress_images: bool = False) -> type[Column]:
+    """Storage for a channel, chosen by its first present value (``decompress_images``: never direct chunks)."""
     if spec.is_string:
         return StringColumn
     nbytes = np.dtype(spec.dtype).itemsize * math.prod(spec.array_shape)
-    if spec.compression == "bitshuffle_lz4" and DIRECT_CHUNK_MIN_BYTES <= nbytes <= MAX_CHUNK_BYTES:
+    if (spec.compression == "bitshuffle_lz4" and not decompress_images
+            and DIRECT_CHUNK_MIN_BYTES <= nbytes <= MAX_CHUNK_BYTES):
         return DirectChunkColumn
     return FixedColumn
 
 
-def new_column(group: h5py.Group, spec: protocol.ChannelSpec, rows_written: int) -> Column:
-    return column_class_for(spec)(group, spec, rows_written)  # type: ignore[call-arg]
+def new_column(group: h5py.Group, spec: protocol.ChannelSpec, rows_written: int,
+               decompress_images: bool = False) -> Column:
+    return column_class_for(spec, decompress_images)(group, spec, rows_written)  # type: ignore[call-arg]

@@ -111,13 +111,16 @@ class H5File:
     ``general`` are the REST parameters (keys ``general/created`` or
     ``created`` ...); ``extra_parameters`` anything else to keep. Both are
     stored: see :meth:`_write_general`. ``clock`` is for tests.
+    ``decompress_images``: bitshuffle_lz4 arrays are decoded and stored
+    plain (``buffered``) instead of as direct chunks, for readers without
+    the bitshuffle plugin (h5dump, MATLAB, plain h5py).
     """
 
     def __init__(self, path: str | os.PathLike, general: Mapping[str, Any] | None = None,
                  extra_parameters: Mapping[str, Any] | None = None, *,
                  flush_interval: float = DEFAULT_FLUSH_INTERVAL, block_rows: int = DEFAULT_BLOCK_ROWS,
                  block_bytes: int = DEFAULT_BLOCK_BYTES, clock: Callable[[], float] = time.monotonic,
-                 directory_fd: int | None = None) -> None:
+                 directory_fd: int | None = None, decompress_images: bool = False) -> None:
         if block_rows < 1:
             raise ValueError(f"block_rows must be >= 1, not {block_rows}")
         self.path = os.fspath(path)
@@ -125,6 +128,7 @@ class H5File:
         self.block_rows = int(block_rows)
         self.block_bytes = int(block_bytes)
         self._clock = clock
+        self.decompress_images = decompress_images  # no direct chunks: plain datasets, readable without the plugin
 
         self._columns: dict[str, dict[tuple, Column]] = {}  # name -> signature -> column
         self._plan: HeaderPlan | None = None  # for the data header of the last message
@@ -482,7 +486,7 @@ class H5File:
             group = self._data.create_group(group_name)
             # Rows already on disk read as absent (fill value 0); pending rows of
             # this block before the first value are padded as absent by append.
-            column = new_column(group, spec, self._rows_written)
+            column = new_column(group, spec, self._rows_written, self.decompress_images)
         except Exception as error:  # noqa: BLE001 (whatever HDF5 refuses costs this channel only)
             logger.exception("channel %r: cannot create /data/%s", spec.name, group_name)
             if not variants:

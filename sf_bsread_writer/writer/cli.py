@@ -105,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         direct=args.direct, direct_mode=args.direct_mode, stop_deadline=args.stop_deadline,
         flush_interval=args.flush_interval, finished_grace=args.finished_grace,
         max_message_bytes=args.max_message_bytes, max_clock_skew=args.max_clock_skew,
+        decompress_images=args.decompress_images,
     )
     logger.info("Starting writer: stream %s, output file %s%s", settings.stream_address, settings.output_file,
                 " (direct)" if settings.direct else "")

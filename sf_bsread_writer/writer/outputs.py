@@ -123,7 +123,8 @@ class NullOutput:
         pass
 
 
-def open_output(start: StartRun, flush_interval: float, output_root: str | None = None) -> H5File | NullOutput:
+def open_output(start: StartRun, flush_interval: float, output_root: str | None = None,
+                decompress_images: bool = False) -> H5File | NullOutput:
     """The output of a run: the HDF5 file (its folders created, as the original did), or NullOutput.
 
     OutsideRoot if the folder is not inside ``output_root`` *now* (see the
@@ -135,7 +136,8 @@ def open_output(start: StartRun, flush_interval: float, output_root: str | None 
     try:
         general = {name: start.parameters[name] for name in REQUIRED_PARAMETERS if name in start.parameters}
         extra = {key: value for key, value in start.parameters.items() if key not in REQUIRED_PARAMETERS}
-        return H5File(start.output_file, general, extra, flush_interval=flush_interval, directory_fd=directory_fd)
+        return H5File(start.output_file, general, extra, flush_interval=flush_interval, directory_fd=directory_fd,
+                      decompress_images=decompress_images)
     finally:
         os.close(directory_fd)
 

@@ -65,6 +65,7 @@ class WriterSettings:
     handshake_timeout: float = HANDSHAKE_SECONDS  # how long a start waits for the buffer's acceptance
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_clock_skew: float = MAX_CLOCK_SKEW  # --direct: core.timebase (a buffer decides for its messages)
+    decompress_images: bool = False  # bitshuffle images stored plain, for readers without the filter plugin
 
 
 @dataclass(frozen=True)
@@ -411,4 +412,5 @@ class Writer:
                             stop_time=start.stop_time)
 
     def _default_output(self, start: StartRun) -> Any:
-        return open_output(start, self.settings.flush_interval, self.settings.output_root)
+        return open_output(start, self.settings.flush_interval, self.settings.output_root,
+                           self.settings.decompress_images)
