@@ -11,6 +11,7 @@ pulse id and time), ``replay_messages`` / ``replay_session`` /
 session, the writer's side), ``acquisition`` (which REST request is legal
 when; when a quiet source ends a run), ``pulse_range`` (what belongs in
 the file, what is missing), ``status`` (typed status snapshots and their
-renderings), ``rates`` (rates over a window), ``jsontext`` (strict, bounded
-JSON from the network), ``camapping`` (bsread -> Channel Access types).
+renderings), ``rates`` (rates over a window), ``timebase`` (a message's time:
+source or receive clock), ``jsontext`` (strict, bounded JSON from the network),
+``camapping`` (bsread -> Channel Access types).
 """
