@@ -782,7 +782,9 @@ def test_a_source_without_a_plausible_clock_is_timed_by_the_buffers_receive_time
     text = caplog.text
     assert "pulse_id 1: the source's global timestamp 0.000000 is absent" in text
     assert "pulse_id 2: the source's global timestamp is plausible again" in text
-    assert "+7200.000 s off the receive time" in text
+    # Rate limited (a clock hovering at the limit must not log every message): the second such warning
+    # within 5 s is suppressed; the counters above tell the whole story.
+    assert "+7200.000 s off the receive time" not in text
 
 
 class ManualClock:

@@ -83,6 +83,21 @@ def test_buffer_messages_round_trip():
     assert parse_buffer_message(build_accepted(Accepted(64, None, None))) == Accepted(64, None, None)
 
 
+def test_message_times_are_sent_only_to_a_writer_that_asks():
+    """An extension within version 1: old writers get ``data <pulse_id>``; new ones ask for the time."""
+    request = parse_writer_message(build_request(Request(start_pulse_id=1, message_times=True)))
+    assert request.message_times is True
+    assert parse_writer_message([b'{"type": "request", "version": 1, "start_pulse_id": 1}']).message_times is False
+    with pytest.raises(ReplayProtocolError):
+        parse_writer_message([b'{"type": "request", "start_pulse_id": 1, "message_times": "yes"}'])
+    ring = Ring(10, 1 << 20)
+    ring.append(1, 1_700_000_000.5, [b"main", b"header"])
+    for asks, time in ((True, 1_700_000_000.5), (False, None)):
+        session = ReplaySession("s", Request(start_pulse_id=1, message_times=asks), ring, 0.0)
+        events = [event for event in session.poll(ring, 0.0) if isinstance(event, Data)]
+        assert [(event.pulse_id, event.time) for event in events] == [(1, time)]
+
+
 def test_data_carries_the_time_the_buffer_indexed_it_by_exactly():
     frames = [b"main", b"header"]
     for time in (1_700_000_000.123456789, 0.1 + 0.2, 5e-324, 1e300):
@@ -345,7 +360,7 @@ def test_client_grants_credit_over_a_socket(context):
         client.start()
         assert router.poll(10_000)
         identity, body = router.recv_multipart()
-        assert parse_writer_message([body]) == Request(start_pulse_id=7, window=4)
+        assert parse_writer_message([body]) == Request(start_pulse_id=7, window=4, message_times=True)
         router.send_multipart([identity, *build_accepted(Accepted(4, None, None))])
         for pulse_id in (7, 8):
             router.send_multipart([identity, *build_data(pulse_id, _frames(pulse_id))])
@@ -386,7 +401,7 @@ def test_client_re_requests_on_a_new_socket(context):
             identity, body = router.recv_multipart()
             if isinstance(message := parse_writer_message([body]), Request):
                 requests.append((identity, message))
-        assert requests == [(requests[0][0], Request(start_pulse_id=8, window=4))]
+        assert requests == [(requests[0][0], Request(start_pulse_id=8, window=4, message_times=True))]
         assert requests[0][0] != first and client.restarts == 1
     finally:
         client.close()
@@ -417,7 +432,7 @@ def test_client_heartbeats_and_gives_up_a_silent_buffer_on_its_clock(context):
         client.start()
         assert router.poll(10_000)
         first, body = router.recv_multipart()
-        assert parse_writer_message([body]) == Request(start_pulse_id=7, window=4)
+        assert parse_writer_message([body]) == Request(start_pulse_id=7, window=4, message_times=True)
         event = client.receive(timeout=60.0)  # fake seconds: the buffer stays silent
         assert isinstance(event, BufferLost) and event.seconds_silent > 5.0
         messages = []
@@ -429,7 +444,7 @@ def test_client_heartbeats_and_gives_up_a_silent_buffer_on_its_clock(context):
         assert credits and all(credit == Credit(0) for credit in credits)  # heartbeats while it waited
         requests = [(i, m) for i, m in messages if isinstance(m, Request)]
         assert len(requests) == 1 and requests[0][0] != first  # the range again, from a new socket
-        assert requests[0][1] == Request(start_pulse_id=7, window=4) and client.restarts == 1
+        assert requests[0][1] == Request(start_pulse_id=7, window=4, message_times=True) and client.restarts == 1
     finally:
         client.close()
         router.close()

@@ -20,6 +20,7 @@ import requests
 from sf_bsread_writer import client as client_module
 from sf_bsread_writer.client import WriterClient, WriterError
 from sf_bsread_writer.core import replay_messages as replay
+from sf_bsread_writer.core.acquisition import State
 from sf_bsread_writer.core.protocol import build_message
 from sf_bsread_writer.h5.file import H5File
 from sf_bsread_writer.h5.layout import FILE_ATTRIBUTES
@@ -507,3 +508,29 @@ def test_a_refused_channel_makes_the_outcome_partial(api, monkeypatch):
     assert api.writer.statistics().outcome == "partial" and api.writer.exit_code == 3
     with h5py.File(api.root / "out.h5", "r") as file:
         assert file.attrs["outcome"] == "partial" and "TWIN" in file.attrs["refused_channels"]
+
+
+def test_a_stop_sent_as_a_persistent_run_ends_is_not_applied_to_the_next_run(api, monkeypatch):
+    """A stop the run loop never read (posted while the run was ending) belongs to that run only."""
+    writer = api.writer
+    ending = writer._finishing  # noqa: SLF001 (the moment between the loop's last read and the end)
+
+    def a_stop_arrives_while_ending(reason):
+        if writer.state is State.WRITING:  # what a REST thread can do at that moment
+            writer.stop_at_pulse(3)
+        ending(reason)
+
+    monkeypatch.setattr(writer, "_finishing", a_stop_arrives_while_ending)
+    call(api, "PUT", "/stop_pulse_id/3")
+    call(api, "PUT", "/start_pulse_id/1", json={"output_file": "run1.h5"})
+    api.source.send(1, 2, 3)
+    wait_for(lambda: writer.statistics().runs_finished == 1, message="run 1 to end")
+    monkeypatch.setattr(writer, "_finishing", ending)
+    call(api, "PUT", "/stop_pulse_id/20")
+    call(api, "PUT", "/start_pulse_id/10", json={"output_file": "run2.h5"})
+    api.source.send(*range(10, 21))
+    wait_for(lambda: writer.statistics().runs_finished == 2, message="run 2 to end")
+    statistics = writer.statistics()
+    assert (statistics.outcome, statistics.messages_written, statistics.stop_pulse_id) == ("complete", 11, 20)
+    with h5py.File(api.root / "run2.h5", "r") as file:
+        assert file.attrs["requested_stop_pulse_id"] == 20 and file.attrs["number_of_messages"] == 11

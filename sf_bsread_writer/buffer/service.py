@@ -429,13 +429,16 @@ class Buffer:
         if base is TimeBase.RECEIVE:
             self._timed_by_receive += 1
         if base is not self._time_base:
+            # Rate limited: a source whose clock hovers at the limit would otherwise log every message.
             if base is TimeBase.RECEIVE:
-                logger.warning("pulse_id %d: the source's global timestamp %.6f is %s; time windows use the "
-                               "buffer's receive time for its messages (--max-clock-skew %g s)", pulse_id,
-                               source_timestamp, "absent" if source_timestamp <= 0 else
-                               f"{source_timestamp - received_at:+.3f} s off the receive time", self.max_clock_skew)
+                self._reject_log.warning(
+                    "clock", "pulse_id %d: the source's global timestamp %.6f is %s; time windows use the "
+                    "buffer's receive time for its messages (--max-clock-skew %g s)", pulse_id, source_timestamp,
+                    "absent" if source_timestamp <= 0 else f"{source_timestamp - received_at:+.3f} s off the receive "
+                    "time", self.max_clock_skew)
             elif self._time_base is not None:
-                logger.info("pulse_id %d: the source's global timestamp is plausible again", pulse_id)
+                self._reject_log.info("clock_back", "pulse_id %d: the source's global timestamp is plausible again",
+                                      pulse_id)
             self._time_base = base
 
     def _analyze(self, message: Any, pulse_id: int) -> None:

@@ -93,7 +93,8 @@ class ReplayClientState:
             start_pulse_id, start_time = self.last_pulse_id + 1, None
         else:
             start_pulse_id, start_time = self.request.start_pulse_id, self.request.start_time
-        return build_request(Request(start_pulse_id, start_time, self.stop_pulse_id, self.stop_time, self.window))
+        return build_request(Request(start_pulse_id, start_time, self.stop_pulse_id, self.stop_time, self.window,
+                                     self.request.message_times))
 
     def credit(self, now: float) -> list[bytes] | None:
         """A credit message if one is due (a quarter window consumed, or a heartbeat interval passed)."""

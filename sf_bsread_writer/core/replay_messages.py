@@ -130,6 +130,10 @@ class Request:
     stop_pulse_id: int | None = None
     stop_time: float | None = None
     window: int = DEFAULT_WINDOW
+    # Ask for each message's time in its kind frame (``data <pulse_id> <time>``). An
+    # extension within version 1: a buffer that does not know it ignores it (and sends
+    # ``data <pulse_id>``), and a writer that does not ask gets what it always got.
+    message_times: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,8 @@ def build_request(request: Request) -> list[bytes]:
         value = getattr(request, name)
         if value is not None:
             body[name] = value
+    if request.message_times:
+        body["message_times"] = True
     return [_dumps(body)]
 
 
@@ -243,7 +249,10 @@ def parse_writer_message(frames: Sequence[Any]) -> Request | Credit | SetStop | 
         window = body.get("window", DEFAULT_WINDOW)
         if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
             raise ReplayProtocolError(ErrorReason.BAD_FIELD, f"window must be an integer 1..{MAX_WINDOW}, not {window!r}")
-        return Request(start_pulse_id, start_time, stop_pulse_id, stop_time, window)
+        message_times = body.get("message_times", False)
+        if not isinstance(message_times, bool):
+            raise ReplayProtocolError(ErrorReason.BAD_FIELD, f"message_times must be true or false, not {message_times!r}")
+        return Request(start_pulse_id, start_time, stop_pulse_id, stop_time, window, message_times)
     if kind == "credit":
         received = body.get("received")
         if isinstance(received, bool) or not isinstance(received, int) or received < 0:

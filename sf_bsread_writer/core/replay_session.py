@@ -204,7 +204,8 @@ class ReplaySession:
             if self._order_pulse_id is not None and pulse_id <= self._order_pulse_id:
                 # Pulse ids went backwards without a loss for this writer: say so anyway.
                 self._add_gap(Gap(None, None, GapReason.SOURCE_RESET.value, 0), 0)
-            self._pending.append(Data(pulse_id, ring.frames(self.cursor), timestamp))
+            self._pending.append(Data(pulse_id, ring.frames(self.cursor),
+                                      timestamp if self.request.message_times else None))
             size = ring.nbytes(self.cursor)
             self._in_flight_sizes.append(size)
             self._in_flight_bytes += size

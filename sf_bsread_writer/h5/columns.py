@@ -64,6 +64,7 @@ class Column:
         self.filled = 0
         self.present = bytearray()
         self.timestamps = bytearray()
+        self.expanded = 0  # bytes held beyond the bytes received (decoded values): see take_expansion
         self.data = self._create_data(group, spec, rows_written)
         self.pulse_id = group.create_dataset(
             "pulse_id", shape=(rows_written,), maxshape=(None,), dtype="<i8",
@@ -97,6 +98,15 @@ class Column:
     def _drop_values(self, keep: int) -> None:
         """Forget the pending values of block rows ``keep`` and later."""
         raise NotImplementedError
+
+    def take_expansion(self) -> int:
+        """Memory taken since the last call beyond the received bytes (a decompressed value is bigger).
+
+        The file adds it to its pending bytes, so that ``block_bytes`` bounds
+        what waits in memory also when values are decoded (``--decompress-images``).
+        """
+        expanded, self.expanded = self.expanded, 0
+        return expanded
 
     # -- shared row bookkeeping ------------------------------------------
     def resize(self, rows: int) -> None:
@@ -194,7 +204,9 @@ class FixedColumn(Column):
         value = decode_or_absent(spec, part, self.name)
         if value is None:
             return 0
-        self.values += np.ascontiguousarray(value, dtype=self.dtype).tobytes()
+        decoded = np.ascontiguousarray(value, dtype=self.dtype).tobytes()
+        self.values += decoded
+        self.expanded += max(0, len(decoded) - len(part))
         return len(part)
 
     def _pad_values(self, count: int) -> None:

@@ -274,6 +274,8 @@ class H5File:
                 if column is None:  # refused: recorded once, its values dropped
                     continue
             accepted_total += column.append(spec, part, message.timestamp_part(index), row)
+            if column.expanded:
+                self._pending_bytes += column.take_expansion()
         self._pending_bytes += accepted_total
         self.bytes_written += accepted_total
         self._row_timestamps.append(message.timestamp if time is None else time)
@@ -516,8 +518,9 @@ class H5File:
             try:
                 merge_variants(self._data, [column.group for column in variants.values()])
             except Exception:  # noqa: BLE001 (the rows are on disk either way)
-                logger.exception("channel %r: its types could not be merged; %s keeps /data/%s@n groups",
-                                 name, self.path, channel_group_name(name))
+                logger.exception("channel %r: its types could not be merged; in %s its datasets are left "
+                                 "where the merge stopped (/data/%s, /data/%s@n)", name, self.path,
+                                 channel_group_name(name), channel_group_name(name))
 
     def _refuse(self, name: str, reason: str) -> None:
         logger.error("channel %r refused: %s; its values are not in %s", name, reason, self.path)

@@ -62,7 +62,8 @@ class ReplayClient:
                  heartbeat_interval: float = 1.0, peer_timeout: float = 5.0,
                  context: zmq.Context | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.address = address
-        self.state = ReplayClientState(Request(start_pulse_id, start_time, stop_pulse_id, stop_time, window),
+        self.state = ReplayClientState(Request(start_pulse_id, start_time, stop_pulse_id, stop_time, window,
+                                               message_times=True),
                                        heartbeat_interval, peer_timeout)
         self._clock = clock
         self._context = context or zmq.Context.instance()

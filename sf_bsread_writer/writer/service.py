@@ -163,13 +163,19 @@ class Writer:
         """``PUT /start_pulse_id/<id>``."""
         with self._lock:
             start = self._control.start_at_pulse(pulse_id, output_file)
+            self._new_run()
         return self._launch(start)
 
     def start_now(self, output_file: str | None = None) -> Started:
         """``PUT /start_now``."""
         with self._lock:
             start = self._control.start_now(self._clock(), output_file)
+            self._new_run()
         return self._launch(start)
+
+    def _new_run(self) -> None:
+        """A run's own figures, from the moment it is started (under the lock, with the control's start)."""
+        self._counters, self._range, self._output = RunCounters(), None, None
 
     def stop_at_pulse(self, pulse_id: int) -> str:
         """``PUT /stop_pulse_id/<id>``."""
@@ -209,12 +215,14 @@ class Writer:
     def statistics(self) -> WriterStatistics:
         """``GET /statistics``, typed (``.to_json()`` is the answer).
 
-        Between persistent runs: the last run's, until the next start.
+        Between persistent runs (and after /stop ends them): the last run's, until the next start.
         """
         with self._lock:
             control, pulse_range, output, counters = self._control, self._range, self._output, self._counters
-            if control.state is State.WAITING and self._last_run is not None:
-                return replace(self._last_run, runs_finished=control.runs_finished)
+            last = self._last_run
+            if (last is not None and control.state in (State.WAITING, State.FINISHED)
+                    and last.runs_finished == control.runs_finished):
+                return replace(last, error=control.error)  # and a failed start's error since
             last_pulse_id = pulse_range.last_pulse_id if pulse_range else None
             return WriterStatistics(
                 start_pulse_id=control.start_pulse_id,
@@ -264,8 +272,6 @@ class Writer:
         opened = threading.Event()
         outcome: dict[str, str | None] = {}
         with self._lock:
-            # A run's own figures (the last run's stay in _last_run until this one has some).
-            self._counters, self._range, self._output = RunCounters(), None, None
             self._thread = threading.Thread(target=self._run, args=(start, opened, outcome), name="writer-run",
                                             daemon=True)
             self._thread.start()
@@ -354,14 +360,18 @@ class Writer:
         final = replace(self.statistics(), outcome=outcome.value, error=error_text,
                         runs_finished=self._control.runs_finished + 1)
         self._write_summary(start, final)
+        counters = self._counters
         with self._lock:
             self._control.finished(error_text, outcome)
             ended = self._control.state is not State.WAITING
             if not ended:  # persistent: ready for the next start
                 self._last_run = final
                 self._thread = None
+                # A stop posted after the loop's last look belonged to this run, never to the next.
+                while not self._commands.empty():
+                    self._commands.get_nowait()
         logger.info("Closed %s: %s, %d messages, pulse_id %s..%s, %d pulses missing; end: %s%s",
-                    start.output_file, outcome.value, self._counters.messages_written, pulse_range.first_pulse_id,
+                    start.output_file, outcome.value, counters.messages_written, pulse_range.first_pulse_id,
                     pulse_range.last_pulse_id, pulse_range.missing_count, end_reason,
                     f"; error: {error_text}" if error_text else "")
         if ended:
