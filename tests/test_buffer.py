@@ -52,6 +52,20 @@ def running_buffer(stream: str, **kwargs) -> Iterator[Buffer]:
 
 
 @contextlib.contextmanager
+def push_source() -> Iterator[tuple[zmq.Socket, str]]:
+    """The test's bsread source: a PUSH socket on a free loopback port, and its address; always closed."""
+    context = zmq.Context()
+    source = context.socket(zmq.PUSH)
+    source.setsockopt(zmq.LINGER, 0)
+    source.bind("tcp://127.0.0.1:0")
+    try:
+        yield source, source.getsockopt_string(zmq.LAST_ENDPOINT)
+    finally:
+        source.close()
+        context.term()
+
+
+@contextlib.contextmanager
 def sending(simulator: Simulator, count: int = 0) -> Iterator[threading.Thread]:
     """Run ``simulator.run(count)`` in a thread; stop and close it at the end."""
     thread = threading.Thread(target=simulator.run, args=(count,), name="simulator", daemon=True)
@@ -710,22 +724,14 @@ def test_hostile_replay_messages_are_refused_and_the_buffer_lives_on():
 
 
 def test_analyzer_logs_anomalies(caplog):
-    context = zmq.Context()
-    source = context.socket(zmq.PUSH)
-    source.setsockopt(zmq.LINGER, 0)
-    source.bind("tcp://127.0.0.1:0")
-    try:
-        with caplog.at_level("INFO", logger="sf_bsread_writer.buffer"), \
-                running_buffer(source.getsockopt_string(zmq.LAST_ENDPOINT), analyzer=True) as buffer:
-            # ... then a source restart at 5, confirmed by the messages after it
-            for pulse_id, channel in ((10, "A"), (11, "A"), (12, "A"), (20, "A"), (21, "B"), (5, "B"), (6, "B"),
-                                      (7, "B")):
-                source.send_multipart(build_message(pulse_id, [{"name": channel, "type": "int32"}], [1]))
-            statistics = wait_for(lambda: (s := buffer.statistics()).pulse_ids.resets == 1 and s,
-                                  DEADLINE, message="the confirmed reset")
-    finally:
-        source.close()
-        context.term()
+    with push_source() as (source, address), caplog.at_level("INFO", logger="sf_bsread_writer.buffer"), \
+            running_buffer(address, analyzer=True) as buffer:
+        # ... then a source restart at 5, confirmed by the messages after it
+        for pulse_id, channel in ((10, "A"), (11, "A"), (12, "A"), (20, "A"), (21, "B"), (5, "B"), (6, "B"),
+                                  (7, "B")):
+            source.send_multipart(build_message(pulse_id, [{"name": channel, "type": "int32"}], [1]))
+        statistics = wait_for(lambda: (s := buffer.statistics()).pulse_ids.resets == 1 and s,
+                              DEADLINE, message="the confirmed reset")
     text = caplog.text
     assert "jumped to 20" in text and "header changed at pulse 21" in text and "went back from 21 to 5" in text
     assert statistics.pulse_ids.jumps == 1 and statistics.pulse_ids.resets == 1
@@ -737,19 +743,11 @@ def test_analyzer_logs_each_channel_missing_from_a_pulse_in_the_originals_words(
 
     monkeypatch.setattr(service, "ANALYZER_MAX_LINES", 2)  # the cap, seen with a small stream
     channels = [{"name": name, "type": "int32"} for name in ("A", "B", "C", "D")]
-    context = zmq.Context()
-    source = context.socket(zmq.PUSH)
-    source.setsockopt(zmq.LINGER, 0)
-    source.bind("tcp://127.0.0.1:0")
-    try:
-        with caplog.at_level("INFO", logger="sf_bsread_writer.buffer"), \
-                running_buffer(source.getsockopt_string(zmq.LAST_ENDPOINT), analyzer=True) as buffer:
-            source.send_multipart(build_message(1, channels, [1, None, 3, 4]))
-            source.send_multipart(build_message(2, channels, [None, None, None, 4]))
-            received(buffer, 2)
-    finally:
-        source.close()
-        context.term()
+    with push_source() as (source, address), caplog.at_level("INFO", logger="sf_bsread_writer.buffer"), \
+            running_buffer(address, analyzer=True) as buffer:
+        source.send_multipart(build_message(1, channels, [1, None, 3, 4]))
+        source.send_multipart(build_message(2, channels, [None, None, None, 4]))
+        received(buffer, 2)
     text = caplog.text
     assert "Channel 'B' data missing in pulse_id 1." in text
     assert "Channel 'A' data missing in pulse_id 2." in text and "Channel 'B' data missing in pulse_id 2." in text
@@ -762,21 +760,13 @@ def test_a_source_without_a_plausible_clock_is_timed_by_the_buffers_receive_time
     """core.timebase at ingest: the ring indexes, and the replay sends, the receive time instead."""
     wall = 1_700_000_000.0
     channels = [{"name": "A", "type": "int32"}]
-    context = zmq.Context()
-    source = context.socket(zmq.PUSH)
-    source.setsockopt(zmq.LINGER, 0)
-    source.bind("tcp://127.0.0.1:0")
-    try:
-        with caplog.at_level("INFO", logger="sf_bsread_writer.buffer"), \
-                running_buffer(source.getsockopt_string(zmq.LAST_ENDPOINT), wall_clock=lambda: wall) as buffer:
-            source.send_multipart(build_message(1, channels, [1], timestamp=(0, 0)))  # no clock
-            source.send_multipart(build_message(2, channels, [2], timestamp=wall - 0.5))  # a plausible one
-            source.send_multipart(build_message(3, channels, [3], timestamp=wall + 7200))  # two hours ahead
-            statistics = received(buffer, 3)
-            data, _ = replay_all(buffer.replay_address, 1, 3)
-    finally:
-        source.close()
-        context.term()
+    with push_source() as (source, address), caplog.at_level("INFO", logger="sf_bsread_writer.buffer"), \
+            running_buffer(address, wall_clock=lambda: wall) as buffer:
+        source.send_multipart(build_message(1, channels, [1], timestamp=(0, 0)))  # no clock
+        source.send_multipart(build_message(2, channels, [2], timestamp=wall - 0.5))  # a plausible one
+        source.send_multipart(build_message(3, channels, [3], timestamp=wall + 7200))  # two hours ahead
+        statistics = received(buffer, 3)
+        data, _ = replay_all(buffer.replay_address, 1, 3)
     assert [event.time for event in data] == [wall, wall - 0.5, wall]
     assert statistics.source.timed_by_receive == 2 and statistics.source.clock_offset_seconds == 7200.0
     text = caplog.text
@@ -798,10 +788,6 @@ class ManualClock:
 def test_operators_read_the_stream_s_story_at_info_without_analyzer(caplog):
     """First message, a jump, a header change, the source idle and back: once each, at INFO."""
     clock = ManualClock()
-    context = zmq.Context()
-    source = context.socket(zmq.PUSH)
-    source.setsockopt(zmq.LINGER, 0)
-    source.bind("tcp://127.0.0.1:0")
 
     def send(pulse_id: int, channel: str = "A") -> None:
         source.send_multipart(build_message(pulse_id, [{"name": channel, "type": "int32"}], [1]))
@@ -809,23 +795,19 @@ def test_operators_read_the_stream_s_story_at_info_without_analyzer(caplog):
     def received(count: int) -> None:
         wait_for(lambda: buffer.statistics().received >= count, DEADLINE, message=f"{count} messages")
 
-    try:  # a snapshot every loop turn: the clock moves only when the test says so
-        with caplog.at_level("INFO", logger="sf_bsread_writer.buffer"), \
-                running_buffer(source.getsockopt_string(zmq.LAST_ENDPOINT), clock=clock,
-                               snapshot_interval=0.0) as buffer:
-            for pulse_id in (10, 11, 12):
-                send(pulse_id)
-            received(3)
-            send(20)  # a jump
-            send(21, "B")  # a header change
-            received(5)
-            clock.now += 6  # nothing for 6 s of the loop's clock
-            wait_for(lambda: "idle" in caplog.text, DEADLINE, message="the source idle")
-            send(22, "B")
-            received(6)
-    finally:
-        source.close()
-        context.term()
+    # A snapshot every loop turn: the clock moves only when the test says so.
+    with push_source() as (source, address), caplog.at_level("INFO", logger="sf_bsread_writer.buffer"), \
+            running_buffer(address, clock=clock, snapshot_interval=0.0) as buffer:
+        for pulse_id in (10, 11, 12):
+            send(pulse_id)
+        received(3)
+        send(20)  # a jump
+        send(21, "B")  # a header change
+        received(5)
+        clock.now += 6  # nothing for 6 s of the loop's clock
+        wait_for(lambda: "idle" in caplog.text, DEADLINE, message="the source idle")
+        send(22, "B")
+        received(6)
     text = caplog.text
     assert text.count("first message from") == 1 and "pulse_id 10, 1 channels" in text
     assert "pulse id jumped to 20: 7 pulses skipped" in text

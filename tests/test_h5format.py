@@ -538,6 +538,13 @@ def test_plan_merge_refuses_what_cannot_be_a_channel() -> None:
         variants.plan_merge([np.zeros(3, "u1"), np.zeros(2, "u1")])
 
 
+def _child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child writer: this checkout first on the path, one BLAS thread."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
 _RETYPE_CHILD = textwrap.dedent("""
     import os, signal, sys
     import h5py
@@ -569,9 +576,7 @@ _RETYPE_CHILD = textwrap.dedent("""
 def test_a_killed_file_with_a_type_change_keeps_the_writing_layout(tmp_path: Path, when: str) -> None:
     """Until the close merges them, a changed channel's types are in sibling groups: each one whole."""
     path = tmp_path / "killed-retyped.h5"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", _RETYPE_CHILD, str(path), when], env=env, timeout=60,
+    result = subprocess.run([sys.executable, "-c", _RETYPE_CHILD, str(path), when], env=_child_env(), timeout=60,
                             capture_output=True)
     assert result.returncode == -signal.SIGKILL, result.stderr
     with h5py.File(path, "r") as f:
@@ -763,10 +768,8 @@ def _check_killed_file(path: Path, first: int, flushed_at_least: int) -> int:
 @contextlib.contextmanager
 def _killable_child(path: Path, first: int, *options: str) -> Iterator[subprocess.Popen]:
     """The _CHILD writer, killed with SIGKILL by the test (``_kill_9``) and cleaned up whatever happens."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), str(first), *options], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
+                             stderr=subprocess.PIPE, text=True, env=_child_env(PYTHONUNBUFFERED="1"))
     try:
         line = child.stdout.readline()
         assert line.startswith("opened"), (line, child.stderr.read() if child.poll() is not None else "")
@@ -809,9 +812,8 @@ def test_kill_9_while_the_file_is_created_leaves_no_file_at_its_path(tmp_path: P
         placement.FileSlot.publish = lambda self: os.kill(os.getpid(), signal.SIGKILL)
         H5File(sys.argv[1], {"general/user": "kill-test"})
     """)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", script, str(path)], env=env, timeout=60, capture_output=True)
+    result = subprocess.run([sys.executable, "-c", script, str(path)], env=_child_env(), timeout=60,
+                            capture_output=True)
     assert result.returncode == -signal.SIGKILL, result.stderr
     assert not path.exists()
     leftovers = [p.name for p in tmp_path.iterdir()]
