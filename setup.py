@@ -1,5 +1,33 @@
-"""Packaging for sf_bsread_writer (the build configuration lives here; pyproject.toml only names the backend)."""
-from setuptools import find_packages, setup
+"""Packaging for sf_bsread_writer (the build configuration lives here; pyproject.toml only names the backend).
+
+The one compiled part, ``sf_bsread_writer.transport._partsio`` (whole ZeroMQ
+messages in one call), is optional: without a C compiler the build goes on
+and the package uses its pure pyzmq path (``transport/partsio.py``). It needs
+no libzmq headers or library at build time: it finds pyzmq's libzmq at import.
+"""
+import logging
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+
+class OptionalBuildExt(build_ext):
+    """Build the extension if a compiler is there; otherwise warn and install without it."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as error:  # no compiler at all (distutils errors differ by setuptools version)
+            logging.warning("sf_bsread_writer: the compiled message I/O is not built (%s); "
+                            "the pure pyzmq path will be used", error)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as error:
+            logging.warning("sf_bsread_writer: building %s failed (%s); the pure pyzmq path will be used",
+                            ext.name, error)
+
 
 setup(
     name="sf_bsread_writer",
@@ -9,6 +37,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["sf_bsread_writer", "sf_bsread_writer.*"]),
+    ext_modules=[Extension("sf_bsread_writer.transport._partsio", ["sf_bsread_writer/transport/_partsio.c"],
+                           libraries=["dl"], extra_compile_args=["-O2", "-std=c11", "-Wall"],
+                           optional=True)],
+    cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[
         # Why each dependency is here: docs/dependencies.md
         "pyzmq>=26",

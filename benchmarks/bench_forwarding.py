@@ -10,6 +10,7 @@ that only walks frame headers), all on 127.0.0.1. Variants (run interleaved, rep
 noise hits them alike):
 
   relay        bare zero-copy relay: recv_multipart(copy=False) -> send_multipart(copy=False)
+  relay-compiled  bare relay through the compiled whole-message I/O (transport.partsio): the ceiling
   original     the original design: bsread Source decode -> bsread Sender re-encode per message
                (one thread; the original used two threads and a deque, never faster)
   ring         recv + protocol.parse_main_header + Ring.append + send ring.frames(seq),
@@ -20,6 +21,11 @@ noise hits them alike):
   buffer       the real sf_bsread_buffer, live output (--output-mode push)
   replay       the real sf_bsread_buffer, a ReplayClient from the oldest held pulse while
                the source keeps sending (ingest -> replay)
+  buffer-python, replay-python   the same with SF_BSREAD_NO_EXTENSION=1 (the pure pyzmq fallback)
+
+The consumer is the compiled whole-message receive where the extension is
+built (a Python walk over 1000+ frame headers would be slower than the
+middles measured), the raw ZMTP consumer otherwise.
 
 Rates are medians over the repeats; ratios are against relay and original
 measured in the same run. Absolute numbers depend on the machine (2 cores
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (sets OMP_NUM_THREADS first)
 
-VARIANTS = ("relay", "original", "ring", "ring-tuned", "ring-backlog", "buffer", "replay")
+VARIANTS = ("relay", "relay-compiled", "original", "ring", "ring-tuned", "ring-backlog", "buffer", "replay",
+            "buffer-python", "replay-python")
 HWM = 50
 
 
@@ -64,6 +72,12 @@ def middle(variant: str, in_port: int, out_port: int, ring_messages: int, ring_b
     if variant == "relay":
         while True:
             push.send_multipart(pull.recv_multipart(copy=False), copy=False)
+    if variant == "relay-compiled":
+        from sf_bsread_writer.transport import partsio
+
+        receive = partsio.PartsReceiver(implementation="compiled").receive
+        while True:
+            partsio.send_parts(push, receive(pull)[1], implementation="compiled")
 
     from sf_bsread_writer.core.ring import Ring
     from sf_bsread_writer.process import tune_allocator
@@ -83,21 +97,37 @@ def middle(variant: str, in_port: int, out_port: int, ring_messages: int, ring_b
     if variant in ("ring-tuned", "ring-backlog"):
         tune_allocator()
     ring = Ring(ring_messages, ring_bytes)
+    try:  # the packed I/O of issue 10; before it, pyzmq per part
+        from sf_bsread_writer.transport import partsio
+
+        receive_message = partsio.PartsReceiver().receive
+
+        def receive():
+            return receive_message(pull)[1]
+
+        def send(seq):
+            partsio.send_parts(push, ring.message(seq))
+    except ImportError:
+        def receive():
+            return pull.recv_multipart(copy=False)
+
+        def send(seq):
+            push.send_multipart(ring.frames(seq), copy=False)
     if variant == "ring-backlog":
         for _ in range(backlog):
-            frames = pull.recv_multipart(copy=False)
+            frames = receive()
             pulse_id, timestamp = pulse_and_time(frames[0])
             ring.append(pulse_id, timestamp, frames)
         pull.close(linger=0)
         while True:  # serve the backlog over and over (the consumer counts)
             for seq in range(ring.first_seq, ring.next_seq):
-                push.send_multipart(ring.frames(seq), copy=False)
+                send(seq)
     while True:
-        frames = pull.recv_multipart(copy=False)
+        frames = receive()
         pulse_id, timestamp = pulse_and_time(frames[0])
         result = ring.append(pulse_id, timestamp, frames)
         if result.seq is not None:
-            push.send_multipart(ring.frames(result.seq), copy=False)
+            send(result.seq)
 
 
 def middle_original(in_port: int, out_port: int) -> None:
@@ -149,12 +179,12 @@ def measure(profile: str, variant: str, args: argparse.Namespace) -> tuple[float
                        str(Path(__file__).resolve().parent), profile, str(source_port)]):
         context = zmq.Context()
         try:
-            if variant in ("buffer", "replay"):
+            if variant in ("buffer", "replay", "buffer-python", "replay-python"):
                 return measure_buffer(context, profile, variant, source_port, args)
             out_port = common.free_port()
             with common.Child([sys.executable, __file__, "--_middle", variant, str(source_port), str(out_port),
                                str(args.ring_messages), str(args.ring_bytes), str(args.backlog)]):
-                consumer = common.RawConsumer(out_port)
+                consumer = common.consumer_for(out_port)
                 try:
                     warmup = args.warmup if variant != "ring-backlog" else 0
                     return count_messages(consumer.receive, args.seconds, args.count, warmup)
@@ -169,10 +199,11 @@ def measure_buffer(context, profile: str, variant: str, source_port: int,
     command = [str(Path(sys.executable).parent / "sf_bsread_buffer"), f"tcp://127.0.0.1:{source_port}",
                "-o", "0", "--output-mode", "push", "--replay-port", "0", "--rest-port", "0",
                "-b", str(args.ring_messages), "--buffer-bytes", str(args.ring_bytes), "--log_level", "WARNING"]
-    with common.Child(command, ready="READY") as buffer:
+    env = {**os.environ, "SF_BSREAD_NO_EXTENSION": "1"} if variant.endswith("-python") else None
+    with common.Child(command, ready="READY", env=env) as buffer:
         endpoints = json.loads(buffer.ready_line.split(" ", 1)[1])
-        consumer = common.RawConsumer(int(endpoints["output"].rsplit(":", 1)[1]))
-        if variant == "buffer":
+        consumer = common.consumer_for(int(endpoints["output"].rsplit(":", 1)[1]))
+        if variant.startswith("buffer"):
             try:
                 return count_messages(consumer.receive, args.seconds, args.count, args.warmup)
             finally:

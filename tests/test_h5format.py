@@ -1053,3 +1053,92 @@ def test_absent_rows_between_present_ones_read_back_in_place(tmp_path: Path) -> 
             assert present.tolist() == pattern * 2
             for p, on in enumerate(pattern * 2):
                 assert (data[p] == (p if on else 0)).all(), (name, p)
+
+
+# --------------------------------------------------------------------- packed messages
+
+
+def _stream_frames(n_messages: int) -> list[list[bytes]]:
+    """Raw messages of a mixed stream with every irregularity the packed gather must handle."""
+    channels = [channel(f"S{i}", type) for i, type in enumerate(NUMERIC_TYPES)]
+    channels += [channel("BIG", "int32", encoding="big"), channel("WF", "float32", shape=(7,)),
+                 channel("STR", "string"), channel("EVERY3", "float64"), channel("IMG", "uint16", shape=(300, 200))]
+    result = []
+    for pulse_id in range(100, 100 + n_messages):
+        values = [value_for(spec["type"], pulse_id, spec["shape"]) for spec in channels]
+        values[channels.index(channel("EVERY3", "float64"))] = None if pulse_id % 3 else 0.5 * pulse_id
+        frames = protocol.build_message(pulse_id, channels, values, timestamp=1_700_000_000 + pulse_id / 100)
+        if pulse_id % 5 == 0:
+            frames[3 + 2 * 3] = b""  # a value without its timestamp
+        if pulse_id % 7 == 0:
+            frames[2 + 2 * 10] = frames[2 + 2 * 10][:4]  # a float64 of 4 bytes: the message goes channel by channel
+        result.append(frames)
+    return result
+
+
+def _datasets(path: Path) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    with read(path) as h5:
+        h5.visititems(lambda name, item: found.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None)
+        found["attrs"] = {k: v for k, v in h5.attrs.items() if k not in ("created", "closed")}
+    return found
+
+
+def test_a_packed_message_is_written_exactly_as_its_frames(tmp_path: Path) -> None:
+    """The compiled receiver's packed form and a list of frames give the same file, irregularities included."""
+    from sf_bsread_writer.core.parts import LayoutCache, pack
+
+    stream = _stream_frames(60)
+    layouts = LayoutCache()
+    header = None
+    for path, packed in ((tmp_path / "frames.h5", False), (tmp_path / "packed.h5", True)):
+        with H5File(path, block_rows=16) as h5:
+            for frames in stream:
+                if packed:
+                    parts = pack(frames, layouts, header)
+                    header = parts.header
+                    h5.append(_PARSER.parse(parts))
+                else:
+                    h5.append(_PARSER.parse(frames))
+    plain, packed = _datasets(tmp_path / "frames.h5"), _datasets(tmp_path / "packed.h5")
+    assert plain.keys() == packed.keys()
+    for name in plain:
+        if name == "attrs":
+            assert {k: str(v) for k, v in plain[name].items()} == {k: str(v) for k, v in packed[name].items()}
+        else:
+            np.testing.assert_array_equal(plain[name], packed[name], err_msg=name)
+    assert plain["data/EVERY3/is_data_present"].sum() == 20  # the modulo channel: present every third pulse
+    assert packed["attrs"]["absent_values"] > 0
+
+
+def test_an_append_that_fails_half_way_leaves_no_trace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """All or nothing per row: a failure after some channels took their value shifts no later row."""
+    specs = [channel("A", "float64"), channel("S", "string")]
+    path = tmp_path / "fail.h5"
+    original = columns.StringColumn.append if hasattr(columns, "StringColumn") else None
+    failing = {"armed": False}
+    string_column = None
+    with H5File(path, block_rows=4) as h5:
+        h5.append(message(1, specs, [1.0, "one"]))
+        for column in h5._each_column():
+            if type(column) is not columns.FixedColumn:
+                string_column = type(column)
+        assert string_column is not None
+        original = string_column.append
+
+        def append(self, *args, **kwargs):
+            if failing["armed"]:
+                raise RuntimeError("injected")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(string_column, "append", append)
+        failing["armed"] = True
+        with pytest.raises(RuntimeError):
+            h5.append(message(2, specs, [2.0, "two"]))
+        failing["armed"] = False
+        h5.append(message(3, specs, [3.0, "three"]))
+    with read(path) as h5:
+        assert list(h5["data/A/pulse_id"][()]) == [1, 3]
+        assert list(h5["data/A/data"][()].ravel()) == [1.0, 3.0]
+        assert [v.decode() if isinstance(v, bytes) else v for v in h5["data/S/data"][()].ravel()] == ["one", "three"]
+        assert h5.attrs["number_of_messages"] == 2

@@ -159,7 +159,7 @@ def test_past_range_with_exact_values_through_the_cli(stream, tmp_path):
         assert client.set_parameters(PARAMETERS) == PARAMETERS
         assert client.stop_pulse_id(stop) == "waiting"  # a stop before the start is fine
         assert client.start_pulse_id(start) in ("writing", "finishing", "finished")
-        assert child.wait(timeout=DEADLINE) == 0  # writes, closes, exits by itself
+        assert child.wait(timeout=DEADLINE) == 0, child.output()  # writes, closes, exits by itself
     assert "Closed" in child.output()
     assert written_pulse_ids(output) == list(range(start, stop + 1))
     assert_values(output, list(range(start, stop + 1)))

@@ -22,7 +22,7 @@ from ..core.replay_messages import (
 from ..core.replay_session import ReplaySession
 from ..core.ring import Ring
 from ..core.status import ReplayStatus
-from ..transport.multipart import send_message
+from ..transport.partsio import send_parts
 
 __all__ = ["ReplayEndpoint"]
 
@@ -240,7 +240,7 @@ class ReplayEndpoint:
         else:  # pragma: no cover - sessions produce nothing else
             raise TypeError(f"unexpected replay event {event!r}")
         try:
-            send_message(self.socket, head, frames)
+            send_parts(self.socket, frames, head, nonblocking=True)
         except zmq.ZMQError as error:
             return self._send_failed(identity, error)
         return True

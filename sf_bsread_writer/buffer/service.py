@@ -34,6 +34,7 @@ from typing import Any
 import zmq
 
 from .. import config, process
+from ..core.parts import PackedParts
 from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES, IgnoredMessage, MessageParser, ProtocolError
 from ..core.rates import RateEstimator
 from ..core.ring import AppendStatus, Ring
@@ -43,6 +44,8 @@ from ..core.status import (
     SourceStatus,
 )
 from ..httpserver import HttpServer
+from ..transport import partsio
+from ..transport.partsio import PartsReceiver, send_parts
 from . import children
 from .http_app import make_app
 from .replay_endpoint import ReplayEndpoint
@@ -166,6 +169,7 @@ class Buffer:
         self.max_message_bytes = max_message_bytes
         self.ring = Ring(buffer_length, buffer_bytes)  # owned by the loop thread
         self._parser = MessageParser(max_message_bytes)
+        self._receiver = PartsReceiver()  # the loop thread's: ingest
         self.started = threading.Event()
         self.stopped = threading.Event()
         self._stop_requested = threading.Event()
@@ -292,12 +296,13 @@ class Buffer:
             logger.warning("allocator tuning failed: %s", error)
 
     def _announce_ready(self) -> None:
-        logger.info("buffer %s: ingesting %s (%s), live output %s (%s), replay %s, HTTP %s",
+        logger.info("buffer %s: ingesting %s (%s), live output %s (%s), replay %s, HTTP %s; message I/O %s%s",
                     self.name, self.stream, self.source_mode, self.output_address, self.output_mode,
-                    self.replay_address, self.rest_url)
+                    self.replay_address, self.rest_url, partsio.IMPLEMENTATION,
+                    f" ({partsio.FALLBACK_REASON})" if partsio.FALLBACK_REASON else "")
         self._publish_snapshot(self._clock())
         if self.print_ready:
-            process.print_ready(self._endpoints().to_json())
+            process.print_ready({**self._endpoints().to_json(), "io_path": partsio.IMPLEMENTATION})
         process.sd_notify(f"READY=1\nSTATUS=ingesting {self.stream}")
         self.started.set()
 
@@ -330,14 +335,14 @@ class Buffer:
         """Ingest what is queued: up to INGEST_BATCH messages, until ``deadline`` (the loop's clock)."""
         for _ in range(INGEST_BATCH):
             try:
-                frames = ingest.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = self._receiver.receive(ingest, zmq.NOBLOCK)[1]
             except zmq.Again:
                 return
             self._ingest(frames, output)
             if self._clock() >= deadline:
                 return
 
-    def _ingest(self, frames: list[zmq.Frame], output: zmq.Socket) -> None:
+    def _ingest(self, frames: PackedParts, output: zmq.Socket) -> None:
         self._previous_message_monotonic = self._last_message_monotonic
         self._last_message_monotonic = self._clock()
         try:
@@ -397,7 +402,7 @@ class Buffer:
         if self._ca_feed is not None:
             self._feed_gateway(frames, self._last_message_monotonic)
 
-    def _feed_gateway(self, frames: list[zmq.Frame], now: float) -> None:
+    def _feed_gateway(self, frames: PackedParts, now: float) -> None:
         """--ca: at most ca_max_rate messages a second to the gateway (PUB: never blocks).
 
         Feeds keep to a grid of 1/ca_max_rate with half an interval of
@@ -410,17 +415,16 @@ class Buffer:
         if now + interval / 2 < self._ca_next_feed:
             return
         self._ca_next_feed = max(self._ca_next_feed, now - interval / 2) + interval
-        self._ca_feed.send_multipart(frames, copy=False)
+        send_parts(self._ca_feed, frames)
         self._ca_fed += 1
 
-    def _forward(self, frames: list[zmq.Frame], output: zmq.Socket) -> None:
+    def _forward(self, frames: PackedParts, output: zmq.Socket) -> None:
         """Live output; never blocks. Non-blocking applies to the first part only (bsread-format.md)."""
         try:
-            output.send(frames[0], zmq.SNDMORE | zmq.NOBLOCK, copy=False)
+            send_parts(output, frames, nonblocking=True)
         except zmq.Again:
             self._output_drops += 1  # PUSH without a peer or at its high-water mark
             return
-        output.send_multipart(frames[1:], copy=False)
         self._forwarded += 1
 
     def _note_time_base(self, base: TimeBase, source_timestamp: float, received_at: float, pulse_id: int) -> None:
@@ -532,6 +536,7 @@ class Buffer:
             rates=RateStatus(messages_per_second=messages_per_second, bytes_per_second=bytes_per_second,
                              window_seconds=self._rates.span),
             replay=replay,
+            io_path=partsio.IMPLEMENTATION,
         )
         with self._snapshot_lock:
             self._snapshot = snapshot

@@ -68,6 +68,7 @@ import bitshuffle
 import lz4.block
 import numpy as np
 
+from .parts import PackedParts
 
 __all__ = [
     "RejectReason",
@@ -681,8 +682,8 @@ class MessageParser:
         n_parts = len(frames)
         if n_parts == 0:
             raise ProtocolError(RejectReason.EMPTY_MESSAGE, "message has no parts")
-        # len() is the byte count of bytes, bytearray, zmq.Frame and byte memoryviews.
-        nbytes = sum(map(len, frames))
+        # len() is the byte count of bytes, bytearray, zmq.Frame and byte memoryviews; a packed message knows.
+        nbytes = frames.nbytes if type(frames) is PackedParts else sum(map(len, frames))
         if nbytes > self.max_message_bytes:
             raise ProtocolError(RejectReason.OVERSIZE,
                                 f"message has {nbytes} bytes, more than the limit of {self.max_message_bytes}")
@@ -698,7 +699,9 @@ class MessageParser:
         if n_parts != expected:
             raise ProtocolError(RejectReason.PART_COUNT,
                                 f"expected 2 + 2*{n_channels} = {expected} parts, got {n_parts}")
-        return Message(main, data_header, frames if type(frames) is tuple else tuple(frames), nbytes)
+        # A packed message stays packed (a Sequence of its parts): the writer's fast path reads it directly.
+        kind = type(frames)
+        return Message(main, data_header, frames if kind is tuple or kind is PackedParts else tuple(frames), nbytes)
 
 
 # --------------------------------------------------------------------------- values

@@ -29,7 +29,7 @@ from typing import Any
 from .replay_messages import (
     MAX_WINDOW, Accepted, BufferLost, Data, End, ErrorReason, Heartbeat, Refused,
     ReplayEvent, ReplayProtocolError, Request, build_close, build_credit, build_request, build_set_stop,
-    parse_buffer_message,
+    parse_buffer_parts,
 )
 
 __all__ = ["ReplayClientState", "Rerequest"]
@@ -132,7 +132,12 @@ class ReplayClientState:
         return None
 
     def received(self, frames: Sequence[Any], now: float) -> ReplayEvent | Rerequest | None:
-        """One message from the buffer -> an event for the writer, :class:`Rerequest`, or None (nothing to tell).
+        """One message from the buffer, as a list of frames: see :meth:`received_parts`."""
+        return self.received_parts(frames[0] if frames else None, list(frames[1:]), now)
+
+    def received_parts(self, kind_frame: Any, rest: Sequence[Any] | None,
+                       now: float) -> ReplayEvent | Rerequest | None:
+        """One message from the buffer (its kind frame and the rest) -> an event, :class:`Rerequest`, or None.
 
         Data counts towards the next credit (call :meth:`credit` after it);
         heartbeats and the acceptance only prove the buffer alive; nothing
@@ -140,7 +145,7 @@ class ReplayClientState:
         """
         self._last_heard = now
         try:
-            event = parse_buffer_message(frames)
+            event = parse_buffer_parts(kind_frame, rest)
         except ReplayProtocolError as error:
             logger.warning("replay: malformed message from the buffer dropped: %s", error)
             return None

@@ -65,6 +65,7 @@ __all__ = [
     "build_error",
     "build_accepted",
     "parse_buffer_message",
+    "parse_buffer_parts",
 ]
 
 PROTOCOL_VERSION = 1
@@ -394,7 +395,19 @@ def parse_buffer_message(frames: Sequence[Any]) -> Data | Gap | End | Refused | 
     """Frames from the buffer -> event; ReplayProtocolError if malformed. Data frames stay as received."""
     if not frames:
         raise ReplayProtocolError(ErrorReason.BAD_FRAMES, "empty message")
-    kind = _frame_bytes(frames[0])
+    return parse_buffer_parts(frames[0], list(frames[1:]))
+
+
+def parse_buffer_parts(kind_frame: Any, frames: Sequence[Any] | None) -> Data | Gap | End | Refused | Accepted | Heartbeat:
+    """The kind frame and the rest of a message from the buffer -> event (ReplayProtocolError if malformed).
+
+    The rest is whatever the receiver made of it (a list of frames, or a
+    ``core.parts.PackedParts``): Data keeps it as it is, unparsed.
+    """
+    if kind_frame is None:
+        raise ReplayProtocolError(ErrorReason.BAD_FRAMES, "empty message")
+    frames = () if frames is None else frames
+    kind = _frame_bytes(kind_frame)
     if kind.startswith(b"data "):
         fields = kind[5:].split(b" ")
         try:
@@ -406,10 +419,10 @@ def parse_buffer_message(frames: Sequence[Any]) -> Data | Gap | End | Refused | 
             raise ReplayProtocolError(ErrorReason.BAD_FIELD, f"bad data kind frame {kind[:60]!r}") from None
         if time is not None and not math.isfinite(time):
             raise ReplayProtocolError(ErrorReason.BAD_FIELD, f"data kind frame {kind[:60]!r}: time is not finite")
-        return Data(pulse_id, list(frames[1:]), time)
-    if len(frames) != 2:
-        raise ReplayProtocolError(ErrorReason.BAD_FRAMES, f"{kind[:20]!r}: expected 2 frames, got {len(frames)}")
-    body = _load_object(frames[1])
+        return Data(pulse_id, frames, time)
+    if len(frames) != 1:
+        raise ReplayProtocolError(ErrorReason.BAD_FRAMES, f"{kind[:20]!r}: expected 2 frames, got {len(frames) + 1}")
+    body = _load_object(frames[0])
     if kind == KIND_GAP:
         count = _optional_int(body, "count")
         return Gap(_optional_int(body, "first_pulse_id"), _optional_int(body, "last_pulse_id"),

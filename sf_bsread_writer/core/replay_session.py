@@ -27,7 +27,7 @@ class RingView(Protocol):
     oldest_pulse_id: int | None
     newest_pulse_id: int | None
 
-    def frames(self, seq: int) -> list: ...
+    def message(self, seq: int) -> Any: ...
     def nbytes(self, seq: int) -> int: ...
     def pulse_id(self, seq: int) -> int: ...
     def timestamp(self, seq: int) -> float: ...
@@ -204,7 +204,7 @@ class ReplaySession:
             if self._order_pulse_id is not None and pulse_id <= self._order_pulse_id:
                 # Pulse ids went backwards without a loss for this writer: say so anyway.
                 self._add_gap(Gap(None, None, GapReason.SOURCE_RESET.value, 0), 0)
-            self._pending.append(Data(pulse_id, ring.frames(self.cursor),
+            self._pending.append(Data(pulse_id, ring.message(self.cursor),
                                       timestamp if self.request.message_times else None))
             size = ring.nbytes(self.cursor)
             self._in_flight_sizes.append(size)

@@ -29,23 +29,22 @@ Pulse-id resets need confirmation
 Storage (why it looks like this; numbers in docs/performance.md)
     * Per-message index fields (seq, pulse_id, timestamp, bytes) live in
       preallocated numpy arrays used circularly: no per-message Python ints.
-    * Small parts (< ``LARGE_PART_BYTES``, pyzmq's zero-copy threshold) are
-      packed into one ``bytes`` per message. pyzmq copies such parts on send
-      anyway, and a 500-channel scalar message has 1002 parts of 8-16 bytes:
-      one ``zmq.Frame`` each would cost about 10x the payload (and a Frame
-      received from libzmq can pin its whole 8 KiB receive batch).
-    * The part lengths of a message form a ``_Layout`` that is shared with the
-      previous message when identical (the usual case: same channels).
+    * Each message is held in the packed form of ``core.parts``
+      (:class:`~.parts.PackedParts`): the small parts (below
+      ``LARGE_PART_BYTES``, pyzmq's zero-copy threshold) in one ``bytes``,
+      the large ones (images, big arrays) as the objects received, zero-copy
+      and reference-counted by libzmq, so the same frame can be sent to any
+      number of peers any number of times. A 500-channel scalar message has
+      1002 parts of 8-16 bytes: one Python object each would cost about 10x
+      the payload. The compiled receiver (``transport.partsio``) delivers
+      this form directly; plain frame lists are packed here.
+    * Consecutive messages with equal part lengths share one ``Layout``.
     * Part 1 (the bsread data header, ~80 bytes per channel, sent in every
       message) is shared with the previous message when byte-identical, so a
       scalar stream's ring holds one copy of its data header, not one per
       message. ``n_bytes`` still counts it for every message (the logical,
       on-the-wire size, which is what ``max_bytes`` bounds), so the memory
       actually held is at most ``n_bytes`` plus small overhead.
-    * Large parts (images, big arrays) are kept as the objects received
-      (``zmq.Frame`` with ``copy=False``, or ``bytes``): zero copies in, and
-      libzmq reference-counts them, so the same frame can be sent to any
-      number of peers, any number of times, with ``copy=False``.
     Where large parts live in memory is decided by the allocator: see
     ``process.tune_allocator``, which the buffer calls once at start.
 
@@ -61,6 +60,8 @@ from typing import Any
 
 import numpy as np
 
+from .parts import LARGE_PART_BYTES, LayoutCache, PackedParts, pack
+
 __all__ = [
     "LARGE_PART_BYTES",
     "RESET_CONFIRM_MESSAGES",
@@ -73,11 +74,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Parts at least this large are kept by reference (zero-copy); smaller ones
-#: are packed. Equal to pyzmq's default ``zmq.COPY_THRESHOLD``: below it pyzmq
-#: copies on send even with ``copy=False``, so a reference would buy nothing.
-LARGE_PART_BYTES = 65536
-
 #: Backwards messages in a row, increasing among themselves, that confirm a
 #: pulse-id reset (a source restart). 3 messages are 30 ms at 100 Hz.
 RESET_CONFIRM_MESSAGES = 3
@@ -87,18 +83,6 @@ RESET_CONFIRM_MESSAGES = 3
 #: stray pulse id (a glitch near 2^63, say) and is dropped.
 FORWARD_CONFIRM_STEPS = 1000
 
-
-
-def _immutable(part: Any) -> bool:
-    """Whether nobody can change ``part`` after we took it: ``bytes``, or a ``zmq.Frame``.
-
-    Only those large parts are kept by reference; any other buffer
-    (bytearray, memoryview, numpy array, mmap) is copied, because its owner
-    could still write to it. The frame is recognised by its type's module so
-    that the core needs no import of zmq.
-    """
-    kind = type(part)
-    return kind is bytes or (kind.__name__ == "Frame" and kind.__module__.startswith("zmq."))
 
 
 class AppendStatus(str, enum.Enum):
@@ -147,48 +131,6 @@ class RingCounters:
     strays: int = 0  # messages far ahead of the stream that it did not follow: dropped
 
 
-class _Layout:
-    """Where each part of a message lives; shared by consecutive messages with equal part lengths.
-
-    ``small_slices`` cut the packed bytes into the small parts (in order, part
-    1 excluded); ``inserts`` lists ``(part index, source)`` for the parts that
-    are not packed, in increasing part order: source -1 is the shared part 1,
-    source k >= 0 is the k-th large part.
-    """
-
-    __slots__ = ("lengths", "small_slices", "inserts", "packed_indices", "nbytes")
-
-    def __init__(self, lengths: tuple[int, ...]) -> None:
-        self.lengths = lengths
-        self.nbytes = sum(lengths)
-        small_slices: list[slice] = []
-        inserts: list[tuple[int, int]] = []
-        packed_indices: list[int] = []
-        offset = 0
-        n_large = 0
-        for index, length in enumerate(lengths):
-            if index == 1:
-                inserts.append((1, -1))
-            elif length >= LARGE_PART_BYTES:
-                inserts.append((index, n_large))
-                n_large += 1
-            else:
-                small_slices.append(slice(offset, offset + length))
-                packed_indices.append(index)
-                offset += length
-        self.small_slices = small_slices
-        self.inserts = inserts
-        # None when the packed parts are exactly "part 0 and parts 2.." (the fast path)
-        self.packed_indices = None if n_large == 0 else packed_indices
-
-
-def _as_part(frame: Any) -> Any:
-    """A frame as something with len() == its byte count; memoryviews are cast to bytes."""
-    if type(frame) is memoryview and (frame.ndim != 1 or frame.itemsize != 1):
-        return frame.cast("B")
-    return frame
-
-
 class Ring:
     """Raw messages bounded by count and bytes, evicting the oldest; see the module docstring.
 
@@ -210,10 +152,10 @@ class Ring:
         self.max_messages = int(max_messages)
         self.max_bytes = int(max_bytes)
         self.reset_confirm = int(reset_confirm)
-        # backwards messages awaiting confirmation: (pulse_id, timestamp, frames, lengths, nbytes)
-        self._held_back: list[tuple[int, float, Sequence[Any], tuple[int, ...], int]] = []
-        # a message far ahead, awaiting the next one: (pulse_id, timestamp, frames, lengths, nbytes)
-        self._forward_candidate: tuple[int, float, Sequence[Any], tuple[int, ...], int] | None = None
+        # backwards messages awaiting confirmation: (pulse_id, timestamp, message)
+        self._held_back: list[tuple[int, float, PackedParts]] = []
+        # a message far ahead, awaiting the next one: (pulse_id, timestamp, message)
+        self._forward_candidate: tuple[int, float, PackedParts] | None = None
         capacity = self.max_messages
         self._capacity = capacity
         self._seq = np.zeros(capacity, dtype=np.int64)
@@ -222,16 +164,13 @@ class Ring:
         # running maximum of timestamps: what seq_for_time searches (sorted even if time is not)
         self._time_key = np.zeros(capacity, dtype=np.float64)
         self._nbytes = np.zeros(capacity, dtype=np.int64)
-        self._packed: list[bytes | None] = [None] * capacity
-        self._layout: list[_Layout | None] = [None] * capacity
-        self._header: list[Any] = [None] * capacity
-        self._large: list[tuple] = [()] * capacity
+        self._message: list[PackedParts | None] = [None] * capacity
         self._head = 0  # slot of the oldest held message
         self._count = 0
         self._n_bytes = 0
         self._next_seq = 0
-        self._last_layout: _Layout | None = None
-        self._last_header: Any = None
+        self._layouts = LayoutCache()
+        self._last_header: bytes | None = None
         self._last_step: int | None = None
         self._usual_step: int | None = None
         self.counters = RingCounters()
@@ -277,8 +216,8 @@ class Ring:
 
     # ------------------------------------------------------------------ append
 
-    def append(self, pulse_id: int, timestamp: float, frames: Sequence[Any]) -> AppendResult:
-        """Store one message's raw frames (``zmq.Frame`` received with ``copy=False``, or bytes-like).
+    def append(self, pulse_id: int, timestamp: float, frames: PackedParts | Sequence[Any]) -> AppendResult:
+        """Store one message: a :class:`~.parts.PackedParts`, or its raw frames (``zmq.Frame``, bytes-like).
 
         The caller has validated the message (``protocol``); the ring only
         looks at the pulse_id, the timestamp and the part lengths. Rules:
@@ -308,13 +247,14 @@ class Ring:
         (bytearray, memoryview) are copied, because their owner could.
         """
         pulse_id = int(pulse_id)
-        if not frames:
-            raise ValueError("a message has at least one part")
-        if any(type(f) is memoryview for f in frames):
-            frames = [_as_part(f) for f in frames]
-        lengths = tuple(map(len, frames))
-        nbytes = self._last_layout.nbytes if (
-            self._last_layout is not None and self._last_layout.lengths == lengths) else sum(lengths)
+        message = pack(frames, self._layouts, self._last_header)
+        header = message.header
+        if header is not None and header is not self._last_header:
+            if header == self._last_header:  # a memcmp: share one copy of an unchanged data header
+                message = message.with_header(self._last_header)
+            else:
+                self._last_header = header
+        nbytes = message.nbytes
         if nbytes > self.max_bytes:
             self.counters.oversize += 1
             logger.warning("message with pulse_id %d has %d bytes, more than the ring's max_bytes %d:"
@@ -323,21 +263,21 @@ class Ring:
 
         candidate = self._forward_candidate
         if candidate is None:
-            return self._append_in_order(pulse_id, timestamp, frames, lengths, nbytes)
+            return self._append_in_order(pulse_id, timestamp, message)
         self._forward_candidate = None
         if pulse_id <= candidate[0]:
             self.counters.strays += 1
             logger.warning("pulse_id %d far ahead of the stream was a stray (the next is %d): dropped",
                            candidate[0], pulse_id)
-            return self._append_in_order(pulse_id, timestamp, frames, lengths, nbytes)
+            return self._append_in_order(pulse_id, timestamp, message)
         # The stream went on above it: a real jump, stored first; the result tells of both.
         jump = self._append_in_order(*candidate, confirmed=True)
-        result = self._append_in_order(pulse_id, timestamp, frames, lengths, nbytes)
+        result = self._append_in_order(pulse_id, timestamp, message)
         return AppendResult(result.status, result.seq, jump.evicted + result.evicted,
                             jump.reset_evicted + result.reset_evicted, jump.skipped_pulses + result.skipped_pulses)
 
-    def _append_in_order(self, pulse_id: int, timestamp: float, frames: Sequence[Any], lengths: tuple[int, ...],
-                         nbytes: int, confirmed: bool = False) -> AppendResult:
+    def _append_in_order(self, pulse_id: int, timestamp: float, message: PackedParts,
+                         confirmed: bool = False) -> AppendResult:
         skipped = 0
         if self._count:
             newest = int(self._pulse_id[self._slot_of_index(self._count - 1)])
@@ -345,21 +285,20 @@ class Ring:
                 self.counters.duplicates += 1
                 return AppendResult(AppendStatus.DUPLICATE)
             if pulse_id < newest:
-                return self._hold_back(pulse_id, timestamp, frames, lengths, nbytes, newest)
+                return self._hold_back(pulse_id, timestamp, message, newest)
             usual = self._usual_step
             if not confirmed and usual is not None and pulse_id - newest > FORWARD_CONFIRM_STEPS * usual:
                 # Before anything else: a stray must not end the confirmation of a reset either.
-                self._forward_candidate = (pulse_id, timestamp, list(frames), lengths, nbytes)
+                self._forward_candidate = (pulse_id, timestamp, message)
                 self.counters.held_back += 1
                 return AppendResult(AppendStatus.HELD_BACK)
             if self._held_back:
                 self._drop_held_back(f"the stream went on at pulse_id {pulse_id}")
             skipped = self._track_step(pulse_id - newest)
-        seq, evicted = self._store_message(pulse_id, timestamp, frames, lengths, nbytes)
+        seq, evicted = self._store_message(pulse_id, timestamp, message)
         return AppendResult(AppendStatus.STORED, seq, evicted, 0, skipped)
 
-    def _hold_back(self, pulse_id: int, timestamp: float, frames: Sequence[Any], lengths: tuple[int, ...],
-                   nbytes: int, newest: int) -> AppendResult:
+    def _hold_back(self, pulse_id: int, timestamp: float, message: PackedParts, newest: int) -> AppendResult:
         """A backwards pulse_id: wait for confirmation of a reset (module docstring)."""
         held = self._held_back
         if held and pulse_id <= held[-1][0]:
@@ -368,7 +307,7 @@ class Ring:
                 return AppendResult(AppendStatus.DUPLICATE)
             self._drop_held_back(f"pulse_id {pulse_id} went below them again")
             held = self._held_back
-        held.append((pulse_id, timestamp, list(frames), lengths, nbytes))
+        held.append((pulse_id, timestamp, message))
         self.counters.held_back += 1
         if len(held) < self.reset_confirm:
             return AppendResult(AppendStatus.HELD_BACK)
@@ -381,11 +320,10 @@ class Ring:
         self._last_step = None
         evicted = 0
         previous = None
-        for held_pulse_id, held_timestamp, held_frames, held_lengths, held_nbytes in held:
+        for held_pulse_id, held_timestamp, held_message in held:
             if previous is not None:
                 self._track_step(held_pulse_id - previous)
-            seq, evicted_now = self._store_message(held_pulse_id, held_timestamp, held_frames, held_lengths,
-                                                   held_nbytes)
+            seq, evicted_now = self._store_message(held_pulse_id, held_timestamp, held_message)
             evicted += evicted_now
             previous = held_pulse_id
         return AppendResult(AppendStatus.STORED, seq, evicted, reset_evicted, 0)
@@ -397,9 +335,9 @@ class Ring:
         logger.warning("dropped %d out-of-order message(s) with pulse_id %s: %s", len(dropped),
                        ", ".join(map(str, dropped)), why)
 
-    def _store_message(self, pulse_id: int, timestamp: float, frames: Sequence[Any], lengths: tuple[int, ...],
-                       nbytes: int) -> tuple[int, int]:
+    def _store_message(self, pulse_id: int, timestamp: float, message: PackedParts) -> tuple[int, int]:
         """Evict the oldest until the message fits both bounds, then store it; return (seq, evicted)."""
+        nbytes = message.nbytes
         evicted = 0
         while self._count and (self._count >= self.max_messages
                                or self._n_bytes + nbytes > self.max_bytes):
@@ -408,7 +346,7 @@ class Ring:
 
         slot = self._slot_of_index(self._count)
         seq = self._next_seq
-        self._store(slot, frames, lengths)
+        self._message[slot] = message
         self._seq[slot] = seq
         self._pulse_id[slot] = pulse_id
         timestamp = float(timestamp)
@@ -482,38 +420,10 @@ class Ring:
             array[first:first + n_first] = value
             array[:n - n_first] = value
 
-    def _store(self, slot: int, frames: Sequence[Any], lengths: tuple[int, ...]) -> None:
-        layout = self._last_layout
-        if layout is None or layout.lengths != lengths:
-            layout = self._last_layout = _Layout(lengths)
-        if layout.packed_indices is None:
-            packed = b"".join([frames[0], *frames[2:]]) if len(frames) > 1 else bytes(frames[0])
-            large: tuple = ()
-        else:
-            packed = b"".join([frames[i] for i in layout.packed_indices])
-            large = tuple(
-                f if _immutable(f) else bytes(f)
-                for index, f in enumerate(frames) if index != 1 and lengths[index] >= LARGE_PART_BYTES)
-        header = None
-        if len(frames) > 1:
-            part = frames[1]
-            header = part if type(part) is bytes else bytes(part)
-            if header == self._last_header:
-                header = self._last_header  # share one copy of an unchanged data header
-            else:
-                self._last_header = header
-        self._packed[slot] = packed
-        self._layout[slot] = layout
-        self._header[slot] = header
-        self._large[slot] = large
-
     # ------------------------------------------------------------------ eviction
 
     def _release(self, slot: int) -> None:
-        self._packed[slot] = None
-        self._layout[slot] = None
-        self._header[slot] = None
-        self._large[slot] = ()
+        self._message[slot] = None
 
     def _evict_oldest(self) -> None:
         slot = self._head
@@ -608,18 +518,18 @@ class Ring:
         """The message's parts, for ``socket.send_multipart(parts, copy=False)``. KeyError if not held.
 
         Small parts are read-only memoryviews into the packed storage (pyzmq
-        copies them on send); large parts are the stored ``zmq.Frame``/bytes
-        objects (sent zero-copy, any number of times). The list is new on every
-        call; its buffers stay valid even after the message is evicted.
+        copies them on send); large parts are the stored objects (sent
+        zero-copy, any number of times). The list is new on every call; its
+        buffers stay valid even after the message is evicted.
         """
-        slot = self._slot_of_seq(seq)
-        layout = self._layout[slot]
-        parts = list(map(memoryview(self._packed[slot]).__getitem__, layout.small_slices))
-        header = self._header[slot]
-        large = self._large[slot]
-        for index, source in layout.inserts:
-            parts.insert(index, header if source < 0 else large[source])
-        return parts
+        return self._message[self._slot_of_seq(seq)].frames()
+
+    def message(self, seq: int) -> PackedParts:
+        """The message as stored (``transport.partsio.send_parts`` sends it in one call). KeyError if not held.
+
+        Immutable, and valid even after the message is evicted.
+        """
+        return self._message[self._slot_of_seq(seq)]
 
     def pulse_id(self, seq: int) -> int:
         return int(self._pulse_id[self._slot_of_seq(seq)])

@@ -237,6 +237,7 @@ class BufferStatus(_Record):
     pulse_ids: PulseIdStatus
     rates: RateStatus
     replay: ReplayStatus
+    io_path: str = "python"  # how whole messages move: compiled | python (transport.partsio)
 
     def describe(self) -> str:
         """One word for humans and monitoring: what the buffer is doing."""
@@ -261,6 +262,7 @@ class BufferStatus(_Record):
             "oldest_pulse_id": self.ring.oldest_pulse_id,
             "replay_sessions": self.replay.active_sessions,
             "endpoints": self.endpoints.to_json(),
+            "io_path": self.io_path,
         }
 
     def statistics_answer(self) -> dict[str, Any]:
@@ -416,6 +418,7 @@ class WriterStatistics(_Record):
     outcome: str | None  # complete | partial | failed, once the run has ended (docs/writer.md)
     runs_finished: int = 0  # runs whose file is closed (more than one only in persistent mode)
     time_base: str | None = None  # where the rows' times came from: source | receive | mixed (core.timebase)
+    io_path: str | None = None  # how whole messages move: compiled | python (transport.partsio)
 
     @staticmethod
     def missing_summary(missing: Iterable[MissingRange]) -> dict[str, Any]:

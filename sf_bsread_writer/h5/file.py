@@ -249,7 +249,29 @@ class H5File:
         if plan is None or (header is not plan.header and header.hash != plan.header.hash):
             plan = self._use_header(header)
         row = len(self._row_pulse_ids) - self._rows_written
+        absent_before = self.absent_values
+        try:
+            accepted_total = self._add_values(plan, message, row)
+        except BaseException:
+            # All or nothing: a row half in the columns would shift every later row of those channels.
+            self._packed.drop_from(row)
+            for column in self._each_column():
+                column.drop_pending(row)
+            self.absent_values = absent_before
+            raise
         self._row_pulse_ids.append(message.pulse_id)
+        self._pending_bytes += accepted_total
+        self.bytes_written += accepted_total
+        self._row_timestamps.append(message.timestamp if time is None else time)
+        self._row_absent_values.append(self.absent_values)
+        self._row_bytes_written.append(self.bytes_written)
+        if (row + 1 >= self.block_rows or self._pending_bytes >= self.block_bytes
+                or self._clock() - self._last_flush >= self.flush_interval):
+            self.flush()
+
+    def _add_values(self, plan: HeaderPlan, message: protocol.Message, row: int) -> int:
+        """Every channel's value of ``message`` into block row ``row``; returns the value bytes accepted."""
+        header = message.data_header
         accepted_total = 0
         slow = plan.others
         if plan.packed:
@@ -276,14 +298,7 @@ class H5File:
             accepted_total += column.append(spec, part, message.timestamp_part(index), row)
             if column.expanded:
                 self._pending_bytes += column.take_expansion()
-        self._pending_bytes += accepted_total
-        self.bytes_written += accepted_total
-        self._row_timestamps.append(message.timestamp if time is None else time)
-        self._row_absent_values.append(self.absent_values)
-        self._row_bytes_written.append(self.bytes_written)
-        if (row + 1 >= self.block_rows or self._pending_bytes >= self.block_bytes
-                or self._clock() - self._last_flush >= self.flush_interval):
-            self.flush()
+        return accepted_total
 
     def record_missing(self, first_pulse_id: int, last_pulse_id: int, reason: str,
                        count: int | None = None) -> None:

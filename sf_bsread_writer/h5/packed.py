@@ -7,6 +7,12 @@ size, in a buffered column): their value and timestamp parts are gathered
 per message with two ``bytes.join`` calls into :class:`PackedRows`, and
 handed to their columns block-wise, one numpy slice per channel
 (:meth:`PackedRows.scatter`). Everything else goes channel by channel.
+
+A message that arrives packed (``core.parts.PackedParts``, what the
+compiled receiver delivers) is gathered without touching its parts one by
+one: per distinct layout the plan works out, with numpy, where each packed
+channel's value and timestamp bytes sit in the message's ``small`` bytes
+(:class:`LayoutGather`), and each message is then two numpy takes.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..core import protocol
+from ..core.parts import LARGE_PART_BYTES, Layout, PackedParts
 from .columns import Column, FixedColumn, column_class_for
 from .layout import ABSENT_TIMESTAMP, TIMESTAMP_BYTES
 
@@ -62,6 +69,77 @@ class HeaderPlan:
         stamp_indices = [3 + 2 * i for i in self.packed]
         self.values_of = frames_getter(value_indices)
         self.stamps_of = frames_getter(stamp_indices)
+        self.value_parts = np.asarray(value_indices, dtype=np.int64)
+        self.expected_array = np.asarray(self.expected, dtype=np.int64)
+        # byte k of the packed row lies this far into its channel's value
+        self.within = (np.arange(self.row_nbytes, dtype=np.int64)
+                       - np.repeat(self.offsets[:-1], self.expected_array))
+        self.stamp_within = np.tile(np.arange(TIMESTAMP_BYTES, dtype=np.int64), len(self.packed))
+        self._gathers: dict[Layout, LayoutGather | None] = {}
+
+    def gather_for(self, layout: Layout) -> "LayoutGather | None":
+        """Where this plan's packed channels sit in a message of ``layout``; None: a value of the wrong size."""
+        try:
+            return self._gathers[layout]
+        except KeyError:
+            pass
+        if len(self._gathers) >= MAX_LAYOUT_GATHERS:
+            self._gathers.clear()
+        gather = self._gathers[layout] = LayoutGather.build(self, layout)
+        return gather
+
+
+#: Layouts remembered per plan (a stream alternates between a few: channels absent every Nth pulse).
+MAX_LAYOUT_GATHERS = 16
+
+
+class LayoutGather:
+    """For one (plan, layout): numpy indices of the packed channels' bytes in a message's ``small`` bytes.
+
+    Absent values and timestamps (and timestamps of the wrong size) index a
+    run of zeros appended to ``small`` (``pad`` bytes; the absent marker is
+    all zeros). Built once per layout; a message is then two takes.
+    """
+
+    __slots__ = ("value_index", "stamp_index", "pad", "present", "accepted", "absent")
+
+    def __init__(self, value_index: np.ndarray, stamp_index: np.ndarray, pad: bytes, present: bytes,
+                 accepted: int, absent: int) -> None:
+        self.value_index = value_index
+        self.stamp_index = stamp_index
+        self.pad = pad
+        self.present = present
+        self.accepted = accepted
+        self.absent = absent
+
+    @classmethod
+    def build(cls, plan: HeaderPlan, layout: Layout) -> "LayoutGather | None":
+        """None when the layout does not fit the plan (too few parts) or a packed value has the wrong size."""
+        lengths = layout.lengths
+        n_parts = len(lengths)
+        value_parts = plan.value_parts
+        if not len(value_parts) or int(value_parts[-1]) + 1 >= n_parts:
+            return None
+        parts = np.arange(n_parts)
+        in_small = (parts != 1) & (lengths < LARGE_PART_BYTES)
+        small_lengths = np.where(in_small, lengths, 0)
+        starts = np.cumsum(small_lengths) - small_lengths
+        value_lengths = lengths[value_parts]
+        expected = plan.expected_array
+        present = (value_lengths == expected) & in_small[value_parts]
+        if bool(((value_lengths != 0) & ~present).any()):
+            return None  # a value of the wrong size: that message goes channel by channel
+        stamp_parts = value_parts + 1
+        stamp_ok = present & (lengths[stamp_parts] == TIMESTAMP_BYTES) & in_small[stamp_parts]
+        pad_at = layout.small_bytes
+        value_base = np.where(present, starts[value_parts], pad_at)
+        stamp_base = np.where(stamp_ok, starts[stamp_parts], pad_at)
+        needs_pad = not (bool(present.all()) and bool(stamp_ok.all()))
+        pad = bytes(max(int(expected.max()), TIMESTAMP_BYTES)) if needs_pad else b""
+        return cls(np.repeat(value_base, expected) + plan.within,
+                   np.repeat(stamp_base, TIMESTAMP_BYTES) + plan.stamp_within,
+                   pad, present.astype(np.uint8).tobytes(), int(value_lengths[present].sum()),
+                   int((~present).sum()))
 
 
 def frames_getter(indices: list[int]) -> Callable[[Any], tuple]:
@@ -97,6 +175,8 @@ class PackedRows:
         value has the wrong size (the caller then takes the message channel
         by channel).
         """
+        if type(frames) is PackedParts:
+            return self._add_packed(plan, frames, row, column_for)
         values = plan.values_of(frames)
         stamps = plan.stamps_of(frames)
         lengths = list(map(len, values))
@@ -125,6 +205,33 @@ class PackedRows:
         self._present += present
         self.count += 1
         return accepted, absent
+
+    def _add_packed(self, plan: HeaderPlan, message: PackedParts, row: int,
+                    column_for: Callable[[protocol.ChannelSpec], Column | None]) -> tuple[int, int] | None:
+        """:meth:`add` for a packed message: two numpy takes from its ``small`` bytes (:class:`LayoutGather`)."""
+        gather = plan.gather_for(message.layout)
+        if gather is None:
+            return None
+        source = np.frombuffer(message.small + gather.pad if gather.pad else message.small, dtype=np.uint8)
+        if self.count and self.first_row + self.count != row:
+            self.scatter(plan, column_for)
+        if not self.count:
+            self.first_row = row
+        self._values += memoryview(source.take(gather.value_index))  # not `+= array`: numpy would add
+        self._stamps += memoryview(source.take(gather.stamp_index))
+        self._present += gather.present
+        self.count += 1
+        return gather.accepted, gather.absent
+
+    def drop_from(self, row: int) -> None:
+        """Forget gathered rows from block row ``row`` on (an append that failed half-way)."""
+        if not self.count or self.first_row + self.count <= row:
+            return
+        keep = max(0, row - self.first_row)
+        for name in ("_values", "_stamps", "_present"):
+            data = getattr(self, name)
+            del data[keep * (len(data) // self.count):]
+        self.count = keep
 
     def scatter(self, plan: HeaderPlan | None, column_for: Callable[[protocol.ChannelSpec], Column | None]) -> None:
         """Hand the gathered rows to their columns (``column_for`` creates a column at its first value;

@@ -5,6 +5,7 @@ import zmq
 
 from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from ..core.replay_messages import Data
+from .partsio import PartsReceiver
 
 __all__ = ["DirectSource"]
 
@@ -26,6 +27,7 @@ class DirectSource:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes)  # as the buffer's ingest
         self._address = address
+        self._receiver = PartsReceiver()
 
     def start(self) -> "DirectSource":
         self._socket.connect(self._address)
@@ -34,7 +36,7 @@ class DirectSource:
     def receive(self, timeout: float) -> Data | None:
         if not self._socket.poll(int(timeout * 1000)):
             return None
-        return Data(pulse_id=None, frames=self._socket.recv_multipart(copy=False))
+        return Data(pulse_id=None, frames=self._receiver.receive(self._socket)[1])
 
     def set_stop(self, stop_pulse_id: int | None = None, stop_time: float | None = None) -> None:
         pass

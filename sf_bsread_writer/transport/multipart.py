@@ -11,9 +11,8 @@ The hot loops therefore use:
   wrappers add Python-level work per call (draft-socket routing_id/group
   handling) that a 1002-part message pays 1002 times.
 
-Both shells that move messages (the buffer's replay endpoint and the
-writer's replay client) use these, and this is where a compiled path for
-whole messages would go.
+This is the pure pyzmq path; ``partsio`` moves whole messages in one
+compiled call where the extension is built, and falls back to these.
 """
 from __future__ import annotations
 
@@ -34,23 +33,22 @@ _raw_get = _BaseSocket.get
 
 
 def send_message(socket: zmq.Socket, head: Sequence[Any], frames: Sequence[Any]) -> None:
-    """Send ``head`` (small control parts, copied) then ``frames`` (by reference) as one message.
+    """Send ``head`` (small control parts) then ``frames`` as one message; the first part non-blocking.
 
-    The first head part is sent with NOBLOCK: once it is accepted the rest
+    The first part is sent with NOBLOCK: once it is accepted the rest
     cannot block (ZeroMQ queues whole messages), so the caller handles
     ``zmq.Again`` / ``EHOSTUNREACH`` from this call as "not sent at all".
     Parts below the socket's ``copy_threshold`` are copied into the
     outgoing message; ``zmq.Frame`` parts always go by reference.
     """
     send = raw_send
-    last = len(head) - 1 if not frames else -1
-    for index, part in enumerate(head):
-        flags = (NOBLOCK if index == 0 else 0) | (0 if index == last else SNDMORE)
-        send(socket, part, flags)
-    if frames:
-        for part in frames[:-1]:
-            send(socket, part, SNDMORE, False)
-        send(socket, frames[-1], 0, False)
+    parts = [*head, *frames]
+    last = len(parts) - 1
+    send(socket, parts[0], NOBLOCK | (SNDMORE if last else 0), False)
+    for part in parts[1:last]:
+        send(socket, part, SNDMORE, False)
+    if last:
+        send(socket, parts[last], 0, False)
 
 
 class AdaptiveReceiver:
@@ -72,9 +70,10 @@ class AdaptiveReceiver:
     def __init__(self) -> None:
         self.zero_copy = True
 
-    def receive(self, socket: zmq.Socket) -> list[Any]:
+    def receive(self, socket: zmq.Socket, flags: int = 0) -> list[Any]:
+        """One whole message; ``flags`` (NOBLOCK) apply to its first part (``zmq.Again``: nothing queued)."""
         copy = not self.zero_copy
-        parts = [_raw_recv(socket, 0, copy)]
+        parts = [_raw_recv(socket, flags, copy)]
         while _raw_get(socket, _RCVMORE):
             parts.append(_raw_recv(socket, 0, copy))
         if len(parts) > 2:

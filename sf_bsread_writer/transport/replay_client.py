@@ -17,7 +17,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ..core.replay_client import ReplayClientState, Rerequest
 from ..core.replay_messages import DEFAULT_WINDOW, Accepted, Data, End, ErrorReason, Refused, ReplayEvent, Request
-from .multipart import AdaptiveReceiver
+from .partsio import PartsReceiver
 
 __all__ = ["ReplayClient", "ReplayHandshakeError", "HANDSHAKE_SECONDS"]
 
@@ -71,7 +71,7 @@ class ReplayClient:
         self.session_id: str | None = None  # the routing id of the current socket, as the buffer logs it
         self._monitor: zmq.Socket | None = None  # ZeroMQ's own view of the connection, until the handshake
         self._early: list[ReplayEvent] = []  # events read during the handshake, for receive()
-        self._receiver = AdaptiveReceiver()
+        self._receiver = PartsReceiver()
 
     # -- what the state knows -------------------------------------------------
     @property
@@ -154,7 +154,8 @@ class ReplayClient:
                                                f"{timeout:g} s (a ZeroMQ peer, but not a buffer?); {_FIX}")
                 if not socket.poll(int(min(remaining, 0.05) * 1000) + 1):
                     continue
-                event = self.state.received(self._receiver.receive(socket), self._clock())
+                kind, rest = self._receiver.receive(socket, 0, 1)
+                event = self.state.received_parts(kind[0] if kind else None, rest, self._clock())
                 if isinstance(event, Refused):
                     raise ReplayHandshakeError(f"the buffer at {self.address} refused the request: "
                                                f"{event.reason}: {event.detail}",
@@ -243,9 +244,9 @@ class ReplayClient:
                 if now >= deadline:
                     return None
                 continue
-            frames = self._receiver.receive(socket)
+            kind, rest = self._receiver.receive(socket, 0, 1)
             received_at = clock()
-            event = state.received(frames, received_at)
+            event = state.received_parts(kind[0] if kind else None, rest, received_at)
             if event is None:
                 continue
             if isinstance(event, Rerequest):

@@ -17,6 +17,7 @@ from typing import Any
 from .. import config, process
 from ..core.acquisition import BadRequest, OutsideRoot
 from ..httpserver import HttpServer
+from ..transport import partsio
 from .outputs import DEV_NULL, resolve_output_file
 from .rest import make_app
 from .service import Writer, WriterSettings
@@ -134,5 +135,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.stop()
         return 2
     server.start()
-    process.print_ready({"rest": server.url})
+    process.print_ready({"rest": server.url, "io_path": partsio.IMPLEMENTATION})
     return serve(writer, server, app.wait_until_idle)

@@ -35,6 +35,7 @@ from ..core.pulse_range import PulseRange
 from ..core.replay_messages import Accepted
 from ..core.status import WriterStatistics, json_value
 from ..core.timebase import MAX_CLOCK_SKEW
+from ..transport import partsio
 from ..transport.direct import DirectSource
 from ..transport.replay_client import HANDSHAKE_SECONDS, ReplayClient
 from .outputs import DEV_NULL, abandon_output, open_output, resolve_output_file, write_summary
@@ -256,6 +257,7 @@ class Writer:
                 outcome=control.outcome.value if control.outcome is not None else None,
                 runs_finished=control.runs_finished,
                 time_base=counters.time_base,
+                io_path=partsio.IMPLEMENTATION,
             )
 
     # -- start -------------------------------------------------------------------

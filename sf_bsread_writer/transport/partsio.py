@@ -1,0 +1,136 @@
+"""Whole multipart messages in and out of a ZeroMQ socket in one call, in the packed form of ``core.parts``.
+
+Two implementations behind one small API, chosen once at import:
+
+* ``compiled``: the C extension ``_partsio`` (one C call per message; the
+  GIL released while it blocks). It resolves libzmq through pyzmq's own
+  compiled module, so both use the same libzmq instance (``_partsio.c``).
+* ``python``: pure pyzmq, the same behaviour at pyzmq's per-part cost.
+  Used when the extension was not built (no compiler at install), refuses to
+  bind (an unexpected pyzmq/libzmq), or ``SF_BSREAD_NO_EXTENSION=1`` is set.
+
+``IMPLEMENTATION`` says which is active and ``FALLBACK_REASON`` why the
+compiled one is not; the buffer's READY line and ``/status`` and the
+writer's statistics show it (``io_path``).
+
+API
+    ``PartsReceiver().receive(socket, flags=0, n_prefix=0) -> (prefix, PackedParts)``
+        one whole message; the first ``n_prefix`` parts (routing or kind
+        frames) as a tuple of bytes, the rest packed. Consecutive messages
+        share their data header and layout objects (the receiver keeps the
+        previous ones as hints). ``zmq.Again`` with ``NOBLOCK`` when nothing
+        is queued.
+    ``send_parts(socket, parts, prefix=(), nonblocking=False)``
+        ``prefix`` parts, then ``parts`` (a ``PackedParts``), as one
+        message. ``nonblocking`` applies to the first part only: once it is
+        accepted the rest cannot block (ZeroMQ queues whole messages), so
+        ``zmq.Again`` / ``EHOSTUNREACH`` from this call mean "nothing sent".
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from ..core.parts import LARGE_PART_BYTES, LayoutCache, PackedParts, pack
+from .multipart import NOBLOCK, AdaptiveReceiver, send_message
+
+__all__ = ["IMPLEMENTATION", "AVAILABLE", "FALLBACK_REASON", "NO_EXTENSION_VARIABLE", "PartsReceiver", "send_parts"]
+
+logger = logging.getLogger(__name__)
+
+#: Set to 1 to use the pure pyzmq implementation even where the extension is built.
+NO_EXTENSION_VARIABLE = "SF_BSREAD_NO_EXTENSION"
+
+
+def _load_extension() -> tuple[Any, str | None]:
+    """The bound extension module, or (None, why not)."""
+    if os.environ.get(NO_EXTENSION_VARIABLE, "") not in ("", "0"):
+        return None, f"{NO_EXTENSION_VARIABLE}={os.environ[NO_EXTENSION_VARIABLE]}"
+    try:
+        from . import _partsio  # type: ignore[attr-defined]
+    except ImportError as error:
+        return None, f"the extension is not built ({error})"
+    try:
+        from zmq.backend.cython import _zmq as pyzmq_compiled
+        _partsio.bind(pyzmq_compiled.__file__, tuple(zmq.zmq_version_info()), zmq.ZMQError, zmq.Again)
+    except (ImportError, AttributeError, OSError) as error:
+        return None, f"the extension cannot use pyzmq's libzmq ({error})"
+    return _partsio, None
+
+
+_extension, FALLBACK_REASON = _load_extension()
+#: "compiled" or "python" (module docstring).
+IMPLEMENTATION = "compiled" if _extension is not None else "python"
+#: The implementations usable in this process (tests run both).
+AVAILABLE = ("compiled", "python") if _extension is not None else ("python",)
+
+
+def _compiled(implementation: str | None) -> bool:
+    """Whether to use the extension: the active implementation, or the one asked for (tests)."""
+    if implementation is None:
+        return _extension is not None
+    if implementation not in AVAILABLE:
+        raise ValueError(f"message I/O implementation {implementation!r} is not available here: {AVAILABLE}")
+    return implementation == "compiled"
+if _extension is None:
+    logger.debug("message I/O in pure Python: %s", FALLBACK_REASON)
+
+
+class PartsReceiver:
+    """Receives whole messages as ``(prefix, PackedParts)``; keeps the hints that let messages share objects.
+
+    One per socket (or per stream): the previous message's data header and
+    layout are what the next one is compared with. Not thread-safe.
+    """
+
+    def __init__(self, layouts: LayoutCache | None = None, implementation: str | None = None) -> None:
+        self.layouts = layouts or LayoutCache()
+        self._header: bytes | None = None
+        self._adaptive = AdaptiveReceiver()  # the pure path's copy decision
+        self.receive = self._receive_compiled if _compiled(implementation) else self._receive_python
+
+    def _receive_compiled(self, socket: zmq.Socket, flags: int = 0,
+                          n_prefix: int = 0) -> tuple[tuple[bytes, ...], PackedParts | None]:
+        last = self.layouts.last
+        prefix, key, small, header, large = _extension.recv(
+            socket.underlying, int(flags), n_prefix, self._header, None if last is None else last.key,
+            LARGE_PART_BYTES)
+        if not key:
+            return prefix, None
+        if header is not None:
+            self._header = header
+        return prefix, PackedParts(self.layouts.get(key), small, header, large)
+
+    def _receive_python(self, socket: zmq.Socket, flags: int = 0,
+                        n_prefix: int = 0) -> tuple[tuple[bytes, ...], PackedParts | None]:
+        frames = self._adaptive.receive(socket, int(flags))
+        prefix = tuple(f if type(f) is bytes else f.bytes for f in frames[:n_prefix])
+        rest = frames[n_prefix:]
+        if not rest:
+            return prefix, None
+        parts = pack(rest, self.layouts, self._header)
+        if parts.header is not None:
+            self._header = parts.header
+        return prefix, parts
+
+
+def send_parts(socket: zmq.Socket, parts: PackedParts | Sequence[Any], prefix: Sequence[Any] = (),
+               nonblocking: bool = False, implementation: str | None = None) -> None:
+    """Send ``prefix`` then ``parts`` as one message (module docstring); a plain list of frames is accepted too."""
+    if type(parts) is not PackedParts:
+        if nonblocking:
+            send_message(socket, prefix, list(parts))
+        else:
+            socket.send_multipart([*prefix, *parts], copy=False)
+        return
+    if _compiled(implementation):
+        _extension.send(socket.underlying, NOBLOCK if nonblocking else 0, tuple(prefix), parts.layout.key,
+                        parts.small, parts.header, parts.large, LARGE_PART_BYTES)
+    elif nonblocking:
+        send_message(socket, prefix, parts.frames())
+    else:
+        socket.send_multipart([*prefix, *parts.frames()], copy=False)
