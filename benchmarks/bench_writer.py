@@ -17,6 +17,9 @@ repeat, interleaved (so machine noise hits them alike):
                 start request to /status == finished (file closed); its /statistics rate is shown too
   writer-tuned  (--tuned-variant) the same with glibc malloc set as process.tune_allocator() sets it
                 (GLIBC_TUNABLES), which the buffer calls and the writer does not
+  writer-python (--python-variant) the writer with SF_BSREAD_NO_EXTENSION=1 (the pure pyzmq fallback)
+  writer-baseline  (--baseline-tree DIR) the writer CLI of another checkout (e.g. a git worktree of
+                an older commit), for before/after in one run; the buffer is this checkout's
   bare          camera: ReplayClient + ``dataset.id.write_direct_chunk`` per image into an
                 h5py dataset with the bitshuffle filter (preallocated, one chunk per image);
                 scalars: ReplayClient receive only (no parsing, no writing)
@@ -93,9 +96,10 @@ def message_templates(profile: str, distinct: int = 4) -> list[list[bytes]]:
     if profile == "camera":
         return [build_message(FIRST, [CAMERA_SPEC], [camera_image(seed)], timestamp=1_700_000_000.0)
                 for seed in range(distinct)]
-    if profile == "scalars":
-        channels = [{"name": f"SARFE10-PBPG050:SIGNAL-{i:03d}", "type": "float64"} for i in range(500)]
-        return [build_message(FIRST, channels, [float(i) + seed * 0.25 for i in range(500)],
+    if profile.startswith("scalars") and (profile[7:].isdigit() or profile == "scalars"):
+        n = int(profile[7:] or 500)  # scalarsN: N float64 channels; scalars = 500
+        channels = [{"name": f"SARFE10-PBPG050:SIGNAL-{i:03d}", "type": "float64"} for i in range(n)]
+        return [build_message(FIRST, channels, [float(i) + seed * 0.25 for i in range(n)],
                               timestamp=1_700_000_000.0) for seed in range(distinct)]
     raise ValueError(f"unknown profile {profile!r}")
 
@@ -267,6 +271,24 @@ def vm_rss(pid: int) -> int:
 TUNED_MALLOC_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"}
 
 
+def writer_env(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, str] | None:
+    """The environment that makes a writer variant (module docstring)."""
+    if kind == "writer-tuned":
+        return TUNED_MALLOC_ENV
+    if kind == "writer-python":
+        return {"SF_BSREAD_NO_EXTENSION": "1"}
+    if kind == "writer-baseline":
+        # The checkout installed in the venv is this one (editable): a sitecustomize puts the other first.
+        site = workdir / "baseline-site"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(
+            "import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+            f"sys.path.insert(0, {str(Path(args.baseline_tree).resolve())!r})\n")
+        return {"PYTHONPATH": str(site)}
+    return None
+
+
 def start_writer(replay: str, out: str, extra: list[str] | None = None, profile_out: str | None = None,
                  env: dict[str, str] | None = None) -> common.Child:
     argv = [replay, out, "-1", "0", "--log_level", "WARNING", "--finished-grace", "3"] + (extra or [])
@@ -349,6 +371,10 @@ def throughput(profile: str, args: argparse.Namespace, workdir: Path) -> list[di
         kinds = ["writer", bare]
         if args.tuned_variant:
             kinds.insert(1, "writer-tuned")
+        if args.python_variant:
+            kinds.insert(1, "writer-python")
+        if args.baseline_tree:
+            kinds.insert(1, "writer-baseline")
         if profile == "scalars" and args.original_messages:
             kinds.append("original")
         for warmup in range(args.warmup):
@@ -369,7 +395,7 @@ def throughput(profile: str, args: argparse.Namespace, workdir: Path) -> list[di
                 load = os.getloadavg()[0]
                 if kind.startswith("writer"):
                     result = measure_writer(endpoints["replay"], first, last, out, timeout=args.timeout,
-                                            env=TUNED_MALLOC_ENV if kind == "writer-tuned" else None)
+                                            env=writer_env(kind, args, workdir))
                     rows = check_rows(out, f"data/{'CAM:FPICTURE' if profile == 'camera' else 'SARFE10-PBPG050:SIGNAL-000'}/pulse_id")
                     if rows != count:
                         raise RuntimeError(f"writer file has {rows} rows, expected {count}")
@@ -405,7 +431,8 @@ def throughput(profile: str, args: argparse.Namespace, workdir: Path) -> list[di
 
 def report(results: list[dict], args: argparse.Namespace) -> None:
     print(f"\n# {time.strftime('%Y-%m-%d %H:%M')}, {common.machine_note()}; medians of {args.repeat} runs")
-    writers = [w for w in ("writer", "writer-tuned") if any(r["kind"] == w for r in results)]
+    writers = [w for w in ("writer", "writer-tuned", "writer-python", "writer-baseline")
+               if any(r["kind"] == w for r in results)]
     print("| profile | message | variant | messages | msg/s (median) | runs (msg/s) | MB/s | "
           + " | ".join(f"{w} / this" for w in writers) + " | load (1 min) |")
     print("|---|---|---|---|---|---|---|" + "---|" * len(writers) + "---|")
@@ -547,6 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tuned-variant", action="store_true",
                         help="also run the writer with glibc malloc tuned as ring.tune_allocator() does "
                              "(GLIBC_TUNABLES; variant writer-tuned)")
+    parser.add_argument("--python-variant", action="store_true",
+                        help="also run the writer on the pure pyzmq path (SF_BSREAD_NO_EXTENSION=1; writer-python)")
+    parser.add_argument("--baseline-tree", metavar="DIR", default=None,
+                        help="also run the writer of the checkout in DIR (writer-baseline), e.g. a git worktree of "
+                             "the commit before a change")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     profiles = [p for p in args.profiles.split(",") if p]

@@ -1142,3 +1142,35 @@ def test_an_append_that_fails_half_way_leaves_no_trace(tmp_path: Path, monkeypat
         assert list(h5["data/A/data"][()].ravel()) == [1.0, 3.0]
         assert [v.decode() if isinstance(v, bytes) else v for v in h5["data/S/data"][()].ravel()] == ["one", "three"]
         assert h5.attrs["number_of_messages"] == 2
+
+
+def test_low_level_creation_makes_what_the_high_level_api_makes(tmp_path: Path) -> None:
+    """Datasets and attributes made with the low-level API (fast, per channel) match h5py's own, type for type."""
+    specs = [channel("A", "float64"), channel("B", "uint16", shape=(3,)), channel("C", "float64")]
+    path = tmp_path / "made.h5"
+    with H5File(path, block_rows=2) as h5:
+        h5.append(message(1, specs, [value_for(s["type"], 1, s["shape"]) for s in specs]))
+    with h5py.File(path, "a") as f:
+        reference = f.create_group("reference")
+        expected = {"name": "C", "type": "float64", "shape": np.array([1], dtype="<i8"), "encoding": "little",
+                    "compression": "none", "modulo": 1, "offset": 0, "storage": "buffered"}
+        for key, value in expected.items():
+            reference.attrs[key] = value  # the high-level way
+        made = f["data/C"]
+        assert set(made.attrs) == set(expected)
+        for key in expected:
+            assert made.attrs.get_id(key).get_type() == reference.attrs.get_id(key).get_type(), key
+            np.testing.assert_array_equal(made.attrs[key], reference.attrs[key])
+        for name in ("data", "pulse_id", "is_data_present", "timestamp"):
+            high = f.create_dataset(f"reference/{name}", shape=(0,) + made[name].shape[1:],
+                                    maxshape=(None,) + made[name].shape[1:], dtype=made[name].dtype,
+                                    chunks=made[name].chunks, fillvalue=np.zeros((), made[name].dtype))
+            low = made[name]
+            assert (low.dtype, low.chunks, low.maxshape, low.fillvalue) == (
+                high.dtype, high.chunks, high.maxshape, high.fillvalue), name
+            low_plist, high_plist = low.id.get_create_plist(), high.id.get_create_plist()
+            for getter in ("get_chunk", "get_layout", "get_fill_time", "get_alloc_time", "get_nfilters"):
+                assert getattr(low_plist, getter)() == getattr(high_plist, getter)(), (name, getter)
+            assert h5py.h5o.get_info(low.id).ctime == 0, name  # no object times: reproducible files, as h5py
+        assert f["data/C/timestamp"].attrs["units"].startswith("ns since 1970")
+        assert f["data/B/data"].shape == (1, 3) and f["data/B/data"].chunks == f["data/B/data"].chunks

@@ -66,19 +66,15 @@ class Column:
         self.timestamps = bytearray()
         self.expanded = 0  # bytes held beyond the bytes received (decoded values): see take_expansion
         self.data = self._create_data(group, spec, rows_written)
-        self.pulse_id = group.create_dataset(
-            "pulse_id", shape=(rows_written,), maxshape=(None,), dtype="<i8",
-            chunks=(MAX_CHUNK_ROWS,), fillvalue=0)
-        self.is_data_present = group.create_dataset(
-            "is_data_present", shape=(rows_written,), maxshape=(None,), dtype="u1",
-            chunks=(MAX_CHUNK_ROWS,), fillvalue=0)
-        self.timestamp = group.create_dataset(
-            "timestamp", shape=(rows_written,), maxshape=(None,), dtype="<i8",
-            chunks=(MAX_CHUNK_ROWS,), fillvalue=0)
-        self.timestamp.attrs["units"] = "ns since 1970-01-01T00:00:00Z (bsread channel timestamp)"
-        for key, value in spec.metadata().items():
-            group.attrs[key] = attribute_value(storable_text(value) if key == "name" else value)
-        group.attrs["storage"] = self.kind
+        self._data_row_shape = self.data.shape[1:]
+        self.pulse_id = row_dataset(group, "pulse_id", rows_written, np.dtype("<i8"))
+        self.is_data_present = row_dataset(group, "is_data_present", rows_written, np.dtype("u1"))
+        self.timestamp = row_dataset(group, "timestamp", rows_written, np.dtype("<i8"))
+        new_attributes(self.timestamp, {"units": "ns since 1970-01-01T00:00:00Z (bsread channel timestamp)"})
+        attributes = {key: attribute_value(storable_text(value) if key == "name" else value)
+                      for key, value in spec.metadata().items()}
+        attributes["storage"] = self.kind
+        new_attributes(group, attributes)
 
     # -- subclass hooks ---------------------------------------------------
     def _create_data(self, group: h5py.Group, spec: protocol.ChannelSpec, rows: int) -> h5py.Dataset:
@@ -111,8 +107,10 @@ class Column:
     # -- shared row bookkeeping ------------------------------------------
     def resize(self, rows: int) -> None:
         """Grow or shrink every dataset of the group to ``rows`` rows (they all share axis 0)."""
-        for dataset in (self.data, self.pulse_id, self.is_data_present, self.timestamp):
-            dataset.id.set_extent((rows, *dataset.shape[1:]))
+        # The row shape of data is kept from its creation: h5py's .shape costs ~10 us per call.
+        self.data.id.set_extent((rows, *self._data_row_shape))
+        for dataset in (self.pulse_id, self.is_data_present, self.timestamp):
+            dataset.id.set_extent((rows,))
 
     def drop_pending(self, keep: int) -> None:
         """Forget the pending rows from block row ``keep`` on (``H5File.truncate``)."""
@@ -188,10 +186,8 @@ class FixedColumn(Column):
                          tuple(spec.array_shape))
 
     def _create_data(self, group: h5py.Group, spec: protocol.ChannelSpec, rows: int) -> h5py.Dataset:
-        chunks = chunk_shape(self.row_shape, self.dtype.itemsize)
-        return group.create_dataset(
-            "data", shape=(rows, *self.row_shape), maxshape=(None, *self.row_shape),
-            dtype=self.dtype, chunks=chunks, fillvalue=np.zeros((), self.dtype))
+        return row_dataset(group, "data", rows, self.dtype, self.row_shape,
+                           chunk_shape(self.row_shape, self.dtype.itemsize))
 
     def _append_value(self, spec: protocol.ChannelSpec, part: Any, row: int) -> int:
         # Fast path: uncompressed, right size, same dtype -> the bytes as sent.
@@ -347,6 +343,56 @@ class DirectChunkColumn(Column):
         self.chunks = []
         self.decoded = []
         return writes
+
+
+# Creation property lists and types of the row datasets, by (dtype, row shape, chunks): the first
+# dataset of a kind is made by h5py's high-level API, the rest copy its plist with the low-level
+# one. A 500-channel stream creates 2000 datasets in a fresh writer: at ~120 us each through the
+# high-level API (plus ~55 us per attribute) that was most of a short acquisition's time
+# (docs/performance.md). The plists belong to the library, not to a file: safe to share.
+_ROW_DATASET_TEMPLATES: dict[tuple, tuple[Any, Any]] = {}
+
+
+def row_dataset(group: h5py.Group, name: str, rows: int, dtype: np.dtype, row_shape: tuple[int, ...] = (),
+                chunks: tuple[int, ...] | None = None) -> h5py.Dataset:
+    """A new dataset ``group[name]``: ``rows`` rows of ``row_shape``, unlimited along rows, chunked, fill 0."""
+    chunks = chunks or (MAX_CHUNK_ROWS, *row_shape)
+    key = (dtype.str, row_shape, chunks)
+    template = _ROW_DATASET_TEMPLATES.get(key)
+    if template is None:
+        dataset = group.create_dataset(name, shape=(rows, *row_shape), maxshape=(None, *row_shape), dtype=dtype,
+                                       chunks=chunks, fillvalue=np.zeros((), dtype))
+        plist = dataset.id.get_create_plist()
+        plist.set_obj_track_times(False)  # as h5py's default; the plist read back says 1 (HDF5's default)
+        _ROW_DATASET_TEMPLATES[key] = (plist, dataset.id.get_type())
+        return dataset
+    plist, type_id = template
+    space = h5py.h5s.create_simple((rows, *row_shape), (h5py.h5s.UNLIMITED, *row_shape))
+    return h5py.Dataset(h5py.h5d.create(group.id, name.encode(), type_id, space, dcpl=plist))
+
+
+_STRING_TYPE = h5py.h5t.py_create(h5py.string_dtype(), logical=True)
+
+
+def new_attributes(obj: h5py.HLObject, attributes: dict[str, Any]) -> None:
+    """Attributes of an object just created (none of these names exist yet), with the low-level API.
+
+    The same types h5py's ``attrs[key] = value`` gives (str: vlen UTF-8;
+    numbers and arrays: their numpy type), without its per-attribute checks
+    and temporary-name rename, which cost ~55 us each.
+    """
+    for key, value in attributes.items():
+        if isinstance(value, str):
+            data = np.array(value, dtype=h5py.string_dtype())
+            type_id = _STRING_TYPE
+        else:
+            data = np.asarray(value)
+            if data.dtype.kind not in "biuf" or data.dtype.byteorder == ">":
+                obj.attrs[key] = value  # anything unusual: the high-level way
+                continue
+            type_id = h5py.h5t.py_create(data.dtype, logical=True)
+        space = h5py.h5s.create(h5py.h5s.SCALAR) if data.ndim == 0 else h5py.h5s.create_simple(data.shape)
+        h5py.h5a.create(obj.id, key.encode(), type_id, space).write(data)
 
 
 def write_rows(dataset: h5py.Dataset, start: int, rows: np.ndarray) -> None:
