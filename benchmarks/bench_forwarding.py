@@ -22,6 +22,8 @@ noise hits them alike):
   replay       the real sf_bsread_buffer, a ReplayClient from the oldest held pulse while
                the source keeps sending (ingest -> replay)
   buffer-python, replay-python   the same with SF_BSREAD_NO_EXTENSION=1 (the pure pyzmq fallback)
+  buffer-baseline, replay-baseline   the buffer of another checkout (--baseline-tree DIR, e.g. a git
+               worktree of the commit before a change), for before/after in one run
 
 The consumer is the compiled whole-message receive where the extension is
 built (a Python walk over 1000+ frame headers would be slower than the
@@ -46,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (sets OMP_NUM_THREADS first)
 
 VARIANTS = ("relay", "relay-compiled", "original", "ring", "ring-tuned", "ring-backlog", "buffer", "replay",
-            "buffer-python", "replay-python")
+            "buffer-python", "replay-python", "buffer-baseline", "replay-baseline")
 HWM = 50
 
 
@@ -179,7 +181,7 @@ def measure(profile: str, variant: str, args: argparse.Namespace) -> tuple[float
                        str(Path(__file__).resolve().parent), profile, str(source_port)]):
         context = zmq.Context()
         try:
-            if variant in ("buffer", "replay", "buffer-python", "replay-python"):
+            if variant.startswith(("buffer", "replay")):
                 return measure_buffer(context, profile, variant, source_port, args)
             out_port = common.free_port()
             with common.Child([sys.executable, __file__, "--_middle", variant, str(source_port), str(out_port),
@@ -196,10 +198,16 @@ def measure(profile: str, variant: str, args: argparse.Namespace) -> tuple[float
 
 def measure_buffer(context, profile: str, variant: str, source_port: int,
                    args: argparse.Namespace) -> tuple[float, int]:
-    command = [str(Path(sys.executable).parent / "sf_bsread_buffer"), f"tcp://127.0.0.1:{source_port}",
+    command = [sys.executable, "-m", "sf_bsread_writer.buffer", f"tcp://127.0.0.1:{source_port}",
                "-o", "0", "--output-mode", "push", "--replay-port", "0", "--rest-port", "0",
                "-b", str(args.ring_messages), "--buffer-bytes", str(args.ring_bytes), "--log_level", "WARNING"]
-    env = {**os.environ, "SF_BSREAD_NO_EXTENSION": "1"} if variant.endswith("-python") else None
+    env = None
+    if variant.endswith("-python"):
+        env = {"SF_BSREAD_NO_EXTENSION": "1"}
+    elif variant.endswith("-baseline"):
+        if not args.baseline_tree:
+            raise RuntimeError("--baseline-tree DIR is needed for the -baseline variants")
+        env = {"PYTHONPATH": str(common.baseline_site(args.baseline_tree))}
     with common.Child(command, ready="READY", env=env) as buffer:
         endpoints = json.loads(buffer.ready_line.split(" ", 1)[1])
         consumer = common.consumer_for(int(endpoints["output"].rsplit(":", 1)[1]))
@@ -246,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ring-bytes", type=int, default=512 * 1024**2,
                         help="ring bound; the default makes a camera ring evict after ~200 images")
     parser.add_argument("--backlog", type=int, default=150, help="messages in the ring for ring-backlog")
+    parser.add_argument("--baseline-tree", metavar="DIR", default=None,
+                        help="the checkout whose buffer the -baseline variants run (e.g. a git worktree)")
     parser.add_argument("--_middle", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._middle:

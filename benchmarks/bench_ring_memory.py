@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/bench_ring_memory.py [--scale 1.0] [--no-tune]
 
 For each profile, in a fresh child process: messages arrive over a real
-ZeroMQ TCP socket (so large parts are libzmq-allocated ``zmq.Frame`` objects,
-as in the buffer), are appended to a ring until it is full (bounded by
+ZeroMQ TCP socket (received as the buffer receives them: ``transport.partsio``, so large
+parts are libzmq-allocated and kept zero-copy), are appended to a ring until it is full (bounded by
 count), and the RSS growth is compared with ``ring.n_bytes`` (the sum of
 the part lengths held). The scalar stream sends the same data header in every
 message, which the ring stores once: its ratio is far below 1.
@@ -61,9 +61,19 @@ def fill_and_measure(profile: str, n_messages: int, tune: bool) -> dict:
         pull.recv_multipart(copy=False)
     gc.collect()
     ring = Ring(n_messages, 1 << 40)
+    try:  # as the buffer receives: whole messages packed (issue 10); before it, pyzmq frames
+        from sf_bsread_writer.transport.partsio import PartsReceiver
+
+        receive_packed = PartsReceiver().receive
+
+        def receive():
+            return receive_packed(pull)[1]
+    except ImportError:
+        def receive():
+            return pull.recv_multipart(copy=False)
     baseline = common.rss_of()
     for _ in range(n_messages):
-        received = pull.recv_multipart(copy=False)
+        received = receive()
         header = parse_main_header(received[0])
         ring.append(header.pulse_id, header.timestamp, received)
         del received

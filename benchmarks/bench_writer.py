@@ -278,14 +278,7 @@ def writer_env(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
     if kind == "writer-python":
         return {"SF_BSREAD_NO_EXTENSION": "1"}
     if kind == "writer-baseline":
-        # The checkout installed in the venv is this one (editable): a sitecustomize puts the other first.
-        site = workdir / "baseline-site"
-        site.mkdir(exist_ok=True)
-        (site / "sitecustomize.py").write_text(
-            "import sys\n"
-            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
-            f"sys.path.insert(0, {str(Path(args.baseline_tree).resolve())!r})\n")
-        return {"PYTHONPATH": str(site)}
+        return {"PYTHONPATH": str(common.baseline_site(args.baseline_tree))}
     return None
 
 

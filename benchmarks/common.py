@@ -12,6 +12,8 @@ import os
 import resource
 import signal
 import subprocess
+import tempfile
+import zlib
 import sys
 import time
 from pathlib import Path
@@ -158,6 +160,23 @@ class Child:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def baseline_site(tree: str | os.PathLike) -> Path:
+    """A directory for PYTHONPATH that makes a child import sf_bsread_writer from ``tree`` (a baseline run).
+
+    The checkout installed in the venv is editable (a meta-path finder from a
+    .pth file), which would win over PYTHONPATH; the sitecustomize written
+    here removes that finder and puts ``tree`` first.
+    """
+    tree = Path(tree).resolve()
+    site = Path(tempfile.gettempdir()) / f"sf_bsread_baseline_site_{zlib.crc32(str(tree).encode()):08x}"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        f"sys.path.insert(0, {str(tree)!r})\n")
+    return site
 
 
 def rss_of(pid: int | str = "self") -> int:
