@@ -52,7 +52,8 @@ setup(
         "lz4>=4.0",
         "bottle>=0.12",
         "requests>=2.28",
-        "caproto>=1.1",
+        "caproto>=1.1",  # the gateway's fallback CA server (--server caproto), the bridge's client tests
+        "softioc>=4.5",  # pythonSoftIOC: the gateway's CA server (EPICS records, C fan-out)
     ],
     extras_require={
         "test": [

@@ -289,6 +289,10 @@ GATEWAY_OPTIONS: list[Option] = [
            "With --writable: only these peer IP addresses may write (repeatable).", kind="list", metavar="IP"),
     Option("parent_pid", ("--parent-pid",), 0, int,
            "Exit when this process is gone (set by the buffer for --ca; 0: never)."),
+    Option("server", ("--server",), "softioc", str,
+           "CA server: softioc (EPICS records, C fan-out; docs/gateway.md) or caproto (pure Python).",
+           choices=("softioc", "caproto")),
+    Option("ioc_child", ("--ioc-child",), False, _bool, argparse.SUPPRESS, kind="flag"),
     _log_option,
 ]
 
@@ -360,6 +364,8 @@ def markdown_reference() -> str:
     for command, prefix, options in COMMANDS:
         out += ["", f"## {command}", "", "| option | environment | default | meaning |", "|---|---|---|---|"]
         for option in options:
+            if option.help == argparse.SUPPRESS:  # internal (e.g. the gateway's IOC child): not for users
+                continue
             spelled = ", ".join(f"`{flag}`" for flag in option.flags) if option.flags else \
                 f"`{(option.metavar or option.dest).upper()}` (positional)"
             if option.choices:

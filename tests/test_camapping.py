@@ -102,3 +102,59 @@ def test_mappings_compare_by_what_the_pv_needs():
     assert map_channel("int64", [1]) == map_channel("int64", [1])
     assert map_channel("int64", [1]) != map_channel("uint64", [1])  # retype: the PV is replaced
     assert map_channel("float64", [3]) != map_channel("float64", [4])
+
+
+# --------------------------------------------------------------------------
+# EPICS records of the softioc gateway (core.camapping.ioc_record_for, ca.ioc.ChannelPlan)
+# --------------------------------------------------------------------------
+from sf_bsread_writer.core import camapping as _cm  # noqa: E402
+
+
+@pytest.mark.parametrize("bsread_type, kind, precision, exact", [
+    ("float64", "ai", 6, False), ("float32", "ai", 4, False), ("int64", "ai", 0, True), ("uint64", "ai", 0, True),
+    ("uint32", "ai", 0, False), ("uint8", "longin", 0, False), ("int8", "longin", 0, False),
+    ("uint16", "longin", 0, False), ("bool", "longin", 0, False), ("string", "stringin", 0, False),
+])
+def test_scalar_records(bsread_type, kind, precision, exact):
+    record = _cm.ioc_record_for(bsread_type)
+    assert (record.kind, record.precision, record.exact_text) == (kind, precision, exact)
+
+
+def test_waveform_records_keep_every_value_exact_and_unsigned_bytes_unsigned():
+    assert _cm.ioc_record_for("uint8", [4]).ftvl == "UCHAR"
+    assert _cm.ioc_record_for("int8", [4]).ftvl == "SHORT"
+    assert _cm.ioc_record_for("uint16", [3, 4]).ftvl == "LONG"
+    image = _cm.ioc_record_for("uint16", [3, 4])
+    assert image.length == 12 and image.shape == (4, 3)
+    value, truncated = _cm.ioc_value(image, np.full((4, 3), 65000, dtype=np.uint16))
+    assert value.dtype == np.int32 and value.tolist() == [65000] * 12 and not truncated
+    empty, _ = _cm.ioc_value(image, np.zeros(0, dtype=np.uint16))  # NORD 0 after an IOC reboot
+    assert empty.size == 0
+
+
+def test_strings_become_long_strings_only_when_asked_and_are_cut_on_character_boundaries():
+    short = _cm.ioc_record_for("string")
+    value, truncated = _cm.ioc_value(short, "ü" * 30)
+    assert truncated and len(value.encode()) <= 39 and value == "ü" * 19
+    long = _cm.ioc_record_for("string", long_string=True)
+    assert long.kind == "lsi" and _cm.ioc_value(long, "x" * 100) == ("x" * 100, False)
+    assert _cm.exact_text(np.array([2**62 + 1], dtype=np.int64)) == str(2**62 + 1)
+
+
+def test_channel_plan_skips_names_epics_cannot_serve_and_detects_a_changed_channel_set():
+    from sf_bsread_writer.ca.ioc import ChannelPlan, acf_text
+    from sf_bsread_writer.core.protocol import ChannelSpec, DataHeader
+
+    def header(*specs):
+        return DataHeader("h" + str(len(specs)), tuple(specs))
+
+    first = ChannelPlan.build(header(ChannelSpec("A"), ChannelSpec("BAD.NAME"), ChannelSpec("X" * 70)), "P:",
+                              reserved=["P:STATUS"])
+    assert [c.pv for c in first.channels] == ["P:A"] and len(first.skipped) == 2
+    same = ChannelPlan.build(header(ChannelSpec("A"), ChannelSpec("BAD.NAME"), ChannelSpec("X" * 70)), "P:")
+    assert same.key == first.key
+    retyped = ChannelPlan.build(header(ChannelSpec("A", "int16")), "P:")
+    assert retyped.key != first.key
+    assert "RULE(1, WRITE)" not in acf_text(False, ())
+    writable = acf_text(True, ("10.0.0.1",))
+    assert "HAG(ALLOWED)" in writable and "10.0.0.1" in writable and "ASG(WRITABLE)" in writable

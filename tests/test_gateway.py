@@ -1,4 +1,7 @@
-"""The CA gateway with real CA clients: caproto's threading client, pyepics (libca) and EPICS base's tools.
+"""The CA gateway on its caproto server (``--server caproto``) with real CA clients.
+
+caproto's threading client, pyepics (libca) and EPICS base's tools. The
+default server, pythonSoftIOC, has its own tests: tests/test_gateway_ioc.py.
 
 All on loopback with free ports (tests/ca_helpers.py). A bsread PUB socket in
 the test process feeds the gateway messages built with protocol.build_message,
@@ -21,6 +24,7 @@ from .ca_helpers import (T0, CaprotoClient, Feeder, Tool, ca_env, pulse_of, run_
                          start_repeater)
 from .helpers import Child, free_port, wait_for
 
+CAPROTO = ("--server", "caproto")
 PREFIX = "GWT:"
 NAME = "GWTEST"
 
@@ -95,7 +99,7 @@ def feeder():
 def served(env, feeder, tmp_path_factory):
     # strace is part of the machine image; without it only the broadcast check is skipped.
     trace = tmp_path_factory.mktemp("strace") / "gateway.strace" if shutil.which("strace") else None
-    child, ready = start_gateway(feeder.address, env, "--ca-prefix", PREFIX, "--name", NAME,
+    child, ready = start_gateway(feeder.address, env, *CAPROTO, "--ca-prefix", PREFIX, "--name", NAME,
                                  "--max-rate", "20", strace_file=trace)
     yield child, ready, trace
     child.stop()
@@ -335,7 +339,7 @@ def test_channels_appear_disappear_and_change_type(env):
     try:
         port = str(free_port())
         local_env = env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}
-        child, _ = start_gateway(source.address, local_env, "--ca-prefix", "DYN:", "--name", "DYN",
+        child, _ = start_gateway(source.address, local_env, *CAPROTO, "--ca-prefix", "DYN:", "--name", "DYN",
                                  "--max-rate", "20")
         caproto_client = CaprotoClient(local_env)
         _wait_valid(caproto_client, "DYN:A")
@@ -392,7 +396,7 @@ def test_stopped_stream_flags_every_channel(env):
     try:
         port = str(free_port())
         local_env = env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}
-        child, _ = start_gateway(source.address, local_env, "--ca-prefix", "STALE:", "--name", "STALE")
+        child, _ = start_gateway(source.address, local_env, *CAPROTO, "--ca-prefix", "STALE:", "--name", "STALE")
         caproto_client = CaprotoClient(local_env)
         _wait_valid(caproto_client, "STALE:X")
         source.close()
@@ -418,7 +422,7 @@ def test_writable_access_is_checked_against_the_peer_address_not_the_claimed_hos
     clients = []
     try:
         # Only 10.9.9.9 may write; a client on 127.0.0.1 claims to be 10.9.9.9.
-        child, _ = start_gateway(source.address, local_env, "--name", "ACC", "--writable",
+        child, _ = start_gateway(source.address, local_env, *CAPROTO, "--name", "ACC", "--writable",
                                  "--allow-host", "10.9.9.9")
         liar = CaprotoClient(local_env)
         clients.append(liar)
@@ -432,7 +436,7 @@ def test_writable_access_is_checked_against_the_peer_address_not_the_claimed_hos
         # 127.0.0.1 allowed: the control PV is writable, the stream PV still is not.
         port = str(free_port())
         local_env = env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}
-        child, _ = start_gateway(source.address, local_env, "--name", "ACC", "--writable",
+        child, _ = start_gateway(source.address, local_env, *CAPROTO, "--name", "ACC", "--writable",
                                  "--allow-host", "127.0.0.1")
         honest = CaprotoClient(local_env)
         clients.append(honest)
@@ -464,7 +468,7 @@ def test_clients_disconnecting_under_load_do_not_stop_the_server(env):
     child = None
     client = None
     try:
-        child, _ = start_gateway(source.address, local_env, "--name", "LOAD", "--max-rate", "100",
+        child, _ = start_gateway(source.address, local_env, *CAPROTO, "--name", "LOAD", "--max-rate", "100",
                                  "--total-rate", "1000000")
         names = [c["name"] for c in channels]
         script = (

@@ -27,6 +27,12 @@ _LOOPBACK_DEFAULTS = {
     "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
     "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
 }
+# The same for the pvAccess server the softioc gateway also runs (pvxs): it broadcasts too unless told.
+_PVA_LOOPBACK_DEFAULTS = {
+    "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
+    "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
+    "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
+}
 
 
 def prepare_server_environment(environ: MutableMapping[str, str]) -> list[str]:
@@ -57,6 +63,9 @@ def prepare_server_environment(environ: MutableMapping[str, str]) -> list[str]:
     if not environ.get("EPICS_CAS_BEACON_ADDR_LIST") and not environ.get("EPICS_CAS_AUTO_BEACON_ADDR_LIST"):
         put("EPICS_CAS_AUTO_BEACON_ADDR_LIST", _LOOPBACK_DEFAULTS["EPICS_CAS_AUTO_BEACON_ADDR_LIST"])
         put("EPICS_CAS_BEACON_ADDR_LIST", _LOOPBACK_DEFAULTS["EPICS_CAS_BEACON_ADDR_LIST"])
+    if not any(environ.get(key) for key in _PVA_LOOPBACK_DEFAULTS):
+        for key, value in _PVA_LOOPBACK_DEFAULTS.items():
+            put(key, value)
     for key, value in CAPROTO_TUNING.items():
         if key not in environ:
             put(key, value)

@@ -83,6 +83,7 @@ class _Ingest(threading.Thread):
         self._notify = notify
         self._lock = threading.Lock()
         self._latest: list[Any] | None = None
+        self._arrived = threading.Event()
         self._stop_event = threading.Event()
         self.received = 0
         self.last_receive_monotonic: float | None = None
@@ -92,6 +93,12 @@ class _Ingest(threading.Thread):
         with self._lock:
             frames, self._latest = self._latest, None
         return frames
+
+    def wait_and_take(self, timeout: float) -> list[Any] | None:
+        """The newest message, waiting up to ``timeout`` seconds for one (for a thread, not asyncio)."""
+        self._arrived.wait(timeout)
+        self._arrived.clear()
+        return self.take()
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -129,6 +136,7 @@ class _Ingest(threading.Thread):
                 with self._lock:
                     was_empty = self._latest is None
                     self._latest = frames
+                self._arrived.set()
                 if was_empty:
                     self._notify()
         except Exception as error:  # reported by the gateway, which then exits non-zero
@@ -432,13 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       GATEWAY_OPTIONS, GATEWAY_ENV_PREFIX, argv)
     process.configure_logging(args.log_level)
     changes = prepare_server_environment(os.environ)
-    if changes:
+    if changes and not args.ioc_child:
         logger.info("EPICS environment completed: %s", ", ".join(changes))
-    if "caproto.server.common" in sys.modules:
-        logger.warning("caproto was imported before the tuning variables were set; they may not apply")
-    from . import server as caserver  # imports caproto.server: after the environment is prepared
-
-    logger.info("caproto tuning: %s", caserver.caproto_tuning())
     settings = GatewaySettings(
         buffer_output=args.buffer_output,
         status_url=args.status_url,
@@ -453,6 +456,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if settings.allow_hosts and not settings.writable:
         logger.warning("--allow-host has no effect without --writable")
+    if args.server == "softioc":
+        if _softioc_missing() is not None:
+            logger.warning("pythonSoftIOC is not installed (%s): serving with caproto", _softioc_missing())
+        else:
+            return _run_ioc(settings, args.ioc_child, sys.argv[1:] if argv is None else list(argv))
+    return _run_caproto(settings)
+
+
+def _softioc_missing() -> str | None:
+    import importlib.util
+
+    return None if importlib.util.find_spec("softioc") is not None else "no module named softioc"
+
+
+def _run_ioc(settings: GatewaySettings, child: bool, argv: list[str]) -> int:
+    """--server softioc: this process supervises the IOC process, which serves (ca/ioc.py)."""
+    from . import ioc
+
+    if not child:
+        return ioc.supervise(argv)
+    if not ioc.wait_for_go():
+        return 0
+    ingest = _Ingest(settings.buffer_output, settings.source_mode, lambda: None)
+    poller = _StatusPoller(settings.status_url) if settings.status_url else None
+    ingest.start()
+    if poller is not None:
+        poller.start()
+    try:
+        return ioc.serve(settings, STATUS_PVS, ingest, poller)
+    finally:
+        ingest.stop()
+        if poller is not None:
+            poller.stop()
+        ingest.join(timeout=2)
+
+
+def _run_caproto(settings: GatewaySettings) -> int:
+    if "caproto.server.common" in sys.modules:
+        logger.warning("caproto was imported before the tuning variables were set; they may not apply")
+    from . import server as caserver  # imports caproto.server: after the environment is prepared
+
+    logger.info("caproto tuning: %s", caserver.caproto_tuning())
     return asyncio.run(_run(settings))
 
 

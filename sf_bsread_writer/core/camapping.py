@@ -53,6 +53,10 @@ __all__ = [
     "to_ca_value",
     "fits_dbr_string",
     "UnknownTypeError",
+    "IocRecord",
+    "ioc_record_for",
+    "ioc_value",
+    "exact_text",
 ]
 
 #: A DBR_STRING holds 40 bytes including the terminating NUL.
@@ -200,3 +204,101 @@ def _as_text(value: Any) -> str:
 def _cut_utf8(text: str, max_bytes: int) -> str:
     """The longest prefix of ``text`` whose UTF-8 form fits ``max_bytes`` (no broken character)."""
     return text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+
+
+# ---------------------------------------------------------------------------
+# EPICS records (the gateway on pythonSoftIOC: ca/ioc.py)
+# ---------------------------------------------------------------------------
+#: Waveform element type (FTVL) per bsread type, chosen so that EPICS base
+#: tools show every value exactly and with its sign: CA has no unsigned
+#: 16/32-bit types, and only UCHAR arrays read unsigned in caget.
+FTVL_BY_BSREAD_TYPE: dict[str, str] = {
+    "bool": "UCHAR", "uint8": "UCHAR", "int8": "SHORT", "int16": "SHORT", "uint16": "LONG", "int32": "LONG",
+    "uint32": "DOUBLE", "int64": "DOUBLE", "uint64": "DOUBLE", "float32": "FLOAT", "float64": "DOUBLE",
+}
+NUMPY_BY_FTVL: dict[str, np.dtype] = {
+    "UCHAR": np.dtype(np.uint8), "SHORT": np.dtype(np.int16), "LONG": np.dtype(np.int32),
+    "FLOAT": np.dtype(np.float32), "DOUBLE": np.dtype(np.float64),
+}
+#: Display precision (PREC) of floating-point scalars: a display shows 0.86, not 1.
+FLOAT_PRECISION = {"float32": 4, "float64": 6}
+#: The record's DESC field holds 40 bytes with its terminator.
+MAX_DESC_BYTES = 39
+
+
+@dataclass(frozen=True)
+class IocRecord:
+    """The EPICS record that serves one bsread channel (pure decision; ``ca/ioc.py`` builds it).
+
+    ``kind``: ``ai`` (DOUBLE), ``longin`` (LONG), ``stringin`` (DBR_STRING,
+    39 bytes), ``lsi`` (a long string: a CHAR array of ``length`` bytes, read
+    it with ``caget -S``; a channel becomes one once a longer value was seen) or
+    ``waveform`` (``ftvl`` elements, ``length`` of them). ``exact_text``:
+    also served as ``<pv>_STR``, a string of the exact value (64-bit integers,
+    which a DOUBLE holds exactly only up to 2**53). Two channels with equal
+    records can share one without restarting the IOC.
+    """
+
+    bsread_type: str
+    kind: str
+    length: int = 1
+    ftvl: str | None = None
+    precision: int = 0
+    exact_text: bool = False
+    shape: tuple[int, ...] = ()  # numpy shape of one value (waveforms)
+
+    @property
+    def numpy_dtype(self) -> np.dtype | None:
+        if self.kind == "waveform":
+            return NUMPY_BY_FTVL[self.ftvl or "DOUBLE"]
+        return None
+
+
+def ioc_record_for(bsread_type: str, shape: Sequence[int] = (1,), *, long_string: bool = False,
+                   long_string_bytes: int = DEFAULT_LONG_STRING_BYTES) -> IocRecord:
+    """The record for a channel of ``bsread_type`` and header ``shape`` (fastest first); see :class:`IocRecord`."""
+    if bsread_type not in CA_TYPE_BY_BSREAD_TYPE:
+        raise UnknownTypeError(f"unknown bsread type {bsread_type!r}")
+    if bsread_type == "string":
+        return IocRecord(bsread_type, "lsi", long_string_bytes) if long_string else IocRecord(bsread_type, "stringin",
+                                                                                             MAX_STRING_BYTES + 1)
+    header_shape = tuple(int(n) for n in shape) or (1,)
+    if header_shape != (1,):
+        numpy_shape = header_shape[::-1]
+        return IocRecord(bsread_type, "waveform", max(1, math.prod(numpy_shape)), FTVL_BY_BSREAD_TYPE[bsread_type],
+                         shape=numpy_shape)
+    if bsread_type in FLOAT_PRECISION:
+        return IocRecord(bsread_type, "ai", precision=FLOAT_PRECISION[bsread_type])
+    if bsread_type in ("uint32", "int64", "uint64"):
+        return IocRecord(bsread_type, "ai", precision=0, exact_text=bsread_type != "uint32")
+    return IocRecord(bsread_type, "longin")
+
+
+def ioc_value(record: IocRecord, value: Any) -> tuple[Any, bool]:
+    """A decoded bsread value as the record takes it; ``(value, truncated)`` (see :func:`to_ca_value`).
+
+    ai: float; longin: int; lsi: str (cut to the record's length in UTF-8
+    bytes, truncated=True); waveform: a 1-D array of the FTVL's dtype (an
+    empty array is fine: NORD 0).
+    """
+    if record.kind in ("lsi", "stringin"):
+        text = value if isinstance(value, str) else _as_text(value)
+        if len(text.encode("utf-8")) > record.length - 1:
+            return _cut_utf8(text, record.length - 1), True
+        return text, False
+    array = np.asarray(value)
+    if record.kind == "waveform":
+        flat = array.reshape(-1)
+        if flat.size > record.length:
+            return np.ascontiguousarray(flat[:record.length], dtype=record.numpy_dtype), True
+        return np.ascontiguousarray(flat, dtype=record.numpy_dtype), False
+    scalar = array.reshape(-1)[0] if array.size else 0
+    if record.kind == "ai":
+        return float(scalar), False
+    return int(scalar), False
+
+
+def exact_text(value: Any) -> str:
+    """The exact decimal text of an integer value (the ``_STR`` twin of a 64-bit channel)."""
+    array = np.asarray(value).reshape(-1)
+    return str(int(array[0])) if array.size else ""

