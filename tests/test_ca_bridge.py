@@ -254,3 +254,31 @@ def test_ioc_to_bridge_to_buffer_to_writer_to_hdf5_and_back_over_ca(ioc_env, tmp
         for child in reversed(children):
             child.stop()
         ioc.stop()
+
+
+def test_an_empty_waveform_or_an_unusable_value_is_absent_and_never_ends_the_bridge():
+    """NORD 0 after an IOC reboot used to raise in build_message and end the process."""
+    from sf_bsread_writer.ca.bridge import Bridge
+    from sf_bsread_writer.core.protocol import MessageParser
+
+    bridge = Bridge(["B:WF", "B:X", "B:TXT"], port=0)
+    parser = MessageParser()
+    wave, x, text = (bridge.states[name] for name in ("B:WF", "B:X", "B:TXT"))
+    for state in (wave, x, text):
+        state.connected = True
+    wave.latest = (6, np.arange(4.0), 100, 1)
+    x.latest = (6, 1.5, 100, 2)
+    text.latest = (0, "hello", 100, 3)
+    first = parser.parse(bridge.build(1, 100.0))
+    assert first.value(0).tolist() == [0.0, 1.0, 2.0, 3.0]
+
+    wave.latest = (6, np.zeros(0), 101, 0)  # the IOC rebooted: an empty waveform
+    x.latest = (6, "not a number", 101, 0)  # a value that does not fit its channel's type
+    second = parser.parse(bridge.build(2, 101.0))
+    assert not second.is_present(0) and not second.is_present(1) and second.value(2) == "hello"
+    assert second.data_header.channels[0].shape == (4,)  # the header keeps the last known length
+    assert wave.unusable == 1 and x.unusable == 1
+
+    wave.latest = (5, np.array([7, 8], dtype=np.int32), 102, 0)  # a type change: a new data header
+    third = parser.parse(bridge.build(3, 102.0))
+    assert third.data_header.channels[0].type == "int32" and third.value(0).tolist() == [7, 8]

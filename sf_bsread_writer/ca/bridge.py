@@ -17,7 +17,10 @@ still says when it was measured), and a pulse id:
   shows as a gap, not as a shifted id.
 
 A disconnected PV (and one not yet connected) is sent as an absent value and
-counted; reconnection is libca's job and automatic. The CA type of a PV
+counted; reconnection is libca's job and automatic. So is an empty array (an
+IOC's waveform after a reboot has NORD 0) and any value that does not fit its
+channel: what an IOC sends can cost that PV's value in one message, never the
+bridge (a failure to build a whole message is logged, counted and skipped). The CA type of a PV
 fixes its bsread type (table in docs/gateway.md); an array PV's length is its
 current element count, so the data header changes if that changes.
 
@@ -91,6 +94,8 @@ class PVState:
     updates: int = 0
     disconnects: int = 0
     absent_sent: int = 0
+    unusable: int = 0  # values that could not be sent (empty array, wrong type): sent as absent
+    last_count: int = 1  # element count of the last non-empty array: the header keeps it for an empty one
 
     def spec(self, latest: tuple[int | None, Any, int, int] | None) -> dict[str, Any]:
         """The data-header entry of this PV's channel (float64 [1] until its type is known)."""
@@ -100,8 +105,32 @@ class PVState:
         bsread_type = BSREAD_TYPE_BY_CA_TYPE.get(ca_type, "float64")
         if bsread_type == "string":
             return {"name": self.name, "type": "string", "shape": [1]}
-        count = int(np.size(value)) if value is not None else 1
-        return {"name": self.name, "type": bsread_type, "shape": [max(1, count)]}
+        count = int(np.size(value)) if value is not None else 0
+        if count > 0:
+            self.last_count = count
+        return {"name": self.name, "type": bsread_type, "shape": [self.last_count]}
+
+    def channel(self, connected: bool) -> tuple[dict[str, Any], Any]:
+        """(data-header entry, value or None = absent) for the next message; never raises for a value."""
+        latest = self.latest
+        spec = self.spec(latest)
+        if latest is None or not connected or latest[1] is None:
+            return spec, None
+        value = latest[1]
+        try:
+            if spec["type"] == "string":
+                return spec, str(value)
+            array = np.asarray(value, dtype=spec["type"]).reshape(-1)
+        except (TypeError, ValueError, OverflowError):
+            array = None
+        if array is None or array.size != spec["shape"][0]:
+            self.unusable += 1  # empty (NORD 0), or not of its channel's type: absent this time
+            if self.unusable <= 10 or self.unusable % 1000 == 0:
+                logger.warning("PV %s: value %s cannot be sent as %s %s: sent as absent (%d so far)", self.name,
+                               "of 0 elements" if array is not None and array.size == 0 else repr(value)[:60],
+                               spec["type"], spec["shape"], self.unusable)
+            return spec, None
+        return spec, array
 
 
 class Bridge:
@@ -128,6 +157,7 @@ class Bridge:
         self.address: str | None = None
         self.sent = 0
         self.send_drops = 0
+        self.build_errors = 0
         self.waiting_for_pulse_id = 0
         self.last_pulse_id: int | None = None
 
@@ -208,13 +238,8 @@ class Bridge:
         channels, values, stamps = [], [], []
         for name in self.pv_names:
             state = self.states[name]
-            latest = state.latest
-            spec = state.spec(latest)
-            value = latest[1] if (latest is not None and state.connected) else None
-            if value is not None and spec["type"] != "string":
-                value = np.asarray(value, dtype=spec["type"]).reshape(-1)
-            elif value is not None:
-                value = str(value)
+            latest = state.latest  # one read: value and timestamp of the same update
+            spec, value = state.channel(state.connected)
             if value is None:
                 state.absent_sent += 1
             channels.append(spec)
@@ -235,12 +260,18 @@ class Bridge:
             if pulse_id is None:
                 self.waiting_for_pulse_id += 1
             else:
-                frames = self.build(pulse_id, now)
                 try:
-                    self.socket.send_multipart(frames, flags=zmq.NOBLOCK)
-                    self.sent += 1
-                except zmq.Again:
-                    self.send_drops += 1  # PUSH without a consumer: drop, never block the bridge
+                    frames = self.build(pulse_id, now)
+                except Exception:  # a bug or a value nobody foresaw: this message, never the bridge
+                    self.build_errors += 1
+                    logger.exception("message for pulse id %d not built (%d so far)", pulse_id, self.build_errors)
+                    frames = None
+                if frames is not None:
+                    try:
+                        self.socket.send_multipart(frames, flags=zmq.NOBLOCK)
+                        self.sent += 1
+                    except zmq.Again:
+                        self.send_drops += 1  # PUSH without a consumer: drop, never block the bridge
                 self.last_pulse_id = pulse_id
             monotonic = time.monotonic()
             if monotonic >= next_summary:
