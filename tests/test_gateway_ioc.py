@@ -284,3 +284,16 @@ def test_arrays_publish_their_numpy_shape(env, served):
     values = _caget(env, PREFIX + "IMAGE:SHAPE", PREFIX + "WAVE:SHAPE")
     assert values[PREFIX + "IMAGE:SHAPE"].split() == ["2", "3", "4"]  # count, then the numpy shape
     assert values[PREFIX + "WAVE:SHAPE"].split()[-1] == "5"  # caget prints no count for one element
+
+
+def test_gateway_statistics_pvs_count_clients_channels_and_updates(env, served):
+    monitor = Tool("camonitor", [PREFIX + "F64", PREFIX + "I32"], env)
+    try:
+        wait_for(lambda: len(monitor.lines) >= 2, timeout=20, interval=0.1, message="the monitor connected")
+        names = [f"{NAME}:{s}" for s in ("CA_CLIENTS", "CA_CHANNELS", "PV_UPDATES_S", "APPLIED_S", "SKIPPED")]
+        stats = wait_for(lambda: (lambda v: v if float(v[names[0]]) >= 1 and float(v[names[1]]) >= 2 else None)(
+            _caget(env, *names)), timeout=10, interval=0.3, message="the monitor counted")
+        assert float(stats[f"{NAME}:PV_UPDATES_S"]) > 0 and float(stats[f"{NAME}:APPLIED_S"]) > 0
+        assert float(stats[f"{NAME}:SKIPPED"]) >= 0
+    finally:
+        monitor.stop()

@@ -60,6 +60,15 @@ STALE_AFTER_S = 3.0
 ABSENT_PERIODS = 3.0
 # The placeholder value of a record before its channel's first value (shown INVALID/UDF).
 _EMPTY = {"ai": 0.0, "longin": 0, "stringin": "", "lsi": ""}
+#: The gateway's own statistics PVs (beside the buffer's status PVs), like EPICS ca-gateway's.
+GATEWAY_STATS_PVS: tuple[tuple[str, str, str], ...] = (
+    ("CA_CLIENTS", "LONG", "CA clients connected to the gateway"),
+    ("CA_CHANNELS", "LONG", "CA channels the clients hold"),
+    ("PV_UPDATES_S", "DOUBLE", "record updates per second"),
+    ("APPLIED_S", "DOUBLE", "stream messages applied per second"),
+    ("SKIPPED", "DOUBLE", "messages received but never applied"),
+)
+
 #: Where an IOC leaves what its successor must know (the channels that need the long-string form).
 STATE_VARIABLE = "SF_BSREAD_GATEWAY_STATE"
 #: Longest record name EPICS base accepts (PVNAME_STRINGSZ - 1), and characters a record name may not hold.
@@ -277,6 +286,11 @@ class _Records:
                 self.status[suffix] = builder.aIn(pv, PREC=precision, DESC=desc)
             if "PULSE_ID" in suffix:  # the exact number as text: caget shows a DOUBLE as 1.79602e+11
                 self.status_text[suffix] = builder.stringIn(pv + "_STR", DESC=(desc + " (exact)")[:39])
+        self.stats: dict[str, Any] = {}
+        for suffix, ca_type, doc in GATEWAY_STATS_PVS:
+            pv = f"{name}:{suffix}"
+            self.stats[suffix] = (builder.longIn(pv, DESC=doc[:39]) if ca_type == "LONG"
+                                  else builder.aIn(pv, PREC=1 if suffix.endswith("_S") else 0, DESC=doc[:39]))
         self.channels: list[tuple[ServedChannel, Any, Any]] = []
         self.shapes: list[tuple[Any, list[int]]] = []
         for channel in plan.channels:
@@ -333,7 +347,7 @@ def serve(settings: Any, status_pvs: Sequence[tuple[str, str, str]], ingest: Any
         long_strings = set(_load_state().get("long_strings", []))
         if message is not None:
             long_strings |= _long_strings_in(message)
-        reserved = [f"{settings.name}:{suffix}" for suffix, _, _ in status_pvs]
+        reserved = [f"{settings.name}:{suffix}" for suffix, _, _ in (*status_pvs, *GATEWAY_STATS_PVS)]
         plan = ChannelPlan.build(message.data_header if message else None, settings.prefix, reserved,
                                  frozenset(long_strings))
         for channel, why in plan.skipped:
@@ -363,6 +377,7 @@ def serve(settings: Any, status_pvs: Sequence[tuple[str, str, str]], ingest: Any
             "beacons": [f"{host}:{os.environ.get('EPICS_CAS_BEACON_PORT') or 5065}"
                         for host in os.environ.get("EPICS_CAS_BEACON_ADDR_LIST", "").split()],
             "status_pvs": reserved + [f"{settings.name}:{s}_STR" for s in records.status_text],
+            "gateway_pvs": [f"{settings.name}:{suffix}" for suffix, _, _ in GATEWAY_STATS_PVS],
             "prefix": settings.prefix,
             "server": "softioc",
             "channels": len(plan.channels),
@@ -433,6 +448,9 @@ class _ApplyLoop:
         self.rejected = 0
         self.decode_errors = 0
         self.rates = RateEstimator(window=5.0)
+        self.applied = 0
+        self.record_sets = 0
+        self.own_rates = RateEstimator(window=5.0)
 
     def run(self, stop: threading.Event) -> int:
         next_due = 0.0
@@ -464,7 +482,8 @@ class _ApplyLoop:
             started = time.monotonic()
             if message.data_header.hash != self.header_hash:
                 plan = ChannelPlan.build(message.data_header, self.settings.prefix,
-                                         [f"{self.settings.name}:{s}" for s in self.records.status],
+                                         [f"{self.settings.name}:{s}" for s in (*self.records.status,
+                                                                                 *self.records.stats)],
                                          frozenset(self.long_strings))
                 if plan.key != self.plan.key:
                     logger.info("the stream's channels changed (%d -> %d served): the IOC restarts to serve them",
@@ -536,6 +555,7 @@ class _ApplyLoop:
                 state.interval = now - state.last_present
             state.value, state.stamp, state.last_present, state.flagged = served, stamp, now, False
         self.newest_pulse_id = message.pulse_id
+        self.applied += 1
 
     def _absent(self, channel: ServedChannel, record: Any, state: _ChannelState, now: float) -> None:
         """The latest present value stays, with its own timestamp, until it is older than expected."""
@@ -547,12 +567,12 @@ class _ApplyLoop:
             state.flagged = True
             self._set(record, state.value, self.alarm.INVALID_ALARM, self.alarm.TIMEOUT_ALARM, state.stamp)
 
-    @staticmethod
-    def _set(record: Any, value: Any, severity: int, status: int, stamp: float | None) -> None:
+    def _set(self, record: Any, value: Any, severity: int, status: int, stamp: float | None) -> None:
         if value is None:
             return
         try:
             record.set(value, severity=severity, alarm=status, timestamp=stamp)
+            self.record_sets += 1
         except Exception:  # one record's trouble must not stop the others
             logger.exception("record %s: set failed", record.name)
 
@@ -584,6 +604,7 @@ class _ApplyLoop:
             "STATE": statistics.describe(),
         }
         stamp = time.time()
+        self._gateway_statistics(now, stamp)
         for suffix, record in self.records.status.items():
             if suffix == "MAX_RATE":
                 if record.get() != self.settings.max_rate:
@@ -611,6 +632,31 @@ class _ApplyLoop:
             text_record = self.records.status_text.get(suffix)
             if text_record is not None:
                 text_record.set(str(int(value)), timestamp=stamp)
+
+
+    def _gateway_statistics(self, now: float, stamp: float) -> None:
+        """NAME:CA_CLIENTS ... from EPICS base's own CA server counters and this loop's."""
+        clients, channels = _ca_server_counts()
+        self.own_rates.add(now, self.applied, self.record_sets)
+        rates = self.own_rates.rates() or (0.0, 0.0)
+        values = {"CA_CLIENTS": clients, "CA_CHANNELS": channels, "APPLIED_S": rates[0],
+                  "PV_UPDATES_S": rates[1], "SKIPPED": float(max(0, self.ingest.received - self.applied))}
+        for suffix, record in self.records.stats.items():
+            value = values.get(suffix)
+            if value is not None:
+                record.set(value, timestamp=stamp)
+
+
+def _ca_server_counts() -> tuple[int | None, int | None]:
+    """(clients, channels) of the IOC's CA server (rsrv's casStatsFetch); (None, None) if unavailable."""
+    try:
+        from epicscorelibs.ioc import dbCore
+
+        channels, circuits = ctypes.c_uint(0), ctypes.c_uint(0)
+        dbCore.casStatsFetch(ctypes.byref(channels), ctypes.byref(circuits))
+        return int(circuits.value), int(channels.value)
+    except (ImportError, AttributeError, OSError):
+        return None, None
 
 
 def _alive(pid: int) -> bool:
