@@ -36,6 +36,7 @@ __all__ = [
     "watchdog_interval",
     "tune_allocator",
     "die_with_parent",
+    "pid_alive",
 ]
 
 logger = logging.getLogger(__name__)
@@ -192,3 +193,16 @@ def tune_allocator(mmap_threshold: int = 32 * 1024 * 1024,
         logger.warning("mallopt refused mmap_threshold=%d / trim_threshold=%d",
                        mmap_threshold, trim_threshold)
     return ok
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still exists (the parent a child watches: our parent while it lives)."""
+    if os.getppid() == pid:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

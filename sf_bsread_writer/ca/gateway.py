@@ -360,7 +360,7 @@ class Gateway:
             if last is not None and time.monotonic() - last > STALE_AFTER_S:
                 await self.stream.mark_stale(stamp)
             await self._update_status(stamp)
-            if self.settings.parent_pid and not _alive(self.settings.parent_pid):
+            if self.settings.parent_pid and not process.pid_alive(self.settings.parent_pid):
                 logger.warning("parent process %d is gone; gateway exits", self.settings.parent_pid)
                 self.stop()
 
@@ -377,17 +377,7 @@ class Gateway:
             "IDLE_S": own_idle,
             "RATE": self._own_rate(),
         }
-        from_buffer = {} if statistics is None else {
-            "PULSE_ID": statistics.ring.newest_pulse_id,
-            "OLDEST_PULSE_ID": statistics.ring.oldest_pulse_id,
-            "RATE": statistics.rates.messages_per_second,
-            "N_MESSAGES": statistics.ring.messages,
-            "RECEIVED": statistics.received,
-            "REJECTED": statistics.rejected_total,
-            "IDLE_S": statistics.source.idle_seconds,
-            "N_WRITERS": statistics.replay.active_sessions,
-            "STATE": statistics.describe(),
-        }
+        from_buffer = {} if statistics is None else statistics.status_pv_values()
         for suffix, status_pv in self.status.items():
             if suffix == "MAX_RATE":
                 if status_pv.pv.value != self.settings.max_rate:
@@ -416,19 +406,6 @@ class Gateway:
         """Messages per second this gateway receives (used when the buffer's status is unavailable)."""
         self._own_rates.add(time.monotonic(), self.ingest.received)
         return self._own_rates.rate()
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` still exists (our parent while it lives: no pid-reuse confusion)."""
-    if os.getppid() == pid:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------

@@ -460,7 +460,7 @@ class _ApplyLoop:
             if now >= next_status:
                 self._status(now)
                 next_status = now + 1.0
-                if self.settings.parent_pid and not _alive(self.settings.parent_pid):
+                if self.settings.parent_pid and not process.pid_alive(self.settings.parent_pid):
                     logger.warning("parent process %d is gone; gateway exits", self.settings.parent_pid)
                     return 0
             if self.ingest.error is not None:
@@ -592,17 +592,7 @@ class _ApplyLoop:
         self.rates.add(now, self.ingest.received)
         own = {"PULSE_ID": self.newest_pulse_id, "CHANNELS": len(self.plan.channels),
                "IDLE_S": None if last is None else now - last, "RATE": self.rates.rate()}
-        from_buffer = {} if statistics is None or not fresh else {
-            "PULSE_ID": statistics.ring.newest_pulse_id,
-            "OLDEST_PULSE_ID": statistics.ring.oldest_pulse_id,
-            "RATE": statistics.rates.messages_per_second,
-            "N_MESSAGES": statistics.ring.messages,
-            "RECEIVED": statistics.received,
-            "REJECTED": statistics.rejected_total,
-            "IDLE_S": statistics.source.idle_seconds,
-            "N_WRITERS": statistics.replay.active_sessions,
-            "STATE": statistics.describe(),
-        }
+        from_buffer = {} if statistics is None or not fresh else statistics.status_pv_values()
         stamp = time.time()
         self._gateway_statistics(now, stamp)
         for suffix, record in self.records.status.items():
@@ -657,13 +647,3 @@ def _ca_server_counts() -> tuple[int | None, int | None]:
         return int(circuits.value), int(channels.value)
     except (ImportError, AttributeError, OSError):
         return None, None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -265,6 +265,20 @@ class BufferStatus(_Record):
             "io_path": self.io_path,
         }
 
+    def status_pv_values(self) -> dict[str, Any]:
+        """What the CA gateway's ``NAME:...`` status PVs show, by PV suffix (docs/gateway.md)."""
+        return {
+            "PULSE_ID": self.ring.newest_pulse_id,
+            "OLDEST_PULSE_ID": self.ring.oldest_pulse_id,
+            "RATE": self.rates.messages_per_second,
+            "N_MESSAGES": self.ring.messages,
+            "RECEIVED": self.received,
+            "REJECTED": self.rejected_total,
+            "IDLE_S": self.source.idle_seconds,
+            "N_WRITERS": self.replay.active_sessions,
+            "STATE": self.describe(),
+        }
+
     def statistics_answer(self) -> dict[str, Any]:
         """``GET /statistics``: the whole snapshot."""
         return {"state": "ok", "status": self.describe(), "statistics": self.to_json()}
