@@ -45,6 +45,12 @@ def ca_env(server_port: int | None = None, repeater_port: int | None = None) -> 
         "EPICS_CAS_SERVER_PORT": str(server_port),
         "EPICS_CA_REPEATER_PORT": str(repeater_port or free_port()),
         "EPICS_CA_MAX_ARRAY_BYTES": str(64 * 1024 * 1024),
+        # pvAccess (the softioc gateway serves it too): its own ports, searched on loopback only.
+        "EPICS_PVAS_SERVER_PORT": str(free_port()),
+        "EPICS_PVAS_BROADCAST_PORT": (pva_udp := str(free_port())),
+        "EPICS_PVA_BROADCAST_PORT": pva_udp,
+        "EPICS_PVA_ADDR_LIST": "127.0.0.1",
+        "EPICS_PVA_AUTO_ADDR_LIST": "NO",
         "PYTHONPATH": str(ROOT),
     })
     return env

