@@ -13,29 +13,14 @@ import time
 import numpy as np
 import pytest
 
-from .ca_helpers import T0, Feeder, Tool, ca_env, run_pyepics, run_tool, start_gateway, start_repeater
+from .ca_helpers import T0, Feeder, Tool, run_pyepics, run_tool, start_gateway
 from .helpers import ROOT, Child, free_port, wait_for
-from .test_gateway import CHANNELS, PYEPICS_WATCHER, values_for
+from .test_gateway import PYEPICS_WATCHER, env, feeder  # noqa: F401  (the same module fixtures: a repeater, a feeder)
 
 pytest.importorskip("softioc", reason="pythonSoftIOC is not installed: the default CA server cannot run")
 
 PREFIX = "IOC:"
 NAME = "IOCGW"
-
-
-@pytest.fixture(scope="module")
-def env():
-    environment = ca_env()
-    repeater = start_repeater(environment)
-    yield environment
-    repeater.stop()
-
-
-@pytest.fixture(scope="module")
-def feeder():
-    source = Feeder(CHANNELS, values_for, rate=20.0)
-    yield source
-    source.close()
 
 
 @pytest.fixture(scope="module")
