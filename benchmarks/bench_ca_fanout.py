@@ -24,7 +24,6 @@ and the latency (client receive time - the value's timestamp) p50/p95.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -81,31 +80,12 @@ def _rss(pid: int | None) -> int:
         return int(statm.read().split()[1]) * 4096
 
 
-def _serving_pid(buffer_pid: int) -> int | None:
-    """The process that serves CA under a buffer: the gateway, or (softioc) the IOC child that runs.
-
-    The softioc gateway also keeps a standby IOC process (imports done, EPICS not started); the
-    serving one is the gateway process with the most threads (EPICS' own).
-    """
-    candidates = []
-    for pid in [buffer_pid, *bg._children(buffer_pid)]:
-        for child in [pid, *bg._children(pid)]:
-            try:
-                cmdline = open(f"/proc/{child}/cmdline").read().replace("\0", " ")
-                threads = len(os.listdir(f"/proc/{child}/task"))
-            except OSError:
-                continue
-            if "sf_bsread_writer.ca.gateway" in cmdline:
-                candidates.append((threads, child))
-    return max(candidates)[1] if candidates else None
-
-
 def start_server(kind: str, env: dict[str, str], n_pvs: int) -> tuple[list[Child], str, int | None]:
     """The server's processes, its PV name pattern and the pid of the process serving CA."""
     if kind in ("gateway", "gateway-caproto"):
         server = {"SF_BSREAD_GATEWAY_SERVER": "caproto"} if kind == "gateway-caproto" else {}
         stack = bg.Stack(env, "scalars", 100, ca=True, n_channels=n_pvs, gateway_env=server)
-        return stack.children, "SCALAR:CH{:04d}", _serving_pid(stack.buffer.process.pid)
+        return stack.children, "SCALAR:CH{:04d}", bg._gateway_pid(stack.buffer)
     if kind == "softioc":
         child = Child([sys.executable, "-c", SOFTIOC_SERVER, str(n_pvs), "10"], env=env)
         child.wait_for_line("READY", timeout=60)

@@ -66,13 +66,22 @@ def _children(pid: int) -> list[int]:
 
 
 def _gateway_pid(buffer: Child) -> int | None:
+    """The process that serves CA under a buffer: the gateway, or (softioc) the IOC child that runs.
+
+    The softioc gateway is a supervisor with a serving IOC child and a standby one (imports done,
+    EPICS not started); the serving one is the gateway process with the most threads (EPICS' own).
+    """
+    candidates = []
     for pid in _children(buffer.process.pid):
-        try:
-            if "sf_bsread_writer.ca.gateway" in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "):
-                return pid
-        except OSError:
-            pass
-    return None
+        for child in [pid, *_children(pid)]:
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_text().replace("\0", " ")
+                threads = len(list(Path(f"/proc/{child}/task").iterdir()))
+            except OSError:
+                continue
+            if "sf_bsread_writer.ca.gateway" in cmdline:
+                candidates.append((threads, child))
+    return max(candidates)[1] if candidates else None
 
 
 class Stack:
