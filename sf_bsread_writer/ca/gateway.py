@@ -85,6 +85,8 @@ class _Ingest(threading.Thread):
         self._latest: list[Any] | None = None
         self._arrived = threading.Event()
         self._stop_event = threading.Event()
+        self.parser = MessageParser()
+        self.rejected = 0
         self.received = 0
         self.last_receive_monotonic: float | None = None
         self.error: BaseException | None = None
@@ -99,6 +101,23 @@ class _Ingest(threading.Thread):
         self._arrived.wait(timeout)
         self._arrived.clear()
         return self.take()
+
+    def take_message(self, timeout: float | None = None) -> Any:
+        """The newest message parsed (``timeout``: wait that long for one), or None.
+
+        A message that does not parse is counted in ``rejected`` (the first 10
+        logged) and never fatal: both CA servers apply what this returns.
+        """
+        frames = self.take() if timeout is None else self.wait_and_take(timeout)
+        if frames is None:
+            return None
+        try:
+            return self.parser.parse(frames)
+        except Exception as error:  # ProtocolError or IgnoredMessage
+            self.rejected += 1
+            if self.rejected <= 10:
+                logger.warning("message not shown: %s", error)
+            return None
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -211,7 +230,6 @@ class Gateway:
         self.pvdb: dict[str, Any] = {}
         self.context: Any = None
         self.stream = caserver.StreamPVs(lambda: self.context, self.pvdb, settings.prefix, self.policy)
-        self.parser = MessageParser()
         self.status: dict[str, Any] = {}
         for suffix, ca_type, doc in STATUS_PVS:
             status_pv = caserver.StatusPV(suffix, ca_type, doc)
@@ -226,7 +244,6 @@ class Gateway:
         self.ingest = _Ingest(settings.buffer_output, settings.source_mode, self._notify_threadsafe)
         self.poller = _StatusPoller(settings.status_url) if settings.status_url else None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.rejected = 0
         self.server_restarts = 0
         self._own_rates = RateEstimator(window=5.0)
         self.newest_pulse_id: int | None = None
@@ -335,15 +352,8 @@ class Gateway:
             now = time.monotonic()
             if now < next_due:
                 await asyncio.sleep(next_due - now)  # rate limit, then take the newest
-            frames = self.ingest.take()
-            if frames is None:
-                continue
-            try:
-                message = self.parser.parse(frames)
-            except Exception as error:  # ProtocolError or IgnoredMessage: never fatal
-                self.rejected += 1
-                if self.rejected <= 10:
-                    logger.warning("message not shown: %s", error)
+            message = self.ingest.take_message()
+            if message is None:
                 continue
             started = time.monotonic()
             await self.stream.apply(message)

@@ -42,7 +42,6 @@ import numpy as np
 
 from .. import process
 from ..core.camapping import IocRecord, UnknownTypeError, exact_text, ioc_record_for, ioc_value
-from ..core.protocol import MessageParser
 from ..core.rates import RateEstimator
 
 __all__ = ["RESTART_EXIT_CODE", "supervise", "serve", "ChannelPlan", "acf_text"]
@@ -341,9 +340,8 @@ def serve(settings: Any, status_pvs: Sequence[tuple[str, str, str]], ingest: Any
 
     stop = threading.Event()
     restore = process.stop_on_signals(lambda name: stop.set())
-    parser = MessageParser()
     try:
-        message = _first_message(ingest, parser, stop)
+        message = _first_message(ingest, stop)
         long_strings = set(_load_state().get("long_strings", []))
         if message is not None:
             long_strings |= _long_strings_in(message)
@@ -384,32 +382,24 @@ def serve(settings: Any, status_pvs: Sequence[tuple[str, str, str]], ingest: Any
         })
         logger.info("gateway IOC serving %d channel PVs and %d status PVs", len(plan.channels),
                     len(records.status) + len(records.status_text))
-        loop = _ApplyLoop(settings, records, plan, parser, ingest, poller, alarm, long_strings)
+        loop = _ApplyLoop(settings, records, plan, ingest, poller, alarm, long_strings)
         loop.mark_undefined()
         if message is not None:
             loop.apply(message)
         code = loop.run(stop)
         if code == RESTART_EXIT_CODE:
             _save_state({"long_strings": sorted(loop.long_strings)})
-            # At once: the successor waits for the port, and EPICS' orderly exit took 1.7 s. Nothing here
-            # needs closing (no files; clients see the disconnect either way).
-            logging.shutdown()
-            os._exit(RESTART_EXIT_CODE)
         return code
     finally:
         restore()
 
 
-def _first_message(ingest: Any, parser: MessageParser, stop: threading.Event) -> Any:
+def _first_message(ingest: Any, stop: threading.Event) -> Any:
     deadline = time.monotonic() + FIRST_MESSAGE_WAIT_S
     while not stop.is_set() and time.monotonic() < deadline:
-        frames = ingest.wait_and_take(0.2)
-        if frames is None:
-            continue
-        try:
-            return parser.parse(frames)
-        except Exception as error:  # not servable: wait for the next
-            logger.warning("message not shown: %s", error)
+        message = ingest.take_message(0.2)
+        if message is not None:
+            return message
     return None
 
 
@@ -430,14 +420,13 @@ def _install_access_security(writable: bool, allow_hosts: Sequence[str]) -> str:
 class _ApplyLoop:
     """The main thread of the IOC: newest message -> records, at most max_rate times a second; status at 1 Hz."""
 
-    def __init__(self, settings: Any, records: _Records, plan: ChannelPlan, parser: MessageParser, ingest: Any,
-                 poller: Any, alarm: Any, long_strings: set[str]) -> None:
+    def __init__(self, settings: Any, records: _Records, plan: ChannelPlan, ingest: Any, poller: Any, alarm: Any,
+                 long_strings: set[str]) -> None:
         self.settings = settings
         self.long_strings = set(long_strings)
         self.needs_restart = False
         self.records = records
         self.plan = plan
-        self.parser = parser
         self.ingest = ingest
         self.poller = poller
         self.alarm = alarm
@@ -445,7 +434,6 @@ class _ApplyLoop:
         self.states = {channel.name: _ChannelState() for channel in plan.channels}
         self.stale = False
         self.newest_pulse_id: int | None = None
-        self.rejected = 0
         self.decode_errors = 0
         self.rates = RateEstimator(window=5.0)
         self.applied = 0
@@ -469,15 +457,8 @@ class _ApplyLoop:
             if now < next_due:
                 stop.wait(min(next_due, next_status) - now)  # the rate limit, not synchronisation
                 continue
-            frames = self.ingest.wait_and_take(max(0.0, min(0.2, next_status - now)))
-            if frames is None:
-                continue
-            try:
-                message = self.parser.parse(frames)
-            except Exception as error:  # ProtocolError or IgnoredMessage: never fatal
-                self.rejected += 1
-                if self.rejected <= 10:
-                    logger.warning("message not shown: %s", error)
+            message = self.ingest.take_message(max(0.0, min(0.2, next_status - now)))
+            if message is None:
                 continue
             started = time.monotonic()
             if message.data_header.hash != self.header_hash:

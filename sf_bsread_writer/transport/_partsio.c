@@ -112,12 +112,16 @@ static PyObject *raise_zmq(int err) {
     return NULL;
 }
 
-static int check_bound(void) {
+/* The zmq socket pointer behind pyzmq's ``socket.underlying``; NULL with an exception set. */
+static void *socket_of(PyObject *address) {
     if (!bound) {
         PyErr_SetString(PyExc_RuntimeError, "_partsio.bind() has not succeeded");
-        return 0;
+        return NULL;
     }
-    return 1;
+    void *socket = PyLong_AsVoidPtr(address);
+    if (socket == NULL && !PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError, "socket address is NULL");
+    return socket;
 }
 
 /* ------------------------------------------------------------------ bind */
@@ -248,14 +252,9 @@ static PyObject *py_recv(PyObject *module, PyObject *args) {
     Py_ssize_t n_prefix, large_bytes;
     if (!PyArg_ParseTuple(args, "OinOOn", &address, &flags, &n_prefix, &header_hint, &lengths_hint, &large_bytes))
         return NULL;
-    if (!check_bound())
+    void *socket = socket_of(address);
+    if (socket == NULL)
         return NULL;
-    void *socket = PyLong_AsVoidPtr(address);
-    if (socket == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "socket address is NULL");
-        return NULL;
-    }
     zmsg_t *msgs;
     Py_ssize_t count;
     if (receive_all(socket, flags, &msgs, &count) < 0)
@@ -421,14 +420,9 @@ static PyObject *py_send(PyObject *module, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OiOOOOOn", &address, &first_flags, &prefix_in, &lengths_obj, &small_obj,
                           &header_obj, &large_in, &large_bytes))
         return NULL;
-    if (!check_bound())
+    void *socket = socket_of(address);
+    if (socket == NULL)
         return NULL;
-    void *socket = PyLong_AsVoidPtr(address);
-    if (socket == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "socket address is NULL");
-        return NULL;
-    }
     PyObject *prefix = PySequence_Tuple(prefix_in);
     PyObject *large = PySequence_Tuple(large_in);
     Py_buffer lengths_view = {0}, small_view = {0}, header_view = {0};
