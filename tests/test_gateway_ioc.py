@@ -191,6 +191,37 @@ def test_sparse_constant_and_stopped_channels(env):
         source.close()
 
 
+def test_metadata_and_severity_of_a_bridged_ioc_pv_are_served_as_its_record_fields(env):
+    """What the CA bridge carries from an IOC (units, precision, DESC, enum states in the data header;
+    severity in the ``.SEVR`` companion) comes back out of the gateway as EGU/PREC/DESC, an mbbi's
+    states and the record's alarm (status LINK, as a record reading another in alarm)."""
+    local_env = _local(env)
+    channels = [{"name": "BR:AI", "type": "float64", "unit": "mm", "precision": 3, "description": "beam x"},
+                {"name": "BR:AI.SEVR", "type": "uint16"},
+                {"name": "BR:MBBI", "type": "uint16", "enum_strings": ["Off", "On"]},
+                {"name": "BR:MBBI.SEVR", "type": "uint16"}]
+    severity = {"ai": 2}
+    source = Feeder(channels, lambda pid: [12.5, np.uint16(severity["ai"]), np.uint16(1), np.uint16(0)],
+                    rate=20.0)
+    child = None
+    try:
+        child, _ = start_gateway(source.address, local_env, "--ca-prefix", "MD:", "--name", "MD",
+                                 "--max-rate", "20")
+        _wait_alarm_free(local_env, "MD:BR:MBBI")
+        fields = _caget(local_env, "MD:BR:AI.EGU", "MD:BR:AI.PREC", "MD:BR:AI.DESC", "MD:BR:AI.SEVR",
+                        "MD:BR:AI.STAT", "MD:BR:MBBI", "MD:BR:MBBI.ONST")
+        assert fields == {"MD:BR:AI.EGU": "mm", "MD:BR:AI.PREC": "3", "MD:BR:AI.DESC": "beam x",
+                          "MD:BR:AI.SEVR": "MAJOR", "MD:BR:AI.STAT": "LINK", "MD:BR:MBBI": "On",
+                          "MD:BR:MBBI.ONST": "On"}
+        assert "Native data type: DBF_ENUM" in run_tool("cainfo", ["MD:BR:MBBI"], local_env)
+        severity["ai"] = 0  # the IOC's alarm clears
+        _wait_alarm_free(local_env, "MD:BR:AI")
+    finally:
+        if child is not None:
+            child.stop()
+        source.close()
+
+
 # --------------------------------------------------------------------------
 # The channel set changes: the IOC restarts and serves the new one
 # --------------------------------------------------------------------------

@@ -132,6 +132,22 @@ def test_every_numeric_type_scalar_and_array_round_trips_exactly(tmp_path: Path,
             assert group.attrs["compression"] == "none"
 
 
+def test_display_metadata_of_the_data_header_become_channel_attributes(tmp_path: Path) -> None:
+    """Units, precision, enum states, description (the CA bridge sends an IOC's) are kept with the data;
+    a malformed one is dropped, never the message."""
+    path = tmp_path / "display.h5"
+    channels = [dict(channel("AI", "float64", (1,), "little"), unit="mm", precision=3, description="beam x"),
+                dict(channel("STATE", "uint16", (1,), "little"), enum_strings=["Off", "On"]),
+                dict(channel("ODD", "float64", (1,), "little"), unit=5, precision="three")]
+    with H5File(path, block_rows=4) as h5:
+        h5.append(message(1000, channels, [1.5, np.uint16(1), 2.5]))
+    with read(path) as f:
+        ai, state, odd = (f["data"][name] for name in ("AI", "STATE", "ODD"))
+        assert (ai.attrs["unit"], ai.attrs["precision"], ai.attrs["description"]) == ("mm", 3, "beam x")
+        assert state.attrs["enum_strings"].tolist() == ["Off", "On"]
+        assert "unit" not in odd.attrs and "precision" not in odd.attrs and odd["data"][0, 0] == 2.5
+
+
 def test_scalar_dataset_is_n_by_1(tmp_path: Path) -> None:
     path = tmp_path / "scalar.h5"
     with H5File(path) as h5:

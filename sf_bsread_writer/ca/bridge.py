@@ -24,6 +24,16 @@ bridge (a failure to build a whole message is logged, counted and skipped). The 
 fixes its bsread type (table in docs/gateway.md); an array PV's length is its
 current element count, so the data header changes if that changes.
 
+What the IOC says about a PV travels with it: its units, precision, enum
+state strings and DESC go into the PV's data-header entry (``unit``,
+``precision``, ``enum_strings``, ``description``: written as HDF5 attributes
+by the writer, served as EGU/PREC/states by the gateway), fetched again at
+every (re)connection; its alarm severity at each update goes into a
+companion channel ``<PV>.SEVR`` (uint16, 0 NO_ALARM .. 3 INVALID, with those
+names as its ``enum_strings``), present in every message: INVALID while the
+PV is disconnected or its value unusable, so a file says *why* a value is
+absent.
+
 The client is pyepics (the real libca): reconnection, beacons and the
 EPICS_CA_* environment behave exactly as in any EPICS tool. Secure default:
 when the environment names no CA address list, searches go to 127.0.0.1
@@ -34,11 +44,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +58,11 @@ import zmq
 
 from .. import process
 from ..config import BRIDGE_ENV_PREFIX, BRIDGE_OPTIONS, parse_args
+from ..core.camapping import SEVERITY_NAMES, SEVERITY_SUFFIX
 from ..core.protocol import build_message
 from .environment import prepare_client_environment
 
-__all__ = ["main", "Bridge", "PVState", "read_pv_file", "BSREAD_TYPE_BY_CA_TYPE"]
+__all__ = ["main", "Bridge", "PVState", "Update", "read_pv_file", "BSREAD_TYPE_BY_CA_TYPE"]
 
 # The import path even when run as ``python -m`` (where __name__ is "__main__").
 logger = logging.getLogger(__spec__.name)
@@ -67,6 +79,9 @@ BSREAD_TYPE_BY_CA_TYPE: dict[int, str] = {
 }
 
 _SUMMARY_INTERVAL_S = 30.0
+_METADATA_TIMEOUT_S = 2.0
+INVALID_SEVERITY = SEVERITY_NAMES.index("INVALID")
+_SEVERITY_SPEC_EXTRA = {"enum_strings": list(SEVERITY_NAMES)}
 
 
 def read_pv_file(path: str | os.PathLike) -> list[str]:
@@ -79,44 +94,72 @@ def read_pv_file(path: str | os.PathLike) -> list[str]:
     return names
 
 
+@dataclass(frozen=True, slots=True)
+class Update:
+    """One CA monitor update, replaced whole by the CA callback thread so that the sending
+    thread never pairs a value with the timestamp or severity of another update."""
+
+    ca_type: int | None
+    value: Any
+    sec: int
+    ns: int
+    severity: int = 0
+
+
+def display_of(ctrl: dict[str, Any] | None, description: str | None) -> dict[str, Any]:
+    """Data-header display metadata from a PV's DBR_CTRL fields (pyepics ``get_ctrlvars``) and DESC."""
+    found: dict[str, Any] = {}
+    ctrl = ctrl or {}
+    units = ctrl.get("units")
+    if isinstance(units, bytes):
+        units = units.decode("utf-8", "replace")
+    if isinstance(units, str) and units.strip():
+        found["unit"] = units.strip()
+    precision = ctrl.get("precision")
+    if isinstance(precision, (int, np.integer)) and 0 <= precision <= 17:
+        found["precision"] = int(precision)
+    states = ctrl.get("enum_strs")
+    if states:
+        found["enum_strings"] = [item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
+                                 for item in states]
+    if description:
+        found["description"] = description
+    return found
+
+
 @dataclass
 class PVState:
-    """What the CA callbacks know of one PV.
-
-    ``latest`` is ``(ca_type, value, sec, ns)``, replaced whole by the CA
-    callback thread, so the sending thread never pairs a value with the
-    timestamp of another update.
-    """
+    """What the CA callbacks (and the metadata thread) know of one PV."""
 
     name: str
     connected: bool = False
-    latest: tuple[int | None, Any, int, int] | None = None
+    latest: Update | None = None
+    display: dict[str, Any] = field(default_factory=dict)  # unit, precision, enum_strings, description
     updates: int = 0
     disconnects: int = 0
     absent_sent: int = 0
     unusable: int = 0  # values that could not be sent (empty array, wrong type): sent as absent
     last_count: int = 1  # element count of the last non-empty array: the header keeps it for an empty one
 
-    def spec(self, latest: tuple[int | None, Any, int, int] | None) -> dict[str, Any]:
+    def spec(self, latest: Update | None) -> dict[str, Any]:
         """The data-header entry of this PV's channel (float64 [1] until its type is known)."""
-        if latest is None or latest[0] is None:
-            return {"name": self.name, "type": "float64", "shape": [1]}
-        ca_type, value = latest[0], latest[1]
-        bsread_type = BSREAD_TYPE_BY_CA_TYPE.get(ca_type, "float64")
+        if latest is None or latest.ca_type is None:
+            return {"name": self.name, "type": "float64", "shape": [1], **self.display}
+        bsread_type = BSREAD_TYPE_BY_CA_TYPE.get(latest.ca_type, "float64")
         if bsread_type == "string":
-            return {"name": self.name, "type": "string", "shape": [1]}
-        count = int(np.size(value)) if value is not None else 0
+            return {"name": self.name, "type": "string", "shape": [1], **self.display}
+        count = int(np.size(latest.value)) if latest.value is not None else 0
         if count > 0:
             self.last_count = count
-        return {"name": self.name, "type": bsread_type, "shape": [self.last_count]}
+        return {"name": self.name, "type": bsread_type, "shape": [self.last_count], **self.display}
 
     def channel(self, connected: bool) -> tuple[dict[str, Any], Any]:
         """(data-header entry, value or None = absent) for the next message; never raises for a value."""
         latest = self.latest
         spec = self.spec(latest)
-        if latest is None or not connected or latest[1] is None:
+        if latest is None or not connected or latest.value is None:
             return spec, None
-        value = latest[1]
+        value = latest.value
         try:
             if spec["type"] == "string":
                 return spec, str(value)
@@ -152,6 +195,10 @@ class Bridge:
         self._pulse_state = PVState(pulse_id_pv) if pulse_id_pv else None
         self._pvs: list[Any] = []
         self._stop = threading.Event()
+        self._metadata_wanted: queue.SimpleQueue[Any] = queue.SimpleQueue()  # PVs (re)connected
+        self._metadata_thread: threading.Thread | None = None
+        self.metadata_fetches = 0
+        self.metadata_failures = 0
         self.context: zmq.Context | None = None
         self.socket: zmq.Socket | None = None
         self.address: str | None = None
@@ -165,26 +212,31 @@ class Bridge:
     def connect(self) -> None:
         import epics  # after the environment is prepared: libca reads it once
 
+        pv_by_name: dict[str, Any] = {}
+
         def on_connection(pvname: str | None = None, conn: bool | None = None, **_: Any) -> None:
             state = self._state_of(pvname)
             if state is None:
                 return
             if conn:
                 logger.info("PV %s connected", pvname)
+                if state is not self._pulse_state:
+                    self._metadata_wanted.put(pv_by_name.get(pvname))  # never a CA call in a callback
             elif state.connected:
                 state.disconnects += 1
                 logger.warning("PV %s disconnected; sending it as absent until it is back", pvname)
             state.connected = bool(conn)
 
         def on_value(pvname: str | None = None, value: Any = None, ftype: int | None = None,
-                     posixseconds: int = 0, nanoseconds: int = 0, **_: Any) -> None:
+                     posixseconds: int = 0, nanoseconds: int = 0, severity: int | None = 0, **_: Any) -> None:
             state = self._state_of(pvname)
             if state is None:
                 return
             native = epics.dbr.native_type(ftype) if ftype is not None else None
             if isinstance(value, np.ndarray):
                 value = value.copy()  # libca reuses its buffer
-            state.latest = (native, value, int(posixseconds), int(nanoseconds))
+            state.latest = Update(native, value, int(posixseconds), int(nanoseconds),
+                                  int(severity) if severity is not None else INVALID_SEVERITY)
             state.updates += 1
             if not state.connected:  # a value means connected, whatever order callbacks come in
                 state.connected = True
@@ -193,8 +245,42 @@ class Bridge:
         for name in names:
             pv = epics.PV(name, form="time", auto_monitor=True, callback=on_value,
                           connection_callback=on_connection)
+            pv_by_name[name] = pv
             self._pvs.append(pv)
+        self._metadata_thread = threading.Thread(target=self._fetch_metadata, name="pv-metadata", daemon=True)
+        self._metadata_thread.start()
         logger.info("subscribed to %d PV(s)", len(names))
+
+    def _fetch_metadata(self) -> None:
+        """Units, precision, enum strings and DESC of each PV at each (re)connection.
+
+        Its own thread: a CA get must not run in a CA callback, and an IOC that
+        goes away half-way costs this thread a timeout, never a message.
+        """
+        import epics
+
+        while not self._stop.is_set():
+            try:
+                pv = self._metadata_wanted.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if pv is None or self._stop.is_set():
+                continue
+            state = self.states.get(pv.pvname)
+            if state is None:
+                continue
+            try:
+                ctrl = pv.get_ctrlvars(timeout=_METADATA_TIMEOUT_S)
+                record = pv.pvname.split(".", 1)[0]
+                description = None
+                if "." not in pv.pvname:
+                    description = epics.caget(record + ".DESC", timeout=_METADATA_TIMEOUT_S, as_string=True)
+                state.display = display_of(ctrl, description or None)
+                self.metadata_fetches += 1
+                logger.info("PV %s metadata: %s", pv.pvname, state.display or "none")
+            except Exception:  # a disconnect half-way, an odd field: the PV keeps its old metadata
+                self.metadata_failures += 1
+                logger.warning("PV %s: metadata not read", pv.pvname, exc_info=True)
 
     def _state_of(self, name: str | None) -> PVState | None:
         if name is None:
@@ -221,9 +307,9 @@ class Bridge:
         """The pulse id of a message sent at ``now``, or None when there is no new one yet."""
         if self._pulse_state is not None:
             latest = self._pulse_state.latest
-            if latest is None or latest[1] is None or not self._pulse_state.connected:
+            if latest is None or latest.value is None or not self._pulse_state.connected:
                 return None
-            value = latest[1]
+            value = latest.value
             try:
                 pulse_id = int(np.asarray(value).reshape(-1)[0])
             except (TypeError, ValueError, IndexError):
@@ -235,16 +321,20 @@ class Bridge:
         return pulse_id
 
     def build(self, pulse_id: int, now: float) -> list[bytes]:
+        """One message: per PV its channel and its ``.SEVR`` companion (INVALID when the value is absent)."""
         channels, values, stamps = [], [], []
+        now_stamp = (int(now), int(round((now % 1) * 1e9)) % 1_000_000_000)
         for name in self.pv_names:
             state = self.states[name]
-            latest = state.latest  # one read: value and timestamp of the same update
+            latest = state.latest  # one read: value, timestamp and severity of the same update
             spec, value = state.channel(state.connected)
             if value is None:
                 state.absent_sent += 1
-            channels.append(spec)
-            values.append(value)
-            stamps.append((latest[2], latest[3]) if value is not None else None)
+            present = value is not None and latest is not None
+            channels += (spec, {"name": name + SEVERITY_SUFFIX, "type": "uint16", **_SEVERITY_SPEC_EXTRA})
+            values += (value, np.uint16(latest.severity if present else INVALID_SEVERITY))
+            stamps += ((latest.sec, latest.ns) if present else None,
+                       (latest.sec, latest.ns) if present else now_stamp)
         return build_message(pulse_id, channels, values, timestamp=now, channel_timestamps=stamps)
 
     def run(self, duration: float | None = None) -> None:
@@ -286,6 +376,7 @@ class Bridge:
 
     def stop(self) -> None:
         self._stop.set()
+        self._metadata_wanted.put(None)
 
     def summary(self) -> str:
         connected = sum(1 for state in self.states.values() if state.connected)
@@ -296,6 +387,9 @@ class Bridge:
                 f"{self.send_drops} messages dropped (no consumer)")
 
     def close(self) -> None:
+        self.stop()
+        if self._metadata_thread is not None:
+            self._metadata_thread.join(timeout=2 * _METADATA_TIMEOUT_S + 1)
         for pv in self._pvs:
             try:
                 pv.clear_callbacks()

@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 
 from .. import process
-from ..core.camapping import IocRecord, UnknownTypeError, exact_text, ioc_record_for, ioc_value
+from ..core.camapping import (SEVERITY_SUFFIX, IocRecord, UnknownTypeError, exact_text, ioc_record_for,
+                              ioc_value)
 from ..core.rates import RateEstimator
 
 __all__ = ["RESTART_EXIT_CODE", "supervise", "serve", "ChannelPlan", "acf_text"]
@@ -58,7 +59,7 @@ STALE_AFTER_S = 3.0
 #: usual intervals old (a channel sent every Nth pulse is absent N-1 times in N: that is not an alarm).
 ABSENT_PERIODS = 3.0
 # The placeholder value of a record before its channel's first value (shown INVALID/UDF).
-_EMPTY = {"ai": 0.0, "longin": 0, "stringin": "", "lsi": ""}
+_EMPTY = {"ai": 0.0, "longin": 0, "mbbi": 0, "stringin": "", "lsi": ""}
 #: The gateway's own statistics PVs (beside the buffer's status PVs), like EPICS ca-gateway's.
 GATEWAY_STATS_PVS: tuple[tuple[str, str, str], ...] = (
     ("CA_CLIENTS", "LONG", "CA clients connected to the gateway"),
@@ -73,6 +74,7 @@ STATE_VARIABLE = "SF_BSREAD_GATEWAY_STATE"
 #: Longest record name EPICS base accepts (PVNAME_STRINGSZ - 1), and characters a record name may not hold.
 MAX_RECORD_NAME = 60
 _BAD_NAME_CHARACTERS = set(" .\"'$\\{}()\t\n")
+_SEVERITY_TYPES = frozenset({"uint8", "uint16", "int16", "int32", "uint32"})
 
 
 # --------------------------------------------------------------------------
@@ -84,6 +86,7 @@ class ServedChannel:
     pv: str
     record: IocRecord
     index: int  # position in the data header
+    severity_index: int | None = None  # position of its ``<name>.SEVR`` companion (a bridged IOC PV's alarm)
 
 
 @dataclass(frozen=True)
@@ -105,21 +108,28 @@ class ChannelPlan:
         served: list[ServedChannel] = []
         skipped: list[tuple[str, str]] = []
         taken = set(reserved)
+        # The CA bridge's severity companions: served as the alarm severity of their PV, not as PVs.
+        severity_of = {spec.name[:-len(SEVERITY_SUFFIX)]: index for index, spec in enumerate(header.channels)
+                       if spec.name.endswith(SEVERITY_SUFFIX) and spec.type in _SEVERITY_TYPES}
+        companions = {header.channels[index].name for name, index in severity_of.items() if name in header.names}
         for index, spec in enumerate(header.channels):
+            if spec.name in companions:
+                continue
             pv = prefix + spec.name
             why = _unservable_name(pv)
             if why is None and (pv in taken or pv + "_STR" in taken):
                 why = "its PV name is already served"
             if why is None:
                 try:
-                    record = ioc_record_for(spec.type, spec.shape, long_string=spec.name in long_strings)
+                    record = ioc_record_for(spec.type, spec.shape, long_string=spec.name in long_strings,
+                                            display=spec.display)
                 except UnknownTypeError as error:
                     why = str(error)
             if why is not None:
                 skipped.append((spec.name, why))
                 continue
             taken.update((pv, pv + "_STR"))
-            served.append(ServedChannel(spec.name, pv, record, index))
+            served.append(ServedChannel(spec.name, pv, record, index, severity_of.get(spec.name)))
         return cls(tuple(served), tuple(skipped))
 
 
@@ -307,18 +317,24 @@ class _Records:
     def _channel_record(builder: Any, channel: ServedChannel) -> Any:
         spec = channel.record
         # TSE -2: the record's time is the one handed to set() (the bsread timestamp), not the IOC's clock.
-        common = {"DESC": channel.name.encode("utf-8")[:39].decode("utf-8", errors="ignore"), "TSE": -2}
-        # Every update is posted, also an unchanged value: a new pulse is a new sample (MDEL -1, MPST Always).
+        common = {"DESC": spec.description or channel.name.encode("utf-8")[:39].decode("utf-8", errors="ignore"),
+                  "TSE": -2}
+        if spec.unit and spec.kind in ("ai", "longin", "waveform"):  # the records with an EGU field
+            common["EGU"] = spec.unit
+        # Every update is posted, also an unchanged value: a new pulse is a new sample (MDEL -1, MPST Always),
+        # but by an mbbi (no such field): a state is an event.
         if spec.kind == "ai":
             return builder.aIn(channel.pv, PREC=spec.precision, MDEL=-1, ADEL=-1, **common)
         if spec.kind == "longin":
             return builder.longIn(channel.pv, MDEL=-1, ADEL=-1, **common)
+        if spec.kind == "mbbi":
+            return builder.mbbIn(channel.pv, *spec.enum_strings, **common)  # posts on change: no MPST
         if spec.kind == "stringin":
             return builder.stringIn(channel.pv, MPST="Always", APST="Always", **common)
         if spec.kind == "lsi":
             return builder.longStringIn(channel.pv, length=spec.length, MPST="Always", APST="Always", **common)
         return builder.WaveformIn(channel.pv, length=spec.length, datatype=spec.numpy_dtype, MPST="Always",
-                                  APST="Always", **common)
+                                  APST="Always", PREC=spec.precision, **common)
 
 
 class _ChannelState:
@@ -529,6 +545,9 @@ class _ApplyLoop:
                 self.needs_restart = True
             severity, status = (alarm.MINOR_ALARM, alarm.SOFT_ALARM) if truncated else (alarm.NO_ALARM,
                                                                                         alarm.NO_ALARM)
+            upstream = self._upstream_severity(message, channel)
+            if upstream > severity:  # the IOC's own alarm, carried by the bridge: LINK, as a record reading it
+                severity, status = upstream, alarm.LINK_ALARM
             self._set(record, served, severity, status, stamp)
             if twin is not None:
                 self._set(twin, exact_text(value), severity, status, stamp)
@@ -537,6 +556,16 @@ class _ApplyLoop:
             state.value, state.stamp, state.last_present, state.flagged = served, stamp, now, False
         self.newest_pulse_id = message.pulse_id
         self.applied += 1
+
+    def _upstream_severity(self, message: Any, channel: ServedChannel) -> int:
+        """The severity (0..3) in the channel's ``.SEVR`` companion, 0 when it has none or it is unreadable."""
+        index = channel.severity_index
+        if index is None or not message.is_present(index):
+            return 0
+        try:
+            return min(3, max(0, int(np.asarray(message.value(index)).reshape(-1)[0])))
+        except Exception:  # a malformed companion costs the alarm, not the value
+            return 0
 
     def _absent(self, channel: ServedChannel, record: Any, state: _ChannelState, now: float) -> None:
         """The latest present value stays, with its own timestamp, until it is older than expected."""

@@ -54,10 +54,18 @@ __all__ = [
     "fits_dbr_string",
     "UnknownTypeError",
     "IocRecord",
+    "SEVERITY_NAMES",
+    "SEVERITY_SUFFIX",
     "ioc_record_for",
     "ioc_value",
     "exact_text",
 ]
+
+#: The companion channel of a bridged IOC PV ``X`` that carries its alarm severity: ``X.SEVR``
+#: (the CA bridge sends it, the gateway serves it as ``X``'s severity; a record name cannot
+#: hold ".", so it never collides with a PV's own channel). Values index SEVERITY_NAMES.
+SEVERITY_SUFFIX = ".SEVR"
+SEVERITY_NAMES = ("NO_ALARM", "MINOR", "MAJOR", "INVALID")
 
 #: A DBR_STRING holds 40 bytes including the terminating NUL.
 MAX_STRING_BYTES = 39
@@ -230,13 +238,16 @@ MAX_DESC_BYTES = 39
 class IocRecord:
     """The EPICS record that serves one bsread channel (pure decision; ``ca/ioc.py`` builds it).
 
-    ``kind``: ``ai`` (DOUBLE), ``longin`` (LONG), ``stringin`` (DBR_STRING,
-    39 bytes), ``lsi`` (a long string: a CHAR array of ``length`` bytes, read
-    it with ``caget -S``; a channel becomes one once a longer value was seen) or
-    ``waveform`` (``ftvl`` elements, ``length`` of them). ``exact_text``:
-    also served as ``<pv>_STR``, a string of the exact value (64-bit integers,
-    which a DOUBLE holds exactly only up to 2**53). Two channels with equal
-    records can share one without restarting the IOC.
+    ``kind``: ``ai`` (DOUBLE), ``longin`` (LONG), ``mbbi`` (ENUM: an integer
+    channel whose data header names its states, ``enum_strings``),
+    ``stringin`` (DBR_STRING, 39 bytes), ``lsi`` (a long string: a CHAR array
+    of ``length`` bytes, read it with ``caget -S``; a channel becomes one once
+    a longer value was seen) or ``waveform`` (``ftvl`` elements, ``length`` of
+    them). ``exact_text``: also served as ``<pv>_STR``, a string of the exact
+    value (64-bit integers, which a DOUBLE holds exactly only up to 2**53).
+    ``unit``, ``description`` and ``precision`` come from the data header's
+    display metadata when it has them (the CA bridge sends the IOC's). Two
+    channels with equal records can share one without restarting the IOC.
     """
 
     bsread_type: str
@@ -246,6 +257,9 @@ class IocRecord:
     precision: int = 0
     exact_text: bool = False
     shape: tuple[int, ...] = ()  # numpy shape of one value (waveforms)
+    unit: str = ""  # EGU
+    description: str = ""  # DESC ("" = the channel name)
+    enum_strings: tuple[str, ...] = ()  # mbbi states ZRST..FFST
 
     @property
     def numpy_dtype(self) -> np.dtype | None:
@@ -255,23 +269,47 @@ class IocRecord:
 
 
 def ioc_record_for(bsread_type: str, shape: Sequence[int] = (1,), *, long_string: bool = False,
-                   long_string_bytes: int = DEFAULT_LONG_STRING_BYTES) -> IocRecord:
-    """The record for a channel of ``bsread_type`` and header ``shape`` (fastest first); see :class:`IocRecord`."""
+                   long_string_bytes: int = DEFAULT_LONG_STRING_BYTES,
+                   display: Sequence[tuple[str, Any]] = ()) -> IocRecord:
+    """The record for a channel of ``bsread_type`` and header ``shape`` (fastest first); see :class:`IocRecord`.
+
+    ``display``: the channel's data-header display metadata (``ChannelSpec.display``).
+    """
     if bsread_type not in CA_TYPE_BY_BSREAD_TYPE:
         raise UnknownTypeError(f"unknown bsread type {bsread_type!r}")
+    meta = dict(display)
+    described = {"unit": _fit(meta.get("unit", ""), MAX_EGU_BYTES),
+                 "description": _fit(meta.get("description", ""), MAX_DESC_BYTES)}
     if bsread_type == "string":
-        return IocRecord(bsread_type, "lsi", long_string_bytes) if long_string else IocRecord(bsread_type, "stringin",
-                                                                                             MAX_STRING_BYTES + 1)
+        return IocRecord(bsread_type, "lsi", long_string_bytes, **described) if long_string \
+            else IocRecord(bsread_type, "stringin", MAX_STRING_BYTES + 1, **described)
     header_shape = tuple(int(n) for n in shape) or (1,)
     if header_shape != (1,):
         numpy_shape = header_shape[::-1]
         return IocRecord(bsread_type, "waveform", max(1, math.prod(numpy_shape)), FTVL_BY_BSREAD_TYPE[bsread_type],
-                         shape=numpy_shape)
+                         shape=numpy_shape, precision=meta.get("precision", FLOAT_PRECISION.get(bsread_type, 0)),
+                         **described)
     if bsread_type in FLOAT_PRECISION:
-        return IocRecord(bsread_type, "ai", precision=FLOAT_PRECISION[bsread_type])
+        return IocRecord(bsread_type, "ai", precision=meta.get("precision", FLOAT_PRECISION[bsread_type]),
+                         **described)
     if bsread_type in ("uint32", "int64", "uint64"):
-        return IocRecord(bsread_type, "ai", precision=0, exact_text=bsread_type != "uint32")
-    return IocRecord(bsread_type, "longin")
+        return IocRecord(bsread_type, "ai", precision=0, exact_text=bsread_type != "uint32", **described)
+    states = meta.get("enum_strings", ())
+    if states and len(states) <= MAX_ENUM_STATES:
+        return IocRecord(bsread_type, "mbbi", enum_strings=tuple(_fit(state, MAX_ENUM_STATE_BYTES)
+                                                                 for state in states), **described)
+    return IocRecord(bsread_type, "longin", **described)
+
+
+#: An mbbi record has 16 states (ZRST..FFST) of 26 bytes with the terminator; EGU 16 bytes.
+MAX_ENUM_STATES = 16
+MAX_ENUM_STATE_BYTES = 25
+MAX_EGU_BYTES = 15
+
+
+def _fit(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` UTF-8 bytes (a record field's size) at a character boundary."""
+    return _cut_utf8(text, limit) if len(text.encode("utf-8")) > limit else text
 
 
 def ioc_value(record: IocRecord, value: Any) -> tuple[Any, bool]:

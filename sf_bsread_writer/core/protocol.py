@@ -60,7 +60,7 @@ import struct
 import sys
 import zlib
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -349,6 +349,8 @@ class ChannelSpec:
     compression: str = "none"
     modulo: int = 1
     offset: int = 0
+    #: Optional display metadata, ``(key, value)`` pairs in :data:`DISPLAY_KEYS` order; see there.
+    display: tuple[tuple[str, Any], ...] = ()
     # Derived once per header, not compared: the hot decode path only reads them.
     dtype: np.dtype = field(init=False, repr=False, compare=False)
     array_shape: tuple[int, ...] = field(init=False, repr=False, compare=False)
@@ -416,7 +418,7 @@ class ChannelSpec:
                                 f"channel entry {_short(entry)} is not an object")
         get = entry.get
         return cls(get("name"), get("type"), get("shape"), get("encoding"), get("compression"),
-                   get("modulo"), get("offset"))
+                   get("modulo"), get("offset"), display_metadata(entry))
 
     @classmethod
     def for_value(cls, name: str, value: Any, compression: str = "none") -> "ChannelSpec":
@@ -440,9 +442,64 @@ class ChannelSpec:
 
     def metadata(self) -> dict[str, Any]:
         """JSON-able description: the data-header entry, also used as HDF5 attributes."""
-        return {"name": self.name, "type": self.type, "shape": list(self.shape),
-                "encoding": self.encoding, "compression": self.compression,
-                "modulo": self.modulo, "offset": self.offset}
+        entry = {"name": self.name, "type": self.type, "shape": list(self.shape),
+                 "encoding": self.encoding, "compression": self.compression,
+                 "modulo": self.modulo, "offset": self.offset}
+        for key, value in self.display:
+            entry[key] = list(value) if isinstance(value, tuple) else value
+        return entry
+
+    def display_value(self, key: str, default: Any = None) -> Any:
+        """One display-metadata value (``unit``, ``precision``, ...), or ``default``."""
+        for name, value in self.display:
+            if name == key:
+                return value
+        return default
+
+
+def _checked_text(value: Any) -> str | None:
+    return value if type(value) is str and len(value) <= _MAX_DISPLAY_TEXT else None
+
+
+def _checked_precision(value: Any) -> int | None:
+    return value if _is_int(value) and 0 <= value <= 17 else None
+
+
+def _checked_strings(value: Any) -> tuple[str, ...] | None:
+    if not isinstance(value, (list, tuple)) or len(value) > _MAX_ENUM_STRINGS:
+        return None
+    if not all(type(item) is str and len(item) <= _MAX_DISPLAY_TEXT for item in value):
+        return None
+    return tuple(value)
+
+
+_MAX_DISPLAY_TEXT = 256
+_MAX_ENUM_STRINGS = 64
+
+#: Display metadata a data-header entry may carry beside the bsread keys, with its check.
+#: bsread itself defines none of them; the CA bridge sends them for IOC PVs (EGU, PREC,
+#: enum state strings, DESC) and any sender may. They are kept with the channel, written
+#: as HDF5 attributes of its group and served as record fields by the CA gateway. A
+#: malformed one is dropped (logged nowhere: the core does no I/O), never the message:
+#: it describes the data, it is not the data.
+DISPLAY_KEYS: dict[str, Callable[[Any], Any]] = {
+    "unit": _checked_text,
+    "precision": _checked_precision,
+    "enum_strings": _checked_strings,
+    "description": _checked_text,
+}
+
+
+def display_metadata(entry: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The valid display metadata of one data-header entry, in :data:`DISPLAY_KEYS` order."""
+    found = []
+    for key, check in DISPLAY_KEYS.items():
+        raw = entry.get(key)
+        if raw is not None:
+            value = check(raw)
+            if value is not None:
+                found.append((key, value))
+    return tuple(found)
 
 
 @dataclass(frozen=True, slots=True)

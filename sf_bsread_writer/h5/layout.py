@@ -131,12 +131,15 @@ def channel_signature(spec: protocol.ChannelSpec) -> tuple[str, tuple[int, ...]]
 
 
 def attribute_value(value: Any) -> Any:
-    """An HDF5-storable attribute value: int lists as int64 arrays, other lists/dicts as JSON text."""
+    """An HDF5-storable attribute value: int lists as int64 arrays, string lists as vlen UTF-8
+    string arrays (h5py reads them back as a list-like array of str), other lists/dicts as JSON text."""
     if isinstance(value, (bool, np.bool_)):
         return np.uint8(value)
     if isinstance(value, (list, tuple)) and value and all(
             isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
         return np.array(value, dtype="<i8")
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return np.array(value, dtype=h5py.string_dtype())
     if isinstance(value, (int, float, str, np.integer, np.floating, np.ndarray, bytes)):
         return value
     return json.dumps(value, default=str)
