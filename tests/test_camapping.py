@@ -1,6 +1,8 @@
 """bsread -> Channel Access type mapping (pure): every type, shapes, strings; nothing changes on the way."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -185,3 +187,56 @@ def test_severity_companions_are_the_alarm_of_their_pv_not_pvs():
     plan = ChannelPlan.build(header, "P:")
     assert [(c.pv, c.severity_index) for c in plan.channels] == [("P:IOC:X", 1)]
     assert [name for name, _ in plan.skipped] == ["ORPHAN.SEVR"]  # no PV of that name: a bad name, logged
+
+
+def test_a_record_holds_a_new_type_only_when_every_value_and_its_meaning_survive():
+    record = _cm.ioc_record_for
+    assert _cm.record_holds(record("float64"), record("int16"))  # DOUBLE holds every int up to 32 bits
+    assert _cm.record_holds(record("int64"), record("float64"))  # ... and the exact twin shows a float too
+    assert not _cm.record_holds(record("float64"), record("int64"))  # no _STR twin to show it exactly
+    assert not _cm.record_holds(record("int32"), record("float64"))
+    assert _cm.record_holds(record("int32"), record("uint16")) and not _cm.record_holds(record("int32"), record("string"))
+    assert _cm.record_holds(record("float64", [8]), record("int32", [5]))  # wider elements, NORD 5 of 8
+    assert not _cm.record_holds(record("float64", [8]), record("float64", [9]))
+    assert not _cm.record_holds(record("float32", [8]), record("int32", [8]))  # a FLOAT is not exact for int32
+    assert not _cm.record_holds(record("float64", [4, 2]), record("float64", [8]))  # the number of dimensions
+    states = record("uint16", display=(("enum_strings", ("Off", "On")),))
+    assert not _cm.record_holds(record("float64"), states)  # an ENUM's states would be lost
+    assert _cm.record_holds(record("string", long_string=True), record("string"))
+
+
+def test_widened_records_hold_both_types_and_survive_the_state_file():
+    record = _cm.ioc_record_for
+    both = _cm.widened(record("int32"), record("float64"))
+    assert both.kind == "ai" and _cm.record_holds(both, record("int32"))
+    waves = _cm.widened(record("int16", [4]), record("float32", [6]))
+    assert waves.ftvl == "FLOAT" and waves.length == 6
+    assert _cm.widened(record("int32"), record("string")).kind == "stringin"  # nothing holds both: the new one
+    text = _cm.widened(record("string"), record("string", long_string=True))
+    assert text.kind == "lsi"
+    for value in (both, waves, text, record("uint16", display=(("enum_strings", ("a", "b")), ("unit", "mm")))):
+        assert _cm.record_from_json(json.loads(json.dumps(_cm.record_to_json(value)))) == value
+    with pytest.raises((TypeError, ValueError)):
+        _cm.record_from_json({"bsread_type": "float64", "kind": "bogus"})
+    assert _cm.exact_text(np.array([2.5])) == "2.5" and _cm.exact_text(np.array([2**62], dtype=np.int64)) == str(2**62)
+
+
+def test_a_new_header_is_rebound_to_the_running_records_or_needs_a_restart():
+    from sf_bsread_writer.ca.ioc import ChannelPlan
+    from sf_bsread_writer.core.protocol import ChannelSpec, DataHeader
+
+    def plan(*specs, previous=None):
+        return ChannelPlan.build(DataHeader("h", tuple(specs)), "P:", previous=previous)
+
+    running = plan(ChannelSpec("A"), ChannelSpec("B"), ChannelSpec("D", "int32"))
+    removed_and_retyped = running.rebind(plan(ChannelSpec("D", "int16"), ChannelSpec("A", "int32")))
+    assert [(c.pv, c.index, c.record.kind) for c in removed_and_retyped.channels] == [
+        ("P:D", 0, "longin"), ("P:A", 1, "ai")]  # new positions, the running records
+    assert [c.pv for c in removed_and_retyped.retired] == ["P:B"]
+    back = removed_and_retyped.rebind(plan(ChannelSpec("A"), ChannelSpec("B"), ChannelSpec("D", "int32")))
+    assert back is not None and not back.retired
+    assert running.rebind(plan(ChannelSpec("A"), ChannelSpec("D", "float64"))) is None  # longin cannot hold it
+    assert running.rebind(plan(ChannelSpec("A"), ChannelSpec("NEW"))) is None  # no record for it
+    # The next IOC: the record that holds both, whichever type its first message has.
+    previous = {"D": _cm.widened(_cm.ioc_record_for("int32"), _cm.ioc_record_for("float64"))}
+    assert plan(ChannelSpec("D", "int32"), previous=previous).channels[0].record.kind == "ai"

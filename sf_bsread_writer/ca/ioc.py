@@ -34,15 +34,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from .. import process
 from ..core.camapping import (SEVERITY_SUFFIX, IocRecord, UnknownTypeError, exact_text, ioc_record_for,
-                              ioc_value)
+                              ioc_value, record_from_json, record_holds, record_to_json, widened)
 from ..core.rates import RateEstimator
 
 __all__ = ["RESTART_EXIT_CODE", "supervise", "serve", "ChannelPlan", "acf_text"]
@@ -91,18 +91,45 @@ class ServedChannel:
 
 @dataclass(frozen=True)
 class ChannelPlan:
-    """The records of one data header. ``key`` equal: the same IOC can serve both headers."""
+    """The records of one data header. ``key`` equal: the same IOC can serve both headers.
+
+    ``retired``: channels the running IOC has records for that the stream no longer sends
+    (served INVALID/DISABLE until the next restart, and served again if they come back).
+    """
 
     channels: tuple[ServedChannel, ...]
     skipped: tuple[tuple[str, str], ...] = ()  # (channel, why not served)
+    retired: tuple[ServedChannel, ...] = ()
 
     @property
     def key(self) -> tuple:
         return tuple((c.pv, c.record) for c in self.channels)
 
+    def rebind(self, new: "ChannelPlan") -> "ChannelPlan | None":
+        """``new`` served by this plan's records, or None when it needs an IOC restart.
+
+        A channel that disappeared is retired; one whose type changed keeps its record when that
+        holds the new type (``camapping.record_holds``), with the new header's positions,
+        shape, units and DESC. A new channel, or a type its record cannot hold, needs records
+        that do not exist yet: None.
+        """
+        running = {c.pv: c for c in (*self.channels, *self.retired)}
+        channels = []
+        for channel in new.channels:
+            current = running.pop(channel.pv, None)
+            if current is None or not record_holds(current.record, channel.record):
+                return None
+            record = replace(current.record, shape=channel.record.shape, unit=channel.record.unit,
+                             description=channel.record.description, precision=channel.record.precision)
+            channels.append(replace(channel, record=record))
+        return ChannelPlan(tuple(channels), new.skipped, tuple(running.values()))
+
     @classmethod
     def build(cls, header: Any | None, prefix: str, reserved: Sequence[str] = (),
-              long_strings: frozenset[str] = frozenset()) -> "ChannelPlan":
+              long_strings: frozenset[str] = frozenset(),
+              previous: Mapping[str, IocRecord] | None = None) -> "ChannelPlan":
+        """The records for ``header``; ``previous``: the records the last IOC served (by channel name),
+        widened to hold both their and the new type (``camapping.widened``)."""
         if header is None:
             return cls(())
         served: list[ServedChannel] = []
@@ -123,6 +150,8 @@ class ChannelPlan:
                 try:
                     record = ioc_record_for(spec.type, spec.shape, long_string=spec.name in long_strings,
                                             display=spec.display)
+                    if previous and spec.name in previous:
+                        record = widened(previous[spec.name], record)
                 except UnknownTypeError as error:
                     why = str(error)
             if why is not None:
@@ -254,6 +283,17 @@ def _save_state(state: dict[str, Any]) -> None:
             json.dump(state, out)
 
 
+def _records_in(state: Mapping[str, Any]) -> dict[str, IocRecord]:
+    """The records earlier IOCs served, by channel name (a bad entry is skipped: it only costs a restart)."""
+    found = {}
+    for name, data in (state.get("records") or {}).items():
+        try:
+            found[name] = record_from_json(data)
+        except (TypeError, ValueError):
+            logger.warning("state file: record of %s unreadable, ignored", name)
+    return found
+
+
 def _long_strings_in(message: Any) -> set[str]:
     """String channels of ``message`` whose value does not fit a DBR_STRING (39 bytes)."""
     found = set()
@@ -300,18 +340,39 @@ class _Records:
             pv = f"{name}:{suffix}"
             self.stats[suffix] = (builder.longIn(pv, DESC=doc[:39]) if ca_type == "LONG"
                                   else builder.aIn(pv, PREC=1 if suffix.endswith("_S") else 0, DESC=doc[:39]))
-        self.channels: list[tuple[ServedChannel, Any, Any]] = []
-        self.shapes: list[tuple[Any, list[int]]] = []
+        self.channels: list[tuple[ServedChannel, Any, Any]] = []  # (channel, record, twin) of the served plan
+        self.by_pv: dict[str, tuple[Any, Any]] = {}  # every channel record of this IOC: (record, twin)
+        self.shapes: dict[str, Any] = {}  # pv -> its ":SHAPE" record
         for channel in plan.channels:
             record = self._channel_record(builder, channel)
             if channel.record.kind == "waveform" and len(channel.pv) + len(":SHAPE") <= MAX_RECORD_NAME:
                 # The numpy shape of one value (the row shape in the HDF5 file), as the caproto server served it.
-                shape = builder.WaveformIn(channel.pv + ":SHAPE", length=len(channel.record.shape),
-                                           datatype=np.int32, DESC=f"numpy shape of {channel.name}"[:39])
-                self.shapes.append((shape, list(channel.record.shape)))
+                self.shapes[channel.pv] = builder.WaveformIn(channel.pv + ":SHAPE", length=len(channel.record.shape),
+                                                             datatype=np.int32,
+                                                             DESC=f"numpy shape of {channel.name}"[:39])
             twin = (builder.stringIn(channel.pv + "_STR", DESC=channel.name[:39], TSE=-2)
                     if channel.record.exact_text else None)
             self.channels.append((channel, record, twin))
+            self.by_pv[channel.pv] = (record, twin)
+
+    def show_shape(self, channel: ServedChannel) -> None:
+        shape_record = self.shapes.get(channel.pv)
+        if shape_record is not None:
+            shape_record.set(np.asarray(channel.record.shape, dtype=np.int32))
+
+    def relabel(self, channel: ServedChannel, before: ServedChannel | None) -> None:
+        """A running record takes the units, DESC, precision and shape of a new data header."""
+        record, _ = self.by_pv[channel.pv]
+        old = before.record if before is not None else None
+        new = channel.record
+        if old is None or old.shape != new.shape:
+            self.show_shape(channel)
+        if new.kind in ("ai", "longin", "waveform") and (old is None or old.unit != new.unit):
+            record.set_field("EGU", new.unit)
+        if old is None or old.description != new.description:
+            record.set_field("DESC", new.description or channel.name.encode("utf-8")[:39].decode("utf-8", "ignore"))
+        if new.kind in ("ai", "waveform") and (old is None or old.precision != new.precision):
+            record.set_field("PREC", new.precision)
 
     @staticmethod
     def _channel_record(builder: Any, channel: ServedChannel) -> Any:
@@ -358,12 +419,14 @@ def serve(settings: Any, status_pvs: Sequence[tuple[str, str, str]], ingest: Any
     restore = process.stop_on_signals(lambda name: stop.set())
     try:
         message = _first_message(ingest, stop)
-        long_strings = set(_load_state().get("long_strings", []))
+        state = _load_state()
+        long_strings = set(state.get("long_strings", []))
+        previous = _records_in(state)
         if message is not None:
             long_strings |= _long_strings_in(message)
         reserved = [f"{settings.name}:{suffix}" for suffix, _, _ in (*status_pvs, *GATEWAY_STATS_PVS)]
         plan = ChannelPlan.build(message.data_header if message else None, settings.prefix, reserved,
-                                 frozenset(long_strings))
+                                 frozenset(long_strings), previous)
         for channel, why in plan.skipped:
             logger.warning("channel %s not served: %s", channel, why)
 
@@ -404,7 +467,9 @@ def serve(settings: Any, status_pvs: Sequence[tuple[str, str, str]], ingest: Any
             loop.apply(message)
         code = loop.run(stop)
         if code == RESTART_EXIT_CODE:
-            _save_state({"long_strings": sorted(loop.long_strings)})
+            _save_state({"long_strings": sorted(loop.long_strings),
+                         "records": {name: record_to_json(record)
+                                     for name, record in loop.records_for_the_next_ioc().items()}})
         return code
     finally:
         restore()
@@ -441,6 +506,7 @@ class _ApplyLoop:
         self.settings = settings
         self.long_strings = set(long_strings)
         self.needs_restart = False
+        self.wanted: ChannelPlan | None = None  # the plan this IOC could not serve (it restarts)
         self.records = records
         self.plan = plan
         self.ingest = ingest
@@ -483,9 +549,13 @@ class _ApplyLoop:
                                                                                  *self.records.stats)],
                                          frozenset(self.long_strings))
                 if plan.key != self.plan.key:
-                    logger.info("the stream's channels changed (%d -> %d served): the IOC restarts to serve them",
-                                len(self.plan.channels), len(plan.channels))
-                    return RESTART_EXIT_CODE
+                    rebound = self.plan.rebind(plan)
+                    if rebound is None:
+                        logger.info("the stream's channels changed (%d -> %d served) beyond what the records hold: "
+                                    "the IOC restarts to serve them", len(self.plan.channels), len(plan.channels))
+                        self.wanted = plan
+                        return RESTART_EXIT_CODE
+                    self.rebind(rebound)
                 self.header_hash = message.data_header.hash
             self.apply(message)
             if self.needs_restart:
@@ -497,15 +567,42 @@ class _ApplyLoop:
     def mark_undefined(self) -> None:
         """Every channel INVALID/UDF until its first value: a record's initial 0 must not look like data."""
         now = time.time()
-        for shape_record, shape in self.records.shapes:
-            shape_record.set(np.asarray(shape, dtype=np.int32))
         for channel, record, twin in self.records.channels:
+            self.records.show_shape(channel)
             empty = _EMPTY.get(channel.record.kind, 0)
             if channel.record.kind == "waveform":
                 empty = np.zeros(0, dtype=channel.record.numpy_dtype)
             for target, value in ((record, empty), (twin, "")):
                 if target is not None:
                     self._set(target, value, self.alarm.INVALID_ALARM, self.alarm.UDF_ALARM, now)
+
+    def rebind(self, plan: ChannelPlan) -> None:
+        """Serve ``plan`` (``ChannelPlan.rebind`` of a new header) with the records this IOC has: no restart,
+        no client disconnected. Channels no longer sent go INVALID/DISABLE with their last value."""
+        before = {channel.pv: channel for channel in self.plan.channels}
+        for channel in plan.channels:
+            if before.get(channel.pv) != channel:
+                self.records.relabel(channel, before.get(channel.pv))
+            self.states.setdefault(channel.name, _ChannelState())
+        for channel in plan.retired:
+            if channel.pv in before:
+                record, twin = self.records.by_pv[channel.pv]
+                state = self.states[channel.name]
+                self._set(record, state.value, self.alarm.INVALID_ALARM, self.alarm.DISABLE_ALARM, state.stamp)
+        self.records.channels = [(channel, *self.records.by_pv[channel.pv]) for channel in plan.channels]
+        logger.info("the stream's channels changed: %d served by the running IOC (%d no longer sent)",
+                    len(plan.channels), len(plan.retired))
+        self.plan = plan
+
+    def records_for_the_next_ioc(self) -> dict[str, IocRecord]:
+        """By channel name: the records this IOC served, widened by those it could not serve, so that
+        the next IOC holds both whichever header its first message has (no restart loop when a
+        channel flips between two types)."""
+        records = {c.name: c.record for c in (*self.plan.retired, *self.plan.channels)}
+        for channel in self.wanted.channels if self.wanted is not None else ():
+            before = records.get(channel.name)
+            records[channel.name] = widened(before, channel.record) if before is not None else channel.record
+        return records
 
     def _interval(self) -> float:
         per_pv = 1.0 / self.settings.max_rate if self.settings.max_rate > 0 else 0.0

@@ -38,8 +38,8 @@ when the header does: then the PV is replaced and clients reconnect.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,10 @@ __all__ = [
     "SEVERITY_NAMES",
     "SEVERITY_SUFFIX",
     "ioc_record_for",
+    "record_holds",
+    "widened",
+    "record_to_json",
+    "record_from_json",
     "ioc_value",
     "exact_text",
 ]
@@ -337,6 +341,80 @@ def ioc_value(record: IocRecord, value: Any) -> tuple[Any, bool]:
 
 
 def exact_text(value: Any) -> str:
-    """The exact decimal text of an integer value (the ``_STR`` twin of a 64-bit channel)."""
+    """The exact decimal text of a value (the ``_STR`` twin of a 64-bit channel; a float, which
+    such a twin shows after its channel was retyped, as Python's shortest exact repr)."""
     array = np.asarray(value).reshape(-1)
-    return str(int(array[0])) if array.size else ""
+    if not array.size:
+        return ""
+    return repr(float(array[0])) if array.dtype.kind == "f" else str(int(array[0]))
+
+
+# --------------------------------------------------------------------------
+# A retyped channel: serve it on, or restart the IOC once with a record for both types
+# --------------------------------------------------------------------------
+_NUMERIC_SCALAR_KINDS = frozenset({"ai", "longin", "mbbi"})
+
+
+def record_holds(served: IocRecord, wanted: IocRecord) -> bool:
+    """True when the record ``served`` shows every value of a channel that needs ``wanted`` exactly, with
+    the meaning it had (an mbbi's states): the IOC serves the channel on and no client is disconnected.
+
+    Why it matters: a client learns a PV's native type when it connects, so a record that cannot
+    hold the new type costs an IOC restart, and a connected libca client waits up to 10 s (its
+    "disconnect governor", EPICS base ``disconnectGovernorTimer.cpp``) before it searches again.
+    Units, DESC and precision do not count: they are set on the running record.
+    """
+    if "mbbi" in (served.kind, wanted.kind):
+        return served.kind == wanted.kind and served.enum_strings == wanted.enum_strings
+    if served.kind == "ai":  # a DOUBLE holds every integer up to 32 bits exactly
+        return wanted.kind in ("ai", "longin") and (served.exact_text or not wanted.exact_text)
+    if served.kind in ("longin", "stringin"):
+        return wanted.kind == served.kind
+    if served.kind == "lsi":
+        return wanted.kind in ("stringin", "lsi") and served.length >= wanted.length
+    return (wanted.kind == "waveform" and served.length >= wanted.length
+            and len(served.shape) == len(wanted.shape)
+            and bool(np.can_cast(wanted.numpy_dtype, served.numpy_dtype, "safe")))
+
+
+def widened(previous: IocRecord, new: IocRecord) -> IocRecord:
+    """The record for a channel that was served by ``previous`` and now needs ``new``.
+
+    One that holds both where there is one, so that a channel flipping between two types (bsread's
+    Python Sender makes the header of an absent value float64 [1]) restarts the IOC once, not at
+    every flip: integer and float scalars -> ai, waveforms -> the wider element type and the
+    longer length, strings -> a long string. Else (a number became a string, a scalar an array,
+    an mbbi changed its states) ``new``. Units, DESC and precision are the new header's.
+    """
+    labels = {"unit": new.unit, "description": new.description}
+    if record_holds(new, previous):
+        return new
+    if record_holds(previous, new):
+        return replace(previous, shape=new.shape, precision=new.precision, **labels)
+    kinds = {previous.kind, new.kind}
+    if kinds <= _NUMERIC_SCALAR_KINDS:
+        return IocRecord(new.bsread_type, "ai", precision=max(previous.precision, new.precision),
+                         exact_text=previous.exact_text or new.exact_text, **labels)
+    if kinds <= {"stringin", "lsi"}:
+        return IocRecord(new.bsread_type, "lsi", max(previous.length, new.length), **labels)
+    if kinds == {"waveform"} and len(previous.shape) == len(new.shape):
+        dtype = np.promote_types(previous.numpy_dtype, new.numpy_dtype)
+        ftvl = next((name for name, held in NUMPY_BY_FTVL.items() if held == dtype), "DOUBLE")
+        return IocRecord(new.bsread_type, "waveform", max(previous.length, new.length), ftvl,
+                         precision=max(previous.precision, new.precision), shape=new.shape, **labels)
+    return new
+
+
+def record_to_json(record: IocRecord) -> dict[str, Any]:
+    """A JSON-able form of ``record`` (the gateway keeps its records across IOC restarts in a file)."""
+    return asdict(record)
+
+
+def record_from_json(data: Mapping[str, Any]) -> IocRecord:
+    """The record of :func:`record_to_json`; raises ValueError/TypeError on anything else."""
+    known = {field.name for field in fields(IocRecord)}
+    values = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items() if key in known}
+    record = IocRecord(**values)
+    if record.kind not in ("ai", "longin", "mbbi", "stringin", "lsi", "waveform"):
+        raise ValueError(f"unknown record kind {record.kind!r}")
+    return record
