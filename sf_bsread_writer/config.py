@@ -287,6 +287,9 @@ GATEWAY_OPTIONS: list[Option] = [
     Option("writable", ("--writable",), False, _bool, "Allow caput (default: read-only).", kind="flag"),
     Option("allow_hosts", ("--allow-host",), [], str,
            "With --writable: only these peer IP addresses may write (repeatable).", kind="list", metavar="IP"),
+    Option("acf", ("--acf",), None, str,
+           "The site's EPICS access-security file (softioc server; instead of the one --writable/--allow-host "
+           "write): ASG DEFAULT governs every PV, ASG WRITABLE the NAME:MAX_RATE control PV.", metavar="FILE"),
     Option("parent_pid", ("--parent-pid",), 0, int,
            "Exit when this process is gone (set by the buffer for --ca; 0: never)."),
     Option("server", ("--server",), "softioc", str,

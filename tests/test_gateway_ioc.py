@@ -6,6 +6,7 @@ each channel's timestamp is ``T0 + pulse_id``, so a CA timestamp names its pulse
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -315,6 +316,47 @@ def test_max_rate_is_writable_only_from_an_allowed_address(env, allowed, may_wri
     finally:
         if child is not None:
             child.stop()
+        source.close()
+
+
+@pytest.mark.parametrize("user_allowed", [True, False])
+def test_a_site_access_security_file_decides_who_writes(env, tmp_path, user_allowed):
+    """--acf: the site's own EPICS ACF (users and hosts); ASG WRITABLE is the MAX_RATE control PV."""
+    import pwd
+
+    user = pwd.getpwuid(os.geteuid()).pw_name if user_allowed else "nobody-here"
+    acf = tmp_path / "site.acf"
+    acf.write_text(f"UAG(OPS) {{ {user} }}\nHAG(HERE) {{ 127.0.0.1 }}\nASG(DEFAULT) {{ RULE(1, READ) }}\n"
+                   "ASG(WRITABLE) { RULE(1, READ) RULE(1, WRITE) { UAG(OPS) HAG(HERE) } }\n", encoding="utf-8")
+    local_env = _local(env)
+    source = Feeder([{"name": "X", "type": "float64"}], lambda pid: [float(pid)], rate=10.0)
+    child = None
+    try:
+        child, _ = start_gateway(source.address, local_env, "--name", "SITE", "--acf", str(acf))
+        _wait_alarm_free(local_env, "X")
+        output = run_tool("caput", ["SITE:MAX_RATE", "2.5"], local_env)
+        assert ("denied" not in output.lower()) == user_allowed, output
+        output = run_tool("caput", ["X", "1"], local_env)  # a channel PV: the file's DEFAULT, read only
+        assert "write access denied" in output.lower(), output
+    finally:
+        if child is not None:
+            child.stop()
+        source.close()
+
+
+def test_an_unusable_access_security_file_stops_the_gateway_with_a_clear_error(env, tmp_path):
+    acf = tmp_path / "broken.acf"
+    acf.write_text("ASG(DEFAULT) {\n    RULE(1, READ\n}\n", encoding="utf-8")
+    source = Feeder([{"name": "X", "type": "float64"}], lambda pid: [float(pid)], rate=10.0)
+    try:
+        child = Child([sys.executable, "-m", "sf_bsread_writer.ca.gateway", source.address, "--acf", str(acf),
+                       "--parent-pid", str(os.getpid())], env=_local(env))
+        assert child.process.wait(timeout=60) == 2
+        assert "cannot be used" in child.output() and "syntax error" in child.output()
+        missing = Child([sys.executable, "-m", "sf_bsread_writer.ca.gateway", source.address, "--acf",
+                         str(tmp_path / "none.acf")], env=_local(env))
+        assert missing.process.wait(timeout=60) == 2 and "not a readable file" in missing.output()
+    finally:
         source.close()
 
 

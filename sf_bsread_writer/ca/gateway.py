@@ -215,6 +215,7 @@ class GatewaySettings:
     total_rate: float = 20000.0
     writable: bool = False
     allow_hosts: tuple[str, ...] = ()
+    acf: str | None = None  # the site's EPICS access-security file (softioc server)
     parent_pid: int = 0
 
 
@@ -439,10 +440,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         total_rate=args.total_rate,
         writable=args.writable,
         allow_hosts=tuple(args.allow_hosts or ()),
+        acf=os.path.abspath(args.acf) if args.acf else None,
         parent_pid=getattr(args, "parent_pid", 0) or 0,
     )
     if settings.allow_hosts and not settings.writable:
         logger.warning("--allow-host has no effect without --writable")
+    if settings.acf is not None:
+        if args.server != "softioc" or _softioc_missing() is not None:
+            logger.error("--acf needs the softioc server (EPICS access security); caproto cannot read an ACF")
+            return 2
+        if settings.writable or settings.allow_hosts:
+            logger.error("--acf replaces --writable/--allow-host: give the rules in the file")
+            return 2
+        if not os.access(settings.acf, os.R_OK):
+            logger.error("--acf %s: not a readable file", settings.acf)
+            return 2
     if args.server == "softioc":
         if _softioc_missing() is not None:
             logger.warning("pythonSoftIOC is not installed (%s): serving with caproto", _softioc_missing())
@@ -462,6 +474,12 @@ def _run_ioc(settings: GatewaySettings, child: bool, argv: list[str]) -> int:
     from . import ioc
 
     if not child:
+        if settings.acf is not None:
+            try:
+                ioc.check_access_security_file(settings.acf)
+            except ioc.AccessSecurityError as error:
+                logger.error("%s", error)
+                return 2
         return ioc.supervise(argv)
     if not ioc.wait_for_go():
         return 0

@@ -440,13 +440,19 @@ def serve(settings: Any, status_pvs: Sequence[tuple[str, str, str]], ingest: Any
                 settings.max_rate = rate
 
         builder.SetSimpleRecordNames(prefix="", separator="")
-        records = _Records(builder, plan, settings.name, status_pvs, settings.max_rate, settings.writable,
+        records = _Records(builder, plan, settings.name, status_pvs, settings.max_rate,
+                           settings.writable or settings.acf is not None,
                            on_max_rate)
         builder.LoadDatabase()
-        acf = _install_access_security(settings.writable, settings.allow_hosts)
+        try:
+            acf = _install_access_security(settings.writable, settings.allow_hosts, settings.acf)
+        except AccessSecurityError as error:
+            logger.error("%s", error)
+            return 2
         dispatcher = asyncio_dispatcher.AsyncioDispatcher()
         softioc.iocInit(dispatcher)
-        os.unlink(acf)
+        if acf != settings.acf:
+            os.unlink(acf)
         process.print_ready({
             "ca_port": int(os.environ.get("EPICS_CAS_SERVER_PORT") or os.environ.get("EPICS_CA_SERVER_PORT")
                            or 5064),
@@ -484,17 +490,40 @@ def _first_message(ingest: Any, stop: threading.Event) -> Any:
     return None
 
 
-def _install_access_security(writable: bool, allow_hosts: Sequence[str]) -> str:
-    """Write the ACF and tell the IOC to use it and to check clients by their address (before iocInit)."""
+class AccessSecurityError(RuntimeError):
+    """The access-security file cannot be used: the gateway does not start (it would not be what was asked)."""
+
+
+def check_access_security_file(path: str) -> None:
+    """Parse ``path`` with EPICS' own parser (``asInitFile``), in the supervisor, before any IOC starts:
+    a syntax error ends the gateway at once with EPICS' message (iocInit would only print it and serve).
+
+    Only in a process that runs no IOC: it leaves the access-security tables of this process set up.
+    """
     from epicscorelibs.ioc import dbCore
 
-    handle, path = tempfile.mkstemp(prefix="sf_bsread_gateway-", suffix=".acf")
-    with os.fdopen(handle, "w") as acf:
-        acf.write(acf_text(writable, allow_hosts))
+    dbCore.asInitFile.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    dbCore.asInitFile.restype = ctypes.c_long
+    sys.stderr.flush()
+    if dbCore.asInitFile(path.encode(), None) != 0:
+        raise AccessSecurityError(f"EPICS access security file {path} cannot be used (its error is printed above)")
+
+
+def _install_access_security(writable: bool, allow_hosts: Sequence[str], site_file: str | None = None) -> str:
+    """Tell the IOC which ACF to use (``site_file``, checked by the supervisor, else one written from
+    --writable/--allow-host) and to check clients by their address (before iocInit); returns its path."""
+    from epicscorelibs.ioc import dbCore
+
+    if site_file is None:
+        handle, path = tempfile.mkstemp(prefix="sf_bsread_gateway-", suffix=".acf")
+        with os.fdopen(handle, "w") as acf:
+            acf.write(acf_text(writable, allow_hosts))
+    else:
+        path = site_file
     ctypes.c_int.in_dll(dbCore, "asCheckClientIP").value = 1
     dbCore.asSetFilename.argtypes = [ctypes.c_char_p]
     if dbCore.asSetFilename(path.encode()) != 0:
-        raise RuntimeError(f"EPICS access security file {path} refused")
+        raise AccessSecurityError(f"EPICS access security file {path} refused")
     return path
 
 
