@@ -20,7 +20,7 @@ demo: $(STAMP)
 # The second run: the message paths again on the pure pyzmq fallback (the first run uses the
 # compiled one where it is built; tests/test_partsio.py covers both in one run).
 FALLBACK_TESTS = tests/test_buffer.py tests/test_replay.py tests/test_writer.py tests/test_original_scenarios.py \
-                 tests/test_fuzz_buffer.py tests/test_partsio.py
+                 tests/test_fuzz_buffer.py tests/test_partsio.py tests/test_web.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

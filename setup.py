@@ -32,7 +32,7 @@ class OptionalBuildExt(build_ext):
 setup(
     name="sf_bsread_writer",
     version="2.0.0",
-    description="Buffering and writing of beam-synchronous (bsread) data: ring buffer, HDF5 writer, CA gateway",
+    description="Buffering and writing of beam-synchronous (bsread) data: ring buffer, HDF5 writer, CA gateway, web service",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
@@ -54,6 +54,7 @@ setup(
         "requests>=2.28",
         "caproto>=1.1",  # the gateway's fallback CA server (--server caproto), the bridge's client tests
         "softioc>=4.5",  # pythonSoftIOC: the gateway's CA server (EPICS records, C fan-out)
+        "aiohttp>=3.9",  # the web service (HTTP, websockets) and its Python client, sf_bsread_writer.remote
     ],
     extras_require={
         "test": [
@@ -73,6 +74,7 @@ setup(
             "sf_bsread_writer_client=sf_bsread_writer.client:main",
             "sf_bsread_gateway=sf_bsread_writer.ca.gateway:main",
             "sf_bsread_ca_bridge=sf_bsread_writer.ca.bridge:main",
+            "sf_bsread_web=sf_bsread_writer.web.service:main",
         ],
     },
 )

@@ -224,6 +224,16 @@ BUFFER_OPTIONS: list[Option] = [
     Option("ca_prefix", ("--ca-prefix", "--ca_prefix"), "", str, "Prefix of every channel PV."),
     Option("ca_max_rate", ("--ca-max-rate",), 10.0, float,
            "With --ca: most messages per second passed to the gateway, so most updates per second of a PV."),
+    Option("web", ("--web",), False, _bool,
+           "Serve the buffer over HTTP and websockets (sf_bsread_web as a child process; docs/web-api.md).",
+           kind="flag"),
+    Option("web_port", ("--web-port",), 8891, int, "With --web: port of the web service (0: any free port)."),
+    Option("web_bind", ("--web-bind",), DEFAULT_BIND, str,
+           "With --web: address the web service binds to; beyond loopback it needs --web-tokens."),
+    Option("web_tokens", ("--web-tokens",), None, str,
+           "With --web: file of access tokens, one per line (re-read on SIGHUP).", metavar="FILE"),
+    Option("web_max_rate", ("--web-max-rate",), 10.0, float,
+           "With --web: most messages per second passed to the web service, so the fastest live update."),
     _log_option,
     Option("max_clock_skew", ("--max-clock-skew",), MAX_CLOCK_SKEW, float,
            "Seconds a source's global timestamp may differ from the receive time; beyond (or when absent) "
@@ -300,6 +310,38 @@ GATEWAY_OPTIONS: list[Option] = [
 ]
 
 # --------------------------------------------------------------------------
+# sf_bsread_web
+# --------------------------------------------------------------------------
+WEB_ENV_PREFIX = "SF_BSREAD_WEB_"
+WEB_OPTIONS: list[Option] = [
+    Option("feed", (), None, zmq_address,
+           "The buffer's stream to show live: its --web feed, or its live output (PUB), e.g. tcp://host:8888.",
+           required=True),
+    Option("status_url", ("--status-url",), None, str,
+           "The buffer's HTTP base URL (e.g. http://host:8890) for /api/v1/status.", required=True),
+    Option("replay", ("--replay",), None, zmq_address,
+           "The buffer's replay endpoint (e.g. tcp://host:8889) for /api/v1/range.", required=True),
+    Option("source_mode", ("--source-mode",), "sub", str, "Socket type towards the feed.", choices=("sub", "pull")),
+    Option("port", ("--port",), 8891, int, "Port to serve HTTP and websockets on (0: any free port)."),
+    Option("bind", ("--bind",), DEFAULT_BIND, str,
+           "Address to bind to; anything but loopback needs --tokens."),
+    Option("tokens", ("--tokens",), None, str,
+           "File of access tokens, one per line (# comments); re-read on SIGHUP. Without it the service is "
+           "open, which it allows on loopback only.", metavar="FILE"),
+    Option("max_rate", ("--max-rate",), 10.0, float,
+           "Most feed messages per second taken, so the fastest live update a client can get."),
+    Option("max_range_pulses", ("--max-range-pulses",), 100_000, int,
+           "Most pulse ids one /api/v1/range request may span (413 beyond)."),
+    Option("max_range_bytes", ("--max-range-bytes",), 256 * 1024**2, int,
+           "Most bytes of values one /api/v1/range request may collect (413 beyond)."),
+    Option("range_timeout", ("--range-timeout",), 30.0, float,
+           "Seconds a /api/v1/range request may take (504 beyond; a range reaching into the future waits)."),
+    Option("parent_pid", ("--parent-pid",), 0, int,
+           "Exit when this process is gone (set by the buffer for --web; 0: never)."),
+    _log_option,
+]
+
+# --------------------------------------------------------------------------
 # sf_bsread_ca_bridge
 # --------------------------------------------------------------------------
 BRIDGE_ENV_PREFIX = "SF_BSREAD_CA_BRIDGE_"
@@ -347,6 +389,7 @@ COMMANDS: list[tuple[str, str, list[Option]]] = [
     ("sf_bsread_buffer", BUFFER_ENV_PREFIX, BUFFER_OPTIONS),
     ("sf_bsread_writer", WRITER_ENV_PREFIX, WRITER_OPTIONS),
     ("sf_bsread_gateway", GATEWAY_ENV_PREFIX, GATEWAY_OPTIONS),
+    ("sf_bsread_web", WEB_ENV_PREFIX, WEB_OPTIONS),
     ("sf_bsread_ca_bridge", BRIDGE_ENV_PREFIX, BRIDGE_OPTIONS),
     ("sf_bsread_simulate", SIMULATE_ENV_PREFIX, SIMULATE_OPTIONS),
 ]

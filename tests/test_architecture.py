@@ -33,6 +33,8 @@ ALLOWED = {
     "buffer": {"core", "transport", "config", "process", "httpserver"},
     "writer": {"core", "h5", "transport", "config", "process", "httpserver"},
     "ca": {"core", "config", "process"},
+    "web": {"core", "h5", "transport", "config", "process"},
+    "remote": set(),
     "tools": {"core", "config", "process"},
     "__init__": set(),
 }
@@ -46,7 +48,7 @@ CORE_MAY_IMPORT = {
     "numpy", "bitshuffle", "lz4",
 }
 # What importing the whole core must not load, whatever imports it indirectly.
-NOT_LOADED_BY_CORE = ["zmq", "h5py", "hdf5plugin", "caproto", "bottle", "requests", "epics", "bsread",
+NOT_LOADED_BY_CORE = ["zmq", "h5py", "hdf5plugin", "caproto", "bottle", "requests", "epics", "bsread", "aiohttp",
                       "socket", "selectors", "subprocess", "asyncio", "urllib.request", "http.client"]
 
 

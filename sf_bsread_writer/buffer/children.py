@@ -1,4 +1,4 @@
-"""The buffer's child processes: the CA gateway for ``--ca`` (and, next, the web service for ``--web``).
+"""The buffer's child processes: the CA gateway for ``--ca``, the web service for ``--web``.
 
 Every service that serves clients beyond the writers runs in its own
 process, so that no client can slow ingest or share its GIL: the buffer
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from .. import process
 
-__all__ = ["ChildSupervisor", "gateway_command", "start_gateway"]
+__all__ = ["ChildSupervisor", "gateway_command", "start_gateway", "web_command", "start_web", "reachable_locally"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,4 +120,35 @@ def start_gateway(buffer_output: str, status_url: str | None = None, prefix: str
     """
     command = gateway_command(buffer_output, status_url, prefix, name, log_level=log_level,
                               extra_args=["--source-mode", source_mode, *extra_args], parent_pid=os.getpid())
+    return ChildSupervisor(command, env=env).start()
+
+
+def reachable_locally(address: str) -> str:
+    """An address a child on this host connects to: a wildcard bind (0.0.0.0, ::, *) becomes loopback."""
+    for wildcard in ("0.0.0.0", "[::]", "*"):
+        address = address.replace(f"//{wildcard}:", "//127.0.0.1:")
+    return address
+
+
+def web_command(feed: str, status_url: str, replay: str, *, port: int, bind: str, tokens: str | None,
+                max_rate: float, log_level: str = "INFO", parent_pid: int | None = None) -> list[str]:
+    """The command line that runs the web service (``python -m sf_bsread_writer.web ...``)."""
+    command = [sys.executable, "-m", "sf_bsread_writer.web", feed, "--status-url", reachable_locally(status_url),
+               "--replay", reachable_locally(replay), "--port", str(port), "--bind", bind,
+               "--max-rate", repr(max_rate), "--log-level", log_level]
+    if tokens:
+        command += ["--tokens", os.path.abspath(tokens)]
+    if parent_pid:
+        command += ["--parent-pid", str(parent_pid)]
+    return command
+
+
+def start_web(feed: str, status_url: str | None, replay: str | None, *, port: int, bind: str,
+              tokens: str | None, max_rate: float, log_level: str = "INFO",
+              env: dict[str, str] | None = None) -> ChildSupervisor:
+    """Start the web service for a buffer's ``--web`` and keep it running; call ``.stop()`` at shutdown."""
+    if status_url is None or replay is None:
+        raise ValueError("--web needs the buffer's HTTP status (--rest-port) and replay endpoint")
+    command = web_command(feed, status_url, replay, port=port, bind=bind, tokens=tokens, max_rate=max_rate,
+                          log_level=log_level, parent_pid=os.getpid())
     return ChildSupervisor(command, env=env).start()

@@ -36,7 +36,7 @@ import zmq
 from .. import config, process
 from ..core.parts import PackedParts
 from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES, IgnoredMessage, MessageParser, ProtocolError
-from ..core.rates import RateEstimator
+from ..core.rates import RateEstimator, SparseAwareGrid
 from ..core.ring import AppendStatus, Ring
 from ..core.timebase import MAX_CLOCK_SKEW, TimeBase, message_time
 from ..core.status import (
@@ -71,8 +71,9 @@ INGEST_BATCH = 256
 # ingest ~40% of the loop) ingest never falls behind and replay gets the rest.
 # 20 ms of ingest delay is 2 messages at 100 Hz, well within INGEST_HWM.
 LOOP_SLICE_SECONDS = 0.02
-# Messages queued to the CA gateway; it wants only the newest, so a slow gateway loses old ones.
-CA_FEED_HWM = 4
+# Messages queued to a child's feed (CA gateway, web service); it wants only the newest, so a slow
+# child loses old ones.
+FEED_HWM = 4
 # Longest sleep of the loop when idle (bounds the reaction to stop()).
 IDLE_POLL_MS = 100
 RATE_WINDOW_SECONDS = 5.0
@@ -126,6 +127,8 @@ class Buffer:
                  source_mode: str = "pull", output_mode: str = "pub", replay_port: int = 0,
                  rest_port: int | None = 0, bind: str = config.DEFAULT_BIND, name: str = "BSBUFFER",
                  analyzer: bool = False, ca: bool = False, ca_prefix: str = "", ca_max_rate: float = 10.0,
+                 web: bool = False, web_port: int = 8891, web_bind: str = config.DEFAULT_BIND,
+                 web_tokens: str | None = None, web_max_rate: float = 10.0,
                  max_writers: int = 16, replay_inflight_bytes: int = 64 * 1024**2,
                  session_timeout: float = 10.0, heartbeat_interval: float = 1.0,
                  snapshot_interval: float = 0.25, print_ready: bool = False, log_level: str = "INFO",
@@ -139,6 +142,8 @@ class Buffer:
             raise ValueError("buffer_length and buffer_bytes must be positive")
         if ca and ca_max_rate <= 0:
             raise ValueError("ca_max_rate must be positive")
+        if web and web_max_rate <= 0:
+            raise ValueError("web_max_rate must be positive")
         if max_writers < 1 or replay_inflight_bytes < 1:
             raise ValueError("max_writers and replay_inflight_bytes must be positive")
         self.stream = stream
@@ -153,6 +158,11 @@ class Buffer:
         self.ca = ca
         self.ca_prefix = ca_prefix
         self.ca_max_rate = ca_max_rate
+        self.web = web
+        self.web_port = web_port
+        self.web_bind = web_bind
+        self.web_tokens = web_tokens
+        self.web_max_rate = web_max_rate
         self.max_writers = max_writers
         self.replay_inflight_bytes = replay_inflight_bytes
         self.session_timeout = session_timeout
@@ -177,11 +187,9 @@ class Buffer:
         self.replay_address: str | None = None
         self.rest_url: str | None = None
         self._replay: ReplayEndpoint | None = None
-        self._ca_feed: zmq.Socket | None = None  # --ca: loopback PUB to the gateway, ca_max_rate msg/s
-        self._ca_feed_address: str | None = None
-        self._ca_next_feed = 0.0
-        self._ca_fed = 0
-        self._gateway: children.ChildSupervisor | None = None  # with --ca
+        self._ca_feed: _LoopbackFeed | None = None  # --ca: the gateway's feed, ca_max_rate msg/s
+        self._web_feed: _LoopbackFeed | None = None  # --web: the web service's feed, web_max_rate msg/s
+        self._children: list[children.ChildSupervisor] = []  # the gateway, the web service
 
         # Counters (loop thread only; published through snapshots).
         self._start_monotonic = clock()
@@ -256,16 +264,15 @@ class Buffer:
                                           self.max_writers, self.replay_inflight_bytes)
             self.replay_address = self._replay.address
 
+            # Each child's own feed, not the live output: PVs and web clients update at most
+            # max_rate times a second, so the child need not ingest (and the buffer need not send)
+            # every message, and a PUSH live output keeps all its messages for its legacy consumer.
             if self.ca:
-                # The gateway's own feed, not the live output: PVs update at most ca_max_rate times a
-                # second, so the gateway need not ingest (and the buffer need not send) every message,
-                # and a PUSH live output keeps all its messages for its one legacy consumer.
-                self._ca_feed = context.socket(zmq.PUB)
-                sockets.append(self._ca_feed)
-                self._ca_feed.setsockopt(zmq.SNDHWM, CA_FEED_HWM)
-                self._ca_feed.setsockopt(zmq.LINGER, 0)
-                self._ca_feed.bind("tcp://127.0.0.1:0")  # the gateway is our own child: loopback only
-                self._ca_feed_address = self._ca_feed.getsockopt_string(zmq.LAST_ENDPOINT)
+                self._ca_feed = _LoopbackFeed(context, self.ca_max_rate)
+                sockets.append(self._ca_feed.socket)
+            if self.web:
+                self._web_feed = _LoopbackFeed(context, self.web_max_rate)
+                sockets.append(self._web_feed.socket)
 
             if self.rest_port is not None:
                 http = HttpServer(make_app(self.statistics), self.bind, self.rest_port).start()
@@ -273,11 +280,11 @@ class Buffer:
 
             self._tune_allocator()
             self._announce_ready()
-            self._start_gateway()
+            self._start_children()
             self._loop(ingest, output, self._replay)
         finally:
             process.sd_notify("STOPPING=1")
-            self._stop_gateway()
+            self._stop_children()
             if http is not None:
                 http.stop()
             if self._replay is not None:
@@ -399,24 +406,9 @@ class Buffer:
         self._received_bytes += message.nbytes
         self._last_message_time = timestamp
         self._forward(frames, output)
-        if self._ca_feed is not None:
-            self._feed_gateway(frames, self._last_message_monotonic)
-
-    def _feed_gateway(self, frames: PackedParts, now: float) -> None:
-        """--ca: at most ca_max_rate messages a second to the gateway (PUB: never blocks).
-
-        Feeds keep to a grid of 1/ca_max_rate with half an interval of
-        tolerance: a source at exactly the limit (100 Hz, --ca-max-rate 100)
-        arrives with jitter, and timing each feed from the previous arrival
-        would skip every message that comes a little early. Each feed moves
-        the grid on by a whole interval, so the average never exceeds the limit.
-        """
-        interval = 1.0 / self.ca_max_rate
-        if now + interval / 2 < self._ca_next_feed:
-            return
-        self._ca_next_feed = max(self._ca_next_feed, now - interval / 2) + interval
-        send_parts(self._ca_feed, frames)
-        self._ca_fed += 1
+        for feed in (self._ca_feed, self._web_feed):
+            if feed is not None:
+                feed.offer(frames, self._last_message_monotonic)
 
     def _forward(self, frames: PackedParts, output: zmq.Socket) -> None:
         """Live output; never blocks. Non-blocking applies to the first part only (bsread-format.md)."""
@@ -491,8 +483,9 @@ class Buffer:
                               f"{status.ring.newest_pulse_id}), {status.replay.active_sessions} writers")
 
     def _endpoints(self) -> Endpoints:
+        web = f"http://{self.web_bind}:{self.web_port}" if self.web and self.web_port else None
         return Endpoints(stream=self.stream, output=self.output_address, replay=self.replay_address,
-                         rest=self.rest_url)
+                         rest=self.rest_url, web=web)
 
     def _publish_snapshot(self, now: float, state: str = "running") -> None:
         ring = self.ring
@@ -522,13 +515,14 @@ class Buffer:
             rejected_total=sum(self._rejected.values()),
             ignored=self._ignored,
             duplicates=self._duplicates,
-            ca_feed=None if self._ca_feed_address is None else CaFeedStatus(
-                address=self._ca_feed_address, max_rate=self.ca_max_rate, sent=self._ca_fed),
+            ca_feed=self._ca_feed.status() if self._ca_feed is not None else None,
+            web_feed=self._web_feed.status() if self._web_feed is not None else None,
             header_changes=self._header_changes,
             ring=RingStatus(messages=ring.n_messages, bytes=ring.n_bytes, max_messages=self.max_messages,
                             max_bytes=self.max_bytes, oldest_pulse_id=ring.oldest_pulse_id,
                             newest_pulse_id=ring.newest_pulse_id, evicted=counters.evicted,
-                            evicted_bytes=counters.evicted_bytes),
+                            evicted_bytes=counters.evicted_bytes, oldest_time=ring.oldest_time,
+                            newest_time=ring.newest_time),
             pulse_ids=PulseIdStatus(last=self._last_pulse_id, usual_step=ring.usual_step, jumps=counters.jumps,
                                     jumped_pulses=counters.jumped_pulses, resets=counters.resets,
                                     reset_evicted=counters.reset_evicted, held_back=counters.held_back,
@@ -542,15 +536,41 @@ class Buffer:
             self._snapshot = snapshot
 
     # -- optional CA gateway ------------------------------------------------
-    def _start_gateway(self) -> None:
-        """--ca: the CA gateway as a supervised child process reading its feed."""
-        if self._ca_feed_address is None:
-            return
-        self._gateway = children.start_gateway(
-            self._ca_feed_address, self.rest_url, self.ca_prefix, self.name, source_mode="sub",
-            log_level=self.log_level, extra_args=["--max-rate", repr(self.ca_max_rate)])
+    def _start_children(self) -> None:
+        """--ca, --web: the CA gateway and the web service as supervised child processes reading their feeds."""
+        if self._ca_feed is not None:
+            self._children.append(children.start_gateway(
+                self._ca_feed.address, self.rest_url, self.ca_prefix, self.name, source_mode="sub",
+                log_level=self.log_level, extra_args=["--max-rate", repr(self.ca_max_rate)]))
+        if self._web_feed is not None:
+            self._children.append(children.start_web(
+                self._web_feed.address, self.rest_url, self.replay_address, port=self.web_port, bind=self.web_bind,
+                tokens=self.web_tokens, max_rate=self.web_max_rate, log_level=self.log_level))
 
-    def _stop_gateway(self) -> None:
-        if self._gateway is not None:
-            self._gateway.stop()
-            self._gateway = None
+    def _stop_children(self) -> None:
+        for child in self._children:
+            child.stop()
+        self._children.clear()
+
+
+class _LoopbackFeed:
+    """A child's feed: a loopback PUB socket (never blocks) that gets ``max_rate`` messages a second, plus
+    those that carry a sparse channel the last one lacked (``core.rates.SparseAwareGrid``)."""
+
+    def __init__(self, context: zmq.Context, max_rate: float) -> None:
+        self.max_rate = max_rate
+        self.socket = context.socket(zmq.PUB)
+        self.socket.setsockopt(zmq.SNDHWM, FEED_HWM)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind("tcp://127.0.0.1:0")  # our own child reads it: loopback only
+        self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._grid = SparseAwareGrid(max_rate)
+        self.sent = 0
+
+    def offer(self, frames: PackedParts, now: float) -> None:
+        if self._grid.take(now, frames.layout.presence):
+            send_parts(self.socket, frames)
+            self.sent += 1
+
+    def status(self) -> CaFeedStatus:
+        return CaFeedStatus(address=self.address, max_rate=self.max_rate, sent=self.sent)

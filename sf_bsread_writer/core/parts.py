@@ -65,7 +65,7 @@ class Layout:
     """
 
     __slots__ = ("key", "lengths", "n_parts", "nbytes", "small_bytes", "where", "small_slices", "inserts",
-                 "n_large", "__weakref__")
+                 "n_large", "_presence", "__weakref__")
 
     def __init__(self, key: bytes) -> None:
         lengths = np.frombuffer(key, dtype=LENGTH_DTYPE)
@@ -95,6 +95,18 @@ class Layout:
         self.inserts = inserts
         self.n_large = n_large
         self.small_bytes = offset
+        self._presence: int | None = None
+
+    @property
+    def presence(self) -> int:
+        """Bit i set: channel i has a value (a non-empty value part); computed once per layout.
+
+        What a rate-limited feed needs to keep a sparse channel (``core.rates.SparseAwareGrid``).
+        """
+        if self._presence is None:
+            present = self.lengths[2::2] > 0
+            self._presence = int.from_bytes(np.packbits(present, bitorder="little").tobytes(), "little")
+        return self._presence
 
     def __repr__(self) -> str:
         return f"Layout({self.n_parts} parts, {self.nbytes} bytes, {self.n_large} large)"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 
-__all__ = ["RateEstimator"]
+__all__ = ["RateEstimator", "RateGrid", "SparseAwareGrid"]
 
 
 class RateEstimator:
@@ -58,3 +58,56 @@ class RateEstimator:
         """The rate of the first total (see :meth:`rates`)."""
         rates = self.rates()
         return rates[0] if rates else None
+
+
+class RateGrid:
+    """At most ``max_rate`` events a second out of a faster (jittery) stream: which ones to take.
+
+    Takes keep to a grid of ``1/max_rate`` with half an interval of tolerance:
+    a source at exactly the limit (100 Hz into --ca-max-rate 100) arrives with
+    jitter, and timing each take from the previous arrival would skip every
+    event that comes a little early. Each take moves the grid on by a whole
+    interval, so the average never exceeds the limit. ``max_rate`` <= 0: take all.
+    """
+
+    def __init__(self, max_rate: float) -> None:
+        self.interval = 1.0 / max_rate if max_rate > 0 else 0.0
+        self._next = float("-inf")
+
+    def take(self, now: float) -> bool:
+        """True when an event arriving at ``now`` is to be taken (and the grid moves on)."""
+        interval = self.interval
+        if now + interval / 2 < self._next:
+            return False
+        self._next = max(self._next, now - interval / 2) + interval
+        return True
+
+
+class SparseAwareGrid:
+    """A :class:`RateGrid` that does not lose sparse channels: which messages a rate-limited feed takes.
+
+    A channel sent every Nth pulse (bsread ``modulo``) may never be in the
+    messages a plain grid picks: at 10 of 100 messages a second, the grid
+    locks onto pulses where it is absent, and the CA gateway or a web client
+    never sees it. So besides the messages on the grid, a message is taken
+    when it carries a channel that the last taken message lacked
+    (``presence``: a bit per channel, ``core.parts.Layout.presence``), up to
+    ``extra_factor`` times ``max_rate`` more a second: the total stays bounded
+    whatever the stream does.
+    """
+
+    def __init__(self, max_rate: float, extra_factor: float = 3.0) -> None:
+        self._grid = RateGrid(max_rate)
+        self._extra = RateGrid(max_rate * extra_factor if max_rate > 0 else 0.0)
+        self._taken_presence = -1  # everything: nothing is missing before the first message
+        self.extra_taken = 0
+
+    def take(self, now: float, presence: int) -> bool:
+        if self._grid.take(now):
+            self._taken_presence = presence
+            return True
+        if presence & ~self._taken_presence and self._extra.take(now):
+            self.extra_taken += 1
+            self._taken_presence = presence
+            return True
+        return False

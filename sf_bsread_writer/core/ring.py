@@ -210,6 +210,15 @@ class Ring:
         return int(self._pulse_id[self._slot_of_index(self._count - 1)]) if self._count else None
 
     @property
+    def oldest_time(self) -> float | None:
+        """The time the oldest held message is indexed by (``core.timebase``), None when empty."""
+        return float(self._timestamp[self._head]) if self._count else None
+
+    @property
+    def newest_time(self) -> float | None:
+        return float(self._timestamp[self._slot_of_index(self._count - 1)]) if self._count else None
+
+    @property
     def usual_step(self) -> int | None:
         """The pulse-id step this stream usually advances by (None until known)."""
         return self._usual_step

@@ -37,6 +37,7 @@ __all__ = [
     "ReplayStatus",
     "BufferStatus",
     "prometheus_text",
+    "PrometheusText",
     "WriterStatistics",
     "MAX_MISSING_SHOWN",
     "json_value",
@@ -120,6 +121,7 @@ class Endpoints(_Record):
     output: str | None
     replay: str | None
     rest: str | None
+    web: str | None = None  # --web: the web service's base URL (None with --web-port 0: see its READY line)
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ class SourceStatus(_Record):
 
 @dataclass(frozen=True)
 class CaFeedStatus(_Record):
-    """``--ca``: the rate-limited loopback feed of the gateway."""
+    """``--ca``/``--web``: the rate-limited loopback feed of the CA gateway or of the web service."""
 
     address: str
     max_rate: float
@@ -153,6 +155,22 @@ class RingStatus(_Record):
     newest_pulse_id: int | None
     evicted: int
     evicted_bytes: int
+    oldest_time: float | None = None  # the times the oldest/newest messages are indexed by (core.timebase)
+    newest_time: float | None = None
+
+    @property
+    def look_back_seconds(self) -> float | None:
+        """How far back the ring reaches: newest minus oldest message time."""
+        if self.oldest_time is None or self.newest_time is None:
+            return None
+        return max(0.0, self.newest_time - self.oldest_time)
+
+    @property
+    def look_back_pulses(self) -> int | None:
+        """Pulse ids the ring spans, both ends included (a 10 Hz stream at step 10 spans 10 per message)."""
+        if self.oldest_pulse_id is None or self.newest_pulse_id is None:
+            return None
+        return self.newest_pulse_id - self.oldest_pulse_id + 1
 
 
 @dataclass(frozen=True)
@@ -238,6 +256,7 @@ class BufferStatus(_Record):
     rates: RateStatus
     replay: ReplayStatus
     io_path: str = "python"  # how whole messages move: compiled | python (transport.partsio)
+    web_feed: CaFeedStatus | None = None
 
     def describe(self) -> str:
         """One word for humans and monitoring: what the buffer is doing."""
@@ -313,15 +332,21 @@ def _number(value: Any) -> str:
     return repr(value)
 
 
-class _Metrics:
-    def __init__(self, base_labels: Mapping[str, Any]) -> None:
+class PrometheusText:
+    """Builds one Prometheus text exposition: metric families named ``prefix + name``, base labels on all."""
+
+    def __init__(self, base_labels: Mapping[str, Any], prefix: str = _PREFIX) -> None:
         self.base = dict(base_labels)
+        self.prefix = prefix
         self.lines: list[str] = []
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
 
     def family(self, name: str, kind: str, help_text: str,
                samples: Iterable[tuple[Mapping[str, Any], Any]]) -> None:
         samples = [(labels, value) for labels, value in samples if value is not None]
-        full = _PREFIX + name
+        full = self.prefix + name
         self.lines.append(f"# HELP {full} {help_text}")
         self.lines.append(f"# TYPE {full} {kind}")
         for labels, value in samples:
@@ -333,7 +358,7 @@ class _Metrics:
 
 def prometheus_text(status: BufferStatus) -> str:
     """``GET /metrics``: the snapshot as Prometheus metrics (label ``buffer`` = the buffer's name)."""
-    m = _Metrics({"buffer": status.name})
+    m = PrometheusText({"buffer": status.name})
     ring, replay, pulse_ids = status.ring, status.replay, status.pulse_ids
     m.one("up", "gauge", "1 while the buffer runs.", 1)
     m.one("uptime_seconds", "gauge", "Seconds since the buffer started.", status.uptime_seconds)
@@ -357,6 +382,8 @@ def prometheus_text(status: BufferStatus) -> str:
     m.one("ring_evicted_bytes_total", "counter", "Bytes evicted from the ring.", ring.evicted_bytes)
     m.one("oldest_pulse_id", "gauge", "Oldest pulse id held.", ring.oldest_pulse_id)
     m.one("newest_pulse_id", "gauge", "Newest pulse id held.", ring.newest_pulse_id)
+    m.one("ring_look_back_seconds", "gauge", "Seconds between the oldest and the newest message held.",
+          ring.look_back_seconds)
     m.one("pulse_id_jumps_total", "counter", "Pulse-id steps different from the usual step.", pulse_ids.jumps)
     m.one("pulse_id_resets_total", "counter", "Pulse ids going backwards (source restarts).", pulse_ids.resets)
     m.one("out_of_order_messages_total", "counter",
@@ -382,7 +409,7 @@ def prometheus_text(status: BufferStatus) -> str:
              [({"session": s.session}, s.in_flight) for s in sessions])
     m.family("replay_session_lost_messages", "gauge", "Messages a session lost.",
              [({"session": s.session}, s.lost) for s in sessions])
-    return "\n".join(m.lines) + "\n"
+    return m.text()
 
 
 # ---------------------------------------------------------------------------

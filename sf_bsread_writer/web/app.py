@@ -1,0 +1,288 @@
+"""HTTP and websocket handlers of ``sf_bsread_web`` (aiohttp); the contract is docs/web-api.md.
+
+Every answer is JSON ``{"state": "ok"|"error", "status": ...}`` like the
+buffer's and the writer's; a bad request gets a 4xx that says what to fix,
+a websocket client's bad message an ``{"type": "error"}`` (the socket stays
+open). Tokens are checked first, for every path: without a valid one the
+answer is 401 and nothing else.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import aiohttp
+import numpy as np
+from aiohttp import web
+
+from ..core.live import ClientFeed, SubscriptionError, value_document
+from ..core.range_query import RangeQueryError, RangeTooLarge, parse_range_query
+from ..core.status import BufferStatus
+from . import ranges
+from .state import WebService
+
+__all__ = ["make_app"]
+
+logger = logging.getLogger(__name__)
+
+SERVICE_KEY: web.AppKey[WebService] = web.AppKey("service", WebService)
+STATUS_TIMEOUT_SECONDS = 3.0
+FILE_CHUNK_BYTES = 1024 * 1024
+MAX_CLIENT_MESSAGE_BYTES = 64 * 1024  # a subscribe of thousands of channel names fits
+
+
+def _error(status: int, text: str, **extra: Any) -> web.Response:
+    return web.json_response({"state": "error", "status": text, **extra}, status=status)
+
+
+def _token_of(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer "):
+        return header[len("Bearer "):].strip()
+    return request.query.get("token")
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Tokens first; then any error as JSON (aiohttp's own 404/405 pages too)."""
+    service = request.app[SERVICE_KEY]
+    if not service.tokens.allows(_token_of(request)):
+        service.counters.unauthorized += 1
+        response = _error(401, "unauthorized: send a valid token as 'Authorization: Bearer <token>' "
+                               "(websockets from a browser: ?token=<token>)")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        hint = " (GET /api/v1/status, /api/v1/channels, /api/v1/channels/<name>, /api/v1/range, " \
+               "/api/v1/ws, /metrics)" if error.status in (404, 405) else ""
+        return _error(error.status, f"{error.reason}: {request.method} {request.path}{hint}")
+    except Exception as error:  # a bug: this request fails, visibly, and the service serves on
+        logger.exception("%s %s failed", request.method, request.path_qs)
+        return _error(500, f"internal error: {type(error).__name__}: {error} (logged by the service)")
+
+
+def make_app(service: WebService) -> web.Application:
+    app = web.Application(middlewares=[_guard], client_max_size=64 * 1024)
+    app[SERVICE_KEY] = service
+    app.router.add_get("/api/v1/status", _status)
+    app.router.add_get("/api/v1/channels", _channels)
+    app.router.add_get("/api/v1/channels/{name:.+}", _channel)
+    app.router.add_get("/api/v1/range", _range)
+    app.router.add_get("/api/v1/ws", _websocket)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+# --------------------------------------------------------------------------
+# Queries
+# --------------------------------------------------------------------------
+async def _status(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    url = service.settings.status_url + "/statistics"
+    try:
+        timeout = aiohttp.ClientTimeout(total=STATUS_TIMEOUT_SECONDS)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.get(url) as answer:
+                document = await answer.json()
+        status = BufferStatus.from_json(document["statistics"])
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as error:
+        return _error(502, f"the buffer's status at {url} cannot be read: {type(error).__name__}: {error}")
+    ring = status.ring
+    return web.json_response({
+        "state": "ok",
+        "status": status.describe(),
+        "look_back": {"seconds": ring.look_back_seconds, "pulses": ring.look_back_pulses,
+                      "messages": ring.messages, "oldest_pulse_id": ring.oldest_pulse_id,
+                      "newest_pulse_id": ring.newest_pulse_id},
+        "buffer": status.to_json(),
+        "web": {"clients": len(service.hub.clients), "subscriptions": service.hub.subscription_count,
+                "feed_messages": service.counters.feed_messages, "feed_error": service.feed_error},
+    })
+
+
+async def _channels(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    listed = []
+    for spec in service.latest.channels:
+        latest = service.latest.get(spec.name)
+        listed.append({**spec.metadata(), "pulse_id": latest.pulse_id if latest else None,
+                       "timestamp": latest.timestamp if latest else None})
+    message = service.latest.message
+    return web.json_response({"state": "ok", "status": "ok" if message is not None else "no_data_yet",
+                              "pulse_id": message.pulse_id if message is not None else None,
+                              "channels": listed})
+
+
+async def _channel(request: web.Request) -> web.StreamResponse:
+    service = request.app[SERVICE_KEY]
+    name = request.match_info["name"]
+    latest = service.latest.get(name)
+    if latest is None:
+        known = service.latest.message is not None and name in service.latest.message.data_header
+        return _error(404, f"channel {name!r} " + ("has had no value yet" if known else
+                                                   "is not in the stream; GET /api/v1/channels lists them"))
+    fmt = request.query.get("format", "json")
+    if fmt == "npy":
+        try:
+            value = latest.decoded()
+        except Exception as error:
+            return _error(500, f"channel {name!r}: value cannot be decoded: {error}")
+        if isinstance(value, str):
+            return _error(400, f"channel {name!r} is a string: format=npy is for numbers, use format=json")
+        out = io.BytesIO()
+        np.save(out, np.ascontiguousarray(value), allow_pickle=False)
+        return web.Response(body=out.getvalue(), content_type="application/octet-stream",
+                            headers={"X-Pulse-Id": str(latest.pulse_id), "X-Timestamp": repr(latest.timestamp)})
+    if fmt != "json":
+        return _error(400, f"format={fmt!r} is not json or npy")
+    return web.json_response({"state": "ok", "status": "ok", **value_document(name, latest, 2**62)})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[SERVICE_KEY].metrics_text(),
+                        content_type="text/plain", headers={"X-Content-Version": "0.0.4"})
+
+
+# --------------------------------------------------------------------------
+# Ranges
+# --------------------------------------------------------------------------
+def _count(service: WebService, outcome: str) -> None:
+    service.counters.range_requests[outcome] = service.counters.range_requests.get(outcome, 0) + 1
+
+
+async def _range(request: web.Request) -> web.StreamResponse:
+    service = request.app[SERVICE_KEY]
+    settings = service.settings
+    try:
+        query = parse_range_query(request.query, settings.limits)
+    except RangeQueryError as error:
+        _count(service, "bad_request")
+        return _error(400, str(error))
+    except RangeTooLarge as error:
+        _count(service, "too_large")
+        return _error(413, str(error))
+    try:
+        if query.format == "hdf5":
+            path, columns = await asyncio.to_thread(ranges.write_hdf5, settings.replay, query, settings.limits,
+                                                    settings.range_timeout)
+        else:
+            columns = await asyncio.to_thread(ranges.fetch_range, settings.replay, query, settings.limits,
+                                              settings.range_timeout)
+    except RangeTooLarge as error:
+        _count(service, "too_large")
+        return _error(413, str(error))
+    except ranges.RangeTimeout as error:
+        _count(service, "timeout")
+        return _error(504, str(error))
+    except ranges.RangeFailed as error:
+        _count(service, "failed")
+        return _error(502, str(error))
+    _count(service, "complete" if not columns.missing else "partial")
+    if query.format == "json":
+        return web.json_response(ranges.as_json(columns), dumps=lambda value: json.dumps(value, allow_nan=False))
+    if query.format == "npz":
+        body = await asyncio.to_thread(ranges.as_npz, columns)
+        return web.Response(body=body, content_type="application/octet-stream",
+                            headers={"Content-Disposition": 'attachment; filename="range.npz"'})
+    return await _stream_file(request, path)
+
+
+async def _stream_file(request: web.Request, path: str) -> web.StreamResponse:
+    """The HDF5 file in chunks, then removed (whether or not the client read it to the end)."""
+    try:
+        response = web.StreamResponse(headers={"Content-Type": "application/x-hdf5",
+                                               "Content-Disposition": 'attachment; filename="range.h5"',
+                                               "Content-Length": str(os.path.getsize(path))})
+        await response.prepare(request)
+        with open(path, "rb") as file:
+            while chunk := file.read(FILE_CHUNK_BYTES):
+                await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        ranges.remove_range_file(path)
+
+
+# --------------------------------------------------------------------------
+# The websocket
+# --------------------------------------------------------------------------
+async def _websocket(request: web.Request) -> web.WebSocketResponse:
+    service = request.app[SERVICE_KEY]
+    socket = web.WebSocketResponse(heartbeat=service.settings.heartbeat_seconds,
+                                   max_msg_size=MAX_CLIENT_MESSAGE_BYTES)
+    await socket.prepare(request)
+    client = service.hub.clients.setdefault(socket, ClientFeed())
+    wakeup = service.wakeups.setdefault(socket, asyncio.Event())
+    service.counters.clients_total += 1
+    sender = asyncio.create_task(_send_frames(socket, client, wakeup))
+    try:
+        async for received in socket:
+            if received.type == aiohttp.WSMsgType.TEXT:
+                _handle(service, client, received.data)
+                wakeup.set()
+            elif received.type == aiohttp.WSMsgType.ERROR:
+                break
+    finally:
+        if socket.close_code == aiohttp.WSCloseCode.ABNORMAL_CLOSURE or socket.exception() is not None:
+            service.counters.clients_dropped += 1  # heartbeat unanswered, or broken
+        sender.cancel()
+        service.forget_client(socket)
+        await socket.close()
+    return socket
+
+
+def _handle(service: WebService, client: ClientFeed, text: str) -> None:
+    """One client message: subscribe, unsubscribe, ping; anything else an error answer."""
+    try:
+        request = json.loads(text)
+    except ValueError:
+        client.queue_message({"type": "error", "status": "not JSON: send {\"op\": \"subscribe\", ...}"})
+        return
+    op = request.get("op") if isinstance(request, dict) else None
+    try:
+        if op == "subscribe":
+            names = client.subscribe(request.get("channels"), request.get("max_rate"), time.monotonic())
+            client.queue_message({"type": "subscribed", "channels": names})
+            _send_latest(service, client, names)
+        elif op == "unsubscribe":
+            client.queue_message({"type": "unsubscribed", "channels": client.unsubscribe(request.get("channels"))})
+        elif op == "ping":
+            client.queue_message({"type": "pong", "time": time.time()})
+        else:
+            client.queue_message({"type": "error", "status": f"op {op!r} is not subscribe, unsubscribe or ping"})
+    except SubscriptionError as error:
+        client.queue_message({"type": "error", "status": str(error)})
+
+
+def _send_latest(service: WebService, client: ClientFeed, names: list[str]) -> None:
+    """A new subscriber gets each channel's latest value at once, not only from the next update on."""
+    messages = []
+    for name in names:
+        latest = service.latest.get(name)
+        if latest is not None:
+            messages.append(value_document(name, latest, service.hub.max_elements))
+    if messages:
+        client.queue_values(messages)
+
+
+async def _send_frames(socket: web.WebSocketResponse, client: ClientFeed, wakeup: asyncio.Event) -> None:
+    """Send what the client's queue holds, oldest first; wait when it is empty."""
+    try:
+        while not socket.closed:
+            frame = client.take()
+            if frame is None:
+                wakeup.clear()
+                await wakeup.wait()
+                continue
+            await socket.send_str(frame)
+    except (ConnectionResetError, aiohttp.ClientError, RuntimeError):
+        pass  # the receive side sees the close and cleans up

@@ -1,0 +1,72 @@
+"""Access tokens of the web service: a file of tokens, a timing-safe check, loopback-only without them."""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass
+
+__all__ = ["TokenSet", "read_tokens", "is_loopback", "TokenFileError"]
+
+logger = logging.getLogger(__name__)
+
+#: Shortest token accepted from a file: a guessable token is no token.
+MIN_TOKEN_LENGTH = 16
+
+
+class TokenFileError(ValueError):
+    """The token file cannot be used; the message says why."""
+
+
+def read_tokens(path: str | os.PathLike) -> tuple[str, ...]:
+    """Tokens, one per line; ``#`` starts a comment; blank lines ignored. Raises TokenFileError."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise TokenFileError(f"token file {path}: {error}") from None
+    tokens = []
+    for number, line in enumerate(lines, 1):
+        token = line.split("#", 1)[0].strip()
+        if not token:
+            continue
+        if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
+            raise TokenFileError(f"token file {path}, line {number}: a token is one word of at least "
+                                 f"{MIN_TOKEN_LENGTH} characters (e.g. python -c 'import secrets; "
+                                 "print(secrets.token_urlsafe(32))')")
+        tokens.append(token)
+    if not tokens:
+        raise TokenFileError(f"token file {path} holds no token")
+    return tuple(tokens)
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """The tokens that open the service; empty: open (allowed on loopback only)."""
+
+    tokens: tuple[str, ...] = ()
+
+    @property
+    def required(self) -> bool:
+        return bool(self.tokens)
+
+    def allows(self, presented: str | None) -> bool:
+        """Timing-safe: every token is compared, whatever matches, so timing tells nothing."""
+        if not self.tokens:
+            return True
+        candidate = (presented or "").encode("utf-8")
+        matched = False
+        for token in self.tokens:
+            matched |= hmac.compare_digest(candidate, token.encode("utf-8"))
+        return matched
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and "localhost"; a bind to anything else (0.0.0.0 too) is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

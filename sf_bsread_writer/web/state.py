@@ -1,0 +1,172 @@
+"""What the web service knows and shares between its handlers: settings, latest values, subscriptions,
+tokens, counters, and the feed reader thread that keeps the latest values current."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from ..core.live import LatestValues, SubscriptionHub
+from ..core.protocol import IgnoredMessage, Message, MessageParser, ProtocolError
+from ..core.range_query import RangeLimits
+from ..core.rates import SparseAwareGrid
+from ..transport.partsio import PartsReceiver
+from ..core.status import PrometheusText
+from .auth import TokenFileError, TokenSet, read_tokens
+
+__all__ = ["WebSettings", "WebService", "WebCounters"]
+
+logger = logging.getLogger(__name__)
+
+FEED_HWM = 4  # the newest few messages: a slow loop loses old ones, never memory
+
+
+@dataclass
+class WebSettings:
+    feed: str
+    status_url: str
+    replay: str
+    source_mode: str = "sub"
+    port: int = 8891
+    bind: str = "127.0.0.1"
+    tokens_file: str | None = None
+    max_rate: float = 10.0
+    limits: RangeLimits = field(default_factory=RangeLimits)
+    range_timeout: float = 30.0
+    parent_pid: int = 0
+    heartbeat_seconds: float = 10.0  # websocket pings; a client silent for longer is dropped
+
+
+@dataclass
+class WebCounters:
+    """The service's own metrics (``GET /metrics``)."""
+
+    feed_messages: int = 0
+    feed_rejected: int = 0
+    values_sent: int = 0
+    values_dropped: int = 0
+    clients_total: int = 0
+    clients_dropped: int = 0  # closed for not answering heartbeats, or by error
+    unauthorized: int = 0
+    range_requests: dict[str, int] = field(default_factory=dict)  # by outcome
+
+
+class WebService:
+    """State shared by the handlers: latest values, subscriptions, tokens, counters."""
+
+    def __init__(self, settings: WebSettings, tokens: TokenSet) -> None:
+        self.settings = settings
+        self.tokens = tokens
+        self.latest = LatestValues()
+        self.hub = SubscriptionHub()
+        self.counters = WebCounters()
+        self.wakeups: dict[Any, asyncio.Event] = {}  # per websocket: frames are waiting
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._feed_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.feed_error: str | None = None
+
+    # -- the feed ---------------------------------------------------------------
+    def start_feed(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._feed_thread = threading.Thread(target=self._read_feed, name="web-feed", daemon=True)
+        self._feed_thread.start()
+
+    def stop_feed(self) -> None:
+        self._stop.set()
+        if self._feed_thread is not None:
+            self._feed_thread.join(timeout=2)
+
+    def _read_feed(self) -> None:
+        """Receive, keep to max_rate without losing sparse channels, parse; hand each message to the loop."""
+        context = zmq.Context()
+        socket = context.socket(zmq.SUB if self.settings.source_mode == "sub" else zmq.PULL)
+        socket.setsockopt(zmq.RCVHWM, FEED_HWM)
+        socket.setsockopt(zmq.LINGER, 0)
+        if self.settings.source_mode == "sub":
+            socket.setsockopt(zmq.SUBSCRIBE, b"")
+        parser = MessageParser()
+        receiver = PartsReceiver()
+        sampler = SparseAwareGrid(self.settings.max_rate)
+        try:
+            socket.connect(self.settings.feed)
+            while not self._stop.is_set():
+                if not socket.poll(200):
+                    continue
+                _, parts = receiver.receive(socket, 0, 0)
+                if parts is None or not sampler.take(time.monotonic(), parts.layout.presence):
+                    continue
+                try:
+                    message = parser.parse(parts)
+                except IgnoredMessage:
+                    continue
+                except ProtocolError as error:
+                    self.counters.feed_rejected += 1
+                    if self.counters.feed_rejected <= 10:
+                        logger.warning("feed message rejected: %s", error)
+                    continue
+                assert self.loop is not None
+                self.loop.call_soon_threadsafe(self.on_message, message)
+        except Exception as error:  # the service answers on, saying that it has no live data
+            self.feed_error = f"{type(error).__name__}: {error}"
+            logger.exception("feed reader failed")
+        finally:
+            socket.close(0)
+            context.term()
+
+    def on_message(self, message: Message) -> None:
+        """In the loop: the newest message -> latest values -> due frames of every subscriber."""
+        self.counters.feed_messages += 1
+        self.latest.update(message)
+        for key in self.hub.publish(self.latest, message, time.monotonic()):
+            wakeup = self.wakeups.get(key)
+            if wakeup is not None:
+                wakeup.set()
+
+    # -- tokens -----------------------------------------------------------------
+    def reload_tokens(self) -> None:
+        """SIGHUP: read the token file again; a bad file keeps the tokens in force (and says so)."""
+        if self.settings.tokens_file is None:
+            return
+        try:
+            self.tokens = TokenSet(read_tokens(self.settings.tokens_file))
+            logger.info("tokens re-read: %d token(s)", len(self.tokens.tokens))
+        except TokenFileError as error:
+            logger.error("%s; the previous tokens stay in force", error)
+
+    # -- metrics ----------------------------------------------------------------
+    def metrics_text(self) -> str:
+        counters, hub = self.counters, self.hub
+        m = PrometheusText({}, prefix="sf_bsread_web_")
+        m.one("up", "gauge", "1 while the web service runs.", 1)
+        m.one("clients", "gauge", "Websocket clients connected.", len(hub.clients))
+        m.one("subscriptions", "gauge", "Channel subscriptions of all clients.", hub.subscription_count)
+        m.one("clients_total", "counter", "Websocket clients accepted.", counters.clients_total)
+        m.one("clients_dropped_total", "counter", "Websocket clients closed for not answering heartbeats.",
+              counters.clients_dropped)
+        m.one("values_sent_total", "counter", "Values sent to websocket clients.",
+              counters.values_sent + sum(client.values_sent for client in hub.clients.values()))
+        m.one("values_dropped_total", "counter", "Values dropped for websocket clients that read too slowly.",
+              counters.values_dropped + sum(client.dropped_total for client in hub.clients.values()))
+        m.one("feed_messages_total", "counter", "Messages taken from the buffer's feed.", counters.feed_messages)
+        m.one("feed_rejected_total", "counter", "Malformed feed messages dropped.", counters.feed_rejected)
+        m.one("unauthorized_requests_total", "counter", "Requests refused for a missing or wrong token.",
+              counters.unauthorized)
+        m.family("range_requests_total", "counter", "Range requests, by outcome.",
+                 [({"outcome": outcome}, count) for outcome, count in sorted(counters.range_requests.items())])
+        return m.text()
+
+    def forget_client(self, key: Any) -> None:
+        """A websocket closed: its counts go into the service's totals, its queue is freed."""
+        client = self.hub.clients.pop(key, None)
+        self.wakeups.pop(key, None)
+        if client is not None:
+            self.counters.values_sent += client.values_sent
+            self.counters.values_dropped += client.dropped_total
+
+

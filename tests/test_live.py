@@ -1,0 +1,161 @@
+"""The web service's pure decisions: latest values, JSON values, subscriptions and bounded queues
+(core.live), range queries and their columns (core.range_query). Fed ``now``; no socket."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from sf_bsread_writer.core.live import (
+    ClientFeed, LatestValues, SubscriptionError, SubscriptionHub, json_safe, value_document,
+)
+from sf_bsread_writer.core.protocol import MessageParser, build_message
+from sf_bsread_writer.core.range_query import (
+    RangeColumns, RangeLimits, RangeQueryError, RangeTooLarge, parse_range_query,
+)
+from sf_bsread_writer.core.replay_messages import Gap
+
+CHANNELS = [{"name": "A", "type": "float64"}, {"name": "EVERY10", "type": "int32"},
+            {"name": "WAVE", "type": "float32", "shape": [4]}, {"name": "TEXT", "type": "string"}]
+
+
+def message(pulse_id: int, channels=CHANNELS):
+    values = [pulse_id / 2, np.int32(pulse_id) if pulse_id % 10 == 0 else None,
+              np.arange(4, dtype=np.float32) + pulse_id, f"p{pulse_id}"][:len(channels)]
+    stamps = [(1_700_000_000 + pulse_id, 5)] * len(channels)
+    return MessageParser().parse(build_message(pulse_id, channels, values, timestamp=(1_700_000_000, 0),
+                                               channel_timestamps=stamps))
+
+
+def test_latest_values_keep_a_sparse_channel_with_its_own_pulse_id():
+    latest = LatestValues()
+    for pulse_id in range(10, 14):
+        latest.update(message(pulse_id))
+    assert latest.get("A").pulse_id == 13 and latest.get("EVERY10").pulse_id == 10
+    assert latest.get("EVERY10").decoded().tolist() == [10]
+    assert latest.get("A").timestamp == 1_700_000_013 + 5e-9
+    latest.update(message(14, CHANNELS[:1]))  # a new header without the others: they are gone
+    assert latest.get("WAVE") is None and [spec.name for spec in latest.channels] == ["A"]
+
+
+def test_values_as_json_say_what_json_cannot_hold():
+    assert json_safe(np.array([2.5])) == (2.5, {})
+    assert json_safe(np.array([np.nan])) == (None, {})
+    assert json_safe(np.array([[1.0, np.inf], [2.0, 3.0]])) == ([[1.0, None], [2.0, 3.0]], {})
+    assert json_safe("µJ") == ("µJ", {})
+    big = json_safe(np.zeros((300, 300), dtype=np.uint16), max_elements=1000)
+    assert big == (None, {"too_large": True, "shape": [300, 300], "dtype": "uint16"})
+    latest = LatestValues()
+    latest.update(message(20))
+    document = value_document("WAVE", latest.get("WAVE"))
+    assert document == {"type": "value", "channel": "WAVE", "pulse_id": 20, "timestamp": 1_700_000_020 + 5e-9,
+                        "value": [20.0, 21.0, 22.0, 23.0]}
+    json.dumps(document, allow_nan=False)
+
+
+def test_a_subscription_keeps_its_rate_on_a_jittery_feed():
+    client = ClientFeed()
+    client.subscribe(["A"], 5, now=0.0)
+    encoded = {"A": '{"type": "value"}'}
+    sent = sum(client.offer(encoded, now=t / 50 + (0.004 if t % 2 else -0.004)) for t in range(500))  # 50 Hz, 10 s
+    assert 49 <= sent <= 51  # 5 per second
+    with pytest.raises(SubscriptionError, match="max_rate"):
+        client.subscribe(["A"], -1, now=0.0)
+    with pytest.raises(SubscriptionError, match="non-empty list"):
+        client.subscribe("A", 1, now=0.0)
+
+
+def test_a_slow_client_costs_bounded_memory_and_learns_how_many_values_it_lost():
+    client = ClientFeed(max_frames=4, max_bytes=10_000)
+    client.subscribe(["A", "WAVE"], None, now=0.0)
+    for pulse in range(100):  # nobody takes frames: only the newest 4 stay
+        client.offer({"A": f'{{"n": {pulse}}}', "WAVE": '{"w": 0}'}, now=float(pulse))
+    assert len(client.frames) == 4 and client.queued_bytes < 10_000
+    assert json.loads(client.take()) == {"type": "dropped", "count": 192}  # 96 frames x 2 values
+    first = json.loads(client.take())
+    assert first["type"] == "batch" and first["messages"][0] == {"n": 96}
+    client.offer({"A": "x" * 20_000}, now=200.0)  # one frame over the byte bound still goes (alone)
+    assert len(client.frames) == 1 and client.dropped_total == 192 + 6
+
+
+def test_the_hub_encodes_each_value_once_for_every_subscriber_and_only_what_is_wanted():
+    hub, latest = SubscriptionHub(), LatestValues()
+    for key in ("one", "two"):
+        hub.clients[key] = ClientFeed()
+        hub.clients[key].subscribe(["A", "EVERY10"], None, now=0.0)
+    hub.clients["three"] = ClientFeed()
+    hub.clients["three"].subscribe(["TEXT"], None, now=0.0)
+    for pulse_id in (10, 11):
+        latest.update(message(pulse_id))
+        woken = hub.publish(latest, latest.message, now=float(pulse_id))
+        assert sorted(woken) == ["one", "three", "two"]
+    assert hub.values_encoded == 3 + 2  # A, EVERY10, TEXT; then A, TEXT (EVERY10 absent at 11: nothing new)
+    frames = [json.loads(hub.clients["one"].take()) for _ in range(2)]
+    assert [[m["channel"] for m in f["messages"]] for f in frames] == [["A", "EVERY10"], ["A"]]
+    assert hub.subscription_count == 5 and hub.wanted() == {"A", "EVERY10", "TEXT"}
+
+
+def test_range_queries_say_what_to_fix():
+    limits = RangeLimits(max_pulses=1000)
+    query = parse_range_query({"channels": "A,B,A", "start_pulse_id": "10", "stop_pulse_id": "20"}, limits)
+    assert query.channels == ("A", "B") and (query.start_pulse_id, query.stop_pulse_id) == (10, 20)
+    assert parse_range_query({"channels": "A", "start_time": "1.5", "stop_time": "2", "format": "npz"},
+                             limits).format == "npz"
+    for params, fix in (({}, "channels=A,B is required"),
+                        ({"channels": "A"}, "either start_pulse_id"),
+                        ({"channels": "A", "start_pulse_id": "1", "stop_time": "2"}, "either"),
+                        ({"channels": "A", "start_pulse_id": "x", "stop_pulse_id": "2"}, "not an integer"),
+                        ({"channels": "A", "start_pulse_id": "5", "stop_pulse_id": "2"}, "before"),
+                        ({"channels": "A", "start_time": "nan", "stop_time": "2"}, "seconds since 1970"),
+                        ({"channels": "A", "start_pulse_id": "1", "stop_pulse_id": "2", "format": "csv"},
+                         "json, npz, hdf5")):
+        with pytest.raises(RangeQueryError, match=fix):
+            parse_range_query(params, limits)
+    with pytest.raises(RangeTooLarge, match="at most 1000"):
+        parse_range_query({"channels": "A", "start_pulse_id": "0", "stop_pulse_id": "1000"}, limits)
+
+
+def test_range_columns_hold_rows_gaps_and_their_limits():
+    query = parse_range_query({"channels": "A,EVERY10,WAVE,NONE", "start_pulse_id": "10", "stop_pulse_id": "12"},
+                              RangeLimits())
+    columns = RangeColumns(query, RangeLimits())
+    for pulse_id in (10, 11, 12):
+        columns.add(message(pulse_id))
+    columns.gap(Gap(8, 9, "before_buffer", 2))
+    columns.finish()
+    every = columns.arrays("EVERY10")
+    assert every["pulse_id"].tolist() == [10, 11, 12] and every["is_data_present"].tolist() == [True, False, False]
+    assert every["data"].tolist() == [[10], [0], [0]]  # n x 1, as the writer's scalar datasets
+    assert columns.arrays("WAVE")["data"].shape == (3, 4)
+    assert columns.missing == [{"first_pulse_id": 8, "last_pulse_id": 9, "reason": "before_buffer", "count": 2},
+                               {"channel": "NONE", "reason": "no_value_in_range"}]
+    small = RangeColumns(query, RangeLimits(max_bytes=30))
+    small.add(message(10))  # 8 + 4 + 16 bytes of values
+    with pytest.raises(RangeTooLarge, match="30 bytes"):
+        small.add(message(11))
+    assert math.isclose(columns.arrays("A")["timestamp"][0], 1_700_000_010 + 5e-9)
+
+
+def test_a_rate_limited_feed_keeps_sparse_channels():
+    """At 10 of 100 messages a second a plain grid locks onto pulses where a modulo-10 channel is absent;
+    the feed also takes the messages that carry a channel the last one lacked, within a bound."""
+    from sf_bsread_writer.core.parts import pack
+    from sf_bsread_writer.core.rates import RateGrid, SparseAwareGrid
+
+    with_sparse = pack(build_message(10, CHANNELS, [1.0, np.int32(1), np.zeros(4, np.float32), "x"]))
+    without = pack(build_message(11, CHANNELS, [1.0, None, np.zeros(4, np.float32), "x"]))
+    assert with_sparse.layout.presence == 0b1111 and without.layout.presence == 0b1101
+
+    def run(sampler, take):
+        taken = [p for p in range(1000) if take(sampler, p * 0.01, (with_sparse if p % 10 == 3 else without))]
+        return len(taken), sum(1 for p in taken if p % 10 == 3)
+
+    plain = run(RateGrid(10), lambda s, now, parts: s.take(now))
+    aware = run(SparseAwareGrid(10), lambda s, now, parts: s.take(now, parts.layout.presence))
+    assert plain[1] == 0 and 99 <= plain[0] <= 101  # the sparse channel never seen
+    assert aware[1] == 100 and aware[0] <= 202  # every one of its values, bounded in all
+    everything_new = SparseAwareGrid(10, extra_factor=1)
+    flips = [everything_new.take(p * 0.01, 1 << (p % 50)) for p in range(1000)]
+    assert sum(flips) <= 205  # a stream whose every message is "new" stays bounded
