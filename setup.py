@@ -55,6 +55,7 @@ setup(
         "caproto>=1.1",  # the gateway's fallback CA server (--server caproto), the bridge's client tests
         "softioc>=4.5",  # pythonSoftIOC: the gateway's CA server (EPICS records, C fan-out)
         "aiohttp>=3.9",  # the web service (HTTP, websockets) and its Python client, sf_bsread_writer.remote
+        "rich>=13",  # sf_bsread_ctl: tables, the live watch, the progress bar
     ],
     extras_require={
         "test": [
@@ -75,6 +76,7 @@ setup(
             "sf_bsread_gateway=sf_bsread_writer.ca.gateway:main",
             "sf_bsread_ca_bridge=sf_bsread_writer.ca.bridge:main",
             "sf_bsread_web=sf_bsread_writer.web.service:main",
+            "sf_bsread_ctl=sf_bsread_writer.tools.ctl:main",
         ],
     },
 )

@@ -28,15 +28,16 @@ ALLOWED = {
     "transport": {"core"},
     "config": {"core"},
     "process": set(),
+    "registry": {"process"},
     "httpserver": set(),
     "client": set(),
-    "buffer": {"core", "transport", "config", "process", "httpserver"},
-    "writer": {"core", "h5", "transport", "config", "process", "httpserver"},
+    "buffer": {"core", "transport", "config", "process", "httpserver", "registry"},
+    "writer": {"core", "h5", "transport", "config", "process", "httpserver", "registry"},
     "ca": {"core", "config", "process"},
     "web": {"core", "h5", "transport", "config", "process"},
     "remote": set(),
-    "tools": {"core", "config", "process"},
-    "__init__": set(),
+    "tools": {"core", "config", "process", "registry", "client", "transport"},
+    "__init__": {"tools"},
 }
 
 # The core decides; it does no I/O. Libraries it may use: pure computation only.

@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     process.configure_logging(args.log_level)
     try:
-        buffer = Buffer.from_args(args, print_ready=True)
+        buffer = Buffer.from_args(args, print_ready=True, register=True)
     except ValueError as error:
         logger.error("%s", error)
         return 2

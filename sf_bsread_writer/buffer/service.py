@@ -33,7 +33,7 @@ from typing import Any
 
 import zmq
 
-from .. import config, process
+from .. import config, process, registry
 from ..core.parts import PackedParts
 from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES, IgnoredMessage, MessageParser, ProtocolError
 from ..core.rates import RateEstimator, SparseAwareGrid
@@ -132,6 +132,7 @@ class Buffer:
                  max_writers: int = 16, replay_inflight_bytes: int = 64 * 1024**2,
                  session_timeout: float = 10.0, heartbeat_interval: float = 1.0,
                  snapshot_interval: float = 0.25, print_ready: bool = False, log_level: str = "INFO",
+                 register: bool = False,
                  max_clock_skew: float = MAX_CLOCK_SKEW, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         if source_mode not in ("pull", "sub"):
@@ -169,6 +170,8 @@ class Buffer:
         self.heartbeat_interval = heartbeat_interval
         self.snapshot_interval = snapshot_interval
         self.print_ready = print_ready
+        self.register = register  # list this buffer for sf_bsread_ctl (registry): the CLI does
+        self._registry_entry = None
         self.log_level = log_level
         self.max_messages = buffer_length
         self.max_bytes = buffer_bytes
@@ -202,6 +205,7 @@ class Buffer:
         self._duplicates = 0
         self._header_changes = 0
         self._last_hash: str | None = None
+        self._channels: int | None = None  # of the newest data header
         self._last_pulse_id: int | None = None
         self._last_message_monotonic: float | None = None
         self._previous_message_monotonic: float | None = None
@@ -284,6 +288,7 @@ class Buffer:
             self._loop(ingest, output, self._replay)
         finally:
             process.sd_notify("STOPPING=1")
+            registry.unregister(self._registry_entry)
             self._stop_children()
             if http is not None:
                 http.stop()
@@ -310,6 +315,9 @@ class Buffer:
         self._publish_snapshot(self._clock())
         if self.print_ready:
             process.print_ready({**self._endpoints().to_json(), "io_path": partsio.IMPLEMENTATION})
+        if self.register:
+            self._registry_entry = registry.register("buffer", self.name, self._endpoints().to_json(),
+                                                     {"stream": self.stream})
         process.sd_notify(f"READY=1\nSTATUS=ingesting {self.stream}")
         self.started.set()
 
@@ -446,6 +454,7 @@ class Buffer:
                 self._reject_log.info("header", "data header changed at pulse %d: %d channels (hash %s -> %s)",
                                       pulse_id, message.n_channels, self._last_hash, header_hash)
             self._last_hash = header_hash
+            self._channels = message.n_channels
         if self._last_pulse_id is not None and pulse_id < self._last_pulse_id and self.analyzer:
             logger.info("analyzer: pulse id went back from %d to %d", self._last_pulse_id, pulse_id)
         self._last_pulse_id = pulse_id
@@ -517,6 +526,7 @@ class Buffer:
             duplicates=self._duplicates,
             ca_feed=self._ca_feed.status() if self._ca_feed is not None else None,
             web_feed=self._web_feed.status() if self._web_feed is not None else None,
+            channels=self._channels,
             header_changes=self._header_changes,
             ring=RingStatus(messages=ring.n_messages, bytes=ring.n_bytes, max_messages=self.max_messages,
                             max_bytes=self.max_bytes, oldest_pulse_id=ring.oldest_pulse_id,

@@ -257,6 +257,7 @@ class BufferStatus(_Record):
     replay: ReplayStatus
     io_path: str = "python"  # how whole messages move: compiled | python (transport.partsio)
     web_feed: CaFeedStatus | None = None
+    channels: int | None = None  # channels of the newest data header
 
     def describe(self) -> str:
         """One word for humans and monitoring: what the buffer is doing."""
@@ -374,6 +375,7 @@ def prometheus_text(status: BufferStatus) -> str:
     m.one("duplicate_messages_total", "counter", "Messages dropped because their pulse id repeated the newest.",
           status.duplicates)
     m.one("header_changes_total", "counter", "Changes of the data header hash.", status.header_changes)
+    m.one("channels", "gauge", "Channels of the newest data header.", status.channels)
     m.one("ring_messages", "gauge", "Messages held in the ring.", ring.messages)
     m.one("ring_bytes", "gauge", "Bytes of raw frames held in the ring.", ring.bytes)
     m.one("ring_max_messages", "gauge", "Most messages the ring holds.", ring.max_messages)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .. import config, process
+from .. import config, process, registry
 from ..core.acquisition import BadRequest, OutsideRoot
 from ..httpserver import HttpServer
 from ..transport import partsio
@@ -136,4 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     server.start()
     process.print_ready({"rest": server.url, "io_path": partsio.IMPLEMENTATION})
-    return serve(writer, server, app.wait_until_idle)
+    entry = registry.register("writer", os.path.basename(args.output_file) or "writer", {"rest": server.url},
+                              {"output_file": os.path.abspath(args.output_file), "buffer": settings.stream_address})
+    try:
+        return serve(writer, server, app.wait_until_idle)
+    finally:
+        registry.unregister(entry)

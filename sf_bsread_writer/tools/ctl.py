@@ -1,0 +1,419 @@
+"""``sf_bsread_ctl``: the buffers and writers of this host, from the command line (docs/operations.md).
+
+::
+
+    sf_bsread_ctl ls                                  # every buffer and writer of this host
+    sf_bsread_ctl status  BUFFER                      # BUFFER: a name from ls, or http://host:8890
+    sf_bsread_ctl channels BUFFER
+    sf_bsread_ctl peek BUFFER CHANNEL                 # the newest value of one channel
+    sf_bsread_ctl watch BUFFER                        # a live table (Ctrl-C ends it)
+    sf_bsread_ctl write BUFFER START STOP FILE        # one acquisition; or --since 10s / --last 500
+
+``write`` is :func:`write_range` (also ``sf_bsread_writer.write_range``): a
+writer process, driven over its REST API like the DAQ system does, with a
+progress bar; the exit code is the writer's (0 complete, 3 partial, 1 failed).
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from .. import process, registry
+from ..client import WriterClient, WriterError
+from ..core.acquisition import Outcome
+from ..core.protocol import MessageParser
+from ..core.replay_messages import Data, End, Gap, Refused
+from ..core.status import BufferStatus
+from ..transport.replay_client import ReplayClient, ReplayHandshakeError
+
+__all__ = ["main", "write_range", "BufferRef", "resolve_buffer", "CtlError"]
+
+logger = logging.getLogger(__name__)
+
+HTTP_TIMEOUT = 3.0
+
+
+class CtlError(RuntimeError):
+    """Something the operator must fix (an unknown buffer, a buffer that does not answer); exit code 2."""
+
+
+@dataclass(frozen=True)
+class BufferRef:
+    """A buffer to talk to: its name and addresses (from the registry or from its HTTP status)."""
+
+    name: str
+    rest: str
+    replay: str | None
+    output: str | None
+    web: str | None = None
+
+    def statistics(self) -> BufferStatus:
+        try:
+            answer = requests.get(self.rest + "/statistics", timeout=HTTP_TIMEOUT)
+            return BufferStatus.from_json(answer.json()["statistics"])
+        except (requests.RequestException, ValueError, KeyError) as error:
+            raise CtlError(f"buffer {self.name} does not answer at {self.rest}: {error}") from None
+
+
+def resolve_buffer(spec: str) -> BufferRef:
+    """``spec``: a buffer's name as ``ls`` shows it, or its HTTP base URL (``http://host:8890``)."""
+    if spec.startswith(("http://", "https://")):
+        rest = spec.rstrip("/")
+        try:
+            document = requests.get(rest + "/statistics", timeout=HTTP_TIMEOUT).json()["statistics"]
+        except (requests.RequestException, ValueError, KeyError) as error:
+            raise CtlError(f"no buffer answers at {rest}: {error}") from None
+        endpoints = document.get("endpoints", {})
+        return BufferRef(document.get("name", rest), rest, endpoints.get("replay"), endpoints.get("output"),
+                         endpoints.get("web"))
+    found = [entry for entry in registry.entries() if entry.kind == "buffer" and entry.name == spec]
+    if not found:
+        names = sorted({entry.name for entry in registry.entries() if entry.kind == "buffer"})
+        raise CtlError(f"no buffer named {spec!r} on this host (running: {', '.join(names) or 'none'}; "
+                       f"or give its HTTP URL, http://host:8890)")
+    endpoints = found[-1].endpoints
+    if not endpoints.get("rest"):
+        raise CtlError(f"buffer {spec!r} has no HTTP status (--rest-port)")
+    return BufferRef(spec, endpoints["rest"], endpoints.get("replay"), endpoints.get("output"), endpoints.get("web"))
+
+
+# --------------------------------------------------------------------------
+# Reading the newest message
+# --------------------------------------------------------------------------
+def newest_message(buffer: BufferRef, timeout: float = 5.0) -> Any:
+    """The newest message the buffer holds, replayed (never taken from a live output somebody consumes)."""
+    status = buffer.statistics()
+    newest = status.ring.newest_pulse_id
+    if newest is None or buffer.replay is None:
+        raise CtlError(f"buffer {buffer.name} holds no message yet")
+    client = ReplayClient(buffer.replay, start_pulse_id=newest, stop_pulse_id=newest)
+    try:
+        client.start()
+        client.handshake(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            event = client.receive(0.5)
+            if isinstance(event, Data):
+                return MessageParser().parse(event.frames)
+            if isinstance(event, (End, Refused)):
+                break
+            if isinstance(event, Gap):
+                raise CtlError(f"pulse {newest} was evicted meanwhile; try again")
+    except ReplayHandshakeError as error:
+        raise CtlError(str(error)) from None
+    finally:
+        client.close()
+    raise CtlError(f"buffer {buffer.name} sent no message within {timeout:g} s")
+
+
+# --------------------------------------------------------------------------
+# write_range
+# --------------------------------------------------------------------------
+@dataclass
+class Progress:
+    written: int
+    expected: int | None
+    last_pulse_id: int | None
+
+
+def write_range(buffer: str | BufferRef, start_pulse_id: int, stop_pulse_id: int, path: str,
+                parameters: Mapping[str, Any] | None = None, *, timeout: float | None = None,
+                on_progress: Callable[[Progress], None] | None = None) -> Outcome:
+    """Write pulses ``start_pulse_id..stop_pulse_id`` (both included) of ``buffer`` into ``path``.
+
+    One writer process, driven over REST as the DAQ system drives it; returns its outcome
+    (``complete``, ``partial``: some pulses are not in the file and it says why, ``failed``).
+    ``parameters`` go to ``/parameters`` (defaults: now, this user, sf_bsread_ctl, the buffer's name).
+    """
+    ref = buffer if isinstance(buffer, BufferRef) else resolve_buffer(buffer)
+    if ref.replay is None:
+        raise CtlError(f"buffer {ref.name} has no replay endpoint")
+    if stop_pulse_id < start_pulse_id:
+        raise CtlError(f"stop pulse id {stop_pulse_id} is before start {start_pulse_id}")
+    step = ref.statistics().pulse_ids.usual_step or 1
+    expected = (stop_pulse_id - start_pulse_id) // step + 1
+    command = [sys.executable, "-m", "sf_bsread_writer.writer", ref.replay, path, "-1", "0",
+               "--finished-grace", "0.2"]
+    writer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = _read_ready(writer)
+        client = WriterClient(ready["rest"], timeout=10)
+        client.set_parameters({"general/created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               "general/user": getpass.getuser(), "general/process": "sf_bsread_ctl",
+                               "general/instrument": ref.name, **dict(parameters or {})})
+        client.start_pulse_id(start_pulse_id)
+        client.stop_pulse_id(stop_pulse_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while writer.poll() is None:
+            if on_progress is not None:
+                try:
+                    statistics = client.statistics()
+                    on_progress(Progress(statistics.get("messages_written", 0), expected,
+                                         statistics.get("last_pulse_id")))
+                except (requests.RequestException, WriterError):
+                    pass  # finishing: the REST API goes away with the process
+            if deadline is not None and time.monotonic() > deadline:
+                client.stop()
+                deadline = None
+            try:
+                writer.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+        code = writer.wait()
+    except BaseException:
+        if writer.poll() is None:
+            writer.terminate()
+            writer.wait(timeout=30)
+        raise
+    finally:
+        for stream in (writer.stdout, writer.stderr):
+            if stream is not None:
+                stream.close()
+    by_code = {outcome.exit_code: outcome for outcome in Outcome}
+    return by_code.get(code, Outcome.FAILED)
+
+
+def _read_ready(writer: subprocess.Popen, timeout: float = 30.0) -> dict[str, Any]:
+    assert writer.stdout is not None
+    deadline = time.monotonic() + timeout
+    for line in writer.stdout:
+        payload = process.parse_ready(line.strip())
+        if payload is not None:
+            return payload
+        if time.monotonic() > deadline:
+            break
+    error = writer.stderr.read() if writer.stderr is not None and writer.poll() is not None else ""
+    raise CtlError(f"the writer did not start: {error.strip()[-500:] or 'no READY line'}")
+
+
+_SINCE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+
+
+def parse_seconds(text: str) -> float:
+    """``10s``, ``1.5m``, ``500ms``, ``2h``, ``30`` (seconds)."""
+    match = _SINCE.match(text.strip())
+    if not match:
+        raise CtlError(f"--since {text!r}: give a duration like 10s, 1.5m, 500ms")
+    value, unit = float(match.group(1)), match.group(2) or "s"
+    return value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+def range_of(status: BufferStatus, since: str | None, last: int | None) -> tuple[int, int]:
+    """The pulse range of ``--since DURATION`` or ``--last N`` messages, ending at the newest pulse held."""
+    ring, step = status.ring, status.pulse_ids.usual_step or 1
+    if ring.newest_pulse_id is None:
+        raise CtlError("the buffer holds no message yet")
+    stop = ring.newest_pulse_id
+    if last is not None:
+        return max(ring.oldest_pulse_id or stop, stop - (last - 1) * step), stop
+    seconds = parse_seconds(since or "0")
+    rate = status.rates.messages_per_second or 0.0
+    if rate <= 0:
+        raise CtlError("the buffer's message rate is not known (is the source sending?): use --last N")
+    return max(ring.oldest_pulse_id or stop, stop - int(round(seconds * rate)) * step + step), stop
+
+
+# --------------------------------------------------------------------------
+# The commands
+# --------------------------------------------------------------------------
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*["-" if value is None else str(value) for value in row])
+    return table
+
+
+def _print(renderable: Any) -> None:
+    from rich.console import Console
+
+    Console().print(renderable)
+
+
+def _status_rows(status: BufferStatus) -> list[tuple[str, Any]]:
+    ring = status.ring
+    return [("state", status.describe()), ("source", status.endpoints.stream),
+            ("rate", f"{status.rates.messages_per_second:.1f} msg/s, {status.rates.bytes_per_second / 1e6:.2f} MB/s"),
+            ("channels", status.channels), ("ring", f"{ring.messages} / {ring.max_messages} messages, "
+                                                    f"{ring.bytes / 1e6:.1f} / {ring.max_bytes / 1e6:.0f} MB"),
+            ("look-back", f"{ring.look_back_seconds:.1f} s, {ring.look_back_pulses} pulses"
+             if ring.look_back_seconds is not None else None),
+            ("pulse ids", f"{ring.oldest_pulse_id} .. {ring.newest_pulse_id}"),
+            ("rejected", f"{status.rejected_total} {dict(status.rejected) or ''}"),
+            ("pulse-id jumps/resets", f"{status.pulse_ids.jumps} / {status.pulse_ids.resets}"),
+            ("writers", status.replay.active_sessions), ("evicted", ring.evicted)]
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    entries = registry.entries()
+    if args.json:
+        print(json.dumps([entry.to_json() for entry in entries]))
+        return 0
+    rows = []
+    writers = [entry for entry in entries if entry.kind == "writer"]
+    for entry in entries:
+        if entry.kind != "buffer":
+            continue
+        try:
+            status = BufferRef(entry.name, entry.endpoints.get("rest", ""), None, None).statistics()
+            ring = status.ring
+            rows.append((entry.name, entry.pid, status.describe(), f"{status.rates.messages_per_second:.1f}",
+                         f"{ring.look_back_seconds:.1f} s" if ring.look_back_seconds is not None else None,
+                         status.channels, status.replay.active_sessions, entry.endpoints.get("rest")))
+        except CtlError:
+            rows.append((entry.name, entry.pid, "not answering", None, None, None, None, entry.endpoints.get("rest")))
+    _print(_table(f"buffers on this host ({registry.runtime_directory()})",
+                  ("name", "pid", "state", "msg/s", "look-back", "channels", "writers", "HTTP"), rows))
+    _print(_table("writers", ("file", "pid", "buffer", "REST"),
+                  [(w.details.get("output_file"), w.pid, w.details.get("buffer"), w.endpoints.get("rest"))
+                   for w in writers]))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    ref = resolve_buffer(args.buffer)
+    status = ref.statistics()
+    if args.json:
+        print(json.dumps(status.to_json()))
+    else:
+        _print(_table(f"buffer {ref.name}", ("", ""), _status_rows(status)))
+    return 0
+
+
+def cmd_channels(args: argparse.Namespace) -> int:
+    message = newest_message(resolve_buffer(args.buffer))
+    specs = message.data_header.channels
+    if args.json:
+        print(json.dumps([spec.metadata() for spec in specs]))
+        return 0
+    _print(_table(f"{len(specs)} channels at pulse {message.pulse_id}", ("name", "type", "shape", "compression",
+                                                                        "present"),
+                  [(spec.name, spec.type, list(spec.shape), spec.compression, message.is_present(index))
+                   for index, spec in enumerate(specs)]))
+    return 0
+
+
+def cmd_peek(args: argparse.Namespace) -> int:
+    message = newest_message(resolve_buffer(args.buffer))
+    header = message.data_header
+    if args.channel not in header:
+        raise CtlError(f"channel {args.channel!r} is not in the stream (sf_bsread_ctl channels {args.buffer})")
+    index = header.index_of(args.channel)
+    value = message.value(index) if message.is_present(index) else None
+    if args.json:
+        import numpy as np
+
+        shown = value.tolist() if isinstance(value, np.ndarray) else value
+        print(json.dumps({"channel": args.channel, "pulse_id": message.pulse_id, "value": shown}))
+    else:
+        print(f"{args.channel} @ pulse {message.pulse_id}: {value!r}")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from rich.live import Live
+
+    ref = resolve_buffer(args.buffer)
+    shown = 0
+    with Live(refresh_per_second=4, transient=False) as live:
+        while args.count is None or shown < args.count:
+            try:
+                live.update(_table(f"buffer {ref.name} ({time.strftime('%H:%M:%S')})", ("", ""),
+                                   _status_rows(ref.statistics())))
+            except CtlError as error:
+                live.update(f"[red]{error}[/red]")
+            shown += 1
+            if args.count is not None and shown >= args.count:
+                break
+            time.sleep(args.interval)  # the refresh interval of a display, not a synchronisation
+    return 0
+
+
+def cmd_write(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+    ref = resolve_buffer(args.buffer)
+    by_duration = args.since is not None or args.last is not None
+    if by_duration and len(args.range_and_file) == 1:
+        start, stop = range_of(ref.statistics(), args.since, args.last)
+        path = args.range_and_file[0]
+    elif not by_duration and len(args.range_and_file) == 3:
+        try:
+            start, stop = int(args.range_and_file[0]), int(args.range_and_file[1])
+        except ValueError:
+            raise CtlError("START and STOP are pulse ids (integers)") from None
+        path = args.range_and_file[2]
+    else:
+        raise CtlError("give BUFFER START STOP FILE, or BUFFER FILE with --since 10s or --last 500")
+    if any("=" not in item for item in args.param or ()):
+        raise CtlError("--param takes KEY=VALUE")
+    parameters = dict(item.split("=", 1) for item in args.param or ())
+    with Bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+             TimeElapsedColumn(), transient=not sys.stdout.isatty()) as bar:
+        task = bar.add_task(f"pulses {start}..{stop} -> {path}", total=None)
+
+        def on_progress(progress: Progress) -> None:
+            bar.update(task, completed=progress.written, total=progress.expected)
+
+        outcome = write_range(ref, start, stop, path, parameters, on_progress=on_progress)
+    print(f"{path}: {outcome.value} (pulses {start}..{stop}; summary: {path}.summary.json)")
+    return outcome.exit_code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sf_bsread_ctl", description="The bsread buffers and writers of this host.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    ls = commands.add_parser("ls", help="every buffer and writer of this host")
+    ls.add_argument("--json", action="store_true")
+    for name, helptext in (("status", "a buffer's status"), ("channels", "the channels of its newest message")):
+        command = commands.add_parser(name, help=helptext)
+        command.add_argument("buffer", help="a name from ls, or the buffer's HTTP URL")
+        command.add_argument("--json", action="store_true")
+    peek = commands.add_parser("peek", help="the newest value of a channel")
+    peek.add_argument("buffer")
+    peek.add_argument("channel")
+    peek.add_argument("--json", action="store_true")
+    watch = commands.add_parser("watch", help="a live status table")
+    watch.add_argument("buffer")
+    watch.add_argument("--interval", type=float, default=1.0)
+    watch.add_argument("--count", type=int, default=None, help="refreshes before it ends (default: until Ctrl-C)")
+    write = commands.add_parser("write", help="write a pulse range into an HDF5 file (exit code: the writer's)")
+    write.add_argument("buffer")
+    write.add_argument("range_and_file", nargs="+", metavar="START STOP FILE",
+                       help="first and last pulse id and the file; only FILE with --since or --last")
+    write.add_argument("--since", help="the last DURATION of the buffer (10s, 1.5m)")
+    write.add_argument("--last", type=int, help="the last N messages")
+    write.add_argument("--param", action="append", metavar="KEY=VALUE", help="a writer parameter (repeatable)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"ls": cmd_ls, "status": cmd_status, "channels": cmd_channels, "peek": cmd_peek,
+                "watch": cmd_watch, "write": cmd_write}
+    try:
+        return handlers[args.command](args)
+    except CtlError as error:
+        print(f"sf_bsread_ctl: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
