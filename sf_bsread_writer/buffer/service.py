@@ -40,8 +40,8 @@ from ..core.rates import RateEstimator, SparseAwareGrid
 from ..core.ring import AppendStatus, Ring
 from ..core.timebase import MAX_CLOCK_SKEW, TimeBase, message_time
 from ..core.status import (
-    SOURCE_IDLE_SECONDS, BufferStatus, CaFeedStatus, Endpoints, PulseIdStatus, RateStatus, ReplayStatus, RingStatus,
-    SourceStatus,
+    SOURCE_IDLE_SECONDS, BufferStatus, CaFeedStatus, ChildStatus, Endpoints, PulseIdStatus, RateStatus,
+    ReplayStatus, RingStatus, SourceStatus,
 )
 from ..httpserver import HttpServer
 from ..transport import partsio
@@ -192,7 +192,7 @@ class Buffer:
         self._replay: ReplayEndpoint | None = None
         self._ca_feed: _LoopbackFeed | None = None  # --ca: the gateway's feed, ca_max_rate msg/s
         self._web_feed: _LoopbackFeed | None = None  # --web: the web service's feed, web_max_rate msg/s
-        self._children: list[children.ChildSupervisor] = []  # the gateway, the web service
+        self._children: dict[str, children.ChildSupervisor] = {}  # ca_gateway, web
 
         # Counters (loop thread only; published through snapshots).
         self._start_monotonic = clock()
@@ -527,6 +527,7 @@ class Buffer:
             ca_feed=self._ca_feed.status() if self._ca_feed is not None else None,
             web_feed=self._web_feed.status() if self._web_feed is not None else None,
             channels=self._channels,
+            children=tuple(ChildStatus(name, child.running, child.restarts) for name, child in self._children.items()),
             header_changes=self._header_changes,
             ring=RingStatus(messages=ring.n_messages, bytes=ring.n_bytes, max_messages=self.max_messages,
                             max_bytes=self.max_bytes, oldest_pulse_id=ring.oldest_pulse_id,
@@ -549,16 +550,16 @@ class Buffer:
     def _start_children(self) -> None:
         """--ca, --web: the CA gateway and the web service as supervised child processes reading their feeds."""
         if self._ca_feed is not None:
-            self._children.append(children.start_gateway(
+            self._children["ca_gateway"] = (children.start_gateway(
                 self._ca_feed.address, self.rest_url, self.ca_prefix, self.name, source_mode="sub",
                 log_level=self.log_level, extra_args=["--max-rate", repr(self.ca_max_rate)]))
         if self._web_feed is not None:
-            self._children.append(children.start_web(
+            self._children["web"] = (children.start_web(
                 self._web_feed.address, self.rest_url, self.replay_address, port=self.web_port, bind=self.web_bind,
                 tokens=self.web_tokens, max_rate=self.web_max_rate, log_level=self.log_level))
 
     def _stop_children(self) -> None:
-        for child in self._children:
+        for child in self._children.values():
             child.stop()
         self._children.clear()
 

@@ -30,6 +30,7 @@ __all__ = [
     "Endpoints",
     "SourceStatus",
     "CaFeedStatus",
+    "ChildStatus",
     "RingStatus",
     "PulseIdStatus",
     "RateStatus",
@@ -146,6 +147,15 @@ class CaFeedStatus(_Record):
 
 
 @dataclass(frozen=True)
+class ChildStatus(_Record):
+    """A child service of the buffer (``ca_gateway`` for --ca, ``web`` for --web) and how it fares."""
+
+    name: str
+    running: bool
+    restarts: int
+
+
+@dataclass(frozen=True)
 class RingStatus(_Record):
     messages: int
     bytes: int
@@ -258,6 +268,7 @@ class BufferStatus(_Record):
     io_path: str = "python"  # how whole messages move: compiled | python (transport.partsio)
     web_feed: CaFeedStatus | None = None
     channels: int | None = None  # channels of the newest data header
+    children: tuple[ChildStatus, ...] = ()
 
     def describe(self) -> str:
         """One word for humans and monitoring: what the buffer is doing."""
@@ -392,13 +403,17 @@ def prometheus_text(status: BufferStatus) -> str:
           "Backwards messages dropped because the stream went on above them.", pulse_ids.out_of_order)
     m.one("stray_messages_total", "counter",
           "Messages far ahead of the stream dropped because it did not follow them.", pulse_ids.strays)
-    m.one("message_rate", "gauge", "Messages per second (recent window).", status.rates.messages_per_second)
-    m.one("byte_rate", "gauge", "Bytes per second (recent window).", status.rates.bytes_per_second)
+    m.one("received_messages_per_second", "gauge", "Messages received per second (recent window).",
+          status.rates.messages_per_second)
+    m.one("received_bytes_per_second", "gauge", "Bytes received per second (recent window).",
+          status.rates.bytes_per_second)
     m.one("source_idle_seconds", "gauge", "Seconds since the last message from the source.",
           status.source.idle_seconds)
     m.one("replay_sessions", "gauge", "Active replay sessions.", replay.active_sessions)
     m.one("replay_sessions_started_total", "counter", "Replay sessions accepted.", replay.started)
     m.one("replay_sessions_expired_total", "counter", "Replay sessions expired (silent writer).", replay.expired)
+    m.one("replay_sessions_refused_total", "counter", "Replay requests refused (too many writers, bad request).",
+          replay.refused)
     m.one("replay_sent_messages_total", "counter", "Data messages sent to writers.", replay.sent)
     m.one("replay_gaps_total", "counter", "Gap notices sent to writers.", replay.gaps)
     m.one("replay_lost_messages_total", "counter", "Messages reported lost to writers (where known).", replay.lost)
@@ -411,6 +426,10 @@ def prometheus_text(status: BufferStatus) -> str:
              [({"session": s.session}, s.in_flight) for s in sessions])
     m.family("replay_session_lost_messages", "gauge", "Messages a session lost.",
              [({"session": s.session}, s.lost) for s in sessions])
+    m.family("child_up", "gauge", "1 while a child service of the buffer (--ca, --web) runs.",
+             [({"child": child.name}, child.running) for child in status.children])
+    m.family("child_restarts_total", "counter", "Restarts of a child service after it ended unexpectedly.",
+             [({"child": child.name}, child.restarts) for child in status.children])
     return m.text()
 
 
