@@ -15,6 +15,7 @@ complete list is printed by ``--help`` and in docs/configuration.md.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -423,3 +424,13 @@ def markdown_reference() -> str:
 
 if __name__ == "__main__":
     print(markdown_reference(), end="")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and "localhost"; a bind to anything else (0.0.0.0 too) reaches other hosts."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -39,6 +39,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import aiohttp
 import numpy as np
@@ -116,6 +117,7 @@ class Subscription:
         self.max_rate = max_rate
         self.received = 0
         self._next_due: dict[str, float] = {}
+        self._last_pulse_id: dict[str, int] = {}
         self.closed = False
 
     @property
@@ -127,6 +129,10 @@ class Subscription:
         return self._socket.reconnects
 
     def _deliver(self, value: Value) -> None:
+        # A re-subscription (another subscriber's rate, a reconnect) re-sends the latest value: once is enough.
+        if value.pulse_id <= self._last_pulse_id.get(value.channel, -1):
+            return
+        self._last_pulse_id[value.channel] = value.pulse_id
         if self.max_rate:  # the upstream rate may be another subscriber's higher one
             now, interval = time.monotonic(), 1.0 / self.max_rate
             due = self._next_due.get(value.channel, 0.0)
@@ -177,7 +183,7 @@ class _SharedSocket:
 
     async def add(self, subscription: Subscription) -> None:
         self.subscriptions.append(subscription)
-        if self._task is None:
+        if self._task is None or self._task.done():  # first use, or a health loop that ended on a bug
             self._task = asyncio.create_task(self._run())
         await self._sync()
 
@@ -194,10 +200,15 @@ class _SharedSocket:
         gone = [channel for channel in self._upstream if channel not in wanted]
         changed = {channel: rate for channel, rate in wanted.items()
                    if channel not in self._upstream or self._upstream[channel] != rate}
-        if gone:
-            await self._socket.send_json({"op": "unsubscribe", "channels": gone})
-        for rate, channels in _by_rate(changed).items():
-            await self._socket.send_json({"op": "subscribe", "channels": channels, "max_rate": rate})
+        sends = ([{"op": "unsubscribe", "channels": gone}] if gone else []) + [
+            {"op": "subscribe", "channels": channels, "max_rate": rate} for rate, channels in _by_rate(changed).items()]
+        for request in sends:
+            try:
+                await asyncio.wait_for(self._socket.send_json(request), self.timeout)
+            except (asyncio.TimeoutError, ConnectionError, aiohttp.ClientError) as error:
+                self.last_error = f"subscription request not sent: {type(error).__name__}: {error}"
+                await self._socket.close()  # the health loop reconnects and subscribes everything
+                return
         self._upstream = dict(wanted)
 
     async def wait_connected(self, timeout: float) -> None:
@@ -215,8 +226,9 @@ class _SharedSocket:
         try:
             while True:
                 try:
-                    self._socket = await self._session.ws_connect(
-                        self.url, heartbeat=HEARTBEAT_SECONDS, timeout=aiohttp.ClientWSTimeout(ws_close=2.0))
+                    self._socket = await asyncio.wait_for(self._session.ws_connect(
+                        self.url, heartbeat=HEARTBEAT_SECONDS, timeout=aiohttp.ClientWSTimeout(ws_close=2.0)),
+                        self.timeout)
                     self._upstream = {}
                     await self._sync()
                     self.connected = True
@@ -242,18 +254,21 @@ class _SharedSocket:
         async for received in socket:
             if received.type != aiohttp.WSMsgType.TEXT:
                 break
-            document = json.loads(received.data)
-            kind = document.get("type")
-            if kind == "batch":
-                for item in document.get("messages", ()):
-                    self._dispatch(item)
-            elif kind == "value":
-                self._dispatch(document)
-            elif kind == "dropped":
-                self.dropped += int(document.get("count", 0))
-            elif kind == "error":
-                self.last_error = document.get("status")
-                logger.warning("web service: %s", self.last_error)
+            try:
+                document = json.loads(received.data)
+                kind = document.get("type")
+                if kind == "batch":
+                    for item in document.get("messages", ()):
+                        self._dispatch(item)
+                elif kind == "value":
+                    self._dispatch(document)
+                elif kind == "dropped":
+                    self.dropped += int(document.get("count", 0))
+                elif kind == "error":
+                    self.last_error = document.get("status")
+                    logger.warning("web service: %s", self.last_error)
+            except (ValueError, KeyError, TypeError, AttributeError) as error:  # one odd frame, not the socket
+                logger.warning("web service frame not understood (%s): %.200s", error, received.data)
 
     def _dispatch(self, document: dict[str, Any]) -> None:
         value = _value_of(document)
@@ -320,10 +335,11 @@ class AsyncRemoteBuffer:
 
     async def get(self, channel: str) -> Value:
         """The latest value of ``channel`` (arrays exactly, fetched as npy)."""
-        document = await self._get(f"/api/v1/channels/{channel}")
+        path = f"/api/v1/channels/{quote(channel, safe=':')}"
+        document = await self._get(path)
         if isinstance(document.get("value"), list) or document.get("too_large"):
             # The array exactly, and the pulse id and timestamp of that same value (a newer one may have come).
-            raw, headers = await self._get(f"/api/v1/channels/{channel}", {"format": "npy"}, raw=True)
+            raw, headers = await self._get(path, {"format": "npy"}, raw=True)
             return Value(channel, int(headers["X-Pulse-Id"]), float(headers["X-Timestamp"]),
                          np.load(io.BytesIO(raw), allow_pickle=False))
         return _value_of(document)
@@ -362,8 +378,12 @@ class AsyncRemoteBuffer:
             raise ValueError("subscribe to at least one channel")
         shared = self._shared()
         subscription = Subscription(shared, names, callback, max_rate)
-        await shared.add(subscription)
-        await shared.wait_connected(self.timeout)
+        try:
+            await shared.add(subscription)
+            await shared.wait_connected(self.timeout)
+        except BaseException:  # the caller gets no handle: nothing may stay subscribed
+            await subscription.aclose()
+            raise
         return subscription
 
     async def wait_until_new(self, channel: str, timeout: float | None = None) -> Value:
@@ -420,6 +440,10 @@ class _LoopThread:
             return cls._instance
 
     def run(self, coroutine: Awaitable[T], timeout: float) -> T:
+        if threading.current_thread() is self.thread:
+            coroutine.close()  # type: ignore[attr-defined]
+            raise RuntimeError("a RemoteBuffer call from inside a subscription callback would wait for itself: "
+                               "use AsyncRemoteBuffer there, or hand the work to another thread")
         future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)  # type: ignore[arg-type]
         try:
             return future.result(timeout)
@@ -462,7 +486,8 @@ class RemoteBuffer:
 
     def wait_until_new(self, channel: str, timeout: float | None = None) -> Value:
         timeout = self.timeout if timeout is None else timeout
-        return self._run(self._async.wait_until_new(channel, timeout), timeout + self.timeout)
+        # Its own steps: a get, a subscription (connect), the wait, the unsubscription.
+        return self._run(self._async.wait_until_new(channel, timeout), timeout + 3 * self.timeout)
 
     @property
     def connected(self) -> bool:
@@ -503,6 +528,10 @@ class SyncSubscription:
         return self._subscription.reconnects
 
     def close(self) -> None:
+        """End the subscription (from a callback too: there it is scheduled, not waited for)."""
+        if threading.current_thread() is self._loop.thread:
+            asyncio.ensure_future(self._subscription.aclose())
+            return
         self._loop.run(self._subscription.aclose(), 10.0)
 
 

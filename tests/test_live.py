@@ -61,6 +61,11 @@ def test_a_subscription_keeps_its_rate_on_a_jittery_feed():
     encoded = {"A": '{"type": "value"}'}
     sent = sum(client.offer(encoded, now=t / 50 + (0.004 if t % 2 else -0.004)) for t in range(500))  # 50 Hz, 10 s
     assert 49 <= sent <= 51  # 5 per second
+    exact = ClientFeed()
+    exact.subscribe(["A"], 10, now=0.0)  # a feed at exactly the rate asked, with jitter: every value
+    assert sum(exact.offer(encoded, now=t / 10 + (0.04 if t % 2 else -0.04)) for t in range(1000)) == 1000
+    with pytest.raises(SubscriptionError, match="1 to 256"):
+        client.subscribe(["x" * 257], 1, now=0.0)
     with pytest.raises(SubscriptionError, match="max_rate"):
         client.subscribe(["A"], -1, now=0.0)
     with pytest.raises(SubscriptionError, match="non-empty list"):
@@ -76,8 +81,11 @@ def test_a_slow_client_costs_bounded_memory_and_learns_how_many_values_it_lost()
     assert json.loads(client.take()) == {"type": "dropped", "count": 192}  # 96 frames x 2 values
     first = json.loads(client.take())
     assert first["type"] == "batch" and first["messages"][0] == {"n": 96}
-    client.offer({"A": "x" * 20_000}, now=200.0)  # one frame over the byte bound still goes (alone)
-    assert len(client.frames) == 1 and client.dropped_total == 192 + 6
+    client.offer({"A": "x" * 20_000}, now=200.0)  # a frame over the byte bound on its own: dropped, counted
+    assert len(client.frames) == 3 and client.dropped_total == 192 + 1
+    for _ in range(10):
+        client.queue_message({"type": "pong"})  # a client that pings and never reads: bounded too
+    assert len(client.frames) == 4 and client.dropped_total == 193 + 3 * 2 + 6  # 3 batches, 6 pongs
 
 
 def test_the_hub_encodes_each_value_once_for_every_subscriber_and_only_what_is_wanted():

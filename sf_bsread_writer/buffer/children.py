@@ -85,6 +85,14 @@ class ChildSupervisor:
             self.restarts += 1
             self.process = self._spawn()
 
+    def send_signal(self, signum: int) -> bool:
+        """Pass a signal on to the child (e.g. SIGHUP: re-read configuration); False if it is not running."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return False
+        process.send_signal(signum)
+        return True
+
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None

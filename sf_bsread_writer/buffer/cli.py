@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Sequence
 
 import zmq
@@ -29,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     process.stop_on_signals(lambda name: buffer.stop())
+    signal.signal(signal.SIGHUP, lambda signum, frame: buffer.request_reload())  # never the default: it would end us
     try:
         buffer.run()
     except (zmq.ZMQError, OSError) as error:  # e.g. a port in use

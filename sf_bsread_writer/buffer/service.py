@@ -25,6 +25,7 @@ endpoints and tells systemd READY=1, then pings the watchdog.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from argparse import Namespace
@@ -34,6 +35,7 @@ from typing import Any
 import zmq
 
 from .. import config, process, registry
+from ..config import is_loopback
 from ..core.parts import PackedParts
 from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES, IgnoredMessage, MessageParser, ProtocolError
 from ..core.rates import RateEstimator, SparseAwareGrid
@@ -145,6 +147,8 @@ class Buffer:
             raise ValueError("ca_max_rate must be positive")
         if web and web_max_rate <= 0:
             raise ValueError("web_max_rate must be positive")
+        if web and not web_tokens and not is_loopback(web_bind):
+            raise ValueError(f"--web-bind {web_bind} reaches other hosts: give --web-tokens FILE (one token per line)")
         if max_writers < 1 or replay_inflight_bytes < 1:
             raise ValueError("max_writers and replay_inflight_bytes must be positive")
         self.stream = stream
@@ -186,6 +190,7 @@ class Buffer:
         self.started = threading.Event()
         self.stopped = threading.Event()
         self._stop_requested = threading.Event()
+        self._reload_requested = threading.Event()
         self.output_address: str | None = None
         self.replay_address: str | None = None
         self.rest_url: str | None = None
@@ -228,6 +233,17 @@ class Buffer:
         return cls(**{**options, **overrides})
 
     # -- public, thread-safe ----------------------------------------------
+    def request_reload(self) -> None:
+        """SIGHUP: the web service re-reads its token file (the loop forwards it; safe from a signal handler)."""
+        self._reload_requested.set()
+
+    def _forward_reload(self) -> None:
+        web = self._children.get("web")
+        if web is not None and web.send_signal(signal.SIGHUP):
+            logger.info("SIGHUP forwarded to the web service (its tokens are re-read)")
+        else:
+            logger.info("SIGHUP: nothing to reload (no --web)")
+
     def stop(self) -> None:
         """Ask the loop to finish (returns at once; the loop exits within ~0.1 s)."""
         self._stop_requested.set()
@@ -335,6 +351,9 @@ class Buffer:
             self._drain_ingest(ingest, output, clock() + LOOP_SLICE_SECONDS)
             busy = replay.serve(clock() + LOOP_SLICE_SECONDS)
             now = clock()
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self._forward_reload()
             if now >= next_snapshot:
                 replay.expire(now)
                 self._publish_snapshot(now)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .protocol import Message
+from .rates import RateGrid
 
 __all__ = [
     "LatestValues",
@@ -53,8 +54,9 @@ MAX_JSON_ELEMENTS = 65536
 #: A client's queue: at most this many frames and bytes waiting to be sent.
 DEFAULT_MAX_FRAMES = 32
 DEFAULT_MAX_QUEUE_BYTES = 16 * 1024 * 1024
-#: Most channels one client may subscribe to, and the fastest rate it may ask for.
+#: Most channels one client may subscribe to, and the longest channel name accepted.
 MAX_SUBSCRIPTIONS = 10000
+MAX_CHANNEL_NAME = 256
 
 
 class SubscriptionError(ValueError):
@@ -156,10 +158,6 @@ def value_document(channel: str, value: ChannelValue, max_elements: int = MAX_JS
 # --------------------------------------------------------------------------
 # Subscriptions
 # --------------------------------------------------------------------------
-@dataclass
-class _Subscription:
-    interval: float  # 1 / max_rate (0: every value the feed brings)
-    next_due: float = 0.0
 
 
 @dataclass
@@ -168,7 +166,7 @@ class ClientFeed:
 
     max_frames: int = DEFAULT_MAX_FRAMES
     max_bytes: int = DEFAULT_MAX_QUEUE_BYTES
-    subscriptions: dict[str, _Subscription] = field(default_factory=dict)
+    subscriptions: dict[str, RateGrid] = field(default_factory=dict)
     frames: deque = field(default_factory=deque)  # (text, values in it)
     queued_bytes: int = 0
     dropped_unreported: int = 0  # values dropped since the last "dropped" message
@@ -178,17 +176,13 @@ class ClientFeed:
     def subscribe(self, channels: Any, max_rate: Any, now: float) -> list[str]:
         """Add (or re-rate) subscriptions; returns the channel names. Raises SubscriptionError."""
         names = _channel_names(channels)
-        if max_rate is None:
-            interval = 0.0
-        elif isinstance(max_rate, bool) or not isinstance(max_rate, (int, float)) or not max_rate > 0 \
-                or not math.isfinite(max_rate):
+        if max_rate is not None and (isinstance(max_rate, bool) or not isinstance(max_rate, (int, float))
+                                     or not max_rate > 0 or not math.isfinite(max_rate)):
             raise SubscriptionError(f"max_rate {max_rate!r} is not a positive number of updates per second")
-        else:
-            interval = 1.0 / max_rate
         if len(set(self.subscriptions) | set(names)) > MAX_SUBSCRIPTIONS:
             raise SubscriptionError(f"more than {MAX_SUBSCRIPTIONS} subscriptions on one socket")
         for name in names:
-            self.subscriptions[name] = _Subscription(interval, now)
+            self.subscriptions[name] = RateGrid(max_rate or 0.0)  # None: every value the feed brings
         return names
 
     def unsubscribe(self, channels: Any) -> list[str]:
@@ -199,15 +193,8 @@ class ClientFeed:
 
     def offer(self, encoded: Mapping[str, str], now: float) -> int:
         """Queue the due values among ``encoded`` (channel -> value JSON) as one frame; returns values queued."""
-        due = []
-        for name, subscription in self.subscriptions.items():
-            text = encoded.get(name)
-            if text is None or now < subscription.next_due:
-                continue
-            due.append(text)
-            # The next slot on this subscription's grid (half an interval of tolerance for feed jitter).
-            subscription.next_due = max(subscription.next_due + subscription.interval,
-                                        now + subscription.interval / 2)
+        due = [text for name, grid in self.subscriptions.items()
+               if (text := encoded.get(name)) is not None and grid.take(now)]
         if not due:
             return 0
         self._queue('{"type": "batch", "messages": [' + ", ".join(due) + "]}", len(due))
@@ -222,13 +209,22 @@ class ClientFeed:
         self._queue(json.dumps(document), 0)
 
     def _queue(self, text: str, values: int) -> None:
+        """Append a frame (``values``: value messages in it; a control answer counts as one), dropping the
+        oldest beyond the bounds; a frame larger than the byte bound on its own is dropped at once."""
+        if len(text) > self.max_bytes:
+            self._count_dropped(values)
+            return
         self.frames.append((text, values))
         self.queued_bytes += len(text)
-        while len(self.frames) > 1 and (len(self.frames) > self.max_frames or self.queued_bytes > self.max_bytes):
+        while self.frames and (len(self.frames) > self.max_frames or self.queued_bytes > self.max_bytes):
             dropped_text, dropped_values = self.frames.popleft()
             self.queued_bytes -= len(dropped_text)
-            self.dropped_unreported += dropped_values
-            self.dropped_total += dropped_values
+            self._count_dropped(dropped_values)
+
+    def _count_dropped(self, values: int) -> None:
+        lost = max(values, 1)  # a lost control answer counts as one
+        self.dropped_unreported += lost
+        self.dropped_total += lost
 
     def take(self) -> str | None:
         """The next frame to send: first a ``dropped`` report if values were lost, else the oldest frame."""
@@ -246,8 +242,8 @@ class ClientFeed:
 def _channel_names(channels: Any) -> list[str]:
     if isinstance(channels, str) or not isinstance(channels, (list, tuple)) or not channels:
         raise SubscriptionError('"channels" must be a non-empty list of channel names')
-    if not all(isinstance(name, str) and name for name in channels):
-        raise SubscriptionError('"channels" must hold non-empty strings only')
+    if not all(isinstance(name, str) and 0 < len(name) <= MAX_CHANNEL_NAME for name in channels):
+        raise SubscriptionError(f'"channels" must hold channel names (strings of 1 to {MAX_CHANNEL_NAME} characters)')
     return list(dict.fromkeys(channels))
 
 
@@ -258,13 +254,20 @@ class SubscriptionHub:
         self.clients: dict[Any, ClientFeed] = {}
         self.max_elements = max_elements
         self.values_encoded = 0
+        self._wanted: set[str] | None = None
+
+    def changed(self) -> None:
+        """Call after any (un)subscription or client change: ``wanted`` is recomputed once, not per message."""
+        self._wanted = None
 
     def wanted(self) -> set[str]:
         """Channels at least one client subscribed to."""
-        found: set[str] = set()
-        for client in self.clients.values():
-            found.update(client.subscriptions)
-        return found
+        if self._wanted is None:
+            found: set[str] = set()
+            for client in self.clients.values():
+                found.update(client.subscriptions)
+            self._wanted = found
+        return self._wanted
 
     @property
     def subscription_count(self) -> int:

@@ -42,7 +42,8 @@ class RangeTooLarge(ValueError):
 class RangeLimits:
     max_pulses: int = 100_000  # pulse-id span of one request
     max_messages: int = 100_000
-    max_bytes: int = 256 * 1024 * 1024  # raw value bytes of the requested channels
+    max_bytes: int = 256 * 1024 * 1024  # value bytes of the requested channels (decoded, where decoded)
+    max_json_bytes: int = 32 * 1024 * 1024  # the same for format=json, whose text is ~3x and built in memory
 
 
 @dataclass(frozen=True)
@@ -150,15 +151,15 @@ class RangeColumns:
             value = None
             stamp = message.timestamp
             if present:
-                self.value_bytes += len(message.value_part(index))
-                if self.value_bytes > self.limits.max_bytes:
-                    raise RangeTooLarge(f"the range holds more than {self.limits.max_bytes} bytes of values; "
-                                        "ask for fewer channels or a shorter range")
+                raw_bytes = len(message.value_part(index))
                 if self.decode:
                     try:
                         value = message.value(index)
                     except Exception:  # a corrupt part: absent in the answer, as in the writer's file
                         present = False
+                # Decoded size where decoded: a compressed image of zeros is small on the wire, not here.
+                self._count(raw_bytes if value is None else
+                            len(value.encode("utf-8")) if isinstance(value, str) else int(value.nbytes))
                 channel_stamp = message.channel_timestamp(index)
                 if channel_stamp and any(channel_stamp):
                     stamp = channel_stamp[0] + channel_stamp[1] * 1e-9
@@ -166,6 +167,16 @@ class RangeColumns:
             column.timestamp.append(stamp)
             column.is_data_present.append(present)
             column.data.append(value if present else None)
+
+    def _count(self, nbytes: int) -> None:
+        self.value_bytes += nbytes
+        limit = self.limits.max_bytes
+        if self.query.format == "json":
+            limit = min(limit, self.limits.max_json_bytes)
+        if self.value_bytes > limit:
+            raise RangeTooLarge(f"the range holds more than {limit} bytes of values"
+                                + (" for format=json (npz and hdf5 allow more)" if self.query.format == "json" else "")
+                                + "; ask for fewer channels or a shorter range")
 
     def gap(self, gap: Gap) -> None:
         """Pulses that will never come (evicted, before the buffer, a source reset)."""

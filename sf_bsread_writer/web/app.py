@@ -66,13 +66,14 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
                "/api/v1/ws, /metrics)" if error.status in (404, 405) else ""
         return _error(error.status, f"{error.reason}: {request.method} {request.path}{hint}")
     except Exception as error:  # a bug: this request fails, visibly, and the service serves on
-        logger.exception("%s %s failed", request.method, request.path_qs)
+        logger.exception("%s %s failed", request.method, request.path)  # not path_qs: it may hold ?token=
         return _error(500, f"internal error: {type(error).__name__}: {error} (logged by the service)")
 
 
 def make_app(service: WebService) -> web.Application:
     app = web.Application(middlewares=[_guard], client_max_size=64 * 1024)
     app[SERVICE_KEY] = service
+    app.on_shutdown.append(_close_websockets)
     app.router.add_get("/api/v1/status", _status)
     app.router.add_get("/api/v1/channels", _channels)
     app.router.add_get("/api/v1/channels/{name:.+}", _channel)
@@ -80,6 +81,13 @@ def make_app(service: WebService) -> web.Application:
     app.router.add_get("/api/v1/ws", _websocket)
     app.router.add_get("/metrics", _metrics)
     return app
+
+
+async def _close_websockets(app: web.Application) -> None:
+    """At shutdown: every websocket is told GOING_AWAY (clients reconnect elsewhere or later) at once."""
+    service = app[SERVICE_KEY]
+    for socket in list(service.wakeups):
+        await socket.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"service stopping")
 
 
 # --------------------------------------------------------------------------
@@ -170,13 +178,18 @@ async def _range(request: web.Request) -> web.StreamResponse:
     except RangeTooLarge as error:
         _count(service, "too_large")
         return _error(413, str(error))
+    if service.range_slots.locked():
+        _count(service, "busy")
+        return _error(503, f"{settings.range_workers} range requests are being served (each holds a replay "
+                           "session of the buffer); try again in a moment")
     try:
-        if query.format == "hdf5":
-            path, columns = await asyncio.to_thread(ranges.write_hdf5, settings.replay, query, settings.limits,
-                                                    settings.range_timeout)
-        else:
-            columns = await asyncio.to_thread(ranges.fetch_range, settings.replay, query, settings.limits,
-                                              settings.range_timeout)
+        async with service.range_slots:
+            if query.format == "hdf5":
+                path, columns = await asyncio.to_thread(ranges.write_hdf5, settings.replay, query, settings.limits,
+                                                        settings.range_timeout, service.temp_root)
+            else:
+                columns = await asyncio.to_thread(ranges.fetch_range, settings.replay, query, settings.limits,
+                                                  settings.range_timeout)
     except RangeTooLarge as error:
         _count(service, "too_large")
         return _error(413, str(error))
@@ -186,9 +199,10 @@ async def _range(request: web.Request) -> web.StreamResponse:
     except ranges.RangeFailed as error:
         _count(service, "failed")
         return _error(502, str(error))
-    _count(service, "complete" if not columns.missing else "partial")
-    if query.format == "json":
-        return web.json_response(ranges.as_json(columns), dumps=lambda value: json.dumps(value, allow_nan=False))
+    _count(service, ranges.outcome(columns))
+    if query.format == "json":  # encoded in a worker: a large range must not stall the websockets' loop
+        text = await asyncio.to_thread(lambda: json.dumps(ranges.as_json(columns), allow_nan=False))
+        return web.Response(text=text, content_type="application/json")
     if query.format == "npz":
         body = await asyncio.to_thread(ranges.as_npz, columns)
         return web.Response(body=body, content_type="application/octet-stream",
@@ -215,19 +229,26 @@ async def _stream_file(request: web.Request, path: str) -> web.StreamResponse:
 # --------------------------------------------------------------------------
 # The websocket
 # --------------------------------------------------------------------------
-async def _websocket(request: web.Request) -> web.WebSocketResponse:
+async def _websocket(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE_KEY]
+    if len(service.hub.clients) >= service.settings.max_clients:
+        return _error(503, f"{service.settings.max_clients} websocket clients are connected; try again later")
     socket = web.WebSocketResponse(heartbeat=service.settings.heartbeat_seconds,
                                    max_msg_size=MAX_CLIENT_MESSAGE_BYTES)
     await socket.prepare(request)
     client = service.hub.clients.setdefault(socket, ClientFeed())
     wakeup = service.wakeups.setdefault(socket, asyncio.Event())
+    service.socket_tokens[socket] = _token_of(request)
     service.counters.clients_total += 1
     sender = asyncio.create_task(_send_frames(socket, client, wakeup))
     try:
         async for received in socket:
             if received.type == aiohttp.WSMsgType.TEXT:
                 _handle(service, client, received.data)
+                service.hub.changed()
+                wakeup.set()
+            elif received.type == aiohttp.WSMsgType.BINARY:
+                client.queue_message({"type": "error", "status": "send JSON text frames, not binary ones"})
                 wakeup.set()
             elif received.type == aiohttp.WSMsgType.ERROR:
                 break

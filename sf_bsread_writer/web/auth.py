@@ -1,11 +1,13 @@
 """Access tokens of the web service: a file of tokens, a timing-safe check, loopback-only without them."""
 from __future__ import annotations
 
+import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 from dataclasses import dataclass
+
+from ..config import is_loopback
 
 __all__ = ["TokenSet", "read_tokens", "is_loopback", "TokenFileError"]
 
@@ -55,18 +57,9 @@ class TokenSet:
         """Timing-safe: every token is compared, whatever matches, so timing tells nothing."""
         if not self.tokens:
             return True
-        candidate = (presented or "").encode("utf-8")
+        # Digests of equal length: compare_digest returns early on a length difference, which would tell it.
+        candidate = hashlib.sha256((presented or "").encode("utf-8")).digest()
         matched = False
         for token in self.tokens:
-            matched |= hmac.compare_digest(candidate, token.encode("utf-8"))
+            matched |= hmac.compare_digest(candidate, hashlib.sha256(token.encode("utf-8")).digest())
         return matched
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and "localhost"; a bind to anything else (0.0.0.0 too) is not."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

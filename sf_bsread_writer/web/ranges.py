@@ -22,12 +22,12 @@ import numpy as np
 import zmq
 
 from ..core.live import json_safe
-from ..core.protocol import DataHeader, Message, MessageParser
+from ..core.protocol import DataHeader, Message, MessageParser, ProtocolError
 from ..core.range_query import RangeColumns, RangeLimits, RangeQuery, RangeTooLarge
 from ..core.replay_messages import BufferLost, Data, End, Gap, Refused
 from ..transport.replay_client import ReplayClient, ReplayHandshakeError
 
-__all__ = ["RangeFailed", "RangeTimeout", "fetch_range", "as_json", "as_npz", "write_hdf5"]
+__all__ = ["RangeFailed", "RangeTimeout", "fetch_range", "as_json", "as_npz", "write_hdf5", "outcome"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,10 @@ def fetch_range(replay_address: str, query: RangeQuery, limits: RangeLimits, tim
                                    f"{client.last_pulse_id}); a range reaching into the future waits for it")
             event = client.receive(min(remaining, 0.5))
             if isinstance(event, Data):
-                message = parser.parse(event.frames)
+                try:
+                    message = parser.parse(event.frames)
+                except ProtocolError as error:  # the buffer validated it on ingest: a bug, said as such
+                    raise RangeFailed(f"the buffer replayed a message that does not parse: {error}") from None
                 columns.add(message)
                 if on_message is not None:
                     on_message(message)
@@ -85,13 +88,16 @@ def fetch_range(replay_address: str, query: RangeQuery, limits: RangeLimits, tim
                 raise RangeFailed(f"the buffer refused the range: {event.reason}: {event.detail}")
             elif isinstance(event, BufferLost):
                 logger.warning("range %s: buffer silent for %.1f s, re-requested", query, event.seconds_silent)
+    except zmq.ZMQError as error:
+        raise RangeFailed(f"replay from {replay_address} failed: {error}") from None
     finally:
         client.close()
     columns.finish()
     return columns
 
 
-def _outcome(columns: RangeColumns) -> str:
+def outcome(columns: RangeColumns) -> str:
+    """complete: every requested pulse and channel is there; partial: ``missing`` says what is not."""
     return "complete" if not columns.missing else "partial"
 
 
@@ -105,7 +111,7 @@ def as_json(columns: RangeColumns) -> dict[str, Any]:
             "is_data_present": column.is_data_present,
             "data": [json_safe(value, sys.maxsize)[0] if value is not None else None for value in column.data],
         }
-    return {"state": "ok", "status": _outcome(columns), "messages": columns.messages, "channels": channels,
+    return {"state": "ok", "status": outcome(columns), "messages": columns.messages, "channels": channels,
             "missing": columns.missing}
 
 
@@ -131,8 +137,12 @@ class Hdf5Range:
         self.directory = tempfile.mkdtemp(prefix="sf_bsread_range-", dir=directory)
         self.path = os.path.join(self.directory, "range.h5")
         self.query = query
-        self._file = H5File(self.path, {"general/process": "sf_bsread_web",
-                                        "general/created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        try:
+            self._file = H5File(self.path, {"general/process": "sf_bsread_web",
+                                            "general/created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        except BaseException:
+            remove_range_file(self.path)
+            raise
         self._subsets: dict[str, _Subset] = {}
 
     def add(self, message: Message) -> None:
@@ -155,7 +165,7 @@ class Hdf5Range:
         for gap in columns.missing:
             if gap.get("first_pulse_id") is not None and gap.get("last_pulse_id") is not None:
                 self._file.record_missing(gap["first_pulse_id"], gap["last_pulse_id"], gap["reason"])
-        self._file.close({"outcome": _outcome(columns)})
+        self._file.close({"outcome": outcome(columns)})
         return self.path
 
     def discard(self) -> None:

@@ -42,7 +42,8 @@ async def serve(settings: WebSettings, tokens: TokenSet) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, service.reload_tokens)
     app = make_app(service)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    # shutdown_timeout: a stop must end well within the 5 s the buffer gives its children before SIGKILL.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.bind, settings.port, reuse_address=True)
     try:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +26,8 @@ __all__ = ["WebSettings", "WebService", "WebCounters"]
 
 logger = logging.getLogger(__name__)
 
-FEED_HWM = 4  # the newest few messages: a slow loop loses old ones, never memory
+FEED_HWM = 4  # the newest few messages queued in ZeroMQ: a slow reader loses old ones
+HANDOVER_MESSAGES = 8  # parsed messages waiting for the loop: a stalled loop loses the oldest, never memory
 
 
 @dataclass
@@ -40,6 +44,8 @@ class WebSettings:
     range_timeout: float = 30.0
     parent_pid: int = 0
     heartbeat_seconds: float = 10.0  # websocket pings; a client silent for longer is dropped
+    max_clients: int = 1000  # websockets at once (503 beyond)
+    range_workers: int = 2  # range requests at once (503 beyond): each holds one of the buffer's replay sessions
 
 
 @dataclass
@@ -48,6 +54,7 @@ class WebCounters:
 
     feed_messages: int = 0
     feed_rejected: int = 0
+    feed_overrun: int = 0  # parsed messages dropped because the loop was behind
     values_sent: int = 0
     values_dropped: int = 0
     clients_total: int = 0
@@ -66,8 +73,15 @@ class WebService:
         self.hub = SubscriptionHub()
         self.counters = WebCounters()
         self.wakeups: dict[Any, asyncio.Event] = {}  # per websocket: frames are waiting
+        self.socket_tokens: dict[Any, str | None] = {}  # per websocket: the token it opened with
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._handover: deque[Message] = deque(maxlen=HANDOVER_MESSAGES)
+        self._handover_lock = threading.Lock()
+        self._handover_scheduled = False
         self._feed_thread: threading.Thread | None = None
+        self.range_slots = asyncio.Semaphore(settings.range_workers)
+        # HDF5 ranges are written here; removed whole at shutdown (a request cut short leaves nothing behind).
+        self.temp_root = tempfile.mkdtemp(prefix="sf_bsread_web-")
         self._stop = threading.Event()
         self.feed_error: str | None = None
 
@@ -81,6 +95,7 @@ class WebService:
         self._stop.set()
         if self._feed_thread is not None:
             self._feed_thread.join(timeout=2)
+        shutil.rmtree(self.temp_root, ignore_errors=True)
 
     def _read_feed(self) -> None:
         """Receive, keep to max_rate without losing sparse channels, parse; hand each message to the loop."""
@@ -110,14 +125,33 @@ class WebService:
                     if self.counters.feed_rejected <= 10:
                         logger.warning("feed message rejected: %s", error)
                     continue
-                assert self.loop is not None
-                self.loop.call_soon_threadsafe(self.on_message, message)
+                self._hand_over(message)
         except Exception as error:  # the service answers on, saying that it has no live data
             self.feed_error = f"{type(error).__name__}: {error}"
             logger.exception("feed reader failed")
         finally:
             socket.close(0)
             context.term()
+
+    def _hand_over(self, message: Message) -> None:
+        """Feed thread -> loop through a bounded queue; one scheduled callback drains it."""
+        with self._handover_lock:
+            if len(self._handover) == self._handover.maxlen:
+                self.counters.feed_overrun += 1
+            self._handover.append(message)
+            if self._handover_scheduled:
+                return
+            self._handover_scheduled = True
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._drain_handover)
+
+    def _drain_handover(self) -> None:
+        with self._handover_lock:
+            messages = list(self._handover)
+            self._handover.clear()
+            self._handover_scheduled = False
+        for message in messages:
+            self.on_message(message)
 
     def on_message(self, message: Message) -> None:
         """In the loop: the newest message -> latest values -> due frames of every subscriber."""
@@ -138,6 +172,12 @@ class WebService:
             logger.info("tokens re-read: %d token(s)", len(self.tokens.tokens))
         except TokenFileError as error:
             logger.error("%s; the previous tokens stay in force", error)
+            return
+        revoked = [socket for socket, token in self.socket_tokens.items() if not self.tokens.allows(token)]
+        for socket in revoked:  # a revoked token ends the sockets it opened
+            asyncio.ensure_future(socket.close(code=4001, message=b"token revoked"))
+        if revoked:
+            logger.info("closed %d websocket(s) of revoked tokens", len(revoked))
 
     # -- metrics ----------------------------------------------------------------
     def metrics_text(self) -> str:
@@ -155,6 +195,8 @@ class WebService:
               counters.values_dropped + sum(client.dropped_total for client in hub.clients.values()))
         m.one("feed_messages_total", "counter", "Messages taken from the buffer's feed.", counters.feed_messages)
         m.one("feed_rejected_total", "counter", "Malformed feed messages dropped.", counters.feed_rejected)
+        m.one("feed_overrun_messages_total", "counter", "Feed messages dropped because the service was behind.",
+              counters.feed_overrun)
         m.one("unauthorized_requests_total", "counter", "Requests refused for a missing or wrong token.",
               counters.unauthorized)
         m.family("range_requests_total", "counter", "Range requests, by outcome.",
@@ -165,6 +207,8 @@ class WebService:
         """A websocket closed: its counts go into the service's totals, its queue is freed."""
         client = self.hub.clients.pop(key, None)
         self.wakeups.pop(key, None)
+        self.socket_tokens.pop(key, None)
+        self.hub.changed()
         if client is not None:
             self.counters.values_sent += client.values_sent
             self.counters.values_dropped += client.dropped_total
