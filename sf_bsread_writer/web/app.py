@@ -14,12 +14,14 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
 from aiohttp import web
 
+from ..core.image import render_png
 from ..core.live import ClientFeed, SubscriptionError, value_document
 from ..core.range_query import RangeQueryError, RangeTooLarge, parse_range_query
 from ..core.status import BufferStatus
@@ -31,6 +33,8 @@ __all__ = ["make_app"]
 logger = logging.getLogger(__name__)
 
 SERVICE_KEY: web.AppKey[WebService] = web.AppKey("service", WebService)
+STATIC_DIRECTORY = Path(__file__).with_name("static")
+PNG_MAX_SIDE = 512
 STATUS_TIMEOUT_SECONDS = 3.0
 FILE_CHUNK_BYTES = 1024 * 1024
 MAX_CLIENT_MESSAGE_BYTES = 64 * 1024  # a subscribe of thousands of channel names fits
@@ -49,9 +53,11 @@ def _token_of(request: web.Request) -> str | None:
 
 @web.middleware
 async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Tokens first; then any error as JSON (aiohttp's own 404/405 pages too)."""
+    """Tokens first (but for the status page's own files, which hold no data and ask for the token);
+    then any error as JSON (aiohttp's own 404/405 pages too)."""
     service = request.app[SERVICE_KEY]
-    if not service.tokens.allows(_token_of(request)):
+    public = request.path == "/" or request.path.startswith("/static/")
+    if not public and not service.tokens.allows(_token_of(request)):
         service.counters.unauthorized += 1
         response = _error(401, "unauthorized: send a valid token as 'Authorization: Bearer <token>' "
                                "(websockets from a browser: ?token=<token>)")
@@ -74,6 +80,9 @@ def make_app(service: WebService) -> web.Application:
     app = web.Application(middlewares=[_guard], client_max_size=64 * 1024)
     app[SERVICE_KEY] = service
     app.on_shutdown.append(_close_websockets)
+    service.status_source = status_document
+    app.router.add_get("/", _index)
+    app.router.add_static("/static/", STATIC_DIRECTORY, follow_symlinks=False)
     app.router.add_get("/api/v1/status", _status)
     app.router.add_get("/api/v1/channels", _channels)
     app.router.add_get("/api/v1/channels/{name:.+}", _channel)
@@ -93,8 +102,18 @@ async def _close_websockets(app: web.Application) -> None:
 # --------------------------------------------------------------------------
 # Queries
 # --------------------------------------------------------------------------
+async def _index(request: web.Request) -> web.FileResponse:
+    """The status page (docs/operations.md): static files; the data comes over the API with the token."""
+    return web.FileResponse(STATIC_DIRECTORY / "index.html", headers={"Cache-Control": "no-cache"})
+
+
 async def _status(request: web.Request) -> web.Response:
-    service = request.app[SERVICE_KEY]
+    document = await status_document(request.app[SERVICE_KEY])
+    return web.json_response(document, status=200 if document["state"] == "ok" else 502)
+
+
+async def status_document(service: WebService) -> dict[str, Any]:
+    """``GET /api/v1/status`` (also pushed to websocket clients that asked for it): the buffer's typed status."""
     url = service.settings.status_url + "/statistics"
     try:
         timeout = aiohttp.ClientTimeout(total=STATUS_TIMEOUT_SECONDS)
@@ -103,9 +122,10 @@ async def _status(request: web.Request) -> web.Response:
                 document = await answer.json()
         status = BufferStatus.from_json(document["statistics"])
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as error:
-        return _error(502, f"the buffer's status at {url} cannot be read: {type(error).__name__}: {error}")
+        return {"state": "error", "status": f"the buffer's status at {url} cannot be read: "
+                                            f"{type(error).__name__}: {error}"}
     ring = status.ring
-    return web.json_response({
+    return {
         "state": "ok",
         "status": status.describe(),
         "look_back": {"seconds": ring.look_back_seconds, "pulses": ring.look_back_pulses,
@@ -114,7 +134,7 @@ async def _status(request: web.Request) -> web.Response:
         "buffer": status.to_json(),
         "web": {"clients": len(service.hub.clients), "subscriptions": service.hub.subscription_count,
                 "feed_messages": service.counters.feed_messages, "feed_error": service.feed_error},
-    })
+    }
 
 
 async def _channels(request: web.Request) -> web.Response:
@@ -139,6 +159,16 @@ async def _channel(request: web.Request) -> web.StreamResponse:
         return _error(404, f"channel {name!r} " + ("has had no value yet" if known else
                                                    "is not in the stream; GET /api/v1/channels lists them"))
     fmt = request.query.get("format", "json")
+    if fmt == "png":
+        try:
+            value = latest.decoded()
+            body = await asyncio.to_thread(render_png, value, PNG_MAX_SIDE) if getattr(value, "ndim", 0) == 2 else None
+        except Exception as error:
+            return _error(500, f"channel {name!r}: image cannot be rendered: {error}")
+        if body is None:
+            return _error(400, f"channel {name!r} is not 2-D: format=png is for images")
+        return web.Response(body=body, content_type="image/png",
+                            headers={"X-Pulse-Id": str(latest.pulse_id), "Cache-Control": "no-store"})
     if fmt == "npy":
         try:
             value = latest.decoded()
@@ -151,7 +181,7 @@ async def _channel(request: web.Request) -> web.StreamResponse:
         return web.Response(body=out.getvalue(), content_type="application/octet-stream",
                             headers={"X-Pulse-Id": str(latest.pulse_id), "X-Timestamp": repr(latest.timestamp)})
     if fmt != "json":
-        return _error(400, f"format={fmt!r} is not json or npy")
+        return _error(400, f"format={fmt!r} is not json, npy or png")
     return web.json_response({"state": "ok", "status": "ok", **value_document(name, latest, 2**62)})
 
 
@@ -278,8 +308,12 @@ def _handle(service: WebService, client: ClientFeed, text: str) -> None:
             client.queue_message({"type": "unsubscribed", "channels": client.unsubscribe(request.get("channels"))})
         elif op == "ping":
             client.queue_message({"type": "pong", "time": time.time()})
+        elif op == "status":
+            client.wants_status = bool(request.get("subscribe", True))
+            service.want_status()
         else:
-            client.queue_message({"type": "error", "status": f"op {op!r} is not subscribe, unsubscribe or ping"})
+            client.queue_message({"type": "error",
+                                  "status": f"op {op!r} is not subscribe, unsubscribe, status or ping"})
     except SubscriptionError as error:
         client.queue_message({"type": "error", "status": str(error)})
 

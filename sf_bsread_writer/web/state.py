@@ -27,6 +27,7 @@ __all__ = ["WebSettings", "WebService", "WebCounters"]
 logger = logging.getLogger(__name__)
 
 FEED_HWM = 4  # the newest few messages queued in ZeroMQ: a slow reader loses old ones
+STATUS_PUSH_SECONDS = 1.0
 HANDOVER_MESSAGES = 8  # parsed messages waiting for the loop: a stalled loop loses the oldest, never memory
 
 
@@ -80,6 +81,8 @@ class WebService:
         self._handover_scheduled = False
         self._feed_thread: threading.Thread | None = None
         self.range_slots = asyncio.Semaphore(settings.range_workers)
+        self.status_source: Any = None  # app.status_document: the buffer's status, for the pushes
+        self._status_task: asyncio.Future | None = None
         # HDF5 ranges are written here; removed whole at shutdown (a request cut short leaves nothing behind).
         self.temp_root = tempfile.mkdtemp(prefix="sf_bsread_web-")
         self._stop = threading.Event()
@@ -202,6 +205,26 @@ class WebService:
         m.family("range_requests_total", "counter", "Range requests, by outcome.",
                  [({"outcome": outcome}, count) for outcome, count in sorted(counters.range_requests.items())])
         return m.text()
+
+    def want_status(self) -> None:
+        """A client asked for status pushes: one poll of the buffer a second serves every such client."""
+        if self._status_task is None or self._status_task.done():
+            self._status_task = asyncio.ensure_future(self._push_status())
+
+    async def _push_status(self) -> None:
+        while True:
+            listeners = [key for key, client in self.hub.clients.items() if client.wants_status]
+            if not listeners or self.status_source is None:
+                return
+            document = await self.status_source(self)
+            for key in listeners:
+                client = self.hub.clients.get(key)
+                if client is not None:
+                    client.queue_message({"type": "status", **document})
+                    wakeup = self.wakeups.get(key)
+                    if wakeup is not None:
+                        wakeup.set()
+            await asyncio.sleep(STATUS_PUSH_SECONDS)  # the push period, not a synchronisation
 
     def forget_client(self, key: Any) -> None:
         """A websocket closed: its counts go into the service's totals, its queue is freed."""

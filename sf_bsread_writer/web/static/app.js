@@ -1,0 +1,302 @@
+// The status page of one buffer (docs/operations.md). Everything comes from the web API
+// (docs/web-api.md): the channel list over HTTP, values and the buffer's status over the one
+// websocket. Plots: dygraphs (vendor/, MIT). No build step, no CDN.
+"use strict";
+
+const HISTORY_SECONDS = 300;      // the rate plots' span
+const SPARK_POINTS = 60;          // a sparkline: the last minute at 1 Hz
+const MAX_SPARKLINES = 40;        // dygraphs per page stay few
+const TABLE_RATE = 1;             // table values: updates per second per channel
+const DETAIL_RATE = 5;            // the selected channel
+const TOKEN_KEY = "sf_bsread_token";
+
+const page = {
+  token: new URLSearchParams(location.search).get("token") || sessionStorage.getItem(TOKEN_KEY),
+  socket: null, connected: false, retry: 0,
+  channels: new Map(),            // name -> {spec, row, spark, points}
+  selected: null, detailGraph: null, detailPoints: [],
+  ratePoints: [], bytesPoints: [], rateGraph: null, bytesGraph: null,
+};
+
+class Unauthorized extends Error {}
+
+function $(id) { return document.getElementById(id); }
+
+async function api(path) {
+  const headers = page.token ? {Authorization: "Bearer " + page.token} : {};
+  const answer = await fetch(path, {headers, cache: "no-store"});
+  if (answer.status === 401) throw new Unauthorized();
+  return answer.json();
+}
+
+function withToken(path) {
+  return page.token ? path + (path.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(page.token) : path;
+}
+
+// -- login -------------------------------------------------------------------
+function showLogin(message) {
+  $("login").hidden = false;
+  $("login-error").hidden = !message;
+  $("login-error").textContent = message || "";
+  $("token").focus();
+}
+
+$("login-form").addEventListener("submit", event => {
+  event.preventDefault();
+  page.token = $("token").value.trim();
+  sessionStorage.setItem(TOKEN_KEY, page.token);
+  start();
+});
+
+// -- formatting ----------------------------------------------------------------
+function formatValue(value) {
+  if (value === null || value === undefined) return "-";
+  if (typeof value === "number") return Number.isInteger(value) ? String(value) : value.toPrecision(6);
+  if (typeof value === "string") return value;
+  if (Array.isArray(value)) return "[" + value.length + (Array.isArray(value[0]) ? " x " + value[0].length : "") + "]";
+  return String(value);
+}
+
+function formatAge(seconds) {
+  if (seconds === null || seconds === undefined || !isFinite(seconds)) return "-";
+  return seconds < 10 ? seconds.toFixed(1) + " s" : Math.round(seconds) + " s";
+}
+
+function setText(id, text) { $(id).textContent = text; }
+
+// -- the channel table --------------------------------------------------------------
+function isScalar(spec) { return spec.shape.length === 1 && spec.shape[0] === 1; }
+function isImage(spec) { return spec.shape.length === 2; }
+
+function buildTable(specs) {
+  const body = $("channels").querySelector("tbody");
+  const names = new Set(specs.map(spec => spec.name));
+  for (const [name, entry] of page.channels) {
+    if (!names.has(name)) { entry.row.remove(); page.channels.delete(name); }
+  }
+  let sparks = [...page.channels.values()].filter(entry => entry.sparkHolder).length;
+  const added = [];
+  for (const spec of specs) {
+    if (page.channels.has(spec.name)) continue;
+    added.push(spec);
+    const row = document.createElement("tr");
+    row.dataset.channel = spec.name;
+    row.innerHTML = "<td></td><td></td><td></td><td class='value'>-</td><td class='age'>-</td><td></td>";
+    row.cells[0].textContent = spec.name;
+    row.cells[1].textContent = spec.type;
+    row.cells[2].textContent = JSON.stringify(spec.shape);
+    row.addEventListener("click", () => select(spec.name));
+    body.appendChild(row);
+    const entry = {spec, row, spark: null, points: [], lastTime: null};
+    if (isScalar(spec) && spec.type !== "string" && sparks < MAX_SPARKLINES) {
+      const holder = document.createElement("div");
+      holder.className = "spark";
+      row.cells[5].appendChild(holder);
+      entry.sparkHolder = holder;
+      sparks += 1;
+    }
+    page.channels.set(spec.name, entry);
+  }
+  setText("channel-count", "(" + page.channels.size + ")");
+  return added;
+}
+
+function updateRow(message) {
+  const entry = page.channels.get(message.channel);
+  if (!entry) return;
+  const row = entry.row;
+  row.dataset.pulseId = message.pulse_id;
+  row.dataset.value = JSON.stringify(message.value);
+  row.dataset.timestamp = message.timestamp;
+  row.cells[3].textContent = message.too_large ? "image " + JSON.stringify(message.shape) : formatValue(message.value);
+  entry.lastTime = message.timestamp;
+  if (entry.sparkHolder && typeof message.value === "number") {
+    entry.points.push([new Date(message.timestamp * 1000), message.value]);
+    if (entry.points.length > SPARK_POINTS) entry.points.shift();
+    if (!entry.spark && entry.points.length > 1) {
+      entry.spark = new Dygraph(entry.sparkHolder, entry.points, {
+        axes: {x: {drawAxis: false, drawGrid: false}, y: {drawAxis: false, drawGrid: false}},
+        legend: "never", labels: ["t", "v"], strokeWidth: 1, color: "#5ec962", interactionModel: {}});
+    } else if (entry.spark) {
+      entry.spark.updateOptions({file: entry.points});
+    }
+  }
+}
+
+function refreshAges() {
+  const now = Date.now() / 1000;
+  for (const entry of page.channels.values()) {
+    entry.row.querySelector(".age").textContent = entry.lastTime ? formatAge(now - entry.lastTime) : "-";
+  }
+}
+
+// -- the selected channel --------------------------------------------------------------
+function select(name) {
+  const entry = page.channels.get(name);
+  if (!entry) return;
+  if (page.selected && page.channels.get(page.selected)) page.channels.get(page.selected).row.classList.remove("selected");
+  page.selected = name;
+  entry.row.classList.add("selected");
+  $("detail").hidden = false;
+  setText("detail-title", name);
+  setText("detail-info", entry.spec.type + " " + JSON.stringify(entry.spec.shape) +
+          (entry.spec.unit ? ", " + entry.spec.unit : ""));
+  page.detailPoints = [];
+  if (page.detailGraph) { page.detailGraph.destroy(); page.detailGraph = null; }
+  $("detail-plot").hidden = isImage(entry.spec);
+  $("detail-image").hidden = !isImage(entry.spec);
+  send({op: "subscribe", channels: [name], max_rate: isImage(entry.spec) ? 1 : DETAIL_RATE});
+}
+
+function updateDetail(message) {
+  if (message.channel !== page.selected) return;
+  const spec = page.channels.get(page.selected).spec;
+  if (isImage(spec)) {
+    // The service renders the image (downsampled, auto-scaled, colour-mapped PNG): a few kB, not the raw frame.
+    const image = $("detail-image");
+    image.src = withToken("/api/v1/channels/" + encodeURIComponent(message.channel) + "?format=png&pulse=" +
+                          message.pulse_id);
+    image.dataset.pulseId = message.pulse_id;
+    return;
+  }
+  let points, labels;
+  if (Array.isArray(message.value)) {
+    points = message.value.map((y, x) => [x, Array.isArray(y) ? y[0] : y]);
+    labels = ["index", message.channel];
+  } else if (typeof message.value === "number") {
+    page.detailPoints.push([new Date(message.timestamp * 1000), message.value]);
+    if (page.detailPoints.length > 600) page.detailPoints.shift();
+    points = page.detailPoints;
+    labels = ["time", message.channel];
+  } else {
+    setText("detail-info", spec.type + ": " + formatValue(message.value));
+    return;
+  }
+  if (points.length < 2) return;
+  if (!page.detailGraph) {
+    page.detailGraph = new Dygraph($("detail-plot"), points, {labels, color: "#5ec962", strokeWidth: 1.5,
+                                                              axisLabelFontSize: 11});
+  } else {
+    page.detailGraph.updateOptions({file: points});
+  }
+}
+
+// -- status --------------------------------------------------------------------------------
+function updateStatus(document) {
+  if (document.state !== "ok") {
+    $("state").className = "badge error";
+    setText("state", "buffer not answering");
+    return;
+  }
+  const buffer = document.buffer, ring = buffer.ring, rates = buffer.rates;
+  setText("name", buffer.name);
+  $("state").className = "badge " + document.status;
+  setText("state", document.status.replace(/_/g, " "));
+  setText("source", buffer.endpoints.stream);
+  $("rate").dataset.value = rates.messages_per_second;
+  setText("rate", rates.messages_per_second.toFixed(1) + " msg/s");
+  setText("bandwidth", (rates.bytes_per_second / 1e6).toFixed(2) + " MB/s");
+  setText("ring", ring.messages + " / " + ring.max_messages);
+  setText("ring-bytes", (ring.bytes / 1e6).toFixed(1) + " / " + (ring.max_bytes / 1e6).toFixed(0) + " MB");
+  setText("lookback", document.look_back.seconds === null ? "-" : document.look_back.seconds.toFixed(1) + " s");
+  setText("pulses", (ring.oldest_pulse_id ?? "-") + " .. " + (ring.newest_pulse_id ?? "-"));
+  setText("rejected", String(buffer.rejected_total));
+  setText("rejected-reasons", Object.entries(buffer.rejected).map(([reason, n]) => reason + " " + n).join(", "));
+  setText("jumps", buffer.pulse_ids.jumps + " / " + buffer.pulse_ids.resets);
+  const now = new Date();
+  for (const [points, value] of [[page.ratePoints, rates.messages_per_second],
+                                 [page.bytesPoints, rates.bytes_per_second / 1e6]]) {
+    points.push([now, value]);
+    while (points.length && now - points[0][0] > HISTORY_SECONDS * 1000) points.shift();
+  }
+  if (page.ratePoints.length > 1) {
+    if (!page.rateGraph) {
+      const options = {color: "#3b528b", strokeWidth: 1.5, axisLabelFontSize: 11, includeZero: true};
+      page.rateGraph = new Dygraph($("rate-plot"), page.ratePoints, {...options, labels: ["time", "msg/s"]});
+      page.bytesGraph = new Dygraph($("bytes-plot"), page.bytesPoints, {...options, labels: ["time", "MB/s"]});
+    } else {
+      page.rateGraph.updateOptions({file: page.ratePoints});
+      page.bytesGraph.updateOptions({file: page.bytesPoints});
+    }
+  }
+  const body = $("writers").querySelector("tbody");
+  body.innerHTML = "";
+  for (const session of buffer.replay.sessions) {
+    const row = body.insertRow();
+    const requested = (session.start_pulse_id ?? session.start_time ?? "-") + " .. " +
+                      (session.stop_pulse_id ?? session.stop_time ?? "open");
+    for (const text of [session.session, requested, session.last_pulse_id ?? "-", session.sent,
+                        session.in_flight, session.gaps, session.lost]) {
+      row.insertCell().textContent = String(text);
+    }
+  }
+}
+
+// -- the websocket ---------------------------------------------------------------------------------
+function send(request) {
+  if (page.socket && page.socket.readyState === WebSocket.OPEN) page.socket.send(JSON.stringify(request));
+}
+
+function setConnected(connected, text) {
+  page.connected = connected;
+  $("connection").className = "badge " + (connected ? "connected" : "disconnected");
+  setText("connection", text);
+}
+
+function connect() {
+  const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + withToken("/api/v1/ws");
+  const socket = new WebSocket(url);
+  page.socket = socket;
+  socket.onopen = () => {
+    page.retry = 0;
+    setConnected(true, "live");
+    send({op: "status"});
+    const table = [...page.channels.values()].filter(entry => !isImage(entry.spec)).map(entry => entry.spec.name);
+    if (table.length) send({op: "subscribe", channels: table, max_rate: TABLE_RATE});
+    if (page.selected) select(page.selected);
+  };
+  socket.onmessage = event => {
+    const frame = JSON.parse(event.data);
+    if (frame.type === "batch") {
+      for (const message of frame.messages) { updateRow(message); updateDetail(message); }
+    } else if (frame.type === "status") {
+      updateStatus(frame);
+    }
+  };
+  socket.onclose = () => {
+    if (page.socket !== socket) return;
+    setConnected(false, "disconnected - reconnecting");
+    page.retry += 1;
+    setTimeout(start, Math.min(5000, 250 * 2 ** Math.min(page.retry, 5)));
+  };
+}
+
+// -- start -----------------------------------------------------------------------------------------
+async function start() {
+  let listing;
+  try {
+    listing = await api("/api/v1/channels");
+  } catch (error) {
+    if (error instanceof Unauthorized) {
+      showLogin(page.token ? "This token is not accepted." : "");
+      return;
+    }
+    setConnected(false, "service unreachable - retrying");
+    page.retry += 1;
+    setTimeout(start, Math.min(5000, 250 * 2 ** Math.min(page.retry, 5)));
+    return;
+  }
+  $("login").hidden = true;
+  buildTable(listing.channels);
+  connect();
+}
+
+setInterval(refreshAges, 1000);
+setInterval(async () => {  // new or removed channels: the table follows the stream's data header
+  if (!page.connected) return;
+  try {
+    const added = buildTable((await api("/api/v1/channels")).channels).filter(spec => !isImage(spec));
+    if (added.length) send({op: "subscribe", channels: added.map(spec => spec.name), max_rate: TABLE_RATE});
+  } catch (error) { /* the socket's state says it */ }
+}, 10000);
+start();
