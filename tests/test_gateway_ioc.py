@@ -192,6 +192,30 @@ def test_sparse_constant_and_stopped_channels(env):
         source.close()
 
 
+def test_a_sparse_channel_is_served_when_the_gateway_applies_slower_than_messages_come(env):
+    """50 messages a second, applied 5 times a second: the newest message rarely holds a channel sent every
+    10th pulse, but the gateway keeps the older messages that do and serves their value."""
+    local_env = _local(env)
+    channels = [{"name": "EVERY", "type": "float64"}, {"name": "OFTEN", "type": "float64"}]
+    source = Feeder(channels, lambda pid: [float(pid) if pid % 10 == 3 else None, float(pid)], rate=50.0)
+    child = monitor = None
+    try:
+        child, _ = start_gateway(source.address, local_env, "--ca-prefix", "SP:", "--name", "SP",
+                                 "--max-rate", "5")
+        _wait_alarm_free(local_env, "SP:EVERY")
+        monitor = Tool("camonitor", ["-t", "s", "SP:EVERY"], local_env)
+        wait_for(lambda: len(monitor.lines) >= 8, timeout=30, interval=0.1, message="8 updates of the sparse channel")
+        values = [float(line.split()[3]) for line in monitor.lines if "SP:EVERY" in line]
+        assert all(value % 10 == 3 for value in values), values  # its own values, never a stand-in
+        assert not any("INVALID" in line for line in monitor.lines), monitor.lines
+    finally:
+        if monitor is not None:
+            monitor.stop()
+        if child is not None:
+            child.stop()
+        source.close()
+
+
 def test_metadata_and_severity_of_a_bridged_ioc_pv_are_served_as_its_record_fields(env):
     """What the CA bridge carries from an IOC (units, precision, DESC, enum states in the data header;
     severity in the ``.SEVR`` companion) comes back out of the gateway as EGU/PREC/DESC, an mbbi's

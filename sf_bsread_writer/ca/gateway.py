@@ -32,6 +32,7 @@ import logging
 import os
 import sys
 import threading
+from collections import deque
 import time
 import urllib.error
 import urllib.request
@@ -68,13 +69,21 @@ STATUS_PVS: tuple[tuple[str, str, str], ...] = (
 
 # Seconds without a message after which every channel PV is flagged INVALID/COMM.
 STALE_AFTER_S = 3.0
+#: Older messages kept beside the newest because they carry a channel it lacks (sparse channels).
+SPARSE_KEPT = 8
 
 
 # --------------------------------------------------------------------------
 # Ingest: the buffer's live output -> newest message
 # --------------------------------------------------------------------------
 class _Ingest(threading.Thread):
-    """Receives the live output and keeps only the newest message for the asyncio loop."""
+    """Receives the live output and keeps the newest message for the CA server.
+
+    Also kept, up to SPARSE_KEPT of them: older messages that carry a channel the
+    newest lacks (a channel sent every Nth pulse would otherwise be overwritten
+    before the server, applying a few times a second, ever saw it); the softioc
+    server applies just those channels of them (``take_messages``).
+    """
 
     def __init__(self, address: str, mode: str, notify: Any) -> None:
         super().__init__(name="gateway-ingest", daemon=True)
@@ -83,6 +92,8 @@ class _Ingest(threading.Thread):
         self._notify = notify
         self._lock = threading.Lock()
         self._latest: list[Any] | None = None
+        self._latest_presence = 0
+        self._sparse: deque[list[Any]] = deque(maxlen=SPARSE_KEPT)
         self._arrived = threading.Event()
         self._stop_event = threading.Event()
         self.parser = MessageParser()
@@ -94,7 +105,19 @@ class _Ingest(threading.Thread):
     def take(self) -> list[Any] | None:
         with self._lock:
             frames, self._latest = self._latest, None
+            self._sparse.clear()
         return frames
+
+    def take_messages(self, timeout: float) -> list[Any]:
+        """Older messages with channels the newest lacks, then the newest, parsed; waits up to ``timeout``."""
+        self._arrived.wait(timeout)
+        self._arrived.clear()
+        with self._lock:
+            frames, self._latest = self._latest, None
+            older, self._sparse = list(self._sparse), deque(maxlen=SPARSE_KEPT)
+        if frames is None:
+            return []
+        return [message for message in map(self._parse, [*older, frames]) if message is not None]
 
     def wait_and_take(self, timeout: float) -> list[Any] | None:
         """The newest message, waiting up to ``timeout`` seconds for one (for a thread, not asyncio)."""
@@ -109,8 +132,9 @@ class _Ingest(threading.Thread):
         logged) and never fatal: both CA servers apply what this returns.
         """
         frames = self.take() if timeout is None else self.wait_and_take(timeout)
-        if frames is None:
-            return None
+        return None if frames is None else self._parse(frames)
+
+    def _parse(self, frames: list[Any]) -> Any:
         try:
             return self.parser.parse(frames)
         except Exception as error:  # ProtocolError or IgnoredMessage
@@ -139,8 +163,8 @@ class _Ingest(threading.Thread):
             while not self._stop_event.is_set():
                 if not poller.poll(200):
                     continue
-                # Drain what is queued; only the newest message matters.
-                frames = None
+                # Drain what is queued: the newest message, and older ones with channels it lacks.
+                received = notify = False
                 while True:
                     try:
                         # copy=True: for the many small parts of a wide stream, bytes are
@@ -149,14 +173,20 @@ class _Ingest(threading.Thread):
                     except zmq.Again:
                         break
                     self.received += 1
-                if frames is None:
+                    received = True
+                    presence = _presence(frames)
+                    with self._lock:
+                        was_empty = self._latest is None
+                        if self._latest is not None and self._latest_presence & ~presence \
+                                and len(self._latest) == len(frames):
+                            self._sparse.append(self._latest)  # it has a channel this one lacks
+                        self._latest, self._latest_presence = frames, presence
+                    notify = notify or was_empty
+                if not received:
                     continue
                 self.last_receive_monotonic = time.monotonic()
-                with self._lock:
-                    was_empty = self._latest is None
-                    self._latest = frames
                 self._arrived.set()
-                if was_empty:
+                if notify:
                     self._notify()
         except Exception as error:  # reported by the gateway, which then exits non-zero
             self.error = error
@@ -164,6 +194,15 @@ class _Ingest(threading.Thread):
             self._notify()
         finally:
             socket.close(0)
+
+
+def _presence(frames: list[Any]) -> int:
+    """Bit i set: channel i has a value in this message (its value part is not empty)."""
+    bits = 0
+    for index, part in enumerate(frames[2::2]):
+        if len(part):
+            bits |= 1 << index
+    return bits
 
 
 # --------------------------------------------------------------------------

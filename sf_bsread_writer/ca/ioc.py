@@ -568,9 +568,10 @@ class _ApplyLoop:
             if now < next_due:
                 stop.wait(min(next_due, next_status) - now)  # the rate limit, not synchronisation
                 continue
-            message = self.ingest.take_message(max(0.0, min(0.2, next_status - now)))
-            if message is None:
+            messages = self.ingest.take_messages(max(0.0, min(0.2, next_status - now)))
+            if not messages:
                 continue
+            message = messages[-1]  # the newest; older ones carry sparse channels it lacks
             started = time.monotonic()
             if message.data_header.hash != self.header_hash:
                 plan = ChannelPlan.build(message.data_header, self.settings.prefix,
@@ -586,6 +587,9 @@ class _ApplyLoop:
                         return RESTART_EXIT_CODE
                     self.rebind(rebound)
                 self.header_hash = message.data_header.hash
+            for older in messages[:-1]:
+                if older.data_header.hash == self.header_hash:
+                    self.apply(older, only_absent_in=message)
             self.apply(message)
             if self.needs_restart:
                 logger.info("a string longer than 39 bytes: the IOC restarts to serve it whole (long string)")
@@ -638,8 +642,12 @@ class _ApplyLoop:
         budget = len(self.plan.channels) / self.settings.total_rate if self.settings.total_rate > 0 else 0.0
         return max(per_pv, budget)
 
-    def apply(self, message: Any) -> None:
-        """Every served channel of ``message`` into its record (absent values keep the last one)."""
+    def apply(self, message: Any, only_absent_in: Any = None) -> None:
+        """Every served channel of ``message`` into its record (absent values keep the last one).
+
+        ``only_absent_in``: an older message of the same header: only its values of channels that
+        this newer message lacks are applied (a sparse channel's value, in its pulse's order).
+        """
         alarm = self.alarm
         self.header_hash = message.data_header.hash
         main = message.main
@@ -649,6 +657,8 @@ class _ApplyLoop:
         for channel, record, twin in self.records.channels:
             state = self.states[channel.name]
             index = channel.index
+            if only_absent_in is not None and (only_absent_in.is_present(index) or not message.is_present(index)):
+                continue
             if not message.is_present(index):
                 self._absent(channel, record, state, now)
                 continue
@@ -680,8 +690,9 @@ class _ApplyLoop:
             if state.last_present is not None:
                 state.interval = now - state.last_present
             state.value, state.stamp, state.last_present, state.flagged = served, stamp, now, False
-        self.newest_pulse_id = message.pulse_id
-        self.applied += 1
+        if only_absent_in is None:
+            self.newest_pulse_id = message.pulse_id
+            self.applied += 1
 
     def _upstream_severity(self, message: Any, channel: ServedChannel) -> int:
         """The severity (0..3) in the channel's ``.SEVR`` companion, 0 when it has none or it is unreadable."""
