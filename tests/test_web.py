@@ -60,12 +60,11 @@ def stack():
     simulator = Child.python_module("sf_bsread_writer.tools.simulate", "--profile", PROFILE, "--rate", "50",
                                     "--port", "0")
     source = _ready(simulator)["address"]
-    web_port = free_port()
     buffer = Child.python_module("sf_bsread_writer.buffer", source, "-o", "0", "--replay-port", "0",
-                                 "--rest-port", "0", "-b", "400", "--web", "--web-port", str(web_port))
+                                 "--rest-port", "0", "-b", "400", "--web", "--web-port", "0")
     try:
         endpoints = _ready(buffer)
-        url = f"http://127.0.0.1:{web_port}"
+        url = endpoints["web"]  # --web-port 0: the buffer chose the port and says which
         wait_for(lambda: _web_up(url) and _json(url + "/api/v1/channels")[1].get("status") == "ok", timeout=60,
                  interval=0.2, message="the web service's first live values")
         wait_for(lambda: _json(url + "/api/v1/status")[1]["look_back"]["messages"] >= 100, timeout=30,

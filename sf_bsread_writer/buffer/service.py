@@ -164,7 +164,10 @@ class Buffer:
         self.ca_prefix = ca_prefix
         self.ca_max_rate = ca_max_rate
         self.web = web
-        self.web_port = web_port
+        # --web-port 0: a free port chosen here, so that READY and /statistics can say where the web service is
+        # (the child cannot tell its parent). A tiny race with another process binding it meanwhile: the child
+        # then fails to listen, exits 1 and is restarted on the same port by its supervisor.
+        self.web_port = web_port if not web or web_port else _free_port(web_bind)
         self.web_bind = web_bind
         self.web_tokens = web_tokens
         self.web_max_rate = web_max_rate
@@ -604,3 +607,12 @@ class _LoopbackFeed:
 
     def status(self) -> CaFeedStatus:
         return CaFeedStatus(address=self.address, max_rate=self.max_rate, sent=self.sent)
+
+
+def _free_port(host: str) -> int:
+    """A TCP port free on ``host`` a moment ago."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]

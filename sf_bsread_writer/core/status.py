@@ -122,7 +122,7 @@ class Endpoints(_Record):
     output: str | None
     replay: str | None
     rest: str | None
-    web: str | None = None  # --web: the web service's base URL (None with --web-port 0: see its READY line)
+    web: str | None = None  # --web: the web service's base URL
 
 
 @dataclass(frozen=True)

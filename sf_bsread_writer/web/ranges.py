@@ -69,8 +69,10 @@ def fetch_range(replay_address: str, query: RangeQuery, limits: RangeLimits, tim
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise RangeTimeout(f"the range was not complete within {timeout:g} s (last pulse id "
-                                   f"{client.last_pulse_id}); a range reaching into the future waits for it")
+                raise RangeTimeout(f"the range was not complete within {timeout:g} s ({columns.messages} messages "
+                                   f"read, last pulse id {client.last_pulse_id}): a range reaching into the future "
+                                   "waits for its pulses, and a large one takes ~1 s per 1000-2000 messages of "
+                                   "100 channels; ask for a shorter range or fewer channels, or raise --range-timeout")
             event = client.receive(min(remaining, 0.5))
             if isinstance(event, Data):
                 try:
