@@ -101,6 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = config.parse_args("sf_bsread_writer", "bsread writer: one pulse range from a buffer into an HDF5 file",
                              config.WRITER_OPTIONS, config.WRITER_ENV_PREFIX, argv)
     process.configure_logging(args.log_level)
+    # Before any socket receives (as the buffer does): a camera frame (1-3 MB) would otherwise come from a
+    # fresh mmap and go back to the kernel when freed, so every received image pays page faults and the
+    # zeroing of fresh pages. Measured for a fresh writer draining 800 images, paired with and without
+    # (docs/performance.md, "A fresh writer on camera streams"): minor faults 85-90 000 -> 42-50 000,
+    # system time 1.16 -> 0.68 s and 748 -> 1378 img/s on the first drain.
+    try:
+        process.tune_allocator()
+    except Exception as error:  # an optimisation, never a reason not to write
+        logger.warning("allocator tuning failed: %s", error)
     settings = WriterSettings(
         stream_address=args.stream_address, output_file=args.output_file, output_root=args.output_root,
         direct=args.direct, direct_mode=args.direct_mode, stop_deadline=args.stop_deadline,
