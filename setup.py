@@ -1,9 +1,11 @@
 """Packaging for sf_bsread_writer (the build configuration lives here; pyproject.toml only names the backend).
 
-The one compiled part, ``sf_bsread_writer.transport._partsio`` (whole ZeroMQ
-messages in one call), is optional: without a C compiler the build goes on
-and the package uses its pure pyzmq path (``transport/partsio.py``). It needs
-no libzmq headers or library at build time: it finds pyzmq's libzmq at import.
+The two compiled parts are optional: without a C compiler the build goes on and
+the package uses their Python fallbacks. ``sf_bsread_writer.transport._partsio``
+(whole ZeroMQ messages in one call; fallback: the pure pyzmq path in
+``transport/partsio.py``) needs no libzmq headers or library at build time: it
+finds pyzmq's libzmq at import. ``sf_bsread_writer.core._blockwalk`` walks the
+bitshuffle_lz4 block structure (fallback: the loop in ``core/protocol.py``).
 """
 import logging
 
@@ -40,7 +42,9 @@ setup(
     package_data={"sf_bsread_writer.web": ["static/*.html", "static/*.js", "static/*.css", "static/vendor/*"]},
     ext_modules=[Extension("sf_bsread_writer.transport._partsio", ["sf_bsread_writer/transport/_partsio.c"],
                            libraries=["dl"], extra_compile_args=["-O2", "-std=c11", "-Wall"],
-                           optional=True)],
+                           optional=True),
+                 Extension("sf_bsread_writer.core._blockwalk", ["sf_bsread_writer/core/_blockwalk.c"],
+                           extra_compile_args=["-O2", "-std=c11", "-Wall"], optional=True)],
     cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[
         # Why each dependency is here: docs/dependencies.md

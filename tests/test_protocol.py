@@ -344,6 +344,29 @@ def test_bitshuffle_corrupt_block_sizes_do_not_crash() -> None:
         decode_value(spec, wrong_count)
 
 
+@pytest.mark.parametrize("implementation", ["compiled", "python"])
+def test_the_block_walk_agrees_on_both_paths(implementation: str) -> None:
+    """core/_blockwalk.c and its Python fallback: the same end position, -1 past the end, no reads beyond."""
+    from sf_bsread_writer.core import protocol
+
+    if implementation == "compiled":
+        walk = protocol._compiled_walk()
+        if walk is None:
+            pytest.skip("core/_blockwalk.c is not built (no C compiler at install): the Python loop is used")
+    else:
+        walk = protocol._walk_blocks_python
+    array = np.arange(100_000, dtype="<u2").reshape(100, 1000)
+    part = bytes(BitshuffleLZ4.pack_data(array, array.dtype))
+    n_blocks = 200_000 // 8192  # whole blocks of 8192 bytes (4096 elements); the rest is one more block
+    end = walk(part, 12, n_blocks + 1)
+    assert end == len(part) - 12 == protocol._walk_blocks_python(part, 12, n_blocks + 1)
+    assert walk(memoryview(part), 12, 0) == 0
+    assert walk(part, 12, n_blocks + 50) == -1  # more blocks than bytes: not past the end
+    assert walk(b"\x00\x00\x00\x05ab", 0, 2) == -1
+    assert walk(b"\xff\xff\xff\xff", 0, 1) == 4 + 2**32 - 1  # a huge size field: reported, never followed
+    assert protocol.BLOCK_WALK in ("compiled", "python")
+
+
 def test_bitshuffle_strings_and_empty_strings() -> None:
     spec = ChannelSpec("text", "string", compression="bitshuffle_lz4")
     for text in ("a", "bsread ✓" * 3000):

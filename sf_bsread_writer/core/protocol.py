@@ -828,13 +828,34 @@ def _bitshuffle_stream_fits(payload: Any, n_elements: int, itemsize: int, block_
     leftover = (n_elements % _BSHUF_MULT) * itemsize  # copied raw after the blocks
     if 4 * n_blocks + leftover > length:
         return False
+    position = _walk_blocks(payload, offset, n_blocks)
+    return position >= 0 and position + leftover == length
+
+
+def _walk_blocks_python(payload: Any, offset: int, n_blocks: int) -> int:
+    """End of ``n_blocks`` size-prefixed blocks from ``offset`` (relative to it), or -1 past the end."""
     unpack = struct.Struct(">I").unpack_from
+    length = _frame_size(payload) - offset
     position = 0
     for _ in range(n_blocks):
         if position + 4 > length:
-            return False
+            return -1
         position += 4 + unpack(payload, offset + position)[0]
-    return position + leftover == length
+    return position
+
+
+def _compiled_walk() -> Callable[[Any, int, int], int] | None:
+    """The C block walk (``core/_blockwalk.c``) where it was built (tests/test_protocol.py runs both)."""
+    try:
+        from ._blockwalk import walk
+    except ImportError:
+        return None
+    return walk
+
+
+#: The block walk: compiled where built (~0.15 ms per camera image saved), else the Python loop.
+_walk_blocks = _compiled_walk() or _walk_blocks_python
+BLOCK_WALK = "compiled" if _walk_blocks is not _walk_blocks_python else "python"
 
 
 def _bitshuffle_decompress(spec: ChannelSpec, buffer: bytes | bytearray | memoryview) -> np.ndarray:
