@@ -22,7 +22,9 @@ import pytest
 from .helpers import ROOT
 
 PROBE = ("import sf_bsread_writer, sys; from sf_bsread_writer.transport import partsio; "
-         "print(sf_bsread_writer.__file__); print(partsio.IMPLEMENTATION); print(partsio.FALLBACK_REASON)")
+         "from sf_bsread_writer.core import protocol; "
+         "print(sf_bsread_writer.__file__); print(partsio.IMPLEMENTATION); print(partsio.FALLBACK_REASON); "
+         "print(protocol.BLOCK_WALK)")
 
 
 def _build_wheel(tmp_path: Path, env: dict[str, str]) -> Path:
@@ -65,9 +67,11 @@ def test_a_wheel_with_the_extension_builds_and_imports_from_a_fresh_venv(tmp_pat
     with zipfile.ZipFile(wheel) as archive:
         assert any(name.startswith("sf_bsread_writer/transport/_partsio") and name.endswith(".so")
                    for name in archive.namelist()), archive.namelist()
-    location, implementation, reason = _import_from_fresh_venv(tmp_path, wheel)
+    location, implementation, reason, block_walk = _import_from_fresh_venv(tmp_path, wheel)
     assert location.startswith(str(tmp_path / "venv")), location
     assert implementation == "compiled", reason
+    assert block_walk == "compiled"
+    assert any(name.startswith("sf_bsread_writer/web/static/vendor/dygraph") for name in archive_names(wheel))
 
 
 def test_without_a_compiler_the_wheel_builds_and_uses_the_pure_path(tmp_path):
@@ -75,6 +79,12 @@ def test_without_a_compiler_the_wheel_builds_and_uses_the_pure_path(tmp_path):
     wheel = _build_wheel(tmp_path, env)
     with zipfile.ZipFile(wheel) as archive:
         assert not any(name.endswith(".so") for name in archive.namelist())
-    location, implementation, reason = _import_from_fresh_venv(tmp_path, wheel)
+    location, implementation, reason, block_walk = _import_from_fresh_venv(tmp_path, wheel)
     assert location.startswith(str(tmp_path / "venv")), location
     assert implementation == "python" and "not built" in reason
+    assert block_walk == "python"
+
+
+def archive_names(wheel: Path) -> list[str]:
+    with zipfile.ZipFile(wheel) as archive:
+        return archive.namelist()
