@@ -169,7 +169,7 @@ def test_sparse_constant_and_stopped_channels(env):
         wait_for(lambda: sum("MOD:EVERY" in line for line in monitor.lines) >= 4, timeout=30, interval=0.1,
                  message="4 updates of a channel present every 10th pulse (2 Hz)")
         every = [line for line in monitor.lines if "MOD:EVERY" in line]
-        assert not any("INVALID" in line or "UDF" in line for line in every), every
+        assert not any("INVALID" in line or "UDF" in line for line in every), "\n".join(every)
         values = [float(line.split()[3]) for line in every]
         assert all(value % 10 == 0 for value in values), values  # only real values, never a stand-in
         constant = [line.split()[2] for line in monitor.lines if "MOD:CONST" in line]

@@ -93,7 +93,8 @@ class _Ingest(threading.Thread):
         self._lock = threading.Lock()
         self._latest: list[Any] | None = None
         self._latest_presence = 0
-        self._sparse: deque[list[Any]] = deque(maxlen=SPARSE_KEPT)
+        self._latest_received = 0.0  # monotonic
+        self._sparse: deque[tuple[list[Any], float]] = deque(maxlen=SPARSE_KEPT)
         self._arrived = threading.Event()
         self._stop_event = threading.Event()
         self.parser = MessageParser()
@@ -108,16 +109,18 @@ class _Ingest(threading.Thread):
             self._sparse.clear()
         return frames
 
-    def take_messages(self, timeout: float) -> list[Any]:
-        """Older messages with channels the newest lacks, then the newest, parsed; waits up to ``timeout``."""
+    def take_messages(self, timeout: float) -> list[tuple[Any, float]]:
+        """``(message, monotonic receive time)``: older messages with channels the newest lacks, then the
+        newest, parsed; waits up to ``timeout`` for one. The receive times tell a channel's own period."""
         self._arrived.wait(timeout)
         self._arrived.clear()
         with self._lock:
-            frames, self._latest = self._latest, None
+            frames, received, self._latest = self._latest, self._latest_received, None
             older, self._sparse = list(self._sparse), deque(maxlen=SPARSE_KEPT)
         if frames is None:
             return []
-        return [message for message in map(self._parse, [*older, frames]) if message is not None]
+        parsed = [(self._parse(kept), at) for kept, at in [*older, (frames, received)]]
+        return [(message, at) for message, at in parsed if message is not None]
 
     def wait_and_take(self, timeout: float) -> list[Any] | None:
         """The newest message, waiting up to ``timeout`` seconds for one (for a thread, not asyncio)."""
@@ -175,12 +178,13 @@ class _Ingest(threading.Thread):
                     self.received += 1
                     received = True
                     presence = _presence(frames)
+                    received_at = time.monotonic()
                     with self._lock:
                         was_empty = self._latest is None
                         if self._latest is not None and self._latest_presence & ~presence \
                                 and len(self._latest) == len(frames):
-                            self._sparse.append(self._latest)  # it has a channel this one lacks
-                        self._latest, self._latest_presence = frames, presence
+                            self._sparse.append((self._latest, self._latest_received))  # has a channel this lacks
+                        self._latest, self._latest_presence, self._latest_received = frames, presence, received_at
                     notify = notify or was_empty
                 if not received:
                     continue

@@ -59,6 +59,7 @@ STALE_AFTER_S = 3.0
 #: usual intervals old (a channel sent every Nth pulse is absent N-1 times in N: that is not an alarm).
 ABSENT_PERIODS = 3.0
 # The placeholder value of a record before its channel's first value (shown INVALID/UDF).
+MIN_MEASURED_INTERVAL = 0.001  # seconds: shorter gaps between a channel's arrivals say nothing of its period
 _EMPTY = {"ai": 0.0, "longin": 0, "mbbi": 0, "stringin": "", "lsi": ""}
 #: The gateway's own statistics PVs (beside the buffer's status PVs), like EPICS ca-gateway's.
 GATEWAY_STATS_PVS: tuple[tuple[str, str, str], ...] = (
@@ -571,7 +572,7 @@ class _ApplyLoop:
             messages = self.ingest.take_messages(max(0.0, min(0.2, next_status - now)))
             if not messages:
                 continue
-            message = messages[-1]  # the newest; older ones carry sparse channels it lacks
+            message, received_at = messages[-1]  # the newest; older ones carry sparse channels it lacks
             started = time.monotonic()
             if message.data_header.hash != self.header_hash:
                 plan = ChannelPlan.build(message.data_header, self.settings.prefix,
@@ -587,10 +588,10 @@ class _ApplyLoop:
                         return RESTART_EXIT_CODE
                     self.rebind(rebound)
                 self.header_hash = message.data_header.hash
-            for older in messages[:-1]:
+            for older, older_received_at in messages[:-1]:
                 if older.data_header.hash == self.header_hash:
-                    self.apply(older, only_absent_in=message)
-            self.apply(message)
+                    self.apply(older, only_absent_in=message, received_at=older_received_at)
+            self.apply(message, received_at=received_at)
             if self.needs_restart:
                 logger.info("a string longer than 39 bytes: the IOC restarts to serve it whole (long string)")
                 return RESTART_EXIT_CODE
@@ -642,17 +643,20 @@ class _ApplyLoop:
         budget = len(self.plan.channels) / self.settings.total_rate if self.settings.total_rate > 0 else 0.0
         return max(per_pv, budget)
 
-    def apply(self, message: Any, only_absent_in: Any = None) -> None:
+    def apply(self, message: Any, only_absent_in: Any = None, received_at: float | None = None) -> None:
         """Every served channel of ``message`` into its record (absent values keep the last one).
 
         ``only_absent_in``: an older message of the same header: only its values of channels that
         this newer message lacks are applied (a sparse channel's value, in its pulse's order).
+        ``received_at``: when the ingest received it (monotonic): a channel's period is measured in
+        arrival times, whenever its values get applied.
         """
         alarm = self.alarm
         self.header_hash = message.data_header.hash
         main = message.main
         message_time = main.sec + main.ns * 1e-9
         now = time.monotonic()
+        arrived = received_at if received_at is not None else now
         self.stale = False
         for channel, record, twin in self.records.channels:
             state = self.states[channel.name]
@@ -687,9 +691,11 @@ class _ApplyLoop:
             self._set(record, served, severity, status, stamp)
             if twin is not None:
                 self._set(twin, exact_text(value), severity, status, stamp)
-            if state.last_present is not None:
-                state.interval = now - state.last_present
-            state.value, state.stamp, state.last_present, state.flagged = served, stamp, now, False
+            # The channel's own period, from when its values arrived here (a source's timestamps may be old or
+            # synthetic, and an older kept message may be applied late: apply times would say 0 s).
+            if state.last_present is not None and arrived - state.last_present > MIN_MEASURED_INTERVAL:
+                state.interval = arrived - state.last_present
+            state.value, state.stamp, state.last_present, state.flagged = served, stamp, arrived, False
         if only_absent_in is None:
             self.newest_pulse_id = message.pulse_id
             self.applied += 1
