@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import stat
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -78,16 +79,39 @@ def register(kind: str, name: str, endpoints: Mapping[str, Any], details: Mappin
     entry = Entry(kind, name, os.getpid(), time.time() if now is None else now, dict(endpoints), dict(details or {}))
     path = directory / f"{kind}-{_SAFE.sub('_', name)[:64]}-{entry.pid}.json"
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)  # readable: operators run sf_bsread_ctl
+        _check_directory(directory, writing=True)
         for old in directory.glob(f"{kind}-{_SAFE.sub('_', name)[:64]}-*.json"):
             _remove_if_stale(old)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(entry.to_json()), encoding="utf-8")
+        # A new file of our own (mkstemp never follows or reuses a planted name), renamed into place.
+        handle, temporary = tempfile.mkstemp(prefix=".entry-", suffix=".tmp", dir=directory)
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(json.dumps(entry.to_json()))
+        os.chmod(temporary, 0o644)
         os.replace(temporary, path)
         return path
     except OSError as error:
         logger.warning("not listed for sf_bsread_ctl: cannot write %s: %s", path, error)
         return None
+
+
+def _check_directory(directory: Path, writing: bool = False) -> None:
+    """Refuse (OSError) a directory somebody else could have planted entries or links in.
+
+    Always: a real directory (no symlink) that nobody but its owner can write to. To write into
+    it, or when it is the per-user fallback in a shared temporary directory (which another user
+    could create first, with entries pointing ``sf_bsread_ctl write`` at their endpoint): ours
+    (or root's). The systemd runtime directory of the service user is readable by operators.
+    """
+    info = os.lstat(directory)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise OSError(f"{directory} is not a directory")
+    if info.st_mode & 0o022:
+        raise OSError(f"{directory} is writable by others")
+    per_user_fallback = directory.parent == Path(tempfile.gettempdir()) and directory.name.startswith(
+        "sf_bsread_writer-")
+    if (writing or per_user_fallback) and info.st_uid not in (os.getuid(), 0):
+        raise OSError(f"{directory} belongs to uid {info.st_uid}, not to us")
 
 
 def unregister(path: Path | None) -> None:
@@ -102,7 +126,11 @@ def entries(directory: Path | None = None, include_stale: bool = False) -> list[
     """Every readable entry, oldest first; stale ones (process gone) only with ``include_stale``."""
     directory = directory or runtime_directory()
     found = []
-    for path in sorted(directory.glob("*.json")) if directory.is_dir() else ():
+    try:
+        _check_directory(directory)
+    except OSError:
+        return []  # missing, or not trustworthy (see _check_directory): nothing listed from it
+    for path in sorted(directory.glob("*.json")):
         entry = _read(path)
         if entry is not None and (include_stale or entry.alive):
             found.append(entry)

@@ -37,16 +37,18 @@ def _ready(child: Child) -> dict:
 def buffer():
     simulator = Child.python_module("sf_bsread_writer.tools.simulate", "--profile", "mixed", "--rate", "50",
                                     "--port", "0")
-    source = _ready(simulator)["address"]
-    child = Child.python_module("sf_bsread_writer.buffer", source, "-o", "0", "--replay-port", "0",
-                                "--rest-port", "0", "--name", "CTLTEST", "-b", "300")
+    child = None
     try:
+        source = _ready(simulator)["address"]
+        child = Child.python_module("sf_bsread_writer.buffer", source, "-o", "0", "--replay-port", "0",
+                                    "--rest-port", "0", "--name", "CTLTEST", "-b", "300")
         endpoints = _ready(child)
         wait_for(lambda: json.loads(ctl("status", "CTLTEST", "--json").stdout or "{}").get("ring", {})
                  .get("messages", 0) >= 50, timeout=60, interval=0.2, message="50 messages in the buffer")
         yield child, endpoints
     finally:
-        child.stop()
+        if child is not None:
+            child.stop()
         simulator.stop()
 
 
@@ -68,6 +70,13 @@ def test_the_registry_ignores_entries_of_dead_processes(tmp_path):
     unwritable = tmp_path / "file"
     unwritable.write_text("")
     assert registry.register("buffer", "X", {}, directory=unwritable / "sub") is None  # logged, never fatal
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # anybody could plant entries here: neither listed nor written to
+    assert registry.register("buffer", "X", {}, directory=shared) is None and registry.entries(shared) == []
+    link = tmp_path / "link"
+    link.symlink_to(directory)
+    assert registry.entries(link) == []
 
 
 def test_ls_status_channels_and_peek(buffer):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -214,6 +213,27 @@ def test_a_sparse_channel_is_served_when_the_gateway_applies_slower_than_message
         if child is not None:
             child.stop()
         source.close()
+
+
+def test_the_ingest_keeps_each_sparse_channel_once_and_stays_bounded():
+    """A every 2nd pulse, B every 50th, 100 messages between two takes: B's value survives A's many, each
+    channel is applied once a round (from its newest kept message), and at most SPARSE_KEPT stay."""
+    from sf_bsread_writer.ca.gateway import SPARSE_KEPT, _Ingest
+    from sf_bsread_writer.core.protocol import build_message
+
+    channels = [{"name": "A", "type": "float64"}, {"name": "B", "type": "float64"}, {"name": "C", "type": "float64"}]
+    ingest = _Ingest("tcp://127.0.0.1:9", "sub", lambda: None)  # not started: fed by hand
+    for pulse_id in range(1000, 1100):
+        values = [float(pulse_id) if pulse_id % 2 == 0 else None, float(pulse_id) if pulse_id == 1050 else None,
+                  float(pulse_id)]
+        ingest.arrive(build_message(pulse_id, channels, values), received_at=pulse_id / 100)
+        assert len(ingest._sparse) <= SPARSE_KEPT
+    taken = ingest.take_messages(0)
+    newest, _, everything = taken[-1]
+    assert newest.pulse_id == 1099 and everything is None
+    older = {message.pulse_id: sorted(indices) for message, _, indices in taken[:-1]}
+    assert older == {1050: [1], 1098: [0]}  # B from its only value, A from its newest; nothing twice
+    assert ingest.take_messages(0) == []
 
 
 def test_metadata_and_severity_of_a_bridged_ioc_pv_are_served_as_its_record_fields(env):

@@ -363,7 +363,8 @@ def test_the_block_walk_agrees_on_both_paths(implementation: str) -> None:
     assert walk(memoryview(part), 12, 0) == 0
     assert walk(part, 12, n_blocks + 50) == -1  # more blocks than bytes: not past the end
     assert walk(b"\x00\x00\x00\x05ab", 0, 2) == -1
-    assert walk(b"\xff\xff\xff\xff", 0, 1) == 4 + 2**32 - 1  # a huge size field: reported, never followed
+    assert walk(b"\xff\xff\xff\xff", 0, 1) == -1  # a huge size field: never added, never followed
+    assert walk(b"\x00\x00\x00\x02ab", 0, 1) == 6 and walk(b"\x00\x00\x00\x03ab", 0, 1) == -1
     assert protocol.BLOCK_WALK in ("compiled", "python")
 
 

@@ -115,7 +115,9 @@ def test_a_wrong_token_shows_the_login_error_and_a_restart_is_survived(browser, 
 
         web.process.kill()  # the service goes away: the page says so, and comes back by itself
         web.wait(10)
-        _wait(browser, lambda d: "disconnected" in d.find_element(By.ID, "connection").text, message="disconnected")
+        # The badge's class says "disconnected" for as long as the page is (its text changes while it retries).
+        _wait(browser, lambda d: "disconnected" in d.find_element(By.ID, "connection").get_attribute("class"),
+              message="disconnected")
         web = Child.python_module(*command)
         _ready(web)
         before = int(_row(browser, "CH0001").get_attribute("data-pulse-id"))

@@ -59,10 +59,11 @@ def stack():
     """simulator -> buffer --web; yields (web base URL, buffer READY document)."""
     simulator = Child.python_module("sf_bsread_writer.tools.simulate", "--profile", PROFILE, "--rate", "50",
                                     "--port", "0")
-    source = _ready(simulator)["address"]
-    buffer = Child.python_module("sf_bsread_writer.buffer", source, "-o", "0", "--replay-port", "0",
-                                 "--rest-port", "0", "-b", "400", "--web", "--web-port", "0")
+    buffer = None
     try:
+        source = _ready(simulator)["address"]
+        buffer = Child.python_module("sf_bsread_writer.buffer", source, "-o", "0", "--replay-port", "0",
+                                     "--rest-port", "0", "-b", "400", "--web", "--web-port", "0")
         endpoints = _ready(buffer)
         url = endpoints["web"]  # --web-port 0: the buffer chose the port and says which
         wait_for(lambda: _web_up(url) and _json(url + "/api/v1/channels")[1].get("status") == "ok", timeout=60,
@@ -71,7 +72,8 @@ def stack():
                  interval=0.2, message="100 messages in the buffer")
         yield url, endpoints
     finally:
-        buffer.stop()
+        if buffer is not None:
+            buffer.stop()
         simulator.stop()
 
 

@@ -514,7 +514,8 @@ class Buffer:
                               f"{status.ring.newest_pulse_id}), {status.replay.active_sessions} writers")
 
     def _endpoints(self) -> Endpoints:
-        web = f"http://{self.web_bind}:{self.web_port}" if self.web and self.web_port else None
+        host = f"[{self.web_bind}]" if ":" in self.web_bind else self.web_bind  # an IPv6 address in a URL
+        web = f"http://{host}:{self.web_port}" if self.web and self.web_port else None
         return Endpoints(stream=self.stream, output=self.output_address, replay=self.replay_address,
                          rest=self.rest_url, web=web)
 

@@ -32,13 +32,14 @@ import logging
 import os
 import sys
 import threading
-from collections import deque
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from .. import process
 from ..config import GATEWAY_ENV_PREFIX, GATEWAY_OPTIONS, parse_args
@@ -71,6 +72,7 @@ STATUS_PVS: tuple[tuple[str, str, str], ...] = (
 STALE_AFTER_S = 3.0
 #: Older messages kept beside the newest because they carry a channel it lacks (sparse channels).
 SPARSE_KEPT = 8
+SPARSE_KEPT_BYTES = 64 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------
@@ -94,7 +96,7 @@ class _Ingest(threading.Thread):
         self._latest: list[Any] | None = None
         self._latest_presence = 0
         self._latest_received = 0.0  # monotonic
-        self._sparse: deque[tuple[list[Any], float]] = deque(maxlen=SPARSE_KEPT)
+        self._sparse: list[_Kept] = []  # oldest first
         self._arrived = threading.Event()
         self._stop_event = threading.Event()
         self.parser = MessageParser()
@@ -106,21 +108,32 @@ class _Ingest(threading.Thread):
     def take(self) -> list[Any] | None:
         with self._lock:
             frames, self._latest = self._latest, None
-            self._sparse.clear()
+            self._sparse = []
         return frames
 
-    def take_messages(self, timeout: float) -> list[tuple[Any, float]]:
-        """``(message, monotonic receive time)``: older messages with channels the newest lacks, then the
-        newest, parsed; waits up to ``timeout`` for one. The receive times tell a channel's own period."""
+    def take_messages(self, timeout: float) -> list[tuple[Any, float, frozenset[int] | None]]:
+        """``(message, monotonic receive time, channel indices to apply)``, oldest first; waits up to
+        ``timeout`` for one. The newest comes last with None (all of it); each older one with just the
+        channels that neither the newest nor a newer kept message has, so every channel is applied at
+        most once a round. The receive times tell a channel's own period."""
         self._arrived.wait(timeout)
         self._arrived.clear()
         with self._lock:
-            frames, received, self._latest = self._latest, self._latest_received, None
-            older, self._sparse = list(self._sparse), deque(maxlen=SPARSE_KEPT)
+            frames, received, presence, self._latest = self._latest, self._latest_received, self._latest_presence, None
+            older, self._sparse = self._sparse, []
         if frames is None:
             return []
-        parsed = [(self._parse(kept), at) for kept, at in [*older, (frames, received)]]
-        return [(message, at) for message, at in parsed if message is not None]
+        taken: list[tuple[Any, float, frozenset[int] | None]] = []
+        covered = presence
+        for kept in reversed(older):  # newest kept first: an older value of a channel is not needed
+            wanted = kept.presence & ~covered
+            covered |= kept.presence
+            message = self._parse(kept.frames) if wanted else None
+            if message is not None:
+                taken.append((message, kept.received, frozenset(_bit_indices(wanted))))
+        taken.reverse()
+        newest = self._parse(frames)
+        return taken + ([(newest, received, None)] if newest is not None else [])
 
     def wait_and_take(self, timeout: float) -> list[Any] | None:
         """The newest message, waiting up to ``timeout`` seconds for one (for a thread, not asyncio)."""
@@ -145,6 +158,30 @@ class _Ingest(threading.Thread):
             if self.rejected <= 10:
                 logger.warning("message not shown: %s", error)
             return None
+
+    def arrive(self, frames: list[Any], received_at: float) -> bool:
+        """One received message becomes the newest; the one before it is kept if it has a channel this lacks.
+        Returns True when nothing was waiting before (the CA server is to be told)."""
+        presence = _presence(frames)
+        with self._lock:
+            was_empty = self._latest is None
+            if self._latest is not None and self._latest_presence & ~presence and len(self._latest) == len(frames):
+                self._keep(_Kept(self._latest, self._latest_received, self._latest_presence), presence)
+            self._latest, self._latest_presence, self._latest_received = frames, presence, received_at
+        self._arrived.set()
+        return was_empty
+
+    def _keep(self, kept: _Kept, newest_presence: int) -> None:
+        """Add ``kept`` (caller holds the lock); drop what it makes useless, and the oldest beyond the bounds.
+
+        A kept message is useful while it has a channel that neither a newer kept one nor the newest
+        has; whatever a stream's channels do, at most SPARSE_KEPT messages and SPARSE_KEPT_BYTES stay.
+        """
+        self._sparse = [old for old in self._sparse if old.presence & ~newest_presence & ~kept.presence]
+        self._sparse.append(kept)
+        while len(self._sparse) > SPARSE_KEPT or (
+                len(self._sparse) > 1 and sum(old.nbytes for old in self._sparse) > SPARSE_KEPT_BYTES):
+            self._sparse.pop(0)
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -177,15 +214,7 @@ class _Ingest(threading.Thread):
                         break
                     self.received += 1
                     received = True
-                    presence = _presence(frames)
-                    received_at = time.monotonic()
-                    with self._lock:
-                        was_empty = self._latest is None
-                        if self._latest is not None and self._latest_presence & ~presence \
-                                and len(self._latest) == len(frames):
-                            self._sparse.append((self._latest, self._latest_received))  # has a channel this lacks
-                        self._latest, self._latest_presence, self._latest_received = frames, presence, received_at
-                    notify = notify or was_empty
+                    notify = self.arrive(frames, time.monotonic()) or notify
                 if not received:
                     continue
                 self.last_receive_monotonic = time.monotonic()
@@ -200,13 +229,27 @@ class _Ingest(threading.Thread):
             socket.close(0)
 
 
+class _Kept:
+    """An older message kept for its sparse channels: its parts, receive time and presence bits."""
+
+    __slots__ = ("frames", "received", "presence", "nbytes")
+
+    def __init__(self, frames: list[Any], received: float, presence: int) -> None:
+        self.frames, self.received, self.presence = frames, received, presence
+        self.nbytes = sum(len(part) for part in frames)
+
+
 def _presence(frames: list[Any]) -> int:
-    """Bit i set: channel i has a value in this message (its value part is not empty)."""
-    bits = 0
-    for index, part in enumerate(frames[2::2]):
-        if len(part):
-            bits |= 1 << index
-    return bits
+    """Bit i set: channel i has a value in this message (its value part is not empty). Linear in channels."""
+    present = np.fromiter((len(part) > 0 for part in frames[2::2]), dtype=bool, count=max(0, (len(frames) - 2) // 2))
+    return int.from_bytes(np.packbits(present, bitorder="little").tobytes(), "little")
+
+
+def _bit_indices(bits: int) -> list[int]:
+    """The indices of the set bits of ``bits``."""
+    flags = np.unpackbits(np.frombuffer(bits.to_bytes((bits.bit_length() + 7) // 8 or 1, "little"), dtype=np.uint8),
+                          bitorder="little")
+    return np.flatnonzero(flags).tolist()
 
 
 # --------------------------------------------------------------------------

@@ -58,8 +58,8 @@ STALE_AFTER_S = 3.0
 #: A channel absent from messages is flagged INVALID/TIMEOUT once its last value is this many of its
 #: usual intervals old (a channel sent every Nth pulse is absent N-1 times in N: that is not an alarm).
 ABSENT_PERIODS = 3.0
-# The placeholder value of a record before its channel's first value (shown INVALID/UDF).
 MIN_MEASURED_INTERVAL = 0.001  # seconds: shorter gaps between a channel's arrivals say nothing of its period
+# The placeholder value of a record before its channel's first value (shown INVALID/UDF).
 _EMPTY = {"ai": 0.0, "longin": 0, "mbbi": 0, "stringin": "", "lsi": ""}
 #: The gateway's own statistics PVs (beside the buffer's status PVs), like EPICS ca-gateway's.
 GATEWAY_STATS_PVS: tuple[tuple[str, str, str], ...] = (
@@ -572,7 +572,7 @@ class _ApplyLoop:
             messages = self.ingest.take_messages(max(0.0, min(0.2, next_status - now)))
             if not messages:
                 continue
-            message, received_at = messages[-1]  # the newest; older ones carry sparse channels it lacks
+            message, received_at, _ = messages[-1]  # the newest; older ones carry sparse channels it lacks
             started = time.monotonic()
             if message.data_header.hash != self.header_hash:
                 plan = ChannelPlan.build(message.data_header, self.settings.prefix,
@@ -588,9 +588,9 @@ class _ApplyLoop:
                         return RESTART_EXIT_CODE
                     self.rebind(rebound)
                 self.header_hash = message.data_header.hash
-            for older, older_received_at in messages[:-1]:
+            for older, older_received_at, indices in messages[:-1]:
                 if older.data_header.hash == self.header_hash:
-                    self.apply(older, only_absent_in=message, received_at=older_received_at)
+                    self.apply(older, only=indices, received_at=older_received_at)
             self.apply(message, received_at=received_at)
             if self.needs_restart:
                 logger.info("a string longer than 39 bytes: the IOC restarts to serve it whole (long string)")
@@ -643,11 +643,11 @@ class _ApplyLoop:
         budget = len(self.plan.channels) / self.settings.total_rate if self.settings.total_rate > 0 else 0.0
         return max(per_pv, budget)
 
-    def apply(self, message: Any, only_absent_in: Any = None, received_at: float | None = None) -> None:
+    def apply(self, message: Any, only: frozenset[int] | None = None, received_at: float | None = None) -> None:
         """Every served channel of ``message`` into its record (absent values keep the last one).
 
-        ``only_absent_in``: an older message of the same header: only its values of channels that
-        this newer message lacks are applied (a sparse channel's value, in its pulse's order).
+        ``only``: of an older message of the same header, just these channel indices (sparse channels
+        the newer messages lack, ``_Ingest.take_messages``), in their pulses' order.
         ``received_at``: when the ingest received it (monotonic): a channel's period is measured in
         arrival times, whenever its values get applied.
         """
@@ -661,7 +661,7 @@ class _ApplyLoop:
         for channel, record, twin in self.records.channels:
             state = self.states[channel.name]
             index = channel.index
-            if only_absent_in is not None and (only_absent_in.is_present(index) or not message.is_present(index)):
+            if only is not None and index not in only:
                 continue
             if not message.is_present(index):
                 self._absent(channel, record, state, now)
@@ -696,7 +696,7 @@ class _ApplyLoop:
             if state.last_present is not None and arrived - state.last_present > MIN_MEASURED_INTERVAL:
                 state.interval = arrived - state.last_present
             state.value, state.stamp, state.last_present, state.flagged = served, stamp, arrived, False
-        if only_absent_in is None:
+        if only is None:
             self.newest_pulse_id = message.pulse_id
             self.applied += 1
 

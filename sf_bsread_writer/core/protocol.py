@@ -833,14 +833,18 @@ def _bitshuffle_stream_fits(payload: Any, n_elements: int, itemsize: int, block_
 
 
 def _walk_blocks_python(payload: Any, offset: int, n_blocks: int) -> int:
-    """End of ``n_blocks`` size-prefixed blocks from ``offset`` (relative to it), or -1 past the end."""
+    """End of ``n_blocks`` size-prefixed blocks from ``offset`` (relative to it), or -1 when a size field or a
+    block would lie past the end."""
     unpack = struct.Struct(">I").unpack_from
     length = _frame_size(payload) - offset
     position = 0
     for _ in range(n_blocks):
-        if position + 4 > length:
+        if length - position < 4:
             return -1
-        position += 4 + unpack(payload, offset + position)[0]
+        size = unpack(payload, offset + position)[0]
+        if size > length - position - 4:
+            return -1
+        position += 4 + size
     return position
 
 

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .protocol import RejectReason
 from .pulse_range import MissingRange
 from .replay_messages import Gap
 
@@ -380,8 +381,10 @@ def prometheus_text(status: BufferStatus) -> str:
     m.one("output_drops_total", "counter",
           "Messages the live output could not take (PUSH at high-water mark; PUB drops are invisible).",
           status.output_drops)
+    # Every reason from the start, at 0: an alert on increase() needs the series before the first reject.
+    rejected = {reason.value: 0 for reason in RejectReason} | dict(status.rejected)
     m.family("rejected_messages_total", "counter", "Malformed messages dropped, by reason.",
-             [({"reason": reason}, count) for reason, count in sorted(status.rejected.items())])
+             [({"reason": reason}, count) for reason, count in sorted(rejected.items())])
     m.one("ignored_messages_total", "counter", "Control messages (htype not bsr_m-*) ignored.", status.ignored)
     m.one("duplicate_messages_total", "counter", "Messages dropped because their pulse id repeated the newest.",
           status.duplicates)

@@ -19,9 +19,12 @@ import argparse
 import getpass
 import json
 import logging
+import queue
 import re
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -145,9 +148,12 @@ def write_range(buffer: str | BufferRef, start_pulse_id: int, stop_pulse_id: int
     expected = (stop_pulse_id - start_pulse_id) // step + 1
     command = [sys.executable, "-m", "sf_bsread_writer.writer", ref.replay, path, "-1", "0",
                "--finished-grace", "0.2"]
-    writer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Its log goes to a file, not a pipe nobody reads (a full pipe would block the writer); stdout is read to
+    # the end by a thread (READY, then whatever else it prints).
+    log = tempfile.TemporaryFile(mode="w+", prefix="sf_bsread_ctl-writer-")
+    writer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
-        ready = _read_ready(writer)
+        ready = _read_ready(writer, log)
         client = WriterClient(ready["rest"], timeout=10)
         client.set_parameters({"general/created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                "general/user": getpass.getuser(), "general/process": "sf_bsread_ctl",
@@ -177,24 +183,34 @@ def write_range(buffer: str | BufferRef, start_pulse_id: int, stop_pulse_id: int
             writer.wait(timeout=30)
         raise
     finally:
-        for stream in (writer.stdout, writer.stderr):
-            if stream is not None:
-                stream.close()
+        log.close()
     by_code = {outcome.exit_code: outcome for outcome in Outcome}
     return by_code.get(code, Outcome.FAILED)
 
 
-def _read_ready(writer: subprocess.Popen, timeout: float = 30.0) -> dict[str, Any]:
-    assert writer.stdout is not None
-    deadline = time.monotonic() + timeout
-    for line in writer.stdout:
-        payload = process.parse_ready(line.strip())
-        if payload is not None:
-            return payload
-        if time.monotonic() > deadline:
-            break
-    error = writer.stderr.read() if writer.stderr is not None and writer.poll() is not None else ""
-    raise CtlError(f"the writer did not start: {error.strip()[-500:] or 'no READY line'}")
+def _read_ready(writer: subprocess.Popen, log: Any, timeout: float = 30.0) -> dict[str, Any]:
+    """The writer's READY payload; its stdout is drained to the end in a thread (never a full pipe)."""
+    found: queue.Queue[dict[str, Any] | None] = queue.Queue()
+
+    def drain() -> None:
+        assert writer.stdout is not None
+        for line in writer.stdout:
+            payload = process.parse_ready(line.strip())
+            if payload is not None:
+                found.put(payload)
+        found.put(None)  # stdout closed: the writer ended
+
+    threading.Thread(target=drain, name="writer-stdout", daemon=True).start()
+    try:
+        payload = found.get(timeout=timeout)
+    except queue.Empty:
+        payload = None
+    if payload is not None:
+        return payload
+    writer.poll()
+    log.seek(0)
+    error = log.read().strip()[-500:]
+    raise CtlError(f"the writer did not start within {timeout:g} s: {error or 'no READY line'}")
 
 
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")

@@ -95,6 +95,7 @@ def make_app(service: WebService) -> web.Application:
 async def _close_websockets(app: web.Application) -> None:
     """At shutdown: every websocket is told GOING_AWAY (clients reconnect elsewhere or later) at once."""
     service = app[SERVICE_KEY]
+    service.stop_status()
     for socket in list(service.wakeups):
         await socket.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"service stopping")
 

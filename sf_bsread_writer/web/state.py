@@ -216,7 +216,11 @@ class WebService:
             listeners = [key for key, client in self.hub.clients.items() if client.wants_status]
             if not listeners or self.status_source is None:
                 return
-            document = await self.status_source(self)
+            try:
+                document = await self.status_source(self)
+            except Exception as error:  # a bug or an odd answer: this push fails, the pushes go on
+                logger.exception("status for the websocket clients failed")
+                document = {"state": "error", "status": f"status failed: {type(error).__name__}: {error}"}
             for key in listeners:
                 client = self.hub.clients.get(key)
                 if client is not None:
@@ -225,6 +229,10 @@ class WebService:
                     if wakeup is not None:
                         wakeup.set()
             await asyncio.sleep(STATUS_PUSH_SECONDS)  # the push period, not a synchronisation
+
+    def stop_status(self) -> None:
+        if self._status_task is not None:
+            self._status_task.cancel()
 
     def forget_client(self, key: Any) -> None:
         """A websocket closed: its counts go into the service's totals, its queue is freed."""
