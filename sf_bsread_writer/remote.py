@@ -26,7 +26,8 @@
   process runs the work; callbacks run in that thread: keep them short);
   :class:`AsyncRemoteBuffer` is the same API for asyncio code.
 
-It imports nothing else of the package: the contract is the JSON of the web API.
+It imports nothing of the package but the pure ``core.rates`` (the rate grid the service uses too):
+the contract is the JSON of the web API.
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ from urllib.parse import quote
 
 import aiohttp
 import numpy as np
+
+from .core.rates import RateGrid
 
 __all__ = ["RemoteBuffer", "AsyncRemoteBuffer", "RemoteError", "RemoteTimeout", "Value", "RangeData",
            "RangeResult", "Subscription"]
@@ -116,7 +119,7 @@ class Subscription:
         self.callback = callback
         self.max_rate = max_rate
         self.received = 0
-        self._next_due: dict[str, float] = {}
+        self._grids: dict[str, RateGrid] = {}
         self._last_pulse_id: dict[str, int] = {}
         self.closed = False
 
@@ -133,12 +136,12 @@ class Subscription:
         if value.pulse_id <= self._last_pulse_id.get(value.channel, -1):
             return
         self._last_pulse_id[value.channel] = value.pulse_id
-        if self.max_rate:  # the upstream rate may be another subscriber's higher one
-            now, interval = time.monotonic(), 1.0 / self.max_rate
-            due = self._next_due.get(value.channel, 0.0)
-            if now + interval / 2 < due:  # half an interval of tolerance, like the service's grid
-                return
-            self._next_due[value.channel] = max(due, now - interval / 2) + interval
+        # The upstream rate may be another subscriber's higher one: this one keeps to its own (the service's grid).
+        grid = self._grids.get(value.channel)
+        if grid is None:
+            grid = self._grids[value.channel] = RateGrid(self.max_rate or 0.0)
+        if not grid.take(time.monotonic()):
+            return
         self.received += 1
         try:
             self.callback(value)

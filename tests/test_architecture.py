@@ -35,7 +35,7 @@ ALLOWED = {
     "writer": {"core", "h5", "transport", "config", "process", "httpserver", "registry"},
     "ca": {"core", "config", "process"},
     "web": {"core", "h5", "transport", "config", "process"},
-    "remote": set(),
+    "remote": {"core"},
     "tools": {"core", "config", "process", "registry", "client", "transport"},
     "__init__": {"tools"},
 }

@@ -43,6 +43,7 @@ import numpy as np
 
 from .. import process
 from ..config import GATEWAY_ENV_PREFIX, GATEWAY_OPTIONS, parse_args
+from ..core.parts import bit_indices, presence_bits
 from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES, MessageParser
 from ..core.rates import RateEstimator
 from ..core.status import BufferStatus
@@ -130,7 +131,7 @@ class _Ingest(threading.Thread):
             covered |= kept.presence
             message = self._parse(kept.frames) if wanted else None
             if message is not None:
-                taken.append((message, kept.received, frozenset(_bit_indices(wanted))))
+                taken.append((message, kept.received, frozenset(bit_indices(wanted))))
         taken.reverse()
         newest = self._parse(frames)
         return taken + ([(newest, received, None)] if newest is not None else [])
@@ -240,16 +241,9 @@ class _Kept:
 
 
 def _presence(frames: list[Any]) -> int:
-    """Bit i set: channel i has a value in this message (its value part is not empty). Linear in channels."""
-    present = np.fromiter((len(part) > 0 for part in frames[2::2]), dtype=bool, count=max(0, (len(frames) - 2) // 2))
-    return int.from_bytes(np.packbits(present, bitorder="little").tobytes(), "little")
-
-
-def _bit_indices(bits: int) -> list[int]:
-    """The indices of the set bits of ``bits``."""
-    flags = np.unpackbits(np.frombuffer(bits.to_bytes((bits.bit_length() + 7) // 8 or 1, "little"), dtype=np.uint8),
-                          bitorder="little")
-    return np.flatnonzero(flags).tolist()
+    """``core.parts.presence_bits`` of a received part list. Linear in channels."""
+    return presence_bits(np.fromiter((len(part) for part in frames[2::2]), dtype=np.int64,
+                                     count=max(0, (len(frames) - 2) // 2)))
 
 
 # --------------------------------------------------------------------------

@@ -668,7 +668,7 @@ class _ApplyLoop:
                 continue
             try:
                 value = message.value(index)
-                channel_time = message.channel_timestamp(index)
+                stamp = message.channel_seconds(index)
             except Exception as error:  # a malformed part must not stop the gateway
                 self.decode_errors += 1
                 if self.decode_errors <= 10:
@@ -678,7 +678,6 @@ class _ApplyLoop:
             if value is None:
                 self._absent(channel, record, state, now)
                 continue
-            stamp = channel_time[0] + channel_time[1] * 1e-9 if channel_time and any(channel_time) else message_time
             served, truncated = ioc_value(channel.record, value)
             if truncated and channel.record.kind == "stringin":
                 self.long_strings.add(channel.name)

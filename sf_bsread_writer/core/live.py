@@ -80,10 +80,7 @@ class ChannelValue:
     @property
     def timestamp(self) -> float:
         """The channel's own timestamp (seconds), else the message's."""
-        stamp = self.message.channel_timestamp(self.index)
-        if stamp and any(stamp):
-            return stamp[0] + stamp[1] * 1e-9
-        return self.message.timestamp
+        return self.message.channel_seconds(self.index)
 
     def decoded(self) -> Any:
         return self.message.value(self.index)

@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LARGE_PART_BYTES", "Layout", "LayoutCache", "PackedParts", "encode_lengths", "pack"]
+__all__ = ["LARGE_PART_BYTES", "Layout", "LayoutCache", "PackedParts", "bit_indices", "encode_lengths", "pack",
+           "presence_bits"]
 
 #: Parts at least this large are kept by reference (zero-copy); smaller ones
 #: are packed. Equal to pyzmq's default ``zmq.COPY_THRESHOLD``: below it pyzmq
@@ -47,6 +48,23 @@ LENGTH_DTYPE = np.dtype(np.int64)
 
 # Where a part lives (Layout.where): in ``small``, the data header, or ``large``.
 SMALL, HEADER, LARGE = 0, 1, 2
+
+
+def presence_bits(value_lengths: Any) -> int:
+    """Bit i set: channel i has a value, from the lengths of the value parts (parts 2, 4, ...; empty = absent).
+
+    One int for a whole message, so "which channels does this one have that that one lacks" is
+    ``a & ~b`` (``core.rates.SparseAwareGrid``, the CA gateway's sparse-channel ingest).
+    """
+    present = np.asarray(value_lengths) > 0
+    return int.from_bytes(np.packbits(present, bitorder="little").tobytes(), "little")
+
+
+def bit_indices(bits: int) -> list[int]:
+    """The channel indices of :func:`presence_bits`'s set bits."""
+    flags = np.unpackbits(np.frombuffer(bits.to_bytes((bits.bit_length() + 7) // 8 or 1, "little"), dtype=np.uint8),
+                          bitorder="little")
+    return np.flatnonzero(flags).tolist()
 
 
 def encode_lengths(lengths: Sequence[int]) -> bytes:
@@ -104,8 +122,7 @@ class Layout:
         What a rate-limited feed needs to keep a sparse channel (``core.rates.SparseAwareGrid``).
         """
         if self._presence is None:
-            present = self.lengths[2::2] > 0
-            self._presence = int.from_bytes(np.packbits(present, bitorder="little").tobytes(), "little")
+            self._presence = presence_bits(self.lengths[2::2])
         return self._presence
 
     def __repr__(self) -> str:

@@ -722,6 +722,11 @@ class Message:
         self._check(i)
         return decode_timestamp(self.data_header.channels[i], self.frames[3 + 2 * i])
 
+    def channel_seconds(self, i: int) -> float:
+        """Channel ``i``'s own timestamp in seconds, else (absent, or ``(0, 0)``: "not given") the message's."""
+        stamp = self.channel_timestamp(i)
+        return stamp[0] + stamp[1] * 1e-9 if stamp and any(stamp) else self.timestamp
+
 
 class MessageParser:
     """Frames -> :class:`Message`: every check the buffer needs, no value decoding.

@@ -160,9 +160,7 @@ class RangeColumns:
                 # Decoded size where decoded: a compressed image of zeros is small on the wire, not here.
                 self._count(raw_bytes if value is None else
                             len(value.encode("utf-8")) if isinstance(value, str) else int(value.nbytes))
-                channel_stamp = message.channel_timestamp(index)
-                if channel_stamp and any(channel_stamp):
-                    stamp = channel_stamp[0] + channel_stamp[1] * 1e-9
+                stamp = message.channel_seconds(index)
             column.pulse_id.append(message.pulse_id)
             column.timestamp.append(stamp)
             column.is_data_present.append(present)
