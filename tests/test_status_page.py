@@ -50,6 +50,14 @@ def _row(driver, channel: str):
     return driver.find_element(By.CSS_SELECTOR, f'tr[data-channel="{channel}"]')
 
 
+def _shown(driver, channel: str) -> tuple[int, object]:
+    """(pulse id, value) a row shows, read in one go: the page updates rows between two separate reads."""
+    pulse_id, value = driver.execute_script(
+        "const r = document.querySelector(`tr[data-channel='${arguments[0]}']`);"
+        "return [r.dataset.pulseId, r.dataset.value];", channel)
+    return int(pulse_id), json.loads(value)
+
+
 def test_the_page_shows_the_buffer_live(stack, browser):
     url, _ = stack
     browser.get(url + "/")
@@ -62,15 +70,13 @@ def test_the_page_shows_the_buffer_live(stack, browser):
 
     # A value in the table is what the source sent for the pulse id the page shows, and it moves on.
     _wait(browser, lambda d: _row(d, "MIXED:FLOAT64").get_attribute("data-pulse-id"), message="a value")
-    first = int(_row(browser, "MIXED:FLOAT64").get_attribute("data-pulse-id"))
-    value = json.loads(_row(browser, "MIXED:FLOAT64").get_attribute("data-value"))
+    first, value = _shown(browser, "MIXED:FLOAT64")
     assert value == expected_values("mixed", first)["MIXED:FLOAT64"][0]
     _wait(browser, lambda d: int(_row(d, "MIXED:FLOAT64").get_attribute("data-pulse-id")) > first,
           message="values change over time")
-    text = _row(browser, "MIXED:STRING")
-    _wait(browser, lambda d: text.get_attribute("data-pulse-id"), message="the string channel")
-    assert json.loads(text.get_attribute("data-value")) == expected_values(
-        "mixed", int(text.get_attribute("data-pulse-id")))["MIXED:STRING"]
+    _wait(browser, lambda d: _row(d, "MIXED:STRING").get_attribute("data-pulse-id"), message="the string channel")
+    pulse_id, text = _shown(browser, "MIXED:STRING")
+    assert text == expected_values("mixed", pulse_id)["MIXED:STRING"]
 
     # An image channel renders (the service's PNG), and a waveform gets a plot.
     _row(browser, "MIXED:IMAGE").click()
