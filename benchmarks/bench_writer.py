@@ -29,11 +29,21 @@ repeat, interleaved (so machine noise hits them alike):
                 on those, the time for N extrapolated and labelled so
 
 The bare loops and the original run in a fresh child process each, as the
-writer does. --warmup drains (default 1, the bare variant, not counted) come
-first: the first drain after a fill was 2-5x slower whatever ran it. Profiles: ``camera`` one 1024x1280 uint16 image in
+writer does. The first drain after a fill is 2-5x slower whatever runs it
+(this VM backs guest memory lazily: ``touch_memory``); the order of the
+variants alternates per repeat (--bare-first: the bare loop opens), and
+--touch-gb makes that first drain meet memory touched before. --warmup
+drains (default 0, the bare variant, not counted) are the old remedy. Profiles: ``camera`` one 1024x1280 uint16 image in
 bitshuffle_lz4 (a smooth spot on a pedestal + Gaussian noise, so it
-compresses like a real camera, ~2x); ``scalars`` 500 float64 channels
-(1002 parts).
+compresses like a real camera, ~2x), sent by the raw sender; ``camera-psi`` the same shape from
+psi-bsread's own ``Sender`` (bsread.sender.Sender, PUSH, data_compression bitshuffle_lz4, which
+compresses each image as it sends it) with Poisson noise (lambda 50: 1.04 MB compressed, block size
+8192 bytes, so direct-chunk compatible), the images a DAQ team tried; ``scalars`` 500 float64
+channels (1002 parts).
+
+Every variant reports its process's user and system CPU seconds and minor page faults at the end
+(the writer's from /proc/PID/stat once it finished, a bare child's from getrusage): whole
+processes, start-up included, as a DAQ system pays them; per image in the report.
 
 Soak (--soak-minutes M): ``sf_bsread_writer.tools.simulate --profile demo --rate 100`` -> buffer ->
 writer (start_now, stop pulse 10^9 pulses ahead) for M minutes; the writer's
@@ -50,10 +60,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -104,6 +116,41 @@ def message_templates(profile: str, distinct: int = 4) -> list[list[bytes]]:
     raise ValueError(f"unknown profile {profile!r}")
 
 
+def poisson_image(seed: int, lam: float = 50.0) -> "Any":
+    """1024x1280 uint16 Poisson noise (lambda 50): 1.04 MB in bitshuffle_lz4, as psi-bsread compresses it."""
+    import numpy as np
+
+    return np.random.default_rng(seed).poisson(lam, size=(1024, 1280)).astype("<u2")
+
+
+def run_psi_sender(count: int) -> None:
+    """Child: psi-bsread's Sender binds a PUSH socket and sends ``count`` Poisson images, then idles.
+
+    The Sender compresses each image (bitshuffle_lz4, its own block size) as it
+    sends it, as a camera server using bsread does; it blocks while the buffer
+    is not connected or is slow (queue_size 10), so nothing is dropped.
+    """
+    from bsread.data.compression import BitshuffleLZ4
+    from bsread.sender import PUSH, Sender
+
+    images = [poisson_image(seed) for seed in range(4)]
+    port = common.free_port()
+    sender = Sender(port=port, address="tcp://127.0.0.1", mode=PUSH, queue_size=10, start_pulse_id=FIRST,
+                    data_compression="bitshuffle_lz4")
+    sender.add_channel(CAMERA_SPEC["name"], metadata={"type": "uint16", "shape": [1280, 1024]})
+    sender.open()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    value_bytes = len(BitshuffleLZ4.pack_data(images[0], "uint16"))
+    print("READY " + json.dumps({"port": port, "message_bytes": value_bytes + 600, "value_bytes": value_bytes}),
+          flush=True)
+    for n in range(count):
+        sender.send(data={CAMERA_SPEC["name"]: images[n % len(images)]}, pulse_id=FIRST + n,
+                    timestamp=time.time())
+    print(f"SENT {count}", flush=True)
+    while True:
+        time.sleep(3600)
+
+
 def run_sender(profile: str, count: int) -> None:
     """Child: serve one PULL peer with ``count`` messages as fast as possible, then idle until SIGTERM."""
     templates = message_templates(profile)
@@ -137,6 +184,7 @@ def run_bare(kind: str, replay: str, first: int, last: int, out: str) -> None:
     from sf_bsread_writer.transport.replay_client import ReplayClient
 
     count = last - first + 1
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     received = 0
     if kind == "bare-camera":
@@ -187,7 +235,12 @@ def run_bare(kind: str, replay: str, first: int, last: int, out: str) -> None:
         raise ValueError(kind)
     seconds = time.perf_counter() - start
     zmq.Context.instance().term()
-    print("RESULT " + json.dumps({"messages": received, "seconds": seconds}), flush=True)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print("RESULT " + json.dumps({"messages": received, "seconds": seconds, "user": usage.ru_utime,
+                                  "sys": usage.ru_stime, "minflt": usage.ru_minflt,
+                                  "drain_user": usage.ru_utime - before.ru_utime,
+                                  "drain_sys": usage.ru_stime - before.ru_stime,
+                                  "drain_minflt": usage.ru_minflt - before.ru_minflt}), flush=True)
 
 
 def run_profiled_writer(argv: list[str], out: str) -> int:
@@ -308,6 +361,7 @@ def measure_writer(replay: str, first: int, last: int, out: str, timeout: float,
     try:
         rest = ready_json(writer)["rest"]
         http("POST", rest + "/parameters", PARAMETERS)
+        before = proc_cpu(writer.process.pid)
         start = time.perf_counter()
         http("PUT", f"{rest}/start_pulse_id/{first}")
         http("PUT", f"{rest}/stop_pulse_id/{last}")
@@ -319,7 +373,7 @@ def measure_writer(replay: str, first: int, last: int, out: str, timeout: float,
             raise RuntimeError(f"writer ended in {state}: {stats.get('error')}")
         writer.process.wait(30)
         return {"messages": stats["messages_written"], "seconds": seconds, "stat_rate": stats["rate"],
-                "missing": stats["missing_pulses"], **cpu}
+                "missing": stats["missing_pulses"], **cpu, **{f"drain_{k}": cpu[k] - before[k] for k in cpu}}
     finally:
         writer.stop()
 
@@ -333,6 +387,24 @@ def measure_child(kind: str, replay: str, first: int, last: int, out: str, timeo
         child.stop()
 
 
+def touch_memory(gigabytes: float) -> None:
+    """A child writes ``gigabytes`` of new memory and exits, twice; both times are printed.
+
+    This machine is a VM whose host backs guest memory lazily: memory the guest
+    touches for the first time costs the host's page fault on top of the
+    guest's, seen as system time in whichever process touches it (the kernel
+    zeroing an anonymous page, or copying a file write into a new page-cache
+    page). The first drain after a buffer fill pays that; a machine with its
+    memory backed does not. This makes the first measured drain meet memory
+    the guest has touched before, and says how slow the first touch was.
+    """
+    code = f"import numpy, time; t = time.perf_counter(); a = numpy.ones({int(gigabytes * 2**30) // 8}); " \
+           "print(f'{time.perf_counter() - t:.2f}')"
+    seconds = [subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+               for _ in range(2)]
+    print(f"# touched {gigabytes:g} GB of memory in a child, twice: {seconds[0]} s, then {seconds[1]} s", flush=True)
+
+
 def check_rows(path: str, dataset: str) -> int:
     import h5py
 
@@ -343,9 +415,11 @@ def check_rows(path: str, dataset: str) -> int:
 # ---------------------------------------------------------------- throughput
 
 def throughput(profile: str, args: argparse.Namespace, workdir: Path) -> list[dict]:
-    count = args.messages or (1000 if profile == "camera" else 2000)
+    camera = profile.startswith("camera")
+    count = args.messages or (1000 if camera else 2000)
     first, last = FIRST, FIRST + count - 1
-    sender = common.Child([PY, str(HERE / "bench_writer.py"), "--_sender", profile, str(count)], timeout=120)
+    source = ["--_psi-sender", str(count)] if profile == "camera-psi" else ["--_sender", profile, str(count)]
+    sender = common.Child([PY, str(HERE / "bench_writer.py"), *source], timeout=120)
     buffer = None
     results: list[dict] = []
     try:
@@ -360,7 +434,7 @@ def throughput(profile: str, args: argparse.Namespace, workdir: Path) -> list[di
         print(f"# {profile}: {count} messages of {info['message_bytes'] / 1e3:.0f} kB held "
               f"(value part {info['value_bytes'] / 1e6:.3f} MB) after {time.perf_counter() - fill_start:.1f} s; "
               f"ring {held['ring']['bytes'] / 1e6:.0f} MB; oldest {held['ring']['oldest_pulse_id']}", flush=True)
-        bare = "bare-camera" if profile == "camera" else "bare-scalars"
+        bare = "bare-camera" if camera else "bare-scalars"
         kinds = ["writer", bare]
         if args.tuned_variant:
             kinds.insert(1, "writer-tuned")
@@ -370,6 +444,8 @@ def throughput(profile: str, args: argparse.Namespace, workdir: Path) -> list[di
             kinds.insert(1, "writer-baseline")
         if profile == "scalars" and args.original_messages:
             kinds.append("original")
+        if args.touch_gb:
+            touch_memory(args.touch_gb)
         for warmup in range(args.warmup):
             # Unmeasured: the first drain after the fill was often 2-5x slower (kernel time) whichever
             # variant ran it; without this the writer, first in repeat 1, always took that hit.
@@ -383,13 +459,13 @@ def throughput(profile: str, args: argparse.Namespace, workdir: Path) -> list[di
             # Alternate the order (writer first, then bare first, ...): a run right after another
             # one's large file was deleted, or while the page cache writes it back, is not penalised
             # always on the same side.
-            for kind in (kinds if repeat % 2 == 0 else kinds[::-1]):
+            for kind in (kinds if (repeat + args.bare_first) % 2 == 0 else kinds[::-1]):
                 out = str(workdir / f"{profile}-{kind}-{repeat}.h5")
                 load = os.getloadavg()[0]
                 if kind.startswith("writer"):
                     result = measure_writer(endpoints["replay"], first, last, out, timeout=args.timeout,
                                             env=writer_env(kind, args, workdir))
-                    rows = check_rows(out, f"data/{'CAM:FPICTURE' if profile == 'camera' else 'SARFE10-PBPG050:SIGNAL-000'}/pulse_id")
+                    rows = check_rows(out, f"data/{'CAM:FPICTURE' if camera else 'SARFE10-PBPG050:SIGNAL-000'}/pulse_id")
                     if rows != count:
                         raise RuntimeError(f"writer file has {rows} rows, expected {count}")
                 elif kind == "original":
@@ -403,9 +479,10 @@ def throughput(profile: str, args: argparse.Namespace, workdir: Path) -> list[di
                 if os.path.exists(out):
                     os.unlink(out)
                 results.append(result)
-                extra = (f" (writer /statistics rate {result['stat_rate']:.1f}; writer process user "
-                         f"{result['user']:.2f} s, sys {result['sys']:.2f} s, {result['minflt']} minor faults)"
-                         if "stat_rate" in result else "")
+                extra = (f" (writer /statistics rate {result['stat_rate']:.1f})" if "stat_rate" in result else "")
+                if "sys" in result:
+                    extra += (f"; process user {result['user']:.2f} s, sys {result['sys']:.2f} s, "
+                              f"{result['minflt']} minor faults")
                 print(f"  {profile:8s} {kind:13s} run {repeat + 1}: {result['messages']} msg in "
                       f"{result['seconds']:.2f} s = {result['rate']:.1f} msg/s{extra}, load {load:.2f}", flush=True)
         if args.profile_writer:
@@ -457,6 +534,22 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
                           f" (median {statistics.median(paired):.2f}x)")
             stat_rates = [r["stat_rate"] for r in rows if r["kind"] == w]
             print(f"{profile}: {w} own /statistics rate: {' / '.join(format(x, '.1f') for x in stat_rates)}")
+        print(f"\n{profile}: CPU and faults per message while draining (from the start request / the drain's "
+              f"first receive to the end; medians, runs in order), and the whole process (start-up included)")
+        print("| variant | user ms / msg | system ms / msg | minor faults / msg | system ms / msg (runs) | "
+              "whole process: user s, sys s, minor faults (median) |")
+        print("|---|---|---|---|---|---|")
+        for kind in medians:
+            runs = [r for r in rows if r["kind"] == kind and "drain_sys" in r]
+            if not runs:
+                continue
+            per = {key: [(1e3 if key != "minflt" else 1.0) * r[f"drain_{key}"] / r["messages"] for r in runs]
+                   for key in ("user", "sys", "minflt")}
+            whole = ", ".join(format(statistics.median(r[key] for r in runs), fmt)
+                              for key, fmt in (("user", ".2f"), ("sys", ".2f"), ("minflt", ".0f")))
+            print(f"| {kind} | {statistics.median(per['user']):.2f} | {statistics.median(per['sys']):.2f} | "
+                  f"{statistics.median(per['minflt']):.0f} | {' / '.join(format(x, '.2f') for x in per['sys'])} | "
+                  f"{whole} |")
 
 
 # ---------------------------------------------------------------- soak
@@ -546,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--_sender":
         run_sender(argv[1], int(argv[2]))
         return 0
+    if argv and argv[0] == "--_psi-sender":
+        run_psi_sender(int(argv[1]))
+        return 0
     if argv and argv[0] == "--_bare":
         print("STARTED", flush=True)
         run_bare(argv[1], argv[2], int(argv[3]), int(argv[4]), argv[5])
@@ -558,7 +654,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--original-messages", type=int, default=300,
                         help="messages for the original element-by-element pattern (0: skip)")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured drains (bare variant) before the repeats")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="unmeasured drains (bare variant) before the repeats (default none: a DAQ system "
+                             "has no warm-up drain either)")
+    parser.add_argument("--bare-first", action="store_true",
+                        help="repeat 1 runs the variants in reverse order (the bare loop first), so the first "
+                             "drain after the fill is the bare loop's")
+    parser.add_argument("--touch-gb", type=float, default=0.0,
+                        help="before the measured drains, a child writes this many GB of new memory and exits "
+                             "(touch_memory: the VM's first touch of guest memory, not the product)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement before giving up")
     parser.add_argument("--soak-minutes", type=float, default=0.0)
     parser.add_argument("--soak-interval", type=float, default=10.0)
