@@ -562,6 +562,21 @@ def test_value_and_timestamp_decoding_errors_have_their_reasons() -> None:
     assert "12 bytes, expected 16" in error.value.detail
 
 
+def test_a_malformed_channel_timestamp_costs_the_time_not_the_value() -> None:
+    """channel_seconds is what every consumer (web, CA, ranges) shows: a timestamp part of the wrong
+    size (the parser does not check it) falls back to the message's time instead of raising."""
+    frames = build_message(7, [{"name": "A", "type": "int32"}, {"name": "B", "type": "int32", "encoding": "big"}],
+                           [np.int32(1), np.int32(2)], timestamp=(1_700_000_000, 500),
+                           channel_timestamps=[(1_700_000_005, 0), (1_700_000_006, 9)])
+    frames[3] = b"\x01" * 5
+    message = MessageParser().parse(frames)
+    assert message.value(0).tolist() == [1]
+    assert message.channel_seconds(0) == message.timestamp == 1_700_000_000 + 500e-9
+    assert message.channel_seconds(1) == 1_700_000_006 + 9e-9  # big-endian, whole
+    with pytest.raises(ProtocolError):  # the strict decoder still says what is wrong
+        message.channel_timestamp(0)
+
+
 def test_every_reject_reason_is_tested_and_stable() -> None:
     covered = {case[2] for case in BAD_MESSAGES}
     covered |= {RejectReason.OVERSIZE, RejectReason.VALUE_INVALID, RejectReason.CHANNEL_TIMESTAMP_INVALID}

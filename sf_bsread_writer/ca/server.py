@@ -43,6 +43,7 @@ from caproto.server.server import (ChannelByte, ChannelData, ChannelDouble, Chan
                                    ChannelInteger, ChannelShort, ChannelString)
 
 from ..core.camapping import MAX_STRING_BYTES, CaMapping, fits_dbr_string, map_channel, to_ca_value
+from ..core.protocol import ProtocolError
 
 __all__ = [
     "AccessPolicy",
@@ -583,7 +584,6 @@ class StreamPVs:
                 return None, message_stamp, ALARM_ABSENT
             try:
                 value = message.value(index)
-                channel_time = message.channel_timestamp(index)
             except Exception as error:  # a malformed part must not stop the gateway
                 stats.decode_errors += 1
                 if stats.decode_errors <= 10:
@@ -591,6 +591,10 @@ class StreamPVs:
                 return None, message_stamp, ALARM_DECODE_ERROR
             if value is None:
                 return None, message_stamp, ALARM_ABSENT
+            try:
+                channel_time = message.channel_timestamp(index)
+            except ProtocolError:  # a malformed timestamp costs the value its own time, not the value
+                channel_time = None
             stamp = epics_timestamp(*channel_time) if channel_time and any(channel_time) else message_stamp
             ca_value, truncated = to_ca_value(mapping, value)
             alarm = ALARM_NONE

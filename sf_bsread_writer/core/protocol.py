@@ -45,7 +45,8 @@ Decisions worth knowing
   uncompressed (zero copy); copy it before modifying.
 * :func:`decode_timestamp` raises on a timestamp part that is neither empty
   nor 16 bytes long (reason ``channel_timestamp_invalid``): a consumer can
-  count it and still use the value.
+  count it and still use the value. ``Message.channel_seconds`` (what the web
+  service, the CA gateway and ranges show) takes the message's time instead.
 
 Not thread safe: give each thread its own :class:`MessageParser`.
 """
@@ -723,9 +724,19 @@ class Message:
         return decode_timestamp(self.data_header.channels[i], self.frames[3 + 2 * i])
 
     def channel_seconds(self, i: int) -> float:
-        """Channel ``i``'s own timestamp in seconds, else (absent, or ``(0, 0)``: "not given") the message's."""
-        stamp = self.channel_timestamp(i)
-        return stamp[0] + stamp[1] * 1e-9 if stamp and any(stamp) else self.timestamp
+        """Channel ``i``'s own timestamp in seconds, else the message's.
+
+        Else: absent, ``(0, 0)`` ("not given"), or a part that is not 16 bytes
+        (the parser does not check timestamp parts; a malformed one costs the
+        value its own time, never the value: what every consumer shows).
+        """
+        self._check(i)
+        part = self.frames[3 + 2 * i]
+        if _frame_size(part) != 16:
+            return self.timestamp
+        sec, ns = struct.unpack("<qq" if self.data_header.channels[i].encoding == "little" else ">qq",
+                                _as_buffer(part))
+        return sec + ns * 1e-9 if sec or ns else self.timestamp
 
 
 class MessageParser:

@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,7 +20,6 @@ from typing import Any
 import numpy as np
 import zmq
 
-from ..core.live import json_safe
 from ..core.protocol import DataHeader, Message, MessageParser, ProtocolError
 from ..core.range_query import RangeColumns, RangeLimits, RangeQuery, RangeTooLarge
 from ..core.replay_messages import BufferLost, Data, End, Gap, Refused
@@ -106,12 +104,13 @@ def outcome(columns: RangeColumns) -> str:
 def as_json(columns: RangeColumns) -> dict[str, Any]:
     """The JSON answer: columns per channel (non-finite floats as null: see docs/web-api.md)."""
     channels = {}
+    pulse_ids = columns.pulse_ids.tolist()
     for name, column in columns.columns.items():
         channels[name] = {
-            "pulse_id": column.pulse_id,
-            "timestamp": column.timestamp,
-            "is_data_present": column.is_data_present,
-            "data": [json_safe(value, sys.maxsize)[0] if value is not None else None for value in column.data],
+            "pulse_id": pulse_ids,
+            "timestamp": columns.timestamps(name).tolist(),
+            "is_data_present": column.present().tolist(),
+            "data": column.json_data(),
         }
     return {"state": "ok", "status": outcome(columns), "messages": columns.messages, "channels": channels,
             "missing": columns.missing}
