@@ -337,6 +337,9 @@ WEB_OPTIONS: list[Option] = [
            "Most bytes of values one /api/v1/range request may collect (413 beyond)."),
     Option("range_timeout", ("--range-timeout",), 30.0, float,
            "Seconds a /api/v1/range request may take (504 beyond; a range reaching into the future waits)."),
+    Option("listen_fd", ("--listen-fd",), None, int,
+           "Serve on this inherited listening TCP socket instead of binding --bind/--port (the buffer's --web "
+           "passes its own, so that the port stays its while the service restarts)."),
     Option("parent_pid", ("--parent-pid",), 0, int,
            "Exit when this process is gone (set by the buffer for --web; 0: never)."),
     _log_option,

@@ -47,9 +47,10 @@ class ChildSupervisor:
     """
 
     def __init__(self, command: list[str], env: dict[str, str] | None = None,
-                 max_backoff: float = 30.0) -> None:
+                 max_backoff: float = 30.0, pass_fds: Sequence[int] = ()) -> None:
         self.command = command
         self.env = env
+        self.pass_fds = tuple(pass_fds)  # descriptors every start inherits (the web service's listening socket)
         self.max_backoff = max_backoff
         self.process: subprocess.Popen | None = None
         self.restarts = 0
@@ -64,7 +65,7 @@ class ChildSupervisor:
     def _spawn(self) -> subprocess.Popen:
         logger.info("starting child process: %s", " ".join(self.command))
         return subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL,
-                                preexec_fn=process.die_with_parent)
+                                preexec_fn=process.die_with_parent, pass_fds=self.pass_fds)
 
     def _supervise(self) -> None:
         backoff = 1.0
@@ -139,7 +140,8 @@ def reachable_locally(address: str) -> str:
 
 
 def web_command(feed: str, status_url: str, replay: str, *, port: int, bind: str, tokens: str | None,
-                max_rate: float, log_level: str = "INFO", parent_pid: int | None = None) -> list[str]:
+                max_rate: float, log_level: str = "INFO", parent_pid: int | None = None,
+                listen_fd: int | None = None) -> list[str]:
     """The command line that runs the web service (``python -m sf_bsread_writer.web ...``)."""
     command = [sys.executable, "-m", "sf_bsread_writer.web", feed, "--status-url", reachable_locally(status_url),
                "--replay", reachable_locally(replay), "--port", str(port), "--bind", bind,
@@ -148,15 +150,21 @@ def web_command(feed: str, status_url: str, replay: str, *, port: int, bind: str
         command += ["--tokens", os.path.abspath(tokens)]
     if parent_pid:
         command += ["--parent-pid", str(parent_pid)]
+    if listen_fd is not None:
+        command += ["--listen-fd", str(listen_fd)]
     return command
 
 
 def start_web(feed: str, status_url: str | None, replay: str | None, *, port: int, bind: str,
               tokens: str | None, max_rate: float, log_level: str = "INFO",
-              env: dict[str, str] | None = None) -> ChildSupervisor:
-    """Start the web service for a buffer's ``--web`` and keep it running; call ``.stop()`` at shutdown."""
+              env: dict[str, str] | None = None, listen_fd: int | None = None) -> ChildSupervisor:
+    """Start the web service for a buffer's ``--web`` and keep it running; call ``.stop()`` at shutdown.
+
+    ``listen_fd``: the buffer's listening socket on the web port, inherited by every start (see
+    ``BufferService``): the service serves on it instead of binding the port itself.
+    """
     if status_url is None or replay is None:
         raise ValueError("--web needs the buffer's HTTP status (--rest-port) and replay endpoint")
     command = web_command(feed, status_url, replay, port=port, bind=bind, tokens=tokens, max_rate=max_rate,
-                          log_level=log_level, parent_pid=os.getpid())
-    return ChildSupervisor(command, env=env).start()
+                          log_level=log_level, parent_pid=os.getpid(), listen_fd=listen_fd)
+    return ChildSupervisor(command, env=env, pass_fds=() if listen_fd is None else (listen_fd,)).start()

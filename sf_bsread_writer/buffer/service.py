@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from argparse import Namespace
@@ -164,10 +165,11 @@ class Buffer:
         self.ca_prefix = ca_prefix
         self.ca_max_rate = ca_max_rate
         self.web = web
-        # --web-port 0: a free port chosen here, so that READY and /statistics can say where the web service is
-        # (the child cannot tell its parent). A tiny race with another process binding it meanwhile: the child
-        # then fails to listen, exits 1 and is restarted on the same port by its supervisor.
-        self.web_port = web_port if not web or web_port else _free_port(web_bind)
+        # The buffer listens on the web port itself (run()) and hands the socket to every web service it
+        # starts: READY and /statistics name the real port (also for --web-port 0), nobody can take it while a
+        # service restarts, and connections that come meanwhile wait in its backlog.
+        self.web_port = web_port
+        self._web_listener: socket.socket | None = None
         self.web_bind = web_bind
         self.web_tokens = web_tokens
         self.web_max_rate = web_max_rate
@@ -296,6 +298,8 @@ class Buffer:
             if self.web:
                 self._web_feed = _LoopbackFeed(context, self.web_max_rate)
                 sockets.append(self._web_feed.socket)
+                self._web_listener = _listen(self.web_bind, self.web_port)
+                self.web_port = self._web_listener.getsockname()[1]
 
             if self.rest_port is not None:
                 http = HttpServer(make_app(self.statistics), self.bind, self.rest_port).start()
@@ -309,6 +313,8 @@ class Buffer:
             process.sd_notify("STOPPING=1")
             registry.unregister(self._registry_entry)
             self._stop_children()
+            if self._web_listener is not None:
+                self._web_listener.close()
             if http is not None:
                 http.stop()
             if self._replay is not None:
@@ -579,7 +585,8 @@ class Buffer:
         if self._web_feed is not None:
             self._children["web"] = (children.start_web(
                 self._web_feed.address, self.rest_url, self.replay_address, port=self.web_port, bind=self.web_bind,
-                tokens=self.web_tokens, max_rate=self.web_max_rate, log_level=self.log_level))
+                tokens=self.web_tokens, max_rate=self.web_max_rate, log_level=self.log_level,
+                listen_fd=self._web_listener.fileno() if self._web_listener is not None else None))
 
     def _stop_children(self) -> None:
         for child in self._children.values():
@@ -610,10 +617,15 @@ class _LoopbackFeed:
         return CaFeedStatus(address=self.address, max_rate=self.max_rate, sent=self.sent)
 
 
-def _free_port(host: str) -> int:
-    """A TCP port free on ``host`` a moment ago."""
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0: any free port) for a child to inherit; OSError names both."""
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart past TIME_WAIT, as aiohttp does
+        listener.bind((host, port))
+        listener.listen(128)
+    except OSError as error:
+        listener.close()
+        raise OSError(error.errno, f"cannot listen for --web on {host}:{port}: {error.strerror}") from None
+    listener.set_inheritable(True)
+    return listener

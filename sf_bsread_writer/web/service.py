@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -45,7 +46,11 @@ async def serve(settings: WebSettings, tokens: TokenSet) -> int:
     # shutdown_timeout: a stop must end well within the 5 s the buffer gives its children before SIGKILL.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, settings.bind, settings.port, reuse_address=True)
+    if settings.listen_fd is not None:
+        listener = socket.socket(fileno=settings.listen_fd)  # the buffer's, already listening
+        site: web.BaseSite = web.SockSite(runner, listener)
+    else:
+        site = web.TCPSite(runner, settings.bind, settings.port, reuse_address=True)
     try:
         await site.start()
     except OSError as error:
@@ -102,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=args.port, bind=args.bind, tokens_file=os.path.abspath(args.tokens) if args.tokens else None,
         max_rate=args.max_rate, limits=RangeLimits(max_pulses=args.max_range_pulses,
                                                    max_bytes=args.max_range_bytes),
-        range_timeout=args.range_timeout, parent_pid=args.parent_pid or 0)
+        range_timeout=args.range_timeout, parent_pid=args.parent_pid or 0, listen_fd=args.listen_fd)
     return asyncio.run(serve(settings, tokens))
 
 

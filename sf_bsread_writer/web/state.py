@@ -44,6 +44,7 @@ class WebSettings:
     limits: RangeLimits = field(default_factory=RangeLimits)
     range_timeout: float = 30.0
     parent_pid: int = 0
+    listen_fd: int | None = None  # an inherited listening socket (the buffer's --web) instead of bind/port
     heartbeat_seconds: float = 10.0  # websocket pings; a client silent for longer is dropped
     max_clients: int = 1000  # websockets at once (503 beyond)
     range_workers: int = 2  # range requests at once (503 beyond): each holds one of the buffer's replay sessions
