@@ -539,10 +539,11 @@ def _forwarding_summary(runs: list[dict[str, Any]], arms: list[str]) -> dict[str
 
 
 def scenario_range(args: argparse.Namespace) -> dict[str, Any]:
-    stack = WebStack(0, web=True, n_channels=100, buffer_length=12000)
+    held = args.range_pulses + 1000
+    stack = WebStack(0, web=True, n_channels=100, buffer_length=held + 1000)
     try:
-        wait_for(lambda: stack.statistics()["ring"]["messages"] >= 11000, timeout=180, interval=0.5,
-                 message="11 000 messages in the ring")
+        wait_for(lambda: stack.statistics()["ring"]["messages"] >= held, timeout=180 + held / 100, interval=0.5,
+                 message=f"{held} messages in the ring")
         stack.simulator.stop()  # the ring holds still from here on
         time.sleep(0.5)
         status = requests.get(stack.web_url + "/api/v1/status", timeout=10).json()

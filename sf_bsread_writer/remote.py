@@ -158,6 +158,7 @@ class _SharedSocket:
     """The one websocket of a (loop, URL, token): multiplexed subscriptions, health loop, resubscription."""
 
     def __init__(self, url: str, token: str | None, timeout: float) -> None:
+        self.loop = asyncio.get_running_loop()  # the socket's tasks live here: never handed to another loop
         self.url = url.rstrip("/") + "/api/v1/ws"
         self.token = token
         self.timeout = timeout
@@ -300,6 +301,27 @@ def _by_rate(channels: dict[str, float | None]) -> dict[float | None, list[str]]
 _SOCKETS: dict[tuple[int, str, str | None], _SharedSocket] = {}
 
 
+def _socket_for(loop: asyncio.AbstractEventLoop, url: str, token: str | None,
+                timeout: float | None = None) -> _SharedSocket | None:
+    """The shared socket of ``loop`` for (url, token); a new one if ``timeout`` is given and there is none.
+
+    Keyed by ``id(loop)``, so checked by identity: a loop of a finished
+    ``asyncio.run`` may leave its id to a new loop. Sockets of closed loops
+    are forgotten here (a script calling ``asyncio.run`` repeatedly does not
+    collect them).
+    """
+    for key, socket in list(_SOCKETS.items()):
+        if socket.loop.is_closed():
+            _SOCKETS.pop(key, None)  # pop: the synchronous client's properties call this from other threads
+    key = (id(loop), url, token)
+    socket = _SOCKETS.get(key)
+    if socket is not None and socket.loop is not loop:
+        socket = None
+    if socket is None and timeout is not None:
+        socket = _SOCKETS[key] = _SharedSocket(url, token, timeout)
+    return socket
+
+
 class AsyncRemoteBuffer:
     """The asyncio client (see the module docstring); every method takes the instance's ``timeout``."""
 
@@ -367,10 +389,8 @@ class AsyncRemoteBuffer:
 
     # -- websocket ---------------------------------------------------------
     def _shared(self) -> _SharedSocket:
-        key = (id(asyncio.get_running_loop()), self.url, self.token)
-        socket = _SOCKETS.get(key)
-        if socket is None:
-            socket = _SOCKETS[key] = _SharedSocket(self.url, self.token, self.timeout)
+        socket = _socket_for(asyncio.get_running_loop(), self.url, self.token, self.timeout)
+        assert socket is not None
         return socket
 
     async def subscribe(self, channels: Iterable[str], callback: Callable[[Value], Any],
@@ -414,13 +434,15 @@ class AsyncRemoteBuffer:
 
     @property
     def connected(self) -> bool:
-        socket = _SOCKETS.get((id(asyncio.get_running_loop()), self.url, self.token))
+        socket = _socket_for(asyncio.get_running_loop(), self.url, self.token)
         return socket is not None and socket.connected
 
     async def close(self) -> None:
         """Close this URL's shared websocket (every subscription of this loop on it ends)."""
-        socket = _SOCKETS.pop((id(asyncio.get_running_loop()), self.url, self.token), None)
+        loop = asyncio.get_running_loop()
+        socket = _socket_for(loop, self.url, self.token)
         if socket is not None:
+            _SOCKETS.pop((id(loop), self.url, self.token), None)
             await socket.close()
 
 
@@ -494,12 +516,12 @@ class RemoteBuffer:
 
     @property
     def connected(self) -> bool:
-        socket = _SOCKETS.get((id(self._loop.loop), self._async.url, self._async.token))
+        socket = _socket_for(self._loop.loop, self._async.url, self._async.token)
         return socket is not None and socket.connected
 
     @property
     def reconnects(self) -> int:
-        socket = _SOCKETS.get((id(self._loop.loop), self._async.url, self._async.token))
+        socket = _socket_for(self._loop.loop, self._async.url, self._async.token)
         return socket.reconnects if socket is not None else 0
 
     def close(self) -> None:

@@ -426,6 +426,25 @@ def test_calls_time_out_with_a_clear_error():
         RemoteBuffer(f"http://127.0.0.1:{free_port()}", timeout=2).channels()
 
 
+def test_the_async_client_never_hands_a_finished_loops_socket_to_a_new_loop():
+    """One shared websocket per (event loop, URL): a script that calls asyncio.run() again and again
+    must neither collect the sockets of finished loops nor get one of them back (a new loop can
+    reuse a finished one's id())."""
+    from sf_bsread_writer import remote
+    from sf_bsread_writer.remote import AsyncRemoteBuffer
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing is sent: the socket connects lazily
+    before = len(remote._SOCKETS)
+
+    async def use() -> None:
+        shared = AsyncRemoteBuffer(url)._shared()
+        assert shared.loop is asyncio.get_running_loop() and AsyncRemoteBuffer(url)._shared() is shared
+
+    for _ in range(20):
+        asyncio.run(use())
+    assert len(remote._SOCKETS) <= before + 1  # at most the last loop's, until the next use
+
+
 def test_a_killed_service_the_client_reconnects_and_its_subscription_resumes():
     feed = _pub_feed(n_channels=5, rate=20.0)
     port = free_port()
