@@ -12,7 +12,8 @@ CLI around its own loop; what they share about being a *process* lives here:
 * :func:`sd_notify` and :func:`watchdog_interval`: systemd's ``Type=notify``
   and its watchdog;
 * :func:`tune_allocator`: glibc malloc settings for processes that move
-  large frames.
+  large frames; :func:`release_free_memory` for those that should give a
+  large request's memory back.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ __all__ = [
     "tune_allocator",
     "die_with_parent",
     "pid_alive",
+    "release_free_memory",
 ]
 
 logger = logging.getLogger(__name__)
@@ -193,6 +195,25 @@ def tune_allocator(mmap_threshold: int = 32 * 1024 * 1024,
         logger.warning("mallopt refused mmap_threshold=%d / trim_threshold=%d",
                        mmap_threshold, trim_threshold)
     return ok
+
+
+def release_free_memory() -> bool:
+    """Give memory that is free inside glibc's heaps back to the kernel (``malloc_trim(0)``: every arena).
+
+    For a service whose requests are occasionally large (the web service's
+    ranges: tens of MB of columns and encodings, built in worker threads whose
+    arenas glibc otherwise keeps at their peak): call after such a request.
+    Not for the buffer or the writer, which keep their memory on purpose
+    (:func:`tune_allocator`). Returns False where the C library is not glibc.
+    """
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True
 
 
 def pid_alive(pid: int) -> bool:

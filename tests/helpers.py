@@ -52,6 +52,30 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
+def children_of(pid: int, marker: str = "") -> list[int]:
+    """Pids of ``pid``'s child processes whose command line contains ``marker`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and marker in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def process_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (gone, or a zombie its parent has not reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 class Child:
     """A subprocess whose combined output is read line by line in a thread.
 

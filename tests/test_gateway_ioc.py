@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 
 import numpy as np
 import pytest
 
 from .ca_helpers import T0, Feeder, Tool, run_pyepics, run_tool, start_gateway
-from .helpers import ROOT, Child, free_port, wait_for
+from .helpers import ROOT, Child, children_of, free_port, process_gone, wait_for
 from .test_gateway import PYEPICS_WATCHER, env, feeder  # noqa: F401  (the same module fixtures: a repeater, a feeder)
 
 pytest.importorskip("softioc", reason="pythonSoftIOC is not installed: the default CA server cannot run")
@@ -186,6 +187,26 @@ def test_sparse_constant_and_stopped_channels(env):
     finally:
         if monitor is not None:
             monitor.stop()
+        if child is not None:
+            child.stop()
+        source.close()
+
+
+def test_a_killed_gateway_leaves_no_files_behind(env, tmp_path):
+    """The supervisor's state for its IOCs (and each IOC's access-security file) must not outlive a
+    SIGKILL: a gateway that systemd kills again and again would otherwise fill /tmp."""
+    source = Feeder([{"name": "X", "type": "float64"}], lambda pid: [float(pid)], rate=20.0)
+    child = None
+    try:
+        child, _ = start_gateway(source.address, _local(env) | {"TMPDIR": str(tmp_path)}, "--ca-prefix", "KILL:",
+                                 "--name", "KILL")
+        iocs = children_of(child.process.pid, "sf_bsread_writer.ca.gateway")
+        assert len(iocs) == 2  # the serving IOC and the warm standby
+        os.kill(child.process.pid, signal.SIGKILL)
+        wait_for(lambda: all(process_gone(pid) for pid in [child.process.pid, *iocs]), timeout=20, interval=0.1,
+                 message="the supervisor and its IOCs gone")
+        assert sorted(path.name for path in tmp_path.iterdir()) == []
+    finally:
         if child is not None:
             child.stop()
         source.close()

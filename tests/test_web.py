@@ -26,7 +26,7 @@ from sf_bsread_writer.remote import RemoteBuffer, RemoteError, RemoteTimeout  # 
 from sf_bsread_writer.tools.simulate import expected_values  # noqa: E402
 
 from .ca_helpers import Feeder  # noqa: E402
-from .helpers import Child, free_port, wait_for  # noqa: E402
+from .helpers import Child, children_of, free_port, process_gone, wait_for  # noqa: E402
 
 PROFILE = "mixed"
 SCALAR, ARRAY, TEXT, SLOW = "MIXED:FLOAT64", "MIXED:ARRAY", "MIXED:STRING", "MIXED:SLOW"
@@ -516,22 +516,6 @@ def test_sighup_reaches_the_web_service_through_the_buffer_and_a_stop_is_quick(t
     assert exposed.wait(30) == 2 and "--web-tokens" in exposed.output()
 
 
-def _children_of(pid: int, marker: str) -> list[int]:
-    """Pids of ``pid``'s child processes whose command line contains ``marker`` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid and marker in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
 def test_the_web_port_stays_the_buffers_while_its_service_restarts():
     """The buffer listens on the web port itself and hands the socket to each web service it starts: a
     killed service is replaced on the same port, which nobody else can take meanwhile (the port the buffer
@@ -543,16 +527,15 @@ def test_the_web_port_stays_the_buffers_while_its_service_restarts():
         url = _ready(buffer)["web"]
         port = int(url.rsplit(":", 1)[1])
         wait_for(lambda: _web_up(url), timeout=60, interval=0.2, message="the web service")
-        [web_pid] = _children_of(buffer.process.pid, "sf_bsread_writer.web")
+        [web_pid] = children_of(buffer.process.pid, "sf_bsread_writer.web")
         os.kill(web_pid, signal.SIGKILL)
-        wait_for(lambda: not Path(f"/proc/{web_pid}").exists() or "Z" in Path(f"/proc/{web_pid}/stat").read_text()
-                 .rsplit(")", 1)[1].split()[0], timeout=10, interval=0.05, message="the web service gone")
+        wait_for(lambda: process_gone(web_pid), timeout=10, interval=0.05, message="the web service gone")
         with socket.socket() as intruder, pytest.raises(OSError):
             intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, not a listener
             intruder.bind(("127.0.0.1", port))  # another process cannot take the port in the gap
             intruder.listen(1)
         wait_for(lambda: _web_up(url), timeout=60, interval=0.2, message="the web service back on its port")
-        assert _children_of(buffer.process.pid, "sf_bsread_writer.web") != [web_pid]
+        assert children_of(buffer.process.pid, "sf_bsread_writer.web") != [web_pid]
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
             taken.listen(1)

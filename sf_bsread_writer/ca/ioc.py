@@ -214,7 +214,8 @@ def supervise(argv: Sequence[str]) -> int:
 
     def spawn() -> subprocess.Popen:
         child = subprocess.Popen([sys.executable, "-m", "sf_bsread_writer.ca.gateway", *argv, "--ioc-child"],
-                                 stdin=subprocess.PIPE, preexec_fn=process.die_with_parent, env=env)
+                                 stdin=subprocess.PIPE, preexec_fn=process.die_with_parent, env=env,
+                                 pass_fds=state.pass_fds)
         children.append(child)
         return child
 
@@ -228,9 +229,8 @@ def supervise(argv: Sequence[str]) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     restarts = 0
-    handle, state_file = tempfile.mkstemp(prefix="sf_bsread_gateway-", suffix=".json")
-    os.close(handle)
-    env = {**os.environ, STATE_VARIABLE: state_file}
+    state = _StateFile()
+    env = {**os.environ, STATE_VARIABLE: state.path}
     try:
         current = spawn()
         go(current)
@@ -256,7 +256,37 @@ def supervise(argv: Sequence[str]) -> int:
                     child.kill()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        os.unlink(state_file)
+        state.close()
+
+
+class _StateFile:
+    """Where the IOCs of one supervisor leave the records they served for the next (``_load_state``).
+
+    An anonymous file (``memfd_create``) the children inherit and open as
+    ``/proc/self/fd/N``: it vanishes with the last process holding it, so a
+    supervisor killed with SIGKILL leaves nothing behind in /tmp. Where
+    there is no memfd, a temporary file removed at the supervisor's exit.
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        try:
+            self._fd = os.memfd_create("sf_bsread_gateway-state", 0)  # no CLOEXEC: the children inherit it
+            self.path = f"/proc/self/fd/{self._fd}"
+            self.pass_fds: tuple[int, ...] = (self._fd,)
+        except (AttributeError, OSError):
+            handle, self.path = tempfile.mkstemp(prefix="sf_bsread_gateway-", suffix=".json")
+            os.close(handle)
+            self.pass_fds = ()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        else:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
 
 
 def wait_for_go() -> bool:

@@ -21,6 +21,7 @@ import aiohttp
 import numpy as np
 from aiohttp import web
 
+from .. import process
 from ..core.image import render_png
 from ..core.live import ClientFeed, SubscriptionError, value_document
 from ..core.range_query import RangeQueryError, RangeTooLarge, parse_range_query
@@ -231,14 +232,35 @@ async def _range(request: web.Request) -> web.StreamResponse:
         _count(service, "failed")
         return _error(502, str(error))
     _count(service, ranges.outcome(columns))
-    if query.format == "json":  # encoded in a worker: a large range must not stall the websockets' loop
-        text = await asyncio.to_thread(lambda: json.dumps(ranges.as_json(columns), allow_nan=False))
-        return web.Response(text=text, content_type="application/json")
-    if query.format == "npz":
-        body = await asyncio.to_thread(ranges.as_npz, columns)
-        return web.Response(body=body, content_type="application/octet-stream",
-                            headers={"Content-Disposition": 'attachment; filename="range.npz"'})
-    return await _stream_file(request, path)
+    try:
+        if query.format == "json":  # encoded in a worker: a large range must not stall the websockets' loop
+            body = await asyncio.to_thread(_json_bytes, columns)
+            del columns
+            return await _send_body(request, body, {"Content-Type": "application/json; charset=utf-8"})
+        if query.format == "npz":
+            body = await asyncio.to_thread(ranges.as_npz, columns)
+            del columns
+            return await _send_body(request, body, {"Content-Type": "application/octet-stream",
+                                                    "Content-Disposition": 'attachment; filename="range.npz"'})
+        del columns
+        return await _stream_file(request, path)
+    finally:
+        # The columns and their encoding (tens of MB, built in worker threads) are free now: hand the memory
+        # back, or the service keeps every worker arena at its largest range's size.
+        await asyncio.to_thread(process.release_free_memory)
+
+
+def _json_bytes(columns: Any) -> bytes:
+    return json.dumps(ranges.as_json(columns), allow_nan=False).encode()
+
+
+async def _send_body(request: web.Request, body: bytes, headers: dict[str, str]) -> web.StreamResponse:
+    """Send a whole answer and let go of it before the handler returns (then its memory can be released)."""
+    response = web.StreamResponse(headers={**headers, "Content-Length": str(len(body))})
+    await response.prepare(request)
+    await response.write(body)
+    await response.write_eof()
+    return response
 
 
 async def _stream_file(request: web.Request, path: str) -> web.StreamResponse:
