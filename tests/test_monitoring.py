@@ -51,6 +51,63 @@ def test_rules_and_dashboard_query_only_exported_metrics():
     assert sorted(queried - set(exported)) == []
 
 
+def _exported_labels() -> dict[str, set[str]]:
+    """Metric name -> the labels its samples carry, with a child and a replay session in the status (an
+    unstarted buffer has neither, and their metrics would show no sample)."""
+    from dataclasses import replace
+
+    from sf_bsread_writer.core.status import ChildStatus, SessionStatus
+
+    status = Buffer("tcp://127.0.0.1:9", rest_port=None).statistics()
+    session = SessionStatus("0a1b", 1, None, 9, None, 0, 5, 5, 0, 0, 64, 0, 0, None)
+    status = replace(status, children=(ChildStatus("web", True, 0),),  # a buffer that has run a while
+                     replay=replace(status.replay, sessions=(session,), active_sessions=1),
+                     ring=replace(status.ring, oldest_time=1.0, newest_time=2.0),
+                     source=replace(status.source, idle_seconds=0.5), channels=12)
+    text = prometheus_text(status)
+    text += WebService(WebSettings("tcp://127.0.0.1:9", "http://127.0.0.1:9", "tcp://127.0.0.1:9"),
+                       TokenSet()).metrics_text()
+    labels: dict[str, set[str]] = {}
+    for name, inside in re.findall(r"^(sf_bsread_\w+?)(?:\{(.*)\})? \S+$", text, flags=re.M):
+        labels.setdefault(name, set()).update(re.findall(r'(\w+)="', inside))
+    return labels
+
+
+def test_rules_and_dashboard_use_only_labels_the_metrics_carry():
+    """A selector, a ``by (...)`` or an alert text naming a label the metric lacks matches nothing or shows
+    an empty string: the alert never fires, or fires saying nothing. Prometheus adds job and instance."""
+    labels = _exported_labels()
+    scrape = {"job", "instance"}
+    rules = RULES.read_text(encoding="utf-8")
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    alerts = [(expr, block) for block in rules.split("- alert:")[1:]
+              for expr in re.findall(r"expr: (.+)", block)]
+    checked = 0
+    for expression in expressions + [expr for expr, _ in alerts]:
+        metrics = METRIC.findall(expression)
+        carried = set().union(*(labels.get(name, set()) for name in metrics)) | scrape
+        for name, selector in re.findall(r"(sf_bsread_\w+)\{([^}]*)\}", expression):
+            used = set(re.findall(r"(\w+)\s*[=!~]", selector))
+            assert used <= labels[name] | scrape, (expression, used - labels[name])
+            checked += 1
+        for grouped in re.findall(r"\bby\s*\(([^)]*)\)", expression):
+            used = {label.strip() for label in grouped.split(",")}
+            assert used <= carried, (expression, used - carried)
+            checked += 1
+    for expr, block in alerts:
+        grouped = re.findall(r"\bby\s*\(([^)]*)\)", expr)
+        result = ({label.strip() for label in grouped[-1].split(",")} if grouped else
+                  set().union(*(labels.get(name, set()) for name in METRIC.findall(expr))) | scrape)
+        for label in re.findall(r"\$labels\.(\w+)", block):
+            assert label in result, (expr, label)
+            checked += 1
+    variable = dashboard["templating"]["list"][1]["query"]["query"]
+    metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable).groups()
+    assert label in labels[metric]
+    assert checked > 30
+
+
 @pytest.mark.skipif(shutil.which("promtool") is None,
                     reason="promtool is not installed (Debian package prometheus; .ci/run installs it)")
 def test_promtool_accepts_the_rules():

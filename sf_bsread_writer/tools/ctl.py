@@ -37,7 +37,7 @@ from ..client import WriterClient, WriterError
 from ..core.acquisition import Outcome
 from ..core.protocol import MessageParser
 from ..core.replay_messages import Data, End, Gap, Refused
-from ..core.status import BufferStatus
+from ..core.status import BufferStatus, WriterStatistics
 from ..transport.replay_client import ReplayClient, ReplayHandshakeError
 
 __all__ = ["main", "write_range", "BufferRef", "resolve_buffer", "CtlError"]
@@ -74,12 +74,12 @@ def resolve_buffer(spec: str) -> BufferRef:
     if spec.startswith(("http://", "https://")):
         rest = spec.rstrip("/")
         try:
-            document = requests.get(rest + "/statistics", timeout=HTTP_TIMEOUT).json()["statistics"]
+            status = BufferStatus.from_json(
+                requests.get(rest + "/statistics", timeout=HTTP_TIMEOUT).json()["statistics"])
         except (requests.RequestException, ValueError, KeyError) as error:
             raise CtlError(f"no buffer answers at {rest}: {error}") from None
-        endpoints = document.get("endpoints", {})
-        return BufferRef(document.get("name", rest), rest, endpoints.get("replay"), endpoints.get("output"),
-                         endpoints.get("web"))
+        endpoints = status.endpoints
+        return BufferRef(status.name, rest, endpoints.replay, endpoints.output, endpoints.web)
     found = [entry for entry in registry.entries() if entry.kind == "buffer" and entry.name == spec]
     if not found:
         names = sorted({entry.name for entry in registry.entries() if entry.kind == "buffer"})
@@ -164,11 +164,12 @@ def write_range(buffer: str | BufferRef, start_pulse_id: int, stop_pulse_id: int
         while writer.poll() is None:
             if on_progress is not None:
                 try:
-                    statistics = client.statistics()
-                    on_progress(Progress(statistics.get("messages_written", 0), expected,
-                                         statistics.get("last_pulse_id")))
+                    statistics = WriterStatistics.from_json(client.statistics())
+                    on_progress(Progress(statistics.messages_written, expected, statistics.last_pulse_id))
                 except (requests.RequestException, WriterError):
                     pass  # finishing: the REST API goes away with the process
+                except ValueError as error:  # a writer of another version: no progress, the run goes on
+                    logger.debug("writer statistics not understood: %s", error)
             if deadline is not None and time.monotonic() > deadline:
                 client.stop()
                 deadline = None
