@@ -45,6 +45,10 @@ def test_values_as_json_say_what_json_cannot_hold():
     assert json_safe(np.array([np.nan])) == (None, {})
     assert json_safe(np.array([[1.0, np.inf], [2.0, 3.0]])) == ([[1.0, None], [2.0, 3.0]], {})
     assert json_safe("µJ") == ("µJ", {})
+    nanoseconds = 1_700_000_000_123_456_789  # a time in ns: beyond what a browser's JSON number holds
+    assert json_safe(np.array([nanoseconds], np.uint64)) == (nanoseconds, {"exact": "1700000000123456789"})
+    assert json_safe(np.array([-(2**60)], np.int64))[1] == {"exact": str(-(2**60))}
+    assert json_safe(np.array([2**53 - 1], np.int64)) == (2**53 - 1, {})  # still exact in JavaScript
     big = json_safe(np.zeros((300, 300), dtype=np.uint16), max_elements=1000)
     assert big == (None, {"too_large": True, "shape": [300, 300], "dtype": "uint16"})
     latest = LatestValues()

@@ -77,6 +77,13 @@ def test_the_page_shows_the_buffer_live(stack, browser):
     _wait(browser, lambda d: _row(d, "MIXED:STRING").get_attribute("data-pulse-id"), message="the string channel")
     pulse_id, text = _shown(browser, "MIXED:STRING")
     assert text == expected_values("mixed", pulse_id)["MIXED:STRING"]
+    # An int64 beyond 2^53 (the simulator's is pulse_id - 2^63) is shown exactly, not as the double a
+    # browser's JSON.parse makes of it.
+    _wait(browser, lambda d: _row(d, "MIXED:INT64").get_attribute("data-pulse-id"), message="the int64 channel")
+    pulse_id, shown = browser.execute_script(  # in one call: rows update between two reads
+        "const r = document.querySelector(`tr[data-channel='MIXED:INT64']`);"
+        "return [r.dataset.pulseId, r.cells[3].textContent];")
+    assert shown == str(int(expected_values("mixed", int(pulse_id))["MIXED:INT64"][0]))
 
     # An image channel renders (the service's PNG), and a waveform gets a plot.
     _row(browser, "MIXED:IMAGE").click()

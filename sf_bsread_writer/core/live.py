@@ -119,10 +119,16 @@ class LatestValues:
 # --------------------------------------------------------------------------
 # Values as JSON
 # --------------------------------------------------------------------------
+#: The largest integer a JavaScript number (a double) holds exactly: beyond it a browser rounds what it parses.
+JS_EXACT_INTEGER = 2**53 - 1
+
+
 def json_safe(value: Any, max_elements: int = MAX_JSON_ELEMENTS) -> tuple[Any, dict[str, Any]]:
     """``(JSON-able value, extra fields)`` of a decoded bsread value.
 
-    Arrays become (nested) lists in numpy shape; a 1-element array a number.
+    Arrays become (nested) lists in numpy shape; a 1-element array a number,
+    and an integer beyond 2**53 also ``{"exact": "<decimal>"}`` (the JSON number
+    is exact, but a browser's JSON.parse rounds it).
     Non-finite floats (NaN, inf) are not JSON: they become null (exact values:
     ``format=npy``/``npz``/``hdf5``). An array over ``max_elements`` becomes null
     with ``{"too_large": true, "shape": [...], "dtype": "..."}``.
@@ -134,6 +140,8 @@ def json_safe(value: Any, max_elements: int = MAX_JSON_ELEMENTS) -> tuple[Any, d
         return None, {"too_large": True, "shape": list(array.shape), "dtype": array.dtype.name}
     if array.size == 1 and array.ndim <= 1:
         item = array.reshape(-1)[0].item()
+        if isinstance(item, int) and abs(item) > JS_EXACT_INTEGER:  # a uint64 counter, a time in ns
+            return item, {"exact": str(item)}
         return (None if isinstance(item, float) and not math.isfinite(item) else item), {}
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         listed = array.astype(object)

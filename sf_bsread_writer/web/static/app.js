@@ -108,7 +108,9 @@ function updateRow(message) {
   row.dataset.pulseId = message.pulse_id;
   row.dataset.value = JSON.stringify(message.value);
   row.dataset.timestamp = message.timestamp;
-  row.cells[3].textContent = message.too_large ? "image " + JSON.stringify(message.shape) : formatValue(message.value);
+  row.dataset.exact = message.exact || "";
+  row.cells[3].textContent = message.too_large ? "image " + JSON.stringify(message.shape)
+    : message.exact || formatValue(message.value);  // exact: an integer beyond 2^53, as decimal text
   entry.lastTime = message.timestamp;
   if (entry.sparkHolder && typeof message.value === "number") {
     entry.points.push([new Date(message.timestamp * 1000), message.value]);
@@ -169,7 +171,7 @@ function updateDetail(message) {
     points = page.detailPoints;
     labels = ["time", message.channel];
   } else {
-    setText("detail-info", spec.type + ": " + formatValue(message.value));
+    setText("detail-info", spec.type + ": " + (message.exact || formatValue(message.value)));
     return;
   }
   if (points.length < 2) return;
