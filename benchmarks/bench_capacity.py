@@ -84,7 +84,8 @@ def run_one(channels: int, args: argparse.Namespace, workdir: Path) -> dict:
         time.sleep(args.settle)  # the stream runs; the ring fills (what a buffer does all day)
 
         writer = common.Child([PY, "-m", "sf_bsread_writer.writer", endpoints["replay"],
-                               str(workdir / f"capacity-{channels}.h5"), "-1", "0", "--log_level", "WARNING"],
+                               str(workdir / f"capacity-{channels}.h5"), "-1", "0", "--log_level", "WARNING",
+                               *args.writer_args.split()],
                               timeout=60)
         writer_rest = json.loads(writer.ready_line.split(" ", 1)[1])["rest"]
         http("POST", writer_rest + "/parameters", PARAMETERS)
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=100.0, help="messages per second from the source")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the written range")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds of stream before the writer starts")
+    parser.add_argument("--writer-args", default="", help="extra writer options, e.g. '--flush-interval 5'")
     parser.add_argument("--max-lag", type=float, default=3.0,
                         help="most seconds from the last pulse to the closed file that still count as keeping up")
     args = parser.parse_args(argv)

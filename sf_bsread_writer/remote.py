@@ -297,8 +297,10 @@ def _by_rate(channels: dict[str, float | None]) -> dict[float | None, list[str]]
     return grouped
 
 
-# One shared socket per (event loop, URL, token): "one websocket per process and URL".
+# One shared socket per (event loop, URL, token): "one websocket per process and URL". The lock: the
+# synchronous client's properties look sockets up from the caller's thread while its loop thread adds them.
 _SOCKETS: dict[tuple[int, str, str | None], _SharedSocket] = {}
+_SOCKETS_LOCK = threading.Lock()
 
 
 def _socket_for(loop: asyncio.AbstractEventLoop, url: str, token: str | None,
@@ -310,16 +312,17 @@ def _socket_for(loop: asyncio.AbstractEventLoop, url: str, token: str | None,
     are forgotten here (a script calling ``asyncio.run`` repeatedly does not
     collect them).
     """
-    for key, socket in list(_SOCKETS.items()):
-        if socket.loop.is_closed():
-            _SOCKETS.pop(key, None)  # pop: the synchronous client's properties call this from other threads
-    key = (id(loop), url, token)
-    socket = _SOCKETS.get(key)
-    if socket is not None and socket.loop is not loop:
-        socket = None
-    if socket is None and timeout is not None:
-        socket = _SOCKETS[key] = _SharedSocket(url, token, timeout)
-    return socket
+    with _SOCKETS_LOCK:
+        for key, socket in list(_SOCKETS.items()):
+            if socket.loop.is_closed():
+                del _SOCKETS[key]
+        key = (id(loop), url, token)
+        socket = _SOCKETS.get(key)
+        if socket is not None and socket.loop is not loop:
+            socket = None
+        if socket is None and timeout is not None:
+            socket = _SOCKETS[key] = _SharedSocket(url, token, timeout)
+        return socket
 
 
 class AsyncRemoteBuffer:
@@ -442,7 +445,8 @@ class AsyncRemoteBuffer:
         loop = asyncio.get_running_loop()
         socket = _socket_for(loop, self.url, self.token)
         if socket is not None:
-            _SOCKETS.pop((id(loop), self.url, self.token), None)
+            with _SOCKETS_LOCK:
+                _SOCKETS.pop((id(loop), self.url, self.token), None)
             await socket.close()
 
 

@@ -148,6 +148,24 @@ def test_display_metadata_of_the_data_header_become_channel_attributes(tmp_path:
         assert "unit" not in odd.attrs and "precision" not in odd.attrs and odd["data"][0, 0] == 2.5
 
 
+def test_a_new_header_under_a_reused_hash_is_a_new_header(tmp_path: Path) -> None:
+    """The data-header hash is the sender's word, never checked: a sender that reorders its channels
+    without a new hash must not get A's values stored under B (the parser parses the new bytes into
+    a new header; the file must follow the header, not the hash)."""
+    first = protocol.build_message(1, [channel("A"), channel("B", "int32")], [1.5, np.int32(10)], timestamp=1.7e9)
+    swapped = protocol.build_message(2, [channel("B", "int32"), channel("A")], [np.int32(20), 2.5], timestamp=1.7e9)
+    main = json.loads(swapped[0])
+    main["hash"] = json.loads(first[0])["hash"]
+    swapped[0] = json.dumps(main).encode()
+    path = tmp_path / "reused_hash.h5"
+    with H5File(path) as h5:
+        h5.append(_PARSER.parse(first))
+        h5.append(_PARSER.parse(swapped))
+    with read(path) as f:
+        assert f["data/A/data"][:, 0].tolist() == [1.5, 2.5]
+        assert f["data/B/data"][:, 0].tolist() == [10, 20]
+
+
 def test_scalar_dataset_is_n_by_1(tmp_path: Path) -> None:
     path = tmp_path / "scalar.h5"
     with H5File(path) as h5:

@@ -119,6 +119,35 @@ def test_a_malformed_channel_timestamp_neither_stops_nor_hides_a_live_value():
     assert document["value"] == 10.5 and document["timestamp"] == 1_700_000_000 and "error" not in document
 
 
+def _reusing_hash(frames: list[bytes], of: list[bytes]) -> list[bytes]:
+    """``frames`` with the data-header hash of ``of`` (a sender that changed its header but not the hash)."""
+    main = json.loads(frames[0])
+    main["hash"] = json.loads(of[0])["hash"]
+    return [json.dumps(main).encode(), *frames[1:]]
+
+
+def test_a_new_header_under_a_reused_hash_is_followed_by_live_values_and_ranges():
+    ab = [{"name": "A", "type": "float64"}, {"name": "B", "type": "float64"}]
+    first = build_message(1, ab, [1.0, 10.0], timestamp=(1_700_000_000, 0))
+    swapped = _reusing_hash(build_message(2, ab[::-1], [20.0, 2.0], timestamp=(1_700_000_000, 0)), first)
+    short = _reusing_hash(build_message(3, ab[1:], [30.0], timestamp=(1_700_000_000, 0)), first)
+    parser = MessageParser()
+    messages = [parser.parse(frames) for frames in (first, swapped, short)]
+    latest = LatestValues()
+    for m in messages[:2]:
+        latest.update(m)
+    assert latest.get("A").decoded().tolist() == [2.0] and latest.get("B").decoded().tolist() == [20.0]
+    latest.update(messages[2])
+    assert latest.get("A") is None and latest.get("B").decoded().tolist() == [30.0]
+    query = parse_range_query({"channels": "A,B", "start_pulse_id": "1", "stop_pulse_id": "3"}, RangeLimits())
+    columns = RangeColumns(query, RangeLimits())
+    for m in messages:
+        columns.add(m)
+    columns.finish()
+    assert columns.columns["A"].json_data() == [1.0, 2.0, None]
+    assert columns.columns["B"].json_data() == [10.0, 20.0, 30.0]
+
+
 def test_range_queries_say_what_to_fix():
     limits = RangeLimits(max_pulses=1000)
     query = parse_range_query({"channels": "A,B,A", "start_pulse_id": "10", "stop_pulse_id": "20"}, limits)

@@ -426,6 +426,48 @@ def test_calls_time_out_with_a_clear_error():
         RemoteBuffer(f"http://127.0.0.1:{free_port()}", timeout=2).channels()
 
 
+def test_a_client_that_leaves_during_a_large_answer_is_no_error(caplog):
+    """A cancelled download (a browser tab closed mid-range) must not log an error with a traceback:
+    operators alert on errors. The answer is sent by the range handler's own _send_body."""
+    import logging
+
+    from aiohttp import web
+
+    from sf_bsread_writer.web import app as web_app
+
+    finished = []
+
+    async def handler(request):
+        response = await web_app._send_body(request, b"x" * (64 << 20), {"Content-Type": "application/json"})
+        finished.append(True)
+        return response
+
+    async def scenario():
+        application = web.Application()
+        application.router.add_get("/", handler)
+        runner = web.AppRunner(application, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            await reader.read(100_000)
+            writer.transport.abort()  # gone mid-answer
+            deadline = time.monotonic() + 10
+            while not finished and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        finally:
+            await runner.cleanup()
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(scenario())
+    assert finished == [True]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
 def test_the_async_client_never_hands_a_finished_loops_socket_to_a_new_loop():
     """One shared websocket per (event loop, URL): a script that calls asyncio.run() again and again
     must neither collect the sockets of finished loops nor get one of them back (a new loop can

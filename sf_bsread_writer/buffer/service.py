@@ -214,7 +214,7 @@ class Buffer:
         self._ignored = 0
         self._duplicates = 0
         self._header_changes = 0
-        self._last_hash: str | None = None
+        self._last_header: Any = None  # compared with DataHeader.same_as
         self._channels: int | None = None  # of the newest data header
         self._last_pulse_id: int | None = None
         self._last_message_monotonic: float | None = None
@@ -475,13 +475,13 @@ class Buffer:
 
     def _analyze(self, message: Any, pulse_id: int) -> None:
         """Count and log header changes; jumps and resets are counted by the ring. --analyzer: absent values."""
-        header_hash = message.main.hash
-        if header_hash != self._last_hash:
-            if self._last_hash is not None:
+        header = message.data_header
+        if not header.same_as(self._last_header):
+            if self._last_header is not None:
                 self._header_changes += 1
                 self._reject_log.info("header", "data header changed at pulse %d: %d channels (hash %s -> %s)",
-                                      pulse_id, message.n_channels, self._last_hash, header_hash)
-            self._last_hash = header_hash
+                                      pulse_id, message.n_channels, self._last_header.hash, header.hash)
+            self._last_header = header
             self._channels = message.n_channels
         if self._last_pulse_id is not None and pulse_id < self._last_pulse_id and self.analyzer:
             logger.info("analyzer: pulse id went back from %d to %d", self._last_pulse_id, pulse_id)
@@ -618,14 +618,23 @@ class _LoopbackFeed:
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (0: any free port) for a child to inherit; OSError names both."""
-    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    """A listening TCP socket on ``host:port`` (0: any free port) for the web service to inherit (``pass_fds``).
+
+    ``host`` may be a name: its first address decides the family (``localhost``
+    -> 127.0.0.1 where both families resolve, as ``getaddrinfo`` orders them).
+    OSError names host and port.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as error:
+        raise OSError(f"cannot listen for --web on {host}:{port}: {error}") from None
+    listener = socket.socket(family, kind, proto)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart past TIME_WAIT, as aiohttp does
-        listener.bind((host, port))
+        listener.bind(address)
         listener.listen(128)
     except OSError as error:
         listener.close()
         raise OSError(error.errno, f"cannot listen for --web on {host}:{port}: {error.strerror}") from None
-    listener.set_inheritable(True)
     return listener

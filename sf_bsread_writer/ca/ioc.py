@@ -270,14 +270,18 @@ class _StateFile:
 
     def __init__(self) -> None:
         self._fd: int | None = None
+        self.pass_fds: tuple[int, ...] = ()
         try:
-            self._fd = os.memfd_create("sf_bsread_gateway-state", 0)  # no CLOEXEC: the children inherit it
-            self.path = f"/proc/self/fd/{self._fd}"
-            self.pass_fds: tuple[int, ...] = (self._fd,)
+            fd = os.memfd_create("sf_bsread_gateway-state")  # pass_fds makes it the children's
         except (AttributeError, OSError):
+            fd = None
+        if fd is not None and os.path.exists(f"/proc/self/fd/{fd}"):  # reachable by path only through /proc
+            self._fd, self.path, self.pass_fds = fd, f"/proc/self/fd/{fd}", (fd,)
+        else:
+            if fd is not None:
+                os.close(fd)
             handle, self.path = tempfile.mkstemp(prefix="sf_bsread_gateway-", suffix=".json")
             os.close(handle)
-            self.pass_fds = ()
 
     def close(self) -> None:
         if self._fd is not None:
@@ -310,8 +314,11 @@ def _load_state() -> dict[str, Any]:
 def _save_state(state: dict[str, Any]) -> None:
     path = os.environ.get(STATE_VARIABLE)
     if path:
-        with open(path, "w") as out:
-            json.dump(state, out)
+        try:
+            with open(path, "w") as out:
+                json.dump(state, out)
+        except OSError as error:  # the state only saves the next IOC a restart: never a reason to stop
+            logger.warning("IOC state not saved to %s: %s", path, error)
 
 
 def _records_in(state: Mapping[str, Any]) -> dict[str, IocRecord]:
@@ -572,7 +579,7 @@ class _ApplyLoop:
         self.ingest = ingest
         self.poller = poller
         self.alarm = alarm
-        self.header_hash: str | None = None
+        self.header: Any = None  # the data header applied last (compared with DataHeader.same_as)
         self.states = {channel.name: _ChannelState() for channel in plan.channels}
         self.stale = False
         self.newest_pulse_id: int | None = None
@@ -604,7 +611,7 @@ class _ApplyLoop:
                 continue
             message, received_at, _ = messages[-1]  # the newest; older ones carry sparse channels it lacks
             started = time.monotonic()
-            if message.data_header.hash != self.header_hash:
+            if not message.data_header.same_as(self.header):
                 plan = ChannelPlan.build(message.data_header, self.settings.prefix,
                                          [f"{self.settings.name}:{s}" for s in (*self.records.status,
                                                                                  *self.records.stats)],
@@ -617,9 +624,9 @@ class _ApplyLoop:
                         self.wanted = plan
                         return RESTART_EXIT_CODE
                     self.rebind(rebound)
-                self.header_hash = message.data_header.hash
+                self.header = message.data_header
             for older, older_received_at, indices in messages[:-1]:
-                if older.data_header.hash == self.header_hash:
+                if older.data_header.same_as(self.header):
                     self.apply(older, only=indices, received_at=older_received_at)
             self.apply(message, received_at=received_at)
             if self.needs_restart:
@@ -682,7 +689,7 @@ class _ApplyLoop:
         arrival times, whenever its values get applied.
         """
         alarm = self.alarm
-        self.header_hash = message.data_header.hash
+        self.header = message.data_header
         main = message.main
         message_time = main.sec + main.ns * 1e-9
         now = time.monotonic()

@@ -520,7 +520,7 @@ class StreamPVs:
         self.policy = policy
         self.channels: dict[str, _ChannelPV] = {}
         self._order: list[_ChannelPV | None] = []
-        self._header_hash: str | None = None
+        self._header: Any = None  # the data header followed last (compared with DataHeader.same_as)
         self._long_strings: set[str] = set()
         self.stats = StreamStats()
         self.stale = False
@@ -531,7 +531,7 @@ class StreamPVs:
 
     async def apply(self, message: Any) -> None:
         header = message.data_header
-        if header.hash != self._header_hash:
+        if not header.same_as(self._header):
             await self._follow_header(header)
         main = message.main
         message_stamp = epics_timestamp(main.sec, main.ns)
@@ -550,7 +550,7 @@ class StreamPVs:
         if retype:
             for channel in retype:
                 self._long_strings.add(channel.name)
-            self._header_hash = None  # rebuild on the next message with the long-string form
+            self._header = None  # rebuild on the next message with the long-string form
 
     @staticmethod
     def _too_long_for_string(message: Any, index: int) -> bool:
@@ -611,7 +611,7 @@ class StreamPVs:
 
     async def _follow_header(self, header: Any) -> None:
         self.stats.header_changes += 1
-        self._header_hash = header.hash
+        self._header = header
         seen: set[str] = set()
         order: list[_ChannelPV | None] = []
         for spec in header.channels:

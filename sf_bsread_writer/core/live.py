@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import Message
+from .protocol import DataHeader, Message
 from .rates import RateGrid
 
 __all__ = [
@@ -92,15 +92,15 @@ class LatestValues:
     def __init__(self) -> None:
         self.message: Message | None = None  # the newest message
         self._values: dict[str, ChannelValue] = {}
-        self._header_hash: str | None = None
+        self._header: DataHeader | None = None
 
     def update(self, message: Message) -> None:
         """Take the newest message; a channel absent in it keeps its last present value."""
         header = message.data_header
-        if header.hash != self._header_hash:
+        if not header.same_as(self._header):
             names = set(header.names)
             self._values = {name: value for name, value in self._values.items() if name in names}
-            self._header_hash = header.hash
+            self._header = header
         values = self._values
         for index, name in enumerate(header.names):
             if message.is_present(index):

@@ -530,6 +530,17 @@ class DataHeader:
     def __contains__(self, name: object) -> bool:
         return name in self._index
 
+    def same_as(self, other: "DataHeader | None") -> bool:
+        """The same channels as ``other``: the same object (the parser's cache hands out one per header),
+        else equal contents.
+
+        Never by hash alone: the hash is the sender's word, never checked, and
+        a sender that changes its channels without a new hash gets its new bytes
+        parsed into a new header (``DataHeaderCache``); a consumer comparing
+        hashes would go on reading the new parts by the old positions.
+        """
+        return other is not None and (self is other or self == other)
+
 
 _DATA_HEADER_SPECS = {compression: ChannelSpec("data_header", "string", compression=compression)
                       for compression in COMPRESSIONS}

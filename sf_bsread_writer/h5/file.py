@@ -246,7 +246,7 @@ class H5File:
         self._check_open()
         header = message.data_header
         plan = self._plan
-        if plan is None or (header is not plan.header and header.hash != plan.header.hash):
+        if plan is None or not header.same_as(plan.header):
             plan = self._use_header(header)
         row = len(self._row_pulse_ids) - self._rows_written
         absent_before = self.absent_values

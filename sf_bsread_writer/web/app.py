@@ -215,6 +215,17 @@ async def _range(request: web.Request) -> web.StreamResponse:
         return _error(503, f"{settings.range_workers} range requests are being served (each holds a replay "
                            "session of the buffer); try again in a moment")
     try:
+        return await _serve_range(request, service, query)
+    finally:
+        # The columns and their encoding (tens of MB, built in worker threads) are free once _serve_range has
+        # returned, whatever the answer: hand the memory back, or the service keeps every worker arena at its
+        # largest range's size.
+        await asyncio.to_thread(process.release_free_memory)
+
+
+async def _serve_range(request: web.Request, service: WebService, query: Any) -> web.StreamResponse:
+    settings = service.settings
+    try:
         async with service.range_slots:
             if query.format == "hdf5":
                 path, columns = await asyncio.to_thread(ranges.write_hdf5, settings.replay, query, settings.limits,
@@ -232,22 +243,17 @@ async def _range(request: web.Request) -> web.StreamResponse:
         _count(service, "failed")
         return _error(502, str(error))
     _count(service, ranges.outcome(columns))
-    try:
-        if query.format == "json":  # encoded in a worker: a large range must not stall the websockets' loop
-            body = await asyncio.to_thread(_json_bytes, columns)
-            del columns
-            return await _send_body(request, body, {"Content-Type": "application/json; charset=utf-8"})
-        if query.format == "npz":
-            body = await asyncio.to_thread(ranges.as_npz, columns)
-            del columns
-            return await _send_body(request, body, {"Content-Type": "application/octet-stream",
-                                                    "Content-Disposition": 'attachment; filename="range.npz"'})
+    if query.format == "json":  # encoded in a worker: a large range must not stall the websockets' loop
+        body = await asyncio.to_thread(_json_bytes, columns)
         del columns
-        return await _stream_file(request, path)
-    finally:
-        # The columns and their encoding (tens of MB, built in worker threads) are free now: hand the memory
-        # back, or the service keeps every worker arena at its largest range's size.
-        await asyncio.to_thread(process.release_free_memory)
+        return await _send_body(request, body, {"Content-Type": "application/json; charset=utf-8"})
+    if query.format == "npz":
+        body = await asyncio.to_thread(ranges.as_npz, columns)
+        del columns
+        return await _send_body(request, body, {"Content-Type": "application/octet-stream",
+                                                "Content-Disposition": 'attachment; filename="range.npz"'})
+    del columns
+    return await _stream_file(request, path)
 
 
 def _json_bytes(columns: Any) -> bytes:
@@ -257,9 +263,12 @@ def _json_bytes(columns: Any) -> bytes:
 async def _send_body(request: web.Request, body: bytes, headers: dict[str, str]) -> web.StreamResponse:
     """Send a whole answer and let go of it before the handler returns (then its memory can be released)."""
     response = web.StreamResponse(headers={**headers, "Content-Length": str(len(body))})
-    await response.prepare(request)
-    await response.write(body)
-    await response.write_eof()
+    try:
+        await response.prepare(request)
+        await response.write(body)
+        await response.write_eof()
+    except ConnectionError as error:  # the client went away (a cancelled download): nothing to answer
+        logger.debug("range answer not delivered: %s", error)
     return response
 
 
@@ -274,9 +283,11 @@ async def _stream_file(request: web.Request, path: str) -> web.StreamResponse:
             while chunk := file.read(FILE_CHUNK_BYTES):
                 await response.write(chunk)
         await response.write_eof()
-        return response
+    except ConnectionError as error:  # the client went away (a cancelled download): nothing to answer
+        logger.debug("range file not delivered: %s", error)
     finally:
         ranges.remove_range_file(path)
+    return response
 
 
 # --------------------------------------------------------------------------

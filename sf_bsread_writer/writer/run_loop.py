@@ -88,7 +88,7 @@ class RunLoop:
         self._rate = RateEstimator(RATE_WINDOW_SECONDS, resolution=RATE_WINDOW_SECONDS / 10)
         self._rate.add(now, 0)
         self._next_progress_log = now + PROGRESS_LOG_SECONDS
-        self._header_hash: str | None = None
+        self._header: Any = None  # the data header of the last message (for the log of changes)
         self.receive_clock = receive_clock
         self.max_clock_skew = max_clock_skew
         self._row_timed_by_receive = bytearray()  # per written row: 1 if its time is the receive time
@@ -206,10 +206,10 @@ class RunLoop:
             counters.rejected_reasons[key] = counters.rejected_reasons.get(key, 0) + 1
             logger.warning("Rejected a message: %s", error)
             return
-        if message.main.hash != self._header_hash:
-            if self._header_hash is not None:
+        if not message.data_header.same_as(self._header):
+            if self._header is not None:
                 logger.info("data header changed at pulse_id %d: %d channels", message.pulse_id, message.n_channels)
-            self._header_hash = message.main.hash
+            self._header = message.data_header
         time = self._message_time(message, sent_time)
         verdict = self.range.classify(message.pulse_id, time)
         if verdict is Verdict.WRITE:
