@@ -166,6 +166,74 @@ def test_a_new_header_under_a_reused_hash_is_a_new_header(tmp_path: Path) -> Non
         assert f["data/B/data"][:, 0].tolist() == [10, 20]
 
 
+def _describe(path: Path) -> dict[str, Any]:
+    """Everything a reader can see of a file: every object, dataset property, value and attribute."""
+    found: dict[str, Any] = {}
+
+    def attributes(obj: Any) -> dict[str, Any]:
+        out = {}
+        for key in obj.attrs:
+            value = obj.attrs[key]
+            stored = obj.attrs.get_id(key)
+            out[key] = (str(stored.dtype), stored.shape, repr(value.tolist() if hasattr(value, "tolist") else value))
+        return out
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            plist = obj.id.get_create_plist()
+            filters = [plist.get_filter(i)[:3] for i in range(plist.get_nfilters())]
+            values = obj[()]
+            found[name] = ("dataset", str(obj.dtype), obj.shape, obj.maxshape, obj.chunks, repr(obj.fillvalue),
+                           filters, repr(values.tolist()), attributes(obj))
+        else:
+            found[name] = ("group", attributes(obj))
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+        found["/"] = attributes(f)
+    return found
+
+
+def test_channel_groups_copied_from_a_template_equal_groups_made_in_full(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ColumnMaker copies a finished group of the same kind (H5Ocopy) instead of making each one: the file
+    must be the same, object for object, for every kind of channel and every way a group comes to be
+    (the first message, a channel first present later, a retype, one never present, display metadata)."""
+    image = np.arange(80 * 96, dtype="<u2").reshape(96, 80)
+
+    def channels(n: int) -> list[dict[str, Any]]:
+        chans = [channel(f"S{i}") for i in range(4)] + [
+            channel("BE", "int32", encoding="big"), channel("W", "float32", (7,)), channel("T", "string"),
+            channel("IMG", "uint16", (80, 96), compression="bitshuffle_lz4"), channel("LZ", "int16", (5,),
+                                                                                      compression="lz4"),
+            channel("B", "bool"), dict(channel("U", "float64"), unit="mJ", description="pulse energy",
+                                       precision=3),
+            dict(channel("E", "uint8"), enum_strings=["off", "on"]), channel("LATE"), channel("NEVER", "int64"),
+            channel("RETYPED", "float64" if n < 5 else "int16", (1,) if n < 5 else (3,))]
+        return chans
+
+    def values(n: int) -> list[Any]:
+        return [n * 1.5, n * 2.5, -n, n / 3, np.int32(-n * 7), np.arange(7, dtype=np.float32) * n, f"row {n}",
+                image + n, np.arange(5, dtype=np.int16) - n, np.bool_(n % 2), n * 0.1, np.uint8(n % 2),
+                float(n) if n >= 3 else None, None, float(n) if n < 5 else np.array([n, n, n], np.int16)]
+
+    def write(path: Path) -> None:
+        with H5File(path, {"general/created": "2026-11-30T00:00:00", "general/user": "test"}, block_rows=2,
+                    clock=lambda: 0.0) as h5:
+            for n in range(8):
+                h5.append(_PARSER.parse(protocol.build_message(100 + n, channels(n), values(n),
+                                                               timestamp=(1_700_000_000 + n, 0))))
+
+    write(tmp_path / "copied.h5")
+    monkeypatch.setattr(h5_file, "ColumnMaker", lambda decompress: columns.ColumnMaker(decompress, copies=False))
+    write(tmp_path / "in_full.h5")
+    copied, in_full = _describe(tmp_path / "copied.h5"), _describe(tmp_path / "in_full.h5")
+    assert sorted(copied) == sorted(in_full)
+    assert len([name for name in copied if name.startswith("data/") and name.count("/") == 1]) == 15
+    for name in sorted(in_full):
+        assert copied[name] == in_full[name], name
+
+
 def test_scalar_dataset_is_n_by_1(tmp_path: Path) -> None:
     path = tmp_path / "scalar.h5"
     with H5File(path) as h5:

@@ -64,7 +64,7 @@ import numpy as np
 
 from ..core import protocol
 from ..core.pulse_range import MissingRange
-from .columns import Column, new_column
+from .columns import Column, ColumnMaker
 from .layout import (
     CALLER_ATTRIBUTES, FORMAT_NAME, FORMAT_VERSION, GENERAL_FIELDS, MISSING_DTYPE, NOT_GIVEN, STRING_DTYPE,
     VARIANT_SEPARATOR, attribute_value, channel_group_name, channel_signature, fixed_string, storable_text,
@@ -129,6 +129,7 @@ class H5File:
         self.block_bytes = int(block_bytes)
         self._clock = clock
         self.decompress_images = decompress_images  # no direct chunks: plain datasets, readable without the plugin
+        self._maker = ColumnMaker(decompress_images)  # channel groups, copied from one of their kind
 
         self._columns: dict[str, dict[tuple, Column]] = {}  # name -> signature -> column
         self._plan: HeaderPlan | None = None  # for the data header of the last message
@@ -422,6 +423,7 @@ class H5File:
             self._slot.check(self._file_fd)  # complete, but where nobody will find it: an error
         finally:
             self._closed = True
+            self._maker.close()
             self._file.close()
             self._slot.close()
         logger.info("closed %s: %d rows, %d channels, %d missing pulses",
@@ -444,6 +446,7 @@ class H5File:
         try:
             if not self._closed:
                 self._closed = True
+                self._maker.close()
                 self._file.close()
         finally:
             self._slot.remove()
@@ -500,10 +503,10 @@ class H5File:
                 number += 1
             group_name = f"{base}{VARIANT_SEPARATOR}{number}"
         try:
-            group = self._data.create_group(group_name)
             # Rows already on disk read as absent (fill value 0); pending rows of
             # this block before the first value are padded as absent by append.
-            column = new_column(group, spec, self._rows_written, self.decompress_images)
+            column = self._maker.new(self._data, group_name, spec, self._rows_written)
+            group = column.group
         except Exception as error:  # noqa: BLE001 (whatever HDF5 refuses costs this channel only)
             logger.exception("channel %r: cannot create /data/%s", spec.name, group_name)
             if not variants:
