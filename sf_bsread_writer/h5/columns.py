@@ -162,10 +162,12 @@ class Column:
         self._pad(count)
         self.resize(start + count)
         present = np.frombuffer(self.present, dtype="u1")
-        write_rows(self.is_data_present, start, present)
-        write_rows(self.pulse_id, start, np.where(present != 0, pulse_ids, 0).astype("<i8"))
+        end = start + count
+        write_rows(self.is_data_present, start, present, end)
+        write_rows(self.pulse_id, start, np.where(present != 0, pulse_ids, 0).astype("<i8"), end)
         stamps = np.frombuffer(self.timestamps, dtype=self.ts_order + "i8").reshape(count, 2)
-        write_rows(self.timestamp, start, (stamps[:, 0].astype("<i8") * NS_PER_S + stamps[:, 1]).astype("<i8"))
+        write_rows(self.timestamp, start, (stamps[:, 0].astype("<i8") * NS_PER_S + stamps[:, 1]).astype("<i8"),
+                   end)
         writes = 3 + self._write_values(start, count)
         self.present = bytearray()
         self.timestamps = bytearray()
@@ -243,7 +245,7 @@ class FixedColumn(Column):
         self.values = bytearray()
         n_present = len(values)
         if n_present == count:
-            write_rows(self.data, start, values)
+            write_rows(self.data, start, values, start + count)
             return 1
         if not n_present:
             return 0  # absent throughout: the fill value
@@ -251,14 +253,14 @@ class FixedColumn(Column):
         if count * self.row_nbytes <= DENSE_BLOCK_BYTES:
             block = np.zeros((count, *self.row_shape), dtype=self.dtype)
             block[present] = values
-            write_rows(self.data, start, block)
+            write_rows(self.data, start, block, start + count)
             return 1
         # Large rows: one write per run of consecutive present rows.
         rows = np.flatnonzero(present)
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         writes = 0
         for run, offset in zip(np.split(rows, breaks), np.concatenate([[0], breaks])):
-            write_rows(self.data, start + int(run[0]), values[offset:offset + len(run)])
+            write_rows(self.data, start + int(run[0]), values[offset:offset + len(run)], start + count)
             writes += 1
         return writes
 
@@ -406,16 +408,33 @@ def new_attributes(obj: h5py.HLObject, attributes: dict[str, Any]) -> None:
         h5py.h5a.create(obj.id, key.encode(), type_id, space).write(data)
 
 
-def write_rows(dataset: h5py.Dataset, start: int, rows: np.ndarray) -> None:
-    """Write ``rows`` (first axis = rows) at row ``start`` with h5py's low-level API.
+def write_rows(dataset: h5py.Dataset, start: int, rows: np.ndarray, extent: int) -> None:
+    """Write ``rows`` (first axis = rows) at row ``start`` of a dataset of ``extent`` rows, low-level.
 
     The high-level ``dataset[a:b] = rows`` costs ~150 us of Python per call;
     a block write makes four such calls per channel, 2000 for a 500-channel
-    stream, so this is where the block write's time went.
+    stream, so this is where the block write's time went. The memory and
+    file dataspaces (with the selection) depend only on the shapes, not on
+    the dataset: one pair serves every channel of a block (``_block_spaces``).
     """
-    file_space = dataset.id.get_space()
-    file_space.select_hyperslab((start,) + (0,) * (rows.ndim - 1), rows.shape)
-    dataset.id.write(h5py.h5s.create_simple(rows.shape), file_space, np.ascontiguousarray(rows))
+    memory_space, file_space = _block_spaces(extent, start, rows.shape)
+    dataset.id.write(memory_space, file_space, np.ascontiguousarray(rows))
+
+
+_SPACES: dict[tuple, tuple[Any, Any]] = {}  # (extent, start, rows shape) -> (memory space, file space)
+
+
+def _block_spaces(extent: int, start: int, shape: tuple[int, ...]) -> tuple[Any, Any]:
+    key = (extent, start, shape)
+    spaces = _SPACES.get(key)
+    if spaces is None:
+        if len(_SPACES) >= 64:  # a few shapes per block; older blocks' spaces are not needed again
+            _SPACES.clear()
+        row_shape = shape[1:]
+        file_space = h5py.h5s.create_simple((extent, *row_shape), (h5py.h5s.UNLIMITED, *row_shape))
+        file_space.select_hyperslab((start,) + (0,) * len(row_shape), shape)
+        spaces = _SPACES[key] = (h5py.h5s.create_simple(shape), file_space)
+    return spaces
 
 
 def decode_or_absent(spec: protocol.ChannelSpec, part: Any, name: str) -> Any:
@@ -471,7 +490,7 @@ class ColumnMaker:
             return cls(parent.create_group(name), spec, rows_written)  # type: ignore[call-arg]
         template = self._template(cls, spec)
         h5py.h5o.copy(self._templates.id, template, parent.id, name.encode(), _OBJECT_COPY, _LINK_CREATE)
-        group = parent[name]
+        group = h5py.Group(h5py.h5g.open(parent.id, name.encode()))  # parent[name] first asks what it is
         h5py.h5a.open(group.id, b"name").write(np.array(storable_text(spec.name), dtype=h5py.string_dtype()))
         if spec.display:
             new_attributes(group, {key: attribute_value(list(value) if isinstance(value, tuple) else value)
