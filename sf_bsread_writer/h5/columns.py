@@ -66,19 +66,23 @@ class Column:
         self.present = bytearray()
         self.timestamps = bytearray()
         self.expanded = 0  # bytes held beyond the bytes received (decoded values): see take_expansion
+        # pulse_id, is_data_present, timestamp: only written block-wise, through their low-level ids
+        # (an h5py.Dataset around each costs ~50 us per channel for nothing).
         if copied:  # a copy of a template group (ColumnMaker): the datasets and attributes are there
-            self.data, self.pulse_id, self.is_data_present, self.timestamp = (
-                h5py.Dataset(h5py.h5d.open(group.id, name)) for name in DATASET_NAMES)
+            self.data = h5py.Dataset(h5py.h5d.open(group.id, b"data"))
+            self.pulse_id, self.is_data_present, self.timestamp = (
+                h5py.h5d.open(group.id, name) for name in (b"pulse_id", b"is_data_present", b"timestamp"))
             self._data_row_shape = self.data.shape[1:]
             if rows_written:
                 self.resize(rows_written)
             return
         self.data = self._create_data(group, spec, rows_written)
         self._data_row_shape = self.data.shape[1:]
-        self.pulse_id = row_dataset(group, "pulse_id", rows_written, np.dtype("<i8"))
-        self.is_data_present = row_dataset(group, "is_data_present", rows_written, np.dtype("u1"))
-        self.timestamp = row_dataset(group, "timestamp", rows_written, np.dtype("<i8"))
-        new_attributes(self.timestamp, {"units": "ns since 1970-01-01T00:00:00Z (bsread channel timestamp)"})
+        self.pulse_id = row_dataset(group, "pulse_id", rows_written, np.dtype("<i8")).id
+        self.is_data_present = row_dataset(group, "is_data_present", rows_written, np.dtype("u1")).id
+        timestamp = row_dataset(group, "timestamp", rows_written, np.dtype("<i8"))
+        new_attributes(timestamp, {"units": "ns since 1970-01-01T00:00:00Z (bsread channel timestamp)"})
+        self.timestamp = timestamp.id
         attributes = {key: attribute_value(storable_text(value) if key == "name" else value)
                       for key, value in spec.metadata().items()}
         attributes["storage"] = self.kind
@@ -117,8 +121,8 @@ class Column:
         """Grow or shrink every dataset of the group to ``rows`` rows (they all share axis 0)."""
         # The row shape of data is kept from its creation: h5py's .shape costs ~10 us per call.
         self.data.id.set_extent((rows, *self._data_row_shape))
-        for dataset in (self.pulse_id, self.is_data_present, self.timestamp):
-            dataset.id.set_extent((rows,))
+        for dataset_id in (self.pulse_id, self.is_data_present, self.timestamp):
+            dataset_id.set_extent((rows,))
 
     def drop_pending(self, keep: int) -> None:
         """Forget the pending rows from block row ``keep`` on (``H5File.truncate``)."""
@@ -245,7 +249,7 @@ class FixedColumn(Column):
         self.values = bytearray()
         n_present = len(values)
         if n_present == count:
-            write_rows(self.data, start, values, start + count)
+            write_rows(self.data.id, start, values, start + count)
             return 1
         if not n_present:
             return 0  # absent throughout: the fill value
@@ -253,14 +257,14 @@ class FixedColumn(Column):
         if count * self.row_nbytes <= DENSE_BLOCK_BYTES:
             block = np.zeros((count, *self.row_shape), dtype=self.dtype)
             block[present] = values
-            write_rows(self.data, start, block, start + count)
+            write_rows(self.data.id, start, block, start + count)
             return 1
         # Large rows: one write per run of consecutive present rows.
         rows = np.flatnonzero(present)
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         writes = 0
         for run, offset in zip(np.split(rows, breaks), np.concatenate([[0], breaks])):
-            write_rows(self.data, start + int(run[0]), values[offset:offset + len(run)], start + count)
+            write_rows(self.data.id, start + int(run[0]), values[offset:offset + len(run)], start + count)
             writes += 1
         return writes
 
@@ -408,7 +412,7 @@ def new_attributes(obj: h5py.HLObject, attributes: dict[str, Any]) -> None:
         h5py.h5a.create(obj.id, key.encode(), type_id, space).write(data)
 
 
-def write_rows(dataset: h5py.Dataset, start: int, rows: np.ndarray, extent: int) -> None:
+def write_rows(dataset: h5py.h5d.DatasetID, start: int, rows: np.ndarray, extent: int) -> None:
     """Write ``rows`` (first axis = rows) at row ``start`` of a dataset of ``extent`` rows, low-level.
 
     The high-level ``dataset[a:b] = rows`` costs ~150 us of Python per call;
@@ -418,7 +422,7 @@ def write_rows(dataset: h5py.Dataset, start: int, rows: np.ndarray, extent: int)
     the dataset: one pair serves every channel of a block (``_block_spaces``).
     """
     memory_space, file_space = _block_spaces(extent, start, rows.shape)
-    dataset.id.write(memory_space, file_space, np.ascontiguousarray(rows))
+    dataset.write(memory_space, file_space, np.ascontiguousarray(rows))
 
 
 _SPACES: dict[tuple, tuple[Any, Any]] = {}  # (extent, start, rows shape) -> (memory space, file space)
@@ -457,7 +461,6 @@ def column_class_for(spec: protocol.ChannelSpec, decompress_images: bool = False
     return FixedColumn
 
 
-DATASET_NAMES = (b"data", b"pulse_id", b"is_data_present", b"timestamp")
 _TEMPLATE_NAME = "sf_bsread_template"
 
 
