@@ -187,6 +187,9 @@ def _describe(path: Path) -> dict[str, Any]:
                            filters, repr(values.tolist()), attributes(obj))
         else:
             found[name] = ("group", attributes(obj))
+        parent, _, link = name.rpartition("/")
+        group = obj.file[parent or "/"]  # held: the link proxy does not keep the group's id open
+        found[f"link {name}"] = group.id.links.get_info(link.encode("utf-8")).cset  # ASCII or UTF-8
 
     with h5py.File(path, "r") as f:
         f.visititems(visit)
@@ -209,13 +212,15 @@ def test_channel_groups_copied_from_a_template_equal_groups_made_in_full(tmp_pat
             channel("B", "bool"), dict(channel("U", "float64"), unit="mJ", description="pulse energy",
                                        precision=3),
             dict(channel("E", "uint8"), enum_strings=["off", "on"]), channel("LATE"), channel("NEVER", "int64"),
+            dict(channel("ENERGY-µJ"), description="Ä"), channel("ÄRR", "int16"),
             channel("RETYPED", "float64" if n < 5 else "int16", (1,) if n < 5 else (3,))]
         return chans
 
     def values(n: int) -> list[Any]:
         return [n * 1.5, n * 2.5, -n, n / 3, np.int32(-n * 7), np.arange(7, dtype=np.float32) * n, f"row {n}",
                 image + n, np.arange(5, dtype=np.int16) - n, np.bool_(n % 2), n * 0.1, np.uint8(n % 2),
-                float(n) if n >= 3 else None, None, float(n) if n < 5 else np.array([n, n, n], np.int16)]
+                float(n) if n >= 3 else None, None, n * 0.5, np.int16(n),
+                float(n) if n < 5 else np.array([n, n, n], np.int16)]
 
     def write(path: Path) -> None:
         with H5File(path, {"general/created": "2026-11-30T00:00:00", "general/user": "test"}, block_rows=2,
@@ -229,9 +234,45 @@ def test_channel_groups_copied_from_a_template_equal_groups_made_in_full(tmp_pat
     write(tmp_path / "in_full.h5")
     copied, in_full = _describe(tmp_path / "copied.h5"), _describe(tmp_path / "in_full.h5")
     assert sorted(copied) == sorted(in_full)
-    assert len([name for name in copied if name.startswith("data/") and name.count("/") == 1]) == 15
+    assert len([name for name in copied if name.startswith("data/") and name.count("/") == 1]) == 17
     for name in sorted(in_full):
         assert copied[name] == in_full[name], name
+
+
+def test_a_template_that_cannot_be_made_costs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kind of channel whose template group HDF5 refuses is made in full instead; it must neither lose
+    its values nor block the kinds that come after it (a half-made template once took their names)."""
+    build = columns.ColumnMaker._build_template
+
+    def refuse_int8(self, cls, spec, name):
+        if spec.type == "int8":
+            raise RuntimeError("HDF5 says no")
+        return build(self, cls, spec, name)
+
+    monkeypatch.setattr(columns.ColumnMaker, "_build_template", refuse_int8)
+    chans = [channel("BAD", "int8"), channel("A", "int32"), channel("B", "uint16"), channel("C", "int8")]
+    path = tmp_path / "template.h5"
+    with H5File(path) as h5:
+        for n in range(3):
+            h5.append(message(n, chans, [np.int8(n), np.int32(n), np.uint16(n), np.int8(-n)]))
+    with read(path) as f:
+        assert {name: f[f"data/{name}/data"][:, 0].tolist() for name in ("BAD", "A", "B", "C")} == {
+            "BAD": [0, 1, 2], "A": [0, 1, 2], "B": [0, 1, 2], "C": [0, -1, -2]}
+        assert "refused_channels" not in f.attrs or not len(f.attrs["refused_channels"])
+
+
+def test_display_text_with_nul_or_a_lone_surrogate_keeps_the_channel(tmp_path: Path) -> None:
+    """A description, unit or enum label is the sender's text: one HDF5 cannot store as it is (NUL ends
+    a C string, a lone surrogate is not UTF-8) is stored with U+FFFD there, never at the cost of the values."""
+    odd = dict(channel("X"), description="a\u0000b", unit="m\ud800", enum_strings=["ok", "n\u0000o"])
+    path = tmp_path / "display.h5"
+    with H5File(path) as h5:
+        for n in range(2):
+            h5.append(message(n, [odd], [n * 1.5]))
+    with read(path) as f:
+        assert f["data/X/data"][:, 0].tolist() == [0.0, 1.5]
+        assert f["data/X"].attrs["description"] == "a\ufffdb" and f["data/X"].attrs["unit"] == "m\ufffd"
+        assert list(f["data/X"].attrs["enum_strings"]) == ["ok", "n\ufffdo"]
 
 
 def test_scalar_dataset_is_n_by_1(tmp_path: Path) -> None:

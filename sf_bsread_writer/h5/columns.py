@@ -29,7 +29,7 @@ import numpy as np
 from ..core import protocol
 from .layout import (
     ABSENT_TIMESTAMP, DIRECT_CHUNK_MIN_BYTES, MAX_CHUNK_BYTES, MAX_CHUNK_ROWS, NS_PER_S, STRING_DTYPE,
-    TIMESTAMP_BYTES, attribute_value, channel_signature, chunk_shape, storable_text,
+    TIMESTAMP_BYTES, attribute_value, channel_signature, chunk_shape, storable, storable_text,
 )
 
 __all__ = ["Column", "ColumnMaker", "FixedColumn", "StringColumn", "DirectChunkColumn", "column_class_for",
@@ -83,8 +83,7 @@ class Column:
         timestamp = row_dataset(group, "timestamp", rows_written, np.dtype("<i8"))
         new_attributes(timestamp, {"units": "ns since 1970-01-01T00:00:00Z (bsread channel timestamp)"})
         self.timestamp = timestamp.id
-        attributes = {key: attribute_value(storable_text(value) if key == "name" else value)
-                      for key, value in spec.metadata().items()}
+        attributes = {key: attribute_value(storable(value)) for key, value in spec.metadata().items()}
         attributes["storage"] = self.kind
         new_attributes(group, attributes)
 
@@ -420,6 +419,9 @@ def write_rows(dataset: h5py.h5d.DatasetID, start: int, rows: np.ndarray, extent
     stream, so this is where the block write's time went. The memory and
     file dataspaces (with the selection) depend only on the shapes, not on
     the dataset: one pair serves every channel of a block (``_block_spaces``).
+    ``extent`` must be the dataset's current number of rows (every caller
+    resizes to it just before): HDF5 checks the selection against the file
+    dataspace given, not against the dataset.
     """
     memory_space, file_space = _block_spaces(extent, start, rows.shape)
     dataset.write(memory_space, file_space, np.ascontiguousarray(rows))
@@ -484,34 +486,47 @@ class ColumnMaker:
         self.decompress_images = decompress_images
         self.copies = copies
         self._templates: h5py.File | None = None
-        self._made: dict[tuple, bytes] = {}  # template key -> its group's name in the template file
+        # template key -> its group's name in the template file; None: that kind is made in full
+        self._made: dict[tuple, bytes | None] = {}
+        self._count = 0  # template names are never reused, even after a failed one
 
     def new(self, parent: h5py.Group, name: str, spec: protocol.ChannelSpec, rows_written: int) -> Column:
         """The column of ``spec`` in a new group ``parent[name]``, with ``rows_written`` absent rows."""
         cls = column_class_for(spec, self.decompress_images)
-        if not self.copies:
+        template = self._template(cls, spec) if self.copies else None
+        if template is None:
             return cls(parent.create_group(name), spec, rows_written)  # type: ignore[call-arg]
-        template = self._template(cls, spec)
-        h5py.h5o.copy(self._templates.id, template, parent.id, name.encode(), _OBJECT_COPY, _LINK_CREATE)
-        group = h5py.Group(h5py.h5g.open(parent.id, name.encode()))  # parent[name] first asks what it is
+        link_name = name.encode("utf-8")
+        h5py.h5o.copy(self._templates.id, template, parent.id, link_name, _OBJECT_COPY,
+                      _LINK_CREATE_ASCII if link_name.isascii() else _LINK_CREATE_UTF8)  # as h5py names links
+        group = h5py.Group(h5py.h5g.open(parent.id, link_name))  # parent[name] first asks what it is
         h5py.h5a.open(group.id, b"name").write(np.array(storable_text(spec.name), dtype=h5py.string_dtype()))
         if spec.display:
-            new_attributes(group, {key: attribute_value(list(value) if isinstance(value, tuple) else value)
-                                   for key, value in spec.display})
+            new_attributes(group, {key: attribute_value(storable(value)) for key, value in spec.metadata().items()
+                                   if key in dict(spec.display)})
         return cls(group, spec, rows_written, copied=True)  # type: ignore[call-arg]
 
-    def _template(self, cls: type[Column], spec: protocol.ChannelSpec) -> bytes:
+    def _template(self, cls: type[Column], spec: protocol.ChannelSpec) -> bytes | None:
         key = (cls, spec.type, spec.shape, spec.encoding, spec.compression, spec.modulo, spec.offset)
-        made = self._made.get(key)
-        if made is None:
-            if self._templates is None:
-                self._templates = h5py.File(f"sf_bsread_templates_{id(self)}", "w", driver="core",
-                                            backing_store=False)
-            made = f"t{len(self._made)}".encode()
-            plain = dataclasses.replace(spec, name=_TEMPLATE_NAME, display=())
-            cls(self._templates.create_group(made.decode()), plain, 0)  # type: ignore[call-arg]
-            self._made[key] = made
+        if key in self._made:
+            return self._made[key]
+        if self._templates is None:
+            self._templates = h5py.File(f"sf_bsread_templates_{id(self)}", "w", driver="core", backing_store=False)
+        self._count += 1
+        name = f"t{self._count}"
+        try:
+            self._build_template(cls, spec, name)
+            made: bytes | None = name.encode()
+        except Exception:  # noqa: BLE001 (whatever HDF5 refuses here: this kind is made in full)
+            logger.warning("channel %s: no template for its kind; its groups are made in full", spec.name,
+                           exc_info=True)
+            made = None
+        self._made[key] = made
         return made
+
+    def _build_template(self, cls: type[Column], spec: protocol.ChannelSpec, name: str) -> None:
+        plain = dataclasses.replace(spec, name=_TEMPLATE_NAME, display=())
+        cls(self._templates.create_group(name), plain, 0)  # type: ignore[call-arg,union-attr]
 
     def close(self) -> None:
         if self._templates is not None:
@@ -521,4 +536,6 @@ class ColumnMaker:
 
 
 _OBJECT_COPY = h5py.h5p.create(h5py.h5p.OBJECT_COPY)
-_LINK_CREATE = h5py.h5p.create(h5py.h5p.LINK_CREATE)
+_LINK_CREATE_ASCII = h5py.h5p.create(h5py.h5p.LINK_CREATE)
+_LINK_CREATE_UTF8 = h5py.h5p.create(h5py.h5p.LINK_CREATE)
+_LINK_CREATE_UTF8.set_char_encoding(h5py.h5t.CSET_UTF8)

@@ -423,9 +423,11 @@ class H5File:
             self._slot.check(self._file_fd)  # complete, but where nobody will find it: an error
         finally:
             self._closed = True
-            self._maker.close()
-            self._file.close()
-            self._slot.close()
+            try:
+                self._file.close()
+                self._slot.close()
+            finally:
+                self._maker.close()  # its in-memory templates: after the file, whatever happens there
         logger.info("closed %s: %d rows, %d channels, %d missing pulses",
                     self.path, self.rows, len(self._last_spec), self.missing_pulses)
 
@@ -446,9 +448,9 @@ class H5File:
         try:
             if not self._closed:
                 self._closed = True
-                self._maker.close()
                 self._file.close()
         finally:
+            self._maker.close()
             self._slot.remove()
             self._slot.close()
 

@@ -44,6 +44,7 @@ __all__ = [
     "fixed_string",
     "channel_group_name",
     "channel_of_group",
+    "storable",
     "storable_text",
 ]
 
@@ -190,6 +191,16 @@ def channel_of_group(group_name: str) -> str:
 def storable_text(text: str) -> str:
     """``text`` as an HDF5 string attribute keeps it: lone surrogates and NUL (which ends a C string) become U+FFFD."""
     return _NOT_STORABLE.sub("\ufffd", text)
+
+
+def storable(value: Any) -> Any:
+    """A sender's attribute value with every text in it made storable (:func:`storable_text`): a name, a
+    unit or description, each enum label. Anything else as it is."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, (list, tuple)):
+        return [storable_text(item) if isinstance(item, str) else item for item in value]
+    return value
 
 
 _NOT_STORABLE = re.compile("[\x00\ud800-\udfff]")
