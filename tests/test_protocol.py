@@ -577,6 +577,20 @@ def test_a_malformed_channel_timestamp_costs_the_time_not_the_value() -> None:
         message.channel_timestamp(0)
 
 
+def test_display_text_that_is_not_text_becomes_text_for_every_consumer() -> None:
+    """A sender's unit, description or enum label with NUL or a lone surrogate (valid JSON: "\\u0000",
+    "\\ud800") is no UTF-8 a record field, an HDF5 attribute or a page can hold: the parser hands on
+    U+FFFD there, so no consumer fails on it (the CA gateway's record plan raised UnicodeEncodeError)."""
+    from sf_bsread_writer.core.camapping import ioc_record_for
+
+    spec = ChannelSpec.from_header({"name": "X", "type": "uint8", "unit": "m\ud800", "description": "a\u0000b",
+                                    "enum_strings": ["ok", "n\udfffo"]})
+    assert spec.display_value("unit") == "m\ufffd" and spec.display_value("description") == "a\ufffdb"
+    assert spec.display_value("enum_strings") == ("ok", "n\ufffdo")
+    record = ioc_record_for(spec.type, spec.shape, display=spec.display)
+    assert record.description == "a\ufffdb" and record.enum_strings == ("ok", "n\ufffdo")
+
+
 def test_every_reject_reason_is_tested_and_stable() -> None:
     covered = {case[2] for case in BAD_MESSAGES}
     covered |= {RejectReason.OVERSIZE, RejectReason.VALUE_INVALID, RejectReason.CHANNEL_TIMESTAMP_INVALID}

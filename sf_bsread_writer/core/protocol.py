@@ -57,6 +57,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import struct
 import sys
 import zlib
@@ -459,7 +460,11 @@ class ChannelSpec:
 
 
 def _checked_text(value: Any) -> str | None:
-    return value if type(value) is str and len(value) <= _MAX_DISPLAY_TEXT else None
+    if type(value) is not str or len(value) > _MAX_DISPLAY_TEXT:
+        return None
+    # JSON can carry NUL and lone surrogates ("\u0000", "\ud800"); no record field, HDF5 attribute or
+    # UTF-8 encoder takes them: U+FFFD in their place, here, once for every consumer.
+    return _NOT_TEXT.sub("\ufffd", value)
 
 
 def _checked_precision(value: Any) -> int | None:
@@ -469,9 +474,11 @@ def _checked_precision(value: Any) -> int | None:
 def _checked_strings(value: Any) -> tuple[str, ...] | None:
     if not isinstance(value, (list, tuple)) or len(value) > _MAX_ENUM_STRINGS:
         return None
-    if not all(type(item) is str and len(item) <= _MAX_DISPLAY_TEXT for item in value):
-        return None
-    return tuple(value)
+    checked = tuple(_checked_text(item) for item in value)
+    return None if None in checked else checked  # type: ignore[return-value]
+
+
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
 
 
 _MAX_DISPLAY_TEXT = 256
