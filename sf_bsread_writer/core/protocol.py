@@ -64,7 +64,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Generic, TypeVar, Union
 
 import bitshuffle
 import lz4.block
@@ -80,6 +80,8 @@ __all__ = [
     "ChannelSpec",
     "DataHeader",
     "DataHeaderCache",
+    "PerHeader",
+    "plain_text",
     "Message",
     "MessageParser",
     "parse_main_header",
@@ -462,9 +464,7 @@ class ChannelSpec:
 def _checked_text(value: Any) -> str | None:
     if type(value) is not str or len(value) > _MAX_DISPLAY_TEXT:
         return None
-    # JSON can carry NUL and lone surrogates ("\u0000", "\ud800"); no record field, HDF5 attribute or
-    # UTF-8 encoder takes them: U+FFFD in their place, here, once for every consumer.
-    return _NOT_TEXT.sub("\ufffd", value)
+    return plain_text(value)  # here, once for every consumer of the display metadata
 
 
 def _checked_precision(value: Any) -> int | None:
@@ -476,6 +476,15 @@ def _checked_strings(value: Any) -> tuple[str, ...] | None:
         return None
     checked = tuple(_checked_text(item) for item in value)
     return None if None in checked else checked  # type: ignore[return-value]
+
+
+def plain_text(text: str) -> str:
+    """``text`` with NUL and lone surrogates as U+FFFD.
+
+    JSON can carry both (``"\\u0000"``, ``"\\ud800"``); no EPICS record field,
+    HDF5 string attribute (NUL ends a C string) or UTF-8 encoder takes them.
+    """
+    return _NOT_TEXT.sub("\ufffd", text)
 
 
 _NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
@@ -547,6 +556,34 @@ class DataHeader:
         hashes would go on reading the new parts by the old positions.
         """
         return other is not None and (self is other or self == other)
+
+
+_T = TypeVar("_T")
+
+
+class PerHeader(Generic[_T]):
+    """What a consumer derives from a data header (channel positions, a subset), made once per header.
+
+    Keyed by the header object, as ``DataHeader.same_as`` compares first (the
+    parser's cache hands out one object per header; never by hash: see there).
+    Holds the headers it keys by, so no ``id`` is reused while its entry lives;
+    at most ``max_entries`` (a source changing its header all the time: no growth).
+    """
+
+    def __init__(self, make: Callable[[DataHeader], _T], max_entries: int = 64) -> None:
+        self._make = make
+        self.max_entries = max_entries
+        self._entries: dict[int, tuple[DataHeader, _T]] = {}
+
+    def __call__(self, header: DataHeader) -> _T:
+        entry = self._entries.get(id(header))
+        if entry is not None and entry[0] is header:
+            return entry[1]
+        made = self._make(header)
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[id(header)] = (header, made)
+        return made
 
 
 _DATA_HEADER_SPECS = {compression: ChannelSpec("data_header", "string", compression=compression)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .live import json_safe
-from .protocol import ChannelSpec, Message, decode_value
+from .protocol import ChannelSpec, Message, PerHeader, decode_value
 from .replay_messages import Gap
 
 __all__ = ["RangeQuery", "RangeQueryError", "RangeTooLarge", "RangeLimits", "RangeColumn", "RangeColumns",
@@ -31,7 +31,6 @@ __all__ = ["RangeQuery", "RangeQueryError", "RangeTooLarge", "RangeLimits", "Ran
 
 FORMATS = ("json", "npz", "hdf5")
 MAX_CHANNELS = 1000
-MAX_HEADER_PLANS = 64  # data headers whose channel positions a range keeps at once
 
 
 class RangeQueryError(ValueError):
@@ -244,9 +243,8 @@ class RangeColumns:
         self.columns = {name: RangeColumn(name) for name in self.query.channels}
         self._pulse_ids = array("q")
         self._message_times = array("d")
-        # per data header (by identity, see DataHeader.same_as): (column, channel index or None, its spec or
-        # None) of every requested channel
-        self._plans: dict[int, tuple[Any, list[tuple[RangeColumn, int | None, ChannelSpec | None]]]] = {}
+        # per data header: (column, channel index or None, its spec or None) of every requested channel
+        self._plan = PerHeader(self._make_plan)
 
     @property
     def pulse_ids(self) -> np.ndarray:
@@ -256,17 +254,11 @@ class RangeColumns:
     def message_times(self) -> np.ndarray:
         return np.frombuffer(self._message_times, dtype=np.float64)
 
-    def _plan(self, header: Any) -> list[tuple[RangeColumn, int | None, ChannelSpec | None]]:
-        entry = self._plans.get(id(header))
-        if entry is not None and entry[0] is header:
-            return entry[1]
+    def _make_plan(self, header: Any) -> list[tuple[RangeColumn, int | None, ChannelSpec | None]]:
         plan = []
         for name, column in self.columns.items():
             index = header.index_of(name) if name in header else None
             plan.append((column, index, None if index is None else header.channels[index]))
-        if len(self._plans) >= MAX_HEADER_PLANS:  # a source changing its header all the time: no growth
-            self._plans.clear()
-        self._plans[id(header)] = (header, plan)
         return plan
 
     def add(self, message: Message) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 from ..core import protocol
 from .layout import (
     ABSENT_TIMESTAMP, DIRECT_CHUNK_MIN_BYTES, MAX_CHUNK_BYTES, MAX_CHUNK_ROWS, NS_PER_S, STRING_DTYPE,
-    TIMESTAMP_BYTES, attribute_value, channel_signature, chunk_shape, storable, storable_text,
+    TIMESTAMP_BYTES, attribute_value, channel_signature, chunk_shape, storable,
 )
 
 __all__ = ["Column", "ColumnMaker", "FixedColumn", "StringColumn", "DirectChunkColumn", "column_class_for",
@@ -83,9 +83,7 @@ class Column:
         timestamp = row_dataset(group, "timestamp", rows_written, np.dtype("<i8"))
         new_attributes(timestamp, {"units": "ns since 1970-01-01T00:00:00Z (bsread channel timestamp)"})
         self.timestamp = timestamp.id
-        attributes = {key: attribute_value(storable(value)) for key, value in spec.metadata().items()}
-        attributes["storage"] = self.kind
-        new_attributes(group, attributes)
+        new_attributes(group, {**channel_attributes(spec), "storage": self.kind})
 
     # -- subclass hooks ---------------------------------------------------
     def _create_data(self, group: h5py.Group, spec: protocol.ChannelSpec, rows: int) -> h5py.Dataset:
@@ -390,6 +388,12 @@ def row_dataset(group: h5py.Group, name: str, rows: int, dtype: np.dtype, row_sh
 _STRING_TYPE = h5py.h5t.py_create(h5py.string_dtype(), logical=True)
 
 
+def channel_attributes(spec: protocol.ChannelSpec) -> dict[str, Any]:
+    """The attributes of a channel's group from its data-header entry (name, type, shape ..., display
+    metadata), every text made storable; ``storage`` is added by the column."""
+    return {key: attribute_value(storable(value)) for key, value in spec.metadata().items()}
+
+
 def new_attributes(obj: h5py.HLObject, attributes: dict[str, Any]) -> None:
     """Attributes of an object just created (none of these names exist yet), with the low-level API.
 
@@ -500,10 +504,10 @@ class ColumnMaker:
         h5py.h5o.copy(self._templates.id, template, parent.id, link_name, _OBJECT_COPY,
                       _LINK_CREATE_ASCII if link_name.isascii() else _LINK_CREATE_UTF8)  # as h5py names links
         group = h5py.Group(h5py.h5g.open(parent.id, link_name))  # parent[name] first asks what it is
-        h5py.h5a.open(group.id, b"name").write(np.array(storable_text(spec.name), dtype=h5py.string_dtype()))
+        attributes = channel_attributes(spec)
+        h5py.h5a.open(group.id, b"name").write(np.array(attributes["name"], dtype=h5py.string_dtype()))
         if spec.display:
-            new_attributes(group, {key: attribute_value(storable(value)) for key, value in spec.metadata().items()
-                                   if key in dict(spec.display)})
+            new_attributes(group, {key: attributes[key] for key, _ in spec.display})
         return cls(group, spec, rows_written, copied=True)  # type: ignore[call-arg]
 
     def _template(self, cls: type[Column], spec: protocol.ChannelSpec) -> bytes | None:

@@ -188,9 +188,8 @@ def channel_of_group(group_name: str) -> str:
     return unquote(group_name, encoding="utf-8", errors="surrogatepass")
 
 
-def storable_text(text: str) -> str:
-    """``text`` as an HDF5 string attribute keeps it: lone surrogates and NUL (which ends a C string) become U+FFFD."""
-    return _NOT_STORABLE.sub("\ufffd", text)
+#: ``text`` as an HDF5 string attribute keeps it: lone surrogates and NUL (which ends a C string) become U+FFFD.
+storable_text = protocol.plain_text
 
 
 def storable(value: Any) -> Any:
@@ -202,5 +201,3 @@ def storable(value: Any) -> Any:
         return [storable_text(item) if isinstance(item, str) else item for item in value]
     return value
 
-
-_NOT_STORABLE = re.compile("[\x00\ud800-\udfff]")

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import zmq
 
-from ..core.protocol import DataHeader, Message, MessageParser, ProtocolError
-from ..core.range_query import MAX_HEADER_PLANS, RangeColumns, RangeLimits, RangeQuery, RangeTooLarge
+from ..core.protocol import DataHeader, Message, MessageParser, PerHeader, ProtocolError
+from ..core.range_query import RangeColumns, RangeLimits, RangeQuery, RangeTooLarge
 from ..core.replay_messages import BufferLost, Data, End, Gap, Refused
 from ..transport.replay_client import ReplayClient, ReplayHandshakeError
 
@@ -144,7 +144,7 @@ class Hdf5Range:
         except BaseException:
             remove_range_file(self.path)
             raise
-        self._subsets: dict[int, tuple[DataHeader, _Subset]] = {}  # by header identity (DataHeader.same_as)
+        self._subset = PerHeader(self._make_subset)
 
     def add(self, message: Message) -> None:
         subset = self._subset(message.data_header)
@@ -153,17 +153,10 @@ class Hdf5Range:
             frames += (message.frames[2 + 2 * index], message.frames[3 + 2 * index])
         self._file.append(Message(message.main, subset.header, tuple(frames)))
 
-    def _subset(self, header: DataHeader) -> _Subset:
-        entry = self._subsets.get(id(header))
-        if entry is not None and entry[0] is header:
-            return entry[1]
+    def _make_subset(self, header: DataHeader) -> _Subset:
         indices = tuple(header.index_of(name) for name in self.query.channels if name in header)
-        subset = _Subset(DataHeader(f"{header.hash}/{','.join(self.query.channels)}",
-                                    tuple(header.channels[index] for index in indices)), indices)
-        if len(self._subsets) >= MAX_HEADER_PLANS:  # a source changing its header all the time: no growth
-            self._subsets.clear()
-        self._subsets[id(header)] = (header, subset)
-        return subset
+        return _Subset(DataHeader(f"{header.hash}/{','.join(self.query.channels)}",
+                                  tuple(header.channels[index] for index in indices)), indices)
 
     def close(self, columns: RangeColumns) -> str:
         for gap in columns.missing:
