@@ -235,6 +235,10 @@ BUFFER_OPTIONS: list[Option] = [
            "With --web: file of access tokens, one per line (re-read on SIGHUP).", metavar="FILE"),
     Option("web_max_rate", ("--web-max-rate",), 10.0, float,
            "With --web: most messages per second passed to the web service, so the fastest live update."),
+    Option("web_allow_origins", ("--web-allow-origin",), [], str,
+           "With --web: a web page origin (scheme://host[:port]) besides the service's own whose websockets are "
+           "accepted (repeatable, or comma separated); see --allow-origin of sf_bsread_web.",
+           kind="list", metavar="ORIGIN"),
     _log_option,
     Option("max_clock_skew", ("--max-clock-skew",), MAX_CLOCK_SKEW, float,
            "Seconds a source's global timestamp may differ from the receive time; beyond (or when absent) "
@@ -337,6 +341,12 @@ WEB_OPTIONS: list[Option] = [
            "Most bytes of values one /api/v1/range request may collect (413 beyond)."),
     Option("range_timeout", ("--range-timeout",), 30.0, float,
            "Seconds a /api/v1/range request may take (504 beyond; a range reaching into the future waits)."),
+    Option("allow_origins", ("--allow-origin",), [], str,
+           "A web page origin (scheme://host[:port], e.g. https://status.psi.ch) besides the service's own whose "
+           "websockets are accepted (repeatable, or comma separated). A browser sends a page's origin with its "
+           "websocket: one from any other site is refused (403), so that another site's page cannot use a token "
+           "the browser holds. Clients that send no Origin (programs) are not affected.",
+           kind="list", metavar="ORIGIN"),
     Option("listen_fd", ("--listen-fd",), None, int,
            "Serve on this inherited listening TCP socket instead of binding --bind/--port (the buffer's --web "
            "passes its own, so that the port stays its while the service restarts)."),
@@ -427,6 +437,27 @@ def markdown_reference() -> str:
 
 if __name__ == "__main__":
     print(markdown_reference(), end="")
+
+
+_ORIGIN = re.compile(r"https?://[a-z0-9.\-\[\]:]+", re.ASCII)
+
+
+def parse_origins(values: Sequence[str]) -> tuple[str, ...]:
+    """``--allow-origin`` values (each may be a comma list) as normalised origins; ValueError names a bad one.
+
+    An origin is what a browser sends: ``scheme://host[:port]``, lower case, no path, no ``*``.
+    """
+    origins = []
+    for value in values:
+        for item in value.split(","):
+            origin = item.strip().lower().rstrip("/")
+            if not origin:
+                continue
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{item.strip()!r} is not an origin: give scheme://host[:port], "
+                                 "e.g. https://status.example.org")
+            origins.append(origin)
+    return tuple(dict.fromkeys(origins))
 
 
 def is_loopback(host: str) -> bool:

@@ -180,8 +180,9 @@ def test_range_columns_hold_rows_gaps_and_their_limits():
     assert every["pulse_id"].tolist() == [10, 11, 12] and every["is_data_present"].tolist() == [True, False, False]
     assert every["data"].tolist() == [[10], [0], [0]]  # n x 1, as the writer's scalar datasets
     assert columns.arrays("WAVE")["data"].shape == (3, 4)
-    assert columns.missing == [{"first_pulse_id": 8, "last_pulse_id": 9, "reason": "before_buffer", "count": 2},
-                               {"channel": "NONE", "reason": "no_value_in_range"}]
+    # NONE is in no data header of the range: unknown (misspelt?), named apart, not "no value in range".
+    assert columns.missing == [{"first_pulse_id": 8, "last_pulse_id": 9, "reason": "before_buffer", "count": 2}]
+    assert columns.unknown == ["NONE"] and columns.known == ["A", "EVERY10", "WAVE"]
     small = RangeColumns(query, RangeLimits(max_bytes=30))
     small.add(message(10))  # 8 + 4 + 16 bytes of values
     with pytest.raises(RangeTooLarge, match="30 bytes"):
@@ -230,8 +231,10 @@ def test_range_columns_equal_the_per_value_decoding_of_every_kind_of_channel():
         document = json.loads(json.dumps(as_json(columns)))
         with np.load(__import__("io").BytesIO(as_npz(columns))) as npz:
             arrays = {key: npz[key] for key in npz.files}
-        assert document["missing"] == [{"channel": "NEVER", "reason": "no_value_in_range"}]
-        for name in names:
+        # NEVER is in no data header: unknown, without a column (in json and npz alike).
+        assert document["missing"] == [] and document["unknown"] == ["NEVER"] and "NEVER" not in document["channels"]
+        assert json.loads(str(arrays["unknown"])) == ["NEVER"] and "NEVER/data" not in arrays
+        for name in [name for name in names if name != "NEVER"]:
             got = document["channels"][name]
             want_present, want_data, want_stamps = [], [], []
             for m in messages:
@@ -311,3 +314,27 @@ def test_an_image_becomes_a_small_colour_mapped_png():
     assert (autoscale(np.full((4, 4), 7.0)) == 0).all()
     with pytest.raises(ValueError, match="2 dimensions"):
         render_png(np.zeros(5))
+
+
+def test_range_queries_refuse_hostile_values_and_ranges_that_cannot_complete():
+    """Pure: the bounds of every range parameter, and ranges too far ahead of the newest pulse or of now."""
+    limits = RangeLimits(max_pulses=1000)
+    for params, fix in (({"channels": "A", "start_pulse_id": str(2**63), "stop_pulse_id": str(2**63)}, "2\\*\\*63"),
+                        ({"channels": "A", "start_pulse_id": "+5", "stop_pulse_id": "6"}, "integer pulse id"),
+                        ({"channels": "A", "start_pulse_id": "\u0661", "stop_pulse_id": "\u0662"}, "integer pulse id"),
+                        ({"channels": "A", "start_time": "1e999", "stop_time": "1e999"}, "seconds since 1970"),
+                        ({"channels": "A", "start_time": " 1", "stop_time": "2"}, "seconds since 1970"),
+                        ({"channels": "A", "start_time": "1", "stop_time": "2", "fromat": "npz"}, "unknown parameter"),
+                        ({"channels": "A" * 257, "start_time": "1", "stop_time": "2"}, "256")):
+        with pytest.raises(RangeQueryError, match=fix):
+            parse_range_query(params, limits)
+    by_pulse = {"channels": "A", "start_pulse_id": "5000", "stop_pulse_id": "5999"}
+    assert parse_range_query(by_pulse, limits, newest_pulse_id=5000).stop_pulse_id == 5999  # 999 ahead: waits
+    with pytest.raises(RangeQueryError, match="after the newest pulse id"):
+        parse_range_query(by_pulse, limits, newest_pulse_id=4000)
+    by_time = {"channels": "A", "start_time": "100", "stop_time": "140"}
+    assert parse_range_query(by_time, limits, now=120.0, max_wait=30.0).stop_time == 140.0
+    with pytest.raises(RangeQueryError, match="in the future"):
+        parse_range_query(by_time, limits, now=100.0, max_wait=30.0)
+    assert parse_range_query({"channels": "A", "start_time": "1.7e9", "stop_time": "1700000000.25"},
+                             limits).start_time == 1.7e9

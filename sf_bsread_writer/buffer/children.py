@@ -141,7 +141,7 @@ def reachable_locally(address: str) -> str:
 
 def web_command(feed: str, status_url: str, replay: str, *, port: int, bind: str, tokens: str | None,
                 max_rate: float, log_level: str = "INFO", parent_pid: int | None = None,
-                listen_fd: int | None = None) -> list[str]:
+                listen_fd: int | None = None, allow_origins: Sequence[str] = ()) -> list[str]:
     """The command line that runs the web service (``python -m sf_bsread_writer.web ...``)."""
     command = [sys.executable, "-m", "sf_bsread_writer.web", feed, "--status-url", reachable_locally(status_url),
                "--replay", reachable_locally(replay), "--port", str(port), "--bind", bind,
@@ -150,6 +150,8 @@ def web_command(feed: str, status_url: str, replay: str, *, port: int, bind: str
         command += ["--tokens", os.path.abspath(tokens)]
     if parent_pid:
         command += ["--parent-pid", str(parent_pid)]
+    for origin in allow_origins:
+        command += ["--allow-origin", origin]
     if listen_fd is not None:
         command += ["--listen-fd", str(listen_fd)]
     return command
@@ -157,7 +159,8 @@ def web_command(feed: str, status_url: str, replay: str, *, port: int, bind: str
 
 def start_web(feed: str, status_url: str | None, replay: str | None, *, port: int, bind: str,
               tokens: str | None, max_rate: float, log_level: str = "INFO",
-              env: dict[str, str] | None = None, listen_fd: int | None = None) -> ChildSupervisor:
+              env: dict[str, str] | None = None, listen_fd: int | None = None,
+              allow_origins: Sequence[str] = ()) -> ChildSupervisor:
     """Start the web service for a buffer's ``--web`` and keep it running; call ``.stop()`` at shutdown.
 
     ``listen_fd``: the buffer's listening socket on the web port, inherited by every start (see
@@ -166,5 +169,6 @@ def start_web(feed: str, status_url: str | None, replay: str | None, *, port: in
     if status_url is None or replay is None:
         raise ValueError("--web needs the buffer's HTTP status (--rest-port) and replay endpoint")
     command = web_command(feed, status_url, replay, port=port, bind=bind, tokens=tokens, max_rate=max_rate,
-                          log_level=log_level, parent_pid=os.getpid(), listen_fd=listen_fd)
+                          log_level=log_level, parent_pid=os.getpid(), listen_fd=listen_fd,
+                          allow_origins=allow_origins)
     return ChildSupervisor(command, env=env, pass_fds=() if listen_fd is None else (listen_fd,)).start()

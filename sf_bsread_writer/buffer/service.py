@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 from argparse import Namespace
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -132,6 +132,7 @@ class Buffer:
                  analyzer: bool = False, ca: bool = False, ca_prefix: str = "", ca_max_rate: float = 10.0,
                  web: bool = False, web_port: int = 8891, web_bind: str = config.DEFAULT_BIND,
                  web_tokens: str | None = None, web_max_rate: float = 10.0,
+                 web_allow_origins: Sequence[str] = (),
                  max_writers: int = 16, replay_inflight_bytes: int = 64 * 1024**2,
                  session_timeout: float = 10.0, heartbeat_interval: float = 1.0,
                  snapshot_interval: float = 0.25, print_ready: bool = False, log_level: str = "INFO",
@@ -148,6 +149,7 @@ class Buffer:
             raise ValueError("ca_max_rate must be positive")
         if web and web_max_rate <= 0:
             raise ValueError("web_max_rate must be positive")
+        self.web_allow_origins = config.parse_origins(web_allow_origins)  # ValueError names a bad one
         if web and not web_tokens and not is_loopback(web_bind):
             raise ValueError(f"--web-bind {web_bind} reaches other hosts: give --web-tokens FILE (one token per line)")
         if max_writers < 1 or replay_inflight_bytes < 1:
@@ -586,7 +588,7 @@ class Buffer:
             self._children["web"] = (children.start_web(
                 self._web_feed.address, self.rest_url, self.replay_address, port=self.web_port, bind=self.web_bind,
                 tokens=self.web_tokens, max_rate=self.web_max_rate, log_level=self.log_level,
-                listen_fd=self._web_listener.fileno() if self._web_listener is not None else None))
+                allow_origins=self.web_allow_origins, listen_fd=self._web_listener.fileno() if self._web_listener is not None else None))
 
     def _stop_children(self) -> None:
         for child in self._children.values():

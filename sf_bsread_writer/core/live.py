@@ -110,6 +110,14 @@ class LatestValues:
     def get(self, name: str) -> ChannelValue | None:
         return self._values.get(name)
 
+    def unknown(self, names: Sequence[str]) -> list[str]:
+        """The names not in the stream's newest data header (misspelt, or not sent now); [] before any message
+        (nothing is known then)."""
+        if self.message is None:
+            return []
+        header = self.message.data_header
+        return [name for name in names if name not in header]
+
     @property
     def channels(self) -> Sequence[Any]:
         """The channel specs of the newest data header (empty before the first message)."""
@@ -182,9 +190,16 @@ class ClientFeed:
     def subscribe(self, channels: Any, max_rate: Any, now: float) -> list[str]:
         """Add (or re-rate) subscriptions; returns the channel names. Raises SubscriptionError."""
         names = _channel_names(channels)
-        if max_rate is not None and (isinstance(max_rate, bool) or not isinstance(max_rate, (int, float))
-                                     or not max_rate > 0 or not math.isfinite(max_rate)):
-            raise SubscriptionError(f"max_rate {max_rate!r} is not a positive number of updates per second")
+        if max_rate is not None:
+            # float() of a JSON integer of hundreds of digits overflows: that is not a rate either.
+            try:
+                rate = float(max_rate) if isinstance(max_rate, (int, float)) and not isinstance(max_rate, bool) \
+                    else math.nan
+            except OverflowError:
+                rate = math.inf
+            if not (rate > 0 and math.isfinite(rate)):
+                raise SubscriptionError(f"max_rate {repr(max_rate)[:40]} is not a positive number of updates "
+                                        "per second")
         if len(set(self.subscriptions) | set(names)) > MAX_SUBSCRIPTIONS:
             raise SubscriptionError(f"more than {MAX_SUBSCRIPTIONS} subscriptions on one socket")
         for name in names:

@@ -10,10 +10,24 @@ Bounds, so that no request can take the service's memory: the pulse-id span
 (``stop - start + 1``) is checked before anything is fetched; messages and
 value bytes while collecting. Over a bound: :class:`RangeTooLarge` (HTTP
 413, with the limit in its message).
+
+Every parameter is untrusted text: pulse ids are plain decimal ASCII below
+2**63 (the replay protocol's and the file's range), times plain decimal
+numbers of seconds, channel names 1..256 characters; an unknown or repeated
+parameter is refused (a misspelt ``fromat=npz`` would otherwise be ignored).
+A range that cannot complete within the request's time because it lies too
+far in the future (given the newest pulse id and ``now``) is refused before a
+replay session is opened, so that no such request holds one of the service's
+few range slots until it times out.
+
+Channels: a requested name that is in no data header of the replayed
+messages is *unknown* (:attr:`RangeColumns.unknown`, e.g. misspelt): it gets
+no column, and the answer names it.
 """
 from __future__ import annotations
 
 import math
+import re
 import sys
 from array import array
 from collections.abc import Mapping
@@ -22,15 +36,21 @@ from typing import Any
 
 import numpy as np
 
-from .live import json_safe
+from .live import MAX_CHANNEL_NAME, json_safe
 from .protocol import ChannelSpec, Message, PerHeader, decode_value
 from .replay_messages import Gap
 
 __all__ = ["RangeQuery", "RangeQueryError", "RangeTooLarge", "RangeLimits", "RangeColumn", "RangeColumns",
-           "parse_range_query", "FORMATS"]
+           "parse_range_query", "FORMATS", "PARAMETERS", "PULSE_ID_LIMIT"]
 
 FORMATS = ("json", "npz", "hdf5")
 MAX_CHANNELS = 1000
+#: Pulse ids are signed 64-bit in the replay protocol and in the file.
+PULSE_ID_LIMIT = 2**63
+#: The query parameters of a range (``token``: the browser's way to send the token).
+PARAMETERS = ("channels", "start_pulse_id", "stop_pulse_id", "start_time", "stop_time", "format", "token")
+_DECIMAL = re.compile(r"[0-9]{1,19}", re.ASCII)
+_SECONDS = re.compile(r"[0-9]{1,15}(\.[0-9]{0,20})?([eE][+-]?[0-9]{1,3})?", re.ASCII)
 
 
 class RangeQueryError(ValueError):
@@ -63,38 +83,54 @@ def _integer(params: Mapping[str, str], key: str) -> int | None:
     text = params.get(key)
     if text is None or text == "":
         return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise RangeQueryError(f"{key}={text!r} is not an integer pulse id") from None
-    if value < 0:
-        raise RangeQueryError(f"{key}={text!r}: pulse ids are >= 0")
-    return value
+    if not _DECIMAL.fullmatch(text) or int(text) >= PULSE_ID_LIMIT:
+        raise RangeQueryError(f"{key}={text[:40]!r} is not an integer pulse id: decimal digits, 0 <= pulse id < 2**63")
+    return int(text)
 
 
 def _seconds(params: Mapping[str, str], key: str) -> float | None:
     text = params.get(key)
     if text is None or text == "":
         return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise RangeQueryError(f"{key}={text!r} is not a time in seconds since 1970 (e.g. 1700000000.25)") from None
-    if not math.isfinite(value) or value < 0:
-        raise RangeQueryError(f"{key}={text!r} is not a time in seconds since 1970")
+    value = float(text) if _SECONDS.fullmatch(text) else math.nan
+    if not math.isfinite(value):
+        raise RangeQueryError(f"{key}={text[:40]!r} is not a time in seconds since 1970 (e.g. 1700000000.25)")
     return value
 
 
-def parse_range_query(params: Mapping[str, str], limits: RangeLimits) -> RangeQuery:
-    """The query of ``GET /api/v1/range``; raises RangeQueryError (400) or RangeTooLarge (413)."""
+def _single_values(params: Mapping[str, str] | Any) -> dict[str, str]:
+    """The query as one value per known parameter; RangeQueryError for an unknown or repeated one."""
+    pairs = list(params.items())  # a MultiDict's items() has every occurrence
+    values: dict[str, str] = {}
+    for key, value in pairs:
+        if key not in PARAMETERS:
+            raise RangeQueryError(f"unknown parameter {key[:40]!r}: a range takes {', '.join(PARAMETERS[:-1])}")
+        if key in values:
+            raise RangeQueryError(f"{key} is given more than once")
+        values[key] = value
+    return values
+
+
+def parse_range_query(params: Mapping[str, str], limits: RangeLimits, *, newest_pulse_id: int | None = None,
+                      now: float | None = None, max_wait: float | None = None) -> RangeQuery:
+    """The query of ``GET /api/v1/range``; raises RangeQueryError (400) or RangeTooLarge (413).
+
+    ``newest_pulse_id`` (the newest pulse the service has seen, if any), ``now`` (seconds since 1970) and
+    ``max_wait`` (the request's timeout): a range whose end cannot arrive in time is refused (400) here,
+    not after holding a replay session for ``max_wait``. A pulse-id range may end at most
+    ``limits.max_pulses`` after the newest pulse id.
+    """
+    params = _single_values(params)
     names = [name for name in (params.get("channels") or "").split(",") if name]
     if not names:
         raise RangeQueryError("channels=A,B is required: the channel names, comma separated")
     if len(names) > MAX_CHANNELS:
         raise RangeTooLarge(f"{len(names)} channels asked; at most {MAX_CHANNELS} per request")
+    if any(len(name) > MAX_CHANNEL_NAME for name in names):
+        raise RangeQueryError(f"a channel name is longer than {MAX_CHANNEL_NAME} characters")
     fmt = params.get("format") or "json"
     if fmt not in FORMATS:
-        raise RangeQueryError(f"format={fmt!r} is not one of {', '.join(FORMATS)}")
+        raise RangeQueryError(f"format={fmt[:40]!r} is not one of {', '.join(FORMATS)}")
     start_pulse_id, stop_pulse_id = _integer(params, "start_pulse_id"), _integer(params, "stop_pulse_id")
     start_time, stop_time = _seconds(params, "start_time"), _seconds(params, "stop_time")
     by_pulse = start_pulse_id is not None or stop_pulse_id is not None
@@ -110,11 +146,18 @@ def parse_range_query(params: Mapping[str, str], limits: RangeLimits) -> RangeQu
         if span > limits.max_pulses:
             raise RangeTooLarge(f"the range spans {span} pulse ids; at most {limits.max_pulses} per request "
                                 "(ask for several smaller ranges)")
+        if newest_pulse_id is not None and stop_pulse_id > newest_pulse_id + limits.max_pulses:
+            raise RangeQueryError(f"stop_pulse_id {stop_pulse_id} is {stop_pulse_id - newest_pulse_id} pulse ids "
+                                  f"after the newest pulse id ({newest_pulse_id}): a past range ends at most "
+                                  f"{limits.max_pulses} after it")
     else:
         if start_time is None or stop_time is None:
             raise RangeQueryError("give both start_time and stop_time")
         if stop_time < start_time:
             raise RangeQueryError(f"stop_time {stop_time} is before start_time {start_time}")
+        if now is not None and max_wait is not None and stop_time > now + max_wait:
+            raise RangeQueryError(f"stop_time {stop_time:.3f} is {stop_time - now:.3g} s in the future: the range "
+                                  f"cannot complete within the {max_wait:g} s a request may take")
     return RangeQuery(tuple(dict.fromkeys(names)), start_pulse_id, stop_pulse_id, start_time, stop_time, fmt)
 
 
@@ -241,6 +284,7 @@ class RangeColumns:
 
     def __post_init__(self) -> None:
         self.columns = {name: RangeColumn(name) for name in self.query.channels}
+        self._in_stream: set[str] = set()  # requested names found in a data header of the range
         self._pulse_ids = array("q")
         self._message_times = array("d")
         # per data header: (column, channel index or None, its spec or None) of every requested channel
@@ -258,6 +302,8 @@ class RangeColumns:
         plan = []
         for name, column in self.columns.items():
             index = header.index_of(name) if name in header else None
+            if index is not None:
+                self._in_stream.add(name)
             plan.append((column, index, None if index is None else header.channels[index]))
         return plan
 
@@ -325,11 +371,27 @@ class RangeColumns:
         self.missing.append({"first_pulse_id": gap.first_pulse_id, "last_pulse_id": gap.last_pulse_id,
                              "reason": gap.reason, "count": gap.count})
 
+    @property
+    def unknown(self) -> list[str]:
+        """Requested names in no data header of the range (misspelt, or not in the stream then), in request
+        order; empty when no message came (then nothing can be said: see ``missing``)."""
+        if not self.messages:
+            return []
+        return [name for name in self.columns if name not in self._in_stream]
+
+    @property
+    def known(self) -> list[str]:
+        """The requested names that are not :attr:`unknown`: the columns of the answer."""
+        unknown = set(self.unknown)
+        return [name for name in self.columns if name not in unknown]
+
     def finish(self) -> None:
-        """Channels without a single value in the range are listed in ``missing`` too (``no_value_in_range``)."""
+        """Known channels without a single value in the range are listed in ``missing`` too
+        (``no_value_in_range``); unknown ones are named in :attr:`unknown` instead."""
+        unknown = set(self.unknown)
         for name, column in self.columns.items():
             column.rows = self.messages
-            if not column.has_value:
+            if not column.has_value and name not in unknown:
                 self.missing.append({"channel": name, "reason": "no_value_in_range"})
 
     def timestamps(self, name: str) -> np.ndarray:

@@ -19,6 +19,7 @@ import argparse
 import getpass
 import json
 import logging
+import os
 import queue
 import re
 import subprocess
@@ -65,7 +66,7 @@ class BufferRef:
         try:
             answer = requests.get(self.rest + "/statistics", timeout=HTTP_TIMEOUT)
             return BufferStatus.from_json(answer.json()["statistics"])
-        except (requests.RequestException, ValueError, KeyError) as error:
+        except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError) as error:
             raise CtlError(f"buffer {self.name} does not answer at {self.rest}: {error}") from None
 
 
@@ -245,13 +246,15 @@ def range_of(status: BufferStatus, since: str | None, last: int | None) -> tuple
 # The commands
 # --------------------------------------------------------------------------
 def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any:
+    """A rich table of plain text: names and paths come from files and buffers, never read as markup."""
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title)
+    table = Table(title=Text(title))
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*["-" if value is None else str(value) for value in row])
+        table.add_row(*[Text("-" if value is None else str(value)) for value in row])
     return table
 
 
@@ -276,27 +279,41 @@ def _status_rows(status: BufferStatus) -> list[tuple[str, Any]]:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    entries = registry.entries()
+    """Every live entry of every registry directory; files that are not entries are named in one line."""
+    listing = registry.scan()
+    if listing.skipped:
+        print(f"sf_bsread_ctl: skipped {len(listing.skipped)} file(s) that are not registry entries: "
+              + "; ".join(f"{item.path} ({item.reason})" for item in listing.skipped), file=sys.stderr)
+    entries = listing.entries
     if args.json:
-        print(json.dumps([entry.to_json() for entry in entries]))
+        print(json.dumps([{**entry.to_json(), "path": entry.path} for entry in entries]))
         return 0
+    several = len(listing.directories) > 1  # then say which directory each entry came from
+
+    def where(entry: registry.Entry) -> tuple[Any, ...]:
+        return (os.path.dirname(entry.path),) if several else ()
+
     rows = []
     writers = [entry for entry in entries if entry.kind == "writer"]
     for entry in entries:
         if entry.kind != "buffer":
             continue
         try:
-            status = BufferRef(entry.name, entry.endpoints.get("rest", ""), None, None).statistics()
+            status = BufferRef(entry.name, entry.endpoints.get("rest") or "", None, None).statistics()
             ring = status.ring
             rows.append((entry.name, entry.pid, status.describe(), f"{status.rates.messages_per_second:.1f}",
                          f"{ring.look_back_seconds:.1f} s" if ring.look_back_seconds is not None else None,
-                         status.channels, status.replay.active_sessions, entry.endpoints.get("rest")))
+                         status.channels, status.replay.active_sessions, entry.endpoints.get("rest"),
+                         *where(entry)))
         except CtlError:
-            rows.append((entry.name, entry.pid, "not answering", None, None, None, None, entry.endpoints.get("rest")))
-    _print(_table(f"buffers on this host ({registry.runtime_directory()})",
-                  ("name", "pid", "state", "msg/s", "look-back", "channels", "writers", "HTTP"), rows))
-    _print(_table("writers", ("file", "pid", "buffer", "REST"),
-                  [(w.details.get("output_file"), w.pid, w.details.get("buffer"), w.endpoints.get("rest"))
+            rows.append((entry.name, entry.pid, "not answering", None, None, None, None, entry.endpoints.get("rest"),
+                         *where(entry)))
+    directory_column = ("registry",) if several else ()
+    _print(_table(f"buffers on this host ({', '.join(str(path) for path in listing.directories)})",
+                  ("name", "pid", "state", "msg/s", "look-back", "channels", "writers", "HTTP", *directory_column),
+                  rows))
+    _print(_table("writers", ("file", "pid", "buffer", "REST", *directory_column),
+                  [(w.details.get("output_file"), w.pid, w.details.get("buffer"), w.endpoints.get("rest"), *where(w))
                    for w in writers]))
     return 0
 

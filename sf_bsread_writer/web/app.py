@@ -23,10 +23,13 @@ from aiohttp import web
 
 from .. import process
 from ..core.image import render_png
+from ..core.jsontext import JsonError
+from ..core.jsontext import loads as strict_json
 from ..core.live import ClientFeed, SubscriptionError, value_document
 from ..core.range_query import RangeQueryError, RangeTooLarge, parse_range_query
 from ..core.status import BufferStatus
 from . import ranges
+from .auth import origin_allowed
 from .state import WebService
 
 __all__ = ["make_app"]
@@ -39,6 +42,7 @@ PNG_MAX_SIDE = 512
 STATUS_TIMEOUT_SECONDS = 3.0
 FILE_CHUNK_BYTES = 1024 * 1024
 MAX_CLIENT_MESSAGE_BYTES = 64 * 1024  # a subscribe of thousands of channel names fits
+MAX_CLIENT_MESSAGE_DEPTH = 4  # {"op": ..., "channels": [...]} is 2 deep
 
 
 def _error(status: int, text: str, **extra: Any) -> web.Response:
@@ -64,6 +68,9 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
                                "(websockets from a browser: ?token=<token>)")
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
+    repeated = _repeated_parameter(request)
+    if repeated is not None:
+        return _error(400, f"parameter {repeated[:40]!r} is given more than once")
     try:
         return await handler(request)
     except web.HTTPException as error:
@@ -75,6 +82,19 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
     except Exception as error:  # a bug: this request fails, visibly, and the service serves on
         logger.exception("%s %s failed", request.method, request.path)  # not path_qs: it may hold ?token=
         return _error(500, f"internal error: {type(error).__name__}: {error} (logged by the service)")
+
+
+def _repeated_parameter(request: web.Request) -> str | None:
+    """A query parameter given twice (which one counts would be a guess): its name, else None."""
+    keys = [key for key, _ in request.query.items()]  # every occurrence (a MultiDict's keys() has each once)
+    if len(keys) == len(set(keys)):
+        return None
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
 
 
 def make_app(service: WebService) -> web.Application:
@@ -202,8 +222,11 @@ def _count(service: WebService, outcome: str) -> None:
 async def _range(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE_KEY]
     settings = service.settings
+    newest = service.latest.message
     try:
-        query = parse_range_query(request.query, settings.limits)
+        query = parse_range_query(request.query, settings.limits,
+                                  newest_pulse_id=newest.pulse_id if newest is not None else None,
+                                  now=time.time(), max_wait=settings.range_timeout)
     except RangeQueryError as error:
         _count(service, "bad_request")
         return _error(400, str(error))
@@ -242,7 +265,15 @@ async def _serve_range(request: web.Request, service: WebService, query: Any) ->
     except ranges.RangeFailed as error:
         _count(service, "failed")
         return _error(502, str(error))
+    unknown = columns.unknown
+    if unknown and not columns.known:  # nothing asked is in the stream: a misspelling, most likely
+        if query.format == "hdf5":
+            ranges.remove_range_file(path)
+        _count(service, "unknown_channels")
+        return _error(404, f"no channel asked is in the stream during the range: {', '.join(unknown)[:2000]}; "
+                           "GET /api/v1/channels lists the stream's channels", unknown=unknown)
     _count(service, ranges.outcome(columns))
+    unknown_header = _unknown_header(unknown)
     if query.format == "json":  # encoded in a worker: a large range must not stall the websockets' loop
         body = await asyncio.to_thread(_json_bytes, columns)
         del columns
@@ -251,9 +282,26 @@ async def _serve_range(request: web.Request, service: WebService, query: Any) ->
         body = await asyncio.to_thread(ranges.as_npz, columns)
         del columns
         return await _send_body(request, body, {"Content-Type": "application/octet-stream",
-                                                "Content-Disposition": 'attachment; filename="range.npz"'})
+                                                "Content-Disposition": 'attachment; filename="range.npz"',
+                                                **unknown_header})
     del columns
-    return await _stream_file(request, path)
+    return await _stream_file(request, path, unknown_header)
+
+
+MAX_UNKNOWN_HEADER = 4096  # HTTP clients refuse headers of more than ~8 KiB
+
+
+def _unknown_header(unknown: list[str]) -> dict[str, str]:
+    """npz and hdf5 carry no JSON answer: the unknown names in headers, as JSON (ASCII: json escapes the rest).
+
+    ``X-Unknown-Channels-Count`` is the number; the list holds as many names as fit 4 KiB (npz: all of them
+    in its ``unknown`` array)."""
+    if not unknown:
+        return {}
+    shown = list(unknown)
+    while len(json.dumps(shown)) > MAX_UNKNOWN_HEADER:
+        shown = shown[:len(shown) // 2]
+    return {"X-Unknown-Channels": json.dumps(shown), "X-Unknown-Channels-Count": str(len(unknown))}
 
 
 def _json_bytes(columns: Any) -> bytes:
@@ -272,12 +320,12 @@ async def _send_body(request: web.Request, body: bytes, headers: dict[str, str])
     return response
 
 
-async def _stream_file(request: web.Request, path: str) -> web.StreamResponse:
+async def _stream_file(request: web.Request, path: str, headers: dict[str, str]) -> web.StreamResponse:
     """The HDF5 file in chunks, then removed (whether or not the client read it to the end)."""
     try:
         response = web.StreamResponse(headers={"Content-Type": "application/x-hdf5",
                                                "Content-Disposition": 'attachment; filename="range.h5"',
-                                               "Content-Length": str(os.path.getsize(path))})
+                                               "Content-Length": str(os.path.getsize(path)), **headers})
         await response.prepare(request)
         with open(path, "rb") as file:
             while chunk := file.read(FILE_CHUNK_BYTES):
@@ -295,6 +343,12 @@ async def _stream_file(request: web.Request, path: str) -> web.StreamResponse:
 # --------------------------------------------------------------------------
 async def _websocket(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE_KEY]
+    own_origin = f"{request.scheme}://{request.host}"
+    if not origin_allowed(request.headers.get("Origin"), own_origin, service.settings.allow_origins):
+        service.counters.origin_refused += 1
+        return _error(403, f"websockets from a page of {request.headers.get('Origin', '')[:100]!r} are not "
+                           f"accepted: only from {own_origin} (this service's own pages) and the origins given "
+                           "with --allow-origin (--web-allow-origin on the buffer)")
     if len(service.hub.clients) >= service.settings.max_clients:
         return _error(503, f"{service.settings.max_clients} websocket clients are connected; try again later")
     socket = web.WebSocketResponse(heartbeat=service.settings.heartbeat_seconds,
@@ -326,28 +380,37 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
 
 
 def _handle(service: WebService, client: ClientFeed, text: str) -> None:
-    """One client message: subscribe, unsubscribe, ping; anything else an error answer."""
+    """One client message: subscribe, unsubscribe, status, ping; anything else an error answer.
+
+    Parsed strictly and bounded (``core.jsontext``: no NaN, no RecursionError, at most
+    MAX_CLIENT_MESSAGE_DEPTH deep); every field's type checked: a bad message is answered, never raised.
+    """
     try:
-        request = json.loads(text)
-    except ValueError:
-        client.queue_message({"type": "error", "status": "not JSON: send {\"op\": \"subscribe\", ...}"})
+        request = strict_json(text, MAX_CLIENT_MESSAGE_DEPTH)
+    except JsonError as error:
+        client.queue_message({"type": "error", "status": f"not JSON ({str(error)[:100]}): send "
+                                                         "{\"op\": \"subscribe\", \"channels\": [...]}"})
         return
     op = request.get("op") if isinstance(request, dict) else None
     try:
         if op == "subscribe":
             names = client.subscribe(request.get("channels"), request.get("max_rate"), time.monotonic())
-            client.queue_message({"type": "subscribed", "channels": names})
+            client.queue_message({"type": "subscribed", "channels": names, "unknown": service.latest.unknown(names)})
             _send_latest(service, client, names)
         elif op == "unsubscribe":
             client.queue_message({"type": "unsubscribed", "channels": client.unsubscribe(request.get("channels"))})
         elif op == "ping":
             client.queue_message({"type": "pong", "time": time.time()})
         elif op == "status":
-            client.wants_status = bool(request.get("subscribe", True))
+            wanted = request.get("subscribe", True)
+            if not isinstance(wanted, bool):
+                raise SubscriptionError('"subscribe" of op status must be true or false')
+            client.wants_status = wanted
             service.want_status()
         else:
+            shown = repr(op)[:60] if isinstance(op, (str, int, float, type(None))) else type(op).__name__
             client.queue_message({"type": "error",
-                                  "status": f"op {op!r} is not subscribe, unsubscribe, status or ping"})
+                                  "status": f"op {shown} is not subscribe, unsubscribe, status or ping"})
     except SubscriptionError as error:
         client.queue_message({"type": "error", "status": str(error)})
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..config import is_loopback
 
-__all__ = ["TokenSet", "read_tokens", "is_loopback", "TokenFileError"]
+__all__ = ["TokenSet", "read_tokens", "is_loopback", "TokenFileError", "origin_allowed"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,24 @@ class TokenSet:
         if not self.tokens:
             return True
         # Digests of equal length: compare_digest returns early on a length difference, which would tell it.
-        candidate = hashlib.sha256((presented or "").encode("utf-8")).digest()
+        # surrogatepass: a header of non-UTF-8 bytes arrives with lone surrogates; it is a wrong token, not an error.
+        candidate = hashlib.sha256((presented or "").encode("utf-8", "surrogatepass")).digest()
         matched = False
         for token in self.tokens:
             matched |= hmac.compare_digest(candidate, hashlib.sha256(token.encode("utf-8")).digest())
         return matched
+
+
+def origin_allowed(origin: str | None, own_origin: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a websocket may open from a page of ``origin`` (its ``Origin`` header).
+
+    Browsers send the page's origin with every websocket and, unlike for other requests, do not
+    stop a page of another site from opening one; with a ``?token=`` the browser holds, such a page
+    would read the data. So: no Origin (not a browser) or the service's own origin or one of
+    ``allowed`` (``--allow-origin``, normalised by ``config.parse_origins``); nothing else (``null``
+    too). Compared case-insensitively, as origins are.
+    """
+    if origin is None:
+        return True
+    origin = origin.strip().lower().rstrip("/")
+    return origin == own_origin.lower() or origin in allowed

@@ -97,15 +97,17 @@ def fetch_range(replay_address: str, query: RangeQuery, limits: RangeLimits, tim
 
 
 def outcome(columns: RangeColumns) -> str:
-    """complete: every requested pulse and channel is there; partial: ``missing`` says what is not."""
-    return "complete" if not columns.missing else "partial"
+    """complete: every requested pulse and channel is there; partial: ``missing`` and ``unknown`` say what is
+    not."""
+    return "complete" if not columns.missing and not columns.unknown else "partial"
 
 
 def as_json(columns: RangeColumns) -> dict[str, Any]:
     """The JSON answer: columns per channel (non-finite floats as null: see docs/web-api.md)."""
     channels = {}
     pulse_ids = columns.pulse_ids.tolist()
-    for name, column in columns.columns.items():
+    for name in columns.known:
+        column = columns.columns[name]
         channels[name] = {
             "pulse_id": pulse_ids,
             "timestamp": columns.timestamps(name).tolist(),
@@ -113,14 +115,15 @@ def as_json(columns: RangeColumns) -> dict[str, Any]:
             "data": column.json_data(),
         }
     return {"state": "ok", "status": outcome(columns), "messages": columns.messages, "channels": channels,
-            "missing": columns.missing}
+            "missing": columns.missing, "unknown": columns.unknown}
 
 
 def as_npz(columns: RangeColumns) -> bytes:
-    """numpy's npz: ``<channel>/pulse_id``, ``/timestamp``, ``/is_data_present``, ``/data`` and ``missing``
-    (the gaps as JSON text)."""
-    arrays: dict[str, np.ndarray] = {"missing": np.array(json.dumps(columns.missing))}
-    for name in columns.columns:
+    """numpy's npz: ``<channel>/pulse_id``, ``/timestamp``, ``/is_data_present``, ``/data`` of every known
+    channel, ``missing`` (the gaps as JSON text) and ``unknown`` (the unknown names as JSON text)."""
+    arrays: dict[str, np.ndarray] = {"missing": np.array(json.dumps(columns.missing)),
+                                     "unknown": np.array(json.dumps(columns.unknown))}
+    for name in columns.known:
         for key, array in columns.arrays(name).items():
             arrays[f"{name}/{key}"] = array
     out = io.BytesIO()

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import process
-from ..config import WEB_ENV_PREFIX, WEB_OPTIONS, parse_args
+from ..config import WEB_ENV_PREFIX, WEB_OPTIONS, parse_args, parse_origins
 from ..core.range_query import RangeLimits
 from .auth import TokenFileError, TokenSet, is_loopback, read_tokens
 from .state import WebService, WebSettings
@@ -102,12 +102,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_range_pulses < 1 or args.max_range_bytes < 1:
         logger.error("--max-range-pulses and --max-range-bytes must be >= 1")
         return 2
+    try:
+        allow_origins = parse_origins(args.allow_origins)
+    except ValueError as error:
+        logger.error("--allow-origin %s", error)
+        return 2
     settings = WebSettings(
         feed=args.feed, status_url=args.status_url.rstrip("/"), replay=args.replay, source_mode=args.source_mode,
         port=args.port, bind=args.bind, tokens_file=os.path.abspath(args.tokens) if args.tokens else None,
         max_rate=args.max_rate, limits=RangeLimits(max_pulses=args.max_range_pulses,
                                                    max_bytes=args.max_range_bytes),
-        range_timeout=args.range_timeout, parent_pid=args.parent_pid or 0, listen_fd=args.listen_fd)
+        range_timeout=args.range_timeout, parent_pid=args.parent_pid or 0, listen_fd=args.listen_fd,
+        allow_origins=allow_origins)
     return asyncio.run(serve(settings, tokens))
 
 

@@ -48,6 +48,7 @@ class WebSettings:
     heartbeat_seconds: float = 10.0  # websocket pings; a client silent for longer is dropped
     max_clients: int = 1000  # websockets at once (503 beyond)
     range_workers: int = 2  # range requests at once (503 beyond): each holds one of the buffer's replay sessions
+    allow_origins: tuple[str, ...] = ()  # web page origins besides the service's own (config.parse_origins)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class WebCounters:
     clients_total: int = 0
     clients_dropped: int = 0  # closed for not answering heartbeats, or by error
     unauthorized: int = 0
+    origin_refused: int = 0  # websockets from a page of another site (not --allow-origin)
     range_requests: dict[str, int] = field(default_factory=dict)  # by outcome
 
 
@@ -203,6 +205,8 @@ class WebService:
               counters.feed_overrun)
         m.one("unauthorized_requests_total", "counter", "Requests refused for a missing or wrong token.",
               counters.unauthorized)
+        m.one("origin_refused_total", "counter", "Websockets refused for a page origin not allowed.",
+              counters.origin_refused)
         m.family("range_requests_total", "counter", "Range requests, by outcome.",
                  [({"outcome": outcome}, count) for outcome, count in sorted(counters.range_requests.items())])
         return m.text()
