@@ -120,9 +120,10 @@ CHUNK_CACHE_BYTES = 0
 CHUNK_CACHE_SLOTS = 1
 
 # A full disk (docs/file-format.md, "A full disk"). The reserve taken beside
-# the file for its close: measured, the close of a full file takes < 100 KiB
-# (a 500-channel file's /missing, attributes and superblock), the summary JSON
-# beside it a few KiB. The margin each flush keeps free beyond the block:
+# the file for its close: measured on tmpfs, the close after a flush grew the
+# file by 0 pages (camera, 100 scalars, the mixed profile: the metadata it
+# rewrites is already allocated); /missing, groups of channels never present
+# and the summary JSON beside the file (a few KiB) are what it is for. The margin each flush keeps free beyond the block:
 # attributes, /missing records, metadata of a flush; a channel group's
 # metadata (four object headers, attributes, link): 2.3-2.6 KiB measured.
 RESERVE_BYTES = 1024 * 1024
