@@ -6,6 +6,7 @@ from a child's output with ``Child.wait_for_line``.
 """
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -18,7 +19,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sf_bsread_writer.buffer.service import Buffer
+from sf_bsread_writer.client import WriterClient
+from sf_bsread_writer.core.status import RingStatus
 from sf_bsread_writer.process import die_with_parent
+from sf_bsread_writer.tools.simulate import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -167,3 +172,56 @@ class Child:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# Generous: a 2-core machine shared with other test suites.
+STREAM_DEADLINE = 60.0
+
+
+class Stream:
+    """A simulator and a buffer fed by it, both in threads of this process (``count`` 0: until closed).
+
+    ``rate`` 0 sends as fast as the buffer takes the messages: ``count``
+    messages are then in the buffer within a moment, a past range ready to
+    be replayed. ``simulator_options`` go to ``Simulator`` (``n_channels``,
+    ``image_shape`` ...).
+    """
+
+    def __init__(self, count: int = 0, rate: float = 100.0, first_pulse_id: int = 50_000_000,
+                 profile: str = "mixed", compression: str = "bitshuffle_lz4", buffer_length: int = 20_000,
+                 **simulator_options: Any) -> None:
+        self.simulator = Simulator(profile, rate=rate, start_pulse_id=first_pulse_id, compression=compression,
+                                   **simulator_options)
+        source = self.simulator.open()
+        self.buffer = Buffer(source, buffer_length=buffer_length, rest_port=None, output_mode="pub")
+        self._threads = [threading.Thread(target=self.buffer.run, daemon=True),
+                         threading.Thread(target=self.simulator.run, args=(count,), daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        assert self.buffer.started.wait(STREAM_DEADLINE)
+        self.replay = self.buffer.replay_address
+        self.output = self.buffer.output_address
+
+    def ring(self) -> RingStatus:
+        """The buffer's ``RingStatus`` now."""
+        return self.buffer.statistics().ring
+
+    def wait_for_pulse(self, pulse_id: int) -> None:
+        wait_for(lambda: (self.ring().newest_pulse_id or 0) >= pulse_id, timeout=STREAM_DEADLINE,
+                 message=f"pulse {pulse_id} in the buffer")
+
+    def close(self) -> None:
+        self.simulator.stop()
+        self._threads[1].join(timeout=10)
+        self.buffer.stop()
+        self._threads[0].join(timeout=10)
+        self.simulator.close(linger=0)
+
+
+def writer_process(address: str, output_file: str | os.PathLike, *options: str, user_id: str = "-1",
+                   **kwargs: Any) -> tuple[Child, WriterClient]:
+    """The writer's CLI as a child process (``--finished-grace 0.5``), and a ``WriterClient`` of its REST API."""
+    child = Child.python_module("sf_bsread_writer.writer", address, str(output_file), user_id, "0",
+                                "--finished-grace", "0.5", *options, **kwargs)
+    line = child.wait_for_line("READY ", timeout=STREAM_DEADLINE)
+    return child, WriterClient(json.loads(line.split("READY ", 1)[1])["rest"], timeout=STREAM_DEADLINE)

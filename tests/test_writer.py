@@ -24,15 +24,13 @@ import hdf5plugin  # noqa: F401  (bitshuffle filter for reading)
 import numpy as np
 import pytest
 
-from sf_bsread_writer.buffer.service import Buffer
 from sf_bsread_writer.client import WriterClient, WriterError
-from sf_bsread_writer.core.status import RingStatus
 from sf_bsread_writer.httpserver import HttpServer
-from sf_bsread_writer.tools.simulate import Simulator, channel_metadata, expected_values
+from sf_bsread_writer.tools.simulate import channel_metadata, expected_values
 from sf_bsread_writer.writer.cli import drop_privileges, main
 from sf_bsread_writer.writer.rest import make_app
 from sf_bsread_writer.writer.service import Writer, WriterSettings
-from tests.helpers import Child, free_port, wait_for
+from tests.helpers import Child, Stream, free_port, wait_for, writer_process
 
 PROFILE = "mixed"
 COMPRESSION = "bitshuffle_lz4"
@@ -44,39 +42,9 @@ ALWAYS_PRESENT = "MIXED:FLOAT64"
 DEADLINE = 60.0  # generous: a 2-core machine shared with other test suites
 
 
-class Stream:
-    """A simulator at 100 Hz and a buffer fed by it, both in threads of this process."""
-
-    def __init__(self, count: int = 0, rate: float = 100.0, first_pulse_id: int = FIRST_PULSE_ID) -> None:
-        self.simulator = Simulator(PROFILE, rate=rate, start_pulse_id=first_pulse_id, compression=COMPRESSION)
-        source = self.simulator.open()
-        self.buffer = Buffer(source, buffer_length=20_000, rest_port=None, output_mode="pub")
-        self._threads = [threading.Thread(target=self.buffer.run, daemon=True),
-                         threading.Thread(target=self.simulator.run, args=(count,), daemon=True)]
-        for thread in self._threads:
-            thread.start()
-        assert self.buffer.started.wait(DEADLINE)
-        self.replay = self.buffer.replay_address
-        self.output = self.buffer.output_address
-
-    def ring(self) -> RingStatus:
-        return self.buffer.statistics().ring
-
-    def wait_for_pulse(self, pulse_id: int) -> None:
-        wait_for(lambda: (self.ring().newest_pulse_id or 0) >= pulse_id, timeout=DEADLINE,
-                 message=f"pulse {pulse_id} in the buffer")
-
-    def close(self) -> None:
-        self.simulator.stop()
-        self._threads[1].join(timeout=10)
-        self.buffer.stop()
-        self._threads[0].join(timeout=10)
-        self.simulator.close(linger=0)
-
-
 @pytest.fixture(scope="module")
 def stream():
-    stream = Stream()
+    stream = Stream(profile=PROFILE, compression=COMPRESSION, first_pulse_id=FIRST_PULSE_ID)
     try:
         stream.wait_for_pulse(FIRST_PULSE_ID + 150)
         yield stream
@@ -94,14 +62,6 @@ def in_process_writer(address: str, output_file: str | os.PathLike, monotonic=ti
     finally:
         writer.stop(wait=DEADLINE)
         server.stop()
-
-
-def writer_process(address: str, output_file: str | os.PathLike, *options: str, user_id: str = "-1",
-                   **kwargs) -> tuple[Child, WriterClient]:
-    child = Child.python_module("sf_bsread_writer.writer", address, str(output_file), user_id, "0",
-                                "--finished-grace", "0.5", *options, **kwargs)
-    line = child.wait_for_line("READY ", timeout=DEADLINE)
-    return child, WriterClient(json.loads(line.split("READY ", 1)[1])["rest"], timeout=DEADLINE)
 
 
 class FakeClock:
@@ -273,7 +233,7 @@ def test_kill_9_leaves_the_data_up_to_the_last_flush(stream, tmp_path):
 
 def test_a_source_that_dies_before_the_stop_pulse(tmp_path):
     first = 70_000_000
-    dying = Stream(count=60, rate=0.0, first_pulse_id=first)  # sends 60 messages, then nothing
+    dying = Stream(count=60, rate=0.0, first_pulse_id=first, profile=PROFILE, compression=COMPRESSION)  # sends 60 messages, then nothing
     run_clock = FakeClock()  # the writer's deadlines: moved on by the test once the source is quiet
     try:
         dying.wait_for_pulse(first + 59)

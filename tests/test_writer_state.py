@@ -468,3 +468,16 @@ def test_parameters_must_be_finite_and_shallow():
     with pytest.raises(BadRequest, match="nested more than 32 levels"):
         control.set_parameters({**PARAMETERS, "scan": deep})
     assert control.set_parameters({**PARAMETERS, "scan": [[1, 2], [3]]})["scan"] == [[1, 2], [3]]
+
+
+def test_cut_records_the_rows_that_did_not_reach_the_file_and_close_the_rest():
+    """A full disk: rows 0..4 of 10 are in the file; 5..9 and the tail up to the stop are missing (disk_full)."""
+    pulse_range = PulseRange(start_pulse_id=100, stop_pulse_id=119)
+    for pulse_id in range(100, 110):
+        assert pulse_range.classify(pulse_id, 0.0) is Verdict.WRITE
+        pulse_range.written(pulse_id, float(pulse_id))
+    assert [(m.first_pulse_id, m.last_pulse_id, m.count, m.reason) for m in pulse_range.cut(5, "disk_full")] == \
+        [(105, 109, 5, "disk_full")]
+    assert (pulse_range.rows, pulse_range.last_pulse_id, pulse_range.cut(5, "disk_full")) == (5, 104, [])
+    assert [(m.first_pulse_id, m.last_pulse_id, m.count) for m in pulse_range.close("disk_full")] == [(110, 119, 10)]
+    assert pulse_range.missing_count == 15 and not pulse_range.complete

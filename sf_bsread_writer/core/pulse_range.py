@@ -124,6 +124,24 @@ class PulseRange:
             self._covered = [(item.first_pulse_id, item.last_pulse_id) for item in self.missing]
         return keep
 
+    def cut(self, keep: int, reason: str) -> list[MissingRange]:
+        """Only the first ``keep`` rows written reached the file (a full disk): the rest are missing for ``reason``.
+
+        Returns what is newly recorded: the pulses of the rows dropped (a
+        pulse-id jump among them stays recorded as the jump). The tail after
+        them is the business of :meth:`close`, as for any run that ended early.
+        """
+        dropped = len(self._written_ids) - keep
+        if dropped <= 0:
+            return []
+        first, last = self._written_ids[keep], self._written_ids[-1]
+        del self._written_ids[keep:], self._written_times[keep:]
+        if keep:
+            self.last_pulse_id, self.last_timestamp = self._written_ids[-1], self._written_times[-1]
+        else:
+            self.first_pulse_id = self.first_timestamp = self.last_pulse_id = self.last_timestamp = None
+        return self._record(first, last, reason, dropped)
+
     @property
     def rows(self) -> int:
         """Rows written (and kept)."""

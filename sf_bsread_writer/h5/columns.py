@@ -17,6 +17,7 @@ file (``h5.file.H5File``) decides when.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import struct
@@ -40,6 +41,18 @@ logger = logging.getLogger(__name__)
 # A block of a FixedColumn with absent rows is written as one array with zeros
 # in the absent rows when it is at most this large; above, run by run.
 DENSE_BLOCK_BYTES = 4 * 1024 * 1024
+
+# File space of HDF5's chunk index (earliest format: a version 1 B-tree per
+# dataset, nodes of up to 64 entries, ~2.6 KiB for a scalar or an image
+# dataset): per new chunk, the first chunk's root node, and a node more for
+# every INDEX_NODE_ENTRIES new chunks (splits). Measured against the file's
+# growth per block: docs/file-format.md, "A full disk".
+CHUNK_INDEX_BYTES = 64
+INDEX_NODE_BYTES = 4096
+INDEX_NODE_ENTRIES = 32
+# HDF5's global heap (vlen strings): each string plus its object header, and a new collection (>= 4 KiB).
+HEAP_OBJECT_BYTES = 24
+HEAP_COLLECTION_BYTES = 4096
 
 
 class Column:
@@ -103,6 +116,24 @@ class Column:
     def _drop_values(self, keep: int) -> None:
         """Forget the pending values of block rows ``keep`` and later."""
         raise NotImplementedError
+
+    def _values_space(self, start: int, rows: int) -> int:
+        """At most the file space that writing the first ``rows`` pending values at file row ``start`` takes."""
+        raise NotImplementedError
+
+    def space_needed(self, start: int, rows: int) -> int:
+        """At most the file space (bytes) that :meth:`write_block` of the first ``rows`` pending rows takes.
+
+        For the writer's full-disk check (``H5File.flush``): HDF5 allocates a
+        chunk whole when a write first touches it, and indexes it; rows
+        beyond the pending ones read as absent. An upper bound, never exact.
+        """
+        if rows <= 0:
+            return 0
+        # pulse_id, timestamp (8 B a row) and is_data_present (1 B): chunks of MAX_CHUNK_ROWS rows.
+        row_chunks = _new_chunks(start, rows, MAX_CHUNK_ROWS)
+        return (2 * _chunk_space(row_chunks, MAX_CHUNK_ROWS * 8, start == 0)
+                + _chunk_space(row_chunks, MAX_CHUNK_ROWS, start == 0) + self._values_space(start, rows))
 
     def take_expansion(self) -> int:
         """Memory taken since the last call beyond the received bytes (a decompressed value is bigger).
@@ -224,6 +255,19 @@ class FixedColumn(Column):
         # Called once ``present`` is cut to ``keep`` rows: keep the values of its present rows.
         del self.values[self.present.count(1) * self.row_nbytes:]
 
+    @functools.cached_property
+    def _chunk_geometry(self) -> tuple[int, int, int]:
+        """(rows per chunk, chunks per row slab, bytes per chunk) of ``data``, as HDF5 made it."""
+        chunks = self.data.chunks
+        per_slab = math.prod(-(-size // chunk) for size, chunk in zip(self.data.shape[1:], chunks[1:]))
+        return chunks[0], per_slab, math.prod(chunks) * self.dtype.itemsize
+
+    def _values_space(self, start: int, rows: int) -> int:
+        if not self.present[:rows].count(1):
+            return 0  # absent throughout: nothing written, the fill value
+        chunk_rows, per_slab, chunk_bytes = self._chunk_geometry
+        return _chunk_space(_new_chunks(start, rows, chunk_rows) * per_slab, chunk_bytes, start == 0)
+
     def append_batch(self, spec: protocol.ChannelSpec, row: int, values: np.ndarray, stamps: np.ndarray,
                      present: np.ndarray) -> None:
         """Rows ``row..row+n`` at once from the packed fast path (absent rows hold zeros there, not here)."""
@@ -301,6 +345,12 @@ class StringColumn(Column):
     def _drop_values(self, keep: int) -> None:
         del self.values[keep:]
 
+    def _values_space(self, start: int, rows: int) -> int:
+        # The chunks of references (16 B a row), and each string in the global heap.
+        texts = sum(len(text.encode("utf-8", "surrogatepass")) + HEAP_OBJECT_BYTES for text in self.values[:rows])
+        return (_chunk_space(_new_chunks(start, rows, MAX_CHUNK_ROWS), MAX_CHUNK_ROWS * 16, start == 0)
+                + texts + HEAP_COLLECTION_BYTES)
+
     def _write_values(self, start: int, count: int) -> int:
         self.data[start:start + count] = np.array(self.values, dtype=object)
         self.values = []
@@ -344,6 +394,16 @@ class DirectChunkColumn(Column):
         self.chunks = [(row, part) for row, part in self.chunks if row < keep]
         self.decoded = [(row, value) for row, value in self.decoded if row < keep]
 
+    def _values_space(self, start: int, rows: int) -> int:
+        # One chunk per row: the part as received, or a decoded value compressed again (LZ4 may grow it a little).
+        stored = sum(len(part) for row, part in self.chunks if row < rows)
+        chunks = sum(1 for row, _ in self.chunks if row < rows)
+        for row, _ in self.decoded:
+            if row < rows:
+                stored += self.row_nbytes + self.row_nbytes // 128 + 4096
+                chunks += 1
+        return stored + _chunk_space(chunks, 0, start == 0)
+
     def _write_values(self, start: int, count: int) -> int:
         zeros = (0,) * len(self.row_shape)
         write_chunk = self.data.id.write_direct_chunk
@@ -386,6 +446,19 @@ def row_dataset(group: h5py.Group, name: str, rows: int, dtype: np.dtype, row_sh
 
 
 _STRING_TYPE = h5py.h5t.py_create(h5py.string_dtype(), logical=True)
+
+
+def _new_chunks(start: int, rows: int, chunk_rows: int) -> int:
+    """Chunks (along the rows) that rows ``start..start+rows`` touch for the first time."""
+    return -(-(start + rows) // chunk_rows) - -(-start // chunk_rows)
+
+
+def _chunk_space(chunks: int, chunk_bytes: int, first: bool) -> int:
+    """File space of ``chunks`` new chunks of ``chunk_bytes``, their index included (``first``: the index's root)."""
+    if not chunks:
+        return 0
+    nodes = int(first) + chunks // INDEX_NODE_ENTRIES
+    return chunks * (chunk_bytes + CHUNK_INDEX_BYTES) + nodes * INDEX_NODE_BYTES
 
 
 def channel_attributes(spec: protocol.ChannelSpec) -> dict[str, Any]:

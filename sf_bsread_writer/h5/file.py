@@ -38,6 +38,20 @@ after a crash: checked with HDF5 2.0). The first ``number_of_messages`` rows
 of every channel are complete; tests/test_h5format.py proves it by killing a
 child writer at several moments.
 
+Why a full disk costs no row already written. HDF5 writes metadata at
+every flush and at the close (object headers, chunk index nodes, the
+superblock's end of file); if those writes fail, the file does not open at
+all ("addr overflow"), whatever it held. So the file stops *before* the
+disk is full: :meth:`H5File.flush` asks the file system how much room is
+left and writes only the rows whose chunks, indexes and metadata fit
+(``Column.space_needed``: an upper bound of what HDF5 allocates); the
+others are dropped and :class:`DiskFull` says how many rows the file
+keeps. A reserve of ``RESERVE_BYTES`` taken beside the file when it is
+created (``FileSlot.reserve``) is given back for the close, and for a
+write that fails anyway (another process filled the disk between the
+check and the write, a quota): then the rows of that block are cut off
+again, metadata only, and the file closes with the rows of the last flush.
+
 Why lazy datasets. A channel's datasets are created at its first *present*
 value, with the type of that value, and earlier rows read as absent (fill
 value 0) — so a channel first seen absent (the Python sender announces an
@@ -51,10 +65,12 @@ original writer's layout (the newest type under ``data``, older ones as
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import time
+import traceback
 from array import array
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -75,6 +91,9 @@ from .variants import merge_variants
 
 __all__ = [
     "H5File",
+    "DiskFull",
+    "is_disk_full",
+    "RESERVE_BYTES",
     "DEFAULT_FLUSH_INTERVAL",
     "DEFAULT_BLOCK_ROWS",
     "DEFAULT_BLOCK_BYTES",
@@ -99,6 +118,45 @@ DEFAULT_BLOCK_BYTES = 64 * 1024 * 1024  # ... or this many value bytes
 # bought nothing (bench_h5format.py: same throughput without it).
 CHUNK_CACHE_BYTES = 0
 CHUNK_CACHE_SLOTS = 1
+
+# A full disk (docs/file-format.md, "A full disk"). The reserve taken beside
+# the file for its close: measured on tmpfs, the close after a flush grew the
+# file by 0 pages (camera, 100 scalars, the mixed profile: the metadata it
+# rewrites is already allocated); /missing, groups of channels never present
+# and the summary JSON beside the file (a few KiB) are what it is for. The margin each flush keeps free beyond the block:
+# attributes, /missing records, metadata of a flush; a channel group's
+# metadata (four object headers, attributes, link): 2.3-2.6 KiB measured.
+RESERVE_BYTES = 1024 * 1024
+FLUSH_MARGIN_BYTES = 64 * 1024
+GROUP_BYTES = 4 * 1024
+MISSING_RECORD_BYTES = 128
+# The errors of a write that found no room: no space, a quota, a file size limit.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_DISK_FULL_TEXTS = tuple(os.strerror(number) for number in DISK_FULL_ERRNOS)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for an error of a write that found no room (h5py gives HDF5's errno as ``errno``, or in its text)."""
+    if isinstance(error, DiskFull):
+        return True
+    if not isinstance(error, OSError):
+        return False
+    return error.errno in DISK_FULL_ERRNOS or any(text in str(error) for text in _DISK_FULL_TEXTS)
+
+
+class DiskFull(OSError):
+    """The disk has no room for more rows: the first ``rows_kept`` rows are in the file, later ones are not.
+
+    Raised by :meth:`H5File.flush` (and by what flushes: ``append``,
+    ``truncate``) once; the file then takes no more rows, but records
+    missing pulses and closes as usual (the reserve is given back for it).
+    ``rows_dropped``: rows appended that are not in the file.
+    """
+
+    def __init__(self, message: str, rows_kept: int, rows_dropped: int) -> None:
+        super().__init__(errno.ENOSPC, message)
+        self.rows_kept = rows_kept
+        self.rows_dropped = rows_dropped
 
 
 class H5File:
@@ -150,6 +208,8 @@ class H5File:
         self._attributes: dict[str, Any] = {}
         self._refused: dict[str, str] = {}  # channel name -> why it has no group
         self._last_flush = clock()
+        self._groups_since_flush = 0  # channel groups made since the last flush (metadata it writes)
+        self.disk_full: DiskFull | None = None  # set once the disk was full: no more rows
 
         self.bytes_written = 0  # value bytes accepted (as received: compressed stays compressed)
         self.absent_values = 0  # channel values announced in a header but empty
@@ -171,6 +231,11 @@ class H5File:
         """
         self._slot = FileSlot(self.path, directory_fd)
         try:
+            try:
+                self._slot.reserve(RESERVE_BYTES)
+            except OSError as error:
+                raise OSError(error.errno, f"no room for the writer's reserve of {RESERVE_BYTES} bytes beside "
+                                           f"{self.path} ({error.strerror}): the disk is (nearly) full") from None
             # Exclusive ("w-"): never truncates an existing file. Default (earliest)
             # libver on purpose: no superblock "open for write" flag, so a file left
             # by SIGKILL opens without h5clear. No raw data chunk cache: see CHUNK_CACHE_BYTES.
@@ -245,6 +310,8 @@ class H5File:
         flushes (see :meth:`flush`).
         """
         self._check_open()
+        if self.disk_full is not None:
+            raise self.disk_full
         header = message.data_header
         plan = self._plan
         if plan is None or not header.same_as(plan.header):
@@ -253,12 +320,14 @@ class H5File:
         absent_before = self.absent_values
         try:
             accepted_total = self._add_values(plan, message, row)
-        except BaseException:
+        except BaseException as error:
             # All or nothing: a row half in the columns would shift every later row of those channels.
             self._packed.drop_from(row)
             for column in self._each_column():
                 column.drop_pending(row)
             self.absent_values = absent_before
+            if is_disk_full(error):  # a new group's metadata found no room
+                self._recover_from_full_disk(error)
             raise
         self._row_pulse_ids.append(message.pulse_id)
         self._pending_bytes += accepted_total
@@ -364,21 +433,15 @@ class H5File:
         if not 0 <= rows <= self.rows:
             raise ValueError(f"cannot truncate {self.rows} rows to {rows}")
         removed = self.rows - rows
-        self._scatter()  # every pending row into its column
-        columns = list(self._each_column())
-        for column in columns:
-            column.drop_pending(max(0, rows - self._rows_written))
         if rows < self._rows_written:
             # The row count first: a reader (or a kill) never sees rows counted that are gone.
             self._file.attrs["number_of_messages"] = np.int64(rows)
-            for column in columns:
+            self._forget_rows(rows)
+            for column in self._each_column():
                 column.resize(rows)
             self._rows_written = rows
-        for log in (self._row_pulse_ids, self._row_timestamps, self._row_absent_values, self._row_bytes_written):
-            del log[rows:]
-        self.absent_values = self._row_absent_values[-1] if rows else 0
-        self.bytes_written = self._row_bytes_written[-1] if rows else 0
-        self._pending_bytes = 0  # the rows kept are written by the flush below
+        else:
+            self._forget_rows(rows)
         if missing is not None:
             self._missing = list(missing)
             self._missing_pending = list(self._missing)
@@ -389,19 +452,110 @@ class H5File:
         self.flush()
         return removed
 
+    def _forget_rows(self, rows: int) -> None:
+        """Keep the first ``rows`` rows in memory's account (pending rows after them dropped); disk untouched."""
+        self._scatter()  # every pending row into its column
+        for column in self._each_column():
+            column.drop_pending(max(0, rows - self._rows_written))
+        for log in (self._row_pulse_ids, self._row_timestamps, self._row_absent_values, self._row_bytes_written):
+            del log[rows:]
+        self.absent_values = self._row_absent_values[-1] if rows else 0
+        self.bytes_written = self._row_bytes_written[-1] if rows else 0
+        self._pending_bytes = 0  # the rows kept are written by the next flush
+
     def flush(self) -> None:
         """Write pending rows and missing records, update attributes, ``H5Fflush``.
 
         After it returns, everything appended so far survives a SIGKILL.
+        :class:`DiskFull` if not every pending row fits on the disk: the rows
+        that fit are written and flushed first (the file is then as after a
+        successful flush, with ``rows_kept`` rows), the others dropped.
         """
         self._check_open()
         self._slot.check(self._file_fd)  # a removed output folder is an error, not rows "written" into nothing
-        self._write_block()
-        self._write_missing()
-        self._write_file_attributes(complete=False)
-        self._file.flush()
+        pending = self.rows - self._rows_written
+        try:
+            fitting = self._rows_that_fit() if self.disk_full is None else pending
+            if fitting < pending:
+                self._forget_rows(self._rows_written + fitting)
+            self._write_block()
+            self._write_missing()
+            self._write_file_attributes(complete=False)
+            self._file.flush()
+        except Exception as error:
+            if not is_disk_full(error) or isinstance(error, DiskFull):
+                raise
+            self._recover_from_full_disk(error)
         self._last_flush = self._clock()
         self.flushes += 1
+        self._groups_since_flush = 0
+        if fitting < pending:
+            self.disk_full = DiskFull(
+                f"{self.path}: the disk is full; {self._rows_written} rows are in the file, the last "
+                f"{pending - fitting} appended do not fit ({self._slot.free_bytes()} bytes free)",
+                self._rows_written, pending - fitting)
+            logger.error("%s", self.disk_full)
+            raise self.disk_full
+
+    def _rows_that_fit(self) -> int:
+        """How many pending rows fit on the disk with the margin of a flush (all of them, normally).
+
+        An upper bound of what writing them takes (``Column.space_needed``)
+        against the file system's free space; the close has its own reserve.
+        """
+        self._scatter()
+        start, pending = self._rows_written, self.rows - self._rows_written
+        unsettled = sum(1 for name in self._last_spec if name not in self._columns and name not in self._refused)
+        margin = (FLUSH_MARGIN_BYTES + GROUP_BYTES * (self._groups_since_flush + unsettled)
+                  + MISSING_RECORD_BYTES * len(self._missing_pending))
+        free = self._slot.free_bytes() - margin
+        columns = list(self._each_column())
+
+        def fits(rows: int) -> bool:
+            return sum(column.space_needed(start, rows) for column in columns) <= free
+
+        if fits(pending):
+            return pending
+        low, high = 0, pending  # fits(low); not fits(high)
+        if not fits(0):
+            return 0
+        while high - low > 1:
+            middle = (low + high) // 2
+            if fits(middle):
+                low = middle
+            else:
+                high = middle
+        return low
+
+    def _recover_from_full_disk(self, error: BaseException) -> None:
+        """A write found no room although the check said there was: back to the rows of the last flush.
+
+        Another process took the space (or a quota refused it). The reserve
+        is given back, so that HDF5 can write the metadata it holds; every
+        dataset is cut back to the rows on disk (metadata only) and the rows
+        of this block dropped; then the file is flushed as it was, and
+        :class:`DiskFull` raised.
+        """
+        released = self._slot.release_reserve()
+        logger.error("%s: the disk is full while writing (%s); reserve %s; back to the %d rows flushed",
+                     self.path, error, "released" if released else "already used", self._rows_written)
+        dropped = self.rows - self._rows_written
+        # The failed write's frames still hold numpy views of the pending buffers: let go, so they can shrink.
+        traceback.clear_frames(error.__traceback__)
+        self._forget_rows(self._rows_written)
+        self._missing_rewrite = True  # the table may be half grown: written again whole
+        self._missing_pending = list(self._missing)
+        try:
+            for column in self._each_column():
+                column.resize(self._rows_written)
+            self._write_missing()
+            self._write_file_attributes(complete=False)
+            self._file.flush()
+        except Exception:  # noqa: BLE001 (the close tries again, with whatever room there is)
+            logger.exception("%s: flushing after the full disk failed", self.path)
+        self.disk_full = DiskFull(f"{self.path}: the disk is full ({error}); {self._rows_written} rows are in "
+                                  f"the file, the last {dropped} appended are not", self._rows_written, dropped)
+        raise self.disk_full from error
 
     def close(self, attributes: Mapping[str, Any] | None = None) -> None:
         """Write everything, mark the file complete and close it. Idempotent.
@@ -415,6 +569,7 @@ class H5File:
         try:
             if attributes:
                 self.set_attributes(attributes)
+            self._slot.release_reserve()  # the room the close needs, also on a full disk
             self.settle_channels()
             self._write_block()
             self._merge_variants()
@@ -438,6 +593,8 @@ class H5File:
         outcome it writes into the file counts every refused channel.
         """
         self._check_open()
+        if self.disk_full is not None:
+            self._slot.release_reserve()  # new groups need room
         self._scatter()
         for name, spec in self._last_spec.items():
             if name not in self._columns:
@@ -510,11 +667,16 @@ class H5File:
             column = self._maker.new(self._data, group_name, spec, self._rows_written)
             group = column.group
         except Exception as error:  # noqa: BLE001 (whatever HDF5 refuses costs this channel only)
+            if is_disk_full(error):
+                if not variants:
+                    del self._columns[spec.name]
+                raise  # not this channel's fault: append() handles the full disk
             logger.exception("channel %r: cannot create /data/%s", spec.name, group_name)
             if not variants:
                 del self._columns[spec.name]
             return self._refuse(spec.name, f"cannot create /data/{group_name}: {error}")
         variants[signature] = column
+        self._groups_since_flush += 1
         if len(variants) > 1:
             group.attrs["channel"] = storable_text(spec.name)
             group.attrs["variant"] = len(variants)

@@ -21,9 +21,18 @@ Three promises of the writer depend on how the file meets the file system:
 * **Never "written" into a file that is gone.** :meth:`FileSlot.check`
   compares the open file with what its path names now; a removed output
   folder (the file's link count drops to 0) or a replaced file is an error.
+* **Room to close.** A full disk must not cost the rows already written:
+  HDF5 still writes metadata when the file is closed, and a close that
+  fails leaves a file that does not open ("addr overflow"). The slot
+  therefore holds a reserve beside the file (:meth:`FileSlot.reserve`:
+  space taken with ``posix_fallocate`` by a file that has no name, so a
+  killed writer leaves nothing behind) and gives it back when the file is
+  closed or the disk is full (:meth:`FileSlot.release_reserve`); and it
+  says how much the file may still take (:meth:`FileSlot.free_bytes`).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -57,6 +66,7 @@ class FileSlot:
         # Short whatever the name: a file name near the 255-byte limit must still work.
         self.temporary_name = f".sf_bsread_writer.{os.getpid()}.{secrets.token_hex(4)}.creating"
         self.published = False
+        self._reserve_fd = -1
 
     @staticmethod
     def open_directory(directory: str) -> int:
@@ -125,7 +135,57 @@ class FileSlot:
         if (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
             raise OutputFileGone(f"{self.path} was replaced by another file while it was written")
 
+    def reserve(self, nbytes: int) -> None:
+        """Take ``nbytes`` of the file system beside the file, for :meth:`release_reserve` to give back.
+
+        The space belongs to a file without a name (created, then unlinked
+        at once, held by its descriptor only): the kernel frees it when the
+        descriptor is closed, also when the process is killed. OSError
+        (ENOSPC ...) if the space is not there: the file cannot be written
+        safely, so it is not started.
+        """
+        if self._reserve_fd >= 0 or nbytes <= 0:
+            return
+        name = f".sf_bsread_writer.{os.getpid()}.{secrets.token_hex(4)}.reserve"
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=self._dir_fd)
+        try:
+            os.unlink(name, dir_fd=self._dir_fd)
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+                zeros = bytes(64 * 1024)  # no fallocate on this file system: written out instead
+                for offset in range(0, nbytes, len(zeros)):
+                    os.pwrite(fd, zeros[:nbytes - offset], offset)
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._reserve_fd = fd
+
+    def release_reserve(self) -> bool:
+        """Give the reserve back to the file system (idempotent); True if there was one."""
+        if self._reserve_fd < 0:
+            return False
+        os.close(self._reserve_fd)
+        self._reserve_fd = -1
+        return True
+
+    def free_bytes(self) -> int:
+        """Bytes the file may still take on its file system now (the reserve not counted).
+
+        What this process may use: ``f_bavail``, or ``f_bfree`` for root,
+        which may write into the blocks a file system keeps for it. Quotas
+        are not seen here: a write refused by one is handled as a full disk
+        where it happens (h5/file.py).
+        """
+        stat = os.fstatvfs(self._dir_fd)
+        return stat.f_frsize * (stat.f_bfree if os.geteuid() == 0 else stat.f_bavail)
+
     def close(self) -> None:
+        self.release_reserve()
         if self._dir_fd >= 0:
             os.close(self._dir_fd)
             self._dir_fd = -1

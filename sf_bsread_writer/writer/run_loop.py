@@ -22,8 +22,9 @@ from ..core.pulse_range import MissingRange, PulseRange, Verdict
 from ..core.rates import RateEstimator
 from ..core.replay_messages import BufferLost, Data, End, Gap, GapReason, Refused
 from ..core.timebase import MAX_CLOCK_SKEW, TimeBase, file_time_base, message_time
+from ..h5.file import DiskFull
 
-__all__ = ["RunCounters", "RunLoop", "POLL_INTERVAL"]
+__all__ = ["RunCounters", "RunLoop", "POLL_INTERVAL", "DISK_FULL"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ POLL_INTERVAL = 0.1
 RATE_WINDOW_SECONDS = 1.0
 # A long run says how it is going this often (INFO).
 PROGRESS_LOG_SECONDS = 10.0
+# The end reason of a run that the disk ended, and the reason of the pulses it cost (/missing).
+DISK_FULL = "disk_full"
 
 
 @dataclass
@@ -94,15 +97,30 @@ class RunLoop:
         self._row_timed_by_receive = bytearray()  # per written row: 1 if its time is the receive time
 
     def run(self) -> str:
+        """Until the range is over; returns why it ended, the head and tail that never arrived recorded.
+
+        A full disk (:class:`DiskFull` from the file) ends the run at once:
+        the rows that did not reach the file and the rest of the range are
+        recorded as missing (``disk_full``).
+        """
+        try:
+            reason = self._receive()
+            # The last rows now, not in the close: a full disk still cuts them from the range.
+            self.output.flush()
+        except DiskFull as full:
+            reason = self._disk_full(full)
+        return self.finish(reason)
+
+    def _receive(self) -> str:
         while True:
             if self.range.complete:
-                return self.finish("stop_reached")
+                return "stop_reached"
             event = self.source.receive(POLL_INTERVAL)
             # Commands after the receive, before the event: a stop posted while waiting
             # applies to the message that ended the wait.
             reason = self._apply_commands()
             if reason is not None:
-                return self.finish(reason)
+                return reason
             now = self.clock()
             # append() flushes on its own; this covers a quiet source and events that write
             # no row (gaps, messages before the start or out of order), so no row waits in
@@ -111,7 +129,7 @@ class RunLoop:
             if event is None:
                 reason = self.silence.end_reason(now, self.range.has_stop)
                 if reason is not None:
-                    return self.finish(reason)
+                    return reason
             elif isinstance(event, Data):
                 self.silence.data(now)
                 self._data(event.frames, event.time)
@@ -120,7 +138,7 @@ class RunLoop:
             elif isinstance(event, End):
                 logger.info("The buffer ended the replay: %s (last pulse_id %s)", event.reason, event.last_pulse_id)
                 self.range.end_reached()
-                return self.finish("stop_reached")
+                return "stop_reached"
             elif isinstance(event, BufferLost):
                 # The client re-requests the rest of the range by itself; a buffer that stays
                 # away is a silent source for the stop deadline.
@@ -138,6 +156,18 @@ class RunLoop:
         for item in self.range.close(reason):
             self._record(item)
         return reason
+
+    def _disk_full(self, full: DiskFull) -> str:
+        """The file holds ``full.rows_kept`` rows and takes no more: the rest of the range is missing."""
+        kept = full.rows_kept
+        logger.error("Disk full: %s. The run ends: %d rows are in the file; the rest of the range is recorded "
+                     "as missing (%s)", full, kept, DISK_FULL)
+        for item in self.range.cut(kept, DISK_FULL):
+            self._record(item)
+        self.counters.messages_written = kept
+        del self._row_timed_by_receive[kept:]
+        self._update_time_base()
+        return DISK_FULL
 
     def average_rate(self) -> float | None:
         """Messages written per second since the run started (the rate shown once finished)."""

@@ -39,7 +39,7 @@ from ..transport import partsio
 from ..transport.direct import DirectSource
 from ..transport.replay_client import HANDSHAKE_SECONDS, ReplayClient
 from .outputs import DEV_NULL, abandon_output, open_output, resolve_output_file, write_summary
-from .run_loop import RunCounters, RunLoop
+from .run_loop import DISK_FULL, RunCounters, RunLoop
 
 __all__ = ["WriterSettings", "Writer", "Started", "START_TIMEOUT", "NO_PULSE_ID"]
 
@@ -340,7 +340,7 @@ class Writer:
         except Exception as error:  # noqa: BLE001 (the close below reports what is wrong with the file)
             logger.exception("Settling the channels failed")
             error_text = error_text or f"{type(error).__name__}: {error}"
-        outcome = self._judge(pulse_range, output, error_text)
+        outcome = self._judge(pulse_range, output, error_text, end_reason)
         attributes = _requested_range(start.start_pulse_id, start.start_time,
                                       pulse_range.stop_pulse_id, pulse_range.stop_time)
         attributes["end_reason"] = end_reason
@@ -381,13 +381,15 @@ class Writer:
         else:
             logger.info("Persistent mode: waiting for the next start (GET /stop ends the writer)")
 
-    def _judge(self, pulse_range: PulseRange, output: Any, error_text: str | None) -> Outcome:
+    def _judge(self, pulse_range: PulseRange, output: Any, error_text: str | None, end_reason: str) -> Outcome:
         unlocated = [gap.count for gap in self._counters.unlocated_gaps]
+        # A run the disk ended never got what was asked, even an open range with nothing missing yet.
+        ended_early = end_reason == DISK_FULL or (pulse_range.has_stop and not pulse_range.complete)
         return judge_outcome(
             rows=pulse_range.rows, missing_pulses=pulse_range.missing_count,
             lost_without_pulse_ids=None if None in unlocated else sum(unlocated),
             refused_channels=len(getattr(output, "refused_channels", {}) or {}),
-            range_open=pulse_range.has_stop and not pulse_range.complete, error=error_text)
+            range_open=ended_early, error=error_text)
 
     def _write_summary(self, start: StartRun, statistics: WriterStatistics) -> None:
         """The outcome beside the file (``<output_file>.summary.json``), for scripts, after the process is gone."""

@@ -1,0 +1,169 @@
+"""A full disk: the writer stops before it, keeps every row it wrote, and says what is missing and why.
+
+Real parts: a buffer fed by bsread's Sender, the writer's CLI as a child
+process, and a small tmpfs of its own as the disk (``mount -t tmpfs -o
+size=...``; root only: skipped with the reason otherwise; CI runs as
+root). Each case writes a past range that does not fit, and checks the
+file with plain h5py against what the source sent for each pulse
+(``simulate.expected_values``), ``/missing`` against the range, and the
+summary JSON and the exit code against the file's ``outcome``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401  (bitshuffle filter for reading)
+import numpy as np
+import pytest
+
+from sf_bsread_writer.core import protocol
+from sf_bsread_writer.h5.file import DiskFull, H5File
+from sf_bsread_writer.h5.placement import FileSlot
+from sf_bsread_writer.tools.simulate import channel_metadata, expected_values
+from tests.helpers import Stream, writer_process
+
+DEADLINE = 60.0
+FIRST_PULSE_ID = 80_000_000
+PARAMETERS = {"general/created": "2024-05-01T12:00:00", "general/user": "e12345",
+              "general/process": "test_full_disk", "general/instrument": "simulation"}
+EXIT_CODES = {"complete": 0, "partial": 3, "failed": 1}
+IMAGE_SHAPE = (256, 256)
+N_CHANNELS = 100  # the scalars profile
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (this test's own), unmounted whatever happens."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs (CI runs as root)")
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)])
+
+
+def check_rows(path: Path, profile: str, rows: int) -> None:
+    """Every channel has ``rows`` rows, pulse ids FIRST_PULSE_ID... in order, each value as the source sent it."""
+    names = [entry["name"] for entry in channel_metadata(profile, "bitshuffle_lz4", N_CHANNELS, IMAGE_SHAPE)]
+    with h5py.File(path, "r") as file:
+        columns = {}
+        for name in names:
+            group = file["data"][name]
+            assert group["pulse_id"].shape == (rows,), name
+            columns[name] = (group["is_data_present"][()], group["pulse_id"][()], group["data"][()])
+    for row in range(rows):
+        pulse_id = FIRST_PULSE_ID + row
+        sent = expected_values(profile, pulse_id, N_CHANNELS, IMAGE_SHAPE)
+        for name, (present, stored_pulse_ids, data) in columns.items():
+            expected = sent[name]
+            if expected is None:
+                assert present[row] == 0, (name, pulse_id)
+                continue
+            assert present[row] == 1 and stored_pulse_ids[row] == pulse_id, (name, pulse_id)
+            value = data[row]
+            if isinstance(expected, str):
+                assert (value.decode() if isinstance(value, bytes) else value) == expected, (name, pulse_id)
+            else:
+                assert np.array_equal(np.asarray(value).reshape(expected.shape), expected), (name, pulse_id)
+
+
+@pytest.mark.parametrize("profile, count, disk, at_least", [
+    # 1000-row blocks of ~4.5 KB images: the first block (4.5 MB) does not fit on 3 MB ...
+    ("camera", 1500, "3m", 100),
+    # ... and on 7 MB the first does, the second not.
+    ("camera", 3000, "7m", 1000),
+    # 100 float64 channels: ~2.5 MB of chunks per 1024 rows (4 datasets per channel).
+    ("scalars", 2500, "7m", 1000),
+    # scalars of every type, a big-endian one, a string, arrays, a small image, a channel mostly absent.
+    ("mixed", 4000, "5m", 1000),
+], ids=["camera-first-block", "camera-mid-run", "scalars", "mixed"])
+def test_a_full_disk_keeps_every_row_written_and_says_what_is_missing(tmp_path, profile, count, disk, at_least):
+    stream = Stream(count=count, rate=0.0, first_pulse_id=FIRST_PULSE_ID, profile=profile, n_channels=N_CHANNELS,
+                    image_shape=IMAGE_SHAPE)
+    stop = FIRST_PULSE_ID + count - 1
+    try:
+        stream.wait_for_pulse(stop)
+        with small_disk(tmp_path / "disk", disk) as folder:
+            output = folder / "run.h5"
+            child, client = writer_process(stream.replay, output)
+            with child:
+                client.set_parameters(PARAMETERS)
+                client.stop_pulse_id(stop)
+                client.start_pulse_id(FIRST_PULSE_ID)
+                exit_code = child.wait(timeout=DEADLINE)
+            log = child.output()
+            with h5py.File(output, "r") as file:  # opens, whatever HDF5 had to write at the close
+                attributes = dict(file.attrs)
+                missing = file["missing"][()].tolist() if "missing" in file else []
+            rows = int(attributes["number_of_messages"])
+            check_rows(output, profile, rows)
+            summary = json.loads(Path(f"{output}.summary.json").read_text())
+    finally:
+        stream.close()
+
+    assert rows >= at_least, f"only {rows} rows kept of {count}:\n{log}"
+    assert rows < count
+    assert attributes["outcome"] == ("partial" if rows else "failed")
+    assert attributes["end_reason"] == "disk_full" and attributes["complete"] == 1
+    # Every requested pulse that is not in the file is in /missing, with a reason.
+    assert missing, "nothing recorded as missing"
+    covered = set()
+    for first, last, number, reason in missing:
+        assert reason == b"disk_full", missing
+        assert number == last - first + 1
+        covered.update(range(first, last + 1))
+    assert covered == set(range(FIRST_PULSE_ID + rows, stop + 1))
+    assert attributes["missing_pulses"] == count - rows
+    # The summary agrees with the file; the exit code with the outcome.
+    assert summary["outcome"] == attributes["outcome"]
+    assert summary["messages_written"] == rows and summary["rows_flushed"] == rows
+    assert summary["missing_pulses"] == count - rows and summary["missing_by_reason"] == {"disk_full": count - rows}
+    assert summary["end_reason"] == "disk_full"
+    assert exit_code == EXIT_CODES[attributes["outcome"]], log
+    assert "disk full" in log.lower(), log
+    assert child.process.poll() is not None
+
+
+def test_a_write_that_finds_no_room_after_the_check_keeps_the_rows_of_the_last_flush(tmp_path, monkeypatch):
+    """HDF5 itself hits ENOSPC (another process took the room between the check and the write, a quota).
+
+    The check cannot be raced on purpose, so here it is told there is room
+    (the one stand-in of this module); the disk, the write that fails and
+    the close are real. The reserve is given back, the block cut off again,
+    and the file closes with the rows of the last flush.
+    """
+    monkeypatch.setattr(FileSlot, "free_bytes", lambda self: 1 << 40)
+    channels = channel_metadata("camera", "bitshuffle_lz4", image_shape=IMAGE_SHAPE)
+    parser = protocol.MessageParser()
+    with small_disk(tmp_path / "disk", "3m") as folder:
+        output = folder / "run.h5"
+        h5 = H5File(output, block_rows=100, flush_interval=1e9)
+        flushed = 0
+        with pytest.raises(DiskFull) as caught:
+            for pulse_id in range(FIRST_PULSE_ID, FIRST_PULSE_ID + 2000):
+                image = expected_values("camera", pulse_id, image_shape=IMAGE_SHAPE)["CAMERA:FPICTURE"]
+                h5.append(parser.parse(protocol.build_message(pulse_id, channels, [image],
+                                                              timestamp=1_700_000_000 + pulse_id / 100)))
+                flushed = h5.rows_flushed
+        assert caught.value.rows_kept == flushed > 0 and flushed % 100 == 0
+        with pytest.raises(DiskFull):
+            h5.append(parser.parse(protocol.build_message(1, channels, [image])))  # no more rows
+        h5.record_missing(FIRST_PULSE_ID + flushed, FIRST_PULSE_ID + 1999, "disk_full")
+        h5.close({"end_reason": "disk_full", "outcome": "partial"})
+        with h5py.File(output, "r") as file:
+            assert file.attrs["number_of_messages"] == flushed and file.attrs["complete"] == 1
+            assert file["missing"][()].tolist() == [(FIRST_PULSE_ID + flushed, FIRST_PULSE_ID + 1999,
+                                                     2000 - flushed, b"disk_full")]
+        check_rows(output, "camera", flushed)
