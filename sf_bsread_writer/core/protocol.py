@@ -101,10 +101,12 @@ __all__ = [
     "parse_data_header",
     "decode_value",
     "decode_timestamp",
+    "value_problem",
     "direct_chunk_compatible",
     "encode_value",
     "build_message",
     "COMPRESSIONS",
+    "CHANNEL_REFUSAL_REASONS",
     "TYPES",
     "BITSHUFFLE_BLOCK_BYTES",
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -157,6 +159,11 @@ class RejectReason(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+#: The reasons a single channel of a data header can be refused for (``ChannelSpec.refused``).
+CHANNEL_REFUSAL_REASONS = (RejectReason.DATA_HEADER_INVALID, RejectReason.UNKNOWN_TYPE,
+                           RejectReason.UNKNOWN_COMPRESSION)
 
 
 class ProtocolError(ValueError):
@@ -1095,6 +1102,24 @@ def decode_timestamp(spec: ChannelSpec, part: Frame) -> tuple[int, int] | None:
         raise ProtocolError(RejectReason.CHANNEL_TIMESTAMP_INVALID,
                             f"channel {spec.name!r}: timestamp sec {sec} / ns {ns} is no time (implausible)")
     return sec, ns
+
+
+def value_problem(spec: ChannelSpec, part: Frame) -> ProtocolError | None:
+    """Why a present value part cannot be stored, or None when it can: the check before anything is
+    sized by the channel's header (a dataset, a buffer), so that only a value that decodes does that.
+
+    A ``bitshuffle_lz4`` part that is a valid HDF5 chunk (:func:`direct_chunk_compatible`: byte count and
+    block structure checked) is accepted without decompressing it; anything else is decoded once.
+    """
+    if spec.refused is not None:
+        return ProtocolError(spec.refused, spec.refused_detail)
+    if direct_chunk_compatible(spec, part):
+        return None
+    try:
+        decode_value(spec, part)
+    except ProtocolError as error:
+        return error
+    return None
 
 
 def direct_chunk_compatible(spec: ChannelSpec, part: Frame) -> bool:
