@@ -311,3 +311,29 @@ def test_an_image_becomes_a_small_colour_mapped_png():
     assert (autoscale(np.full((4, 4), 7.0)) == 0).all()
     with pytest.raises(ValueError, match="2 dimensions"):
         render_png(np.zeros(5))
+
+
+def test_a_refused_channel_costs_the_live_values_and_ranges_nothing_else():
+    """The web service's paths (latest values, past ranges) with a data header the parser refused parts of:
+    a bad type, a duplicate name of a good channel, a 2 GiB claim; the good channels as sent."""
+    parser = MessageParser()
+    entries = [{"name": "A", "type": "int32"}, {"name": "B", "type": "complex128"},
+               {"name": "A", "type": "uint8"}, {"name": "H", "type": "uint8", "shape": [2 ** 31, 2 ** 31]}]
+    messages = []
+    for pulse_id in (1, 2):
+        frames = build_message(pulse_id, [{"name": f"X{i}", "type": "int32"} for i in range(4)],
+                               [pulse_id, 7, 8, 9])
+        frames[1] = json.dumps({"channels": entries}).encode()
+        frames[0] = json.dumps({**json.loads(frames[0]), "hash": "refused"}).encode()
+        messages.append(parser.parse(frames))
+    latest = LatestValues()
+    for message in messages:
+        latest.update(message)
+    assert latest.get("A").decoded().tolist() == [2] and latest.get("B") is None and latest.get("H") is None
+    query = parse_range_query({"channels": "A,B,H", "start_pulse_id": "1", "stop_pulse_id": "2"}, RangeLimits())
+    columns = RangeColumns(query, RangeLimits())
+    for message in messages:
+        columns.add(message)
+    columns.finish()
+    assert columns.columns["A"].json_data() == [1, 2]
+    assert columns.columns["B"].json_data() == [None, None] and columns.columns["H"].json_data() == [None, None]
