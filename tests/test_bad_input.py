@@ -120,6 +120,14 @@ def test_bad_clocks_and_bad_channels_cost_only_themselves(tmp_path):
     assert f'sf_bsread_buffer_source_invalid_timestamps_total{{buffer="BSBUFFER"}} {len(BAD_CLOCKS)}' in metrics
     assert 'sf_bsread_buffer_refused_channel_values_total{buffer="BSBUFFER",reason="unknown_type"} 30' in metrics
 
+    # The writer's statistics (as left beside the file) say the same as the file, per channel and reason.
+    writer_statistics = json.loads((tmp_path / "bad.h5.summary.json").read_text())
+    assert writer_statistics["outcome"] == "partial" and writer_statistics["missing_pulses"] == 0
+    assert writer_statistics["refused_values"] == {
+        "BAD:CLAIM": {"value_invalid": COUNT}, "BAD:HUGE": {"data_header_invalid": COUNT},
+        "BAD:TYPE": {"unknown_type": COUNT}, "GOOD:F64": {"data_header_invalid": COUNT},
+        "BAD:SIZE": {"value_invalid": COUNT // 2}}
+
     with h5py.File(output, "r") as file:
         attrs = file.attrs
         # Every pulse is a row: a bad clock is no pulse_id_jump, nothing is missing.

@@ -502,6 +502,9 @@ class WriterStatistics(_Record):
     runs_finished: int = 0  # runs whose file is closed (more than one only in persistent mode)
     time_base: str | None = None  # where the rows' times came from: source | receive | mixed (core.timebase)
     io_path: str | None = None  # how whole messages move: compiled | python (transport.partsio)
+    # Values stored absent because they were refused (a wrong data-header entry, a value that does not
+    # decode), by channel and reason; also in absent_values and the file attribute refused_channels.
+    refused_values: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     @staticmethod
     def missing_summary(missing: Iterable[MissingRange]) -> dict[str, Any]:
