@@ -465,10 +465,11 @@ class H5File:
         """
         self._check_open()
         self._scatter()
+        undecoded = protocol.RejectReason.VALUE_INVALID.value
         for name, spec in self._last_spec.items():
-            if name not in self._columns and name not in self._refused_values:
+            # A channel whose values all failed to decode gets no group: its claimed shape never held.
+            if name not in self._columns and undecoded not in self._refused_values.get(name, ()):
                 self._column_for(spec)  # created with _rows_written rows, all absent
-            # A channel whose every value was refused gets no group: its shape was never decoded.
 
     def abandon(self) -> None:
         """Close and remove the file (a start that failed after it was created), through its pinned folder."""
