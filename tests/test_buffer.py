@@ -313,12 +313,11 @@ def _bad_messages() -> dict[str, list[bytes]]:
         return json.dumps({**header, **changes}).encode()
 
     bad_header = b"not json at all"
-    zip_header = json.dumps({"htype": "bsr_d-1.1", "channels": [{"name": "Y", "compression": "zip"}]}).encode()
     return {
         "main_header_not_json": [b"{not json", *good[1:]],
         "bad_pulse_id": [main(pulse_id=-5), *good[1:]],
         "part_count": [good[0], good[1], good[2]],
-        "unknown_compression": [main(hash="c" * 32), zip_header, b"", b""],
+        "unknown_compression": [main(hash="c" * 32, dh_compression="zip"), *good[1:]],
         "data_header_invalid": [main(hash="d" * 32), bad_header, b"", b""],
         "oversize": [good[0], good[1], b"\x00" * 300_000, good[3]],
     }
@@ -382,13 +381,14 @@ def test_bad_input_is_counted_by_reason_and_dropped_while_good_flows():
 
 
 def test_a_data_header_is_checked_by_its_bytes_not_its_hash_and_by_its_declared_sizes():
-    """Garbage under a known hash (was stored and forwarded) and a 2^62-byte channel: rejected, never forwarded."""
+    """Garbage under a known hash (was stored and forwarded): rejected, never forwarded. A 2^62-byte channel:
+    that channel refused and counted (was: the whole message rejected), the message and its other channels kept."""
     context = zmq.Context()
     source = context.socket(zmq.PUSH)
     source.setsockopt(zmq.LINGER, 0)
     source.bind("tcp://127.0.0.1:0")
     channels = [{"name": "X", "type": "int32"}]
-    huge = [{"name": "H", "type": "uint8", "shape": [2**31, 2**31]}]
+    huge = [{"name": "H", "type": "uint8", "shape": [2**31, 2**31]}, {"name": "X", "type": "int32"}]
     try:
         with running_buffer(source.getsockopt_string(zmq.LAST_ENDPOINT)) as buffer:
             good = build_message(1, channels, [1])
@@ -396,17 +396,18 @@ def test_a_data_header_is_checked_by_its_bytes_not_its_hash_and_by_its_declared_
             garbage = build_message(2, channels, [2])
             garbage[1] = b"\xff" * len(garbage[1])  # the data header of pulse 1's hash, but not its bytes
             source.send_multipart(garbage)
-            source.send_multipart(build_message(3, huge, [None]))  # 450 bytes declaring 2^62 per value
+            source.send_multipart(build_message(3, huge, [None, 3]))  # 450 bytes declaring 2^62 per value
             source.send_multipart(build_message(4, channels, [4]))
-            statistics = wait_for(lambda: (s := buffer.statistics()).rejected_total == 2 and s.received == 2
+            statistics = wait_for(lambda: (s := buffer.statistics()).rejected_total == 1 and s.received == 3
                                   and s, DEADLINE, message="all four handled")
             data, _ = replay_all(buffer.replay_address, 1, 4)
     finally:
         source.close()
         context.term()
-    assert statistics.rejected == {"data_header_invalid": 2}
-    assert [d.pulse_id for d in data] == [1, 4]
-    assert statistics.forwarded == 2
+    assert statistics.rejected == {"data_header_invalid": 1}
+    assert statistics.refused_channel_values == {"data_header_invalid": 1}
+    assert [d.pulse_id for d in data] == [1, 3, 4]
+    assert statistics.forwarded == 3
 
 
 def test_source_restart_with_pulse_id_reset():

@@ -240,3 +240,19 @@ def test_a_new_header_is_rebound_to_the_running_records_or_needs_a_restart():
     # The next IOC: the record that holds both, whichever type its first message has.
     previous = {"D": _cm.widened(_cm.ioc_record_for("int32"), _cm.ioc_record_for("float64"))}
     assert plan(ChannelSpec("D", "int32"), previous=previous).channels[0].record.kind == "ai"
+
+
+def test_a_refused_channel_is_no_pv_and_costs_no_other():
+    """A data-header entry the parser refused (core.protocol: ChannelSpec.refused) is skipped with its reason,
+    never served as its float64 stand-in; a refused duplicate never takes the good channel's PV."""
+    from sf_bsread_writer.ca.ioc import ChannelPlan
+    from sf_bsread_writer.core.protocol import MessageParser, build_message
+
+    frames = build_message(1, [{"name": "A", "type": "int32"}, {"name": "B", "type": "uint8"},
+                               {"name": "C", "type": "uint8"}], [1, 2, 3])
+    entries = [{"name": "A", "type": "int32"}, {"name": "B", "type": "complex128"}, {"name": "A", "type": "uint8"}]
+    frames[1] = json.dumps({"channels": entries}).encode()
+    header = MessageParser().parse(frames).data_header
+    plan = ChannelPlan.build(header, "P:")
+    assert [(c.pv, c.index) for c in plan.channels] == [("P:A", 0)]
+    assert [(name, "refused" in why) for name, why in plan.skipped] == [("B", True), ("A", True)]

@@ -1317,3 +1317,38 @@ def test_low_level_creation_makes_what_the_high_level_api_makes(tmp_path: Path) 
             assert h5py.h5o.get_info(low.id).ctime == 0, name  # no object times: reproducible files, as h5py
         assert f["data/C/timestamp"].attrs["units"].startswith("ns since 1970")
         assert f["data/B/data"].shape == (1, 3) and f["data/B/data"].chunks == f["data/B/data"].chunks
+
+
+def test_a_group_is_sized_by_a_value_that_decodes_never_by_a_claim(tmp_path: Path) -> None:
+    """A bitshuffle channel declaring 2 GiB per value whose parts never decode gets no group (was: a
+    (n, 2147483648) dataset, outcome complete, absent_values 0); one whose first value is broken gets its
+    group at its first good value; every refused value is absent and counted by channel and reason."""
+    path = tmp_path / "claims.h5"
+    claim = channel("CLAIM", "uint8", (2 ** 31,), compression="bitshuffle_lz4")
+    late = channel("LATE", "int32", (4,))
+    good = channel("GOOD", "float64")
+    with H5File(path) as h5:
+        for pulse_id in range(1, 5):
+            frames = protocol.build_message(pulse_id, [channel("CLAIM", "uint8"), late, good],
+                                            [1, np.arange(4) + pulse_id, pulse_id / 2], timestamp=float(pulse_id))
+            header = json.loads(frames[1])
+            header["channels"][0] = claim
+            frames[1] = json.dumps(header).encode()
+            main = json.loads(frames[0])
+            frames[0] = json.dumps({**main, "hash": "claims"}).encode()
+            frames[2] = struct.pack(">QI", 2 ** 31, 8192) + b"\x00" * 20
+            if pulse_id == 1:
+                frames[4] = b"\x01"  # LATE: 1 byte for an int32 [4]
+            h5.append(_PARSER.parse(frames))
+        h5.settle_channels()
+        assert h5.refused_values == {"CLAIM": {"value_invalid": 4}, "LATE": {"value_invalid": 1}}
+        assert set(h5.refused_channels) == {"CLAIM", "LATE"}
+    with read(path) as f:
+        assert set(f["data"]) == {"LATE", "GOOD"}
+        assert f["data/LATE/data"].shape == (4, 4)
+        assert f["data/LATE/is_data_present"][:].tolist() == [0, 1, 1, 1]
+        assert f["data/GOOD/data"][:, 0].tolist() == [0.5, 1.0, 1.5, 2.0]
+        assert f.attrs["absent_values"] == 5
+        refused = json.loads(f.attrs["refused_channels"])
+        assert {(r["channel"], r["reason"], r["values"]) for r in refused} == {("CLAIM", "value_invalid", 4),
+                                                                              ("LATE", "value_invalid", 1)}

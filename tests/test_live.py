@@ -338,3 +338,29 @@ def test_range_queries_refuse_hostile_values_and_ranges_that_cannot_complete():
         parse_range_query(by_time, limits, now=100.0, max_wait=30.0)
     assert parse_range_query({"channels": "A", "start_time": "1.7e9", "stop_time": "1700000000.25"},
                              limits).start_time == 1.7e9
+
+
+def test_a_refused_channel_costs_the_live_values_and_ranges_nothing_else():
+    """The web service's paths (latest values, past ranges) with a data header the parser refused parts of:
+    a bad type, a duplicate name of a good channel, a 2 GiB claim; the good channels as sent."""
+    parser = MessageParser()
+    entries = [{"name": "A", "type": "int32"}, {"name": "B", "type": "complex128"},
+               {"name": "A", "type": "uint8"}, {"name": "H", "type": "uint8", "shape": [2 ** 31, 2 ** 31]}]
+    messages = []
+    for pulse_id in (1, 2):
+        frames = build_message(pulse_id, [{"name": f"X{i}", "type": "int32"} for i in range(4)],
+                               [pulse_id, 7, 8, 9])
+        frames[1] = json.dumps({"channels": entries}).encode()
+        frames[0] = json.dumps({**json.loads(frames[0]), "hash": "refused"}).encode()
+        messages.append(parser.parse(frames))
+    latest = LatestValues()
+    for message in messages:
+        latest.update(message)
+    assert latest.get("A").decoded().tolist() == [2] and latest.get("B") is None and latest.get("H") is None
+    query = parse_range_query({"channels": "A,B,H", "start_pulse_id": "1", "stop_pulse_id": "2"}, RangeLimits())
+    columns = RangeColumns(query, RangeLimits())
+    for message in messages:
+        columns.add(message)
+    columns.finish()
+    assert columns.columns["A"].json_data() == [1, 2]
+    assert columns.columns["B"].json_data() == [None, None] and columns.columns["H"].json_data() == [None, None]

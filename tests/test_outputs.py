@@ -141,3 +141,16 @@ def test_the_summary_never_writes_through_a_symlink(tmp_path):
     assert not (root / "x.h5.summary.json").is_symlink()
     assert json.loads((root / "x.h5.summary.json").read_text()) == {"outcome": "complete"}
     assert sorted(p.name for p in root.iterdir()) == ["x.h5.summary.json"]  # no temporary left
+
+
+def test_dev_null_counts_a_refused_channel_as_absent():
+    """/dev/null counts what a file would: a channel the parser refused is absent whatever its part holds."""
+    from sf_bsread_writer.core.protocol import MessageParser, build_message
+    from sf_bsread_writer.writer.outputs import NullOutput
+
+    frames = build_message(1, [{"name": "A", "type": "int32"}, {"name": "B", "type": "int32"}], [1, 2])
+    frames[1] = json.dumps({"channels": [{"name": "A", "type": "int32"}, {"name": "B", "type": "cplx"}]}).encode()
+    frames[0] = json.dumps({**json.loads(frames[0]), "hash": "refused"}).encode()
+    output = NullOutput()
+    output.append(MessageParser().parse(frames))
+    assert (output.rows, output.absent_values) == (1, 1)

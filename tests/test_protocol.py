@@ -475,47 +475,16 @@ BAD_MESSAGES: list[tuple[str, list[bytes], RejectReason, str]] = [
     ("bool pulse_id", frames_with(pulse_id=True), RejectReason.BAD_PULSE_ID, "True is not an integer"),
     ("null pulse_id", frames_with(pulse_id=None), RejectReason.BAD_PULSE_ID, "None is not an integer"),
     ("pulse_id beyond int64", frames_with(pulse_id=2 ** 63), RejectReason.BAD_PULSE_ID, "int64"),
-    ("timestamp not object", frames_with(global_timestamp=5), RejectReason.BAD_TIMESTAMP, "not an object"),
-    ("timestamp sec float", frames_with(global_timestamp={"sec": 1.5, "ns": 0}), RejectReason.BAD_TIMESTAMP, "1.5"),
-    ("timestamp sec str", frames_with(global_timestamp={"sec": "1"}), RejectReason.BAD_TIMESTAMP, "'1'"),
-    ("timestamp sec bool", frames_with(global_timestamp={"sec": True}), RejectReason.BAD_TIMESTAMP, "True"),
-    ("timestamp ns list", frames_with(global_timestamp={"sec": 1, "ns": []}), RejectReason.BAD_TIMESTAMP, "[]"),
-    ("negative sec", frames_with(global_timestamp={"sec": -1, "ns": 0}), RejectReason.BAD_TIMESTAMP, "-1"),
-    ("negative ns", frames_with(global_timestamp={"sec": 1, "ns": -1}), RejectReason.BAD_TIMESTAMP, "-1"),
-    ("ns too large", frames_with(global_timestamp={"sec": 1, "ns": 10 ** 9}), RejectReason.BAD_TIMESTAMP, "1e9"),
     ("no hash", frames_with(hash=DELETE), RejectReason.BAD_HASH, "no hash"),
     ("hash not str", frames_with(hash=5), RejectReason.BAD_HASH, "5"),
     ("empty hash", frames_with(hash=""), RejectReason.BAD_HASH, "''"),
     ("unknown dh_compression", frames_with(dh_compression="zip"), RejectReason.UNKNOWN_COMPRESSION, "'zip'"),
     ("dh_compression not str", frames_with(dh_compression=["lz4"]), RejectReason.UNKNOWN_COMPRESSION, "['lz4']"),
-    ("channel compression", frames_with(data_header=channel_header(compression="zlib")),
-     RejectReason.UNKNOWN_COMPRESSION, "channel 0: channel 'c': compression 'zlib'"),
-    ("unknown type", frames_with(data_header=channel_header(type="float128")), RejectReason.UNKNOWN_TYPE,
-     "type 'float128'"),
-    ("type not str", frames_with(data_header=channel_header(type=8)), RejectReason.UNKNOWN_TYPE, "type 8"),
     ("data header not json", frames_with(data_header=b"{channels"), RejectReason.DATA_HEADER_INVALID, "not JSON"),
     ("data header empty", frames_with(data_header=b""), RejectReason.DATA_HEADER_INVALID, "empty"),
     ("data header list", frames_with(data_header=[1]), RejectReason.DATA_HEADER_INVALID, "not an object"),
     ("channels not list", frames_with(data_header={"channels": {"a": 1}}), RejectReason.DATA_HEADER_INVALID,
      "not a list"),
-    ("channel not object", frames_with(data_header={"channels": ["a"]}), RejectReason.DATA_HEADER_INVALID,
-     "not an object"),
-    ("no name", frames_with(data_header={"channels": [{"type": "int8"}]}), RejectReason.DATA_HEADER_INVALID,
-     "name None"),
-    ("empty name", frames_with(data_header=channel_header(name="")), RejectReason.DATA_HEADER_INVALID, "name ''"),
-    ("zero shape", frames_with(data_header=channel_header(shape=[0])), RejectReason.DATA_HEADER_INVALID,
-     "shape [0]"),
-    ("empty shape", frames_with(data_header=channel_header(shape=[])), RejectReason.DATA_HEADER_INVALID, "shape []"),
-    ("float shape", frames_with(data_header=channel_header(shape=[1.5])), RejectReason.DATA_HEADER_INVALID, "1.5"),
-    ("bool shape", frames_with(data_header=channel_header(shape=[True])), RejectReason.DATA_HEADER_INVALID, "True"),
-    ("string shape", frames_with(data_header=channel_header(shape="4")), RejectReason.DATA_HEADER_INVALID, "'4'"),
-    ("bad encoding", frames_with(data_header=channel_header(encoding="middle")), RejectReason.DATA_HEADER_INVALID,
-     "'middle'"),
-    ("zero modulo", frames_with(data_header=channel_header(modulo=0)), RejectReason.DATA_HEADER_INVALID, "modulo 0"),
-    ("negative offset", frames_with(data_header=channel_header(offset=-1)), RejectReason.DATA_HEADER_INVALID,
-     "offset -1"),
-    ("duplicate names", frames_with(data_header={"channels": [{"name": "x"}, {"name": "y"}, {"name": "x"}]}),
-     RejectReason.DATA_HEADER_INVALID, "duplicate channel names: x"),
     ("lz4 data header garbage", frames_with(dh_compression="lz4", data_header=b"\x05\x00\x00\x00garbage"),
      RejectReason.DATA_HEADER_INVALID, "does not decompress"),
     ("bitshuffle data header garbage", frames_with(dh_compression="bitshuffle_lz4", data_header=b"\x00" * 11),
@@ -527,6 +496,112 @@ BAD_MESSAGES: list[tuple[str, list[bytes], RejectReason, str]] = [
     ("no parts", [], RejectReason.EMPTY_MESSAGE, "no parts"),
     ("empty main header", [b"", b"{}"], RejectReason.EMPTY_MESSAGE, "main header part is empty"),
 ]
+
+
+def _nan_stamp() -> bytes:
+    return ('{"htype": "bsr_m-1.1", "pulse_id": 1, "global_timestamp": {"sec": NaN, "ns": 0}, "hash": "%s"}'
+            % HASH).encode()
+
+
+#: A global timestamp that is no time: the message is kept, its time is "not given" (the receive time then
+#: stands in: core.timebase), and the header says why (was: the whole message rejected, every value lost).
+BAD_CLOCKS: list[tuple[str, list[bytes], str]] = [
+    ("timestamp not object", frames_with(global_timestamp=5), "not an object"),
+    ("timestamp sec float", frames_with(global_timestamp={"sec": 1.5, "ns": 0}), "1.5"),
+    ("timestamp sec str", frames_with(global_timestamp={"sec": "1"}), "'1'"),
+    ("timestamp sec bool", frames_with(global_timestamp={"sec": True}), "True"),
+    ("timestamp ns list", frames_with(global_timestamp={"sec": 1, "ns": []}), "[]"),
+    ("timestamp sec NaN", frames_with(_nan_stamp()), "nan"),
+    ("negative sec", frames_with(global_timestamp={"sec": -1, "ns": 0}), "-1"),
+    ("negative ns", frames_with(global_timestamp={"sec": 1, "ns": -1}), "-1"),
+    ("ns too large", frames_with(global_timestamp={"sec": 1, "ns": 10 ** 9}), "1000000000"),
+    ("sec 2^62", frames_with(global_timestamp={"sec": 2 ** 62, "ns": 0}), str(2 ** 62)),  # was accepted
+]
+
+
+@pytest.mark.parametrize("label, frames, detail", BAD_CLOCKS, ids=[case[0] for case in BAD_CLOCKS])
+def test_a_bad_clock_costs_the_time_not_the_message(label: str, frames: list[bytes], detail: str) -> None:
+    message = MessageParser().parse(frames)
+    assert (message.main.sec, message.main.ns, message.timestamp) == (0, 0, 0.0)
+    assert detail in message.main.timestamp_invalid and "global_timestamp" in message.main.timestamp_invalid
+    assert message.value(0).tolist() == [1.0] and message.value(1).tolist() == [5]
+    good = MessageParser().parse(frames_with())
+    assert good.main.timestamp_invalid == "" and (good.main.sec, good.main.ns) == (1, 2)
+    assert MessageParser().parse(frames_with(global_timestamp=DELETE)).main.timestamp_invalid == ""  # not given
+
+
+def two_channels(**bad_entry: Any) -> dict[str, Any]:
+    """A good float64 channel "a" and a channel "c" (the int32 value part) with ``bad_entry`` in its header."""
+    return {"channels": [{"name": "a"}, dict({"name": "c", "type": "int32"}, **bad_entry)]}
+
+
+#: Every per-channel field of a data header that can be wrong: that channel is refused (its values absent,
+#: the reason kept with it), the other channels of the message are read as always (was: the whole message).
+BAD_CHANNELS: list[tuple[str, Any, RejectReason, str, str]] = [
+    ("channel compression", two_channels(compression="zlib"), RejectReason.UNKNOWN_COMPRESSION, "c",
+     "compression 'zlib'"),
+    ("unknown type", two_channels(type="float128"), RejectReason.UNKNOWN_TYPE, "c", "type 'float128'"),
+    ("type not str", two_channels(type=8), RejectReason.UNKNOWN_TYPE, "c", "type 8"),
+    ("channel not object", {"channels": [{"name": "a"}, "c"]}, RejectReason.DATA_HEADER_INVALID, "channel 1",
+     "not an object"),
+    ("no name", {"channels": [{"name": "a"}, {"type": "int32"}]}, RejectReason.DATA_HEADER_INVALID, "channel 1",
+     "name None"),
+    ("empty name", {"channels": [{"name": "a"}, {"name": "", "type": "int32"}]}, RejectReason.DATA_HEADER_INVALID,
+     "channel 1", "name ''"),
+    ("zero shape", two_channels(shape=[0]), RejectReason.DATA_HEADER_INVALID, "c", "shape [0]"),
+    ("empty shape", two_channels(shape=[]), RejectReason.DATA_HEADER_INVALID, "c", "shape []"),
+    ("float shape", two_channels(shape=[1.5]), RejectReason.DATA_HEADER_INVALID, "c", "1.5"),
+    ("bool shape", two_channels(shape=[True]), RejectReason.DATA_HEADER_INVALID, "c", "True"),
+    ("string shape", two_channels(shape="4"), RejectReason.DATA_HEADER_INVALID, "c", "'4'"),
+    ("huge shape", two_channels(shape=[2 ** 31, 2 ** 31]), RejectReason.DATA_HEADER_INVALID, "c",
+     "more than a message may have"),
+    ("bad encoding", two_channels(encoding="middle"), RejectReason.DATA_HEADER_INVALID, "c", "'middle'"),
+    ("zero modulo", two_channels(modulo=0), RejectReason.DATA_HEADER_INVALID, "c", "modulo 0"),
+    ("negative offset", two_channels(offset=-1), RejectReason.DATA_HEADER_INVALID, "c", "offset -1"),
+    ("duplicate name", {"channels": [{"name": "a"}, {"name": "a", "type": "int32"}]},
+     RejectReason.DATA_HEADER_INVALID, "a", "duplicate"),
+]
+
+
+@pytest.mark.parametrize("label, data_header, reason, name, detail", BAD_CHANNELS,
+                         ids=[case[0] for case in BAD_CHANNELS])
+def test_a_bad_channel_in_a_data_header_costs_only_itself(label: str, data_header: Any, reason: RejectReason,
+                                                           name: str, detail: str) -> None:
+    message = MessageParser().parse(frames_with(data_header=data_header))
+    good, bad = message.data_header.channels
+    assert not good.refused and message.value(0).tolist() == [1.0] and message.is_present(0)
+    assert bad.refused is reason and bad.name == name and detail in bad.refused_detail
+    assert message.data_header.refused == (1,)
+    # Nothing is sized by what was refused: it is never present, never decoded, never a direct chunk.
+    assert not message.is_present(1) and not direct_chunk_compatible(bad, message.value_part(1))
+    with pytest.raises(ProtocolError) as caught:
+        message.value(1)
+    assert caught.value.reason is reason and detail in caught.value.detail
+    assert message.channel_seconds(1) == message.timestamp
+    # The good channel is found by its name, the refused one by none (a duplicate: the first keeps it).
+    assert message.data_header.index_of("a") == 0
+    assert (name in message.data_header) is (name == "a")
+
+
+def test_a_header_of_only_bad_channels_is_still_a_message() -> None:
+    message = MessageParser().parse(frames_with(data_header={"channels": [5, {"name": "x", "type": "cplx"}]}))
+    assert message.n_channels == 2 and message.data_header.refused == (0, 1)
+    assert [spec.refused for spec in message.data_header.channels] == [RejectReason.DATA_HEADER_INVALID,
+                                                                       RejectReason.UNKNOWN_TYPE]
+
+
+def test_an_implausible_channel_timestamp_is_no_time() -> None:
+    """One policy (core.timebase.plausible_stamp) for the global and every channel timestamp."""
+    frames = build_message(7, [{"name": "A", "type": "int32"}, {"name": "B", "type": "int32"}],
+                           [np.int32(1), np.int32(2)], timestamp=(1_700_000_000, 500),
+                           channel_timestamps=[(2 ** 62, 0), (-5, 0)])
+    message = MessageParser().parse(frames)
+    for index in (0, 1):
+        assert message.channel_seconds(index) == message.timestamp  # the message's time stands in
+        with pytest.raises(ProtocolError) as caught:
+            message.channel_timestamp(index)
+        assert caught.value.reason is RejectReason.CHANNEL_TIMESTAMP_INVALID and "implausible" in caught.value.detail
+        assert message.value(index).tolist() == [index + 1]
 
 
 @pytest.mark.parametrize("label, frames, reason, detail", BAD_MESSAGES, ids=[case[0] for case in BAD_MESSAGES])
@@ -592,8 +667,9 @@ def test_display_text_that_is_not_text_becomes_text_for_every_consumer() -> None
 
 
 def test_every_reject_reason_is_tested_and_stable() -> None:
-    covered = {case[2] for case in BAD_MESSAGES}
-    covered |= {RejectReason.OVERSIZE, RejectReason.VALUE_INVALID, RejectReason.CHANNEL_TIMESTAMP_INVALID}
+    covered = {case[2] for case in BAD_MESSAGES} | {case[2] for case in BAD_CHANNELS}
+    covered |= {RejectReason.BAD_TIMESTAMP,  # the key of a replaced global timestamp: BAD_CLOCKS
+                RejectReason.OVERSIZE, RejectReason.VALUE_INVALID, RejectReason.CHANNEL_TIMESTAMP_INVALID}
     assert covered == set(RejectReason)
     assert {reason.value for reason in RejectReason} == {
         "main_header_not_json", "main_header_not_object", "bad_htype", "bad_pulse_id", "bad_timestamp",
@@ -697,14 +773,14 @@ def test_cache_parses_once_per_hash_and_caches_failures() -> None:
     cache = DataHeaderCache(max_entries=2)
     cache.get("h1", good)
 
-    bad = b'{"channels": [{"name": "x", "type": "float128"}]}'
+    bad = b'{"channels": {"x": "float128"}}'  # a channel list that is no list: the message
     errors = []
     for _ in range(3):
         with pytest.raises(ProtocolError) as error:
             cache.get("bad", bad)
         errors.append(error.value)
     assert cache.misses == 2  # one parse for three identical bad headers
-    assert len({id(error) for error in errors}) == 3 and {error.reason for error in errors} == {RejectReason.UNKNOWN_TYPE}
+    assert len({id(error) for error in errors}) == 3 and {error.reason for error in errors} == {RejectReason.DATA_HEADER_INVALID}
     # A failure is reused only for the same bytes: a good header under that hash still parses.
     assert cache.get("bad", good).names == ("a", "b")
     assert cache.misses == 3 and len(cache) == 2
@@ -891,15 +967,18 @@ def test_fuzz_decode_value_of_random_bytes(compression: str, channel_type: str, 
             assert value.shape == spec.array_shape and value.dtype == spec.dtype
 
 
-def test_a_channel_declaring_more_bytes_than_a_message_may_have_makes_the_header_invalid() -> None:
+def test_a_channel_declaring_more_bytes_than_a_message_may_have_is_refused() -> None:
     parser = MessageParser(max_message_bytes=10_000)
     for shape in ([2**31, 2**31], [10_001], [2**15, 2**15]):
-        frames = build_message(1, [{"name": "H", "type": "uint8", "shape": shape}], [None])
+        frames = build_message(1, [{"name": "H", "type": "uint8", "shape": shape}, {"name": "G", "type": "int32"}],
+                               [None, 7])
         assert sum(map(len, frames)) < 10_000  # the message itself is small
-        with pytest.raises(ProtocolError) as caught:
-            parser.parse(frames)
-        assert caught.value.reason is RejectReason.DATA_HEADER_INVALID
-        assert "bytes per value, more than a message may have (10000)" in caught.value.detail
+        message = parser.parse(frames)
+        refused = message.data_header.channels[0]
+        assert refused.refused is RejectReason.DATA_HEADER_INVALID
+        assert "bytes per value, more than a message may have (10000)" in refused.refused_detail
+        assert refused.shape == (1,) and refused.nbytes == 0  # nothing sized by the claim
+        assert message.value(1).tolist() == [7]  # the other channel costs nothing
     fits = build_message(1, [{"name": "H", "type": "uint8", "shape": [10_000]}], [None])
     assert parser.parse(fits).data_header.channels[0].nbytes == 10_000  # at the limit: fine
     # Compressed, a value may be larger than the message (up to LZ4's largest ratio): an image kept whole.
@@ -908,6 +987,6 @@ def test_a_channel_declaring_more_bytes_than_a_message_may_have_makes_the_header
                                     "compression": "bitshuffle_lz4"}], [image])
     assert sum(map(len, compressed)) < 10_000
     assert (parser.parse(compressed).value(0) == image).all()
-    with pytest.raises(ProtocolError, match="decompressed"):
-        parser.parse(build_message(1, [{"name": "I", "type": "uint16", "shape": [2**31, 2**31],
-                                        "compression": "lz4"}], [None]))
+    beyond = parser.parse(build_message(1, [{"name": "I", "type": "uint16", "shape": [2**31, 2**31],
+                                             "compression": "lz4"}], [None]))
+    assert "decompressed" in beyond.data_header.channels[0].refused_detail

@@ -5,7 +5,9 @@ import math
 
 import pytest
 
-from sf_bsread_writer.core.timebase import MAX_CLOCK_SKEW, TimeBase, file_time_base, message_time
+from sf_bsread_writer.core.timebase import (
+    MAX_CLOCK_SKEW, MAX_TIMESTAMP_SECONDS, TimeBase, file_time_base, message_time, plausible_stamp, stamps_to_ns,
+)
 
 RECEIVED = 1_700_000_000.0
 
@@ -37,3 +39,38 @@ def test_the_files_time_base():
     assert file_time_base(0, 5) is TimeBase.RECEIVE
     assert file_time_base(1, 4) is TimeBase.MIXED
     assert [base.value for base in TimeBase] == ["source", "receive", "mixed"]  # the file attribute's words
+
+
+# -- one policy for "is this (sec, ns) a time at all": the global timestamp and every channel's own
+
+
+@pytest.mark.parametrize("sec, ns, plausible", [
+    (1_700_000_000, 0, True),
+    (0, 0, True),  # "not given" is a well-formed stamp (message_time decides what it is worth)
+    (MAX_TIMESTAMP_SECONDS, 999_999_999, True),  # still fits int64 nanoseconds
+    (MAX_TIMESTAMP_SECONDS + 1, 0, False),
+    (2 ** 62, 0, False),  # was accepted, and stored as channel time 0 (int64 ns overflow)
+    (-1, 0, False),
+    (1, -1, False),
+    (1, 10 ** 9, False),
+    (math.nan, 0, False),
+    (1.5, 0, False),
+    (1, 2.0, False),
+    (True, 0, False),
+    ("1", 0, False),
+    (None, 0, False),
+], ids=["usual", "not_given", "latest", "beyond_int64_ns", "2^62", "negative_sec", "negative_ns",
+        "ns_1e9", "nan", "float_sec", "float_ns", "bool", "string", "none"])
+def test_a_stamp_is_plausible_only_as_whole_ns_in_int64(sec, ns, plausible):
+    assert plausible_stamp(sec, ns) is plausible
+
+
+def test_channel_stamps_become_nanoseconds_and_implausible_ones_zero():
+    import numpy as np
+
+    sec = np.array([1_700_000_000, 2 ** 62, -1, 5, 0, MAX_TIMESTAMP_SECONDS], dtype="<i8")
+    ns = np.array([7, 0, 0, 10 ** 9, 0, 999_999_999], dtype="<i8")
+    stamps = stamps_to_ns(sec, ns)
+    assert stamps.dtype == np.dtype("<i8")
+    assert stamps.tolist() == [1_700_000_000 * 10 ** 9 + 7, 0, 0, 0, 0,
+                               MAX_TIMESTAMP_SECONDS * 10 ** 9 + 999_999_999]

@@ -85,6 +85,8 @@ REJECT_LOG_INTERVAL = 5.0
 STATUS_LINE_SECONDS = 5.0
 # --analyzer: at most this many "data missing" lines per message (then one line with the count).
 ANALYZER_MAX_LINES = 100
+# Refused channels named in the one log line of a new data header (the statistics count them all).
+REFUSED_SHOWN = 5
 
 
 class _RateLimitedLog:
@@ -224,6 +226,8 @@ class Buffer:
         self._idle_reported = False  # "source idle" logged, "source back" not yet
         self._last_message_time: float | None = None
         self._timed_by_receive = 0
+        self._invalid_timestamps = 0  # global timestamps that were no time: kept, timed by receive
+        self._refused_channel_values: dict[str, int] = {}  # by reason: ChannelSpec.refused, message kept
         self._time_base: TimeBase | None = None  # of the last message: a change is logged
         self._clock_offset: float | None = None
         self._rates = RateEstimator(RATE_WINDOW_SECONDS)
@@ -410,6 +414,11 @@ class Buffer:
         pulse_id = message.pulse_id
         received_at = self._wall_clock()
         timestamp, base = message_time(message.timestamp, received_at, self.max_clock_skew)
+        if message.main.timestamp_invalid:
+            # A bad clock costs the time, never the pulse: the values are kept, the receive time stands in.
+            self._invalid_timestamps += 1
+            self._reject_log.warning("bad_clock", "pulse_id %d: %s; kept, timed by the buffer's receive time",
+                                     pulse_id, message.main.timestamp_invalid)
         self._note_time_base(base, message.timestamp, received_at, pulse_id)
         self._analyze(message, pulse_id)
         result = self.ring.append(pulse_id, timestamp, frames)
@@ -485,6 +494,18 @@ class Buffer:
                                       pulse_id, message.n_channels, self._last_header.hash, header.hash)
             self._last_header = header
             self._channels = message.n_channels
+            if header.refused:
+                shown = [f"{header.channels[index].name!r} ({header.channels[index].refused_detail})"
+                         for index in header.refused[:REFUSED_SHOWN]]
+                more = len(header.refused) - len(shown)
+                self._reject_log.warning("refused_channels", "data header at pulse %d: %d channel(s) refused: %s%s; "
+                                         "the messages and their other channels are kept", pulse_id,
+                                         len(header.refused), "; ".join(shown), f" and {more} more" if more else "")
+        if header.refused:
+            counts = self._refused_channel_values
+            for index in header.refused:
+                reason = header.channels[index].refused.value
+                counts[reason] = counts.get(reason, 0) + 1
         if self._last_pulse_id is not None and pulse_id < self._last_pulse_id and self.analyzer:
             logger.info("analyzer: pulse id went back from %d to %d", self._last_pulse_id, pulse_id)
         self._last_pulse_id = pulse_id
@@ -545,7 +566,8 @@ class Buffer:
             source=SourceStatus(address=self.stream, mode=self.source_mode, idle_seconds=idle,
                                 last_message_time=self._last_message_time,
                                 connected_once=self._last_message_monotonic is not None,
-                                timed_by_receive=self._timed_by_receive, clock_offset_seconds=self._clock_offset),
+                                timed_by_receive=self._timed_by_receive, clock_offset_seconds=self._clock_offset,
+                                invalid_timestamps=self._invalid_timestamps),
             received=self._received,
             received_bytes=self._received_bytes,
             forwarded=self._forwarded,
@@ -559,6 +581,7 @@ class Buffer:
             web_feed=self._web_feed.status() if self._web_feed is not None else None,
             channels=self._channels,
             children=tuple(ChildStatus(name, child.running, child.restarts) for name, child in self._children.items()),
+            refused_channel_values=dict(self._refused_channel_values),
             header_changes=self._header_changes,
             ring=RingStatus(messages=ring.n_messages, bytes=ring.n_bytes, max_messages=self.max_messages,
                             max_bytes=self.max_bytes, oldest_pulse_id=ring.oldest_pulse_id,

@@ -141,6 +141,9 @@ class ChannelPlan:
                        if spec.name.endswith(SEVERITY_SUFFIX) and spec.type in _SEVERITY_TYPES}
         companions = {header.channels[index].name for name, index in severity_of.items() if name in header.names}
         for index, spec in enumerate(header.channels):
+            if spec.refused is not None:  # its header entry was wrong: no values, no PV (nor its stand-in type)
+                skipped.append((spec.name, f"refused by the parser: {spec.refused_detail}"))
+                continue
             if spec.name in companions:
                 continue
             pv = prefix + spec.name

@@ -615,7 +615,7 @@ class StreamPVs:
         seen: set[str] = set()
         order: list[_ChannelPV | None] = []
         for spec in header.channels:
-            if spec.name in seen:  # a duplicate name: serve the first
+            if spec.name in seen or spec.refused is not None:  # a duplicate name: serve the first; refused: none
                 order.append(None)
                 continue
             seen.add(spec.name)

@@ -37,7 +37,19 @@ Decisions worth knowing
 * A missing ``pulse_id`` is 0 (Java omits fields equal to their default).
   A missing ``global_timestamp`` is ``(0, 0)``, meaning "not given", as
   bsread's own receiver accepts it. Within it, missing ``sec``/``epoch`` or
-  ``ns`` is 0. ``ns`` must lie in ``[0, 1e9)``; ``sec`` must be >= 0.
+  ``ns`` is 0. A global timestamp that is no time (not an object, not
+  integers, NaN, negative, ``ns`` outside ``[0, 1e9)``, beyond int64
+  nanoseconds: ``core.timebase.plausible_stamp``) costs the message its
+  time, not its values: it reads as "not given" and
+  ``MainHeader.timestamp_invalid`` says why (the receive time then stands in).
+* **A bad channel costs only itself.** A data-header entry that is wrong
+  (type, shape, encoding, compression, modulo, offset, name, a duplicate
+  name, more bytes per value than a message may carry) is kept in its
+  place as a *refused* :class:`ChannelSpec` (``refused`` = the reason,
+  ``refused_detail`` = what): never present, never decoded, never sized
+  (shape ``(1,)``, ``nbytes`` 0); every other channel of the message is
+  read as always. Only a data header that is no list of channels at all
+  rejects the message.
 * A missing data-header ``channels`` list is an empty list (Java omits it).
 * String values are decoded as UTF-8 with ``errors="replace"``: a bad byte
   shows up as U+FFFD instead of losing the whole value.
@@ -71,6 +83,7 @@ import lz4.block
 import numpy as np
 
 from .parts import PackedParts
+from .timebase import plausible_stamp
 
 __all__ = [
     "RejectReason",
@@ -88,10 +101,12 @@ __all__ = [
     "parse_data_header",
     "decode_value",
     "decode_timestamp",
+    "value_problem",
     "direct_chunk_compatible",
     "encode_value",
     "build_message",
     "COMPRESSIONS",
+    "CHANNEL_REFUSAL_REASONS",
     "TYPES",
     "BITSHUFFLE_BLOCK_BYTES",
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -118,16 +133,18 @@ class RejectReason(str, enum.Enum):
     BAD_HTYPE = "bad_htype"
     #: ``pulse_id`` not an integer (bool, float and string are refused), negative, or beyond int64.
     BAD_PULSE_ID = "bad_pulse_id"
-    #: ``global_timestamp`` not an object, or sec/ns of the wrong type or out of range.
+    #: ``global_timestamp`` not an object, or sec/ns of the wrong type or out of range. Never rejects a
+    #: message any more (the time is replaced: ``MainHeader.timestamp_invalid``); a stable key still.
     BAD_TIMESTAMP = "bad_timestamp"
     #: ``hash`` missing, empty or not a string.
     BAD_HASH = "bad_hash"
-    #: Data header missing, not decompressible, not JSON, or a channel entry is malformed
-    #: (name, shape, encoding, modulo, offset, duplicate names).
+    #: Data header missing, not decompressible, not JSON (the message), or a channel entry is malformed
+    #: (name, shape, encoding, modulo, offset, a duplicate name, a declared size beyond the limit: that
+    #: channel only, ``ChannelSpec.refused``).
     DATA_HEADER_INVALID = "data_header_invalid"
-    #: ``dh_compression`` or a channel's ``compression`` is not none/lz4/bitshuffle_lz4.
+    #: ``dh_compression`` (the message) or a channel's ``compression`` (that channel) is not none/lz4/bitshuffle_lz4.
     UNKNOWN_COMPRESSION = "unknown_compression"
-    #: A channel's ``type`` is not one of :data:`TYPES`.
+    #: A channel's ``type`` is not one of :data:`TYPES` (that channel only).
     UNKNOWN_TYPE = "unknown_type"
     #: Number of parts is not 2 + 2 * number of channels.
     PART_COUNT = "part_count"
@@ -137,11 +154,16 @@ class RejectReason(str, enum.Enum):
     EMPTY_MESSAGE = "empty_message"
     #: A value part does not decode to the header's type and shape (decoding only, never parse()).
     VALUE_INVALID = "value_invalid"
-    #: A channel timestamp part is neither empty nor 16 bytes (decoding only, never parse()).
+    #: A channel timestamp part is neither empty nor 16 bytes, or no plausible time (decoding only, never parse()).
     CHANNEL_TIMESTAMP_INVALID = "channel_timestamp_invalid"
 
     def __str__(self) -> str:
         return self.value
+
+
+#: The reasons a single channel of a data header can be refused for (``ChannelSpec.refused``).
+CHANNEL_REFUSAL_REASONS = (RejectReason.DATA_HEADER_INVALID, RejectReason.UNKNOWN_TYPE,
+                           RejectReason.UNKNOWN_COMPRESSION)
 
 
 class ProtocolError(ValueError):
@@ -255,6 +277,9 @@ class MainHeader:
     ns: int
     hash: str
     dh_compression: str = "none"
+    #: Why the sender's ``global_timestamp`` was replaced by "not given" (``sec = ns = 0``); "" when it was
+    #: a time or absent. The buffer counts these and times the message by its receive time.
+    timestamp_invalid: str = ""
 
     @property
     def timestamp(self) -> float:
@@ -294,25 +319,7 @@ def parse_main_header(frame: Frame) -> MainHeader:
     if pulse_id > _INT64_MAX:
         raise ProtocolError(RejectReason.BAD_PULSE_ID, f"pulse_id {_short(pulse_id)} does not fit in int64")
 
-    stamp = header.get("global_timestamp")
-    if stamp is None:
-        sec = ns = 0
-    elif type(stamp) is dict:
-        sec = stamp.get("sec")
-        if sec is None:
-            sec = stamp.get("epoch", 0)  # old Python senders; Java omits 0
-        ns = stamp.get("ns", 0)
-        if type(sec) is not int or type(ns) is not int:
-            raise ProtocolError(RejectReason.BAD_TIMESTAMP,
-                                f"global_timestamp sec {_short(sec)} / ns {_short(ns)} are not integers")
-        if not 0 <= sec <= _INT64_MAX:
-            raise ProtocolError(RejectReason.BAD_TIMESTAMP, f"global_timestamp sec {_short(sec)} is out of range")
-        if not 0 <= ns < _NS_PER_SECOND:
-            raise ProtocolError(RejectReason.BAD_TIMESTAMP,
-                                f"global_timestamp ns {_short(ns)} is not in [0, 1e9)")
-    else:
-        raise ProtocolError(RejectReason.BAD_TIMESTAMP,
-                            f"global_timestamp {_short(stamp)} is not an object")
+    sec, ns, timestamp_invalid = _global_timestamp(header.get("global_timestamp"))
 
     data_hash = header.get("hash")
     if type(data_hash) is not str or not data_hash:
@@ -329,7 +336,24 @@ def parse_main_header(frame: Frame) -> MainHeader:
     else:
         dh_compression = dh_compression.lower()
 
-    return MainHeader(htype, pulse_id, sec, ns, data_hash, dh_compression)
+    return MainHeader(htype, pulse_id, sec, ns, data_hash, dh_compression, timestamp_invalid)
+
+
+def _global_timestamp(stamp: Any) -> tuple[int, int, str]:
+    """``(sec, ns, "")`` of a global timestamp, or ``(0, 0, why)`` when it is no time (the message is kept)."""
+    if stamp is None:
+        return 0, 0, ""
+    if type(stamp) is not dict:
+        return 0, 0, f"global_timestamp {_short(stamp)} is not an object"
+    sec = stamp.get("sec")
+    if sec is None:
+        sec = stamp.get("epoch", 0)  # old Python senders; Java omits 0
+    ns = stamp.get("ns", 0)
+    if plausible_stamp(sec, ns):
+        return sec, ns, ""
+    if type(sec) is not int or type(ns) is not int:
+        return 0, 0, f"global_timestamp sec {_short(sec)} / ns {_short(ns)} are not integers"
+    return 0, 0, f"global_timestamp sec {_short(sec)} / ns {_short(ns)} is no time (implausible)"
 
 
 # --------------------------------------------------------------------------- data header
@@ -355,6 +379,10 @@ class ChannelSpec:
     offset: int = 0
     #: Optional display metadata, ``(key, value)`` pairs in :data:`DISPLAY_KEYS` order; see there.
     display: tuple[tuple[str, Any], ...] = ()
+    #: Set for a channel whose data-header entry was wrong (:meth:`refusal`): the reason; its values are
+    #: never present (``Message.is_present``) and never decoded, and nothing is sized by it.
+    refused: "RejectReason | None" = None
+    refused_detail: str = ""
     # Derived once per header, not compared: the hot decode path only reads them.
     dtype: np.dtype = field(init=False, repr=False, compare=False)
     array_shape: tuple[int, ...] = field(init=False, repr=False, compare=False)
@@ -413,6 +441,13 @@ class ChannelSpec:
         set_(self, "n_elements", n_elements)
         # A string's length varies from value to value: no fixed size.
         set_(self, "nbytes", None if is_string else n_elements * dtype.itemsize)
+        if self.refused is not None:
+            set_(self, "nbytes", 0)  # nothing may be sized by a refused channel (packed path, columns)
+
+    @classmethod
+    def refusal(cls, name: str, error: "ProtocolError") -> "ChannelSpec":
+        """The placeholder of a channel whose data-header entry is wrong: ``name``, the error's reason and detail."""
+        return cls(name, "float64", (1,), "little", "none", 1, 0, (), error.reason, error.detail)
 
     @classmethod
     def from_header(cls, entry: Any) -> "ChannelSpec":
@@ -451,6 +486,8 @@ class ChannelSpec:
                  "modulo": self.modulo, "offset": self.offset}
         for key, value in self.display:
             entry[key] = list(value) if isinstance(value, tuple) else value
+        if self.refused is not None:
+            entry["refused"] = f"{self.refused.value}: {self.refused_detail}"
         return entry
 
     def display_value(self, key: str, default: Any = None) -> Any:
@@ -526,21 +563,27 @@ class DataHeader:
     hash: str
     channels: tuple[ChannelSpec, ...]
     names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    #: Positions of the refused channels (``ChannelSpec.refused``), in order; () for a header without any.
+    refused: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         names = tuple(channel.name for channel in self.channels)
-        index = {name: position for position, name in enumerate(names)}
-        if len(index) != len(names):
+        refused = tuple(position for position, channel in enumerate(self.channels) if channel.refused is not None)
+        accepted = [(channel.name, position) for position, channel in enumerate(self.channels)
+                    if channel.refused is None]
+        index = dict(accepted)
+        if len(index) != len(accepted):
             seen: set[str] = set()
-            duplicates = sorted({name for name in names if name in seen or seen.add(name)})
+            duplicates = sorted({name for name, _ in accepted if name in seen or seen.add(name)})
             raise ProtocolError(RejectReason.DATA_HEADER_INVALID,
                                 f"duplicate channel names: {', '.join(duplicates)}")
         object.__setattr__(self, "names", names)
+        object.__setattr__(self, "refused", refused)
         object.__setattr__(self, "_index", index)
 
     def index_of(self, name: str) -> int:
-        """Position of channel ``name`` (value part ``2 + 2 * i``). KeyError if absent."""
+        """Position of the accepted channel ``name`` (value part ``2 + 2 * i``). KeyError if absent or refused."""
         return self._index[name]
 
     def __contains__(self, name: object) -> bool:
@@ -627,20 +670,40 @@ def parse_data_header(data_hash: str, frame: Frame, dh_compression: str = "none"
         raise ProtocolError(RejectReason.DATA_HEADER_INVALID,
                             f"data header channels {_short(entries)} is not a list")
     channels = []
+    seen: set[str] = set()
     for position, entry in enumerate(entries):
         try:
-            spec = ChannelSpec.from_header(entry)
-        except ProtocolError as error:
-            raise ProtocolError(error.reason, f"channel {position}: {error.detail}") from None
-        if max_value_bytes is not None and spec.nbytes is not None:
-            limit = max_value_bytes if spec.compression == "none" else max_value_bytes * _LZ4_MAX_RATIO
-            if spec.nbytes > limit:
+            spec = _checked_channel(position, entry, max_value_bytes)
+            if spec.name in seen:
                 raise ProtocolError(RejectReason.DATA_HEADER_INVALID,
-                                    f"channel {position} {spec.name!r}: {spec.type} {list(spec.shape)} declares "
-                                    f"{spec.nbytes} bytes per value, more than a message may have ({limit}"
-                                    f"{'' if spec.compression == 'none' else ' decompressed'})")
+                                    f"channel {position}: duplicate channel name {_short(spec.name)} "
+                                    "(the first of that name is kept)")
+            seen.add(spec.name)
+        except ProtocolError as error:  # that channel only: its place kept, its values never read
+            spec = ChannelSpec.refusal(_entry_name(position, entry), error)
         channels.append(spec)
     return DataHeader(data_hash, tuple(channels))
+
+
+def _entry_name(position: int, entry: Any) -> str:
+    """The name a refused entry is known by: its own where it is one, else ``channel <position>``."""
+    name = entry.get("name") if type(entry) is dict else None
+    return name if type(name) is str and name else f"channel {position}"
+
+
+def _checked_channel(position: int, entry: Any, max_value_bytes: int | None) -> ChannelSpec:
+    try:
+        spec = ChannelSpec.from_header(entry)
+    except ProtocolError as error:
+        raise ProtocolError(error.reason, f"channel {position}: {error.detail}") from None
+    if max_value_bytes is not None and spec.nbytes is not None:
+        limit = max_value_bytes if spec.compression == "none" else max_value_bytes * _LZ4_MAX_RATIO
+        if spec.nbytes > limit:
+            raise ProtocolError(RejectReason.DATA_HEADER_INVALID,
+                                f"channel {position} {spec.name!r}: {spec.type} {list(spec.shape)} declares "
+                                f"{spec.nbytes} bytes per value, more than a message may have ({limit}"
+                                f"{'' if spec.compression == 'none' else ' decompressed'})")
+    return spec
 
 
 @dataclass(frozen=True, slots=True)
@@ -764,9 +827,10 @@ class Message:
         return _as_buffer(self.frames[3 + 2 * i])
 
     def is_present(self, i: int) -> bool:
-        """True if channel ``i`` has data: an empty value part means "no data" whatever the timestamp."""
+        """True if channel ``i`` has data: an empty value part means "no data" whatever the timestamp,
+        and a refused channel (``ChannelSpec.refused``) has none whatever its part holds."""
         self._check(i)
-        return _frame_size(self.frames[2 + 2 * i]) > 0
+        return _frame_size(self.frames[2 + 2 * i]) > 0 and self.data_header.channels[i].refused is None
 
     def value(self, i: int) -> np.ndarray | str | None:
         """Decoded value of channel ``i`` (see :func:`decode_value`)."""
@@ -781,7 +845,8 @@ class Message:
     def channel_seconds(self, i: int) -> float:
         """Channel ``i``'s own timestamp in seconds, else the message's.
 
-        Else: absent, ``(0, 0)`` ("not given"), or a part that is not 16 bytes
+        Else: absent, ``(0, 0)`` ("not given"), no plausible time (``core.timebase.plausible_stamp``),
+        or a part that is not 16 bytes
         (the parser does not check timestamp parts; a malformed one costs the
         value its own time, never the value: what every consumer shows).
         """
@@ -791,7 +856,7 @@ class Message:
             return self.timestamp
         sec, ns = struct.unpack("<qq" if self.data_header.channels[i].encoding == "little" else ">qq",
                                 _as_buffer(part))
-        return sec + ns * 1e-9 if sec or ns else self.timestamp
+        return sec + ns * 1e-9 if (sec or ns) and plausible_stamp(sec, ns) else self.timestamp
 
 
 class MessageParser:
@@ -994,8 +1059,11 @@ def decode_value(spec: ChannelSpec, part: Frame) -> np.ndarray | str | None:
     exactly ``spec.array_shape`` (a scalar is shape ``(1,)``, never a numpy
     scalar) with the channel's byte order. Uncompressed values are read-only
     views on the part. Raises :class:`ProtocolError` (``value_invalid``)
-    when the bytes do not match the header's type and shape.
+    when the bytes do not match the header's type and shape, and the
+    channel's refusal for a refused channel (whatever the part holds).
     """
+    if spec.refused is not None:
+        raise ProtocolError(spec.refused, spec.refused_detail)
     buffer = _as_buffer(part)
     size = _frame_size(buffer)
     if size == 0:
@@ -1019,7 +1087,8 @@ def decode_timestamp(spec: ChannelSpec, part: Frame) -> tuple[int, int] | None:
     """(sec, ns) of a timestamp part in the channel's byte order; None when empty.
 
     Raises :class:`ProtocolError` (``channel_timestamp_invalid``) for any
-    other length than 0 or 16.
+    other length than 0 or 16, and for a stamp that is no time
+    (``core.timebase.plausible_stamp``).
     """
     buffer = _as_buffer(part)
     size = _frame_size(buffer)
@@ -1028,7 +1097,29 @@ def decode_timestamp(spec: ChannelSpec, part: Frame) -> tuple[int, int] | None:
     if size != 16:
         raise ProtocolError(RejectReason.CHANNEL_TIMESTAMP_INVALID,
                             f"channel {spec.name!r}: timestamp part has {size} bytes, expected 16")
-    return struct.unpack("<qq" if spec.encoding == "little" else ">qq", buffer)
+    sec, ns = struct.unpack("<qq" if spec.encoding == "little" else ">qq", buffer)
+    if not plausible_stamp(sec, ns):
+        raise ProtocolError(RejectReason.CHANNEL_TIMESTAMP_INVALID,
+                            f"channel {spec.name!r}: timestamp sec {sec} / ns {ns} is no time (implausible)")
+    return sec, ns
+
+
+def value_problem(spec: ChannelSpec, part: Frame) -> ProtocolError | None:
+    """Why a present value part cannot be stored, or None when it can: the check before anything is
+    sized by the channel's header (a dataset, a buffer), so that only a value that decodes does that.
+
+    A ``bitshuffle_lz4`` part that is a valid HDF5 chunk (:func:`direct_chunk_compatible`: byte count and
+    block structure checked) is accepted without decompressing it; anything else is decoded once.
+    """
+    if spec.refused is not None:
+        return ProtocolError(spec.refused, spec.refused_detail)
+    if direct_chunk_compatible(spec, part):
+        return None
+    try:
+        decode_value(spec, part)
+    except ProtocolError as error:
+        return error
+    return None
 
 
 def direct_chunk_compatible(spec: ChannelSpec, part: Frame) -> bool:
@@ -1042,7 +1133,7 @@ def direct_chunk_compatible(spec: ChannelSpec, part: Frame) -> bool:
     element counts fail), and a block structure that exactly fills the part
     (a corrupt chunk would crash every later reader).
     """
-    if spec.compression != "bitshuffle_lz4" or spec.is_string:
+    if spec.compression != "bitshuffle_lz4" or spec.is_string or spec.refused is not None:
         return False
     buffer = _as_buffer(part)
     if _frame_size(buffer) < 12:

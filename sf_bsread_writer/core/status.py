@@ -19,10 +19,10 @@ import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .protocol import RejectReason
+from .protocol import CHANNEL_REFUSAL_REASONS, RejectReason
 from .pulse_range import MissingRange
 from .replay_messages import Gap
 
@@ -54,7 +54,7 @@ class _Record:
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict for ``json.dumps`` (nested records as dicts, tuples as lists)."""
-        return {field.name: _to_json(getattr(self, field.name)) for field in dataclasses.fields(self)}
+        return {item.name: _to_json(getattr(self, item.name)) for item in dataclasses.fields(self)}
 
     @classmethod
     def from_json(cls, document: Mapping[str, Any]) -> Any:
@@ -67,10 +67,12 @@ class _Record:
             raise ValueError(f"{cls.__name__}: expected a JSON object, not {type(document).__name__}")
         hints = typing.get_type_hints(cls)
         values = {}
-        for field in dataclasses.fields(cls):
-            if field.name not in document:
-                raise ValueError(f"{cls.__name__}: field {field.name!r} missing")
-            values[field.name] = _from_json(hints[field.name], document[field.name], f"{cls.__name__}.{field.name}")
+        for item in dataclasses.fields(cls):
+            if item.name not in document:
+                if item.default is not dataclasses.MISSING or item.default_factory is not dataclasses.MISSING:
+                    continue  # a field newer than the service that answered: its default
+                raise ValueError(f"{cls.__name__}: field {item.name!r} missing")
+            values[item.name] = _from_json(hints[item.name], document[item.name], f"{cls.__name__}.{item.name}")
         return cls(**values)
 
 
@@ -136,6 +138,9 @@ class SourceStatus(_Record):
     # Messages whose time is the buffer's receive time: the source's timestamp was absent or implausible.
     timed_by_receive: int = 0
     clock_offset_seconds: float | None = None  # source timestamp - receive time, of the last message
+    # Of those, messages whose global_timestamp was no time at all (NaN, negative, ns out of range,
+    # beyond int64 ns: core.timebase.plausible_stamp): kept, their values stored, their time replaced.
+    invalid_timestamps: int = 0
 
 
 @dataclass(frozen=True)
@@ -270,6 +275,9 @@ class BufferStatus(_Record):
     web_feed: CaFeedStatus | None = None
     channels: int | None = None  # channels of the newest data header
     children: tuple[ChildStatus, ...] = ()
+    # Channel values of stored messages refused by their data-header entry (ChannelSpec.refused), by
+    # reason: that channel's value is lost, the message and its other channels are kept.
+    refused_channel_values: Mapping[str, int] = field(default_factory=dict)
 
     def describe(self) -> str:
         """One word for humans and monitoring: what the buffer is doing."""
@@ -385,6 +393,16 @@ def prometheus_text(status: BufferStatus) -> str:
     rejected = {reason.value: 0 for reason in RejectReason} | dict(status.rejected)
     m.family("rejected_messages_total", "counter", "Malformed messages dropped, by reason.",
              [({"reason": reason}, count) for reason, count in sorted(rejected.items())])
+    refused = {reason.value: 0 for reason in CHANNEL_REFUSAL_REASONS} | dict(status.refused_channel_values)
+    m.family("refused_channel_values_total", "counter",
+             "Channel values of stored messages refused by their data-header entry, by reason (the rest kept).",
+             [({"reason": reason}, count) for reason, count in sorted(refused.items())])
+    m.one("source_timed_by_receive_total", "counter",
+          "Messages timed by the buffer's receive time (source timestamp absent or implausible).",
+          status.source.timed_by_receive)
+    m.one("source_invalid_timestamps_total", "counter",
+          "Messages whose global timestamp was no time (kept; timed by the receive time).",
+          status.source.invalid_timestamps)
     m.one("ignored_messages_total", "counter", "Control messages (htype not bsr_m-*) ignored.", status.ignored)
     m.one("duplicate_messages_total", "counter", "Messages dropped because their pulse id repeated the newest.",
           status.duplicates)
@@ -484,6 +502,9 @@ class WriterStatistics(_Record):
     runs_finished: int = 0  # runs whose file is closed (more than one only in persistent mode)
     time_base: str | None = None  # where the rows' times came from: source | receive | mixed (core.timebase)
     io_path: str | None = None  # how whole messages move: compiled | python (transport.partsio)
+    # Values stored absent because they were refused (a wrong data-header entry, a value that does not
+    # decode), by channel and reason; also in absent_values and the file attribute refused_channels.
+    refused_values: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     @staticmethod
     def missing_summary(missing: Iterable[MissingRange]) -> dict[str, Any]:

@@ -13,13 +13,29 @@ writer when a message's time is the buffer's: ``core.replay_messages``); a
 writer reading a live stream directly decides the same way with its own
 receive time. The file records which base its rows' times came from
 (attribute ``time_base``).
+
+Before any of that, a stamp must be a time at all: :func:`plausible_stamp`
+is the one answer to "is this ``(sec, ns)`` a time", for the global
+timestamp (``core.protocol`` keeps the message and drops only its time)
+and for every channel's own timestamp (stored as 0, "not given", in the
+file: :func:`stamps_to_ns`). A stamp that is no time costs the time, never
+the values.
 """
 from __future__ import annotations
 
 import enum
 import math
+from typing import Any
 
-__all__ = ["MAX_CLOCK_SKEW", "TimeBase", "message_time", "file_time_base"]
+import numpy as np
+
+__all__ = ["MAX_CLOCK_SKEW", "MAX_TIMESTAMP_SECONDS", "TimeBase", "message_time", "file_time_base",
+           "plausible_stamp", "stamps_to_ns"]
+
+#: The latest second a stamp may name: its nanoseconds still fit an int64 (the file's channel
+#: ``timestamp``, year 2262). Beyond, ``sec * 1e9`` wraps (2^62 s was stored as 0).
+MAX_TIMESTAMP_SECONDS = (2 ** 63 - 1) // 1_000_000_000 - 1
+_NS_PER_SECOND = 1_000_000_000
 
 # Seconds a source's timestamp may differ from the receive time and still be
 # believed. Far above network and queueing delays (ms) and a buffer's backlog
@@ -33,6 +49,25 @@ class TimeBase(str, enum.Enum):
     SOURCE = "source"  # the source's global timestamp
     RECEIVE = "receive"  # the time the buffer (or a --direct writer) received it
     MIXED = "mixed"  # a file whose rows have both
+
+
+def plausible_stamp(sec: Any, ns: Any) -> bool:
+    """True if ``(sec, ns)`` is a time: integers (not bool), ``0 <= sec <= MAX_TIMESTAMP_SECONDS``, ``0 <= ns < 1e9``.
+
+    ``(0, 0)`` is plausible here: it is bsread's "not given", well formed;
+    :func:`message_time` decides what a time is worth for selection.
+    """
+    return (type(sec) is int and type(ns) is int and 0 <= sec <= MAX_TIMESTAMP_SECONDS
+            and 0 <= ns < _NS_PER_SECOND)
+
+
+def stamps_to_ns(sec: np.ndarray, ns: np.ndarray) -> np.ndarray:
+    """int64 nanoseconds since the epoch of many stamps at once; 0 ("not given") where not :func:`plausible_stamp`."""
+    sec = np.asarray(sec, dtype="<i8")
+    ns = np.asarray(ns, dtype="<i8")
+    plausible = (sec >= 0) & (sec <= MAX_TIMESTAMP_SECONDS) & (ns >= 0) & (ns < _NS_PER_SECOND)
+    return np.where(plausible, np.where(plausible, sec, 0) * _NS_PER_SECOND + np.where(plausible, ns, 0),
+                    0).astype("<i8")
 
 
 def message_time(source_timestamp: float, received_at: float,

@@ -28,6 +28,7 @@ import hdf5plugin
 import numpy as np
 
 from ..core import protocol
+from ..core.timebase import stamps_to_ns
 from .layout import (
     ABSENT_TIMESTAMP, DIRECT_CHUNK_MIN_BYTES, MAX_CHUNK_BYTES, MAX_CHUNK_ROWS, NS_PER_S, STRING_DTYPE,
     TIMESTAMP_BYTES, attribute_value, channel_signature, chunk_shape, storable,
@@ -198,8 +199,8 @@ class Column:
         write_rows(self.is_data_present, start, present, end)
         write_rows(self.pulse_id, start, np.where(present != 0, pulse_ids, 0).astype("<i8"), end)
         stamps = np.frombuffer(self.timestamps, dtype=self.ts_order + "i8").reshape(count, 2)
-        write_rows(self.timestamp, start, (stamps[:, 0].astype("<i8") * NS_PER_S + stamps[:, 1]).astype("<i8"),
-                   end)
+        # A stamp that is no time (2^62 s wrapped to 0, negative ns ...) is stored as 0, "not given".
+        write_rows(self.timestamp, start, stamps_to_ns(stamps[:, 0], stamps[:, 1]), end)
         writes = 3 + self._write_values(start, count)
         self.present = bytearray()
         self.timestamps = bytearray()

@@ -207,6 +207,11 @@ class H5File:
         self._missing_rewrite = False  # truncate() replaced the records: /missing is rewritten
         self._attributes: dict[str, Any] = {}
         self._refused: dict[str, str] = {}  # channel name -> why it has no group
+        # Values refused one by one (a refused header entry, a value that does not decode):
+        # channel name -> reason -> [count, first detail]. Those rows are absent; a channel
+        # with no decoded value gets no group (nothing sized by an undecoded claim).
+        self._refused_values: dict[str, dict[str, list]] = {}
+        self._row_refusals: list[tuple[str, str, str]] = []  # of the row being added (all or nothing)
         self._last_flush = clock()
         self._groups_since_flush = 0  # channel groups made since the last flush (metadata it writes)
         self.disk_full: DiskFull | None = None  # set once the disk was full: no more rows
@@ -318,6 +323,7 @@ class H5File:
             plan = self._use_header(header)
         row = len(self._row_pulse_ids) - self._rows_written
         absent_before = self.absent_values
+        self._row_refusals = []
         try:
             accepted_total = self._add_values(plan, message, row)
         except BaseException as error:
@@ -329,6 +335,9 @@ class H5File:
             if is_disk_full(error):  # a new group's metadata found no room
                 self._recover_from_full_disk(error)
             raise
+        for name, reason, detail in self._row_refusals:
+            counts = self._refused_values.setdefault(name, {}).setdefault(reason, [0, detail])
+            counts[0] += 1
         self._row_pulse_ids.append(message.pulse_id)
         self._pending_bytes += accepted_total
         self.bytes_written += accepted_total
@@ -355,20 +364,37 @@ class H5File:
         columns = plan.columns
         channels = header.channels
         for index in slow:
+            spec = channels[index]
+            if spec.refused is not None:  # its data-header entry was wrong: absent, counted, never sized
+                self._refuse_value(spec.name, spec.refused.value, spec.refused_detail)
+                continue
             part = message.value_part(index)
             if not len(part):
                 self.absent_values += 1
                 continue
-            spec = channels[index]
             column = columns[index]
             if column is None:
+                # A group is sized by a value that decodes, never by what its header claims.
+                problem = protocol.value_problem(spec, part)
+                if problem is not None:
+                    self._refuse_value(spec.name, problem.reason.value, problem.detail)
+                    continue
                 column = columns[index] = self._column_for(spec)
                 if column is None:  # refused: recorded once, its values dropped
                     continue
-            accepted_total += column.append(spec, part, message.timestamp_part(index), row)
+            accepted = column.append(spec, part, message.timestamp_part(index), row)
+            if not accepted:  # did not decode: stored absent (the column logged why)
+                self._refuse_value(spec.name, protocol.RejectReason.VALUE_INVALID.value,
+                                   "a value that does not decode (the writer's log says why)")
+            accepted_total += accepted
             if column.expanded:
                 self._pending_bytes += column.take_expansion()
         return accepted_total
+
+    def _refuse_value(self, name: str, reason: str, detail: str) -> None:
+        """One value of ``name`` refused in the row being added: absent, counted by reason at the row's end."""
+        self.absent_values += 1
+        self._row_refusals.append((name, reason, detail))
 
     def record_missing(self, first_pulse_id: int, last_pulse_id: int, reason: str,
                        count: int | None = None) -> None:
@@ -596,8 +622,10 @@ class H5File:
         if self.disk_full is not None:
             self._slot.release_reserve()  # new groups need room
         self._scatter()
+        undecoded = protocol.RejectReason.VALUE_INVALID.value
         for name, spec in self._last_spec.items():
-            if name not in self._columns:
+            # A channel whose values all failed to decode gets no group: its claimed shape never held.
+            if name not in self._columns and undecoded not in self._refused_values.get(name, ()):
                 self._column_for(spec)  # created with _rows_written rows, all absent
 
     def abandon(self) -> None:
@@ -627,7 +655,8 @@ class H5File:
         self._scatter()  # pending packed rows belong to the previous plan
         columns: list[Column | None] = []
         for spec in header.channels:
-            self._last_spec[spec.name] = spec
+            if spec.refused is None:  # a refused entry describes nothing (and may repeat a good name)
+                self._last_spec[spec.name] = spec
             variants = self._columns.get(spec.name)
             columns.append(variants.get(channel_signature(spec)) if variants else None)
         self._plan = HeaderPlan(header, columns)
@@ -713,8 +742,17 @@ class H5File:
 
     @property
     def refused_channels(self) -> dict[str, str]:
-        """Channels whose values are not in the file, and why (also the file attribute ``refused_channels``)."""
-        return dict(self._refused)
+        """Channels whose values (all, or some rows) are not in the file, and why (the file attribute
+        ``refused_channels``); any makes the outcome partial."""
+        refused = {name: ", ".join(f"{reason} ({count} values): {detail}" for reason, (count, detail) in reasons.items())
+                   for name, reasons in self._refused_values.items()}
+        return {**refused, **self._refused}
+
+    @property
+    def refused_values(self) -> dict[str, dict[str, int]]:
+        """Values refused one by one, by channel and reason (stored absent; counted in ``absent_values`` too)."""
+        return {name: {reason: count for reason, (count, _) in reasons.items()}
+                for name, reasons in self._refused_values.items()}
 
     def _each_column(self) -> Iterable[Column]:
         for variants in self._columns.values():
@@ -776,9 +814,11 @@ class H5File:
         else:  # none yet, or truncate() removed them all
             for key in ("first_pulse_id", "last_pulse_id", "first_timestamp", "last_timestamp"):
                 attrs.pop(key, None)
-        if self._refused:
+        if self._refused or self._refused_values:
             attrs["refused_channels"] = json.dumps(
-                [{"channel": name, "reason": reason} for name, reason in self._refused.items()])
+                [{"channel": name, "reason": reason} for name, reason in self._refused.items()]
+                + [{"channel": name, "reason": reason, "values": count, "detail": detail}
+                   for name, reasons in self._refused_values.items() for reason, (count, detail) in reasons.items()])
         attrs["complete"] = np.uint8(complete)
 
     def _write_general(self, general: dict[str, Any], extra: dict[str, Any]) -> None:

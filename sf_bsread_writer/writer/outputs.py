@@ -95,9 +95,8 @@ class NullOutput:
     def append(self, message: Any, time: float | None = None) -> None:
         self.rows += 1
         for index in range(message.n_channels):
-            size = len(message.value_part(index))
-            self.bytes_written += size
-            self.absent_values += size == 0
+            self.bytes_written += len(message.value_part(index))
+            self.absent_values += not message.is_present(index)  # empty, or its channel refused by the parser
 
     def record_missing(self, first_pulse_id: int, last_pulse_id: int, reason: str, count: int | None = None) -> None:
         pass

@@ -258,6 +258,7 @@ class Writer:
                 runs_finished=control.runs_finished,
                 time_base=counters.time_base,
                 io_path=partsio.IMPLEMENTATION,
+                refused_values=getattr(output, "refused_values", {}) if output is not None else {},
             )
 
     # -- start -------------------------------------------------------------------
