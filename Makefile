@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml sf_bsread_writer/transport/_partsio.c sf_bsread_writer/core/_blockwalk.c
+$(STAMP): setup.py pyproject.toml sf_bsread_writer/transport/_partsio.c sf_bsread_writer/bsread/_blockwalk.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'

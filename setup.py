@@ -4,8 +4,8 @@ The two compiled parts are optional: without a C compiler the build goes on and
 the package uses their Python fallbacks. ``sf_bsread_writer.transport._partsio``
 (whole ZeroMQ messages in one call; fallback: the pure pyzmq path in
 ``transport/partsio.py``) needs no libzmq headers or library at build time: it
-finds pyzmq's libzmq at import. ``sf_bsread_writer.core._blockwalk`` walks the
-bitshuffle_lz4 block structure (fallback: the loop in ``core/protocol.py``).
+finds pyzmq's libzmq at import. ``sf_bsread_writer.bsread._blockwalk`` walks the
+bitshuffle_lz4 block structure (fallback: the loop in ``bsread/protocol.py``).
 """
 import logging
 
@@ -43,7 +43,7 @@ setup(
     ext_modules=[Extension("sf_bsread_writer.transport._partsio", ["sf_bsread_writer/transport/_partsio.c"],
                            libraries=["dl"], extra_compile_args=["-O2", "-std=c11", "-Wall"],
                            optional=True),
-                 Extension("sf_bsread_writer.core._blockwalk", ["sf_bsread_writer/core/_blockwalk.c"],
+                 Extension("sf_bsread_writer.bsread._blockwalk", ["sf_bsread_writer/bsread/_blockwalk.c"],
                            extra_compile_args=["-O2", "-std=c11", "-Wall"], optional=True)],
     cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[

@@ -58,7 +58,7 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sf_bsread_writer.core import protocol  # noqa: E402
+from sf_bsread_writer.bsread import protocol
 from sf_bsread_writer.h5 import file as h5_file_module  # noqa: E402
 from sf_bsread_writer.h5.file import H5File  # noqa: E402
 from sf_bsread_writer.tools import simulate  # noqa: E402

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OriginalPatternWriter  # noqa: E402
-from sf_bsread_writer.core import protocol  # noqa: E402
+from sf_bsread_writer.bsread import protocol
 from sf_bsread_writer.h5.file import H5File  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Collecting a past range into columns (core.range_query) and encoding it, without sockets.
+"""Collecting a past range into columns (web.range_query) and encoding it, without sockets.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_range_columns.py --messages 10000 --channels 100
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_range_columns.py --baseline-tree /tmp/before
@@ -8,7 +8,7 @@ The web service's ``GET /api/v1/range`` replays messages from the buffer and
 hands each to ``RangeColumns.add``; the answer is then ``as_json`` (plus
 ``json.dumps``) or ``as_npz``. This times those steps alone on messages
 built once with ``protocol.build_message`` and packed as the compiled
-receiver delivers them (``core.parts.pack``), parsed once beforehand (the
+receiver delivers them (``bsread.parts.pack``), parsed once beforehand (the
 parse is the same whatever collects): float64 scalars, every 10th message
 without the last channel (a modulo channel), plus one 64-element waveform.
 ``--baseline-tree DIR`` runs the same in a child importing the package of
@@ -35,9 +35,9 @@ import common  # noqa: E402
 def run_once(messages: int, channels: int) -> dict[str, float]:
     import numpy as np
 
-    from sf_bsread_writer.core.parts import pack
-    from sf_bsread_writer.core.protocol import MessageParser, build_message
-    from sf_bsread_writer.core.range_query import RangeColumns, RangeLimits, parse_range_query
+    from sf_bsread_writer.bsread.parts import pack
+    from sf_bsread_writer.bsread.protocol import MessageParser, build_message
+    from sf_bsread_writer.web.range_query import RangeColumns, RangeLimits, parse_range_query
     from sf_bsread_writer.web.ranges import as_json, as_npz
 
     specs = [{"name": f"SAR:CH{i:04d}", "type": "float64"} for i in range(channels - 1)]

@@ -18,6 +18,6 @@ def write_range(buffer, start_pulse_id, stop_pulse_id, path, parameters=None, **
     ``buffer``: a buffer's name on this host (``sf_bsread_ctl ls``) or its HTTP URL. See
     :func:`sf_bsread_writer.tools.ctl.write_range` (imported on first use: the package import stays light).
     """
-    from .tools.ctl import write_range as write
+    from sf_bsread_writer.tools.ctl import write_range as write
 
     return write(buffer, start_pulse_id, stop_pulse_id, path, parameters, **options)

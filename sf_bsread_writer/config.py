@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .core.protocol import DEFAULT_MAX_MESSAGE_BYTES
-from .core.timebase import MAX_CLOCK_SKEW
+from sf_bsread_writer.bsread.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from sf_bsread_writer.bsread.timebase import MAX_CLOCK_SKEW
 
 __all__ = [
     "Option",

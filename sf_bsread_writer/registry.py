@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import process
+from sf_bsread_writer import process
 
 __all__ = ["Entry", "Skipped", "Listing", "runtime_directory", "runtime_directories", "register", "unregister",
            "entries", "scan", "process_start", "SYSTEM_DIRECTORY", "MAX_ENTRY_BYTES"]

@@ -26,7 +26,7 @@
   process runs the work; callbacks run in that thread: keep them short);
   :class:`AsyncRemoteBuffer` is the same API for asyncio code.
 
-It imports nothing of the package but the pure ``core.rates`` (the rate grid the service uses too):
+It imports nothing of the package but the pure ``rates`` (the rate grid the service uses too):
 the contract is the JSON of the web API.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ from urllib.parse import quote
 import aiohttp
 import numpy as np
 
-from .core.rates import RateGrid
+from sf_bsread_writer.rates import RateGrid
 
 __all__ = ["RemoteBuffer", "AsyncRemoteBuffer", "RemoteError", "RemoteTimeout", "Value", "RangeData",
            "RangeResult", "Subscription"]

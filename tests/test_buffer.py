@@ -22,10 +22,10 @@ import zmq
 from bsread import SUB, Source
 
 from sf_bsread_writer.buffer.service import Buffer
-from sf_bsread_writer.core.protocol import build_message
-from sf_bsread_writer.core.replay_messages import Data, End, Gap
+from sf_bsread_writer.bsread.protocol import build_message
+from sf_bsread_writer.replay.messages import Data, End, Gap
 from sf_bsread_writer.tools.simulate import Simulator, expected_values
-from sf_bsread_writer.transport.replay_client import ReplayClient
+from sf_bsread_writer.replay.client import ReplayClient
 from tests.helpers import Child, free_port, wait_for
 
 DEADLINE = 30.0
@@ -758,7 +758,7 @@ def test_analyzer_logs_each_channel_missing_from_a_pulse_in_the_originals_words(
 
 
 def test_a_source_without_a_plausible_clock_is_timed_by_the_buffers_receive_time(caplog):
-    """core.timebase at ingest: the ring indexes, and the replay sends, the receive time instead."""
+    """bsread.timebase at ingest: the ring indexes, and the replay sends, the receive time instead."""
     wall = 1_700_000_000.0
     channels = [{"name": "A", "type": "int32"}]
     with push_source() as (source, address), caplog.at_level("INFO", logger="sf_bsread_writer.buffer"), \
@@ -818,12 +818,12 @@ def test_operators_read_the_stream_s_story_at_info_without_analyzer(caplog):
 
 
 # ---------------------------------------------------------------------------
-# core/status.py (pure)
+# status.py (pure)
 # ---------------------------------------------------------------------------
 def test_status_answers_from_a_snapshot():
     from dataclasses import replace
 
-    from sf_bsread_writer.core import status
+    from sf_bsread_writer import status
 
     buffer = Buffer("tcp://127.0.0.1:1", name='quote"me')  # never run: the initial snapshot
     snapshot = buffer.statistics()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from sf_bsread_writer import registry, write_range
-from sf_bsread_writer.core.acquisition import Outcome
+from sf_bsread_writer.writer.acquisition import Outcome
 from sf_bsread_writer.tools.simulate import expected_values
 
 from .helpers import Child, wait_for

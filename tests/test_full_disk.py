@@ -22,7 +22,7 @@ import hdf5plugin  # noqa: F401  (bitshuffle filter for reading)
 import numpy as np
 import pytest
 
-from sf_bsread_writer.core import protocol
+from sf_bsread_writer.bsread import protocol
 from sf_bsread_writer.h5.file import DiskFull, H5File
 from sf_bsread_writer.h5.placement import FileSlot
 from sf_bsread_writer.tools.simulate import channel_metadata, expected_values

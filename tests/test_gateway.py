@@ -582,7 +582,7 @@ def test_buffer_ca_feed_is_rate_limited_and_leaves_a_push_output_whole(env, monk
     import zmq
 
     from sf_bsread_writer.buffer.service import Buffer
-    from sf_bsread_writer.core.protocol import build_message
+    from sf_bsread_writer.bsread.protocol import build_message
 
     port = str(free_port())
     for key, value in (env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}).items():

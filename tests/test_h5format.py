@@ -24,8 +24,8 @@ import hdf5plugin  # noqa: F401  (bitshuffle filter for reading)
 import numpy as np
 import pytest
 
-from sf_bsread_writer.core import protocol
-from sf_bsread_writer.core.pulse_range import MissingRange
+from sf_bsread_writer.bsread import protocol
+from sf_bsread_writer.writer.pulse_range import MissingRange
 from sf_bsread_writer.h5 import columns, layout, variants
 from sf_bsread_writer.h5 import file as h5_file
 from sf_bsread_writer.h5.file import H5File
@@ -691,7 +691,7 @@ def _child_env(**extra: str) -> dict[str, str]:
 _RETYPE_CHILD = textwrap.dedent("""
     import os, signal, sys
     import h5py
-    from sf_bsread_writer.core import protocol
+    from sf_bsread_writer.bsread import protocol
     from sf_bsread_writer.h5.file import H5File
     path, when = sys.argv[1], sys.argv[2]
     parser = protocol.MessageParser()
@@ -854,7 +854,7 @@ _CHILD = textwrap.dedent("""
     import os, sys
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import numpy as np
-    from sf_bsread_writer.core import protocol
+    from sf_bsread_writer.bsread import protocol
     from sf_bsread_writer.h5.file import H5File
     path, first = sys.argv[1], int(sys.argv[2])
     channels = [
@@ -1229,7 +1229,7 @@ def _datasets(path: Path) -> dict[str, Any]:
 
 def test_a_packed_message_is_written_exactly_as_its_frames(tmp_path: Path) -> None:
     """The compiled receiver's packed form and a list of frames give the same file, irregularities included."""
-    from sf_bsread_writer.core.parts import LayoutCache, pack
+    from sf_bsread_writer.bsread.parts import LayoutCache, pack
 
     stream = _stream_frames(60)
     layouts = LayoutCache()

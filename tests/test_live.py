@@ -1,5 +1,5 @@
 """The web service's pure decisions: latest values, JSON values, subscriptions and bounded queues
-(core.live), range queries and their columns (core.range_query). Fed ``now``; no socket."""
+(web.live), range queries and their columns (web.range_query). Fed ``now``; no socket."""
 from __future__ import annotations
 
 import json
@@ -8,14 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from sf_bsread_writer.core.live import (
+from sf_bsread_writer.web.live import (
     ClientFeed, LatestValues, SubscriptionError, SubscriptionHub, json_safe, value_document,
 )
-from sf_bsread_writer.core.protocol import MessageParser, build_message
-from sf_bsread_writer.core.range_query import (
+from sf_bsread_writer.bsread.protocol import MessageParser, build_message
+from sf_bsread_writer.web.range_query import (
     RangeColumns, RangeLimits, RangeQueryError, RangeTooLarge, parse_range_query,
 )
-from sf_bsread_writer.core.replay_messages import Gap
+from sf_bsread_writer.replay.messages import Gap
 
 CHANNELS = [{"name": "A", "type": "float64"}, {"name": "EVERY10", "type": "int32"},
             {"name": "WAVE", "type": "float32", "shape": [4]}, {"name": "TEXT", "type": "string"}]
@@ -195,7 +195,7 @@ def test_range_columns_equal_the_per_value_decoding_of_every_kind_of_channel():
     Message.value / channel_seconds / json_safe of each message, for every kind of channel and
     every way a row can differ (absent, NaN, big-endian, compressed, string, corrupt, retyped,
     channel time (0, 0) or missing, packed parts as the replay delivers them)."""
-    from sf_bsread_writer.core.parts import pack
+    from sf_bsread_writer.bsread.parts import pack
     from sf_bsread_writer.web.ranges import as_json, as_npz
 
     rng = np.random.default_rng(7)
@@ -275,8 +275,8 @@ def test_range_columns_equal_the_per_value_decoding_of_every_kind_of_channel():
 def test_a_rate_limited_feed_keeps_sparse_channels():
     """At 10 of 100 messages a second a plain grid locks onto pulses where a modulo-10 channel is absent;
     the feed also takes the messages that carry a channel the last one lacked, within a bound."""
-    from sf_bsread_writer.core.parts import pack
-    from sf_bsread_writer.core.rates import RateGrid, SparseAwareGrid
+    from sf_bsread_writer.bsread.parts import pack
+    from sf_bsread_writer.rates import RateGrid, SparseAwareGrid
 
     with_sparse = pack(build_message(10, CHANNELS, [1.0, np.int32(1), np.zeros(4, np.float32), "x"]))
     without = pack(build_message(11, CHANNELS, [1.0, None, np.zeros(4, np.float32), "x"]))
@@ -299,7 +299,7 @@ def test_an_image_becomes_a_small_colour_mapped_png():
     import struct
     import zlib
 
-    from sf_bsread_writer.core.image import COLORMAP, autoscale, render_png
+    from sf_bsread_writer.web.image import COLORMAP, autoscale, render_png
 
     frame = np.arange(1024 * 1280, dtype=np.uint16).reshape(1024, 1280)
     png = render_png(frame, max_side=512)

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from sf_bsread_writer.buffer.service import Buffer
-from sf_bsread_writer.core.status import prometheus_text
+from sf_bsread_writer.status import prometheus_text
 from sf_bsread_writer.web.auth import TokenSet
 from sf_bsread_writer.web.state import WebService, WebSettings
 
@@ -56,7 +56,7 @@ def _exported_labels() -> dict[str, set[str]]:
     unstarted buffer has neither, and their metrics would show no sample)."""
     from dataclasses import replace
 
-    from sf_bsread_writer.core.status import ChildStatus, SessionStatus
+    from sf_bsread_writer.status import ChildStatus, SessionStatus
 
     status = Buffer("tcp://127.0.0.1:9", rest_port=None).statistics()
     session = SessionStatus("0a1b", 1, None, 9, None, 0, 5, 5, 0, 0, 64, 0, 0, None)

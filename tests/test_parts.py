@@ -1,10 +1,10 @@
-"""The packed form of a message (core.parts): pure, no sockets."""
+"""The packed form of a message (bsread.parts): pure, no sockets."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sf_bsread_writer.core.parts import LARGE_PART_BYTES, LayoutCache, PackedParts, encode_lengths, pack
+from sf_bsread_writer.bsread.parts import LARGE_PART_BYTES, LayoutCache, PackedParts, encode_lengths, pack
 
 
 def _frames(lengths, seed=0):

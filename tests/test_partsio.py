@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import zmq
 
-from sf_bsread_writer.core.parts import LARGE_PART_BYTES, PackedParts, pack
+from sf_bsread_writer.bsread.parts import LARGE_PART_BYTES, PackedParts, pack
 from sf_bsread_writer.transport import partsio
 
 IMPLEMENTATIONS = ["compiled", "python"]

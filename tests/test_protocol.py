@@ -1,4 +1,4 @@
-"""Tests of the pure protocol core (sf_bsread_writer.core.protocol).
+"""Tests of the pure protocol core (sf_bsread_writer.bsread.protocol).
 
 Independent references: bsread's own Sender (over a real ZeroMQ socket, and
 captured in-process for the full type x compression matrix), bsread's value
@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 import bsread
 from bsread.data.compression import LZ4, BitshuffleLZ4
 from bsread.data.helpers import get_channel_reader, get_value_bytes, get_value_reader
-from sf_bsread_writer.core.protocol import (
+from sf_bsread_writer.bsread.protocol import (
     ChannelSpec,
     DataHeader,
     DataHeaderCache,
@@ -346,13 +346,13 @@ def test_bitshuffle_corrupt_block_sizes_do_not_crash() -> None:
 
 @pytest.mark.parametrize("implementation", ["compiled", "python"])
 def test_the_block_walk_agrees_on_both_paths(implementation: str) -> None:
-    """core/_blockwalk.c and its Python fallback: the same end position, -1 past the end, no reads beyond."""
-    from sf_bsread_writer.core import protocol
+    """bsread/_blockwalk.c and its Python fallback: the same end position, -1 past the end, no reads beyond."""
+    from sf_bsread_writer.bsread import protocol
 
     if implementation == "compiled":
         walk = protocol._compiled_walk()
         if walk is None:
-            pytest.skip("core/_blockwalk.c is not built (no C compiler at install): the Python loop is used")
+            pytest.skip("bsread/_blockwalk.c is not built (no C compiler at install): the Python loop is used")
     else:
         walk = protocol._walk_blocks_python
     array = np.arange(100_000, dtype="<u2").reshape(100, 1000)
@@ -504,7 +504,7 @@ def _nan_stamp() -> bytes:
 
 
 #: A global timestamp that is no time: the message is kept, its time is "not given" (the receive time then
-#: stands in: core.timebase), and the header says why (was: the whole message rejected, every value lost).
+#: stands in: bsread.timebase), and the header says why (was: the whole message rejected, every value lost).
 BAD_CLOCKS: list[tuple[str, list[bytes], str]] = [
     ("timestamp not object", frames_with(global_timestamp=5), "not an object"),
     ("timestamp sec float", frames_with(global_timestamp={"sec": 1.5, "ns": 0}), "1.5"),
@@ -591,7 +591,7 @@ def test_a_header_of_only_bad_channels_is_still_a_message() -> None:
 
 
 def test_an_implausible_channel_timestamp_is_no_time() -> None:
-    """One policy (core.timebase.plausible_stamp) for the global and every channel timestamp."""
+    """One policy (bsread.timebase.plausible_stamp) for the global and every channel timestamp."""
     frames = build_message(7, [{"name": "A", "type": "int32"}, {"name": "B", "type": "int32"}],
                            [np.int32(1), np.int32(2)], timestamp=(1_700_000_000, 500),
                            channel_timestamps=[(2 ** 62, 0), (-5, 0)])
@@ -656,7 +656,7 @@ def test_display_text_that_is_not_text_becomes_text_for_every_consumer() -> None
     """A sender's unit, description or enum label with NUL or a lone surrogate (valid JSON: "\\u0000",
     "\\ud800") is no UTF-8 a record field, an HDF5 attribute or a page can hold: the parser hands on
     U+FFFD there, so no consumer fails on it (the CA gateway's record plan raised UnicodeEncodeError)."""
-    from sf_bsread_writer.core.camapping import ioc_record_for
+    from sf_bsread_writer.ca.camapping import ioc_record_for
 
     spec = ChannelSpec.from_header({"name": "X", "type": "uint8", "unit": "m\ud800", "description": "a\u0000b",
                                     "enum_strings": ["ok", "n\udfffo"]})

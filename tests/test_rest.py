@@ -19,9 +19,9 @@ import requests
 
 from sf_bsread_writer import client as client_module
 from sf_bsread_writer.client import WriterClient, WriterError
-from sf_bsread_writer.core import replay_messages as replay
-from sf_bsread_writer.core.acquisition import State
-from sf_bsread_writer.core.protocol import build_message
+from sf_bsread_writer.replay import messages as replay
+from sf_bsread_writer.writer.acquisition import State
+from sf_bsread_writer.bsread.protocol import build_message
 from sf_bsread_writer.h5.file import H5File
 from sf_bsread_writer.h5.layout import FILE_ATTRIBUTES
 from sf_bsread_writer.httpserver import HttpServer

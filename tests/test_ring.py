@@ -14,7 +14,7 @@ import pytest
 import numpy as np
 import zmq
 
-from sf_bsread_writer.core.ring import LARGE_PART_BYTES, AppendStatus, Ring
+from sf_bsread_writer.ring import LARGE_PART_BYTES, AppendStatus, Ring
 from sf_bsread_writer.process import tune_allocator
 
 
@@ -94,7 +94,7 @@ def test_oversize_message_is_rejected_and_ring_untouched(caplog):
     ring = Ring(10, 1000)
     fill(ring, [1, 2])
     before = (held_pulse_ids(ring), ring.n_bytes, ring.next_seq)
-    with caplog.at_level(logging.WARNING, logger="sf_bsread_writer.core.ring"):
+    with caplog.at_level(logging.WARNING, logger="sf_bsread_writer.ring"):
         result = ring.append(3, 0.0, [b"x" * 1001])
     assert result.status is AppendStatus.OVERSIZE and not result.stored and result.seq is None
     assert (held_pulse_ids(ring), ring.n_bytes, ring.next_seq) == before
@@ -260,7 +260,7 @@ def test_duplicate_pulse_id_is_not_stored():
 def test_reset_evicts_the_other_timeline_and_leaves_a_hole(caplog):
     ring = Ring(100, 10**9, reset_confirm=1)  # act on the first backwards message
     fill(ring, [100, 101, 102, 103, 104])  # seqs 0..4
-    with caplog.at_level(logging.WARNING, logger="sf_bsread_writer.core.ring"):
+    with caplog.at_level(logging.WARNING, logger="sf_bsread_writer.ring"):
         result = ring.append(102, 0.0, message(102))
     assert result.stored and result.reset and result.reset_evicted == 3 and result.seq == 5
     assert "backwards" in caplog.text
@@ -293,7 +293,7 @@ def test_a_single_backwards_glitch_is_dropped_and_the_ring_untouched(caplog):
     before = (held_pulse_ids(ring), ring.n_bytes, ring.next_seq)
     assert ring.append(0, 0.0, message(0)).status is AppendStatus.HELD_BACK
     assert held_pulse_ids(ring) == before[0]  # nothing evicted on one message's word
-    with caplog.at_level(logging.WARNING, logger="sf_bsread_writer.core.ring"):
+    with caplog.at_level(logging.WARNING, logger="sf_bsread_writer.ring"):
         result = ring.append(2_000_010, 0.0, message(2_000_010))
     assert result.stored and not result.reset
     assert held_pulse_ids(ring) == [*range(2_000_000, 2_000_011)]

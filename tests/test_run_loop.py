@@ -3,7 +3,7 @@
 The source is scripted: it hands out its events, and once they are used up
 each receive "waits" its timeout by moving the fake clock on. The output
 is the real ``/dev/null`` output (NullOutput); the decisions under test are
-``core.acquisition.SilenceWatch`` and ``core.pulse_range.PulseRange`` as
+``writer.acquisition.SilenceWatch`` and ``writer.pulse_range.PulseRange`` as
 the loop applies them.
 """
 from __future__ import annotations
@@ -12,10 +12,10 @@ import queue
 
 import pytest
 
-from sf_bsread_writer.core.acquisition import STOP_NOW_SILENCE, EndRun, MoveStop, SilenceWatch
-from sf_bsread_writer.core.protocol import build_message
-from sf_bsread_writer.core.pulse_range import MissingRange, PulseRange
-from sf_bsread_writer.core.replay_messages import BufferLost, Data
+from sf_bsread_writer.writer.acquisition import STOP_NOW_SILENCE, EndRun, MoveStop, SilenceWatch
+from sf_bsread_writer.bsread.protocol import build_message
+from sf_bsread_writer.writer.pulse_range import MissingRange, PulseRange
+from sf_bsread_writer.replay.messages import BufferLost, Data
 from sf_bsread_writer.writer.outputs import NullOutput
 from sf_bsread_writer.writer.run_loop import POLL_INTERVAL, RunCounters, RunLoop
 
@@ -227,7 +227,7 @@ def test_a_long_run_logs_its_progress_and_header_changes(caplog):
         "data header changed at pulse_id 16: 1 channels", "data header changed at pulse_id 17: 1 channels"]
 
 
-# -- the time a range by time compares (core.timebase) ----------------------------
+# -- the time a range by time compares (bsread.timebase) ----------------------------
 def _zero_clock_data(pulse_id: int, time: float | None = None) -> Data:
     """A message from a source without a clock (global timestamp 0), with the time the buffer sent."""
     return Data(pulse_id, build_message(pulse_id, CHANNELS, [pulse_id * 0.5], timestamp=0.0), time)

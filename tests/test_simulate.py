@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zmq
 
-from sf_bsread_writer.core.protocol import MessageParser
+from sf_bsread_writer.bsread.protocol import MessageParser
 from sf_bsread_writer.tools.simulate import Simulator, channel_metadata, expected_values, parse_image_shape
 from tests.helpers import Child
 

@@ -1,11 +1,11 @@
-"""Which clock a message's time comes from (core.timebase): pure, fed the receive time."""
+"""Which clock a message's time comes from (bsread.timebase): pure, fed the receive time."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from sf_bsread_writer.core.timebase import (
+from sf_bsread_writer.bsread.timebase import (
     MAX_CLOCK_SKEW, MAX_TIMESTAMP_SECONDS, TimeBase, file_time_base, message_time, plausible_stamp, stamps_to_ns,
 )
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from sf_bsread_writer.core.acquisition import (
+from sf_bsread_writer.writer.acquisition import (
     BadRequest,
     EndRun,
     MoveStop,
@@ -16,7 +16,7 @@ from sf_bsread_writer.core.acquisition import (
     WrongState,
     parse_pulse_id,
 )
-from sf_bsread_writer.core.pulse_range import PulseRange, Verdict
+from sf_bsread_writer.writer.pulse_range import PulseRange, Verdict
 from sf_bsread_writer.writer.outputs import resolve_output_file
 
 PARAMETERS = {"general/created": "2024-01-01T00:00:00", "general/user": "e12345",

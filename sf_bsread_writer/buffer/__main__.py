@@ -1,6 +1,6 @@
 """``python -m sf_bsread_writer.buffer``: the same as the ``sf_bsread_buffer`` command."""
 import sys
 
-from .cli import main
+from sf_bsread_writer.buffer.cli import main
 
 sys.exit(main())

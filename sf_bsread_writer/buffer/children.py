@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from .. import process
+from sf_bsread_writer import process
 
 __all__ = ["ChildSupervisor", "gateway_command", "start_gateway", "web_command", "start_web", "reachable_locally"]
 

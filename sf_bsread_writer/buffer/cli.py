@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import zmq
 
-from .. import config, process
-from .service import Buffer
+from sf_bsread_writer import config, process
+from sf_bsread_writer.buffer.service import Buffer
 
 __all__ = ["main"]
 

@@ -1,7 +1,7 @@
 """The buffer's HTTP API (Bottle): ``GET /status``, ``/statistics`` (JSON) and ``/metrics`` (Prometheus).
 
 Thin: every answer is a rendering of the latest published snapshot
-(``core.status.BufferStatus``); the HTTP threads never touch the ring or a
+(``status.BufferStatus``); the HTTP threads never touch the ring or a
 socket. Field meanings: docs/buffer.md.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 import bottle
 
-from ..core.status import BufferStatus, prometheus_text
-from ..httpserver import install_json_errors
+from sf_bsread_writer.status import BufferStatus, prometheus_text
+from sf_bsread_writer.httpserver import install_json_errors
 
 __all__ = ["make_app"]
 

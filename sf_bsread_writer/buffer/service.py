@@ -1,7 +1,7 @@
 """The buffer service: ingest one bsread stream, keep it in a ring, serve it live and replayed.
 
-This module is the I/O shell around the pure ring (``core.ring``) and the
-bsread parser (``core.protocol``). One thread (the one calling
+This module is the I/O shell around the pure ring (``ring``) and the
+bsread parser (``bsread.protocol``). One thread (the one calling
 :meth:`Buffer.run`) owns every ZeroMQ socket and the ring:
 
 - **ingest** (PULL or SUB, connecting to the source): drained first, up to
@@ -10,11 +10,11 @@ bsread parser (``core.protocol``). One thread (the one calling
   count, size), stored as its raw frames in the ring, then handed to the
   live output. Rejected messages are counted by reason and dropped.
 - **live output** (PUB, or PUSH for a legacy single consumer): never blocks.
-- **replay** (``buffer.replay_endpoint``): one pure ``ReplaySession`` per
+- **replay** (``replay.endpoint``): one pure ``ReplaySession`` per
   writer, served round-robin with a bounded amount of work per loop.
 - **HTTP** (``buffer.http_app`` on ``httpserver.HttpServer``, its own
   threads): answers from an immutable, typed status snapshot
-  (``core.status.BufferStatus``) that the loop publishes a few times a
+  (``status.BufferStatus``) that the loop publishes a few times a
   second; the HTTP threads never touch the ring or a socket.
 - **--ca**: a rate-limited loopback feed for the CA gateway, a child
   process supervised by ``ca.supervisor``.
@@ -35,23 +35,23 @@ from typing import Any
 
 import zmq
 
-from .. import config, process, registry
-from ..config import is_loopback
-from ..core.parts import PackedParts
-from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES, IgnoredMessage, MessageParser, ProtocolError
-from ..core.rates import RateEstimator, SparseAwareGrid
-from ..core.ring import AppendStatus, Ring
-from ..core.timebase import MAX_CLOCK_SKEW, TimeBase, message_time
-from ..core.status import (
+from sf_bsread_writer import config, process, registry
+from sf_bsread_writer.config import is_loopback
+from sf_bsread_writer.bsread.parts import PackedParts
+from sf_bsread_writer.bsread.protocol import DEFAULT_MAX_MESSAGE_BYTES, IgnoredMessage, MessageParser, ProtocolError
+from sf_bsread_writer.rates import RateEstimator, SparseAwareGrid
+from sf_bsread_writer.ring import AppendStatus, Ring
+from sf_bsread_writer.bsread.timebase import MAX_CLOCK_SKEW, TimeBase, message_time
+from sf_bsread_writer.status import (
     SOURCE_IDLE_SECONDS, BufferStatus, CaFeedStatus, ChildStatus, Endpoints, PulseIdStatus, RateStatus,
     ReplayStatus, RingStatus, SourceStatus,
 )
-from ..httpserver import HttpServer
-from ..transport import partsio
-from ..transport.partsio import PartsReceiver, send_parts
-from . import children
-from .http_app import make_app
-from .replay_endpoint import ReplayEndpoint
+from sf_bsread_writer.httpserver import HttpServer
+from sf_bsread_writer.transport import partsio
+from sf_bsread_writer.transport.partsio import PartsReceiver, send_parts
+from sf_bsread_writer.buffer import children
+from sf_bsread_writer.buffer.http_app import make_app
+from sf_bsread_writer.replay.endpoint import ReplayEndpoint
 
 __all__ = ["Buffer"]
 
@@ -190,7 +190,7 @@ class Buffer:
         self.max_bytes = buffer_bytes
         self.max_clock_skew = max_clock_skew
         self._clock = clock
-        self._wall_clock = wall_clock  # the receive time: core.timebase
+        self._wall_clock = wall_clock  # the receive time: bsread.timebase
 
         self.max_message_bytes = max_message_bytes
         self.ring = Ring(buffer_length, buffer_bytes)  # owned by the loop thread
@@ -424,7 +424,7 @@ class Buffer:
         result = self.ring.append(pulse_id, timestamp, frames)
         if result.status is AppendStatus.HELD_BACK:
             # The ring waits for the next messages to tell a source restart or a real jump from a
-            # stray message (core/ring.py); the live output is a relay and passes it on now.
+            # stray message (ring.py); the live output is a relay and passes it on now.
             where = "below" if pulse_id < (self.ring.newest_pulse_id or 0) else "far above"
             self._reject_log.info("held", "pulse id %d is %s the newest held (%s): held back from the ring until "
                                   "the next messages confirm it", pulse_id, where, self.ring.newest_pulse_id)
@@ -621,7 +621,7 @@ class Buffer:
 
 class _LoopbackFeed:
     """A child's feed: a loopback PUB socket (never blocks) that gets ``max_rate`` messages a second, plus
-    those that carry a sparse channel the last one lacked (``core.rates.SparseAwareGrid``)."""
+    those that carry a sparse channel the last one lacked (``rates.SparseAwareGrid``)."""
 
     def __init__(self, context: zmq.Context, max_rate: float) -> None:
         self.max_rate = max_rate

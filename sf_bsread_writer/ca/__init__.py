@@ -4,5 +4,5 @@
 address, a hardened context), ``gateway`` (the ``sf_bsread_gateway``
 process), ``bridge`` (``sf_bsread_ca_bridge``: CA PVs -> bsread),
 ``environment`` (EPICS variables with loopback defaults). The type mapping
-is pure and lives in ``core.camapping``.
+is pure and lives in ``ca.camapping``.
 """

@@ -17,7 +17,7 @@ Inside the process:
   a second (fewer if ``--total-rate`` would be exceeded by the PVs clients
   watch), so camonitor clients are not flooded;
 * a status thread polls the buffer's ``GET /statistics`` once a second and
-  reads it back as the typed ``core.status.BufferStatus``;
+  reads it back as the typed ``status.BufferStatus``;
 * the caproto server runs under a supervisor coroutine that restarts it if
   it ever stops with an error.
 
@@ -41,13 +41,13 @@ from typing import Any
 
 import numpy as np
 
-from .. import process
-from ..config import GATEWAY_ENV_PREFIX, GATEWAY_OPTIONS, parse_args
-from ..core.parts import bit_indices, presence_bits
-from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES, MessageParser
-from ..core.rates import RateEstimator
-from ..core.status import BufferStatus
-from .environment import prepare_server_environment
+from sf_bsread_writer import process
+from sf_bsread_writer.config import GATEWAY_ENV_PREFIX, GATEWAY_OPTIONS, parse_args
+from sf_bsread_writer.bsread.parts import bit_indices, presence_bits
+from sf_bsread_writer.bsread.protocol import DEFAULT_MAX_MESSAGE_BYTES, MessageParser
+from sf_bsread_writer.rates import RateEstimator
+from sf_bsread_writer.status import BufferStatus
+from sf_bsread_writer.ca.environment import prepare_server_environment
 
 __all__ = ["main", "Gateway", "GatewaySettings", "STATUS_PVS"]
 
@@ -241,7 +241,7 @@ class _Kept:
 
 
 def _presence(frames: list[Any]) -> int:
-    """``core.parts.presence_bits`` of a received part list. Linear in channels."""
+    """``bsread.parts.presence_bits`` of a received part list. Linear in channels."""
     return presence_bits(np.fromiter((len(part) for part in frames[2::2]), dtype=np.int64,
                                      count=max(0, (len(frames) - 2) // 2)))
 
@@ -303,7 +303,7 @@ class Gateway:
     """Owns the PV database, the caproto server and the loops that feed it."""
 
     def __init__(self, settings: GatewaySettings) -> None:
-        from . import server as caserver  # imports caproto.server: after the environment is prepared
+        from sf_bsread_writer.ca import server as caserver  # imports caproto.server: after the environment is prepared
 
         self.settings = settings
         self.cs = caserver
@@ -551,7 +551,7 @@ def _softioc_missing() -> str | None:
 
 def _run_ioc(settings: GatewaySettings, child: bool, argv: list[str]) -> int:
     """--server softioc: this process supervises the IOC process, which serves (ca/ioc.py)."""
-    from . import ioc
+    from sf_bsread_writer.ca import ioc
 
     if not child:
         if settings.acf is not None:
@@ -580,7 +580,7 @@ def _run_ioc(settings: GatewaySettings, child: bool, argv: list[str]) -> int:
 def _run_caproto(settings: GatewaySettings) -> int:
     if "caproto.server.common" in sys.modules:
         logger.warning("caproto was imported before the tuning variables were set; they may not apply")
-    from . import server as caserver  # imports caproto.server: after the environment is prepared
+    from sf_bsread_writer.ca import server as caserver  # imports caproto.server: after the environment is prepared
 
     logger.info("caproto tuning: %s", caserver.caproto_tuning())
     return asyncio.run(_run(settings))

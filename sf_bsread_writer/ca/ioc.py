@@ -40,10 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import process
-from ..core.camapping import (SEVERITY_SUFFIX, IocRecord, UnknownTypeError, exact_text, ioc_record_for,
+from sf_bsread_writer import process
+from sf_bsread_writer.ca.camapping import (SEVERITY_SUFFIX, IocRecord, UnknownTypeError, exact_text, ioc_record_for,
                               ioc_value, record_from_json, record_holds, record_to_json, widened)
-from ..core.rates import RateEstimator
+from sf_bsread_writer.rates import RateEstimator
 
 __all__ = ["RESTART_EXIT_CODE", "supervise", "serve", "ChannelPlan", "acf_text"]
 

@@ -42,8 +42,8 @@ from caproto.server import common as _server_common
 from caproto.server.server import (ChannelByte, ChannelData, ChannelDouble, ChannelFloat,
                                    ChannelInteger, ChannelShort, ChannelString)
 
-from ..core.camapping import MAX_STRING_BYTES, CaMapping, fits_dbr_string, map_channel, to_ca_value
-from ..core.protocol import ProtocolError
+from sf_bsread_writer.ca.camapping import MAX_STRING_BYTES, CaMapping, fits_dbr_string, map_channel, to_ca_value
+from sf_bsread_writer.bsread.protocol import ProtocolError
 
 __all__ = [
     "AccessPolicy",

@@ -27,9 +27,9 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from ..core import protocol
-from ..core.timebase import stamps_to_ns
-from .layout import (
+from sf_bsread_writer.bsread import protocol
+from sf_bsread_writer.bsread.timebase import stamps_to_ns
+from sf_bsread_writer.h5.layout import (
     ABSENT_TIMESTAMP, DIRECT_CHUNK_MIN_BYTES, MAX_CHUNK_BYTES, MAX_CHUNK_ROWS, NS_PER_S, STRING_DTYPE,
     TIMESTAMP_BYTES, attribute_value, channel_signature, chunk_shape, storable,
 )

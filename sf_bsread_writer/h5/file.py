@@ -1,7 +1,7 @@
 """One output file in the SwissFEL HDF5 layout: one row per bsread message, written in blocks.
 
 :class:`H5File` is the only thing the writer needs: it takes parsed
-:class:`~sf_bsread_writer.core.protocol.Message` objects and turns them into the
+:class:`~sf_bsread_writer.bsread.protocol.Message` objects and turns them into the
 layout of the original SwissFEL writer (``/general/*``, ``/data/<channel>/
 {data,pulse_id,is_data_present}``), extended with a per-channel
 ``timestamp``, channel metadata attributes, file attributes and a
@@ -78,16 +78,16 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..core import protocol
-from ..core.pulse_range import MissingRange
-from .columns import Column, ColumnMaker
-from .layout import (
+from sf_bsread_writer.bsread import protocol
+from sf_bsread_writer.writer.pulse_range import MissingRange
+from sf_bsread_writer.h5.columns import Column, ColumnMaker
+from sf_bsread_writer.h5.layout import (
     CALLER_ATTRIBUTES, FORMAT_NAME, FORMAT_VERSION, GENERAL_FIELDS, MISSING_DTYPE, NOT_GIVEN, STRING_DTYPE,
     VARIANT_SEPARATOR, attribute_value, channel_group_name, channel_signature, fixed_string, storable_text,
 )
-from .packed import HeaderPlan, PackedRows
-from .placement import FileSlot
-from .variants import merge_variants
+from sf_bsread_writer.h5.packed import HeaderPlan, PackedRows
+from sf_bsread_writer.h5.placement import FileSlot
+from sf_bsread_writer.h5.variants import merge_variants
 
 __all__ = [
     "H5File",
@@ -309,7 +309,7 @@ class H5File:
         """Add one row: every channel gets a value or an absent marker.
 
         ``time``: the row's time (``first_/last_timestamp``), when it is not
-        the message's global timestamp (``core.timebase``: the receive time
+        the message's global timestamp (``bsread.timebase``: the receive time
         stands in for an implausible one). Touches no HDF5 unless a block is
         full or the flush interval has passed, in which case it writes and
         flushes (see :meth:`flush`).

@@ -18,7 +18,7 @@ from urllib.parse import unquote
 import h5py
 import numpy as np
 
-from ..core import protocol
+from sf_bsread_writer.bsread import protocol
 
 __all__ = [
     "FORMAT_NAME",

@@ -8,7 +8,7 @@ per message with two ``bytes.join`` calls into :class:`PackedRows`, and
 handed to their columns block-wise, one numpy slice per channel
 (:meth:`PackedRows.scatter`). Everything else goes channel by channel.
 
-A message that arrives packed (``core.parts.PackedParts``, what the
+A message that arrives packed (``bsread.parts.PackedParts``, what the
 compiled receiver delivers) is gathered without touching its parts one by
 one: per distinct layout the plan works out, with numpy, where each packed
 channel's value and timestamp bytes sit in the message's ``small`` bytes
@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from ..core import protocol
-from ..core.parts import LARGE_PART_BYTES, Layout, PackedParts
-from .columns import Column, FixedColumn, column_class_for
-from .layout import ABSENT_TIMESTAMP, TIMESTAMP_BYTES
+from sf_bsread_writer.bsread import protocol
+from sf_bsread_writer.bsread.parts import LARGE_PART_BYTES, Layout, PackedParts
+from sf_bsread_writer.h5.columns import Column, FixedColumn, column_class_for
+from sf_bsread_writer.h5.layout import ABSENT_TIMESTAMP, TIMESTAMP_BYTES
 
 __all__ = ["HeaderPlan", "PackedRows", "PACKED_MAX_VALUE_BYTES"]
 

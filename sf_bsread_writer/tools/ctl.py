@@ -33,13 +33,13 @@ from typing import Any
 
 import requests
 
-from .. import process, registry
-from ..client import WriterClient, WriterError
-from ..core.acquisition import Outcome
-from ..core.protocol import MessageParser
-from ..core.replay_messages import Data, End, Gap, Refused
-from ..core.status import BufferStatus, WriterStatistics
-from ..transport.replay_client import ReplayClient, ReplayHandshakeError
+from sf_bsread_writer import process, registry
+from sf_bsread_writer.client import WriterClient, WriterError
+from sf_bsread_writer.writer.acquisition import Outcome
+from sf_bsread_writer.bsread.protocol import MessageParser
+from sf_bsread_writer.replay.messages import Data, End, Gap, Refused
+from sf_bsread_writer.status import BufferStatus, WriterStatistics
+from sf_bsread_writer.replay.client import ReplayClient, ReplayHandshakeError
 
 __all__ = ["main", "write_range", "BufferRef", "resolve_buffer", "CtlError"]
 

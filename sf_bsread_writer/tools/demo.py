@@ -23,8 +23,8 @@ from pathlib import Path
 
 import requests
 
-from .. import process
-from ..core.status import BufferStatus
+from sf_bsread_writer import process
+from sf_bsread_writer.status import BufferStatus
 
 __all__ = ["main", "summarize_file"]
 

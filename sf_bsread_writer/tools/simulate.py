@@ -39,7 +39,7 @@ import numpy as np
 import zmq
 from bsread import PUB, PUSH, Sender
 
-from .. import config, process
+from sf_bsread_writer import config, process
 
 __all__ = ["PROFILES", "Simulator", "channel_metadata", "expected_values", "parse_image_shape", "main"]
 

@@ -4,7 +4,7 @@
  * Why: a bsread message has 2 + 2N parts, and pyzmq's Python layer costs a few
  * microseconds per part, so at 500-2000 channels the parts, not the bytes,
  * limit every Python forwarder (docs/performance.md, issue 10). Here one call
- * receives a whole message into the packed form of core/parts.py (small parts
+ * receives a whole message into the packed form of bsread/parts.py (small parts
  * concatenated into one bytes object, part 1 apart, large parts kept
  * zero-copy in Part objects that own their zmq_msg_t), and one call sends one
  * (large Part objects by reference with zmq_msg_copy, everything else copied

@@ -1,4 +1,4 @@
-"""Whole multipart messages in and out of a ZeroMQ socket in one call, in the packed form of ``core.parts``.
+"""Whole multipart messages in and out of a ZeroMQ socket in one call, in the packed form of ``bsread.parts``.
 
 Two implementations behind one small API, chosen once at import:
 
@@ -35,8 +35,8 @@ from typing import Any
 
 import zmq
 
-from ..core.parts import LARGE_PART_BYTES, LayoutCache, PackedParts, pack
-from .multipart import NOBLOCK, AdaptiveReceiver, send_message
+from sf_bsread_writer.bsread.parts import LARGE_PART_BYTES, LayoutCache, PackedParts, pack
+from sf_bsread_writer.transport.multipart import NOBLOCK, AdaptiveReceiver, send_message
 
 __all__ = ["IMPLEMENTATION", "AVAILABLE", "FALLBACK_REASON", "NO_EXTENSION_VARIABLE", "PartsReceiver", "send_parts"]
 
@@ -51,7 +51,7 @@ def _load_extension() -> tuple[Any, str | None]:
     if os.environ.get(NO_EXTENSION_VARIABLE, "") not in ("", "0"):
         return None, f"{NO_EXTENSION_VARIABLE}={os.environ[NO_EXTENSION_VARIABLE]}"
     try:
-        from . import _partsio  # type: ignore[attr-defined]
+        from sf_bsread_writer.transport import _partsio  # type: ignore[attr-defined]
     except ImportError as error:
         return None, f"the extension is not built ({error})"
     try:

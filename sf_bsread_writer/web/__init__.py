@@ -4,5 +4,5 @@ Its own process, like the CA gateway: the buffer's ingest never shares a GIL
 with web clients. ``service`` is the command and the I/O shell (aiohttp, the
 feed reader thread), ``app`` the HTTP and websocket handlers, ``ranges`` the
 past ranges out of the replay endpoint, ``auth`` the tokens. What clients
-get is decided in the pure ``core.live`` and ``core.range_query``.
+get is decided in the pure ``web.live`` and ``web.range_query``.
 """

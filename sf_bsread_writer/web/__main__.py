@@ -1,5 +1,5 @@
 import sys
 
-from .service import main
+from sf_bsread_writer.web.service import main
 
 sys.exit(main())

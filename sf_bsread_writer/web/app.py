@@ -21,16 +21,16 @@ import aiohttp
 import numpy as np
 from aiohttp import web
 
-from .. import process
-from ..core.image import render_png
-from ..core.jsontext import JsonError
-from ..core.jsontext import loads as strict_json
-from ..core.live import ClientFeed, SubscriptionError, value_document
-from ..core.range_query import RangeQueryError, RangeTooLarge, parse_range_query
-from ..core.status import BufferStatus
-from . import ranges
-from .auth import origin_allowed
-from .state import WebService
+from sf_bsread_writer import process
+from sf_bsread_writer.web.image import render_png
+from sf_bsread_writer.jsontext import JsonError
+from sf_bsread_writer.jsontext import loads as strict_json
+from sf_bsread_writer.web.live import ClientFeed, SubscriptionError, value_document
+from sf_bsread_writer.web.range_query import RangeQueryError, RangeTooLarge, parse_range_query
+from sf_bsread_writer.status import BufferStatus
+from sf_bsread_writer.web import ranges
+from sf_bsread_writer.web.auth import origin_allowed
+from sf_bsread_writer.web.state import WebService
 
 __all__ = ["make_app"]
 
@@ -382,7 +382,7 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
 def _handle(service: WebService, client: ClientFeed, text: str) -> None:
     """One client message: subscribe, unsubscribe, status, ping; anything else an error answer.
 
-    Parsed strictly and bounded (``core.jsontext``: no NaN, no RecursionError, at most
+    Parsed strictly and bounded (``jsontext``: no NaN, no RecursionError, at most
     MAX_CLIENT_MESSAGE_DEPTH deep); every field's type checked: a bad message is answered, never raised.
     """
     try:

@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from ..config import is_loopback
+from sf_bsread_writer.config import is_loopback
 
 __all__ = ["TokenSet", "read_tokens", "is_loopback", "TokenFileError", "origin_allowed"]
 

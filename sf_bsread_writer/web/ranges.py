@@ -1,8 +1,8 @@
 """Past ranges out of the buffer's replay endpoint, as JSON, npz or HDF5 (the writer's layout).
 
 Blocking code (ZeroMQ, h5py): the service runs it in a worker thread. The
-query, its limits and the columns are decided in ``core.range_query``; this
-module moves the messages (``transport.replay_client``, the writer's own
+query, its limits and the columns are decided in ``web.range_query``; this
+module moves the messages (``replay.client``, the writer's own
 client: credit, heartbeats, re-requests after a buffer restart) and encodes.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import zmq
 
-from ..core.protocol import DataHeader, Message, MessageParser, PerHeader, ProtocolError
-from ..core.range_query import RangeColumns, RangeLimits, RangeQuery, RangeTooLarge
-from ..core.replay_messages import BufferLost, Data, End, Gap, Refused
-from ..transport.replay_client import ReplayClient, ReplayHandshakeError
+from sf_bsread_writer.bsread.protocol import DataHeader, Message, MessageParser, PerHeader, ProtocolError
+from sf_bsread_writer.web.range_query import RangeColumns, RangeLimits, RangeQuery, RangeTooLarge
+from sf_bsread_writer.replay.messages import BufferLost, Data, End, Gap, Refused
+from sf_bsread_writer.replay.client import ReplayClient, ReplayHandshakeError
 
 __all__ = ["RangeFailed", "RangeTimeout", "fetch_range", "as_json", "as_npz", "write_hdf5", "outcome"]
 
@@ -135,7 +135,7 @@ class Hdf5Range:
     """The range as a file in the writer's layout (``h5.file.H5File``), requested channels only."""
 
     def __init__(self, query: RangeQuery, directory: str | None = None) -> None:
-        from ..h5.file import H5File  # h5py: only where a file is written
+        from sf_bsread_writer.h5.file import H5File  # h5py: only where a file is written
 
         # A directory of its own: the writer's file placement never overwrites, so the name must be new.
         self.directory = tempfile.mkdtemp(prefix="sf_bsread_range-", dir=directory)

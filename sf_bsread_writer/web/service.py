@@ -4,8 +4,8 @@ Threads: the asyncio loop (aiohttp: every request and websocket) and one
 feed reader (ZeroMQ: the buffer's rate-limited ``--web`` feed, or any bsread
 stream), which parses each message and hands it to the loop. Past ranges run
 in worker threads (ZeroMQ replay, h5py). What a client gets is decided by
-``core.live`` (latest values, subscriptions, bounded queues) and
-``core.range_query``; this module only moves bytes and reads the clock.
+``web.live`` (latest values, subscriptions, bounded queues) and
+``web.range_query``; this module only moves bytes and reads the clock.
 """
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from .. import process
-from ..config import WEB_ENV_PREFIX, WEB_OPTIONS, parse_args, parse_origins
-from ..core.range_query import RangeLimits
-from .auth import TokenFileError, TokenSet, is_loopback, read_tokens
-from .state import WebService, WebSettings
+from sf_bsread_writer import process
+from sf_bsread_writer.config import WEB_ENV_PREFIX, WEB_OPTIONS, parse_args, parse_origins
+from sf_bsread_writer.web.range_query import RangeLimits
+from sf_bsread_writer.web.auth import TokenFileError, TokenSet, is_loopback, read_tokens
+from sf_bsread_writer.web.state import WebService, WebSettings
 
 __all__ = ["main", "serve"]
 
@@ -34,7 +34,7 @@ async def serve(settings: WebSettings, tokens: TokenSet) -> int:
     """Run until SIGTERM/SIGINT (or the parent process is gone); returns the exit code."""
     from aiohttp import web
 
-    from .app import make_app
+    from sf_bsread_writer.web.app import make_app
 
     service = WebService(settings, tokens)
     loop = asyncio.get_running_loop()

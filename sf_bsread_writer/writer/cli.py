@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .. import config, process, registry
-from ..core.acquisition import BadRequest, OutsideRoot
-from ..httpserver import HttpServer
-from ..transport import partsio
-from .outputs import DEV_NULL, resolve_output_file
-from .rest import make_app
-from .service import Writer, WriterSettings
+from sf_bsread_writer import config, process, registry
+from sf_bsread_writer.writer.acquisition import BadRequest, OutsideRoot
+from sf_bsread_writer.httpserver import HttpServer
+from sf_bsread_writer.transport import partsio
+from sf_bsread_writer.writer.outputs import DEV_NULL, resolve_output_file
+from sf_bsread_writer.writer.rest import make_app
+from sf_bsread_writer.writer.service import Writer, WriterSettings
 
 __all__ = ["main", "serve", "drop_privileges"]
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import bottle
 
-from ..core import jsontext
-from ..core.acquisition import BadRequest, RequestError, parse_pulse_id
-from ..httpserver import RequestCounter, error_answer, install_json_errors, ok_answer
-from .service import Started, Writer
+from sf_bsread_writer import jsontext
+from sf_bsread_writer.writer.acquisition import BadRequest, RequestError, parse_pulse_id
+from sf_bsread_writer.httpserver import RequestCounter, error_answer, install_json_errors, ok_answer
+from sf_bsread_writer.writer.service import Started, Writer
 
 __all__ = ["make_app", "MAX_BODY_BYTES"]
 

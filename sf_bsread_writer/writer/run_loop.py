@@ -16,13 +16,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.acquisition import EndRun, MoveStop, SilenceWatch
-from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES, IgnoredMessage, MessageParser, ProtocolError
-from ..core.pulse_range import MissingRange, PulseRange, Verdict
-from ..core.rates import RateEstimator
-from ..core.replay_messages import BufferLost, Data, End, Gap, GapReason, Refused
-from ..core.timebase import MAX_CLOCK_SKEW, TimeBase, file_time_base, message_time
-from ..h5.file import DiskFull
+from sf_bsread_writer.writer.acquisition import EndRun, MoveStop, SilenceWatch
+from sf_bsread_writer.bsread.protocol import DEFAULT_MAX_MESSAGE_BYTES, IgnoredMessage, MessageParser, ProtocolError
+from sf_bsread_writer.writer.pulse_range import MissingRange, PulseRange, Verdict
+from sf_bsread_writer.rates import RateEstimator
+from sf_bsread_writer.replay.messages import BufferLost, Data, End, Gap, GapReason, Refused
+from sf_bsread_writer.bsread.timebase import MAX_CLOCK_SKEW, TimeBase, file_time_base, message_time
+from sf_bsread_writer.h5.file import DiskFull
 
 __all__ = ["RunCounters", "RunLoop", "POLL_INTERVAL", "DISK_FULL"]
 
@@ -52,7 +52,7 @@ class RunCounters:
     gap_notices: int = 0
     buffer_lost: int = 0
     rate: float = 0.0
-    time_base: str | None = None  # of the rows written: core.timebase (also the file attribute)
+    time_base: str | None = None  # of the rows written: bsread.timebase (also the file attribute)
     # Losses whose pulse ids are unknown (a range by time before the buffer's
     # oldest, a source reset): in the statistics and the file attributes, not in /missing.
     unlocated_gaps: list[Gap] = field(default_factory=list)
@@ -67,7 +67,7 @@ class RunLoop:
     tells the control (under its lock) that the run is ending and why.
 
     A message's time (what a range by time compares) is the one the buffer
-    sends with it (``Data.time``: ``core.timebase``). ``receive_clock`` is
+    sends with it (``Data.time``: ``bsread.timebase``). ``receive_clock`` is
     for a source that sends none (``--direct``): the wall clock that stands
     in for a source timestamp off by more than ``max_clock_skew``.
     """

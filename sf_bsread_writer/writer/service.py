@@ -1,8 +1,8 @@
 """The writer service: one acquisition, driven over REST, written by one run thread.
 
 :class:`Writer` is the I/O shell around the pure core of an acquisition
-(``core.acquisition.WriterControl``: which request is legal when;
-``core.pulse_range.PulseRange``: what belongs in the file). REST threads
+(``writer.acquisition.WriterControl``: which request is legal when;
+``writer.pulse_range.PulseRange``: what belongs in the file). REST threads
 call its public methods, which change the control under a lock and post
 commands on a queue; **one run thread owns the source and the file**
 (``writer.run_loop.RunLoop``; nobody else touches them) and reports back
@@ -26,20 +26,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .. import __version__
-from ..core.acquisition import (
+from sf_bsread_writer import __version__
+from sf_bsread_writer.writer.acquisition import (
     BadRequest, EndRun, MoveStop, Outcome, StartRun, State, Unavailable, WriterControl, judge_outcome,
 )
-from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES
-from ..core.pulse_range import PulseRange
-from ..core.replay_messages import Accepted
-from ..core.status import WriterStatistics, json_value
-from ..core.timebase import MAX_CLOCK_SKEW
-from ..transport import partsio
-from ..transport.direct import DirectSource
-from ..transport.replay_client import HANDSHAKE_SECONDS, ReplayClient
-from .outputs import DEV_NULL, abandon_output, open_output, resolve_output_file, write_summary
-from .run_loop import DISK_FULL, RunCounters, RunLoop
+from sf_bsread_writer.bsread.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from sf_bsread_writer.writer.pulse_range import PulseRange
+from sf_bsread_writer.replay.messages import Accepted
+from sf_bsread_writer.status import WriterStatistics, json_value
+from sf_bsread_writer.bsread.timebase import MAX_CLOCK_SKEW
+from sf_bsread_writer.transport import partsio
+from sf_bsread_writer.writer.direct import DirectSource
+from sf_bsread_writer.replay.client import HANDSHAKE_SECONDS, ReplayClient
+from sf_bsread_writer.writer.outputs import DEV_NULL, abandon_output, open_output, resolve_output_file, write_summary
+from sf_bsread_writer.writer.run_loop import DISK_FULL, RunCounters, RunLoop
 
 __all__ = ["WriterSettings", "Writer", "Started", "START_TIMEOUT", "NO_PULSE_ID"]
 
@@ -65,7 +65,7 @@ class WriterSettings:
     finished_grace: float = 0.5  # as the CLI's default (docs/writer.md, "The exit")
     handshake_timeout: float = HANDSHAKE_SECONDS  # how long a start waits for the buffer's acceptance
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    max_clock_skew: float = MAX_CLOCK_SKEW  # --direct: core.timebase (a buffer decides for its messages)
+    max_clock_skew: float = MAX_CLOCK_SKEW  # --direct: bsread.timebase (a buffer decides for its messages)
     decompress_images: bool = False  # bitshuffle images stored plain, for readers without the filter plugin
 
 

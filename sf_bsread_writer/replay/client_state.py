@@ -2,7 +2,7 @@
 
 :class:`ReplayClientState` makes every decision of the writer's replay
 client and leaves the socket to its shell
-(``transport.replay_client.ReplayClient``): frames received go in with the
+(``replay.client.ReplayClient``): frames received go in with the
 time they arrived, and what comes out is either frames to send or an event
 for the writer. ``now`` is always an argument, so the timing rules are
 tested with a fake clock:
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .replay_messages import (
+from sf_bsread_writer.replay.messages import (
     MAX_WINDOW, Accepted, BufferLost, Data, End, ErrorReason, Heartbeat, Refused,
     ReplayEvent, ReplayProtocolError, Request, build_close, build_credit, build_request, build_set_stop,
     parse_buffer_parts,

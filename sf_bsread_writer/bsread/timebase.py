@@ -9,14 +9,14 @@ worked for those sources. Here the source's timestamp is kept where it is
 plausible, within :data:`MAX_CLOCK_SKEW` of the time the message was
 received, and the receive time stands in where it is not. The buffer
 decides once, at ingest (the ring indexes that time; the replay tells a
-writer when a message's time is the buffer's: ``core.replay_messages``); a
+writer when a message's time is the buffer's: ``replay.messages``); a
 writer reading a live stream directly decides the same way with its own
 receive time. The file records which base its rows' times came from
 (attribute ``time_base``).
 
 Before any of that, a stamp must be a time at all: :func:`plausible_stamp`
 is the one answer to "is this ``(sec, ns)`` a time", for the global
-timestamp (``core.protocol`` keeps the message and drops only its time)
+timestamp (``bsread.protocol`` keeps the message and drops only its time)
 and for every channel's own timestamp (stored as 0, "not given", in the
 file: :func:`stamps_to_ns`). A stamp that is no time costs the time, never
 the values.

@@ -13,7 +13,7 @@ feeding frames. The two sides that speak it:
   decides what to send a writer next;
 * :mod:`.replay_client` (pure): the writer's side, which decides when to
   grant credit, send a heartbeat and re-request after a lost buffer;
-  ``transport.replay_client.ReplayClient`` is its socket.
+  ``replay.client.ReplayClient`` is its socket.
 
 Why credits: the buffer must never block on a writer and must never queue
 without bound for one. A writer grants ``window`` messages at the start and
@@ -275,8 +275,8 @@ class Data:
     """One bsread message, as the original frames (main header, data header, values...).
 
     ``pulse_id`` is the buffer's (from the kind frame); None from a plain
-    live stream (``transport.direct``), whose frames carry it. ``time``: the
-    time the buffer indexed the message by (``core.timebase``: the source's
+    live stream (``writer.direct``), whose frames carry it. ``time``: the
+    time the buffer indexed the message by (``bsread.timebase``: the source's
     global timestamp, or the buffer's receive time where the source's is
     implausible); None from a plain stream or a buffer that does not say.
     """
@@ -402,7 +402,7 @@ def parse_buffer_parts(kind_frame: Any, frames: Sequence[Any] | None) -> Data | 
     """The kind frame and the rest of a message from the buffer -> event (ReplayProtocolError if malformed).
 
     The rest is whatever the receiver made of it (a list of frames, or a
-    ``core.parts.PackedParts``): Data keeps it as it is, unparsed.
+    ``bsread.parts.PackedParts``): Data keeps it as it is, unparsed.
     """
     if kind_frame is None:
         raise ReplayProtocolError(ErrorReason.BAD_FRAMES, "empty message")

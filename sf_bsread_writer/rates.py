@@ -91,7 +91,7 @@ class SparseAwareGrid:
     locks onto pulses where it is absent, and the CA gateway or a web client
     never sees it. So besides the messages on the grid, a message is taken
     when it carries a channel that the last taken message lacked
-    (``presence``: a bit per channel, ``core.parts.Layout.presence``), up to
+    (``presence``: a bit per channel, ``bsread.parts.Layout.presence``), up to
     ``extra_factor`` times ``max_rate`` more a second: the total stays bounded
     whatever the stream does.
     """

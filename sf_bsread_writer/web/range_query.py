@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from .live import MAX_CHANNEL_NAME, json_safe
-from .protocol import ChannelSpec, Message, PerHeader, decode_value
-from .replay_messages import Gap
+from sf_bsread_writer.web.live import MAX_CHANNEL_NAME, json_safe
+from sf_bsread_writer.bsread.protocol import ChannelSpec, Message, PerHeader, decode_value
+from sf_bsread_writer.replay.messages import Gap
 
 __all__ = ["RangeQuery", "RangeQueryError", "RangeTooLarge", "RangeLimits", "RangeColumn", "RangeColumns",
            "parse_range_query", "FORMATS", "PARAMETERS", "PULSE_ID_LIMIT"]
@@ -232,7 +232,7 @@ class RangeColumn:
         return out
 
     def json_data(self) -> list[Any]:
-        """The JSON ``data`` column: one entry per row, null where absent (``core.live.json_safe`` per value)."""
+        """The JSON ``data`` column: one entry per row, null where absent (``web.live.json_safe`` per value)."""
         data: list[Any] = [None] * self.rows
         for run in self._runs:
             block = run.decoded()

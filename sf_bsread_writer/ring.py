@@ -29,7 +29,7 @@ Pulse-id resets need confirmation
 Storage (why it looks like this; numbers in docs/performance.md)
     * Per-message index fields (seq, pulse_id, timestamp, bytes) live in
       preallocated numpy arrays used circularly: no per-message Python ints.
-    * Each message is held in the packed form of ``core.parts``
+    * Each message is held in the packed form of ``bsread.parts``
       (:class:`~.parts.PackedParts`): the small parts (below
       ``LARGE_PART_BYTES``, pyzmq's zero-copy threshold) in one ``bytes``,
       the large ones (images, big arrays) as the objects received, zero-copy
@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from .parts import LARGE_PART_BYTES, LayoutCache, PackedParts, pack
+from sf_bsread_writer.bsread.parts import LARGE_PART_BYTES, LayoutCache, PackedParts, pack
 
 __all__ = [
     "LARGE_PART_BYTES",
@@ -211,7 +211,7 @@ class Ring:
 
     @property
     def oldest_time(self) -> float | None:
-        """The time the oldest held message is indexed by (``core.timebase``), None when empty."""
+        """The time the oldest held message is indexed by (``bsread.timebase``), None when empty."""
         return float(self._timestamp[self._head]) if self._count else None
 
     @property

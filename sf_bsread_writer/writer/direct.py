@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import zmq
 
-from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES
-from ..core.replay_messages import Data
-from .partsio import PartsReceiver
+from sf_bsread_writer.bsread.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from sf_bsread_writer.replay.messages import Data
+from sf_bsread_writer.transport.partsio import PartsReceiver
 
 __all__ = ["DirectSource"]
 

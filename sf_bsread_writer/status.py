@@ -22,9 +22,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .protocol import CHANNEL_REFUSAL_REASONS, RejectReason
-from .pulse_range import MissingRange
-from .replay_messages import Gap
+from sf_bsread_writer.bsread.protocol import CHANNEL_REFUSAL_REASONS, RejectReason
+from sf_bsread_writer.writer.pulse_range import MissingRange
+from sf_bsread_writer.replay.messages import Gap
 
 __all__ = [
     "SOURCE_IDLE_SECONDS",
@@ -133,13 +133,13 @@ class SourceStatus(_Record):
     address: str
     mode: str  # pull | sub
     idle_seconds: float | None  # since the last message; None before the first
-    last_message_time: float | None  # the time of the last message stored (core.timebase)
+    last_message_time: float | None  # the time of the last message stored (bsread.timebase)
     connected_once: bool  # a message has ever arrived
     # Messages whose time is the buffer's receive time: the source's timestamp was absent or implausible.
     timed_by_receive: int = 0
     clock_offset_seconds: float | None = None  # source timestamp - receive time, of the last message
     # Of those, messages whose global_timestamp was no time at all (NaN, negative, ns out of range,
-    # beyond int64 ns: core.timebase.plausible_stamp): kept, their values stored, their time replaced.
+    # beyond int64 ns: bsread.timebase.plausible_stamp): kept, their values stored, their time replaced.
     invalid_timestamps: int = 0
 
 
@@ -171,7 +171,7 @@ class RingStatus(_Record):
     newest_pulse_id: int | None
     evicted: int
     evicted_bytes: int
-    oldest_time: float | None = None  # the times the oldest/newest messages are indexed by (core.timebase)
+    oldest_time: float | None = None  # the times the oldest/newest messages are indexed by (bsread.timebase)
     newest_time: float | None = None
 
     @property
@@ -211,7 +211,7 @@ class RateStatus(_Record):
 
 @dataclass(frozen=True)
 class SessionStatus(_Record):
-    """One writer's replay session (``core.replay_session.ReplaySession.status``)."""
+    """One writer's replay session (``replay.session.ReplaySession.status``)."""
 
     session: str
     start_pulse_id: int | None
@@ -500,7 +500,7 @@ class WriterStatistics(_Record):
     error: str | None
     outcome: str | None  # complete | partial | failed, once the run has ended (docs/writer.md)
     runs_finished: int = 0  # runs whose file is closed (more than one only in persistent mode)
-    time_base: str | None = None  # where the rows' times came from: source | receive | mixed (core.timebase)
+    time_base: str | None = None  # where the rows' times came from: source | receive | mixed (bsread.timebase)
     io_path: str | None = None  # how whole messages move: compiled | python (transport.partsio)
     # Values stored absent because they were refused (a wrong data-header entry, a value that does not
     # decode), by channel and reason; also in absent_values and the file attribute refused_channels.

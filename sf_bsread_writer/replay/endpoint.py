@@ -1,6 +1,6 @@
 """The buffer's replay endpoint: a ROUTER socket and one pure ``ReplaySession`` per writer.
 
-The sessions (``core.replay_session``) decide what each writer gets; this
+The sessions (``replay.session``) decide what each writer gets; this
 shell reads the writers' messages, sends what the sessions return, and
 keeps the totals for the status snapshot. It runs in the buffer's loop
 thread, which owns the ring, and never blocks: a writer that does not keep
@@ -15,14 +15,14 @@ from typing import Any
 
 import zmq
 
-from ..core.replay_messages import (
+from sf_bsread_writer.replay.messages import (
     Accepted, CloseSession, Data, End, ErrorReason, Gap, Heartbeat, ReplayProtocolError, Request, build_accepted,
     build_end, build_error, build_gap, build_heartbeat, data_kind, parse_writer_message,
 )
-from ..core.replay_session import ReplaySession
-from ..core.ring import Ring
-from ..core.status import ReplayStatus
-from ..transport.partsio import send_parts
+from sf_bsread_writer.replay.session import ReplaySession
+from sf_bsread_writer.ring import Ring
+from sf_bsread_writer.status import ReplayStatus
+from sf_bsread_writer.transport.partsio import send_parts
 
 __all__ = ["ReplayEndpoint"]
 

@@ -39,7 +39,7 @@ Decisions worth knowing
   bsread's own receiver accepts it. Within it, missing ``sec``/``epoch`` or
   ``ns`` is 0. A global timestamp that is no time (not an object, not
   integers, NaN, negative, ``ns`` outside ``[0, 1e9)``, beyond int64
-  nanoseconds: ``core.timebase.plausible_stamp``) costs the message its
+  nanoseconds: ``bsread.timebase.plausible_stamp``) costs the message its
   time, not its values: it reads as "not given" and
   ``MainHeader.timestamp_invalid`` says why (the receive time then stands in).
 * **A bad channel costs only itself.** A data-header entry that is wrong
@@ -82,8 +82,8 @@ import bitshuffle
 import lz4.block
 import numpy as np
 
-from .parts import PackedParts
-from .timebase import plausible_stamp
+from sf_bsread_writer.bsread.parts import PackedParts
+from sf_bsread_writer.bsread.timebase import plausible_stamp
 
 __all__ = [
     "RejectReason",
@@ -845,7 +845,7 @@ class Message:
     def channel_seconds(self, i: int) -> float:
         """Channel ``i``'s own timestamp in seconds, else the message's.
 
-        Else: absent, ``(0, 0)`` ("not given"), no plausible time (``core.timebase.plausible_stamp``),
+        Else: absent, ``(0, 0)`` ("not given"), no plausible time (``bsread.timebase.plausible_stamp``),
         or a part that is not 16 bytes
         (the parser does not check timestamp parts; a malformed one costs the
         value its own time, never the value: what every consumer shows).
@@ -985,9 +985,9 @@ def _walk_blocks_python(payload: Any, offset: int, n_blocks: int) -> int:
 
 
 def _compiled_walk() -> Callable[[Any, int, int], int] | None:
-    """The C block walk (``core/_blockwalk.c``) where it was built (tests/test_protocol.py runs both)."""
+    """The C block walk (``bsread/_blockwalk.c``) where it was built (tests/test_protocol.py runs both)."""
     try:
-        from ._blockwalk import walk
+        from sf_bsread_writer.bsread._blockwalk import walk
     except ImportError:
         return None
     return walk
@@ -1088,7 +1088,7 @@ def decode_timestamp(spec: ChannelSpec, part: Frame) -> tuple[int, int] | None:
 
     Raises :class:`ProtocolError` (``channel_timestamp_invalid``) for any
     other length than 0 or 16, and for a stamp that is no time
-    (``core.timebase.plausible_stamp``).
+    (``bsread.timebase.plausible_stamp``).
     """
     buffer = _as_buffer(part)
     size = _frame_size(buffer)

@@ -54,7 +54,7 @@ def presence_bits(value_lengths: Any) -> int:
     """Bit i set: channel i has a value, from the lengths of the value parts (parts 2, 4, ...; empty = absent).
 
     One int for a whole message, so "which channels does this one have that that one lacks" is
-    ``a & ~b`` (``core.rates.SparseAwareGrid``, the CA gateway's sparse-channel ingest).
+    ``a & ~b`` (``rates.SparseAwareGrid``, the CA gateway's sparse-channel ingest).
     """
     present = np.asarray(value_lengths) > 0
     return int.from_bytes(np.packbits(present, bitorder="little").tobytes(), "little")
@@ -119,7 +119,7 @@ class Layout:
     def presence(self) -> int:
         """Bit i set: channel i has a value (a non-empty value part); computed once per layout.
 
-        What a rate-limited feed needs to keep a sparse channel (``core.rates.SparseAwareGrid``).
+        What a rate-limited feed needs to keep a sparse channel (``rates.SparseAwareGrid``).
         """
         if self._presence is None:
             self._presence = presence_bits(self.lengths[2::2])

@@ -1,7 +1,7 @@
-"""The writer's end of the replay protocol: a DEALER socket around ``core.replay_client``.
+"""The writer's end of the replay protocol: a DEALER socket around ``replay.client_state``.
 
 Every decision (when to grant credit, send a heartbeat, give the buffer up
-and re-request) is made by :class:`~sf_bsread_writer.core.replay_client.ReplayClientState`;
+and re-request) is made by :class:`~sf_bsread_writer.replay.client_state.ReplayClientState`;
 this shell only moves frames and reads the clock. The protocol:
 docs/replay-protocol.md.
 """
@@ -15,9 +15,9 @@ from collections.abc import Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..core.replay_client import ReplayClientState, Rerequest
-from ..core.replay_messages import DEFAULT_WINDOW, Accepted, Data, End, ErrorReason, Refused, ReplayEvent, Request
-from .partsio import PartsReceiver
+from sf_bsread_writer.replay.client_state import ReplayClientState, Rerequest
+from sf_bsread_writer.replay.messages import DEFAULT_WINDOW, Accepted, Data, End, ErrorReason, Refused, ReplayEvent, Request
+from sf_bsread_writer.transport.partsio import PartsReceiver
 
 __all__ = ["ReplayClient", "ReplayHandshakeError", "HANDSHAKE_SECONDS"]
 
@@ -48,7 +48,7 @@ class ReplayClient:
     """Asks a buffer for a pulse range (or a time range) and hands out what arrives.
 
     ``receive`` returns :class:`Data`, :class:`Gap`, :class:`End`,
-    :class:`BufferLost` or :class:`Refused` (``core.replay_messages``); it
+    :class:`BufferLost` or :class:`Refused` (``replay.messages``); it
     grants credit as the caller consumes Data and sends a heartbeat at
     least every ``heartbeat_interval`` while the caller keeps calling it.
     Call it at least that often (the buffer expires a writer silent for its

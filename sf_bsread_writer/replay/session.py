@@ -2,7 +2,7 @@
 
 Given the ring, the writer's credits and ``now``, :meth:`ReplaySession.poll`
 says what to send next (data, gap notices, the end notice, heartbeats). The
-buffer's replay endpoint (``buffer.replay_endpoint``) is a thin shell that
+buffer's replay endpoint (``replay.endpoint``) is a thin shell that
 moves frames between its ROUTER socket and the sessions. The wire messages
 are in :mod:`.replay_messages`; the protocol is docs/replay-protocol.md.
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Protocol
 
-from .replay_messages import (
+from sf_bsread_writer.replay.messages import (
     MAX_WINDOW, Credit, Data, End, EndReason, Gap, GapReason, Heartbeat, Request, SetStop,
 )
-from .status import SessionStatus
+from sf_bsread_writer.status import SessionStatus
 
 __all__ = ["RingView", "ReplaySession"]
 
@@ -187,7 +187,7 @@ class ReplaySession:
                 break
             budget -= 1
             pulse_id = ring.pulse_id(self.cursor)
-            timestamp = ring.timestamp(self.cursor)  # the ring's time: core.timebase (sent with the data)
+            timestamp = ring.timestamp(self.cursor)  # the ring's time: bsread.timebase (sent with the data)
             if not self._started:
                 # Only for a start in the future (live messages older than the start).
                 if (self.start_pulse_id is not None and pulse_id < self.start_pulse_id) or \

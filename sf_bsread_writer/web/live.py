@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import DataHeader, Message
-from .rates import RateGrid
+from sf_bsread_writer.bsread.protocol import DataHeader, Message
+from sf_bsread_writer.rates import RateGrid
 
 __all__ = [
     "LatestValues",

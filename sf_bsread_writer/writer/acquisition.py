@@ -31,7 +31,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import jsontext
+from sf_bsread_writer import jsontext
 
 __all__ = [
     "State",
