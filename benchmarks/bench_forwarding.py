@@ -81,11 +81,11 @@ def middle(variant: str, in_port: int, out_port: int, ring_messages: int, ring_b
         while True:
             partsio.send_parts(push, receive(pull)[1], implementation="compiled")
 
-    from sf_bsread_writer.ring import Ring
     from sf_bsread_writer.process import tune_allocator
+    from sf_bsread_writer.ring import Ring
 
     try:
-        from sf_bsread_writer.bsread.protocol import parse_main_header
+        from sf_bsread_writer.bsread.headers import parse_main_header
 
         def pulse_and_time(frame):
             header = parse_main_header(frame)
@@ -217,8 +217,8 @@ def measure_buffer(context, profile: str, variant: str, source_port: int,
             finally:
                 consumer.close()
 
-        from sf_bsread_writer.replay.messages import Data
         from sf_bsread_writer.replay.client import ReplayClient
+        from sf_bsread_writer.replay.messages import Data
 
         # let the ring fill (the live consumer keeps the output drained), then replay from its oldest pulse
         for _ in range(args.warmup):

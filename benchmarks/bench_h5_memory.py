@@ -12,7 +12,7 @@ the writer flushes it at that rate (every second: every 100 rows at
 100 Hz), deterministically.
 
 Messages are built once (``--variants`` of them, with
-``simulate.expected_values`` and ``protocol.build_message``); each row reuses
+``simulate.expected_values`` and ``build_message``); each row reuses
 one with a fresh main header (pulse id, timestamp). ``--noise`` adds random
 noise to a patch of each variant's image so that compressed chunk sizes vary
 like a real camera's (the demo ramp compresses to nearly the same size
@@ -58,7 +58,8 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sf_bsread_writer.bsread import protocol
+from sf_bsread_writer.bsread.build import build_message
+from sf_bsread_writer.bsread.message import Message, MessageParser
 from sf_bsread_writer.h5 import file as h5_file_module  # noqa: E402
 from sf_bsread_writer.h5.file import H5File  # noqa: E402
 from sf_bsread_writer.tools import simulate  # noqa: E402
@@ -105,9 +106,9 @@ def free_list_bytes() -> tuple[int, int, int, int]:
     return tuple(s.value for s in sizes)  # type: ignore[return-value]
 
 
-def build_variants(n: int, noise: bool, image_shape: tuple[int, int]) -> list[protocol.Message]:
+def build_variants(n: int, noise: bool, image_shape: tuple[int, int]) -> list[Message]:
     channels = simulate.channel_metadata("demo", image_shape=image_shape)
-    parser = protocol.MessageParser()
+    parser = MessageParser()
     rng = np.random.default_rng(7)
     messages = []
     for k in range(n):
@@ -120,7 +121,7 @@ def build_variants(n: int, noise: bool, image_shape: tuple[int, int]) -> list[pr
             patch = rng.poisson(20, size=(rows, width)).astype(np.uint16)  # ... of shot noise
             image[:rows] += patch
             values["DEMO:CAMERA"] = image
-        frames = protocol.build_message(pulse_id, channels, [values[c["name"]] for c in channels],
+        frames = build_message(pulse_id, channels, [values[c["name"]] for c in channels],
                                         timestamp=1_700_000_000.0 + pulse_id / 100)
         messages.append(parser.parse(frames))
     return messages

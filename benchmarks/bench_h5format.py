@@ -41,29 +41,32 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OriginalPatternWriter  # noqa: E402
-from sf_bsread_writer.bsread import protocol
+
+from sf_bsread_writer.bsread.build import build_message
+from sf_bsread_writer.bsread.codecs import direct_chunk_compatible
+from sf_bsread_writer.bsread.message import Message, MessageParser
 from sf_bsread_writer.h5.file import H5File  # noqa: E402
 
 
-def scalar_messages(n_messages: int, n_channels: int) -> list[protocol.Message]:
+def scalar_messages(n_messages: int, n_channels: int) -> list[Message]:
     channels = [{"name": f"SCALAR{i:03d}", "type": "float64", "shape": [1]} for i in range(n_channels)]
-    parser = protocol.MessageParser()
-    return [parser.parse(protocol.build_message(
+    parser = MessageParser()
+    return [parser.parse(build_message(
         pulse_id, channels, [pulse_id + i * 0.5 for i in range(n_channels)], timestamp=pulse_id / 100))
         for pulse_id in range(1, n_messages + 1)]
 
 
-def image_messages(n_messages: int, distinct: int = 8) -> list[protocol.Message]:
+def image_messages(n_messages: int, distinct: int = 8) -> list[Message]:
     spec = {"name": "CAMERA", "type": "uint16", "shape": [1280, 1024], "compression": "bitshuffle_lz4"}
     rng = np.random.default_rng(1)
     images = [rng.poisson(30, size=(1024, 1280)).astype("<u2") for _ in range(distinct)]
-    parser = protocol.MessageParser()
-    return [parser.parse(protocol.build_message(pulse_id, [spec], [images[pulse_id % distinct]],
+    parser = MessageParser()
+    return [parser.parse(build_message(pulse_id, [spec], [images[pulse_id % distinct]],
                                                 timestamp=pulse_id / 100))
             for pulse_id in range(1, n_messages + 1)]
 
 
-def run_h5file(path: Path, messages: list[protocol.Message]) -> float:
+def run_h5file(path: Path, messages: list[Message]) -> float:
     start = time.perf_counter()
     h5 = H5File(path, {})
     for message in messages:
@@ -72,7 +75,7 @@ def run_h5file(path: Path, messages: list[protocol.Message]) -> float:
     return time.perf_counter() - start
 
 
-def run_original_pattern(path: Path, messages: list[protocol.Message]) -> float:
+def run_original_pattern(path: Path, messages: list[Message]) -> float:
     """Element by element, as the original writer did (resize + write per channel per message)."""
     start = time.perf_counter()
     with h5py.File(path, "w") as f:
@@ -82,16 +85,16 @@ def run_original_pattern(path: Path, messages: list[protocol.Message]) -> float:
     return time.perf_counter() - start
 
 
-def run_decode_and_filter(path: Path, messages: list[protocol.Message]) -> float:
-    original = protocol.direct_chunk_compatible
-    protocol.direct_chunk_compatible = lambda spec, part: False  # type: ignore[assignment]
+def run_decode_and_filter(path: Path, messages: list[Message]) -> float:
+    original = direct_chunk_compatible
+    direct_chunk_compatible = lambda spec, part: False  # type: ignore[assignment]
     try:
         return run_h5file(path, messages)
     finally:
-        protocol.direct_chunk_compatible = original  # type: ignore[assignment]
+        direct_chunk_compatible = original  # type: ignore[assignment]
 
 
-def run_bare_direct_chunk(path: Path, messages: list[protocol.Message]) -> float:
+def run_bare_direct_chunk(path: Path, messages: list[Message]) -> float:
     start = time.perf_counter()
     with h5py.File(path, "w") as f:
         dataset = f.create_dataset("data", (len(messages), 1024, 1280), chunks=(1, 1024, 1280), dtype="<u2",
@@ -102,7 +105,7 @@ def run_bare_direct_chunk(path: Path, messages: list[protocol.Message]) -> float
     return time.perf_counter() - start
 
 
-def measure(name: str, run: Callable[[Path, list[protocol.Message]], float], messages: list[protocol.Message],
+def measure(name: str, run: Callable[[Path, list[Message]], float], messages: list[Message],
             directory: Path, repeats: int) -> tuple[str, int, float, float]:
     best = float("inf")
     size = 0.0

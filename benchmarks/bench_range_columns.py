@@ -35,9 +35,14 @@ import common  # noqa: E402
 def run_once(messages: int, channels: int) -> dict[str, float]:
     import numpy as np
 
+    from sf_bsread_writer.bsread.build import build_message
+    from sf_bsread_writer.bsread.message import MessageParser
     from sf_bsread_writer.bsread.parts import pack
-    from sf_bsread_writer.bsread.protocol import MessageParser, build_message
-    from sf_bsread_writer.web.range_query import RangeColumns, RangeLimits, parse_range_query
+    from sf_bsread_writer.web.range_query import (
+        RangeColumns,
+        RangeLimits,
+        parse_range_query,
+    )
     from sf_bsread_writer.web.ranges import as_json, as_npz
 
     specs = [{"name": f"SAR:CH{i:04d}", "type": "float64"} for i in range(channels - 1)]

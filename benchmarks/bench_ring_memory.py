@@ -32,9 +32,9 @@ def fill_and_measure(profile: str, n_messages: int, tune: bool) -> dict:
 
     import zmq
 
-    from sf_bsread_writer.bsread.protocol import parse_main_header
-    from sf_bsread_writer.ring import Ring
+    from sf_bsread_writer.bsread.headers import parse_main_header
     from sf_bsread_writer.process import tune_allocator
+    from sf_bsread_writer.ring import Ring
 
     if tune:
         tune_allocator()

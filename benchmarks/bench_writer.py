@@ -103,7 +103,7 @@ def camera_image(seed: int) -> "Any":
 
 def message_templates(profile: str, distinct: int = 4) -> list[list[bytes]]:
     """Pre-built messages of the profile (same data header, ``distinct`` different value sets)."""
-    from sf_bsread_writer.bsread.protocol import build_message
+    from sf_bsread_writer.bsread.build import build_message
 
     if profile == "camera":
         return [build_message(FIRST, [CAMERA_SPEC], [camera_image(seed)], timestamp=1_700_000_000.0)
@@ -180,8 +180,8 @@ def run_bare(kind: str, replay: str, first: int, last: int, out: str) -> None:
     """Child: drain [first, last] through a ReplayClient, per ``kind``; print RESULT {messages, seconds}."""
     import zmq
 
-    from sf_bsread_writer.replay.messages import Data, End, Refused
     from sf_bsread_writer.replay.client import ReplayClient
+    from sf_bsread_writer.replay.messages import Data, End, Refused
 
     count = last - first + 1
     before = resource.getrusage(resource.RUSAGE_SELF)
@@ -217,7 +217,7 @@ def run_bare(kind: str, replay: str, first: int, last: int, out: str) -> None:
     elif kind == "original":
         import h5py
 
-        from sf_bsread_writer.bsread.protocol import MessageParser
+        from sf_bsread_writer.bsread.message import MessageParser
 
         parser = MessageParser()
         with h5py.File(out, "w") as f, ReplayClient(replay, start_pulse_id=first, stop_pulse_id=last) as client:

@@ -12,10 +12,10 @@ import os
 import resource
 import signal
 import subprocess
-import tempfile
-import zlib
 import sys
+import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ FIRST_PULSE_ID = 10_000_000_000
 
 def profile_message(profile: str, pulse_id: int = FIRST_PULSE_ID) -> list[bytes]:
     """One bsread message of the profile, as bsread's Sender would send it."""
-    from sf_bsread_writer.bsread.protocol import build_message
+    from sf_bsread_writer.bsread.build import build_message
 
     rng = np.random.default_rng(1)
     if profile == "camera":  # 1280x1024 uint16, uncompressed: 2.6 MB in one part

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sf_bsread_writer.bsread.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
 from sf_bsread_writer.bsread.timebase import MAX_CLOCK_SKEW
 
 __all__ = [

@@ -60,7 +60,12 @@ from typing import Any
 
 import numpy as np
 
-from sf_bsread_writer.bsread.parts import LARGE_PART_BYTES, LayoutCache, PackedParts, pack
+from sf_bsread_writer.bsread.parts import (
+    LARGE_PART_BYTES,
+    LayoutCache,
+    PackedParts,
+    pack,
+)
 
 __all__ = [
     "LARGE_PART_BYTES",

@@ -22,9 +22,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sf_bsread_writer.bsread.protocol import CHANNEL_REFUSAL_REASONS, RejectReason
-from sf_bsread_writer.writer.pulse_range import MissingRange
+from sf_bsread_writer.bsread.spec import CHANNEL_REFUSAL_REASONS, RejectReason
 from sf_bsread_writer.replay.messages import Gap
+from sf_bsread_writer.writer.pulse_range import MissingRange
 
 __all__ = [
     "SOURCE_IDLE_SECONDS",

@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from sf_bsread_writer.bsread.protocol import build_message
+from sf_bsread_writer.bsread.build import build_message
 
 from .helpers import EPICS_LOOPBACK_ENV, ROOT, Child, free_port, wait_for
 

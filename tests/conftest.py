@@ -1,6 +1,5 @@
 """Shared fixtures. Utilities live in tests/helpers.py."""
 import os
-
 import tempfile
 
 # bitshuffle links OpenMP: keep it to one thread in the test process too.

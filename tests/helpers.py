@@ -21,8 +21,8 @@ from typing import Any
 
 from sf_bsread_writer.buffer.service import Buffer
 from sf_bsread_writer.client import WriterClient
-from sf_bsread_writer.status import RingStatus
 from sf_bsread_writer.process import die_with_parent
+from sf_bsread_writer.status import RingStatus
 from sf_bsread_writer.tools.simulate import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,7 +24,7 @@ import numpy as np
 import requests
 import zmq
 
-from sf_bsread_writer.bsread.protocol import build_message
+from sf_bsread_writer.bsread.build import build_message
 from tests.helpers import Child, wait_for
 from tests.test_writer import PARAMETERS, writer_process
 

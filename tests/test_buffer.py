@@ -21,11 +21,11 @@ import requests
 import zmq
 from bsread import SUB, Source
 
+from sf_bsread_writer.bsread.build import build_message
 from sf_bsread_writer.buffer.service import Buffer
-from sf_bsread_writer.bsread.protocol import build_message
+from sf_bsread_writer.replay.client import ReplayClient
 from sf_bsread_writer.replay.messages import Data, End, Gap
 from sf_bsread_writer.tools.simulate import Simulator, expected_values
-from sf_bsread_writer.replay.client import ReplayClient
 from tests.helpers import Child, free_port, wait_for
 
 DEADLINE = 30.0

@@ -14,9 +14,9 @@ import pytest
 import requests
 import zmq
 
+from sf_bsread_writer.bsread.message import MessageParser
 from sf_bsread_writer.ca import bridge as ca_bridge
 from sf_bsread_writer.ca.environment import prepare_client_environment
-from sf_bsread_writer.bsread.protocol import MessageParser
 
 from .ca_helpers import CaprotoClient, Tool, ca_env, run_tool, start_repeater
 from .helpers import Child, free_port, wait_for
@@ -261,8 +261,8 @@ def test_ioc_to_bridge_to_buffer_to_writer_to_hdf5_and_back_over_ca(ioc_env, tmp
 
 def test_an_empty_waveform_or_an_unusable_value_is_absent_and_never_ends_the_bridge():
     """NORD 0 after an IOC reboot used to raise in build_message and end the process."""
+    from sf_bsread_writer.bsread.message import MessageParser
     from sf_bsread_writer.ca.bridge import Bridge, Update
-    from sf_bsread_writer.bsread.protocol import MessageParser
 
     bridge = Bridge(["B:WF", "B:X", "B:TXT"], port=0)
     parser = MessageParser()
@@ -293,8 +293,8 @@ def test_an_empty_waveform_or_an_unusable_value_is_absent_and_never_ends_the_bri
 
 def test_pv_metadata_goes_into_the_data_header():
     """Units, precision, enum strings and DESC (from DBR_CTRL and .DESC) become data-header fields."""
+    from sf_bsread_writer.bsread.message import MessageParser
     from sf_bsread_writer.ca.bridge import Bridge, Update, display_of
-    from sf_bsread_writer.bsread.protocol import MessageParser
 
     assert display_of({"units": "mm ", "precision": 3, "enum_strs": ()}, "beam x") == {
         "unit": "mm", "precision": 3, "description": "beam x"}

@@ -6,8 +6,15 @@ import json
 import numpy as np
 import pytest
 
-from sf_bsread_writer.ca.camapping import (CA_TYPE_BY_BSREAD_TYPE, DEFAULT_LONG_STRING_BYTES, MAX_STRING_BYTES,
-                                        UnknownTypeError, fits_dbr_string, map_channel, to_ca_value)
+from sf_bsread_writer.ca.camapping import (
+    CA_TYPE_BY_BSREAD_TYPE,
+    DEFAULT_LONG_STRING_BYTES,
+    MAX_STRING_BYTES,
+    UnknownTypeError,
+    fits_dbr_string,
+    map_channel,
+    to_ca_value,
+)
 
 # bsread type -> (CA type, the extreme values that must survive the trip exactly)
 EXTREMES = {
@@ -144,8 +151,9 @@ def test_strings_become_long_strings_only_when_asked_and_are_cut_on_character_bo
 
 
 def test_channel_plan_skips_names_epics_cannot_serve_and_detects_a_changed_channel_set():
+    from sf_bsread_writer.bsread.headers import DataHeader
+    from sf_bsread_writer.bsread.spec import ChannelSpec
     from sf_bsread_writer.ca.ioc import ChannelPlan, acf_text
-    from sf_bsread_writer.bsread.protocol import ChannelSpec, DataHeader
 
     def header(*specs):
         return DataHeader("h" + str(len(specs)), tuple(specs))
@@ -164,7 +172,7 @@ def test_channel_plan_skips_names_epics_cannot_serve_and_detects_a_changed_chann
 
 def test_display_metadata_becomes_record_fields():
     """EGU, PREC, DESC and enum states from the data header (the CA bridge sends an IOC's)."""
-    from sf_bsread_writer.bsread.protocol import ChannelSpec
+    from sf_bsread_writer.bsread.spec import ChannelSpec
 
     ai = _cm.ioc_record_for("float64", display=ChannelSpec.from_header(
         {"name": "A", "unit": "mm", "precision": 2, "description": "beam x"}).display)
@@ -179,8 +187,9 @@ def test_display_metadata_becomes_record_fields():
 
 
 def test_severity_companions_are_the_alarm_of_their_pv_not_pvs():
+    from sf_bsread_writer.bsread.headers import DataHeader
+    from sf_bsread_writer.bsread.spec import ChannelSpec
     from sf_bsread_writer.ca.ioc import ChannelPlan
-    from sf_bsread_writer.bsread.protocol import ChannelSpec, DataHeader
 
     header = DataHeader("h", (ChannelSpec("IOC:X"), ChannelSpec("IOC:X.SEVR", "uint16"),
                               ChannelSpec("ORPHAN.SEVR", "uint16")))
@@ -222,8 +231,9 @@ def test_widened_records_hold_both_types_and_survive_the_state_file():
 
 
 def test_a_new_header_is_rebound_to_the_running_records_or_needs_a_restart():
+    from sf_bsread_writer.bsread.headers import DataHeader
+    from sf_bsread_writer.bsread.spec import ChannelSpec
     from sf_bsread_writer.ca.ioc import ChannelPlan
-    from sf_bsread_writer.bsread.protocol import ChannelSpec, DataHeader
 
     def plan(*specs, previous=None):
         return ChannelPlan.build(DataHeader("h", tuple(specs)), "P:", previous=previous)
@@ -245,8 +255,9 @@ def test_a_new_header_is_rebound_to_the_running_records_or_needs_a_restart():
 def test_a_refused_channel_is_no_pv_and_costs_no_other():
     """A data-header entry the parser refused (bsread.protocol: ChannelSpec.refused) is skipped with its reason,
     never served as its float64 stand-in; a refused duplicate never takes the good channel's PV."""
+    from sf_bsread_writer.bsread.build import build_message
+    from sf_bsread_writer.bsread.message import MessageParser
     from sf_bsread_writer.ca.ioc import ChannelPlan
-    from sf_bsread_writer.bsread.protocol import MessageParser, build_message
 
     frames = build_message(1, [{"name": "A", "type": "int32"}, {"name": "B", "type": "uint8"},
                                {"name": "C", "type": "uint8"}], [1, 2, 3])

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from sf_bsread_writer import registry, write_range
-from sf_bsread_writer.writer.acquisition import Outcome
 from sf_bsread_writer.tools.simulate import expected_values
+from sf_bsread_writer.writer.acquisition import Outcome
 
 from .helpers import Child, wait_for
 

@@ -22,7 +22,8 @@ import hdf5plugin  # noqa: F401  (bitshuffle filter for reading)
 import numpy as np
 import pytest
 
-from sf_bsread_writer.bsread import protocol
+from sf_bsread_writer.bsread.build import build_message
+from sf_bsread_writer.bsread.message import MessageParser
 from sf_bsread_writer.h5.file import DiskFull, H5File
 from sf_bsread_writer.h5.placement import FileSlot
 from sf_bsread_writer.tools.simulate import channel_metadata, expected_values
@@ -146,7 +147,7 @@ def test_a_write_that_finds_no_room_after_the_check_keeps_the_rows_of_the_last_f
     """
     monkeypatch.setattr(FileSlot, "free_bytes", lambda self: 1 << 40)
     channels = channel_metadata("camera", "bitshuffle_lz4", image_shape=IMAGE_SHAPE)
-    parser = protocol.MessageParser()
+    parser = MessageParser()
     with small_disk(tmp_path / "disk", "3m") as folder:
         output = folder / "run.h5"
         h5 = H5File(output, block_rows=100, flush_interval=1e9)
@@ -154,12 +155,12 @@ def test_a_write_that_finds_no_room_after_the_check_keeps_the_rows_of_the_last_f
         with pytest.raises(DiskFull) as caught:
             for pulse_id in range(FIRST_PULSE_ID, FIRST_PULSE_ID + 2000):
                 image = expected_values("camera", pulse_id, image_shape=IMAGE_SHAPE)["CAMERA:FPICTURE"]
-                h5.append(parser.parse(protocol.build_message(pulse_id, channels, [image],
+                h5.append(parser.parse(build_message(pulse_id, channels, [image],
                                                               timestamp=1_700_000_000 + pulse_id / 100)))
                 flushed = h5.rows_flushed
         assert caught.value.rows_kept == flushed > 0 and flushed % 100 == 0
         with pytest.raises(DiskFull):
-            h5.append(parser.parse(protocol.build_message(1, channels, [image])))  # no more rows
+            h5.append(parser.parse(build_message(1, channels, [image])))  # no more rows
         h5.record_missing(FIRST_PULSE_ID + flushed, FIRST_PULSE_ID + 1999, "disk_full")
         h5.close({"end_reason": "disk_full", "outcome": "partial"})
         with h5py.File(output, "r") as file:

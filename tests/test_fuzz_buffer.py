@@ -16,7 +16,9 @@ import pytest
 import requests
 import zmq
 
-from sf_bsread_writer.bsread.protocol import MessageParser, ProtocolError, build_message
+from sf_bsread_writer.bsread.build import build_message
+from sf_bsread_writer.bsread.message import MessageParser
+from sf_bsread_writer.bsread.spec import ProtocolError
 from sf_bsread_writer.h5.file import H5File
 from sf_bsread_writer.replay.client import ReplayClient
 from tests.helpers import Child, wait_for

@@ -20,8 +20,18 @@ import pytest
 from sf_bsread_writer.buffer import children
 from sf_bsread_writer.ca.environment import prepare_server_environment
 
-from .ca_helpers import (T0, CaprotoClient, Feeder, Tool, ca_env, pulse_of, run_pyepics, run_tool, start_gateway,
-                         start_repeater)
+from .ca_helpers import (
+    T0,
+    CaprotoClient,
+    Feeder,
+    Tool,
+    ca_env,
+    pulse_of,
+    run_pyepics,
+    run_tool,
+    start_gateway,
+    start_repeater,
+)
 from .helpers import Child, free_port, wait_for
 
 CAPROTO = ("--server", "caproto")
@@ -581,8 +591,8 @@ def test_buffer_ca_feed_is_rate_limited_and_leaves_a_push_output_whole(env, monk
 
     import zmq
 
+    from sf_bsread_writer.bsread.build import build_message
     from sf_bsread_writer.buffer.service import Buffer
-    from sf_bsread_writer.bsread.protocol import build_message
 
     port = str(free_port())
     for key, value in (env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}).items():

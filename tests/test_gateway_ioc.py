@@ -239,8 +239,8 @@ def test_a_sparse_channel_is_served_when_the_gateway_applies_slower_than_message
 def test_the_ingest_keeps_each_sparse_channel_once_and_stays_bounded():
     """A every 2nd pulse, B every 50th, 100 messages between two takes: B's value survives A's many, each
     channel is applied once a round (from its newest kept message), and at most SPARSE_KEPT stay."""
+    from sf_bsread_writer.bsread.build import build_message
     from sf_bsread_writer.ca.gateway import SPARSE_KEPT, _Ingest
-    from sf_bsread_writer.bsread.protocol import build_message
 
     channels = [{"name": "A", "type": "float64"}, {"name": "B", "type": "float64"}, {"name": "C", "type": "float64"}]
     ingest = _Ingest("tcp://127.0.0.1:9", "sub", lambda: None)  # not started: fed by hand

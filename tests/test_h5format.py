@@ -1,7 +1,7 @@
 """h5format: the SwissFEL layout on real files, read back with plain h5py.
 
-Messages are built with ``protocol.build_message`` and parsed with
-``protocol.MessageParser`` so that the file sees exactly what the writer
+Messages are built with ``build_message`` and parsed with
+``MessageParser`` so that the file sees exactly what the writer
 will give it.
 """
 from __future__ import annotations
@@ -24,15 +24,17 @@ import hdf5plugin  # noqa: F401  (bitshuffle filter for reading)
 import numpy as np
 import pytest
 
-from sf_bsread_writer.bsread import protocol
-from sf_bsread_writer.writer.pulse_range import MissingRange
+from sf_bsread_writer.bsread.build import build_message
+from sf_bsread_writer.bsread.codecs import direct_chunk_compatible
+from sf_bsread_writer.bsread.message import Message, MessageParser
 from sf_bsread_writer.h5 import columns, layout, variants
 from sf_bsread_writer.h5 import file as h5_file
 from sf_bsread_writer.h5.file import H5File
+from sf_bsread_writer.writer.pulse_range import MissingRange
 
 from .helpers import ROOT
 
-_PARSER = protocol.MessageParser()
+_PARSER = MessageParser()
 
 NUMERIC_TYPES = ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
                  "float32", "float64"]
@@ -44,9 +46,9 @@ def channel(name: str, type: str = "float64", shape: Sequence[int] = (1,), encod
 
 
 def message(pulse_id: int, channels: Sequence[dict[str, Any]], values: Sequence[Any],
-            timestamp: float | None = None) -> protocol.Message:
+            timestamp: float | None = None) -> Message:
     """A parsed message as the writer gets it from the wire."""
-    frames = protocol.build_message(pulse_id, channels, values,
+    frames = build_message(pulse_id, channels, values,
                                     timestamp=timestamp if timestamp is not None else 1_700_000_000 + pulse_id / 100)
     return _PARSER.parse(frames)
 
@@ -152,8 +154,8 @@ def test_a_new_header_under_a_reused_hash_is_a_new_header(tmp_path: Path) -> Non
     """The data-header hash is the sender's word, never checked: a sender that reorders its channels
     without a new hash must not get A's values stored under B (the parser parses the new bytes into
     a new header; the file must follow the header, not the hash)."""
-    first = protocol.build_message(1, [channel("A"), channel("B", "int32")], [1.5, np.int32(10)], timestamp=1.7e9)
-    swapped = protocol.build_message(2, [channel("B", "int32"), channel("A")], [np.int32(20), 2.5], timestamp=1.7e9)
+    first = build_message(1, [channel("A"), channel("B", "int32")], [1.5, np.int32(10)], timestamp=1.7e9)
+    swapped = build_message(2, [channel("B", "int32"), channel("A")], [np.int32(20), 2.5], timestamp=1.7e9)
     main = json.loads(swapped[0])
     main["hash"] = json.loads(first[0])["hash"]
     swapped[0] = json.dumps(main).encode()
@@ -226,7 +228,7 @@ def test_channel_groups_copied_from_a_template_equal_groups_made_in_full(tmp_pat
         with H5File(path, {"general/created": "2026-11-30T00:00:00", "general/user": "test"}, block_rows=2,
                     clock=lambda: 0.0) as h5:
             for n in range(8):
-                h5.append(_PARSER.parse(protocol.build_message(100 + n, channels(n), values(n),
+                h5.append(_PARSER.parse(build_message(100 + n, channels(n), values(n),
                                                                timestamp=(1_700_000_000 + n, 0))))
 
     write(tmp_path / "copied.h5")
@@ -401,12 +403,12 @@ def _legacy_block_size_part(part: bytes, itemsize: int) -> bytes:
 def test_bitshuffle_fallback_decodes_and_writes_through_filter(tmp_path: Path) -> None:
     path = tmp_path / "fallback.h5"
     spec = channel("CAM", "uint16", (80, 96), "little", "bitshuffle_lz4")
-    frames_list = [protocol.build_message(p, [spec], [_image(p)], timestamp=1.0 + p) for p in range(3)]
+    frames_list = [build_message(p, [spec], [_image(p)], timestamp=1.0 + p) for p in range(3)]
     # Row 1: legacy block size field -> guard says no -> decoded + written through the filter.
     frames_list[1][2] = _legacy_block_size_part(bytes(frames_list[1][2]), 2)
     messages = [_PARSER.parse(frames) for frames in frames_list]
-    assert protocol.direct_chunk_compatible(messages[0].data_header.channels[0], messages[0].value_part(0))
-    assert not protocol.direct_chunk_compatible(messages[1].data_header.channels[0], messages[1].value_part(0))
+    assert direct_chunk_compatible(messages[0].data_header.channels[0], messages[0].value_part(0))
+    assert not direct_chunk_compatible(messages[1].data_header.channels[0], messages[1].value_part(0))
     with H5File(path) as h5:
         for m in messages:
             h5.append(m)
@@ -504,7 +506,7 @@ def test_ten_thousand_scalar_rows_are_written_in_blocks(tmp_path: Path, monkeypa
     channels = [channel(f"CH{i}", "int32") for i in range(5)]
     # A clock that never advances: only the block size triggers writes.
     h5 = H5File(path, block_rows=1000, clock=lambda: 0.0)
-    frames = [protocol.build_message(p, channels, [p + i for i in range(5)], timestamp=float(p)) for p in range(10_000)]
+    frames = [build_message(p, channels, [p + i for i in range(5)], timestamp=float(p)) for p in range(10_000)]
     for f in frames:
         h5.append(_PARSER.parse(f))
     h5.close()
@@ -691,14 +693,16 @@ def _child_env(**extra: str) -> dict[str, str]:
 _RETYPE_CHILD = textwrap.dedent("""
     import os, signal, sys
     import h5py
-    from sf_bsread_writer.bsread import protocol
+    from sf_bsread_writer.bsread.codecs import direct_chunk_compatible
+    from sf_bsread_writer.bsread.message import Message, MessageParser
+    from sf_bsread_writer.bsread.build import build_message
     from sf_bsread_writer.h5.file import H5File
     path, when = sys.argv[1], sys.argv[2]
-    parser = protocol.MessageParser()
+    parser = MessageParser()
     h5 = H5File(path, {"general/user": "kill-test"})
     for pulse_id in range(1, 7):
         spec = {"name": "X", "type": "float64" if pulse_id < 4 else "int32", "shape": [1]}
-        h5.append(parser.parse(protocol.build_message(pulse_id, [spec], [pulse_id + 0.5 if pulse_id < 4 else pulse_id],
+        h5.append(parser.parse(build_message(pulse_id, [spec], [pulse_id + 0.5 if pulse_id < 4 else pulse_id],
                                                       timestamp=1_700_000_000 + pulse_id)))
     h5.flush()
     if when == "before_close":
@@ -774,8 +778,8 @@ def test_rows_are_aligned_across_channels(tmp_path: Path) -> None:
 def test_broken_value_is_recorded_absent_not_fatal(tmp_path: Path) -> None:
     path = tmp_path / "broken.h5"
     spec = channel("IMG", "uint16", (80, 96), compression="bitshuffle_lz4")
-    good = protocol.build_message(1, [spec], [_image(1)], timestamp=1.0)
-    bad = protocol.build_message(2, [spec], [_image(2)], timestamp=2.0)
+    good = build_message(1, [spec], [_image(1)], timestamp=1.0)
+    bad = build_message(2, [spec], [_image(2)], timestamp=2.0)
     bad[2] = struct.pack(">QI", 3, 8192) + b"\x00garbage"
     with H5File(path) as h5:
         h5.append(_PARSER.parse(good))
@@ -789,7 +793,7 @@ def test_wrong_size_scalar_is_absent_and_the_rest_of_the_row_is_kept(tmp_path: P
     """A packed (uncompressed, fixed size) value of the wrong size takes the slow path for its row."""
     path = tmp_path / "wrong_size.h5"
     channels = [channel("A", "int32"), channel("B", "int32"), channel("C", "float64", encoding="big")]
-    frames = [protocol.build_message(p, channels, [p, 10 * p, p / 2], timestamp=float(p)) for p in range(1, 6)]
+    frames = [build_message(p, channels, [p, 10 * p, p / 2], timestamp=float(p)) for p in range(1, 6)]
     frames[2][4] = b"\x01\x02"  # B of pulse 3: 2 bytes for an int32
     with H5File(path) as h5:
         for f in frames:
@@ -854,7 +858,9 @@ _CHILD = textwrap.dedent("""
     import os, sys
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import numpy as np
-    from sf_bsread_writer.bsread import protocol
+    from sf_bsread_writer.bsread.codecs import direct_chunk_compatible
+    from sf_bsread_writer.bsread.message import Message, MessageParser
+    from sf_bsread_writer.bsread.build import build_message
     from sf_bsread_writer.h5.file import H5File
     path, first = sys.argv[1], int(sys.argv[2])
     channels = [
@@ -864,7 +870,7 @@ _CHILD = textwrap.dedent("""
         {"name": "TEXT", "type": "string", "shape": [1]},
         {"name": "CAM", "type": "uint16", "shape": [128, 96], "compression": "bitshuffle_lz4"},
     ]
-    parser = protocol.MessageParser()
+    parser = MessageParser()
     image = (np.arange(96 * 128) % 1000).astype("<u2").reshape(96, 128)
     flush_interval, block_rows = (float(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 3 else (0.05, 50)
     h5 = H5File(path, {"general/user": "kill-test"}, flush_interval=flush_interval, block_rows=block_rows)
@@ -875,7 +881,7 @@ _CHILD = textwrap.dedent("""
     while True:
         values = [pulse_id * 0.5 + i for i in range(20)] + [
             np.arange(256, dtype="<i4") + pulse_id % 100_000, f"p{pulse_id}", image + (pulse_id % 1000)]
-        h5.append(parser.parse(protocol.build_message(pulse_id, channels, values, timestamp=pulse_id / 100)))
+        h5.append(parser.parse(build_message(pulse_id, channels, values, timestamp=pulse_id / 100)))
         pulse_id += 1
         if h5.flushes != flushes:
             flushes = h5.flushes
@@ -986,7 +992,7 @@ _FLOAT_SPECS = [channel("X"), channel("S", "string"), _CAM]
 _INT_SPECS = [channel("X", "int32"), channel("S", "string"), _CAM]  # X retyped: /data/X/data(1) at close
 
 
-def _late_stop_messages() -> list[protocol.Message]:
+def _late_stop_messages() -> list[Message]:
     """Six rows touching every column kind, a variant group, absent values, and a channel new in row 5."""
     rows = [(_FLOAT_SPECS, [1.5, "a", _image(10)]),
             (_INT_SPECS, [2, "b", _image(11)]),
@@ -1210,7 +1216,7 @@ def _stream_frames(n_messages: int) -> list[list[bytes]]:
     for pulse_id in range(100, 100 + n_messages):
         values = [value_for(spec["type"], pulse_id, spec["shape"]) for spec in channels]
         values[channels.index(channel("EVERY3", "float64"))] = None if pulse_id % 3 else 0.5 * pulse_id
-        frames = protocol.build_message(pulse_id, channels, values, timestamp=1_700_000_000 + pulse_id / 100)
+        frames = build_message(pulse_id, channels, values, timestamp=1_700_000_000 + pulse_id / 100)
         if pulse_id % 5 == 0:
             frames[3 + 2 * 3] = b""  # a value without its timestamp
         if pulse_id % 7 == 0:
@@ -1329,7 +1335,7 @@ def test_a_group_is_sized_by_a_value_that_decodes_never_by_a_claim(tmp_path: Pat
     good = channel("GOOD", "float64")
     with H5File(path) as h5:
         for pulse_id in range(1, 5):
-            frames = protocol.build_message(pulse_id, [channel("CLAIM", "uint8"), late, good],
+            frames = build_message(pulse_id, [channel("CLAIM", "uint8"), late, good],
                                             [1, np.arange(4) + pulse_id, pulse_id / 2], timestamp=float(pulse_id))
             header = json.loads(frames[1])
             header["channels"][0] = claim

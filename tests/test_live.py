@@ -8,14 +8,24 @@ import math
 import numpy as np
 import pytest
 
-from sf_bsread_writer.web.live import (
-    ClientFeed, LatestValues, SubscriptionError, SubscriptionHub, json_safe, value_document,
-)
-from sf_bsread_writer.bsread.protocol import MessageParser, build_message
-from sf_bsread_writer.web.range_query import (
-    RangeColumns, RangeLimits, RangeQueryError, RangeTooLarge, parse_range_query,
-)
+from sf_bsread_writer.bsread.build import build_message
+from sf_bsread_writer.bsread.message import MessageParser
 from sf_bsread_writer.replay.messages import Gap
+from sf_bsread_writer.web.live import (
+    ClientFeed,
+    LatestValues,
+    SubscriptionError,
+    SubscriptionHub,
+    json_safe,
+    value_document,
+)
+from sf_bsread_writer.web.range_query import (
+    RangeColumns,
+    RangeLimits,
+    RangeQueryError,
+    RangeTooLarge,
+    parse_range_query,
+)
 
 CHANNELS = [{"name": "A", "type": "float64"}, {"name": "EVERY10", "type": "int32"},
             {"name": "WAVE", "type": "float32", "shape": [4]}, {"name": "TEXT", "type": "string"}]

@@ -8,9 +8,18 @@ import threading
 import h5py
 import pytest
 
-from sf_bsread_writer.writer.acquisition import REQUIRED_PARAMETERS, BadRequest, OutsideRoot, StartRun
 from sf_bsread_writer.h5.placement import OutputFileGone
-from sf_bsread_writer.writer.outputs import open_output, resolve_output_file, write_summary
+from sf_bsread_writer.writer.acquisition import (
+    REQUIRED_PARAMETERS,
+    BadRequest,
+    OutsideRoot,
+    StartRun,
+)
+from sf_bsread_writer.writer.outputs import (
+    open_output,
+    resolve_output_file,
+    write_summary,
+)
 
 PARAMETERS = dict.fromkeys(REQUIRED_PARAMETERS, "x")
 
@@ -145,7 +154,8 @@ def test_the_summary_never_writes_through_a_symlink(tmp_path):
 
 def test_dev_null_counts_a_refused_channel_as_absent():
     """/dev/null counts what a file would: a channel the parser refused is absent whatever its part holds."""
-    from sf_bsread_writer.bsread.protocol import MessageParser, build_message
+    from sf_bsread_writer.bsread.build import build_message
+    from sf_bsread_writer.bsread.message import MessageParser
     from sf_bsread_writer.writer.outputs import NullOutput
 
     frames = build_message(1, [{"name": "A", "type": "int32"}, {"name": "B", "type": "int32"}], [1, 2])

@@ -24,7 +24,7 @@ from .helpers import ROOT
 PROBE = ("import sf_bsread_writer, sys; from sf_bsread_writer.transport import partsio; "
          "from sf_bsread_writer.bsread import protocol; "
          "print(sf_bsread_writer.__file__); print(partsio.IMPLEMENTATION); print(partsio.FALLBACK_REASON); "
-         "print(protocol.BLOCK_WALK)")
+         "print(BLOCK_WALK)")
 
 
 def _build_wheel(tmp_path: Path, env: dict[str, str]) -> Path:

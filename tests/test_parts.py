@@ -4,7 +4,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sf_bsread_writer.bsread.parts import LARGE_PART_BYTES, LayoutCache, PackedParts, encode_lengths, pack
+from sf_bsread_writer.bsread.parts import (
+    LARGE_PART_BYTES,
+    LayoutCache,
+    PackedParts,
+    encode_lengths,
+    pack,
+)
 
 
 def _frames(lengths, seed=0):

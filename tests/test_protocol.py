@@ -1,4 +1,4 @@
-"""Tests of the pure protocol core (sf_bsread_writer.bsread.protocol).
+"""Tests of the pure protocol core (sf_bsread_writer.bsread.message).
 
 Independent references: bsread's own Sender (over a real ZeroMQ socket, and
 captured in-process for the full type x compression matrix), bsread's value
@@ -15,33 +15,35 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import bitshuffle
+import bsread
 import h5py
 import hdf5plugin
 import lz4.block
 import numpy as np
 import pytest
 import zmq
+from bsread.data.compression import LZ4, BitshuffleLZ4
+from bsread.data.helpers import get_channel_reader, get_value_bytes, get_value_reader
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import bsread
-from bsread.data.compression import LZ4, BitshuffleLZ4
-from bsread.data.helpers import get_channel_reader, get_value_bytes, get_value_reader
-from sf_bsread_writer.bsread.protocol import (
-    ChannelSpec,
-    DataHeader,
-    DataHeaderCache,
-    IgnoredMessage,
-    Message,
-    MessageParser,
-    ProtocolError,
-    RejectReason,
-    build_message,
+from sf_bsread_writer.bsread.build import build_message, encode_value
+from sf_bsread_writer.bsread.codecs import (
     decode_timestamp,
     decode_value,
     direct_chunk_compatible,
-    encode_value,
+)
+from sf_bsread_writer.bsread.headers import (
+    DataHeader,
+    DataHeaderCache,
     parse_main_header,
+)
+from sf_bsread_writer.bsread.message import Message, MessageParser
+from sf_bsread_writer.bsread.spec import (
+    ChannelSpec,
+    IgnoredMessage,
+    ProtocolError,
+    RejectReason,
 )
 from tests.helpers import free_port
 
@@ -347,25 +349,29 @@ def test_bitshuffle_corrupt_block_sizes_do_not_crash() -> None:
 @pytest.mark.parametrize("implementation", ["compiled", "python"])
 def test_the_block_walk_agrees_on_both_paths(implementation: str) -> None:
     """bsread/_blockwalk.c and its Python fallback: the same end position, -1 past the end, no reads beyond."""
-    from sf_bsread_writer.bsread import protocol
+    from sf_bsread_writer.bsread.codecs import (
+        BLOCK_WALK,
+        _compiled_walk,
+        _walk_blocks_python,
+    )
 
     if implementation == "compiled":
-        walk = protocol._compiled_walk()
+        walk = _compiled_walk()
         if walk is None:
             pytest.skip("bsread/_blockwalk.c is not built (no C compiler at install): the Python loop is used")
     else:
-        walk = protocol._walk_blocks_python
+        walk = _walk_blocks_python
     array = np.arange(100_000, dtype="<u2").reshape(100, 1000)
     part = bytes(BitshuffleLZ4.pack_data(array, array.dtype))
     n_blocks = 200_000 // 8192  # whole blocks of 8192 bytes (4096 elements); the rest is one more block
     end = walk(part, 12, n_blocks + 1)
-    assert end == len(part) - 12 == protocol._walk_blocks_python(part, 12, n_blocks + 1)
+    assert end == len(part) - 12 == _walk_blocks_python(part, 12, n_blocks + 1)
     assert walk(memoryview(part), 12, 0) == 0
     assert walk(part, 12, n_blocks + 50) == -1  # more blocks than bytes: not past the end
     assert walk(b"\x00\x00\x00\x05ab", 0, 2) == -1
     assert walk(b"\xff\xff\xff\xff", 0, 1) == -1  # a huge size field: never added, never followed
     assert walk(b"\x00\x00\x00\x02ab", 0, 1) == 6 and walk(b"\x00\x00\x00\x03ab", 0, 1) == -1
-    assert protocol.BLOCK_WALK in ("compiled", "python")
+    assert BLOCK_WALK in ("compiled", "python")
 
 
 def test_bitshuffle_strings_and_empty_strings() -> None:

@@ -8,16 +8,38 @@ import time
 import pytest
 import zmq
 
+from sf_bsread_writer.replay.client import ReplayClient
 from sf_bsread_writer.replay.client_state import ReplayClientState, Rerequest
 from sf_bsread_writer.replay.messages import (
-    MAX_WINDOW, Accepted, BufferLost, CloseSession, Credit, Data, End, ErrorReason, Gap, Heartbeat, Refused,
-    ReplayProtocolError, Request, SetStop, build_accepted, build_close, build_credit, build_data, build_end,
-    build_error, build_gap, build_heartbeat, build_request, build_set_stop, parse_buffer_message,
+    MAX_WINDOW,
+    Accepted,
+    BufferLost,
+    CloseSession,
+    Credit,
+    Data,
+    End,
+    ErrorReason,
+    Gap,
+    Heartbeat,
+    Refused,
+    ReplayProtocolError,
+    Request,
+    SetStop,
+    build_accepted,
+    build_close,
+    build_credit,
+    build_data,
+    build_end,
+    build_error,
+    build_gap,
+    build_heartbeat,
+    build_request,
+    build_set_stop,
+    parse_buffer_message,
     parse_writer_message,
 )
 from sf_bsread_writer.replay.session import ReplaySession
 from sf_bsread_writer.ring import Ring
-from sf_bsread_writer.replay.client import ReplayClient
 
 
 # ---------------------------------------------------------------------------

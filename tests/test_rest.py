@@ -18,13 +18,13 @@ import pytest
 import requests
 
 from sf_bsread_writer import client as client_module
+from sf_bsread_writer.bsread.build import build_message
 from sf_bsread_writer.client import WriterClient, WriterError
-from sf_bsread_writer.replay import messages as replay
-from sf_bsread_writer.writer.acquisition import State
-from sf_bsread_writer.bsread.protocol import build_message
 from sf_bsread_writer.h5.file import H5File
 from sf_bsread_writer.h5.layout import FILE_ATTRIBUTES
 from sf_bsread_writer.httpserver import HttpServer
+from sf_bsread_writer.replay import messages as replay
+from sf_bsread_writer.writer.acquisition import State
 from sf_bsread_writer.writer.rest import make_app
 from sf_bsread_writer.writer.service import Writer, WriterSettings
 from tests.helpers import wait_for

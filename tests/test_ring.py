@@ -10,12 +10,12 @@ import math
 import random
 from dataclasses import dataclass
 
-import pytest
 import numpy as np
+import pytest
 import zmq
 
-from sf_bsread_writer.ring import LARGE_PART_BYTES, AppendStatus, Ring
 from sf_bsread_writer.process import tune_allocator
+from sf_bsread_writer.ring import LARGE_PART_BYTES, AppendStatus, Ring
 
 
 def message(pulse_id: int, n_channels: int = 2, large: bool = False, header: bytes | None = None) -> list[bytes]:

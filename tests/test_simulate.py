@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 import zmq
 
-from sf_bsread_writer.bsread.protocol import MessageParser
-from sf_bsread_writer.tools.simulate import Simulator, channel_metadata, expected_values, parse_image_shape
+from sf_bsread_writer.bsread.message import MessageParser
+from sf_bsread_writer.tools.simulate import (
+    Simulator,
+    channel_metadata,
+    expected_values,
+    parse_image_shape,
+)
 from tests.helpers import Child
 
 DEADLINE = 30.0

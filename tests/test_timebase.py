@@ -6,7 +6,13 @@ import math
 import pytest
 
 from sf_bsread_writer.bsread.timebase import (
-    MAX_CLOCK_SKEW, MAX_TIMESTAMP_SECONDS, TimeBase, file_time_base, message_time, plausible_stamp, stamps_to_ns,
+    MAX_CLOCK_SKEW,
+    MAX_TIMESTAMP_SECONDS,
+    TimeBase,
+    file_time_base,
+    message_time,
+    plausible_stamp,
+    stamps_to_ns,
 )
 
 RECEIVED = 1_700_000_000.0

@@ -16,8 +16,8 @@ from sf_bsread_writer.writer.acquisition import (
     WrongState,
     parse_pulse_id,
 )
-from sf_bsread_writer.writer.pulse_range import PulseRange, Verdict
 from sf_bsread_writer.writer.outputs import resolve_output_file
+from sf_bsread_writer.writer.pulse_range import PulseRange, Verdict
 
 PARAMETERS = {"general/created": "2024-01-01T00:00:00", "general/user": "e12345",
               "general/process": "daq", "general/instrument": "alvra"}

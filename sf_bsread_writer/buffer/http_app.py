@@ -11,8 +11,8 @@ from typing import Any
 
 import bottle
 
-from sf_bsread_writer.status import BufferStatus, prometheus_text
 from sf_bsread_writer.httpserver import install_json_errors
+from sf_bsread_writer.status import BufferStatus, prometheus_text
 
 __all__ = ["make_app"]
 

@@ -36,22 +36,35 @@ from typing import Any
 import zmq
 
 from sf_bsread_writer import config, process, registry
-from sf_bsread_writer.config import is_loopback
+from sf_bsread_writer.bsread.message import MessageParser
 from sf_bsread_writer.bsread.parts import PackedParts
-from sf_bsread_writer.bsread.protocol import DEFAULT_MAX_MESSAGE_BYTES, IgnoredMessage, MessageParser, ProtocolError
-from sf_bsread_writer.rates import RateEstimator, SparseAwareGrid
-from sf_bsread_writer.ring import AppendStatus, Ring
-from sf_bsread_writer.bsread.timebase import MAX_CLOCK_SKEW, TimeBase, message_time
-from sf_bsread_writer.status import (
-    SOURCE_IDLE_SECONDS, BufferStatus, CaFeedStatus, ChildStatus, Endpoints, PulseIdStatus, RateStatus,
-    ReplayStatus, RingStatus, SourceStatus,
+from sf_bsread_writer.bsread.spec import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    IgnoredMessage,
+    ProtocolError,
 )
-from sf_bsread_writer.httpserver import HttpServer
-from sf_bsread_writer.transport import partsio
-from sf_bsread_writer.transport.partsio import PartsReceiver, send_parts
+from sf_bsread_writer.bsread.timebase import MAX_CLOCK_SKEW, TimeBase, message_time
 from sf_bsread_writer.buffer import children
 from sf_bsread_writer.buffer.http_app import make_app
+from sf_bsread_writer.config import is_loopback
+from sf_bsread_writer.httpserver import HttpServer
+from sf_bsread_writer.rates import RateEstimator, SparseAwareGrid
 from sf_bsread_writer.replay.endpoint import ReplayEndpoint
+from sf_bsread_writer.ring import AppendStatus, Ring
+from sf_bsread_writer.status import (
+    SOURCE_IDLE_SECONDS,
+    BufferStatus,
+    CaFeedStatus,
+    ChildStatus,
+    Endpoints,
+    PulseIdStatus,
+    RateStatus,
+    ReplayStatus,
+    RingStatus,
+    SourceStatus,
+)
+from sf_bsread_writer.transport import partsio
+from sf_bsread_writer.transport.partsio import PartsReceiver, send_parts
 
 __all__ = ["Buffer"]
 

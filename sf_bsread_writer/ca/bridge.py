@@ -57,10 +57,10 @@ import numpy as np
 import zmq
 
 from sf_bsread_writer import process
-from sf_bsread_writer.config import BRIDGE_ENV_PREFIX, BRIDGE_OPTIONS, parse_args
+from sf_bsread_writer.bsread.build import build_message
 from sf_bsread_writer.ca.camapping import SEVERITY_NAMES, SEVERITY_SUFFIX
-from sf_bsread_writer.bsread.protocol import build_message
 from sf_bsread_writer.ca.environment import prepare_client_environment
+from sf_bsread_writer.config import BRIDGE_ENV_PREFIX, BRIDGE_OPTIONS, parse_args
 
 __all__ = ["main", "Bridge", "PVState", "Update", "read_pv_file", "BSREAD_TYPE_BY_CA_TYPE"]
 

@@ -42,12 +42,13 @@ from typing import Any
 import numpy as np
 
 from sf_bsread_writer import process
-from sf_bsread_writer.config import GATEWAY_ENV_PREFIX, GATEWAY_OPTIONS, parse_args
+from sf_bsread_writer.bsread.message import MessageParser
 from sf_bsread_writer.bsread.parts import bit_indices, presence_bits
-from sf_bsread_writer.bsread.protocol import DEFAULT_MAX_MESSAGE_BYTES, MessageParser
+from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
+from sf_bsread_writer.ca.environment import prepare_server_environment
+from sf_bsread_writer.config import GATEWAY_ENV_PREFIX, GATEWAY_OPTIONS, parse_args
 from sf_bsread_writer.rates import RateEstimator
 from sf_bsread_writer.status import BufferStatus
-from sf_bsread_writer.ca.environment import prepare_server_environment
 
 __all__ = ["main", "Gateway", "GatewaySettings", "STATUS_PVS"]
 
@@ -303,7 +304,9 @@ class Gateway:
     """Owns the PV database, the caproto server and the loops that feed it."""
 
     def __init__(self, settings: GatewaySettings) -> None:
-        from sf_bsread_writer.ca import server as caserver  # imports caproto.server: after the environment is prepared
+        from sf_bsread_writer.ca import (
+            server as caserver,  # imports caproto.server: after the environment is prepared
+        )
 
         self.settings = settings
         self.cs = caserver
@@ -580,7 +583,9 @@ def _run_ioc(settings: GatewaySettings, child: bool, argv: list[str]) -> int:
 def _run_caproto(settings: GatewaySettings) -> int:
     if "caproto.server.common" in sys.modules:
         logger.warning("caproto was imported before the tuning variables were set; they may not apply")
-    from sf_bsread_writer.ca import server as caserver  # imports caproto.server: after the environment is prepared
+    from sf_bsread_writer.ca import (
+        server as caserver,  # imports caproto.server: after the environment is prepared
+    )
 
     logger.info("caproto tuning: %s", caserver.caproto_tuning())
     return asyncio.run(_run(settings))

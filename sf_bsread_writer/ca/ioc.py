@@ -41,8 +41,18 @@ from typing import Any
 import numpy as np
 
 from sf_bsread_writer import process
-from sf_bsread_writer.ca.camapping import (SEVERITY_SUFFIX, IocRecord, UnknownTypeError, exact_text, ioc_record_for,
-                              ioc_value, record_from_json, record_holds, record_to_json, widened)
+from sf_bsread_writer.ca.camapping import (
+    SEVERITY_SUFFIX,
+    IocRecord,
+    UnknownTypeError,
+    exact_text,
+    ioc_record_for,
+    ioc_value,
+    record_from_json,
+    record_holds,
+    record_to_json,
+    widened,
+)
 from sf_bsread_writer.rates import RateEstimator
 
 __all__ = ["RESTART_EXIT_CODE", "supervise", "serve", "ChannelPlan", "acf_text"]

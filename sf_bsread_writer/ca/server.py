@@ -39,11 +39,24 @@ from caproto import AccessRights, AlarmSeverity, AlarmStatus, SubscriptionType
 from caproto.asyncio.server import Context as _AsyncioContext
 from caproto.asyncio.server import VirtualCircuit as _AsyncioCircuit
 from caproto.server import common as _server_common
-from caproto.server.server import (ChannelByte, ChannelData, ChannelDouble, ChannelFloat,
-                                   ChannelInteger, ChannelShort, ChannelString)
+from caproto.server.server import (
+    ChannelByte,
+    ChannelData,
+    ChannelDouble,
+    ChannelFloat,
+    ChannelInteger,
+    ChannelShort,
+    ChannelString,
+)
 
-from sf_bsread_writer.ca.camapping import MAX_STRING_BYTES, CaMapping, fits_dbr_string, map_channel, to_ca_value
-from sf_bsread_writer.bsread.protocol import ProtocolError
+from sf_bsread_writer.bsread.spec import ProtocolError
+from sf_bsread_writer.ca.camapping import (
+    MAX_STRING_BYTES,
+    CaMapping,
+    fits_dbr_string,
+    map_channel,
+    to_ca_value,
+)
 
 __all__ = [
     "AccessPolicy",

@@ -27,11 +27,25 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from sf_bsread_writer.bsread import protocol
+from sf_bsread_writer.bsread.codecs import (
+    decode_timestamp,
+    decode_value,
+    direct_chunk_compatible,
+)
+from sf_bsread_writer.bsread.spec import ChannelSpec
 from sf_bsread_writer.bsread.timebase import stamps_to_ns
 from sf_bsread_writer.h5.layout import (
-    ABSENT_TIMESTAMP, DIRECT_CHUNK_MIN_BYTES, MAX_CHUNK_BYTES, MAX_CHUNK_ROWS, NS_PER_S, STRING_DTYPE,
-    TIMESTAMP_BYTES, attribute_value, channel_signature, chunk_shape, storable,
+    ABSENT_TIMESTAMP,
+    DIRECT_CHUNK_MIN_BYTES,
+    MAX_CHUNK_BYTES,
+    MAX_CHUNK_ROWS,
+    NS_PER_S,
+    STRING_DTYPE,
+    TIMESTAMP_BYTES,
+    attribute_value,
+    channel_signature,
+    chunk_shape,
+    storable,
 )
 
 __all__ = ["Column", "ColumnMaker", "FixedColumn", "StringColumn", "DirectChunkColumn", "column_class_for",
@@ -67,7 +81,7 @@ class Column:
 
     kind = "buffered"
 
-    def __init__(self, group: h5py.Group, spec: protocol.ChannelSpec, rows_written: int,
+    def __init__(self, group: h5py.Group, spec: ChannelSpec, rows_written: int,
                  dtype: np.dtype, row_shape: tuple[int, ...], copied: bool = False) -> None:
         self.group = group
         self.name = spec.name
@@ -100,10 +114,10 @@ class Column:
         new_attributes(group, {**channel_attributes(spec), "storage": self.kind})
 
     # -- subclass hooks ---------------------------------------------------
-    def _create_data(self, group: h5py.Group, spec: protocol.ChannelSpec, rows: int) -> h5py.Dataset:
+    def _create_data(self, group: h5py.Group, spec: ChannelSpec, rows: int) -> h5py.Dataset:
         raise NotImplementedError
 
-    def _append_value(self, spec: protocol.ChannelSpec, part: Any, row: int) -> int:
+    def _append_value(self, spec: ChannelSpec, part: Any, row: int) -> int:
         """Take one present value; return the bytes accepted (0: treat as absent)."""
         raise NotImplementedError
 
@@ -169,7 +183,7 @@ class Column:
             self.timestamps += ABSENT_TIMESTAMP * count
             self.filled = upto
 
-    def append(self, spec: protocol.ChannelSpec, value_part: Any, timestamp_part: Any, row: int) -> int:
+    def append(self, spec: ChannelSpec, value_part: Any, timestamp_part: Any, row: int) -> int:
         """Store the present value of ``row`` (block-relative); return its byte count."""
         self._pad(row)
         accepted = self._append_value(spec, value_part, row)
@@ -182,7 +196,7 @@ class Column:
         else:
             decoded = None
             try:
-                decoded = protocol.decode_timestamp(spec, timestamp_part)
+                decoded = decode_timestamp(spec, timestamp_part)
             except Exception:  # a bad timestamp must not cost the value
                 logger.debug("channel %s: undecodable timestamp part", self.name, exc_info=True)
             sec, ns = decoded if decoded else (0, 0)
@@ -221,7 +235,7 @@ class FixedColumn(Column):
 
     kind = "buffered"
 
-    def __init__(self, group: h5py.Group, spec: protocol.ChannelSpec, rows_written: int,
+    def __init__(self, group: h5py.Group, spec: ChannelSpec, rows_written: int,
                  copied: bool = False) -> None:
         self.values = bytearray()  # present rows only, in row order
         # Native byte order, as the original and psi-bsread's writer stored it: a big-endian
@@ -229,11 +243,11 @@ class FixedColumn(Column):
         super().__init__(group, spec, rows_written, np.dtype(spec.dtype).newbyteorder("="),
                          tuple(spec.array_shape), copied)
 
-    def _create_data(self, group: h5py.Group, spec: protocol.ChannelSpec, rows: int) -> h5py.Dataset:
+    def _create_data(self, group: h5py.Group, spec: ChannelSpec, rows: int) -> h5py.Dataset:
         return row_dataset(group, "data", rows, self.dtype, self.row_shape,
                            chunk_shape(self.row_shape, self.dtype.itemsize))
 
-    def _append_value(self, spec: protocol.ChannelSpec, part: Any, row: int) -> int:
+    def _append_value(self, spec: ChannelSpec, part: Any, row: int) -> int:
         # Fast path: uncompressed, right size, same dtype -> the bytes as sent.
         if spec.compression == "none" and len(part) == self.row_nbytes:
             if spec.dtype == self.dtype:
@@ -269,7 +283,7 @@ class FixedColumn(Column):
         chunk_rows, per_slab, chunk_bytes = self._chunk_geometry
         return _chunk_space(_new_chunks(start, rows, chunk_rows) * per_slab, chunk_bytes, start == 0)
 
-    def append_batch(self, spec: protocol.ChannelSpec, row: int, values: np.ndarray, stamps: np.ndarray,
+    def append_batch(self, spec: ChannelSpec, row: int, values: np.ndarray, stamps: np.ndarray,
                      present: np.ndarray) -> None:
         """Rows ``row..row+n`` at once from the packed fast path (absent rows hold zeros there, not here)."""
         self._pad(row)
@@ -316,16 +330,16 @@ class StringColumn(Column):
 
     kind = "buffered"
 
-    def __init__(self, group: h5py.Group, spec: protocol.ChannelSpec, rows_written: int,
+    def __init__(self, group: h5py.Group, spec: ChannelSpec, rows_written: int,
                  copied: bool = False) -> None:
         self.values: list[str] = []
         super().__init__(group, spec, rows_written, np.dtype("u1"), (), copied)
 
-    def _create_data(self, group: h5py.Group, spec: protocol.ChannelSpec, rows: int) -> h5py.Dataset:
+    def _create_data(self, group: h5py.Group, spec: ChannelSpec, rows: int) -> h5py.Dataset:
         return group.create_dataset("data", shape=(rows,), maxshape=(None,), dtype=STRING_DTYPE,
                                     chunks=(MAX_CHUNK_ROWS,))
 
-    def _append_value(self, spec: protocol.ChannelSpec, part: Any, row: int) -> int:
+    def _append_value(self, spec: ChannelSpec, part: Any, row: int) -> int:
         if spec.is_string and spec.compression == "none":
             try:
                 text = bytes(part).decode("utf-8")
@@ -363,7 +377,7 @@ class DirectChunkColumn(Column):
 
     kind = "bitshuffle_lz4 direct chunk"
 
-    def __init__(self, group: h5py.Group, spec: protocol.ChannelSpec, rows_written: int,
+    def __init__(self, group: h5py.Group, spec: ChannelSpec, rows_written: int,
                  copied: bool = False) -> None:
         self.chunks: list[tuple[int, Any]] = []  # (block row, compressed bytes as received)
         self.decoded: list[tuple[int, np.ndarray]] = []  # fallback: written through the filter
@@ -371,15 +385,15 @@ class DirectChunkColumn(Column):
         self.filtered_rows = 0
         super().__init__(group, spec, rows_written, np.dtype(spec.dtype), tuple(spec.array_shape), copied)
 
-    def _create_data(self, group: h5py.Group, spec: protocol.ChannelSpec, rows: int) -> h5py.Dataset:
+    def _create_data(self, group: h5py.Group, spec: ChannelSpec, rows: int) -> h5py.Dataset:
         return group.create_dataset(
             "data", shape=(rows, *self.row_shape), maxshape=(None, *self.row_shape),
             dtype=self.dtype, chunks=chunk_shape(self.row_shape, self.dtype.itemsize, one_row=True),
             fillvalue=np.zeros((), self.dtype), **hdf5plugin.Bitshuffle(cname="lz4"))
 
-    def _append_value(self, spec: protocol.ChannelSpec, part: Any, row: int) -> int:
+    def _append_value(self, spec: ChannelSpec, part: Any, row: int) -> int:
         if (spec.compression == "bitshuffle_lz4" and spec.dtype == self.dtype
-                and protocol.direct_chunk_compatible(spec, part)):
+                and direct_chunk_compatible(spec, part)):
             self.chunks.append((row, part))
         else:
             value = decode_or_absent(spec, part, self.name)
@@ -462,7 +476,7 @@ def _chunk_space(chunks: int, chunk_bytes: int, first: bool) -> int:
     return chunks * (chunk_bytes + CHUNK_INDEX_BYTES) + nodes * INDEX_NODE_BYTES
 
 
-def channel_attributes(spec: protocol.ChannelSpec) -> dict[str, Any]:
+def channel_attributes(spec: ChannelSpec) -> dict[str, Any]:
     """The attributes of a channel's group from its data-header entry (name, type, shape ..., display
     metadata), every text made storable; ``storage`` is added by the column."""
     return {key: attribute_value(storable(value)) for key, value in spec.metadata().items()}
@@ -521,16 +535,16 @@ def _block_spaces(extent: int, start: int, shape: tuple[int, ...]) -> tuple[Any,
     return spaces
 
 
-def decode_or_absent(spec: protocol.ChannelSpec, part: Any, name: str) -> Any:
+def decode_or_absent(spec: ChannelSpec, part: Any, name: str) -> Any:
     """Decode a value that cannot be stored as sent; None (= absent) if it is broken."""
     try:
-        return protocol.decode_value(spec, part)
+        return decode_value(spec, part)
     except Exception as error:  # one broken value must not stop the file
         logger.warning("channel %s: value not decodable (%s); stored as absent", name, error)
         return None
 
 
-def column_class_for(spec: protocol.ChannelSpec, decompress_images: bool = False) -> type[Column]:
+def column_class_for(spec: ChannelSpec, decompress_images: bool = False) -> type[Column]:
     """Storage for a channel, chosen by its first present value (``decompress_images``: never direct chunks)."""
     if spec.is_string:
         return StringColumn
@@ -568,7 +582,7 @@ class ColumnMaker:
         self._made: dict[tuple, bytes | None] = {}
         self._count = 0  # template names are never reused, even after a failed one
 
-    def new(self, parent: h5py.Group, name: str, spec: protocol.ChannelSpec, rows_written: int) -> Column:
+    def new(self, parent: h5py.Group, name: str, spec: ChannelSpec, rows_written: int) -> Column:
         """The column of ``spec`` in a new group ``parent[name]``, with ``rows_written`` absent rows."""
         cls = column_class_for(spec, self.decompress_images)
         template = self._template(cls, spec) if self.copies else None
@@ -584,7 +598,7 @@ class ColumnMaker:
             new_attributes(group, {key: attributes[key] for key, _ in spec.display})
         return cls(group, spec, rows_written, copied=True)  # type: ignore[call-arg]
 
-    def _template(self, cls: type[Column], spec: protocol.ChannelSpec) -> bytes | None:
+    def _template(self, cls: type[Column], spec: ChannelSpec) -> bytes | None:
         key = (cls, spec.type, spec.shape, spec.encoding, spec.compression, spec.modulo, spec.offset)
         if key in self._made:
             return self._made[key]
@@ -602,7 +616,7 @@ class ColumnMaker:
         self._made[key] = made
         return made
 
-    def _build_template(self, cls: type[Column], spec: protocol.ChannelSpec, name: str) -> None:
+    def _build_template(self, cls: type[Column], spec: ChannelSpec, name: str) -> None:
         plain = dataclasses.replace(spec, name=_TEMPLATE_NAME, display=())
         cls(self._templates.create_group(name), plain, 0)  # type: ignore[call-arg,union-attr]
 

@@ -1,7 +1,7 @@
 """One output file in the SwissFEL HDF5 layout: one row per bsread message, written in blocks.
 
 :class:`H5File` is the only thing the writer needs: it takes parsed
-:class:`~sf_bsread_writer.bsread.protocol.Message` objects and turns them into the
+:class:`~sf_bsread_writer.bsread.Message` objects and turns them into the
 layout of the original SwissFEL writer (``/general/*``, ``/data/<channel>/
 {data,pulse_id,is_data_present}``), extended with a per-channel
 ``timestamp``, channel metadata attributes, file attributes and a
@@ -22,7 +22,7 @@ Why direct chunks. A ``bitshuffle_lz4`` value part is byte for byte one
 chunk of the HDF5 bitshuffle filter (id 32008, LZ4). Array channels
 compressed that way get a dataset with ``chunks=(1,) + array_shape`` and that
 filter, and each part is stored with ``write_direct_chunk``: never
-decompressed. When :func:`protocol.direct_chunk_compatible` says no (legacy
+decompressed. When :func:`direct_chunk_compatible` says no (legacy
 block size, wrong size), the value is decoded and written through the
 filter instead.
 
@@ -78,16 +78,29 @@ from typing import Any
 import h5py
 import numpy as np
 
-from sf_bsread_writer.bsread import protocol
-from sf_bsread_writer.writer.pulse_range import MissingRange
+from sf_bsread_writer.bsread.codecs import direct_chunk_compatible, value_problem
+from sf_bsread_writer.bsread.message import Message
+from sf_bsread_writer.bsread.spec import ChannelSpec, RejectReason
 from sf_bsread_writer.h5.columns import Column, ColumnMaker
 from sf_bsread_writer.h5.layout import (
-    CALLER_ATTRIBUTES, FORMAT_NAME, FORMAT_VERSION, GENERAL_FIELDS, MISSING_DTYPE, NOT_GIVEN, STRING_DTYPE,
-    VARIANT_SEPARATOR, attribute_value, channel_group_name, channel_signature, fixed_string, storable_text,
+    CALLER_ATTRIBUTES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    GENERAL_FIELDS,
+    MISSING_DTYPE,
+    NOT_GIVEN,
+    STRING_DTYPE,
+    VARIANT_SEPARATOR,
+    attribute_value,
+    channel_group_name,
+    channel_signature,
+    fixed_string,
+    storable_text,
 )
 from sf_bsread_writer.h5.packed import HeaderPlan, PackedRows
 from sf_bsread_writer.h5.placement import FileSlot
 from sf_bsread_writer.h5.variants import merge_variants
+from sf_bsread_writer.writer.pulse_range import MissingRange
 
 __all__ = [
     "H5File",
@@ -193,7 +206,7 @@ class H5File:
         self._plan: HeaderPlan | None = None  # for the data header of the last message
         # The packed fast path gathers rows of one plan and hands them to the columns in one go.
         self._packed = PackedRows()
-        self._last_spec: dict[str, protocol.ChannelSpec] = {}  # every channel ever announced
+        self._last_spec: dict[str, ChannelSpec] = {}  # every channel ever announced
         # One entry per row appended (on disk and pending): the pulse ids of a block,
         # and what truncate() needs to put the counters back (24 bytes per row).
         self._row_pulse_ids = array("q")
@@ -305,7 +318,7 @@ class H5File:
     def closed(self) -> bool:
         return self._closed
 
-    def append(self, message: protocol.Message, time: float | None = None) -> None:
+    def append(self, message: Message, time: float | None = None) -> None:
         """Add one row: every channel gets a value or an absent marker.
 
         ``time``: the row's time (``first_/last_timestamp``), when it is not
@@ -348,7 +361,7 @@ class H5File:
                 or self._clock() - self._last_flush >= self.flush_interval):
             self.flush()
 
-    def _add_values(self, plan: HeaderPlan, message: protocol.Message, row: int) -> int:
+    def _add_values(self, plan: HeaderPlan, message: Message, row: int) -> int:
         """Every channel's value of ``message`` into block row ``row``; returns the value bytes accepted."""
         header = message.data_header
         accepted_total = 0
@@ -375,7 +388,7 @@ class H5File:
             column = columns[index]
             if column is None:
                 # A group is sized by a value that decodes, never by what its header claims.
-                problem = protocol.value_problem(spec, part)
+                problem = value_problem(spec, part)
                 if problem is not None:
                     self._refuse_value(spec.name, problem.reason.value, problem.detail)
                     continue
@@ -384,7 +397,7 @@ class H5File:
                     continue
             accepted = column.append(spec, part, message.timestamp_part(index), row)
             if not accepted:  # did not decode: stored absent (the column logged why)
-                self._refuse_value(spec.name, protocol.RejectReason.VALUE_INVALID.value,
+                self._refuse_value(spec.name, RejectReason.VALUE_INVALID.value,
                                    "a value that does not decode (the writer's log says why)")
             accepted_total += accepted
             if column.expanded:
@@ -622,7 +635,7 @@ class H5File:
         if self.disk_full is not None:
             self._slot.release_reserve()  # new groups need room
         self._scatter()
-        undecoded = protocol.RejectReason.VALUE_INVALID.value
+        undecoded = RejectReason.VALUE_INVALID.value
         for name, spec in self._last_spec.items():
             # A channel whose values all failed to decode gets no group: its claimed shape never held.
             if name not in self._columns and undecoded not in self._refused_values.get(name, ()):
@@ -666,7 +679,7 @@ class H5File:
         """Every packed row gathered so far into its column (before anything else touches the columns)."""
         self._packed.scatter(self._plan, self._column_for)
 
-    def _column_for(self, spec: protocol.ChannelSpec) -> Column | None:
+    def _column_for(self, spec: ChannelSpec) -> Column | None:
         """The column for this channel's (type, shape), creating it (and its group) if new.
 
         None for a refused channel: a group that cannot be made (its name

@@ -18,7 +18,7 @@ from urllib.parse import unquote
 import h5py
 import numpy as np
 
-from sf_bsread_writer.bsread import protocol
+from sf_bsread_writer.bsread.spec import ChannelSpec, plain_text
 
 __all__ = [
     "FORMAT_NAME",
@@ -120,7 +120,7 @@ def chunk_shape(row_shape: tuple[int, ...], itemsize: int, *, one_row: bool = Fa
     return (rows, *inner)
 
 
-def channel_signature(spec: protocol.ChannelSpec) -> tuple[str, tuple[int, ...]]:
+def channel_signature(spec: ChannelSpec) -> tuple[str, tuple[int, ...]]:
     """What must stay equal for values to share one dataset: type and shape.
 
     Byte order and compression are not part of it: a value can be converted
@@ -189,7 +189,7 @@ def channel_of_group(group_name: str) -> str:
 
 
 #: ``text`` as an HDF5 string attribute keeps it: lone surrogates and NUL (which ends a C string) become U+FFFD.
-storable_text = protocol.plain_text
+storable_text = plain_text
 
 
 def storable(value: Any) -> Any:

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from sf_bsread_writer.bsread import protocol
 from sf_bsread_writer.bsread.parts import LARGE_PART_BYTES, Layout, PackedParts
+from sf_bsread_writer.bsread.spec import ChannelSpec
 from sf_bsread_writer.h5.columns import Column, FixedColumn, column_class_for
 from sf_bsread_writer.h5.layout import ABSENT_TIMESTAMP, TIMESTAMP_BYTES
 
@@ -168,7 +168,7 @@ class PackedRows:
         self._present = bytearray()
 
     def add(self, plan: HeaderPlan, frames: Any, row: int,
-            column_for: Callable[[protocol.ChannelSpec], Column | None]) -> tuple[int, int] | None:
+            column_for: Callable[[ChannelSpec], Column | None]) -> tuple[int, int] | None:
         """Gather the packed channels' parts of one message as block row ``row``.
 
         Returns (value bytes accepted, absent values), or None if a packed
@@ -207,7 +207,7 @@ class PackedRows:
         return accepted, absent
 
     def _add_packed(self, plan: HeaderPlan, message: PackedParts, row: int,
-                    column_for: Callable[[protocol.ChannelSpec], Column | None]) -> tuple[int, int] | None:
+                    column_for: Callable[[ChannelSpec], Column | None]) -> tuple[int, int] | None:
         """:meth:`add` for a packed message: two numpy takes from its ``small`` bytes (:class:`LayoutGather`)."""
         gather = plan.gather_for(message.layout)
         if gather is None:
@@ -233,7 +233,7 @@ class PackedRows:
             del data[keep * (len(data) // self.count):]
         self.count = keep
 
-    def scatter(self, plan: HeaderPlan | None, column_for: Callable[[protocol.ChannelSpec], Column | None]) -> None:
+    def scatter(self, plan: HeaderPlan | None, column_for: Callable[[ChannelSpec], Column | None]) -> None:
         """Hand the gathered rows to their columns (``column_for`` creates a column at its first value;
         None: the channel was refused)."""
         count = self.count

@@ -16,7 +16,16 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from sf_bsread_writer.replay.client_state import ReplayClientState, Rerequest
-from sf_bsread_writer.replay.messages import DEFAULT_WINDOW, Accepted, Data, End, ErrorReason, Refused, ReplayEvent, Request
+from sf_bsread_writer.replay.messages import (
+    DEFAULT_WINDOW,
+    Accepted,
+    Data,
+    End,
+    ErrorReason,
+    Refused,
+    ReplayEvent,
+    Request,
+)
 from sf_bsread_writer.transport.partsio import PartsReceiver
 
 __all__ = ["ReplayClient", "ReplayHandshakeError", "HANDSHAKE_SECONDS"]

@@ -27,8 +27,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from sf_bsread_writer.replay.messages import (
-    MAX_WINDOW, Accepted, BufferLost, Data, End, ErrorReason, Heartbeat, Refused,
-    ReplayEvent, ReplayProtocolError, Request, build_close, build_credit, build_request, build_set_stop,
+    MAX_WINDOW,
+    Accepted,
+    BufferLost,
+    Data,
+    End,
+    ErrorReason,
+    Heartbeat,
+    Refused,
+    ReplayEvent,
+    ReplayProtocolError,
+    Request,
+    build_close,
+    build_credit,
+    build_request,
+    build_set_stop,
     parse_buffer_parts,
 )
 

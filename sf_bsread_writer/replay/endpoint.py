@@ -16,8 +16,22 @@ from typing import Any
 import zmq
 
 from sf_bsread_writer.replay.messages import (
-    Accepted, CloseSession, Data, End, ErrorReason, Gap, Heartbeat, ReplayProtocolError, Request, build_accepted,
-    build_end, build_error, build_gap, build_heartbeat, data_kind, parse_writer_message,
+    Accepted,
+    CloseSession,
+    Data,
+    End,
+    ErrorReason,
+    Gap,
+    Heartbeat,
+    ReplayProtocolError,
+    Request,
+    build_accepted,
+    build_end,
+    build_error,
+    build_gap,
+    build_heartbeat,
+    data_kind,
+    parse_writer_message,
 )
 from sf_bsread_writer.replay.session import ReplaySession
 from sf_bsread_writer.ring import Ring

@@ -12,7 +12,16 @@ from collections import deque
 from typing import Any, Protocol
 
 from sf_bsread_writer.replay.messages import (
-    MAX_WINDOW, Credit, Data, End, EndReason, Gap, GapReason, Heartbeat, Request, SetStop,
+    MAX_WINDOW,
+    Credit,
+    Data,
+    End,
+    EndReason,
+    Gap,
+    GapReason,
+    Heartbeat,
+    Request,
+    SetStop,
 )
 from sf_bsread_writer.status import SessionStatus
 

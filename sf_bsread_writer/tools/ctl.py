@@ -34,12 +34,12 @@ from typing import Any
 import requests
 
 from sf_bsread_writer import process, registry
+from sf_bsread_writer.bsread.message import MessageParser
 from sf_bsread_writer.client import WriterClient, WriterError
-from sf_bsread_writer.writer.acquisition import Outcome
-from sf_bsread_writer.bsread.protocol import MessageParser
+from sf_bsread_writer.replay.client import ReplayClient, ReplayHandshakeError
 from sf_bsread_writer.replay.messages import Data, End, Gap, Refused
 from sf_bsread_writer.status import BufferStatus, WriterStatistics
-from sf_bsread_writer.replay.client import ReplayClient, ReplayHandshakeError
+from sf_bsread_writer.writer.acquisition import Outcome
 
 __all__ = ["main", "write_range", "BufferRef", "resolve_buffer", "CtlError"]
 
@@ -378,7 +378,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_write(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as Bar
 
     ref = resolve_buffer(args.buffer)
     by_duration = args.since is not None or args.last is not None

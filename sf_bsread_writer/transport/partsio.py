@@ -35,7 +35,12 @@ from typing import Any
 
 import zmq
 
-from sf_bsread_writer.bsread.parts import LARGE_PART_BYTES, LayoutCache, PackedParts, pack
+from sf_bsread_writer.bsread.parts import (
+    LARGE_PART_BYTES,
+    LayoutCache,
+    PackedParts,
+    pack,
+)
 from sf_bsread_writer.transport.multipart import NOBLOCK, AdaptiveReceiver, send_message
 
 __all__ = ["IMPLEMENTATION", "AVAILABLE", "FALLBACK_REASON", "NO_EXTENSION_VARIABLE", "PartsReceiver", "send_parts"]

@@ -22,14 +22,18 @@ import numpy as np
 from aiohttp import web
 
 from sf_bsread_writer import process
-from sf_bsread_writer.web.image import render_png
 from sf_bsread_writer.jsontext import JsonError
 from sf_bsread_writer.jsontext import loads as strict_json
-from sf_bsread_writer.web.live import ClientFeed, SubscriptionError, value_document
-from sf_bsread_writer.web.range_query import RangeQueryError, RangeTooLarge, parse_range_query
 from sf_bsread_writer.status import BufferStatus
 from sf_bsread_writer.web import ranges
 from sf_bsread_writer.web.auth import origin_allowed
+from sf_bsread_writer.web.image import render_png
+from sf_bsread_writer.web.live import ClientFeed, SubscriptionError, value_document
+from sf_bsread_writer.web.range_query import (
+    RangeQueryError,
+    RangeTooLarge,
+    parse_range_query,
+)
 from sf_bsread_writer.web.state import WebService
 
 __all__ = ["make_app"]

@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from sf_bsread_writer.bsread.protocol import DataHeader, Message
+from sf_bsread_writer.bsread.headers import DataHeader
+from sf_bsread_writer.bsread.message import Message
 from sf_bsread_writer.rates import RateGrid
 
 __all__ = [

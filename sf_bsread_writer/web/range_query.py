@@ -36,9 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from sf_bsread_writer.web.live import MAX_CHANNEL_NAME, json_safe
-from sf_bsread_writer.bsread.protocol import ChannelSpec, Message, PerHeader, decode_value
+from sf_bsread_writer.bsread.codecs import decode_value
+from sf_bsread_writer.bsread.headers import PerHeader
+from sf_bsread_writer.bsread.message import Message
+from sf_bsread_writer.bsread.spec import ChannelSpec
 from sf_bsread_writer.replay.messages import Gap
+from sf_bsread_writer.web.live import MAX_CHANNEL_NAME, json_safe
 
 __all__ = ["RangeQuery", "RangeQueryError", "RangeTooLarge", "RangeLimits", "RangeColumn", "RangeColumns",
            "parse_range_query", "FORMATS", "PARAMETERS", "PULSE_ID_LIMIT"]

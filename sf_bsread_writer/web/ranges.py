@@ -20,10 +20,17 @@ from typing import Any
 import numpy as np
 import zmq
 
-from sf_bsread_writer.bsread.protocol import DataHeader, Message, MessageParser, PerHeader, ProtocolError
-from sf_bsread_writer.web.range_query import RangeColumns, RangeLimits, RangeQuery, RangeTooLarge
-from sf_bsread_writer.replay.messages import BufferLost, Data, End, Gap, Refused
+from sf_bsread_writer.bsread.headers import DataHeader, PerHeader
+from sf_bsread_writer.bsread.message import Message, MessageParser
+from sf_bsread_writer.bsread.spec import ProtocolError
 from sf_bsread_writer.replay.client import ReplayClient, ReplayHandshakeError
+from sf_bsread_writer.replay.messages import BufferLost, Data, End, Gap, Refused
+from sf_bsread_writer.web.range_query import (
+    RangeColumns,
+    RangeLimits,
+    RangeQuery,
+    RangeTooLarge,
+)
 
 __all__ = ["RangeFailed", "RangeTimeout", "fetch_range", "as_json", "as_npz", "write_hdf5", "outcome"]
 
@@ -135,7 +142,9 @@ class Hdf5Range:
     """The range as a file in the writer's layout (``h5.file.H5File``), requested channels only."""
 
     def __init__(self, query: RangeQuery, directory: str | None = None) -> None:
-        from sf_bsread_writer.h5.file import H5File  # h5py: only where a file is written
+        from sf_bsread_writer.h5.file import (
+            H5File,  # h5py: only where a file is written
+        )
 
         # A directory of its own: the writer's file placement never overwrites, so the name must be new.
         self.directory = tempfile.mkdtemp(prefix="sf_bsread_range-", dir=directory)

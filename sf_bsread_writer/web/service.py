@@ -18,9 +18,14 @@ import sys
 from collections.abc import Sequence
 
 from sf_bsread_writer import process
-from sf_bsread_writer.config import WEB_ENV_PREFIX, WEB_OPTIONS, parse_args, parse_origins
-from sf_bsread_writer.web.range_query import RangeLimits
+from sf_bsread_writer.config import (
+    WEB_ENV_PREFIX,
+    WEB_OPTIONS,
+    parse_args,
+    parse_origins,
+)
 from sf_bsread_writer.web.auth import TokenFileError, TokenSet, is_loopback, read_tokens
+from sf_bsread_writer.web.range_query import RangeLimits
 from sf_bsread_writer.web.state import WebService, WebSettings
 
 __all__ = ["main", "serve"]

@@ -14,13 +14,14 @@ from typing import Any
 
 import zmq
 
-from sf_bsread_writer.web.live import LatestValues, SubscriptionHub
-from sf_bsread_writer.bsread.protocol import IgnoredMessage, Message, MessageParser, ProtocolError
-from sf_bsread_writer.web.range_query import RangeLimits
+from sf_bsread_writer.bsread.message import Message, MessageParser
+from sf_bsread_writer.bsread.spec import IgnoredMessage, ProtocolError
 from sf_bsread_writer.rates import SparseAwareGrid
-from sf_bsread_writer.transport.partsio import PartsReceiver
 from sf_bsread_writer.status import PrometheusText
+from sf_bsread_writer.transport.partsio import PartsReceiver
 from sf_bsread_writer.web.auth import TokenFileError, TokenSet, read_tokens
+from sf_bsread_writer.web.live import LatestValues, SubscriptionHub
+from sf_bsread_writer.web.range_query import RangeLimits
 
 __all__ = ["WebSettings", "WebService", "WebCounters"]
 

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sf_bsread_writer import config, process, registry
-from sf_bsread_writer.writer.acquisition import BadRequest, OutsideRoot
 from sf_bsread_writer.httpserver import HttpServer
 from sf_bsread_writer.transport import partsio
+from sf_bsread_writer.writer.acquisition import BadRequest, OutsideRoot
 from sf_bsread_writer.writer.outputs import DEV_NULL, resolve_output_file
 from sf_bsread_writer.writer.rest import make_app
 from sf_bsread_writer.writer.service import Writer, WriterSettings

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import zmq
 
-from sf_bsread_writer.bsread.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
 from sf_bsread_writer.replay.messages import Data
 from sf_bsread_writer.transport.partsio import PartsReceiver
 

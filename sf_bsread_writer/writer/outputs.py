@@ -24,9 +24,14 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
-from sf_bsread_writer.writer.acquisition import REQUIRED_PARAMETERS, BadRequest, OutsideRoot, StartRun
 from sf_bsread_writer.h5.file import H5File
 from sf_bsread_writer.h5.placement import FileSlot
+from sf_bsread_writer.writer.acquisition import (
+    REQUIRED_PARAMETERS,
+    BadRequest,
+    OutsideRoot,
+    StartRun,
+)
 
 __all__ = ["DEV_NULL", "resolve_output_file", "NullOutput", "open_output", "abandon_output", "summary_path",
            "write_summary"]

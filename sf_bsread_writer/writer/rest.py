@@ -20,8 +20,13 @@ from typing import Any
 import bottle
 
 from sf_bsread_writer import jsontext
+from sf_bsread_writer.httpserver import (
+    RequestCounter,
+    error_answer,
+    install_json_errors,
+    ok_answer,
+)
 from sf_bsread_writer.writer.acquisition import BadRequest, RequestError, parse_pulse_id
-from sf_bsread_writer.httpserver import RequestCounter, error_answer, install_json_errors, ok_answer
 from sf_bsread_writer.writer.service import Started, Writer
 
 __all__ = ["make_app", "MAX_BODY_BYTES"]

@@ -16,13 +16,30 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sf_bsread_writer.writer.acquisition import EndRun, MoveStop, SilenceWatch
-from sf_bsread_writer.bsread.protocol import DEFAULT_MAX_MESSAGE_BYTES, IgnoredMessage, MessageParser, ProtocolError
-from sf_bsread_writer.writer.pulse_range import MissingRange, PulseRange, Verdict
-from sf_bsread_writer.rates import RateEstimator
-from sf_bsread_writer.replay.messages import BufferLost, Data, End, Gap, GapReason, Refused
-from sf_bsread_writer.bsread.timebase import MAX_CLOCK_SKEW, TimeBase, file_time_base, message_time
+from sf_bsread_writer.bsread.message import MessageParser
+from sf_bsread_writer.bsread.spec import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    IgnoredMessage,
+    ProtocolError,
+)
+from sf_bsread_writer.bsread.timebase import (
+    MAX_CLOCK_SKEW,
+    TimeBase,
+    file_time_base,
+    message_time,
+)
 from sf_bsread_writer.h5.file import DiskFull
+from sf_bsread_writer.rates import RateEstimator
+from sf_bsread_writer.replay.messages import (
+    BufferLost,
+    Data,
+    End,
+    Gap,
+    GapReason,
+    Refused,
+)
+from sf_bsread_writer.writer.acquisition import EndRun, MoveStop, SilenceWatch
+from sf_bsread_writer.writer.pulse_range import MissingRange, PulseRange, Verdict
 
 __all__ = ["RunCounters", "RunLoop", "POLL_INTERVAL", "DISK_FULL"]
 

@@ -27,18 +27,32 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from sf_bsread_writer import __version__
-from sf_bsread_writer.writer.acquisition import (
-    BadRequest, EndRun, MoveStop, Outcome, StartRun, State, Unavailable, WriterControl, judge_outcome,
-)
-from sf_bsread_writer.bsread.protocol import DEFAULT_MAX_MESSAGE_BYTES
-from sf_bsread_writer.writer.pulse_range import PulseRange
+from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
+from sf_bsread_writer.bsread.timebase import MAX_CLOCK_SKEW
+from sf_bsread_writer.replay.client import HANDSHAKE_SECONDS, ReplayClient
 from sf_bsread_writer.replay.messages import Accepted
 from sf_bsread_writer.status import WriterStatistics, json_value
-from sf_bsread_writer.bsread.timebase import MAX_CLOCK_SKEW
 from sf_bsread_writer.transport import partsio
+from sf_bsread_writer.writer.acquisition import (
+    BadRequest,
+    EndRun,
+    MoveStop,
+    Outcome,
+    StartRun,
+    State,
+    Unavailable,
+    WriterControl,
+    judge_outcome,
+)
 from sf_bsread_writer.writer.direct import DirectSource
-from sf_bsread_writer.replay.client import HANDSHAKE_SECONDS, ReplayClient
-from sf_bsread_writer.writer.outputs import DEV_NULL, abandon_output, open_output, resolve_output_file, write_summary
+from sf_bsread_writer.writer.outputs import (
+    DEV_NULL,
+    abandon_output,
+    open_output,
+    resolve_output_file,
+    write_summary,
+)
+from sf_bsread_writer.writer.pulse_range import PulseRange
 from sf_bsread_writer.writer.run_loop import DISK_FULL, RunCounters, RunLoop
 
 __all__ = ["WriterSettings", "Writer", "Started", "START_TIMEOUT", "NO_PULSE_ID"]
