@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OriginalPatternWriter  # noqa: E402
 
 from sf_bsread_writer.bsread.build import build_message
-from sf_bsread_writer.bsread.codecs import direct_chunk_compatible
 from sf_bsread_writer.bsread.message import Message, MessageParser
+from sf_bsread_writer.h5 import columns  # noqa: E402
 from sf_bsread_writer.h5.file import H5File  # noqa: E402
 
 
@@ -86,12 +86,12 @@ def run_original_pattern(path: Path, messages: list[Message]) -> float:
 
 
 def run_decode_and_filter(path: Path, messages: list[Message]) -> float:
-    original = direct_chunk_compatible
-    direct_chunk_compatible = lambda spec, part: False  # type: ignore[assignment]
+    original = columns.direct_chunk_compatible
+    columns.direct_chunk_compatible = lambda spec, part: False  # type: ignore[assignment]
     try:
         return run_h5file(path, messages)
     finally:
-        direct_chunk_compatible = original  # type: ignore[assignment]
+        columns.direct_chunk_compatible = original  # type: ignore[assignment]
 
 
 def run_bare_direct_chunk(path: Path, messages: list[Message]) -> float:

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sf_bsread_writer.bsread.spec import CHANNEL_REFUSAL_REASONS, RejectReason
-from sf_bsread_writer.replay.messages import Gap
-from sf_bsread_writer.writer.pulse_range import MissingRange
 
 __all__ = [
     "SOURCE_IDLE_SECONDS",
@@ -40,8 +38,7 @@ __all__ = [
     "BufferStatus",
     "prometheus_text",
     "PrometheusText",
-    "WriterStatistics",
-    "MAX_MISSING_SHOWN",
+    "Record",
     "json_value",
 ]
 
@@ -49,8 +46,11 @@ __all__ = [
 SOURCE_IDLE_SECONDS = 5.0
 
 
-class _Record:
-    """JSON in and out for the snapshot dataclasses (nested records, tuples of records, None)."""
+class Record:
+    """JSON in and out for the snapshot dataclasses (nested records, tuples of records, None).
+
+    The buffer's records are here; the writer's ``WriterStatistics`` (writer/statistics.py) is one too.
+    """
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict for ``json.dumps`` (nested records as dicts, tuples as lists)."""
@@ -82,11 +82,10 @@ def json_value(value: Any) -> Any:
 
 
 def _to_json(value: Any) -> Any:
-    if isinstance(value, _Record):
+    if isinstance(value, Record):
         return value.to_json()
-    if isinstance(value, (MissingRange, Gap)):  # records of pulse_range and replay_messages, same four fields
-        return {"first_pulse_id": value.first_pulse_id, "last_pulse_id": value.last_pulse_id,
-                "count": value.count, "reason": value.reason}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a plain record (MissingRange, Gap)
+        return {field.name: _to_json(getattr(value, field.name)) for field in dataclasses.fields(value)}
     if isinstance(value, tuple):
         return [_to_json(item) for item in value]
     if isinstance(value, Mapping):
@@ -100,16 +99,16 @@ def _from_json(hint: Any, value: Any, where: str) -> Any:
         return None
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        records = [arg for arg in typing.get_args(hint) if isinstance(arg, type) and issubclass(arg, _Record)]
+        records = [arg for arg in typing.get_args(hint) if isinstance(arg, type) and issubclass(arg, Record)]
         return records[0].from_json(value) if records else value
     if origin is tuple:
         (item_hint, *_rest) = typing.get_args(hint)
         if not isinstance(value, list):
             raise ValueError(f"{where}: expected a list, not {type(value).__name__}")
         return tuple(_from_json(item_hint, item, where) for item in value)
-    if isinstance(hint, type) and issubclass(hint, _Record):
+    if isinstance(hint, type) and issubclass(hint, Record):
         return hint.from_json(value)
-    if hint in (MissingRange, Gap):
+    if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):  # a plain record (MissingRange, Gap)
         return hint(**value)
     return value
 
@@ -118,7 +117,7 @@ def _from_json(hint: Any, value: Any, where: str) -> Any:
 # The buffer
 # ---------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Endpoints(_Record):
+class Endpoints(Record):
     """Where the buffer listens (actual addresses: port 0 resolved)."""
 
     stream: str
@@ -129,7 +128,7 @@ class Endpoints(_Record):
 
 
 @dataclass(frozen=True)
-class SourceStatus(_Record):
+class SourceStatus(Record):
     address: str
     mode: str  # pull | sub
     idle_seconds: float | None  # since the last message; None before the first
@@ -144,7 +143,7 @@ class SourceStatus(_Record):
 
 
 @dataclass(frozen=True)
-class CaFeedStatus(_Record):
+class CaFeedStatus(Record):
     """``--ca``/``--web``: the rate-limited loopback feed of the CA gateway or of the web service."""
 
     address: str
@@ -153,7 +152,7 @@ class CaFeedStatus(_Record):
 
 
 @dataclass(frozen=True)
-class ChildStatus(_Record):
+class ChildStatus(Record):
     """A child service of the buffer (``ca_gateway`` for --ca, ``web`` for --web) and how it fares."""
 
     name: str
@@ -162,7 +161,7 @@ class ChildStatus(_Record):
 
 
 @dataclass(frozen=True)
-class RingStatus(_Record):
+class RingStatus(Record):
     messages: int
     bytes: int
     max_messages: int
@@ -190,7 +189,7 @@ class RingStatus(_Record):
 
 
 @dataclass(frozen=True)
-class PulseIdStatus(_Record):
+class PulseIdStatus(Record):
     last: int | None
     usual_step: int | None
     jumps: int
@@ -203,14 +202,14 @@ class PulseIdStatus(_Record):
 
 
 @dataclass(frozen=True)
-class RateStatus(_Record):
+class RateStatus(Record):
     messages_per_second: float
     bytes_per_second: float
     window_seconds: float
 
 
 @dataclass(frozen=True)
-class SessionStatus(_Record):
+class SessionStatus(Record):
     """One writer's replay session (``replay.session.ReplaySession.status``)."""
 
     session: str
@@ -230,7 +229,7 @@ class SessionStatus(_Record):
 
 
 @dataclass(frozen=True)
-class ReplayStatus(_Record):
+class ReplayStatus(Record):
     """Totals over every session since the start (active ones included) and the active sessions."""
 
     active_sessions: int
@@ -247,7 +246,7 @@ class ReplayStatus(_Record):
 
 
 @dataclass(frozen=True)
-class BufferStatus(_Record):
+class BufferStatus(Record):
     """Everything ``GET /statistics`` says about a buffer (field meanings: docs/buffer.md)."""
 
     name: str
@@ -452,66 +451,3 @@ def prometheus_text(status: BufferStatus) -> str:
     m.family("child_restarts_total", "counter", "Restarts of a child service after it ended unexpectedly.",
              [({"child": child.name}, child.restarts) for child in status.children])
     return m.text()
-
-
-# ---------------------------------------------------------------------------
-# The writer
-# ---------------------------------------------------------------------------
-MAX_MISSING_SHOWN = 100  # missing ranges listed in /statistics (all are in the file)
-
-
-@dataclass(frozen=True)
-class WriterStatistics(_Record):
-    """Everything ``GET /statistics`` says about an acquisition (field meanings: docs/writer.md).
-
-    The first six fields are the original writer's (the requested range and
-    the last message written); the rest were added.
-    """
-
-    start_pulse_id: int | None
-    stop_pulse_id: int | None
-    start_timestamp: float | None
-    stop_timestamp: float | None
-    last_pulse_id: int | None
-    last_timestamp: float | None
-    first_pulse_id: int | None
-    first_timestamp: float | None
-    output_file: str
-    messages_received: int
-    messages_written: int
-    bytes_written: int
-    rows_flushed: int  # rows on disk: what a kill -9 would leave in the file now
-    rate: float
-    messages_before_start: int
-    messages_out_of_order: int
-    messages_rejected: int
-    rejected_reasons: Mapping[str, int]
-    gap_notices: int
-    buffer_lost: int
-    missing_pulses: int
-    missing_by_reason: Mapping[str, int]
-    missing_ranges: int
-    missing: tuple[MissingRange, ...]  # the first MAX_MISSING_SHOWN (all are in the file)
-    unlocated_gaps: tuple[Gap, ...]  # losses whose pulse ids are unknown
-    absent_values: int
-    pulse_id_step: int | None
-    progress: float | None
-    end_reason: str | None
-    error: str | None
-    outcome: str | None  # complete | partial | failed, once the run has ended (docs/writer.md)
-    runs_finished: int = 0  # runs whose file is closed (more than one only in persistent mode)
-    time_base: str | None = None  # where the rows' times came from: source | receive | mixed (bsread.timebase)
-    io_path: str | None = None  # how whole messages move: compiled | python (transport.partsio)
-    # Values stored absent because they were refused (a wrong data-header entry, a value that does not
-    # decode), by channel and reason; also in absent_values and the file attribute refused_channels.
-    refused_values: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
-
-    @staticmethod
-    def missing_summary(missing: Iterable[MissingRange]) -> dict[str, Any]:
-        """``missing_pulses``, ``missing_by_reason``, ``missing_ranges`` and ``missing`` of all records."""
-        records = list(missing)
-        by_reason: dict[str, int] = {}
-        for item in records:
-            by_reason[item.reason] = by_reason.get(item.reason, 0) + item.count
-        return {"missing_pulses": sum(item.count for item in records), "missing_by_reason": by_reason,
-                "missing_ranges": len(records), "missing": tuple(records[:MAX_MISSING_SHOWN])}

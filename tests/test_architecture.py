@@ -1,8 +1,11 @@
-"""The package's rooms and the rules between them (docs/architecture.md, "What may import what").
+"""The package's rooms by concept and the rules between them (docs/architecture.md, "What may import what").
 
 Read from the source with ``ast`` (every import, also those inside
-functions), and for the core once more by importing it in a fresh
-interpreter: the core must be usable without zmq, h5py or any I/O library.
+functions), and for the pure modules once more by importing them in a fresh
+interpreter: every decision must be usable without zmq, h5py or any I/O
+library. Purity is a property of a module, wherever it stands: the pure
+state machines sit beside the shells of their concept (caproto's
+``_state.py`` beside its servers), and ``PURE`` names them.
 """
 from __future__ import annotations
 
@@ -19,38 +22,68 @@ from .helpers import ROOT
 PACKAGE = "sf_bsread_writer"
 SOURCE = ROOT / PACKAGE
 
-# Who may import whom inside the package: the first part of the importing
-# module's path (below the package) -> the parts it may import. A module may
-# always import its own part. docs/architecture.md has the same table.
+# Who may import whom inside the package: the room of the importing module (its folder below the package, or
+# the module itself at the top) -> the rooms it may import. A module may always import its own room.
+# docs/architecture.md has the same table.
 ALLOWED = {
-    "core": set(),
-    "h5": {"core"},
-    "transport": {"core"},
-    "config": {"core"},
+    "bsread": set(),
+    "rates": set(),
+    "jsontext": set(),
     "process": set(),
-    "registry": {"process"},
     "httpserver": set(),
     "client": set(),
-    "buffer": {"core", "transport", "config", "process", "httpserver", "registry"},
-    "writer": {"core", "h5", "transport", "config", "process", "httpserver", "registry"},
-    "ca": {"core", "config", "process"},
-    "web": {"core", "h5", "transport", "config", "process"},
-    "remote": {"core"},
-    "tools": {"core", "config", "process", "registry", "client", "transport"},
+    "ring": {"bsread"},
+    "status": {"bsread"},
+    "transport": {"bsread"},
+    "config": {"bsread"},
+    "registry": {"process"},
+    "replay": {"bsread", "ring", "status", "transport"},
+    "h5": {"bsread", "replay"},
+    "buffer": {"bsread", "ring", "replay", "status", "rates", "transport", "config", "process", "httpserver", "registry"},
+    "writer": {"bsread", "replay", "h5", "status", "rates", "jsontext", "transport", "config", "process", "httpserver",
+               "registry"},
+    "ca": {"bsread", "status", "rates", "config", "process"},
+    "web": {"bsread", "replay", "h5", "status", "rates", "jsontext", "transport", "config", "process"},
+    "remote": {"rates"},
+    "tools": {"bsread", "replay", "status", "writer", "transport", "config", "process", "registry", "client"},
     "__init__": {"tools"},
 }
 
-# The core decides; it does no I/O. Libraries it may use: pure computation only.
-CORE_MAY_IMPORT = {
+# Arrows that must never be, whatever the table allows (also indirectly, through any chain of imports).
+NEVER = [
+    ("buffer", "writer", "the buffer and the writer meet only on the replay protocol"),
+    ("writer", "buffer", "the buffer and the writer meet only on the replay protocol"),
+    ("ca", "buffer", "the CA gateway is a process of its own: it reads the buffer's feed, never its code"),
+    ("web", "buffer", "the web service is a process of its own: it reads the buffer's feed, never its code"),
+    ("buffer", "ca", "the buffer starts the gateway by its command line: caproto/softioc never load into it"),
+    ("buffer", "web", "the buffer starts the web service by its command line: aiohttp never loads into it"),
+    ("remote", "web", "the public client speaks the web API's JSON; it does not import the service"),
+]
+
+# The pure modules: every decision of the product, fed ``now``, with no I/O. They may import each other and
+# pure computation only; the architecture test holds them to it wherever they stand (beside their shells).
+PURE = {
+    "bsread.spec", "bsread.codecs", "bsread.headers", "bsread.message", "bsread.build", "bsread.parts",
+    "bsread.timebase", "ring", "status", "rates", "jsontext",
+    "replay.messages", "replay.session", "replay.client_state",
+    "writer.acquisition", "writer.pulse_range", "writer.statistics",
+    "web.live", "web.range_query", "web.image",
+    "ca.camapping",
+}
+PURE_PACKAGES = {"bsread", "replay", "__init__"}  # package faces: their __init__ imports nothing that is not pure
+
+# Libraries a pure module may use: pure computation only.
+PURE_MAY_IMPORT = {
     # standard library, without any I/O, thread or clock module
     "__future__", "array", "bisect", "collections", "dataclasses", "enum", "functools", "hashlib", "json",
     "logging", "math", "operator", "re", "struct", "sys", "types", "typing", "zlib",
     # compression and arrays (bsread's codecs)
     "numpy", "bitshuffle", "lz4",
 }
-# What importing the whole core must not load, whatever imports it indirectly.
-NOT_LOADED_BY_CORE = ["zmq", "h5py", "hdf5plugin", "caproto", "bottle", "requests", "epics", "bsread", "aiohttp",
-                      "socket", "selectors", "subprocess", "asyncio", "urllib.request", "http.client"]
+# What importing every pure module must not load, whatever imports it indirectly.
+NOT_LOADED_BY_PURE = ["zmq", "h5py", "hdf5plugin", "caproto", "softioc", "bottle", "requests", "epics", "bsread",
+                      "aiohttp", "socket", "selectors", "subprocess", "asyncio", "urllib.request", "http.client"]
+# (threading itself is loaded by logging and numpy; the static check keeps pure modules from using it)
 
 
 def _modules() -> dict[str, Path]:
@@ -97,8 +130,13 @@ GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
 
 
 def _part(module: str) -> str:
+    """The room: the folder below the package, or a top-level module itself."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _short(module: str) -> str:
+    return module.partition(".")[2] or "__init__"
 
 
 def test_the_table_names_every_part_of_the_package():
@@ -141,9 +179,36 @@ def test_no_import_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
-@pytest.mark.parametrize("name", sorted(name for name in MODULES if _part(name) == "core"))
-def test_a_core_module_imports_no_io_library_and_reads_no_clock(name):
-    """Statically: ``time``, ``threading``, ``socket``, ``os`` ... are not even imported."""
+def _reach(name: str) -> set[str]:
+    """Every package module that ``name`` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        for target in GRAPH[todo.pop()]:
+            if target not in seen and target != PACKAGE:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_no_arrow_that_must_never_be():
+    broken = []
+    for source, target, why in NEVER:
+        for name in MODULES:
+            if _part(name) == source:
+                broken += [f"{name} reaches {other} ({why})" for other in sorted(_reach(name))
+                           if _part(other) == target]
+    assert not broken, "\n".join(broken)
+
+
+def test_every_pure_module_exists():
+    assert PURE <= {_short(name) for name in MODULES}, sorted(PURE - {_short(name) for name in MODULES})
+
+
+@pytest.mark.parametrize("name", sorted(f"{PACKAGE}.{module}" for module in PURE))
+def test_a_pure_module_imports_no_io_library_and_reads_no_clock(name):
+    """Statically: ``time``, ``threading``, ``socket``, ``os`` ... are not even imported; of the package, only
+    other pure modules (through any chain)."""
     outside = set()
     for node in ast.walk(ast.parse(MODULES[name].read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
@@ -151,15 +216,17 @@ def test_a_core_module_imports_no_io_library_and_reads_no_clock(name):
         elif isinstance(node, ast.ImportFrom) and not node.level:
             outside.add((node.module or "").split(".")[0])
     outside.discard(PACKAGE)
-    assert outside <= CORE_MAY_IMPORT, f"{name} imports {sorted(outside - CORE_MAY_IMPORT)}"
+    assert outside <= PURE_MAY_IMPORT, f"{name} imports {sorted(outside - PURE_MAY_IMPORT)}"
+    impure = sorted(other for other in _reach(name)
+                    if _short(other) not in PURE and _short(other) not in PURE_PACKAGES)
+    assert not impure, f"{name} reaches modules that are not pure: {impure}"
 
 
-def test_importing_the_whole_core_loads_no_io_library():
-    """In a fresh interpreter: what the core pulls in indirectly counts too."""
-    core = sorted(name for name in MODULES if _part(name) == "core")
-    script = (f"import sys\nfor name in {core!r}:\n    __import__(name)\n"
-              f"print(__import__('json').dumps(sorted(m for m in {NOT_LOADED_BY_CORE!r} if m in sys.modules)))")
+def test_importing_every_pure_module_loads_no_io_library():
+    """In a fresh interpreter: what the pure modules pull in indirectly counts too."""
+    pure = sorted(f"{PACKAGE}.{module}" for module in PURE)
+    script = (f"import sys\nfor name in {pure!r}:\n    __import__(name)\n"
+              f"print(__import__('json').dumps(sorted(m for m in {NOT_LOADED_BY_PURE!r} if m in sys.modules)))")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
-    assert len(core) >= 10  # the parser found the core

@@ -30,7 +30,7 @@ from sf_bsread_writer.bsread.message import Message, MessageParser
 from sf_bsread_writer.h5 import columns, layout, variants
 from sf_bsread_writer.h5 import file as h5_file
 from sf_bsread_writer.h5.file import H5File
-from sf_bsread_writer.writer.pulse_range import MissingRange
+from sf_bsread_writer.replay.messages import MissingRange
 
 from .helpers import ROOT
 
@@ -338,7 +338,7 @@ def test_bitshuffle_images_are_stored_as_direct_chunks_without_decompression(
     def no_decoding(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the direct chunk path decoded a value")
 
-    monkeypatch.setattr(protocol, "decode_value", no_decoding)
+    monkeypatch.setattr(columns, "decode_value", no_decoding)
     with H5File(path, block_rows=3) as h5:
         for m in messages:
             h5.append(m)

@@ -22,7 +22,7 @@ import pytest
 from .helpers import ROOT
 
 PROBE = ("import sf_bsread_writer, sys; from sf_bsread_writer.transport import partsio; "
-         "from sf_bsread_writer.bsread import protocol; "
+         "from sf_bsread_writer.bsread.codecs import BLOCK_WALK; "
          "print(sf_bsread_writer.__file__); print(partsio.IMPLEMENTATION); print(partsio.FALLBACK_REASON); "
          "print(BLOCK_WALK)")
 

@@ -13,7 +13,7 @@ import queue
 import pytest
 
 from sf_bsread_writer.bsread.build import build_message
-from sf_bsread_writer.replay.messages import BufferLost, Data
+from sf_bsread_writer.replay.messages import BufferLost, Data, MissingRange
 from sf_bsread_writer.writer.acquisition import (
     STOP_NOW_SILENCE,
     EndRun,
@@ -21,7 +21,7 @@ from sf_bsread_writer.writer.acquisition import (
     SilenceWatch,
 )
 from sf_bsread_writer.writer.outputs import NullOutput
-from sf_bsread_writer.writer.pulse_range import MissingRange, PulseRange
+from sf_bsread_writer.writer.pulse_range import PulseRange
 from sf_bsread_writer.writer.run_loop import POLL_INTERVAL, RunCounters, RunLoop
 
 CHANNELS = [{"name": "VALUE", "type": "float64", "shape": [1]}]

@@ -10,12 +10,10 @@ privileges) and in-process otherwise (faster on a shared machine).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
 import tempfile
-import threading
 import time
 from pathlib import Path
 

@@ -39,7 +39,6 @@ from sf_bsread_writer.h5.layout import (
     DIRECT_CHUNK_MIN_BYTES,
     MAX_CHUNK_BYTES,
     MAX_CHUNK_ROWS,
-    NS_PER_S,
     STRING_DTYPE,
     TIMESTAMP_BYTES,
     attribute_value,

@@ -78,7 +78,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from sf_bsread_writer.bsread.codecs import direct_chunk_compatible, value_problem
+from sf_bsread_writer.bsread.codecs import value_problem
 from sf_bsread_writer.bsread.message import Message
 from sf_bsread_writer.bsread.spec import ChannelSpec, RejectReason
 from sf_bsread_writer.h5.columns import Column, ColumnMaker
@@ -100,7 +100,7 @@ from sf_bsread_writer.h5.layout import (
 from sf_bsread_writer.h5.packed import HeaderPlan, PackedRows
 from sf_bsread_writer.h5.placement import FileSlot
 from sf_bsread_writer.h5.variants import merge_variants
-from sf_bsread_writer.writer.pulse_range import MissingRange
+from sf_bsread_writer.replay.messages import MissingRange
 
 __all__ = [
     "H5File",

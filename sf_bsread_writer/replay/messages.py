@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "MissingRange",
     "PROTOCOL_VERSION",
     "DEFAULT_WINDOW",
     "MAX_WINDOW",
@@ -294,6 +295,21 @@ class Gap:
     last_pulse_id: int | None
     reason: str
     count: int | None
+
+
+@dataclass(frozen=True)
+class MissingRange:
+    """Pulses that are not in the file, and why (one row of ``/missing``): what a writer makes of a :class:`Gap`,
+    a pulse-id jump or a range end that never came. Beside ``Gap`` because both say "these pulses will never come".
+
+    ``count`` is the number of pulses (messages) missing, which is not
+    ``last - first + 1`` when the source's pulse step is larger than one.
+    """
+
+    first_pulse_id: int
+    last_pulse_id: int
+    count: int
+    reason: str
 
 
 @dataclass(frozen=True)

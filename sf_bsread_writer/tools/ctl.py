@@ -38,8 +38,9 @@ from sf_bsread_writer.bsread.message import MessageParser
 from sf_bsread_writer.client import WriterClient, WriterError
 from sf_bsread_writer.replay.client import ReplayClient, ReplayHandshakeError
 from sf_bsread_writer.replay.messages import Data, End, Gap, Refused
-from sf_bsread_writer.status import BufferStatus, WriterStatistics
+from sf_bsread_writer.status import BufferStatus
 from sf_bsread_writer.writer.acquisition import Outcome
+from sf_bsread_writer.writer.statistics import WriterStatistics
 
 __all__ = ["main", "write_range", "BufferRef", "resolve_buffer", "CtlError"]
 

@@ -11,23 +11,10 @@ from __future__ import annotations
 import bisect
 import enum
 from array import array
-from dataclasses import dataclass
 
-__all__ = ["MissingRange", "Verdict", "PulseRange"]
+from sf_bsread_writer.replay.messages import MissingRange
 
-
-@dataclass(frozen=True)
-class MissingRange:
-    """Pulses that are not in the file, and why (one row of ``/missing``).
-
-    ``count`` is the number of pulses (messages) missing, which is not
-    ``last - first + 1`` when the source's pulse step is larger than one.
-    """
-
-    first_pulse_id: int
-    last_pulse_id: int
-    count: int
-    reason: str
+__all__ = ["Verdict", "PulseRange"]
 
 
 class Verdict(enum.Enum):

@@ -36,10 +36,11 @@ from sf_bsread_writer.replay.messages import (
     End,
     Gap,
     GapReason,
+    MissingRange,
     Refused,
 )
 from sf_bsread_writer.writer.acquisition import EndRun, MoveStop, SilenceWatch
-from sf_bsread_writer.writer.pulse_range import MissingRange, PulseRange, Verdict
+from sf_bsread_writer.writer.pulse_range import PulseRange, Verdict
 
 __all__ = ["RunCounters", "RunLoop", "POLL_INTERVAL", "DISK_FULL"]
 

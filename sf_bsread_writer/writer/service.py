@@ -31,7 +31,7 @@ from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
 from sf_bsread_writer.bsread.timebase import MAX_CLOCK_SKEW
 from sf_bsread_writer.replay.client import HANDSHAKE_SECONDS, ReplayClient
 from sf_bsread_writer.replay.messages import Accepted
-from sf_bsread_writer.status import WriterStatistics, json_value
+from sf_bsread_writer.status import json_value
 from sf_bsread_writer.transport import partsio
 from sf_bsread_writer.writer.acquisition import (
     BadRequest,
@@ -54,6 +54,7 @@ from sf_bsread_writer.writer.outputs import (
 )
 from sf_bsread_writer.writer.pulse_range import PulseRange
 from sf_bsread_writer.writer.run_loop import DISK_FULL, RunCounters, RunLoop
+from sf_bsread_writer.writer.statistics import WriterStatistics
 
 __all__ = ["WriterSettings", "Writer", "Started", "START_TIMEOUT", "NO_PULSE_ID"]
 
