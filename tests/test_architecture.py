@@ -49,16 +49,10 @@ ALLOWED = {
     "__init__": {"tools"},
 }
 
-# Arrows that must never be, whatever the table allows (also indirectly, through any chain of imports).
-NEVER = [
-    ("buffer", "writer", "the buffer and the writer meet only on the replay protocol"),
-    ("writer", "buffer", "the buffer and the writer meet only on the replay protocol"),
-    ("ca", "buffer", "the CA gateway is a process of its own: it reads the buffer's feed, never its code"),
-    ("web", "buffer", "the web service is a process of its own: it reads the buffer's feed, never its code"),
-    ("buffer", "ca", "the buffer starts the gateway by its command line: caproto/softioc never load into it"),
-    ("buffer", "web", "the buffer starts the web service by its command line: aiohttp never loads into it"),
-    ("remote", "web", "the public client speaks the web API's JSON; it does not import the service"),
-]
+# The parts of the house and the arrows that must never be (also indirectly, through any chain of imports):
+# docs/architecture-whiteboard.json, the picture a newcomer reads; this test holds it against the code.
+WHITEBOARD = json.loads((ROOT / "docs" / "architecture-whiteboard.json").read_text(encoding="utf-8"))
+
 
 # The pure modules: every decision of the product, fed ``now``, with no I/O. They may import each other and
 # pure computation only; the architecture test holds them to it wherever they stand (beside their shells).
@@ -191,14 +185,45 @@ def _reach(name: str) -> set[str]:
     return seen
 
 
+def _whiteboard_part(name: str) -> str | None:
+    """The whiteboard part a module stands on: the longest of the parts' paths that holds its file."""
+    path = MODULES[name].relative_to(ROOT).as_posix()
+    best = None
+    for part, spec in WHITEBOARD["parts"].items():
+        for place in spec["is"]:
+            if (path == place or (place.endswith("/") and path.startswith(place))) and \
+                    (best is None or len(place) > len(best[1])):
+                best = (part, place)
+    return best[0] if best else None
+
+
+def test_the_whiteboard_places_every_module():
+    assert not [name for name in MODULES if _whiteboard_part(name) is None]
+
+
 def test_no_arrow_that_must_never_be():
     broken = []
-    for source, target, why in NEVER:
+    for source, target, why in WHITEBOARD["never"]:
         for name in MODULES:
-            if _part(name) == source:
+            if _whiteboard_part(name) == source:
                 broken += [f"{name} reaches {other} ({why})" for other in sorted(_reach(name))
-                           if _part(other) == target]
+                           if _whiteboard_part(other) == target]
     assert not broken, "\n".join(broken)
+
+
+def test_every_arrow_drawn_is_in_the_code_and_every_arrow_in_the_code_is_drawn():
+    """The picture tells the truth: the arrows between parts are the imports between their modules."""
+    drawn = {(arrow[0], arrow[1]) for arrow in WHITEBOARD["arrows"]}
+    found = set()
+    for name, targets in GRAPH.items():
+        for target in targets:
+            if target == PACKAGE:
+                continue
+            pair = (_whiteboard_part(name), _whiteboard_part(target))
+            if pair[0] != pair[1]:
+                found.add(pair)
+    assert not found - drawn, f"imports the whiteboard does not draw: {sorted(found - drawn)}"
+    assert not drawn - found, f"arrows drawn that the code does not have: {sorted(drawn - found)}"
 
 
 def test_every_pure_module_exists():

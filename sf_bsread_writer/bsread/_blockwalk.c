@@ -1,4 +1,4 @@
-/* The bitshuffle_lz4 block walk of bsread/protocol.py in C (pure computation, no I/O).
+/* The bitshuffle_lz4 block walk of bsread/codecs.py in C (pure computation, no I/O).
  *
  * bitshuffle's decoder trusts the 4-byte big-endian size in front of each LZ4 block and reads past its
  * input on a corrupt one, so every value is walked block by block before it is decoded or stored as a

@@ -16,7 +16,7 @@ receive time. The file records which base its rows' times came from
 
 Before any of that, a stamp must be a time at all: :func:`plausible_stamp`
 is the one answer to "is this ``(sec, ns)`` a time", for the global
-timestamp (``bsread.protocol`` keeps the message and drops only its time)
+timestamp (``bsread.headers`` keeps the message and drops only its time)
 and for every channel's own timestamp (stored as 0, "not given", in the
 file: :func:`stamps_to_ns`). A stamp that is no time costs the time, never
 the values.

@@ -164,7 +164,7 @@ def start_web(feed: str, status_url: str | None, replay: str | None, *, port: in
     """Start the web service for a buffer's ``--web`` and keep it running; call ``.stop()`` at shutdown.
 
     ``listen_fd``: the buffer's listening socket on the web port, inherited by every start (see
-    ``BufferService``): the service serves on it instead of binding the port itself.
+    ``buffer.service.Buffer``): the service serves on it instead of binding the port itself.
     """
     if status_url is None or replay is None:
         raise ValueError("--web needs the buffer's HTTP status (--rest-port) and replay endpoint")

@@ -1,7 +1,7 @@
 """The buffer service: ingest one bsread stream, keep it in a ring, serve it live and replayed.
 
 This module is the I/O shell around the pure ring (``ring``) and the
-bsread parser (``bsread.protocol``). One thread (the one calling
+bsread parser (``bsread.message``). One thread (the one calling
 :meth:`Buffer.run`) owns every ZeroMQ socket and the ring:
 
 - **ingest** (PULL or SUB, connecting to the source): drained first, up to
@@ -17,7 +17,7 @@ bsread parser (``bsread.protocol``). One thread (the one calling
   (``status.BufferStatus``) that the loop publishes a few times a
   second; the HTTP threads never touch the ring or a socket.
 - **--ca**: a rate-limited loopback feed for the CA gateway, a child
-  process supervised by ``ca.supervisor``.
+  process supervised by ``buffer.children``.
 
 On start it prints the READY line (``process.print_ready``) with its
 endpoints and tells systemd READY=1, then pings the watchdog.
