@@ -52,8 +52,8 @@ Thread safety: none. One owner (the buffer's main loop).
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +68,7 @@ from sf_bsread_writer.bsread.parts import (
 )
 
 __all__ = [
+    "RingEvent",
     "LARGE_PART_BYTES",
     "RESET_CONFIRM_MESSAGES",
     "FORWARD_CONFIRM_STEPS",
@@ -77,7 +78,6 @@ __all__ = [
     "RingCounters",
 ]
 
-logger = logging.getLogger(__name__)
 
 #: Backwards messages in a row, increasing among themselves, that confirm a
 #: pulse-id reset (a source restart). 3 messages are 30 ms at 100 Hz.
@@ -100,6 +100,20 @@ class AppendStatus(str, enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class RingEvent:
+    """Something the ring did that an operator should hear of: the ring decides, the buffer logs (rate limited).
+
+    ``kind``: ``oversize`` (larger than the whole ring: not stored), ``stray`` (a pulse id far ahead of the
+    stream that the next message showed to be a stray: dropped), ``reset`` (pulse ids went back and went on:
+    a source restart; newer held messages evicted), ``out_of_order`` (held-back messages dropped because the
+    stream went on above them). ``text`` says it with the pulse ids.
+    """
+
+    kind: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class AppendResult:
     """Outcome of one ``Ring.append``; everything the caller may want to count or log."""
 
@@ -108,6 +122,8 @@ class AppendResult:
     evicted: int = 0  # oldest messages evicted to make room (count or bytes bound)
     reset_evicted: int = 0  # newest messages evicted because the pulse_id went backwards
     skipped_pulses: int = 0  # > 0: pulses missing before this one (a jump)
+    events: tuple[RingEvent, ...] = ()  # what happened besides storing, for the shell to count and log
+
 
     @property
     def stored(self) -> bool:
@@ -154,6 +170,7 @@ class Ring:
             raise ValueError(f"max_messages must be >= 1, got {max_messages}")
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+        self._events: list[RingEvent] = []  # filled by one append, handed out on its result
         self.max_messages = int(max_messages)
         self.max_bytes = int(max_bytes)
         self.reset_confirm = int(reset_confirm)
@@ -260,7 +277,13 @@ class Ring:
         not be modified afterwards (neither can be); other large buffers
         (bytearray, memoryview) are copied, because their owner could.
         """
-        pulse_id = int(pulse_id)
+        self._events: list[RingEvent] = []
+        result = self._append(int(pulse_id), timestamp, frames)
+        if self._events:
+            result = dataclasses.replace(result, events=tuple(self._events))
+        return result
+
+    def _append(self, pulse_id: int, timestamp: float, frames: PackedParts | Sequence[Any]) -> AppendResult:
         message = pack(frames, self._layouts, self._last_header)
         header = message.header
         if header is not None and header is not self._last_header:
@@ -271,8 +294,8 @@ class Ring:
         nbytes = message.nbytes
         if nbytes > self.max_bytes:
             self.counters.oversize += 1
-            logger.warning("message with pulse_id %d has %d bytes, more than the ring's max_bytes %d:"
-                           " not stored", pulse_id, nbytes, self.max_bytes)
+            self._events.append(RingEvent("oversize", f"message with pulse_id {pulse_id} has {nbytes} bytes, more "
+                                                      f"than the ring's max_bytes {self.max_bytes}: not stored"))
             return AppendResult(AppendStatus.OVERSIZE)
 
         candidate = self._forward_candidate
@@ -281,8 +304,8 @@ class Ring:
         self._forward_candidate = None
         if pulse_id <= candidate[0]:
             self.counters.strays += 1
-            logger.warning("pulse_id %d far ahead of the stream was a stray (the next is %d): dropped",
-                           candidate[0], pulse_id)
+            self._events.append(RingEvent("stray", f"pulse_id {candidate[0]} far ahead of the stream was a stray "
+                                                   f"(the next is {pulse_id}): dropped"))
             return self._append_in_order(pulse_id, timestamp, message)
         # The stream went on above it: a real jump, stored first; the result tells of both.
         jump = self._append_in_order(*candidate, confirmed=True)
@@ -328,9 +351,9 @@ class Ring:
 
         self._held_back = []
         reset_evicted = self._evict_from_pulse_id(held[0][0])
-        logger.warning("pulse_id went backwards from %d to %d and went on (%d messages): source restart;"
-                       " evicted %d held messages with pulse_id >= %d", newest, held[0][0], len(held),
-                       reset_evicted, held[0][0])
+        self._events.append(RingEvent("reset", f"pulse_id went backwards from {newest} to {held[0][0]} and went on "
+                                               f"({len(held)} messages): source restart; evicted {reset_evicted} "
+                                               f"held messages with pulse_id >= {held[0][0]}"))
         self._last_step = None
         evicted = 0
         previous = None
@@ -346,8 +369,9 @@ class Ring:
         dropped = [entry[0] for entry in self._held_back]
         self._held_back = []
         self.counters.out_of_order += len(dropped)
-        logger.warning("dropped %d out-of-order message(s) with pulse_id %s: %s", len(dropped),
-                       ", ".join(map(str, dropped)), why)
+        shown = ", ".join(map(str, dropped[:10])) + (f" ... ({len(dropped)} in all)" if len(dropped) > 10 else "")
+        self._events.append(RingEvent("out_of_order", f"dropped {len(dropped)} out-of-order message(s) with "
+                                                      f"pulse_id {shown}: {why}"))
 
     def _store_message(self, pulse_id: int, timestamp: float, message: PackedParts) -> tuple[int, int]:
         """Evict the oldest until the message fits both bounds, then store it; return (seq, evicted)."""

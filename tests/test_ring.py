@@ -90,15 +90,15 @@ def test_large_message_evicts_several_small_ones():
     assert held_pulse_ids(ring) == [3, 4, 5]
 
 
-def test_oversize_message_is_rejected_and_ring_untouched(caplog):
+def test_oversize_message_is_rejected_and_ring_untouched():
     ring = Ring(10, 1000)
     fill(ring, [1, 2])
     before = (held_pulse_ids(ring), ring.n_bytes, ring.next_seq)
-    with caplog.at_level(logging.WARNING, logger="sf_bsread_writer.ring"):
-        result = ring.append(3, 0.0, [b"x" * 1001])
+    result = ring.append(3, 0.0, [b"x" * 1001])
     assert result.status is AppendStatus.OVERSIZE and not result.stored and result.seq is None
     assert (held_pulse_ids(ring), ring.n_bytes, ring.next_seq) == before
-    assert ring.counters.oversize == 1 and "max_bytes" in caplog.text
+    assert ring.counters.oversize == 1
+    assert [event.kind for event in result.events] == ["oversize"] and "max_bytes" in result.events[0].text
 
 
 def test_bounds_are_validated():
@@ -257,13 +257,12 @@ def test_duplicate_pulse_id_is_not_stored():
     assert ring.counters.duplicates == 1
 
 
-def test_reset_evicts_the_other_timeline_and_leaves_a_hole(caplog):
+def test_reset_evicts_the_other_timeline_and_leaves_a_hole():
     ring = Ring(100, 10**9, reset_confirm=1)  # act on the first backwards message
     fill(ring, [100, 101, 102, 103, 104])  # seqs 0..4
-    with caplog.at_level(logging.WARNING, logger="sf_bsread_writer.ring"):
-        result = ring.append(102, 0.0, message(102))
+    result = ring.append(102, 0.0, message(102))
     assert result.stored and result.reset and result.reset_evicted == 3 and result.seq == 5
-    assert "backwards" in caplog.text
+    assert [event.kind for event in result.events] == ["reset"] and "backwards" in result.events[0].text
     assert held_pulse_ids(ring) == [100, 101, 102]
     assert ring.counters.resets == 1 and ring.counters.reset_evicted == 3
     assert ring.n_messages == 3 and ring.n_bytes == 3 * sum(map(len, message(100)))
@@ -287,19 +286,19 @@ def test_reset_below_everything_empties_the_old_timeline():
     assert ring.first_seq == 10 and ring.seek(0) == 10
 
 
-def test_a_single_backwards_glitch_is_dropped_and_the_ring_untouched(caplog):
+def test_a_single_backwards_glitch_is_dropped_and_the_ring_untouched():
     ring = Ring(100, 10**9)  # default: a reset needs RESET_CONFIRM_MESSAGES in a row
     fill(ring, range(2_000_000, 2_000_010))
     before = (held_pulse_ids(ring), ring.n_bytes, ring.next_seq)
     assert ring.append(0, 0.0, message(0)).status is AppendStatus.HELD_BACK
     assert held_pulse_ids(ring) == before[0]  # nothing evicted on one message's word
-    with caplog.at_level(logging.WARNING, logger="sf_bsread_writer.ring"):
-        result = ring.append(2_000_010, 0.0, message(2_000_010))
+    result = ring.append(2_000_010, 0.0, message(2_000_010))
     assert result.stored and not result.reset
     assert held_pulse_ids(ring) == [*range(2_000_000, 2_000_011)]
     assert ring.counters.resets == 0 and ring.counters.reset_evicted == 0
     assert (ring.counters.held_back, ring.counters.out_of_order) == (1, 1)
-    assert "out-of-order" in caplog.text and "pulse_id 0" in caplog.text
+    assert [event.kind for event in result.events] == ["out_of_order"]
+    assert "out-of-order" in result.events[0].text and "pulse_id 0" in result.events[0].text
 
 
 def test_a_source_restart_is_confirmed_by_consecutive_messages():
@@ -518,3 +517,14 @@ def test_the_result_of_a_confirmed_far_jump_tells_its_skipped_pulses():
         ring.append(pulse_id, 0.0, [b"m", b"h"])
     ring.append(1_000_000, 0.0, [b"m", b"h"])
     assert ring.append(1_000_001, 0.0, [b"m", b"h"]).skipped_pulses == 999_989
+
+
+def test_the_ring_tells_what_happened_and_logs_nothing(caplog):
+    """The pure ring returns its events; the shell logs them (rate limited): nothing at message rate from here."""
+    ring = Ring(100, 10**9)
+    with caplog.at_level(logging.DEBUG, logger="sf_bsread_writer"):
+        fill(ring, range(100, 110))
+        ring.append(0, 0.0, message(0))
+        events = ring.append(110, 0.0, message(110)).events
+    assert [event.kind for event in events] == ["out_of_order"]
+    assert caplog.records == []

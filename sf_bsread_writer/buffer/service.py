@@ -435,6 +435,8 @@ class Buffer:
         self._note_time_base(base, message.timestamp, received_at, pulse_id)
         self._analyze(message, pulse_id)
         result = self.ring.append(pulse_id, timestamp, frames)
+        for event in result.events:  # the ring decides, the buffer tells (rate limited per kind)
+            self._reject_log.warning(event.kind, "%s", event.text)
         if result.status is AppendStatus.HELD_BACK:
             # The ring waits for the next messages to tell a source restart or a real jump from a
             # stray message (ring.py); the live output is a relay and passes it on now.
@@ -452,9 +454,6 @@ class Buffer:
         if result.skipped_pulses:
             self._reject_log.info("jump", "pulse id jumped to %d: %d pulses skipped (usual step %s)",
                                   pulse_id, result.skipped_pulses, self.ring.usual_step)
-        if result.reset_evicted:
-            logger.info("pulse ids restarted at %d: %d newer messages dropped from the ring",
-                        pulse_id, result.reset_evicted)
         if self._received == 0:
             logger.info("first message from %s: pulse_id %d, %d channels", self.stream, pulse_id,
                         message.n_channels)
