@@ -57,6 +57,19 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
+class FakeClock:
+    """A clock the test moves: pass it where the product takes ``clock=`` (it is called for ``now``)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def children_of(pid: int, marker: str = "") -> list[int]:
     """Pids of ``pid``'s child processes whose command line contains ``marker`` (from /proc)."""
     found = []

@@ -34,7 +34,7 @@ PARAMETERS = {"general/created": "2024-01-01T00:00:00", "general/user": "e12345"
 CHANNELS = [{"name": "VALUE", "type": "float64", "shape": [1]}]
 
 
-class ScriptedSource:
+class QueuedSource:
     """Replays whatever the test puts on ``events``; records what the writer asked for."""
 
     def __init__(self) -> None:
@@ -69,7 +69,7 @@ class ScriptedSource:
 
 
 def _serve(root, monotonic=time.monotonic):
-    source = ScriptedSource()
+    source = QueuedSource()
     settings = WriterSettings("tcp://127.0.0.1:1", str(root / "out.h5"), output_root=str(root),
                               stop_deadline=30.0, flush_interval=0.2, finished_grace=0.0)
     writer = Writer(settings, source_factory=source, monotonic=monotonic)
@@ -402,7 +402,7 @@ def _writer(tmp_path, source, output_factory=None, clock=time.time, monotonic=ti
 
 
 def test_a_range_by_time_has_the_documented_attributes(tmp_path, run_clock):
-    source, clock = ScriptedSource(), Clock(1000.0)
+    source, clock = QueuedSource(), Clock(1000.0)
     writer = _writer(tmp_path, source, clock=clock, monotonic=run_clock)
     writer.start_now()
     source.send(1, 2, 3, timestamp=1000.0)
@@ -417,7 +417,7 @@ def test_a_range_by_time_has_the_documented_attributes(tmp_path, run_clock):
             "refused_channels"}
 
 
-class NeverQuietSource(ScriptedSource):
+class NeverQuietSource(QueuedSource):
     """After its script, the oldest message again and again: never a receive timeout, never a row."""
 
     def receive(self, timeout: float):
@@ -428,7 +428,7 @@ class NeverQuietSource(ScriptedSource):
             return replay.Data(1, build_message(1, CHANNELS, [0.5]))
 
 
-@pytest.mark.parametrize("source_class", [ScriptedSource, NeverQuietSource], ids=["quiet", "busy_without_rows"])
+@pytest.mark.parametrize("source_class", [QueuedSource, NeverQuietSource], ids=["quiet", "busy_without_rows"])
 def test_rows_are_flushed_within_the_interval_without_a_new_row(tmp_path, source_class):
     """The kill -9 guarantee (data at most flush_interval old) holds when no row comes to trigger a flush."""
     source, clock = source_class(), Clock(0.0)

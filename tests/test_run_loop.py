@@ -23,16 +23,9 @@ from sf_bsread_writer.writer.acquisition import (
 from sf_bsread_writer.writer.outputs import NullOutput
 from sf_bsread_writer.writer.pulse_range import PulseRange
 from sf_bsread_writer.writer.run_loop import POLL_INTERVAL, RunCounters, RunLoop
+from tests.helpers import FakeClock
 
 CHANNELS = [{"name": "VALUE", "type": "float64", "shape": [1]}]
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class ScriptedSource:

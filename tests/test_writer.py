@@ -28,7 +28,7 @@ from sf_bsread_writer.tools.simulate import channel_metadata, expected_values
 from sf_bsread_writer.writer.cli import drop_privileges, main
 from sf_bsread_writer.writer.rest import make_app
 from sf_bsread_writer.writer.service import Writer, WriterSettings
-from tests.helpers import Child, Stream, free_port, wait_for, writer_process
+from tests.helpers import Child, FakeClock, Stream, free_port, wait_for, writer_process
 
 PROFILE = "mixed"
 COMPRESSION = "bitshuffle_lz4"
@@ -60,17 +60,6 @@ def in_process_writer(address: str, output_file: str | os.PathLike, monotonic=ti
     finally:
         writer.stop(wait=DEADLINE)
         server.stop()
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def written_pulse_ids(path: str | os.PathLike) -> list[int]:
@@ -382,7 +371,7 @@ def test_the_writer_and_the_buffer_log_the_same_replay_session_id(stream, tmp_pa
         client.stop_pulse_id(start + 4)
         client.start_pulse_id(start)
         assert writer.done.wait(DEADLINE)
-    requested = [r.getMessage() for r in caplog.records if r.name.endswith("replay_client") and "requested" in
+    requested = [r.getMessage() for r in caplog.records if r.name == "sf_bsread_writer.replay.client" and "requested" in
                  r.getMessage()]
     session_id = requested[0].split()[2].rstrip(":")
     assert len(session_id) == 16 and f"replay: session {session_id}: start pulse {start}" in caplog.text
