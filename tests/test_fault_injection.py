@@ -301,6 +301,8 @@ class Processes:
     def stop_all(self) -> None:
         """Continue what a fault stopped, then stop our children, newest first (the writer before the buffer)."""
         for pid in self.alive():
+            self.watch(pid)  # the tree as it is now: children started since (a side child restarted) are ours too
+        for pid in self.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         for child in reversed(self.children):
