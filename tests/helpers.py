@@ -238,3 +238,27 @@ def writer_process(address: str, output_file: str | os.PathLike, *options: str, 
                                 "--finished-grace", "0.5", *options, **kwargs)
     line = child.wait_for_line("READY ", timeout=STREAM_DEADLINE)
     return child, WriterClient(json.loads(line.split("READY ", 1)[1])["rest"], timeout=STREAM_DEADLINE)
+
+
+def descendants_of(pid: int) -> list[int]:
+    """Every process below ``pid``: its children, their children, ... (from /proc, via ``children_of``).
+
+    A process whose parent died is adopted by init and drops out of this
+    list: sample it while the tree is whole (e.g. before a fault) and check
+    the pids later with ``process_gone``.
+    """
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        children = children_of(pending.pop())
+        found += children
+        pending += children
+    return found
+
+
+def command_line(pid: int) -> str:
+    """``pid``'s command line as one string ("" once it is gone): for messages that name a process."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
