@@ -75,6 +75,7 @@ import zmq
 
 from sf_bsread_writer.bsread.build import build_message
 from sf_bsread_writer.client import WriterClient
+from sf_bsread_writer.h5.file import RESERVE_BYTES as WRITER_RESERVE
 from sf_bsread_writer.process import parse_ready
 from sf_bsread_writer.tools.simulate import channel_metadata, expected_values
 
@@ -406,7 +407,9 @@ def _run_scenario(plan: Plan, tmp_path: Path, processes: Processes, source: Faul
     output = tmp_path / "run.h5"
     with contextlib.ExitStack() as stack:
         if plan.kind == "full_disk":
-            size = max(64 * 1024, int(plan.disk_fraction * (stop - start + 1) * bytes_per_pulse(source)))
+            # The writer keeps 1 MiB for its close and refuses to start without it (a clear 400): the disk
+            # holds that reserve plus a fraction of the data, so that it fills mid-run.
+            size = WRITER_RESERVE + max(64 * 1024, int(plan.disk_fraction * (stop - start + 1) * bytes_per_pulse(source)))
             output = stack.enter_context(small_disk(tmp_path / "small_disk", size)) / "run.h5"
         writer = processes.start(Child.python_module(
             "sf_bsread_writer.writer", ready["replay"], str(output), "-1", "0", "--finished-grace", "0",
