@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -497,3 +498,141 @@ def test_out_of_memory_mid_message_never_glues_two_messages(implementation, dire
     assert got.strip() == "[b'next', b'h', b'v']", done.stdout
     if implementation == "compiled":
         assert outcome == "cut", done.stdout  # the 64 MB copy, the parts array: both in the C call
+
+
+# -- the owners replace a cut socket, and the stream goes on whole ----------------------------------------
+def _in_the_parts_loop(frame):
+    """The handler raises inside our receive loops only (multipart.py, or partsio.py after its C call)."""
+    return frame.f_code.co_filename.endswith(("multipart.py", "partsio.py"))
+
+
+def test_the_direct_source_replaces_a_cut_socket_and_the_next_message_arrives_whole(implementation):
+    from sf_bsread_writer.transport.direct import DirectSource
+
+    context = zmq.Context()
+    sender = context.socket(zmq.PUSH)
+    sender.setsockopt(zmq.LINGER, 0)
+    port = sender.bind_to_random_port("tcp://127.0.0.1")
+    source = DirectSource(f"tcp://127.0.0.1:{port}").start()
+    source._receiver = partsio.PartsReceiver(implementation=implementation)
+    try:
+        sender.send_multipart(_MANY)
+        with _ArmedAlarm(where=_in_the_parts_loop) as alarm:
+            alarm.armed = True
+            try:
+                got = source.receive(20)
+            except _Alarm:
+                got = "interrupted"
+            finally:
+                alarm.armed = False
+        if implementation == "python":
+            assert got is None and source.sockets_replaced == 1  # cut: replaced, nothing handed out
+        if got is None:
+            got = wait_for(lambda: sender.send_multipart([b"next", b"h", b"v"]) or source.receive(0.02), 20,
+                           message="a message on the new socket")
+        if got != "interrupted" and [bytes(p) for p in got.frames][:1] != [b"next"]:
+            assert [bytes(p) for p in got.frames] == _MANY
+            sender.send_multipart([b"next", b"h", b"v"])
+            got = source.receive(20)
+        if got != "interrupted":
+            assert [bytes(p) for p in got.frames] == [b"next", b"h", b"v"]
+    finally:
+        sender.close(linger=0)
+        source.close()
+        context.term()
+
+
+def test_the_replay_client_replaces_a_cut_socket_and_requests_the_rest_again(context, implementation):
+    """A 200k-part data message cut on the writer's side: a new socket (identity), the range requested again
+    after the last pulse id handed out, and the data that follows arrives whole."""
+    from sf_bsread_writer.core.replay_messages import Request, build_data, parse_writer_message
+    from sf_bsread_writer.transport.replay_client import ReplayClient
+
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("tcp://127.0.0.1:0")
+    client = ReplayClient(router.getsockopt_string(zmq.LAST_ENDPOINT), start_pulse_id=7, window=4, context=context)
+    client._receiver = partsio.PartsReceiver(implementation=implementation)
+    try:
+        client.start()
+        assert router.poll(10_000)
+        first, _ = router.recv_multipart()
+        router.send_multipart([first, *build_data(7, [b"main", b"header"])])
+        assert client.receive(10).pulse_id == 7
+        router.send_multipart([first, *build_data(8, _MANY)])
+        with _ArmedAlarm(where=_in_the_parts_loop) as alarm:
+            alarm.armed = True
+            try:
+                event = client.receive(1.0)  # None once cut: the rest is requested on a new socket
+            except _Alarm:
+                event = "interrupted"
+            finally:
+                alarm.armed = False
+        if implementation == "python":
+            assert event is None and client.sockets_replaced == 1 and client.restarts == 1
+        if client.sockets_replaced:
+            request = None
+            while not isinstance(request, Request):  # credits of the old socket may come first
+                assert router.poll(10_000)
+                identity, *body = router.recv_multipart()
+                request = parse_writer_message(body)
+            assert identity != first and request.start_pulse_id == 8  # the rest, after pulse 7
+            router.send_multipart([identity, *build_data(8, [b"main", b"header", b"whole"])])
+            event = client.receive(20)
+            assert event.pulse_id == 8 and [bytes(p) for p in event.frames] == [b"main", b"header", b"whole"]
+        elif event != "interrupted":
+            assert event.pulse_id == 8 and [bytes(p) for p in event.frames] == _MANY
+    finally:
+        client.close()
+        router.close(linger=0)
+
+
+def test_the_replay_endpoint_replaces_a_cut_socket_and_writers_request_again(context):
+    """A 200k-part message from a peer, cut while the endpoint reads it (its requests are small: pyzmq's
+    recv_multipart on both paths, a Python loop per part): a new ROUTER at the same address, every session
+    ended, and a writer's client gets the rest of its range after requesting it again."""
+    from sf_bsread_writer.buffer import replay_endpoint
+    from sf_bsread_writer.core.ring import Ring
+    from sf_bsread_writer.transport.replay_client import ReplayClient
+
+    ring = Ring(100, 10**8)
+    for pulse_id in range(1, 11):
+        ring.append(pulse_id, 1000.0 + pulse_id, [b'{"pulse_id": %d}' % pulse_id, b"header", b"v%d" % pulse_id])
+    endpoint = replay_endpoint.ReplayEndpoint(context, "tcp://127.0.0.1:0", ring, 1.0, 10.0)
+    address = endpoint.address
+    client = ReplayClient(address, start_pulse_id=1, stop_pulse_id=10, window=2, context=context)
+    peer = context.socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    try:
+        client.start()
+        got = []
+
+        def serve_until(condition):
+            endpoint.serve(time.monotonic() + 0.05)
+            event = client.receive(0.01)
+            if event is not None and getattr(event, "pulse_id", None) is not None:
+                got.append((event.pulse_id, [bytes(f) for f in event.frames]))
+            return condition()
+
+        wait_for(lambda: serve_until(lambda: len(got) >= 1), 20, message="the first message")
+        peer.connect(address)
+        peer.send_multipart(_MANY)
+        wait_for(lambda: endpoint.socket.poll(10) and endpoint.socket.get(zmq.EVENTS), 20)
+        old_socket = endpoint.socket
+        with _ArmedAlarm(where=lambda frame: frame.f_code.co_name in ("recv_multipart", "recv")) as alarm:
+            alarm.armed = True
+            try:
+                wait_for(lambda: endpoint.socket is not old_socket or (endpoint.serve(time.monotonic() + 0.2)
+                                                                        and False) or alarm.fired, 20)
+            except _Alarm:
+                pass
+            finally:
+                alarm.armed = False
+        assert endpoint.sockets_replaced == 1 and endpoint.socket is not old_socket and endpoint.address == address
+        wait_for(lambda: serve_until(lambda: client.ended is not None), 30, message="the end of the range")
+        assert [pulse_id for pulse_id, _ in got] == list(range(1, 11))
+        assert all(frames == [b'{"pulse_id": %d}' % p, b"header", b"v%d" % p] for p, frames in got)
+    finally:
+        client.close()
+        peer.close(linger=0)
+        endpoint.close()

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,7 +49,7 @@ from .multipart import NOBLOCK, AdaptiveReceiver, MessageCutError, cut, is_cut, 
     refuse_if_cut, send_all
 
 __all__ = ["IMPLEMENTATION", "AVAILABLE", "FALLBACK_REASON", "NO_EXTENSION_VARIABLE", "MessageCutError",
-           "PartsReceiver", "send_parts", "is_cut"]
+           "PartsReceiver", "send_parts", "receive_frames", "is_cut", "bind_again"]
 
 logger = logging.getLogger(__name__)
 
@@ -165,3 +166,37 @@ def send_parts(socket: zmq.Socket, parts: PackedParts | Sequence[Any], prefix: S
             raise
     else:
         send_all(socket, [*prefix, *parts.frames()], first_flags)
+
+
+def receive_frames(socket: zmq.Socket, flags: int = 0) -> list[bytes]:
+    """One whole small message as a list of bytes (control messages: pyzmq's ``recv_multipart``), with the
+    same guarantee as ``PartsReceiver.receive``: ``MessageCutError`` if the receive stops mid-message."""
+    refuse_if_cut(socket)
+    try:
+        return socket.recv_multipart(flags)
+    except BaseException as error:
+        if not receive_cut(socket):
+            raise
+        error_out = cut(socket, "receive", error)
+        if error_out is error:
+            raise
+        raise error_out from error
+
+
+def bind_again(socket: zmq.Socket, endpoint: str, timeout: float = 5.0) -> None:
+    """Bind ``endpoint``, the ``LAST_ENDPOINT`` of a socket just closed (a cut one, replaced by its owner).
+
+    libzmq closes the old listener in its reaper thread, after ``close``
+    returned, so the port may still be taken for a moment: EADDRINUSE is
+    retried until ``timeout``, then raised. Peers that were connected
+    reconnect by themselves (ZeroMQ's reconnect interval).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.bind(endpoint)
+            return
+        except zmq.ZMQError as error:
+            if error.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.005)  # the reaper thread's close, not ours to wait on otherwise
