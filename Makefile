@@ -22,10 +22,14 @@ demo: $(STAMP)
 FALLBACK_TESTS = tests/test_buffer.py tests/test_replay.py tests/test_writer.py tests/test_original_scenarios.py \
                  tests/test_fuzz_buffer.py tests/test_partsio.py tests/test_web.py
 
+# Both passes always run (a red first pass must not hide the second's result); both are reported,
+# and the target fails if either failed.
 test: $(STAMP)
-	$(PY) -m pytest -q
-	@echo "--- again on the pure pyzmq message path (SF_BSREAD_NO_EXTENSION=1)"
-	SF_BSREAD_NO_EXTENSION=1 $(PY) -m pytest -q $(FALLBACK_TESTS)
+	@$(PY) -m pytest -q; first=$$?; \
+	echo "--- again on the pure pyzmq message path (SF_BSREAD_NO_EXTENSION=1)"; \
+	SF_BSREAD_NO_EXTENSION=1 $(PY) -m pytest -q $(FALLBACK_TESTS); second=$$?; \
+	echo "--- make test: first pass (compiled where built) exit $$first, pure pyzmq pass exit $$second"; \
+	test $$first -eq 0 && test $$second -eq 0
 
 benchmarks: $(STAMP)
 	@echo "Benchmarks are run by hand, one at a time; see docs/performance.md for the commands."

@@ -64,7 +64,13 @@ from sf_bsread_writer.status import (
     SourceStatus,
 )
 from sf_bsread_writer.transport import partsio
-from sf_bsread_writer.transport.partsio import PartsReceiver, send_parts
+from sf_bsread_writer.transport.partsio import (
+    MessageCutError,
+    PartsReceiver,
+    bind_again,
+    is_cut,
+    send_parts,
+)
 
 __all__ = ["Buffer"]
 
@@ -220,6 +226,8 @@ class Buffer:
         self._ca_feed: _LoopbackFeed | None = None  # --ca: the gateway's feed, ca_max_rate msg/s
         self._web_feed: _LoopbackFeed | None = None  # --web: the web service's feed, web_max_rate msg/s
         self._children: dict[str, children.ChildSupervisor] = {}  # ca_gateway, web
+        self._sockets: list[zmq.Socket] = []  # the loop thread's, closed at the end
+        self.sockets_replaced: dict[str, int] = {}  # by socket, after a message cut in half (loop thread only)
 
         # Counters (loop thread only; published through snapshots).
         self._start_monotonic = clock()
@@ -283,24 +291,10 @@ class Buffer:
         context = zmq.Context()
         http: HttpServer | None = None
         sockets: list[zmq.Socket] = []
+        self._sockets = sockets
         try:
-            ingest = context.socket(zmq.SUB if self.source_mode == "sub" else zmq.PULL)
-            sockets.append(ingest)
-            ingest.setsockopt(zmq.RCVHWM, INGEST_HWM)
-            ingest.setsockopt(zmq.LINGER, 0)
-            # A part far larger than a message may be (twice the limit) disconnects the source at
-            # its header, before libzmq buffers any of it; anything up to that arrives whole and
-            # is counted as oversize by the parser.
-            ingest.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_message_bytes)
-            if self.source_mode == "sub":
-                ingest.setsockopt(zmq.SUBSCRIBE, b"")
-            ingest.connect(self.stream)
-
-            output = context.socket(zmq.PUSH if self.output_mode == "push" else zmq.PUB)
-            sockets.append(output)
-            output.setsockopt(zmq.SNDHWM, OUTPUT_HWM)
-            output.setsockopt(zmq.LINGER, 0)
-            output.bind(f"tcp://{self.bind}:{self.output_port}")
+            ingest = self._open_ingest(context)
+            output = self._open_output(context, f"tcp://{self.bind}:{self.output_port}")
             self.output_address = output.getsockopt_string(zmq.LAST_ENDPOINT)
 
             self._replay = ReplayEndpoint(context, f"tcp://{self.bind}:{self.replay_port}", self.ring,
@@ -345,6 +339,61 @@ class Buffer:
             self.stopped.set()
             logger.info("buffer %s stopped", self.name)
 
+    def _open_ingest(self, context: zmq.Context) -> zmq.Socket:
+        ingest = context.socket(zmq.SUB if self.source_mode == "sub" else zmq.PULL)
+        self._sockets.append(ingest)
+        ingest.setsockopt(zmq.RCVHWM, INGEST_HWM)
+        ingest.setsockopt(zmq.LINGER, 0)
+        # A part far larger than a message may be (twice the limit) disconnects the source at
+        # its header, before libzmq buffers any of it; anything up to that arrives whole and
+        # is counted as oversize by the parser.
+        ingest.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_message_bytes)
+        if self.source_mode == "sub":
+            ingest.setsockopt(zmq.SUBSCRIBE, b"")
+        ingest.connect(self.stream)
+        return ingest
+
+    def _open_output(self, context: zmq.Context, address: str, again: bool = False) -> zmq.Socket:
+        output = context.socket(zmq.PUSH if self.output_mode == "push" else zmq.PUB)
+        self._sockets.append(output)
+        output.setsockopt(zmq.SNDHWM, OUTPUT_HWM)
+        output.setsockopt(zmq.LINGER, 0)
+        if again:
+            bind_again(output, address)
+        else:
+            output.bind(address)
+        return output
+
+    def _replace_cut_sockets(self, ingest: zmq.Socket, output: zmq.Socket, poller: zmq.Poller,
+                             error: MessageCutError) -> tuple[zmq.Socket, zmq.Socket]:
+        """A message cut in half (transport.partsio) on the ingest, the live output or a feed: each cut socket
+        closed and opened again the same way (connected, or bound at the same address: peers reconnect),
+        counted (``sockets_replaced``) and logged in one line. What the old socket held is lost."""
+        context = ingest.context
+        replaced = []
+        if is_cut(ingest):
+            poller.unregister(ingest)
+            ingest.close(linger=0)
+            ingest = self._open_ingest(context)
+            poller.register(ingest, zmq.POLLIN)
+            replaced.append("ingest")
+        if is_cut(output):
+            output.close(linger=0)
+            output = self._open_output(context, self.output_address, again=True)
+            replaced.append("live output")
+        for name, feed in (("CA feed", self._ca_feed), ("web feed", self._web_feed)):
+            if feed is not None and is_cut(feed.socket):
+                feed.socket.close(linger=0)
+                feed.socket = feed.bound_socket(context, again=True)
+                self._sockets.append(feed.socket)
+                replaced.append(name)
+        self._sockets[:] = [sock for sock in self._sockets if not sock.closed]
+        for name in replaced:
+            self.sockets_replaced[name] = self.sockets_replaced.get(name, 0) + 1
+        logger.error("socket replaced after a message cut in half: %s (so far: %s): %s", ", ".join(replaced) or
+                     "none found", self.sockets_replaced, error)
+        return ingest, output
+
     def _tune_allocator(self) -> None:
         try:
             process.tune_allocator()
@@ -374,10 +423,18 @@ class Buffer:
         next_watchdog = clock()
         next_snapshot = clock()
         busy = False
+        polled_replay = replay.socket
         while not self._stop_requested.is_set():
             poller.poll(0 if busy else IDLE_POLL_MS)
-            self._drain_ingest(ingest, output, clock() + LOOP_SLICE_SECONDS)
+            try:
+                self._drain_ingest(ingest, output, clock() + LOOP_SLICE_SECONDS)
+            except MessageCutError as error:
+                ingest, output = self._replace_cut_sockets(ingest, output, poller, error)
             busy = replay.serve(clock() + LOOP_SLICE_SECONDS)
+            if replay.socket is not polled_replay:  # replaced after a message cut in half
+                poller.unregister(polled_replay)
+                polled_replay = replay.socket
+                poller.register(polled_replay, zmq.POLLIN)
             now = clock()
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
@@ -476,6 +533,9 @@ class Buffer:
         except zmq.Again:
             self._output_drops += 1  # PUSH without a peer or at its high-water mark
             return
+        except MessageCutError:
+            self._output_drops += 1  # the loop replaces the socket
+            raise
         self._forwarded += 1
 
     def _note_time_base(self, base: TimeBase, source_timestamp: float, received_at: float, pulse_id: int) -> None:
@@ -637,13 +697,22 @@ class _LoopbackFeed:
 
     def __init__(self, context: zmq.Context, max_rate: float) -> None:
         self.max_rate = max_rate
-        self.socket = context.socket(zmq.PUB)
-        self.socket.setsockopt(zmq.SNDHWM, FEED_HWM)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind("tcp://127.0.0.1:0")  # our own child reads it: loopback only
+        self.address = "tcp://127.0.0.1:0"  # our own child reads it: loopback only
+        self.socket = self.bound_socket(context)
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._grid = SparseAwareGrid(max_rate)
         self.sent = 0
+
+    def bound_socket(self, context: zmq.Context, again: bool = False) -> zmq.Socket:
+        """The PUB at ``address`` (again: the same port after a cut socket was closed; the child reconnects)."""
+        socket = context.socket(zmq.PUB)
+        socket.setsockopt(zmq.SNDHWM, FEED_HWM)
+        socket.setsockopt(zmq.LINGER, 0)
+        if again:
+            bind_again(socket, self.address)
+        else:
+            socket.bind(self.address)
+        return socket
 
     def offer(self, frames: PackedParts, now: float) -> None:
         if self._grid.take(now, frames.layout.presence):

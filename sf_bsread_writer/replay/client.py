@@ -26,7 +26,11 @@ from sf_bsread_writer.replay.messages import (
     ReplayEvent,
     Request,
 )
-from sf_bsread_writer.transport.partsio import PartsReceiver
+from sf_bsread_writer.transport.partsio import (
+    MessageCutError,
+    PartsReceiver,
+    send_parts,
+)
 
 __all__ = ["ReplayClient", "ReplayHandshakeError", "HANDSHAKE_SECONDS"]
 
@@ -62,8 +66,12 @@ class ReplayClient:
     least every ``heartbeat_interval`` while the caller keeps calling it.
     Call it at least that often (the buffer expires a writer silent for its
     session timeout, 10 s by default). After :class:`BufferLost` the client
-    has already re-requested the rest of the range on a new socket. Not
-    thread-safe: use from one thread. ``clock`` is for tests.
+    has already re-requested the rest of the range on a new socket. A
+    message cut in half on the socket (``partsio.MessageCutError``, sending
+    or receiving) does the same, silently for the caller: the socket is
+    replaced (``sockets_replaced``, one log line) and the rest of the range
+    re-requested after the last pulse id handed out. Not thread-safe: use
+    from one thread. ``clock`` is for tests.
     """
 
     def __init__(self, address: str, start_pulse_id: int | None = None, start_time: float | None = None,
@@ -81,6 +89,8 @@ class ReplayClient:
         self._monitor: zmq.Socket | None = None  # ZeroMQ's own view of the connection, until the handshake
         self._early: list[ReplayEvent] = []  # events read during the handshake, for receive()
         self._receiver = PartsReceiver()
+        self._cut: MessageCutError | None = None  # a send cut the current socket: replace it before using it
+        self.sockets_replaced = 0
 
     # -- what the state knows -------------------------------------------------
     @property
@@ -161,9 +171,15 @@ class ReplayClient:
                                                    f"buffer running there? {_FIX}", unavailable=True)
                     raise ReplayHandshakeError(f"{self.address} did not answer the replay request within "
                                                f"{timeout:g} s (a ZeroMQ peer, but not a buffer?); {_FIX}")
-                if not socket.poll(int(min(remaining, 0.05) * 1000) + 1):
+                if self._cut is not None or not socket.poll(int(min(remaining, 0.05) * 1000) + 1):
+                    socket = self._replace_if_cut(socket)
                     continue
-                kind, rest = self._receiver.receive(socket, 0, 1)
+                try:
+                    kind, rest = self._receiver.receive(socket, 0, 1)
+                except MessageCutError as error:
+                    self._cut = error
+                    socket = self._replace_if_cut(socket)
+                    continue
                 event = self.state.received_parts(kind[0] if kind else None, rest, self._clock())
                 if isinstance(event, Refused):
                     raise ReplayHandshakeError(f"the buffer at {self.address} refused the request: "
@@ -192,6 +208,19 @@ class ReplayClient:
             self._monitor.close(linger=0)
         self._monitor = None
 
+    def _replace_if_cut(self, socket: zmq.Socket) -> zmq.Socket:
+        """After a message cut in half on ``socket``: a new socket, the rest of the range requested on it."""
+        if self._cut is None:
+            return socket
+        error, self._cut = self._cut, None
+        self.sockets_replaced += 1
+        logger.error("replay session %s: socket replaced (%d so far), the rest of the range requested again: %s",
+                     self.session_id, self.sockets_replaced, error)
+        self._stop_monitor()
+        self._restart()
+        assert self._socket is not None
+        return self._socket
+
     def _restart(self) -> None:
         """Re-request the rest of the range on a fresh socket (stale in-flight messages die with the old one)."""
         if self._socket is not None:
@@ -206,10 +235,12 @@ class ReplayClient:
             return
         assert self._socket is not None, "start() first"
         try:
-            self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
+            send_parts(self._socket, frames, nonblocking=True)
         except zmq.Again:
             # Not connected yet or the buffer is gone: the heartbeat/timeout logic copes.
             logger.debug("replay: could not send to %s now", self.address)
+        except MessageCutError as error:  # replaced where the socket is used next (_replace_if_cut)
+            self._cut = error
 
     def set_stop(self, stop_pulse_id: int | None = None, stop_time: float | None = None) -> None:
         """Move the stop of the running session (inclusive); None removes that stop."""
@@ -242,6 +273,7 @@ class ReplayClient:
         while True:
             now = clock()
             self._send(state.credit(now))
+            socket = self._replace_if_cut(socket)
             if not socket.poll(int(state.wait_seconds(now, deadline) * 1000)):
                 now = clock()
                 lost = state.silence(now)
@@ -253,7 +285,12 @@ class ReplayClient:
                 if now >= deadline:
                     return None
                 continue
-            kind, rest = self._receiver.receive(socket, 0, 1)
+            try:
+                kind, rest = self._receiver.receive(socket, 0, 1)
+            except MessageCutError as error:
+                self._cut = error
+                socket = self._replace_if_cut(socket)
+                continue
             received_at = clock()
             event = state.received_parts(kind[0] if kind else None, rest, received_at)
             if event is None:

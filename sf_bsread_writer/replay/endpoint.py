@@ -36,7 +36,12 @@ from sf_bsread_writer.replay.messages import (
 from sf_bsread_writer.replay.session import ReplaySession
 from sf_bsread_writer.ring import Ring
 from sf_bsread_writer.status import ReplayStatus
-from sf_bsread_writer.transport.partsio import send_parts
+from sf_bsread_writer.transport.partsio import (
+    MessageCutError,
+    bind_again,
+    receive_frames,
+    send_parts,
+)
 
 __all__ = ["ReplayEndpoint"]
 
@@ -87,25 +92,49 @@ class ReplayEndpoint:
         self.max_in_flight_bytes = max_in_flight_bytes
         self.heartbeat_interval = heartbeat_interval
         self.session_timeout = session_timeout
-        router = context.socket(zmq.ROUTER)
-        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished writer raises instead of dropping
-        router.setsockopt(zmq.MAXMSGSIZE, REPLAY_MAX_INBOUND_BYTES)
-        router.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        router.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-        router.setsockopt(zmq.SNDHWM, REPLAY_SNDHWM)
-        router.setsockopt(zmq.LINGER, 0)
-        router.copy_threshold = REPLAY_COPY_THRESHOLD
-        try:
-            router.bind(address)
-        except zmq.ZMQError:
-            router.close(linger=0)
-            raise
-        self.socket = router
-        self.address: str = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._context = context
+        self.socket = self._bound_router(address)
+        self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sessions: dict[bytes, ReplaySession] = {}
         self._totals = dict.fromkeys(_TOTALS, 0)
         self._gap_logged: dict[bytes, float] = {}
         self._round_robin = 0
+        self.sockets_replaced = 0
+
+    def _bound_router(self, address: str, again: bool = False) -> zmq.Socket:
+        router = self._context.socket(zmq.ROUTER)
+        try:
+            router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished writer raises instead of dropping
+            router.setsockopt(zmq.MAXMSGSIZE, REPLAY_MAX_INBOUND_BYTES)
+            router.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+            router.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+            router.setsockopt(zmq.SNDHWM, REPLAY_SNDHWM)
+            router.setsockopt(zmq.LINGER, 0)
+            router.copy_threshold = REPLAY_COPY_THRESHOLD
+            if again:
+                bind_again(router, address)
+            else:
+                router.bind(address)
+        except BaseException:
+            router.close(linger=0)
+            raise
+        return router
+
+    def _replace_socket(self, error: MessageCutError) -> None:
+        """A message cut in half on the ROUTER (transport.partsio): a new one at the same address.
+
+        Every session ends with the old socket (what was in flight is gone);
+        each writer's next message reaches the new socket as an unknown
+        session, is told so, and the writer requests the rest of its range
+        again (``replay.client_state``: Rerequest).
+        """
+        self.socket.close(linger=0)
+        for identity, session in list(self._sessions.items()):
+            self._totals["ended"] += 1
+            self._retire(identity, session)
+        self.socket = self._bound_router(self.address, again=True)
+        self.sockets_replaced += 1
+        logger.error("replay: socket replaced (%d so far), every session ended: %s", self.sockets_replaced, error)
 
     def close(self) -> None:
         self.socket.close(linger=0)
@@ -121,8 +150,12 @@ class ReplayEndpoint:
         sends at most SESSION_BUDGET messages to a session).
         """
         while True:
-            self._read_requests(self.clock())
-            busy = self._serve_sessions(self.clock())
+            try:
+                self._read_requests(self.clock())
+                busy = self._serve_sessions(self.clock())
+            except MessageCutError as error:  # the caller polls ``self.socket``: it changed
+                self._replace_socket(error)
+                return False
             if not busy or self.clock() >= deadline:
                 return busy
 
@@ -151,12 +184,14 @@ class ReplayEndpoint:
         router = self.socket
         for _ in range(REPLAY_REQUEST_BATCH):
             try:
-                parts = router.recv_multipart(zmq.NOBLOCK)
+                parts = receive_frames(router, zmq.NOBLOCK)
             except zmq.Again:
                 return
             identity, body = parts[0], parts[1:]
             try:
                 self._handle(identity, body, now)
+            except MessageCutError:
+                raise  # the socket, not this writer's message: serve() replaces it
             except ReplayProtocolError as error:
                 self._totals["refused"] += 1
                 logger.warning("replay: malformed message from %s: %s", identity.hex(), error)
@@ -234,7 +269,7 @@ class ReplayEndpoint:
 
     def _send_control(self, identity: bytes, frames: list[bytes]) -> bool:
         try:
-            self.socket.send_multipart([identity, *frames], zmq.NOBLOCK)
+            send_parts(self.socket, frames, [identity], nonblocking=True)
             return True
         except zmq.ZMQError as error:  # Again (HWM) or EHOSTUNREACH (writer gone)
             logger.debug("replay: cannot send to %s: %s", identity.hex(), error)

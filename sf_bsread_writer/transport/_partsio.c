@@ -19,7 +19,10 @@
  *
  * The GIL is released while a call may block (receive, send); EINTR runs
  * Python's signal handlers and retries; errors raise pyzmq's own
- * zmq.ZMQError / zmq.Again.
+ * zmq.ZMQError / zmq.Again. A send that fails after its first part went
+ * raises MessageCutError (the class given to bind(): the socket is
+ * mid-message and must be replaced); a receive that fails between parts
+ * leaves RCVMORE set, which partsio.py reads to tell the same.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -51,6 +54,7 @@ static void (*z_version)(int *, int *, int *);
 static int bound = 0;
 static PyObject *ZMQError = NULL;
 static PyObject *Again = NULL;
+static PyObject *MessageCutError = NULL;
 
 /* ------------------------------------------------------------------ Part */
 
@@ -129,8 +133,9 @@ static void *socket_of(PyObject *address) {
 static PyObject *py_bind(PyObject *module, PyObject *args) {
     const char *path;
     int want_major, want_minor, want_patch;
-    PyObject *zmq_error, *again;
-    if (!PyArg_ParseTuple(args, "s(iii)OO", &path, &want_major, &want_minor, &want_patch, &zmq_error, &again))
+    PyObject *zmq_error, *again, *message_cut;
+    if (!PyArg_ParseTuple(args, "s(iii)OOO", &path, &want_major, &want_minor, &want_patch, &zmq_error, &again,
+                          &message_cut))
         return NULL;
     void *handle = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
     if (handle == NULL) {
@@ -168,6 +173,7 @@ static PyObject *py_bind(PyObject *module, PyObject *args) {
     }
     Py_XSETREF(ZMQError, Py_NewRef(zmq_error));
     Py_XSETREF(Again, Py_NewRef(again));
+    Py_XSETREF(MessageCutError, Py_NewRef(message_cut));
     bound = 1;
     return Py_BuildValue("(iii)", major, minor, patch);
 }
@@ -397,9 +403,9 @@ static int send_all(void *socket, OutPart *out, Py_ssize_t n, int first_flags) {
             break;
     }
     if (err != 0) {
-        if (i > 0)
-            PyErr_Format(ZMQError, "ZeroMQ error %d after %zd of %zd parts were sent: %s", err, i, n,
-                         strerror(err));
+        if (i > 0) /* the socket is mid-message: the next send would be glued onto this one */
+            PyErr_Format(MessageCutError, "send cut in the middle of a message: ZeroMQ error %d after %zd of %zd "
+                         "parts were sent (%s); this socket must be closed and replaced", err, i, n, strerror(err));
         else
             raise_zmq(err);
         return -1;
@@ -536,7 +542,8 @@ done:
 
 static PyMethodDef methods[] = {
     {"bind", py_bind, METH_VARARGS,
-     "bind(pyzmq_module_path, (major, minor, patch), ZMQError, Again): resolve libzmq through pyzmq's module."},
+     "bind(pyzmq_module_path, (major, minor, patch), ZMQError, Again, MessageCutError): resolve libzmq through "
+     "pyzmq's module."},
     {"recv", py_recv, METH_VARARGS, recv_doc},
     {"send", py_send, METH_VARARGS, send_doc},
     {NULL, NULL, 0, NULL},

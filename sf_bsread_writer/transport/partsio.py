@@ -25,11 +25,20 @@ API
         message. ``nonblocking`` applies to the first part only: once it is
         accepted the rest cannot block (ZeroMQ queues whole messages), so
         ``zmq.Again`` / ``EHOSTUNREACH`` from this call mean "nothing sent".
+    ``MessageCutError``
+        from either call: the socket was left in the middle of a message (a
+        send that failed after its first part, a receive abandoned with
+        parts still queued) or was so left before. ZeroMQ would append the
+        next message's parts to the unfinished one, so the socket is never
+        used again: its owner closes it and opens a new one
+        (``transport.multipart`` explains what can cut a message on each
+        path; docs/buffer.md "Message I/O").
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,9 +50,20 @@ from sf_bsread_writer.bsread.parts import (
     PackedParts,
     pack,
 )
-from sf_bsread_writer.transport.multipart import NOBLOCK, AdaptiveReceiver, send_message
+from sf_bsread_writer.transport.multipart import (
+    NOBLOCK,
+    AdaptiveReceiver,
+    MessageCutError,
+    cut,
+    is_cut,
+    mark_cut,
+    receive_cut,
+    refuse_if_cut,
+    send_all,
+)
 
-__all__ = ["IMPLEMENTATION", "AVAILABLE", "FALLBACK_REASON", "NO_EXTENSION_VARIABLE", "PartsReceiver", "send_parts"]
+__all__ = ["IMPLEMENTATION", "AVAILABLE", "FALLBACK_REASON", "NO_EXTENSION_VARIABLE", "MessageCutError",
+           "PartsReceiver", "send_parts", "receive_frames", "is_cut", "bind_again"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +81,8 @@ def _load_extension() -> tuple[Any, str | None]:
         return None, f"the extension is not built ({error})"
     try:
         from zmq.backend.cython import _zmq as pyzmq_compiled
-        _partsio.bind(pyzmq_compiled.__file__, tuple(zmq.zmq_version_info()), zmq.ZMQError, zmq.Again)
+        _partsio.bind(pyzmq_compiled.__file__, tuple(zmq.zmq_version_info()), zmq.ZMQError, zmq.Again,
+                      MessageCutError)
     except (ImportError, AttributeError, OSError) as error:
         return None, f"the extension cannot use pyzmq's libzmq ({error})"
     return _partsio, None
@@ -101,9 +122,18 @@ class PartsReceiver:
     def _receive_compiled(self, socket: zmq.Socket, flags: int = 0,
                           n_prefix: int = 0) -> tuple[tuple[bytes, ...], PackedParts | None]:
         last = self.layouts.last
-        prefix, key, small, header, large = _extension.recv(
-            socket.underlying, int(flags), n_prefix, self._header, None if last is None else last.key,
-            LARGE_PART_BYTES)
+        refuse_if_cut(socket)
+        try:
+            prefix, key, small, header, large = _extension.recv(
+                socket.underlying, int(flags), n_prefix, self._header, None if last is None else last.key,
+                LARGE_PART_BYTES)
+        except BaseException as error:  # a raising signal handler or MemoryError, maybe between two parts
+            if not receive_cut(socket):
+                raise
+            error_out = cut(socket, "receive", error)
+            if error_out is error:
+                raise
+            raise error_out from error
         if not key:
             return prefix, None
         if header is not None:
@@ -125,17 +155,62 @@ class PartsReceiver:
 
 def send_parts(socket: zmq.Socket, parts: PackedParts | Sequence[Any], prefix: Sequence[Any] = (),
                nonblocking: bool = False, implementation: str | None = None) -> None:
-    """Send ``prefix`` then ``parts`` as one message (module docstring); a plain list of frames is accepted too."""
+    """Send ``prefix`` then ``parts`` as one message (module docstring); a plain list of frames is accepted too.
+
+    A plain list goes the pure pyzmq way on both paths (control messages);
+    its parts are checked before the first is sent, as the compiled path
+    checks a packed message, so a part that is no buffer is a TypeError and
+    nothing sent, never a cut message.
+    """
+    first_flags = NOBLOCK if nonblocking else 0
     if type(parts) is not PackedParts:
-        if nonblocking:
-            send_message(socket, prefix, list(parts))
-        else:
-            socket.send_multipart([*prefix, *parts], copy=False)
+        frames = [*prefix, *parts]
+        for frame in frames:
+            if type(frame) is not bytes:
+                memoryview(frame)  # TypeError before anything is sent
+        send_all(socket, frames, first_flags)
         return
     if _compiled(implementation):
-        _extension.send(socket.underlying, NOBLOCK if nonblocking else 0, tuple(prefix), parts.layout.key,
-                        parts.small, parts.header, parts.large, LARGE_PART_BYTES)
-    elif nonblocking:
-        send_message(socket, prefix, parts.frames())
+        refuse_if_cut(socket)
+        try:
+            _extension.send(socket.underlying, first_flags, tuple(prefix), parts.layout.key,
+                            parts.small, parts.header, parts.large, LARGE_PART_BYTES)
+        except MessageCutError:  # a part after the first failed (ENOMEM, ETERM): _partsio.c
+            mark_cut(socket)
+            raise
     else:
-        socket.send_multipart([*prefix, *parts.frames()], copy=False)
+        send_all(socket, [*prefix, *parts.frames()], first_flags)
+
+
+def receive_frames(socket: zmq.Socket, flags: int = 0) -> list[bytes]:
+    """One whole small message as a list of bytes (control messages: pyzmq's ``recv_multipart``), with the
+    same guarantee as ``PartsReceiver.receive``: ``MessageCutError`` if the receive stops mid-message."""
+    refuse_if_cut(socket)
+    try:
+        return socket.recv_multipart(flags)
+    except BaseException as error:
+        if not receive_cut(socket):
+            raise
+        error_out = cut(socket, "receive", error)
+        if error_out is error:
+            raise
+        raise error_out from error
+
+
+def bind_again(socket: zmq.Socket, endpoint: str, timeout: float = 5.0) -> None:
+    """Bind ``endpoint``, the ``LAST_ENDPOINT`` of a socket just closed (a cut one, replaced by its owner).
+
+    libzmq closes the old listener in its reaper thread, after ``close``
+    returned, so the port may still be taken for a moment: EADDRINUSE is
+    retried until ``timeout``, then raised. Peers that were connected
+    reconnect by themselves (ZeroMQ's reconnect interval).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.bind(endpoint)
+            return
+        except zmq.ZMQError as error:
+            if error.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.005)  # the reaper thread's close, not ours to wait on otherwise

@@ -18,7 +18,7 @@ from sf_bsread_writer.bsread.message import Message, MessageParser
 from sf_bsread_writer.bsread.spec import IgnoredMessage, ProtocolError
 from sf_bsread_writer.rates import SparseAwareGrid
 from sf_bsread_writer.status import PrometheusText
-from sf_bsread_writer.transport.partsio import PartsReceiver
+from sf_bsread_writer.transport.partsio import MessageCutError, PartsReceiver
 from sf_bsread_writer.web.auth import TokenFileError, TokenSet, read_tokens
 from sf_bsread_writer.web.live import LatestValues, SubscriptionHub
 from sf_bsread_writer.web.range_query import RangeLimits
@@ -59,6 +59,7 @@ class WebCounters:
     feed_messages: int = 0
     feed_rejected: int = 0
     feed_overrun: int = 0  # parsed messages dropped because the loop was behind
+    feed_sockets_replaced: int = 0  # the feed socket left mid-message (transport.partsio.MessageCutError)
     values_sent: int = 0
     values_dropped: int = 0
     clients_total: int = 0
@@ -107,20 +108,38 @@ class WebService:
     def _read_feed(self) -> None:
         """Receive, keep to max_rate without losing sparse channels, parse; hand each message to the loop."""
         context = zmq.Context()
-        socket = context.socket(zmq.SUB if self.settings.source_mode == "sub" else zmq.PULL)
-        socket.setsockopt(zmq.RCVHWM, FEED_HWM)
-        socket.setsockopt(zmq.LINGER, 0)
-        if self.settings.source_mode == "sub":
-            socket.setsockopt(zmq.SUBSCRIBE, b"")
+
+        def connected_socket() -> zmq.Socket:
+            socket = context.socket(zmq.SUB if self.settings.source_mode == "sub" else zmq.PULL)
+            socket.setsockopt(zmq.RCVHWM, FEED_HWM)
+            socket.setsockopt(zmq.LINGER, 0)
+            if self.settings.source_mode == "sub":
+                socket.setsockopt(zmq.SUBSCRIBE, b"")
+            try:
+                socket.connect(self.settings.feed)
+            except BaseException:
+                socket.close(0)
+                raise
+            return socket
+
         parser = MessageParser()
         receiver = PartsReceiver()
         sampler = SparseAwareGrid(self.settings.max_rate)
+        socket = None
         try:
-            socket.connect(self.settings.feed)
+            socket = connected_socket()
             while not self._stop.is_set():
                 if not socket.poll(200):
                     continue
-                _, parts = receiver.receive(socket, 0, 0)
+                try:
+                    _, parts = receiver.receive(socket, 0, 0)
+                except MessageCutError as error:  # a new socket; the next message arrives whole on it
+                    socket.close(0)
+                    socket = None
+                    socket = connected_socket()
+                    self.counters.feed_sockets_replaced += 1
+                    logger.error("feed socket replaced (%d so far): %s", self.counters.feed_sockets_replaced, error)
+                    continue
                 if parts is None or not sampler.take(time.monotonic(), parts.layout.presence):
                     continue
                 try:
@@ -137,7 +156,8 @@ class WebService:
             self.feed_error = f"{type(error).__name__}: {error}"
             logger.exception("feed reader failed")
         finally:
-            socket.close(0)
+            if socket is not None:
+                socket.close(0)
             context.term()
 
     def _hand_over(self, message: Message) -> None:
@@ -204,6 +224,8 @@ class WebService:
         m.one("feed_rejected_total", "counter", "Malformed feed messages dropped.", counters.feed_rejected)
         m.one("feed_overrun_messages_total", "counter", "Feed messages dropped because the service was behind.",
               counters.feed_overrun)
+        m.one("feed_sockets_replaced_total", "counter", "Feed sockets replaced after a message cut in half.",
+              counters.feed_sockets_replaced)
         m.one("unauthorized_requests_total", "counter", "Requests refused for a missing or wrong token.",
               counters.unauthorized)
         m.one("origin_refused_total", "counter", "Websockets refused for a page origin not allowed.",

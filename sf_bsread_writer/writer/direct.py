@@ -1,13 +1,17 @@
 """A plain live bsread stream as a writer's source (``sf_bsread_writer --direct``), no buffer in between."""
 from __future__ import annotations
 
+import logging
+
 import zmq
 
 from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
 from sf_bsread_writer.replay.messages import Data
-from sf_bsread_writer.transport.partsio import PartsReceiver
+from sf_bsread_writer.transport.partsio import MessageCutError, PartsReceiver
 
 __all__ = ["DirectSource"]
+
+logger = logging.getLogger(__name__)
 
 
 class DirectSource:
@@ -17,17 +21,30 @@ class DirectSource:
     message is a ``Data`` whose ``pulse_id`` is None (the run loop
     parses the frames anyway). There is no history: a start pulse in the past
     is recorded as missing ("not_received"), and the run loop applies the stop.
+
+    A receive cut in the middle of a message (``partsio.MessageCutError``)
+    replaces the socket: a new one connects to the same stream, the
+    replacement is counted (``sockets_replaced``) and logged, and that
+    receive returns None (the messages queued in the old socket are lost,
+    and the run loop sees them as missing pulse ids).
     """
 
     def __init__(self, address: str, mode: str = "pull", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.SUB if mode == "sub" else zmq.PULL)
-        if mode == "sub":
-            self._socket.setsockopt(zmq.SUBSCRIBE, b"")
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes)  # as the buffer's ingest
+        self._mode = mode
+        self._max_message_bytes = max_message_bytes
         self._address = address
         self._receiver = PartsReceiver()
+        self._socket = self._new_socket()
+        self.sockets_replaced = 0
+
+    def _new_socket(self) -> zmq.Socket:
+        socket = self._context.socket(zmq.SUB if self._mode == "sub" else zmq.PULL)
+        if self._mode == "sub":
+            socket.setsockopt(zmq.SUBSCRIBE, b"")
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, 2 * self._max_message_bytes)  # as the buffer's ingest
+        return socket
 
     def start(self) -> "DirectSource":
         self._socket.connect(self._address)
@@ -36,7 +53,16 @@ class DirectSource:
     def receive(self, timeout: float) -> Data | None:
         if not self._socket.poll(int(timeout * 1000)):
             return None
-        return Data(pulse_id=None, frames=self._receiver.receive(self._socket)[1])
+        try:
+            return Data(pulse_id=None, frames=self._receiver.receive(self._socket)[1])
+        except MessageCutError as error:
+            self._socket.close(linger=0)
+            self._socket = self._new_socket()
+            self._socket.connect(self._address)
+            self.sockets_replaced += 1
+            logger.error("direct source %s: socket replaced (%d so far): %s", self._address, self.sockets_replaced,
+                         error)
+            return None
 
     def set_stop(self, stop_pulse_id: int | None = None, stop_time: float | None = None) -> None:
         pass
