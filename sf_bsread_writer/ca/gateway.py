@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from .. import process
+from ..process import ExitCode
 from ..config import GATEWAY_ENV_PREFIX, GATEWAY_OPTIONS, parse_args
 from ..core.parts import bit_indices, presence_bits
 from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES, MessageParser
@@ -372,7 +373,7 @@ class Gateway:
             failed = [task for task in done if task is not stopper and task.exception() is not None]
             for task in failed:
                 logger.error("gateway task %s failed: %r", task.get_name(), task.exception())
-            return 1 if failed or self.ingest.error is not None else 0
+            return ExitCode.FAILED if failed or self.ingest.error is not None else ExitCode.OK
         finally:
             for task in [*tasks, stopper]:
                 task.cancel()
@@ -507,6 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args("sf_bsread_gateway", "Serve a bsread buffer's live stream and status as EPICS PVs.",
                       GATEWAY_OPTIONS, GATEWAY_ENV_PREFIX, argv)
     process.configure_logging(args.log_level)
+    # The supervisor and its IOC process alike: a terminal's hangup reaches the whole process group.
+    process.survive_hangup("the terminal is gone: the gateway goes on serving (SIGTERM stops it)")
     changes = prepare_server_environment(os.environ)
     if changes and not args.ioc_child:
         logger.info("EPICS environment completed: %s", ", ".join(changes))
@@ -528,13 +531,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.acf is not None:
         if args.server != "softioc" or _softioc_missing() is not None:
             logger.error("--acf needs the softioc server (EPICS access security); caproto cannot read an ACF")
-            return 2
+            return ExitCode.CONFIGURATION
         if settings.writable or settings.allow_hosts:
             logger.error("--acf replaces --writable/--allow-host: give the rules in the file")
-            return 2
+            return ExitCode.CONFIGURATION
         if not os.access(settings.acf, os.R_OK):
             logger.error("--acf %s: not a readable file", settings.acf)
-            return 2
+            return ExitCode.CONFIGURATION
     if args.server == "softioc":
         if _softioc_missing() is not None:
             logger.warning("pythonSoftIOC is not installed (%s): serving with caproto", _softioc_missing())
@@ -559,10 +562,10 @@ def _run_ioc(settings: GatewaySettings, child: bool, argv: list[str]) -> int:
                 ioc.check_access_security_file(settings.acf)
             except ioc.AccessSecurityError as error:
                 logger.error("%s", error)
-                return 2
+                return ExitCode.CONFIGURATION
         return ioc.supervise(argv)
     if not ioc.wait_for_go():
-        return 0
+        return ExitCode.OK
     ingest = _Ingest(settings.buffer_output, settings.source_mode, lambda: None)
     poller = _StatusPoller(settings.status_url) if settings.status_url else None
     ingest.start()
