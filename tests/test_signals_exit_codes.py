@@ -321,3 +321,21 @@ def test_systemd_analyze_verifies_the_units(path, tmp_path):
     complaints = [line for line in (result.stdout + result.stderr).splitlines()
                   if copy.name in line or "Unknown" in line or "unknown" in line]
     assert result.returncode == 0 and not complaints, result.stdout + result.stderr
+
+
+def test_the_buffer_restarts_a_failed_child_but_never_one_with_a_configuration_error():
+    """The buffer's own supervisor follows the table as systemd does: 1 is restarted, 2 is not."""
+    from sf_bsread_writer.buffer.children import ChildSupervisor
+
+    def exiting_with(code: int) -> ChildSupervisor:
+        return ChildSupervisor([sys.executable, "-c", f"import sys; sys.exit({code})"]).start()
+
+    failing, misconfigured = exiting_with(ExitCode.FAILED), exiting_with(ExitCode.CONFIGURATION)
+    try:
+        # Two restarts of the failing one (backoff 1 s, then 2 s): the misconfigured one had the same chances.
+        wait_for(lambda: failing.restarts >= 2, timeout=DEADLINE, message="two restarts of the failing child")
+        assert misconfigured.restarts == 0 and not misconfigured.running
+        assert misconfigured.process.returncode == ExitCode.CONFIGURATION
+    finally:
+        failing.stop()
+        misconfigured.stop()
