@@ -10,8 +10,9 @@ CLI around its own loop; what they share about being a *process* lives here:
   failure at start into permanent (2) and transient (1);
 * :func:`stop_on_signals`: SIGTERM (systemd, kill) and SIGINT (Ctrl-C) ask
   the service to stop; the handler only records, the service's own loop acts;
-* :func:`survive_hangup`: SIGHUP (the terminal is gone) never ends a
-  command: it is logged, the terminal's output is dropped, the command goes on;
+* :func:`survive_hangup`: SIGHUP (the terminal is gone) does not end a
+  service or an acquisition: it is logged, the terminal's output is dropped,
+  the command goes on;
 * :func:`print_ready`: the one machine-readable line on stdout, ``READY
   {json}``, that tests, the demo and scripts wait for;
 * :func:`sd_notify` and :func:`watchdog_interval`: systemd's ``Type=notify``

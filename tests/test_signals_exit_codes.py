@@ -1,7 +1,7 @@
 """Hangups and exit codes: what a closed terminal, Ctrl-C and a bad configuration do to every command.
 
-* A hangup (SIGHUP: the terminal of an ssh session is gone) never ends a
-  command: the writer writes on to the end of its range, ``sf_bsread_ctl
+* A hangup (SIGHUP: the terminal of an ssh session is gone) ends no service
+  and no acquisition: the writer writes on to the end of its range, ``sf_bsread_ctl
   write`` drives its writer to the end, the buffer and the web service
   reload, the others log it and go on. Tested with real process groups, the
   way a terminal signals them (``os.killpg``).
@@ -187,7 +187,7 @@ def _hangup_commands(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
 
 
 @pytest.mark.parametrize("name", ["buffer", "web", "simulate", "bridge", "gateway_caproto", "gateway_softioc"])
-def test_no_command_ends_on_a_hangup(tmp_path, name):
+def test_no_service_ends_on_a_hangup(tmp_path, name):
     command, said = _hangup_commands(tmp_path)[name]
     if name == "gateway_softioc":
         pytest.importorskip("softioc", reason="pythonSoftIOC is not installed")

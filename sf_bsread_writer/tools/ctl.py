@@ -400,8 +400,10 @@ def cmd_write(args: argparse.Namespace) -> int:
         restore()
     if stop_signals:
         path = args.range_and_file[-1]
-        _say(f"{path}: interrupted by {stop_signals[0]}: {_on_disk(path)} (summary: {path}.summary.json)")
+        _say(f"{path}: interrupted by {stop_signals[0]} before the writer started: nothing written" if code is None
+             else f"{path}: interrupted by {stop_signals[0]}: {_on_disk(path)} (summary: {path}.summary.json)")
         return process.interrupted_code(stop_signals[0])
+    assert code is not None
     return code
 
 
@@ -413,7 +415,8 @@ def _say(text: str) -> None:
         process.silence_output((1,))
 
 
-def _write(args: argparse.Namespace, interrupted: Callable[[], str | None]) -> int:
+def _write(args: argparse.Namespace, interrupted: Callable[[], str | None]) -> int | None:
+    """The writer's exit code; None when interrupted before it was started."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn
 
@@ -447,6 +450,8 @@ def _write(args: argparse.Namespace, interrupted: Callable[[], str | None]) -> i
         except OSError:  # the terminal is gone: the acquisition is not
             process.silence_output((1,))
 
+    if interrupted():
+        return None
     try:
         bar.start()
     except OSError:
