@@ -46,6 +46,8 @@ __all__ = [
     "stop_on_signals",
     "survive_hangup",
     "silence_output",
+    "ignore_hangup_until_handled",
+    "supervised_child",
     "print_ready",
     "parse_ready",
     "sd_notify",
@@ -184,6 +186,24 @@ def survive_hangup(meaning: str, action: Callable[[], None] | None = None,
         signal.signal(signal.SIGHUP, previous)
 
     return restore
+
+
+def ignore_hangup_until_handled() -> None:
+    """For ``subprocess.Popen(preexec_fn=...)``: the child starts with SIGHUP ignored.
+
+    A terminal's hangup reaches the whole process group, also a child still
+    importing (a second or more on a busy machine) that has not installed its
+    own handler yet (:func:`survive_hangup`, or the web service's): without
+    this, the default action would end it there. An ignored signal stays
+    ignored across ``exec`` until the child's handler replaces it.
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def supervised_child() -> None:
+    """``preexec_fn`` of a service's children: :func:`die_with_parent` and :func:`ignore_hangup_until_handled`."""
+    die_with_parent()
+    ignore_hangup_until_handled()
 
 
 def silence_output(descriptors: Sequence[int] = (1, 2)) -> None:

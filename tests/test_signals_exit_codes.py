@@ -33,7 +33,7 @@ from sf_bsread_writer import registry
 from sf_bsread_writer.core.acquisition import Outcome
 from sf_bsread_writer.process import ExitCode
 
-from .helpers import EPICS_LOOPBACK_ENV, ROOT, Child, free_port, wait_for
+from .helpers import EPICS_LOOPBACK_ENV, ROOT, Child, children_of, free_port, wait_for
 from .test_ctl import CTL, buffer  # noqa: F401  (buffer: the module's fixture, a buffer fed by the simulator)
 from .test_writer import writer_process
 
@@ -94,6 +94,27 @@ def ctl_write_in_its_own_session(path: Path, first: int, last: int) -> tuple[sub
     entry = wait_for(lambda: writer_entry(path), timeout=DEADLINE, message="the writer of sf_bsread_ctl write")
     wait_for(lambda: written_so_far(entry) >= 5, timeout=DEADLINE, message="5 rows written")
     return ctl, entry
+
+
+def test_ctl_write_survives_a_hangup_while_its_writer_is_still_starting(buffer, tmp_path):
+    """The hangup reaches the writer before it could install its own handler: it must ignore it until then."""
+    _, endpoints = buffer
+    output = tmp_path / "early.h5"
+    first = newest_pulse_id(endpoints)
+    last = first + 50
+    ctl = subprocess.Popen([*CTL, "write", "CTLTEST", str(first), str(last), str(output)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                           text=True, start_new_session=True)
+    try:
+        wait_for(lambda: children_of(ctl.pid, "sf_bsread_writer.writer"), timeout=DEADLINE, interval=0.005,
+                 message="the writer process, still importing")
+        os.killpg(ctl.pid, signal.SIGHUP)
+        code = ctl.wait(timeout=DEADLINE)
+        said = ctl.stdout.read()
+        assert code == 0, said
+    finally:
+        end_group(ctl)
+    assert_accounted_for(output, first, last, "complete", 0)
 
 
 def end_group(ctl: subprocess.Popen) -> None:

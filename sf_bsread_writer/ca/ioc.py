@@ -215,7 +215,7 @@ def supervise(argv: Sequence[str]) -> int:
 
     def spawn() -> subprocess.Popen:
         child = subprocess.Popen([sys.executable, "-m", "sf_bsread_writer.ca.gateway", *argv, "--ioc-child"],
-                                 stdin=subprocess.PIPE, preexec_fn=process.die_with_parent, env=env,
+                                 stdin=subprocess.PIPE, preexec_fn=process.supervised_child, env=env,
                                  pass_fds=state.pass_fds)
         children.append(child)
         return child

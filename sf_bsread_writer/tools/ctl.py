@@ -163,7 +163,10 @@ def write_range(buffer: str | BufferRef, start_pulse_id: int, stop_pulse_id: int
     # Its log goes to a file, not a pipe nobody reads (a full pipe would block the writer); stdout is read to
     # the end by a thread (READY, then whatever else it prints).
     log = tempfile.TemporaryFile(mode="w+", prefix="sf_bsread_ctl-writer-")
-    writer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    # A hangup while the writer still imports must not end it (process.ignore_hangup_until_handled); it does
+    # not die with us either: a started acquisition goes on to its end whatever happens to this process.
+    writer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
+                              preexec_fn=process.ignore_hangup_until_handled)
     try:
         ready = _read_ready(writer, log)
         client = WriterClient(ready["rest"], timeout=10)
