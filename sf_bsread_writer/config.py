@@ -112,6 +112,7 @@ def _env_name(prefix: str, option: Option) -> str:
 
 
 def _from_env(prefix: str, option: Option, environ: Mapping[str, str]) -> tuple[bool, Any]:
+    """(found, value) of the option's environment variable; ValueError naming the variable when it is invalid."""
     name = _env_name(prefix, option)
     if name not in environ:
         return False, None
@@ -123,7 +124,7 @@ def _from_env(prefix: str, option: Option, environ: Mapping[str, str]) -> tuple[
             return True, [option.type(item.strip()) for item in raw.split(",") if item.strip()]
         return True, option.type(raw)
     except (TypeError, ValueError) as error:
-        raise SystemExit(f"environment variable {name}={raw!r} is invalid: {error}") from None
+        raise ValueError(f"environment variable {name}={raw!r} is invalid: {error}") from None
 
 
 def build_parser(
@@ -142,7 +143,11 @@ def build_parser(
         f"(e.g. {_env_name(env_prefix, options[0])}); the command line wins.",
     )
     for option in options:
-        found, env_value = _from_env(env_prefix, option, environ)
+        try:
+            found, env_value = _from_env(env_prefix, option, environ)
+        except ValueError as error:
+            # A usage error like a bad option: exit 2 (process.ExitCode.CONFIGURATION), which no unit restarts.
+            parser.error(str(error))
         default = env_value if found else option.default
         env_help = f" [env {_env_name(env_prefix, option)}; default: {default!r}]"
         if not option.flags:

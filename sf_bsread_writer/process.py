@@ -5,8 +5,14 @@ CLI around its own loop; what they share about being a *process* lives here:
 
 * :func:`configure_logging`: one log format, on stderr (stdout carries only
   the READY line);
+* :class:`ExitCode`: the one table of exit codes of every command
+  (docs/operations.md, "Exit codes"); :func:`start_error_code` sorts a
+  failure at start into permanent (2) and transient (1);
 * :func:`stop_on_signals`: SIGTERM (systemd, kill) and SIGINT (Ctrl-C) ask
   the service to stop; the handler only records, the service's own loop acts;
+* :func:`survive_hangup`: SIGHUP (the terminal is gone) does not end a
+  service or an acquisition: it is logged, the terminal's output is dropped,
+  the command goes on;
 * :func:`print_ready`: the one machine-readable line on stdout, ``READY
   {json}``, that tests, the demo and scripts wait for;
 * :func:`sd_notify` and :func:`watchdog_interval`: systemd's ``Type=notify``
@@ -19,6 +25,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import enum
+import errno
 import functools
 import json
 import logging
@@ -26,12 +34,20 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "ExitCode",
+    "start_error_code",
+    "interrupted_code",
     "configure_logging",
     "stop_on_signals",
+    "survive_hangup",
+    "silence_output",
+    "ignore_hangup_until_handled",
+    "supervised_child",
     "print_ready",
     "parse_ready",
     "sd_notify",
@@ -46,6 +62,47 @@ logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 READY_PREFIX = "READY "
+
+
+class ExitCode(enum.IntEnum):
+    """How every command of the package ends: one table (docs/operations.md, "Exit codes").
+
+    The split that matters to whoever restarts a command (systemd, the
+    buffer's child supervisor, a script) is *permanent* against *transient*:
+    a bad option, a port taken at start or a path that is not there fail the
+    same way on every retry, so they exit ``CONFIGURATION`` and the units list
+    it in ``RestartPreventExitStatus=``; anything else that ends a service
+    early is ``FAILED`` and worth a restart. The writer's outcomes keep their
+    contract (DESIGN.md): complete 0, partial 3, failed 1
+    (``writer.acquisition.Outcome.exit_code``, checked against this table by
+    tests/test_signals_exit_codes.py). ``sf_bsread_ctl write`` stopped by a
+    signal exits 128 + its number, as a shell reports it
+    (:func:`interrupted_code`).
+    """
+
+    OK = 0  # a clean stop (SIGTERM, SIGINT, the end of the work); the writer: every requested pulse written
+    FAILED = 1  # a transient or runtime failure (a bug, a lost endpoint); the writer: nothing usable written
+    CONFIGURATION = 2  # a permanent error at start: bad option, value or path, a port in use; never restart
+    PARTIAL = 3  # the writer: rows written, but some of the range is not in the file (it says why)
+    IOC_RESTART = 75  # internal: the gateway's IOC process asks its supervisor for a fresh IOC (ca/ioc.py)
+
+
+# Errors of binding a listening socket: the address is taken, not on this host, or needs privileges. They are
+# a configuration (two services given one port, a wrong --bind) and fail the same way on every restart.
+_BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+
+def start_error_code(error: BaseException) -> ExitCode:
+    """The exit code for ``error`` raised while a service starts: ``CONFIGURATION`` for a bind error, else ``FAILED``.
+
+    ``zmq.ZMQError`` carries the same errno values as ``OSError`` on Linux.
+    """
+    return ExitCode.CONFIGURATION if getattr(error, "errno", None) in _BIND_ERRNOS else ExitCode.FAILED
+
+
+def interrupted_code(signal_name: str) -> int:
+    """128 + the signal's number: what a shell shows for a command that ended on that signal."""
+    return 128 + int(signal.Signals[signal_name])
 
 
 def configure_logging(level: str) -> None:
@@ -78,6 +135,94 @@ def stop_on_signals(stop: Callable[[str], None]) -> Callable[[], None]:
             signal.signal(signum, old)
 
     return restore
+
+
+def survive_hangup(meaning: str, action: Callable[[], None] | None = None,
+                   silence: Sequence[int] | None = None) -> Callable[[], None]:
+    """SIGHUP no longer ends the process: it is logged (``SIGHUP: <meaning>``), and ``action()`` runs.
+
+    A hangup means the terminal is gone: an ssh session dropped, a window
+    closed. The kernel sends SIGHUP to the terminal's whole foreground
+    process group, so a command started by hand (a writer, ``sf_bsread_ctl
+    write`` and its writer, a buffer and its children) would otherwise die
+    mid-work, a writer leaving its file unclosed. SIGTERM and SIGINT keep
+    their meaning (:func:`stop_on_signals`).
+
+    The output descriptors in ``silence`` (default: those of 1 and 2 that are
+    terminals now) are pointed at /dev/null at the hangup: a hung-up terminal
+    answers every write with EIO, and a closed pipe with EPIPE. The log line
+    is written before, so it reaches a log file or the journal.
+
+    The handler only writes a byte to a pipe (no lock: a second hangup may
+    interrupt the first handler); a daemon thread logs and runs ``action``,
+    so ``action`` may take locks. Returns a function that restores the old
+    handler.
+    """
+    if silence is None:
+        silence = tuple(fd for fd in (1, 2) if _is_terminal(fd))
+    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    os.set_blocking(wake_read, True)
+
+    def handler(signum: int, frame: Any) -> None:
+        try:
+            os.write(wake_write, b"h")
+        except BlockingIOError:  # thousands of hangups not yet logged: one more changes nothing
+            pass
+
+    def watch() -> None:
+        while os.read(wake_read, 4096):
+            logger.warning("SIGHUP: %s", meaning)
+            silence_output(silence)
+            if action is not None:
+                try:
+                    action()
+                except Exception:
+                    logger.exception("after SIGHUP")
+
+    threading.Thread(target=watch, name="hangup", daemon=True).start()
+    previous = signal.signal(signal.SIGHUP, handler)
+
+    def restore() -> None:
+        signal.signal(signal.SIGHUP, previous)
+
+    return restore
+
+
+def ignore_hangup_until_handled() -> None:
+    """For ``subprocess.Popen(preexec_fn=...)``: the child starts with SIGHUP ignored.
+
+    A terminal's hangup reaches the whole process group, also a child still
+    importing (a second or more on a busy machine) that has not installed its
+    own handler yet (:func:`survive_hangup`, or the web service's): without
+    this, the default action would end it there. An ignored signal stays
+    ignored across ``exec`` until the child's handler replaces it.
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def supervised_child() -> None:
+    """``preexec_fn`` of a service's children: :func:`die_with_parent` and :func:`ignore_hangup_until_handled`."""
+    die_with_parent()
+    ignore_hangup_until_handled()
+
+
+def silence_output(descriptors: Sequence[int] = (1, 2)) -> None:
+    """Point ``descriptors`` at /dev/null: what was written there has no reader any more (a gone terminal)."""
+    if not descriptors:
+        return
+    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        for fd in descriptors:
+            os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
+def _is_terminal(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
 
 
 def print_ready(payload: Mapping[str, Any]) -> None:

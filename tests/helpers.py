@@ -102,7 +102,7 @@ class Child:
     """
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None,
-                 cwd: str | os.PathLike | None = None) -> None:
+                 cwd: str | os.PathLike | None = None, new_session: bool = False) -> None:
         full_env = dict(os.environ)
         full_env.setdefault("OMP_NUM_THREADS", "1")
         full_env["PYTHONUNBUFFERED"] = "1"
@@ -113,6 +113,9 @@ class Child:
             self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=full_env, cwd=cwd, text=True, bufsize=1,
             preexec_fn=die_with_parent,  # a killed test run leaves no process behind (the CA repeater was one)
+            # new_session: its own session and process group (as `setsid`), so that a test can signal the
+            # whole group the way a terminal does (os.killpg(child.process.pid, SIGHUP)).
+            start_new_session=new_session,
         )
         self.lines: list[str] = []
         self._queue: "queue.Queue[str | None]" = queue.Queue()

@@ -100,11 +100,7 @@ FAULT_KINDS = [f"signal:{target}" for target in TARGETS] + ["full_disk", *DATA_F
 #: Faults that fail on today's code for a reason being fixed on another branch (issue 20 "Nothing lost, round 2"),
 #: by kind or, for a signal, by ``<signal>:<target>`` (a scenario is marked when the seed draws that signal).
 #: The one place to edit once a fix is merged: the fault then passes, and strict xfail turns that into a failure.
-KNOWN_FAILING = {
-    "sighup:writer": "issue 20 item 1: SIGHUP ends the writer without closing its file",
-    "sighup:gateway": "issue 20 item 1 (every command's hangup): SIGHUP ends the CA gateway (the buffer's "
-                      "supervisor starts a new one a second later)",
-}
+KNOWN_FAILING: dict[str, str] = {}  # fault kinds that fail for a known reason still being fixed: none now
 
 # A scenario takes 2-8 s (a gateway's start most of it); a hung one fails here instead of eating the budget.
 pytestmark = pytest.mark.timeout(60)

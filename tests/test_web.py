@@ -597,7 +597,8 @@ def test_the_web_port_stays_the_buffers_while_its_service_restarts():
             second = Child.python_module("sf_bsread_writer.buffer", feed.address, "--source-mode", "sub", "-o", "0",
                                          "--replay-port", "0", "--rest-port", "0", "--web", "--web-port", str(busy))
             try:
-                assert second.wait(30) == 1 and f"{busy}" in second.output() and "in use" in second.output()
+                # a port in use is a configuration error: 2, which the unit never restarts (process.ExitCode)
+                assert second.wait(30) == 2 and f"{busy}" in second.output() and "in use" in second.output()
             finally:
                 second.stop()
     finally:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 
 from sf_bsread_writer import process
+from sf_bsread_writer.process import ExitCode
 
 __all__ = ["ChildSupervisor", "gateway_command", "start_gateway", "web_command", "start_web", "reachable_locally"]
 
@@ -39,6 +40,10 @@ def gateway_command(buffer_output: str, status_url: str | None = None, prefix: s
 
 class ChildSupervisor:
     """Runs a child process and restarts it, with backoff, whenever it exits unexpectedly.
+
+    Except after exit code 2 (``process.ExitCode.CONFIGURATION``: a bad option, a port in use),
+    which fails the same way on every start: it is logged and the child stays down
+    (``child_up`` 0, the alert ``SfBsreadChildDown``), as systemd treats the buffer itself.
 
     The child inherits stdout/stderr (its logs go where the buffer's go) and
     the environment (EPICS_* settings). A child must exit by itself when the
@@ -65,7 +70,7 @@ class ChildSupervisor:
     def _spawn(self) -> subprocess.Popen:
         logger.info("starting child process: %s", " ".join(self.command))
         return subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL,
-                                preexec_fn=process.die_with_parent, pass_fds=self.pass_fds)
+                                preexec_fn=process.supervised_child, pass_fds=self.pass_fds)
 
     def _supervise(self) -> None:
         backoff = 1.0
@@ -77,6 +82,10 @@ class ChildSupervisor:
                 if self._stop_event.wait(0.5):
                     return
             if self._stop_event.is_set():
+                return
+            if process.returncode == ExitCode.CONFIGURATION:  # as systemd's RestartPreventExitStatus=2
+                logger.error("child process %s exited with %d, a configuration error: not restarted (its log says "
+                             "what to fix; then restart the buffer)", self.command[:3], process.returncode)
                 return
             logger.error("child process %s exited with %s; restarting in %.0f s", self.command[:3],
                          process.returncode, backoff)

@@ -1,14 +1,21 @@
-"""CLI ``sf_bsread_buffer STREAM [options]``: the buffer service until SIGTERM."""
+"""CLI ``sf_bsread_buffer STREAM [options]``: the buffer service until SIGTERM.
+
+Exit codes (``process.ExitCode``): 0 after SIGTERM/SIGINT, 2 for a
+configuration that cannot work (a bad option, an endpoint that cannot be
+bound: a port in use, an address not on this host), 1 when the running
+service failed (systemd restarts it; the unit never restarts a 2). SIGHUP
+re-reads the web service's tokens and never ends the buffer.
+"""
 from __future__ import annotations
 
 import logging
-import signal
 from collections.abc import Sequence
 
 import zmq
 
 from sf_bsread_writer import config, process
 from sf_bsread_writer.buffer.service import Buffer
+from sf_bsread_writer.process import ExitCode
 
 __all__ = ["main"]
 
@@ -16,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Returns the exit code: 0 after a clean stop, 1 if the service failed, 2 for bad options."""
+    """Returns the exit code: 0 after a clean stop, 1 if the service failed, 2 for a configuration error."""
     args = config.parse_args(
         "sf_bsread_buffer",
         "Buffer one bsread stream in a ring; serve it live, replayed to writers and over HTTP.",
@@ -27,18 +34,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         buffer = Buffer.from_args(args, print_ready=True, register=True)
     except ValueError as error:
         logger.error("%s", error)
-        return 2
+        return ExitCode.CONFIGURATION
 
     process.stop_on_signals(lambda name: buffer.stop())
-    signal.signal(signal.SIGHUP, lambda signum, frame: buffer.request_reload())  # never the default: it would end us
+    # Never the default, which would end us: `systemctl reload`, or the terminal of a buffer started by hand gone.
+    process.survive_hangup("re-reading the web service's tokens (the buffer goes on)", buffer.request_reload)
     try:
         buffer.run()
-    except (zmq.ZMQError, OSError) as error:  # e.g. a port in use
-        logger.error("buffer failed: %s", error)
-        return 1
+    except (zmq.ZMQError, OSError) as error:  # a port in use (2: restarting cannot help), or a fault (1)
+        code = process.start_error_code(error)
+        logger.error("buffer failed: %s%s", error, " (a configuration error: not worth a restart)"
+                     if code is ExitCode.CONFIGURATION else "")
+        return code
     except Exception:  # a bug: say where, exit non-zero so that systemd restarts us
         logger.exception("buffer failed")
-        return 1
-    return 0
+        return ExitCode.FAILED
+    return ExitCode.OK
 
 

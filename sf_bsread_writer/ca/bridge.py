@@ -61,6 +61,7 @@ from sf_bsread_writer.bsread.build import build_message
 from sf_bsread_writer.ca.camapping import SEVERITY_NAMES, SEVERITY_SUFFIX
 from sf_bsread_writer.ca.environment import prepare_client_environment
 from sf_bsread_writer.config import BRIDGE_ENV_PREFIX, BRIDGE_OPTIONS, parse_args
+from sf_bsread_writer.process import ExitCode
 
 __all__ = ["main", "Bridge", "PVState", "Update", "read_pv_file", "BSREAD_TYPE_BY_CA_TYPE"]
 
@@ -414,10 +415,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             names += read_pv_file(args.pv_file)
         except OSError as error:
             logger.error("cannot read --pv-file: %s", error)
-            return 2
+            return ExitCode.CONFIGURATION
     if args.port is None:
         logger.error("--port is required")
-        return 2
+        return ExitCode.CONFIGURATION
     changes = prepare_client_environment(os.environ)
     if changes:
         logger.info("no CA address list configured: searching loopback only (%s)", ", ".join(changes))
@@ -425,14 +426,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         bridge = Bridge(names, args.port, args.bind, args.mode, args.rate, args.pulse_id_pv)
     except ValueError as error:
         logger.error("%s", error)
-        return 2
+        return ExitCode.CONFIGURATION
 
     process.stop_on_signals(lambda name: bridge.stop())
+    process.survive_hangup("the terminal is gone: the bridge goes on (SIGTERM stops it)")
     try:
         address = bridge.open()
     except zmq.ZMQError as error:
         logger.error("cannot bind: %s", error)
-        return 1
+        return process.start_error_code(error)  # a port in use: 2 (process.ExitCode)
     try:
         bridge.connect()
         process.print_ready({"address": address, "mode": args.mode, "rate": args.rate,
@@ -441,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("%s", bridge.summary())
     finally:
         bridge.close()
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

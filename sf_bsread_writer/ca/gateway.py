@@ -47,6 +47,7 @@ from sf_bsread_writer.bsread.parts import bit_indices, presence_bits
 from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
 from sf_bsread_writer.ca.environment import prepare_server_environment
 from sf_bsread_writer.config import GATEWAY_ENV_PREFIX, GATEWAY_OPTIONS, parse_args
+from sf_bsread_writer.process import ExitCode
 from sf_bsread_writer.rates import RateEstimator
 from sf_bsread_writer.status import BufferStatus
 
@@ -375,7 +376,7 @@ class Gateway:
             failed = [task for task in done if task is not stopper and task.exception() is not None]
             for task in failed:
                 logger.error("gateway task %s failed: %r", task.get_name(), task.exception())
-            return 1 if failed or self.ingest.error is not None else 0
+            return ExitCode.FAILED if failed or self.ingest.error is not None else ExitCode.OK
         finally:
             for task in [*tasks, stopper]:
                 task.cancel()
@@ -510,6 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args("sf_bsread_gateway", "Serve a bsread buffer's live stream and status as EPICS PVs.",
                       GATEWAY_OPTIONS, GATEWAY_ENV_PREFIX, argv)
     process.configure_logging(args.log_level)
+    # The supervisor and its IOC process alike: a terminal's hangup reaches the whole process group.
+    process.survive_hangup("the terminal is gone: the gateway goes on serving (SIGTERM stops it)")
     changes = prepare_server_environment(os.environ)
     if changes and not args.ioc_child:
         logger.info("EPICS environment completed: %s", ", ".join(changes))
@@ -531,13 +534,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.acf is not None:
         if args.server != "softioc" or _softioc_missing() is not None:
             logger.error("--acf needs the softioc server (EPICS access security); caproto cannot read an ACF")
-            return 2
+            return ExitCode.CONFIGURATION
         if settings.writable or settings.allow_hosts:
             logger.error("--acf replaces --writable/--allow-host: give the rules in the file")
-            return 2
+            return ExitCode.CONFIGURATION
         if not os.access(settings.acf, os.R_OK):
             logger.error("--acf %s: not a readable file", settings.acf)
-            return 2
+            return ExitCode.CONFIGURATION
     if args.server == "softioc":
         if _softioc_missing() is not None:
             logger.warning("pythonSoftIOC is not installed (%s): serving with caproto", _softioc_missing())
@@ -562,10 +565,10 @@ def _run_ioc(settings: GatewaySettings, child: bool, argv: list[str]) -> int:
                 ioc.check_access_security_file(settings.acf)
             except ioc.AccessSecurityError as error:
                 logger.error("%s", error)
-                return 2
+                return ExitCode.CONFIGURATION
         return ioc.supervise(argv)
     if not ioc.wait_for_go():
-        return 0
+        return ExitCode.OK
     ingest = _Ingest(settings.buffer_output, settings.source_mode, lambda: None)
     poller = _StatusPoller(settings.status_url) if settings.status_url else None
     ingest.start()

@@ -59,8 +59,9 @@ __all__ = ["RESTART_EXIT_CODE", "supervise", "serve", "ChannelPlan", "acf_text"]
 
 logger = logging.getLogger(__name__)
 
-#: Exit code of an IOC process whose channel set changed: the supervisor starts a new one at once.
-RESTART_EXIT_CODE = 75
+#: Exit code of an IOC process whose channel set changed: the supervisor starts a new one at once
+#: (an internal code of the table in process.ExitCode: the supervisor never exits with it).
+RESTART_EXIT_CODE = process.ExitCode.IOC_RESTART
 #: How long a new IOC waits for the stream's first message before it starts with the status PVs only.
 FIRST_MESSAGE_WAIT_S = 5.0
 #: Seconds without a message after which every channel PV is flagged INVALID/COMM.
@@ -227,7 +228,7 @@ def supervise(argv: Sequence[str]) -> int:
 
     def spawn() -> subprocess.Popen:
         child = subprocess.Popen([sys.executable, "-m", "sf_bsread_writer.ca.gateway", *argv, "--ioc-child"],
-                                 stdin=subprocess.PIPE, preexec_fn=process.die_with_parent, env=env,
+                                 stdin=subprocess.PIPE, preexec_fn=process.supervised_child, env=env,
                                  pass_fds=state.pass_fds)
         children.append(child)
         return child
@@ -258,7 +259,9 @@ def supervise(argv: Sequence[str]) -> int:
                 go(current)
                 standby = spawn()
                 continue
-            return code
+            if code < 0:  # the IOC was killed by a signal: a fault (sys.exit would make 256 - N of it)
+                return process.ExitCode.FAILED
+            return process.ExitCode.OK if code == RESTART_EXIT_CODE else code  # a restart asked for while stopping
     finally:
         for child in children:
             if child.poll() is None:
@@ -499,7 +502,7 @@ def serve(settings: Any, status_pvs: Sequence[tuple[str, str, str]], ingest: Any
             acf = _install_access_security(settings.writable, settings.allow_hosts, settings.acf)
         except AccessSecurityError as error:
             logger.error("%s", error)
-            return 2
+            return process.ExitCode.CONFIGURATION
         dispatcher = asyncio_dispatcher.AsyncioDispatcher()
         softioc.iocInit(dispatcher)
         if acf != settings.acf:
@@ -612,10 +615,10 @@ class _ApplyLoop:
                 next_status = now + 1.0
                 if self.settings.parent_pid and not process.pid_alive(self.settings.parent_pid):
                     logger.warning("parent process %d is gone; gateway exits", self.settings.parent_pid)
-                    return 0
+                    return process.ExitCode.OK
             if self.ingest.error is not None:
                 logger.error("ingest failed: %s", self.ingest.error)
-                return 1
+                return process.ExitCode.FAILED
             if now < next_due:
                 stop.wait(min(next_due, next_status) - now)  # the rate limit, not synchronisation
                 continue

@@ -12,6 +12,12 @@
 ``write`` is :func:`write_range` (also ``sf_bsread_writer.write_range``): a
 writer process, driven over its REST API like the DAQ system does, with a
 progress bar; the exit code is the writer's (0 complete, 3 partial, 1 failed).
+A one-shot acquisition must survive its terminal: when the terminal hangs
+up (SIGHUP) or its output is gone (EPIPE, EIO), ``write`` stops printing and
+drives its writer to the end of the range. Ctrl-C (SIGINT) or SIGTERM stop
+the writer cleanly (the file closed, the rest of the range recorded as
+missing), print what is on disk in one line and exit 128 + the signal.
+Exit codes: ``process.ExitCode`` (docs/operations.md, "Exit codes").
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import logging
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +43,7 @@ import requests
 from sf_bsread_writer import process, registry
 from sf_bsread_writer.bsread.message import MessageParser
 from sf_bsread_writer.client import WriterClient, WriterError
+from sf_bsread_writer.process import ExitCode
 from sf_bsread_writer.replay.client import ReplayClient, ReplayHandshakeError
 from sf_bsread_writer.replay.messages import Data, End, Gap, Refused
 from sf_bsread_writer.status import BufferStatus
@@ -134,12 +142,16 @@ class Progress:
 
 def write_range(buffer: str | BufferRef, start_pulse_id: int, stop_pulse_id: int, path: str,
                 parameters: Mapping[str, Any] | None = None, *, timeout: float | None = None,
-                on_progress: Callable[[Progress], None] | None = None) -> Outcome:
+                on_progress: Callable[[Progress], None] | None = None,
+                interrupted: Callable[[], str | None] | None = None) -> Outcome:
     """Write pulses ``start_pulse_id..stop_pulse_id`` (both included) of ``buffer`` into ``path``.
 
     One writer process, driven over REST as the DAQ system drives it; returns its outcome
     (``complete``, ``partial``: some pulses are not in the file and it says why, ``failed``).
     ``parameters`` go to ``/parameters`` (defaults: now, this user, sf_bsread_ctl, the buffer's name).
+    ``interrupted()``, asked while the writer runs, names a signal ("SIGINT") once the caller was
+    told to stop: that signal is passed on to the writer, which closes the file at once (the rest of
+    the range missing, ``signal_SIGINT``); the outcome is then what the closed file holds.
     """
     ref = buffer if isinstance(buffer, BufferRef) else resolve_buffer(buffer)
     if ref.replay is None:
@@ -153,7 +165,10 @@ def write_range(buffer: str | BufferRef, start_pulse_id: int, stop_pulse_id: int
     # Its log goes to a file, not a pipe nobody reads (a full pipe would block the writer); stdout is read to
     # the end by a thread (READY, then whatever else it prints).
     log = tempfile.TemporaryFile(mode="w+", prefix="sf_bsread_ctl-writer-")
-    writer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    # A hangup while the writer still imports must not end it (process.ignore_hangup_until_handled); it does
+    # not die with us either: a started acquisition goes on to its end whatever happens to this process.
+    writer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
+                              preexec_fn=process.ignore_hangup_until_handled)
     try:
         ready = _read_ready(writer, log)
         client = WriterClient(ready["rest"], timeout=10)
@@ -163,7 +178,12 @@ def write_range(buffer: str | BufferRef, start_pulse_id: int, stop_pulse_id: int
         client.start_pulse_id(start_pulse_id)
         client.stop_pulse_id(stop_pulse_id)
         deadline = None if timeout is None else time.monotonic() + timeout
+        forwarded = False
         while writer.poll() is None:
+            stop_signal = interrupted() if interrupted is not None and not forwarded else None
+            if stop_signal is not None:
+                writer.send_signal(signal.Signals[stop_signal])
+                forwarded = True
             if on_progress is not None:
                 try:
                     statistics = WriterStatistics.from_json(client.statistics())
@@ -378,9 +398,53 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _on_disk(path: str) -> str:
+    """What a run left, from its summary: ``partial, 120 rows`` (the summary is written once the file is closed)."""
+    try:
+        with open(f"{path}.summary.json", encoding="utf-8") as file:
+            summary = json.load(file)
+        return f"{summary['outcome']}, {summary['messages_written']} rows"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"no summary ({error})"
+
+
 def cmd_write(args: argparse.Namespace) -> int:
+    # Ctrl-C and SIGTERM: stop the writer cleanly (the loop in write_range passes the signal on); a hangup:
+    # the terminal is gone, its output with it, and the acquisition goes on to the end of its range.
+    stop_signals: list[str] = []
+    restore = process.stop_on_signals(stop_signals.append)
+    process.survive_hangup("the terminal is gone: the writer goes on to the end of the range "
+                           "(its outcome: the file and its .summary.json)", silence=(1, 2))
+    try:
+        code = _write(args, lambda: stop_signals[0] if stop_signals else None)
+    finally:
+        restore()
+    if stop_signals:
+        path = args.range_and_file[-1]
+        _say(f"{path}: interrupted by {stop_signals[0]} before the writer started: nothing written" if code is None
+             else f"{path}: interrupted by {stop_signals[0]}: {_on_disk(path)} (summary: {path}.summary.json)")
+        return process.interrupted_code(stop_signals[0])
+    assert code is not None
+    return code
+
+
+def _say(text: str) -> None:
+    """Print a line; an output nobody reads any more (a closed pipe, a hung-up terminal) costs nothing else."""
+    try:
+        print(text, flush=True)
+    except OSError:
+        process.silence_output((1,))
+
+
+def _write(args: argparse.Namespace, interrupted: Callable[[], str | None]) -> int | None:
+    """The writer's exit code; None when interrupted before it was started."""
+    from rich.console import Console
     from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
     from rich.progress import Progress as Bar
+
+    class TerminalMayGo(Console):
+        def on_broken_pipe(self) -> None:  # rich's own raises SystemExit(1): the acquisition would end with it
+            process.silence_output((1,))
 
     ref = resolve_buffer(args.buffer)
     by_duration = args.since is not None or args.last is not None
@@ -398,15 +462,31 @@ def cmd_write(args: argparse.Namespace) -> int:
     if any("=" not in item for item in args.param or ()):
         raise CtlError("--param takes KEY=VALUE")
     parameters = dict(item.split("=", 1) for item in args.param or ())
-    with Bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-             TimeElapsedColumn(), transient=not sys.stdout.isatty()) as bar:
-        task = bar.add_task(f"pulses {start}..{stop} -> {path}", total=None)
+    bar = Bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+              TimeElapsedColumn(), transient=not sys.stdout.isatty(), console=TerminalMayGo())
+    task = bar.add_task(f"pulses {start}..{stop} -> {path}", total=None)
 
-        def on_progress(progress: Progress) -> None:
+    def on_progress(progress: Progress) -> None:
+        try:
             bar.update(task, completed=progress.written, total=progress.expected)
+        except OSError:  # the terminal is gone: the acquisition is not
+            process.silence_output((1,))
 
-        outcome = write_range(ref, start, stop, path, parameters, on_progress=on_progress)
-    print(f"{path}: {outcome.value} (pulses {start}..{stop}; summary: {path}.summary.json)")
+    if interrupted():
+        return None
+    try:
+        bar.start()
+    except OSError:
+        process.silence_output((1,))
+    try:
+        outcome = write_range(ref, start, stop, path, parameters, on_progress=on_progress, interrupted=interrupted)
+    finally:
+        try:
+            bar.stop()
+        except OSError:
+            process.silence_output((1,))
+    if not interrupted():
+        _say(f"{path}: {outcome.value} (pulses {start}..{stop}; summary: {path}.summary.json)")
     return outcome.exit_code
 
 
@@ -446,9 +526,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except CtlError as error:
         print(f"sf_bsread_ctl: {error}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIGURATION
     except KeyboardInterrupt:
-        return 130
+        return process.interrupted_code("SIGINT")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import zmq
 from bsread import PUB, PUSH, Sender
 
 from sf_bsread_writer import config, process
+from sf_bsread_writer.process import ExitCode
 
 __all__ = ["PROFILES", "Simulator", "channel_metadata", "expected_values", "parse_image_shape", "main"]
 
@@ -290,14 +291,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                               args.pulse_id_step, args.compression, args.n_channels, args.image_shape)
     except ValueError as error:
         logger.error("%s", error)
-        return 2
+        return ExitCode.CONFIGURATION
 
     process.stop_on_signals(lambda name: simulator.stop())
+    process.survive_hangup("the terminal is gone: the simulator goes on (SIGTERM stops it)")
     try:
         address = simulator.open()
-    except (RuntimeError, zmq.ZMQError) as error:
+    except (RuntimeError, zmq.ZMQError) as error:  # bsread's Sender says RuntimeError("Unable to bind ...")
         logger.error("cannot bind: %s", error)
-        return 1
+        return ExitCode.CONFIGURATION  # the port or address given cannot be served: a retry fails the same way
     try:
         process.print_ready({"address": address, "profile": args.profile, "mode": args.mode,
                              "first_pulse_id": simulator.next_pulse_id})
@@ -305,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("sent %d messages, last pulse id %d", sent, simulator.next_pulse_id - simulator.pulse_id_step)
     finally:
         simulator.close()
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

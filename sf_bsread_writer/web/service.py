@@ -61,7 +61,7 @@ async def serve(settings: WebSettings, tokens: TokenSet) -> int:
     except OSError as error:
         logger.error("cannot listen on %s:%s: %s", settings.bind, settings.port, error)
         await runner.cleanup()
-        return 1
+        return process.start_error_code(error)  # a port in use: 2, never restarted (process.ExitCode)
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # the real one for port 0
     service.start_feed(loop)
     url = f"http://{settings.bind}:{port}"

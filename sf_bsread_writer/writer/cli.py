@@ -2,8 +2,15 @@
 
 :func:`main` binds the REST API, drops privileges, prints the READY line
 and hands over to :func:`serve`, which waits for the writer to finish,
-keeps answering ``/status`` for the grace period and returns the exit code:
-0 (finished), 1 (error), 2 (could not launch).
+keeps answering ``/status`` for the grace period and returns the exit code
+(``process.ExitCode``): the run's outcome (0 complete, 3 partial, 1 failed),
+or 2 when it could not launch (a bad option, a port in use, no such output
+root).
+
+SIGTERM and SIGINT close the file now (the rest of the range is recorded
+as missing); SIGHUP does not end the run: a writer started from a terminal
+(by hand, or by ``sf_bsread_ctl write``) writes on to the end of its range
+when the terminal is gone (``process.survive_hangup``).
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from typing import Any
 
 from sf_bsread_writer import config, process, registry
 from sf_bsread_writer.httpserver import HttpServer
+from sf_bsread_writer.process import ExitCode
 from sf_bsread_writer.transport import partsio
 from sf_bsread_writer.writer.acquisition import BadRequest, OutsideRoot
 from sf_bsread_writer.writer.outputs import DEV_NULL, resolve_output_file
@@ -69,7 +77,8 @@ def drop_privileges(user_id: int) -> None:
 def serve(writer: Writer, server: Any, wait_until_idle: Callable[[float], bool] = lambda timeout: True) -> int:
     """Wait for the writer to finish, keep answering for the grace period, return the exit code.
 
-    SIGTERM and SIGINT close the file (as ``/kill``). The handler only
+    SIGTERM and SIGINT close the file (as ``/kill``); SIGHUP is only logged
+    (the run goes on: :func:`main` installs that). The handler only
     records the signal; this loop, in the main thread, acts on it within
     ``SIGNAL_LATENCY`` (taking locks inside a signal handler could deadlock).
     ``wait_until_idle(timeout)`` waits for the HTTP answers still being sent.
@@ -126,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = HttpServer(app, args.rest_host, args.rest_port)
     except OSError as error:
         logger.error("Cannot listen on %s:%s: %s", args.rest_host, args.rest_port, error)
-        return 2
+        return ExitCode.CONFIGURATION
     try:
         drop_privileges(args.user_id)
         if settings.output_root is not None and not os.path.isdir(settings.output_root):
@@ -142,7 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PermissionError, ValueError) as error:
         logger.error("%s", error)
         server.stop()
-        return 2
+        return ExitCode.CONFIGURATION
+    # Before READY: from then on a closed terminal (or `kill -HUP`) must not cost the file.
+    process.survive_hangup("the terminal is gone: writing on to the end of the range "
+                           "(SIGTERM or SIGINT close the file now)")
     server.start()
     process.print_ready({"rest": server.url, "io_path": partsio.IMPLEMENTATION})
     entry = registry.register("writer", os.path.basename(args.output_file) or "writer", {"rest": server.url},
