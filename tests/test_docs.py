@@ -73,6 +73,8 @@ def _definitions(path: Path) -> set[str]:
                           if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))}
                 names |= {f"{node.name}.{item.target.id}" for item in node.body
                           if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)}
+                names |= {f"{node.name}.{target.id}" for item in node.body if isinstance(item, ast.Assign)
+                          for target in item.targets if isinstance(target, ast.Name)}  # enum members
         elif isinstance(node, ast.Assign):
             names |= {target.id for target in node.targets if isinstance(target, ast.Name)}
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
