@@ -328,7 +328,8 @@ WEB_OPTIONS: list[Option] = [
            "The buffer's stream to show live: its --web feed, or its live output (PUB), e.g. tcp://host:8888.",
            required=True),
     Option("status_url", ("--status-url",), None, str,
-           "The buffer's HTTP base URL (e.g. http://host:8890) for /api/v1/status.", required=True),
+           "The buffer's HTTP base URL (e.g. http://host:8890) for /api/v1/status when FEED carries no status "
+           "(a buffer's live output); a buffer's --web feed carries its status and needs none."),
     Option("replay", ("--replay",), None, zmq_address,
            "The buffer's replay endpoint (e.g. tcp://host:8889) for /api/v1/range.", required=True),
     Option("source_mode", ("--source-mode",), "sub", str, "Socket type towards the feed.", choices=("sub", "pull")),

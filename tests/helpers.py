@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sf_bsread_writer.buffer.service import Buffer
+from sf_bsread_writer.buffer.settings import BufferSettings
 from sf_bsread_writer.client import WriterClient
 from sf_bsread_writer.process import die_with_parent
 from sf_bsread_writer.status import RingStatus
@@ -209,7 +210,7 @@ class Stream:
         self.simulator = Simulator(profile, rate=rate, start_pulse_id=first_pulse_id, compression=compression,
                                    **simulator_options)
         source = self.simulator.open()
-        self.buffer = Buffer(source, buffer_length=buffer_length, rest_port=None, output_mode="pub")
+        self.buffer = Buffer(BufferSettings(source, buffer_length=buffer_length, rest_port=None, output_mode="pub"))
         self._threads = [threading.Thread(target=self.buffer.run, daemon=True),
                          threading.Thread(target=self.simulator.run, args=(count,), daemon=True)]
         for thread in self._threads:

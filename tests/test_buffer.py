@@ -23,6 +23,7 @@ from bsread import SUB, Source
 
 from sf_bsread_writer.bsread.build import build_message
 from sf_bsread_writer.buffer.service import Buffer
+from sf_bsread_writer.buffer.settings import BufferSettings
 from sf_bsread_writer.replay.client import ReplayClient
 from sf_bsread_writer.replay.messages import Data, End, Gap
 from sf_bsread_writer.tools.simulate import Simulator, expected_values
@@ -38,7 +39,8 @@ DEADLINE = 30.0
 def running_buffer(stream: str, **kwargs) -> Iterator[Buffer]:
     """A Buffer running in a thread on free ports; always stopped and joined."""
     kwargs.setdefault("heartbeat_interval", 0.2)
-    buffer = Buffer(stream, output_port=0, replay_port=0, rest_port=0, **kwargs)
+    clocks = {name: kwargs.pop(name) for name in ("clock", "wall_clock") if name in kwargs}
+    buffer = Buffer(BufferSettings(stream, output_port=0, replay_port=0, rest_port=0, **kwargs), **clocks)
     thread = threading.Thread(target=buffer.run, name="buffer", daemon=True)
     thread.start()
     try:
@@ -740,9 +742,9 @@ def test_analyzer_logs_anomalies(caplog):
 
 
 def test_analyzer_logs_each_channel_missing_from_a_pulse_in_the_originals_words(caplog, monkeypatch):
-    from sf_bsread_writer.buffer import service
+    from sf_bsread_writer.buffer import ingest
 
-    monkeypatch.setattr(service, "ANALYZER_MAX_LINES", 2)  # the cap, seen with a small stream
+    monkeypatch.setattr(ingest, "ANALYZER_MAX_LINES", 2)  # the cap, seen with a small stream
     channels = [{"name": name, "type": "int32"} for name in ("A", "B", "C", "D")]
     with push_source() as (source, address), caplog.at_level("INFO", logger="sf_bsread_writer.buffer"), \
             running_buffer(address, analyzer=True) as buffer:
@@ -825,7 +827,7 @@ def test_status_answers_from_a_snapshot():
 
     from sf_bsread_writer import status
 
-    buffer = Buffer("tcp://127.0.0.1:1", name='quote"me')  # never run: the initial snapshot
+    buffer = Buffer(BufferSettings("tcp://127.0.0.1:1", name='quote"me'))  # never run: the initial snapshot
     snapshot = buffer.statistics()
     assert snapshot.describe() == "waiting_for_source"
     assert snapshot.status_answer()["state"] == "ok"

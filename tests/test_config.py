@@ -92,19 +92,21 @@ def test_configuration_reference_is_up_to_date():
 
 
 def test_every_buffer_option_is_a_buffer_argument_and_misspellings_are_refused():
-    """Buffer.from_args passes each option by name: a new option without a parameter fails here, not in use."""
-    import inspect
+    """BufferSettings.from_args passes each option by name: a new option without a field fails here, not in use."""
+    import dataclasses
 
     from sf_bsread_writer.buffer.service import Buffer
+    from sf_bsread_writer.buffer.settings import BufferSettings
 
-    parameters = inspect.signature(Buffer).parameters
+    parameters = {field.name for field in dataclasses.fields(BufferSettings)}
     assert [o.dest for o in config.BUFFER_OPTIONS if o.dest not in parameters] == []
     args = config.parse_args("sf_bsread_buffer", "", config.BUFFER_OPTIONS, config.BUFFER_ENV_PREFIX,
                              ["tcp://127.0.0.1:1", "-b", "7", "--name", "B1"], environ={})
-    buffer = Buffer.from_args(args, rest_port=None)
-    assert (buffer.max_messages, buffer.name, buffer.rest_port) == (7, "B1", None)
+    buffer = Buffer(BufferSettings.from_args(args, rest_port=None))
+    settings = buffer.settings
+    assert (settings.buffer_length, buffer.name, settings.rest_port) == (7, "B1", None)
     with pytest.raises(TypeError, match="bufer_length"):
-        Buffer("tcp://127.0.0.1:1", bufer_length=5)  # the misspelling is the point
+        BufferSettings("tcp://127.0.0.1:1", bufer_length=5)  # the misspelling is the point
 
 
 @pytest.mark.parametrize("address", ["localhost:9999", "tcp://host", "tcp://host:0", "tcp://host:70000", "udp://x:1",

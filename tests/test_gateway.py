@@ -593,6 +593,7 @@ def test_buffer_ca_feed_is_rate_limited_and_leaves_a_push_output_whole(env, monk
 
     from sf_bsread_writer.bsread.build import build_message
     from sf_bsread_writer.buffer.service import Buffer
+    from sf_bsread_writer.buffer.settings import BufferSettings
 
     port = str(free_port())
     for key, value in (env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}).items():
@@ -603,8 +604,8 @@ def test_buffer_ca_feed_is_rate_limited_and_leaves_a_push_output_whole(env, monk
     source.bind("tcp://127.0.0.1:0")
     consumer = context.socket(zmq.PULL)
     consumer.setsockopt(zmq.LINGER, 0)
-    buffer = Buffer(source.getsockopt_string(zmq.LAST_ENDPOINT), output_mode="push", rest_port=0,
-                    ca=True, ca_prefix="FEED:", name="FEED", ca_max_rate=5.0)
+    buffer = Buffer(BufferSettings(source.getsockopt_string(zmq.LAST_ENDPOINT), output_mode="push", rest_port=0,
+                                   ca=True, ca_prefix="FEED:", name="FEED", ca_max_rate=5.0))
     buffer_thread = threading.Thread(target=buffer.run, daemon=True)
     buffer_thread.start()
     stop_sending = threading.Event()

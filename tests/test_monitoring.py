@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from sf_bsread_writer.buffer.service import Buffer
+from sf_bsread_writer.buffer.settings import BufferSettings
 from sf_bsread_writer.status import prometheus_text
 from sf_bsread_writer.web.auth import TokenSet
 from sf_bsread_writer.web.state import WebService, WebSettings
@@ -24,7 +25,7 @@ METRIC = re.compile(r"\b(sf_bsread_(?:buffer|web)_[a-z_]+)")
 
 def _exported() -> dict[str, str]:
     """Every metric family the buffer and the web service export: name -> type."""
-    buffer = Buffer("tcp://127.0.0.1:9", rest_port=None)  # not run: its first snapshot is all that is rendered
+    buffer = Buffer(BufferSettings("tcp://127.0.0.1:9", rest_port=None))  # not run: its first snapshot is all that is rendered
     text = prometheus_text(buffer.statistics())
     text += WebService(WebSettings("tcp://127.0.0.1:9", "http://127.0.0.1:9", "tcp://127.0.0.1:9"),
                        TokenSet()).metrics_text()
@@ -58,7 +59,7 @@ def _exported_labels() -> dict[str, set[str]]:
 
     from sf_bsread_writer.status import ChildStatus, SessionStatus
 
-    status = Buffer("tcp://127.0.0.1:9", rest_port=None).statistics()
+    status = Buffer(BufferSettings("tcp://127.0.0.1:9", rest_port=None)).statistics()
     session = SessionStatus("0a1b", 1, None, 9, None, 0, 5, 5, 0, 0, 64, 0, 0, None)
     status = replace(status, children=(ChildStatus("web", True, 0),),  # a buffer that has run a while
                      replay=replace(status.replay, sessions=(session,), active_sessions=1),

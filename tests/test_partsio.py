@@ -506,6 +506,45 @@ def _in_the_parts_loop(frame):
     return frame.f_code.co_filename.endswith(("multipart.py", "partsio.py"))
 
 
+def test_the_feed_reader_replaces_a_cut_socket_and_the_next_message_arrives_whole(implementation):
+    """The one reader of the buffer's feed (web service, gateway): a receive cut in half costs that message
+    and the socket, which is replaced (counted); the next message comes whole on the new one."""
+    from sf_bsread_writer.feed import FeedReader
+
+    context = zmq.Context()
+    sender = context.socket(zmq.PUSH)
+    sender.setsockopt(zmq.LINGER, 0)
+    port = sender.bind_to_random_port("tcp://127.0.0.1")
+    reader = FeedReader(f"tcp://127.0.0.1:{port}", "pull")
+    reader._receiver = partsio.PartsReceiver(implementation=implementation)
+    try:
+        old_socket = reader.socket
+        sender.send_multipart(_MANY)
+        with _ArmedAlarm(where=_in_the_parts_loop) as alarm:
+            alarm.armed = True
+            try:
+                got = reader.receive(20)
+            except _Alarm:
+                got = "interrupted"
+            finally:
+                alarm.armed = False
+        if implementation == "python":
+            assert got is None and reader.sockets_replaced == 1 and reader.socket is not old_socket
+        if got is None:
+            got = wait_for(lambda: sender.send_multipart([b"next", b"h", b"v"]) or reader.receive(0.02), 20,
+                           message="a message on the new socket")
+        if got != "interrupted" and [bytes(p) for p in got][:1] != [b"next"]:
+            assert [bytes(p) for p in got] == _MANY
+            sender.send_multipart([b"next", b"h", b"v"])
+            got = reader.receive(20)
+        if got != "interrupted":
+            assert [bytes(p) for p in got] == [b"next", b"h", b"v"]
+    finally:
+        reader.close()
+        sender.close(linger=0)
+        context.term()
+
+
 def test_the_direct_source_replaces_a_cut_socket_and_the_next_message_arrives_whole(implementation):
     from sf_bsread_writer.writer.direct import DirectSource
 
@@ -648,12 +687,14 @@ def test_the_buffer_replaces_a_cut_ingest_socket_and_stores_the_next_message_who
     (The compiled path cannot be cut here without the handler also firing where nothing is cut.)"""
     from sf_bsread_writer.bsread.build import build_message
     from sf_bsread_writer.buffer.service import Buffer
+    from sf_bsread_writer.buffer.settings import BufferSettings
 
     context = zmq.Context()
     source = context.socket(zmq.PUSH)
     source.setsockopt(zmq.LINGER, 0)
     source.bind("tcp://127.0.0.1:0")
-    buffer = Buffer(source.getsockopt_string(zmq.LAST_ENDPOINT), output_port=0, replay_port=0, rest_port=None)
+    buffer = Buffer(BufferSettings(source.getsockopt_string(zmq.LAST_ENDPOINT), output_port=0, replay_port=0,
+                                   rest_port=None))
     buffer._receiver = partsio.PartsReceiver(implementation="python")
     channels = [{"name": "X", "type": "int64"}]
     failures = []

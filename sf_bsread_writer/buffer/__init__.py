@@ -1,7 +1,9 @@
 """The buffer: one bsread stream into a ring, served live, replayed to writers, and over HTTP.
 
-``service`` (the Buffer: sockets and the loop thread), ``replay_endpoint``
-(the ROUTER and its pure sessions), ``http_app`` (/status, /statistics,
-/metrics), ``children`` (the supervised CA gateway, later the web
-service), ``cli`` (``sf_bsread_buffer``).
+``settings`` (BufferSettings: every option, one record), ``service`` (the
+Buffer: the loop thread and its sockets), ``ingest`` (one received message:
+validated, timed, stored, counted), ``snapshot`` (the status the loop
+publishes), ``feeds`` (the children's loopback feeds, carrying status),
+``http_app`` (/status, /statistics, /metrics), ``children`` (the supervised
+CA gateway and web service), ``cli`` (``sf_bsread_buffer``).
 """

@@ -6,11 +6,20 @@ starts it with its command line and a :class:`ChildSupervisor` restarts it
 with backoff if it dies, and stops it when the buffer stops. The buffer
 knows its children only by their command lines; it imports none of their
 code (caproto, aiohttp stay out of the buffer process).
+
+:class:`BufferChildren` is what the buffer's loop holds of them: the
+supervisors, and the listening socket of the web port, which the buffer
+opens itself and hands to every web service it starts (READY and the
+status name the real port, also for ``--web-port 0``; nobody can take the
+port while a service restarts; connections that come meanwhile wait in its
+backlog).
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,9 +27,12 @@ import time
 from collections.abc import Sequence
 
 from sf_bsread_writer import process
+from sf_bsread_writer.buffer.settings import BufferSettings
 from sf_bsread_writer.process import ExitCode
+from sf_bsread_writer.status import ChildStatus
 
-__all__ = ["ChildSupervisor", "gateway_command", "start_gateway", "web_command", "start_web", "reachable_locally"]
+__all__ = ["BufferChildren", "ChildSupervisor", "gateway_command", "start_gateway", "web_command", "start_web",
+           "reachable_locally", "listen"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,13 +160,18 @@ def reachable_locally(address: str) -> str:
     return address
 
 
-def web_command(feed: str, status_url: str, replay: str, *, port: int, bind: str, tokens: str | None,
+def web_command(feed: str, status_url: str | None, replay: str, *, port: int, bind: str, tokens: str | None,
                 max_rate: float, log_level: str = "INFO", parent_pid: int | None = None,
                 listen_fd: int | None = None, allow_origins: Sequence[str] = ()) -> list[str]:
-    """The command line that runs the web service (``python -m sf_bsread_writer.web ...``)."""
-    command = [sys.executable, "-m", "sf_bsread_writer.web", feed, "--status-url", reachable_locally(status_url),
-               "--replay", reachable_locally(replay), "--port", str(port), "--bind", bind,
-               "--max-rate", repr(max_rate), "--log-level", log_level]
+    """The command line that runs the web service (``python -m sf_bsread_writer.web ...``).
+
+    ``status_url``: None for the buffer's own ``--web``, whose feed carries the status (``feed``).
+    """
+    command = [sys.executable, "-m", "sf_bsread_writer.web", feed]
+    if status_url:
+        command += ["--status-url", reachable_locally(status_url)]
+    command += ["--replay", reachable_locally(replay), "--port", str(port), "--bind", bind,
+                "--max-rate", repr(max_rate), "--log-level", log_level]
     if tokens:
         command += ["--tokens", os.path.abspath(tokens)]
     if parent_pid:
@@ -172,12 +189,90 @@ def start_web(feed: str, status_url: str | None, replay: str | None, *, port: in
               allow_origins: Sequence[str] = ()) -> ChildSupervisor:
     """Start the web service for a buffer's ``--web`` and keep it running; call ``.stop()`` at shutdown.
 
-    ``listen_fd``: the buffer's listening socket on the web port, inherited by every start (see
-    ``buffer.service.Buffer``): the service serves on it instead of binding the port itself.
+    ``listen_fd``: the buffer's listening socket on the web port, inherited by every start
+    (``BufferChildren``): the service serves on it instead of binding the port itself. ``status_url``:
+    None when ``feed`` carries the buffer's status (the buffer's own web feed always does).
     """
-    if status_url is None or replay is None:
-        raise ValueError("--web needs the buffer's HTTP status (--rest-port) and replay endpoint")
+    if replay is None:
+        raise ValueError("--web needs the buffer's replay endpoint")
     command = web_command(feed, status_url, replay, port=port, bind=bind, tokens=tokens, max_rate=max_rate,
                           log_level=log_level, parent_pid=os.getpid(), listen_fd=listen_fd,
                           allow_origins=allow_origins)
     return ChildSupervisor(command, env=env, pass_fds=() if listen_fd is None else (listen_fd,)).start()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0: any free port) for the web service to inherit (``pass_fds``).
+
+    ``host`` may be a name: its first address decides the family (``localhost``
+    -> 127.0.0.1 where both families resolve, as ``getaddrinfo`` orders them).
+    OSError names host and port.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as error:
+        raise OSError(f"cannot listen for --web on {host}:{port}: {error}") from None
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart past TIME_WAIT, as aiohttp does
+        listener.bind(address)
+        listener.listen(128)
+    except OSError as error:
+        listener.close()
+        raise OSError(error.errno, f"cannot listen for --web on {host}:{port}: {error.strerror}") from None
+    return listener
+
+
+class BufferChildren:
+    """The buffer's children (``ca_gateway`` for --ca, ``web`` for --web) and the web port's listening socket.
+
+    Owned by the loop thread: :meth:`listen_for_web` before READY, :meth:`start` after it, :meth:`stop` at
+    the end (children first, then the listener). ``web_port`` is the real port once listening.
+    """
+
+    def __init__(self, settings: BufferSettings) -> None:
+        self.settings = settings
+        self.web_port = settings.web_port
+        self._listener: socket.socket | None = None
+        self._children: dict[str, ChildSupervisor] = {}
+
+    def listen_for_web(self) -> None:
+        """--web: the listening socket on --web-bind/--web-port (OSError names them)."""
+        self._listener = listen(self.settings.web_bind, self.settings.web_port)
+        self.web_port = self._listener.getsockname()[1]
+
+    def start(self, ca_feed: str | None, web_feed: str | None, rest_url: str | None,
+              replay_address: str | None) -> None:
+        """Start a child for each feed given (its address): the gateway, the web service."""
+        settings = self.settings
+        if ca_feed is not None:
+            self._children["ca_gateway"] = start_gateway(
+                ca_feed, rest_url, settings.ca_prefix, settings.name, source_mode="sub",
+                log_level=settings.log_level, extra_args=["--max-rate", repr(settings.ca_max_rate)])
+        if web_feed is not None:
+            listener = self._listener
+            self._children["web"] = start_web(
+                web_feed, None, replay_address, port=self.web_port, bind=settings.web_bind,
+                tokens=settings.web_tokens, max_rate=settings.web_max_rate, log_level=settings.log_level,
+                allow_origins=settings.web_allow_origins,
+                listen_fd=listener.fileno() if listener is not None else None)
+
+    def forward_reload(self) -> None:
+        """SIGHUP: the web service re-reads its token file."""
+        web = self._children.get("web")
+        if web is not None and web.send_signal(signal.SIGHUP):
+            logger.info("SIGHUP forwarded to the web service (its tokens are re-read)")
+        else:
+            logger.info("SIGHUP: nothing to reload (no --web)")
+
+    def status(self) -> tuple[ChildStatus, ...]:
+        return tuple(ChildStatus(name, child.running, child.restarts) for name, child in self._children.items())
+
+    def stop(self) -> None:
+        for child in self._children.values():
+            child.stop()
+        self._children.clear()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None

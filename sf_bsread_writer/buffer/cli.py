@@ -15,6 +15,7 @@ import zmq
 
 from sf_bsread_writer import config, process
 from sf_bsread_writer.buffer.service import Buffer
+from sf_bsread_writer.buffer.settings import BufferSettings
 from sf_bsread_writer.process import ExitCode
 
 __all__ = ["main"]
@@ -31,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     process.configure_logging(args.log_level)
     try:
-        buffer = Buffer.from_args(args, print_ready=True, register=True)
+        buffer = Buffer(BufferSettings.from_args(args, print_ready=True, register=True))
     except ValueError as error:
         logger.error("%s", error)
         return ExitCode.CONFIGURATION

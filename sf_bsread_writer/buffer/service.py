@@ -1,68 +1,47 @@
-"""The buffer service: ingest one bsread stream, keep it in a ring, serve it live and replayed.
+"""The buffer service: the loop that owns every socket of the buffer and its ring.
 
-This module is the I/O shell around the pure ring (``ring``) and the
-bsread parser (``bsread.message``). One thread (the one calling
-:meth:`Buffer.run`) owns every ZeroMQ socket and the ring:
+One thread (the one calling :meth:`Buffer.run`) owns every ZeroMQ socket
+and the ring; the concepts it drives each have their own module:
 
 - **ingest** (PULL or SUB, connecting to the source): drained first, up to
-  a batch per loop, so nothing downstream can starve it. Each message is
-  validated by ``MessageParser`` (main header, data header by hash, part
-  count, size), stored as its raw frames in the ring, then handed to the
-  live output. Rejected messages are counted by reason and dropped.
+  a batch per loop, so nothing downstream can starve it. What happens to
+  each message (validated, timed, analysed, stored, counted) is
+  ``buffer.ingest``; the loop forwards what it takes.
 - **live output** (PUB, or PUSH for a legacy single consumer): never blocks.
 - **replay** (``replay.endpoint``): one pure ``ReplaySession`` per
   writer, served round-robin with a bounded amount of work per loop.
-- **HTTP** (``buffer.http_app`` on ``httpserver.HttpServer``, its own
-  threads): answers from an immutable, typed status snapshot
-  (``status.BufferStatus``) that the loop publishes a few times a
-  second; the HTTP threads never touch the ring or a socket.
-- **--ca**: a rate-limited loopback feed for the CA gateway, a child
-  process supervised by ``buffer.children``.
+- **status**: the loop publishes a typed snapshot (``buffer.snapshot``) a
+  few times a second; the HTTP API (``buffer.http_app`` on
+  ``httpserver.HttpServer``, its own threads) answers from it, and the
+  feeds carry it to the children.
+- **--ca, --web**: a rate-limited loopback feed per child (``buffer.feeds``),
+  the children themselves and the web port's socket (``buffer.children``).
 
 On start it prints the READY line (``process.print_ready``) with its
-endpoints and tells systemd READY=1, then pings the watchdog.
+endpoints and tells systemd READY=1, then pings the watchdog. Settings:
+one ``BufferSettings`` (``buffer.settings``).
 """
 from __future__ import annotations
 
 import logging
-import signal
-import socket
 import threading
 import time
-from argparse import Namespace
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import zmq
 
-from sf_bsread_writer import config, process, registry
-from sf_bsread_writer.bsread.message import MessageParser
+from sf_bsread_writer import process, registry
 from sf_bsread_writer.bsread.parts import PackedParts
-from sf_bsread_writer.bsread.spec import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    IgnoredMessage,
-    ProtocolError,
-)
-from sf_bsread_writer.bsread.timebase import MAX_CLOCK_SKEW, TimeBase, message_time
-from sf_bsread_writer.buffer import children
+from sf_bsread_writer.buffer.children import BufferChildren
+from sf_bsread_writer.buffer.feeds import LoopbackFeed
 from sf_bsread_writer.buffer.http_app import make_app
-from sf_bsread_writer.config import is_loopback
+from sf_bsread_writer.buffer.ingest import REJECT_LOG_INTERVAL, Ingest, RateLimitedLog
+from sf_bsread_writer.buffer.settings import BufferSettings
+from sf_bsread_writer.buffer.snapshot import NO_REPLAY, Snapshots
 from sf_bsread_writer.httpserver import HttpServer
-from sf_bsread_writer.rates import RateEstimator, SparseAwareGrid
 from sf_bsread_writer.replay.endpoint import ReplayEndpoint
-from sf_bsread_writer.ring import AppendStatus, Ring
-from sf_bsread_writer.status import (
-    SOURCE_IDLE_SECONDS,
-    BufferStatus,
-    CaFeedStatus,
-    ChildStatus,
-    Endpoints,
-    PulseIdStatus,
-    RateStatus,
-    ReplayStatus,
-    RingStatus,
-    SourceStatus,
-)
+from sf_bsread_writer.ring import Ring
+from sf_bsread_writer.status import BufferStatus, Endpoints
 from sf_bsread_writer.transport import partsio
 from sf_bsread_writer.transport.partsio import (
     MessageCutError,
@@ -93,52 +72,15 @@ INGEST_BATCH = 256
 # ingest ~40% of the loop) ingest never falls behind and replay gets the rest.
 # 20 ms of ingest delay is 2 messages at 100 Hz, well within INGEST_HWM.
 LOOP_SLICE_SECONDS = 0.02
-# Messages queued to a child's feed (CA gateway, web service); it wants only the newest, so a slow
-# child loses old ones.
-FEED_HWM = 4
 # Longest sleep of the loop when idle (bounds the reaction to stop()).
 IDLE_POLL_MS = 100
-RATE_WINDOW_SECONDS = 5.0
-REJECT_LOG_INTERVAL = 5.0
-# systemd's STATUS= line (systemctl status) is refreshed this often.
-STATUS_LINE_SECONDS = 5.0
-# --analyzer: at most this many "data missing" lines per message (then one line with the count).
-ANALYZER_MAX_LINES = 100
-# Refused channels named in the one log line of a new data header (the statistics count them all).
-REFUSED_SHOWN = 5
-
-
-class _RateLimitedLog:
-    """Log a repeated event at most once per interval and key, saying how many were suppressed."""
-
-    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
-        self.interval = interval
-        self.clock = clock
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warning(self, key: str, message: str, *args: Any) -> None:
-        self.log(logging.WARNING, key, message, *args)
-
-    def info(self, key: str, message: str, *args: Any) -> None:
-        self.log(logging.INFO, key, message, *args)
-
-    def log(self, level: int, key: str, message: str, *args: Any) -> None:
-        now = self.clock()
-        if now - self._last.get(key, -1e9) >= self.interval:
-            suppressed = self._suppressed.pop(key, 0)
-            suffix = f" ({suppressed} more like this suppressed)" if suppressed else ""
-            logger.log(level, message + suffix, *args)
-            self._last[key] = now
-        else:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
 
 
 class Buffer:
     """The buffer service, usable in-process (tests) or via ``buffer.cli``.
 
-    Construct with keyword arguments named like the CLI options (see
-    ``config.BUFFER_OPTIONS``) or with :meth:`from_args`; call :meth:`run`
+    Construct with a ``BufferSettings`` (``BufferSettings.from_args`` for the
+    command's options) and, for tests, the clocks; call :meth:`run`
     (blocks until :meth:`stop`; any thread, but sockets stay in that
     thread). ``started`` is set once every endpoint is bound; then
     ``output_address``, ``replay_address`` and ``rest_url`` hold the
@@ -146,75 +88,17 @@ class Buffer:
     the latest published snapshot (safe from any thread).
     """
 
-    def __init__(self, stream: str, output_port: int = 0, buffer_length: int = 1000,
-                 buffer_bytes: int = 2 * 1024**3, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 source_mode: str = "pull", output_mode: str = "pub", replay_port: int = 0,
-                 rest_port: int | None = 0, bind: str = config.DEFAULT_BIND, name: str = "BSBUFFER",
-                 analyzer: bool = False, ca: bool = False, ca_prefix: str = "", ca_max_rate: float = 10.0,
-                 web: bool = False, web_port: int = 8891, web_bind: str = config.DEFAULT_BIND,
-                 web_tokens: str | None = None, web_max_rate: float = 10.0,
-                 web_allow_origins: Sequence[str] = (),
-                 max_writers: int = 16, replay_inflight_bytes: int = 64 * 1024**2,
-                 session_timeout: float = 10.0, heartbeat_interval: float = 1.0,
-                 snapshot_interval: float = 0.25, print_ready: bool = False, log_level: str = "INFO",
-                 register: bool = False,
-                 max_clock_skew: float = MAX_CLOCK_SKEW, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, settings: BufferSettings, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
-        if source_mode not in ("pull", "sub"):
-            raise ValueError(f"source_mode must be pull or sub, not {source_mode!r}")
-        if output_mode not in ("pub", "push"):
-            raise ValueError(f"output_mode must be pub or push, not {output_mode!r}")
-        if buffer_length < 1 or buffer_bytes < 1:
-            raise ValueError("buffer_length and buffer_bytes must be positive")
-        if ca and ca_max_rate <= 0:
-            raise ValueError("ca_max_rate must be positive")
-        if web and web_max_rate <= 0:
-            raise ValueError("web_max_rate must be positive")
-        self.web_allow_origins = config.parse_origins(web_allow_origins)  # ValueError names a bad one
-        if web and not web_tokens and not is_loopback(web_bind):
-            raise ValueError(f"--web-bind {web_bind} reaches other hosts: give --web-tokens FILE (one token per line)")
-        if max_writers < 1 or replay_inflight_bytes < 1:
-            raise ValueError("max_writers and replay_inflight_bytes must be positive")
-        self.stream = stream
-        self.output_port = output_port
-        self.source_mode = source_mode
-        self.output_mode = output_mode
-        self.replay_port = replay_port
-        self.rest_port = rest_port
-        self.bind = bind
-        self.name = name
-        self.analyzer = analyzer
-        self.ca = ca
-        self.ca_prefix = ca_prefix
-        self.ca_max_rate = ca_max_rate
-        self.web = web
-        # The buffer listens on the web port itself (run()) and hands the socket to every web service it
-        # starts: READY and /statistics name the real port (also for --web-port 0), nobody can take it while a
-        # service restarts, and connections that come meanwhile wait in its backlog.
-        self.web_port = web_port
-        self._web_listener: socket.socket | None = None
-        self.web_bind = web_bind
-        self.web_tokens = web_tokens
-        self.web_max_rate = web_max_rate
-        self.max_writers = max_writers
-        self.replay_inflight_bytes = replay_inflight_bytes
-        self.session_timeout = session_timeout
-        self.heartbeat_interval = heartbeat_interval
-        self.snapshot_interval = snapshot_interval
-        self.print_ready = print_ready
-        self.register = register  # list this buffer for sf_bsread_ctl (registry): the CLI does
-        self._registry_entry = None
-        self.log_level = log_level
-        self.max_messages = buffer_length
-        self.max_bytes = buffer_bytes
-        self.max_clock_skew = max_clock_skew
+        self.settings = settings
         self._clock = clock
-        self._wall_clock = wall_clock  # the receive time: bsread.timebase
-
-        self.max_message_bytes = max_message_bytes
-        self.ring = Ring(buffer_length, buffer_bytes)  # owned by the loop thread
-        self._parser = MessageParser(max_message_bytes)
+        self._wall_clock = wall_clock  # the receive time (bsread.timebase) and the snapshot's time
+        self.ring = Ring(settings.buffer_length, settings.buffer_bytes)  # owned by the loop thread
         self._receiver = PartsReceiver()  # the loop thread's: ingest
+        self._reject_log = RateLimitedLog(REJECT_LOG_INTERVAL, clock)
+        self.ingest = Ingest(settings.stream, self.ring, self._reject_log,
+                             max_message_bytes=settings.max_message_bytes, max_clock_skew=settings.max_clock_skew,
+                             analyzer=settings.analyzer)
         self.started = threading.Event()
         self.stopped = threading.Event()
         self._stop_requested = threading.Event()
@@ -223,58 +107,24 @@ class Buffer:
         self.replay_address: str | None = None
         self.rest_url: str | None = None
         self._replay: ReplayEndpoint | None = None
-        self._ca_feed: _LoopbackFeed | None = None  # --ca: the gateway's feed, ca_max_rate msg/s
-        self._web_feed: _LoopbackFeed | None = None  # --web: the web service's feed, web_max_rate msg/s
-        self._children: dict[str, children.ChildSupervisor] = {}  # ca_gateway, web
+        self._feeds: dict[str, LoopbackFeed | None] = {"ca": None, "web": None}  # ca_max_rate, web_max_rate msg/s
+        self._children = BufferChildren(settings)
+        self._registry_entry = None
         self._sockets: list[zmq.Socket] = []  # the loop thread's, closed at the end
         self.sockets_replaced: dict[str, int] = {}  # by socket, after a message cut in half (loop thread only)
-
-        # Counters (loop thread only; published through snapshots).
-        self._start_monotonic = clock()
-        self._received = 0
-        self._received_bytes = 0
-        self._forwarded = 0
+        self._forwarded = 0  # the live output's counters (loop thread only; published through snapshots)
         self._output_drops = 0
-        self._rejected: dict[str, int] = {}
-        self._ignored = 0
-        self._duplicates = 0
-        self._header_changes = 0
-        self._last_header: Any = None  # compared with DataHeader.same_as
-        self._channels: int | None = None  # of the newest data header
-        self._last_pulse_id: int | None = None
-        self._last_message_monotonic: float | None = None
-        self._previous_message_monotonic: float | None = None
-        self._idle_reported = False  # "source idle" logged, "source back" not yet
-        self._last_message_time: float | None = None
-        self._timed_by_receive = 0
-        self._invalid_timestamps = 0  # global timestamps that were no time: kept, timed by receive
-        self._refused_channel_values: dict[str, int] = {}  # by reason: ChannelSpec.refused, message kept
-        self._time_base: TimeBase | None = None  # of the last message: a change is logged
-        self._clock_offset: float | None = None
-        self._rates = RateEstimator(RATE_WINDOW_SECONDS)
-        self._next_status_line = 0.0
-        self._reject_log = _RateLimitedLog(REJECT_LOG_INTERVAL, clock)
-        self._snapshot_lock = threading.Lock()
-        self._snapshot: BufferStatus
+        self._snapshots = Snapshots(settings, clock())
         self._publish_snapshot(clock())
 
-    @classmethod
-    def from_args(cls, args: Namespace, **overrides: Any) -> "Buffer":
-        """Build from an argparse namespace of ``config.BUFFER_OPTIONS`` (every option is an argument here)."""
-        options = {option.dest: getattr(args, option.dest) for option in config.BUFFER_OPTIONS}
-        return cls(**{**options, **overrides})
+    @property
+    def name(self) -> str:
+        return self.settings.name
 
     # -- public, thread-safe ----------------------------------------------
     def request_reload(self) -> None:
         """SIGHUP: the web service re-reads its token file (the loop forwards it; safe from a signal handler)."""
         self._reload_requested.set()
-
-    def _forward_reload(self) -> None:
-        web = self._children.get("web")
-        if web is not None and web.send_signal(signal.SIGHUP):
-            logger.info("SIGHUP forwarded to the web service (its tokens are re-read)")
-        else:
-            logger.info("SIGHUP: nothing to reload (no --web)")
 
     def stop(self) -> None:
         """Ask the loop to finish (returns at once; the loop exits within ~0.1 s)."""
@@ -282,52 +132,49 @@ class Buffer:
 
     def statistics(self) -> BufferStatus:
         """The latest published snapshot (frozen)."""
-        with self._snapshot_lock:
-            return self._snapshot
+        return self._snapshots.latest()
 
     # -- main loop ----------------------------------------------------------
     def run(self) -> None:
         """Bind, announce readiness, loop until stop(), then close everything."""
+        settings = self.settings
         context = zmq.Context()
         http: HttpServer | None = None
         sockets: list[zmq.Socket] = []
         self._sockets = sockets
         try:
             ingest = self._open_ingest(context)
-            output = self._open_output(context, f"tcp://{self.bind}:{self.output_port}")
+            output = self._open_output(context, f"tcp://{settings.bind}:{settings.output_port}")
             self.output_address = output.getsockopt_string(zmq.LAST_ENDPOINT)
 
-            self._replay = ReplayEndpoint(context, f"tcp://{self.bind}:{self.replay_port}", self.ring,
-                                          self.heartbeat_interval, self.session_timeout, self._clock,
-                                          self.max_writers, self.replay_inflight_bytes)
+            self._replay = ReplayEndpoint(context, f"tcp://{settings.bind}:{settings.replay_port}", self.ring,
+                                          settings.heartbeat_interval, settings.session_timeout, self._clock,
+                                          settings.max_writers, settings.replay_inflight_bytes)
             self.replay_address = self._replay.address
 
-            # Each child's own feed, not the live output: PVs and web clients update at most
-            # max_rate times a second, so the child need not ingest (and the buffer need not send)
-            # every message, and a PUSH live output keeps all its messages for its legacy consumer.
-            if self.ca:
-                self._ca_feed = _LoopbackFeed(context, self.ca_max_rate)
-                sockets.append(self._ca_feed.socket)
-            if self.web:
-                self._web_feed = _LoopbackFeed(context, self.web_max_rate)
-                sockets.append(self._web_feed.socket)
-                self._web_listener = _listen(self.web_bind, self.web_port)
-                self.web_port = self._web_listener.getsockname()[1]
+            # Each child's own feed, not the live output (buffer.feeds says why). The gateway's carries no
+            # status yet: ca/gateway.py reads its feed with a reader of its own (docs/buffer.md, "Feeds").
+            if settings.ca:
+                self._feeds["ca"] = LoopbackFeed(context, settings.ca_max_rate, carries_status=False)
+                sockets.append(self._feeds["ca"].socket)
+            if settings.web:
+                self._feeds["web"] = LoopbackFeed(context, settings.web_max_rate)
+                sockets.append(self._feeds["web"].socket)
+                self._children.listen_for_web()
 
-            if self.rest_port is not None:
-                http = HttpServer(make_app(self.statistics), self.bind, self.rest_port).start()
+            if settings.rest_port is not None:
+                http = HttpServer(make_app(self.statistics), settings.bind, settings.rest_port).start()
                 self.rest_url = http.url
 
             self._tune_allocator()
             self._announce_ready()
-            self._start_children()
+            self._children.start(*(feed.address if feed is not None else None for feed in
+                                   (self._feeds["ca"], self._feeds["web"])), self.rest_url, self.replay_address)
             self._loop(ingest, output, self._replay)
         finally:
             process.sd_notify("STOPPING=1")
             registry.unregister(self._registry_entry)
-            self._stop_children()
-            if self._web_listener is not None:
-                self._web_listener.close()
+            self._children.stop()
             if http is not None:
                 http.stop()
             if self._replay is not None:
@@ -340,21 +187,22 @@ class Buffer:
             logger.info("buffer %s stopped", self.name)
 
     def _open_ingest(self, context: zmq.Context) -> zmq.Socket:
-        ingest = context.socket(zmq.SUB if self.source_mode == "sub" else zmq.PULL)
+        settings = self.settings
+        ingest = context.socket(zmq.SUB if settings.source_mode == "sub" else zmq.PULL)
         self._sockets.append(ingest)
         ingest.setsockopt(zmq.RCVHWM, INGEST_HWM)
         ingest.setsockopt(zmq.LINGER, 0)
         # A part far larger than a message may be (twice the limit) disconnects the source at
         # its header, before libzmq buffers any of it; anything up to that arrives whole and
         # is counted as oversize by the parser.
-        ingest.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_message_bytes)
-        if self.source_mode == "sub":
+        ingest.setsockopt(zmq.MAXMSGSIZE, 2 * settings.max_message_bytes)
+        if settings.source_mode == "sub":
             ingest.setsockopt(zmq.SUBSCRIBE, b"")
-        ingest.connect(self.stream)
+        ingest.connect(settings.stream)
         return ingest
 
     def _open_output(self, context: zmq.Context, address: str, again: bool = False) -> zmq.Socket:
-        output = context.socket(zmq.PUSH if self.output_mode == "push" else zmq.PUB)
+        output = context.socket(zmq.PUSH if self.settings.output_mode == "push" else zmq.PUB)
         self._sockets.append(output)
         output.setsockopt(zmq.SNDHWM, OUTPUT_HWM)
         output.setsockopt(zmq.LINGER, 0)
@@ -381,18 +229,25 @@ class Buffer:
             output.close(linger=0)
             output = self._open_output(context, self.output_address, again=True)
             replaced.append("live output")
-        for name, feed in (("CA feed", self._ca_feed), ("web feed", self._web_feed)):
-            if feed is not None and is_cut(feed.socket):
-                feed.socket.close(linger=0)
-                feed.socket = feed.bound_socket(context, again=True)
-                self._sockets.append(feed.socket)
-                replaced.append(name)
-        self._sockets[:] = [sock for sock in self._sockets if not sock.closed]
         for name in replaced:
             self.sockets_replaced[name] = self.sockets_replaced.get(name, 0) + 1
+        for name, feed in (("CA feed", self._feeds["ca"]), ("web feed", self._feeds["web"])):
+            if feed is not None and is_cut(feed.socket):
+                self._replace_feed_socket(name, feed)
+                replaced.append(name)
+        self._sockets[:] = [sock for sock in self._sockets if not sock.closed]
         logger.error("socket replaced after a message cut in half: %s (so far: %s): %s", ", ".join(replaced) or
                      "none found", self.sockets_replaced, error)
         return ingest, output
+
+    def _replace_feed_socket(self, name: str, feed: LoopbackFeed) -> None:
+        """A feed's cut socket closed and bound again at the same address (its child reconnects); counted."""
+        context = feed.socket.context
+        feed.socket.close(linger=0)
+        feed.socket = feed.bound_socket(context, again=True)
+        self._sockets.append(feed.socket)
+        self._sockets[:] = [sock for sock in self._sockets if not sock.closed]
+        self.sockets_replaced[name] = self.sockets_replaced.get(name, 0) + 1
 
     def _tune_allocator(self) -> None:
         try:
@@ -401,17 +256,18 @@ class Buffer:
             logger.warning("allocator tuning failed: %s", error)
 
     def _announce_ready(self) -> None:
+        settings = self.settings
         logger.info("buffer %s: ingesting %s (%s), live output %s (%s), replay %s, HTTP %s; message I/O %s%s",
-                    self.name, self.stream, self.source_mode, self.output_address, self.output_mode,
+                    self.name, settings.stream, settings.source_mode, self.output_address, settings.output_mode,
                     self.replay_address, self.rest_url, partsio.IMPLEMENTATION,
                     f" ({partsio.FALLBACK_REASON})" if partsio.FALLBACK_REASON else "")
         self._publish_snapshot(self._clock())
-        if self.print_ready:
+        if settings.print_ready:
             process.print_ready({**self._endpoints().to_json(), "io_path": partsio.IMPLEMENTATION})
-        if self.register:
+        if settings.register:
             self._registry_entry = registry.register("buffer", self.name, self._endpoints().to_json(),
-                                                     {"stream": self.stream})
-        process.sd_notify(f"READY=1\nSTATUS=ingesting {self.stream}")
+                                                     {"stream": settings.stream})
+        process.sd_notify(f"READY=1\nSTATUS=ingesting {settings.stream}")
         self.started.set()
 
     def _loop(self, ingest: zmq.Socket, output: zmq.Socket, replay: ReplayEndpoint) -> None:
@@ -438,16 +294,17 @@ class Buffer:
             now = clock()
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
-                self._forward_reload()
+                self._children.forward_reload()
             if now >= next_snapshot:
                 replay.expire(now)
-                self._publish_snapshot(now)
-                self._report(now)
-                next_snapshot = now + self.snapshot_interval
+                self._publish_snapshot(now, feeds=True)
+                self.ingest.check_idle(now)
+                self._snapshots.status_line(now)
+                next_snapshot = now + self.settings.snapshot_interval
             if watchdog is not None and now >= next_watchdog:
                 process.sd_notify("WATCHDOG=1")
                 next_watchdog = now + watchdog
-        self._publish_snapshot(clock(), state="stopping")
+        self._publish_snapshot(clock(), state="stopping", feeds=True)
 
     # -- ingest -------------------------------------------------------------
     def _drain_ingest(self, ingest: zmq.Socket, output: zmq.Socket, deadline: float) -> None:
@@ -457,74 +314,14 @@ class Buffer:
                 frames = self._receiver.receive(ingest, zmq.NOBLOCK)[1]
             except zmq.Again:
                 return
-            self._ingest(frames, output)
+            now = self._clock()
+            if self.ingest.receive(frames, now, self._wall_clock()):
+                self._forward(frames, output)
+                for feed in self._feeds.values():
+                    if feed is not None:
+                        feed.offer(frames, now)
             if self._clock() >= deadline:
                 return
-
-    def _ingest(self, frames: PackedParts, output: zmq.Socket) -> None:
-        self._previous_message_monotonic = self._last_message_monotonic
-        self._last_message_monotonic = self._clock()
-        try:
-            message = self._parser.parse(frames)
-        except IgnoredMessage as ignored:
-            self._ignored += 1
-            if self.analyzer:
-                logger.info("analyzer: control message %s ignored", getattr(ignored, "htype", ignored))
-            return
-        except ProtocolError as error:
-            reason = getattr(error.reason, "value", str(error.reason))
-            self._rejected[reason] = self._rejected.get(reason, 0) + 1
-            self._reject_log.warning(reason, "rejected message (%s): %s", reason, error.detail)
-            return
-        except Exception as error:  # a parser bug must cost one message, not the service
-            reason = "parser_error"
-            self._rejected[reason] = self._rejected.get(reason, 0) + 1
-            self._reject_log.warning(reason, "message dropped, the parser failed: %r", error)
-            return
-        pulse_id = message.pulse_id
-        received_at = self._wall_clock()
-        timestamp, base = message_time(message.timestamp, received_at, self.max_clock_skew)
-        if message.main.timestamp_invalid:
-            # A bad clock costs the time, never the pulse: the values are kept, the receive time stands in.
-            self._invalid_timestamps += 1
-            self._reject_log.warning("bad_clock", "pulse_id %d: %s; kept, timed by the buffer's receive time",
-                                     pulse_id, message.main.timestamp_invalid)
-        self._note_time_base(base, message.timestamp, received_at, pulse_id)
-        self._analyze(message, pulse_id)
-        result = self.ring.append(pulse_id, timestamp, frames)
-        for event in result.events:  # the ring decides, the buffer tells (rate limited per kind)
-            self._reject_log.warning(event.kind, "%s", event.text)
-        if result.status is AppendStatus.HELD_BACK:
-            # The ring waits for the next messages to tell a source restart or a real jump from a
-            # stray message (ring.py); the live output is a relay and passes it on now.
-            where = "below" if pulse_id < (self.ring.newest_pulse_id or 0) else "far above"
-            self._reject_log.info("held", "pulse id %d is %s the newest held (%s): held back from the ring until "
-                                  "the next messages confirm it", pulse_id, where, self.ring.newest_pulse_id)
-        elif result.status is not AppendStatus.STORED:
-            if result.status is AppendStatus.DUPLICATE:
-                self._duplicates += 1
-                self._reject_log.warning("duplicate", "message with repeated pulse id %d dropped", pulse_id)
-            else:  # larger than the whole ring (--buffer-bytes)
-                reason = "larger_than_ring"
-                self._rejected[reason] = self._rejected.get(reason, 0) + 1
-            return
-        if result.skipped_pulses:
-            self._reject_log.info("jump", "pulse id jumped to %d: %d pulses skipped (usual step %s)",
-                                  pulse_id, result.skipped_pulses, self.ring.usual_step)
-        if self._received == 0:
-            logger.info("first message from %s: pulse_id %d, %d channels", self.stream, pulse_id,
-                        message.n_channels)
-        if self._idle_reported:
-            self._idle_reported = False
-            logger.info("source back after %.1f s of silence, at pulse_id %d",
-                        self._last_message_monotonic - self._previous_message_monotonic, pulse_id)
-        self._received += 1
-        self._received_bytes += message.nbytes
-        self._last_message_time = timestamp
-        self._forward(frames, output)
-        for feed in (self._ca_feed, self._web_feed):
-            if feed is not None:
-                feed.offer(frames, self._last_message_monotonic)
 
     def _forward(self, frames: PackedParts, output: zmq.Socket) -> None:
         """Live output; never blocks. Non-blocking applies to the first part only (bsread-format.md)."""
@@ -538,209 +335,30 @@ class Buffer:
             raise
         self._forwarded += 1
 
-    def _note_time_base(self, base: TimeBase, source_timestamp: float, received_at: float, pulse_id: int) -> None:
-        """Count the messages timed by their receive time; log when a source's clock becomes (im)plausible."""
-        self._clock_offset = source_timestamp - received_at if source_timestamp > 0 else None
-        if base is TimeBase.RECEIVE:
-            self._timed_by_receive += 1
-        if base is not self._time_base:
-            # Rate limited: a source whose clock hovers at the limit would otherwise log every message.
-            if base is TimeBase.RECEIVE:
-                self._reject_log.warning(
-                    "clock", "pulse_id %d: the source's global timestamp %.6f is %s; time windows use the "
-                    "buffer's receive time for its messages (--max-clock-skew %g s)", pulse_id, source_timestamp,
-                    "absent" if source_timestamp <= 0 else f"{source_timestamp - received_at:+.3f} s off the receive "
-                    "time", self.max_clock_skew)
-            elif self._time_base is not None:
-                self._reject_log.info("clock_back", "pulse_id %d: the source's global timestamp is plausible again",
-                                      pulse_id)
-            self._time_base = base
-
-    def _analyze(self, message: Any, pulse_id: int) -> None:
-        """Count and log header changes; jumps and resets are counted by the ring. --analyzer: absent values."""
-        header = message.data_header
-        if not header.same_as(self._last_header):
-            if self._last_header is not None:
-                self._header_changes += 1
-                self._reject_log.info("header", "data header changed at pulse %d: %d channels (hash %s -> %s)",
-                                      pulse_id, message.n_channels, self._last_header.hash, header.hash)
-            self._last_header = header
-            self._channels = message.n_channels
-            if header.refused:
-                shown = [f"{header.channels[index].name!r} ({header.channels[index].refused_detail})"
-                         for index in header.refused[:REFUSED_SHOWN]]
-                more = len(header.refused) - len(shown)
-                self._reject_log.warning("refused_channels", "data header at pulse %d: %d channel(s) refused: %s%s; "
-                                         "the messages and their other channels are kept", pulse_id,
-                                         len(header.refused), "; ".join(shown), f" and {more} more" if more else "")
-        if header.refused:
-            counts = self._refused_channel_values
-            for index in header.refused:
-                reason = header.channels[index].refused.value
-                counts[reason] = counts.get(reason, 0) + 1
-        if self._last_pulse_id is not None and pulse_id < self._last_pulse_id and self.analyzer:
-            logger.info("analyzer: pulse id went back from %d to %d", self._last_pulse_id, pulse_id)
-        self._last_pulse_id = pulse_id
-        if self.analyzer:
-            self._log_absent_channels(message, pulse_id)
-
-    @staticmethod
-    def _log_absent_channels(message: Any, pulse_id: int) -> None:
-        """The original analyzer's line per channel without a value (its wording: scripts grep for it).
-
-        At most ``ANALYZER_MAX_LINES`` lines per message, then one line with
-        the count, so a stream of thousands of absent channels cannot flood the log.
-        """
-        absent = [i for i in range(message.n_channels) if not message.is_present(i)]
-        names = message.data_header.names
-        for i in absent[:ANALYZER_MAX_LINES]:
-            logger.info("Channel '%s' data missing in pulse_id %d.", names[i], pulse_id)
-        if len(absent) > ANALYZER_MAX_LINES:
-            logger.info("... and %d more channels data missing in pulse_id %d.", len(absent) - ANALYZER_MAX_LINES,
-                        pulse_id)
-
-    # -- statistics ---------------------------------------------------------
-    def _report(self, now: float) -> None:
-        """What operators watch: a silent source (once, and when it is back) and systemd's STATUS= line."""
-        last = self._last_message_monotonic
-        if last is not None and not self._idle_reported and now - last > SOURCE_IDLE_SECONDS:
-            self._idle_reported = True
-            logger.warning("source %s idle: no message for %.0f s (last pulse_id %s)", self.stream, now - last,
-                           self._last_pulse_id)
-        if now >= self._next_status_line:
-            self._next_status_line = now + STATUS_LINE_SECONDS
-            status = self.statistics()
-            process.sd_notify(f"STATUS={status.describe()}: {status.rates.messages_per_second:.1f} msg/s, "
-                              f"ring {status.ring.messages} messages ({status.ring.oldest_pulse_id}.."
-                              f"{status.ring.newest_pulse_id}), {status.replay.active_sessions} writers")
-
+    # -- status -------------------------------------------------------------
     def _endpoints(self) -> Endpoints:
-        host = f"[{self.web_bind}]" if ":" in self.web_bind else self.web_bind  # an IPv6 address in a URL
-        web = f"http://{host}:{self.web_port}" if self.web and self.web_port else None
-        return Endpoints(stream=self.stream, output=self.output_address, replay=self.replay_address,
+        settings = self.settings
+        bind = settings.web_bind
+        host = f"[{bind}]" if ":" in bind else bind  # an IPv6 address in a URL
+        web_port = self._children.web_port
+        web = f"http://{host}:{web_port}" if settings.web and web_port else None
+        return Endpoints(stream=settings.stream, output=self.output_address, replay=self.replay_address,
                          rest=self.rest_url, web=web)
 
-    def _publish_snapshot(self, now: float, state: str = "running") -> None:
-        ring = self.ring
-        counters = ring.counters
-        self._rates.add(now, self._received, self._received_bytes)
-        messages_per_second, bytes_per_second = self._rates.rates() or (0.0, 0.0)
-        idle = None if self._last_message_monotonic is None else now - self._last_message_monotonic
-        replay = self._replay.status() if self._replay is not None else ReplayStatus(
-            active_sessions=0, started=0, ended=0, expired=0, refused=0, disconnected=0, send_failures=0,
-            sent=0, gaps=0, lost=0, sessions=())
-        snapshot = BufferStatus(
-            name=self.name,
-            state=state,
-            time=time.time(),
-            uptime_seconds=now - self._start_monotonic,
-            endpoints=self._endpoints(),
-            source=SourceStatus(address=self.stream, mode=self.source_mode, idle_seconds=idle,
-                                last_message_time=self._last_message_time,
-                                connected_once=self._last_message_monotonic is not None,
-                                timed_by_receive=self._timed_by_receive, clock_offset_seconds=self._clock_offset,
-                                invalid_timestamps=self._invalid_timestamps),
-            received=self._received,
-            received_bytes=self._received_bytes,
-            forwarded=self._forwarded,
-            output_mode=self.output_mode,
-            output_drops=self._output_drops,
-            rejected=dict(self._rejected),
-            rejected_total=sum(self._rejected.values()),
-            ignored=self._ignored,
-            duplicates=self._duplicates,
-            ca_feed=self._ca_feed.status() if self._ca_feed is not None else None,
-            web_feed=self._web_feed.status() if self._web_feed is not None else None,
-            channels=self._channels,
-            children=tuple(ChildStatus(name, child.running, child.restarts) for name, child in self._children.items()),
-            refused_channel_values=dict(self._refused_channel_values),
-            header_changes=self._header_changes,
-            ring=RingStatus(messages=ring.n_messages, bytes=ring.n_bytes, max_messages=self.max_messages,
-                            max_bytes=self.max_bytes, oldest_pulse_id=ring.oldest_pulse_id,
-                            newest_pulse_id=ring.newest_pulse_id, evicted=counters.evicted,
-                            evicted_bytes=counters.evicted_bytes, oldest_time=ring.oldest_time,
-                            newest_time=ring.newest_time),
-            pulse_ids=PulseIdStatus(last=self._last_pulse_id, usual_step=ring.usual_step, jumps=counters.jumps,
-                                    jumped_pulses=counters.jumped_pulses, resets=counters.resets,
-                                    reset_evicted=counters.reset_evicted, held_back=counters.held_back,
-                                    out_of_order=counters.out_of_order, strays=counters.strays),
-            rates=RateStatus(messages_per_second=messages_per_second, bytes_per_second=bytes_per_second,
-                             window_seconds=self._rates.span),
-            replay=replay,
-            io_path=partsio.IMPLEMENTATION,
-        )
-        with self._snapshot_lock:
-            self._snapshot = snapshot
-
-    # -- optional CA gateway ------------------------------------------------
-    def _start_children(self) -> None:
-        """--ca, --web: the CA gateway and the web service as supervised child processes reading their feeds."""
-        if self._ca_feed is not None:
-            self._children["ca_gateway"] = (children.start_gateway(
-                self._ca_feed.address, self.rest_url, self.ca_prefix, self.name, source_mode="sub",
-                log_level=self.log_level, extra_args=["--max-rate", repr(self.ca_max_rate)]))
-        if self._web_feed is not None:
-            self._children["web"] = (children.start_web(
-                self._web_feed.address, self.rest_url, self.replay_address, port=self.web_port, bind=self.web_bind,
-                tokens=self.web_tokens, max_rate=self.web_max_rate, log_level=self.log_level,
-                allow_origins=self.web_allow_origins, listen_fd=self._web_listener.fileno() if self._web_listener is not None else None))
-
-    def _stop_children(self) -> None:
-        for child in self._children.values():
-            child.stop()
-        self._children.clear()
-
-
-class _LoopbackFeed:
-    """A child's feed: a loopback PUB socket (never blocks) that gets ``max_rate`` messages a second, plus
-    those that carry a sparse channel the last one lacked (``rates.SparseAwareGrid``)."""
-
-    def __init__(self, context: zmq.Context, max_rate: float) -> None:
-        self.max_rate = max_rate
-        self.address = "tcp://127.0.0.1:0"  # our own child reads it: loopback only
-        self.socket = self.bound_socket(context)
-        self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._grid = SparseAwareGrid(max_rate)
-        self.sent = 0
-
-    def bound_socket(self, context: zmq.Context, again: bool = False) -> zmq.Socket:
-        """The PUB at ``address`` (again: the same port after a cut socket was closed; the child reconnects)."""
-        socket = context.socket(zmq.PUB)
-        socket.setsockopt(zmq.SNDHWM, FEED_HWM)
-        socket.setsockopt(zmq.LINGER, 0)
-        if again:
-            bind_again(socket, self.address)
-        else:
-            socket.bind(self.address)
-        return socket
-
-    def offer(self, frames: PackedParts, now: float) -> None:
-        if self._grid.take(now, frames.layout.presence):
-            send_parts(self.socket, frames)
-            self.sent += 1
-
-    def status(self) -> CaFeedStatus:
-        return CaFeedStatus(address=self.address, max_rate=self.max_rate, sent=self.sent)
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (0: any free port) for the web service to inherit (``pass_fds``).
-
-    ``host`` may be a name: its first address decides the family (``localhost``
-    -> 127.0.0.1 where both families resolve, as ``getaddrinfo`` orders them).
-    OSError names host and port.
-    """
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as error:
-        raise OSError(f"cannot listen for --web on {host}:{port}: {error}") from None
-    listener = socket.socket(family, kind, proto)
-    try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart past TIME_WAIT, as aiohttp does
-        listener.bind(address)
-        listener.listen(128)
-    except OSError as error:
-        listener.close()
-        raise OSError(error.errno, f"cannot listen for --web on {host}:{port}: {error.strerror}") from None
-    return listener
+    def _publish_snapshot(self, now: float, state: str = "running", feeds: bool = False) -> None:
+        """A new snapshot for the HTTP API and the STATUS= line; ``feeds``: on the children's feeds too."""
+        snapshot = self._snapshots.publish(
+            now, time.time(), ingest=self.ingest, ring=self.ring,
+            replay=self._replay.status() if self._replay is not None else NO_REPLAY,
+            endpoints=self._endpoints(), forwarded=self._forwarded, output_drops=self._output_drops,
+            feeds=self._feeds, children=self._children.status(), io_path=partsio.IMPLEMENTATION, state=state)
+        if feeds:
+            for name, feed in (("CA feed", self._feeds["ca"]), ("web feed", self._feeds["web"])):
+                if feed is None:
+                    continue
+                try:
+                    feed.publish_status(snapshot)
+                except MessageCutError as error:
+                    self._replace_feed_socket(name, feed)
+                    logger.error("socket replaced after a message cut in half: %s (so far: %s): %s", name,
+                                 self.sockets_replaced, error)

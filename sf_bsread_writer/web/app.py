@@ -139,17 +139,24 @@ async def _status(request: web.Request) -> web.Response:
 
 
 async def status_document(service: WebService) -> dict[str, Any]:
-    """``GET /api/v1/status`` (also pushed to websocket clients that asked for it): the buffer's typed status."""
-    url = service.settings.status_url + "/statistics"
-    try:
-        timeout = aiohttp.ClientTimeout(total=STATUS_TIMEOUT_SECONDS)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.get(url) as answer:
-                document = await answer.json()
-        status = BufferStatus.from_json(document["statistics"])
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as error:
-        return {"state": "error", "status": f"the buffer's status at {url} cannot be read: "
-                                            f"{type(error).__name__}: {error}"}
+    """``GET /api/v1/status`` (also pushed to websocket clients that asked for it): the buffer's typed status.
+
+    From the feed (the buffer's ``--web`` feed carries it); only a feed without status (a buffer's live
+    output, standalone) falls back to polling ``--status-url``.
+    """
+    status, problem = service.feed_status(time.monotonic())
+    if status is None and service.buffer_status is None and service.settings.status_url:
+        url = service.settings.status_url + "/statistics"
+        try:
+            timeout = aiohttp.ClientTimeout(total=STATUS_TIMEOUT_SECONDS)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.get(url) as answer:
+                    document = await answer.json()
+            status = BufferStatus.from_json(document["statistics"])
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as error:
+            problem = f"the buffer's status at {url} cannot be read: {type(error).__name__}: {error}"
+    if status is None:
+        return {"state": "error", "status": problem}
     ring = status.ring
     return {
         "state": "ok",

@@ -1,8 +1,9 @@
 """``sf_bsread_web``: the buffer over HTTP and websockets, as its own process (docs/web-api.md).
 
 Threads: the asyncio loop (aiohttp: every request and websocket) and one
-feed reader (ZeroMQ: the buffer's rate-limited ``--web`` feed, or any bsread
-stream), which parses each message and hands it to the loop. Past ranges run
+feed thread (``feed.FeedReader`` on the buffer's rate-limited ``--web``
+feed, or any bsread stream), which parses each message and hands it to the
+loop, and keeps the buffer's status that travels on the same feed. Past ranges run
 in worker threads (ZeroMQ replay, h5py). What a client gets is decided by
 ``web.live`` (latest values, subscriptions, bounded queues) and
 ``web.range_query``; this module only moves bytes and reads the clock.
@@ -85,7 +86,7 @@ async def serve(settings: WebSettings, tokens: TokenSet) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``sf_bsread_web FEED --status-url URL --replay ADDRESS [--port P] [--bind H] [--tokens FILE]``."""
+    """``sf_bsread_web FEED [--status-url URL] --replay ADDRESS [--port P] [--bind H] [--tokens FILE]``."""
     args = parse_args("sf_bsread_web", "Serve a bsread buffer over HTTP and websockets.", WEB_OPTIONS,
                       WEB_ENV_PREFIX, argv)
     process.configure_logging(args.log_level)
@@ -113,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("--allow-origin %s", error)
         return 2
     settings = WebSettings(
-        feed=args.feed, status_url=args.status_url.rstrip("/"), replay=args.replay, source_mode=args.source_mode,
+        feed=args.feed, status_url=args.status_url.rstrip("/") if args.status_url else None, replay=args.replay, source_mode=args.source_mode,
         port=args.port, bind=args.bind, tokens_file=os.path.abspath(args.tokens) if args.tokens else None,
         max_rate=args.max_rate, limits=RangeLimits(max_pulses=args.max_range_pulses,
                                                    max_bytes=args.max_range_bytes),

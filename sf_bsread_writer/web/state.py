@@ -1,5 +1,6 @@
 """What the web service knows and shares between its handlers: settings, latest values, subscriptions,
-tokens, counters, and the feed reader thread that keeps the latest values current."""
+tokens, counters, and the feed thread (``feed.FeedReader``) that keeps the latest values and the buffer's
+status current."""
 from __future__ import annotations
 
 import asyncio
@@ -12,30 +13,37 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import zmq
-
 from sf_bsread_writer.bsread.message import Message, MessageParser
 from sf_bsread_writer.bsread.spec import IgnoredMessage, ProtocolError
+from sf_bsread_writer.feed import FeedReader
 from sf_bsread_writer.rates import SparseAwareGrid
-from sf_bsread_writer.status import PrometheusText
-from sf_bsread_writer.transport.partsio import MessageCutError, PartsReceiver
+from sf_bsread_writer.status import BufferStatus, PrometheusText
 from sf_bsread_writer.web.auth import TokenFileError, TokenSet, read_tokens
 from sf_bsread_writer.web.live import LatestValues, SubscriptionHub
 from sf_bsread_writer.web.range_query import RangeLimits
 
-__all__ = ["WebSettings", "WebService", "WebCounters"]
+__all__ = ["WebSettings", "WebService", "WebCounters", "FeedStatus"]
 
 logger = logging.getLogger(__name__)
 
-FEED_HWM = 4  # the newest few messages queued in ZeroMQ: a slow reader loses old ones
+# The buffer publishes its status on the feed 4 times a second: one this old means the buffer has stalled.
+STATUS_STALE_SECONDS = 5.0
 STATUS_PUSH_SECONDS = 1.0
 HANDOVER_MESSAGES = 8  # parsed messages waiting for the loop: a stalled loop loses the oldest, never memory
+
+
+@dataclass(frozen=True)
+class FeedStatus:
+    """The buffer's newest status from the feed and when it came (the feed thread's monotonic clock)."""
+
+    status: BufferStatus
+    received: float
 
 
 @dataclass
 class WebSettings:
     feed: str
-    status_url: str
+    status_url: str | None  # only for a feed that carries no status (a buffer's live output)
     replay: str
     source_mode: str = "sub"
     port: int = 8891
@@ -92,6 +100,7 @@ class WebService:
         self.temp_root = tempfile.mkdtemp(prefix="sf_bsread_web-")
         self._stop = threading.Event()
         self.feed_error: str | None = None
+        self.buffer_status: FeedStatus | None = None  # replaced whole by the feed thread
 
     # -- the feed ---------------------------------------------------------------
     def start_feed(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -106,44 +115,25 @@ class WebService:
         shutil.rmtree(self.temp_root, ignore_errors=True)
 
     def _read_feed(self) -> None:
-        """Receive, keep to max_rate without losing sparse channels, parse; hand each message to the loop."""
-        context = zmq.Context()
-
-        def connected_socket() -> zmq.Socket:
-            socket = context.socket(zmq.SUB if self.settings.source_mode == "sub" else zmq.PULL)
-            socket.setsockopt(zmq.RCVHWM, FEED_HWM)
-            socket.setsockopt(zmq.LINGER, 0)
-            if self.settings.source_mode == "sub":
-                socket.setsockopt(zmq.SUBSCRIBE, b"")
-            try:
-                socket.connect(self.settings.feed)
-            except BaseException:
-                socket.close(0)
-                raise
-            return socket
-
+        """Receive (``feed.FeedReader``): the buffer's status is kept; messages are kept to max_rate without
+        losing sparse channels, parsed, and handed to the loop."""
         parser = MessageParser()
-        receiver = PartsReceiver()
         sampler = SparseAwareGrid(self.settings.max_rate)
-        socket = None
+        reader = None
         try:
-            socket = connected_socket()
+            reader = FeedReader(self.settings.feed, self.settings.source_mode)
             while not self._stop.is_set():
-                if not socket.poll(200):
+                item = reader.receive(0.2)
+                self.counters.feed_sockets_replaced = reader.sockets_replaced
+                if item is None:
+                    continue
+                if isinstance(item, BufferStatus):
+                    self.buffer_status = FeedStatus(item, time.monotonic())  # one reference: read by the loop
+                    continue
+                if not sampler.take(time.monotonic(), item.layout.presence):
                     continue
                 try:
-                    _, parts = receiver.receive(socket, 0, 0)
-                except MessageCutError as error:  # a new socket; the next message arrives whole on it
-                    socket.close(0)
-                    socket = None
-                    socket = connected_socket()
-                    self.counters.feed_sockets_replaced += 1
-                    logger.error("feed socket replaced (%d so far): %s", self.counters.feed_sockets_replaced, error)
-                    continue
-                if parts is None or not sampler.take(time.monotonic(), parts.layout.presence):
-                    continue
-                try:
-                    message = parser.parse(parts)
+                    message = parser.parse(item)
                 except IgnoredMessage:
                     continue
                 except ProtocolError as error:
@@ -156,9 +146,18 @@ class WebService:
             self.feed_error = f"{type(error).__name__}: {error}"
             logger.exception("feed reader failed")
         finally:
-            if socket is not None:
-                socket.close(0)
-            context.term()
+            if reader is not None:
+                reader.close()
+
+    def feed_status(self, now: float) -> tuple[BufferStatus | None, str | None]:
+        """The buffer's status from the feed, or None and why not (none yet, or too old: the buffer stalled)."""
+        latest = self.buffer_status
+        if latest is None:
+            return None, f"no status on the feed {self.settings.feed} yet"
+        age = now - latest.received
+        if age > STATUS_STALE_SECONDS:
+            return None, f"the buffer's status on the feed {self.settings.feed} is {age:.0f} s old"
+        return latest.status, None
 
     def _hand_over(self, message: Message) -> None:
         """Feed thread -> loop through a bounded queue; one scheduled callback drains it."""
