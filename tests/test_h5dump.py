@@ -130,8 +130,8 @@ def test_the_documented_h5py_error_is_the_one_h5py_gives(image_file):
     error = result.stdout.strip()
     assert error.startswith("OSError: "), result
     documented = (ROOT / "docs" / "file-format.md").read_text(encoding="utf-8")
-    quoted = re.search(r"raise `(OSError: [^`]+)`", documented)
-    assert quoted, "docs/file-format.md quotes the error as: raise `OSError: ...`"
+    quoted = re.search(r"raises `(OSError: [^`]+)`", documented)
+    assert quoted, "docs/file-format.md quotes the error as: raises `OSError: ...`"
     # The plugin directory in the message is the HDF5 build's default: the docs write it as <...>.
     pattern = re.escape(quoted.group(1)).replace(re.escape("<plugin directory>"), r"[^)]*")
     assert re.fullmatch(pattern, error), (quoted.group(1), error)
