@@ -38,7 +38,9 @@ import zmq
 from .. import config, process, registry
 from ..config import is_loopback
 from ..core.parts import PackedParts
-from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES, IgnoredMessage, MessageParser, ProtocolError
+from ..core.protocol import (
+    DECODING_REASONS, DEFAULT_MAX_MESSAGE_BYTES, IgnoredMessage, MessageParser, ProtocolError, RejectReason,
+)
 from ..core.rates import RateEstimator, SparseAwareGrid
 from ..core.ring import AppendStatus, Ring
 from ..core.timebase import MAX_CLOCK_SKEW, TimeBase, message_time
@@ -53,7 +55,15 @@ from . import children
 from .http_app import make_app
 from .replay_endpoint import ReplayEndpoint
 
-__all__ = ["Buffer"]
+__all__ = ["Buffer", "REJECT_REASONS"]
+
+#: The buffer's own reject reasons beside the parser's: a message larger than the whole ring
+#: (``--buffer-bytes``), and a parser that failed (a bug: the message is dropped, the service goes on).
+LARGER_THAN_RING = "larger_than_ring"
+PARSER_ERROR = "parser_error"
+#: Every key ``/statistics`` ``rejected`` can have (docs/buffer.md; tests/test_docs_hold.py).
+REJECT_REASONS = tuple(reason.value for reason in RejectReason if reason not in DECODING_REASONS) + (
+    LARGER_THAN_RING, PARSER_ERROR)
 
 logger = logging.getLogger(__name__)
 
@@ -403,7 +413,7 @@ class Buffer:
             self._reject_log.warning(reason, "rejected message (%s): %s", reason, error.detail)
             return
         except Exception as error:  # a parser bug must cost one message, not the service
-            reason = "parser_error"
+            reason = PARSER_ERROR
             self._rejected[reason] = self._rejected.get(reason, 0) + 1
             self._reject_log.warning(reason, "message dropped, the parser failed: %r", error)
             return
@@ -424,7 +434,7 @@ class Buffer:
                 self._duplicates += 1
                 self._reject_log.warning("duplicate", "message with repeated pulse id %d dropped", pulse_id)
             else:  # larger than the whole ring (--buffer-bytes)
-                reason = "larger_than_ring"
+                reason = LARGER_THAN_RING
                 self._rejected[reason] = self._rejected.get(reason, 0) + 1
             return
         if result.skipped_pulses:

@@ -74,6 +74,7 @@ from .parts import PackedParts
 
 __all__ = [
     "RejectReason",
+    "DECODING_REASONS",
     "ProtocolError",
     "IgnoredMessage",
     "MainHeader",
@@ -142,6 +143,10 @@ class RejectReason(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+#: The reasons only decoding a value gives (``parse()`` never rejects a message for them).
+DECODING_REASONS = frozenset({RejectReason.VALUE_INVALID, RejectReason.CHANNEL_TIMESTAMP_INVALID})
 
 
 class ProtocolError(ValueError):

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import config, process, registry
-from ..core.acquisition import BadRequest, OutsideRoot
+from ..core.acquisition import BadRequest, OutsideRoot, signal_end_reason
 from ..httpserver import HttpServer
 from ..transport import partsio
 from .outputs import DEV_NULL, resolve_output_file
@@ -82,7 +82,7 @@ def serve(writer: Writer, server: Any, wait_until_idle: Callable[[float], bool] 
                 name = pending.pop()
                 logger.info("%s received: closing the file", name)
                 writer.exit_at_once.set()
-                writer.stop(reason=f"signal_{name}", wait=None)
+                writer.stop(reason=signal_end_reason(name), wait=None)
         grace_end = time.monotonic() + writer.settings.finished_grace
         while not pending and time.monotonic() < grace_end:
             if writer.exit_at_once.wait(min(SIGNAL_LATENCY, max(0.0, grace_end - time.monotonic()))):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.acquisition import EndRun, MoveStop, SilenceWatch
+from ..core.acquisition import EndRun, MoveStop, RunEnd, SilenceWatch
 from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES, IgnoredMessage, MessageParser, ProtocolError
 from ..core.pulse_range import MissingRange, PulseRange, Verdict
 from ..core.rates import RateEstimator
@@ -36,7 +36,7 @@ RATE_WINDOW_SECONDS = 1.0
 # A long run says how it is going this often (INFO).
 PROGRESS_LOG_SECONDS = 10.0
 # The end reason of a run that the disk ended, and the reason of the pulses it cost (/missing).
-DISK_FULL = "disk_full"
+DISK_FULL = RunEnd.DISK_FULL.value
 
 
 @dataclass
@@ -114,7 +114,7 @@ class RunLoop:
     def _receive(self) -> str:
         while True:
             if self.range.complete:
-                return "stop_reached"
+                return RunEnd.STOP_REACHED.value
             event = self.source.receive(POLL_INTERVAL)
             # Commands after the receive, before the event: a stop posted while waiting
             # applies to the message that ended the wait.
@@ -138,7 +138,7 @@ class RunLoop:
             elif isinstance(event, End):
                 logger.info("The buffer ended the replay: %s (last pulse_id %s)", event.reason, event.last_pulse_id)
                 self.range.end_reached()
-                return "stop_reached"
+                return RunEnd.STOP_REACHED.value
             elif isinstance(event, BufferLost):
                 # The client re-requests the rest of the range by itself; a buffer that stays
                 # away is a silent source for the stop deadline.

@@ -28,7 +28,7 @@ from typing import Any
 
 from .. import __version__
 from ..core.acquisition import (
-    BadRequest, EndRun, MoveStop, Outcome, StartRun, State, Unavailable, WriterControl, judge_outcome,
+    BadRequest, EndRun, MoveStop, Outcome, RunEnd, StartRun, State, Unavailable, WriterControl, judge_outcome,
 )
 from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from ..core.pulse_range import PulseRange
@@ -195,7 +195,7 @@ class Writer:
         logger.info("stop_now: stopping at time %.6f", command.stop_time)
         return self.status()
 
-    def stop(self, reason: str = "stopped", wait: float | None = 60.0) -> str:
+    def stop(self, reason: str = RunEnd.STOPPED.value, wait: float | None = 60.0) -> str:
         """Close the file now and end the process; waits (up to ``wait`` s) until the file is closed."""
         with self._lock:
             command = self._control.stop(reason)
@@ -211,7 +211,7 @@ class Writer:
     def kill(self, wait: float | None = 60.0) -> str:
         """As :meth:`stop`, then exit without the grace period."""
         self.exit_at_once.set()
-        return self.stop("killed", wait)
+        return self.stop(RunEnd.KILLED.value, wait)
 
     def statistics(self) -> WriterStatistics:
         """``GET /statistics``, typed (``.to_json()`` is the answer).
@@ -329,7 +329,7 @@ class Writer:
         except Exception as error:  # noqa: BLE001 (whatever failed, the file gets closed)
             logger.exception("The writer failed")
             error_text = f"{type(error).__name__}: {error}"
-            end_reason = "writer_error"
+            end_reason = RunEnd.WRITER_ERROR.value
             try:
                 loop.finish(end_reason)
             except Exception:  # noqa: BLE001 (the file must still be closed)
