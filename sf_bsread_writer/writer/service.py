@@ -32,7 +32,7 @@ from ..core.acquisition import (
 )
 from ..core.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from ..core.pulse_range import PulseRange
-from ..core.replay_messages import Accepted
+from ..core.replay_messages import Accepted, make_label
 from ..core.status import WriterStatistics, json_value
 from ..core.timebase import MAX_CLOCK_SKEW
 from ..transport import partsio
@@ -423,7 +423,7 @@ class Writer:
                                 self.settings.max_message_bytes)
         return ReplayClient(self.settings.stream_address, start_pulse_id=start.start_pulse_id,
                             start_time=start.start_time, stop_pulse_id=start.stop_pulse_id,
-                            stop_time=start.stop_time)
+                            stop_time=start.stop_time, label=make_label(start.output_file))
 
     def _default_output(self, start: StartRun) -> Any:
         return open_output(start, self.settings.flush_interval, self.settings.output_root,
