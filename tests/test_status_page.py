@@ -22,6 +22,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from sf_bsread_writer.core.image import COLORMAP_ANCHORS  # noqa: E402
 from sf_bsread_writer.tools.simulate import expected_values  # noqa: E402
 
 from .helpers import ROOT, Child, free_port, writer_process  # noqa: E402
@@ -238,7 +239,11 @@ def test_an_image_shows_its_pulse_id_and_colour_scale(stack, browser):
     assert float(low_text) == pytest.approx(expected_low, abs=0.5) and float(high_text) == pytest.approx(
         expected_high, abs=0.5)
     bar = browser.find_element(By.ID, "scale-bar")
-    assert bar.is_displayed() and "gradient" in bar.value_of_css_property("background-image")
+    gradient = bar.value_of_css_property("background-image")
+    assert bar.is_displayed() and "linear-gradient" in gradient
+    # The bar's colours are the service's colour map (core/image.py), low to high.
+    shown = tuple(tuple(int(c) for c in rgb) for rgb in re.findall(r"rgb\((\d+), (\d+), (\d+)\)", gradient))
+    assert shown == COLORMAP_ANCHORS
 
 
 def test_a_writer_row_shows_its_file_range_progress_and_rate(stack, browser, tmp_path):
