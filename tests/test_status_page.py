@@ -25,7 +25,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from sf_bsread_writer.core.image import COLORMAP_ANCHORS  # noqa: E402
 from sf_bsread_writer.tools.simulate import expected_values  # noqa: E402
 
-from .helpers import ROOT, Child, free_port, writer_process  # noqa: E402
+from .helpers import ROOT, Child, free_port, wait_for, writer_process  # noqa: E402
 from .test_web import _json, _pub_feed, _ready, stack  # noqa: E402,F401  (the same buffer + source fixture)
 
 SCREENSHOT = ROOT / "docs" / "status-page.png"
@@ -289,13 +289,22 @@ def test_a_writer_row_shows_its_file_range_progress_and_rate(stack, browser, tmp
 
 def test_the_plots_start_with_the_recent_past(stack, browser):
     url, _ = stack
-    history = _json(url + "/api/v1/history", channels="MIXED:FLOAT64,MIXED:IMAGE,NOPE:X")[1]
+
+    def held() -> dict | None:
+        """The service's history, once it reaches 5 s back (it starts with the service)."""
+        document = _json(url + "/api/v1/history", channels="MIXED:FLOAT64,MIXED:IMAGE,NOPE:X")[1]
+        times = document["channels"]["MIXED:FLOAT64"]["timestamp"]
+        return document if times and times[-1] - times[0] >= 5 and len(document["rates"]["time"]) >= 5 else None
+
+    history = wait_for(held, timeout=60, interval=0.5, message="5 s of history")
     points = history["channels"]["MIXED:FLOAT64"]
     assert len(points["pulse_id"]) >= 5
     for pulse_id, value in zip(points["pulse_id"], points["value"]):
         assert value == expected_values("mixed", pulse_id)["MIXED:FLOAT64"][0]
     assert sorted(history["not_held"]) == ["MIXED:IMAGE", "NOPE:X"]
     assert len(history["rates"]["time"]) >= 3
+    code, refused = _json(url + "/api/v1/history", channels=",".join(f"CH{i}" for i in range(1001)))
+    assert code == 400 and "at most 1000" in refused["status"]  # a bounded answer, and says why
 
     browser.get(url + "/")
     opened = browser.execute_script("return Date.now()") / 1000
