@@ -61,7 +61,8 @@ class Record:
         """The record from :meth:`to_json`'s output; ValueError names a missing field.
 
         Fields this version does not know are ignored, so an older reader
-        keeps working against a newer service.
+        keeps working against a newer service; a field with a default may be
+        absent (added later: a newer reader keeps working against an older service).
         """
         if not isinstance(document, Mapping):
             raise ValueError(f"{cls.__name__}: expected a JSON object, not {type(document).__name__}")
@@ -226,6 +227,9 @@ class SessionStatus(Record):
     gaps: int
     lost: int
     ended: str | None
+    # Added later, absent in older buffers' answers (from_json then takes these defaults):
+    label: str | None = None  # what the session is for: a writer's output file (its request's label)
+    last_time: float | None = None  # the time of the last message sent (progress of a range by time)
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ PURE = {
     "replay.messages", "replay.session", "replay.client_state",
     "writer.acquisition", "writer.pulse_range", "writer.statistics",
     "buffer.ingest",
-    "web.live", "web.range_query", "web.image",
+    "web.live", "web.range_query", "web.image", "web.history", "web.writers",
     "ca.camapping",
 }
 PURE_PACKAGES = {"bsread", "replay", "__init__"}  # package faces: their __init__ imports nothing that is not pure

@@ -19,7 +19,12 @@ from sf_bsread_writer.bsread.build import build_message
 from sf_bsread_writer.bsread.message import MessageParser
 from sf_bsread_writer.buffer.service import Buffer
 from sf_bsread_writer.buffer.settings import BufferSettings
-from sf_bsread_writer.feed import STATUS_HEAD, FeedReader, is_status_message, status_message
+from sf_bsread_writer.feed import (
+    STATUS_HEAD,
+    FeedReader,
+    is_status_message,
+    status_message,
+)
 from sf_bsread_writer.status import BufferStatus
 from sf_bsread_writer.tools.simulate import Simulator
 

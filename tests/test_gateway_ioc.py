@@ -459,3 +459,11 @@ def test_pvaccess_serves_the_same_records_read_only(env, served):
     put = subprocess.run([tool("pvput"), "-w", "5", PREFIX + "F64", "5"], env=full_env, capture_output=True,
                          text=True, timeout=30)
     assert "error" in (put.stdout + put.stderr).lower(), put.stdout + put.stderr
+
+
+def test_the_gateway_prints_no_warnings_of_its_libraries(served):
+    """setuptools_dso (under epicscorelibs) imports wheel's old bdist_wheel, which warned twice per IOC start
+    on stderr of every --ca buffer: noise an operator reads as a fault."""
+    child, _, _ = served
+    output = child.output()
+    assert "Warning" not in output, output

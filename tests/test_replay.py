@@ -105,6 +105,37 @@ def test_buffer_messages_round_trip():
     assert parse_buffer_message(build_accepted(Accepted(64, None, None))) == Accepted(64, None, None)
 
 
+def test_a_label_says_what_a_session_is_for_and_older_peers_do_without_it():
+    """The writer's output file travels in its request (an optional field within version 1) into the buffer's
+    status, across a re-request; a buffer or reader that does not know it loses nothing."""
+    from sf_bsread_writer.replay.messages import MAX_LABEL_CHARACTERS, make_label
+    from sf_bsread_writer.status import SessionStatus
+
+    request = parse_writer_message(build_request(Request(start_pulse_id=1, stop_pulse_id=3, label="/data/run 7.h5")))
+    assert request.label == "/data/run 7.h5"
+    assert parse_writer_message([b'{"type": "request", "version": 1, "start_pulse_id": 1}']).label is None
+    for bad in (b'""', b'5', b'"a\\nb"', json.dumps("x" * (MAX_LABEL_CHARACTERS + 1)).encode()):
+        with pytest.raises(ReplayProtocolError) as refused:
+            parse_writer_message([b'{"type": "request", "start_pulse_id": 1, "label": ' + bad + b'}'])
+        assert refused.value.reason == "bad_field"
+    for text in ("plain.h5", "new\nline.h5", "", "/" + "d" * 5000 + "/end.h5"):  # any path becomes a valid label
+        label = make_label(text)
+        assert parse_writer_message(build_request(Request(start_pulse_id=1, label=label))).label == label
+    assert make_label("/" + "d" * 5000 + "/end.h5").endswith("/end.h5")
+
+    ring = _ring(range(1, 6))
+    session = ReplaySession("s", request, ring, 0.0)
+    session.poll(ring, 0.0)
+    status = session.status()
+    assert (status.label, status.last_pulse_id, status.last_time) == ("/data/run 7.h5", 3, ring.timestamp(2))
+    older = {key: value for key, value in status.to_json().items() if key not in ("label", "last_time")}
+    assert SessionStatus.from_json(older).label is None  # a newer reader of an older buffer's status
+
+    state = ReplayClientState(Request(start_pulse_id=1, label="/data/run 7.h5"))
+    state.start(0.0)
+    assert parse_writer_message(state.restart(1.0)).label == "/data/run 7.h5"
+
+
 def test_message_times_are_sent_only_to_a_writer_that_asks():
     """An extension within version 1: old writers get ``data <pulse_id>``; new ones ask for the time."""
     request = parse_writer_message(build_request(Request(start_pulse_id=1, message_times=True)))

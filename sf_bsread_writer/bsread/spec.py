@@ -21,7 +21,7 @@ from typing import Any, Union
 
 import numpy as np
 
-__all__ = ["BITSHUFFLE_BLOCK_BYTES", "CHANNEL_REFUSAL_REASONS", "COMPRESSIONS", "ChannelSpec", "DEFAULT_MAX_MESSAGE_BYTES", "DISPLAY_KEYS", "IgnoredMessage", "ProtocolError", "RejectReason", "TYPES", "display_metadata", "plain_text"]
+__all__ = ["DECODING_REASONS", "BITSHUFFLE_BLOCK_BYTES", "CHANNEL_REFUSAL_REASONS", "COMPRESSIONS", "ChannelSpec", "DEFAULT_MAX_MESSAGE_BYTES", "DISPLAY_KEYS", "IgnoredMessage", "ProtocolError", "RejectReason", "TYPES", "display_metadata", "plain_text"]
 
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,10 @@ class RejectReason(str, enum.Enum):
 #: The reasons a single channel of a data header can be refused for (``ChannelSpec.refused``).
 CHANNEL_REFUSAL_REASONS = (RejectReason.DATA_HEADER_INVALID, RejectReason.UNKNOWN_TYPE,
                            RejectReason.UNKNOWN_COMPRESSION)
+
+
+#: The reasons only decoding a value gives (``parse()`` never rejects a message for them).
+DECODING_REASONS = frozenset({RejectReason.VALUE_INVALID, RejectReason.CHANNEL_TIMESTAMP_INVALID})
 
 
 class ProtocolError(ValueError):

@@ -21,12 +21,25 @@ from typing import Any
 
 from sf_bsread_writer.bsread.message import Message, MessageParser
 from sf_bsread_writer.bsread.parts import PackedParts
-from sf_bsread_writer.bsread.spec import IgnoredMessage, ProtocolError
+from sf_bsread_writer.bsread.spec import (
+    DECODING_REASONS,
+    IgnoredMessage,
+    ProtocolError,
+    RejectReason,
+)
 from sf_bsread_writer.bsread.timebase import TimeBase, message_time
 from sf_bsread_writer.ring import AppendStatus, Ring
 from sf_bsread_writer.status import SOURCE_IDLE_SECONDS
 
-__all__ = ["Ingest", "RateLimitedLog", "ANALYZER_MAX_LINES", "REJECT_LOG_INTERVAL"]
+__all__ = ["Ingest", "RateLimitedLog", "ANALYZER_MAX_LINES", "REJECT_LOG_INTERVAL", "REJECT_REASONS"]
+
+#: The buffer's own reject reasons beside the parser's: a message larger than the whole ring
+#: (``--buffer-bytes``), and a parser that failed (a bug: the message is dropped, the service goes on).
+LARGER_THAN_RING = "larger_than_ring"
+PARSER_ERROR = "parser_error"
+#: Every key ``/statistics`` ``rejected`` can have (docs/buffer.md; tests/test_docs_hold.py).
+REJECT_REASONS = tuple(reason.value for reason in RejectReason if reason not in DECODING_REASONS) + (
+    LARGER_THAN_RING, PARSER_ERROR)
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +138,7 @@ class Ingest:
             self._log.warning(reason, "rejected message (%s): %s", reason, error.detail)
             return False
         except Exception as error:  # a parser bug must cost one message, not the service
-            reason = "parser_error"
+            reason = PARSER_ERROR
             self.reject(reason)
             self._log.warning(reason, "message dropped, the parser failed: %r", error)
             return False
@@ -153,7 +166,7 @@ class Ingest:
                 self.duplicates += 1
                 self._log.warning("duplicate", "message with repeated pulse id %d dropped", pulse_id)
             else:  # larger than the whole ring (--buffer-bytes)
-                self.reject("larger_than_ring")
+                self.reject(LARGER_THAN_RING)
             return False
         if result.skipped_pulses:
             self._log.info("jump", "pulse id jumped to %d: %d pulses skipped (usual step %s)",

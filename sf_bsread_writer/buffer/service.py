@@ -53,6 +53,7 @@ from sf_bsread_writer.transport.partsio import (
 
 __all__ = ["Buffer"]
 
+
 logger = logging.getLogger(__name__)
 
 # Receive queue towards the source and send queue of the live output, in

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -309,11 +310,26 @@ class _StateFile:
                 pass
 
 
+def _import_softioc() -> None:
+    """Import pythonSoftIOC without its build tools' warnings.
+
+    epicscorelibs loads setuptools_dso, which imports ``wheel.bdist_wheel``;
+    wheel >= 0.44 under a setuptools older than 70.1 warns twice on import
+    (FutureWarning, "no longer the canonical location"). A build-time matter
+    that says nothing about the IOC: on an operator's stderr it reads as a
+    fault. Only that warning is silenced, only during this import.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The 'wheel' package is no longer the canonical location",
+                                category=FutureWarning)
+        import softioc.asyncio_dispatcher  # noqa: F401  (the slow imports)
+        import softioc.builder  # noqa: F401
+        import softioc.softioc  # noqa: F401
+
+
 def wait_for_go() -> bool:
     """In an IOC child: load EPICS, then wait for the supervisor's go (False: told to end instead)."""
-    import softioc.asyncio_dispatcher  # noqa: F401  (the slow imports, done while waiting)
-    import softioc.builder  # noqa: F401
-    import softioc.softioc  # noqa: F401
+    _import_softioc()  # the slow imports, done while waiting
 
     return sys.stdin.readline().strip() == "go"
 
@@ -467,6 +483,7 @@ class _ChannelState:
 
 def serve(settings: Any, status_pvs: Sequence[tuple[str, str, str]], ingest: Any, poller: Any) -> int:
     """The IOC process: build the records from the first message, iocInit, apply until stopped or restarted."""
+    _import_softioc()
     from softioc import alarm, asyncio_dispatcher, builder, softioc
 
     stop = threading.Event()

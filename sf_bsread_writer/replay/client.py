@@ -77,10 +77,11 @@ class ReplayClient:
     def __init__(self, address: str, start_pulse_id: int | None = None, start_time: float | None = None,
                  stop_pulse_id: int | None = None, stop_time: float | None = None, window: int = DEFAULT_WINDOW,
                  heartbeat_interval: float = 1.0, peer_timeout: float = 5.0,
-                 context: zmq.Context | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 context: zmq.Context | None = None, clock: Callable[[], float] = time.monotonic,
+                 label: str | None = None) -> None:
         self.address = address
         self.state = ReplayClientState(Request(start_pulse_id, start_time, stop_pulse_id, stop_time, window,
-                                               message_times=True),
+                                               message_times=True, label=label),
                                        heartbeat_interval, peer_timeout)
         self._clock = clock
         self._context = context or zmq.Context.instance()

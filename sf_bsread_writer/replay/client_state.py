@@ -107,7 +107,7 @@ class ReplayClientState:
         else:
             start_pulse_id, start_time = self.request.start_pulse_id, self.request.start_time
         return build_request(Request(start_pulse_id, start_time, self.stop_pulse_id, self.stop_time, self.window,
-                                     self.request.message_times))
+                                     self.request.message_times, self.request.label))
 
     def credit(self, now: float) -> list[bytes] | None:
         """A credit message if one is due (a quarter window consumed, or a heartbeat interval passed)."""

@@ -42,6 +42,8 @@ __all__ = [
     "ErrorReason",
     "ReplayProtocolError",
     "Request",
+    "make_label",
+    "MAX_LABEL_CHARACTERS",
     "Credit",
     "SetStop",
     "CloseSession",
@@ -136,6 +138,31 @@ class Request:
     # extension within version 1: a buffer that does not know it ignores it (and sends
     # ``data <pulse_id>``), and a writer that does not ask gets what it always got.
     message_times: bool = False
+    # What the session is for, shown in the buffer's status (a writer sends its output file). An optional
+    # extension within version 1 as well: a buffer that does not know it ignores it. At most
+    # MAX_LABEL_CHARACTERS printable characters; anything else is refused as bad_field.
+    label: str | None = None
+
+
+#: The longest label a request may carry (a file path; longer is not a label but a misuse).
+MAX_LABEL_CHARACTERS = 1024
+
+
+def make_label(text: str) -> str:
+    """Any text as a valid label: unprintable characters as ``?``, a long one cut to its end (a path's tail
+    names the file)."""
+    printable = "".join(character if character.isprintable() else "?" for character in text) or "?"
+    return printable if len(printable) <= MAX_LABEL_CHARACTERS else "..." + printable[-(MAX_LABEL_CHARACTERS - 3):]
+
+
+def _label_field(body: dict[str, Any]) -> str | None:
+    label = body.get("label")
+    if label is None:
+        return None
+    if not isinstance(label, str) or not 0 < len(label) <= MAX_LABEL_CHARACTERS or not label.isprintable():
+        raise ReplayProtocolError(ErrorReason.BAD_FIELD, f"label must be 1..{MAX_LABEL_CHARACTERS} printable "
+                                                         f"characters, not {repr(label)[:60]}")
+    return label
 
 
 @dataclass(frozen=True)
@@ -170,6 +197,8 @@ def build_request(request: Request) -> list[bytes]:
             body[name] = value
     if request.message_times:
         body["message_times"] = True
+    if request.label is not None:
+        body["label"] = request.label
     return [_dumps(body)]
 
 
@@ -254,7 +283,8 @@ def parse_writer_message(frames: Sequence[Any]) -> Request | Credit | SetStop | 
         message_times = body.get("message_times", False)
         if not isinstance(message_times, bool):
             raise ReplayProtocolError(ErrorReason.BAD_FIELD, f"message_times must be true or false, not {message_times!r}")
-        return Request(start_pulse_id, start_time, stop_pulse_id, stop_time, window, message_times)
+        return Request(start_pulse_id, start_time, stop_pulse_id, stop_time, window, message_times,
+                       _label_field(body))
     if kind == "credit":
         received = body.get("received")
         if isinstance(received, bool) or not isinstance(received, int) or received < 0:

@@ -83,6 +83,7 @@ class ReplaySession:
         self.gaps = 0
         self.lost = 0  # messages reported lost (where known)
         self.last_pulse_id: int | None = None  # last pulse id sent
+        self.last_time: float | None = None  # its time (the ring's): progress of a range by time
         self.ended: End | None = None
         self._started = False  # first message at/after the start found
         self._order_pulse_id: int | None = None  # for detecting a pulse-id restart without loss
@@ -221,6 +222,7 @@ class ReplaySession:
             self.cursor += 1
             self.sent += 1
             self.last_pulse_id = pulse_id
+            self.last_time = timestamp
             self._order_pulse_id = pulse_id
             if self.stop_pulse_id is not None and pulse_id == self.stop_pulse_id:
                 self._end(EndReason.STOP_PULSE_ID)  # inclusive: no need to wait for the next message
@@ -239,7 +241,8 @@ class ReplaySession:
             stop_pulse_id=self.stop_pulse_id, stop_time=self.stop_time, cursor_seq=self.cursor,
             last_pulse_id=self.last_pulse_id, sent=self.sent, in_flight=self.in_flight,
             in_flight_bytes=self.in_flight_bytes, window=self.window,
-            gaps=self.gaps, lost=self.lost, ended=self.ended.reason if self.ended else None)
+            gaps=self.gaps, lost=self.lost, ended=self.ended.reason if self.ended else None,
+            label=self.request.label, last_time=self.last_time)
 
 
 def _ring_resets(ring: Any) -> int:

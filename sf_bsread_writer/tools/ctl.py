@@ -8,6 +8,8 @@
     sf_bsread_ctl peek BUFFER CHANNEL                 # the newest value of one channel
     sf_bsread_ctl watch BUFFER                        # a live table (Ctrl-C ends it)
     sf_bsread_ctl write BUFFER START STOP FILE        # one acquisition; or --since 10s / --last 500
+    sf_bsread_ctl plugin-path                         # the HDF5_PLUGIN_PATH for HDF5 tools (bitshuffle)
+    sf_bsread_ctl h5dump [H5DUMP OPTIONS] FILE        # h5dump with it set
 
 ``write`` is :func:`write_range` (also ``sf_bsread_writer.write_range``): a
 writer process, driven over its REST API like the DAQ system does, with a
@@ -514,14 +516,38 @@ def _parser() -> argparse.ArgumentParser:
     write.add_argument("--since", help="the last DURATION of the buffer (10s, 1.5m)")
     write.add_argument("--last", type=int, help="the last N messages")
     write.add_argument("--param", action="append", metavar="KEY=VALUE", help="a writer parameter (repeatable)")
+    commands.add_parser("plugin-path", help="print the HDF5_PLUGIN_PATH that finds the bitshuffle filter")
+    # Every argument goes to h5dump as given ("+" as the prefix: h5dump's own -d/-H are not ours to parse).
+    h5dump = commands.add_parser("h5dump", help="h5dump with the bitshuffle filter (h5dump's options and exit code)",
+                                 prefix_chars="+", add_help=False)
+    h5dump.add_argument("arguments", nargs=argparse.REMAINDER)
     return parser
+
+
+def cmd_plugin_path(args: argparse.Namespace) -> int:
+    from sf_bsread_writer.tools.h5plugins import PluginPathError, plugin_path
+
+    try:
+        print(plugin_path())
+    except PluginPathError as error:  # nothing on stdout: `export HDF5_PLUGIN_PATH=$(...)` must not look fine
+        raise CtlError(str(error)) from None
+    return 0
+
+
+def cmd_h5dump(args: argparse.Namespace) -> int:
+    from sf_bsread_writer.tools.h5plugins import PluginPathError, run_h5dump
+
+    try:
+        return run_h5dump(args.arguments)
+    except PluginPathError as error:
+        raise CtlError(str(error)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"ls": cmd_ls, "status": cmd_status, "channels": cmd_channels, "peek": cmd_peek,
-                "watch": cmd_watch, "write": cmd_write}
+                "watch": cmd_watch, "write": cmd_write, "plugin-path": cmd_plugin_path, "h5dump": cmd_h5dump}
     try:
         return handlers[args.command](args)
     except CtlError as error:

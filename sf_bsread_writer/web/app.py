@@ -27,8 +27,13 @@ from sf_bsread_writer.jsontext import loads as strict_json
 from sf_bsread_writer.status import BufferStatus
 from sf_bsread_writer.web import ranges
 from sf_bsread_writer.web.auth import origin_allowed
-from sf_bsread_writer.web.image import render_png
-from sf_bsread_writer.web.live import ClientFeed, SubscriptionError, value_document
+from sf_bsread_writer.web.image import render as render_image
+from sf_bsread_writer.web.live import (
+    MAX_CHANNEL_NAME,
+    ClientFeed,
+    SubscriptionError,
+    value_document,
+)
 from sf_bsread_writer.web.range_query import (
     RangeQueryError,
     RangeTooLarge,
@@ -47,6 +52,7 @@ STATUS_TIMEOUT_SECONDS = 3.0
 FILE_CHUNK_BYTES = 1024 * 1024
 MAX_CLIENT_MESSAGE_BYTES = 64 * 1024  # a subscribe of thousands of channel names fits
 MAX_CLIENT_MESSAGE_DEPTH = 4  # {"op": ..., "channels": [...]} is 2 deep
+MAX_HISTORY_CHANNELS = 1000  # the page asks for its sparklines (40) and the selected channel
 
 
 def _error(status: int, text: str, **extra: Any) -> web.Response:
@@ -81,7 +87,7 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
         if error.status < 400:
             raise
         hint = " (GET /api/v1/status, /api/v1/channels, /api/v1/channels/<name>, /api/v1/range, " \
-               "/api/v1/ws, /metrics)" if error.status in (404, 405) else ""
+               "/api/v1/history, /api/v1/ws, /metrics)" if error.status in (404, 405) else ""
         return _error(error.status, f"{error.reason}: {request.method} {request.path}{hint}")
     except Exception as error:  # a bug: this request fails, visibly, and the service serves on
         logger.exception("%s %s failed", request.method, request.path)  # not path_qs: it may hold ?token=
@@ -112,6 +118,7 @@ def make_app(service: WebService) -> web.Application:
     app.router.add_get("/api/v1/channels", _channels)
     app.router.add_get("/api/v1/channels/{name:.+}", _channel)
     app.router.add_get("/api/v1/range", _range)
+    app.router.add_get("/api/v1/history", _history)
     app.router.add_get("/api/v1/ws", _websocket)
     app.router.add_get("/metrics", _metrics)
     return app
@@ -158,9 +165,12 @@ async def status_document(service: WebService) -> dict[str, Any]:
     if status is None:
         return {"state": "error", "status": problem}
     ring = status.ring
+    service.rate_history.add(status.time, status.rates.messages_per_second, status.rates.bytes_per_second)
+    writers = service.writer_rows.rows(status.replay.sessions, time.monotonic())
     return {
         "state": "ok",
         "status": status.describe(),
+        "writers": [row.to_json() for row in writers],
         "look_back": {"seconds": ring.look_back_seconds, "pulses": ring.look_back_pulses,
                       "messages": ring.messages, "oldest_pulse_id": ring.oldest_pulse_id,
                       "newest_pulse_id": ring.newest_pulse_id},
@@ -195,13 +205,18 @@ async def _channel(request: web.Request) -> web.StreamResponse:
     if fmt == "png":
         try:
             value = latest.decoded()
-            body = await asyncio.to_thread(render_png, value, PNG_MAX_SIDE) if getattr(value, "ndim", 0) == 2 else None
+            rendered = await asyncio.to_thread(render_image, value, PNG_MAX_SIDE) \
+                if getattr(value, "ndim", 0) == 2 else None
         except Exception as error:
             return _error(500, f"channel {name!r}: image cannot be rendered: {error}")
-        if body is None:
+        if rendered is None:
             return _error(400, f"channel {name!r} is not 2-D: format=png is for images")
-        return web.Response(body=body, content_type="image/png",
-                            headers={"X-Pulse-Id": str(latest.pulse_id), "Cache-Control": "no-store"})
+        # The colour scale: the values shown as the colour map's ends (the page draws its colour bar from them).
+        scale = {"X-Scale-Low": repr(rendered.low), "X-Scale-High": repr(rendered.high)} \
+            if rendered.low is not None else {}
+        return web.Response(body=rendered.png, content_type="image/png",
+                            headers={"X-Pulse-Id": str(latest.pulse_id), "X-Timestamp": repr(latest.timestamp),
+                                     "Cache-Control": "no-store", **scale})
     if fmt == "npy":
         try:
             value = latest.decoded()
@@ -216,6 +231,21 @@ async def _channel(request: web.Request) -> web.StreamResponse:
     if fmt != "json":
         return _error(400, f"format={fmt!r} is not json, npy or png")
     return web.json_response({"state": "ok", "status": "ok", **value_document(name, latest, 2**62)})
+
+
+async def _history(request: web.Request) -> web.Response:
+    """The plots' recent past (web/history.py): samples of the asked scalar channels and the buffer's rates."""
+    service = request.app[SERVICE_KEY]
+    text = request.query.get("channels", "")
+    names = list(dict.fromkeys(name for name in text.split(",") if name)) if text else []
+    if len(names) > MAX_HISTORY_CHANNELS or any(len(name) > MAX_CHANNEL_NAME for name in names):
+        return _error(400, f"channels: at most {MAX_HISTORY_CHANNELS} names of at most {MAX_CHANNEL_NAME} "
+                           "characters")
+    newest = service.latest.message
+    document = service.history.document(names, newest.timestamp if newest is not None else None)
+    return web.json_response({"state": "ok", "status": "ok", "span_seconds": service.history.span,
+                              "resolution_seconds": service.history.resolution, **document,
+                              "rates": service.rate_history.document()})
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -65,6 +65,7 @@ async def serve(settings: WebSettings, tokens: TokenSet) -> int:
         return process.start_error_code(error)  # a port in use: 2, never restarted (process.ExitCode)
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # the real one for port 0
     service.start_feed(loop)
+    service.start_status()  # polls the buffer once a second from now on: the rate plots' recent past
     url = f"http://{settings.bind}:{port}"
     process.print_ready({"url": url, "port": port, "bind": settings.bind, "tokens": tokens.required,
                          "feed": settings.feed, "replay": settings.replay, "status_url": settings.status_url})

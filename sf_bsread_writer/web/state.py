@@ -19,8 +19,10 @@ from sf_bsread_writer.feed import FeedReader
 from sf_bsread_writer.rates import SparseAwareGrid
 from sf_bsread_writer.status import BufferStatus, PrometheusText
 from sf_bsread_writer.web.auth import TokenFileError, TokenSet, read_tokens
+from sf_bsread_writer.web.history import RateHistory, ValueHistory
 from sf_bsread_writer.web.live import LatestValues, SubscriptionHub
 from sf_bsread_writer.web.range_query import RangeLimits
+from sf_bsread_writer.web.writers import WriterRows
 
 __all__ = ["WebSettings", "WebService", "WebCounters", "FeedStatus"]
 
@@ -101,6 +103,11 @@ class WebService:
         self._stop = threading.Event()
         self.feed_error: str | None = None
         self.buffer_status: FeedStatus | None = None  # replaced whole by the feed thread
+        # The plots' recent past (web/history.py) and the writers' rates (web/writers.py): bounded, in the loop.
+        self.history = ValueHistory()
+        self.rate_history = RateHistory()
+        self.writer_rows = WriterRows()
+        self._history_header: Any = None
 
     # -- the feed ---------------------------------------------------------------
     def start_feed(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -183,6 +190,10 @@ class WebService:
         """In the loop: the newest message -> latest values -> due frames of every subscriber."""
         self.counters.feed_messages += 1
         self.latest.update(message)
+        if not message.data_header.same_as(self._history_header):
+            self._history_header = message.data_header
+            self.history.forget_absent(message.data_header.names)
+        self.history.add(message, time.monotonic())
         for key in self.hub.publish(self.latest, message, time.monotonic()):
             wakeup = self.wakeups.get(key)
             if wakeup is not None:
@@ -235,13 +246,19 @@ class WebService:
 
     def want_status(self) -> None:
         """A client asked for status pushes: one poll of the buffer a second serves every such client."""
+        self.start_status()
+
+    def start_status(self) -> None:
+        """Start the status poll (if it is not running): at service start, so the rate history fills."""
         if self._status_task is None or self._status_task.done():
             self._status_task = asyncio.ensure_future(self._push_status())
 
     async def _push_status(self) -> None:
+        """Poll the buffer's status once a second while the service runs (the rate plots' history is made
+        of these polls, web/history.py) and push it to every client that asked."""
         while True:
             listeners = [key for key, client in self.hub.clients.items() if client.wants_status]
-            if not listeners or self.status_source is None:
+            if self.status_source is None:
                 return
             try:
                 document = await self.status_source(self)

@@ -35,6 +35,8 @@ from sf_bsread_writer import jsontext
 
 __all__ = [
     "State",
+    "RunEnd",
+    "signal_end_reason",
     "RequestError",
     "BadRequest",
     "WrongState",
@@ -59,6 +61,26 @@ MAX_PULSE_ID = 2**63 - 1  # pulse ids are int64 on the wire and in the file
 # After /stop_now a source that has delivered nothing for this long is taken
 # as silent at once (instead of waiting the whole --stop-deadline).
 STOP_NOW_SILENCE = 1.0
+
+
+class RunEnd(str, enum.Enum):
+    """Why a run ended: the file attribute and ``/statistics`` ``end_reason``, and the ``/missing`` reason
+    of a tail the end cut off. Every end reason the writer gives is one of these or
+    :func:`signal_end_reason` (docs/file-format.md and docs/writer.md list them; tests/test_docs_hold.py
+    holds the lists against this enum). Emitters use ``.value``: the plain string goes into JSON and HDF5."""
+
+    STOP_REACHED = "stop_reached"  # the stop pulse or time was reached (owes no tail)
+    SOURCE_SILENT = "source_silent"  # nothing arrived for the stop deadline after a stop was set
+    BUFFER_LOST = "buffer_lost"  # the buffer stopped answering (and a stop was set)
+    STOPPED = "stopped"  # GET /stop
+    KILLED = "killed"  # GET /kill
+    DISK_FULL = "disk_full"  # the output's disk is full (docs/file-format.md, "A full disk")
+    WRITER_ERROR = "writer_error"  # the writer failed while writing
+
+
+def signal_end_reason(signal_name: str) -> str:
+    """A run ended by a signal (``process.STOP_SIGNALS``): ``signal_SIGTERM``, ``signal_SIGINT``."""
+    return f"signal_{signal_name}"
 
 
 # ---------------------------------------------------------------------------
@@ -247,7 +269,7 @@ class WriterControl:
             self.stop_time = now
         return MoveStop(self.stop_pulse_id, self.stop_time, now=True)
 
-    def stop(self, reason: str = "stopped") -> EndRun | None:
+    def stop(self, reason: str = RunEnd.STOPPED.value) -> EndRun | None:
         """End the acquisition and the process (``GET /stop``, ``/kill``, a signal). None: no run to close."""
         self.ending = True
         if self.state is State.WAITING:
@@ -364,7 +386,7 @@ class SilenceWatch:
         limit = min(self.stop_deadline, self.stop_now_silence) if self.stop_now else self.stop_deadline
         if now - max(self.last_data_at, self.stop_moved_at) <= limit:
             return None
-        return "buffer_lost" if self.buffer_is_lost else "source_silent"
+        return RunEnd.BUFFER_LOST.value if self.buffer_is_lost else RunEnd.SOURCE_SILENT.value
 
 
 # ---------------------------------------------------------------------------

@@ -25,7 +25,11 @@ from sf_bsread_writer import config, process, registry
 from sf_bsread_writer.httpserver import HttpServer
 from sf_bsread_writer.process import ExitCode
 from sf_bsread_writer.transport import partsio
-from sf_bsread_writer.writer.acquisition import BadRequest, OutsideRoot
+from sf_bsread_writer.writer.acquisition import (
+    BadRequest,
+    OutsideRoot,
+    signal_end_reason,
+)
 from sf_bsread_writer.writer.outputs import DEV_NULL, resolve_output_file
 from sf_bsread_writer.writer.rest import make_app
 from sf_bsread_writer.writer.service import Writer, WriterSettings
@@ -91,7 +95,7 @@ def serve(writer: Writer, server: Any, wait_until_idle: Callable[[float], bool] 
                 name = pending.pop()
                 logger.info("%s received: closing the file", name)
                 writer.exit_at_once.set()
-                writer.stop(reason=f"signal_{name}", wait=None)
+                writer.stop(reason=signal_end_reason(name), wait=None)
         grace_end = time.monotonic() + writer.settings.finished_grace
         while not pending and time.monotonic() < grace_end:
             if writer.exit_at_once.wait(min(SIGNAL_LATENCY, max(0.0, grace_end - time.monotonic()))):

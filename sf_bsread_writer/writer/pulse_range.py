@@ -14,7 +14,16 @@ from array import array
 
 from sf_bsread_writer.replay.messages import MissingRange
 
-__all__ = ["Verdict", "PulseRange"]
+__all__ = ["MissingReason", "Verdict", "PulseRange"]
+
+
+class MissingReason(str, enum.Enum):
+    """The ``/missing`` reasons this module gives itself; the others are the buffer's gap reasons
+    (``replay_messages.GapReason``) and the run's end reasons for a tail (``acquisition.RunEnd``)."""
+
+    NOT_RECEIVED = "not_received"  # the head of the range, before the first message received
+    PULSE_ID_JUMP = "pulse_id_jump"  # the stream skipped pulse ids (a step larger than its usual step)
+
 
 
 class Verdict(enum.Enum):
@@ -217,7 +226,7 @@ class PulseRange:
         exact = count if (first, last) == (first_pulse_id, last_pulse_id) else None
         return self._record(first, last, reason, exact)
 
-    def close(self, reason: str, head_reason: str = "not_received") -> list[MissingRange]:
+    def close(self, reason: str, head_reason: str = MissingReason.NOT_RECEIVED.value) -> list[MissingRange]:
         """At the end: the head and tail of the pulse range that never arrived.
 
         ``reason`` explains a tail cut off by the end of the run (source
@@ -241,12 +250,12 @@ class PulseRange:
             found += self._record(self.start_pulse_id, self.first_pulse_id - 1, head_reason)
         if tail_owed and self.stop_pulse_id - self.last_pulse_id >= step:
             found += self._record(self.last_pulse_id + 1, self.stop_pulse_id,
-                                  "pulse_id_jump" if self.past_stop else reason)
+                                  MissingReason.PULSE_ID_JUMP.value if self.past_stop else reason)
         return found
 
     # -- helpers ---------------------------------------------------------------
     def _jump(self, previous: int, pulse_id: int) -> list[MissingRange]:
-        return self._record(previous + 1, pulse_id - 1, "pulse_id_jump")
+        return self._record(previous + 1, pulse_id - 1, MissingReason.PULSE_ID_JUMP.value)
 
     def _estimate(self, first: int, last: int) -> int:
         step = self.step or 1

@@ -39,7 +39,7 @@ from sf_bsread_writer.replay.messages import (
     MissingRange,
     Refused,
 )
-from sf_bsread_writer.writer.acquisition import EndRun, MoveStop, SilenceWatch
+from sf_bsread_writer.writer.acquisition import EndRun, MoveStop, RunEnd, SilenceWatch
 from sf_bsread_writer.writer.pulse_range import PulseRange, Verdict
 
 __all__ = ["RunCounters", "RunLoop", "POLL_INTERVAL", "DISK_FULL"]
@@ -54,7 +54,7 @@ RATE_WINDOW_SECONDS = 1.0
 # A long run says how it is going this often (INFO).
 PROGRESS_LOG_SECONDS = 10.0
 # The end reason of a run that the disk ended, and the reason of the pulses it cost (/missing).
-DISK_FULL = "disk_full"
+DISK_FULL = RunEnd.DISK_FULL.value
 
 
 @dataclass
@@ -132,7 +132,7 @@ class RunLoop:
     def _receive(self) -> str:
         while True:
             if self.range.complete:
-                return "stop_reached"
+                return RunEnd.STOP_REACHED.value
             event = self.source.receive(POLL_INTERVAL)
             # Commands after the receive, before the event: a stop posted while waiting
             # applies to the message that ended the wait.
@@ -156,7 +156,7 @@ class RunLoop:
             elif isinstance(event, End):
                 logger.info("The buffer ended the replay: %s (last pulse_id %s)", event.reason, event.last_pulse_id)
                 self.range.end_reached()
-                return "stop_reached"
+                return RunEnd.STOP_REACHED.value
             elif isinstance(event, BufferLost):
                 # The client re-requests the rest of the range by itself; a buffer that stays
                 # away is a silent source for the stop deadline.

@@ -30,7 +30,7 @@ from sf_bsread_writer import __version__
 from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
 from sf_bsread_writer.bsread.timebase import MAX_CLOCK_SKEW
 from sf_bsread_writer.replay.client import HANDSHAKE_SECONDS, ReplayClient
-from sf_bsread_writer.replay.messages import Accepted
+from sf_bsread_writer.replay.messages import Accepted, make_label
 from sf_bsread_writer.status import json_value
 from sf_bsread_writer.transport import partsio
 from sf_bsread_writer.writer.acquisition import (
@@ -38,6 +38,7 @@ from sf_bsread_writer.writer.acquisition import (
     EndRun,
     MoveStop,
     Outcome,
+    RunEnd,
     StartRun,
     State,
     Unavailable,
@@ -210,7 +211,7 @@ class Writer:
         logger.info("stop_now: stopping at time %.6f", command.stop_time)
         return self.status()
 
-    def stop(self, reason: str = "stopped", wait: float | None = 60.0) -> str:
+    def stop(self, reason: str = RunEnd.STOPPED.value, wait: float | None = 60.0) -> str:
         """Close the file now and end the process; waits (up to ``wait`` s) until the file is closed."""
         with self._lock:
             command = self._control.stop(reason)
@@ -226,7 +227,7 @@ class Writer:
     def kill(self, wait: float | None = 60.0) -> str:
         """As :meth:`stop`, then exit without the grace period."""
         self.exit_at_once.set()
-        return self.stop("killed", wait)
+        return self.stop(RunEnd.KILLED.value, wait)
 
     def statistics(self) -> WriterStatistics:
         """``GET /statistics``, typed (``.to_json()`` is the answer).
@@ -345,7 +346,7 @@ class Writer:
         except Exception as error:  # noqa: BLE001 (whatever failed, the file gets closed)
             logger.exception("The writer failed")
             error_text = f"{type(error).__name__}: {error}"
-            end_reason = "writer_error"
+            end_reason = RunEnd.WRITER_ERROR.value
             try:
                 loop.finish(end_reason)
             except Exception:  # noqa: BLE001 (the file must still be closed)
@@ -439,7 +440,7 @@ class Writer:
                                 self.settings.max_message_bytes)
         return ReplayClient(self.settings.stream_address, start_pulse_id=start.start_pulse_id,
                             start_time=start.start_time, stop_pulse_id=start.stop_pulse_id,
-                            stop_time=start.stop_time)
+                            stop_time=start.stop_time, label=make_label(start.output_file))
 
     def _default_output(self, start: StartRun) -> Any:
         return open_output(start, self.settings.flush_interval, self.settings.output_root,

@@ -1,6 +1,6 @@
 // The status page of one buffer (docs/operations.md). Everything comes from the web API
-// (docs/web-api.md): the channel list over HTTP, values and the buffer's status over the one
-// websocket. Plots: dygraphs (vendor/, MIT). No build step, no CDN.
+// (docs/web-api.md): the channel list and the plots' recent past (/api/v1/history) over HTTP, values
+// and the buffer's status over the one websocket. Plots: dygraphs (vendor/, MIT). No build step, no CDN.
 "use strict";
 
 const HISTORY_SECONDS = 300;      // the rate plots' span
@@ -9,12 +9,14 @@ const MAX_SPARKLINES = 40;        // dygraphs per page stay few
 const TABLE_RATE = 1;             // table values: updates per second per channel
 const DETAIL_RATE = 5;            // the selected channel
 const TOKEN_KEY = "sf_bsread_token";
+const DETAIL_POINTS = 600;        // the selected scalar's plot: the last 600 values (history, then live)
+const AXIS_LABEL_WIDTH = 96;      // px: room for 11 digits and a sign at the axis font size
 
 const page = {
   token: new URLSearchParams(location.search).get("token") || sessionStorage.getItem(TOKEN_KEY),
   socket: null, connected: false, retry: 0,
   channels: new Map(),            // name -> {spec, row, spark, points}
-  selected: null, detailGraph: null, detailPoints: [],
+  selected: null, detailGraph: null, detailPoints: [], imageLoading: false, imageUrl: null,
   ratePoints: [], bytesPoints: [], rateGraph: null, bytesGraph: null,
 };
 
@@ -49,13 +51,46 @@ $("login-form").addEventListener("submit", event => {
 });
 
 // -- formatting ----------------------------------------------------------------
-function formatValue(value) {
+// One number format per channel: integers exactly; floats with a fixed number of decimals chosen from the
+// channel's first non-zero value (10 significant digits for float64, 7 for float32), in exponent notation
+// only for magnitudes a fixed format cannot show. A value never flips between 22458344290 and 2.24583e+10.
+function floatFormat(type, first) {
+  const significant = type === "float32" ? 7 : 10;
+  const magnitude = Math.abs(first);
+  if (magnitude >= 1e15 || magnitude < 1e-3) return value => value.toExponential(significant - 1);
+  const decimals = Math.max(0, Math.min(12, significant - 1 - Math.floor(Math.log10(magnitude))));
+  return value => (Math.abs(value) < 1e21 ? value.toFixed(decimals) : value.toExponential(significant - 1));
+}
+
+function formatValue(value, entry) {
   if (value === null || value === undefined) return "-";
-  if (typeof value === "number") return Number.isInteger(value) ? String(value) : value.toPrecision(6);
+  if (typeof value === "number") {
+    if (!entry || !entry.spec.type.startsWith("float")) return String(value);
+    if (!entry.format) {
+      if (value === 0 || !isFinite(value)) return String(value);
+      entry.format = floatFormat(entry.spec.type, value);
+    }
+    return entry.format(value);
+  }
   if (typeof value === "string") return value;
   if (Array.isArray(value)) return "[" + value.length + (Array.isArray(value[0]) ? " x " + value[0].length : "") + "]";
   return String(value);
 }
+
+// Axis labels with as many digits as the visible range needs to tell them apart (dygraphs' default keeps
+// 2 significant digits: every label of a value near 2.2e10 read "2.25e+10").
+function axisLabel(value, granularity, options, graph) {
+  const range = graph.yAxisRange();
+  const span = Math.abs(range[1] - range[0]) || Math.abs(value) || 1;
+  const step = span / 20;
+  const magnitude = Math.max(Math.abs(range[0]), Math.abs(range[1]));
+  if (magnitude >= 1e15 || (magnitude > 0 && magnitude < 1e-4)) {
+    return value.toExponential(Math.max(1, Math.min(15, Math.ceil(Math.log10(magnitude / step)))));
+  }
+  return value.toFixed(Math.max(0, Math.min(10, Math.ceil(-Math.log10(step)))));
+}
+
+const PLOT_AXES = {y: {axisLabelFormatter: axisLabel, axisLabelWidth: AXIS_LABEL_WIDTH}};
 
 function formatAge(seconds) {
   if (seconds === null || seconds === undefined || !isFinite(seconds)) return "-";
@@ -81,17 +116,17 @@ function buildTable(specs) {
     added.push(spec);
     const row = document.createElement("tr");
     row.dataset.channel = spec.name;
-    row.innerHTML = "<td></td><td></td><td></td><td class='value'>-</td><td class='age'>-</td><td></td>";
+    row.innerHTML = "<td></td><td></td><td></td><td class='value'>-</td><td class='pulse'>-</td><td class='age'>-</td><td></td>";
     row.cells[0].textContent = spec.name;
     row.cells[1].textContent = spec.type;
     row.cells[2].textContent = JSON.stringify(spec.shape);
     row.addEventListener("click", () => select(spec.name));
     body.appendChild(row);
-    const entry = {spec, row, spark: null, points: [], lastTime: null};
+    const entry = {spec, row, spark: null, points: [], lastTime: null, format: null};
     if (isScalar(spec) && spec.type !== "string" && sparks < MAX_SPARKLINES) {
       const holder = document.createElement("div");
       holder.className = "spark";
-      row.cells[5].appendChild(holder);
+      row.cells[6].appendChild(holder);
       entry.sparkHolder = holder;
       sparks += 1;
     }
@@ -110,18 +145,23 @@ function updateRow(message) {
   row.dataset.timestamp = message.timestamp;
   row.dataset.exact = message.exact || "";
   row.cells[3].textContent = message.too_large ? "image " + JSON.stringify(message.shape)
-    : message.exact || formatValue(message.value);  // exact: an integer beyond 2^53, as decimal text
+    : message.exact || formatValue(message.value, entry);  // exact: an integer beyond 2^53, as decimal text
+  row.cells[4].textContent = String(message.pulse_id);  // the pulse id this value came with
   entry.lastTime = message.timestamp;
   if (entry.sparkHolder && typeof message.value === "number") {
     entry.points.push([new Date(message.timestamp * 1000), message.value]);
     if (entry.points.length > SPARK_POINTS) entry.points.shift();
-    if (!entry.spark && entry.points.length > 1) {
-      entry.spark = new Dygraph(entry.sparkHolder, entry.points, {
-        axes: {x: {drawAxis: false, drawGrid: false}, y: {drawAxis: false, drawGrid: false}},
-        legend: "never", labels: ["t", "v"], strokeWidth: 1, color: "#5ec962", interactionModel: {}});
-    } else if (entry.spark) {
-      entry.spark.updateOptions({file: entry.points});
-    }
+    drawSpark(entry);
+  }
+}
+
+function drawSpark(entry) {
+  if (!entry.spark && entry.points.length > 1) {
+    entry.spark = new Dygraph(entry.sparkHolder, entry.points, {
+      axes: {x: {drawAxis: false, drawGrid: false}, y: {drawAxis: false, drawGrid: false}},
+      legend: "never", labels: ["t", "v"], strokeWidth: 1, color: "#5ec962", interactionModel: {}});
+  } else if (entry.spark) {
+    entry.spark.updateOptions({file: entry.points});
   }
 }
 
@@ -146,19 +186,71 @@ function select(name) {
   page.detailPoints = [];
   if (page.detailGraph) { page.detailGraph.destroy(); page.detailGraph = null; }
   $("detail-plot").hidden = isImage(entry.spec);
-  $("detail-image").hidden = !isImage(entry.spec);
+  $("image-box").hidden = !isImage(entry.spec);
+  $("colour-scale").hidden = true;
   send({op: "subscribe", channels: [name], max_rate: isImage(entry.spec) ? 1 : DETAIL_RATE});
+  if (isScalar(entry.spec) && entry.spec.type !== "string") loadDetailHistory(name);
+}
+
+// The selected scalar's plot starts with what the service kept of the last minutes (web/history.py).
+async function loadDetailHistory(name) {
+  let history;
+  try {
+    history = await api("/api/v1/history?channels=" + encodeURIComponent(name));
+  } catch (error) { return; }
+  const series = history.channels && history.channels[name];
+  if (!series || page.selected !== name) return;
+  const live = page.detailPoints;
+  const firstLive = live.length ? live[0][0].getTime() / 1000 : Infinity;
+  const past = [];
+  series.timestamp.forEach((t, i) => {
+    if (t < firstLive && series.value[i] !== null) past.push([new Date(t * 1000), series.value[i]]);
+  });
+  page.detailPoints = past.concat(live).slice(-DETAIL_POINTS);
+  drawDetail(page.detailPoints, ["time", name]);
+}
+
+// Sparklines and the rate plots start with the recent past too, not empty.
+async function loadHistory(names) {
+  let history;
+  try {
+    history = await api("/api/v1/history?channels=" + names.map(encodeURIComponent).join(","));
+  } catch (error) { return; }
+  for (const [name, series] of Object.entries(history.channels || {})) {
+    const entry = page.channels.get(name);
+    if (!entry || !entry.sparkHolder) continue;
+    const firstLive = entry.points.length ? entry.points[0][0].getTime() / 1000 : Infinity;
+    const newest = series.timestamp.length ? series.timestamp[series.timestamp.length - 1] : 0;
+    const past = [];
+    let lastTaken = -Infinity;
+    series.timestamp.forEach((t, i) => {  // about one point a second over the sparkline's minute
+      if (t < firstLive && t >= newest - SPARK_POINTS && t - lastTaken >= 0.9 && series.value[i] !== null) {
+        past.push([new Date(t * 1000), series.value[i]]);
+        lastTaken = t;
+      }
+    });
+    entry.points = past.concat(entry.points).slice(-SPARK_POINTS);
+    drawSpark(entry);
+  }
+  const rates = history.rates || {time: []};
+  const firstRate = page.ratePoints.length ? page.ratePoints[0][0].getTime() / 1000 : Infinity;
+  const ratePast = [], bytesPast = [];
+  rates.time.forEach((t, i) => {
+    if (t < firstRate) {
+      ratePast.push([new Date(t * 1000), rates.messages_per_second[i]]);
+      bytesPast.push([new Date(t * 1000), rates.bytes_per_second[i] / 1e6]);
+    }
+  });
+  page.ratePoints = ratePast.concat(page.ratePoints);
+  page.bytesPoints = bytesPast.concat(page.bytesPoints);
+  drawRates();
 }
 
 function updateDetail(message) {
   if (message.channel !== page.selected) return;
   const spec = page.channels.get(page.selected).spec;
   if (isImage(spec)) {
-    // The service renders the image (downsampled, auto-scaled, colour-mapped PNG): a few kB, not the raw frame.
-    const image = $("detail-image");
-    image.src = withToken("/api/v1/channels/" + encodeURIComponent(message.channel) + "?format=png&pulse=" +
-                          message.pulse_id);
-    image.dataset.pulseId = message.pulse_id;
+    showImage(message.channel);
     return;
   }
   let points, labels;
@@ -167,19 +259,60 @@ function updateDetail(message) {
     labels = ["index", message.channel];
   } else if (typeof message.value === "number") {
     page.detailPoints.push([new Date(message.timestamp * 1000), message.value]);
-    if (page.detailPoints.length > 600) page.detailPoints.shift();
+    if (page.detailPoints.length > DETAIL_POINTS) page.detailPoints.shift();
     points = page.detailPoints;
     labels = ["time", message.channel];
   } else {
     setText("detail-info", spec.type + ": " + (message.exact || formatValue(message.value)));
     return;
   }
+  drawDetail(points, labels);
+}
+
+function drawDetail(points, labels) {
   if (points.length < 2) return;
   if (!page.detailGraph) {
     page.detailGraph = new Dygraph($("detail-plot"), points, {labels, color: "#5ec962", strokeWidth: 1.5,
-                                                              axisLabelFontSize: 11});
+                                                              axisLabelFontSize: 11, axes: PLOT_AXES});
   } else {
     page.detailGraph.updateOptions({file: points});
+  }
+}
+
+// The service renders the image (downsampled, auto-scaled, colour-mapped PNG: a few kB, not the raw frame)
+// and says in headers which pulse it is and which values the colour map's ends stand for. One request at
+// a time: an image that takes longer than the updates come is shown at the rate it can be.
+async function showImage(channel) {
+  if (page.imageLoading) return;
+  page.imageLoading = true;
+  try {
+    const headers = page.token ? {Authorization: "Bearer " + page.token} : {};
+    const answer = await fetch("/api/v1/channels/" + encodeURIComponent(channel) + "?format=png",
+                               {headers, cache: "no-store"});
+    if (!answer.ok || page.selected !== channel) return;
+    const blob = await answer.blob();
+    const image = $("detail-image");
+    const url = URL.createObjectURL(blob);
+    await new Promise(resolve => { image.onload = resolve; image.onerror = resolve; image.src = url; });
+    if (page.imageUrl) URL.revokeObjectURL(page.imageUrl);
+    page.imageUrl = url;
+    const pulseId = answer.headers.get("X-Pulse-Id");
+    image.dataset.pulseId = pulseId;
+    setText("image-pulse", pulseId);
+    const low = answer.headers.get("X-Scale-Low"), high = answer.headers.get("X-Scale-High");
+    const scale = $("colour-scale");
+    if (low !== null && high !== null) {
+      scale.dataset.low = low;
+      scale.dataset.high = high;
+      const format = floatFormat("float64", Math.max(Math.abs(Number(low)), Math.abs(Number(high))) || 1);
+      setText("scale-low", format(Number(low)));
+      setText("scale-high", format(Number(high)));
+      scale.hidden = false;
+    } else {
+      scale.hidden = true;
+    }
+  } catch (error) { /* the connection badge says it */ } finally {
+    page.imageLoading = false;
   }
 }
 
@@ -205,31 +338,44 @@ function updateStatus(document) {
   setText("rejected", String(buffer.rejected_total));
   setText("rejected-reasons", Object.entries(buffer.rejected).map(([reason, n]) => reason + " " + n).join(", "));
   setText("jumps", buffer.pulse_ids.jumps + " / " + buffer.pulse_ids.resets);
-  const now = new Date();
+  const at = new Date(buffer.time * 1000);  // the buffer's snapshot time, as the history's points
   for (const [points, value] of [[page.ratePoints, rates.messages_per_second],
                                  [page.bytesPoints, rates.bytes_per_second / 1e6]]) {
-    points.push([now, value]);
+    if (!points.length || points[points.length - 1][0] < at) points.push([at, value]);
+  }
+  drawRates();
+  const body = $("writers").querySelector("tbody");
+  body.innerHTML = "";
+  for (const writer of document.writers || []) {  // web/writers.py: file, range, progress, rate per session
+    const row = body.insertRow();
+    row.dataset.session = writer.session;
+    row.dataset.progress = writer.progress ?? "";
+    const progress = writer.progress === null ? "-" : (writer.progress * 100).toFixed(1) + " %";
+    const rate = writer.rate === null ? "-" : writer.rate.toFixed(1) + " msg/s";
+    const cells = [writer.file ?? "(no file named)", writer.requested, progress, rate, writer.last_pulse_id ?? "-",
+                   writer.sent, writer.gaps, writer.lost, writer.session];
+    cells.forEach((text, index) => {
+      const cell = row.insertCell();
+      cell.textContent = String(text);
+      if (index === 2) cell.className = "progress";
+    });
+    row.cells[0].title = writer.file ?? "";
+  }
+}
+
+function drawRates() {
+  const now = Date.now();
+  for (const points of [page.ratePoints, page.bytesPoints]) {
     while (points.length && now - points[0][0] > HISTORY_SECONDS * 1000) points.shift();
   }
   if (page.ratePoints.length > 1) {
     if (!page.rateGraph) {
-      const options = {color: "#3b528b", strokeWidth: 1.5, axisLabelFontSize: 11, includeZero: true};
+      const options = {color: "#3b528b", strokeWidth: 1.5, axisLabelFontSize: 11, includeZero: true, axes: PLOT_AXES};
       page.rateGraph = new Dygraph($("rate-plot"), page.ratePoints, {...options, labels: ["time", "msg/s"]});
       page.bytesGraph = new Dygraph($("bytes-plot"), page.bytesPoints, {...options, labels: ["time", "MB/s"]});
     } else {
       page.rateGraph.updateOptions({file: page.ratePoints});
       page.bytesGraph.updateOptions({file: page.bytesPoints});
-    }
-  }
-  const body = $("writers").querySelector("tbody");
-  body.innerHTML = "";
-  for (const session of buffer.replay.sessions) {
-    const row = body.insertRow();
-    const requested = (session.start_pulse_id ?? session.start_time ?? "-") + " .. " +
-                      (session.stop_pulse_id ?? session.stop_time ?? "open");
-    for (const text of [session.session, requested, session.last_pulse_id ?? "-", session.sent,
-                        session.in_flight, session.gaps, session.lost]) {
-      row.insertCell().textContent = String(text);
     }
   }
 }
@@ -291,6 +437,7 @@ async function start() {
   $("login").hidden = true;
   buildTable(listing.channels);
   connect();
+  loadHistory([...page.channels.values()].filter(entry => entry.sparkHolder).map(entry => entry.spec.name));
 }
 
 setInterval(refreshAges, 1000);
