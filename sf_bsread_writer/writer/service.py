@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sf_bsread_writer import __version__
+from sf_bsread_writer.version import __version__
 from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
 from sf_bsread_writer.bsread.timebase import MAX_CLOCK_SKEW
 from sf_bsread_writer.replay.client import HANDSHAKE_SECONDS, ReplayClient
