@@ -413,3 +413,19 @@ def test_the_conda_recipe_installs_what_setup_py_declares_and_the_same_commands(
     declared = {conda_names.get(name, name) for name in
                 _names(arguments["install_requires"]) | _names(arguments["extras_require"]["services"])}
     assert names - {"python"} == declared
+
+
+def test_every_library_of_the_services_extra_is_one_the_commands_name_when_it_is_missing():
+    """sf_bsread_writer.commands reports a missing library of the services' extra in one line; any other missing
+    module keeps its traceback (a bug). Every library the package imports from that extra must be on its list."""
+    from sf_bsread_writer.commands import SERVICE_LIBRARIES
+
+    arguments = _setup_arguments()
+    services = _names(arguments["extras_require"]["services"])
+    imported = _third_party_imports(
+        sorted({"sf_bsread_writer." + ".".join(path.relative_to(ROOT / "sf_bsread_writer").with_suffix("").parts)
+                for path in (ROOT / "sf_bsread_writer").rglob("*.py") if path.name != "__init__.py"}),
+        follow_functions=True)
+    from_services = {module for module in imported if _distributions({module}) <= services}
+    assert from_services <= SERVICE_LIBRARIES, sorted(from_services - SERVICE_LIBRARIES)
+    assert not SERVICE_LIBRARIES & {"numpy", "requests", "aiohttp"}, "a client's library is never 'missing services'"
