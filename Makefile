@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): setup.py pyproject.toml sf_bsread_writer/transport/_partsio.c sf_bsread_writer/bsread/_blockwalk.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[services,test]'
 	touch $(STAMP)
 
 demo: $(STAMP)

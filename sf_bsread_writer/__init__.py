@@ -1,15 +1,14 @@
 """sf_bsread_writer: buffer, writer, Channel Access gateway and web service for bsread streams.
 
-The bitshuffle wheel links OpenMP; with the default thread count on a small
-machine its (de)compression runs 10-30x slower (see docs/dependencies.md).
-OpenMP reads OMP_NUM_THREADS when the library loads, so it is set here, before
-any submodule can import bitshuffle. An explicit setting by the user wins.
+Importing the package (or its clients, ``sf_bsread_writer.client`` and
+``sf_bsread_writer.remote``) changes nothing in the importing process: no
+environment variable, no thread setting. The services' process-wide knobs
+(``OMP_NUM_THREADS=1`` for bitshuffle's OpenMP) are set by the service
+commands themselves, first thing (:func:`sf_bsread_writer.process.service_start`).
 """
-import os
+from sf_bsread_writer.version import __version__
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-__version__ = "2.0.0"
+__all__ = ["__version__", "write_range"]
 
 
 def write_range(buffer, start_pulse_id, stop_pulse_id, path, parameters=None, **options):
@@ -17,7 +16,15 @@ def write_range(buffer, start_pulse_id, stop_pulse_id, path, parameters=None, **
 
     ``buffer``: a buffer's name on this host (``sf_bsread_ctl ls``) or its HTTP URL. See
     :func:`sf_bsread_writer.tools.ctl.write_range` (imported on first use: the package import stays light).
+    It runs a writer on this host, so it needs the services' dependencies
+    (``pip install 'sf_bsread_writer[services]'``); without them it raises ImportError saying so.
     """
-    from sf_bsread_writer.tools.ctl import write_range as write
+    try:
+        from sf_bsread_writer.tools.ctl import write_range as write
+    except ModuleNotFoundError as error:
+        if (error.name or "").startswith("sf_bsread_writer"):
+            raise  # a module of the package itself: a broken install, not a missing extra
+        raise ImportError(f"write_range runs a writer on this host and needs the services' dependencies "
+                          f"({error}): pip install 'sf_bsread_writer[services]'") from error
 
     return write(buffer, start_pulse_id, stop_pulse_id, path, parameters, **options)

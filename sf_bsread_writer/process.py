@@ -3,6 +3,10 @@
 Each service (buffer, writer, CA gateway, CA bridge, simulator) is a thin
 CLI around its own loop; what they share about being a *process* lives here:
 
+* :func:`service_start`: the process-wide knobs of a service, set first
+  thing by every service's ``main()`` (and by the commands before they
+  import their service: :mod:`sf_bsread_writer.commands`), never by an
+  import;
 * :func:`configure_logging`: one log format, on stderr (stdout carries only
   the READY line);
 * :class:`ExitCode`: the one table of exit codes of every command
@@ -39,6 +43,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "service_start",
+    "SERVICE_KNOBS",
     "ExitCode",
     "start_error_code",
     "interrupted_code",
@@ -62,6 +68,25 @@ logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 READY_PREFIX = "READY "
+
+
+#: The environment a service process runs with unless its user set otherwise. OMP_NUM_THREADS: the bitshuffle wheel
+#: links OpenMP (libgomp), and with its default thread count bitshuffle's (de)compression runs 10-30x slower on a
+#: small machine, where a service's other threads want the cores (docs/dependencies.md); libgomp reads the variable
+#: once, when it loads, so it must be set before anything imports bitshuffle (bsread/codecs.py and bsread/build.py
+#: import it on first use). numpy's OpenBLAS reads it the same way, at numpy's import.
+SERVICE_KNOBS: Mapping[str, str] = {"OMP_NUM_THREADS": "1"}
+
+
+def service_start() -> None:
+    """Set the services' process-wide knobs (:data:`SERVICE_KNOBS`); a value the user set wins.
+
+    Called first thing by every service's ``main()`` and by :mod:`sf_bsread_writer.commands` before it imports
+    a service, never at an import: a physicist's ``import sf_bsread_writer.remote`` must leave their process
+    (their numpy and OpenMP threads) as it was. Idempotent. Children inherit the setting through the environment.
+    """
+    for name, value in SERVICE_KNOBS.items():
+        os.environ.setdefault(name, value)
 
 
 class ExitCode(enum.IntEnum):

@@ -1,6 +1,7 @@
 """bsread messages from values: what bsread's own ``Sender`` would send (the simulator, the CA bridge, tests).
 
-Pure: values in, frames out.
+Pure: values in, frames out. bitshuffle is imported on first use (see ``codecs``: OpenMP reads
+OMP_NUM_THREADS when it loads, and a service sets it in ``main()``, after its imports).
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import bitshuffle
 import lz4.block
 import numpy as np
 
@@ -36,6 +36,8 @@ def _compress(spec: ChannelSpec, array: np.ndarray) -> bytes:
     if spec.compression == "lz4":
         # Little-endian size, as bsread's Python LZ4.pack_data writes it.
         return struct.pack("<I", len(raw)) + lz4.block.compress(raw, store_size=False)
+    import bitshuffle  # on first use (module docstring)
+
     itemsize = array.dtype.itemsize
     block_elements = _default_block_elements(itemsize)
     header = struct.pack(">QI", len(raw), block_elements * itemsize)

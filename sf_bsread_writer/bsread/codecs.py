@@ -4,6 +4,10 @@ Pure. ``bitshuffle.decompress_lz4`` trusts the block sizes inside the stream and
 one, so the block structure is walked and checked here first (compiled in ``_blockwalk.c`` where built,
 the same walk in Python otherwise). :func:`direct_chunk_compatible` tells the writer when a received
 ``bitshuffle_lz4`` part can be stored unchanged as an HDF5 chunk.
+
+bitshuffle is imported on first use, not here: its wheel links OpenMP, which reads OMP_NUM_THREADS once, when
+it loads, and a service sets that first thing in ``main()`` (``process.service_start``), after its modules (and
+so this one) are imported.
 """
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-import bitshuffle
 import lz4.block
 import numpy as np
 
@@ -167,6 +170,8 @@ def _bitshuffle_decompress(spec: ChannelSpec, buffer: bytes | bytearray | memory
     for attempt, block_elements in enumerate(dict.fromkeys(candidates)):
         if not _bitshuffle_stream_fits(payload, n_elements, itemsize, block_elements):
             continue
+        import bitshuffle  # on first use (module docstring); later calls find it in sys.modules
+
         try:
             array = bitshuffle.decompress_lz4(payload, shape, dtype, block_elements)
         except (RuntimeError, ValueError):

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Returns the exit code: 0 after a clean stop, 1 if the service failed, 2 for a configuration error."""
+    process.service_start()  # first: the process-wide knobs, before anything loads bitshuffle
     args = config.parse_args(
         "sf_bsread_buffer",
         "Buffer one bsread stream in a ring; serve it live, replayed to writers and over HTTP.",

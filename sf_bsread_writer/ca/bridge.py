@@ -406,6 +406,7 @@ class Bridge:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``sf_bsread_ca_bridge --pv NAME ... --port P``; returns the exit code."""
+    process.service_start()  # first: the process-wide knobs, before anything loads bitshuffle
     args = parse_args("sf_bsread_ca_bridge", "Bring EPICS Channel Access PVs into a bsread stream.",
                       BRIDGE_OPTIONS, BRIDGE_ENV_PREFIX, argv)
     process.configure_logging(args.log_level)

@@ -508,6 +508,7 @@ class Gateway:
 # --------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     """``sf_bsread_gateway BUFFER_OUTPUT [--status-url URL] ...``; returns the exit code."""
+    process.service_start()  # first: the process-wide knobs, before anything loads bitshuffle
     args = parse_args("sf_bsread_gateway", "Serve a bsread buffer's live stream and status as EPICS PVs.",
                       GATEWAY_OPTIONS, GATEWAY_ENV_PREFIX, argv)
     process.configure_logging(args.log_level)

@@ -544,6 +544,7 @@ def cmd_h5dump(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    process.service_start()  # first: the process-wide knobs, before anything loads bitshuffle
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"ls": cmd_ls, "status": cmd_status, "channels": cmd_channels, "peek": cmd_peek,

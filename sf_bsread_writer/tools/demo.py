@@ -175,6 +175,7 @@ def run(output_dir: Path = OUTPUT_DIR) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    process.service_start()  # first: the process-wide knobs, before anything loads bitshuffle
     process.configure_logging("INFO")
     try:
         run()

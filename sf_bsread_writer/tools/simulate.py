@@ -33,11 +33,13 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
-from bsread import PUB, PUSH, Sender
+
+if TYPE_CHECKING:
+    from bsread import Sender
 
 from sf_bsread_writer import config, process
 from sf_bsread_writer.process import ExitCode
@@ -213,6 +215,9 @@ class Simulator:
 
     def open(self) -> str:
         """Bind the socket; return the address to connect to."""
+        # bsread imported here, not at the top: it loads bitshuffle (OpenMP), and main() sets OMP_NUM_THREADS first.
+        from bsread import PUB, PUSH, Sender
+
         sender = Sender(queue_size=self.queue_size, port=self.port, address=f"tcp://{self.bind}",
                         mode=PUB if self.mode == "pub" else PUSH, block=True, send_timeout=100)
         for entry in channel_metadata(self.profile, self.compression, self.n_channels, self.image_shape):
@@ -283,6 +288,7 @@ class Simulator:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point ``sf_bsread_simulate``; returns the exit code."""
+    process.service_start()  # first: the process-wide knobs, before anything loads bitshuffle
     args = config.parse_args("sf_bsread_simulate", "A bsread source (bsread's own Sender) for demos and tests.",
                              config.SIMULATE_OPTIONS, config.SIMULATE_ENV_PREFIX, argv)
     process.configure_logging(args.log_level)

@@ -88,6 +88,7 @@ async def serve(settings: WebSettings, tokens: TokenSet) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``sf_bsread_web FEED [--status-url URL] --replay ADDRESS [--port P] [--bind H] [--tokens FILE]``."""
+    process.service_start()  # first: the process-wide knobs, before anything loads bitshuffle
     args = parse_args("sf_bsread_web", "Serve a bsread buffer over HTTP and websockets.", WEB_OPTIONS,
                       WEB_ENV_PREFIX, argv)
     process.configure_logging(args.log_level)

@@ -1,6 +1,6 @@
-"""``python -m sf_bsread_writer.writer``: the same as the ``sf_bsread_writer`` command."""
+"""``python -m sf_bsread_writer.writer``: the same as the ``sf_bsread_writer`` command (knobs first, then the service)."""
 import sys
 
-from sf_bsread_writer.writer.cli import main
+from sf_bsread_writer.commands import writer
 
-sys.exit(main())
+sys.exit(writer())

@@ -111,6 +111,7 @@ def serve(writer: Writer, server: Any, wait_until_idle: Callable[[float], bool] 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI ``sf_bsread_writer STREAM_ADDRESS OUTPUT_FILE USER_ID REST_PORT [options]``."""
+    process.service_start()  # first: the process-wide knobs, before anything loads bitshuffle
     args = config.parse_args("sf_bsread_writer", "bsread writer: one pulse range from a buffer into an HDF5 file",
                              config.WRITER_OPTIONS, config.WRITER_ENV_PREFIX, argv)
     process.configure_logging(args.log_level)

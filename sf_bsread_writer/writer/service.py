@@ -26,13 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sf_bsread_writer import __version__
 from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
 from sf_bsread_writer.bsread.timebase import MAX_CLOCK_SKEW
 from sf_bsread_writer.replay.client import HANDSHAKE_SECONDS, ReplayClient
 from sf_bsread_writer.replay.messages import Accepted, make_label
 from sf_bsread_writer.status import json_value
 from sf_bsread_writer.transport import partsio
+from sf_bsread_writer.version import __version__
 from sf_bsread_writer.writer.acquisition import (
     BadRequest,
     EndRun,
