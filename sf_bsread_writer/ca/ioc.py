@@ -1,21 +1,33 @@
-"""The CA gateway on pythonSoftIOC: real EPICS records, served by EPICS base's own CA server (rsrv).
+"""The CA gateway's server: real EPICS records in a pythonSoftIOC process, served by EPICS base's rsrv.
 
-Why (docs/dependencies.md, docs/performance.md "CA fan-out"): caproto's
-server fans every update out to every subscriber in Python; at 10 clients x
-500 PVs it delivered 3.7 of 10 updates per PV and second, 0.7 s late, and 50
-clients x 100 PVs got 2.3 updates, 4.5 s late. Here Python sets each record
-once per update and EPICS base's C server does the fan-out: the same loads
-get their 10 updates at 1-7 ms. Records also bring the fields clients and
-Phoebus ask for (.SEVR .STAT .PREC .EGU .DESC .NORD ...), EPICS access
-security, and the data types EPICS base tools read right.
+Why (docs/dependencies.md, docs/performance.md "CA fan-out"): Python sets
+each record once per update and EPICS base's C server does the fan-out to
+every client; records bring the fields clients and Phoebus ask for (.SEVR
+.STAT .PREC .EGU .DESC .NORD ...), EPICS access security, and the data
+types EPICS base tools read right. Every decision (which record serves which
+channel, alarms, status values, rates, when to restart) is in
+``ca/policy.py``; this module is the shell that carries them out.
 
-Records exist before ``iocInit``, so the channel set is fixed for the life
-of an IOC process: when the data header changes the records (a channel
-added, removed or retyped), the process exits with ``RESTART_EXIT_CODE`` and
-:func:`supervise` (the gateway command's parent process, which owns no EPICS
-state) starts a fresh one at once. Clients see a disconnect and reconnect by
-themselves. A header change that keeps every record (new hash, same
-channels and types) needs no restart.
+**Channel set changes without a restart.** Records exist before
+``iocInit``, so each IOC starts with a pool of spare records
+(``policy.SparePool``) besides the records of its channels. A new channel is
+served by a spare under its own name, an EPICS alias created at run time
+(``dbCreateAlias``: only adds a name to the IOC's lookup table, under its
+lock); a removed channel stays INVALID/DISABLE; a retype its record holds is
+served on. No connected client of any PV notices. Only what no record can
+hold (a number that became a string, a waveform longer than its record, a
+new channel when the pool is used up) needs a new IOC: the IOC waits until
+the header has been still (``policy.Settle``), tells the supervisor what the
+next IOC must hold, and exits with ``RESTART_EXIT_CODE``.
+
+**The restart protocol, explicitly.** :func:`supervise` (the gateway
+command's process, no EPICS state) runs the IOC as a child with its stdin
+and stdout as pipes, and keeps a warm standby child whose slow imports are
+done. It hands a child its start state with one line on stdin, ``go
+{json}`` (the records earlier IOCs served, the channels that need long
+strings); the child answers with ``READY {json}`` once serving (forwarded to
+the gateway's stdout) and, before it exits to be replaced, ``NEXT {json}``:
+the state for its successor. Other child output is forwarded.
 
 Processes: ``sf_bsread_gateway ...`` -> :func:`supervise` -> ``... --ioc-child``
 -> :func:`serve` (ingest thread, status poller, EPICS threads, and the apply
@@ -28,150 +40,55 @@ import json
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from .. import process
-from ..core.camapping import (SEVERITY_SUFFIX, IocRecord, UnknownTypeError, exact_text, ioc_record_for,
-                              ioc_value, record_from_json, record_holds, record_to_json, widened)
-from ..core.rates import RateEstimator
+from sf_bsread_writer import process
+from sf_bsread_writer.ca.policy import (
+    GATEWAY_STATS_PVS,
+    MAX_RECORD_NAME,
+    ChannelPlan,
+    ChannelState,
+    PlanChange,
+    ServedChannel,
+    Settle,
+    SparePool,
+    absence_overdue,
+    records_for_the_next_ioc,
+    spare_record_specs,
+    spare_slots,
+    status_values,
+    stream_stale,
+    update_interval,
+)
+from sf_bsread_writer.core.camapping import (
+    IocRecord,
+    exact_text,
+    ioc_value,
+    record_from_json,
+    record_to_json,
+)
+from sf_bsread_writer.core.rates import RateEstimator
 
-__all__ = ["RESTART_EXIT_CODE", "supervise", "serve", "ChannelPlan", "acf_text"]
+__all__ = ["RESTART_EXIT_CODE", "supervise", "serve", "acf_text", "wait_for_go", "check_access_security_file",
+           "AccessSecurityError"]
 
 logger = logging.getLogger(__name__)
 
-#: Exit code of an IOC process whose channel set changed: the supervisor starts a new one at once.
+#: Exit code of an IOC process that must be replaced (after its ``NEXT`` line): the supervisor starts the next.
 RESTART_EXIT_CODE = 75
 #: How long a new IOC waits for the stream's first message before it starts with the status PVs only.
 FIRST_MESSAGE_WAIT_S = 5.0
-#: Seconds without a message after which every channel PV is flagged INVALID/COMM.
-STALE_AFTER_S = 3.0
-#: A channel absent from messages is flagged INVALID/TIMEOUT once its last value is this many of its
-#: usual intervals old (a channel sent every Nth pulse is absent N-1 times in N: that is not an alarm).
-ABSENT_PERIODS = 3.0
-MIN_MEASURED_INTERVAL = 0.001  # seconds: shorter gaps between a channel's arrivals say nothing of its period
 # The placeholder value of a record before its channel's first value (shown INVALID/UDF).
 _EMPTY = {"ai": 0.0, "longin": 0, "mbbi": 0, "stringin": "", "lsi": ""}
-#: The gateway's own statistics PVs (beside the buffer's status PVs), like EPICS ca-gateway's.
-GATEWAY_STATS_PVS: tuple[tuple[str, str, str], ...] = (
-    ("CA_CLIENTS", "LONG", "CA clients connected to the gateway"),
-    ("CA_CHANNELS", "LONG", "CA channels the clients hold"),
-    ("PV_UPDATES_S", "DOUBLE", "record updates per second"),
-    ("APPLIED_S", "DOUBLE", "stream messages applied per second"),
-    ("SKIPPED", "DOUBLE", "messages received but never applied"),
-)
-
-#: Where an IOC leaves what its successor must know (the channels that need the long-string form).
-STATE_VARIABLE = "SF_BSREAD_GATEWAY_STATE"
-#: Longest record name EPICS base accepts (PVNAME_STRINGSZ - 1), and characters a record name may not hold.
-MAX_RECORD_NAME = 60
-_BAD_NAME_CHARACTERS = set(" .\"'$\\{}()\t\n")
-_SEVERITY_TYPES = frozenset({"uint8", "uint16", "int16", "int32", "uint32"})
-
-
-# --------------------------------------------------------------------------
-# What to serve (pure)
-# --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ServedChannel:
-    name: str  # bsread channel name
-    pv: str
-    record: IocRecord
-    index: int  # position in the data header
-    severity_index: int | None = None  # position of its ``<name>.SEVR`` companion (a bridged IOC PV's alarm)
-
-
-@dataclass(frozen=True)
-class ChannelPlan:
-    """The records of one data header. ``key`` equal: the same IOC can serve both headers.
-
-    ``retired``: channels the running IOC has records for that the stream no longer sends
-    (served INVALID/DISABLE until the next restart, and served again if they come back).
-    """
-
-    channels: tuple[ServedChannel, ...]
-    skipped: tuple[tuple[str, str], ...] = ()  # (channel, why not served)
-    retired: tuple[ServedChannel, ...] = ()
-
-    @property
-    def key(self) -> tuple:
-        return tuple((c.pv, c.record) for c in self.channels)
-
-    def rebind(self, new: "ChannelPlan") -> "ChannelPlan | None":
-        """``new`` served by this plan's records, or None when it needs an IOC restart.
-
-        A channel that disappeared is retired; one whose type changed keeps its record when that
-        holds the new type (``camapping.record_holds``), with the new header's positions,
-        shape, units and DESC. A new channel, or a type its record cannot hold, needs records
-        that do not exist yet: None.
-        """
-        running = {c.pv: c for c in (*self.channels, *self.retired)}
-        channels = []
-        for channel in new.channels:
-            current = running.pop(channel.pv, None)
-            if current is None or not record_holds(current.record, channel.record):
-                return None
-            record = replace(current.record, shape=channel.record.shape, unit=channel.record.unit,
-                             description=channel.record.description, precision=channel.record.precision)
-            channels.append(replace(channel, record=record))
-        return ChannelPlan(tuple(channels), new.skipped, tuple(running.values()))
-
-    @classmethod
-    def build(cls, header: Any | None, prefix: str, reserved: Sequence[str] = (),
-              long_strings: frozenset[str] = frozenset(),
-              previous: Mapping[str, IocRecord] | None = None) -> "ChannelPlan":
-        """The records for ``header``; ``previous``: the records the last IOC served (by channel name),
-        widened to hold both their and the new type (``camapping.widened``)."""
-        if header is None:
-            return cls(())
-        served: list[ServedChannel] = []
-        skipped: list[tuple[str, str]] = []
-        taken = set(reserved)
-        # The CA bridge's severity companions: served as the alarm severity of their PV, not as PVs.
-        severity_of = {spec.name[:-len(SEVERITY_SUFFIX)]: index for index, spec in enumerate(header.channels)
-                       if spec.name.endswith(SEVERITY_SUFFIX) and spec.type in _SEVERITY_TYPES}
-        companions = {header.channels[index].name for name, index in severity_of.items() if name in header.names}
-        for index, spec in enumerate(header.channels):
-            if spec.name in companions:
-                continue
-            pv = prefix + spec.name
-            why = _unservable_name(pv)
-            if why is None and (pv in taken or pv + "_STR" in taken):
-                why = "its PV name is already served"
-            if why is None:
-                try:
-                    record = ioc_record_for(spec.type, spec.shape, long_string=spec.name in long_strings,
-                                            display=spec.display)
-                    if previous and spec.name in previous:
-                        record = widened(previous[spec.name], record)
-                except UnknownTypeError as error:
-                    why = str(error)
-            if why is not None:
-                skipped.append((spec.name, why))
-                continue
-            taken.update((pv, pv + "_STR"))
-            served.append(ServedChannel(spec.name, pv, record, index, severity_of.get(spec.name)))
-        return cls(tuple(served), tuple(skipped))
-
-
-def _unservable_name(pv: str) -> str | None:
-    if len(pv) > MAX_RECORD_NAME:
-        return f"PV name longer than {MAX_RECORD_NAME} characters"
-    bad = sorted(set(pv) & _BAD_NAME_CHARACTERS)
-    if bad:
-        return f"PV name holds characters EPICS record names cannot ({''.join(bad)!r})"
-    if not pv.isprintable() or not pv.isascii():
-        return "PV name is not printable ASCII"
-    return None
+_MBB_PREFIXES = ("ZR", "ON", "TW", "TH", "FR", "FV", "SX", "SV", "EI", "NI", "TE", "EL", "TV", "TT", "FT", "FF")
 
 
 def acf_text(writable: bool, allow_hosts: Sequence[str]) -> str:
@@ -193,132 +110,117 @@ def acf_text(writable: bool, allow_hosts: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------
-# The supervisor: restarts the IOC when its channel set changes
+# The supervisor: owns the state across IOCs, replaces an IOC that asks for it
 # --------------------------------------------------------------------------
-def supervise(argv: Sequence[str]) -> int:
-    """Run the IOC as a child (``--ioc-child``) and start the next one whenever it asks to be restarted.
+class _IocChild:
+    """One IOC process: its stdin takes ``go {state}``, its stdout lines are read by a thread."""
 
-    The next IOC is always started in advance and waits, its imports done
-    (loading EPICS takes seconds on a busy machine), until it is told to go
-    (a line on its stdin): a restart costs the new IOC's ``iocInit``, not a
-    Python start. Each child dies with this process.
-    """
-    stopping = threading.Event()
-    children: list[subprocess.Popen] = []
+    def __init__(self, argv: Sequence[str], on_line: Callable[["_IocChild", str], None]) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "sf_bsread_writer.ca.gateway", *argv, "--ioc-child"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        preexec_fn=process.die_with_parent)
+        self.next_state: dict[str, Any] | None = None
+        self._reader = threading.Thread(target=self._read, args=(on_line,), daemon=True,
+                                        name=f"ioc-{self.process.pid}-stdout")
+        self._reader.start()
 
-    def on_signal(signum: int, frame: Any) -> None:
-        stopping.set()
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+    def _read(self, on_line: Callable[["_IocChild", str], None]) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            on_line(self, raw.decode("utf-8", errors="replace").rstrip("\n"))
 
-    def spawn() -> subprocess.Popen:
-        child = subprocess.Popen([sys.executable, "-m", "sf_bsread_writer.ca.gateway", *argv, "--ioc-child"],
-                                 stdin=subprocess.PIPE, preexec_fn=process.die_with_parent, env=env,
-                                 pass_fds=state.pass_fds)
-        children.append(child)
-        return child
-
-    def go(child: subprocess.Popen) -> None:
-        assert child.stdin is not None
+    def go(self, state: Mapping[str, Any]) -> None:
+        assert self.process.stdin is not None
         try:
-            child.stdin.write(b"go\n")
-            child.stdin.flush()
-        except BrokenPipeError:  # it died while waiting: its exit code tells
+            self.process.stdin.write(b"go " + json.dumps(dict(state)).encode() + b"\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError):  # it died while waiting: its exit code tells
             pass
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    restarts = 0
-    state = _StateFile()
-    env = {**os.environ, STATE_VARIABLE: state.path}
-    try:
-        current = spawn()
-        go(current)
-        standby = spawn()
-        while True:
-            code = current.wait()
-            children.remove(current)
-            if code == RESTART_EXIT_CODE and not stopping.is_set():
-                restarts += 1
-                logger.info("gateway IOC restarts to serve the new channel set (restart %d)", restarts)
-                current, standby = standby, None
-                go(current)
-                standby = spawn()
-                continue
-            return code
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.terminate()
-                try:
-                    child.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        state.close()
+    def wait_output(self, timeout: float = 5.0) -> None:
+        """After the process ended: until its last line was read (the NEXT line comes just before the exit)."""
+        self._reader.join(timeout)
 
-
-class _StateFile:
-    """Where the IOCs of one supervisor leave the records they served for the next (``_load_state``).
-
-    An anonymous file (``memfd_create``) the children inherit and open as
-    ``/proc/self/fd/N``: it vanishes with the last process holding it, so a
-    supervisor killed with SIGKILL leaves nothing behind in /tmp. Where
-    there is no memfd, a temporary file removed at the supervisor's exit.
-    """
-
-    def __init__(self) -> None:
-        self._fd: int | None = None
-        self.pass_fds: tuple[int, ...] = ()
-        try:
-            fd = os.memfd_create("sf_bsread_gateway-state")  # pass_fds makes it the children's
-        except (AttributeError, OSError):
-            fd = None
-        if fd is not None and os.path.exists(f"/proc/self/fd/{fd}"):  # reachable by path only through /proc
-            self._fd, self.path, self.pass_fds = fd, f"/proc/self/fd/{fd}", (fd,)
-        else:
-            if fd is not None:
-                os.close(fd)
-            handle, self.path = tempfile.mkstemp(prefix="sf_bsread_gateway-", suffix=".json")
-            os.close(handle)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-        else:
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
             try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
-def wait_for_go() -> bool:
-    """In an IOC child: load EPICS, then wait for the supervisor's go (False: told to end instead)."""
+def supervise(argv: Sequence[str]) -> int:
+    """Run the IOC as a child (``--ioc-child``) and start the next one whenever it asks to be replaced.
+
+    The next IOC is always started in advance and waits, its imports done
+    (loading EPICS takes seconds on a busy machine), until it is told to go:
+    a replacement costs the new IOC's ``iocInit``, not a Python start. Each
+    child dies with this process. The signal handler only sets an event.
+    """
+    stopping = threading.Event()
+    restore = process.stop_on_signals(lambda name: stopping.set())
+    state: dict[str, Any] = {}
+    output_lock = threading.Lock()
+
+    def on_line(child: _IocChild, line: str) -> None:
+        if line.startswith("NEXT "):
+            try:
+                child.next_state = json.loads(line[5:])
+            except ValueError:
+                logger.warning("IOC %d: unreadable NEXT line ignored", child.process.pid)
+            return
+        with output_lock:  # READY and whatever else the IOC prints: the gateway's own output
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    restarts = 0
+    current = standby = None
+    try:
+        current = _IocChild(argv, on_line)
+        current.go(state)
+        standby = _IocChild(argv, on_line)
+        while True:
+            try:
+                code = current.process.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                if stopping.is_set():
+                    current.stop()
+                    return 0
+                continue
+            current.wait_output()
+            if code != RESTART_EXIT_CODE or stopping.is_set():
+                return code
+            restarts += 1
+            state = dict(current.next_state or state)
+            state["restarts"] = restarts
+            logger.info("gateway IOC replaced to serve what its records cannot hold (replacement %d)", restarts)
+            current, standby = standby, None
+            current.go(state)
+            standby = _IocChild(argv, on_line)
+    finally:
+        for child in (current, standby):
+            if child is not None:
+                child.stop()
+        restore()
+
+
+def wait_for_go() -> dict[str, Any] | None:
+    """In an IOC child: load EPICS, then wait for the supervisor's ``go {state}`` (None: told to end)."""
     import softioc.asyncio_dispatcher  # noqa: F401  (the slow imports, done while waiting)
     import softioc.builder  # noqa: F401
     import softioc.softioc  # noqa: F401
 
-    return sys.stdin.readline().strip() == "go"
-
-
-def _load_state() -> dict[str, Any]:
-    path = os.environ.get(STATE_VARIABLE)
+    line = sys.stdin.readline().strip()
+    if not line.startswith("go"):
+        return None
     try:
-        with open(path or "") as state:
-            return json.load(state)
-    except (OSError, ValueError):
+        state = json.loads(line[2:].strip() or "{}")
+    except ValueError:
+        logger.warning("unreadable start state from the supervisor: starting without it")
         return {}
-
-
-def _save_state(state: dict[str, Any]) -> None:
-    path = os.environ.get(STATE_VARIABLE)
-    if path:
-        try:
-            with open(path, "w") as out:
-                json.dump(state, out)
-        except OSError as error:  # the state only saves the next IOC a restart: never a reason to stop
-            logger.warning("IOC state not saved to %s: %s", path, error)
+    return state if isinstance(state, dict) else {}
 
 
 def _records_in(state: Mapping[str, Any]) -> dict[str, IocRecord]:
@@ -328,7 +230,7 @@ def _records_in(state: Mapping[str, Any]) -> dict[str, IocRecord]:
         try:
             found[name] = record_from_json(data)
         except (TypeError, ValueError):
-            logger.warning("state file: record of %s unreadable, ignored", name)
+            logger.warning("start state: record of %s unreadable, ignored", name)
     return found
 
 
@@ -349,12 +251,44 @@ def _long_strings_in(message: Any) -> set[str]:
 # --------------------------------------------------------------------------
 # The IOC process
 # --------------------------------------------------------------------------
+class _Aliases:
+    """EPICS record aliases created after iocInit (``dbCreateAlias``): a spare record under a channel's name.
+
+    ``dbCreateAlias`` adds a name to the IOC's record-name table under that
+    table's per-bucket lock (EPICS base ``dbPvdLib.c``); a CA search that
+    comes later finds it. Aliases are only ever added, never deleted
+    (deleting one frees a table entry a concurrent search may hold).
+    """
+
+    def __init__(self) -> None:
+        from epicscorelibs.ioc import dbCore
+
+        self._db = dbCore
+        self._base = ctypes.c_void_p.in_dll(dbCore, "pdbbase")
+        dbCore.dbAllocEntry.restype = ctypes.c_void_p
+        dbCore.dbAllocEntry.argtypes = [ctypes.c_void_p]
+        dbCore.dbFindRecord.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        dbCore.dbFindRecord.restype = ctypes.c_long
+        dbCore.dbCreateAlias.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        dbCore.dbCreateAlias.restype = ctypes.c_long
+        dbCore.dbFreeEntry.argtypes = [ctypes.c_void_p]
+
+    def add(self, record_name: str, alias: str) -> bool:
+        entry = self._db.dbAllocEntry(self._base)
+        try:
+            if self._db.dbFindRecord(entry, record_name.encode()) != 0:
+                return False
+            return self._db.dbCreateAlias(entry, alias.encode()) == 0
+        finally:
+            self._db.dbFreeEntry(entry)
+
+
 class _Records:
-    """The EPICS records of one IOC: status PVs and one record (plus twins) per served channel."""
+    """The EPICS records of one IOC: status PVs, one record (plus twins) per served channel, and spares."""
 
     def __init__(self, builder: Any, plan: ChannelPlan, name: str, status_pvs: Sequence[tuple[str, str, str]],
-                 max_rate: float, writable: bool, on_max_rate: Any) -> None:
-        self.plan = plan
+                 max_rate: float, writable: bool, on_max_rate: Any, spares: SparePool) -> None:
+        self.builder = builder
         self.status: dict[str, Any] = {}
         self.status_text: dict[str, Any] = {}
         for suffix, ca_type, doc in status_pvs:
@@ -382,21 +316,65 @@ class _Records:
         self.by_pv: dict[str, tuple[Any, Any]] = {}  # every channel record of this IOC: (record, twin)
         self.shapes: dict[str, Any] = {}  # pv -> its ":SHAPE" record
         for channel in plan.channels:
-            record = self._channel_record(builder, channel)
+            record = self._channel_record(builder, channel.pv, channel.record,
+                                          channel.record.description or _desc(channel.name))
             if channel.record.kind == "waveform" and len(channel.pv) + len(":SHAPE") <= MAX_RECORD_NAME:
-                # The numpy shape of one value (the row shape in the HDF5 file), as the caproto server served it.
+                # The numpy shape of one value (the row shape in the HDF5 file).
                 self.shapes[channel.pv] = builder.WaveformIn(channel.pv + ":SHAPE", length=len(channel.record.shape),
                                                              datatype=np.int32,
-                                                             DESC=f"numpy shape of {channel.name}"[:39])
-            twin = (builder.stringIn(channel.pv + "_STR", DESC=channel.name[:39], TSE=-2)
+                                                             DESC=_desc(f"numpy shape of {channel.name}"))
+            twin = (builder.stringIn(channel.pv + "_STR", DESC=_desc(channel.name), TSE=-2)
                     if channel.record.exact_text else None)
             self.channels.append((channel, record, twin))
             self.by_pv[channel.pv] = (record, twin)
+        # The spare records (policy.SparePool): unnamed until a new channel takes one.
+        self.spares: dict[str, list[Any]] = {}
+        for number, (slot, spec) in enumerate(spare_record_specs(spares.free)):
+            spare_name = f"{name}:_SPARE{number}"
+            if spec is None:
+                record = builder.WaveformIn(spare_name, length=8, datatype=np.int32, DESC="spare shape record")
+            else:
+                record = self._channel_record(builder, spare_name, spec, "spare record")
+            self.spares.setdefault(slot, []).append(record)
+        self.aliases: _Aliases | None = None  # after iocInit
+
+    def all_spares(self) -> list[tuple[str, Any]]:
+        return [(slot, record) for slot, records in self.spares.items() for record in records]
 
     def show_shape(self, channel: ServedChannel) -> None:
         shape_record = self.shapes.get(channel.pv)
         if shape_record is not None:
             shape_record.set(np.asarray(channel.record.shape, dtype=np.int32))
+
+    def serve_with_spare(self, channel: ServedChannel) -> bool:
+        """A new channel served by spare records under its own names (aliases); False if EPICS refused."""
+        if self.aliases is None:
+            self.aliases = _Aliases()
+        slots = spare_slots(channel.record) or ("",)
+        record = self.spares[slots[0]].pop()  # policy.SparePool.take counted them: they are there
+        twin = self.spares["stringin"].pop() if channel.record.exact_text else None
+        shape = self.spares["shape"].pop() if "shape" in slots else None
+        names = [(record, channel.pv)]
+        if twin is not None:
+            names.append((twin, channel.pv + "_STR"))
+        if shape is not None and len(channel.pv) + len(":SHAPE") <= MAX_RECORD_NAME:
+            names.append((shape, channel.pv + ":SHAPE"))
+        for target, alias in names:
+            if not self.aliases.add(target.name, alias):
+                logger.error("EPICS refused the alias %s of %s: channel %s not served", alias, target.name,
+                             channel.name)
+                return False
+        self.by_pv[channel.pv] = (record, twin)
+        if shape is not None:
+            self.shapes[channel.pv] = shape
+        if twin is not None:
+            twin.set_field("DESC", _desc(channel.name))
+        if channel.record.kind == "mbbi":
+            for number, prefix in enumerate(_MBB_PREFIXES):
+                states = channel.record.enum_strings
+                record.set_field(prefix + "ST", states[number] if number < len(states) else "")
+        self.relabel(channel, None)
+        return True
 
     def relabel(self, channel: ServedChannel, before: ServedChannel | None) -> None:
         """A running record takes the units, DESC, precision and shape of a new data header."""
@@ -408,56 +386,46 @@ class _Records:
         if new.kind in ("ai", "longin", "waveform") and (old is None or old.unit != new.unit):
             record.set_field("EGU", new.unit)
         if old is None or old.description != new.description:
-            record.set_field("DESC", new.description or channel.name.encode("utf-8")[:39].decode("utf-8", "ignore"))
+            record.set_field("DESC", new.description or _desc(channel.name))
         if new.kind in ("ai", "waveform") and (old is None or old.precision != new.precision):
             record.set_field("PREC", new.precision)
 
     @staticmethod
-    def _channel_record(builder: Any, channel: ServedChannel) -> Any:
-        spec = channel.record
+    def _channel_record(builder: Any, pv: str, spec: IocRecord, description: str) -> Any:
         # TSE -2: the record's time is the one handed to set() (the bsread timestamp), not the IOC's clock.
-        common = {"DESC": spec.description or channel.name.encode("utf-8")[:39].decode("utf-8", errors="ignore"),
-                  "TSE": -2}
+        common = {"DESC": description, "TSE": -2}
         if spec.unit and spec.kind in ("ai", "longin", "waveform"):  # the records with an EGU field
             common["EGU"] = spec.unit
         # Every update is posted, also an unchanged value: a new pulse is a new sample (MDEL -1, MPST Always),
         # but by an mbbi (no such field): a state is an event.
         if spec.kind == "ai":
-            return builder.aIn(channel.pv, PREC=spec.precision, MDEL=-1, ADEL=-1, **common)
+            return builder.aIn(pv, PREC=spec.precision, MDEL=-1, ADEL=-1, **common)
         if spec.kind == "longin":
-            return builder.longIn(channel.pv, MDEL=-1, ADEL=-1, **common)
-        if spec.kind == "mbbi":
-            return builder.mbbIn(channel.pv, *spec.enum_strings, **common)  # posts on change: no MPST
+            return builder.longIn(pv, MDEL=-1, ADEL=-1, **common)
+        if spec.kind == "mbbi":  # a spare mbbi gets 16 states, named when a channel takes it
+            return builder.mbbIn(pv, *(spec.enum_strings or [""] * len(_MBB_PREFIXES)), **common)
         if spec.kind == "stringin":
-            return builder.stringIn(channel.pv, MPST="Always", APST="Always", **common)
+            return builder.stringIn(pv, MPST="Always", APST="Always", **common)
         if spec.kind == "lsi":
-            return builder.longStringIn(channel.pv, length=spec.length, MPST="Always", APST="Always", **common)
-        return builder.WaveformIn(channel.pv, length=spec.length, datatype=spec.numpy_dtype, MPST="Always",
+            return builder.longStringIn(pv, length=spec.length, MPST="Always", APST="Always", **common)
+        return builder.WaveformIn(pv, length=spec.length, datatype=spec.numpy_dtype, MPST="Always",
                                   APST="Always", PREC=spec.precision, **common)
 
 
-class _ChannelState:
-    """What the apply loop remembers of one channel: its last value and when values come."""
-
-    __slots__ = ("value", "stamp", "last_present", "interval", "flagged")
-
-    def __init__(self) -> None:
-        self.value: Any = None
-        self.stamp: float | None = None
-        self.last_present: float | None = None  # monotonic
-        self.interval: float | None = None  # between its last two values
-        self.flagged = False
+def _desc(text: str) -> str:
+    """A DESC field's 39 bytes of ``text``, cut at a character boundary."""
+    return text.encode("utf-8")[:39].decode("utf-8", errors="ignore")
 
 
-def serve(settings: Any, status_pvs: Sequence[tuple[str, str, str]], ingest: Any, poller: Any) -> int:
-    """The IOC process: build the records from the first message, iocInit, apply until stopped or restarted."""
+def serve(settings: Any, status_pvs: Sequence[tuple[str, str, str]], ingest: Any, poller: Any,
+          state: Mapping[str, Any]) -> int:
+    """The IOC process: build the records from the first message, iocInit, apply until stopped or replaced."""
     from softioc import alarm, asyncio_dispatcher, builder, softioc
 
     stop = threading.Event()
     restore = process.stop_on_signals(lambda name: stop.set())
     try:
         message = _first_message(ingest, stop)
-        state = _load_state()
         long_strings = set(state.get("long_strings", []))
         previous = _records_in(state)
         if message is not None:
@@ -478,9 +446,9 @@ def serve(settings: Any, status_pvs: Sequence[tuple[str, str, str]], ingest: Any
                 settings.max_rate = rate
 
         builder.SetSimpleRecordNames(prefix="", separator="")
+        spares = SparePool.default()
         records = _Records(builder, plan, settings.name, status_pvs, settings.max_rate,
-                           settings.writable or settings.acf is not None,
-                           on_max_rate)
+                           settings.writable or settings.acf is not None, on_max_rate, spares)
         builder.LoadDatabase()
         try:
             acf = _install_access_security(settings.writable, settings.allow_hosts, settings.acf)
@@ -502,18 +470,22 @@ def serve(settings: Any, status_pvs: Sequence[tuple[str, str, str]], ingest: Any
             "prefix": settings.prefix,
             "server": "softioc",
             "channels": len(plan.channels),
+            "restarts": int(state.get("restarts", 0)),
         })
         logger.info("gateway IOC serving %d channel PVs and %d status PVs", len(plan.channels),
                     len(records.status) + len(records.status_text))
-        loop = _ApplyLoop(settings, records, plan, ingest, poller, alarm, long_strings)
+        loop = _ApplyLoop(settings, records, plan, ingest, poller, alarm, long_strings, spares)
         loop.mark_undefined()
         if message is not None:
+            loop.header = message.data_header
             loop.apply(message)
         code = loop.run(stop)
         if code == RESTART_EXIT_CODE:
-            _save_state({"long_strings": sorted(loop.long_strings),
-                         "records": {name: record_to_json(record)
-                                     for name, record in loop.records_for_the_next_ioc().items()}})
+            next_state = {"long_strings": sorted(loop.long_strings),
+                          "records": {name: record_to_json(record)
+                                      for name, record in loop.records_for_the_next_ioc().items()}}
+            sys.stdout.write("NEXT " + json.dumps(next_state) + "\n")
+            sys.stdout.flush()
         return code
     finally:
         restore()
@@ -569,18 +541,20 @@ class _ApplyLoop:
     """The main thread of the IOC: newest message -> records, at most max_rate times a second; status at 1 Hz."""
 
     def __init__(self, settings: Any, records: _Records, plan: ChannelPlan, ingest: Any, poller: Any, alarm: Any,
-                 long_strings: set[str]) -> None:
+                 long_strings: set[str], spares: SparePool) -> None:
         self.settings = settings
         self.long_strings = set(long_strings)
-        self.needs_restart = False
-        self.wanted: ChannelPlan | None = None  # the plan this IOC could not serve (it restarts)
         self.records = records
         self.plan = plan
+        self.spares = spares
+        self.unheld: tuple[ServedChannel, ...] = ()  # what the running records cannot serve (a restart is due)
+        self.long_pending: tuple[ServedChannel, ...] = ()  # STRING channels that sent a value over 39 bytes
+        self.settle = Settle()
         self.ingest = ingest
         self.poller = poller
         self.alarm = alarm
         self.header: Any = None  # the data header applied last (compared with DataHeader.same_as)
-        self.states = {channel.name: _ChannelState() for channel in plan.channels}
+        self.states = {channel.name: ChannelState() for channel in plan.channels}
         self.stale = False
         self.newest_pulse_id: int | None = None
         self.decode_errors = 0
@@ -600,6 +574,11 @@ class _ApplyLoop:
                 if self.settings.parent_pid and not process.pid_alive(self.settings.parent_pid):
                     logger.warning("parent process %d is gone; gateway exits", self.settings.parent_pid)
                     return 0
+            if self.settle.due(now):
+                waiting = (*self.unheld, *self.long_pending)
+                logger.info("%d channel(s) need records this IOC does not have (%s): the IOC is replaced",
+                            len(waiting), ", ".join(c.name for c in waiting[:5]))
+                return RESTART_EXIT_CODE
             if self.ingest.error is not None:
                 logger.error("ingest failed: %s", self.ingest.error)
                 return 1
@@ -612,73 +591,84 @@ class _ApplyLoop:
             message, received_at, _ = messages[-1]  # the newest; older ones carry sparse channels it lacks
             started = time.monotonic()
             if not message.data_header.same_as(self.header):
-                plan = ChannelPlan.build(message.data_header, self.settings.prefix,
-                                         [f"{self.settings.name}:{s}" for s in (*self.records.status,
-                                                                                 *self.records.stats)],
-                                         frozenset(self.long_strings))
-                if plan.key != self.plan.key:
-                    rebound = self.plan.rebind(plan)
-                    if rebound is None:
-                        logger.info("the stream's channels changed (%d -> %d served) beyond what the records hold: "
-                                    "the IOC restarts to serve them", len(self.plan.channels), len(plan.channels))
-                        self.wanted = plan
-                        return RESTART_EXIT_CODE
-                    self.rebind(rebound)
-                self.header = message.data_header
+                self.follow(message.data_header, started)
             for older, older_received_at, indices in messages[:-1]:
                 if older.data_header.same_as(self.header):
                     self.apply(older, only=indices, received_at=older_received_at)
             self.apply(message, received_at=received_at)
-            if self.needs_restart:
-                logger.info("a string longer than 39 bytes: the IOC restarts to serve it whole (long string)")
-                return RESTART_EXIT_CODE
-            next_due = started + self._interval()
+            next_due = started + update_interval(self.settings.max_rate, self.settings.total_rate,
+                                                 len(self.plan.channels))
         return 0
 
+    def follow(self, header: Any, now: float) -> None:
+        """A new data header: served by the running and spare records where they hold it; for the rest a
+        replacement IOC is due once the header has been still (``policy.Settle``)."""
+        reserved = [f"{self.settings.name}:{s}" for s in (*self.records.status, *self.records.stats)]
+        wanted = ChannelPlan.build(header, self.settings.prefix, reserved, frozenset(self.long_strings))
+        self.header = header
+        if wanted.key == self.plan.key:
+            return
+        change = self.plan.adopt(wanted, self.spares)
+        self.serve(change)
+        self.unheld = change.unheld
+        if change.unheld:
+            self.settle.wanted(now)
+        elif not self.long_pending:
+            self.settle.cancel()
+
     def mark_undefined(self) -> None:
-        """Every channel INVALID/UDF until its first value: a record's initial 0 must not look like data."""
+        """Every channel and spare INVALID/UDF until its first value: a record's initial 0 must not look like data."""
         now = time.time()
+        targets = []
         for channel, record, twin in self.records.channels:
             self.records.show_shape(channel)
-            empty = _EMPTY.get(channel.record.kind, 0)
-            if channel.record.kind == "waveform":
-                empty = np.zeros(0, dtype=channel.record.numpy_dtype)
-            for target, value in ((record, empty), (twin, "")):
-                if target is not None:
-                    self._set(target, value, self.alarm.INVALID_ALARM, self.alarm.UDF_ALARM, now)
+            targets += [(record, self._empty(channel.record)), (twin, "")]
+        for slot, record in self.records.all_spares():
+            if slot != "shape":
+                targets.append((record, "" if slot in ("stringin", "lsi") else
+                                np.zeros(0) if slot.startswith("waveform") else 0))
+        for target, value in targets:
+            if target is not None:
+                self._set(target, value, self.alarm.INVALID_ALARM, self.alarm.UDF_ALARM, now)
 
-    def rebind(self, plan: ChannelPlan) -> None:
-        """Serve ``plan`` (``ChannelPlan.rebind`` of a new header) with the records this IOC has: no restart,
-        no client disconnected. Channels no longer sent go INVALID/DISABLE with their last value."""
+    @staticmethod
+    def _empty(record: IocRecord) -> Any:
+        if record.kind == "waveform":
+            return np.zeros(0, dtype=record.numpy_dtype)
+        return _EMPTY.get(record.kind, 0)
+
+    def serve(self, change: PlanChange) -> None:
+        """Serve ``change.plan``: new channels by spare records (aliases), the rest by the records this IOC has.
+        No client is disconnected. Channels no longer sent (or retyped beyond their record) go
+        INVALID/DISABLE with their last value."""
+        plan = change.plan
+        added = {channel.pv for channel in change.added}
+        refused = {channel.pv for channel in change.added if not self.records.serve_with_spare(channel)}
         before = {channel.pv: channel for channel in self.plan.channels}
         for channel in plan.channels:
-            if before.get(channel.pv) != channel:
+            if channel.pv not in added and before.get(channel.pv) != channel:
                 self.records.relabel(channel, before.get(channel.pv))
-            self.states.setdefault(channel.name, _ChannelState())
+            self.states.setdefault(channel.name, ChannelState())
         for channel in plan.retired:
             if channel.pv in before:
-                record, twin = self.records.by_pv[channel.pv]
+                record, _ = self.records.by_pv[channel.pv]
                 state = self.states[channel.name]
                 self._set(record, state.value, self.alarm.INVALID_ALARM, self.alarm.DISABLE_ALARM, state.stamp)
+        if refused:
+            plan = ChannelPlan(tuple(c for c in plan.channels if c.pv not in refused), plan.skipped, plan.retired)
         self.records.channels = [(channel, *self.records.by_pv[channel.pv]) for channel in plan.channels]
-        logger.info("the stream's channels changed: %d served by the running IOC (%d no longer sent)",
-                    len(plan.channels), len(plan.retired))
+        for channel in change.added:
+            if channel.pv not in refused:
+                record, twin = self.records.by_pv[channel.pv]
+                self._set(record, self._empty(channel.record), self.alarm.INVALID_ALARM, self.alarm.UDF_ALARM,
+                          time.time())
+        logger.info("the stream's channels changed: %d served by the running IOC (%d new on spare records, "
+                    "%d no longer sent, %d waiting for a new IOC)", len(plan.channels), len(change.added) - len(refused),
+                    len(plan.retired), len(change.unheld))
         self.plan = plan
 
     def records_for_the_next_ioc(self) -> dict[str, IocRecord]:
-        """By channel name: the records this IOC served, widened by those it could not serve, so that
-        the next IOC holds both whichever header its first message has (no restart loop when a
-        channel flips between two types)."""
-        records = {c.name: c.record for c in (*self.plan.retired, *self.plan.channels)}
-        for channel in self.wanted.channels if self.wanted is not None else ():
-            before = records.get(channel.name)
-            records[channel.name] = widened(before, channel.record) if before is not None else channel.record
-        return records
-
-    def _interval(self) -> float:
-        per_pv = 1.0 / self.settings.max_rate if self.settings.max_rate > 0 else 0.0
-        budget = len(self.plan.channels) / self.settings.total_rate if self.settings.total_rate > 0 else 0.0
-        return max(per_pv, budget)
+        return records_for_the_next_ioc(self.plan, (*self.unheld, *self.long_pending))
 
     def apply(self, message: Any, only: frozenset[int] | None = None, received_at: float | None = None) -> None:
         """Every served channel of ``message`` into its record (absent values keep the last one).
@@ -689,7 +679,6 @@ class _ApplyLoop:
         arrival times, whenever its values get applied.
         """
         alarm = self.alarm
-        self.header = message.data_header
         main = message.main
         message_time = main.sec + main.ns * 1e-9
         now = time.monotonic()
@@ -701,7 +690,7 @@ class _ApplyLoop:
             if only is not None and index not in only:
                 continue
             if not message.is_present(index):
-                self._absent(channel, record, state, now)
+                self._absent(record, state, now)
                 continue
             try:
                 value = message.value(index)
@@ -713,12 +702,13 @@ class _ApplyLoop:
                 self._set(record, state.value, alarm.INVALID_ALARM, alarm.READ_ALARM, message_time)
                 continue
             if value is None:
-                self._absent(channel, record, state, now)
+                self._absent(record, state, now)
                 continue
             served, truncated = ioc_value(channel.record, value)
-            if truncated and channel.record.kind == "stringin":
-                self.long_strings.add(channel.name)
-                self.needs_restart = True
+            if truncated and channel.record.kind == "stringin" and channel.name not in self.long_strings:
+                self.long_strings.add(channel.name)  # the next IOC serves it whole (a long string)
+                self.long_pending = (*self.long_pending, channel)
+                self.settle.wanted(now)
             severity, status = (alarm.MINOR_ALARM, alarm.SOFT_ALARM) if truncated else (alarm.NO_ALARM,
                                                                                         alarm.NO_ALARM)
             upstream = self._upstream_severity(message, channel)
@@ -727,11 +717,7 @@ class _ApplyLoop:
             self._set(record, served, severity, status, stamp)
             if twin is not None:
                 self._set(twin, exact_text(value), severity, status, stamp)
-            # The channel's own period, from when its values arrived here (a source's timestamps may be old or
-            # synthetic, and an older kept message may be applied late: apply times would say 0 s).
-            if state.last_present is not None and arrived - state.last_present > MIN_MEASURED_INTERVAL:
-                state.interval = arrived - state.last_present
-            state.value, state.stamp, state.last_present, state.flagged = served, stamp, arrived, False
+            state.present(served, stamp, arrived)
         if only is None:
             self.newest_pulse_id = message.pulse_id
             self.applied += 1
@@ -746,14 +732,9 @@ class _ApplyLoop:
         except Exception:  # a malformed companion costs the alarm, not the value
             return 0
 
-    def _absent(self, channel: ServedChannel, record: Any, state: _ChannelState, now: float) -> None:
+    def _absent(self, record: Any, state: ChannelState, now: float) -> None:
         """The latest present value stays, with its own timestamp, until it is older than expected."""
-        if state.flagged or state.last_present is None:
-            return
-        # Its usual interval once two values were seen; until then, as long as a stopped stream is given.
-        overdue_after = ABSENT_PERIODS * state.interval if state.interval else STALE_AFTER_S
-        if now - state.last_present > overdue_after:
-            state.flagged = True
+        if absence_overdue(state, now):
             self._set(record, state.value, self.alarm.INVALID_ALARM, self.alarm.TIMEOUT_ALARM, state.stamp)
 
     def _set(self, record: Any, value: Any, severity: int, status: int, stamp: float | None) -> None:
@@ -768,50 +749,39 @@ class _ApplyLoop:
     def _status(self, now: float) -> None:
         alarm = self.alarm
         last = self.ingest.last_receive_monotonic
-        if last is not None and now - last > STALE_AFTER_S and not self.stale:
+        if stream_stale(last, now) and not self.stale:
             self.stale = True
             for channel, record, twin in self.records.channels:
                 state = self.states[channel.name]
-                for target, value in ((record, state.value), (twin, None)):
-                    if target is not None and value is not None:
-                        self._set(target, value, alarm.INVALID_ALARM, alarm.COMM_ALARM, state.stamp)
-        statistics = self.poller.latest if self.poller is not None else None
-        fresh = (self.poller is not None and self.poller.latest_monotonic is not None
-                 and now - self.poller.latest_monotonic < 5.0)
+                if state.value is not None:
+                    self._set(record, state.value, alarm.INVALID_ALARM, alarm.COMM_ALARM, state.stamp)
         self.rates.add(now, self.ingest.received)
         own = {"PULSE_ID": self.newest_pulse_id, "CHANNELS": len(self.plan.channels),
                "IDLE_S": None if last is None else now - last, "RATE": self.rates.rate()}
-        from_buffer = {} if statistics is None or not fresh else statistics.status_pv_values()
+        poller = self.poller
+        buffer = age = None
+        if poller is not None and poller.latest is not None and poller.latest_monotonic is not None:
+            buffer, age = poller.latest.status_pv_values(), now - poller.latest_monotonic
         stamp = time.time()
         self._gateway_statistics(now, stamp)
-        for suffix, record in self.records.status.items():
-            if suffix == "MAX_RATE":
-                if record.get() != self.settings.max_rate:
-                    record.set(self.settings.max_rate, process=False)
+        max_rate = self.records.status.get("MAX_RATE")
+        if max_rate is not None and max_rate.get() != self.settings.max_rate:
+            max_rate.set(self.settings.max_rate, process=False)
+        alarms = {"COMM": alarm.COMM_ALARM, "UDF": alarm.UDF_ALARM}
+        for suffix, shown in status_values(buffer, age, poller is not None, own).items():
+            record = self.records.status.get(suffix)
+            if record is None:
                 continue
-            if suffix == "CHANNELS":
-                value = own["CHANNELS"]
-            elif self.poller is not None:
-                value = from_buffer.get(suffix)
-            else:
-                value = own.get(suffix)
-            if value is None:
-                status = alarm.COMM_ALARM if self.poller is not None and not fresh else alarm.UDF_ALARM
-                current = record.get()
-                if current is not None:
-                    record.set(current, severity=alarm.INVALID_ALARM, alarm=status, timestamp=stamp)
-                continue
-            if suffix == "STATE":
-                value = str(value)[:39]
-            elif suffix in ("N_WRITERS", "CHANNELS"):
-                value = int(value)
-            else:
-                value = float(value)
-            record.set(value, timestamp=stamp)
             text_record = self.records.status_text.get(suffix)
+            if shown.value is None:
+                for target in (record, text_record):
+                    current = target.get() if target is not None else None
+                    if current is not None:
+                        target.set(current, severity=alarm.INVALID_ALARM, alarm=alarms[shown.alarm], timestamp=stamp)
+                continue
+            record.set(shown.value, timestamp=stamp)
             if text_record is not None:
-                text_record.set(str(int(value)), timestamp=stamp)
-
+                text_record.set(str(int(shown.value)), timestamp=stamp)
 
     def _gateway_statistics(self, now: float, stamp: float) -> None:
         """NAME:CA_CLIENTS ... from EPICS base's own CA server counters and this loop's."""
