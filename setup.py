@@ -6,6 +6,10 @@ the package uses their Python fallbacks. ``sf_bsread_writer.transport._partsio``
 ``transport/partsio.py``) needs no libzmq headers or library at build time: it
 finds pyzmq's libzmq at import. ``sf_bsread_writer.core._blockwalk`` walks the
 bitshuffle_lz4 block structure (fallback: the loop in ``core/protocol.py``).
+``sf_bsread_writer.ca._recordpost`` updates the CA gateway's scalar records in
+batches from C (fallback: pythonSoftIOC's per-record ``set``); it is built only
+where epicscorelibs (pythonSoftIOC's EPICS base) is importable at build time,
+for its headers, and finds libdbCore at import, loaded by epicscorelibs.
 """
 import logging
 
@@ -31,6 +35,21 @@ class OptionalBuildExt(build_ext):
                             ext.name, error)
 
 
+def _epics_extensions():
+    """The gateway's record poster, where EPICS base's headers are there (epicscorelibs)."""
+    try:
+        import os
+
+        from epicscorelibs import path as epics_path
+    except ImportError:
+        return []
+    include = epics_path.include_path
+    return [Extension("sf_bsread_writer.ca._recordpost", ["sf_bsread_writer/ca/_recordpost.c"],
+                      include_dirs=[include, os.path.join(include, "os", "Linux"),
+                                    os.path.join(include, "compiler", "gcc")],
+                      extra_compile_args=["-O2", "-std=gnu11", "-Wall"], optional=True)]
+
+
 setup(
     name="sf_bsread_writer",
     version="2.0.0",
@@ -44,7 +63,8 @@ setup(
                            libraries=["dl"], extra_compile_args=["-O2", "-std=c11", "-Wall"],
                            optional=True),
                  Extension("sf_bsread_writer.core._blockwalk", ["sf_bsread_writer/core/_blockwalk.c"],
-                           extra_compile_args=["-O2", "-std=c11", "-Wall"], optional=True)],
+                           extra_compile_args=["-O2", "-std=c11", "-Wall"], optional=True),
+                 *_epics_extensions()],
     cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[
         # Why each dependency is here: docs/dependencies.md

@@ -537,6 +537,59 @@ def _install_access_security(writable: bool, allow_hosts: Sequence[str], site_fi
     return path
 
 
+class _ScalarBatch:
+    """The ``ai`` and ``longin`` records, updated in one call per message from C (``ca/_recordpost.c``).
+
+    pythonSoftIOC's ``set`` processes the record and its processing calls back into Python under the
+    GIL (~60 us a record update); here the apply loop stages (value, alarm, timestamp) per record and
+    ``flush`` hands them to C at once, GIL released. The last staged values are kept, so that a record
+    that EPICS processes for another reason (a field set by ``relabel``: softioc's device support then
+    writes its own stale copy) is put right at once (``repost``).
+    """
+
+    def __init__(self, records: Sequence[Any]) -> None:
+        from sf_bsread_writer.ca import _recordpost
+
+        self.index = {id(record): number for number, record in enumerate(records)}
+        self.poster = _recordpost.Poster([record.name for record in records])
+        count = len(records)
+        self.values = np.zeros(count)
+        self.severities = np.zeros(count, dtype=np.int16)
+        self.statuses = np.zeros(count, dtype=np.int16)
+        self.stamps = np.full(count, np.nan)
+        self.staged: list[int] = []
+
+    @classmethod
+    def of(cls, records: Sequence[Any]) -> "_ScalarBatch | None":
+        """A batch of ``records``, or None where the compiled part is not built (softioc's set then)."""
+        try:
+            return cls(records)
+        except ImportError:
+            logger.info("sf_bsread_writer.ca._recordpost is not built: records are set one by one")
+            return None
+
+    def stage(self, number: int, value: Any, severity: int, status: int, stamp: float | None) -> None:
+        self.values[number] = value
+        self.severities[number] = severity
+        self.statuses[number] = status
+        self.stamps[number] = np.nan if stamp is None else stamp
+        self.staged.append(number)
+
+    def flush(self) -> int:
+        if not self.staged:
+            return 0
+        numbers = np.asarray(self.staged, dtype=np.int32)
+        self.staged.clear()
+        return self.poster.post(numbers, self.values[numbers], self.severities[numbers], self.statuses[numbers],
+                                self.stamps[numbers])
+
+    def repost(self, record: Any) -> None:
+        number = self.index.get(id(record))
+        if number is not None and not np.isnan(self.stamps[number]):
+            self.staged.append(number)
+            self.flush()
+
+
 class _ApplyLoop:
     """The main thread of the IOC: newest message -> records, at most max_rate times a second; status at 1 Hz."""
 
@@ -562,6 +615,9 @@ class _ApplyLoop:
         self.applied = 0
         self.record_sets = 0
         self.own_rates = RateEstimator(window=5.0)
+        scalars = [record for channel, record, _ in records.channels if channel.record.kind in ("ai", "longin")]
+        scalars += [record for slot, record in records.all_spares() if slot in ("ai", "longin")]
+        self.batch = _ScalarBatch.of(scalars)
 
     def run(self, stop: threading.Event) -> int:
         next_due = 0.0
@@ -630,6 +686,7 @@ class _ApplyLoop:
         for target, value in targets:
             if target is not None:
                 self._set(target, value, self.alarm.INVALID_ALARM, self.alarm.UDF_ALARM, now)
+        self._flush()
 
     @staticmethod
     def _empty(record: IocRecord) -> Any:
@@ -648,6 +705,8 @@ class _ApplyLoop:
         for channel in plan.channels:
             if channel.pv not in added and before.get(channel.pv) != channel:
                 self.records.relabel(channel, before.get(channel.pv))
+                if self.batch is not None:  # setting a field processed the record: softioc wrote its stale copy
+                    self.batch.repost(self.records.by_pv[channel.pv][0])
             self.states.setdefault(channel.name, ChannelState())
         for channel in plan.retired:
             if channel.pv in before:
@@ -662,6 +721,7 @@ class _ApplyLoop:
                 record, twin = self.records.by_pv[channel.pv]
                 self._set(record, self._empty(channel.record), self.alarm.INVALID_ALARM, self.alarm.UDF_ALARM,
                           time.time())
+        self._flush()
         logger.info("the stream's channels changed: %d served by the running IOC (%d new on spare records, "
                     "%d no longer sent, %d waiting for a new IOC)", len(plan.channels), len(change.added) - len(refused),
                     len(plan.retired), len(change.unheld))
@@ -718,9 +778,17 @@ class _ApplyLoop:
             if twin is not None:
                 self._set(twin, exact_text(value), severity, status, stamp)
             state.present(served, stamp, arrived)
+        self._flush()
         if only is None:
             self.newest_pulse_id = message.pulse_id
             self.applied += 1
+
+    def _flush(self) -> None:
+        if self.batch is not None:
+            try:
+                self.batch.flush()
+            except Exception:  # a record EPICS cannot take must not stop the others of the next round
+                logger.exception("posting the scalar records failed")
 
     def _upstream_severity(self, message: Any, channel: ServedChannel) -> int:
         """The severity (0..3) in the channel's ``.SEVR`` companion, 0 when it has none or it is unreadable."""
@@ -740,6 +808,11 @@ class _ApplyLoop:
     def _set(self, record: Any, value: Any, severity: int, status: int, stamp: float | None) -> None:
         if value is None:
             return
+        number = self.batch.index.get(id(record)) if self.batch is not None else None
+        if number is not None:  # sent with the others of this round by _flush
+            self.batch.stage(number, value, severity, status, stamp)
+            self.record_sets += 1
+            return
         try:
             record.set(value, severity=severity, alarm=status, timestamp=stamp)
             self.record_sets += 1
@@ -755,6 +828,7 @@ class _ApplyLoop:
                 state = self.states[channel.name]
                 if state.value is not None:
                     self._set(record, state.value, alarm.INVALID_ALARM, alarm.COMM_ALARM, state.stamp)
+            self._flush()
         self.rates.add(now, self.ingest.received)
         own = {"PULSE_ID": self.newest_pulse_id, "CHANNELS": len(self.plan.channels),
                "IDLE_S": None if last is None else now - last, "RATE": self.rates.rate()}
