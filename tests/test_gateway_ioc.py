@@ -239,11 +239,11 @@ def test_a_sparse_channel_is_served_when_the_gateway_applies_slower_than_message
 def test_the_ingest_keeps_each_sparse_channel_once_and_stays_bounded():
     """A every 2nd pulse, B every 50th, 100 messages between two takes: B's value survives A's many, each
     channel is applied once a round (from its newest kept message), and at most SPARSE_KEPT stay."""
-    from sf_bsread_writer.ca.gateway import SPARSE_KEPT, _Ingest
+    from sf_bsread_writer.ca.feed import SPARSE_KEPT, Ingest
     from sf_bsread_writer.core.protocol import build_message
 
     channels = [{"name": "A", "type": "float64"}, {"name": "B", "type": "float64"}, {"name": "C", "type": "float64"}]
-    ingest = _Ingest("tcp://127.0.0.1:9", "sub", lambda: None)  # not started: fed by hand
+    ingest = Ingest("tcp://127.0.0.1:9", "sub", lambda: None)  # not started: fed by hand
     for pulse_id in range(1000, 1100):
         values = [float(pulse_id) if pulse_id % 2 == 0 else None, float(pulse_id) if pulse_id == 1050 else None,
                   float(pulse_id)]
@@ -470,3 +470,24 @@ def test_pvaccess_serves_the_same_records_read_only(env, served):
     put = subprocess.run([tool("pvput"), "-w", "5", PREFIX + "F64", "5"], env=full_env, capture_output=True,
                          text=True, timeout=30)
     assert "error" in (put.stdout + put.stderr).lower(), put.stdout + put.stderr
+
+
+def test_the_ioc_loads_epics_without_setuptools_and_setuptools_dso_still_works_when_asked():
+    """Start-up: importing softioc pulled in setuptools, pkg_resources and Cython through setuptools_dso's
+    __init__ (0.9 of 1.3 s, python -X importtime); the IOC registers setuptools_dso bare with its runtime
+    functions. Whatever else is asked of the package loads it whole, as before."""
+    import subprocess
+
+    script = (
+        "import sys\n"
+        "from sf_bsread_writer.ca import ioc\n"
+        "ioc._skip_setuptools_at_import()\n"
+        "import softioc.asyncio_dispatcher, softioc.builder, softioc.softioc, inspect\n"
+        "inspect.stack()\n"
+        "light = 'setuptools' not in sys.modules and 'pkg_resources' not in sys.modules\n"
+        "import setuptools_dso\n"
+        "print('RESULT', light, setuptools_dso.Extension.__name__)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                               cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
+    assert "RESULT True Extension" in completed.stdout, completed.stdout + completed.stderr

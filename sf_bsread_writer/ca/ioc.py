@@ -20,16 +20,12 @@ new channel when the pool is used up) needs a new IOC: the IOC waits until
 the header has been still (``policy.Settle``), tells the supervisor what the
 next IOC must hold, and exits with ``RESTART_EXIT_CODE``.
 
-**The restart protocol, explicitly.** :func:`supervise` (the gateway
-command's process, no EPICS state) runs the IOC as a child with its stdin
-and stdout as pipes, and keeps a warm standby child whose slow imports are
-done. It hands a child its start state with one line on stdin, ``go
-{json}`` (the records earlier IOCs served, the channels that need long
-strings); the child answers with ``READY {json}`` once serving (forwarded to
-the gateway's stdout) and, before it exits to be replaced, ``NEXT {json}``:
-the state for its successor. Other child output is forwarded.
+**The restart protocol** is ``ca/supervisor.py``'s: this process is
+started with ``go {state}`` on its stdin (:func:`wait_for_go`), prints
+``READY {json}`` once serving and, before it exits with
+``RESTART_EXIT_CODE`` to be replaced, ``NEXT {state}``.
 
-Processes: ``sf_bsread_gateway ...`` -> :func:`supervise` -> ``... --ioc-child``
+Processes: ``sf_bsread_gateway ...`` -> ``supervisor.supervise`` -> ``... --ioc-child``
 -> :func:`serve` (ingest thread, status poller, EPICS threads, and the apply
 loop in the main thread).
 """
@@ -40,12 +36,11 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,6 +63,7 @@ from sf_bsread_writer.ca.policy import (
     stream_stale,
     update_interval,
 )
+from sf_bsread_writer.ca.supervisor import RESTART_EXIT_CODE, AccessSecurityError
 from sf_bsread_writer.core.camapping import (
     IocRecord,
     exact_text,
@@ -77,13 +73,10 @@ from sf_bsread_writer.core.camapping import (
 )
 from sf_bsread_writer.core.rates import RateEstimator
 
-__all__ = ["RESTART_EXIT_CODE", "supervise", "serve", "acf_text", "wait_for_go", "check_access_security_file",
-           "AccessSecurityError"]
+__all__ = ["serve", "acf_text", "wait_for_go"]
 
 logger = logging.getLogger(__name__)
 
-#: Exit code of an IOC process that must be replaced (after its ``NEXT`` line): the supervisor starts the next.
-RESTART_EXIT_CODE = 75
 #: How long a new IOC waits for the stream's first message before it starts with the status PVs only.
 FIRST_MESSAGE_WAIT_S = 5.0
 # The placeholder value of a record before its channel's first value (shown INVALID/UDF).
@@ -109,105 +102,9 @@ def acf_text(writable: bool, allow_hosts: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --------------------------------------------------------------------------
-# The supervisor: owns the state across IOCs, replaces an IOC that asks for it
-# --------------------------------------------------------------------------
-class _IocChild:
-    """One IOC process: its stdin takes ``go {state}``, its stdout lines are read by a thread."""
-
-    def __init__(self, argv: Sequence[str], on_line: Callable[["_IocChild", str], None]) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "sf_bsread_writer.ca.gateway", *argv, "--ioc-child"],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        preexec_fn=process.die_with_parent)
-        self.next_state: dict[str, Any] | None = None
-        self._reader = threading.Thread(target=self._read, args=(on_line,), daemon=True,
-                                        name=f"ioc-{self.process.pid}-stdout")
-        self._reader.start()
-
-    def _read(self, on_line: Callable[["_IocChild", str], None]) -> None:
-        assert self.process.stdout is not None
-        for raw in self.process.stdout:
-            on_line(self, raw.decode("utf-8", errors="replace").rstrip("\n"))
-
-    def go(self, state: Mapping[str, Any]) -> None:
-        assert self.process.stdin is not None
-        try:
-            self.process.stdin.write(b"go " + json.dumps(dict(state)).encode() + b"\n")
-            self.process.stdin.flush()
-        except (BrokenPipeError, OSError):  # it died while waiting: its exit code tells
-            pass
-
-    def wait_output(self, timeout: float = 5.0) -> None:
-        """After the process ended: until its last line was read (the NEXT line comes just before the exit)."""
-        self._reader.join(timeout)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def supervise(argv: Sequence[str]) -> int:
-    """Run the IOC as a child (``--ioc-child``) and start the next one whenever it asks to be replaced.
-
-    The next IOC is always started in advance and waits, its imports done
-    (loading EPICS takes seconds on a busy machine), until it is told to go:
-    a replacement costs the new IOC's ``iocInit``, not a Python start. Each
-    child dies with this process. The signal handler only sets an event.
-    """
-    stopping = threading.Event()
-    restore = process.stop_on_signals(lambda name: stopping.set())
-    state: dict[str, Any] = {}
-    output_lock = threading.Lock()
-
-    def on_line(child: _IocChild, line: str) -> None:
-        if line.startswith("NEXT "):
-            try:
-                child.next_state = json.loads(line[5:])
-            except ValueError:
-                logger.warning("IOC %d: unreadable NEXT line ignored", child.process.pid)
-            return
-        with output_lock:  # READY and whatever else the IOC prints: the gateway's own output
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
-
-    restarts = 0
-    current = standby = None
-    try:
-        current = _IocChild(argv, on_line)
-        current.go(state)
-        standby = _IocChild(argv, on_line)
-        while True:
-            try:
-                code = current.process.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                if stopping.is_set():
-                    current.stop()
-                    return 0
-                continue
-            current.wait_output()
-            if code != RESTART_EXIT_CODE or stopping.is_set():
-                return code
-            restarts += 1
-            state = dict(current.next_state or state)
-            state["restarts"] = restarts
-            logger.info("gateway IOC replaced to serve what its records cannot hold (replacement %d)", restarts)
-            current, standby = standby, None
-            current.go(state)
-            standby = _IocChild(argv, on_line)
-    finally:
-        for child in (current, standby):
-            if child is not None:
-                child.stop()
-        restore()
-
-
 def wait_for_go() -> dict[str, Any] | None:
     """In an IOC child: load EPICS, then wait for the supervisor's ``go {state}`` (None: told to end)."""
+    _skip_setuptools_at_import()
     import softioc.asyncio_dispatcher  # noqa: F401  (the slow imports, done while waiting)
     import softioc.builder  # noqa: F401
     import softioc.softioc  # noqa: F401
@@ -221,6 +118,44 @@ def wait_for_go() -> dict[str, Any] | None:
         logger.warning("unreadable start state from the supervisor: starting without it")
         return {}
     return state if isinstance(state, dict) else {}
+
+
+def _skip_setuptools_at_import() -> None:
+    """Spare the IOC ~1 s of its start: epicscorelibs needs ``setuptools_dso.find_dso`` and friends (its
+    ``runtime`` module: standard library only), but that package's ``__init__`` imports setuptools and
+    pkg_resources to build extensions, which an IOC never does (``python -X importtime``: 0.93 of the
+    1.3 s that importing softioc took). The package is registered with its runtime functions; anything
+    else asked of it loads the whole package as before."""
+    import importlib
+    import importlib.util
+    import types
+
+    if "setuptools_dso" in sys.modules:
+        return
+    spec = importlib.util.find_spec("setuptools_dso")
+    if spec is None or spec.loader is None or not spec.submodule_search_locations:
+        return
+    package = types.ModuleType("setuptools_dso")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__package__ = "setuptools_dso"
+    package.__spec__ = spec
+    package.__file__ = spec.origin
+
+    def load_all(name: str) -> Any:
+        if name.startswith("__"):  # inspect and friends probe every module for these
+            raise AttributeError(name)
+        del package.__getattr__  # type: ignore[attr-defined]
+        spec.loader.exec_module(package)  # the real __init__, into the same module object
+        return getattr(package, name)
+
+    package.__getattr__ = load_all  # type: ignore[attr-defined]
+    sys.modules["setuptools_dso"] = package
+    try:
+        runtime = importlib.import_module("setuptools_dso.runtime")
+    except ImportError:
+        del sys.modules["setuptools_dso"]
+        return
+    package.find_dso, package.dylink_prepare_dso = runtime.find_dso, runtime.dylink_prepare_dso
 
 
 def _records_in(state: Mapping[str, Any]) -> dict[str, IocRecord]:
@@ -498,25 +433,6 @@ def _first_message(ingest: Any, stop: threading.Event) -> Any:
         if message is not None:
             return message
     return None
-
-
-class AccessSecurityError(RuntimeError):
-    """The access-security file cannot be used: the gateway does not start (it would not be what was asked)."""
-
-
-def check_access_security_file(path: str) -> None:
-    """Parse ``path`` with EPICS' own parser (``asInitFile``), in the supervisor, before any IOC starts:
-    a syntax error ends the gateway at once with EPICS' message (iocInit would only print it and serve).
-
-    Only in a process that runs no IOC: it leaves the access-security tables of this process set up.
-    """
-    from epicscorelibs.ioc import dbCore
-
-    dbCore.asInitFile.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-    dbCore.asInitFile.restype = ctypes.c_long
-    sys.stderr.flush()
-    if dbCore.asInitFile(path.encode(), None) != 0:
-        raise AccessSecurityError(f"EPICS access security file {path} cannot be used (its error is printed above)")
 
 
 def _install_access_security(writable: bool, allow_hosts: Sequence[str], site_file: str | None = None) -> str:
