@@ -306,6 +306,9 @@ GATEWAY_OPTIONS: list[Option] = [
     Option("server", ("--server",), "softioc", str,
            "CA server: softioc, the only one (EPICS records, C fan-out; docs/gateway.md); kept so that "
            "existing configurations still parse.", choices=("softioc",)),
+    Option("record_batch", ("--record-batch",), False, _bool,
+           "Set the ai/longin records of a message in one call from C instead of one pythonSoftIOC set each "
+           "(far less CPU; under heavy machine load clients got fewer updates: docs/gateway.md).", kind="flag"),
     Option("ioc_child", ("--ioc-child",), False, _bool, argparse.SUPPRESS, kind="flag"),
     _log_option,
 ]

@@ -491,3 +491,35 @@ def test_the_ioc_loads_epics_without_setuptools_and_setuptools_dso_still_works_w
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                                cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
     assert "RESULT True Extension" in completed.stdout, completed.stdout + completed.stderr
+
+
+def test_record_batch_serves_values_alarms_and_timestamps_as_softiocs_set_does(env, feeder):
+    """--record-batch: the ai/longin records of a message set in one call from C (ca/_recordpost.c)."""
+    from .ca_helpers import CaprotoClient, pulse_of
+    from .test_gateway import CHANNELS, expected_values
+
+    local_env = _local(env)
+    child, _ = start_gateway(feeder.address, local_env, "--ca-prefix", "RB:", "--name", "RB", "--record-batch")
+    client = None
+    try:
+        _wait_alarm_free(local_env, "RB:F64")
+        client = CaprotoClient(local_env)
+        indices = {channel["name"]: index for index, channel in enumerate(CHANNELS)}
+        for name in ("F64", "I32", "U8", "I16", "U32", "I64", "FLAKY"):
+            reading = wait_for(lambda: (lambda r: r if r.metadata.severity == 0 else None)(client.read("RB:" + name)),
+                               timeout=20, interval=0.1, message=f"RB:{name} valid")
+            pulse_id = pulse_of(reading.metadata.stamp.secondsSinceEpoch)
+            assert abs(reading.metadata.stamp.nanoSeconds - pulse_id) < 500, name  # the bsread timestamp
+            assert reading.data[0] == expected_values(pulse_id)[indices[name]], name
+        feeder.absent.add("FLAKY")
+        try:
+            flagged = wait_for(lambda: (lambda r: r if r.metadata.severity == 3 else None)(client.read("RB:FLAKY")),
+                               timeout=20, interval=0.1, message="FLAKY flagged INVALID")
+            assert flagged.metadata.status == 10  # TIMEOUT
+        finally:
+            feeder.absent.discard("FLAKY")
+        assert "posting the scalar records failed" not in child.output()
+    finally:
+        if client is not None:
+            client.close()
+        child.stop()

@@ -49,6 +49,7 @@ class GatewaySettings:
     allow_hosts: tuple[str, ...] = ()
     acf: str | None = None  # the site's EPICS access-security file
     parent_pid: int = 0
+    record_batch: bool = False  # ai/longin records set in one C call per message (ca/_recordpost.c)
 
 
 # --------------------------------------------------------------------------
@@ -74,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         allow_hosts=tuple(args.allow_hosts or ()),
         acf=os.path.abspath(args.acf) if args.acf else None,
         parent_pid=getattr(args, "parent_pid", 0) or 0,
+        record_batch=bool(getattr(args, "record_batch", False)),
     )
     if settings.allow_hosts and not settings.writable:
         logger.warning("--allow-host has no effect without --writable")

@@ -454,7 +454,9 @@ def _install_access_security(writable: bool, allow_hosts: Sequence[str], site_fi
 
 
 class _ScalarBatch:
-    """The ``ai`` and ``longin`` records, updated in one call per message from C (``ca/_recordpost.c``).
+    """The ``ai`` and ``longin`` records, updated in one call per message from C (``ca/_recordpost.c``);
+    with ``--record-batch`` only (docs/gateway.md: under heavy machine load its clients got fewer
+    updates than pythonSoftIOC's set gave them, not understood yet).
 
     pythonSoftIOC's ``set`` processes the record and its processing calls back into Python under the
     GIL (~60 us a record update); here the apply loop stages (value, alarm, timestamp) per record and
@@ -533,7 +535,7 @@ class _ApplyLoop:
         self.own_rates = RateEstimator(window=5.0)
         scalars = [record for channel, record, _ in records.channels if channel.record.kind in ("ai", "longin")]
         scalars += [record for slot, record in records.all_spares() if slot in ("ai", "longin")]
-        self.batch = _ScalarBatch.of(scalars)
+        self.batch = _ScalarBatch.of(scalars) if getattr(settings, "record_batch", False) else None
 
     def run(self, stop: threading.Event) -> int:
         next_due = 0.0
