@@ -355,13 +355,18 @@ def test_channels_added_removed_and_retyped_disconnect_no_other_client(env):
         _wait_alarm_free(local_env, "CH:B")  # B is back: its record was kept
         assert disconnects(watched) == [] and replacements() == 0
 
-        # D: int32 -> string, which no record holds: one new IOC, after the header has been still.
-        source.set([a_short, b, d_text, *new], lambda pid: [np.int16(pid % 1000), -float(pid), f"t{pid}",
-                                                           *new_values(pid)])
+        # D: int32 -> string, which no record holds (and B removed again): one new IOC, after the header
+        # has been still. It plans from the union of the channels seen: B keeps its PV, INVALID/DISABLE.
+        source.set([a_short, d_text, *new], lambda pid: [np.int16(pid % 1000), f"t{pid}", *new_values(pid)])
         wait_for(lambda: "DBF_STRING" in run_tool("cainfo", ["CH:D"], local_env, timeout=5), timeout=30,
                  interval=0.2, message="D served as a STRING by the next IOC")
         assert replacements() == 1
         assert "DBF_LONG" in run_tool("cainfo", ["CH:WAVE"], local_env)  # the added channels are served on
+        assert _caget(local_env, "CH:B.STAT", "CH:B.SEVR") == {"CH:B.STAT": "DISABLE", "CH:B.SEVR": "INVALID"}
+        source.set([a_short, b, d_text, *new], lambda pid: [np.int16(pid % 1000), -float(pid), f"t{pid}",
+                                                           *new_values(pid)])
+        _wait_alarm_free(local_env, "CH:B")  # back, on the record the new IOC kept for it
+        assert replacements() == 1
     finally:
         if watcher is not None:
             watcher.stop()

@@ -185,3 +185,14 @@ def test_the_policy_is_pure():
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported <= {"__future__", "math", "collections.abc", "dataclasses", "typing",
                         "sf_bsread_writer.core.camapping"}, imported
+
+
+def test_a_new_ioc_keeps_records_for_channels_no_longer_sent_but_not_without_bound():
+    previous = {"A": ioc_record_for("float64"), "GONE": ioc_record_for("int32"), "BAD NAME": ioc_record_for("int32")}
+    new = plan(ChannelSpec("A"), ChannelSpec("NEW")).with_retired(previous, "P:", reserved=["P:STATUS"])
+    assert [c.pv for c in new.channels] == ["P:A", "P:NEW"]
+    assert [(c.pv, c.record.kind, c.index) for c in new.retired] == [("P:GONE", "longin", -1)]
+    back = new.adopt(plan(ChannelSpec("A"), ChannelSpec("GONE", "int16")), SparePool.empty())
+    assert back.unheld == () and [c.pv for c in back.plan.channels] == ["P:A", "P:GONE"]
+    renamed = {f"OLD{i:04d}": ioc_record_for("float64") for i in range(5000)}  # a source renaming its channels
+    assert len(plan(ChannelSpec("A")).with_retired(renamed, "P:").retired) == policy.MIN_RETIRED_KEPT

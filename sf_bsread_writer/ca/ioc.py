@@ -250,7 +250,7 @@ class _Records:
         self.channels: list[tuple[ServedChannel, Any, Any]] = []  # (channel, record, twin) of the served plan
         self.by_pv: dict[str, tuple[Any, Any]] = {}  # every channel record of this IOC: (record, twin)
         self.shapes: dict[str, Any] = {}  # pv -> its ":SHAPE" record
-        for channel in plan.channels:
+        for channel in (*plan.channels, *plan.retired):
             record = self._channel_record(builder, channel.pv, channel.record,
                                           channel.record.description or _desc(channel.name))
             if channel.record.kind == "waveform" and len(channel.pv) + len(":SHAPE") <= MAX_RECORD_NAME:
@@ -260,7 +260,8 @@ class _Records:
                                                              DESC=_desc(f"numpy shape of {channel.name}"))
             twin = (builder.stringIn(channel.pv + "_STR", DESC=_desc(channel.name), TSE=-2)
                     if channel.record.exact_text else None)
-            self.channels.append((channel, record, twin))
+            if channel.index >= 0:
+                self.channels.append((channel, record, twin))
             self.by_pv[channel.pv] = (record, twin)
         # The spare records (policy.SparePool): unnamed until a new channel takes one.
         self.spares: dict[str, list[Any]] = {}
@@ -367,7 +368,7 @@ def serve(settings: Any, status_pvs: Sequence[tuple[str, str, str]], ingest: Any
             long_strings |= _long_strings_in(message)
         reserved = [f"{settings.name}:{suffix}" for suffix, _, _ in (*status_pvs, *GATEWAY_STATS_PVS)]
         plan = ChannelPlan.build(message.data_header if message else None, settings.prefix, reserved,
-                                 frozenset(long_strings), previous)
+                                 frozenset(long_strings), previous).with_retired(previous, settings.prefix, reserved)
         for channel, why in plan.skipped:
             logger.warning("channel %s not served: %s", channel, why)
 
@@ -533,7 +534,8 @@ class _ApplyLoop:
         self.applied = 0
         self.record_sets = 0
         self.own_rates = RateEstimator(window=5.0)
-        scalars = [record for channel, record, _ in records.channels if channel.record.kind in ("ai", "longin")]
+        scalars = [records.by_pv[channel.pv][0] for channel in (*plan.channels, *plan.retired)
+                   if channel.record.kind in ("ai", "longin")]
         scalars += [record for slot, record in records.all_spares() if slot in ("ai", "longin")]
         self.batch = _ScalarBatch.of(scalars) if getattr(settings, "record_batch", False) else None
 
@@ -597,6 +599,12 @@ class _ApplyLoop:
         for channel, record, twin in self.records.channels:
             self.records.show_shape(channel)
             targets += [(record, self._empty(channel.record)), (twin, "")]
+        for channel in self.plan.retired:  # no longer sent when this IOC started: served if it comes back
+            record, twin = self.records.by_pv[channel.pv]
+            self.records.show_shape(channel)
+            self._set(record, self._empty(channel.record), self.alarm.INVALID_ALARM, self.alarm.DISABLE_ALARM, now)
+            if twin is not None:
+                self._set(twin, "", self.alarm.INVALID_ALARM, self.alarm.DISABLE_ALARM, now)
         for slot, record in self.records.all_spares():
             if slot != "shape":
                 targets.append((record, "" if slot in ("stringin", "lsi") else

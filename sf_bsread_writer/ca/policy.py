@@ -82,6 +82,8 @@ STATUS_FRESH_S = 5.0
 #: usual intervals old (a channel sent every Nth pulse is absent N-1 times in N: that is not an alarm).
 ABSENT_PERIODS = 3.0
 MIN_MEASURED_INTERVAL = 0.001  # seconds: shorter gaps between a channel's arrivals say nothing of its period
+#: A new IOC keeps a record for at least this many channels the stream no longer sends (``with_retired``).
+MIN_RETIRED_KEPT = 100
 #: Longest record name EPICS base accepts (PVNAME_STRINGSZ - 1), and characters a record name may not hold.
 MAX_RECORD_NAME = 60
 _BAD_NAME_CHARACTERS = set(" .\"'$\\{}()\t\n")
@@ -168,6 +170,27 @@ class ChannelPlan:
             channels.append(replace(channel, record=record))
         return PlanChange(ChannelPlan(tuple(channels), new.skipped, tuple(running.values())), tuple(added),
                           tuple(unheld))
+
+    def with_retired(self, previous: Mapping[str, IocRecord], prefix: str, reserved: Iterable[str] = (),
+                     most: int | None = None) -> "ChannelPlan":
+        """This plan, and a record for each channel the last IOC served that this header lacks (retired:
+        INVALID/DISABLE until it comes back, then served without a replacement): a new IOC plans from the
+        union of the channels seen. At most ``most`` of them (default: as many as the header has, at
+        least MIN_RETIRED_KEPT), so that a source that renames its channels cannot grow the records
+        without bound from one IOC to the next."""
+        limit = most if most is not None else max(MIN_RETIRED_KEPT, len(self.channels))
+        taken = set(reserved) | {c.pv for c in self.channels} | {c.pv + "_STR" for c in self.channels}
+        taken |= {name for name, _ in self.skipped}
+        retired: list[ServedChannel] = []
+        for name, record in sorted(previous.items()):
+            pv = prefix + name
+            if len(retired) >= limit:
+                break
+            if pv in taken or pv + "_STR" in taken or name in taken or unservable_name(pv) is not None:
+                continue
+            taken.update((pv, pv + "_STR"))
+            retired.append(ServedChannel(name, pv, record, -1))
+        return ChannelPlan(self.channels, self.skipped, tuple(retired))
 
     @classmethod
     def build(cls, header: Any | None, prefix: str, reserved: Iterable[str] = (),
