@@ -286,7 +286,8 @@ class _Records:
         """A new channel served by spare records under its own names (aliases); False if EPICS refused."""
         if self.aliases is None:
             self.aliases = _Aliases()
-        slots = spare_slots(channel.record) or ("",)
+        slots = spare_slots(channel.record)
+        assert slots is not None, "ChannelPlan.adopt gives spares only to channels a spare holds"
         record = self.spares[slots[0]].pop()  # policy.SparePool.take counted them: they are there
         twin = self.spares["stringin"].pop() if channel.record.exact_text else None
         shape = self.spares["shape"].pop() if "shape" in slots else None
