@@ -457,14 +457,17 @@ def _install_access_security(writable: bool, allow_hosts: Sequence[str], site_fi
 
 class _ScalarBatch:
     """The ``ai`` and ``longin`` records, updated in one call per message from C (``ca/_recordpost.c``);
-    with ``--record-batch`` only (docs/gateway.md: under heavy machine load its clients got fewer
-    updates than pythonSoftIOC's set gave them, not understood yet).
+    with ``--record-batch`` only (docs/gateway.md).
 
     pythonSoftIOC's ``set`` processes the record and its processing calls back into Python under the
-    GIL (~60 us a record update); here the apply loop stages (value, alarm, timestamp) per record and
-    ``flush`` hands them to C at once, GIL released. The last staged values are kept, so that a record
-    that EPICS processes for another reason (a field set by ``relabel``: softioc's device support then
-    writes its own stale copy) is put right at once (``repost``).
+    GIL (~100 us a record update); here the apply loop stages (value, alarm, timestamp) per record, and
+    ``flush`` hands the round to a poster thread that gives it to C at once, GIL released. The thread
+    matters: posting takes each record's lock, which the CA server's event tasks hold while they read
+    it for their clients; posted from the apply loop, 10 clients x 500 PVs held it up to 2.8 applied
+    messages a second instead of 7.7 (measured). What the thread has not posted yet is merged with the
+    next round (the newest value of a record wins, as a monitor queue does). The last staged values are
+    kept, so that a record EPICS processes for another reason (a field set by ``relabel``: softioc's
+    device support then writes its own stale copy) is put right at once (``repost``).
     """
 
     def __init__(self, records: Sequence[Any]) -> None:
@@ -478,6 +481,12 @@ class _ScalarBatch:
         self.statuses = np.zeros(count, dtype=np.int16)
         self.stamps = np.full(count, np.nan)
         self.staged: list[int] = []
+        self._lock = threading.Condition()
+        self._pending = np.zeros(count, dtype=bool)
+        self._posted = (self.values.copy(), self.severities.copy(), self.statuses.copy(), self.stamps.copy())
+        self.failures = 0
+        self._posting = False
+        threading.Thread(target=self._run, name="record-poster", daemon=True).start()
 
     @classmethod
     def of(cls, records: Sequence[Any]) -> "_ScalarBatch | None":
@@ -485,7 +494,8 @@ class _ScalarBatch:
         try:
             return cls(records)
         except ImportError:
-            logger.info("sf_bsread_writer.ca._recordpost is not built: records are set one by one")
+            logger.warning("--record-batch: sf_bsread_writer.ca._recordpost is not built; records are set one "
+                           "by one")
             return None
 
     def stage(self, number: int, value: Any, severity: int, status: int, stamp: float | None) -> None:
@@ -496,12 +506,42 @@ class _ScalarBatch:
         self.staged.append(number)
 
     def flush(self) -> int:
+        """Hand what was staged to the poster thread (merged with what it has not posted yet)."""
         if not self.staged:
             return 0
         numbers = np.asarray(self.staged, dtype=np.int32)
         self.staged.clear()
-        return self.poster.post(numbers, self.values[numbers], self.severities[numbers], self.statuses[numbers],
-                                self.stamps[numbers])
+        with self._lock:
+            for posted, latest in zip(self._posted, (self.values, self.severities, self.statuses, self.stamps)):
+                posted[numbers] = latest[numbers]
+            self._pending[numbers] = True
+            self._lock.notify()
+        return len(numbers)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending.any():
+                    self._lock.wait()
+                numbers = np.flatnonzero(self._pending).astype(np.int32)
+                self._pending[numbers] = False
+                arrays = [posted[numbers] for posted in self._posted]
+                self._posting = True
+            try:
+                self.poster.post(numbers, *arrays)
+            except Exception:  # one bad round must not end the thread: the next one is posted
+                self.failures += 1
+                if self.failures <= 10:
+                    logger.exception("posting the scalar records failed")
+            finally:
+                with self._lock:
+                    self._posting = False
+                    self._lock.notify_all()
+
+    def wait_posted(self, timeout: float = 5.0) -> bool:
+        """Until everything flushed has been posted (benchmarks and tests; the apply loop never waits)."""
+        with self._lock:
+            return self._lock.wait_for(lambda: not self._pending.any() and not self._posting, timeout)
 
     def repost(self, record: Any) -> None:
         number = self.index.get(id(record))
