@@ -94,8 +94,11 @@ def supervise(argv: Sequence[str]) -> int:
                 logger.warning("IOC %d: unreadable NEXT line ignored", child.process.pid)
             return
         with output_lock:  # READY and whatever else the IOC prints: the gateway's own output
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+            try:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+            except (OSError, ValueError):  # nobody reads our stdout any more: the child's lines still are
+                pass
 
     restarts = 0
     current = standby = None
