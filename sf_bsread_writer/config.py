@@ -308,13 +308,16 @@ GATEWAY_OPTIONS: list[Option] = [
     Option("allow_hosts", ("--allow-host",), [], str,
            "With --writable: only these peer IP addresses may write (repeatable).", kind="list", metavar="IP"),
     Option("acf", ("--acf",), None, str,
-           "The site's EPICS access-security file (softioc server; instead of the one --writable/--allow-host "
+           "The site's EPICS access-security file (instead of the one --writable/--allow-host "
            "write): ASG DEFAULT governs every PV, ASG WRITABLE the NAME:MAX_RATE control PV.", metavar="FILE"),
     Option("parent_pid", ("--parent-pid",), 0, int,
            "Exit when this process is gone (set by the buffer for --ca; 0: never)."),
     Option("server", ("--server",), "softioc", str,
-           "CA server: softioc (EPICS records, C fan-out; docs/gateway.md) or caproto (pure Python).",
-           choices=("softioc", "caproto")),
+           "CA server: softioc, the only one (EPICS records, C fan-out; docs/gateway.md); kept so that "
+           "existing configurations still parse.", choices=("softioc",)),
+    Option("record_batch", ("--record-batch",), False, _bool,
+           "Set the ai/longin records of a message in one call from C instead of one pythonSoftIOC set each "
+           "(far less CPU; under heavy machine load clients got fewer updates: docs/gateway.md).", kind="flag"),
     Option("ioc_child", ("--ioc-child",), False, _bool, argparse.SUPPRESS, kind="flag"),
     _log_option,
 ]

@@ -180,6 +180,19 @@ class Feeder:
         self.context.term()
 
 
+#: pyepics (libca) monitoring the PVs named on its command line: ``CONNECTED <pv> True|False`` on every
+#: connection change, ``UPDATE <pv>`` on every value (counted, not printed in full).
+PYEPICS_MULTI_WATCHER = """
+import sys, time, epics
+def on_update(pvname=None, **kw):
+    print("UPDATE", pvname, flush=True)
+def on_connection(pvname=None, conn=None, **kw):
+    print("CONNECTED", pvname, conn, flush=True)
+pvs = [epics.get_pv(name, callback=on_update, connection_callback=on_connection) for name in sys.argv[1:]]
+time.sleep(120)
+"""
+
+
 def pulse_of(stamp_seconds_since_epics_epoch: int) -> int:
     """The feeder's pulse id from an EPICS timestamp's seconds."""
     return stamp_seconds_since_epics_epoch + EPICS_EPOCH_OFFSET - T0

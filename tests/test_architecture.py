@@ -67,7 +67,7 @@ PURE = {
     "writer.acquisition", "writer.pulse_range", "writer.statistics",
     "buffer.ingest",
     "web.live", "web.range_query", "web.image", "web.history", "web.writers",
-    "ca.camapping",
+    "ca.camapping", "ca.policy",
 }
 PURE_PACKAGES = {"bsread", "replay", "__init__"}  # package faces: their __init__ imports nothing that is not pure
 

@@ -153,7 +153,8 @@ def test_strings_become_long_strings_only_when_asked_and_are_cut_on_character_bo
 def test_channel_plan_skips_names_epics_cannot_serve_and_detects_a_changed_channel_set():
     from sf_bsread_writer.bsread.headers import DataHeader
     from sf_bsread_writer.bsread.spec import ChannelSpec
-    from sf_bsread_writer.ca.ioc import ChannelPlan, acf_text
+    from sf_bsread_writer.ca.ioc import acf_text
+    from sf_bsread_writer.ca.policy import ChannelPlan
 
     def header(*specs):
         return DataHeader("h" + str(len(specs)), tuple(specs))
@@ -189,7 +190,7 @@ def test_display_metadata_becomes_record_fields():
 def test_severity_companions_are_the_alarm_of_their_pv_not_pvs():
     from sf_bsread_writer.bsread.headers import DataHeader
     from sf_bsread_writer.bsread.spec import ChannelSpec
-    from sf_bsread_writer.ca.ioc import ChannelPlan
+    from sf_bsread_writer.ca.policy import ChannelPlan
 
     header = DataHeader("h", (ChannelSpec("IOC:X"), ChannelSpec("IOC:X.SEVR", "uint16"),
                               ChannelSpec("ORPHAN.SEVR", "uint16")))
@@ -233,7 +234,7 @@ def test_widened_records_hold_both_types_and_survive_the_state_file():
 def test_a_new_header_is_rebound_to_the_running_records_or_needs_a_restart():
     from sf_bsread_writer.bsread.headers import DataHeader
     from sf_bsread_writer.bsread.spec import ChannelSpec
-    from sf_bsread_writer.ca.ioc import ChannelPlan
+    from sf_bsread_writer.ca.policy import ChannelPlan
 
     def plan(*specs, previous=None):
         return ChannelPlan.build(DataHeader("h", tuple(specs)), "P:", previous=previous)

@@ -111,6 +111,8 @@ def _field_names() -> set[str]:
 
 FIELDS = _field_names()
 FILE_NAMES = {path.name for path in PACKAGE.rglob("*") if path.is_file()}
+# Files of other projects the docstrings name (EPICS base's sources).
+FOREIGN_FILES = {"dbPvdLib.c"}
 
 
 def _broken(reference: str, folder: Path | None = None) -> str | None:
@@ -118,7 +120,7 @@ def _broken(reference: str, folder: Path | None = None) -> str | None:
     if path:
         name = path.group(1)
         if "/" not in name:  # a bare file name: beside the module that says it, or somewhere in the package
-            exists = (folder / name).exists() if folder else name in FILE_NAMES
+            exists = (folder is not None and (folder / name).exists()) or name in FILE_NAMES or name in FOREIGN_FILES
         else:
             first = name.split("/")[0]
             if not (PACKAGE / first).exists() and not (ROOT / first).exists():

@@ -1,7 +1,8 @@
-"""The CA gateway on its caproto server (``--server caproto``) with real CA clients.
+"""The CA gateway (its one server: EPICS records in a pythonSoftIOC process) with real CA clients.
 
-caproto's threading client, pyepics (libca) and EPICS base's tools. The
-default server, pythonSoftIOC, has its own tests: tests/test_gateway_ioc.py.
+caproto's threading client, pyepics (libca) and EPICS base's tools; the
+record-specific checks (fields, access security, channel set changes) are in
+tests/test_gateway_ioc.py, the pure decisions in tests/test_gateway_policy.py.
 
 All on loopback with free ports (tests/ca_helpers.py). A bsread PUB socket in
 the test process feeds the gateway messages built with protocol.build_message,
@@ -12,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sys
 
 import numpy as np
 import pytest
@@ -32,9 +32,8 @@ from .ca_helpers import (
     start_gateway,
     start_repeater,
 )
-from .helpers import Child, free_port, wait_for
+from .helpers import free_port, wait_for
 
-CAPROTO = ("--server", "caproto")
 PREFIX = "GWT:"
 NAME = "GWTEST"
 
@@ -109,7 +108,7 @@ def feeder():
 def served(env, feeder, tmp_path_factory):
     # strace is part of the machine image; without it only the broadcast check is skipped.
     trace = tmp_path_factory.mktemp("strace") / "gateway.strace" if shutil.which("strace") else None
-    child, ready = start_gateway(feeder.address, env, *CAPROTO, "--ca-prefix", PREFIX, "--name", NAME,
+    child, ready = start_gateway(feeder.address, env, "--ca-prefix", PREFIX, "--name", NAME,
                                  "--max-rate", "20", strace_file=trace)
     yield child, ready, trace
     child.stop()
@@ -142,9 +141,9 @@ def _read_ok(client, name):
 # --------------------------------------------------------------------------
 # Types and timestamps, caproto client
 # --------------------------------------------------------------------------
-CA_NATIVE = {
-    "BOOL": "CHAR", "I8": "SHORT", "U8": "CHAR", "I16": "SHORT", "U16": "LONG", "I32": "LONG", "U32": "DOUBLE",
-    "I64": "DOUBLE", "U64": "DOUBLE", "F32": "FLOAT", "F64": "DOUBLE", "TEXT": "STRING", "WAVE": "DOUBLE",
+CA_NATIVE = {  # the records' native types (ca.camapping.ioc_record_for)
+    "BOOL": "LONG", "I8": "LONG", "U8": "LONG", "I16": "LONG", "U16": "LONG", "I32": "LONG", "U32": "DOUBLE",
+    "I64": "DOUBLE", "U64": "DOUBLE", "F32": "DOUBLE", "F64": "DOUBLE", "TEXT": "STRING", "WAVE": "DOUBLE",
     "IMAGE": "LONG", "BIGINTS": "DOUBLE",
 }
 
@@ -158,7 +157,8 @@ def test_every_bsread_type_reads_back_exactly_with_its_bsread_timestamp(client):
         assert ca_type_name(pv) == CA_NATIVE[name], name
         reading = _wait_valid(client, PREFIX + name)
         pulse_id = pulse_of(reading.metadata.stamp.secondsSinceEpoch)
-        assert reading.metadata.stamp.nanoSeconds == pulse_id, "the channel timestamp, not the time of serving"
+        # The channel timestamp, not the time of serving (to a double's precision: pythonSoftIOC takes seconds).
+        assert abs(reading.metadata.stamp.nanoSeconds - pulse_id) < 500, "the channel timestamp"
         expected = expected_values(pulse_id)[index]
         if name == "TEXT":
             assert reading.data[0].decode() == expected
@@ -180,7 +180,7 @@ def test_long_string_becomes_a_char_array_holding_all_of_it(client):
 
     wait_for(long_form, timeout=30, interval=0.2, message="LONGTEXT to be served as a CHAR array")
     reading = _wait_valid(client, PREFIX + "LONGTEXT")
-    text = bytes(np.asarray(reading.data, dtype=np.uint8)).decode()
+    text = bytes(np.asarray(reading.data, dtype=np.uint8)).decode().rstrip("\x00")  # an EPICS long string ends in NUL
     assert text == "L" * 60 + str(pulse_of(reading.metadata.stamp.secondsSinceEpoch))
 
 
@@ -190,7 +190,7 @@ def test_absent_value_raises_an_alarm_and_keeps_no_fresh_timestamp(client, feede
     try:
         flagged = wait_for(lambda: (lambda r: r if r.metadata.severity == 3 else None)(client.read(PREFIX + "FLAKY")),
                            timeout=20, interval=0.1, message="FLAKY flagged INVALID")
-        assert flagged.metadata.status == 17  # UDF
+        assert flagged.metadata.status == 10  # TIMEOUT: three of its usual intervals without a value
         # The others in the same messages stay valid.
         assert client.read(PREFIX + "F64").metadata.severity == 0
     finally:
@@ -217,8 +217,6 @@ def test_status_pvs_from_the_stream_alone(client, feeder):
 def test_caput_is_refused_by_every_client(client, env):
     pv = client.pv(PREFIX + "F64")
     assert str(pv.access_rights) in ("AccessRights.READ", "READ", "1") or int(pv.access_rights) == 1
-    with pytest.raises(Exception):
-        pv.write([1.0], wait=True, timeout=5)
     output = run_tool("caput", [PREFIX + "F64", "1"], env)
     assert "write access denied" in output.lower(), output
     result = run_pyepics(f"""
@@ -310,17 +308,14 @@ def test_prepare_epics_environment_defaults_to_loopback_and_honours_settings():
     assert empty["EPICS_CAS_INTF_ADDR_LIST"] == "127.0.0.1"
     assert empty["EPICS_CAS_AUTO_BEACON_ADDR_LIST"] == "NO"
     assert empty["EPICS_CAS_BEACON_ADDR_LIST"] == "127.0.0.1"
-    assert empty["CAPROTO_SERVER_MAX_LATENCY_SEC"] == "0.02"
     site = {"EPICS_CAS_INTF_ADDR_LIST": "10.1.2.3", "EPICS_CAS_BEACON_ADDR_LIST": "10.1.255.255",
-            "EPICS_CAS_SERVER_PORT": "5070", "EPICS_CA_SERVER_PORT": "5064", "EPICS_CA_REPEATER_PORT": "5071",
-            "CAPROTO_SERVER_MAX_LATENCY_SEC": "0.1"}
+            "EPICS_CAS_SERVER_PORT": "5070", "EPICS_CA_SERVER_PORT": "5064", "EPICS_CA_REPEATER_PORT": "5071"}
     prepare_server_environment(site)
     assert site["EPICS_CAS_INTF_ADDR_LIST"] == "10.1.2.3"
     assert site["EPICS_CAS_BEACON_ADDR_LIST"] == "10.1.255.255"
     assert "EPICS_CAS_AUTO_BEACON_ADDR_LIST" not in site
     assert site["EPICS_CA_SERVER_PORT"] == "5070"  # the server port wins for a server
     assert site["EPICS_CAS_BEACON_PORT"] == "5071"
-    assert site["CAPROTO_SERVER_MAX_LATENCY_SEC"] == "0.1"
 
 
 # --------------------------------------------------------------------------
@@ -335,186 +330,6 @@ def on_connection(pvname=None, conn=None, **kw):
 pv = epics.get_pv(sys.argv[1], form="time", callback=on_update, connection_callback=on_connection)
 time.sleep(90)
 """
-
-
-def test_channels_appear_disappear_and_change_type(env):
-    a = {"name": "A", "type": "float64"}
-    b = {"name": "B", "type": "float64"}
-    c = {"name": "C", "type": "int32", "shape": [2]}
-    a_short = {"name": "A", "type": "int16"}
-    source = Feeder([a, b], lambda pid: [float(pid), -float(pid)], rate=20.0)
-    caproto_client = None
-    child = None
-    watchers: list[Child] = []
-    try:
-        port = str(free_port())
-        local_env = env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}
-        child, _ = start_gateway(source.address, local_env, *CAPROTO, "--ca-prefix", "DYN:", "--name", "DYN",
-                                 "--max-rate", "20")
-        caproto_client = CaprotoClient(local_env)
-        _wait_valid(caproto_client, "DYN:A")
-        _wait_valid(caproto_client, "DYN:B")
-        # A libca client (pyepics) monitoring A across the retype below.
-        watcher = Child([sys.executable, "-c", PYEPICS_WATCHER, "DYN:A"], env=local_env)
-        watchers.append(watcher)
-        watcher.wait_for_line(lambda line: line.startswith("UPDATE double"), timeout=40)
-
-        # A new channel: a new PV.
-        source.set([a, b, c], lambda pid: [float(pid), -float(pid), np.array([pid, -pid], dtype=np.int32)])
-        reading = _wait_valid(caproto_client, "DYN:C")
-        assert np.asarray(reading.data).tolist()[0] == -np.asarray(reading.data).tolist()[1]
-        assert wait_for(lambda: caproto_client.read("DYN:CHANNELS").data[0] == 3, timeout=10, interval=0.1)
-
-        # A channel gone: its PV is flagged INVALID/DISABLE, not frozen as if fresh.
-        source.set([a, c], lambda pid: [float(pid), np.array([pid, -pid], dtype=np.int32)])
-        gone = wait_for(lambda: (lambda r: r if r.metadata.severity == 3 else None)(caproto_client.read("DYN:B")),
-                        timeout=20, interval=0.1, message="B flagged")
-        assert gone.metadata.status == 18  # DISABLE
-
-        # A retyped channel: the PV follows (clients are disconnected and reconnect with the new type).
-        source.set([a_short, c], lambda pid: [np.array([pid % 1000], dtype=np.int16),
-                                              np.array([pid, -pid], dtype=np.int32)])
-        # libca reconnects by itself and monitors the new type.
-        watcher.wait_for_line(lambda line: line.startswith("CONNECTED False"), timeout=30)
-        watcher.wait_for_line(lambda line: line.startswith("UPDATE short"), timeout=30)
-        info = run_tool("cainfo", ["DYN:A"], local_env)
-        assert "DBF_SHORT" in info, info
-        # caproto's threading client does not search again after a server-side
-        # channel disconnect (its own limitation); a new client sees the new type.
-        fresh = CaprotoClient(local_env)
-        try:
-            assert ca_type_name(fresh.pv("DYN:A")) == "SHORT"
-        finally:
-            fresh.close()
-    finally:
-        for watcher in watchers:
-            watcher.stop()
-        if caproto_client is not None:
-            caproto_client.close()
-        if child is not None:
-            child.stop()
-        source.close()
-
-
-# --------------------------------------------------------------------------
-# Stream stopped -> stale alarm
-# --------------------------------------------------------------------------
-def test_stopped_stream_flags_every_channel(env):
-    source = Feeder([{"name": "X", "type": "float64"}], lambda pid: [float(pid)], rate=20.0)
-    child = None
-    caproto_client = None
-    try:
-        port = str(free_port())
-        local_env = env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}
-        child, _ = start_gateway(source.address, local_env, *CAPROTO, "--ca-prefix", "STALE:", "--name", "STALE")
-        caproto_client = CaprotoClient(local_env)
-        _wait_valid(caproto_client, "STALE:X")
-        source.close()
-        stale = wait_for(lambda: (lambda r: r if r.metadata.severity == 3 else None)(caproto_client.read("STALE:X")),
-                         timeout=20, interval=0.2, message="X flagged when the stream stops")
-        assert stale.metadata.status == 9  # COMM
-    finally:
-        if caproto_client is not None:
-            caproto_client.close()
-        if child is not None:
-            child.stop()
-        source.close()
-
-
-# --------------------------------------------------------------------------
-# Writable, by peer address
-# --------------------------------------------------------------------------
-def test_writable_access_is_checked_against_the_peer_address_not_the_claimed_host(env):
-    port = str(free_port())
-    local_env = env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}
-    source = Feeder([{"name": "X", "type": "float64"}], lambda pid: [float(pid)], rate=10.0)
-    child = None
-    clients = []
-    try:
-        # Only 10.9.9.9 may write; a client on 127.0.0.1 claims to be 10.9.9.9.
-        child, _ = start_gateway(source.address, local_env, *CAPROTO, "--name", "ACC", "--writable",
-                                 "--allow-host", "10.9.9.9")
-        liar = CaprotoClient(local_env)
-        clients.append(liar)
-        liar.context.host_name = "10.9.9.9"
-        pv = liar.pv("ACC:MAX_RATE")
-        assert int(pv.access_rights) == 1  # READ only
-        with pytest.raises(Exception):
-            pv.write([50.0], wait=True, timeout=5)
-        child.stop()
-
-        # 127.0.0.1 allowed: the control PV is writable, the stream PV still is not.
-        port = str(free_port())
-        local_env = env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}
-        child, _ = start_gateway(source.address, local_env, *CAPROTO, "--name", "ACC", "--writable",
-                                 "--allow-host", "127.0.0.1")
-        honest = CaprotoClient(local_env)
-        clients.append(honest)
-        pv = honest.pv("ACC:MAX_RATE")
-        assert int(pv.access_rights) == 3
-        pv.write([5.0], wait=True, timeout=10)
-        assert wait_for(lambda: honest.read("ACC:MAX_RATE").data[0] == 5.0, timeout=10, interval=0.1)
-        assert int(honest.pv("X").access_rights) == 1
-        output = run_tool("caput", ["ACC:MAX_RATE", "7"], local_env)
-        assert "New" in output and "7" in output.split("New", 1)[1], output
-    finally:
-        for one in clients:
-            one.close()
-        if child is not None:
-            child.stop()
-        source.close()
-
-
-# --------------------------------------------------------------------------
-# Clients that disconnect under load
-# --------------------------------------------------------------------------
-def test_clients_disconnecting_under_load_do_not_stop_the_server(env):
-    n_channels = 200
-    channels = [{"name": f"L{i:03d}", "type": "float64", "shape": [64]} for i in range(n_channels)]
-    waveform = np.arange(64, dtype=np.float64)
-    source = Feeder(channels, lambda pid: [waveform + pid] * n_channels, rate=100.0)
-    port = str(free_port())
-    local_env = env | {"EPICS_CA_SERVER_PORT": port, "EPICS_CAS_SERVER_PORT": port}
-    child = None
-    client = None
-    try:
-        child, _ = start_gateway(source.address, local_env, *CAPROTO, "--name", "LOAD", "--max-rate", "100",
-                                 "--total-rate", "1000000")
-        names = [c["name"] for c in channels]
-        script = (
-            "import sys, time\n"
-            "from caproto.threading.client import Context\n"
-            "ctx = Context(timeout=20)\n"
-            f"pvs = ctx.get_pvs(*{names!r}, timeout=20)\n"
-            "for pv in pvs: pv.wait_for_connection(timeout=20)\n"
-            "subs = [pv.subscribe(data_type='time') for pv in pvs]\n"
-            "for sub in subs: sub.add_callback(lambda *a: None)\n"
-            "print('SUBSCRIBED', flush=True)\n"
-            "time.sleep(60)\n"
-        )
-        for round_ in range(3):
-            heavy = [Child([sys.executable, "-c", script], env=local_env) for _ in range(3)]
-            try:
-                for one in heavy:
-                    one.wait_for_line("SUBSCRIBED", timeout=60)
-                for one in heavy:  # abrupt: the server sees the TCP connection drop mid-stream
-                    one.process.kill()
-            finally:
-                for one in heavy:
-                    one.stop()
-        assert child.process.poll() is None, child.output()
-        client = CaprotoClient(local_env)
-        reading = _wait_valid(client, "L000")
-        assert len(reading.data) == 64
-        log = child.output()
-        assert "deque mutated" not in log
-        assert "Server error. Will shut down" not in log
-    finally:
-        if client is not None:
-            client.close()
-        if child is not None:
-            child.stop()
-        source.close()
 
 
 # --------------------------------------------------------------------------
@@ -539,45 +354,6 @@ def test_supervisor_restarts_a_dead_gateway(env, feeder):
     finally:
         assert supervisor.stop() is not None
     assert not supervisor.running
-
-
-# --------------------------------------------------------------------------
-# The caproto 1.3.0 crash, reproduced without sockets
-# --------------------------------------------------------------------------
-def test_fan_out_survives_a_subscription_removed_mid_iteration():
-    """caproto iterates a live deque across an await; a disconnect in between raised
-    "deque mutated during iteration" and ended the server. GatewayContext iterates a snapshot."""
-    import asyncio
-    from collections import deque
-    from types import SimpleNamespace
-
-    from caproto.asyncio.server import Context as StockContext
-
-    from sf_bsread_writer.ca.server import GatewayContext
-
-    def scenario(context_class):
-        async def run():
-            context = context_class({}, ["127.0.0.1"])  # caproto's queues need the running loop
-            subs = [SimpleNamespace(name=f"s{i}", circuit=SimpleNamespace(connected=True)) for i in range(3)]
-            context.subscriptions["spec"] = deque(subs)
-            sent = []
-
-            async def send(sub_spec, sub, **_):
-                sent.append(sub.name)
-                if sub is subs[0]:  # a client disconnects while the fan-out awaits
-                    subs[1].circuit.connected = False
-                    context.subscriptions["spec"].remove(subs[1])
-                await asyncio.sleep(0)
-
-            context._subscription_queue_send = send
-            await context._subscription_queue_iteration(("spec",), None, [], 0, None)
-            return sent
-
-        return asyncio.run(run())
-
-    with pytest.raises(RuntimeError, match="deque mutated during iteration"):
-        scenario(StockContext)
-    assert scenario(GatewayContext) == ["s0", "s2"]
 
 
 # ---------------------------------------------------------------------------

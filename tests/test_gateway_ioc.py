@@ -240,10 +240,10 @@ def test_the_ingest_keeps_each_sparse_channel_once_and_stays_bounded():
     """A every 2nd pulse, B every 50th, 100 messages between two takes: B's value survives A's many, each
     channel is applied once a round (from its newest kept message), and at most SPARSE_KEPT stay."""
     from sf_bsread_writer.bsread.build import build_message
-    from sf_bsread_writer.ca.gateway import SPARSE_KEPT, _Ingest
+    from sf_bsread_writer.ca.feed import SPARSE_KEPT, Ingest
 
     channels = [{"name": "A", "type": "float64"}, {"name": "B", "type": "float64"}, {"name": "C", "type": "float64"}]
-    ingest = _Ingest("tcp://127.0.0.1:9", "sub", lambda: None)  # not started: fed by hand
+    ingest = Ingest("tcp://127.0.0.1:9", "sub", lambda: None)  # not started: fed by hand
     for pulse_id in range(1000, 1100):
         values = [float(pulse_id) if pulse_id % 2 == 0 else None, float(pulse_id) if pulse_id == 1050 else None,
                   float(pulse_id)]
@@ -291,66 +291,82 @@ def test_metadata_and_severity_of_a_bridged_ioc_pv_are_served_as_its_record_fiel
 # --------------------------------------------------------------------------
 # The channel set changes: the IOC restarts and serves the new one
 # --------------------------------------------------------------------------
-def test_channel_set_changes_disconnect_only_what_they_must(env):
-    """A removed channel, or a retype its record holds, changes nothing for connected clients (a libca
-    client that is disconnected waits up to 10 s, its disconnect governor, before it searches again).
-    A new channel, or a type its record cannot hold, restarts the IOC once: the new IOC serves the
-    retyped channel with a record that holds both types, so flipping back (bsread's Python Sender
-    sends an absent value's header as float64) costs nothing."""
+def test_channels_added_removed_and_retyped_disconnect_no_other_client(env):
+    """Issue 22: a new channel (scalar, 64-bit with its _STR twin, waveform with :SHAPE, enum), a removed one
+    and a retype its record holds are served by the running IOC: no libca client of any other PV, nor of
+    the status PVs, is disconnected, and a new channel is readable by caget within 3 s. Only a type no
+    record holds (int32 -> string) needs a new IOC, once the header has been still, and once."""
+    import time
+
+    from .ca_helpers import PYEPICS_MULTI_WATCHER
+
     local_env = _local(env)
-    a, a_short = {"name": "A", "type": "float64"}, {"name": "A", "type": "int16"}
-    b = {"name": "B", "type": "float64"}
-    d, d_float = {"name": "D", "type": "int32"}, {"name": "D", "type": "float64"}
-    c = {"name": "C", "type": "int32", "shape": [2]}
+    a, b = {"name": "A", "type": "float64"}, {"name": "B", "type": "float64"}
+    d, d_text = {"name": "D", "type": "int32"}, {"name": "D", "type": "string"}
+    new = [{"name": "N1", "type": "int16"}, {"name": "N64", "type": "int64"},
+           {"name": "WAVE", "type": "int32", "shape": [3]},
+           {"name": "MODE", "type": "uint8", "enum_strings": ["Off", "On"]}]
+    new_values = lambda pid: [np.int16(pid % 1000), np.int64(2**40 + pid), np.array([pid, -pid, 7], dtype=np.int32),
+                              np.uint8(pid % 2)]
     source = Feeder([a, b, d], lambda pid: [float(pid), -float(pid), np.int32(pid)], rate=20.0)
     child = watcher = None
+    watched = ["CH:A", "CH:B", "CH:D", "CH:PULSE_ID", "CH:CHANNELS", "CH:MAX_RATE"]
 
-    def disconnects() -> int:
-        return sum(line.startswith("CONNECTED False") for line in watcher.output().splitlines())
+    def disconnects(pvs: list[str]) -> list[str]:
+        return [line for line in watcher.output().splitlines()
+                if line.startswith("CONNECTED") and line.endswith("False") and line.split()[1] in pvs]
 
-    def restarts() -> int:
-        return child.output().count("restarts to serve the new channel set")
+    def replacements() -> int:
+        return child.output().count("the IOC is replaced")
 
     try:
-        child, _ = start_gateway(source.address, local_env, "--ca-prefix", "DYN:", "--name", "DYN",
-                                 "--max-rate", "20")
-        _wait_alarm_free(local_env, "DYN:B")
-        watcher = Child([sys.executable, "-c", PYEPICS_WATCHER, "DYN:A"], env=local_env)
-        watcher.wait_for_line(lambda line: line.startswith("UPDATE double"), timeout=40)
+        child, _ = start_gateway(source.address, local_env, "--ca-prefix", "CH:", "--name", "CH", "--max-rate", "20")
+        _wait_alarm_free(local_env, "CH:B")
+        watcher = Child([sys.executable, "-c", PYEPICS_MULTI_WATCHER, *watched], env=local_env)
+        for pv in watched:
+            watcher.wait_for_line(f"CONNECTED {pv} True", timeout=40)
 
-        source.set([a, d], lambda pid: [float(pid), np.int32(pid)])  # B removed: retired, not a restart
-        wait_for(lambda: _caget(local_env, "DYN:B.STAT", "DYN:B.SEVR") == {"DYN:B.STAT": "DISABLE",
-                                                                          "DYN:B.SEVR": "INVALID"},
+        added_at = time.monotonic()
+        source.set([a, b, d, *new], lambda pid: [float(pid), -float(pid), np.int32(pid), *new_values(pid)])
+        _wait_alarm_free(local_env, "CH:N1", timeout=10)
+        assert time.monotonic() - added_at < 3.0 + 1.0  # 3 s, and the caget that shows it
+        for pv in ("CH:N64", "CH:WAVE", "CH:MODE"):
+            _wait_alarm_free(local_env, pv, timeout=10)
+        fields = _caget(local_env, "CH:N64_STR", "CH:WAVE", "CH:WAVE.NORD", "CH:WAVE:SHAPE", "CH:MODE.ZRST",
+                        "CH:MODE.ONST", "CH:N1.DESC")
+        assert int(fields["CH:N64_STR"]) > 2**40
+        # A spare waveform has room for SPARE_ARRAY_LENGTH elements (NELM) and holds NORD of them.
+        assert fields["CH:WAVE.NORD"] == "3"
+        assert fields["CH:WAVE"].split()[3] == "7"
+        shape = fields["CH:WAVE:SHAPE"].split()  # "3", or "8 3 0 ...": a spare :SHAPE has room for 8 dimensions
+        assert shape[1 if len(shape) > 1 else 0] == "3"
+        assert (fields["CH:MODE.ZRST"], fields["CH:MODE.ONST"], fields["CH:N1.DESC"]) == ("Off", "On", "N1")
+        assert "DBF_LONG" in run_tool("cainfo", ["CH:WAVE"], local_env)
+
+        source.set([a, d, *new], lambda pid: [float(pid), np.int32(pid), *new_values(pid)])  # B removed
+        wait_for(lambda: _caget(local_env, "CH:B.STAT", "CH:B.SEVR") == {"CH:B.STAT": "DISABLE",
+                                                                        "CH:B.SEVR": "INVALID"},
                  timeout=30, interval=0.2, message="the removed channel B INVALID/DISABLE")
+        a_short = {"name": "A", "type": "int16"}  # A retyped to int16: its ai (DOUBLE) record holds it
+        source.set([a_short, b, d, *new], lambda pid: [np.int16(pid % 1000), -float(pid), np.int32(pid),
+                                                      *new_values(pid)])
+        wait_for(lambda: float(_caget(local_env, "CH:A")["CH:A"]) < 1000, timeout=20, interval=0.2,
+                 message="A's int16 values")
+        _wait_alarm_free(local_env, "CH:B")  # B is back: its record was kept
+        assert disconnects(watched) == [] and replacements() == 0
 
-        # A retyped to int16: its ai (DOUBLE) record holds it; the client goes on, with the new values.
-        source.set([a_short, d], lambda pid: [np.int16(pid % 1000), np.int32(pid)])
-        watcher.wait_for_line(lambda line: line.startswith("UPDATE double") and float(line.split()[2]) < 1000,
-                              timeout=30)
-        source.set([a_short, b, d], lambda pid: [np.int16(pid % 1000), -float(pid), np.int32(pid)])
-        _wait_alarm_free(local_env, "DYN:B")  # B is back: its record was kept
-        assert disconnects() == 0 and restarts() == 0
-
-        # D retyped int32 -> float64: a longin cannot hold it; one restart, D is a DOUBLE now.
-        source.set([a_short, b, d_float], lambda pid: [np.int16(pid % 1000), -float(pid), pid + 0.5])
-        wait_for(lambda: "DBF_DOUBLE" in run_tool("cainfo", ["DYN:D"], local_env, timeout=5), timeout=30,
-                 interval=0.2, message="D served as a DOUBLE after the restart")
-        assert restarts() == 1
-        watcher.wait_for_line(lambda line: line.startswith("CONNECTED True"), timeout=30)  # libca came back
-
-        # ... and flipping back to int32 is served by the running IOC.
-        source.set([a_short, b, d], lambda pid: [np.int16(pid % 1000), -float(pid), np.int32(pid)])
-        wait_for(lambda: float(_caget(local_env, "DYN:D")["DYN:D"]).is_integer(), timeout=20, interval=0.2,
-                 message="D's int32 values through its DOUBLE record")
-        assert restarts() == 1 and disconnects() == 1
-
-        # A new channel needs a new record: a restart.
-        source.set([a_short, b, c, d], lambda pid: [np.int16(pid % 1000), -float(pid),
-                                                    np.array([pid, -pid], dtype=np.int32), np.int32(pid)])
-        wait_for(lambda: "DBF_LONG" in run_tool("cainfo", ["DYN:C"], local_env, timeout=5), timeout=30,
-                 interval=0.2, message="the new channel C served")
-        assert restarts() == 2
-        assert "DBF_DOUBLE" in run_tool("cainfo", ["DYN:D"], local_env)  # still the record that holds both
+        # D: int32 -> string, which no record holds (and B removed again): one new IOC, after the header
+        # has been still. It plans from the union of the channels seen: B keeps its PV, INVALID/DISABLE.
+        source.set([a_short, d_text, *new], lambda pid: [np.int16(pid % 1000), f"t{pid}", *new_values(pid)])
+        wait_for(lambda: "DBF_STRING" in run_tool("cainfo", ["CH:D"], local_env, timeout=5), timeout=30,
+                 interval=0.2, message="D served as a STRING by the next IOC")
+        assert replacements() == 1
+        assert "DBF_LONG" in run_tool("cainfo", ["CH:WAVE"], local_env)  # the added channels are served on
+        assert _caget(local_env, "CH:B.STAT", "CH:B.SEVR") == {"CH:B.STAT": "DISABLE", "CH:B.SEVR": "INVALID"}
+        source.set([a_short, b, d_text, *new], lambda pid: [np.int16(pid % 1000), -float(pid), f"t{pid}",
+                                                           *new_values(pid)])
+        _wait_alarm_free(local_env, "CH:B")  # back, on the record the new IOC kept for it
+        assert replacements() == 1
     finally:
         if watcher is not None:
             watcher.stop()
@@ -467,3 +483,56 @@ def test_the_gateway_prints_no_warnings_of_its_libraries(served):
     child, _, _ = served
     output = child.output()
     assert "Warning" not in output, output
+
+
+def test_the_ioc_loads_epics_without_setuptools_and_setuptools_dso_still_works_when_asked():
+    """Start-up: importing softioc pulled in setuptools, pkg_resources and Cython through setuptools_dso's
+    __init__ (0.9 of 1.3 s, python -X importtime); the IOC registers setuptools_dso bare with its runtime
+    functions. Whatever else is asked of the package loads it whole, as before."""
+    import subprocess
+
+    script = (
+        "import sys\n"
+        "from sf_bsread_writer.ca import ioc\n"
+        "ioc._skip_setuptools_at_import()\n"
+        "import softioc.asyncio_dispatcher, softioc.builder, softioc.softioc, inspect\n"
+        "inspect.stack()\n"
+        "light = 'setuptools' not in sys.modules and 'pkg_resources' not in sys.modules\n"
+        "import setuptools_dso\n"
+        "print('RESULT', light, setuptools_dso.Extension.__name__)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                               cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
+    assert "RESULT True Extension" in completed.stdout, completed.stdout + completed.stderr
+
+
+def test_record_batch_serves_values_alarms_and_timestamps_as_softiocs_set_does(env, feeder):
+    """--record-batch: the ai/longin records of a message set in one call from C (ca/_recordpost.c)."""
+    from .ca_helpers import CaprotoClient, pulse_of
+    from .test_gateway import CHANNELS, expected_values
+
+    local_env = _local(env)
+    child, _ = start_gateway(feeder.address, local_env, "--ca-prefix", "RB:", "--name", "RB", "--record-batch")
+    client = None
+    try:
+        _wait_alarm_free(local_env, "RB:F64")
+        client = CaprotoClient(local_env)
+        indices = {channel["name"]: index for index, channel in enumerate(CHANNELS)}
+        for name in ("F64", "I32", "U8", "I16", "U32", "I64", "FLAKY"):
+            reading = wait_for(lambda: (lambda r: r if r.metadata.severity == 0 else None)(client.read("RB:" + name)),
+                               timeout=20, interval=0.1, message=f"RB:{name} valid")
+            pulse_id = pulse_of(reading.metadata.stamp.secondsSinceEpoch)
+            assert abs(reading.metadata.stamp.nanoSeconds - pulse_id) < 500, name  # the bsread timestamp
+            assert reading.data[0] == expected_values(pulse_id)[indices[name]], name
+        feeder.absent.add("FLAKY")
+        try:
+            flagged = wait_for(lambda: (lambda r: r if r.metadata.severity == 3 else None)(client.read("RB:FLAKY")),
+                               timeout=20, interval=0.1, message="FLAKY flagged INVALID")
+            assert flagged.metadata.status == 10  # TIMEOUT
+        finally:
+            feeder.absent.discard("FLAKY")
+        assert "posting the scalar records failed" not in child.output()
+    finally:
+        if client is not None:
+            client.close()
+        child.stop()

@@ -1,7 +1,7 @@
 """The EPICS environment of this package's CA server and CA client, with secure defaults.
 
 Channel Access finds its peers by UDP broadcast unless told otherwise, and
-both the gateway's server (caproto) and the bridge's client (pyepics/libca)
+both the gateway's server (an EPICS IOC) and the bridge's client (pyepics/libca)
 read their settings from ``EPICS_*`` variables once, when first used. These
 functions complete the environment before that happens: an address the
 site configured always wins; with none configured, everything stays on
@@ -11,14 +11,7 @@ from __future__ import annotations
 
 from collections.abc import MutableMapping
 
-__all__ = ["prepare_server_environment", "prepare_client_environment", "CAPROTO_TUNING"]
-
-#: caproto batching that keeps 100 Hz updates on time (its defaults delivered
-#: them up to 1 s late in research runs). Applied unless already set.
-CAPROTO_TUNING = {
-    "CAPROTO_SERVER_HIGH_LOAD_TIMEOUT_SEC": "0.001",
-    "CAPROTO_SERVER_MAX_LATENCY_SEC": "0.02",
-}
+__all__ = ["prepare_server_environment", "prepare_client_environment"]
 
 # The beacon/interface defaults used when the environment does not name any:
 # nothing leaves this machine, nothing is broadcast.
@@ -39,13 +32,13 @@ def prepare_server_environment(environ: MutableMapping[str, str]) -> list[str]:
     """Complete ``environ`` for a CA server the way EPICS base reads it; returns what was changed.
 
     * EPICS_CAS_SERVER_PORT (server only) wins over EPICS_CA_SERVER_PORT;
-      caproto reads only the latter, so it is copied.
+      it is copied, so that the READY line and the IOC agree.
     * EPICS_CAS_BEACON_PORT defaults to EPICS_CA_REPEATER_PORT, as in EPICS
-      base (caproto would use 5065 whatever the repeater port).
+      base.
     * Secure default: when the environment names no server interface, the
       server listens on 127.0.0.1 only, and when it names no beacon
-      addresses, beacons go to 127.0.0.1 only (caproto would broadcast them
-      to 255.255.255.255). Set the standard variables to serve a network.
+      addresses, beacons go to 127.0.0.1 only (EPICS base would broadcast
+      them on every interface). Set the standard variables to serve a network.
     """
     changes: list[str] = []
 
@@ -65,9 +58,6 @@ def prepare_server_environment(environ: MutableMapping[str, str]) -> list[str]:
         put("EPICS_CAS_BEACON_ADDR_LIST", _LOOPBACK_DEFAULTS["EPICS_CAS_BEACON_ADDR_LIST"])
     if not any(environ.get(key) for key in _PVA_LOOPBACK_DEFAULTS):
         for key, value in _PVA_LOOPBACK_DEFAULTS.items():
-            put(key, value)
-    for key, value in CAPROTO_TUNING.items():
-        if key not in environ:
             put(key, value)
     return changes
 
