@@ -242,13 +242,12 @@ class BufferChildren:
         self._listener = listen(self.settings.web_bind, self.settings.web_port)
         self.web_port = self._listener.getsockname()[1]
 
-    def start(self, ca_feed: str | None, web_feed: str | None, rest_url: str | None,
-              replay_address: str | None) -> None:
+    def start(self, ca_feed: str | None, web_feed: str | None, replay_address: str | None) -> None:
         """Start a child for each feed given (its address): the gateway, the web service."""
         settings = self.settings
         if ca_feed is not None:
-            self._children["ca_gateway"] = start_gateway(
-                ca_feed, rest_url, settings.ca_prefix, settings.name, source_mode="sub",
+            self._children["ca_gateway"] = start_gateway(  # its feed carries the status: no HTTP poll
+                ca_feed, None, settings.ca_prefix, settings.name, source_mode="sub",
                 log_level=settings.log_level, extra_args=["--max-rate", repr(settings.ca_max_rate)])
         if web_feed is not None:
             listener = self._listener

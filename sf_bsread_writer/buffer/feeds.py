@@ -29,14 +29,12 @@ FEED_HWM = 4
 class LoopbackFeed:
     """A child's feed: a loopback PUB socket at ``address`` (owned by the loop thread).
 
-    ``carries_status``: the status snapshots go on it too. The CA gateway's feed does not yet: the
-    gateway reads its feed with its own reader, which would take a status message for the newest data
-    (docs/buffer.md, "Feeds").
+    The buffer's status snapshots go on it too (docs/buffer.md, "Feeds"): both readers, the web service
+    and the CA gateway, read it with ``feed.FeedReader`` and need no HTTP poll.
     """
 
-    def __init__(self, context: zmq.Context, max_rate: float, carries_status: bool = True) -> None:
+    def __init__(self, context: zmq.Context, max_rate: float) -> None:
         self.max_rate = max_rate
-        self.carries_status = carries_status
         self.address = "tcp://127.0.0.1:0"  # our own child reads it: loopback only
         self.socket = self.bound_socket(context)
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -62,10 +60,9 @@ class LoopbackFeed:
             self.sent += 1
 
     def publish_status(self, status: BufferStatus) -> None:
-        """The newest status snapshot, as a message of its own (if this feed carries status)."""
-        if self.carries_status:
-            send_parts(self.socket, status_message(status))
-            self.statuses_sent += 1
+        """The newest status snapshot, as a message of its own."""
+        send_parts(self.socket, status_message(status))
+        self.statuses_sent += 1
 
     def status(self) -> CaFeedStatus:
         return CaFeedStatus(address=self.address, max_rate=self.max_rate, sent=self.sent)

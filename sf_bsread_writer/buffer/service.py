@@ -156,7 +156,7 @@ class Buffer:
             # Each child's own feed, not the live output (buffer.feeds says why). The gateway's carries no
             # status yet: ca/gateway.py reads its feed with a reader of its own (docs/buffer.md, "Feeds").
             if settings.ca:
-                self._feeds["ca"] = LoopbackFeed(context, settings.ca_max_rate, carries_status=False)
+                self._feeds["ca"] = LoopbackFeed(context, settings.ca_max_rate)
                 sockets.append(self._feeds["ca"].socket)
             if settings.web:
                 self._feeds["web"] = LoopbackFeed(context, settings.web_max_rate)
@@ -170,7 +170,7 @@ class Buffer:
             self._tune_allocator()
             self._announce_ready()
             self._children.start(*(feed.address if feed is not None else None for feed in
-                                   (self._feeds["ca"], self._feeds["web"])), self.rest_url, self.replay_address)
+                                   (self._feeds["ca"], self._feeds["web"])), self.replay_address)
             self._loop(ingest, output, self._replay)
         finally:
             process.sd_notify("STOPPING=1")

@@ -1,11 +1,17 @@
 """What an IOC process of the gateway feeds from: the buffer's live stream and its status.
 
-* :class:`Ingest`, a thread, receives the buffer's live output (SUB) and
-  keeps only the newest message (conflation: a slow gateway skips messages,
-  it never queues them), and the older ones that carry a sparse channel it
-  lacks (``policy.keep_sparse``);
-* :class:`StatusPoller`, a thread, polls the buffer's ``GET /statistics``
-  once a second and reads it back as the typed ``status.BufferStatus``.
+* :class:`Ingest`, a thread, reads the buffer's feed with the one feed
+  reader (``feed.FeedReader``: data messages and the buffer's status
+  snapshots, a socket cut mid-message replaced) and keeps only the newest
+  message (conflation: a slow gateway skips messages, it never queues
+  them), and the older ones that carry a sparse channel it lacks
+  (``policy.keep_sparse``); the newest status is its ``latest``;
+* :class:`StatusPoller`, a thread, polls a buffer's ``GET /statistics``
+  once a second, only for a gateway started by hand on a plain live output
+  (``--status-url``), which carries no status.
+
+Both offer ``latest``, ``latest_monotonic`` and ``expected`` (a status is
+to be had: its absence is a fault, shown INVALID on the status PVs).
 
 Imported by the IOC process only (the supervisor stays light: start-up).
 """
@@ -25,6 +31,7 @@ from sf_bsread_writer.bsread.message import MessageParser
 from sf_bsread_writer.bsread.parts import bit_indices, presence_bits
 from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
 from sf_bsread_writer.ca.policy import keep_sparse, sparse_rounds
+from sf_bsread_writer.feed import FeedReader
 from sf_bsread_writer.status import BufferStatus
 
 __all__ = ["Ingest", "StatusPoller", "SPARSE_KEPT", "SPARSE_KEPT_BYTES"]
@@ -65,6 +72,15 @@ class Ingest(threading.Thread):
         self.received = 0
         self.last_receive_monotonic: float | None = None
         self.error: BaseException | None = None
+        # The buffer's status as it comes on the feed (its own --ca feed carries it; a live output does not).
+        self.latest: BufferStatus | None = None
+        self.latest_monotonic: float | None = None
+        self.sockets_replaced = 0
+
+    @property
+    def expected(self) -> bool:
+        """A status is to be had from this feed: one has come (a plain live output never sends one)."""
+        return self.latest is not None
 
     def take(self) -> list[Any] | None:
         with self._lock:
@@ -140,34 +156,24 @@ class Ingest(threading.Thread):
         self._stop_event.set()
 
     def run(self) -> None:
-        import zmq
-
-        context = zmq.Context.instance()
-        socket = context.socket(zmq.SUB if self.mode == "sub" else zmq.PULL)
+        reader = None
         try:
-            if self.mode == "sub":
-                socket.setsockopt(zmq.SUBSCRIBE, b"")
-            socket.setsockopt(zmq.RCVHWM, 4)  # old messages are worthless here
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_MESSAGE_BYTES)
-            socket.connect(self.address)
-            poller = zmq.Poller()
-            poller.register(socket, zmq.POLLIN)
+            # A short queue: old messages are worthless here (the newest wins, sparse ones are kept apart).
+            reader = FeedReader(self.address, self.mode, hwm=4)
             while not self._stop_event.is_set():
-                if not poller.poll(200):
-                    continue
+                item = reader.receive(0.2)
                 # Drain what is queued: the newest message, and older ones with channels it lacks.
                 received = notify = False
-                while True:
-                    try:
-                        # copy=True: for the many small parts of a wide stream, bytes are
-                        # about 3x cheaper than zmq.Frame objects; an image copy is a memcpy.
-                        frames = socket.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self.received += 1
-                    received = True
-                    notify = self.arrive(frames, time.monotonic()) or notify
+                while item is not None:
+                    now = time.monotonic()
+                    if isinstance(item, BufferStatus):
+                        self.latest, self.latest_monotonic = item, now
+                    else:
+                        self.received += 1
+                        received = True
+                        notify = self.arrive(item, now) or notify
+                    item = reader.receive(0)
+                self.sockets_replaced = reader.sockets_replaced
                 if not received:
                     continue
                 self.last_receive_monotonic = time.monotonic()
@@ -179,7 +185,8 @@ class Ingest(threading.Thread):
             logger.exception("ingest from %s failed", self.address)
             self._notify()
         finally:
-            socket.close(0)
+            if reader is not None:
+                reader.close()
 
 
 class _Kept:
@@ -212,6 +219,7 @@ class StatusPoller(threading.Thread):
         self.latest: BufferStatus | None = None
         self.latest_monotonic: float | None = None
         self.failures = 0
+        self.expected = True  # asked for by --status-url: its absence is a fault
 
     def stop(self) -> None:
         self._stop_event.set()

@@ -109,6 +109,8 @@ def _run_ioc(settings: GatewaySettings, child: bool, argv: list[str]) -> int:
     from sf_bsread_writer.ca import feed
 
     ingest = feed.Ingest(settings.buffer_output, settings.source_mode, lambda: None)
+    # The buffer's status: on the feed (a buffer's --ca feed carries it), or polled from --status-url for a
+    # gateway started by hand on a plain live output.
     poller = feed.StatusPoller(settings.status_url) if settings.status_url else None
     ingest.start()
     if poller is not None:
@@ -120,7 +122,7 @@ def _run_ioc(settings: GatewaySettings, child: bool, argv: list[str]) -> int:
         state = ioc.wait_for_go()
         if state is None:
             return ExitCode.OK
-        return ioc.serve(settings, STATUS_PVS, ingest, poller, state)
+        return ioc.serve(settings, STATUS_PVS, ingest, poller or ingest, state)
     finally:
         ingest.stop()
         if poller is not None:

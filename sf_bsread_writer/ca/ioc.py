@@ -809,7 +809,7 @@ class _ApplyLoop:
         if max_rate is not None and max_rate.get() != self.settings.max_rate:
             max_rate.set(self.settings.max_rate, process=False)
         alarms = {"COMM": alarm.COMM_ALARM, "UDF": alarm.UDF_ALARM}
-        for suffix, shown in status_values(buffer, age, poller is not None, own).items():
+        for suffix, shown in status_values(buffer, age, poller is not None and poller.expected, own).items():
             record = self.records.status.get(suffix)
             if record is None:
                 continue
