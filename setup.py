@@ -61,6 +61,7 @@ setup(
         "softioc>=4.5",  # pythonSoftIOC: the gateway's CA server (EPICS records, C fan-out)
         "aiohttp>=3.9",  # the web service (HTTP, websockets) and its Python client, sf_bsread_writer.remote
         "rich>=13",  # sf_bsread_ctl: tables, the live watch, the progress bar
+        "nats-py>=2.16,<3",  # --archive and nats:// writers: NATS JetStream (docs/archive.md); pure Python
     ],
     extras_require={
         "test": [

@@ -31,12 +31,13 @@ ALLOWED = {
     "registry": {"process"},
     "httpserver": set(),
     "client": set(),
-    "buffer": {"core", "transport", "config", "process", "httpserver", "registry"},
-    "writer": {"core", "h5", "transport", "config", "process", "httpserver", "registry"},
+    "buffer": {"core", "transport", "config", "process", "httpserver", "registry", "archive"},
+    "writer": {"core", "h5", "transport", "config", "process", "httpserver", "registry", "archive"},
+    "archive": {"core", "transport", "config", "process"},
     "ca": {"core", "config", "process"},
-    "web": {"core", "h5", "transport", "config", "process"},
+    "web": {"core", "h5", "transport", "config", "process", "archive"},
     "remote": {"core"},
-    "tools": {"core", "config", "process", "registry", "client", "transport"},
+    "tools": {"core", "config", "process", "registry", "client", "transport", "archive"},
     "__init__": {"tools"},
 }
 

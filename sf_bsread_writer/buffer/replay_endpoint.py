@@ -92,6 +92,9 @@ class ReplayEndpoint:
         self._totals = dict.fromkeys(_TOTALS, 0)
         self._gap_logged: dict[bytes, float] = {}
         self._round_robin = 0
+        # --archive: the archive's address (nats://HOST:PORT/NAME), told to every writer in its acceptance so
+        # that it reads pulses older than the ring from there (archive.reach_back).
+        self.archive: str | None = None
 
     def close(self) -> None:
         self.socket.close(linger=0)
@@ -175,7 +178,7 @@ class ReplayEndpoint:
                         session.session_id, message.start_pulse_id, message.start_time,
                         message.stop_pulse_id, message.stop_time, session.window)
             self._send_control(identity, build_accepted(Accepted(
-                session.window, self.ring.oldest_pulse_id, self.ring.newest_pulse_id)))
+                session.window, self.ring.oldest_pulse_id, self.ring.newest_pulse_id, self.archive)))
         elif session is None:
             if not isinstance(message, CloseSession):
                 self._send_control(identity, build_error(

@@ -50,6 +50,8 @@ from ..httpserver import HttpServer
 from ..transport import partsio
 from ..transport.partsio import PartsReceiver, send_parts
 from . import children
+from ..archive.records import ArchiveTarget
+from .archive_link import ArchiveLink
 from .http_app import make_app
 from .replay_endpoint import ReplayEndpoint
 
@@ -135,7 +137,8 @@ class Buffer:
                  max_writers: int = 16, replay_inflight_bytes: int = 64 * 1024**2,
                  session_timeout: float = 10.0, heartbeat_interval: float = 1.0,
                  snapshot_interval: float = 0.25, print_ready: bool = False, log_level: str = "INFO",
-                 register: bool = False,
+                 register: bool = False, archive: str | None = None, archive_max_bytes: int = -1,
+                 archive_max_age: float = 0.0, archive_replicas: int = 1,
                  max_clock_skew: float = MAX_CLOCK_SKEW, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         if source_mode not in ("pull", "sub"):
@@ -152,6 +155,13 @@ class Buffer:
             raise ValueError(f"--web-bind {web_bind} reaches other hosts: give --web-tokens FILE (one token per line)")
         if max_writers < 1 or replay_inflight_bytes < 1:
             raise ValueError("max_writers and replay_inflight_bytes must be positive")
+        if archive:  # a clear error at the start, not a child that fails forever (docs/archive.md)
+            ArchiveTarget.parse(archive, name)
+            if archive_replicas < 1:
+                raise ValueError("--archive-replicas must be at least 1")
+        self.archive = archive
+        self.archive_settings = (archive_max_bytes, archive_max_age, archive_replicas)
+        self._archive: ArchiveLink | None = None
         self.stream = stream
         self.output_port = output_port
         self.source_mode = source_mode
@@ -288,6 +298,10 @@ class Buffer:
                                           self.heartbeat_interval, self.session_timeout, self._clock,
                                           self.max_writers, self.replay_inflight_bytes)
             self.replay_address = self._replay.address
+            if self.archive:
+                self._archive = ArchiveLink(context, self.archive, self.name, *self.archive_settings)
+                sockets.append(self._archive.socket)
+                self._replay.archive = ArchiveTarget.parse(self.archive, self.name).url()  # told to every writer
 
             # Each child's own feed, not the live output: PVs and web clients update at most
             # max_rate times a second, so the child need not ingest (and the buffer need not send)
@@ -557,6 +571,7 @@ class Buffer:
             web_feed=self._web_feed.status() if self._web_feed is not None else None,
             channels=self._channels,
             children=tuple(ChildStatus(name, child.running, child.restarts) for name, child in self._children.items()),
+            archive=self._archive.status(ring) if self._archive is not None else None,
             header_changes=self._header_changes,
             ring=RingStatus(messages=ring.n_messages, bytes=ring.n_bytes, max_messages=self.max_messages,
                             max_bytes=self.max_bytes, oldest_pulse_id=ring.oldest_pulse_id,
@@ -587,6 +602,9 @@ class Buffer:
                 self._web_feed.address, self.rest_url, self.replay_address, port=self.web_port, bind=self.web_bind,
                 tokens=self.web_tokens, max_rate=self.web_max_rate, log_level=self.log_level,
                 listen_fd=self._web_listener.fileno() if self._web_listener is not None else None))
+
+        if self._archive is not None:
+            self._children["archiver"] = self._archive.start(self.replay_address, self.log_level)
 
     def _stop_children(self) -> None:
         for child in self._children.values():

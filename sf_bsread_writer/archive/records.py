@@ -1,0 +1,418 @@
+"""The archive's vocabulary and decisions (pure): names, the stored form of a message, what a reader sends next.
+
+The archive keeps every message a buffer's ring accepts in one NATS
+JetStream stream per buffer (docs/archive.md). Everything here is pure (no
+socket, thread, clock read or broker client), so the shells
+(``archive.publisher``, ``archive.reader``, ``archive.reach_back``) stay
+thin and the decisions are tested by feeding values:
+
+* :class:`ArchiveTarget`: ``nats://HOST:PORT[,HOST:PORT...]/NAME`` -> the
+  servers, the stream name and its subjects;
+* :func:`encode_payload` / :func:`decode_payload`: the message's parts,
+  byte-identical, in one JetStream payload (what the ring holds, packed);
+* :func:`message_headers` / :func:`parse_headers`: the pulse id and the
+  time in NATS headers, so that a reader finds a pulse without the payload;
+  gap markers (pulses the ring lost before they were archived) use the
+  same headers;
+* :func:`settings_conflicts`: an existing stream of the same name whose
+  settings would make it another archive (a clear error, never a silent
+  reuse);
+* :class:`RangeCursor`: a reader's range (start/stop by pulse id or time)
+  over the stored records -> Data / Gap / End, the replay protocol's events,
+  so a writer cannot tell the archive from a ring except by the gap reasons.
+
+Why headers and not a key in the subject: a subject per pulse id would make
+the stream's subject index grow with every message (JetStream keeps per
+subject state), and a binary search over stream sequence numbers by the
+``Sf-Pulse-Id`` header costs ~20 direct gets for a day of 100 Hz data.
+"""
+from __future__ import annotations
+
+import math
+import re
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from sf_bsread_writer.core.parts import HEADER, LARGE, SMALL, Layout, PackedParts, encode_lengths
+from sf_bsread_writer.core.replay_messages import Data, End, EndReason, Gap, GapReason
+
+__all__ = [
+    "ARCHIVE_SCHEME", "HEADER_PULSE_ID", "HEADER_TIME", "HEADER_KIND", "HEADER_GAP_LAST", "HEADER_GAP_COUNT",
+    "HEADER_GAP_REASON", "HEADER_MSG_ID", "PAYLOAD_MAGIC", "GAP_NOT_ARCHIVED", "GAP_BEFORE_ARCHIVE",
+    "ArchiveTarget", "ArchivedRecord", "InvalidArchive", "encode_payload", "decode_payload", "message_headers",
+    "gap_headers", "parse_headers", "message_id", "StreamSettings", "settings_conflicts", "RangeCursor",
+    "PulseStep", "lost_pulses",
+]
+
+ARCHIVE_SCHEME = "nats"
+HEADER_PULSE_ID = "Sf-Pulse-Id"
+HEADER_TIME = "Sf-Time"
+HEADER_KIND = "Sf-Kind"  # "msg" (a bsread message) or "gap" (pulses lost before they were archived)
+HEADER_GAP_LAST = "Sf-Gap-Last"
+HEADER_GAP_COUNT = "Sf-Gap-Count"
+HEADER_GAP_REASON = "Sf-Gap-Reason"
+HEADER_MSG_ID = "Nats-Msg-Id"  # JetStream drops a second message with the same id (within its window)
+
+#: First bytes of every stored message: the version of the byte form below.
+PAYLOAD_MAGIC = b"SFBS1\n"
+_COUNT = struct.Struct("<I")
+# At most this many parts per message (a 500 000-channel message has 1 000 002): a corrupt count cannot
+# make a reader allocate more than a few MB for the lengths.
+MAX_PARTS = 2_000_002
+
+#: Gap reasons the archive adds to the replay protocol's (core.replay_messages.GapReason).
+GAP_NOT_ARCHIVED = GapReason.NOT_ARCHIVED.value  # the ring lost them before the archiver stored them (counted)
+GAP_BEFORE_ARCHIVE = GapReason.BEFORE_ARCHIVE.value  # older than the archive's oldest (retention, or never)
+
+# A JetStream stream name and a subject token: no dots, wildcards, spaces or path characters.
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class InvalidArchive(ValueError):
+    """An archive address, name or stored message that cannot be used; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class ArchiveTarget:
+    """Where a buffer's archive lives: ``nats://HOST:PORT[,HOST:PORT...]/NAME``.
+
+    ``servers`` are what the NATS client connects to (any one of a cluster
+    suffices; more survive the loss of the first). ``name`` is the buffer's
+    ``--name``; the JetStream stream is ``sfbs_<name>`` with subjects
+    ``sfbs.<name>.msg`` (messages) and ``sfbs.<name>.gap`` (gap markers).
+    """
+
+    servers: tuple[str, ...]
+    name: str
+
+    @classmethod
+    def parse(cls, url: str, name: str | None = None) -> "ArchiveTarget":
+        """``nats://host:port[,host:port]`` plus ``name`` (the buffer's), or ``nats://host:port/NAME``."""
+        text = url.strip()
+        if not text.startswith(ARCHIVE_SCHEME + "://"):
+            raise InvalidArchive(f"not an archive address: {url!r} (expected nats://HOST:PORT[/NAME])")
+        rest = text[len(ARCHIVE_SCHEME) + 3:]
+        hosts, _, path = rest.partition("/")
+        path_name = path.strip("/")
+        if path_name and name is not None and path_name != name:
+            raise InvalidArchive(f"{url!r} names the archive {path_name!r}, but the buffer is {name!r}")
+        final = path_name or name
+        if not final:
+            raise InvalidArchive(f"{url!r}: no archive name (nats://HOST:PORT/NAME, NAME = the buffer's --name)")
+        check_name(final)
+        servers = []
+        for host in hosts.split(","):
+            host = host.strip()
+            try:
+                parsed = urlsplit(f"{ARCHIVE_SCHEME}://{host}")
+                port = parsed.port
+            except ValueError:
+                raise InvalidArchive(f"{url!r}: bad server {host!r}") from None
+            if not parsed.hostname or port is None or parsed.path or parsed.query:
+                raise InvalidArchive(f"{url!r}: bad server {host!r} (expected HOST:PORT)")
+            servers.append(f"{ARCHIVE_SCHEME}://{host}")
+        return cls(tuple(servers), final)
+
+    @property
+    def stream(self) -> str:
+        return f"sfbs_{self.name}"
+
+    @property
+    def message_subject(self) -> str:
+        return f"sfbs.{self.name}.msg"
+
+    @property
+    def gap_subject(self) -> str:
+        return f"sfbs.{self.name}.gap"
+
+    @property
+    def subjects(self) -> tuple[str, ...]:
+        return (f"sfbs.{self.name}.*",)
+
+    def url(self) -> str:
+        """The address a writer can be given (``nats://host:port,.../NAME``)."""
+        return ",".join(self.servers) + "/" + self.name
+
+
+def check_name(name: str) -> str:
+    """A buffer name that can name a JetStream stream and a subject token (InvalidArchive otherwise)."""
+    if not _NAME.fullmatch(name):
+        raise InvalidArchive(f"the archive name {name!r} may use only letters, digits, '_' and '-' (1-64): "
+                             "it names a JetStream stream and a subject")
+    return name
+
+
+# ---------------------------------------------------------------------------
+# The stored form of one message
+# ---------------------------------------------------------------------------
+def encode_payload(parts: Sequence[Any]) -> bytes:
+    """The message's parts, byte-identical, in one payload: magic, part count, lengths (u64 LE), parts.
+
+    ``parts``: a ``core.parts.PackedParts`` or any list of buffers.
+    """
+    if isinstance(parts, PackedParts):
+        lengths = parts.layout.lengths.astype("<u8", copy=False).tobytes()
+        frames = parts.frames()
+    else:
+        frames = list(parts)
+        lengths = struct.pack(f"<{len(frames)}Q", *(memoryview(frame).nbytes for frame in frames))
+    return b"".join([PAYLOAD_MAGIC, _COUNT.pack(len(frames)), lengths, *frames])
+
+
+def decode_payload(payload: bytes) -> PackedParts:
+    """A stored payload -> the message's parts (``PackedParts``: what the ring would send); InvalidArchive.
+
+    Large parts are zero-copy views into ``payload`` (immutable bytes);
+    every length is checked against the payload before anything is sliced.
+    """
+    data = bytes(payload) if not isinstance(payload, bytes) else payload
+    head = len(PAYLOAD_MAGIC) + _COUNT.size
+    if len(data) < head or not data.startswith(PAYLOAD_MAGIC):
+        raise InvalidArchive("not a stored bsread message (no SFBS1 header)")
+    (count,) = _COUNT.unpack_from(data, len(PAYLOAD_MAGIC))
+    if not 0 < count <= MAX_PARTS or len(data) < head + 8 * count:
+        raise InvalidArchive(f"stored message with a bad part count {count}")
+    lengths = struct.unpack_from(f"<{count}Q", data, head)
+    start = head + 8 * count
+    if start + sum(lengths) != len(data):
+        raise InvalidArchive(f"stored message: parts of {sum(lengths)} bytes in {len(data) - start}")
+    layout = Layout(encode_lengths(lengths))
+    view = memoryview(data)
+    small, large, header = [], [], None
+    offset = start
+    for (kind, _, _), length in zip(layout.where, lengths):
+        part = view[offset:offset + length]
+        offset += length
+        if kind == SMALL:
+            small.append(part)
+        elif kind == HEADER:
+            header = bytes(part)
+        elif kind == LARGE:
+            large.append(part)
+    return PackedParts(layout, b"".join(small), header, tuple(large))
+
+
+def message_id(pulse_id: int, time: float) -> str:
+    """``Nats-Msg-Id``: the same message archived twice (a catch-up after a restart) is stored once.
+
+    Pulse id *and* time: after a source restart the pulse ids repeat, and
+    those messages must not be taken for duplicates.
+    """
+    return f"{pulse_id}@{time!r}"
+
+
+def message_headers(pulse_id: int, time: float) -> dict[str, str]:
+    return {HEADER_KIND: "msg", HEADER_PULSE_ID: str(pulse_id), HEADER_TIME: repr(float(time)),
+            HEADER_MSG_ID: message_id(pulse_id, time)}
+
+
+def gap_headers(first_pulse_id: int, last_pulse_id: int, count: int | None, reason: str, time: float) -> dict[str, str]:
+    """A gap marker: pulses first..last that the archive will never have, and why."""
+    headers = {HEADER_KIND: "gap", HEADER_PULSE_ID: str(first_pulse_id), HEADER_TIME: repr(float(time)),
+               HEADER_GAP_LAST: str(last_pulse_id), HEADER_GAP_REASON: reason,
+               HEADER_MSG_ID: f"gap{first_pulse_id}-{last_pulse_id}@{time!r}"}
+    if count is not None:
+        headers[HEADER_GAP_COUNT] = str(count)
+    return headers
+
+
+@dataclass(frozen=True)
+class ArchivedRecord:
+    """What the headers of one stored message say: a message or a gap marker, its pulse id(s) and time."""
+
+    kind: str  # "msg" | "gap"
+    pulse_id: int
+    time: float
+    gap_last_pulse_id: int | None = None
+    gap_count: int | None = None
+    gap_reason: str | None = None
+
+
+def _int(headers: Mapping[str, str], name: str) -> int:
+    value = int(headers[name])
+    if not 0 <= value < 2**63:
+        raise ValueError(f"{name} out of range")
+    return value
+
+
+def parse_headers(headers: Mapping[str, str] | None) -> ArchivedRecord:
+    """NATS headers -> :class:`ArchivedRecord`; InvalidArchive for anything not written by an archiver."""
+    if not headers:
+        raise InvalidArchive("stored message without headers")
+    try:
+        kind = headers.get(HEADER_KIND, "msg")
+        pulse_id = _int(headers, HEADER_PULSE_ID)
+        time = float(headers[HEADER_TIME])
+        if not math.isfinite(time):
+            raise ValueError("time not finite")
+        if kind == "msg":
+            return ArchivedRecord("msg", pulse_id, time)
+        if kind == "gap":
+            count = _int(headers, HEADER_GAP_COUNT) if HEADER_GAP_COUNT in headers else None
+            return ArchivedRecord("gap", pulse_id, time, _int(headers, HEADER_GAP_LAST), count,
+                                  str(headers.get(HEADER_GAP_REASON, GAP_NOT_ARCHIVED))[:64])
+        raise ValueError(f"unknown kind {kind[:20]!r}")
+    except (KeyError, ValueError, TypeError) as error:
+        raise InvalidArchive(f"stored message with bad headers: {error}") from None
+
+
+# ---------------------------------------------------------------------------
+# The stream's settings
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StreamSettings:
+    """What makes a stream this buffer's archive (compared with an existing stream of the same name).
+
+    ``max_bytes``/``max_age`` (<= 0: unlimited) are limits an operator may
+    change on a running archive: the publisher updates them. The others
+    define what the archive is: a stream that differs there is refused.
+    """
+
+    subjects: tuple[str, ...]
+    replicas: int = 1
+    max_bytes: int = -1
+    max_age: float = 0.0
+    storage: str = "file"
+    retention: str = "limits"
+    discard: str = "old"
+
+
+def settings_conflicts(existing: StreamSettings, wanted: StreamSettings) -> list[str]:
+    """Why ``existing`` cannot serve as the archive ``wanted`` describes (empty: it can; limits may differ)."""
+    problems = []
+    for field in ("subjects", "replicas", "storage", "retention", "discard"):
+        have, want = getattr(existing, field), getattr(wanted, field)
+        if (sorted(have) != sorted(want)) if field == "subjects" else have != want:
+            problems.append(f"{field} {have!r} (this buffer needs {want!r})")
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# Losses and steps
+# ---------------------------------------------------------------------------
+class PulseStep:
+    """The stream's pulse-id step: the smallest positive difference seen (a 10 Hz stream advances by 10).
+
+    The same rule as ``core.pulse_range.PulseRange`` (docs/architecture.md,
+    "two pulse-step estimators"): a gap of pulse ids is then counted in
+    pulses the source really sent.
+    """
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self._last: int | None = None
+
+    def add(self, pulse_id: int) -> None:
+        last = self._last
+        if last is not None and pulse_id > last:
+            step = pulse_id - last
+            if self.step is None or step < self.step:
+                self.step = step
+        self._last = pulse_id
+
+
+def lost_pulses(first_pulse_id: int, last_pulse_id: int, step: int | None) -> int:
+    """Pulses a source sent between two pulse ids inclusive, at ``step`` (unknown: 1)."""
+    if last_pulse_id < first_pulse_id:
+        return 0
+    return (last_pulse_id - first_pulse_id) // (step or 1) + 1
+
+
+# ---------------------------------------------------------------------------
+# A reader's range
+# ---------------------------------------------------------------------------
+class RangeCursor:
+    """A range over stored records, in stream order -> the replay protocol's events (pure).
+
+    Feed :meth:`record` every stored record from the first one at or after
+    the start (the reader found it by binary search) in stream order; it
+    returns what the writer gets: ``[Gap]``, ``[Data]``, ``[End]`` or
+    nothing (before the start). ``first_stored`` is the archive's oldest
+    record when the range was opened: a start before it is a
+    ``before_archive`` gap (pulse ids known) -- the analogue of the ring's
+    ``before_buffer``.
+    """
+
+    def __init__(self, start_pulse_id: int | None = None, start_time: float | None = None,
+                 stop_pulse_id: int | None = None, stop_time: float | None = None,
+                 first_stored: ArchivedRecord | None = None) -> None:
+        if start_pulse_id is None and start_time is None:
+            raise ValueError("a range starts at a pulse id or a time")
+        self.start_pulse_id = start_pulse_id
+        self.start_time = start_time
+        self.stop_pulse_id = stop_pulse_id
+        self.stop_time = stop_time
+        self.ended: End | None = None
+        self.last_pulse_id: int | None = None
+        self._started = False
+        self._opening: list[Any] = []
+        if first_stored is not None:
+            if start_pulse_id is not None and start_pulse_id < first_stored.pulse_id:
+                last = first_stored.pulse_id - 1
+                if stop_pulse_id is not None:
+                    last = min(last, stop_pulse_id)
+                self._opening.append(Gap(start_pulse_id, last, GAP_BEFORE_ARCHIVE, None))
+            elif start_pulse_id is None and start_time is not None and start_time < first_stored.time:
+                self._opening.append(Gap(None, first_stored.pulse_id - 1, GAP_BEFORE_ARCHIVE, None))
+
+    @property
+    def started(self) -> bool:
+        """A record at or after the start has been seen."""
+        return self._started
+
+    def set_stop(self, stop_pulse_id: int | None, stop_time: float | None) -> list[Any]:
+        """A moved stop: an End at once if what was delivered already reaches it."""
+        self.stop_pulse_id, self.stop_time = stop_pulse_id, stop_time
+        if self.ended is None and stop_pulse_id is not None and self.last_pulse_id is not None \
+                and self.last_pulse_id >= stop_pulse_id:
+            return [self._end(EndReason.STOP_PULSE_ID)]
+        return []
+
+    def opening(self) -> list[Any]:
+        """The events owed before any record (a start before the archive's oldest)."""
+        out, self._opening = self._opening, []
+        if out and self.stop_pulse_id is not None and out[0].last_pulse_id is not None \
+                and out[0].last_pulse_id >= self.stop_pulse_id:
+            out.append(self._end(EndReason.STOP_PULSE_ID))
+        return out
+
+    def _end(self, reason: EndReason) -> End:
+        self.ended = End(reason.value, self.last_pulse_id)
+        return self.ended
+
+    def _past_stop(self, record: ArchivedRecord) -> End | None:
+        if self.stop_pulse_id is not None and record.pulse_id > self.stop_pulse_id:
+            return self._end(EndReason.STOP_PULSE_ID)
+        if self.stop_time is not None and record.time > self.stop_time:
+            return self._end(EndReason.STOP_TIME)
+        return None
+
+    def record(self, record: ArchivedRecord, parts: Any = None) -> list[Any]:
+        """One stored record (``parts`` its decoded payload, for a message) -> events."""
+        if self.ended is not None:
+            return []
+        if not self._started:
+            before = ((self.start_pulse_id is not None and
+                       (record.gap_last_pulse_id if record.kind == "gap" else record.pulse_id) < self.start_pulse_id)
+                      or (self.start_pulse_id is None and record.time < (self.start_time or 0.0)))
+            if before:
+                return []
+            self._started = True
+        end = self._past_stop(record)
+        if end is not None:
+            return [end]
+        if record.kind == "gap":
+            first = max(record.pulse_id, self.start_pulse_id or 0)
+            last = record.gap_last_pulse_id
+            if self.stop_pulse_id is not None:
+                last = min(last, self.stop_pulse_id)
+            return [Gap(first, last, record.gap_reason or GAP_NOT_ARCHIVED,
+                        record.gap_count if first == record.pulse_id else None)]
+        self.last_pulse_id = record.pulse_id
+        out: list[Any] = [Data(record.pulse_id, parts, record.time)]
+        if self.stop_pulse_id is not None and record.pulse_id == self.stop_pulse_id:
+            out.append(self._end(EndReason.STOP_PULSE_ID))  # inclusive: no need to wait for the next one
+        return out
