@@ -27,6 +27,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -36,9 +37,9 @@ import nats.js.errors
 from nats.js import api
 
 from sf_bsread_writer.archive.records import (
-    ArchivedRecord, ArchiveTarget, InvalidArchive, RangeCursor, decode_payload, parse_headers,
+    ARCHIVE, ArchivedRecord, ArchiveTarget, InvalidArchive, OriginLog, RangeCursor, decode_payload, parse_headers,
 )
-from sf_bsread_writer.core.replay_messages import Accepted, End, Gap, GapReason
+from sf_bsread_writer.core.replay_messages import Accepted, BufferLost, Data, End, Gap, GapReason
 
 __all__ = ["ArchiveLoop", "ArchiveSource", "ArchiveUnavailable", "connect", "seek", "stored_bounds", "GAP_DISCARDED"]
 
@@ -204,10 +205,18 @@ class ArchiveSource:
         self._fetch: concurrent.futures.Future | None = None
         self._next_seq: int | None = None  # the stream seq expected next (a jump: retention removed some)
         self._average_bytes = 1024.0
+        self._origins = OriginLog()
+        self._broken = False  # the last reopen failed: retried at most once a second
+        self._last_retry = 0.0
 
     @property
     def last_pulse_id(self) -> int | None:
         return self._cursor.last_pulse_id if self._cursor is not None else None
+
+    @property
+    def pulse_sources(self) -> list[dict[str, Any]] | None:
+        """Runs of pulses delivered (all ``archive``): the file's ``pulse_sources``."""
+        return self._origins.runs() or None
 
     # -- the interface of a source -------------------------------------------
     def start(self) -> "ArchiveSource":
@@ -229,21 +238,60 @@ class ArchiveSource:
             return self._events.popleft()
         if self.ended is not None or self._loop is None:
             return None
+        if self._broken:
+            return self._lost(ArchiveUnavailable("still unreachable")) if self._retry_due() else None
         if self._fetch is None:
             self._fetch = self._loop.submit(self._next_batch())
         try:
             batch = self._fetch.result(timeout)
         except concurrent.futures.TimeoutError:
             return None
-        except Exception as error:  # noqa: BLE001 (the broker went away: say so as a lost source)
+        except Exception as error:  # noqa: BLE001 (a server of a cluster died, the consumer with it: resume)
             self._fetch = None
-            logger.warning("archive: reading %s failed: %s", self.target.stream, error)
-            raise ArchiveUnavailable(f"reading the archive failed: {error}") from None
+            return self._lost(error)
         self._fetch = None
         self._take(batch)
         if self.ended is None:
             self._fetch = self._loop.submit(self._next_batch())  # the next one while the writer writes
         return self._events.popleft() if self._events else None
+
+    def _lost(self, error: Exception) -> BufferLost | None:
+        """The archive failed under a read: reopen after the last pulse delivered (a ``BufferLost`` for the writer).
+
+        As a writer does with a buffer that went silent: the rest of the range
+        is asked for again (JetStream keeps it; a cluster answers from another
+        server). If the archive cannot be had now, None: the next receive tries
+        again, and a writer's stop deadline ends a range that never resumes.
+        """
+        logger.warning("archive: reading %s failed (%s); resuming after pulse %s", self.target.stream,
+                       error or type(error).__name__, self.last_pulse_id)
+        assert self._loop is not None and self._cursor is not None
+        cursor = self._cursor
+        try:
+            self._loop.run(self._close(), REQUEST_TIMEOUT)
+        except Exception:  # noqa: BLE001 (the old connection is gone anyway)
+            pass
+        self._subscription = self._nc = None
+        self.restarts += 1
+        try:
+            self._loop.run(self._reopen(cursor), self.connect_timeout + 4 * REQUEST_TIMEOUT)
+        except Exception as again:  # noqa: BLE001
+            logger.warning("archive: %s not readable yet: %s", self.target.stream, again)
+            self._broken = True
+        else:
+            self._broken = False
+        return BufferLost(0.0)
+
+    async def _reopen(self, cursor: RangeCursor) -> None:
+        self._nc = await connect(self.target, self.connect_timeout)
+        self._js = self._nc.jetstream(timeout=REQUEST_TIMEOUT)
+        first, last = await stored_bounds(self._js, self.target)
+        if cursor.last_pulse_id is not None:
+            seq = await seek(self._js, self.target, first, last, cursor.last_pulse_id + 1)
+        else:
+            seq = await seek(self._js, self.target, first, last, self.start_pulse_id,
+                             self.start_time if self.start_pulse_id is None else None)
+        await self._subscribe(max(seq, 1))
 
     def set_stop(self, stop_pulse_id: int | None = None, stop_time: float | None = None) -> None:
         self.stop_pulse_id, self.stop_time = stop_pulse_id, stop_time
@@ -269,6 +317,13 @@ class ArchiveSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _retry_due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_retry < 1.0:
+            return False
+        self._last_retry = now
+        return True
 
     # -- the loop's side ---------------------------------------------------
     async def _open(self) -> Accepted:
@@ -349,4 +404,6 @@ class ArchiveSource:
                 self._note(Gap(first, record.pulse_id - 1, GAP_DISCARDED, seq - self._next_seq))
             self._next_seq = seq + 1
             for event in cursor.record(record, parts):
+                if isinstance(event, Data):
+                    self._origins.add(ARCHIVE, event.pulse_id)
                 self._note(event)

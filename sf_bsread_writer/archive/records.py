@@ -44,7 +44,7 @@ __all__ = [
     "HEADER_GAP_REASON", "HEADER_MSG_ID", "PAYLOAD_MAGIC", "GAP_NOT_ARCHIVED", "GAP_BEFORE_ARCHIVE",
     "ArchiveTarget", "ArchivedRecord", "InvalidArchive", "encode_payload", "decode_payload", "message_headers",
     "gap_headers", "parse_headers", "message_id", "StreamSettings", "settings_conflicts", "RangeCursor",
-    "PulseStep", "lost_pulses",
+    "PulseStep", "lost_pulses", "RING", "ARCHIVE", "REACHABLE_REASONS", "should_reach_back", "OriginLog",
 ]
 
 ARCHIVE_SCHEME = "nats"
@@ -416,3 +416,53 @@ class RangeCursor:
         if self.stop_pulse_id is not None and record.pulse_id == self.stop_pulse_id:
             out.append(self._end(EndReason.STOP_PULSE_ID))  # inclusive: no need to wait for the next one
         return out
+
+
+# ---------------------------------------------------------------------------
+# A writer's reach into the archive
+# ---------------------------------------------------------------------------
+RING, ARCHIVE = "ring", "archive"
+
+#: The ring's gap reasons that the archive may fill: older than the ring, or evicted under a slow reader.
+REACHABLE_REASONS = frozenset({GapReason.BEFORE_BUFFER.value, GapReason.EVICTED.value})
+
+
+def should_reach_back(gap: Gap, archive_known: bool, switches: int, delivered_since_switch: bool,
+                      max_switches: int = 8) -> bool:
+    """Whether a gap the ring reports is read from the archive instead of being passed on (pure).
+
+    Only losses the archive can fill (the ring's ``before_buffer`` and
+    ``evicted``), only with an archive, and only if the last trip to the
+    archive brought something (else the archive lags the ring and does not
+    have them either: the gap goes to the writer as the ring said it), at
+    most ``max_switches`` times per range.
+    """
+    if not archive_known or gap.reason not in REACHABLE_REASONS or switches >= max_switches:
+        return False
+    return switches == 0 or delivered_since_switch
+
+
+class OriginLog:
+    """Which pulses came from where, as runs: ``[{"origin", "first_pulse_id", "last_pulse_id", "count"}]``.
+
+    What the file's ``pulse_sources`` attribute says (docs/file-format.md).
+    """
+
+    def __init__(self) -> None:
+        self._runs: list[list[Any]] = []
+
+    def add(self, origin: str, pulse_id: int) -> None:
+        runs = self._runs
+        if runs and runs[-1][0] == origin and pulse_id > runs[-1][2]:
+            runs[-1][2] = pulse_id
+            runs[-1][3] += 1
+        else:
+            runs.append([origin, pulse_id, pulse_id, 1])
+
+    @property
+    def used(self) -> set[str]:
+        return {run[0] for run in self._runs}
+
+    def runs(self) -> list[dict[str, Any]]:
+        return [{"origin": origin, "first_pulse_id": first, "last_pulse_id": last, "count": count}
+                for origin, first, last, count in self._runs]
