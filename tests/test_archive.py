@@ -88,3 +88,174 @@ def test_every_message_the_ring_accepts_is_archived_byte_identical_and_read_back
         assert as_bytes(event.frames) == sent[event.pulse_id]
         assert event.time == source_time(event.pulse_id)
     assert events[-1] == End("stop_pulse_id", 129)
+
+
+# ---------------------------------------------------------------------------
+# Bad and hostile cases
+# ---------------------------------------------------------------------------
+SMALL = [{"name": "X", "type": "float64"}]
+
+
+def small_message(pulse_id: int) -> list[bytes]:
+    return build_message(pulse_id, SMALL, [float(pulse_id)], timestamp=(T0, (pulse_id % 1000) * 1_000_000))
+
+
+def archiving(buffer):
+    status = archive_status(buffer)
+    return status is not None and status.state == "archiving"
+
+
+def stored_count(url: str, first: int, last: int) -> list:
+    return [event.pulse_id for event in read_range(url, first, last) if isinstance(event, Data)]
+
+
+def test_broker_down_at_start_the_buffer_starts_says_so_and_catches_up(tmp_path):
+    from tests.helpers import free_port
+    port = free_port()
+    with push_source() as (source, address), \
+            running_buffer(address, max_clock_skew=1e9, archive=f"nats://127.0.0.1:{port}", name="DOWN") as buffer:
+        wait_for(lambda: archive_status(buffer).state == "broker_unreachable", DEADLINE,
+                 message="the archive saying the broker is unreachable")
+        for pulse_id in range(1, 31):
+            source.send_multipart(small_message(pulse_id))
+        wait_for(lambda: buffer.statistics().ring.newest_pulse_id == 30, DEADLINE, message="ingest going on")
+        with NatsServer(tmp_path / "nats", port=port):
+            status = wait_for(lambda: archived_up_to(buffer, 30), DEADLINE, message="the catch-up")
+            assert status.archived == 30 and status.lost == 0 and status.state == "archiving"
+            assert stored_count(f"nats://127.0.0.1:{port}/DOWN", 1, 30) == list(range(1, 31))
+
+
+def test_broker_killed_and_back_nothing_lost_nothing_twice(nats_server):
+    with push_source() as (source, address), \
+            running_buffer(address, max_clock_skew=1e9, archive=nats_server.url, name="KILL") as buffer:
+        wait_for(lambda: archiving(buffer), DEADLINE, message="archiving")
+        for pulse_id in range(1, 21):
+            source.send_multipart(small_message(pulse_id))
+        wait_for(lambda: archived_up_to(buffer, 20), DEADLINE, message="20 archived")
+        nats_server.kill()
+        for pulse_id in range(21, 61):  # the ring keeps them meanwhile
+            source.send_multipart(small_message(pulse_id))
+        wait_for(lambda: buffer.statistics().ring.newest_pulse_id == 60, DEADLINE, message="ingest going on")
+        wait_for(lambda: archive_status(buffer).state == "broker_unreachable", DEADLINE, message="the outage seen")
+        nats_server.start()
+        status = wait_for(lambda: archived_up_to(buffer, 60), DEADLINE, message="the catch-up")
+        assert status.lost == 0
+        wait_for(lambda: archive_status(buffer).stored_messages == 60, DEADLINE, message="60 stored, none twice")
+    assert stored_count(f"{nats_server.url}/KILL", 1, 60) == list(range(1, 61))
+
+
+def test_pulses_the_ring_lost_while_the_broker_was_away_are_counted_and_marked(nats_server):
+    with push_source() as (source, address), \
+            running_buffer(address, max_clock_skew=1e9, archive=nats_server.url, name="LOST",
+                           buffer_length=10) as buffer:
+        wait_for(lambda: archiving(buffer), DEADLINE, message="archiving")
+        for pulse_id in range(1, 6):
+            source.send_multipart(small_message(pulse_id))
+        wait_for(lambda: archived_up_to(buffer, 5), DEADLINE, message="5 archived")
+        nats_server.kill()
+        for pulse_id in range(6, 56):  # the ring (10) keeps 46..55: 6..45 are lost for the archive
+            source.send_multipart(small_message(pulse_id))
+        wait_for(lambda: buffer.statistics().ring.newest_pulse_id == 55, DEADLINE, message="ingest going on")
+        wait_for(lambda: archive_status(buffer).state == "broker_unreachable", DEADLINE, message="the outage seen")
+        nats_server.start()
+        status = wait_for(lambda: archived_up_to(buffer, 55), DEADLINE, message="the catch-up")
+        assert status.lost == 40, status
+    events = read_range(f"{nats_server.url}/LOST", 1, 55)
+    assert [e.pulse_id for e in events if isinstance(e, Data)] == list(range(1, 6)) + list(range(46, 56))
+    assert [e for e in events if isinstance(e, Gap)] == [Gap(6, 45, "not_archived", 40)]
+
+
+def test_a_full_archive_discards_the_oldest_counted_never_the_newest(tmp_path):
+    with NatsServer(tmp_path / "nats") as server, push_source() as (source, address), \
+            running_buffer(address, max_clock_skew=1e9, archive=server.url, name="FULL",
+                           archive_max_bytes=1_000_000) as buffer:
+        wait_for(lambda: archiving(buffer), DEADLINE, message="archiving")
+        for pulse_id in range(1, 41):  # 40 x ~90 kB in a 1 MB archive
+            source.send_multipart(message(pulse_id))
+        status = wait_for(lambda: archived_up_to(buffer, 40), DEADLINE, message="40 archived")
+        status = wait_for(lambda: (s := archive_status(buffer)).last_pulse_id == 40 and s.discarded and s,
+                          DEADLINE, message="the discarded count")
+        assert status.archived == 40 and status.discarded + status.stored_messages == 40
+        assert status.first_pulse_id == status.discarded + 1 and status.stored_bytes <= 1_000_000
+        events = read_range(f"{server.url}/FULL", 1, 40)
+        assert events[0] == Gap(1, status.first_pulse_id - 1, "before_archive", None)
+        assert [e.pulse_id for e in events if isinstance(e, Data)] == list(range(status.first_pulse_id, 41))
+
+
+def test_a_message_over_the_brokers_limit_is_refused_for_the_archive_counted_and_kept_in_the_ring(tmp_path):
+    from tests.test_buffer import replay_all
+    with NatsServer(tmp_path / "nats", max_payload=64 * 1024) as server, push_source() as (source, address), \
+            running_buffer(address, max_clock_skew=1e9, archive=server.url, name="BIG") as buffer:
+        wait_for(lambda: archiving(buffer), DEADLINE, message="archiving")
+        source.send_multipart(small_message(1))
+        source.send_multipart(message(2))  # ~90 kB: over the broker's 64 KiB
+        source.send_multipart(small_message(3))
+        status = wait_for(lambda: archived_up_to(buffer, 3), DEADLINE, message="3 archived")
+        assert status.oversize == 1 and status.archived == 2
+        assert [event.pulse_id for event in replay_all(buffer.replay_address, 1, 3)[0]] == [1, 2, 3]
+        assert stored_count(f"{server.url}/BIG", 1, 3) == [1, 3]
+
+
+def test_a_stream_of_the_same_name_with_other_settings_is_a_clear_error(nats_server):
+    import asyncio
+
+    import nats
+
+    async def create_other() -> None:
+        connection = await nats.connect(nats_server.url)
+        await connection.jetstream().add_stream(name="sfbs_OTHER", subjects=["something.else"])
+        await connection.close()
+
+    asyncio.run(create_other())
+    with push_source() as (source, address), \
+            running_buffer(address, max_clock_skew=1e9, archive=nats_server.url, name="OTHER") as buffer:
+        status = wait_for(lambda: archive_status(buffer).state == "error" and archive_status(buffer), DEADLINE,
+                          message="the conflict reported")
+        assert "sfbs_OTHER" in status.error and "other settings" in status.error and "subjects" in status.error
+        source.send_multipart(small_message(1))  # the buffer goes on
+        wait_for(lambda: buffer.statistics().ring.newest_pulse_id == 1, DEADLINE, message="ingest going on")
+
+
+def test_the_archiver_killed_restarts_and_resumes_without_duplicates(nats_server):
+    with push_source() as (source, address), \
+            running_buffer(address, max_clock_skew=1e9, archive=nats_server.url, name="RESUME") as buffer:
+        wait_for(lambda: archiving(buffer), DEADLINE, message="archiving")
+        for pulse_id in range(1, 21):
+            source.send_multipart(small_message(pulse_id))
+        wait_for(lambda: archived_up_to(buffer, 20), DEADLINE, message="20 archived")
+        child = buffer._children["archiver"]
+        first = child.process
+        first.kill()
+        wait_for(lambda: child.process is not first and child.running, DEADLINE, message="the archiver restarted")
+        for pulse_id in range(21, 41):
+            source.send_multipart(small_message(pulse_id))
+        status = wait_for(lambda: archived_up_to(buffer, 40), DEADLINE, message="40 archived")
+        assert status.lost == 0 and status.unarchived_at_start == 0
+        wait_for(lambda: archive_status(buffer).stored_messages == 40, DEADLINE, message="40 stored, none twice")
+
+
+def test_a_stored_message_that_no_archiver_wrote_is_skipped_and_counted_by_a_reader(nats_server):
+    import asyncio
+
+    import nats
+
+    from sf_bsread_writer.archive.reader import ArchiveSource
+    from sf_bsread_writer.archive.records import encode_payload, message_headers
+
+    async def publish() -> None:
+        connection = await nats.connect(nats_server.url)
+        js = connection.jetstream()
+        await js.add_stream(name="sfbs_JUNK", subjects=["sfbs.JUNK.*"], allow_direct=True)
+        await js.publish("sfbs.JUNK.msg", encode_payload(small_message(1)), headers=message_headers(1, 1.0))
+        await js.publish("sfbs.JUNK.msg", b"not a message", headers=message_headers(2, 2.0))
+        await js.publish("sfbs.JUNK.msg", b"SFBS1\n\xff\xff\xff\xff", headers={"Sf-Pulse-Id": "x"})
+        await js.publish("sfbs.JUNK.msg", encode_payload(small_message(4)), headers=message_headers(4, 4.0))
+        await connection.close()
+
+    asyncio.run(publish())
+    with ArchiveSource(f"{nats_server.url}/JUNK", start_pulse_id=1, stop_pulse_id=4) as source:
+        events = []
+        wait_for(lambda: (event := source.receive(0.2)) is not None and events.append(event) is None
+                 and isinstance(event, End), DEADLINE, message="the end")
+        assert [e.pulse_id for e in events if isinstance(e, Data)] == [1, 4]
+        assert source.rejected == 2

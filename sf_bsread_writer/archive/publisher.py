@@ -274,10 +274,18 @@ class Archiver:
             self._ring_floor = accepted.oldest_pulse_id
         at_start, self._opened_once = not self._opened_once, True
         first_event = True
-        in_flight: deque[tuple[int, float, int, asyncio.Future]] = deque()
+        # (pulse id (-1: a gap marker), time, bytes, the acknowledgement, when it was sent)
+        # ... and for a gap marker the counts to add once it is stored
+        in_flight: deque[tuple[int, float, int, asyncio.Future, float, dict | None]] = deque()
         in_flight_bytes = 0
         max_payload = nc.max_payload
         while not self._stop.is_set():
+            if not nc.is_connected:
+                # nats-py keeps reconnecting and would buffer what we publish meanwhile; we rather stop reading
+                # the ring (it keeps the messages) and resume from the archive's newest pulse when it is back.
+                raise ArchiveUnavailable("the connection to the broker was lost")
+            if in_flight and time.monotonic() - in_flight[0][4] > ACK_TIMEOUT:
+                in_flight_bytes -= await self._acknowledged(in_flight.popleft())  # raises: no answer in time
             events = await loop.run_in_executor(self._ring_thread, self._drain_ring, ring)
             for event in events:
                 if isinstance(event, Data):
@@ -295,7 +303,7 @@ class Archiver:
                     future = await js.publish_async(self.target.message_subject, payload,
                                                     headers=message_headers(pulse_id, message_time),
                                                     wait_stall=ACK_TIMEOUT)
-                    in_flight.append((pulse_id, message_time, len(payload), future))
+                    in_flight.append((pulse_id, message_time, len(payload), future, time.monotonic(), None))
                     in_flight_bytes += len(payload)
                 elif isinstance(event, Gap):
                     lost = self._lost_in(event, resume, at_start and first_event)
@@ -303,19 +311,20 @@ class Archiver:
                     if lost is None:
                         continue
                     count, first, last = lost
-                    if at_start and event.reason == GapReason.BEFORE_BUFFER.value:
-                        self._add(unarchived_at_start=count)
-                        logger.warning("archive: pulses %s..%s (%d) left the ring before this archiver started: "
-                                       "not archived (marked in the archive)", first, last, count)
-                    else:
-                        self._add(lost=count)
-                        logger.warning("archive: pulses %s..%s (%d) left the ring before they were archived "
-                                       "(%s): marked in the archive", first, last, count, event.reason)
+                    counter = "unarchived_at_start" if at_start and event.reason == GapReason.BEFORE_BUFFER.value \
+                        else "lost"
+                    logger.warning("archive: pulses %s..%s (%d) left the ring before they were archived (%s%s): "
+                                   "marked in the archive", first, last, count, event.reason,
+                                   ", before this archiver started" if counter != "lost" else "")
                     if first is not None and last is not None and first <= last:
+                        # Counted when the marker is stored, once: a catch-up that meets the same gap again
+                        # (the broker failed in between) sends the same marker, which JetStream drops.
                         future = await js.publish_async(self.target.gap_subject, b"", wait_stall=ACK_TIMEOUT,
                                                         headers=gap_headers(first, last, count, GAP_NOT_ARCHIVED,
                                                                             last_time))
-                        in_flight.append((-1, last_time, 0, future))
+                        in_flight.append((-1, last_time, 0, future, time.monotonic(), {counter: count}))
+                    else:
+                        self._add(**{counter: count})
                 elif isinstance(event, Refused):
                     raise ArchiveUnavailable(f"the buffer refused the archiver's session: {event.reason}: "
                                              f"{event.detail}")
@@ -334,18 +343,20 @@ class Archiver:
             except Exception:  # noqa: BLE001
                 break
 
-    async def _acknowledged(self, entry: tuple[int, float, int, asyncio.Future]) -> int:
+    async def _acknowledged(self, entry: tuple[int, float, int, asyncio.Future, float, dict | None]) -> int:
         """Wait for one publish's acknowledgement; any failure ends the session (it resumes from the archive)."""
-        pulse_id, message_time, size, future = entry
+        pulse_id, message_time, size, future, sent, counts = entry
         try:
-            ack = await asyncio.wait_for(future, ACK_TIMEOUT)
+            ack = await asyncio.wait_for(future, max(0.0, sent + ACK_TIMEOUT - time.monotonic()))
         except nats.js.errors.APIError as error:
             self._add(refused=1)
             raise ArchiveUnavailable(f"the broker refused pulse {pulse_id}: {error}") from None
         except asyncio.TimeoutError:
             raise ArchiveUnavailable(f"no acknowledgement for pulse {pulse_id} within {ACK_TIMEOUT} s") from None
-        if pulse_id < 0:
-            return size  # a gap marker
+        if pulse_id < 0:  # a gap marker
+            if counts and not ack.duplicate:
+                self._add(**counts)
+            return size
         if ack.duplicate:
             self._add(duplicates=1)
         else:

@@ -108,26 +108,39 @@ async def seek(js: Any, target: ArchiveTarget, first: int, last: int, pulse_id: 
 
     A binary search: pulse ids and times rise along the stream (the
     archiver publishes in ring order). A record that is gone (retention ran
-    meanwhile) counts as before the target. Unreadable records too: a reader
-    then starts a little early and skips them, counted.
+    meanwhile) lies before the oldest, so before the target. A record that
+    no archiver wrote says nothing: the next readable one above it decides,
+    and if it is at or after the target, the search goes on below the
+    unreadable one (a reader then starts a little early and skips it,
+    counted), so junk can never make a reader start late.
     """
+    wanted = pulse_id if pulse_id is not None else time_
     low, high = first, last + 1
     while low < high:
         middle = (low + high) // 2
-        try:
-            found = await record_at(js, target, middle)
-        except InvalidArchive:
-            found = None
-        if found is None:
-            low = middle + 1
+        probe, record = middle, None
+        while probe < high:
+            try:
+                found = await record_at(js, target, probe)
+            except InvalidArchive:
+                probe += 1
+                continue
+            if found is None and probe == middle:  # gone: before the oldest, so before the target
+                break
+            record = found[0] if found is not None else None
+            break
+        if record is None:
+            if probe == middle:
+                low = middle + 1
+            else:
+                high = middle
             continue
-        record = found[0]
         key = (record.gap_last_pulse_id if record.kind == "gap" else record.pulse_id) if pulse_id is not None \
             else record.time
-        if key >= (pulse_id if pulse_id is not None else time_):
+        if key >= wanted:
             high = middle
         else:
-            low = middle + 1
+            low = probe + 1
     return low
 
 
