@@ -80,7 +80,7 @@ def zmq_address(text: str) -> str:
     return value
 
 
-_ARCHIVE = re.compile(r"nats://[^/\s]+/[A-Za-z0-9_-]{1,64}")
+_ARCHIVE = re.compile(r"nats://[^/\s]+(?:,nats://[^/\s]+)*/[A-Za-z0-9_-]{1,64}")
 
 
 def stream_address(text: str) -> str:

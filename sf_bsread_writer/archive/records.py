@@ -90,11 +90,12 @@ class ArchiveTarget:
 
     @classmethod
     def parse(cls, url: str, name: str | None = None) -> "ArchiveTarget":
-        """``nats://host:port[,host:port]`` plus ``name`` (the buffer's), or ``nats://host:port/NAME``."""
+        """``nats://host:port[,[nats://]host:port]`` plus ``name`` (the buffer's), or ``.../NAME``."""
         text = url.strip()
         if not text.startswith(ARCHIVE_SCHEME + "://"):
             raise InvalidArchive(f"not an archive address: {url!r} (expected nats://HOST:PORT[/NAME])")
-        rest = text[len(ARCHIVE_SCHEME) + 3:]
+        # Each server may repeat the scheme (nats://a:4222,nats://b:4222/NAME), as NATS tools write lists.
+        rest = ",".join(item.strip().removeprefix(ARCHIVE_SCHEME + "://") for item in text.split(","))
         hosts, _, path = rest.partition("/")
         path_name = path.strip("/")
         if path_name and name is not None and path_name != name:
