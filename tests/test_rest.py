@@ -414,7 +414,7 @@ def test_a_range_by_time_has_the_documented_attributes(tmp_path, run_clock):
         assert (file.attrs["requested_start_time"], file.attrs["requested_stop_time"]) == (1000.0, 2000.0)
         assert set(file.attrs) == set(FILE_ATTRIBUTES) - {
             "requested_start_pulse_id", "requested_stop_pulse_id", "unlocated_gaps", "rows_removed_after_stop",
-            "refused_channels"}
+            "refused_channels", "pulse_sources"}
 
 
 class NeverQuietSource(ScriptedSource):
