@@ -158,3 +158,32 @@ def test_a_nats_writer_for_an_archive_that_does_not_exist_is_refused_at_start(na
             client.start_pulse_id(1)
         assert "no stream sfbs_NOBODY" in str(refused.value)
     assert not (tmp_path / "none.h5").exists()
+
+
+def test_the_archive_in_statistics_metrics_ctl_status_and_web_ranges(nats_server):
+    import requests
+
+    from sf_bsread_writer.core.range_query import RangeLimits, RangeQuery
+    from sf_bsread_writer.tools import ctl
+    from sf_bsread_writer.web.ranges import fetch_range
+
+    with push_source() as (source, address), \
+            running_buffer(address, max_clock_skew=1e9, archive=nats_server.url, name="SHOW",
+                           buffer_length=RING) as buffer:
+        fill(source, buffer, 7000, 7059)
+        wait_for(lambda: (buffer.statistics().archive.first_pulse_id, buffer.statistics().archive.last_pulse_id) ==
+                 (7000, 7059), DEADLINE, message="the archive's range")
+        statistics = requests.get(buffer.rest_url + "/statistics", timeout=DEADLINE).json()["statistics"]
+        archive = statistics["archive"]
+        assert (archive["first_pulse_id"], archive["last_pulse_id"], archive["lag_messages"], archive["lost"]) == \
+            (7000, 7059, 0, 0)
+        assert archive["url"] == f"{nats_server.url}/SHOW" and archive["state"] == "archiving"
+        metrics = requests.get(buffer.rest_url + "/metrics", timeout=DEADLINE).text
+        assert 'sf_bsread_buffer_archive_last_pulse_id{buffer="SHOW"} 7059' in metrics
+        assert 'sf_bsread_buffer_archive_lost_pulses_total{buffer="SHOW"} 0' in metrics
+        rows = dict(ctl._status_rows(buffer.statistics()))
+        assert rows["archive"].startswith("archiving nats://") and rows["archive pulse ids"].startswith("7000 .. 7059")
+        assert ctl.range_of(buffer.statistics(), None, 50) == (7010, 7059)  # older than the ring: the archive has it
+        columns = fetch_range(buffer.replay_address, RangeQuery(("X",), start_pulse_id=7005, stop_pulse_id=7055),
+                              RangeLimits(), timeout=DEADLINE)
+        assert columns.pulse_ids.tolist() == list(range(7005, 7056)) and not columns.missing

@@ -7,6 +7,7 @@ client: credit, heartbeats, re-requests after a buffer restart) and encodes.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -23,6 +24,7 @@ import zmq
 from ..core.protocol import DataHeader, Message, MessageParser, PerHeader, ProtocolError
 from ..core.range_query import RangeColumns, RangeLimits, RangeQuery, RangeTooLarge
 from ..core.replay_messages import BufferLost, Data, End, Gap, Refused
+from ..archive.reach_back import ReachBackSource
 from ..transport.replay_client import ReplayClient, ReplayHandshakeError
 
 __all__ = ["RangeFailed", "RangeTimeout", "fetch_range", "as_json", "as_npz", "write_hdf5", "outcome"]
@@ -56,8 +58,10 @@ def fetch_range(replay_address: str, query: RangeQuery, limits: RangeLimits, tim
     columns = RangeColumns(query, limits, decode=decode)
     parser = MessageParser()
     deadline = time.monotonic() + timeout
-    client = ReplayClient(replay_address, start_pulse_id=query.start_pulse_id, start_time=query.start_time,
-                          stop_pulse_id=query.stop_pulse_id, stop_time=query.stop_time, context=context)
+    # A buffer with --archive names it in its acceptance: pulses older than the ring come from there.
+    client = ReachBackSource(replay_address, start_pulse_id=query.start_pulse_id, start_time=query.start_time,
+                             stop_pulse_id=query.stop_pulse_id, stop_time=query.stop_time,
+                             replay_factory=functools.partial(ReplayClient, context=context))
     try:
         client.start()
         try:
