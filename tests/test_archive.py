@@ -259,3 +259,32 @@ def test_a_stored_message_that_no_archiver_wrote_is_skipped_and_counted_by_a_rea
                  and isinstance(event, End), DEADLINE, message="the end")
         assert [e.pulse_id for e in events if isinstance(e, Data)] == [1, 4]
         assert source.rejected == 2
+
+
+def test_the_buffer_command_with_archive_options_and_its_archiver_child(nats_server):
+    import requests
+
+    from sf_bsread_writer.process import parse_ready
+    from tests.helpers import Child, children_of, process_gone
+
+    with Child.python_module("sf_bsread_writer.buffer", "tcp://127.0.0.1:1", "--name", "bad.name",
+                             "--archive", nats_server.url) as child:
+        assert child.wait(DEADLINE) == 2
+        assert "may use only letters" in child.output()
+    with push_source() as (source, address), \
+            Child.python_module("sf_bsread_writer.buffer", address, "-o", "0", "--replay-port", "0", "--rest-port", "0",
+                                "--name", "CLI", "--max-clock-skew", "1e9", "--archive", nats_server.url,
+                                "--archive-max-bytes", "50000000", "--archive-max-age", "3600") as buffer:
+        ready = parse_ready(buffer.wait_for_line("READY ", DEADLINE))
+        statistics = lambda: requests.get(ready["rest"] + "/statistics", timeout=DEADLINE).json()["statistics"]
+        wait_for(lambda: statistics()["archive"]["state"] == "archiving", DEADLINE, message="archiving")
+        for pulse_id in range(1, 11):
+            source.send_multipart(small_message(pulse_id))
+        wait_for(lambda: statistics()["archive"]["last_archived_pulse_id"] == 10, DEADLINE, message="10 archived")
+        archiver = children_of(buffer.process.pid, "sf_bsread_writer.archive.publisher")
+        assert len(archiver) == 1
+        buffer.signal(__import__("signal").SIGTERM)
+        assert buffer.wait(DEADLINE) == 0
+        wait_for(lambda: process_gone(archiver[0]), DEADLINE, message="the archiver gone with the buffer")
+    info = read_range(f"{nats_server.url}/CLI", 1, 10)
+    assert [event.pulse_id for event in info if isinstance(event, Data)] == list(range(1, 11))
