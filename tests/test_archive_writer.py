@@ -187,3 +187,25 @@ def test_the_archive_in_statistics_metrics_ctl_status_and_web_ranges(nats_server
         columns = fetch_range(buffer.replay_address, RangeQuery(("X",), start_pulse_id=7005, stop_pulse_id=7055),
                               RangeLimits(), timeout=DEADLINE)
         assert columns.pulse_ids.tolist() == list(range(7005, 7056)) and not columns.missing
+
+
+def test_a_reader_overtaken_by_the_ring_gets_the_evicted_pulses_from_the_archive(nats_server):
+    from sf_bsread_writer.archive.reach_back import ReachBackSource
+    from sf_bsread_writer.core.replay_messages import Data, End, Gap
+
+    with push_source() as (source, address), \
+            running_buffer(address, max_clock_skew=1e9, archive=nats_server.url, name="SLOW",
+                           buffer_length=RING) as buffer:
+        fill(source, buffer, 8000, 8009)
+        events = []
+        with ReachBackSource(buffer.replay_address, start_pulse_id=8000, stop_pulse_id=8099) as reader:
+            reader.handshake(DEADLINE)
+            wait_for(lambda: (event := reader.receive(0.2)) is not None and events.append(event) is None
+                     and isinstance(event, Data), DEADLINE, message="the first pulse")
+            fill(source, buffer, 8010, 8099)  # the ring (20) moves on under the reader
+            wait_for(lambda: (event := reader.receive(0.2)) is not None and events.append(event) is None
+                     and isinstance(event, End), DEADLINE, message="the end")
+            sources = reader.pulse_sources
+    assert [event.pulse_id for event in events if isinstance(event, Data)] == list(range(8000, 8100))
+    assert not [event for event in events if isinstance(event, Gap)]
+    assert {run["origin"] for run in sources} == {"ring", "archive"}

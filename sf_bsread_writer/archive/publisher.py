@@ -149,6 +149,7 @@ class Archiver:
         # The ring's oldest pulse when this archiver first asked (None: the ring was empty then, as at a
         # buffer's start): with an empty archive, what the ring evicted after it was never archived.
         self._ring_floor: int | None = None
+        self._sessions = 0  # connections to the broker that got as far as archiving
         self.started = threading.Event()
 
     # -- public ------------------------------------------------------------
@@ -215,6 +216,9 @@ class Archiver:
             js = nc.jetstream(timeout=ACK_TIMEOUT)
             await ensure_stream(js, self.target, self.settings)
             resume = await self._newest_stored(js)
+            if self._sessions:
+                self._add(reconnects=1)
+            self._sessions += 1
             self._set(state="archiving", error=None)
             logger.info("archive: storing %s in %s (newest stored pulse %s)", self.replay_address,
                         self.target.stream, resume)

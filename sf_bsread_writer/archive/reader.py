@@ -359,7 +359,7 @@ class ArchiveSource:
             seq = await seek(self._js, self.target, first, last, self.start_pulse_id,
                              self.start_time if self.start_pulse_id is None else None) if first <= last else last + 1
             await self._subscribe(max(seq, 1))
-        return Accepted(0, oldest, newest)
+        return Accepted(0, oldest, newest, self.target.url())  # "archive": what is older is a gap with its reason
 
     async def _subscribe(self, seq: int) -> None:
         config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=seq,
