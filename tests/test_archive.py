@@ -7,14 +7,10 @@ buffer's real child process. Nothing sleeps: conditions are polled.
 """
 from __future__ import annotations
 
-import json
 import time
-import subprocess
-import sys
 
 import pytest
 
-from sf_bsread_writer.archive.records import ArchiveTarget
 from sf_bsread_writer.core.protocol import build_message
 from sf_bsread_writer.core.replay_messages import Data, End, Gap
 from tests.helpers import NATS_SERVER, NatsServer, wait_for

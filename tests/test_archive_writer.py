@@ -14,13 +14,12 @@ import os
 import signal
 
 import h5py
-import numpy as np
 import pytest
 
+from sf_bsread_writer.writer.service import Writer, WriterSettings
 from tests.helpers import NATS_SERVER, NatsServer, wait_for
 from tests.test_archive import DEADLINE, archived_up_to, message, source_time
 from tests.test_buffer import push_source, running_buffer
-from sf_bsread_writer.writer.service import Writer, WriterSettings
 from tests.test_writer import PARAMETERS, in_process_writer, writer_process
 
 pytestmark = pytest.mark.skipif(NATS_SERVER is None, reason="nats-server is not installed (Debian package "
@@ -67,7 +66,8 @@ def archiver_paused(buffer):
 def test_a_writer_started_as_today_reaches_past_the_ring_into_the_archive(nats_server, tmp_path):
     output = tmp_path / "reach.h5"
     with push_source() as (source, address), \
-            running_buffer(address, max_clock_skew=1e9, archive=nats_server.url, name="RB", buffer_length=RING) as buffer:
+            running_buffer(address, max_clock_skew=1e9, archive=nats_server.url, name="RB",
+                           buffer_length=RING) as buffer:
         fill(source, buffer, 1000, 1099)
         with archiver_paused(buffer):
             for pulse_id in range(1100, 1110):  # in the ring (1090..1109), not in the archive
@@ -96,7 +96,8 @@ def test_a_range_by_time_reaches_back_too(nats_server, tmp_path):
     output = tmp_path / "time.h5"
     now = [source_time(2005) - 1e-4]  # the writer's wall clock, as start_now/stop_now read it
     with push_source() as (source, address), \
-            running_buffer(address, max_clock_skew=1e9, archive=nats_server.url, name="RT", buffer_length=RING) as buffer:
+            running_buffer(address, max_clock_skew=1e9, archive=nats_server.url, name="RT",
+                           buffer_length=RING) as buffer:
         fill(source, buffer, 2000, 2079)
         writer = Writer(WriterSettings(buffer.replay_address, str(output), finished_grace=0.0),
                         clock=lambda: now[0])
@@ -116,7 +117,8 @@ def test_a_range_by_time_reaches_back_too(nats_server, tmp_path):
 def test_pulses_the_archive_never_had_are_a_gap_with_its_reason(nats_server, tmp_path):
     output = tmp_path / "never.h5"
     with push_source() as (source, address), \
-            running_buffer(address, max_clock_skew=1e9, archive=nats_server.url, name="NV", buffer_length=RING) as buffer:
+            running_buffer(address, max_clock_skew=1e9, archive=nats_server.url, name="NV",
+                           buffer_length=RING) as buffer:
         fill(source, buffer, 3000, 3059)
         with in_process_writer(buffer.replay_address, output) as (writer, client):
             client.set_parameters(PARAMETERS)
@@ -134,7 +136,8 @@ def test_pulses_the_archive_never_had_are_a_gap_with_its_reason(nats_server, tmp
 
 def test_a_nats_writer_writes_from_the_archive_alone_with_the_buffer_stopped(nats_server, tmp_path):
     with push_source() as (source, address), \
-            running_buffer(address, max_clock_skew=1e9, archive=nats_server.url, name="ALONE", buffer_length=RING) as buffer:
+            running_buffer(address, max_clock_skew=1e9, archive=nats_server.url, name="ALONE",
+                           buffer_length=RING) as buffer:
         fill(source, buffer, 5000, 5099)
     output = tmp_path / "alone.h5"
     child, client = writer_process(f"{nats_server.url}/ALONE", output)

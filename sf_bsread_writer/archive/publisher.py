@@ -31,7 +31,6 @@ import asyncio
 import concurrent.futures
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -444,7 +443,7 @@ def _positive_or_zero(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m sf_bsread_writer.archive.publisher REPLAY_ADDRESS ARCHIVE_URL --name NAME ...`` (the buffer's child)."""
+    """``python -m sf_bsread_writer.archive.publisher REPLAY ARCHIVE_URL --name NAME ...``: the buffer's child."""
     parser = argparse.ArgumentParser(prog="sf_bsread_archiver", description=__doc__.splitlines()[0])
     parser.add_argument("replay_address")
     parser.add_argument("archive")
