@@ -157,11 +157,10 @@ class ArchiveLoop:
 
     def run(self, coroutine: Any, timeout: float) -> Any:
         future = self.submit(coroutine)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
+        if not concurrent.futures.wait([future], timeout).done:  # (a TimeoutError inside is the coroutine's)
             future.cancel()
-            raise ArchiveUnavailable(f"the archive did not answer within {timeout:.1f} s") from None
+            raise ArchiveUnavailable(f"the archive did not answer within {timeout:.1f} s")
+        return future.result()
 
     def close(self) -> None:
         if self.loop.is_closed():
@@ -219,6 +218,7 @@ class ArchiveSource:
         self._next_seq: int | None = None  # the stream seq expected next (a jump: retention removed some)
         self._average_bytes = 1024.0
         self._origins = OriginLog()
+        self._empty_fetches = 0  # in a row, while the stream holds messages we have not had
         self._broken = False  # the last reopen failed: retried at most once a second
         self._last_retry = 0.0
 
@@ -255,10 +255,12 @@ class ArchiveSource:
             return self._lost(ArchiveUnavailable("still unreachable")) if self._retry_due() else None
         if self._fetch is None:
             self._fetch = self._loop.submit(self._next_batch())
-        try:
-            batch = self._fetch.result(timeout)
-        except concurrent.futures.TimeoutError:
+        # Waited for apart from its result: since Python 3.11 a TimeoutError *inside* the fetch (a request to
+        # a cluster electing a leader) is the same class as result()'s own timeout, and was taken for "not yet".
+        if not concurrent.futures.wait([self._fetch], timeout).done:
             return None
+        try:
+            batch = self._fetch.result()
         except Exception as error:  # noqa: BLE001 (a server of a cluster died, the consumer with it: resume)
             self._fetch = None
             return self._lost(error)
@@ -277,7 +279,7 @@ class ArchiveSource:
         again, and a writer's stop deadline ends a range that never resumes.
         """
         logger.warning("archive: reading %s failed (%s); resuming after pulse %s", self.target.stream,
-                       error or type(error).__name__, self.last_pulse_id)
+                       str(error) or type(error).__name__, self.last_pulse_id)
         assert self._loop is not None and self._cursor is not None
         cursor = self._cursor
         try:
@@ -373,9 +375,25 @@ class ArchiveSource:
     async def _next_batch(self) -> list[Any]:
         count = int(max(1, min(FETCH_MESSAGES, FETCH_BYTES // max(self._average_bytes, 1.0))))
         try:
-            return await self._subscription.fetch(count, timeout=self.fetch_wait)
+            batch = await self._subscription.fetch(count, timeout=self.fetch_wait)
         except nats.errors.TimeoutError:
-            return []
+            batch = []
+        if batch:
+            self._empty_fetches = 0
+            return batch
+        # Nothing came. Either nothing newer is stored (a range reaching into the present), or our consumer
+        # is dead: in a cluster, one created while a server was dying may have been placed on it. The
+        # stream says which; twice in a row, and the read is resumed on a new consumer.
+        _, last = await asyncio.wait_for(stored_bounds(self._js, self.target), REQUEST_TIMEOUT)
+        if self._next_seq is not None and last >= self._next_seq:
+            self._empty_fetches += 1
+            if self._empty_fetches >= 2:
+                self._empty_fetches = 0
+                raise ArchiveUnavailable(f"the consumer delivers nothing although messages up to {last} are "
+                                         f"stored (from {self._next_seq} on)")
+        else:
+            self._empty_fetches = 0
+        return []
 
     async def _close(self) -> None:
         if self._subscription is not None:
