@@ -55,6 +55,7 @@ FETCH_WAIT = 0.5
 # The server removes a reader's consumer after this much idleness (a writer killed with kill -9).
 CONSUMER_IDLE_SECONDS = 30.0
 CONNECT_TIMEOUT = 5.0
+MAX_NATS_PAYLOAD = 64 * 1024**2  # the largest message a nats-server accepts at all (its max_payload's limit)
 REQUEST_TIMEOUT = 5.0
 
 
@@ -216,7 +217,9 @@ class ArchiveSource:
         self._events: deque[Any] = deque()
         self._fetch: concurrent.futures.Future | None = None
         self._next_seq: int | None = None  # the stream seq expected next (a jump: retention removed some)
-        self._average_bytes = 1024.0
+        # The largest message seen: a fetch asks for at most FETCH_BYTES of them, so what one fetch brings
+        # stays within the subscription's pending limit (beyond it the client would drop messages).
+        self._largest = 1024
         self._origins = OriginLog()
         self._empty_fetches = 0  # in a row, while the stream holds messages we have not had
         self._broken = False  # the last reopen failed: retried at most once a second
@@ -353,6 +356,8 @@ class ArchiveSource:
             found_last = await record_at(self._js, self.target, last)
             oldest = first_record.pulse_id if first_record else None
             newest = found_last[0].pulse_id if found_last else None
+            if found_last is not None:  # the first fetch's size: the stream's messages are alike
+                self._largest = max(self._largest, len(found_last[1].data or b""))
         self._cursor = RangeCursor(self.start_pulse_id, self.start_time, self.stop_pulse_id, self.stop_time,
                                    first_record)
         for event in self._cursor.opening():
@@ -369,11 +374,11 @@ class ArchiveSource:
                                     mem_storage=True, num_replicas=1)
         self._subscription = await self._js.pull_subscribe(
             self.target.message_subject.rsplit(".", 1)[0] + ".*", stream=self.target.stream, config=config,
-            pending_bytes_limit=4 * FETCH_BYTES)
+            pending_bytes_limit=2 * FETCH_BYTES + MAX_NATS_PAYLOAD)
         self._next_seq = seq
 
     async def _next_batch(self) -> list[Any]:
-        count = int(max(1, min(FETCH_MESSAGES, FETCH_BYTES // max(self._average_bytes, 1.0))))
+        count = int(max(1, min(FETCH_MESSAGES, FETCH_BYTES // max(self._largest, 1))))
         try:
             batch = await self._subscription.fetch(count, timeout=self.fetch_wait)
         except nats.errors.TimeoutError:
@@ -418,8 +423,7 @@ class ArchiveSource:
         for message in batch:
             if self.ended is not None:
                 return
-            size = len(message.data or b"")
-            self._average_bytes = 0.9 * self._average_bytes + 0.1 * size
+            self._largest = max(self._largest, len(message.data or b""))
             seq = message.metadata.sequence.stream
             try:
                 record = parse_headers(message.headers)
