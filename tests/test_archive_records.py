@@ -11,7 +11,8 @@ import pytest
 
 from sf_bsread_writer.archive.records import (
     ArchivedRecord, ArchiveTarget, InvalidArchive, OriginLog, PulseStep, RangeCursor, StreamSettings,
-    decode_payload, encode_payload, gap_headers, lost_pulses, message_headers, parse_headers, settings_conflicts,
+    decode_payload, encode_payload, gap_headers, lost_pulses, marker_range, message_headers, parse_headers,
+    settings_conflicts,
     should_reach_back,
 )
 from sf_bsread_writer.core.parts import pack
@@ -79,6 +80,14 @@ def test_losses_are_counted_in_pulses_of_the_streams_step():
     for pulse_id in (100, 110, 130, 140):
         step.add(pulse_id)
     assert step.step == 10 and lost_pulses(150, 199, step.step) == 5 and lost_pulses(5, 4, 1) == 0
+
+
+def test_gap_markers_never_overlap_when_the_ring_repeats_a_notices_first_pulse():
+    # The ring's notices while it cannot send to the archiver: (5722, 5807), (5722, 5808), ...
+    assert marker_range(5722, 5807, 5721) == (5722, 5807)
+    assert marker_range(5722, 5808, 5807) == (5808, 5808)
+    assert marker_range(5722, None, 5808) == (5809, None)
+    assert marker_range(None, 10, None) == (None, 10)
 
 
 def record(pulse_id: int, time: float | None = None) -> ArchivedRecord:

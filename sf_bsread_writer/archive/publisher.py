@@ -49,7 +49,7 @@ from sf_bsread_writer import process
 from sf_bsread_writer.archive.reader import ArchiveUnavailable, connect, record_at, stored_bounds
 from sf_bsread_writer.archive.records import (
     GAP_NOT_ARCHIVED, ArchiveTarget, InvalidArchive, PulseStep, StreamSettings, encode_payload, gap_headers,
-    lost_pulses, message_headers, settings_conflicts,
+    lost_pulses, marker_range, message_headers, settings_conflicts,
 )
 from sf_bsread_writer.core.replay_messages import BufferLost, Data, End, Gap, GapReason, Refused
 from sf_bsread_writer.core.status import ArchiveStatus
@@ -277,6 +277,8 @@ class Archiver:
             self._ring_floor = accepted.oldest_pulse_id
         at_start, self._opened_once = not self._opened_once, True
         first_event = True
+        # The newest pulse id seen: a message, or the last of a gap (or the archive's newest).
+        last_seen: int | None = resume[0] if resume is not None else None
         # (pulse id (-1: a gap marker), time, bytes, the acknowledgement, when it was sent)
         # ... and for a gap marker the counts to add once it is stored
         in_flight: deque[tuple[int, float, int, asyncio.Future, float, dict | None]] = deque()
@@ -296,6 +298,7 @@ class Archiver:
                     pulse_id, message_time = event.pulse_id, event.time if event.time is not None else 0.0
                     self._step.add(pulse_id)
                     last_time = message_time
+                    last_seen = pulse_id
                     payload = encode_payload(event.frames)
                     if len(payload) + HEADER_ALLOWANCE > max_payload:
                         self._add(oversize=1)
@@ -314,6 +317,9 @@ class Archiver:
                     if lost is None:
                         continue
                     count, first, last = lost
+                    first, last = marker_range(first, last, last_seen)
+                    if last is not None:
+                        last_seen = max(last, last_seen if last_seen is not None else last)
                     counter = "unarchived_at_start" if at_start and event.reason == GapReason.BEFORE_BUFFER.value \
                         else "lost"
                     logger.warning("archive: pulses %s..%s (%d) left the ring before they were archived (%s%s): "

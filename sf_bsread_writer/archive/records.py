@@ -44,7 +44,7 @@ __all__ = [
     "HEADER_GAP_REASON", "HEADER_MSG_ID", "PAYLOAD_MAGIC", "GAP_NOT_ARCHIVED", "GAP_BEFORE_ARCHIVE",
     "ArchiveTarget", "ArchivedRecord", "InvalidArchive", "encode_payload", "decode_payload", "message_headers",
     "gap_headers", "parse_headers", "message_id", "StreamSettings", "settings_conflicts", "RangeCursor",
-    "PulseStep", "lost_pulses", "RING", "ARCHIVE", "REACHABLE_REASONS", "should_reach_back", "OriginLog",
+    "PulseStep", "lost_pulses", "marker_range", "RING", "ARCHIVE", "REACHABLE_REASONS", "should_reach_back", "OriginLog",
 ]
 
 ARCHIVE_SCHEME = "nats"
@@ -313,6 +313,19 @@ class PulseStep:
             if self.step is None or step < self.step:
                 self.step = step
         self._last = pulse_id
+
+
+def marker_range(first_pulse_id: int | None, last_pulse_id: int | None,
+                 last_seen: int | None) -> tuple[int | None, int | None]:
+    """The pulse ids a gap marker covers: from after the newest pulse already seen (a message or a marker).
+
+    A ring that keeps evicting under a reader it cannot send to repeats the
+    notice's first pulse id (the last one sent + 1) in every notice; the
+    markers must not overlap, or a reader would get the same pulses twice.
+    """
+    if first_pulse_id is not None and last_seen is not None and first_pulse_id <= last_seen:
+        first_pulse_id = last_seen + 1
+    return first_pulse_id, last_pulse_id
 
 
 def lost_pulses(first_pulse_id: int, last_pulse_id: int, step: int | None) -> int:
