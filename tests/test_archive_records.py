@@ -32,6 +32,20 @@ def test_a_message_is_stored_byte_identical_small_and_large_parts():
         assert parts.layout.n_large == 1  # the image by reference, as the ring holds it
 
 
+def test_many_channel_messages_round_trip_with_layouts_worked_out_once():
+    from sf_bsread_writer.archive.records import PayloadDecoder
+    channels = [{"name": f"C{i}", "type": "float64"} for i in range(2000)]
+    decoder = PayloadDecoder()
+    decoded = []
+    for pulse_id in (1, 2):
+        frames = [bytes(frame) for frame in build_message(pulse_id, channels, [float(i + pulse_id) for i in range(2000)],
+                                                          timestamp=(1, pulse_id))]
+        parts = decoder.decode(encode_payload(pack(frames)))
+        assert [bytes(part) for part in parts] == frames
+        decoded.append(parts)
+    assert decoded[0].layout is decoded[1].layout and decoded[0].header is decoded[1].header  # shared, as in the ring
+
+
 @pytest.mark.parametrize("payload", [
     b"", b"SFBS1\n", b"XXXXX\n\x01\x00\x00\x00" + b"\x00" * 8, b"SFBS1\n\x00\x00\x00\x00",
     b"SFBS1\n\xff\xff\xff\xff", b"SFBS1\n\x01\x00\x00\x00" + struct.pack("<Q", 10) + b"short",

@@ -37,7 +37,7 @@ import nats.js.errors
 from nats.js import api
 
 from sf_bsread_writer.archive.records import (
-    ARCHIVE, ArchivedRecord, ArchiveTarget, InvalidArchive, OriginLog, RangeCursor, decode_payload, parse_headers,
+    ARCHIVE, ArchivedRecord, ArchiveTarget, InvalidArchive, OriginLog, PayloadDecoder, RangeCursor, parse_headers,
 )
 from sf_bsread_writer.core.replay_messages import Accepted, BufferLost, Data, End, Gap, GapReason
 
@@ -221,6 +221,7 @@ class ArchiveSource:
         # stays within the subscription's pending limit (beyond it the client would drop messages).
         self._largest = 1024
         self._origins = OriginLog()
+        self._decoder = PayloadDecoder()  # layouts worked out once per stream, not per message
         self._empty_fetches = 0  # in a row, while the stream holds messages we have not had
         self._broken = False  # the last reopen failed: retried at most once a second
         self._last_retry = 0.0
@@ -427,7 +428,7 @@ class ArchiveSource:
             seq = message.metadata.sequence.stream
             try:
                 record = parse_headers(message.headers)
-                parts = decode_payload(message.data) if record.kind == "msg" else None
+                parts = self._decoder.decode(message.data) if record.kind == "msg" else None
             except InvalidArchive as error:
                 self.rejected += 1
                 logger.warning("archive: stored message %d of %s skipped: %s", seq, self.target.stream, error)

@@ -36,13 +36,16 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from sf_bsread_writer.core.parts import HEADER, LARGE, SMALL, Layout, PackedParts, encode_lengths
+import numpy as np
+
+from sf_bsread_writer.core.parts import HEADER, LENGTH_DTYPE, SMALL, LayoutCache, PackedParts
 from sf_bsread_writer.core.replay_messages import Data, End, EndReason, Gap, GapReason
 
 __all__ = [
     "ARCHIVE_SCHEME", "HEADER_PULSE_ID", "HEADER_TIME", "HEADER_KIND", "HEADER_GAP_LAST", "HEADER_GAP_COUNT",
     "HEADER_GAP_REASON", "HEADER_MSG_ID", "PAYLOAD_MAGIC", "GAP_NOT_ARCHIVED", "GAP_BEFORE_ARCHIVE",
-    "ArchiveTarget", "ArchivedRecord", "InvalidArchive", "encode_payload", "decode_payload", "message_headers",
+    "ArchiveTarget", "ArchivedRecord", "InvalidArchive", "encode_payload", "decode_payload", "PayloadDecoder",
+    "message_headers",
     "gap_headers", "parse_headers", "message_id", "StreamSettings", "settings_conflicts", "RangeCursor",
     "PulseStep", "lost_pulses", "marker_range", "RING", "ARCHIVE", "REACHABLE_REASONS", "should_reach_back", "OriginLog",
 ]
@@ -149,51 +152,129 @@ def check_name(name: str) -> str:
 # ---------------------------------------------------------------------------
 # The stored form of one message
 # ---------------------------------------------------------------------------
+def _segments(layout: Any) -> tuple[bytes, list[tuple[int, int, int]]]:
+    """Per layout: the payload's head (magic, count, lengths) and its body as segments in part order.
+
+    A segment is ``(SMALL, a, b)`` (a run of consecutive small parts: ``small[a:b]``), ``(HEADER, 0, 0)``
+    or ``(LARGE, k, 0)``: a 2000-channel message is three segments, not 4002 parts.
+    """
+    head = PAYLOAD_MAGIC + _COUNT.pack(layout.n_parts) + layout.lengths.astype("<u8").tobytes()
+    segments: list[list[int]] = []
+    for kind, a, b in layout.where:
+        if kind == SMALL and segments and segments[-1][0] == SMALL and segments[-1][2] == a:
+            segments[-1][2] = b
+        else:
+            segments.append([kind, a, b])
+    return head, [tuple(segment) for segment in segments]
+
+
+_ENCODE_PLANS: dict[bytes, tuple[bytes, list]] = {}
+
+
 def encode_payload(parts: Sequence[Any]) -> bytes:
     """The message's parts, byte-identical, in one payload: magic, part count, lengths (u64 LE), parts.
 
-    ``parts``: a ``core.parts.PackedParts`` or any list of buffers.
+    ``parts``: a ``core.parts.PackedParts`` (what the ring sends: joined by
+    runs, a few slices per message whatever its part count) or any list of
+    buffers.
     """
     if isinstance(parts, PackedParts):
-        lengths = parts.layout.lengths.astype("<u8", copy=False).tobytes()
-        frames = parts.frames()
-    else:
-        frames = list(parts)
-        lengths = struct.pack(f"<{len(frames)}Q", *(memoryview(frame).nbytes for frame in frames))
+        layout = parts.layout
+        plan = _ENCODE_PLANS.get(layout.key)
+        if plan is None:
+            if len(_ENCODE_PLANS) >= 32:
+                _ENCODE_PLANS.clear()
+            plan = _ENCODE_PLANS[layout.key] = _segments(layout)
+        head, segments = plan
+        small, body = memoryview(parts.small), [head]
+        for kind, a, b in segments:
+            body.append(small[a:b] if kind == SMALL else parts.header if kind == HEADER else parts.large[a])
+        return b"".join(body)
+    frames = list(parts)
+    lengths = struct.pack(f"<{len(frames)}Q", *(memoryview(frame).nbytes for frame in frames))
     return b"".join([PAYLOAD_MAGIC, _COUNT.pack(len(frames)), lengths, *frames])
+
+
+class PayloadDecoder:
+    """Stored payloads -> ``PackedParts``, with what depends only on the part lengths worked out once.
+
+    A stream repeats a few part layouts; a 2000-channel message has 4002
+    parts, and a Python step per part (what :func:`decode_payload` would
+    otherwise do per message) made a range from the archive drain at a fifth
+    of the ring's rate (docs/performance.md, "Archive"). Per distinct layout
+    this keeps the ``core.parts.Layout`` and the payload-relative runs of
+    small parts, the data header's and the large parts' spans; per message
+    it is a few slices. Large parts are zero-copy views into the payload
+    (immutable bytes); a data header equal to the previous message's is
+    shared, as the ring shares it. Every length is checked before anything
+    is sliced (InvalidArchive).
+    """
+
+    def __init__(self, max_layouts: int = 32) -> None:
+        self._layouts = LayoutCache(max_layouts)
+        self._plans: dict[bytes, tuple[Any, ...]] = {}
+        self._header: bytes | None = None
+
+    def _plan(self, key: bytes) -> tuple[Any, ...]:
+        plan = self._plans.get(key)
+        if plan is None:
+            layout = self._layouts.get(key)
+            small_runs: list[list[int]] = []
+            header_span = None
+            large_spans = []
+            offset = 0
+            for (kind, _, _), length in zip(layout.where, layout.lengths.tolist()):
+                if kind == SMALL:
+                    if small_runs and small_runs[-1][1] == offset:
+                        small_runs[-1][1] = offset + length
+                    else:
+                        small_runs.append([offset, offset + length])
+                elif kind == HEADER:
+                    header_span = (offset, offset + length)
+                else:
+                    large_spans.append((offset, offset + length))
+                offset += length
+            plan = (layout, [tuple(run) for run in small_runs], header_span, large_spans, offset)
+            if len(self._plans) >= 32:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def decode(self, payload: bytes) -> PackedParts:
+        data = payload if isinstance(payload, bytes) else bytes(payload)
+        head = len(PAYLOAD_MAGIC) + _COUNT.size
+        if len(data) < head or not data.startswith(PAYLOAD_MAGIC):
+            raise InvalidArchive("not a stored bsread message (no SFBS1 header)")
+        (count,) = _COUNT.unpack_from(data, len(PAYLOAD_MAGIC))
+        if not 0 < count <= MAX_PARTS or len(data) < head + 8 * count:
+            raise InvalidArchive(f"stored message with a bad part count {count}")
+        lengths = np.frombuffer(data, dtype="<u8", count=count, offset=head)
+        if int(lengths.max()) >= 2**62:
+            raise InvalidArchive("stored message with an impossible part length")
+        start = head + 8 * count
+        key = lengths.astype(LENGTH_DTYPE).tobytes()
+        layout, small_runs, header_span, large_spans, total = self._plan(key)
+        if start + total != len(data):
+            raise InvalidArchive(f"stored message: parts of {total} bytes in {len(data) - start}")
+        view = memoryview(data)
+        small = b"".join([view[start + a:start + b] for a, b in small_runs]) if len(small_runs) != 1 \
+            else data[start + small_runs[0][0]:start + small_runs[0][1]]
+        header = None
+        if header_span is not None:
+            header = data[start + header_span[0]:start + header_span[1]]
+            if header == self._header:
+                header = self._header
+            self._header = header
+        large = tuple(view[start + a:start + b] for a, b in large_spans)
+        return PackedParts(layout, small, header, large)
 
 
 def decode_payload(payload: bytes) -> PackedParts:
     """A stored payload -> the message's parts (``PackedParts``: what the ring would send); InvalidArchive.
 
-    Large parts are zero-copy views into ``payload`` (immutable bytes);
-    every length is checked against the payload before anything is sliced.
+    One message; a reader of many keeps a :class:`PayloadDecoder`.
     """
-    data = bytes(payload) if not isinstance(payload, bytes) else payload
-    head = len(PAYLOAD_MAGIC) + _COUNT.size
-    if len(data) < head or not data.startswith(PAYLOAD_MAGIC):
-        raise InvalidArchive("not a stored bsread message (no SFBS1 header)")
-    (count,) = _COUNT.unpack_from(data, len(PAYLOAD_MAGIC))
-    if not 0 < count <= MAX_PARTS or len(data) < head + 8 * count:
-        raise InvalidArchive(f"stored message with a bad part count {count}")
-    lengths = struct.unpack_from(f"<{count}Q", data, head)
-    start = head + 8 * count
-    if start + sum(lengths) != len(data):
-        raise InvalidArchive(f"stored message: parts of {sum(lengths)} bytes in {len(data) - start}")
-    layout = Layout(encode_lengths(lengths))
-    view = memoryview(data)
-    small, large, header = [], [], None
-    offset = start
-    for (kind, _, _), length in zip(layout.where, lengths):
-        part = view[offset:offset + length]
-        offset += length
-        if kind == SMALL:
-            small.append(part)
-        elif kind == HEADER:
-            header = bytes(part)
-        elif kind == LARGE:
-            large.append(part)
-    return PackedParts(layout, b"".join(small), header, tuple(large))
+    return PayloadDecoder().decode(payload)
 
 
 def message_id(pulse_id: int, time: float) -> str:
