@@ -64,6 +64,7 @@ SERVICES = [
     "epicscorelibs>=7.0",  # EPICS base for softioc; ca/ioc.py calls its dbCore directly
     "pyepics>=3.5",  # the CA bridge's client (libca)
     "rich>=13",  # sf_bsread_ctl: tables, the live watch, the progress bar
+    "nats-py>=2.16,<3",  # --archive and nats:// writers: NATS JetStream (docs/archive.md); pure Python
 ]
 
 

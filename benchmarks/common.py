@@ -39,6 +39,9 @@ def profile_message(profile: str, pulse_id: int = FIRST_PULSE_ID) -> list[bytes]
     if profile == "camera":  # 1280x1024 uint16, uncompressed: 2.6 MB in one part
         channels = [{"name": "CAM:FPICTURE", "type": "uint16", "shape": [1280, 1024]}]
         values = [rng.integers(0, 4096, size=(1024, 1280), dtype=np.uint16)]
+    elif profile == "camera1m":  # 1024x512 uint16: 1 MiB in one part (the archive's camera target, issue 23)
+        channels = [{"name": "CAM:FPICTURE", "type": "uint16", "shape": [1024, 512]}]
+        values = [rng.integers(0, 4096, size=(512, 1024), dtype=np.uint16)]
     elif profile.startswith("scalars") and (profile[7:].isdigit() or profile == "scalars"):
         # 500 float64 channels by default: 1002 parts of 8/16 bytes + ~40 KB data header
         n = int(profile[7:] or 500)

@@ -80,6 +80,20 @@ def zmq_address(text: str) -> str:
     return value
 
 
+_ARCHIVE = re.compile(r"nats://[^/\s]+(?:,nats://[^/\s]+)*/[A-Za-z0-9_-]{1,64}")
+
+
+def stream_address(text: str) -> str:
+    """A writer's source: a ZeroMQ address, or a buffer's archive ``nats://HOST:PORT[,HOST:PORT]/NAME``."""
+    value = text.strip()
+    if value.startswith("nats://"):
+        if not _ARCHIVE.fullmatch(value):
+            raise InvalidOption(f"not an archive address: {text!r} (expected nats://HOST:PORT/NAME, NAME the "
+                                "buffer's --name)")
+        return value
+    return zmq_address(text)
+
+
 def _log_level(text: str) -> str:
     level = text.strip().upper()
     if level not in LOG_LEVELS:
@@ -251,6 +265,15 @@ BUFFER_OPTIONS: list[Option] = [
     Option("analyzer", ("--analyzer",), False, _bool,
            "Log anomalies of the incoming stream at INFO: channels missing from a pulse (as the original), "
            "pulse-id jumps, resets, header changes.", kind="flag"),
+    Option("archive", ("--archive",), None, str,
+           "Archive every message in NATS JetStream: nats://HOST:PORT[,HOST:PORT...] (stream sfbs_<--name>; "
+           "docs/archive.md). The archiver runs as a child process; the buffer runs on when the broker is away."),
+    Option("archive_max_bytes", ("--archive-max-bytes",), -1, int,
+           "With --archive: most bytes the archive keeps; the oldest are discarded (-1: unlimited)."),
+    Option("archive_max_age", ("--archive-max-age",), 0.0, float,
+           "With --archive: seconds the archive keeps a message (0: unlimited)."),
+    Option("archive_replicas", ("--archive-replicas",), 1, int,
+           "With --archive: copies of the archive in a JetStream cluster (1, 3 or 5)."),
 ]
 
 # --------------------------------------------------------------------------
@@ -258,8 +281,10 @@ BUFFER_OPTIONS: list[Option] = [
 # --------------------------------------------------------------------------
 WRITER_ENV_PREFIX = "SF_BSREAD_WRITER_"
 WRITER_OPTIONS: list[Option] = [
-    Option("stream_address", (), None, zmq_address,
-           "The buffer's replay endpoint (or, with --direct, a plain bsread stream).", required=True),
+    Option("stream_address", (), None, stream_address,
+           "The buffer's replay endpoint (pulses older than its ring come from its archive, if it has one), "
+           "nats://HOST:PORT/NAME to read buffer NAME's archive alone (docs/archive.md), or, with --direct, "
+           "a plain bsread stream.", required=True),
     Option("output_file", (), None, str, "HDF5 file to write (/dev/null: consume without writing).",
            required=True),
     Option("user_id", (), None, int, "Run as this uid (and its gid) before touching files; -1 keeps the user.",

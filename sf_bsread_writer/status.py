@@ -30,6 +30,7 @@ __all__ = [
     "SourceStatus",
     "CaFeedStatus",
     "ChildStatus",
+    "ArchiveStatus",
     "RingStatus",
     "PulseIdStatus",
     "RateStatus",
@@ -162,6 +163,43 @@ class ChildStatus(Record):
 
 
 @dataclass(frozen=True)
+class ArchiveStatus(Record):
+    """``--archive``: how the archiver (a child process, docs/archive.md) follows the ring into NATS JetStream.
+
+    The archiver reports everything but ``lag_*``, which the buffer computes
+    against its ring when it builds the snapshot. ``lost`` counts pulses
+    the ring evicted (or the broker's absence outlasted) before they were
+    archived; ``unarchived_at_start`` those between the archive's newest and
+    the ring's oldest when the archiver (re)started. Neither is ever hidden:
+    the archive holds a gap marker for each, which readers report as a gap
+    with reason ``not_archived``.
+    """
+
+    url: str
+    stream: str
+    state: str  # starting | archiving | broker_unreachable | error | stopped
+    error: str | None = None
+    archived: int = 0  # messages stored (acknowledged by JetStream)
+    archived_bytes: int = 0
+    duplicates: int = 0  # stored before (a catch-up after a restart): dropped by JetStream's message id
+    oversize: int = 0  # larger than the broker's max_payload: not archived, still in the ring
+    refused: int = 0  # other publish failures the broker answered (each followed by a catch-up)
+    lost: int = 0
+    unarchived_at_start: int = 0
+    reconnects: int = 0
+    last_archived_pulse_id: int | None = None
+    last_archived_time: float | None = None
+    first_pulse_id: int | None = None  # of the archive as stored (retention moves it)
+    last_pulse_id: int | None = None
+    stored_messages: int | None = None
+    stored_bytes: int | None = None
+    discarded: int | None = None  # removed by retention (--archive-max-bytes/--archive-max-age), oldest first
+    replicas: int | None = None
+    lag_messages: int | None = None  # ring messages newer than the last archived one
+    lag_seconds: float | None = None  # ring time of the newest message minus that of the last archived one
+
+
+@dataclass(frozen=True)
 class RingStatus(Record):
     messages: int
     bytes: int
@@ -281,6 +319,7 @@ class BufferStatus(Record):
     # Channel values of stored messages refused by their data-header entry (ChannelSpec.refused), by
     # reason: that channel's value is lost, the message and its other channels are kept.
     refused_channel_values: Mapping[str, int] = field(default_factory=dict)
+    archive: ArchiveStatus | None = None
 
     def describe(self) -> str:
         """One word for humans and monitoring: what the buffer is doing."""
@@ -450,6 +489,28 @@ def prometheus_text(status: BufferStatus) -> str:
              [({"session": s.session}, s.in_flight) for s in sessions])
     m.family("replay_session_lost_messages", "gauge", "Messages a session lost.",
              [({"session": s.session}, s.lost) for s in sessions])
+    archive = status.archive
+    if archive is not None:
+        m.one("archive_up", "gauge", "1 while the archiver stores messages in JetStream.",
+              archive.state == "archiving")
+        m.one("archive_messages_total", "counter", "Messages stored in the archive.", archive.archived)
+        m.one("archive_bytes_total", "counter", "Bytes stored in the archive.", archive.archived_bytes)
+        m.one("archive_lost_pulses_total", "counter",
+              "Pulses the ring lost before they were archived (evicted, or the broker away too long).", archive.lost)
+        m.one("archive_unarchived_at_start_pulses_total", "counter",
+              "Pulses between the archive's newest and the ring's oldest when the archiver started.",
+              archive.unarchived_at_start)
+        m.one("archive_oversize_messages_total", "counter", "Messages over the broker's max_payload (not archived).",
+              archive.oversize)
+        m.one("archive_duplicate_messages_total", "counter", "Messages archived before (dropped by JetStream).",
+              archive.duplicates)
+        m.one("archive_discarded_messages", "gauge", "Messages removed by the archive's retention.",
+              archive.discarded)
+        m.one("archive_lag_messages", "gauge", "Ring messages not archived yet.", archive.lag_messages)
+        m.one("archive_lag_seconds", "gauge", "Ring time between the newest and the last archived message.",
+              archive.lag_seconds)
+        m.one("archive_first_pulse_id", "gauge", "Oldest pulse id in the archive.", archive.first_pulse_id)
+        m.one("archive_last_pulse_id", "gauge", "Newest pulse id in the archive.", archive.last_pulse_id)
     m.family("child_up", "gauge", "1 while a child service of the buffer (--ca, --web) runs.",
              [({"child": child.name}, child.running) for child in status.children])
     m.family("child_restarts_total", "counter", "Restarts of a child service after it ended unexpectedly.",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -266,3 +267,64 @@ def command_line(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+NATS_SERVER = shutil.which("nats-server") or ("/usr/sbin/nats-server" if os.path.exists("/usr/sbin/nats-server") else None)
+
+
+class NatsServer:
+    """A real ``nats-server -js`` on a free loopback port with its own store, cleaned up by pid (``stop``, ``kill``).
+
+    ``cluster``: (own cluster port, [route ports]) for a JetStream cluster
+    member. ``max_payload``: the broker's message limit (its default is 1 MB,
+    below one camera image with headers). Restartable on the same store and
+    ports (``start`` again after ``kill``).
+    """
+
+    def __init__(self, store: Path, port: int | None = None, name: str = "n1", max_payload: int = 8 * 1024**2,
+                 cluster: tuple[int, Sequence[int]] | None = None, max_store: int | None = None) -> None:
+        if NATS_SERVER is None:
+            raise RuntimeError("nats-server is not installed")
+        self.store = Path(store)
+        self.store.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.name = name
+        self.cluster = cluster
+        config = [f"max_payload: {max_payload}", f'server_name: "{name}"']
+        if max_store is not None:
+            config.append(f"jetstream {{ store_dir: \"{self.store}\", max_file_store: {max_store} }}")
+        self.config = self.store / "nats.conf"
+        self.config.write_text("\n".join(config) + "\n")
+        self.child: Child | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "NatsServer":
+        args = [NATS_SERVER, "-c", str(self.config), "-js", "-a", "127.0.0.1", "-p", str(self.port),
+                "-sd", str(self.store)]
+        if self.cluster is not None:
+            own, routes = self.cluster
+            args += ["--cluster_name", "sfbs", "--cluster", f"nats://127.0.0.1:{own}",
+                     "--routes", ",".join(f"nats://127.0.0.1:{port}" for port in routes)]
+        self.child = Child(args)
+        self.child.wait_for_line("Server is ready", timeout)
+        return self
+
+    def kill(self) -> None:
+        """kill -9, as a crash."""
+        if self.child is not None and self.child.process.poll() is None:
+            self.child.process.kill()
+            self.child.process.wait(10)
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop()
+
+    def __enter__(self) -> "NatsServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

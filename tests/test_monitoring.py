@@ -25,8 +25,13 @@ METRIC = re.compile(r"\b(sf_bsread_(?:buffer|web)_[a-z_]+)")
 
 def _exported() -> dict[str, str]:
     """Every metric family the buffer and the web service export: name -> type."""
+    from dataclasses import replace
+
+    from sf_bsread_writer.status import ArchiveStatus
+
     buffer = Buffer(BufferSettings("tcp://127.0.0.1:9", rest_port=None))  # not run: its first snapshot is all that is rendered
-    text = prometheus_text(buffer.statistics())
+    archive = ArchiveStatus("nats://127.0.0.1:9/B", "sfbs_B", "archiving", lag_seconds=0.0)  # --archive's lines
+    text = prometheus_text(replace(buffer.statistics(), archive=archive))
     text += WebService(WebSettings("tcp://127.0.0.1:9", "http://127.0.0.1:9", "tcp://127.0.0.1:9"),
                        TokenSet()).metrics_text()
     return dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, flags=re.M))
@@ -57,14 +62,16 @@ def _exported_labels() -> dict[str, set[str]]:
     unstarted buffer has neither, and their metrics would show no sample)."""
     from dataclasses import replace
 
-    from sf_bsread_writer.status import ChildStatus, SessionStatus
+    from sf_bsread_writer.status import ArchiveStatus, ChildStatus, SessionStatus
 
     status = Buffer(BufferSettings("tcp://127.0.0.1:9", rest_port=None)).statistics()
     session = SessionStatus("0a1b", 1, None, 9, None, 0, 5, 5, 0, 0, 64, 0, 0, None)
     status = replace(status, children=(ChildStatus("web", True, 0),),  # a buffer that has run a while
                      replay=replace(status.replay, sessions=(session,), active_sessions=1),
                      ring=replace(status.ring, oldest_time=1.0, newest_time=2.0),
-                     source=replace(status.source, idle_seconds=0.5), channels=12)
+                     source=replace(status.source, idle_seconds=0.5), channels=12,
+                     archive=ArchiveStatus("nats://127.0.0.1:9/B", "sfbs_B", "archiving", lag_seconds=0.0,
+                                           lag_messages=0, first_pulse_id=1, last_pulse_id=2, discarded=0))
     text = prometheus_text(status)
     text += WebService(WebSettings("tcp://127.0.0.1:9", "http://127.0.0.1:9", "tcp://127.0.0.1:9"),
                        TokenSet()).metrics_text()

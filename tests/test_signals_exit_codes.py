@@ -202,12 +202,11 @@ def _hangup_commands(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
                  "--port", "0", "--tokens", str(tokens)], "tokens re-read"),
         "simulate": ([*m, "sf_bsread_writer.tools.simulate", "--port", "0", "--rate", "10"], "SIGHUP"),
         "bridge": ([*m, "sf_bsread_writer.ca.bridge", "--pv", "HUPTEST:NONE", "--port", "0"], "SIGHUP"),
-        "gateway_caproto": ([*m, "sf_bsread_writer.ca.gateway", loopback, "--server", "caproto"], "SIGHUP"),
-        "gateway_softioc": ([*m, "sf_bsread_writer.ca.gateway", loopback, "--server", "softioc"], "SIGHUP"),
+        "gateway": ([*m, "sf_bsread_writer.ca.gateway", loopback], "SIGHUP"),
     }
 
 
-@pytest.mark.parametrize("name", ["buffer", "web", "simulate", "bridge", "gateway_caproto", "gateway_softioc"])
+@pytest.mark.parametrize("name", ["buffer", "web", "simulate", "bridge", "gateway"])
 def test_no_service_ends_on_a_hangup(tmp_path, name):
     command, said = _hangup_commands(tmp_path)[name]
     if name == "gateway_softioc":

@@ -265,6 +265,10 @@ class BufferChildren:
         else:
             logger.info("SIGHUP: nothing to reload (no --web)")
 
+    def add(self, name: str, child: ChildSupervisor) -> None:
+        """A child started elsewhere (the archiver: buffer/archive_link.py), supervised and stopped with the rest."""
+        self._children[name] = child
+
     def status(self) -> tuple[ChildStatus, ...]:
         return tuple(ChildStatus(name, child.running, child.restarts) for name, child in self._children.items())
 

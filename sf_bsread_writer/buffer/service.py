@@ -31,7 +31,9 @@ from collections.abc import Callable
 import zmq
 
 from sf_bsread_writer import process, registry
+from sf_bsread_writer.archive.records import ArchiveTarget
 from sf_bsread_writer.bsread.parts import PackedParts
+from sf_bsread_writer.buffer.archive_link import ArchiveLink
 from sf_bsread_writer.buffer.children import BufferChildren
 from sf_bsread_writer.buffer.feeds import LoopbackFeed
 from sf_bsread_writer.buffer.http_app import make_app
@@ -92,6 +94,7 @@ class Buffer:
     def __init__(self, settings: BufferSettings, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
+        self._archive: ArchiveLink | None = None  # --archive: the archiver child's link (run())
         self._clock = clock
         self._wall_clock = wall_clock  # the receive time (bsread.timebase) and the snapshot's time
         self.ring = Ring(settings.buffer_length, settings.buffer_bytes)  # owned by the loop thread
@@ -152,9 +155,13 @@ class Buffer:
                                           settings.heartbeat_interval, settings.session_timeout, self._clock,
                                           settings.max_writers, settings.replay_inflight_bytes)
             self.replay_address = self._replay.address
+            if settings.archive:
+                self._archive = ArchiveLink(context, settings.archive, settings.name, settings.archive_max_bytes,
+                                            settings.archive_max_age, settings.archive_replicas)
+                sockets.append(self._archive.socket)
+                self._replay.archive = ArchiveTarget.parse(settings.archive, settings.name).url()  # told to writers
 
-            # Each child's own feed, not the live output (buffer.feeds says why). The gateway's carries no
-            # status yet: ca/gateway.py reads its feed with a reader of its own (docs/buffer.md, "Feeds").
+            # Each child's own feed, not the live output (buffer.feeds says why); both carry the status.
             if settings.ca:
                 self._feeds["ca"] = LoopbackFeed(context, settings.ca_max_rate)
                 sockets.append(self._feeds["ca"].socket)
@@ -171,6 +178,8 @@ class Buffer:
             self._announce_ready()
             self._children.start(*(feed.address if feed is not None else None for feed in
                                    (self._feeds["ca"], self._feeds["web"])), self.replay_address)
+            if self._archive is not None:
+                self._children.add("archiver", self._archive.start(self.replay_address, settings.log_level))
             self._loop(ingest, output, self._replay)
         finally:
             process.sd_notify("STOPPING=1")
@@ -352,7 +361,8 @@ class Buffer:
             now, time.time(), ingest=self.ingest, ring=self.ring,
             replay=self._replay.status() if self._replay is not None else NO_REPLAY,
             endpoints=self._endpoints(), forwarded=self._forwarded, output_drops=self._output_drops,
-            feeds=self._feeds, children=self._children.status(), io_path=partsio.IMPLEMENTATION, state=state)
+            feeds=self._feeds, children=self._children.status(), io_path=partsio.IMPLEMENTATION, state=state,
+            archive=self._archive.status(self.ring) if self._archive is not None else None)
         if feeds:
             for name, feed in (("CA feed", self._feeds["ca"]), ("web feed", self._feeds["web"])):
                 if feed is None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sf_bsread_writer import config
+from sf_bsread_writer.archive.records import ArchiveTarget
 from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
 from sf_bsread_writer.bsread.timebase import MAX_CLOCK_SKEW
 
@@ -58,6 +59,10 @@ class BufferSettings:
     log_level: str = "INFO"
     max_clock_skew: float = MAX_CLOCK_SKEW
     analyzer: bool = False
+    archive: str | None = None  # nats://HOST:PORT[,HOST:PORT]/NAME (docs/archive.md)
+    archive_max_bytes: int = -1
+    archive_max_age: float = 0.0
+    archive_replicas: int = 1
     # Not options of the command: in-process use and the CLI's own choices.
     session_timeout: float = 10.0
     heartbeat_interval: float = 1.0
@@ -83,6 +88,10 @@ class BufferSettings:
                              "(one token per line)")
         if self.max_writers < 1 or self.replay_inflight_bytes < 1:
             raise ValueError("max_writers and replay_inflight_bytes must be positive")
+        if self.archive:  # a clear error at the start, not a child that fails forever (docs/archive.md)
+            ArchiveTarget.parse(self.archive, self.name)
+            if self.archive_replicas < 1:
+                raise ValueError("--archive-replicas must be at least 1")
 
     @classmethod
     def from_args(cls, args: Namespace, **overrides: Any) -> "BufferSettings":

@@ -19,6 +19,7 @@ from sf_bsread_writer.buffer.settings import BufferSettings
 from sf_bsread_writer.rates import RateEstimator
 from sf_bsread_writer.ring import Ring
 from sf_bsread_writer.status import (
+    ArchiveStatus,
     BufferStatus,
     ChildStatus,
     Endpoints,
@@ -58,7 +59,8 @@ class Snapshots:
 
     def publish(self, now: float, wall_time: float, *, ingest: Ingest, ring: Ring, replay: ReplayStatus,
                 endpoints: Endpoints, forwarded: int, output_drops: int, feeds: dict[str, LoopbackFeed | None],
-                children: Iterable[ChildStatus], io_path: str, state: str = "running") -> BufferStatus:
+                children: Iterable[ChildStatus], io_path: str, state: str = "running",
+                archive: ArchiveStatus | None = None) -> BufferStatus:
         """A new snapshot from the loop's parts (loop thread; ``now``: the loop's clock, ``wall_time``: time.time)."""
         settings = self.settings
         counters = ring.counters
@@ -90,6 +92,7 @@ class Snapshots:
             web_feed=web_feed.status() if web_feed is not None else None,
             channels=ingest.channels,
             children=tuple(children),
+            archive=archive,
             refused_channel_values=dict(ingest.refused_channel_values),
             header_changes=ingest.header_changes,
             ring=RingStatus(messages=ring.n_messages, bytes=ring.n_bytes, max_messages=settings.buffer_length,

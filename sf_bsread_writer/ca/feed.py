@@ -29,7 +29,6 @@ import numpy as np
 
 from sf_bsread_writer.bsread.message import MessageParser
 from sf_bsread_writer.bsread.parts import bit_indices, presence_bits
-from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
 from sf_bsread_writer.ca.policy import keep_sparse, sparse_rounds
 from sf_bsread_writer.feed import FeedReader
 from sf_bsread_writer.status import BufferStatus

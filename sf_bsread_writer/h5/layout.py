@@ -65,7 +65,7 @@ OWN_ATTRIBUTES = ("format", "format_version", "number_of_messages", "first_pulse
                   "first_timestamp", "last_timestamp", "missing_pulses", "absent_values", "complete",
                   "rows_removed_after_stop", "refused_channels")
 CALLER_ATTRIBUTES = ("requested_start_pulse_id", "requested_stop_pulse_id", "requested_start_time",
-                     "requested_stop_time", "end_reason", "unlocated_gaps", "outcome", "time_base")
+                     "requested_stop_time", "end_reason", "unlocated_gaps", "outcome", "time_base", "pulse_sources")
 FILE_ATTRIBUTES = OWN_ATTRIBUTES + CALLER_ATTRIBUTES
 
 # Chunking of buffered datasets: about TARGET_CHUNK_BYTES per chunk, never

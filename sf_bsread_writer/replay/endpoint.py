@@ -136,6 +136,10 @@ class ReplayEndpoint:
         self.sockets_replaced += 1
         logger.error("replay: socket replaced (%d so far), every session ended: %s", self.sockets_replaced, error)
 
+        # --archive: the archive's address (nats://HOST:PORT/NAME), told to every writer in its acceptance so
+        # that it reads pulses older than the ring from there (archive.reach_back).
+        self.archive: str | None = None
+
     def close(self) -> None:
         self.socket.close(linger=0)
         self._sessions.clear()
@@ -224,7 +228,7 @@ class ReplayEndpoint:
                         session.session_id, message.start_pulse_id, message.start_time,
                         message.stop_pulse_id, message.stop_time, session.window)
             self._send_control(identity, build_accepted(Accepted(
-                session.window, self.ring.oldest_pulse_id, self.ring.newest_pulse_id)))
+                session.window, self.ring.oldest_pulse_id, self.ring.newest_pulse_id, self.archive)))
         elif session is None:
             if not isinstance(message, CloseSession):
                 self._send_control(identity, build_error(

@@ -79,6 +79,8 @@ MAX_WINDOW = 4096
 #: A writer's message is one small JSON object (a request is ~150 bytes); a
 #: larger one is refused unparsed, so no input can make the buffer parse much.
 MAX_WRITER_MESSAGE_BYTES = 4096
+#: Longest archive address an acceptance may name (nats://host:port,.../NAME).
+MAX_ARCHIVE_ADDRESS = 1024
 
 # First frame of every buffer -> writer message.
 KIND_DATA = b"data"  # b"data <pulse_id> <time>", followed by the original frames
@@ -94,6 +96,10 @@ class GapReason(str, enum.Enum):
 
     EVICTED = "evicted"  # the ring overtook the writer's cursor (writer too slow)
     BEFORE_BUFFER = "before_buffer"  # the requested start lies before the oldest message held
+    # From a buffer's archive (archive.records):
+    BEFORE_ARCHIVE = "before_archive"  # older than the oldest message the archive holds
+    NOT_ARCHIVED = "not_archived"  # the ring lost them before the archiver stored them (counted by the buffer)
+    ARCHIVE_DISCARDED = "archive_discarded"  # removed by the archive's retention while a reader was on its way
     SOURCE_RESET = "source_reset"  # the source restarted its pulse ids (count may be 0)
 
 
@@ -377,6 +383,9 @@ class Accepted:
     window: int
     oldest_pulse_id: int | None
     newest_pulse_id: int | None
+    # The buffer's archive (nats://HOST:PORT/NAME) where it has one: pulses older than the ring are read
+    # from there (archive.reach_back). An extension within version 1: older clients ignore the field.
+    archive: str | None = None
 
 
 @dataclass(frozen=True)
@@ -426,8 +435,11 @@ def build_error(reason: ErrorReason | str, detail: str) -> list[bytes]:
 
 
 def build_accepted(accepted: Accepted) -> list[bytes]:
-    return [KIND_ACCEPTED, _dumps({"window": accepted.window, "oldest_pulse_id": accepted.oldest_pulse_id,
-                                   "newest_pulse_id": accepted.newest_pulse_id})]
+    body = {"window": accepted.window, "oldest_pulse_id": accepted.oldest_pulse_id,
+            "newest_pulse_id": accepted.newest_pulse_id}
+    if accepted.archive is not None:
+        body["archive"] = accepted.archive
+    return [KIND_ACCEPTED, _dumps(body)]
 
 
 def _optional_int(body: dict[str, Any], name: str) -> int | None:
@@ -480,6 +492,9 @@ def parse_buffer_parts(kind_frame: Any, frames: Sequence[Any] | None) -> Data | 
     if kind == KIND_ERROR:
         return Refused(str(body.get("reason", "")), str(body.get("detail", "")))
     if kind == KIND_ACCEPTED:
+        archive = body.get("archive")
+        if archive is not None and (not isinstance(archive, str) or len(archive) > MAX_ARCHIVE_ADDRESS):
+            raise ReplayProtocolError(ErrorReason.BAD_FIELD, "archive must be a short string or absent")
         return Accepted(int(body.get("window", DEFAULT_WINDOW)), _optional_int(body, "oldest_pulse_id"),
-                        _optional_int(body, "newest_pulse_id"))
+                        _optional_int(body, "newest_pulse_id"), archive)
     raise ReplayProtocolError(ErrorReason.UNKNOWN_TYPE, f"unknown kind {kind[:20]!r}")

@@ -256,13 +256,17 @@ def range_of(status: BufferStatus, since: str | None, last: int | None) -> tuple
     if ring.newest_pulse_id is None:
         raise CtlError("the buffer holds no message yet")
     stop = ring.newest_pulse_id
+    oldest = ring.oldest_pulse_id
+    archive = status.archive
+    if archive is not None and archive.first_pulse_id is not None and oldest is not None:
+        oldest = min(oldest, archive.first_pulse_id)  # the writer reads what the ring lacks from the archive
     if last is not None:
-        return max(ring.oldest_pulse_id or stop, stop - (last - 1) * step), stop
+        return max(oldest or stop, stop - (last - 1) * step), stop
     seconds = parse_seconds(since or "0")
     rate = status.rates.messages_per_second or 0.0
     if rate <= 0:
         raise CtlError("the buffer's message rate is not known (is the source sending?): use --last N")
-    return max(ring.oldest_pulse_id or stop, stop - int(round(seconds * rate)) * step + step), stop
+    return max(oldest or stop, stop - int(round(seconds * rate)) * step + step), stop
 
 
 # --------------------------------------------------------------------------
@@ -298,7 +302,23 @@ def _status_rows(status: BufferStatus) -> list[tuple[str, Any]]:
             ("pulse ids", f"{ring.oldest_pulse_id} .. {ring.newest_pulse_id}"),
             ("rejected", f"{status.rejected_total} {dict(status.rejected) or ''}"),
             ("pulse-id jumps/resets", f"{status.pulse_ids.jumps} / {status.pulse_ids.resets}"),
-            ("writers", status.replay.active_sessions), ("evicted", ring.evicted)]
+            ("writers", status.replay.active_sessions), ("evicted", ring.evicted),
+            *_archive_rows(status)]
+
+
+def _archive_rows(status: BufferStatus) -> list[tuple[str, Any]]:
+    """``--archive``: where, how far it is behind the ring, what it holds, what it lost (docs/archive.md)."""
+    archive = status.archive
+    if archive is None:
+        return []
+    lag = (f"{archive.lag_seconds:.1f} s, " if archive.lag_seconds is not None else "") + \
+        f"{archive.lag_messages if archive.lag_messages is not None else '?'} messages"
+    return [("archive", f"{archive.state} {archive.url}" + (f" ({archive.error})" if archive.error else "")),
+            ("archive pulse ids", f"{archive.first_pulse_id} .. {archive.last_pulse_id}, "
+                                  f"{archive.stored_messages} messages, {(archive.stored_bytes or 0) / 1e6:.1f} MB"),
+            ("archive lag", lag),
+            ("archive lost", f"{archive.lost} pulses (+{archive.unarchived_at_start} before it started), "
+                             f"{archive.oversize} oversize, {archive.discarded} discarded by retention")]
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ client: credit, heartbeats, re-requests after a buffer restart) and encodes.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from sf_bsread_writer.archive.reach_back import ReachBackSource
 from sf_bsread_writer.bsread.headers import DataHeader, PerHeader
 from sf_bsread_writer.bsread.message import Message, MessageParser
 from sf_bsread_writer.bsread.spec import ProtocolError
@@ -63,8 +65,10 @@ def fetch_range(replay_address: str, query: RangeQuery, limits: RangeLimits, tim
     columns = RangeColumns(query, limits, decode=decode)
     parser = MessageParser()
     deadline = time.monotonic() + timeout
-    client = ReplayClient(replay_address, start_pulse_id=query.start_pulse_id, start_time=query.start_time,
-                          stop_pulse_id=query.stop_pulse_id, stop_time=query.stop_time, context=context)
+    # A buffer with --archive names it in its acceptance: pulses older than the ring come from there.
+    client = ReachBackSource(replay_address, start_pulse_id=query.start_pulse_id, start_time=query.start_time,
+                             stop_pulse_id=query.stop_pulse_id, stop_time=query.stop_time,
+                             replay_factory=functools.partial(ReplayClient, context=context))
     try:
         client.start()
         try:

@@ -17,6 +17,7 @@ writer back to ``waiting`` for the next start, and only ``/stop``,
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -26,9 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from sf_bsread_writer.archive.reach_back import ReachBackSource
 from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
 from sf_bsread_writer.bsread.timebase import MAX_CLOCK_SKEW
-from sf_bsread_writer.replay.client import HANDSHAKE_SECONDS, ReplayClient
+from sf_bsread_writer.replay.client import HANDSHAKE_SECONDS
 from sf_bsread_writer.replay.messages import Accepted, make_label
 from sf_bsread_writer.status import json_value
 from sf_bsread_writer.transport import partsio
@@ -95,8 +97,8 @@ class Started:
 
 def _start_warning(start: StartRun, accepted: Accepted | None) -> str | None:
     """What the buffer's acceptance says about the requested range: older than what it holds?"""
-    if accepted is None or start.start_pulse_id is None:
-        return None
+    if accepted is None or start.start_pulse_id is None or accepted.archive:
+        return None  # with an archive, what the ring lacks is read from there (and gaps say what it lacks too)
     oldest = accepted.oldest_pulse_id
     if oldest is None:
         return ("the buffer holds no message yet: pulses before the first one it receives will be missing "
@@ -365,6 +367,9 @@ class Writer:
         attributes["time_base"] = loop.time_base
         if self._counters.unlocated_gaps:
             attributes["unlocated_gaps"] = json_value(tuple(self._counters.unlocated_gaps))
+        sources = getattr(source, "pulse_sources", None)  # which pulses came from the ring, which from an archive
+        if sources:
+            attributes["pulse_sources"] = json.dumps(sources)
         for closer, what in ((lambda: output.close(attributes), "the file"), (source.close, "the source")):
             try:
                 closer()
@@ -435,12 +440,20 @@ class Writer:
 
     # -- default factories -------------------------------------------------------
     def _default_source(self, start: StartRun) -> Any:
+        """The buffer's replay endpoint (reaching into its archive), an archive alone (nats://), or --direct."""
         if self.settings.direct:
             return DirectSource(self.settings.stream_address, self.settings.direct_mode,
                                 self.settings.max_message_bytes)
-        return ReplayClient(self.settings.stream_address, start_pulse_id=start.start_pulse_id,
-                            start_time=start.start_time, stop_pulse_id=start.stop_pulse_id,
-                            stop_time=start.stop_time, label=make_label(start.output_file))
+        if self.settings.stream_address.startswith("nats://"):
+            from sf_bsread_writer.archive.reader import (
+                ArchiveSource,  # nats-py loads only for an archive
+            )
+            return ArchiveSource(self.settings.stream_address, start_pulse_id=start.start_pulse_id,
+                                 start_time=start.start_time, stop_pulse_id=start.stop_pulse_id,
+                                 stop_time=start.stop_time)
+        return ReachBackSource(self.settings.stream_address, start_pulse_id=start.start_pulse_id,
+                               start_time=start.start_time, stop_pulse_id=start.stop_pulse_id,
+                               stop_time=start.stop_time, label=make_label(start.output_file))
 
     def _default_output(self, start: StartRun) -> Any:
         return open_output(start, self.settings.flush_interval, self.settings.output_root,

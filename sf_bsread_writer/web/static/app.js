@@ -338,6 +338,15 @@ function updateStatus(document) {
   setText("rejected", String(buffer.rejected_total));
   setText("rejected-reasons", Object.entries(buffer.rejected).map(([reason, n]) => reason + " " + n).join(", "));
   setText("jumps", buffer.pulse_ids.jumps + " / " + buffer.pulse_ids.resets);
+  const archive = buffer.archive;  // --archive (docs/archive.md): lag, what it holds, what it lost
+  $("archive-card").hidden = !archive;
+  if (archive) {
+    $("archive-card").className = "card" + (archive.state === "archiving" ? "" : " warning");
+    setText("archive-lag", archive.state !== "archiving" ? archive.state.replace(/_/g, " ") :
+            (archive.lag_seconds === null ? "-" : archive.lag_seconds.toFixed(1) + " s"));
+    setText("archive-detail", (archive.first_pulse_id ?? "-") + " .. " + (archive.last_pulse_id ?? "-") +
+            ", lost " + archive.lost + (archive.error ? " - " + archive.error : ""));
+  }
   const at = new Date(buffer.time * 1000);  // the buffer's snapshot time, as the history's points
   for (const [points, value] of [[page.ratePoints, rates.messages_per_second],
                                  [page.bytesPoints, rates.bytes_per_second / 1e6]]) {
