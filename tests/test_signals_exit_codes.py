@@ -209,8 +209,6 @@ def _hangup_commands(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
 @pytest.mark.parametrize("name", ["buffer", "web", "simulate", "bridge", "gateway"])
 def test_no_service_ends_on_a_hangup(tmp_path, name):
     command, said = _hangup_commands(tmp_path)[name]
-    if name == "gateway_softioc":
-        pytest.importorskip("softioc", reason="pythonSoftIOC is not installed")
     ca_port = str(free_port())  # EPICS takes no port 0
     env = {**EPICS_LOOPBACK_ENV, "EPICS_CAS_SERVER_PORT": ca_port, "EPICS_CA_SERVER_PORT": ca_port}
     with Child(command, env=env, new_session=True) as child:
