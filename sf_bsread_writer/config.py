@@ -294,9 +294,11 @@ WRITER_OPTIONS: list[Option] = [
     Option("decompress_images", ("--decompress-images",), False, _bool,
            "Store bitshuffle_lz4 images decompressed (plain datasets any HDF5 reader opens, without the "
            "filter plugin; bigger files, more CPU) instead of as the compressed chunks received.", kind="flag"),
-    Option("finished_grace", ("--finished-grace",), 0.5, float,
-           "Seconds the REST API keeps answering 'finished' before the process exits (the original's clients "
-           "expect the process gone within 1.5 s of the stop; a poller slower than this sees it gone)."),
+    Option("finished_grace", ("--finished-grace",), 0.0, float,
+           "Seconds the REST API keeps answering 'finished' after the file is closed and the summary written, "
+           "before the process exits. 0 (the original's behaviour): gone at once, for clients that wait for "
+           "the process to end; a client that polls /status for 'finished' sets it longer than its poll "
+           "interval (or reads the summary, or takes a gone writer as finished)."),
     _log_option,
 ]
 
