@@ -186,7 +186,11 @@ def test_ctl_write_stopped_by_ctrl_c_closes_the_file_and_says_what_is_on_disk(bu
         end_group(ctl)
     found = assert_accounted_for(output, first, last, "partial", 3)
     assert found["end_reason"] == f"signal_{signal.Signals(signum).name}"
-    assert f"{output}: interrupted by {signal.Signals(signum).name}: partial, {found['rows']} rows" in said, said
+    name = signal.Signals(signum).name
+    # What is on disk and why, in one line: the rows, the rest of the range missing by the signal, the files.
+    assert f"{output}: interrupted by {name}: partial, {found['rows']} rows, {found['missing']} pulses missing " \
+           f"(signal_{name}: {found['missing']}); on disk: {output} ({found['rows']} rows) and " \
+           f"{output}.summary.json" in said, said
 
 
 def _hangup_commands(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
