@@ -193,6 +193,26 @@ def test_ctl_write_stopped_by_ctrl_c_closes_the_file_and_says_what_is_on_disk(bu
            f"{output}.summary.json" in said, said
 
 
+def test_ctl_write_stopped_by_ctrl_c_while_its_writer_starts_writes_nothing(buffer, tmp_path):
+    """Ctrl-C before the range was asked for: the writer is stopped unasked, no file, and the line says so."""
+    _, endpoints = buffer
+    output = tmp_path / "early-stop.h5"
+    first = newest_pulse_id(endpoints)
+    ctl = subprocess.Popen([*CTL, "write", "CTLTEST", str(first), str(first + 50), str(output)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                           text=True, start_new_session=True)
+    try:
+        wait_for(lambda: children_of(ctl.pid, "sf_bsread_writer.writer"), timeout=DEADLINE, interval=0.005,
+                 message="the writer process, still importing")
+        ctl.send_signal(signal.SIGINT)
+        assert ctl.wait(timeout=DEADLINE) == 128 + signal.SIGINT
+        said = ctl.stdout.read()
+    finally:
+        end_group(ctl)
+    assert f"{output}: interrupted by SIGINT before the writer started: nothing written" in said, said
+    assert not output.exists() and not Path(f"{output}.summary.json").exists()
+
+
 def _hangup_commands(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     """Every long-running command, started on its own, and the log line that shows it took the hangup."""
     tokens = tmp_path / "tokens"

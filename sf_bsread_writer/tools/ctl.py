@@ -56,7 +56,7 @@ from sf_bsread_writer.status import BufferStatus
 from sf_bsread_writer.writer.acquisition import Outcome
 from sf_bsread_writer.writer.statistics import WriterStatistics
 
-__all__ = ["main", "write_range", "BufferRef", "resolve_buffer", "CtlError"]
+__all__ = ["main", "write_range", "BufferRef", "resolve_buffer", "CtlError", "StoppedBeforeStart", "describe_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +196,10 @@ def newest_message(buffer: BufferRef, timeout: float = 5.0) -> Any:
 # --------------------------------------------------------------------------
 # write_range
 # --------------------------------------------------------------------------
+class StoppedBeforeStart(Exception):
+    """``interrupted()`` named a signal before the range was asked for: the writer was ended, nothing written."""
+
+
 @dataclass
 class Progress:
     written: int
@@ -215,7 +219,9 @@ def write_range(buffer: str | BufferRef, start_pulse_id: int, stop_pulse_id: int
     ``parameters`` go to ``/parameters`` (defaults: now, this user, sf_bsread_ctl, the buffer's name).
     ``interrupted()``, asked while the writer runs, names a signal ("SIGINT") once the caller was
     told to stop: that signal is passed on to the writer, which closes the file at once (the rest of
-    the range missing, ``signal_SIGINT``); the outcome is then what the closed file holds.
+    the range missing, ``signal_SIGINT``); the outcome is then what the closed file holds. Told so
+    before the range was asked for, it ends the writer unasked (no file) and raises
+    :class:`StoppedBeforeStart`.
     ``on_warning(text)`` hears what the writer warns about the range when it starts (pulses older
     than the buffer's oldest: they will be missing); without it, the warning is logged.
     A writer that refuses the range or the file (it exists, a path it may not write) raises
@@ -240,6 +246,8 @@ def write_range(buffer: str | BufferRef, start_pulse_id: int, stop_pulse_id: int
                               preexec_fn=process.ignore_hangup_until_handled)
     try:
         ready = _read_ready(writer, log)
+        if interrupted is not None and interrupted():  # told to stop before anything was asked: ask nothing
+            raise StoppedBeforeStart(interrupted() or "")
         client = WriterClient(ready["rest"], timeout=10)
         try:
             client.set_parameters({"general/created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -582,7 +590,7 @@ def _say(text: str) -> None:
 
 
 def _write(args: argparse.Namespace, interrupted: Callable[[], str | None]) -> int | None:
-    """The writer's exit code; None when interrupted before it was started."""
+    """The writer's exit code; None when interrupted before its range was asked for (nothing written)."""
     from rich.console import Console
     from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
     from rich.progress import Progress as Bar
@@ -632,6 +640,8 @@ def _write(args: argparse.Namespace, interrupted: Callable[[], str | None]) -> i
     try:
         outcome = write_range(ref, start, stop, path, parameters, on_progress=on_progress, interrupted=interrupted,
                               on_warning=on_warning)
+    except StoppedBeforeStart:
+        return None
     finally:
         try:
             bar.stop()
