@@ -210,6 +210,13 @@ def test_a_refused_write_is_a_bad_command_without_a_traceback(buffer, tmp_path):
         assert "Traceback" not in refused.stderr and expected in refused.stderr, refused.stderr
         assert refused.stderr.startswith("sf_bsread_ctl: ") and len(refused.stderr.strip().splitlines()) == 1
     assert existing.read_bytes() == b"a run of yesterday"
+    # The writer itself refuses its configuration (a bad SF_BSREAD_WRITER_* in the operator's environment).
+    env = {**os.environ, "COLUMNS": "200", "SF_BSREAD_WRITER_FLUSH_INTERVAL": "soon"}
+    misconfigured = subprocess.run([*CTL, "write", "CTLTEST", str(newest - 5), str(newest), str(tmp_path / "m.h5")],
+                                   capture_output=True, text=True, timeout=60, env=env)
+    assert misconfigured.returncode == 2, misconfigured.stdout + misconfigured.stderr
+    assert "exit 2" in misconfigured.stderr and "SF_BSREAD_WRITER_FLUSH_INTERVAL" in misconfigured.stderr
+    assert "Traceback" not in misconfigured.stderr and not (tmp_path / "m.h5").exists()
 
 
 def test_tables_are_whole_lines_when_stdout_is_not_a_terminal(buffer):

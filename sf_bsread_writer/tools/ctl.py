@@ -313,13 +313,20 @@ def _read_ready(writer: subprocess.Popen, log: Any, timeout: float = 30.0) -> di
     threading.Thread(target=drain, name="writer-stdout", daemon=True).start()
     try:
         payload = found.get(timeout=timeout)
-    except queue.Empty:
-        payload = None
-    if payload is not None:
-        return payload
-    writer.poll()
-    raise CtlError(f"the writer did not start within {timeout:g} s: {_log_tail(log) or 'no READY line'}",
-                   ExitCode.FAILED)
+    except queue.Empty:  # still running, silent
+        ended = None
+    else:
+        if payload is not None:
+            return payload
+        try:  # its stdout closed: the process ends (a moment after)
+            ended = writer.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            ended = None
+    # A writer that refused its command line (exit 2) is a bad command here too; one that hangs or fails is not.
+    code = ExitCode.CONFIGURATION if ended == ExitCode.CONFIGURATION else ExitCode.FAILED
+    what = f"the writer ended at its start (exit {ended})" if ended is not None else \
+        f"the writer did not start within {timeout:g} s"
+    raise CtlError(f"{what}: {_log_tail(log) or 'no READY line'}", code)
 
 
 def _log_tail(log: Any, characters: int = 500) -> str:
