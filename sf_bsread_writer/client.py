@@ -41,12 +41,17 @@ class WriterError(RuntimeError):
 
 
 class WriterClient:
-    """One writer's REST API. ``timeout`` (seconds) applies to every request."""
+    """One writer's REST API. ``timeout`` (seconds) applies to every request.
+
+    ``warning`` is what the last start's answer warned about the range (pulses older than the
+    buffer's oldest, a buffer that holds nothing yet), None when it had nothing to say.
+    """
 
     def __init__(self, base_url: str, timeout: float = 10.0, session: requests.Session | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self._session = session or requests.Session()
+        self.warning: str | None = None
 
     def _call(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> dict:
         response = self._session.request(
@@ -75,14 +80,19 @@ class WriterClient:
 
     def start_pulse_id(self, pulse_id: int, output_file: str | None = None) -> str:
         body = {"output_file": output_file} if output_file is not None else None
-        return self._call("PUT", f"/start_pulse_id/{pulse_id}", body)["status"]
+        return self._started(self._call("PUT", f"/start_pulse_id/{pulse_id}", body))
 
     def stop_pulse_id(self, pulse_id: int) -> str:
         return self._call("PUT", f"/stop_pulse_id/{pulse_id}")["status"]
 
     def start_now(self, output_file: str | None = None) -> str:
         body = {"output_file": output_file} if output_file is not None else None
-        return self._call("PUT", "/start_now", body)["status"]
+        return self._started(self._call("PUT", "/start_now", body))
+
+    def _started(self, answer: dict) -> str:
+        warning = answer.get("warning")
+        self.warning = str(warning) if warning else None
+        return answer["status"]
 
     def stop_now(self) -> str:
         return self._call("PUT", "/stop_now")["status"]

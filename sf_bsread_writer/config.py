@@ -120,6 +120,16 @@ class Option:
     metavar: str | None = None
     required: bool = False
 
+    @property
+    def hidden(self) -> bool:
+        """An internal option (``help=argparse.SUPPRESS``): parsed, but in neither ``--help`` nor the reference.
+
+        argparse hides an option only when its help *is* ``SUPPRESS``; the
+        environment note appended to every help would turn it into visible text
+        (``==SUPPRESS== [env ...]``), so a hidden option gets neither.
+        """
+        return self.help == argparse.SUPPRESS
+
 
 def _env_name(prefix: str, option: Option) -> str:
     return prefix + option.dest.upper()
@@ -164,6 +174,7 @@ def build_parser(
             parser.error(str(error))
         default = env_value if found else option.default
         env_help = f" [env {_env_name(env_prefix, option)}; default: {default!r}]"
+        help_text = argparse.SUPPRESS if option.hidden else option.help + env_help
         if not option.flags:
             # A positional that the environment may supply.
             parser.add_argument(
@@ -171,11 +182,11 @@ def build_parser(
                 nargs=None if (option.required and not found) else "?",
                 default=default,
                 type=option.type,
-                help=option.help + env_help,
+                help=help_text,
                 metavar=option.metavar or option.dest,
             )
             continue
-        kwargs: dict[str, Any] = {"dest": option.dest, "default": default, "help": option.help + env_help}
+        kwargs: dict[str, Any] = {"dest": option.dest, "default": default, "help": help_text}
         if option.kind == "flag":
             kwargs["action"] = "store_true"
         elif option.kind == "list":
@@ -308,9 +319,11 @@ WRITER_OPTIONS: list[Option] = [
     Option("decompress_images", ("--decompress-images",), False, _bool,
            "Store bitshuffle_lz4 images decompressed (plain datasets any HDF5 reader opens, without the "
            "filter plugin; bigger files, more CPU) instead of as the compressed chunks received.", kind="flag"),
-    Option("finished_grace", ("--finished-grace",), 0.5, float,
-           "Seconds the REST API keeps answering 'finished' before the process exits (the original's clients "
-           "expect the process gone within 1.5 s of the stop; a poller slower than this sees it gone)."),
+    Option("finished_grace", ("--finished-grace",), 0.0, float,
+           "Seconds the REST API keeps answering 'finished' after the file is closed and the summary written, "
+           "before the process exits. 0 (the original's behaviour): gone at once, for clients that wait for "
+           "the process to end; a client that polls /status for 'finished' sets it longer than its poll "
+           "interval (or reads the summary, or takes a gone writer as finished)."),
     _log_option,
 ]
 
@@ -458,7 +471,7 @@ def markdown_reference() -> str:
     for command, prefix, options in COMMANDS:
         out += ["", f"## {command}", "", "| option | environment | default | meaning |", "|---|---|---|---|"]
         for option in options:
-            if option.help == argparse.SUPPRESS:  # internal (e.g. the gateway's IOC child): not for users
+            if option.hidden:  # internal (e.g. the gateway's IOC child): not for users
                 continue
             spelled = ", ".join(f"`{flag}`" for flag in option.flags) if option.flags else \
                 f"`{(option.metavar or option.dest).upper()}` (positional)"

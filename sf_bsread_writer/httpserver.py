@@ -68,8 +68,10 @@ class HttpServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> "HttpServer":
+        # stop() waits for the serving loop to see the request: at most one poll interval, which a writer
+        # spends between its closed file and its exit (the original's clients want it gone within 0.5 s).
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="http", daemon=True
         )
         self._thread.start()
         logger.info("HTTP API listening on %s", self.url)

@@ -125,3 +125,16 @@ def test_good_addresses_pass():
     for address in ("tcp://127.0.0.1:8889", "tcp://camera-ioc.psi.ch:9999", "tcp://[::1]:5", "ipc:///tmp/bs",
                     "tcp://eth0;10.0.0.5:9999", "inproc://feed", "epgm://eth0;239.192.1.1:5555"):
         assert config.zmq_address(address) == address
+
+
+@pytest.mark.parametrize("command, prefix, options", config.COMMANDS, ids=[item[0] for item in config.COMMANDS])
+def test_hidden_options_stay_out_of_help_and_still_work(command, prefix, options):
+    """An internal option (help=argparse.SUPPRESS, e.g. the gateway's --ioc-child) is not shown, but parses."""
+    parser = config.build_parser(command, "", options, prefix, environ={})
+    text = parser.format_help()
+    assert "SUPPRESS" not in text, text
+    for option in options:
+        if option.hidden:
+            assert not any(flag in text for flag in option.flags), option
+    if command == "sf_bsread_gateway":
+        assert parser.parse_args(["tcp://127.0.0.1:1", "--ioc-child"]).ioc_child is True

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,6 @@ import h5py
 import pytest
 import requests
 
-from sf_bsread_writer import config
 from sf_bsread_writer.process import parse_ready
 
 from .helpers import Child, free_port, wait_for
@@ -140,8 +140,6 @@ def test_buffer_writer_integration(stream, processes, tmp_path: Path) -> None:
     # The original: the writer is gone soon after its stop pulse, the buffer stays.
     assert writer.wait_for_exit() == 0  # complete
     assert buffer.child.process.poll() is None
-    # "Soon" was 1.5 s in its test; the grace (answering "finished" before the exit) is what decides it.
-    assert next(o.default for o in config.WRITER_OPTIONS if o.dest == "finished_grace") <= 0.5
 
     with h5py.File(output_file, "r") as file:
         normal_source = file["/data/normal_source/data"]
@@ -203,6 +201,33 @@ def test_classic_interaction(stream, processes, tmp_path: Path) -> None:
         assert file["data/device1/data"][:, 0].tolist() == list(range(103, 109))
         assert file["data/device2/data"][:, 0].tolist() == list(range(203, 209))
         assert not file["data/device3/is_data_present"][()].any()
+
+
+EXIT_AFTER_LAST_MESSAGE = 0.5  # the original's test_writer.py: sleep(0.5), then assertFalse(writer.is_alive())
+
+
+def test_the_writer_is_gone_half_a_second_after_the_last_message(stream, processes, tmp_path: Path) -> None:
+    """test_writer.py: a DAQ system written for the original waits for the writer process to end.
+
+    The range 3..8 is set before its last message is sent, the messages 0..9 go out, and the
+    process must be gone 0.5 s after the last one: the file closed, the summary written, no
+    grace spent answering ``/status`` (``--finished-grace`` is 0 unless a client asks for it).
+    """
+    sender, buffer = stream
+    output_file = tmp_path / "gone.h5"
+    writer = start_writer(processes, buffer.replay, output_file)
+    requests.post(writer.url + "parameters", json=PARAMETERS, timeout=DEADLINE)
+    requests.put(writer.url + "start_pulse_id/3", timeout=DEADLINE)
+    requests.put(writer.url + "stop_pulse_id/8", timeout=DEADLINE)
+    for pulse_id in range(10):
+        sender.send(timestamp=ZERO_CLOCK, pulse_id=pulse_id, data={"device1": pulse_id + 100})
+    last_sent = time.monotonic()
+    assert writer.wait_for_exit() == 0
+    gone_after = time.monotonic() - last_sent
+    assert gone_after <= EXIT_AFTER_LAST_MESSAGE, f"the writer lingered {gone_after:.2f} s after the last message"
+    with h5py.File(output_file, "r") as file:
+        assert file["data/device1/pulse_id"][()].tolist() == list(range(3, 9))
+    assert json.loads((tmp_path / "gone.h5.summary.json").read_text())["outcome"] == "complete"
 
 
 @pytest.mark.parametrize("clock", ["source", "zero"])

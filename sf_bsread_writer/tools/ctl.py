@@ -3,7 +3,7 @@
 ::
 
     sf_bsread_ctl ls                                  # every buffer and writer of this host
-    sf_bsread_ctl status  BUFFER                      # BUFFER: a name from ls, or http://host:8890
+    sf_bsread_ctl status  BUFFER                      # BUFFER: a name from ls, http://host:8890 or the web URL
     sf_bsread_ctl channels BUFFER
     sf_bsread_ctl peek BUFFER CHANNEL                 # the newest value of one channel
     sf_bsread_ctl watch BUFFER                        # a live table (Ctrl-C ends it)
@@ -13,7 +13,11 @@
 
 ``write`` is :func:`write_range` (also ``sf_bsread_writer.write_range``): a
 writer process, driven over its REST API like the DAQ system does, with a
-progress bar; the exit code is the writer's (0 complete, 3 partial, 1 failed).
+progress bar; the exit code is the writer's (0 complete, 3 partial, 1 failed),
+2 when the writer refuses the command (a file that exists). Its last line says
+why the run ended as it did and what it left on disk (:func:`describe_run`,
+from the run's summary); the writer's warning about the range is printed when
+it starts. Tables are whole lines when stdout is not a terminal.
 A one-shot acquisition must survive its terminal: when the terminal hangs
 up (SIGHUP) or its output is gone (EPIPE, EIO), ``write`` stops printing and
 drives its writer to the end of the range. Ctrl-C (SIGINT) or SIGTERM stop
@@ -52,7 +56,7 @@ from sf_bsread_writer.status import BufferStatus
 from sf_bsread_writer.writer.acquisition import Outcome
 from sf_bsread_writer.writer.statistics import WriterStatistics
 
-__all__ = ["main", "write_range", "BufferRef", "resolve_buffer", "CtlError"]
+__all__ = ["main", "write_range", "BufferRef", "resolve_buffer", "CtlError", "StoppedBeforeStart", "describe_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,43 +64,100 @@ HTTP_TIMEOUT = 3.0
 
 
 class CtlError(RuntimeError):
-    """Something the operator must fix (an unknown buffer, a buffer that does not answer); exit code 2."""
+    """Something the operator must fix (an unknown buffer, a refused command): one line, ``exit_code``.
+
+    2 (``ExitCode.CONFIGURATION``) unless said otherwise: a bad command, which
+    trying again unchanged cannot fix; 1 (``ExitCode.FAILED``) for a failure
+    that may pass (a writer that ended before it could be driven, a buffer
+    with no room for another writer).
+    """
+
+    def __init__(self, message: str, exit_code: int = ExitCode.CONFIGURATION) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# The URLs a BUFFER argument may be, named in every answer to a URL that is none of them.
+EXPECTED_URLS = ("give the buffer's HTTP URL (its --rest-port, e.g. http://host:8890), its web service's URL "
+                 "(--web-port, e.g. http://host:8891, the page an operator opens) or its name from `sf_bsread_ctl ls`")
 
 
 @dataclass(frozen=True)
 class BufferRef:
-    """A buffer to talk to: its name and addresses (from the registry or from its HTTP status)."""
+    """A buffer to talk to: its name and addresses (from the registry or from its HTTP status).
+
+    ``rest`` is where its status is read: the buffer's HTTP API (``GET
+    /statistics``), or, with ``via_web``, its web service (``GET
+    /api/v1/status``, whose ``buffer`` is the same record), so that the URL an
+    operator sees in the browser works as well as the buffer's own.
+    """
 
     name: str
     rest: str
     replay: str | None
     output: str | None
     web: str | None = None
+    via_web: bool = False
+    token: str | None = None  # the web service's access token (``?token=`` of the URL), if it asks for one
 
     def statistics(self) -> BufferStatus:
         try:
-            answer = requests.get(self.rest + "/statistics", timeout=HTTP_TIMEOUT)
-            return BufferStatus.from_json(answer.json()["statistics"])
-        except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError) as error:
+            return _read_status(self.rest, self.via_web, self.token)
+        except CtlError as error:
             raise CtlError(f"buffer {self.name} does not answer at {self.rest}: {error}") from None
 
 
+def _read_status(base: str, via_web: bool, token: str | None = None) -> BufferStatus:
+    """The buffer's status from its HTTP API or from its web service; CtlError says what answered instead."""
+    path, key = ("/api/v1/status", "buffer") if via_web else ("/statistics", "statistics")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        answer = requests.get(base + path, timeout=HTTP_TIMEOUT, headers=headers)
+    except requests.RequestException as error:
+        raise CtlError(f"nothing answers ({type(error).__name__})") from None
+    if answer.status_code == 401:
+        raise CtlError("the web service asks for a token: add ?token=TOKEN to its URL")
+    document: Any = None
+    try:
+        document = answer.json()
+        return BufferStatus.from_json(document[key])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        status = document.get("status") if isinstance(document, dict) else None  # e.g. a 404's list of paths
+        raise CtlError(f"GET {path} answered {answer.status_code} without a buffer's status"
+                       + (f" ({str(status)[:120]})" if status else "")) from None
+
+
+def _resolve_url(spec: str) -> BufferRef:
+    """A buffer by URL: its HTTP API or its web service, given with or without a trailing path or ``?token=``."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(spec.strip())
+    token = (parse_qs(parts.query).get("token") or [None])[0]
+    origin = f"{parts.scheme}://{parts.netloc}"
+    given = (origin + parts.path).rstrip("/")
+    said = []
+    for base in dict.fromkeys((given, origin)):  # the URL as given, then its host and port alone
+        for via_web in (False, True):
+            try:
+                status = _read_status(base, via_web, token)
+            except CtlError as error:
+                said.append(f"{base}{'/api/v1/status' if via_web else '/statistics'}: {error}")
+                continue
+            endpoints = status.endpoints
+            return BufferRef(status.name, base, endpoints.replay, endpoints.output, endpoints.web or
+                             (base if via_web else None), via_web=via_web, token=token)
+    raise CtlError(f"no buffer answers at {given} ({'; '.join(said[-2:])}): {EXPECTED_URLS}")
+
+
 def resolve_buffer(spec: str) -> BufferRef:
-    """``spec``: a buffer's name as ``ls`` shows it, or its HTTP base URL (``http://host:8890``)."""
+    """``spec``: a buffer's name as ``ls`` shows it, its HTTP base URL (``http://host:8890``) or its web URL."""
     if spec.startswith(("http://", "https://")):
-        rest = spec.rstrip("/")
-        try:
-            status = BufferStatus.from_json(
-                requests.get(rest + "/statistics", timeout=HTTP_TIMEOUT).json()["statistics"])
-        except (requests.RequestException, ValueError, KeyError) as error:
-            raise CtlError(f"no buffer answers at {rest}: {error}") from None
-        endpoints = status.endpoints
-        return BufferRef(status.name, rest, endpoints.replay, endpoints.output, endpoints.web)
+        return _resolve_url(spec)
     found = [entry for entry in registry.entries() if entry.kind == "buffer" and entry.name == spec]
     if not found:
         names = sorted({entry.name for entry in registry.entries() if entry.kind == "buffer"})
         raise CtlError(f"no buffer named {spec!r} on this host (running: {', '.join(names) or 'none'}; "
-                       f"or give its HTTP URL, http://host:8890)")
+                       f"or give its HTTP URL, http://host:8890, or its web URL, http://host:8891)")
     endpoints = found[-1].endpoints
     if not endpoints.get("rest"):
         raise CtlError(f"buffer {spec!r} has no HTTP status (--rest-port)")
@@ -135,6 +196,10 @@ def newest_message(buffer: BufferRef, timeout: float = 5.0) -> Any:
 # --------------------------------------------------------------------------
 # write_range
 # --------------------------------------------------------------------------
+class StoppedBeforeStart(Exception):
+    """``interrupted()`` named a signal before the range was asked for: the writer was ended, nothing written."""
+
+
 @dataclass
 class Progress:
     written: int
@@ -145,7 +210,8 @@ class Progress:
 def write_range(buffer: str | BufferRef, start_pulse_id: int, stop_pulse_id: int, path: str,
                 parameters: Mapping[str, Any] | None = None, *, timeout: float | None = None,
                 on_progress: Callable[[Progress], None] | None = None,
-                interrupted: Callable[[], str | None] | None = None) -> Outcome:
+                interrupted: Callable[[], str | None] | None = None,
+                on_warning: Callable[[str], None] | None = None) -> Outcome:
     """Write pulses ``start_pulse_id..stop_pulse_id`` (both included) of ``buffer`` into ``path``.
 
     One writer process, driven over REST as the DAQ system drives it; returns its outcome
@@ -153,7 +219,14 @@ def write_range(buffer: str | BufferRef, start_pulse_id: int, stop_pulse_id: int
     ``parameters`` go to ``/parameters`` (defaults: now, this user, sf_bsread_ctl, the buffer's name).
     ``interrupted()``, asked while the writer runs, names a signal ("SIGINT") once the caller was
     told to stop: that signal is passed on to the writer, which closes the file at once (the rest of
-    the range missing, ``signal_SIGINT``); the outcome is then what the closed file holds.
+    the range missing, ``signal_SIGINT``); the outcome is then what the closed file holds. Told so
+    before the range was asked for, it ends the writer unasked (no file) and raises
+    :class:`StoppedBeforeStart`.
+    ``on_warning(text)`` hears what the writer warns about the range when it starts (pulses older
+    than the buffer's oldest: they will be missing); without it, the warning is logged.
+    A writer that refuses the range or the file (it exists, a path it may not write) raises
+    :class:`CtlError` with its message (exit code 2); one that ends before it could be driven, too
+    (exit code 1): no file was begun.
     """
     ref = buffer if isinstance(buffer, BufferRef) else resolve_buffer(buffer)
     if ref.replay is None:
@@ -173,12 +246,24 @@ def write_range(buffer: str | BufferRef, start_pulse_id: int, stop_pulse_id: int
                               preexec_fn=process.ignore_hangup_until_handled)
     try:
         ready = _read_ready(writer, log)
+        if interrupted is not None and interrupted():  # told to stop before anything was asked: ask nothing
+            raise StoppedBeforeStart(interrupted() or "")
         client = WriterClient(ready["rest"], timeout=10)
-        client.set_parameters({"general/created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                               "general/user": getpass.getuser(), "general/process": "sf_bsread_ctl",
-                               "general/instrument": ref.name, **dict(parameters or {})})
-        client.start_pulse_id(start_pulse_id)
-        client.stop_pulse_id(stop_pulse_id)
+        try:
+            client.set_parameters({"general/created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                   "general/user": getpass.getuser(), "general/process": "sf_bsread_ctl",
+                                   "general/instrument": ref.name, **dict(parameters or {})})
+            client.start_pulse_id(start_pulse_id)
+            client.stop_pulse_id(stop_pulse_id)
+        except WriterError as error:
+            # 4xx: the command is wrong (a file that exists, bad parameters); else the writer or the buffer failed.
+            code = ExitCode.CONFIGURATION if 400 <= error.http_status < 500 else ExitCode.FAILED
+            raise CtlError(f"the writer refused {path}: {error.status}", code) from None
+        except requests.RequestException as error:
+            raise CtlError(f"the writer ended before it could be driven ({type(error).__name__}): "
+                           f"{_log_tail(log) or 'no log'}", ExitCode.FAILED) from None
+        if client.warning:
+            (on_warning or (lambda text: logger.warning("the writer warns: %s", text)))(client.warning)
         deadline = None if timeout is None else time.monotonic() + timeout
         forwarded = False
         while writer.poll() is None:
@@ -228,14 +313,27 @@ def _read_ready(writer: subprocess.Popen, log: Any, timeout: float = 30.0) -> di
     threading.Thread(target=drain, name="writer-stdout", daemon=True).start()
     try:
         payload = found.get(timeout=timeout)
-    except queue.Empty:
-        payload = None
-    if payload is not None:
-        return payload
-    writer.poll()
+    except queue.Empty:  # still running, silent
+        ended = None
+    else:
+        if payload is not None:
+            return payload
+        try:  # its stdout closed: the process ends (a moment after)
+            ended = writer.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            ended = None
+    # A writer that refused its command line (exit 2) is a bad command here too; one that hangs or fails is not.
+    code = ExitCode.CONFIGURATION if ended == ExitCode.CONFIGURATION else ExitCode.FAILED
+    what = f"the writer ended at its start (exit {ended})" if ended is not None else \
+        f"the writer did not start within {timeout:g} s"
+    raise CtlError(f"{what}: {_log_tail(log) or 'no READY line'}", code)
+
+
+def _log_tail(log: Any, characters: int = 500) -> str:
+    """The end of the writer's log (its own file): what it said before it ended."""
+    log.flush()
     log.seek(0)
-    error = log.read().strip()[-500:]
-    raise CtlError(f"the writer did not start within {timeout:g} s: {error or 'no READY line'}")
+    return log.read().strip()[-characters:]
 
 
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
@@ -285,10 +383,20 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) ->
     return table
 
 
-def _print(renderable: Any) -> None:
+# A pipe or a log has no width: rich would cut every table to 80 columns (or $COLUMNS) and end cells in "…".
+UNBOUNDED_WIDTH = 100_000
+
+
+def _console() -> Any:
+    """rich's console: the terminal's width on a terminal, whole lines anywhere else (a pipe, a file, a log)."""
     from rich.console import Console
 
-    Console().print(renderable)
+    console = Console()
+    return console if console.is_terminal else Console(width=UNBOUNDED_WIDTH)
+
+
+def _print(renderable: Any) -> None:
+    _console().print(renderable)
 
 
 def _status_rows(status: BufferStatus) -> list[tuple[str, Any]]:
@@ -406,7 +514,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     ref = resolve_buffer(args.buffer)
     shown = 0
-    with Live(refresh_per_second=4, transient=False) as live:
+    with Live(refresh_per_second=4, transient=False, console=_console()) as live:
         while args.count is None or shown < args.count:
             try:
                 live.update(_table(f"buffer {ref.name} ({time.strftime('%H:%M:%S')})", ("", ""),
@@ -420,14 +528,60 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _on_disk(path: str) -> str:
-    """What a run left, from its summary: ``partial, 120 rows`` (the summary is written once the file is closed)."""
+def read_summary(path: str) -> tuple[WriterStatistics | None, str | None]:
+    """The run's ``<path>.summary.json`` (written once the file is closed), or None and why it cannot be read."""
     try:
         with open(f"{path}.summary.json", encoding="utf-8") as file:
-            summary = json.load(file)
-        return f"{summary['outcome']}, {summary['messages_written']} rows"
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return f"no summary ({error})"
+            return WriterStatistics.from_json(json.load(file)), None
+    except (OSError, ValueError, TypeError) as error:
+        return None, str(error)
+
+
+def describe_run(path: str, summary: WriterStatistics | None, summary_error: str | None, file_exists: bool) -> str:
+    """Why a run ended as it did and what it left on disk, in one line (pure: the caller reads the files).
+
+    ``120 rows, 50 pulses missing (before_buffer: 50); on disk: FILE (120 rows) and FILE.summary.json``.
+    The reasons are the summary's (the same words as the file's ``/missing`` table and
+    docs/writer.md); a file with no row is named as such, so that a failed run never looks like data.
+    """
+    if summary is None:
+        left = f"{path} (the rows up to its last flush)" if file_exists else f"no file ({path} does not exist)"
+        return f"no summary ({summary_error}); on disk: {left}"
+    rows = summary.messages_written
+    said = [f"{rows} row{'s' if rows != 1 else ''}"]
+    if summary.missing_pulses:
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(summary.missing_by_reason.items()))
+        said.append(f"{summary.missing_pulses} pulses missing ({reasons})")
+    lost = [gap.count for gap in summary.unlocated_gaps]
+    if lost:
+        said.append("messages lost whose pulse ids are unknown: "
+                    + ("an unknown number" if None in lost else str(sum(count or 0 for count in lost))))
+    if summary.messages_rejected:
+        said.append(f"{summary.messages_rejected} messages rejected ({_counts(summary.rejected_reasons)})")
+    if summary.refused_values:
+        said.append(f"values refused in {len(summary.refused_values)} channel(s): "
+                    + ", ".join(sorted(summary.refused_values)[:5]))
+    if summary.end_reason not in (None, "stop_reached", *summary.missing_by_reason):  # said once is enough
+        said.append(f"ended: {summary.end_reason}")
+    if summary.error:
+        said.append(f"error: {summary.error}")
+    if not file_exists:
+        left = f"no file ({path} does not exist)"
+    elif rows == 0:
+        left = f"{path} with no row (kept as the record of the attempt)"
+    else:
+        left = f"{path} ({rows} rows)"
+    return f"{', '.join(said)}; on disk: {left} and {path}.summary.json"
+
+
+def _counts(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{key}: {value}" for key, value in sorted(counts.items()))
+
+
+def _on_disk(path: str) -> str:
+    """What the run in ``path`` left and why, from its summary (see :func:`describe_run`)."""
+    summary, error = read_summary(path)
+    return describe_run(path, summary, error, os.path.exists(path))
 
 
 def cmd_write(args: argparse.Namespace) -> int:
@@ -443,8 +597,12 @@ def cmd_write(args: argparse.Namespace) -> int:
         restore()
     if stop_signals:
         path = args.range_and_file[-1]
-        _say(f"{path}: interrupted by {stop_signals[0]} before the writer started: nothing written" if code is None
-             else f"{path}: interrupted by {stop_signals[0]}: {_on_disk(path)} (summary: {path}.summary.json)")
+        if code is None:
+            _say(f"{path}: interrupted by {stop_signals[0]} before the writer started: nothing written")
+        else:
+            summary, _ = read_summary(path)
+            outcome = summary.outcome if summary is not None else "unknown outcome"
+            _say(f"{path}: interrupted by {stop_signals[0]}: {outcome}, {_on_disk(path)}")
         return process.interrupted_code(stop_signals[0])
     assert code is not None
     return code
@@ -459,7 +617,7 @@ def _say(text: str) -> None:
 
 
 def _write(args: argparse.Namespace, interrupted: Callable[[], str | None]) -> int | None:
-    """The writer's exit code; None when interrupted before it was started."""
+    """The writer's exit code; None when interrupted before its range was asked for (nothing written)."""
     from rich.console import Console
     from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
     from rich.progress import Progress as Bar
@@ -494,6 +652,12 @@ def _write(args: argparse.Namespace, interrupted: Callable[[], str | None]) -> i
         except OSError:  # the terminal is gone: the acquisition is not
             process.silence_output((1,))
 
+    def on_warning(text: str) -> None:
+        try:
+            print(f"sf_bsread_ctl: the writer warns: {text}", file=sys.stderr, flush=True)
+        except OSError:
+            process.silence_output((2,))
+
     if interrupted():
         return None
     try:
@@ -501,14 +665,17 @@ def _write(args: argparse.Namespace, interrupted: Callable[[], str | None]) -> i
     except OSError:
         process.silence_output((1,))
     try:
-        outcome = write_range(ref, start, stop, path, parameters, on_progress=on_progress, interrupted=interrupted)
+        outcome = write_range(ref, start, stop, path, parameters, on_progress=on_progress, interrupted=interrupted,
+                              on_warning=on_warning)
+    except StoppedBeforeStart:
+        return None
     finally:
         try:
             bar.stop()
         except OSError:
             process.silence_output((1,))
     if not interrupted():
-        _say(f"{path}: {outcome.value} (pulses {start}..{stop}; summary: {path}.summary.json)")
+        _say(f"{path}: {outcome.value} (pulses {start}..{stop}): {_on_disk(path)}")
     return outcome.exit_code
 
 
@@ -573,7 +740,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except CtlError as error:
         print(f"sf_bsread_ctl: {error}", file=sys.stderr)
-        return ExitCode.CONFIGURATION
+        return error.exit_code
     except KeyboardInterrupt:
         return process.interrupted_code("SIGINT")
 

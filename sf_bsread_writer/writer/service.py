@@ -80,7 +80,7 @@ class WriterSettings:
     direct_mode: str = "pull"
     stop_deadline: float = 10.0
     flush_interval: float = 1.0
-    finished_grace: float = 0.5  # as the CLI's default (docs/writer.md, "The exit")
+    finished_grace: float = 0.0  # as the CLI's default: gone once the file is closed (docs/writer.md, "The exit")
     handshake_timeout: float = HANDSHAKE_SECONDS  # how long a start waits for the buffer's acceptance
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_clock_skew: float = MAX_CLOCK_SKEW  # --direct: bsread.timebase (a buffer decides for its messages)
