@@ -69,6 +69,16 @@ def test_a_failing_call_raises_as_h5py_does(tmp_path, implementation, capfd):
     assert "HDF5-DIAG" not in capfd.readouterr().err  # no error stack printed on the way
 
 
+def test_a_read_only_array_is_written_too(tmp_path, implementation):
+    rows = np.arange(4.0)
+    rows.flags.writeable = False
+    made = DatasetCalls(implementation)
+    with h5py.File(tmp_path / "f.h5", "w") as file:
+        dataset = file.create_dataset("d", shape=(4,), maxshape=(None,), dtype="<f8", chunks=(4,))
+        made.write(dataset.id, *_spaces(4, 0, (4,)), rows)
+        assert file["d"][()].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
 def test_an_unknown_implementation_is_refused():
     with pytest.raises(ValueError, match="not available"):
         DatasetCalls("cffi")

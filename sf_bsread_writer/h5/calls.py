@@ -87,11 +87,16 @@ class DatasetCalls:
         self.implementation = implementation
         self._fast = implementation == "ctypes"
         self._memory_types: dict[str, Any] = {}  # dtype.str -> h5py TypeID, kept alive for its id
+        self._dims: dict[tuple[int, ...], Any] = {}  # shape -> its hsize_t array (a block has a few shapes)
 
     def set_extent(self, dataset: h5py.h5d.DatasetID, shape: tuple[int, ...]) -> None:
         """Grow or shrink the dataset to ``shape`` (as ``DatasetID.set_extent``)."""
         if self._fast:
-            dims = (ctypes.c_uint64 * len(shape))(*shape)
+            dims = self._dims.get(shape)
+            if dims is None:
+                if len(self._dims) >= 256:
+                    self._dims.clear()
+                dims = self._dims[shape] = (ctypes.c_uint64 * len(shape))(*shape)
             with phil:
                 if _LIBRARY.H5Dset_extent(dataset.id, dims) >= 0:
                     return
@@ -100,13 +105,16 @@ class DatasetCalls:
     def write(self, dataset: h5py.h5d.DatasetID, memory_space: h5py.h5s.SpaceID, file_space: h5py.h5s.SpaceID,
               array: np.ndarray) -> None:
         """Write a C-contiguous ``array`` (as ``DatasetID.write(memory_space, file_space, array)``)."""
-        if self._fast and array.flags.c_contiguous:
+        if self._fast and array.flags.c_contiguous and array.nbytes:
             memory_type = self._memory_types.get(array.dtype.str)
             if memory_type is None:
                 memory_type = self._memory_types[array.dtype.str] = h5py.h5t.py_create(array.dtype)
+            # The address: through a ctypes view where the array is writable (3x cheaper than .ctypes)
+            pointer = (ctypes.addressof(ctypes.c_char.from_buffer(array)) if array.flags.writeable
+                       else array.ctypes.data)
             with phil:
                 if _LIBRARY.H5Dwrite(dataset.id, memory_type.id, memory_space.id, file_space.id, _H5P_DEFAULT,
-                                     array.ctypes.data) >= 0:
+                                     pointer) >= 0:
                     return
         dataset.write(memory_space, file_space, array)
 
