@@ -19,7 +19,12 @@ arrive. Reported per N:
 * sustained: every pulse buffered and written, lag under --max-lag.
 
 Each N runs once (pass N twice to repeat); the machine's load is printed
-per row, as the other benchmarks do.
+per row, as the other benchmarks do. The case of issue 24 (a writer busy
+creating its groups lost its session and, re-requesting, found the range
+evicted):
+
+    .venv/bin/python benchmarks/bench_capacity.py --channels 6000,12000 --buffer-length 1500 --lead 1 \
+        --baseline-tree /path/to/a/worktree/of/the/commit/before
 """
 from __future__ import annotations
 
@@ -60,7 +65,7 @@ def statistics(rest: str) -> dict:
     return http("GET", rest + "/statistics")["statistics"]
 
 
-def run_one(channels: int, args: argparse.Namespace, workdir: Path) -> dict:
+def run_one(channels: int, args: argparse.Namespace, workdir: Path, variant: str = "this") -> dict:
     profile = f"scalars{channels}"
     port = common.free_port()
     sender = common.Child([PY, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import common;"
@@ -69,7 +74,7 @@ def run_one(channels: int, args: argparse.Namespace, workdir: Path) -> dict:
     buffer = writer = None
     try:
         message_bytes = common.message_nbytes(profile)
-        ring_messages = int(args.rate * (args.settle + args.seconds + 30))
+        ring_messages = args.buffer_length or int(args.rate * (args.settle + args.seconds + 30))
         buffer = common.Child([PY, "-m", "sf_bsread_writer.buffer", f"tcp://127.0.0.1:{port}", "-o", "0",
                                "--replay-port", "0", "--rest-port", "0", "-b", str(ring_messages),
                                "--buffer-bytes", str(ring_messages * message_bytes * 2 + 2**26),
@@ -83,22 +88,23 @@ def run_one(channels: int, args: argparse.Namespace, workdir: Path) -> dict:
             time.sleep(0.1)
         time.sleep(args.settle)  # the stream runs; the ring fills (what a buffer does all day)
 
+        env = {"PYTHONPATH": str(common.baseline_site(args.baseline_tree))} if variant == "baseline" else None
         writer = common.Child([PY, "-m", "sf_bsread_writer.writer", endpoints["replay"],
-                               str(workdir / f"capacity-{channels}.h5"), "-1", "0", "--log_level", "WARNING",
-                               *args.writer_args.split()],
-                              timeout=60)
+                               str(workdir / f"capacity-{channels}-{variant}.h5"), "-1", "0", "--log_level",
+                               "WARNING", *args.writer_args.split()],
+                              timeout=60, env=env)
         writer_rest = json.loads(writer.ready_line.split(" ", 1)[1])["rest"]
         http("POST", writer_rest + "/parameters", PARAMETERS)
         before = statistics(rest)
         cpu_before, _ = proc_stat(buffer.process.pid)
         t0 = time.monotonic()
-        start = before["pulse_ids"]["last"] + 1
+        start = before["pulse_ids"]["last"] + 1 + int(args.rate * args.lead)
         stop = start + int(args.rate * args.seconds) - 1
         http("PUT", f"{writer_rest}/start_pulse_id/{start}")
         http("PUT", f"{writer_rest}/stop_pulse_id/{stop}")
-        # The stop pulse is sent at about t0 + seconds: wait for it at the buffer, then for the writer.
+        # The stop pulse is sent at about t0 + lead + seconds: wait for it at the buffer, then for the writer.
         while (statistics(rest)["pulse_ids"]["last"] or 0) < stop:
-            if time.monotonic() - t0 > args.seconds * 3 + 30:
+            if time.monotonic() - t0 > (args.lead + args.seconds) * 3 + 30:
                 raise RuntimeError("the buffer never saw the stop pulse")
             time.sleep(0.05)
         stop_seen = time.monotonic()
@@ -117,7 +123,7 @@ def run_one(channels: int, args: argparse.Namespace, workdir: Path) -> dict:
         received = after["received"] - before["received"]
         expected = after["pulse_ids"]["last"] - before["pulse_ids"]["last"]
         result = {
-            "channels": channels, "parts": 2 + 2 * channels, "message_kB": message_bytes / 1e3,
+            "channels": channels, "variant": variant, "parts": 2 + 2 * channels, "message_kB": message_bytes / 1e3,
             "received": received, "sent": expected, "rate": received / elapsed,
             "rejected": after["rejected_total"] - before["rejected_total"],
             "jumps": after["pulse_ids"]["jumps"] - before["pulse_ids"]["jumps"],
@@ -125,6 +131,7 @@ def run_one(channels: int, args: argparse.Namespace, workdir: Path) -> dict:
             "ring_MB": after["ring"]["bytes"] / 1e6,
             "writer_state": state, "written": wstats["messages_written"], "missing": wstats["missing_pulses"],
             "lag": lag, "writer_cpu_s": writer_cpu, "writer_rss_MB": writer_rss / 1e6,
+            "restarts": wstats.get("buffer_lost", 0),
             "load": os.getloadavg()[0],
         }
         result["sustained"] = (received == expected and result["jumps"] == 0 and state == "finished"
@@ -144,25 +151,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the written range")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds of stream before the writer starts")
     parser.add_argument("--writer-args", default="", help="extra writer options, e.g. '--flush-interval 5'")
+    parser.add_argument("--buffer-length", type=int, default=0,
+                        help="the buffer's -b (ring messages); 0: enough for the whole run")
+    parser.add_argument("--lead", type=float, default=0.0,
+                        help="the range starts this many seconds after the newest pulse (issue 24: 1 s)")
+    parser.add_argument("--baseline-tree", metavar="DIR", default=None,
+                        help="also run the writer of the checkout in DIR (variant baseline) before this one, "
+                             "per channel count: before/after in one run")
     parser.add_argument("--max-lag", type=float, default=3.0,
                         help="most seconds from the last pulse to the closed file that still count as keeping up")
     args = parser.parse_args(argv)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {common.machine_note()}; rate {args.rate:g} Hz, "
-          f"{args.seconds:g} s written per run", flush=True)
-    print("| channels | parts | message | buffer received / sent | rejects, jumps | buffer CPU | buffer RSS (ring) "
-          "| writer rows, missing | writer lag | writer RSS | sustained | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+          f"{args.seconds:g} s written per run, starting {args.lead:g} s ahead; ring "
+          f"{args.buffer_length or 'the whole run'} messages", flush=True)
+    print("| channels | variant | parts | message | buffer received / sent | rejects, jumps | buffer CPU | buffer RSS (ring) "
+          "| writer rows, missing | writer lag | writer CPU | writer RSS | sustained | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    variants = (["baseline"] if args.baseline_tree else []) + ["this"]
     with tempfile.TemporaryDirectory(prefix="bench_capacity-") as workdir:
-        for channels in (int(c) for c in args.channels.split(",")):
+        for channels, variant in ((int(c), v) for c in args.channels.split(",") for v in variants):
             try:
-                r = run_one(channels, args, Path(workdir))
+                r = run_one(channels, args, Path(workdir), variant)
             except Exception as error:  # one failing size must not hide the others
-                print(f"| {channels} | FAILED: {error} |", flush=True)
+                print(f"| {channels} | {variant} | FAILED: {error} |", flush=True)
                 continue
-            print(f"| {r['channels']} | {r['parts']} | {r['message_kB']:.0f} kB | {r['received']} / {r['sent']} "
+            print(f"| {r['channels']} | {variant} | {r['parts']} | {r['message_kB']:.0f} kB | {r['received']} / {r['sent']} "
                   f"({r['rate']:.1f} msg/s) | {r['rejected']}, {r['jumps']} | {r['buffer_cpu'] * 100:.0f}% "
                   f"| {r['buffer_rss_MB']:.0f} MB ({r['ring_MB']:.0f} MB) | {r['written']}, {r['missing']} "
-                  f"({r['writer_state']}) | {r['lag']:.2f} s | {r['writer_rss_MB']:.0f} MB "
+                  f"({r['writer_state']}; buffer lost {r['restarts']}) | {r['lag']:.2f} s | {r['writer_cpu_s']:.1f} s | {r['writer_rss_MB']:.0f} MB "
                   f"| {'yes' if r['sustained'] else 'NO'} | {r['load']:.2f} |", flush=True)
             for path in Path(workdir).glob("*.h5"):
                 path.unlink()

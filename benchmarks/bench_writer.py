@@ -20,9 +20,16 @@ repeat, interleaved (so machine noise hits them alike):
   writer-python (--python-variant) the writer with SF_BSREAD_NO_EXTENSION=1 (the pure pyzmq fallback)
   writer-baseline  (--baseline-tree DIR) the writer CLI of another checkout (e.g. a git worktree of
                 an older commit), for before/after in one run; the buffer is this checkout's
-  bare          camera: ReplayClient + ``dataset.id.write_direct_chunk`` per image into an
-                h5py dataset with the bitshuffle filter (preallocated, one chunk per image);
-                scalars: ReplayClient receive only (no parsing, no writing)
+  bare          fed directly by a PUSH socket with the same frames (a feeder child fetched them
+                from the buffer once, untimed, and sends them when the bare child connects: the
+                replay path's cost is the writer's alone): camera: ``recv_multipart`` +
+                ``dataset.id.write_direct_chunk`` per image into an h5py dataset with the
+                bitshuffle filter (preallocated, one chunk per image), file created and closed in
+                the timed window; scalars: the compiled whole-message receive (partsio), no
+                parsing, no writing. Until issue 24 the bare loop read through a ReplayClient too
+                and started its timer before importing h5py: 0.95-1.18x then, 0.53x measured so.
+  replay-receive   (--receive-variants) a ReplayClient draining the buffer, receive only
+  direct-receive   (--receive-variants, camera) ``recv_multipart`` from the feeder, receive only
   original      scalars only: ReplayClient + MessageParser + the original writer's element-by-element
                 pattern (per message and channel: resize data/pulse_id/is_data_present by one row and
                 write one element each); on --original-messages messages (it is slow), rate measured
@@ -176,71 +183,130 @@ def run_sender(profile: str, count: int) -> None:
 
 # ---------------------------------------------------------------- bare loops (children)
 
-def run_bare(kind: str, replay: str, first: int, last: int, out: str) -> None:
-    """Child: drain [first, last] through a ReplayClient, per ``kind``; print RESULT {messages, seconds}."""
+def run_feeder(replay: str, first: int, last: int) -> None:
+    """Child: fetch [first, last] from the buffer once (not timed), then PUSH exactly those frames to one peer.
+
+    The bare loops read from this, not from the buffer: the baseline of a
+    writer that drains the buffer is a loop fed directly by a socket with
+    the same frames, so that the replay path's cost is measured on the
+    writer's side only (issue 24: a bare loop behind a ReplayClient carried
+    that cost too and made the writer look 2x better than it was). PUSH
+    bound with no peer blocks, so nothing is queued before the bare loop
+    connects (its timer runs from before its connect).
+    """
     import zmq
 
     from sf_bsread_writer.replay.client import ReplayClient
-    from sf_bsread_writer.replay.messages import Data, End, Refused
+    from sf_bsread_writer.replay.messages import Data, End
+    from sf_bsread_writer.transport.partsio import send_parts
 
-    count = last - first + 1
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    start = time.perf_counter()
-    received = 0
-    if kind == "bare-camera":
-        import h5py
-        import hdf5plugin
+    messages = []
+    with ReplayClient(replay, start_pulse_id=first, stop_pulse_id=last) as client:
+        while True:
+            event = client.receive(10.0)
+            if isinstance(event, Data):
+                messages.append(event.frames)
+            elif isinstance(event, End) or event is None:
+                break
+    if len(messages) != last - first + 1:
+        raise RuntimeError(f"the feeder got {len(messages)} of {last - first + 1} messages from the buffer")
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    port = push.bind_to_random_port("tcp://127.0.0.1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print("READY " + json.dumps({"port": port, "messages": len(messages)}), flush=True)
+    for frames in messages:
+        send_parts(push, frames)
+    print(f"SENT {len(messages)}", flush=True)
+    while True:
+        time.sleep(3600)
 
-        with h5py.File(out, "w") as f, ReplayClient(replay, start_pulse_id=first, stop_pulse_id=last) as client:
-            dataset = f.create_dataset("data", (count, 1024, 1280), chunks=(1, 1024, 1280), dtype="<u2",
-                                       **hdf5plugin.Bitshuffle(cname="lz4"))
-            write = dataset.id.write_direct_chunk
-            while True:
-                event = client.receive(5.0)
-                if isinstance(event, Data):
-                    write((event.pulse_id - first, 0, 0), event.frames[2])
-                    received += 1
-                elif isinstance(event, End) or event is None:
-                    break
-                elif isinstance(event, Refused):
-                    raise RuntimeError(event)
-    elif kind == "bare-scalars":
-        with ReplayClient(replay, start_pulse_id=first, stop_pulse_id=last) as client:
-            while True:
-                event = client.receive(5.0)
-                if isinstance(event, Data):
-                    received += 1
-                elif isinstance(event, End) or event is None:
-                    break
-                elif isinstance(event, Refused):
-                    raise RuntimeError(event)
-    elif kind == "original":
-        import h5py
 
-        from sf_bsread_writer.bsread.message import MessageParser
-
-        parser = MessageParser()
-        with h5py.File(out, "w") as f, ReplayClient(replay, start_pulse_id=first, stop_pulse_id=last) as client:
-            original = common.OriginalPatternWriter(f)
-            while True:
-                event = client.receive(5.0)
-                if isinstance(event, Data):
-                    original.append(parser.parse(event.frames))
-                    received += 1
-                elif isinstance(event, End) or event is None:
-                    break
-                elif isinstance(event, Refused):
-                    raise RuntimeError(event)
-    else:
-        raise ValueError(kind)
-    seconds = time.perf_counter() - start
-    zmq.Context.instance().term()
+def _result(received: int, seconds: float, before: "resource.struct_rusage") -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print("RESULT " + json.dumps({"messages": received, "seconds": seconds, "user": usage.ru_utime,
                                   "sys": usage.ru_stime, "minflt": usage.ru_minflt,
                                   "drain_user": usage.ru_utime - before.ru_utime,
                                   "drain_sys": usage.ru_stime - before.ru_stime,
                                   "drain_minflt": usage.ru_minflt - before.ru_minflt}), flush=True)
+
+
+def run_bare(kind: str, source: str, first: int, last: int, out: str) -> None:
+    """Child: one bare loop (``kind``) over [first, last]; print RESULT {messages, seconds, CPU}.
+
+    ``source``: the feeder's PUSH address for the direct kinds (``bare-camera``:
+    ``recv_multipart`` + ``write_direct_chunk`` per image, the file created and
+    closed inside the timed window as the writer's is; ``bare-scalars``: the
+    compiled whole-message receive, no parsing, no writing;
+    ``direct-receive``: ``recv_multipart`` only), the buffer's replay address
+    for ``replay-receive`` (a ReplayClient, receive only) and ``original``.
+    Every import comes before the timer starts.
+    """
+    import h5py
+    import hdf5plugin
+    import zmq
+
+    from sf_bsread_writer.bsread.message import MessageParser
+    from sf_bsread_writer.replay.client import ReplayClient
+    from sf_bsread_writer.replay.messages import Data, End, Refused
+    from sf_bsread_writer.transport.partsio import PartsReceiver
+
+    count = last - first + 1
+    received = 0
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    if kind in ("bare-camera", "bare-scalars", "direct-receive"):
+        context = zmq.Context()
+        pull = context.socket(zmq.PULL)
+        pull.connect(source)
+        if kind == "bare-camera":
+            with h5py.File(out, "w") as f:
+                dataset = f.create_dataset("data", (count, 1024, 1280), chunks=(1, 1024, 1280), dtype="<u2",
+                                           **hdf5plugin.Bitshuffle(cname="lz4"))
+                write = dataset.id.write_direct_chunk
+                for row in range(count):
+                    frames = pull.recv_multipart(copy=False)
+                    write((row, 0, 0), frames[2].buffer)
+                    received += 1
+        elif kind == "bare-scalars":
+            receiver = PartsReceiver(implementation="compiled")
+            for _ in range(count):
+                receiver.receive(pull)
+                received += 1
+        else:
+            for _ in range(count):
+                pull.recv_multipart(copy=False)
+                received += 1
+        seconds = time.perf_counter() - start
+        pull.close(linger=0)
+        context.term()
+        _result(received, seconds, before)
+        return
+    with ReplayClient(source, start_pulse_id=first, stop_pulse_id=last) as client:
+        if kind == "replay-receive":
+            handle = None
+        elif kind == "original":
+            f = h5py.File(out, "w")
+            original = common.OriginalPatternWriter(f)
+            parser = MessageParser()
+            handle = lambda frames: original.append(parser.parse(frames))  # noqa: E731
+        else:
+            raise ValueError(kind)
+        while True:
+            event = client.receive(5.0)
+            if isinstance(event, Data):
+                if handle is not None:
+                    handle(event.frames)
+                received += 1
+            elif isinstance(event, End) or event is None:
+                break
+            elif isinstance(event, Refused):
+                raise RuntimeError(event)
+        if kind == "original":
+            f.close()
+    seconds = time.perf_counter() - start
+    zmq.Context.instance().term()
+    _result(received, seconds, before)
 
 
 def run_profiled_writer(argv: list[str], out: str) -> int:
@@ -378,13 +444,27 @@ def measure_writer(replay: str, first: int, last: int, out: str, timeout: float,
         writer.stop()
 
 
+DIRECT_KINDS = ("bare-camera", "bare-scalars", "direct-receive")
+
+
 def measure_child(kind: str, replay: str, first: int, last: int, out: str, timeout: float) -> dict:
-    child = common.Child([PY, str(HERE / "bench_writer.py"), "--_bare", kind, replay, str(first), str(last), out],
-                         ready="", timeout=60)  # no READY: the first line of output is fine
+    """A bare loop in a fresh child; the direct kinds read from a fresh feeder holding the same frames."""
+    feeder = None
     try:
-        return child_result(child, timeout)
+        source = replay
+        if kind in DIRECT_KINDS:
+            feeder = common.Child([PY, str(HERE / "bench_writer.py"), "--_feeder", replay, str(first), str(last)],
+                                  timeout=max(120.0, timeout))
+            source = f"tcp://127.0.0.1:{ready_json(feeder)['port']}"
+        child = common.Child([PY, str(HERE / "bench_writer.py"), "--_bare", kind, source, str(first), str(last),
+                              out], ready="", timeout=60)  # no READY: the first line of output is fine
+        try:
+            return child_result(child, timeout)
+        finally:
+            child.stop()
     finally:
-        child.stop()
+        if feeder is not None:
+            feeder.stop()
 
 
 def touch_memory(gigabytes: float) -> None:
@@ -436,6 +516,8 @@ def throughput(profile: str, args: argparse.Namespace, workdir: Path) -> list[di
               f"ring {held['ring']['bytes'] / 1e6:.0f} MB; oldest {held['ring']['oldest_pulse_id']}", flush=True)
         bare = "bare-camera" if camera else "bare-scalars"
         kinds = ["writer", bare]
+        if args.receive_variants:  # item 1 of issue 24: the replay path against a direct socket, receive only
+            kinds += ["replay-receive", "direct-receive"] if camera else ["replay-receive"]
         if args.tuned_variant:
             kinds.insert(1, "writer-tuned")
         if args.python_variant:
@@ -642,6 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--_psi-sender":
         run_psi_sender(int(argv[1]))
         return 0
+    if argv and argv[0] == "--_feeder":
+        run_feeder(argv[1], int(argv[2]), int(argv[3]))
+        return 0
     if argv and argv[0] == "--_bare":
         print("STARTED", flush=True)
         run_bare(argv[1], argv[2], int(argv[3]), int(argv[4]), argv[5])
@@ -676,6 +761,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-tree", metavar="DIR", default=None,
                         help="also run the writer of the checkout in DIR (writer-baseline), e.g. a git worktree of "
                              "the commit before a change")
+    parser.add_argument("--receive-variants", action="store_true",
+                        help="also the receive-only loops: replay-receive (a ReplayClient draining the buffer) and, "
+                             "for cameras, direct-receive (recv_multipart from a PUSH feeder with the same frames)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     profiles = [p for p in args.profiles.split(",") if p]

@@ -116,8 +116,12 @@ class Child:
     def __init__(self, args: list[str], ready: str = "READY", timeout: float = 30.0,
                  env: dict[str, str] | None = None) -> None:
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        # A child told where to import from (a baseline's PYTHONPATH) runs in a neutral folder: `python -m`
+        # puts its working directory first on sys.path, and a benchmark started in a checkout would
+        # otherwise import that checkout, whatever PYTHONPATH says (issue 24: "baseline" was this tree).
+        cwd = tempfile.gettempdir() if env and "PYTHONPATH" in env else None
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        stdin=subprocess.DEVNULL, env=full_env)
+                                        stdin=subprocess.DEVNULL, env=full_env, cwd=cwd)
         self.ready_line = ""
         deadline = time.monotonic() + timeout
         assert self.process.stdout is not None

@@ -202,16 +202,17 @@ class Stream:
     ``rate`` 0 sends as fast as the buffer takes the messages: ``count``
     messages are then in the buffer within a moment, a past range ready to
     be replayed. ``simulator_options`` go to ``Simulator`` (``n_channels``,
-    ``image_shape`` ...).
+    ``image_shape`` ...); ``session_timeout``: how long the buffer keeps a silent writer's session.
     """
 
     def __init__(self, count: int = 0, rate: float = 100.0, first_pulse_id: int = 50_000_000,
                  profile: str = "mixed", compression: str = "bitshuffle_lz4", buffer_length: int = 20_000,
-                 **simulator_options: Any) -> None:
+                 session_timeout: float = 10.0, **simulator_options: Any) -> None:
         self.simulator = Simulator(profile, rate=rate, start_pulse_id=first_pulse_id, compression=compression,
                                    **simulator_options)
         source = self.simulator.open()
-        self.buffer = Buffer(BufferSettings(source, buffer_length=buffer_length, rest_port=None, output_mode="pub"))
+        self.buffer = Buffer(BufferSettings(source, buffer_length=buffer_length, rest_port=None, output_mode="pub",
+                                            session_timeout=session_timeout))
         self._threads = [threading.Thread(target=self.buffer.run, daemon=True),
                          threading.Thread(target=self.simulator.run, args=(count,), daemon=True)]
         for thread in self._threads:

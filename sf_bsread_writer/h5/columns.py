@@ -34,6 +34,7 @@ from sf_bsread_writer.bsread.codecs import (
 )
 from sf_bsread_writer.bsread.spec import ChannelSpec
 from sf_bsread_writer.bsread.timebase import stamps_to_ns
+from sf_bsread_writer.h5.calls import CALLS
 from sf_bsread_writer.h5.layout import (
     ABSENT_TIMESTAMP,
     DIRECT_CHUNK_MIN_BYTES,
@@ -162,9 +163,10 @@ class Column:
     def resize(self, rows: int) -> None:
         """Grow or shrink every dataset of the group to ``rows`` rows (they all share axis 0)."""
         # The row shape of data is kept from its creation: h5py's .shape costs ~10 us per call.
-        self.data.id.set_extent((rows, *self._data_row_shape))
+        set_extent = CALLS.set_extent  # through ctypes where it can: h5.calls
+        set_extent(self.data.id, (rows, *self._data_row_shape))
         for dataset_id in (self.pulse_id, self.is_data_present, self.timestamp):
-            dataset_id.set_extent((rows,))
+            set_extent(dataset_id, (rows,))
 
     def drop_pending(self, keep: int) -> None:
         """Forget the pending rows from block row ``keep`` on (``H5File.truncate``)."""
@@ -512,10 +514,11 @@ def write_rows(dataset: h5py.h5d.DatasetID, start: int, rows: np.ndarray, extent
     the dataset: one pair serves every channel of a block (``_block_spaces``).
     ``extent`` must be the dataset's current number of rows (every caller
     resizes to it just before): HDF5 checks the selection against the file
-    dataspace given, not against the dataset.
+    dataspace given, not against the dataset. The call itself goes through
+    ``h5.calls`` (ctypes where it can: h5py's binding was most of its cost).
     """
     memory_space, file_space = _block_spaces(extent, start, rows.shape)
-    dataset.write(memory_space, file_space, np.ascontiguousarray(rows))
+    CALLS.write(dataset, memory_space, file_space, np.ascontiguousarray(rows))
 
 
 _SPACES: dict[tuple, tuple[Any, Any]] = {}  # (extent, start, rows shape) -> (memory space, file space)

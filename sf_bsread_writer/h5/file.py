@@ -143,6 +143,10 @@ RESERVE_BYTES = 1024 * 1024
 FLUSH_MARGIN_BYTES = 64 * 1024
 GROUP_BYTES = 4 * 1024
 MISSING_RECORD_BYTES = 128
+# Channels of HDF5 work (a group created, a column's block written) between two
+# calls of H5File.keep_alive: ~1 ms of work per channel, so a call every ~16 ms,
+# a few microseconds each.
+KEEP_ALIVE_CHANNELS = 16
 # The errors of a write that found no room: no space, a quota, a file size limit.
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _DISK_FULL_TEXTS = tuple(os.strerror(number) for number in DISK_FULL_ERRNOS)
@@ -228,6 +232,9 @@ class H5File:
         self._last_flush = clock()
         self._groups_since_flush = 0  # channel groups made since the last flush (metadata it writes)
         self.disk_full: DiskFull | None = None  # set once the disk was full: no more rows
+        # Called every KEEP_ALIVE_CHANNELS channels of HDF5 work (groups, block writes): see _busy.
+        self.keep_alive: Callable[[], None] | None = None
+        self._busy_channels = 0
 
         self.bytes_written = 0  # value bytes accepted (as received: compressed stays compressed)
         self.absent_values = 0  # channel values announced in a header but empty
@@ -719,6 +726,7 @@ class H5File:
             return self._refuse(spec.name, f"cannot create /data/{group_name}: {error}")
         variants[signature] = column
         self._groups_since_flush += 1
+        self._busy()
         if len(variants) > 1:
             group.attrs["channel"] = storable_text(spec.name)
             group.attrs["variant"] = len(variants)
@@ -729,6 +737,22 @@ class H5File:
             logger.warning("channel %s changed to %s %s: values go to /data/%s",
                            spec.name, signature[0], list(signature[1]), group_name)
         return column
+
+    def _busy(self) -> None:
+        """One channel's HDF5 work done: every KEEP_ALIVE_CHANNELS, ``keep_alive()`` (if set).
+
+        Why: the first block of a stream of 12 000 channels creates 12 000
+        groups (seconds, tens of seconds on a loaded machine), and every
+        block writes four datasets per channel; a writer that hears nothing
+        of its source meanwhile would lose its replay session (the buffer
+        forgets a silent writer). The writer sets ``keep_alive`` to its
+        source's (``ReplayClient.keep_alive``: a heartbeat when one is due).
+        """
+        if self.keep_alive is not None:
+            self._busy_channels += 1
+            if self._busy_channels >= KEEP_ALIVE_CHANNELS:
+                self._busy_channels = 0
+                self.keep_alive()
 
     def _merge_variants(self) -> None:
         """Channels that changed type: their variant groups into the original's layout (``h5.variants``).
@@ -782,6 +806,7 @@ class H5File:
         writes = 0
         for column in self._each_column():
             writes += column.write_block(start, count, pulse_ids)
+            self._busy()
         self._rows_written = start + count
         self._pending_bytes = 0
         self.hdf5_writes += writes

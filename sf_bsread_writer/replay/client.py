@@ -64,8 +64,8 @@ class ReplayClient:
     :class:`BufferLost` or :class:`Refused` (``replay.messages``); it
     grants credit as the caller consumes Data and sends a heartbeat at
     least every ``heartbeat_interval`` while the caller keeps calling it.
-    Call it at least that often (the buffer expires a writer silent for its
-    session timeout, 10 s by default). After :class:`BufferLost` the client
+    Call it (or :meth:`keep_alive`, while busy) at least that often (the
+    buffer expires a writer silent for its session timeout, 10 s by default). After :class:`BufferLost` the client
     has already re-requested the rest of the range on a new socket. A
     message cut in half on the socket (``partsio.MessageCutError``, sending
     or receiving) does the same, silently for the caller: the socket is
@@ -242,6 +242,22 @@ class ReplayClient:
             logger.debug("replay: could not send to %s now", self.address)
         except MessageCutError as error:  # replaced where the socket is used next (_replace_if_cut)
             self._cut = error
+
+    def keep_alive(self) -> None:
+        """Send a credit if one is due, without receiving: for a caller busy with one message for long.
+
+        The buffer forgets a writer silent for its session timeout (10 s),
+        and a writer creating thousands of channel groups or writing a
+        block of them does not call :meth:`receive` for seconds. It calls
+        this now and then instead (``H5File.keep_alive``): a heartbeat
+        (the cumulative count of messages received so far, so no new
+        credit for messages not yet received) when ``heartbeat_interval``
+        has passed, nothing otherwise (a clock read and a comparison).
+        The session, and with it the writer's place in the ring, stays.
+        Same thread as :meth:`receive`.
+        """
+        if self._socket is not None:
+            self._send(self.state.credit(self._clock()))
 
     def set_stop(self, stop_pulse_id: int | None = None, stop_time: float | None = None) -> None:
         """Move the stop of the running session (inclusive); None removes that stop."""

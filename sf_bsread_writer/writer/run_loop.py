@@ -113,6 +113,10 @@ class RunLoop:
         self.receive_clock = receive_clock
         self.max_clock_skew = max_clock_skew
         self._row_timed_by_receive = bytearray()  # per written row: 1 if its time is the receive time
+        # A file busy with thousands of channels keeps the source's session alive meanwhile (heartbeats).
+        keep_alive = getattr(source, "keep_alive", None)
+        if keep_alive is not None and hasattr(output, "keep_alive"):
+            output.keep_alive = keep_alive
 
     def run(self) -> str:
         """Until the range is over; returns why it ended, the head and tail that never arrived recorded.
