@@ -265,6 +265,10 @@ class BufferChildren:
         else:
             logger.info("SIGHUP: nothing to reload (no --web)")
 
+    def __getitem__(self, name: str) -> ChildSupervisor:
+        """The running child ``name`` (``ca_gateway``, ``web``, ``archiver``); KeyError if there is none."""
+        return self._children[name]
+
     def add(self, name: str, child: ChildSupervisor) -> None:
         """A child started elsewhere (the archiver: buffer/archive_link.py), supervised and stopped with the rest."""
         self._children[name] = child
