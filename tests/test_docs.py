@@ -200,3 +200,64 @@ def test_every_class_name_the_docs_give_exists():
             if name not in known and not name.startswith("H5"):
                 broken.append(f"{path.relative_to(ROOT)}: `{name}`")
     assert not broken, "names that the package does not define:\n" + "\n".join(sorted(set(broken)))
+
+
+PERFORMANCE = ROOT / "docs" / "performance.md"
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def _current_figures() -> str:
+    """docs/performance.md's "Current figures": from its heading to the next heading of the same level."""
+    text = PERFORMANCE.read_text(encoding="utf-8")
+    parts = re.split(r"^## Current figures[ \t]*$", text, flags=re.MULTILINE)
+    assert len(parts) == 2, f"docs/performance.md has {len(parts) - 1} '## Current figures' headings, not one"
+    return re.split(r"^## ", parts[1], maxsplit=1, flags=re.MULTILINE)[0]
+
+
+def _figure_rows(section: str) -> list[list[str]]:
+    """The body rows of every table in the section, as cells (each table's header and ``|---|`` line left out)."""
+    rows, position = [], 0
+    for line in section.splitlines():
+        if not line.startswith("|"):
+            position = 0
+            continue
+        if position >= 2:
+            rows.append([cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip().strip("|"))])
+        position += 1
+    return rows
+
+
+def _script_options(script: Path) -> set[str]:
+    """The ``--options`` a benchmark's argparse takes."""
+    found = re.findall(r"add_argument\(\s*\"(--[\w-]+)\"(?:,\s*\"(--[\w-]+)\")?", script.read_text(encoding="utf-8"))
+    return {option for pair in found for option in pair if option}
+
+
+def test_every_benchmark_has_a_current_figure_and_every_command_there_runs():
+    """The notebook leads with one current table per benchmark, so each script needs a row there; a command
+    there must name a script that exists with options it takes, or the figure cannot be reproduced."""
+    section = _current_figures()
+    rows = _figure_rows(section)
+    assert rows, "docs/performance.md's 'Current figures' has no table rows"
+    short = [row for row in rows if len(row) != 5 or not re.search(r"20\d\d-\d\d-\d\d", row[3]) or not row[4]]
+    assert not short, f"rows without the five cells (measured, figure, command, date, load): {short}"
+    scripts = {path.name for path in BENCHMARKS.glob("bench_*.py")}
+    commands = {tuple(row): [span for span in re.findall(r"`([^`]+)`", row[2]) if "bench_" in span] for row in rows}
+    without = [row[0] for row in rows if not commands[tuple(row)]]
+    assert not without, f"rows of 'Current figures' without a command: {without}"
+    named = {name for spans in commands.values() for span in spans for name in re.findall(r"\bbench_\w+\.py\b", span)}
+    assert not scripts - named, f"benchmarks without a row in 'Current figures': {sorted(scripts - named)}"
+    broken = []
+    for command in sorted({span for spans in commands.values() for span in spans}):
+        paths = re.findall(r"(\S*bench_\w+\.py)\b", command)
+        if len(paths) != 1 or not (ROOT / paths[0]).is_file() or not paths[0].startswith("benchmarks/"):
+            broken.append(f"{command}: names no script of benchmarks/")
+            continue
+        taken = _script_options(ROOT / paths[0])
+        given = re.findall(r"(?<!\S)(--[\w-]+)", re.sub(r"\"[^\"]*\"", "", command))  # quoted: another program's
+        broken += [f"{command}: {paths[0]} has no {option}" for option in given if option not in taken]
+    assert not broken, "\n".join(broken)
+    text = PERFORMANCE.read_text(encoding="utf-8")
+    anchors = set(re.findall(r"<a id=\"([\w-]+)\"></a>", text))
+    missing = sorted(set(re.findall(r"\]\(#([\w-]+)\)", section)) - anchors)
+    assert not missing, f"links of 'Current figures' to anchors that do not exist: {missing}"

@@ -1,12 +1,13 @@
 """The CA gateway's server: real EPICS records in a pythonSoftIOC process, served by EPICS base's rsrv.
 
-Why (docs/dependencies.md, docs/performance.md "CA fan-out"): Python sets
-each record once per update and EPICS base's C server does the fan-out to
-every client; records bring the fields clients and Phoebus ask for (.SEVR
-.STAT .PREC .EGU .DESC .NORD ...), EPICS access security, and the data
-types EPICS base tools read right. Every decision (which record serves which
-channel, alarms, status values, rates, when to restart) is in
-``ca/policy.py``; this module is the shell that carries them out.
+Why (docs/dependencies.md; measured: docs/performance.md, "Current figures" ->
+"CA fan-out"): Python sets each record once per update and EPICS base's C
+server does the fan-out to every client; records bring the fields clients and
+Phoebus ask for (.SEVR .STAT .PREC .EGU .DESC .NORD ...), EPICS access
+security, and the data types EPICS base tools read right. Every decision
+(which record serves which channel, alarms, status values, rates, when to
+restart) is in ``ca/policy.py``; this module is the shell that carries them
+out.
 
 **Channel set changes without a restart.** Records exist before
 ``iocInit``, so each IOC starts with a pool of spare records
