@@ -81,8 +81,7 @@ class ChildSupervisor:
 
     def _spawn(self) -> subprocess.Popen:
         logger.info("starting child process: %s", " ".join(self.command))
-        return subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL,
-                                preexec_fn=process.supervised_child, pass_fds=self.pass_fds)
+        return process.start_child(self.command, env=self.env, pass_fds=self.pass_fds)
 
     def _supervise(self) -> None:
         backoff = 1.0
