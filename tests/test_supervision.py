@@ -14,7 +14,7 @@ import textwrap
 
 from sf_bsread_writer import process
 
-from .helpers import ROOT, Child, process_gone, wait_for
+from .helpers import ROOT, Child, FakeClock, process_gone, wait_for
 
 DEADLINE = 30.0  # a loaded 2-core machine: Python starts take seconds
 
@@ -112,3 +112,42 @@ def test_every_child_of_the_package_is_started_by_start_child():
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "Popen":
                 users.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert [user.split(":")[0] for user in users] == ["sf_bsread_writer/process.py"]
+
+
+# ------------------------------------------------------------------ the restart policy (pure, a fake clock)
+def test_restart_backoff_doubles_from_1_s_to_30_s_for_a_child_that_keeps_dying():
+    from sf_bsread_writer.buffer.restart import RestartPolicy
+
+    clock = FakeClock()
+    policy = RestartPolicy()
+    delays = []
+    for _ in range(8):
+        policy.started(clock())
+        clock.advance(0.5)  # dies at once
+        due = policy.next_start(clock(), 1)
+        delays.append(due - clock())
+        clock.now = due
+    assert delays == [1, 2, 4, 8, 16, 30, 30, 30]
+
+
+def test_a_child_that_ran_long_enough_restarts_after_1_s_again():
+    from sf_bsread_writer.buffer.restart import RestartPolicy
+
+    clock = FakeClock()
+    policy = RestartPolicy()
+    for _ in range(5):  # backoff grown to 32 -> 30
+        policy.started(clock())
+        clock.now = policy.next_start(clock(), -9)
+    policy.started(clock())
+    clock.advance(policy.stable_after + 1)  # served a while, then died
+    assert policy.next_start(clock(), -9) == clock() + 1
+
+
+def test_a_configuration_error_is_never_restarted():
+    from sf_bsread_writer.buffer.restart import RestartPolicy
+
+    policy = RestartPolicy()
+    policy.started(1000.0)
+    assert policy.next_start(1000.5, process.ExitCode.CONFIGURATION) is None
+    assert policy.next_start(1000.5, process.ExitCode.OK) == 1001.5  # an unasked exit is a fault too
+    assert RestartPolicy().permanent == {process.ExitCode.CONFIGURATION}
