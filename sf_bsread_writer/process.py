@@ -6,7 +6,11 @@ CLI around its own loop; what they share about being a *process* lives here:
 * :func:`service_start`: the process-wide knobs of a service, set first
   thing by every service's ``main()`` (and by the commands before they
   import their service: :mod:`sf_bsread_writer.commands`), never by an
-  import;
+  import; a child started by :func:`start_child` arms its death with its
+  parent there;
+* :func:`start_child`: the one way a command starts a child process (the
+  buffer's gateway, web service and archiver, the gateway's IOCs, ``ctl``'s
+  writer): its own session, no ``preexec_fn``;
 * :func:`configure_logging`: one log format, on stderr (stdout carries only
   the READY line);
 * :class:`ExitCode`: the one table of exit codes of every command
@@ -37,6 +41,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -53,13 +58,15 @@ __all__ = [
     "survive_hangup",
     "silence_output",
     "ignore_hangup_until_handled",
-    "supervised_child",
+    "start_child",
+    "PARENT_ENV",
     "print_ready",
     "parse_ready",
     "sd_notify",
     "watchdog_interval",
     "tune_allocator",
     "die_with_parent",
+    "die_with_expected_parent",
     "pid_alive",
     "release_free_memory",
 ]
@@ -84,9 +91,11 @@ def service_start() -> None:
     Called first thing by every service's ``main()`` and by :mod:`sf_bsread_writer.commands` before it imports
     a service, never at an import: a physicist's ``import sf_bsread_writer.remote`` must leave their process
     (their numpy and OpenMP threads) as it was. Idempotent. Children inherit the setting through the environment.
+    A child of :func:`start_child` also arms its death with its parent here (:func:`die_with_expected_parent`).
     """
     for name, value in SERVICE_KNOBS.items():
         os.environ.setdefault(name, value)
+    die_with_expected_parent()
 
 
 class ExitCode(enum.IntEnum):
@@ -214,21 +223,65 @@ def survive_hangup(meaning: str, action: Callable[[], None] | None = None,
 
 
 def ignore_hangup_until_handled() -> None:
-    """For ``subprocess.Popen(preexec_fn=...)``: the child starts with SIGHUP ignored.
+    """SIGHUP is ignored until a handler replaces it (a command that starts children it must not lose to a hangup).
 
-    A terminal's hangup reaches the whole process group, also a child still
-    importing (a second or more on a busy machine) that has not installed its
-    own handler yet (:func:`survive_hangup`, or the web service's): without
-    this, the default action would end it there. An ignored signal stays
-    ignored across ``exec`` until the child's handler replaces it.
+    An ignored signal stays ignored across ``exec``. Children of :func:`start_child` need no such thing: they
+    run in their own session, which a terminal's hangup does not reach.
     """
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
-def supervised_child() -> None:
-    """``preexec_fn`` of a service's children: :func:`die_with_parent` and :func:`ignore_hangup_until_handled`."""
+#: The environment variable through which :func:`start_child` tells a child its parent's pid, for
+#: :func:`die_with_expected_parent` (read and removed by the child's :func:`service_start`).
+PARENT_ENV = "SF_BSREAD_PARENT_PID"
+
+
+def start_child(argv: Sequence[str], *, env: Mapping[str, str] | None = None, pass_fds: Sequence[int] = (),
+                stdin: Any = subprocess.DEVNULL, stdout: Any = None, stderr: Any = None, text: bool = False,
+                dies_with_parent: bool = True) -> subprocess.Popen:
+    """Start a child process of a command: the one way every command of the package does it.
+
+    * **No ``preexec_fn``.** Python documents it as unsafe in a threaded parent (a lock held by another
+      thread at the fork stays held in the child), and the buffer and the gateway start children from
+      threads. What used to run there is done otherwise:
+    * **Its own session** (``start_new_session``: ``setsid``): a terminal's hangup or Ctrl-C reaches the
+      command only, never its child directly, also not a child still importing (seconds on a busy machine)
+      before it could install its own SIGHUP handler. The parent decides what its child hears: the buffer
+      stops its children, forwards SIGHUP to the web service; ``ctl`` forwards SIGINT/SIGTERM to its writer.
+    * **Death with the parent** (``dies_with_parent``): the parent's pid goes to the child in
+      :data:`PARENT_ENV`; the child's :func:`service_start` sets ``PR_SET_PDEATHSIG`` itself and, should the
+      parent have gone before that, ends at once (:func:`die_with_expected_parent`). So a ``kill -9`` of a
+      buffer leaves no child serving stale data. ``dies_with_parent=False`` (``ctl``'s writer: a started
+      acquisition goes on to its end whatever happens to ``ctl``) clears the variable instead.
+
+    As with ``PR_SET_PDEATHSIG`` always, the "parent" is the thread that starts the child: start children from
+    a thread that lives as long as they should (the caller's, or a supervisor's own thread).
+    """
+    child_env = dict(os.environ if env is None else env)
+    if dies_with_parent:
+        child_env[PARENT_ENV] = str(os.getpid())
+    else:
+        child_env.pop(PARENT_ENV, None)
+    return subprocess.Popen(list(argv), env=child_env, pass_fds=tuple(pass_fds), stdin=stdin, stdout=stdout,
+                            stderr=stderr, text=text, start_new_session=True)
+
+
+def die_with_expected_parent() -> None:
+    """In a child of :func:`start_child`: SIGTERM when its parent ends, set by the child itself (no ``preexec_fn``).
+
+    Reads (and removes, so that the child's own children do not inherit it) :data:`PARENT_ENV`; sets
+    ``PR_SET_PDEATHSIG`` to SIGTERM, then compares ``os.getppid()`` with the expected parent: a parent that
+    died before the signal was armed (the child still starting) has left the child to another reaper, and the
+    child sends itself the SIGTERM it would have had. A no-op without the variable; on a system without
+    ``prctl``, the child's own ``--parent-pid`` poll (web service, gateway, archiver) remains.
+    """
+    expected = os.environ.pop(PARENT_ENV, "")
+    if not expected.isdigit():
+        return
     die_with_parent()
-    ignore_hangup_until_handled()
+    if os.getppid() != int(expected):
+        logger.warning("parent process %s is gone before this child started: it ends", expected)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def silence_output(descriptors: Sequence[int] = (1, 2)) -> None:
@@ -255,10 +308,14 @@ def print_ready(payload: Mapping[str, Any]) -> None:
 
     Part of every CLI's contract, whatever the log level: scripts, tests and
     the demo start a service with port 0 and read the ports actually bound
-    from this line.
+    from this line. Nobody left to read it (a hung-up terminal the service inherited from its parent, in its own
+    session, hears no SIGHUP: :func:`start_child`) ends no service.
     """
-    sys.stdout.write(READY_PREFIX + json.dumps(dict(payload)) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(READY_PREFIX + json.dumps(dict(payload)) + "\n")
+        sys.stdout.flush()
+    except OSError as error:  # a terminal gone (EIO) or a pipe closed: a child of start_child hears no hangup
+        logger.warning("READY line not printed (%s): the service goes on", error)
 
 
 def parse_ready(line: str) -> dict[str, Any] | None:
@@ -304,12 +361,10 @@ def watchdog_interval() -> float | None:
 
 
 def die_with_parent() -> None:
-    """For ``subprocess.Popen(preexec_fn=...)``: the child gets SIGTERM when the thread that started it ends.
+    """This process gets SIGTERM when the thread that started it ends: Linux ``prctl(PR_SET_PDEATHSIG)``.
 
-    So that a ``kill -9`` of a buffer (or of a test run) leaves no child of
-    ours behind, however briefly. Linux ``prctl(PR_SET_PDEATHSIG)``; a
-    no-op elsewhere. The "parent" is the starting *thread*: start children
-    from a thread that lives as long as they should.
+    Called by a child for itself (:func:`die_with_expected_parent`); the package starts no child with it as a
+    ``preexec_fn`` (:func:`start_child` says why). A no-op elsewhere than Linux.
     """
     if _prctl is not None:  # looked up before any fork: between fork and exec, call only
         _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))

@@ -67,7 +67,7 @@ PURE = {
     "bsread.timebase", "ring", "status", "rates", "jsontext", "version",
     "replay.messages", "replay.session", "replay.client_state",
     "writer.acquisition", "writer.pulse_range", "writer.statistics",
-    "buffer.ingest",
+    "buffer.ingest", "buffer.restart",
     "web.live", "web.range_query", "web.image", "web.history", "web.writers",
     "ca.camapping", "ca.policy",
 }

@@ -471,6 +471,7 @@ def _positive_or_zero(text: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m sf_bsread_writer.archive.publisher REPLAY ARCHIVE_URL --name NAME ...``: the buffer's child."""
+    process.service_start()  # first: the knobs, and its death with the buffer that started it (process.start_child)
     parser = argparse.ArgumentParser(prog="sf_bsread_archiver", description=__doc__.splitlines()[0])
     parser.add_argument("replay_address")
     parser.add_argument("archive")

@@ -27,8 +27,8 @@ import time
 from collections.abc import Sequence
 
 from sf_bsread_writer import process
+from sf_bsread_writer.buffer.restart import RestartPolicy
 from sf_bsread_writer.buffer.settings import BufferSettings
-from sf_bsread_writer.process import ExitCode
 from sf_bsread_writer.status import ChildStatus
 
 __all__ = ["BufferChildren", "ChildSupervisor", "gateway_command", "start_gateway", "web_command", "start_web",
@@ -51,16 +51,19 @@ def gateway_command(buffer_output: str, status_url: str | None = None, prefix: s
 
 
 class ChildSupervisor:
-    """Runs a child process and restarts it, with backoff, whenever it exits unexpectedly.
+    """Runs a child process (``process.start_child``) and restarts it whenever it exits unexpectedly.
 
-    Except after exit code 2 (``process.ExitCode.CONFIGURATION``: a bad option, a port in use),
-    which fails the same way on every start: it is logged and the child stays down
+    When, decides :class:`~sf_bsread_writer.buffer.restart.RestartPolicy` (backoff 1 s .. 30 s, reset by a
+    child that ran a minute): never after exit code 2 (``process.ExitCode.CONFIGURATION``: a bad option, a
+    port in use), which fails the same way on every start: it is logged and the child stays down
     (``child_up`` 0, the alert ``SfBsreadChildDown``), as systemd treats the buffer itself.
 
     The child inherits stdout/stderr (its logs go where the buffer's go) and
-    the environment (EPICS_* settings). A child must exit by itself when the
-    process that started it disappears (the gateway's ``--parent-pid``), so
-    a ``kill -9`` of the buffer leaves no orphan serving stale data.
+    the environment (EPICS_* settings). It dies with the buffer
+    (``process.start_child``: the parent-death signal it arms itself, and its
+    ``--parent-pid`` poll), so a ``kill -9`` of the buffer leaves no orphan
+    serving stale data. Restarts come from this supervisor's own thread, which
+    lives until :meth:`stop`: the "parent" of the parent-death signal.
     """
 
     def __init__(self, command: list[str], env: dict[str, str] | None = None,
@@ -68,7 +71,7 @@ class ChildSupervisor:
         self.command = command
         self.env = env
         self.pass_fds = tuple(pass_fds)  # descriptors every start inherits (the web service's listening socket)
-        self.max_backoff = max_backoff
+        self.policy = RestartPolicy(max_backoff=max_backoff)
         self.process: subprocess.Popen | None = None
         self.restarts = 0
         self._stop_event = threading.Event()
@@ -81,29 +84,30 @@ class ChildSupervisor:
 
     def _spawn(self) -> subprocess.Popen:
         logger.info("starting child process: %s", " ".join(self.command))
-        return subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL,
-                                preexec_fn=process.supervised_child, pass_fds=self.pass_fds)
+        child = process.start_child(self.command, env=self.env, pass_fds=self.pass_fds)
+        self.policy.started(time.monotonic())
+        return child
 
     def _supervise(self) -> None:
-        backoff = 1.0
+        """The supervisor's thread: wait for the child's end, ask :class:`RestartPolicy` when to start it again."""
         while not self._stop_event.is_set():
-            process = self.process
-            assert process is not None
-            started = time.monotonic()
-            while process.poll() is None:
+            child = self.process
+            assert child is not None
+            while child.poll() is None:
                 if self._stop_event.wait(0.5):
                     return
             if self._stop_event.is_set():
                 return
-            if process.returncode == ExitCode.CONFIGURATION:  # as systemd's RestartPreventExitStatus=2
+            now = time.monotonic()
+            due = self.policy.next_start(now, child.returncode)
+            if due is None:  # as systemd's RestartPreventExitStatus=2
                 logger.error("child process %s exited with %d, a configuration error: not restarted (its log says "
-                             "what to fix; then restart the buffer)", self.command[:3], process.returncode)
+                             "what to fix; then restart the buffer)", self.command[:3], child.returncode)
                 return
             logger.error("child process %s exited with %s; restarting in %.0f s", self.command[:3],
-                         process.returncode, backoff)
-            if self._stop_event.wait(backoff):
+                         child.returncode, due - now)
+            if self._stop_event.wait(max(0.0, due - now)):
                 return
-            backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, self.max_backoff)
             self.restarts += 1
             self.process = self._spawn()
 

@@ -39,9 +39,8 @@ class _IocChild:
     """One IOC process: its stdin takes ``go {state}``, its stdout lines are read by a thread."""
 
     def __init__(self, argv: Sequence[str], on_line: Callable[["_IocChild", str], None]) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "sf_bsread_writer.ca.gateway", *argv, "--ioc-child"],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        preexec_fn=process.supervised_child)
+        self.process = process.start_child([sys.executable, "-m", "sf_bsread_writer.ca.gateway", *argv,
+                                            "--ioc-child"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.next_state: dict[str, Any] | None = None
         self._reader = threading.Thread(target=self._read, args=(on_line,), daemon=True,
                                         name=f"ioc-{self.process.pid}-stdout")

@@ -240,10 +240,11 @@ def write_range(buffer: str | BufferRef, start_pulse_id: int, stop_pulse_id: int
     # Its log goes to a file, not a pipe nobody reads (a full pipe would block the writer); stdout is read to
     # the end by a thread (READY, then whatever else it prints).
     log = tempfile.TemporaryFile(mode="w+", prefix="sf_bsread_ctl-writer-")
-    # A hangup while the writer still imports must not end it (process.ignore_hangup_until_handled); it does
-    # not die with us either: a started acquisition goes on to its end whatever happens to this process.
-    writer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
-                              preexec_fn=process.ignore_hangup_until_handled)
+    # Its own session (process.start_child): a hangup of our terminal, also while the writer still imports, does
+    # not reach it, nor does a Ctrl-C (we forward SIGINT/SIGTERM below). It does not die with us either: a
+    # started acquisition goes on to its end whatever happens to this process.
+    writer = process.start_child(command, stdin=None, stdout=subprocess.PIPE, stderr=log, text=True,
+                                 dies_with_parent=False)
     try:
         ready = _read_ready(writer, log)
         if interrupted is not None and interrupted():  # told to stop before anything was asked: ask nothing

@@ -40,10 +40,8 @@ class _Process:
     def __init__(self, tag: str, args: list[str]) -> None:
         self.tag = tag
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, text=True, env=env,
-        )
+        self.popen = process.start_child(  # dies with the demo, however it ends (its `finally` stops it first)
+            [sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.ready: dict | None = None
         self._ready_event = threading.Event()
         threading.Thread(target=self._pump, daemon=True).start()
