@@ -72,6 +72,34 @@ class FakeClock:
         self.now += seconds
 
 
+class ScriptedSource:
+    """A writer's source that hands out its events (a callable event is called for it); once they are
+    used up, every receive is a timeout that moves the fake clock on (and may run ``on_idle(source)``)."""
+
+    def __init__(self, clock: FakeClock, events: Sequence[Any] = (), on_idle: Callable[[Any], None] | None = None
+                 ) -> None:
+        self.clock = clock
+        self.events = list(events)
+        self.on_idle = on_idle
+        self.idle_polls = 0
+        self.stops: list[tuple] = []
+
+    def receive(self, timeout: float) -> Any:
+        if self.events:
+            event = self.events.pop(0)
+            if callable(event):
+                return event()
+            return event
+        self.idle_polls += 1
+        self.clock.now += timeout
+        if self.on_idle is not None:
+            self.on_idle(self)
+        return None
+
+    def set_stop(self, stop_pulse_id: int | None = None, stop_time: float | None = None) -> None:
+        self.stops.append((stop_pulse_id, stop_time))
+
+
 def children_of(pid: int, marker: str = "") -> list[int]:
     """Pids of ``pid``'s child processes whose command line contains ``marker`` (from /proc)."""
     found = []
