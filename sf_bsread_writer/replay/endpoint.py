@@ -100,6 +100,9 @@ class ReplayEndpoint:
         self._gap_logged: dict[bytes, float] = {}
         self._round_robin = 0
         self.sockets_replaced = 0
+        # --archive: the archive's address (nats://HOST:PORT/NAME), told to every writer in its acceptance so
+        # that it reads pulses older than the ring from there (archive.reach_back).
+        self.archive: str | None = None
 
     def _bound_router(self, address: str, again: bool = False) -> zmq.Socket:
         router = self._context.socket(zmq.ROUTER)
@@ -135,10 +138,6 @@ class ReplayEndpoint:
         self.socket = self._bound_router(self.address, again=True)
         self.sockets_replaced += 1
         logger.error("replay: socket replaced (%d so far), every session ended: %s", self.sockets_replaced, error)
-
-        # --archive: the archive's address (nats://HOST:PORT/NAME), told to every writer in its acceptance so
-        # that it reads pulses older than the ring from there (archive.reach_back).
-        self.archive: str | None = None
 
     def close(self) -> None:
         self.socket.close(linger=0)
