@@ -2,7 +2,8 @@
 
 The source is scripted: it hands out its events, and once they are used up
 each receive "waits" its timeout by moving the fake clock on. The output
-is the real ``/dev/null`` output (NullOutput); the decisions under test are
+is the real ``/dev/null`` output (NullOutput), or a real H5File where
+/missing is what is checked; the decisions under test are
 ``writer.acquisition.SilenceWatch`` and ``writer.pulse_range.PulseRange`` as
 the loop applies them.
 """
