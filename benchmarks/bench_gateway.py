@@ -56,7 +56,7 @@ import requests  # noqa: E402
 
 from sf_bsread_writer.process import die_with_parent  # noqa: E402
 from tests.ca_helpers import Tool, ca_env, start_repeater  # noqa: E402
-from tests.helpers import Child, wait_for  # noqa: E402
+from tests.helpers import Child, children_of, free_port, wait_for  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _CAMONITOR_LINE = re.compile(r"^(\S+)\s+(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\)")
@@ -67,20 +67,10 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(child) for child in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return found
-
-
 def _tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of ``pid`` and its live descendants (0 for whatever has gone)."""
     total = 0.0
-    for each in [pid, *_children(pid)]:
+    for each in [pid, *children_of(pid)]:
         try:
             total += _cpu_seconds(each) if each == pid else _tree_cpu_seconds(each)
         except OSError:
@@ -95,8 +85,8 @@ def _gateway_pid(buffer: Child) -> int | None:
     EPICS not started); the serving one is the gateway process with the most threads (EPICS' own).
     """
     candidates = []
-    for pid in _children(buffer.process.pid):
-        for child in [pid, *_children(pid)]:
+    for pid in children_of(buffer.process.pid):
+        for child in [pid, *children_of(pid)]:
             try:
                 cmdline = Path(f"/proc/{child}/cmdline").read_text().replace("\0", " ")
                 threads = len(list(Path(f"/proc/{child}/task").iterdir()))
@@ -474,7 +464,7 @@ print("RESULT " + json.dumps(window), flush=True)
 
 def scenario_image(env: dict[str, str], duration: float) -> dict[str, Any]:
     background = Stack(env, "scalars", 100, ca=True, name="BACKGROUND")
-    camera_port = str(_free_port())
+    camera_port = str(free_port())
     camera_env = dict(env, EPICS_CA_SERVER_PORT=camera_port, EPICS_CAS_SERVER_PORT=camera_port)
     stack = Stack(camera_env, "camera", 10, ca=True, name="CAMERA")
     try:
@@ -492,12 +482,6 @@ def scenario_image(env: dict[str, str], duration: float) -> dict[str, Any]:
     finally:
         stack.close()
         background.close()
-
-
-def _free_port() -> int:
-    from tests.helpers import free_port
-
-    return free_port()
 
 
 def _message_rates(stack: Stack, seconds: float) -> tuple[float, float]:

@@ -348,15 +348,11 @@ def ready_json(child: common.Child) -> dict:
 
 def child_result(child: common.Child, timeout: float) -> dict:
     """Wait for the child's RESULT line (the child is killed on timeout by the caller's finally)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in list(child.output):
-            if line.startswith("RESULT "):
-                return json.loads(line.split(" ", 1)[1])
-        if child.process.poll() is not None and not any(l.startswith("RESULT ") for l in child.output):
-            raise RuntimeError("child exited without a result:\n" + "".join(child.output[-30:]))
-        time.sleep(0.05)
-    raise TimeoutError(f"no result within {timeout} s")
+    try:
+        line = child.wait_for_line(lambda line: line.startswith("RESULT "), timeout)
+    except AssertionError as error:  # exited without one, or none within the timeout
+        raise RuntimeError(f"no result from the child: {error}") from None
+    return json.loads(line.split(" ", 1)[1])
 
 
 def wait_held(rest: str, count: int, timeout: float) -> dict:

@@ -11,7 +11,6 @@ import json
 import os
 import resource
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from tests import helpers  # Child, free_port, children_of: one copy, the tests'
+from tests.helpers import children_of, free_port  # noqa: F401  (offered to the benchmarks)
 
 PROFILES = ("camera", "scalars", "mixed")  # also scalarsN: N float64 channels (scalars = scalars500)
 FIRST_PULSE_ID = 10_000_000_000
@@ -110,63 +112,31 @@ def message_nbytes(profile: str) -> int:
     return sum(map(len, profile_message(profile)))
 
 
-class Child:
-    """A helper subprocess that prints a READY line; always terminated on exit."""
+class Child(helpers.Child):
+    """A helper subprocess that prints a READY line: the constructor returns once it did (``ready_line``).
+
+    tests/helpers.py's Child underneath (output read in a thread, SIGTERM
+    then SIGKILL on stop, dies with the benchmark); only the last
+    ``OUTPUT_LINES`` lines of a long run are kept (``output()``).
+    """
+
+    OUTPUT_LINES = 200
 
     def __init__(self, args: list[str], ready: str = "READY", timeout: float = 30.0,
                  env: dict[str, str] | None = None) -> None:
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         # A child told where to import from (a baseline's PYTHONPATH) runs in a neutral folder: `python -m`
         # puts its working directory first on sys.path, and a benchmark started in a checkout would
         # otherwise import that checkout, whatever PYTHONPATH says (issue 24: "baseline" was this tree).
         cwd = tempfile.gettempdir() if env and "PYTHONPATH" in env else None
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        stdin=subprocess.DEVNULL, env=full_env, cwd=cwd)
-        self.ready_line = ""
-        deadline = time.monotonic() + timeout
-        assert self.process.stdout is not None
-        lines = []
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                self.stop()
-                raise RuntimeError(f"{args[:4]} exited before {ready!r}:\n" + "".join(lines[-30:]))
-            lines.append(line)
-            if line.startswith(ready):
-                self.ready_line = line.strip()
-                break
-        else:
+        super().__init__(args, env=env, cwd=cwd, max_lines=self.OUTPUT_LINES)
+        try:
+            self.ready_line = self.wait_for_line(lambda line: line.startswith(ready), timeout).strip()
+        except AssertionError as error:  # exited, or silent past the timeout
             self.stop()
-            raise RuntimeError(f"{args[:4]}: no {ready!r} within {timeout}s")
-        # keep draining output so that the child never blocks on a full pipe
-        import threading
-
-        self.output: list[str] = lines
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.output.append(line)
-            del self.output[:-200]
+            raise RuntimeError(f"{args[:4]}: no {ready!r} line: {error}") from None
 
     def rss_bytes(self) -> int:
         return rss_of(self.process.pid)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-    def __enter__(self) -> "Child":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
 
 def baseline_site(tree: str | os.PathLike) -> Path:
@@ -190,14 +160,6 @@ def rss_of(pid: int | str = "self") -> int:
     """Resident set size in bytes (from /proc/PID/statm)."""
     with open(f"/proc/{pid}/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def machine_note() -> str:

@@ -24,7 +24,7 @@ import zmq
 
 from sf_bsread_writer.bsread.build import build_message
 
-from .helpers import EPICS_LOOPBACK_ENV, ROOT, Child, free_port, wait_for
+from .helpers import EPICS_LOOPBACK_ENV, ROOT, Child, children_of, free_port, wait_for
 
 # Whatever runs in this process (caproto's client reads the environment at
 # every search) stays on loopback: without these it would broadcast.
@@ -83,7 +83,7 @@ class TracedChild(Child):
 
     def stop(self, timeout: float = 10.0) -> int | None:
         if self.process.poll() is None:
-            for pid in _children(self.process.pid):
+            for pid in children_of(self.process.pid):
                 try:
                     os.kill(pid, signal.SIGTERM)
                 except ProcessLookupError:
@@ -91,22 +91,12 @@ class TracedChild(Child):
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                for pid in _children(self.process.pid):
+                for pid in children_of(self.process.pid):
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
         return super().stop(timeout)
-
-
-def _children(pid: int) -> list[int]:
-    children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children += [int(child) for child in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return children
 
 
 def start_gateway(address: str, env: dict[str, str], *args: str, strace_file: Path | None = None) -> tuple[Child, dict]:

@@ -72,6 +72,34 @@ class FakeClock:
         self.now += seconds
 
 
+class ScriptedSource:
+    """A writer's source that hands out its events (a callable event is called for it); once they are
+    used up, every receive is a timeout that moves the fake clock on (and may run ``on_idle(source)``)."""
+
+    def __init__(self, clock: FakeClock, events: Sequence[Any] = (), on_idle: Callable[[Any], None] | None = None
+                 ) -> None:
+        self.clock = clock
+        self.events = list(events)
+        self.on_idle = on_idle
+        self.idle_polls = 0
+        self.stops: list[tuple] = []
+
+    def receive(self, timeout: float) -> Any:
+        if self.events:
+            event = self.events.pop(0)
+            if callable(event):
+                return event()
+            return event
+        self.idle_polls += 1
+        self.clock.now += timeout
+        if self.on_idle is not None:
+            self.on_idle(self)
+        return None
+
+    def set_stop(self, stop_pulse_id: int | None = None, stop_time: float | None = None) -> None:
+        self.stops.append((stop_pulse_id, stop_time))
+
+
 def children_of(pid: int, marker: str = "") -> list[int]:
     """Pids of ``pid``'s child processes whose command line contains ``marker`` (from /proc)."""
     found = []
@@ -100,11 +128,16 @@ class Child:
     """A subprocess whose combined output is read line by line in a thread.
 
     Use as a context manager (or call ``stop``): the process is terminated,
-    then killed, whatever happens in the test.
+    then killed, whatever happens in the test. ``max_lines``: ``output()``
+    keeps only the last lines read, and at most ``UNREAD_LINES`` wait
+    unread (the oldest go first): for children that talk for hours (benchmarks).
     """
 
+    UNREAD_LINES = 100_000  # with max_lines: far more than a waiter falls behind a child by
+
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None,
-                 cwd: str | os.PathLike | None = None, new_session: bool = False) -> None:
+                 cwd: str | os.PathLike | None = None, new_session: bool = False,
+                 max_lines: int | None = None) -> None:
         full_env = dict(os.environ)
         full_env.setdefault("OMP_NUM_THREADS", "1")
         full_env["PYTHONUNBUFFERED"] = "1"
@@ -120,6 +153,7 @@ class Child:
             start_new_session=new_session,
         )
         self.lines: list[str] = []
+        self.max_lines = max_lines
         self._queue: "queue.Queue[str | None]" = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -131,8 +165,18 @@ class Child:
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
+            if self.max_lines is not None and self._queue.qsize() >= self.UNREAD_LINES:
+                try:
+                    self._queue.get_nowait()  # the oldest unread line goes
+                except queue.Empty:
+                    pass
             self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
+
+    def _keep(self, line: str) -> None:
+        self.lines.append(line)
+        if self.max_lines is not None and len(self.lines) > self.max_lines:
+            del self.lines[:-self.max_lines]
 
     def wait_for_line(self, predicate: Callable[[str], bool] | str, timeout: float = 20.0) -> str:
         """Return the first new output line matching ``predicate`` (a substring or a function)."""
@@ -151,7 +195,7 @@ class Child:
                 self._queue.put(None)  # keep the end marker for later callers
                 raise AssertionError(f"process exited ({self.process.poll()}) before a line matching "
                                      f"{predicate!r}; output:\n" + "\n".join(self.lines[-50:]))
-            self.lines.append(line)
+            self._keep(line)
             if match(line):
                 return line
 
@@ -165,7 +209,7 @@ class Child:
             if line is None:
                 self._queue.put(None)
                 break
-            self.lines.append(line)
+            self._keep(line)
         return "\n".join(self.lines)
 
     def signal(self, signum: int) -> None:

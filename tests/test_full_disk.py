@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,8 +27,11 @@ from sf_bsread_writer.bsread.build import build_message
 from sf_bsread_writer.bsread.message import MessageParser
 from sf_bsread_writer.h5.file import DiskFull, H5File
 from sf_bsread_writer.h5.placement import FileSlot
+from sf_bsread_writer.replay.messages import Data, Gap
 from sf_bsread_writer.tools.simulate import channel_metadata, expected_values
-from tests.helpers import Stream, writer_process
+from sf_bsread_writer.writer.pulse_range import PulseRange
+from sf_bsread_writer.writer.run_loop import RunCounters, RunLoop
+from tests.helpers import FakeClock, ScriptedSource, Stream, writer_process
 
 DEADLINE = 60.0
 FIRST_PULSE_ID = 80_000_000
@@ -168,3 +172,39 @@ def test_a_write_that_finds_no_room_after_the_check_keeps_the_rows_of_the_last_f
             assert file["missing"][()].tolist() == [(FIRST_PULSE_ID + flushed, FIRST_PULSE_ID + 1999,
                                                      2000 - flushed, b"disk_full")]
         check_rows(output, "camera", flushed)
+
+
+def test_the_run_loop_on_a_full_disk_records_one_list_in_the_file_and_the_statistics(tmp_path):
+    """The run loop's full-disk path with a real file on a small disk: a gap and a jump before the disk
+    fills, then the rows that did not fit and the rest of the range, each once, in /missing as in the range."""
+    channels = channel_metadata("camera", "bitshuffle_lz4", image_shape=IMAGE_SHAPE)
+    stop = FIRST_PULSE_ID + 1999
+    # Pulses +10..+14 come as the buffer's gap notice, +20 never comes (a jump).
+    sent = [pulse_id for pulse_id in range(FIRST_PULSE_ID, stop + 1)
+            if not (10 <= pulse_id - FIRST_PULSE_ID <= 14 or pulse_id - FIRST_PULSE_ID == 20)]
+
+    def message(pulse_id: int) -> Data:
+        image = expected_values("camera", pulse_id, image_shape=IMAGE_SHAPE)["CAMERA:FPICTURE"]
+        return Data(pulse_id, build_message(pulse_id, channels, [image], timestamp=1_700_000_000 + pulse_id / 100))
+
+    events = [lambda pulse_id=pulse_id: message(pulse_id) for pulse_id in sent]
+    events.insert(10, Gap(FIRST_PULSE_ID + 10, FIRST_PULSE_ID + 14, "evicted", 5))
+    clock = FakeClock()
+    with small_disk(tmp_path / "disk", "3m") as folder:
+        output = H5File(folder / "run.h5", block_rows=100, flush_interval=1e9, clock=clock)
+        loop = RunLoop(ScriptedSource(clock, events), output, PulseRange(FIRST_PULSE_ID, None, stop, None),
+                       RunCounters(), queue.SimpleQueue(), 10.0, lambda reason: None, clock)
+        assert loop.run() == "disk_full"
+        output.close({"end_reason": "disk_full"})
+        with h5py.File(folder / "run.h5", "r") as file:
+            rows = int(file.attrs["number_of_messages"])
+            table = [(first, last, count, reason.decode()) for first, last, count, reason in file["missing"][()]]
+            missing_pulses = int(file.attrs["missing_pulses"])
+    assert 100 <= rows < len(sent) and loop.counters.messages_written == rows == loop.range.rows
+    assert table == [tuple(vars(item).values()) for item in loop.range.missing]
+    assert missing_pulses == loop.range.missing_count == 5 + 1 + len(sent) - rows
+    assert table[:2] == [(FIRST_PULSE_ID + 10, FIRST_PULSE_ID + 14, 5, "evicted"),
+                         (FIRST_PULSE_ID + 20, FIRST_PULSE_ID + 20, 1, "pulse_id_jump")]
+    # The rows appended but not kept, then the rest of the range: disk_full, contiguous up to the stop.
+    assert [reason for *_, reason in table[2:]] == ["disk_full"] * len(table[2:]) and len(table) == 4
+    assert table[2][0] == sent[rows] and table[2][1] + 1 == table[3][0] and table[3][1] == stop

@@ -809,6 +809,33 @@ def test_wrong_size_scalar_is_absent_and_the_rest_of_the_row_is_kept(tmp_path: P
 # ------------------------------------------------- missing, attributes, close
 
 
+def test_missing_pulses_have_one_owner_whose_list_the_file_writes(tmp_path: Path) -> None:
+    """missing_from: /missing and ``missing_pulses`` are the owner's list as it is at each flush and at close;
+    what was only appended is appended, a list changed otherwise (clipped by a late stop) is the table again."""
+    path = tmp_path / "owned.h5"
+    h5 = H5File(path, flush_interval=1e9)
+    owner = {"missing": [MissingRange(2, 4, 3, "pulse_id_jump")]}
+    h5.missing_from(lambda: owner["missing"])
+    with pytest.raises(RuntimeError, match="owner"):
+        h5.record_missing(7, 7, "evicted")  # a second list would drift from the owner's
+    h5.append(message(1, [channel("X")], [1.0]))
+    assert h5.flush_due() is False  # the interval has not passed
+    h5.flush()
+    owner["missing"].append(MissingRange(6, 9, 4, "evicted"))
+    h5.flush()
+    with read(path) as f:
+        assert f["missing"][()].tolist() == [(2, 4, 3, b"pulse_id_jump"), (6, 9, 4, b"evicted")]
+        assert f.attrs["missing_pulses"] == 7
+    owner["missing"] = [MissingRange(2, 4, 3, "pulse_id_jump"), MissingRange(6, 7, 2, "evicted")]  # clipped
+    assert h5.missing == owner["missing"] and h5.missing_pulses == 5
+    with pytest.raises(ValueError, match="owner"):
+        h5.truncate(1, missing=[])
+    h5.close()
+    with read(path) as f:
+        assert f["missing"][()].tolist() == [(2, 4, 3, b"pulse_id_jump"), (6, 7, 2, b"evicted")]
+        assert f.attrs["missing_pulses"] == 5
+
+
 def test_missing_pulses_table_and_file_attributes(tmp_path: Path) -> None:
     path = tmp_path / "missing.h5"
     h5 = H5File(path)

@@ -25,9 +25,10 @@ from sf_bsread_writer.h5.layout import FILE_ATTRIBUTES
 from sf_bsread_writer.httpserver import HttpServer
 from sf_bsread_writer.replay import messages as replay
 from sf_bsread_writer.writer.acquisition import State
+from sf_bsread_writer.writer.outputs import open_output
 from sf_bsread_writer.writer.rest import make_app
 from sf_bsread_writer.writer.service import Writer, WriterSettings
-from tests.helpers import wait_for
+from tests.helpers import FakeClock, wait_for
 
 PARAMETERS = {"general/created": "2024-01-01T00:00:00", "general/user": "e12345",
               "general/process": "test_rest", "general/instrument": "bench"}
@@ -68,11 +69,11 @@ class QueuedSource:
             self.events.put(replay.Data(pulse_id, frames))
 
 
-def _serve(root, monotonic=time.monotonic):
+def _serve(root, monotonic=time.monotonic, output_factory=None):
     source = QueuedSource()
     settings = WriterSettings("tcp://127.0.0.1:1", str(root / "out.h5"), output_root=str(root),
                               stop_deadline=30.0, flush_interval=0.2, finished_grace=0.0)
-    writer = Writer(settings, source_factory=source, monotonic=monotonic)
+    writer = Writer(settings, source_factory=source, output_factory=output_factory, monotonic=monotonic)
     server = HttpServer(make_app(writer), "127.0.0.1", 0).start()
     try:
         yield SimpleNamespace(url=server.url, writer=writer, source=source, root=root,
@@ -92,7 +93,7 @@ def api(tmp_path):
 @pytest.fixture
 def run_clock():
     """The run loop's clock (deadlines): fake, moved on by the test, so no test waits for a deadline."""
-    return Clock(0.0)
+    return FakeClock(0.0)
 
 
 @pytest.fixture
@@ -382,17 +383,6 @@ def test_a_late_stop_cuts_the_file_and_every_attribute_is_documented(api):
                                                           "refused_channels", "pulse_sources"}  # no archive
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def _writer(tmp_path, source, output_factory=None, clock=time.time, monotonic=time.monotonic) -> Writer:
     settings = WriterSettings("tcp://127.0.0.1:1", str(tmp_path / "out.h5"), finished_grace=0.0)
     writer = Writer(settings, source_factory=source, output_factory=output_factory, clock=clock,
@@ -402,7 +392,7 @@ def _writer(tmp_path, source, output_factory=None, clock=time.time, monotonic=ti
 
 
 def test_a_range_by_time_has_the_documented_attributes(tmp_path, run_clock):
-    source, clock = QueuedSource(), Clock(1000.0)
+    source, clock = QueuedSource(), FakeClock(1000.0)
     writer = _writer(tmp_path, source, clock=clock, monotonic=run_clock)
     writer.start_now()
     source.send(1, 2, 3, timestamp=1000.0)
@@ -431,7 +421,7 @@ class NeverQuietSource(QueuedSource):
 @pytest.mark.parametrize("source_class", [QueuedSource, NeverQuietSource], ids=["quiet", "busy_without_rows"])
 def test_rows_are_flushed_within_the_interval_without_a_new_row(tmp_path, source_class):
     """The kill -9 guarantee (data at most flush_interval old) holds when no row comes to trigger a flush."""
-    source, clock = source_class(), Clock(0.0)
+    source, clock = source_class(), FakeClock(0.0)
     writer = _writer(tmp_path, source, lambda start: H5File(start.output_file, flush_interval=1.0, clock=clock))
     try:
         writer.start_at_pulse(1)
@@ -510,27 +500,48 @@ def test_a_refused_channel_makes_the_outcome_partial(api, monkeypatch):
         assert file.attrs["outcome"] == "partial" and "TWIN" in file.attrs["refused_channels"]
 
 
-def test_a_stop_sent_as_a_persistent_run_ends_is_not_applied_to_the_next_run(api, monkeypatch):
-    """A stop the run loop never read (posted while the run was ending) belongs to that run only."""
+def test_a_stop_sent_as_a_persistent_run_ends_is_not_applied_to_the_next_run(tmp_path):
+    """A stop the run loop never read (posted while the run was ending) belongs to that run only.
+
+    The moment is found through the writer's output seam: run 1's file,
+    as its last row reaches it (after the loop's last read, before the end).
+    """
+    root = tmp_path / "root"
+    root.mkdir()
+    files: list[H5File] = []
+    stopped_while_ending: list[int] = []
+
+    def output(start):
+        file = open_output(start, 0.2, str(root))
+        if not files:
+            flush = file.flush
+
+            def a_stop_arrives_while_ending():
+                if file.rows == 3 and writer.state is State.WRITING and not stopped_while_ending:  # a REST thread
+                    writer.stop_at_pulse(3)
+                    stopped_while_ending.append(3)
+                flush()
+
+            file.flush = a_stop_arrives_while_ending
+        files.append(file)
+        return file
+
+    serving = _serve(root, output_factory=output)
+    api = next(serving)
     writer = api.writer
-    ending = writer._finishing  # noqa: SLF001 (the moment between the loop's last read and the end)
-
-    def a_stop_arrives_while_ending(reason):
-        if writer.state is State.WRITING:  # what a REST thread can do at that moment
-            writer.stop_at_pulse(3)
-        ending(reason)
-
-    monkeypatch.setattr(writer, "_finishing", a_stop_arrives_while_ending)
-    call(api, "PUT", "/stop_pulse_id/3")
-    call(api, "PUT", "/start_pulse_id/1", json={"output_file": "run1.h5"})
-    api.source.send(1, 2, 3)
-    wait_for(lambda: writer.statistics().runs_finished == 1, message="run 1 to end")
-    monkeypatch.setattr(writer, "_finishing", ending)
-    call(api, "PUT", "/stop_pulse_id/20")
-    call(api, "PUT", "/start_pulse_id/10", json={"output_file": "run2.h5"})
-    api.source.send(*range(10, 21))
-    wait_for(lambda: writer.statistics().runs_finished == 2, message="run 2 to end")
-    statistics = writer.statistics()
-    assert (statistics.outcome, statistics.messages_written, statistics.stop_pulse_id) == ("complete", 11, 20)
-    with h5py.File(api.root / "run2.h5", "r") as file:
-        assert file.attrs["requested_stop_pulse_id"] == 20 and file.attrs["number_of_messages"] == 11
+    try:
+        call(api, "PUT", "/stop_pulse_id/3")
+        call(api, "PUT", "/start_pulse_id/1", json={"output_file": "run1.h5"})
+        api.source.send(1, 2, 3)
+        wait_for(lambda: writer.statistics().runs_finished == 1, message="run 1 to end")
+        assert stopped_while_ending == [3]  # the moment came, and the stop in it
+        call(api, "PUT", "/stop_pulse_id/20")
+        call(api, "PUT", "/start_pulse_id/10", json={"output_file": "run2.h5"})
+        api.source.send(*range(10, 21))
+        wait_for(lambda: writer.statistics().runs_finished == 2, message="run 2 to end")
+        statistics = writer.statistics()
+        assert (statistics.outcome, statistics.messages_written, statistics.stop_pulse_id) == ("complete", 11, 20)
+        with h5py.File(api.root / "run2.h5", "r") as file:
+            assert file.attrs["requested_stop_pulse_id"] == 20 and file.attrs["number_of_messages"] == 11
+    finally:
+        serving.close()

@@ -2,7 +2,8 @@
 
 The source is scripted: it hands out its events, and once they are used up
 each receive "waits" its timeout by moving the fake clock on. The output
-is the real ``/dev/null`` output (NullOutput); the decisions under test are
+is the real ``/dev/null`` output (NullOutput), or a real H5File where
+/missing is what is checked; the decisions under test are
 ``writer.acquisition.SilenceWatch`` and ``writer.pulse_range.PulseRange`` as
 the loop applies them.
 """
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import queue
 
+import h5py
 import pytest
 
 from sf_bsread_writer.bsread.build import build_message
-from sf_bsread_writer.replay.messages import BufferLost, Data, MissingRange
+from sf_bsread_writer.h5.file import H5File
+from sf_bsread_writer.replay.messages import BufferLost, Data, Gap, MissingRange
 from sf_bsread_writer.writer.acquisition import (
     STOP_NOW_SILENCE,
     EndRun,
@@ -23,35 +26,9 @@ from sf_bsread_writer.writer.acquisition import (
 from sf_bsread_writer.writer.outputs import NullOutput
 from sf_bsread_writer.writer.pulse_range import PulseRange
 from sf_bsread_writer.writer.run_loop import POLL_INTERVAL, RunCounters, RunLoop
-from tests.helpers import FakeClock
+from tests.helpers import FakeClock, ScriptedSource
 
 CHANNELS = [{"name": "VALUE", "type": "float64", "shape": [1]}]
-
-
-class ScriptedSource:
-    """Events first; then every receive is a timeout that moves the clock on (and may run a hook)."""
-
-    def __init__(self, clock: FakeClock, events=(), on_idle=None) -> None:
-        self.clock = clock
-        self.events = list(events)
-        self.on_idle = on_idle
-        self.idle_polls = 0
-        self.stops: list[tuple] = []
-
-    def receive(self, timeout: float):
-        if self.events:
-            event = self.events.pop(0)
-            if callable(event):
-                return event()
-            return event
-        self.idle_polls += 1
-        self.clock.now += timeout
-        if self.on_idle is not None:
-            self.on_idle(self)
-        return None
-
-    def set_stop(self, stop_pulse_id=None, stop_time=None) -> None:
-        self.stops.append((stop_pulse_id, stop_time))
 
 
 def data(pulse_id: int, timestamp: float = 1.0e9) -> Data:
@@ -254,3 +231,33 @@ def test_a_direct_source_without_a_clock_is_timed_by_the_writers_receive_time():
     assert loop.run() == "stop_reached"
     assert loop.counters.messages_written == 2 and loop.time_base == "receive"
     assert pulse_range.last_timestamp == 5000.0
+
+
+# -- the missing pulses in a real file: one list, the range's ----------------------------
+def test_a_late_stop_clips_the_missing_pulses_in_the_file_and_the_statistics_alike(tmp_path):
+    """A stop that comes after its pulse was written: /missing, ``missing_pulses`` and the range agree.
+
+    The jump and the gap are on disk (flushed every loop turn) before the
+    stop moves back; the file's table is then rewritten with the clipped records.
+    """
+    clock = FakeClock()
+    commands: queue.SimpleQueue = queue.SimpleQueue()
+
+    def stop_at_12() -> Data:
+        commands.put(MoveStop(12, None))  # posted while the source delivers pulse 16
+        return data(16)
+
+    events = [data(pulse_id) for pulse_id in (1, 2, 3, 4, 8)] + [
+        Gap(9, 14, "evicted", 6), data(15), stop_at_12]
+    source = ScriptedSource(clock, events)
+    output = H5File(tmp_path / "late.h5", flush_interval=0.0, clock=clock)
+    loop = RunLoop(source, output, PulseRange(start_pulse_id=1, stop_pulse_id=20), RunCounters(),
+                   commands, 10.0, lambda reason: None, clock)
+    assert loop.run() == "stop_reached"
+    output.close()
+    expected = [MissingRange(5, 7, 3, "pulse_id_jump"), MissingRange(9, 12, 4, "evicted")]
+    assert loop.range.missing == expected
+    with h5py.File(tmp_path / "late.h5", "r") as file:
+        assert file["missing"][()].tolist() == [(5, 7, 3, b"pulse_id_jump"), (9, 12, 4, b"evicted")]
+        assert file.attrs["missing_pulses"] == 7 == loop.range.missing_count
+        assert file.attrs["number_of_messages"] == 5 and file.attrs["rows_removed_after_stop"] == 1

@@ -72,7 +72,7 @@ import os
 import time
 import traceback
 from array import array
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import h5py
@@ -219,9 +219,13 @@ class H5File:
         self._row_bytes_written = array("q")  # bytes_written after the row
         self._pending_bytes = 0
         self._rows_written = 0  # rows on disk (in every dataset)
-        self._missing: list[MissingRange] = []
-        self._missing_pending: list[MissingRange] = []
-        self._missing_rewrite = False  # truncate() replaced the records: /missing is rewritten
+        # The missing pulses have one owner: the writer's PulseRange (missing_from), else this file
+        # (record_missing). /missing is written from the owner's list at every flush and at the close.
+        self._own_missing: list[MissingRange] = []
+        self._missing_source: Callable[[], Sequence[MissingRange]] | None = None
+        # What the /missing table holds (None: unknown, a write failed on a full disk): not an owner,
+        # the file's account of its own table, so that a flush appends only what is new.
+        self._missing_on_disk: list[MissingRange] | None = []
         self._attributes: dict[str, Any] = {}
         self._refused: dict[str, str] = {}  # channel name -> why it has no group
         # Values refused one by one (a refused header entry, a value that does not decode):
@@ -319,7 +323,8 @@ class H5File:
 
     @property
     def missing(self) -> list[MissingRange]:
-        return list(self._missing)
+        """The missing pulses as the owner of the list has them now (written at the next flush)."""
+        return list(self._current_missing())
 
     @property
     def closed(self) -> bool:
@@ -418,22 +423,48 @@ class H5File:
 
     def record_missing(self, first_pulse_id: int, last_pulse_id: int, reason: str,
                        count: int | None = None) -> None:
-        """Note pulses that will not be in the file (written at the next flush).
+        """Note pulses that will not be in the file (written at the next flush), for a file that keeps its own list.
 
         ``count`` defaults to ``last - first + 1``; give it when the pulse
-        step is not 1 or when it is known from the source.
+        step is not 1 or when it is known from the source. A file whose
+        list has another owner (:meth:`missing_from`) refuses: one list, one owner.
         """
         self._check_open()
+        if self._missing_source is not None:
+            raise RuntimeError(f"{self.path}: the missing pulses come from their owner's list (missing_from)")
         first, last = int(first_pulse_id), int(last_pulse_id)
         if last < first:
             raise ValueError(f"last_pulse_id {last} < first_pulse_id {first}")
-        record = MissingRange(first, last, int(count) if count is not None else last - first + 1, str(reason))
-        self._missing.append(record)
-        self._missing_pending.append(record)
+        self._own_missing.append(
+            MissingRange(first, last, int(count) if count is not None else last - first + 1, str(reason)))
+
+    def missing_from(self, records: Callable[[], Sequence[MissingRange]]) -> None:
+        """Take the missing pulses from their owner: ``records()`` is the whole list, asked at every flush and at close.
+
+        The writer's :class:`~sf_bsread_writer.writer.pulse_range.PulseRange`
+        decides what is missing (and clips it when a stop comes late, adds
+        to it when the disk is full); the file only writes what that list
+        says, so /missing, ``missing_pulses`` and the writer's statistics
+        cannot disagree. Records the owner only appended are appended to
+        the table; a list that changed otherwise rewrites the table whole.
+        """
+        if self._own_missing:
+            raise RuntimeError(f"{self.path}: missing pulses were recorded already; one list, one owner")
+        self._missing_source = records
+
+    def _current_missing(self) -> Sequence[MissingRange]:
+        return self._missing_source() if self._missing_source is not None else self._own_missing
+
+    def _missing_unwritten(self) -> int:
+        """Records a flush writes to /missing (all of them when the table is rewritten)."""
+        current, on_disk = self._current_missing(), self._missing_on_disk
+        if on_disk is not None and list(current[:len(on_disk)]) == on_disk:
+            return len(current) - len(on_disk)
+        return len(current)
 
     @property
     def missing_pulses(self) -> int:
-        return sum(record.count for record in self._missing)
+        return sum(record.count for record in self._current_missing())
 
     def set_attributes(self, attributes: Mapping[str, Any]) -> None:
         """File attributes (e.g. the requested range) written at the next flush and at close.
@@ -450,7 +481,10 @@ class H5File:
 
     def flush_due(self) -> bool:
         """True when data waits and the flush interval has passed (for idle loops)."""
-        return (not self._closed and (self.rows > self._rows_written or bool(self._missing_pending))
+        # A length check each loop turn; a list changed in place (a late stop) comes with truncate's flush.
+        on_disk = self._missing_on_disk
+        missing_waits = on_disk is None or len(self._current_missing()) != len(on_disk)
+        return (not self._closed and (self.rows > self._rows_written or missing_waits)
                 and self._clock() - self._last_flush >= self.flush_interval)
 
     def maybe_flush(self) -> bool:
@@ -469,9 +503,11 @@ class H5File:
         every dataset under /data (all share axis 0). ``rows``,
         ``first_/last_pulse_id``, ``first_/last_timestamp``, ``absent_values``
         and ``bytes_written`` then describe the rows kept, and the attribute
-        ``rows_removed_after_stop`` adds up the rows removed. ``missing``
-        replaces the records of /missing (the caller clips them to its stop:
-        the file does not know the pulse step); None keeps them. Groups
+        ``rows_removed_after_stop`` adds up the rows removed. /missing is
+        written again from the list's owner (a PulseRange clips its records
+        to the stop: the file does not know the pulse step); a file that
+        keeps its own list takes the clipped records as ``missing`` (None
+        keeps them). Groups
         created by removed rows stay, all absent. Ends with a :meth:`flush`:
         on return the file on disk is the cut one.
         """
@@ -489,9 +525,9 @@ class H5File:
         else:
             self._forget_rows(rows)
         if missing is not None:
-            self._missing = list(missing)
-            self._missing_pending = list(self._missing)
-            self._missing_rewrite = True
+            if self._missing_source is not None:
+                raise ValueError(f"{self.path}: the missing pulses come from their owner's list, not from truncate")
+            self._own_missing = list(missing)
         if removed:
             self._attributes["rows_removed_after_stop"] = self._attributes.get("rows_removed_after_stop", 0) + removed
             logger.info("%s: %d rows removed after the stop, %d kept", self.path, removed, rows)
@@ -553,7 +589,7 @@ class H5File:
         start, pending = self._rows_written, self.rows - self._rows_written
         unsettled = sum(1 for name in self._last_spec if name not in self._columns and name not in self._refused)
         margin = (FLUSH_MARGIN_BYTES + GROUP_BYTES * (self._groups_since_flush + unsettled)
-                  + MISSING_RECORD_BYTES * len(self._missing_pending))
+                  + MISSING_RECORD_BYTES * self._missing_unwritten())
         free = self._slot.free_bytes() - margin
         columns = list(self._each_column())
 
@@ -589,8 +625,7 @@ class H5File:
         # The failed write's frames still hold numpy views of the pending buffers: let go, so they can shrink.
         traceback.clear_frames(error.__traceback__)
         self._forget_rows(self._rows_written)
-        self._missing_rewrite = True  # the table may be half grown: written again whole
-        self._missing_pending = list(self._missing)
+        self._missing_on_disk = None  # the table may be half grown: written again whole
         try:
             for column in self._each_column():
                 column.resize(self._rows_written)
@@ -813,11 +848,17 @@ class H5File:
         self.blocks_written += 1
 
     def _write_missing(self) -> None:
-        if self._missing_rewrite:
-            self._missing_rewrite = False
+        """/missing as the owner's list has it now: what is new appended, else (clipped, half written) whole again."""
+        current = list(self._current_missing())
+        on_disk = self._missing_on_disk
+        if on_disk is not None and current[:len(on_disk)] == on_disk:
+            new = current[len(on_disk):]
+        else:
             if "missing" in self._file:
                 del self._file["missing"]  # absent when nothing is missing, as always
-        if not self._missing_pending:
+            new = current
+        if not new:
+            self._missing_on_disk = current
             return
         if "missing" not in self._file:
             table = self._file.create_dataset("missing", shape=(0,), maxshape=(None,),
@@ -826,11 +867,10 @@ class H5File:
                                           "(inclusive), count pulses, and why")
         table = self._file["missing"]
         start = table.shape[0]
-        rows = np.array([(r.first_pulse_id, r.last_pulse_id, r.count, r.reason)
-                         for r in self._missing_pending], dtype=MISSING_DTYPE)
+        rows = np.array([(r.first_pulse_id, r.last_pulse_id, r.count, r.reason) for r in new], dtype=MISSING_DTYPE)
         table.resize(start + len(rows), axis=0)
         table[start:] = rows
-        self._missing_pending = []
+        self._missing_on_disk = current
 
     def _write_file_attributes(self, complete: bool) -> None:
         attrs = self._file.attrs
@@ -842,7 +882,7 @@ class H5File:
             attrs[key] = attribute_value(value)
         # Counts describe what is on disk, so that they hold after a crash too.
         attrs["number_of_messages"] = np.int64(self._rows_written)
-        attrs["missing_pulses"] = np.int64(sum(r.count for r in self._missing))
+        attrs["missing_pulses"] = np.int64(self.missing_pulses)
         attrs["absent_values"] = np.int64(self.absent_values)
         if self._rows_written:
             attrs["first_pulse_id"] = np.int64(self.first_pulse_id)

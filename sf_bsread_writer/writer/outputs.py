@@ -103,8 +103,8 @@ class NullOutput:
             self.bytes_written += len(message.value_part(index))
             self.absent_values += not message.is_present(index)  # empty, or its channel refused by the parser
 
-    def record_missing(self, first_pulse_id: int, last_pulse_id: int, reason: str, count: int | None = None) -> None:
-        pass
+    def missing_from(self, records: Any) -> None:
+        """Nothing to write them into: the statistics read them from the range."""
 
     def set_attributes(self, attributes: dict) -> None:
         pass
@@ -118,7 +118,7 @@ class NullOutput:
     def maybe_flush(self) -> bool:
         return False
 
-    def truncate(self, rows: int, missing: Any = None) -> int:
+    def truncate(self, rows: int) -> int:
         """Only ``rows`` follows (nothing was written; the byte counts keep the removed rows)."""
         removed, self.rows = self.rows - rows, rows
         return removed

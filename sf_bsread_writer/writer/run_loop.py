@@ -4,8 +4,9 @@ The run thread is the only owner of the source and the output file. The
 decisions it makes are pure and live in the core (``PulseRange`` decides
 what belongs in the file and what is missing, ``SilenceWatch`` when a quiet
 source ends the run); this loop moves messages between the source and the
-file, applies the commands the REST threads post on its queue, and keeps
-the counters that ``/statistics`` shows. ``clock`` is injected, so the
+file (which writes /missing from the range's own list: ``missing_from``),
+applies the commands the REST threads post on its queue, and keeps the
+counters that ``/statistics`` shows. ``clock`` is injected, so the
 stop-deadline behaviour is tested with a fake clock and a scripted source.
 """
 from __future__ import annotations
@@ -117,6 +118,8 @@ class RunLoop:
         keep_alive = getattr(source, "keep_alive", None)
         if keep_alive is not None and hasattr(output, "keep_alive"):
             output.keep_alive = keep_alive
+        # One list of missing pulses, the range's: the file writes it as it is at each flush and at the close.
+        output.missing_from(lambda: pulse_range.missing)
 
     def run(self) -> str:
         """Until the range is over; returns why it ended, the head and tail that never arrived recorded.
@@ -176,7 +179,7 @@ class RunLoop:
         """The range is over: record the head and tail that never arrived."""
         self.on_finishing(reason)
         for item in self.range.close(reason):
-            self._record(item)
+            self._log_missing(item)
         return reason
 
     def _disk_full(self, full: DiskFull) -> str:
@@ -185,7 +188,7 @@ class RunLoop:
         logger.error("Disk full: %s. The run ends: %d rows are in the file; the rest of the range is recorded "
                      "as missing (%s)", full, kept, DISK_FULL)
         for item in self.range.cut(kept, DISK_FULL):
-            self._record(item)
+            self._log_missing(item)
         self.counters.messages_written = kept
         del self._row_timed_by_receive[kept:]
         self._update_time_base()
@@ -220,7 +223,7 @@ class RunLoop:
             if isinstance(command, MoveStop):
                 keep = self.range.set_stop(command.stop_pulse_id, command.stop_time)
                 if keep is not None:  # rows past the new stop were written already: remove them
-                    removed = self.output.truncate(keep, self.range.missing)
+                    removed = self.output.truncate(keep)  # /missing follows the range's clipped list
                     logger.info("The stop came after its pulse was written: %d rows removed", removed)
                     self.counters.messages_written = keep
                     del self._row_timed_by_receive[keep:]
@@ -275,7 +278,7 @@ class RunLoop:
             elif counters.time_base != base:
                 counters.time_base = TimeBase.MIXED.value
             for item in self.range.written(message.pulse_id, time):
-                self._record(item)
+                self._log_missing(item)
         elif verdict is Verdict.BEFORE:
             counters.messages_before_start += 1
         elif verdict is Verdict.OLD:
@@ -293,9 +296,10 @@ class RunLoop:
                 self.counters.unlocated_gaps.append(gap)
             return
         for item in self.range.gap(gap.first_pulse_id, gap.last_pulse_id, gap.reason, gap.count):
-            self._record(item)
+            self._log_missing(item)
 
-    def _record(self, item: MissingRange) -> None:
+    @staticmethod
+    def _log_missing(item: MissingRange) -> None:
+        """Newly recorded by the range (which the file reads): said once, in the log."""
         logger.warning("Pulses %d..%d missing (%d): %s", item.first_pulse_id, item.last_pulse_id, item.count,
                        item.reason)
-        self.output.record_missing(item.first_pulse_id, item.last_pulse_id, item.reason, item.count)
