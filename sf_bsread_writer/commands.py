@@ -68,6 +68,7 @@ def missing_library(error: ImportError) -> str | None:
 #: light supervisor; its IOC process loads EPICS): looked up, not imported, before the command starts.
 NEEDS: dict[str, tuple[str, ...]] = {command: ("zmq",) for command in COMMANDS}
 NEEDS["sf_bsread_gateway"] = ("zmq", "softioc", "epicscorelibs")
+NEEDS["sf_bsread_ca_bridge"] = ("zmq", "epics")  # pyepics, imported when the bridge connects
 
 
 def run(command: str, argv: list[str] | None = None) -> int:

@@ -10,10 +10,13 @@ buffer (in this process), a real replay client, a real HDF5 file.
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import h5py
+import pytest
 
+from sf_bsread_writer.archive.reach_back import ReachBackSource
 from sf_bsread_writer.h5.file import H5File
 from sf_bsread_writer.replay.client import ReplayClient
 from sf_bsread_writer.writer.service import Writer, WriterSettings
@@ -25,7 +28,10 @@ MESSAGES = 150  # more than a window (64): the writer is busy mid-range
 SESSION_TIMEOUT = 0.5  # the buffer's; the client heartbeats every 0.1 s while it can
 
 
-def test_a_writer_busy_longer_than_the_session_timeout_keeps_its_session(tmp_path):
+@pytest.mark.parametrize("kind", ["reach_back", "replay_client"])
+def test_a_writer_busy_longer_than_the_session_timeout_keeps_its_session(tmp_path, kind):
+    """``reach_back``: the writer's own source for a buffer (``ReachBackSource`` around the replay client);
+    ``replay_client``: the replay client alone."""
     stream = Stream(count=MESSAGES, rate=0, profile="scalars", compression="none", n_channels=CHANNELS,
                     first_pulse_id=FIRST_PULSE_ID, session_timeout=SESSION_TIMEOUT)
     try:
@@ -34,8 +40,11 @@ def test_a_writer_busy_longer_than_the_session_timeout_keeps_its_session(tmp_pat
         flushes: list[float] = []
 
         def source(start):
-            return ReplayClient(stream.replay, start_pulse_id=start.start_pulse_id, stop_pulse_id=start.stop_pulse_id,
-                                heartbeat_interval=0.1)
+            client = functools.partial(ReplayClient, heartbeat_interval=0.1)
+            if kind == "reach_back":
+                return ReachBackSource(stream.replay, start_pulse_id=start.start_pulse_id,
+                                       stop_pulse_id=start.stop_pulse_id, replay_factory=client)
+            return client(stream.replay, start_pulse_id=start.start_pulse_id, stop_pulse_id=start.stop_pulse_id)
 
         def output(start):
             file = H5File(start.output_file, flush_interval=0.05)

@@ -119,6 +119,15 @@ class ReachBackSource:
                                "will be missing", error)
         return self.accepted
 
+    def keep_alive(self) -> None:
+        """While the writer is busy (``H5File.keep_alive``): the ring's session gets its heartbeat when due.
+
+        Asked of the ring client in use at call time (a switch to the archive and back replaces it); while
+        reading the archive there is no session at the buffer to keep.
+        """
+        if self._archive is None and self._ring is not None:
+            self._ring.keep_alive()
+
     def close(self) -> None:
         for source in (self._archive, self._ring):
             if source is not None:

@@ -115,10 +115,12 @@ def supervise(argv: Sequence[str]) -> int:
                     return process.ExitCode.OK
                 continue
             current.wait_output()
+            if stopping.is_set():  # ours to end: whatever ended the IOC meanwhile (a signal to the whole group)
+                return process.ExitCode.OK if code in (0, RESTART_EXIT_CODE) or code < 0 else code
             if code < 0:  # the IOC was killed by a signal: a fault (sys.exit would make 256 - N of it)
                 return process.ExitCode.FAILED
-            if code != RESTART_EXIT_CODE or stopping.is_set():
-                return process.ExitCode.OK if code == RESTART_EXIT_CODE else code  # a restart asked while stopping
+            if code != RESTART_EXIT_CODE:
+                return code
             restarts += 1
             state = dict(current.next_state or state)
             state["restarts"] = restarts
