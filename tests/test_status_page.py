@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
                                 reason="headless Chromium needs Debian's chromium and chromium-driver "
                                        "(.ci/run installs them)")
 
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -46,11 +47,23 @@ def browser():
 
 
 def _wait(driver, condition, timeout: float = 30, message: str = ""):
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d), message)
+    """Until ``condition`` holds; an element the page rendered anew meanwhile (stale) is looked up again."""
+    return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+                         ).until(lambda d: condition(d), message)
 
 
 def _row(driver, channel: str):
     return driver.find_element(By.CSS_SELECTOR, f'tr[data-channel="{channel}"]')
+
+
+def _pulse_id_shown(driver, channel: str) -> int | None:
+    """The pulse id a row shows, read by the page itself (None without the row): no element handle is kept, so
+    a row the page renders anew between two calls (after a reconnect) cannot go stale under the test."""
+    pulse_id = driver.execute_script(
+        "const r = document.querySelector(`tr[data-channel='${arguments[0]}']`);"
+        "return r ? r.dataset.pulseId : null;", channel)
+    return int(pulse_id) if pulse_id else None
 
 
 def _shown(driver, channel: str) -> tuple[int, object]:
@@ -125,7 +138,7 @@ def test_a_wrong_token_shows_the_login_error_and_a_restart_is_survived(browser, 
         browser.find_element(By.ID, "token").send_keys(token)
         browser.find_element(By.ID, "login-button").click()
         _wait(browser, lambda d: d.find_element(By.ID, "connection").text == "live", message="live with the token")
-        _wait(browser, lambda d: _row(d, "CH0001").get_attribute("data-pulse-id"), message="values")
+        _wait(browser, lambda d: _pulse_id_shown(d, "CH0001"), message="values")
 
         web.process.kill()  # the service goes away: the page says so, and comes back by itself
         web.wait(10)
@@ -134,10 +147,9 @@ def test_a_wrong_token_shows_the_login_error_and_a_restart_is_survived(browser, 
               message="disconnected")
         web = Child.python_module(*command)
         _ready(web)
-        before = int(_row(browser, "CH0001").get_attribute("data-pulse-id"))
+        before = _pulse_id_shown(browser, "CH0001")
         _wait(browser, lambda d: d.find_element(By.ID, "connection").text == "live", message="reconnected")
-        _wait(browser, lambda d: int(_row(d, "CH0001").get_attribute("data-pulse-id")) > before,
-              message="values after the restart")
+        _wait(browser, lambda d: (_pulse_id_shown(d, "CH0001") or 0) > before, message="values after the restart")
     finally:
         web.stop()
         feed.close()
