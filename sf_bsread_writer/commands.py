@@ -97,8 +97,8 @@ def buffer() -> int:
 
 
 def writer() -> int:
-    """``sf_bsread_writer``."""
-    return run("sf_bsread_writer")
+    """``sf_bsread_writer``: gone as soon as ``main`` returns (the file closed), as the original's clients expect."""
+    process.exit_now(run("sf_bsread_writer"))
 
 
 def simulate() -> int:

@@ -6,8 +6,8 @@ keeps answering ``/status`` for the grace period (``--finished-grace``, 0 by
 default: the original's clients wait for the process to end) and returns the
 exit code (``process.ExitCode``): the run's outcome (0 complete, 3 partial,
 1 failed), or 2 when it could not launch (a bad option, a port in use, no such
-output root). Once the file is closed the process ends at once
-(:func:`end_process`), not after the interpreter's teardown.
+output root). The command (``commands.writer``) then ends the process at
+once (``process.exit_now``), not after the interpreter's teardown.
 
 SIGTERM and SIGINT close the file now (the rest of the range is recorded
 as missing); SIGHUP does not end the run: a writer started from a terminal
@@ -19,10 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import pwd
-import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from sf_bsread_writer import config, process, registry
 from sf_bsread_writer.httpserver import HttpServer
@@ -37,7 +36,7 @@ from sf_bsread_writer.writer.outputs import DEV_NULL, resolve_output_file
 from sf_bsread_writer.writer.rest import make_app
 from sf_bsread_writer.writer.service import Writer, WriterSettings
 
-__all__ = ["main", "serve", "drop_privileges", "end_process"]
+__all__ = ["main", "serve", "drop_privileges"]
 
 logger = logging.getLogger(__name__)
 
@@ -171,25 +170,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = serve(writer, server, app.wait_until_idle)
     finally:
         registry.unregister(entry)
-    end_process(code)
-
-
-def end_process(code: int) -> NoReturn:
-    """End the writer process now: its file is closed, its summary written, its API and registry entry gone.
-
-    A DAQ system written for the original waits for the process to end, and
-    the original's own test wants it gone 0.5 s after the range's last
-    message. Python's teardown of what the writer imported (numpy, h5py,
-    zmq, bottle) alone takes 0.1-0.35 s on a loaded machine, and there is
-    nothing left for it to do: every file was closed by the run thread before
-    it set ``done`` (and nothing buffered in this process is lost: the log
-    and stdout are flushed here; the replay socket was closed with linger 0).
-    So the command ends with ``os._exit``, never a library function.
-    """
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed terminal or pipe: nothing left to tell it
-            pass
-    os._exit(code)
+    return code
