@@ -144,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("Cannot listen on %s:%s: %s", args.rest_host, args.rest_port, error)
         return ExitCode.CONFIGURATION
     try:
+        if args.user_id != -1:
+            # What the writer imports on first use (bitshuffle, for values it must decode) is imported now:
+            # once another user, the package's own folder may no longer be readable.
+            import bitshuffle  # noqa: F401
         drop_privileges(args.user_id)
         if settings.output_root is not None and not os.path.isdir(settings.output_root):
             raise ValueError(f"--output-root {settings.output_root} is not a directory")
