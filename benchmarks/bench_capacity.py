@@ -91,7 +91,8 @@ def run_one(channels: int, args: argparse.Namespace, workdir: Path, variant: str
         env = {"PYTHONPATH": str(common.baseline_site(args.baseline_tree))} if variant == "baseline" else None
         writer = common.Child([PY, "-m", "sf_bsread_writer.writer", endpoints["replay"],
                                str(workdir / f"capacity-{channels}-{variant}.h5"), "-1", "0", "--log_level",
-                               "WARNING", *args.writer_args.split()],
+                               # its REST stays 3 s after the file is closed: time to read its statistics
+                               "WARNING", "--finished-grace", "3", *args.writer_args.split()],
                               timeout=60, env=env)
         writer_rest = json.loads(writer.ready_line.split(" ", 1)[1])["rest"]
         http("POST", writer_rest + "/parameters", PARAMETERS)
@@ -103,9 +104,15 @@ def run_one(channels: int, args: argparse.Namespace, workdir: Path, variant: str
         http("PUT", f"{writer_rest}/start_pulse_id/{start}")
         http("PUT", f"{writer_rest}/stop_pulse_id/{stop}")
         # The stop pulse is sent at about t0 + lead + seconds: wait for it at the buffer, then for the writer.
+        rss_samples: list[tuple[float, float]] = []  # (seconds since the start request, writer RSS MB)
+        next_sample = t0
         while (statistics(rest)["pulse_ids"]["last"] or 0) < stop:
-            if time.monotonic() - t0 > (args.lead + args.seconds) * 3 + 30:
+            now = time.monotonic()
+            if now - t0 > (args.lead + args.seconds) * 3 + 30:
                 raise RuntimeError("the buffer never saw the stop pulse")
+            if args.rss_every and now >= next_sample:
+                rss_samples.append((now - t0, common.rss_of(writer.process.pid) / 1e6))
+                next_sample += args.rss_every
             time.sleep(0.05)
         stop_seen = time.monotonic()
         after = statistics(rest)
@@ -131,7 +138,7 @@ def run_one(channels: int, args: argparse.Namespace, workdir: Path, variant: str
             "ring_MB": after["ring"]["bytes"] / 1e6,
             "writer_state": state, "written": wstats["messages_written"], "missing": wstats["missing_pulses"],
             "lag": lag, "writer_cpu_s": writer_cpu, "writer_rss_MB": writer_rss / 1e6,
-            "restarts": wstats.get("buffer_lost", 0),
+            "restarts": wstats.get("buffer_lost", 0), "rss_samples": rss_samples,
             "load": os.getloadavg()[0],
         }
         result["sustained"] = (received == expected and result["jumps"] == 0 and state == "finished"
@@ -142,6 +149,17 @@ def run_one(channels: int, args: argparse.Namespace, workdir: Path, variant: str
         for child in (writer, buffer, sender):
             if child is not None:
                 child.stop()
+
+
+def rss_report(samples: list[tuple[float, float]]) -> str:
+    """The writer's RSS over the run: first, middle and last sample, and the growth over the second half
+    (a writer whose memory is flat grows by its per-row bookkeeping only)."""
+    half = [s for s in samples if s[0] >= samples[-1][0] / 2]
+    (t_mid, rss_mid), (t_end, rss_end) = half[0], half[-1]
+    slope = (rss_end - rss_mid) / max(t_end - t_mid, 1e-9) * 60
+    points = ", ".join(f"{t:.0f} s {rss:.0f} MB" for t, rss in samples)
+    return (f"#   writer RSS: {samples[0][1]:.0f} -> {rss_mid:.0f} (half-way) -> {rss_end:.0f} MB; second half "
+            f"{slope:+.2f} MB/min ({points})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-tree", metavar="DIR", default=None,
                         help="also run the writer of the checkout in DIR (variant baseline) before this one, "
                              "per channel count: before/after in one run")
+    parser.add_argument("--rss-every", type=float, default=0.0, metavar="SECONDS",
+                        help="sample the writer's RSS this often while it writes and report its growth over the "
+                             "second half of the run (issue 24: flat over 10 minutes: --seconds 600 --rss-every 30)")
     parser.add_argument("--max-lag", type=float, default=3.0,
                         help="most seconds from the last pulse to the closed file that still count as keeping up")
     args = parser.parse_args(argv)
@@ -180,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"| {r['buffer_rss_MB']:.0f} MB ({r['ring_MB']:.0f} MB) | {r['written']}, {r['missing']} "
                   f"({r['writer_state']}; buffer lost {r['restarts']}) | {r['lag']:.2f} s | {r['writer_cpu_s']:.1f} s | {r['writer_rss_MB']:.0f} MB "
                   f"| {'yes' if r['sustained'] else 'NO'} | {r['load']:.2f} |", flush=True)
+            if r["rss_samples"]:
+                print(rss_report(r["rss_samples"]), flush=True)
             for path in Path(workdir).glob("*.h5"):
                 path.unlink()
     return 0
