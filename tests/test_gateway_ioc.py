@@ -383,7 +383,7 @@ def test_retypes_no_record_holds_move_the_pv_name_and_disconnect_no_other_client
     scalar -> an array, a longer waveform, an enum whose states changed) moves the PV's name to a spare
     record of the new type inside the running IOC: no IOC replacement, no libca client of another PV nor of
     the status PVs is disconnected, and an unconfigured caget reads the retyped PV with its new native type
-    within 3 s. A client connected to the old record stays connected to it: INVALID/DISABLE, its DESC says
+    within 3 s. Likewise a STRING channel that sends a value over 39 bytes (T): a long-string spare. A client connected to the old record stays connected to it: INVALID/DISABLE, its DESC says
     it was retyped."""
     import time
 
@@ -393,17 +393,19 @@ def test_retypes_no_record_holds_move_the_pv_name_and_disconnect_no_other_client
     keep = {"name": "A", "type": "float64"}
     before = [keep, {"name": "S", "type": "float64"}, {"name": "L", "type": "int32"},
               {"name": "V", "type": "float64"}, {"name": "W", "type": "int32", "shape": [3]},
-              {"name": "E", "type": "uint8", "enum_strings": ["Off", "On"]}]
+              {"name": "E", "type": "uint8", "enum_strings": ["Off", "On"]}, {"name": "T", "type": "string"}]
     after = [keep, {"name": "S", "type": "string"}, {"name": "L", "type": "float64"},
              {"name": "V", "type": "float64", "shape": [5]}, {"name": "W", "type": "int32", "shape": [10]},
-             {"name": "E", "type": "uint8", "enum_strings": ["Closed", "Open", "Moving"]}]
+             {"name": "E", "type": "uint8", "enum_strings": ["Closed", "Open", "Moving"]},
+             {"name": "T", "type": "string"}]
     source = Feeder(before, lambda pid: [float(pid), float(pid), np.int32(pid), float(pid),
-                                         np.array([pid, -pid, 7], dtype=np.int32), np.uint8(pid % 2)], rate=20.0)
+                                         np.array([pid, -pid, 7], dtype=np.int32), np.uint8(pid % 2), f"t{pid}"],
+                    rate=20.0)
     child = watcher = None
     others = ["CH:A", "CH:PULSE_ID", "CH:CHANNELS", "CH:MAX_RATE"]
     try:
         child, _ = start_gateway(source.address, local_env, "--ca-prefix", "CH:", "--name", "CH", "--max-rate", "20")
-        for pv in ("CH:A", "CH:S", "CH:L", "CH:V", "CH:W", "CH:E"):
+        for pv in ("CH:A", "CH:S", "CH:L", "CH:V", "CH:W", "CH:E", "CH:T"):
             _wait_alarm_free(local_env, pv)
         old_names = _caget(local_env, "CH:S.NAME", "CH:L.NAME")
         watcher = Child([sys.executable, "-c", PYEPICS_MULTI_WATCHER, *others, "CH:S"], env=local_env)
@@ -412,16 +414,16 @@ def test_retypes_no_record_holds_move_the_pv_name_and_disconnect_no_other_client
 
         retyped_at = time.monotonic()
         source.set(after, lambda pid: [float(pid), f"text {pid}", pid + 0.5, np.arange(5.0) + pid,
-                                       np.arange(10, dtype=np.int32) + pid, np.uint8(pid % 3)])
+                                       np.arange(10, dtype=np.int32) + pid, np.uint8(pid % 3), "L" * 60 + str(pid)])
         wait_for(lambda: "DBF_STRING" in run_tool("cainfo", ["CH:S"], local_env, timeout=5), timeout=20,
                  interval=0.1, message="S served as a STRING")
         readable_after = time.monotonic() - retyped_at
         _wait_alarm_free(local_env, "CH:S", timeout=10)
         assert readable_after < 3.0 + 1.0, readable_after  # 3 s, and the cainfo that shows it
-        info = run_tool("cainfo", ["CH:L", "CH:V", "CH:W", "CH:E"], local_env)
+        info = run_tool("cainfo", ["CH:L", "CH:V", "CH:W", "CH:E", "CH:T"], local_env)
         natives = [line.split(":", 1)[1].strip() for line in info.splitlines() if "Native data type" in line]
-        assert natives == ["DBF_DOUBLE", "DBF_DOUBLE", "DBF_LONG", "DBF_ENUM"], info
-        for pv in ("CH:L", "CH:V", "CH:W", "CH:E"):
+        assert natives == ["DBF_DOUBLE", "DBF_DOUBLE", "DBF_LONG", "DBF_ENUM", "DBF_CHAR"], info
+        for pv in ("CH:L", "CH:V", "CH:W", "CH:E", "CH:T"):
             _wait_alarm_free(local_env, pv, timeout=10)
         values = _caget(local_env, "CH:S", "CH:L", "CH:V.NORD", "CH:W.NORD", "CH:E.TWST", "CH:V:SHAPE")
         assert values["CH:S"].startswith("text ") and values["CH:L"].endswith(".5"), values
