@@ -11,15 +11,19 @@ out.
 
 **Channel set changes without a restart.** Records exist before
 ``iocInit``, so each IOC starts with a pool of spare records
-(``policy.SparePool``) besides the records of its channels. A new channel is
-served by a spare under its own name, an EPICS alias created at run time
-(``dbCreateAlias``: only adds a name to the IOC's lookup table, under its
-lock); a removed channel stays INVALID/DISABLE; a retype its record holds is
-served on. No connected client of any PV notices. Only what no record can
-hold (a number that became a string, a waveform longer than its record, a
-new channel when the pool is used up) needs a new IOC: the IOC waits until
-the header has been still (``policy.Settle``), tells the supervisor what the
-next IOC must hold, and exits with ``RESTART_EXIT_CODE``.
+(``policy.SparePool``) besides the records of its channels, and every
+channel's PV names are EPICS aliases of records with internal names
+(``NAME:_CH17``). A new channel is served by a spare under its own name, an
+alias created at run time (``dbCreateAlias``: only adds a name to the IOC's
+lookup table, under its lock); a removed channel stays INVALID/DISABLE; a
+retype its record holds is served on; a retype no running record holds moves
+the PV name to a spare of the new type once the header has been still
+(``policy.resolve_unheld``; :class:`_Names` says why a name is unlinked and
+never freed), and the old record keeps its clients, INVALID/DISABLE. No
+connected client of any other PV notices. Only what no spare can hold either
+(a waveform longer than a spare, a second such retype of a channel that moved
+already, a used-up pool) needs a new IOC: the IOC tells the supervisor what
+the next IOC must hold, and exits with ``RESTART_EXIT_CODE``.
 
 **The restart protocol** is ``ca/supervisor.py``'s: this process is
 started with ``go {state}`` on its stdin (:func:`wait_for_go`), prints

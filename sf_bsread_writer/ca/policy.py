@@ -117,8 +117,9 @@ class PlanChange:
 
     ``plan``: what it serves from now on. ``added``: new channels, each served by a spare record
     (``record`` is the spare's, which holds the channel's type). ``unheld``: channels (as the new
-    header wants them) that no running or spare record can hold; their old record, if any, is retired
-    until the next IOC, which only a restart brings.
+    header wants them) that no running record (nor, for a new channel, a spare) holds; their old record,
+    if any, is retired until :func:`resolve_unheld` moves their names to spare records or a new IOC
+    serves them.
     """
 
     plan: "ChannelPlan"
