@@ -435,8 +435,10 @@ def spare_record_specs(counts: Mapping[str, int]) -> list[tuple[str, IocRecord |
 # --------------------------------------------------------------------------
 @dataclass
 class Settle:
-    """A restart waits until the data header has been still for ``quiet_s`` (at most ``most_s`` after
-    the first change that needs it): a source reconfigured channel by channel costs one restart."""
+    """What the running records cannot serve waits until the data header has been still for ``quiet_s``
+    (at most ``most_s`` after the first change that needs it), then its names move to spare records
+    (:func:`resolve_unheld`) or the IOC is replaced: a source reconfigured channel by channel costs one
+    replacement, not one per step, and a channel that flips back within ``quiet_s`` costs nothing."""
 
     quiet_s: float = 1.0
     most_s: float = 5.0
@@ -444,13 +446,13 @@ class Settle:
     last: float | None = None
 
     def wanted(self, now: float) -> None:
-        """A change that needs a restart was seen at ``now``."""
+        """A change the running records cannot serve was seen at ``now``."""
         if self.first is None:
             self.first = now
         self.last = now
 
     def cancel(self) -> None:
-        """The header went back to what the running records hold: no restart."""
+        """The header went back to what the running records hold (or the names moved): nothing is due."""
         self.first = self.last = None
 
     def due(self, now: float) -> bool:
