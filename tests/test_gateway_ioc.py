@@ -294,15 +294,17 @@ def test_metadata_and_severity_of_a_bridged_ioc_pv_are_served_as_its_record_fiel
 def test_channels_added_removed_and_retyped_disconnect_no_other_client(env):
     """Issue 22: a new channel (scalar, 64-bit with its _STR twin, waveform with :SHAPE, enum), a removed one
     and a retype its record holds are served by the running IOC: no libca client of any other PV, nor of
-    the status PVs, is disconnected, and a new channel is readable by caget within 3 s. Only a type no
-    record holds (int32 -> string) needs a new IOC, once the header has been still, and once."""
+    the status PVs, is disconnected, and a new channel is readable by caget within 3 s. Only what no running
+    nor spare record holds (a waveform longer than a spare's) needs a new IOC, once the header has been
+    still, and once (a retype a spare holds moves the PV name: the next test)."""
     import time
 
     from .ca_helpers import PYEPICS_MULTI_WATCHER
 
     local_env = _local(env)
     a, b = {"name": "A", "type": "float64"}, {"name": "B", "type": "float64"}
-    d, d_text = {"name": "D", "type": "int32"}, {"name": "D", "type": "string"}
+    d, d_wide = {"name": "D", "type": "int32"}, {"name": "D", "type": "int32", "shape": [5000]}
+    wide = np.arange(5000, dtype=np.int32)
     new = [{"name": "N1", "type": "int16"}, {"name": "N64", "type": "int64"},
            {"name": "WAVE", "type": "int32", "shape": [3]},
            {"name": "MODE", "type": "uint8", "enum_strings": ["Off", "On"]}]
@@ -355,18 +357,91 @@ def test_channels_added_removed_and_retyped_disconnect_no_other_client(env):
         _wait_alarm_free(local_env, "CH:B")  # B is back: its record was kept
         assert disconnects(watched) == [] and replacements() == 0
 
-        # D: int32 -> string, which no record holds (and B removed again): one new IOC, after the header
-        # has been still. It plans from the union of the channels seen: B keeps its PV, INVALID/DISABLE.
-        source.set([a_short, d_text, *new], lambda pid: [np.int16(pid % 1000), f"t{pid}", *new_values(pid)])
-        wait_for(lambda: "DBF_STRING" in run_tool("cainfo", ["CH:D"], local_env, timeout=5), timeout=30,
-                 interval=0.2, message="D served as a STRING by the next IOC")
+        # D: int32 -> 5000 int32, which neither its record nor a spare holds (and B removed again): one new
+        # IOC, after the header has been still. It plans from the union of the channels seen: B keeps its PV,
+        # INVALID/DISABLE.
+        source.set([a_short, d_wide, *new], lambda pid: [np.int16(pid % 1000), wide, *new_values(pid)])
+        wait_for(lambda: "Element count:    5000" in run_tool("cainfo", ["CH:D"], local_env, timeout=5),
+                 timeout=30, interval=0.2, message="D served as a 5000-element waveform by the next IOC")
         assert replacements() == 1
         assert "DBF_LONG" in run_tool("cainfo", ["CH:WAVE"], local_env)  # the added channels are served on
         assert _caget(local_env, "CH:B.STAT", "CH:B.SEVR") == {"CH:B.STAT": "DISABLE", "CH:B.SEVR": "INVALID"}
-        source.set([a_short, b, d_text, *new], lambda pid: [np.int16(pid % 1000), -float(pid), f"t{pid}",
+        source.set([a_short, b, d_wide, *new], lambda pid: [np.int16(pid % 1000), -float(pid), wide,
                                                            *new_values(pid)])
         _wait_alarm_free(local_env, "CH:B")  # back, on the record the new IOC kept for it
         assert replacements() == 1
+    finally:
+        if watcher is not None:
+            watcher.stop()
+        if child is not None:
+            child.stop()
+        source.close()
+
+
+def test_retypes_no_record_holds_move_the_pv_name_and_disconnect_no_other_client(env):
+    """Issue 22: a retype no running record holds (a number -> a string, an int32 in a longin -> a float, a
+    scalar -> an array, a longer waveform, an enum whose states changed) moves the PV's name to a spare
+    record of the new type inside the running IOC: no IOC replacement, no libca client of another PV nor of
+    the status PVs is disconnected, and an unconfigured caget reads the retyped PV with its new native type
+    within 3 s. Likewise a STRING channel that sends a value over 39 bytes (T): a long-string spare. A client connected to the old record stays connected to it: INVALID/DISABLE, its DESC says
+    it was retyped."""
+    import time
+
+    from .ca_helpers import PYEPICS_MULTI_WATCHER
+
+    local_env = _local(env)
+    keep = {"name": "A", "type": "float64"}
+    before = [keep, {"name": "S", "type": "float64"}, {"name": "L", "type": "int32"},
+              {"name": "V", "type": "float64"}, {"name": "W", "type": "int32", "shape": [3]},
+              {"name": "E", "type": "uint8", "enum_strings": ["Off", "On"]}, {"name": "T", "type": "string"}]
+    after = [keep, {"name": "S", "type": "string"}, {"name": "L", "type": "float64"},
+             {"name": "V", "type": "float64", "shape": [5]}, {"name": "W", "type": "int32", "shape": [10]},
+             {"name": "E", "type": "uint8", "enum_strings": ["Closed", "Open", "Moving"]},
+             {"name": "T", "type": "string"}]
+    source = Feeder(before, lambda pid: [float(pid), float(pid), np.int32(pid), float(pid),
+                                         np.array([pid, -pid, 7], dtype=np.int32), np.uint8(pid % 2), f"t{pid}"],
+                    rate=20.0)
+    child = watcher = None
+    others = ["CH:A", "CH:PULSE_ID", "CH:CHANNELS", "CH:MAX_RATE"]
+    try:
+        child, _ = start_gateway(source.address, local_env, "--ca-prefix", "CH:", "--name", "CH", "--max-rate", "20")
+        for pv in ("CH:A", "CH:S", "CH:L", "CH:V", "CH:W", "CH:E", "CH:T"):
+            _wait_alarm_free(local_env, pv)
+        old_names = _caget(local_env, "CH:S.NAME", "CH:L.NAME")
+        watcher = Child([sys.executable, "-c", PYEPICS_MULTI_WATCHER, *others, "CH:S"], env=local_env)
+        for pv in (*others, "CH:S"):
+            watcher.wait_for_line(f"CONNECTED {pv} True", timeout=40)
+
+        retyped_at = time.monotonic()
+        source.set(after, lambda pid: [float(pid), f"text {pid}", pid + 0.5, np.arange(5.0) + pid,
+                                       np.arange(10, dtype=np.int32) + pid, np.uint8(pid % 3), "L" * 60 + str(pid)])
+        wait_for(lambda: "DBF_STRING" in run_tool("cainfo", ["CH:S"], local_env, timeout=5), timeout=20,
+                 interval=0.1, message="S served as a STRING")
+        readable_after = time.monotonic() - retyped_at
+        _wait_alarm_free(local_env, "CH:S", timeout=10)
+        assert readable_after < 3.0 + 1.0, readable_after  # 3 s, and the cainfo that shows it
+        info = run_tool("cainfo", ["CH:L", "CH:V", "CH:W", "CH:E", "CH:T"], local_env)
+        natives = [line.split(":", 1)[1].strip() for line in info.splitlines() if "Native data type" in line]
+        assert natives == ["DBF_DOUBLE", "DBF_DOUBLE", "DBF_LONG", "DBF_ENUM", "DBF_CHAR"], info
+        for pv in ("CH:L", "CH:V", "CH:W", "CH:E", "CH:T"):
+            _wait_alarm_free(local_env, pv, timeout=10)
+        values = _caget(local_env, "CH:S", "CH:L", "CH:V.NORD", "CH:W.NORD", "CH:E.TWST", "CH:V:SHAPE")
+        assert values["CH:S"].startswith("text ") and values["CH:L"].endswith(".5"), values
+        assert (values["CH:V.NORD"], values["CH:W.NORD"], values["CH:E.TWST"]) == ("5", "10", "Moving"), values
+        assert "5" in values["CH:V:SHAPE"].split()[1:], values
+        # The old record keeps its clients: INVALID/DISABLE, and says why.
+        old = old_names["CH:S.NAME"]
+        assert old != _caget(local_env, "CH:S.NAME")["CH:S.NAME"]
+        assert _caget(local_env, old + ".DESC", old + ".SEVR", old + ".STAT") == {
+            old + ".DESC": "retyped: reconnect", old + ".SEVR": "INVALID", old + ".STAT": "DISABLE"}
+
+        def disconnected() -> list[str]:
+            return [line for line in watcher.output().splitlines()
+                    if line.startswith("CONNECTED") and line.endswith("False")]
+
+        assert disconnected() == []  # neither the other PVs' clients nor the retyped PV's own client
+        assert child.output().count("the IOC is replaced") == 0
+        assert child.process.poll() is None
     finally:
         if watcher is not None:
             watcher.stop()

@@ -20,7 +20,10 @@ from sf_bsread_writer.ca.policy import (
     StatusValue,
     absence_overdue,
     keep_sparse,
+    RETYPED_DESC,
+    as_long_string,
     records_for_the_next_ioc,
+    resolve_unheld,
     spare_slots,
     sparse_rounds,
     status_values,
@@ -142,6 +145,71 @@ def test_the_next_ioc_plans_from_the_union_of_channels_seen_and_widens_flipping_
     assert nxt["D"].kind == "ai"  # holds int32 and float64: flipping back costs nothing
     again = plan(ChannelSpec("A"), ChannelSpec("D", "int32"), previous=nxt)
     assert again.adopt(plan(ChannelSpec("A"), ChannelSpec("D", "float64")), SparePool.empty()).unheld == ()
+
+
+def test_a_retype_no_record_holds_moves_the_pv_name_to_a_spare_of_the_new_type():
+    """Issue 22: number -> string, int32 in a longin -> float, scalar -> array, a longer waveform, an enum
+    with new states: each PV name moves to a spare record of its new type in the running IOC (no
+    replacement); the old record is kept for its connected clients, and the moved channels are served."""
+    running = plan(ChannelSpec("A"), ChannelSpec("S"), ChannelSpec("L", "int32"), ChannelSpec("V"),
+                   ChannelSpec("W", "int32", [3]), ChannelSpec("E", "uint8", display=(("enum_strings", ("a", "b")),)))
+    retyped = plan(ChannelSpec("A"), ChannelSpec("S", "string"), ChannelSpec("L", "float64"),
+                   ChannelSpec("V", "float64", [5]), ChannelSpec("W", "int32", [10]),
+                   ChannelSpec("E", "uint8", display=(("enum_strings", ("a", "b", "c")),)))
+    spares = SparePool.default()
+    change = running.adopt(retyped, spares)
+    assert [c.pv for c in change.unheld] == ["P:S", "P:L", "P:V", "P:W", "P:E"]
+    resolution = resolve_unheld(change.plan, change.unheld, spares)
+    assert not resolution.replace
+    assert [(m.old.record.kind, m.new.record.kind) for m in resolution.moves] == [
+        ("ai", "stringin"), ("longin", "ai"), ("ai", "waveform"), ("waveform", "waveform"), ("mbbi", "mbbi")]
+    assert resolution.moves[3].new.record.length == policy.SPARE_ARRAY_LENGTH
+    assert resolution.moves[4].new.record.enum_strings == ("a", "b", "c")
+    served = resolution.plan
+    assert [c.pv for c in served.channels] == ["P:A", "P:S", "P:L", "P:V", "P:W", "P:E"] and served.retired == ()
+    assert spares.free["stringin"] == policy.SPARE_COUNTS["stringin"] - 1
+    assert spares.free["shape"] == policy.SPARE_COUNTS["shape"] - 2  # V and W: a ":SHAPE" each
+    # The next header as it is now: served by the records the names moved to, nothing unheld.
+    assert served.adopt(retyped, spares).unheld == ()
+    assert len(RETYPED_DESC.encode()) <= 39
+
+
+def test_a_channel_moves_once_per_ioc_and_what_no_spare_holds_replaces_the_ioc():
+    """The bound: a channel flipping between two types no record holds does not move its name at every
+    flip: its second unheld retype replaces the IOC (whose record holds both where one can); a move
+    is all or nothing, takes nothing from the pool when the IOC is replaced anyway."""
+    running = plan(ChannelSpec("A"), ChannelSpec("D", "int32"))
+    spares = SparePool.default()
+    first = running.adopt(plan(ChannelSpec("A"), ChannelSpec("D", "float64")), spares)
+    moved = resolve_unheld(first.plan, first.unheld, spares)
+    assert [m.new.name for m in moved.moves] == ["D"] and not moved.replace
+    back = moved.plan.adopt(plan(ChannelSpec("A"), ChannelSpec("D", "int32")), spares)  # an ai holds int32
+    assert back.unheld == ()
+    flip = back.plan.adopt(plan(ChannelSpec("A"), ChannelSpec("D", "string")), spares)
+    again = resolve_unheld(flip.plan, flip.unheld, spares, moved=["D"])
+    assert again.replace and again.moves == ()
+    assert records_for_the_next_ioc(flip.plan, flip.unheld)["D"].kind == "stringin"
+    # What no spare holds (longer than a spare waveform), or a used-up pool: replaced, pool untouched.
+    before = dict(spares.free)
+    wide = back.plan.adopt(plan(ChannelSpec("A", "float64", [policy.SPARE_ARRAY_LENGTH + 1]),
+                                ChannelSpec("D", "int32")), spares)
+    assert resolve_unheld(wide.plan, wide.unheld, spares).replace and spares.free == before
+    empty = SparePool({"ai": 0})
+    assert resolve_unheld(first.plan, first.unheld, empty).replace
+    # A new channel that found no spare has no name to move: replaced.
+    none_left = running.adopt(plan(ChannelSpec("A"), ChannelSpec("D", "int32"), ChannelSpec("N")), SparePool.empty())
+    assert resolve_unheld(none_left.plan, none_left.unheld, SparePool.default()).replace
+    assert resolve_unheld(running, (), spares) == policy.Resolution(running)
+
+
+def test_a_string_value_over_39_bytes_moves_its_name_to_a_long_string_spare():
+    running = plan(ChannelSpec("A"), ChannelSpec("T", "string"))
+    text = running.channels[1]
+    spares = SparePool.default()
+    resolution = resolve_unheld(running, [as_long_string(text)], spares)
+    assert not resolution.replace and resolution.moves[0].new.record.kind == "lsi"
+    assert spares.free["lsi"] == policy.SPARE_COUNTS["lsi"] - 1
+    assert [c.record.kind for c in resolution.plan.channels] == ["ai", "lsi"]
 
 
 def test_a_restart_waits_until_the_header_has_been_still():

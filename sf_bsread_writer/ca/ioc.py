@@ -11,15 +11,19 @@ out.
 
 **Channel set changes without a restart.** Records exist before
 ``iocInit``, so each IOC starts with a pool of spare records
-(``policy.SparePool``) besides the records of its channels. A new channel is
-served by a spare under its own name, an EPICS alias created at run time
-(``dbCreateAlias``: only adds a name to the IOC's lookup table, under its
-lock); a removed channel stays INVALID/DISABLE; a retype its record holds is
-served on. No connected client of any PV notices. Only what no record can
-hold (a number that became a string, a waveform longer than its record, a
-new channel when the pool is used up) needs a new IOC: the IOC waits until
-the header has been still (``policy.Settle``), tells the supervisor what the
-next IOC must hold, and exits with ``RESTART_EXIT_CODE``.
+(``policy.SparePool``) besides the records of its channels, and every
+channel's PV names are EPICS aliases of records with internal names
+(``NAME:_CH17``). A new channel is served by a spare under its own name, an
+alias created at run time (``dbCreateAlias``: only adds a name to the IOC's
+lookup table, under its lock); a removed channel stays INVALID/DISABLE; a
+retype its record holds is served on; a retype no running record holds moves
+the PV name to a spare of the new type once the header has been still
+(``policy.resolve_unheld``; :class:`_Names` says why a name is unlinked and
+never freed), and the old record keeps its clients, INVALID/DISABLE. No
+connected client of any other PV notices. Only what no spare can hold either
+(a waveform longer than a spare, a second such retype of a channel that moved
+already, a used-up pool) needs a new IOC: the IOC tells the supervisor what
+the next IOC must hold, and exits with ``RESTART_EXIT_CODE``.
 
 **The restart protocol** is ``ca/supervisor.py``'s: this process is
 started with ``go {state}`` on its stdin (:func:`wait_for_go`), prints
@@ -58,13 +62,17 @@ from sf_bsread_writer.ca.policy import (
     GATEWAY_STATS_PVS,
     MAX_RECORD_NAME,
     ChannelPlan,
+    RETYPED_DESC,
     ChannelState,
+    NameMove,
     PlanChange,
     ServedChannel,
     Settle,
     SparePool,
     absence_overdue,
+    as_long_string,
     records_for_the_next_ioc,
+    resolve_unheld,
     spare_record_specs,
     spare_slots,
     status_values,
@@ -187,19 +195,82 @@ def _long_strings_in(message: Any) -> set[str]:
 # --------------------------------------------------------------------------
 # The IOC process
 # --------------------------------------------------------------------------
-class _Aliases:
-    """EPICS record aliases created after iocInit (``dbCreateAlias``): a spare record under a channel's name.
+class _EllNode(ctypes.Structure):
+    _fields_ = [("next", ctypes.c_void_p), ("previous", ctypes.c_void_p)]
 
-    ``dbCreateAlias`` adds a name to the IOC's record-name table under that
-    table's per-bucket lock (EPICS base ``dbPvdLib.c``); a CA search that
-    comes later finds it. Aliases are only ever added, never deleted
-    (deleting one frees a table entry a concurrent search may hold).
+
+class _EllList(ctypes.Structure):
+    _fields_ = [("node", _EllNode), ("count", ctypes.c_int)]
+
+
+class _DbEntry(ctypes.Structure):  # DBENTRY, dbStaticLib.h (public)
+    _fields_ = [("pdbbase", ctypes.c_void_p), ("precordType", ctypes.c_void_p), ("pflddes", ctypes.c_void_p),
+                ("precnode", ctypes.c_void_p), ("pinfonode", ctypes.c_void_p), ("pfield", ctypes.c_void_p),
+                ("message", ctypes.c_char_p), ("indfield", ctypes.c_short)]
+
+
+class _RecordNode(ctypes.Structure):  # dbRecordNode, dbBase.h (public)
+    _fields_ = [("node", _EllNode), ("precord", ctypes.c_void_p), ("recordname", ctypes.c_char_p),
+                ("infoList", _EllList), ("flags", ctypes.c_int), ("order", ctypes.c_uint),
+                ("aliasedRecnode", ctypes.c_void_p)]
+
+
+class _DbBase(ctypes.Structure):  # dbBase, dbBase.h (public), up to its name table
+    _fields_ = [("lists", _EllList * 10), ("pathPvt", ctypes.c_void_p), ("ppvd", ctypes.c_void_p)]
+
+
+class _PvdEntry(ctypes.Structure):  # PVDENTRY, dbStaticPvt.h
+    _fields_ = [("node", _EllNode), ("precordType", ctypes.c_void_p), ("precnode", ctypes.c_void_p)]
+
+
+class _PvdBucket(ctypes.Structure):  # dbPvdBucket, private to dbPvdLib.c (unchanged since EPICS 3.15)
+    _fields_ = [("list", _EllList), ("lock", ctypes.c_void_p)]
+
+
+class _Pvd(ctypes.Structure):  # dbPvd, private to dbPvdLib.c (unchanged since EPICS 3.15)
+    _fields_ = [("size", ctypes.c_uint), ("mask", ctypes.c_uint), ("buckets", ctypes.POINTER(ctypes.c_void_p))]
+
+
+_IS_ALIAS = 2  # DBRN_FLAGS_ISALIAS, dbBase.h
+
+
+class _Names:
+    """The PV names of the IOC's records (its record-name table, EPICS base ``dbPvdLib.c``): aliases are
+    added (``dbCreateAlias``) and, to move a retyped channel's PV name to another record, unlinked.
+
+    **Adding** (``dbCreateAlias``) puts a name in the table under its per-bucket lock; a CA search that
+    comes later finds it.
+
+    **Removing is not something EPICS offers a running IOC**, so names are unlinked, never freed:
+
+    * ``dbDeleteRecord`` (and ``dbDeleteAliases``, which calls it) on an alias frees the table entry and
+      the alias node, and frees the link fields of the record the alias names
+      (``dbDeleteRecordLinks(precordType, precnode->precord)``: an alias node's ``precord`` is its
+      record's), which a running record still uses;
+    * a name lookup takes no lock but the table bucket's, and only while it walks the bucket:
+      ``dbPvdFind`` returns the entry after unlocking, and its callers (``dbFindRecordPart``, under
+      ``dbChannelTest``: rsrv's UDP search and QSRV's; ``dbChannelCreate``: a client's channel) then read
+      the entry and the node it points at. No other lock (``dbLockSetGblLock`` orders lock sets, the
+      scan lock a record) is held there, so whatever is freed may be read after it is freed.
+
+    ``unlink`` takes the name's entry out of its bucket under that bucket's lock (the lock ``dbPvdFind``
+    walks it under: no lookup sees a half-changed list) and frees nothing: a lookup that found the
+    entry just before reads valid memory and connects to the old record (a client that searched in the
+    same microseconds as the move: it sees the old record, INVALID/DISABLE, as a client connected before
+    does). Each unlinked name keeps ~100 bytes (its table entry, alias node and name) for the rest of
+    the IOC; ``policy.resolve_unheld`` moves a channel at most once per IOC and only onto a spare, so
+    that is bounded by the spare pool. Only aliases are unlinked (every channel PV is one: a channel's
+    record has an internal name, ``NAME:_CH17``), never a record's own name (its ``NAME`` field, by which
+    pythonSoftIOC's ``set_field`` finds it, stays its). The bucket layout is private to ``dbPvdLib.c``;
+    it is checked (table size a power of two, mask, the entry found under the lock points at the node
+    ``dbFindRecord`` found) and a mismatch refuses the move (the IOC is replaced, as before).
     """
 
     def __init__(self) -> None:
-        from epicscorelibs.ioc import dbCore
+        from epicscorelibs.ioc import Com, dbCore
 
         self._db = dbCore
+        self._com = Com
         self._base = ctypes.c_void_p.in_dll(dbCore, "pdbbase")
         dbCore.dbAllocEntry.restype = ctypes.c_void_p
         dbCore.dbAllocEntry.argtypes = [ctypes.c_void_p]
@@ -208,6 +279,12 @@ class _Aliases:
         dbCore.dbCreateAlias.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         dbCore.dbCreateAlias.restype = ctypes.c_long
         dbCore.dbFreeEntry.argtypes = [ctypes.c_void_p]
+        Com.epicsStrHash.argtypes = [ctypes.c_char_p, ctypes.c_uint]
+        Com.epicsStrHash.restype = ctypes.c_uint
+        Com.epicsMutexLock.argtypes = [ctypes.c_void_p]
+        Com.epicsMutexLock.restype = ctypes.c_int
+        Com.epicsMutexUnlock.argtypes = [ctypes.c_void_p]
+        Com.ellDelete.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 
     def add(self, record_name: str, alias: str) -> bool:
         entry = self._db.dbAllocEntry(self._base)
@@ -217,6 +294,52 @@ class _Aliases:
             return self._db.dbCreateAlias(entry, alias.encode()) == 0
         finally:
             self._db.dbFreeEntry(entry)
+
+    def _node(self, name: str) -> _RecordNode | None:
+        entry = self._db.dbAllocEntry(self._base)
+        try:
+            if self._db.dbFindRecord(entry, name.encode()) != 0:
+                return None
+            address = _DbEntry.from_address(entry).precnode
+            return _RecordNode.from_address(address) if address else None
+        finally:
+            self._db.dbFreeEntry(entry)
+
+    def unlink(self, alias: str) -> bool:
+        """Take the alias ``alias`` out of the name table (nothing freed: see the class docstring); True when
+        it is gone. False, and nothing changed, for a record's own name or a table this code does not know."""
+        node = self._node(alias)
+        if node is None:
+            return True
+        if not node.flags & _IS_ALIAS:
+            return False
+        pvd = _Pvd.from_address(_DbBase.from_address(self._base.value).ppvd)
+        size = pvd.size
+        if size < 256 or size & (size - 1) or pvd.mask != size - 1:
+            logger.error("EPICS record-name table not as expected (size %d, mask %d): %s not moved", size,
+                         pvd.mask, alias)
+            return False
+        bucket_address = pvd.buckets[self._com.epicsStrHash(alias.encode(), 0) & pvd.mask]
+        if not bucket_address:
+            return False
+        bucket = _PvdBucket.from_address(bucket_address)
+        node_address = ctypes.addressof(node)
+        if self._com.epicsMutexLock(bucket.lock) != 0:  # epicsMutexLockOK
+            return False
+        try:
+            current = bucket.list.node.next
+            for _ in range(bucket.list.count):
+                if not current:
+                    break
+                found = _PvdEntry.from_address(current)
+                if found.precnode == node_address:
+                    self._com.ellDelete(bucket_address + _PvdBucket.list.offset, current)
+                    return True
+                current = found.node.next
+        finally:
+            self._com.epicsMutexUnlock(bucket.lock)
+        logger.error("EPICS record-name table: %s not found in its bucket: not moved", alias)
+        return False
 
 
 class _Records:
@@ -251,16 +374,24 @@ class _Records:
         self.channels: list[tuple[ServedChannel, Any, Any]] = []  # (channel, record, twin) of the served plan
         self.by_pv: dict[str, tuple[Any, Any]] = {}  # every channel record of this IOC: (record, twin)
         self.shapes: dict[str, Any] = {}  # pv -> its ":SHAPE" record
-        for channel in (*plan.channels, *plan.retired):
-            record = self._channel_record(builder, channel.pv, channel.record,
+        # A channel's records have internal names and its PV names are aliases (given by ``link_names``): an
+        # alias can move to another record when the channel is retyped beyond its record (``move``).
+        self.pv_names: list[tuple[str, str]] = []  # (record name, PV name)
+        for number, channel in enumerate((*plan.channels, *plan.retired)):
+            internal = f"{name}:_CH{number}"
+            record = self._channel_record(builder, internal, channel.record,
                                           channel.record.description or _desc(channel.name))
+            self.pv_names.append((internal, channel.pv))
             if channel.record.kind == "waveform" and len(channel.pv) + len(":SHAPE") <= MAX_RECORD_NAME:
                 # The numpy shape of one value (the row shape in the HDF5 file).
-                self.shapes[channel.pv] = builder.WaveformIn(channel.pv + ":SHAPE", length=len(channel.record.shape),
+                self.shapes[channel.pv] = builder.WaveformIn(internal + ":SHAPE", length=len(channel.record.shape),
                                                              datatype=np.int32,
                                                              DESC=_desc(f"numpy shape of {channel.name}"))
-            twin = (builder.stringIn(channel.pv + "_STR", DESC=_desc(channel.name), TSE=-2)
+                self.pv_names.append((internal + ":SHAPE", channel.pv + ":SHAPE"))
+            twin = (builder.stringIn(internal + "_STR", DESC=_desc(channel.name), TSE=-2)
                     if channel.record.exact_text else None)
+            if twin is not None:
+                self.pv_names.append((internal + "_STR", channel.pv + "_STR"))
             if channel.index >= 0:
                 self.channels.append((channel, record, twin))
             self.by_pv[channel.pv] = (record, twin)
@@ -273,7 +404,14 @@ class _Records:
             else:
                 record = self._channel_record(builder, spare_name, spec, "spare record")
             self.spares.setdefault(slot, []).append(record)
-        self.aliases: _Aliases | None = None  # after iocInit
+        self.names: _Names | None = None  # once the database is loaded (link_names)
+
+    def link_names(self) -> None:
+        """Give the channels' records their PV names (aliases), once the database is loaded, before iocInit."""
+        self.names = _Names()
+        for record_name, pv in self.pv_names:
+            if not self.names.add(record_name, pv):
+                logger.error("EPICS refused the alias %s of %s: not served", pv, record_name)
 
     def all_spares(self) -> list[tuple[str, Any]]:
         return [(slot, record) for slot, records in self.spares.items() for record in records]
@@ -285,10 +423,29 @@ class _Records:
 
     def serve_with_spare(self, channel: ServedChannel) -> bool:
         """A new channel served by spare records under its own names (aliases); False if EPICS refused."""
-        if self.aliases is None:
-            self.aliases = _Aliases()
+        return self._give_spares(channel)
+
+    def move(self, move: NameMove) -> bool:
+        """A retyped channel's PV names (``pv``, and ``pv_STR``, ``pv:SHAPE`` where its new type has them) move
+        to spare records of its new type (``policy.resolve_unheld``); the old records keep their clients,
+        INVALID/DISABLE (set by the caller), with DESC ``RETYPED_DESC``. False if EPICS refused a name."""
+        old_record, old_twin = self.by_pv[move.old.pv]
+        old_shape = self.shapes.get(move.old.pv)
+        if move.new.record.kind != "waveform":
+            self.shapes.pop(move.new.pv, None)  # its ":SHAPE" name stays on the old record, as its "_STR" does
+        if not self._give_spares(move.new):
+            return False
+        for record in (old_record, old_twin, old_shape):
+            if record is not None:
+                record.set_field("DESC", RETYPED_DESC)
+        return True
+
+    def _give_spares(self, channel: ServedChannel) -> bool:
+        """Spare records for ``channel`` (as ``policy.SparePool.take`` counted them), under its PV names."""
+        if self.names is None:
+            self.names = _Names()
         slots = spare_slots(channel.record)
-        assert slots is not None, "ChannelPlan.adopt gives spares only to channels a spare holds"
+        assert slots is not None, "the policy gives spares only to channels a spare holds"
         record = self.spares[slots[0]].pop()  # policy.SparePool.take counted them: they are there
         twin = self.spares["stringin"].pop() if channel.record.exact_text else None
         shape = self.spares["shape"].pop() if "shape" in slots else None
@@ -298,7 +455,8 @@ class _Records:
         if shape is not None and len(channel.pv) + len(":SHAPE") <= MAX_RECORD_NAME:
             names.append((shape, channel.pv + ":SHAPE"))
         for target, alias in names:
-            if not self.aliases.add(target.name, alias):
+            # A name another record has (a retyped channel's): unlinked first, then given to the spare.
+            if not self.names.unlink(alias) or not self.names.add(target.name, alias):
                 logger.error("EPICS refused the alias %s of %s: channel %s not served", alias, target.name,
                              channel.name)
                 return False
@@ -388,6 +546,7 @@ def serve(settings: Any, status_pvs: Sequence[tuple[str, str, str]], ingest: Any
         records = _Records(builder, plan, settings.name, status_pvs, settings.max_rate,
                            settings.writable or settings.acf is not None, on_max_rate, spares)
         builder.LoadDatabase()
+        records.link_names()
         try:
             acf = _install_access_security(settings.writable, settings.allow_hosts, settings.acf)
         except AccessSecurityError as error:
@@ -564,6 +723,7 @@ class _ApplyLoop:
         self.unheld: tuple[ServedChannel, ...] = ()  # what the running records cannot serve (a restart is due)
         self.long_pending: tuple[ServedChannel, ...] = ()  # STRING channels that sent a value over 39 bytes
         self.settle = Settle()
+        self.moved: set[str] = set()  # channels whose PV names moved in this IOC (at most once each)
         self.ingest = ingest
         self.poller = poller
         self.alarm = alarm
@@ -592,7 +752,7 @@ class _ApplyLoop:
                 if self.settings.parent_pid and not process.pid_alive(self.settings.parent_pid):
                     logger.warning("parent process %d is gone; gateway exits", self.settings.parent_pid)
                     return process.ExitCode.OK
-            if self.settle.due(now):
+            if self.settle.due(now) and not self.move_names():
                 waiting = (*self.unheld, *self.long_pending)
                 logger.info("%d channel(s) need records this IOC does not have (%s): the IOC is replaced",
                             len(waiting), ", ".join(c.name for c in waiting[:5]))
@@ -633,6 +793,46 @@ class _ApplyLoop:
             self.settle.wanted(now)
         elif not self.long_pending:
             self.settle.cancel()
+
+    def move_names(self) -> bool:
+        """The channels this IOC's records cannot serve, served by moving their PV names to spare records of
+        their new types (``policy.resolve_unheld``); False when the IOC must be replaced instead.
+
+        A moved channel's old records keep the clients connected to them, INVALID/DISABLE with their last
+        values; its new record is INVALID/UDF until its first value, which the next message brings."""
+        waiting = (*self.unheld, *(as_long_string(channel) for channel in self.long_pending))
+        resolution = resolve_unheld(self.plan, waiting, self.spares, self.moved)
+        if resolution.replace:
+            return False
+        now = time.time()
+        invalid, disabled = self.alarm.INVALID_ALARM, self.alarm.DISABLE_ALARM
+        for move in resolution.moves:
+            old_record, old_twin = self.records.by_pv[move.old.pv]
+            old_shape = self.records.shapes.get(move.old.pv)
+            if not self.records.move(move):
+                return False
+            state = self.states.get(move.old.name)
+            if state is not None and state.value is not None:
+                self._set(old_record, state.value, invalid, disabled, state.stamp)
+            for target in (old_twin, old_shape):
+                if target is not None:
+                    self._set(target, target.get(), invalid, disabled, now)
+            self.states[move.new.name] = ChannelState()  # the old type's values are not the new record's
+            record, twin = self.records.by_pv[move.new.pv]
+            self._set(record, self._empty(move.new.record), invalid, self.alarm.UDF_ALARM, now)
+            if twin is not None:
+                self._set(twin, "", invalid, self.alarm.UDF_ALARM, now)
+            self.records.show_shape(move.new)
+            logger.info("channel %s retyped beyond its record (%s -> %s): its PV name moved to a spare record "
+                        "(%s); clients connected to the old record see it INVALID/DISABLE until they reconnect",
+                        move.new.name, move.old.record.kind, move.new.record.kind, record.name)
+        self._flush()
+        self.moved |= {move.new.name for move in resolution.moves}
+        self.plan = resolution.plan
+        self.records.channels = [(channel, *self.records.by_pv[channel.pv]) for channel in self.plan.channels]
+        self.unheld, self.long_pending = (), ()
+        self.settle.cancel()
+        return True
 
     def mark_undefined(self) -> None:
         """Every channel and spare INVALID/UDF until its first value: a record's initial 0 must not look like data."""
@@ -691,7 +891,7 @@ class _ApplyLoop:
                           time.time())
         self._flush()
         logger.info("the stream's channels changed: %d served by the running IOC (%d new on spare records, "
-                    "%d no longer sent, %d waiting for a new IOC)", len(plan.channels), len(change.added) - len(refused),
+                    "%d no longer sent, %d waiting for records: a spare, or a new IOC)", len(plan.channels), len(change.added) - len(refused),
                     len(plan.retired), len(change.unheld))
         self.plan = plan
 

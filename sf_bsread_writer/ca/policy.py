@@ -14,9 +14,16 @@ shell, and tested on a fake clock (tests/test_gateway_policy.py):
   so each IOC starts with a pool of unnamed records; a new channel is served
   by one of them under its own name (an EPICS alias) and no client of any
   other PV notices;
-* **when to restart** (:class:`Settle`): only for what no record can hold,
-  and only once the data header has been still for a moment, so that a
-  source reconfigured channel by channel costs one restart, not one per step;
+* **a retype no running record holds** (:func:`resolve_unheld`): once the
+  data header has been still for a moment (:class:`Settle`), the channel's
+  PV name moves to a spare record of the new type inside the running IOC
+  (:class:`NameMove`), at most once per channel and IOC; clients of every
+  other PV notice nothing;
+* **when to restart**: only for what neither a running nor a spare record can
+  hold (a second unheld retype of a channel that moved already, a waveform
+  longer than a spare, a used-up pool), and only once the header has been
+  still, so that a source reconfigured channel by channel costs one restart,
+  not one per step;
 * **alarms and staleness** of channel PVs (:class:`ChannelState`,
   :func:`absence_overdue`, :func:`stream_stale`);
 * **the status PVs' values** and what they show when the buffer's status is
@@ -34,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sf_bsread_writer.ca.camapping import (
+    DEFAULT_LONG_STRING_BYTES,
     SEVERITY_SUFFIX,
     IocRecord,
     UnknownTypeError,
@@ -45,7 +53,8 @@ from sf_bsread_writer.ca.camapping import (
 __all__ = [
     "STATUS_PVS", "GATEWAY_STATS_PVS", "STALE_AFTER_S", "STATUS_FRESH_S", "ABSENT_PERIODS", "MAX_RECORD_NAME",
     "ServedChannel", "ChannelPlan", "PlanChange", "SparePool", "spare_slots", "spare_record",
-    "records_for_the_next_ioc", "Settle", "ChannelState", "absence_overdue", "stream_stale", "StatusValue",
+    "records_for_the_next_ioc", "NameMove", "Resolution", "resolve_unheld", "as_long_string", "RETYPED_DESC",
+    "Settle", "ChannelState", "absence_overdue", "stream_stale", "StatusValue",
     "status_values", "update_interval", "keep_sparse", "sparse_rounds", "unservable_name",
 ]
 
@@ -108,8 +117,9 @@ class PlanChange:
 
     ``plan``: what it serves from now on. ``added``: new channels, each served by a spare record
     (``record`` is the spare's, which holds the channel's type). ``unheld``: channels (as the new
-    header wants them) that no running or spare record can hold; their old record, if any, is retired
-    until the next IOC, which only a restart brings.
+    header wants them) that no running record (nor, for a new channel, a spare) holds; their old record,
+    if any, is retired until :func:`resolve_unheld` moves their names to spare records or a new IOC
+    serves them.
     """
 
     plan: "ChannelPlan"
@@ -257,6 +267,83 @@ def records_for_the_next_ioc(plan: ChannelPlan, unheld: Sequence[ServedChannel])
 
 
 # --------------------------------------------------------------------------
+# A retype no running record holds: the PV name moves to a spare record
+# --------------------------------------------------------------------------
+#: The DESC (39 bytes at most) of a record whose PV name moved to a record of the channel's new type: what
+#: a client still connected to it reads (it sees the new type once it reconnects).
+RETYPED_DESC = "retyped: reconnect"
+
+
+@dataclass(frozen=True)
+class NameMove:
+    """A channel's PV names move from the record that served it (``old``, as the running IOC served it) to
+    a spare record that holds its new type (``new``: the spare's record, the new header's position).
+
+    ``old``'s record keeps the clients connected to it (a CA channel points at its record, not at the
+    name): INVALID/DISABLE with its last value and DESC ``RETYPED_DESC``; a client that connects (or
+    reconnects) finds ``new``.
+    """
+
+    old: ServedChannel
+    new: ServedChannel
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What the running IOC does with the channels it could not serve, once the header has been still
+    (:func:`resolve_unheld`): move their names (``moves``, ``plan`` is served from then on), or, when
+    ``replace``, nothing here: a new IOC serves them all."""
+
+    plan: "ChannelPlan"
+    moves: tuple[NameMove, ...] = ()
+    replace: bool = False
+
+
+def as_long_string(channel: ServedChannel) -> ServedChannel:
+    """A STRING channel that sent a value over 39 bytes, as it wants to be served: a long string."""
+    return replace(channel, record=replace(channel.record, kind="lsi", length=DEFAULT_LONG_STRING_BYTES))
+
+
+def resolve_unheld(plan: "ChannelPlan", waiting: Sequence[ServedChannel], spares: "SparePool",
+                   moved: Iterable[str] = ()) -> Resolution:
+    """The channels of ``waiting`` (as the new header wants them: the unheld ones of
+    :meth:`ChannelPlan.adopt`, and :func:`as_long_string` ones) served by moving each one's PV name to a
+    spare record of its new type, when every one of them can be: it has a running record (served or
+    retired), it has not moved yet in this IOC (``moved``: channel names), and the pool has a spare
+    for it. Else ``replace``: a new IOC, which serves them all, and nothing is taken from ``spares``.
+
+    All or nothing, because a replacement serves every channel anyway (a move before it would only
+    cost a spare). At most one move per channel and IOC: a channel flipping between two types no record
+    holds does not move its name at every flip; its second unheld retype replaces the IOC, whose record
+    holds both where one can (``records_for_the_next_ioc``). The moves are bounded by the pool, so are
+    the names an IOC ever had.
+    """
+    if not waiting:
+        return Resolution(plan)
+    already = set(moved)
+    running = {c.pv: c for c in (*plan.channels, *plan.retired)}
+    trial = spares.copy()
+    moves: list[NameMove] = []
+    for channel in waiting:
+        if any(move.new.pv == channel.pv for move in moves):
+            continue  # listed twice (unheld, and a long string): the first, the newer header's, wins
+        old = running.get(channel.pv)
+        if old is None or channel.name in already:
+            return Resolution(plan, replace=True)
+        record = trial.take(channel.record)
+        if record is None:
+            return Resolution(plan, replace=True)
+        moves.append(NameMove(old, replace(channel, record=record)))
+    spares.free = trial.free
+    new_by_pv = {move.new.pv: move.new for move in moves}
+    channels = [new_by_pv.pop(c.pv, c) for c in plan.channels]
+    channels = sorted((*channels, *new_by_pv.values()), key=lambda c: c.index)
+    moved_pvs = {move.new.pv for move in moves}
+    retired = tuple(c for c in plan.retired if c.pv not in moved_pvs)
+    return Resolution(ChannelPlan(tuple(channels), plan.skipped, retired), tuple(moves))
+
+
+# --------------------------------------------------------------------------
 # Spare records: a new channel without a restart
 # --------------------------------------------------------------------------
 #: Elements of a spare waveform (and bytes of a spare long string): a new array channel up to this long
@@ -348,8 +435,10 @@ def spare_record_specs(counts: Mapping[str, int]) -> list[tuple[str, IocRecord |
 # --------------------------------------------------------------------------
 @dataclass
 class Settle:
-    """A restart waits until the data header has been still for ``quiet_s`` (at most ``most_s`` after
-    the first change that needs it): a source reconfigured channel by channel costs one restart."""
+    """What the running records cannot serve waits until the data header has been still for ``quiet_s``
+    (at most ``most_s`` after the first change that needs it), then its names move to spare records
+    (:func:`resolve_unheld`) or the IOC is replaced: a source reconfigured channel by channel costs one
+    replacement, not one per step, and a channel that flips back within ``quiet_s`` costs nothing."""
 
     quiet_s: float = 1.0
     most_s: float = 5.0
@@ -357,13 +446,13 @@ class Settle:
     last: float | None = None
 
     def wanted(self, now: float) -> None:
-        """A change that needs a restart was seen at ``now``."""
+        """A change the running records cannot serve was seen at ``now``."""
         if self.first is None:
             self.first = now
         self.last = now
 
     def cancel(self) -> None:
-        """The header went back to what the running records hold: no restart."""
+        """The header went back to what the running records hold (or the names moved): nothing is due."""
         self.first = self.last = None
 
     def due(self, now: float) -> bool:
