@@ -241,10 +241,14 @@ class Column:
         """Grow every dataset to ``start + count`` rows and write the block; return HDF5 writes."""
         self._pad(count)
         self.resize(start + count)
-        present = np.frombuffer(self.present, dtype="u1")
         end = start + count
-        write_rows(self.is_data_present, start, present, end)
-        write_rows(self.pulse_id, start, np.where(present != 0, pulse_ids, 0).astype("<i8"), end)
+        if 0 in self.present:
+            present = np.frombuffer(self.present, dtype="u1")
+            write_rows(self.is_data_present, start, present, end)
+            write_rows(self.pulse_id, start, np.where(present != 0, pulse_ids, 0).astype("<i8"), end)
+        else:  # present throughout (the usual block): the block's own arrays, no numpy per channel
+            write_rows(self.is_data_present, start, _all_present(count), end)
+            write_rows(self.pulse_id, start, pulse_ids, end)
         stamps = np.frombuffer(self.timestamps, dtype=self.ts_order + "i8").reshape(count, 2)
         # A stamp that is no time (2^62 s wrapped to 0, negative ns ...) is stored as 0, "not given".
         write_rows(self.timestamp, start, stamps_to_ns(stamps[:, 0], stamps[:, 1]), end)
@@ -491,6 +495,20 @@ def row_dataset(group: h5py.Group, name: str, rows: int, dtype: np.dtype, row_sh
 
 
 _STRING_TYPE = h5py.h5t.py_create(h5py.string_dtype(), logical=True)
+
+
+_ALL_PRESENT: dict[int, np.ndarray] = {}
+
+
+def _all_present(count: int) -> np.ndarray:
+    """``count`` ones (``is_data_present`` of a block present throughout), one read-only array per count."""
+    ones = _ALL_PRESENT.get(count)
+    if ones is None:
+        if len(_ALL_PRESENT) >= 16:  # blocks have a few sizes; a new one now and then
+            _ALL_PRESENT.clear()
+        ones = _ALL_PRESENT[count] = np.ones(count, dtype="u1")
+        ones.flags.writeable = False
+    return ones
 
 
 def _new_chunks(start: int, rows: int, chunk_rows: int) -> int:
