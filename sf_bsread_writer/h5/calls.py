@@ -25,7 +25,7 @@ HDF5 is never entered from two threads at once.
 
 Channel groups (issue 24): a group copied from its template cost ~500 us,
 of which HDF5 itself ~260 (``H5Ocopy`` ~75, four ``H5Dopen2`` ~40 each,
-the ``name`` attribute ~15): the rest was h5py's objects (an ``ObjectID``
+the ``name`` attribute ~15): the rest was h5py's objects (an h5py id object
 costs ~25 us to make, an ``h5py.Dataset`` more). Through ctypes the group
 is opened for its ``name`` and its datasets and closed again, and the
 datasets are kept as bare ``hid_t`` integers: :data:`Dataset` is either kind, every
