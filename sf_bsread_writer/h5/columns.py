@@ -618,9 +618,13 @@ class ColumnMaker:
     modulo, offset) costs a third of that; its ``name`` attribute is then
     rewritten and the channel's display metadata (units, description ...)
     added. The templates live in an in-memory HDF5 file, so the output file
-    holds nothing but the channels. The result is the same file
-    (tests/test_h5format.py compares them); ``copies=False`` makes every group
-    in full.
+    holds nothing but the channels. The copy, the name and the four datasets'
+    opening go through ``h5.calls`` (ctypes where it can): no h5py object is
+    made for a copied group unless something asks (``Column.group``,
+    ``Column.data``), which was ~200 of a copy's ~500 us (issue 24). The
+    result is the same file (tests/test_h5format.py compares copies through
+    ctypes, through h5py and groups made in full); ``copies=False`` makes
+    every group in full.
     """
 
     def __init__(self, decompress_images: bool = False, copies: bool = True) -> None:
