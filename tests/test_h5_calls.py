@@ -82,3 +82,62 @@ def test_a_read_only_array_is_written_too(tmp_path, implementation):
 def test_an_unknown_implementation_is_refused():
     with pytest.raises(ValueError, match="not available"):
         DatasetCalls("cffi")
+
+
+def _template(file: h5py.File) -> None:
+    group = file.create_group("t")
+    group.attrs["name"] = "template"
+    group.attrs["modulo"] = np.int64(1)
+    for name, dtype in (("data", "<f8"), ("pulse_id", "<i8"), ("is_data_present", "u1"), ("timestamp", "<i8")):
+        group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(16,),
+                             fillvalue=np.zeros((), dtype))
+
+
+@pytest.mark.parametrize("name", ["CH:A-1", "ÄRR µJ"])
+def test_a_group_copied_and_opened_is_the_template_with_its_name(tmp_path, implementation, name):
+    made = DatasetCalls(implementation)
+    link = name.encode("utf-8")
+    with h5py.File(tmp_path / "f.h5", "w") as file:
+        _template(file)
+        data = file.create_group("data")
+        assert not made.exists(data.id, link)
+        made.copy_group(file.id, b"t", data.id, link)
+        assert made.exists(data.id, link)
+        datasets = made.open_copy(data.id, link, name, (b"data", b"pulse_id", b"is_data_present", b"timestamp"))
+        assert all((type(d) is int) == (implementation == "ctypes") for d in datasets)
+        for dataset in datasets:
+            made.set_extent(dataset, (3,))
+        made.write(datasets[0], *_spaces(3, 0, (3,)), np.array([1.5, 2.5, 3.5]))
+        wrapped = made.h5py_id(datasets[0])
+        assert wrapped.shape == (3,)
+        del wrapped  # the wrapper's reference goes, the column's stays open
+        made.set_extent(datasets[0], (4,))
+    with h5py.File(tmp_path / "f.h5", "r") as file:
+        group = file["data"][name]
+        assert group.attrs["name"] == name and group.attrs["modulo"] == 1
+        assert file["t"].attrs["name"] == "template"
+        assert group["data"][()].tolist() == [1.5, 2.5, 3.5, 0.0]
+        assert [group[n].shape for n in ("pulse_id", "is_data_present", "timestamp")] == [(3,)] * 3
+        expected_cset = h5py.h5t.CSET_ASCII if name.isascii() else h5py.h5t.CSET_UTF8
+        assert file["data"].id.links.get_info(name.encode("utf-8")).cset == expected_cset
+
+
+def _group_errors(path, made: DatasetCalls) -> list[tuple[type, str]]:
+    """What each of two bad group calls raises: a copy onto a taken name, opening a dataset that is not there."""
+    errors = []
+    with h5py.File(path, "w") as file:
+        _template(file)
+        data = file.create_group("data")
+        made.copy_group(file.id, b"t", data.id, b"A")
+        for call in (lambda: made.copy_group(file.id, b"t", data.id, b"A"),
+                     lambda: made.open_copy(data.id, b"A", "A", (b"data", b"nothing"))):
+            with pytest.raises(Exception) as raised:
+                call()
+            errors.append((type(raised.value), str(raised.value)))
+    return errors
+
+
+def test_a_failing_group_call_raises_as_h5py_does(tmp_path, implementation, capfd):
+    errors = _group_errors(tmp_path / "a.h5", DatasetCalls(implementation))
+    assert errors == _group_errors(tmp_path / "b.h5", DatasetCalls("h5py"))
+    assert "HDF5-DIAG" not in capfd.readouterr().err

@@ -27,7 +27,7 @@ import pytest
 from sf_bsread_writer.bsread.build import build_message
 from sf_bsread_writer.bsread.codecs import direct_chunk_compatible
 from sf_bsread_writer.bsread.message import Message, MessageParser
-from sf_bsread_writer.h5 import columns, layout, variants
+from sf_bsread_writer.h5 import calls, columns, layout, variants
 from sf_bsread_writer.h5 import file as h5_file
 from sf_bsread_writer.h5.file import H5File
 from sf_bsread_writer.replay.messages import MissingRange
@@ -231,14 +231,23 @@ def test_channel_groups_copied_from_a_template_equal_groups_made_in_full(tmp_pat
                 h5.append(_PARSER.parse(build_message(100 + n, channels(n), values(n),
                                                                timestamp=(1_700_000_000 + n, 0))))
 
-    write(tmp_path / "copied.h5")
+    write(tmp_path / "copied.h5")  # through ctypes where it is available (h5.calls): the fast path
+    with monkeypatch.context() as patched:  # the same copies through h5py's calls (the fallback)
+        patched.setattr(columns, "CALLS", calls.DatasetCalls("h5py"))
+        write(tmp_path / "copied_h5py.h5")
     monkeypatch.setattr(h5_file, "ColumnMaker", lambda decompress: columns.ColumnMaker(decompress, copies=False))
     write(tmp_path / "in_full.h5")
-    copied, in_full = _describe(tmp_path / "copied.h5"), _describe(tmp_path / "in_full.h5")
-    assert sorted(copied) == sorted(in_full)
-    assert len([name for name in copied if name.startswith("data/") and name.count("/") == 1]) == 17
-    for name in sorted(in_full):
-        assert copied[name] == in_full[name], name
+    in_full = _describe(tmp_path / "in_full.h5")
+    assert len([name for name in in_full if name.startswith("data/") and name.count("/") == 1]) == 17
+    for made in ("copied.h5", "copied_h5py.h5"):
+        copied = _describe(tmp_path / made)
+        assert sorted(copied) == sorted(in_full), made
+        for name in sorted(in_full):
+            assert copied[name] == in_full[name], (made, name)
+    # The comparison sees one attribute less: a copy that lost one would not pass.
+    with h5py.File(tmp_path / "copied.h5", "a") as f:
+        del f["data/S1"].attrs["modulo"]
+    assert _describe(tmp_path / "copied.h5")["data/S1"] != in_full["data/S1"]
 
 
 def test_a_template_that_cannot_be_made_costs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -80,3 +80,17 @@ def test_channel_stamps_become_nanoseconds_and_implausible_ones_zero():
     assert stamps.dtype == np.dtype("<i8")
     assert stamps.tolist() == [1_700_000_000 * 10 ** 9 + 7, 0, 0, 0, 0,
                                MAX_TIMESTAMP_SECONDS * 10 ** 9 + 999_999_999]
+
+
+def test_channel_stamps_of_a_block_as_the_writer_gives_them():
+    """Columns of a block's (sec, ns) pairs, as stored (strided views, either byte order): every one plausible
+    and every one not, the same answer."""
+    import numpy as np
+
+    for order in "<>":
+        stamps = np.array([[1_700_000_000, 5], [0, 0], [MAX_TIMESTAMP_SECONDS, 999_999_999]], dtype=order + "i8")
+        assert stamps_to_ns(stamps[:, 0], stamps[:, 1]).tolist() == [
+            1_700_000_000 * 10 ** 9 + 5, 0, MAX_TIMESTAMP_SECONDS * 10 ** 9 + 999_999_999]
+        stamps[1] = (-3, 0)
+        assert stamps_to_ns(stamps[:, 0], stamps[:, 1]).tolist() == [
+            1_700_000_000 * 10 ** 9 + 5, 0, MAX_TIMESTAMP_SECONDS * 10 ** 9 + 999_999_999]

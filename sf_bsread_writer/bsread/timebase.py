@@ -65,7 +65,11 @@ def stamps_to_ns(sec: np.ndarray, ns: np.ndarray) -> np.ndarray:
     """int64 nanoseconds since the epoch of many stamps at once; 0 ("not given") where not :func:`plausible_stamp`."""
     sec = np.asarray(sec, dtype="<i8")
     ns = np.asarray(ns, dtype="<i8")
-    plausible = (sec >= 0) & (sec <= MAX_TIMESTAMP_SECONDS) & (ns >= 0) & (ns < _NS_PER_SECOND)
+    # As unsigned, a negative number is above either bound: two comparisons instead of four (a block
+    # write converts every channel's stamps: issue 24's per-channel cost).
+    plausible = (sec.view("<u8") <= MAX_TIMESTAMP_SECONDS) & (ns.view("<u8") < _NS_PER_SECOND)
+    if plausible.all():
+        return sec * _NS_PER_SECOND + ns
     return np.where(plausible, np.where(plausible, sec, 0) * _NS_PER_SECOND + np.where(plausible, ns, 0),
                     0).astype("<i8")
 

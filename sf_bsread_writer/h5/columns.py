@@ -34,7 +34,7 @@ from sf_bsread_writer.bsread.codecs import (
 )
 from sf_bsread_writer.bsread.spec import ChannelSpec
 from sf_bsread_writer.bsread.timebase import stamps_to_ns
-from sf_bsread_writer.h5.calls import CALLS
+from sf_bsread_writer.h5.calls import CALLS, Dataset
 from sf_bsread_writer.h5.layout import (
     ABSENT_TIMESTAMP,
     DIRECT_CHUNK_MIN_BYTES,
@@ -46,10 +46,11 @@ from sf_bsread_writer.h5.layout import (
     channel_signature,
     chunk_shape,
     storable,
+    storable_text,
 )
 
-__all__ = ["Column", "ColumnMaker", "FixedColumn", "StringColumn", "DirectChunkColumn", "column_class_for",
-           "write_rows"]
+__all__ = ["Column", "ColumnMaker", "CopiedGroup", "FixedColumn", "StringColumn", "DirectChunkColumn",
+           "column_class_for", "write_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,20 @@ HEAP_OBJECT_BYTES = 24
 HEAP_COLLECTION_BYTES = 4096
 
 
+@dataclasses.dataclass(frozen=True)
+class CopiedGroup:
+    """A channel group just copied from its template (:class:`ColumnMaker`): where it is, and its four
+    datasets open (h5py ids or bare ones: ``h5.calls.Dataset``). The group itself is not opened: an
+    h5py object for it is made only if something asks (``Column.group``)."""
+
+    parent: h5py.Group
+    name: str
+    data: Dataset
+    pulse_id: Dataset
+    is_data_present: Dataset
+    timestamp: Dataset
+
+
 class Column:
     """One channel group (``/data/<channel>`` or a variant) and its pending rows.
 
@@ -81,9 +96,8 @@ class Column:
 
     kind = "buffered"
 
-    def __init__(self, group: h5py.Group, spec: ChannelSpec, rows_written: int,
-                 dtype: np.dtype, row_shape: tuple[int, ...], copied: bool = False) -> None:
-        self.group = group
+    def __init__(self, group: h5py.Group | CopiedGroup, spec: ChannelSpec, rows_written: int,
+                 dtype: np.dtype, row_shape: tuple[int, ...]) -> None:
         self.name = spec.name
         self.signature = channel_signature(spec)
         self.dtype = dtype
@@ -94,24 +108,42 @@ class Column:
         self.present = bytearray()
         self.timestamps = bytearray()
         self.expanded = 0  # bytes held beyond the bytes received (decoded values): see take_expansion
-        # pulse_id, is_data_present, timestamp: only written block-wise, through their low-level ids
-        # (an h5py.Dataset around each costs ~50 us per channel for nothing).
-        if copied:  # a copy of a template group (ColumnMaker): the datasets and attributes are there
-            self.data = h5py.Dataset(h5py.h5d.open(group.id, b"data"))
-            self.pulse_id, self.is_data_present, self.timestamp = (
-                h5py.h5d.open(group.id, name) for name in (b"pulse_id", b"is_data_present", b"timestamp"))
-            self._data_row_shape = self.data.shape[1:]
+        # The datasets are written block-wise through their low-level ids (``h5.calls.Dataset``): an
+        # h5py object around each costs ~50 us per channel for nothing; ``data`` and ``group`` make one
+        # when something needs h5py's API.
+        self._data: h5py.Dataset | None = None
+        if isinstance(group, CopiedGroup):  # a copy of a template group: the datasets and attributes are there
+            self._group: h5py.Group | None = None
+            self._copied: CopiedGroup | None = group
+            self.data_id: Dataset = group.data
+            self.pulse_id, self.is_data_present, self.timestamp = group.pulse_id, group.is_data_present, group.timestamp
             if rows_written:
                 self.resize(rows_written)
             return
-        self.data = self._create_data(group, spec, rows_written)
-        self._data_row_shape = self.data.shape[1:]
+        self._group, self._copied = group, None
+        self._data = self._create_data(group, spec, rows_written)
+        self.data_id = self._data.id
         self.pulse_id = row_dataset(group, "pulse_id", rows_written, np.dtype("<i8")).id
         self.is_data_present = row_dataset(group, "is_data_present", rows_written, np.dtype("u1")).id
         timestamp = row_dataset(group, "timestamp", rows_written, np.dtype("<i8"))
         new_attributes(timestamp, {"units": "ns since 1970-01-01T00:00:00Z (bsread channel timestamp)"})
         self.timestamp = timestamp.id
         new_attributes(group, {**channel_attributes(spec), "storage": self.kind})
+
+    @property
+    def group(self) -> h5py.Group:
+        """The channel's group (h5py), opened at the first ask for a copied one."""
+        if self._group is None:
+            assert self._copied is not None
+            self._group = self._copied.parent[self._copied.name]
+        return self._group
+
+    @property
+    def data(self) -> h5py.Dataset:
+        """The ``data`` dataset (h5py), made at the first ask for a copied one."""
+        if self._data is None:
+            self._data = h5py.Dataset(CALLS.h5py_id(self.data_id))
+        return self._data
 
     # -- subclass hooks ---------------------------------------------------
     def _create_data(self, group: h5py.Group, spec: ChannelSpec, rows: int) -> h5py.Dataset:
@@ -162,9 +194,9 @@ class Column:
     # -- shared row bookkeeping ------------------------------------------
     def resize(self, rows: int) -> None:
         """Grow or shrink every dataset of the group to ``rows`` rows (they all share axis 0)."""
-        # The row shape of data is kept from its creation: h5py's .shape costs ~10 us per call.
+        # data's rows are row_shape (strings: ()), as made: h5py's .shape costs ~10 us per call.
         set_extent = CALLS.set_extent  # through ctypes where it can: h5.calls
-        set_extent(self.data.id, (rows, *self._data_row_shape))
+        set_extent(self.data_id, (rows, *self.row_shape))
         for dataset_id in (self.pulse_id, self.is_data_present, self.timestamp):
             set_extent(dataset_id, (rows,))
 
@@ -209,10 +241,14 @@ class Column:
         """Grow every dataset to ``start + count`` rows and write the block; return HDF5 writes."""
         self._pad(count)
         self.resize(start + count)
-        present = np.frombuffer(self.present, dtype="u1")
         end = start + count
-        write_rows(self.is_data_present, start, present, end)
-        write_rows(self.pulse_id, start, np.where(present != 0, pulse_ids, 0).astype("<i8"), end)
+        if 0 in self.present:
+            present = np.frombuffer(self.present, dtype="u1")
+            write_rows(self.is_data_present, start, present, end)
+            write_rows(self.pulse_id, start, np.where(present != 0, pulse_ids, 0).astype("<i8"), end)
+        else:  # present throughout (the usual block): the block's own arrays, no numpy per channel
+            write_rows(self.is_data_present, start, _all_present(count), end)
+            write_rows(self.pulse_id, start, pulse_ids, end)
         stamps = np.frombuffer(self.timestamps, dtype=self.ts_order + "i8").reshape(count, 2)
         # A stamp that is no time (2^62 s wrapped to 0, negative ns ...) is stored as 0, "not given".
         write_rows(self.timestamp, start, stamps_to_ns(stamps[:, 0], stamps[:, 1]), end)
@@ -236,13 +272,12 @@ class FixedColumn(Column):
 
     kind = "buffered"
 
-    def __init__(self, group: h5py.Group, spec: ChannelSpec, rows_written: int,
-                 copied: bool = False) -> None:
+    def __init__(self, group: h5py.Group | CopiedGroup, spec: ChannelSpec, rows_written: int) -> None:
         self.values = bytearray()  # present rows only, in row order
         # Native byte order, as the original and psi-bsread's writer stored it: a big-endian
         # channel's values are swapped once per block (append_batch) or per value, not by every reader.
         super().__init__(group, spec, rows_written, np.dtype(spec.dtype).newbyteorder("="),
-                         tuple(spec.array_shape), copied)
+                         tuple(spec.array_shape))
 
     def _create_data(self, group: h5py.Group, spec: ChannelSpec, rows: int) -> h5py.Dataset:
         return row_dataset(group, "data", rows, self.dtype, self.row_shape,
@@ -273,9 +308,9 @@ class FixedColumn(Column):
 
     @functools.cached_property
     def _chunk_geometry(self) -> tuple[int, int, int]:
-        """(rows per chunk, chunks per row slab, bytes per chunk) of ``data``, as HDF5 made it."""
-        chunks = self.data.chunks
-        per_slab = math.prod(-(-size // chunk) for size, chunk in zip(self.data.shape[1:], chunks[1:]))
+        """(rows per chunk, chunks per row slab, bytes per chunk) of ``data``, as made (``_create_data``)."""
+        chunks = chunk_shape(self.row_shape, self.dtype.itemsize)
+        per_slab = math.prod(-(-size // chunk) for size, chunk in zip(self.row_shape, chunks[1:]))
         return chunks[0], per_slab, math.prod(chunks) * self.dtype.itemsize
 
     def _values_space(self, start: int, rows: int) -> int:
@@ -306,7 +341,7 @@ class FixedColumn(Column):
         self.values = bytearray()
         n_present = len(values)
         if n_present == count:
-            write_rows(self.data.id, start, values, start + count)
+            write_rows(self.data_id, start, values, start + count)
             return 1
         if not n_present:
             return 0  # absent throughout: the fill value
@@ -314,14 +349,14 @@ class FixedColumn(Column):
         if count * self.row_nbytes <= DENSE_BLOCK_BYTES:
             block = np.zeros((count, *self.row_shape), dtype=self.dtype)
             block[present] = values
-            write_rows(self.data.id, start, block, start + count)
+            write_rows(self.data_id, start, block, start + count)
             return 1
         # Large rows: one write per run of consecutive present rows.
         rows = np.flatnonzero(present)
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         writes = 0
         for run, offset in zip(np.split(rows, breaks), np.concatenate([[0], breaks])):
-            write_rows(self.data.id, start + int(run[0]), values[offset:offset + len(run)], start + count)
+            write_rows(self.data_id, start + int(run[0]), values[offset:offset + len(run)], start + count)
             writes += 1
         return writes
 
@@ -331,10 +366,9 @@ class StringColumn(Column):
 
     kind = "buffered"
 
-    def __init__(self, group: h5py.Group, spec: ChannelSpec, rows_written: int,
-                 copied: bool = False) -> None:
+    def __init__(self, group: h5py.Group | CopiedGroup, spec: ChannelSpec, rows_written: int) -> None:
         self.values: list[str] = []
-        super().__init__(group, spec, rows_written, np.dtype("u1"), (), copied)
+        super().__init__(group, spec, rows_written, np.dtype("u1"), ())
 
     def _create_data(self, group: h5py.Group, spec: ChannelSpec, rows: int) -> h5py.Dataset:
         return group.create_dataset("data", shape=(rows,), maxshape=(None,), dtype=STRING_DTYPE,
@@ -378,13 +412,12 @@ class DirectChunkColumn(Column):
 
     kind = "bitshuffle_lz4 direct chunk"
 
-    def __init__(self, group: h5py.Group, spec: ChannelSpec, rows_written: int,
-                 copied: bool = False) -> None:
+    def __init__(self, group: h5py.Group | CopiedGroup, spec: ChannelSpec, rows_written: int) -> None:
         self.chunks: list[tuple[int, Any]] = []  # (block row, compressed bytes as received)
         self.decoded: list[tuple[int, np.ndarray]] = []  # fallback: written through the filter
         self.direct_chunks = 0
         self.filtered_rows = 0
-        super().__init__(group, spec, rows_written, np.dtype(spec.dtype), tuple(spec.array_shape), copied)
+        super().__init__(group, spec, rows_written, np.dtype(spec.dtype), tuple(spec.array_shape))
 
     def _create_data(self, group: h5py.Group, spec: ChannelSpec, rows: int) -> h5py.Dataset:
         return group.create_dataset(
@@ -462,6 +495,20 @@ def row_dataset(group: h5py.Group, name: str, rows: int, dtype: np.dtype, row_sh
 
 
 _STRING_TYPE = h5py.h5t.py_create(h5py.string_dtype(), logical=True)
+
+
+_ALL_PRESENT: dict[int, np.ndarray] = {}
+
+
+def _all_present(count: int) -> np.ndarray:
+    """``count`` ones (``is_data_present`` of a block present throughout), one read-only array per count."""
+    ones = _ALL_PRESENT.get(count)
+    if ones is None:
+        if len(_ALL_PRESENT) >= 16:  # blocks have a few sizes; a new one now and then
+            _ALL_PRESENT.clear()
+        ones = _ALL_PRESENT[count] = np.ones(count, dtype="u1")
+        ones.flags.writeable = False
+    return ones
 
 
 def _new_chunks(start: int, rows: int, chunk_rows: int) -> int:
@@ -571,9 +618,13 @@ class ColumnMaker:
     modulo, offset) costs a third of that; its ``name`` attribute is then
     rewritten and the channel's display metadata (units, description ...)
     added. The templates live in an in-memory HDF5 file, so the output file
-    holds nothing but the channels. The result is the same file
-    (tests/test_h5format.py compares them); ``copies=False`` makes every group
-    in full.
+    holds nothing but the channels. The copy, the name and the four datasets'
+    opening go through ``h5.calls`` (ctypes where it can): no h5py object is
+    made for a copied group unless something asks (``Column.group``,
+    ``Column.data``), which was ~200 of a copy's ~500 us (issue 24). The
+    result is the same file (tests/test_h5format.py compares copies through
+    ctypes, through h5py and groups made in full); ``copies=False`` makes
+    every group in full.
     """
 
     def __init__(self, decompress_images: bool = False, copies: bool = True) -> None:
@@ -590,15 +641,16 @@ class ColumnMaker:
         template = self._template(cls, spec) if self.copies else None
         if template is None:
             return cls(parent.create_group(name), spec, rows_written)  # type: ignore[call-arg]
+        # Through h5.calls (ctypes where it can): one copy, the name written, the datasets opened by
+        # path; no h5py object unless the channel has display metadata (docs/performance.md, issue 24).
         link_name = name.encode("utf-8")
-        h5py.h5o.copy(self._templates.id, template, parent.id, link_name, _OBJECT_COPY,
-                      _LINK_CREATE_ASCII if link_name.isascii() else _LINK_CREATE_UTF8)  # as h5py names links
-        group = h5py.Group(h5py.h5g.open(parent.id, link_name))  # parent[name] first asks what it is
-        attributes = channel_attributes(spec)
-        h5py.h5a.open(group.id, b"name").write(np.array(attributes["name"], dtype=h5py.string_dtype()))
+        CALLS.copy_group(self._templates.id, template, parent.id, link_name)
+        datasets = CALLS.open_copy(parent.id, link_name, storable_text(spec.name), _DATASET_NAMES)
+        column = cls(CopiedGroup(parent, name, *datasets), spec, rows_written)  # type: ignore[call-arg]
         if spec.display:
-            new_attributes(group, {key: attributes[key] for key, _ in spec.display})
-        return cls(group, spec, rows_written, copied=True)  # type: ignore[call-arg]
+            attributes = channel_attributes(spec)
+            new_attributes(column.group, {key: attributes[key] for key, _ in spec.display})
+        return column
 
     def _template(self, cls: type[Column], spec: ChannelSpec) -> bytes | None:
         key = (cls, spec.type, spec.shape, spec.encoding, spec.compression, spec.modulo, spec.offset)
@@ -629,7 +681,4 @@ class ColumnMaker:
             self._made.clear()
 
 
-_OBJECT_COPY = h5py.h5p.create(h5py.h5p.OBJECT_COPY)
-_LINK_CREATE_ASCII = h5py.h5p.create(h5py.h5p.LINK_CREATE)
-_LINK_CREATE_UTF8 = h5py.h5p.create(h5py.h5p.LINK_CREATE)
-_LINK_CREATE_UTF8.set_char_encoding(h5py.h5t.CSET_UTF8)
+_DATASET_NAMES = (b"data", b"pulse_id", b"is_data_present", b"timestamp")  # CopiedGroup's order

@@ -81,6 +81,7 @@ import numpy as np
 from sf_bsread_writer.bsread.codecs import value_problem
 from sf_bsread_writer.bsread.message import Message
 from sf_bsread_writer.bsread.spec import ChannelSpec, RejectReason
+from sf_bsread_writer.h5.calls import CALLS
 from sf_bsread_writer.h5.columns import Column, ColumnMaker
 from sf_bsread_writer.h5.layout import (
     CALLER_ATTRIBUTES,
@@ -738,7 +739,7 @@ class H5File:
         base = channel_group_name(spec.name)
         if not variants:
             group_name = base
-            if group_name in self._data:
+            if CALLS.exists(self._data.id, group_name.encode("utf-8")):  # `in self._data`, without h5py's cost
                 return self._refuse(spec.name, f"its group /data/{group_name} is already taken")
         else:
             number = len(variants) + 1
@@ -749,7 +750,6 @@ class H5File:
             # Rows already on disk read as absent (fill value 0); pending rows of
             # this block before the first value are padded as absent by append.
             column = self._maker.new(self._data, group_name, spec, self._rows_written)
-            group = column.group
         except Exception as error:  # noqa: BLE001 (whatever HDF5 refuses costs this channel only)
             if is_disk_full(error):
                 if not variants:
@@ -763,6 +763,7 @@ class H5File:
         self._groups_since_flush += 1
         self._busy()
         if len(variants) > 1:
+            group = column.group
             group.attrs["channel"] = storable_text(spec.name)
             group.attrs["variant"] = len(variants)
             first = self._data[base]
