@@ -9,7 +9,10 @@ bitshuffle_lz4 block structure (fallback: the loop in ``bsread/codecs.py``).
 ``sf_bsread_writer.ca._recordpost`` updates the CA gateway's scalar records in
 batches from C (fallback: pythonSoftIOC's per-record ``set``); it is built only
 where epicscorelibs (pythonSoftIOC's EPICS base) is importable at build time,
-for its headers, and finds libdbCore at import, loaded by epicscorelibs.
+for its headers (pyproject.toml puts it, and softioc for the ABI it pins, into
+pip's isolated build environment), and finds libdbCore at import, loaded by
+epicscorelibs. It records the epicscorelibs ABI it was built for; the gateway
+uses it only with that ABI.
 """
 import logging
 import re
@@ -80,7 +83,16 @@ def _epics_extensions():
     return [Extension("sf_bsread_writer.ca._recordpost", ["sf_bsread_writer/ca/_recordpost.c"],
                       include_dirs=[include, os.path.join(include, "os", "Linux"),
                                     os.path.join(include, "compiler", "gcc")],
+                      # The ABI it is built against (EPICS record layouts): ca/ioc.py uses it only with that ABI.
+                      define_macros=[("SF_EPICS_ABI", '"%s"' % epics_abi())],
                       extra_compile_args=["-O2", "-std=gnu11", "-Wall"], optional=True)]
+
+
+def epics_abi() -> str:
+    """epicscorelibs' ABI: the first five parts of its version (BASE.99.ABI; the sixth is its source release)."""
+    from epicscorelibs.version import base_version
+
+    return ".".join(base_version.split(".")[:5])
 
 
 setup(

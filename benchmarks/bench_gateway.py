@@ -245,6 +245,97 @@ class FileMonitor:
         self.process.wait(timeout=5)
 
 
+COUNTER_SOURCE = ROOT / "benchmarks" / "ca_counter.c"
+
+
+def build_counter(directory: Path) -> Path:
+    """``benchmarks/ca_counter.c`` compiled into ``directory`` against epicscorelibs' libca (rpath to it)."""
+    from epicscorelibs import path as epics_path
+
+    include, lib = epics_path.include_path, epics_path.lib_path
+    executable = directory / "ca_counter"
+    subprocess.run(["gcc", "-O2", "-Wall", "-std=gnu11", f"-I{include}", f"-I{include}/os/Linux",
+                    f"-I{include}/compiler/gcc", str(COUNTER_SOURCE), f"-L{lib}", "-lca", "-lCom",
+                    f"-Wl,-rpath,{lib}", "-o", str(executable)], check=True)
+    return executable
+
+
+class CounterMonitor:
+    """``ca_counter`` (benchmarks/ca_counter.c): counts each PV's updates by their own timestamp and keeps a
+    latency histogram, printing nothing per update; one JSON summary when told ``REPORT``.
+
+    Its stdout goes to ``path`` (``<pv> first`` per PV, then the summary), its stdin is a pipe for the
+    window and the report; started like FileMonitor (own session, PDEATHSIG), stopped by its pid.
+    """
+
+    def __init__(self, names: Sequence[str], env: dict[str, str], path: Path, executable: Path) -> None:
+        self.path = path
+        self.n_pvs = len(names)
+        full_env = dict(os.environ)
+        full_env.update(env)
+        self._offset = 0
+        self._partial = b""
+        with open(path, "wb") as output:
+            self.process = subprocess.Popen([str(executable), *names], env=full_env, stdout=output,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
+                                            start_new_session=True, preexec_fn=die_with_parent)
+        self.pid = self.process.pid
+        self.summary: dict[str, Any] | None = None
+
+    new_lines = FileMonitor.new_lines
+
+    def lines(self) -> Iterator[str]:
+        with open(self.path, errors="replace") as output:
+            yield from output
+
+    def set_window(self, start: float, end: float) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"WINDOW {start:.6f} {end:.6f}\n".encode())
+        self.process.stdin.flush()
+
+    def report(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Asks for the summary and waits for the client to print it and exit."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(b"REPORT\n")
+        self.process.stdin.close()
+        self.process.wait(timeout=timeout)
+        for line in self.lines():
+            if line.startswith("{"):
+                self.summary = json.loads(line)
+        if self.summary is None:
+            raise RuntimeError(f"ca_counter {self.pid} printed no summary (exit {self.process.returncode})")
+        return self.summary
+
+    stop = FileMonitor.stop
+
+
+def _counter_results(monitors: Sequence[CounterMonitor]) -> tuple[list[float], dict[str, float]]:
+    """Per client, updates per PV per second in its window; latency percentiles over all clients' updates."""
+    rates = []
+    bins: dict[int, int] = {}
+    width = 1e-4
+    for monitor in monitors:
+        summary = monitor.summary or monitor.report()
+        start, end = summary["window"]
+        rates.append(summary["in_window"] / (end - start) / summary["pvs"])
+        width = summary["latency_bin_s"]
+        for number, count in summary["latency_bins"]:
+            bins[number] = bins.get(number, 0) + count
+    total = sum(bins.values())
+    percentiles: dict[str, float] = {}
+    if total:
+        ordered = sorted(bins.items())
+        for name, q in (("p50_ms", 0.5), ("p95_ms", 0.95), ("p99_ms", 0.99)):
+            rank, seen = int(q * total), 0
+            for number, count in ordered:
+                seen += count
+                if seen > rank:
+                    percentiles[name] = (number + 0.5) * width * 1000
+                    break
+        percentiles["max_ms"] = (ordered[-1][0] + 1) * width * 1000
+    return rates, percentiles
+
+
 def _client_names(n_clients: int, n_per_client: int, n_pvs: int, pattern: str = "SCALAR:CH{:04d}") -> list[list[str]]:
     """Client c watches n_per_client consecutive PVs from c * n_per_client on (wrapping round)."""
     return [[pattern.format((c * n_per_client + i) % n_pvs) for i in range(n_per_client)]
@@ -252,14 +343,20 @@ def _client_names(n_clients: int, n_per_client: int, n_pvs: int, pattern: str = 
 
 
 def _start_monitors(clients: list[list[str]], env: dict[str, str], directory: Path | None,
-                    started: list[Monitor]) -> None:
+                    started: list[Monitor], counter: Path | None = None) -> None:
     """One monitor per client, appended to ``started`` as it starts (the caller stops them, whatever happens).
 
-    ``directory``: FileMonitors writing there; None: PipedMonitors.
+    ``directory``: FileMonitors writing there (CounterMonitors with ``counter``, the built ca_counter);
+    None: PipedMonitors.
     """
     for c, names in enumerate(clients):
-        started.append(FileMonitor(names, env, directory / f"client{c:03d}.txt") if directory is not None
-                       else PipedMonitor(names, env))
+        if counter is not None:
+            assert directory is not None
+            started.append(CounterMonitor(names, env, directory / f"client{c:03d}.txt", counter))
+        elif directory is not None:
+            started.append(FileMonitor(names, env, directory / f"client{c:03d}.txt"))
+        else:
+            started.append(PipedMonitor(names, env))
 
 
 def _wait_connected(monitors: Sequence[Monitor], n_per_client: int, timeout: float = 120.0) -> float:

@@ -10,7 +10,7 @@ message of a 1000-channel stream. Reported: the wall time and the process CPU
 per record update, including EPICS' own processing threads (the softioc path
 processes the record in EPICS' callback thread, which calls back into
 Python): ``set`` (pythonSoftIOC, one record at a time) and ``batch``
-(``ca/_recordpost.c``, one call per round in the poster thread, GIL released).
+(``ca/_recordpost.c``, one call per round, posted by the Poster's own EPICS thread without the GIL).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def by_batch(k):
     for i in range(n):
         batch.stage(i, k + i * 0.001, 0, 0, stamp)
     batch.flush()
-    batch.wait_posted()  # the poster thread posts it: every round counted, none merged
+    batch.wait_posted()  # the Poster's thread posts it: every round counted, none merged
 
 result = {}
 for name, update in (("set", by_set), ("batch", by_batch)):

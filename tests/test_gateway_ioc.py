@@ -581,15 +581,43 @@ def test_the_ioc_loads_epics_without_setuptools_and_setuptools_dso_still_works_w
     assert "RESULT True Extension" in completed.stdout, completed.stdout + completed.stderr
 
 
-def test_record_batch_serves_values_alarms_and_timestamps_as_softiocs_set_does(env, feeder):
-    """--record-batch: the ai/longin records of a message set in one call from C (ca/_recordpost.c)."""
+def _ioc_threads(supervisor_pid: int) -> dict[str, tuple[int, int]]:
+    """The serving IOC child's threads by name: (scheduling policy, real-time priority) of each (/proc)."""
+    for pid in children_of(supervisor_pid):
+        threads = {}
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                    text = stat.read()
+                name = text[text.index("(") + 1:text.rindex(")")]
+                fields = text.rsplit(")", 1)[1].split()
+                threads[name] = (int(fields[38]), int(fields[37]))  # policy, rt_priority (proc(5) 41, 40)
+        except OSError:
+            continue
+        if "cbLow" in threads:  # EPICS runs in it: the serving child, not the standby
+            return threads
+    raise AssertionError(f"no serving IOC child under {supervisor_pid}")
+
+
+@pytest.mark.parametrize("updates", ["default", "batch", "set", "--record-batch"])
+def test_both_record_paths_serve_values_alarms_and_timestamps_alike(env, feeder, updates):
+    """The ai/longin records set in one call from C (ca/_recordpost.c, the default) or by pythonSoftIOC's
+    set each: the same values, alarms and bsread timestamps; READY says which path serves."""
     from .ca_helpers import CaprotoClient, pulse_of
     from .test_gateway import CHANNELS, expected_values
 
     local_env = _local(env)
-    child, _ = start_gateway(feeder.address, local_env, "--ca-prefix", "RB:", "--name", "RB", "--record-batch")
+    options = {"default": [], "batch": ["--record-updates", "batch"], "set": ["--record-updates", "set"],
+               "--record-batch": ["--record-batch"]}[updates]
+    child, ready = start_gateway(feeder.address, local_env, "--ca-prefix", "RB:", "--name", "RB", *options)
     client = None
     try:
+        assert ready["record_updates"] == ("set" if updates == "set" else "batch")
+        if ready["record_updates"] == "batch":
+            # Posted by an EPICS thread scheduled as the one that processes records in softioc's path (cbLow),
+            # not by a Python thread below rsrv's (real-time where EPICS may: ten clients starved it).
+            threads = _ioc_threads(child.process.pid)
+            assert threads.get("recordPost") == threads["cbLow"], threads
         _wait_alarm_free(local_env, "RB:F64")
         client = CaprotoClient(local_env)
         indices = {channel["name"]: index for index, channel in enumerate(CHANNELS)}
@@ -611,3 +639,17 @@ def test_record_batch_serves_values_alarms_and_timestamps_as_softiocs_set_does(e
         if client is not None:
             client.close()
         child.stop()
+
+
+def test_a_poster_built_for_another_epics_abi_is_not_used():
+    """The compiled poster writes into EPICS' record structures: built against another epicscorelibs ABI it is
+    refused (ImportError: the IOC then sets records through pythonSoftIOC), never used."""
+    from epicscorelibs.version import base_version
+
+    from sf_bsread_writer.ca import ioc
+
+    running = ".".join(base_version.split(".")[:5])
+    ioc._check_abi(running)
+    for other in ("", "7.0.7.99.0", running + "1"):
+        with pytest.raises(ImportError, match="ABI"):
+            ioc._check_abi(other)

@@ -93,7 +93,22 @@ def test_a_wheel_with_the_extension_builds_and_imports_from_a_fresh_venv(tmp_pat
     assert location.startswith(str(tmp_path / "venv")), location
     assert implementation == "compiled", reason
     assert block_walk == "compiled"
+    assert any(name.startswith("sf_bsread_writer/ca/_recordpost") and name.endswith(".so")
+               for name in archive_names(wheel)), "the gateway's record poster is in the wheel"
     assert any(name.startswith("sf_bsread_writer/web/static/vendor/dygraph") for name in archive_names(wheel))
+
+
+def test_an_isolated_build_has_epicscorelibs_for_the_gateways_record_poster():
+    """pip builds in an environment of pyproject.toml's build requirements only: without epicscorelibs there
+    (EPICS base's headers) ``ca/_recordpost.c`` was silently never built by ``pip install .[services]``, and
+    every gateway set its records one by one. softioc too, so that pip picks the epicscorelibs ABI softioc
+    pins, the one the gateway runs with (ca/ioc.py refuses a poster built for another)."""
+    import tomllib
+
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["build-system"]["requires"]
+    names = {canonicalize_name(Requirement(line).name) for line in requires}
+    assert {"epicscorelibs", "softioc"} <= names, requires
+    assert "from epicscorelibs import path" in (ROOT / "setup.py").read_text(encoding="utf-8")
 
 
 def test_without_a_compiler_the_wheel_builds_and_uses_the_pure_path(tmp_path, pure_wheel):

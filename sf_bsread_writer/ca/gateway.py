@@ -50,7 +50,8 @@ class GatewaySettings:
     allow_hosts: tuple[str, ...] = ()
     acf: str | None = None  # the site's EPICS access-security file
     parent_pid: int = 0
-    record_batch: bool = False  # ai/longin records set in one C call per message (ca/_recordpost.c)
+    # "batch": ai/longin records set in one C call per message (ca/_recordpost.c); "set": pythonSoftIOC's set each.
+    record_updates: str = "batch"
 
 
 # --------------------------------------------------------------------------
@@ -79,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         allow_hosts=tuple(args.allow_hosts or ()),
         acf=os.path.abspath(args.acf) if args.acf else None,
         parent_pid=getattr(args, "parent_pid", 0) or 0,
-        record_batch=bool(getattr(args, "record_batch", False)),
+        # --record-batch (the opt-in before batches were the default) still parses and means batch.
+        record_updates="batch" if getattr(args, "record_batch", False) else args.record_updates,
     )
     if settings.allow_hosts and not settings.writable:
         logger.warning("--allow-host has no effect without --writable")

@@ -556,6 +556,7 @@ def serve(settings: Any, status_pvs: Sequence[tuple[str, str, str]], ingest: Any
         softioc.iocInit(dispatcher)
         if acf != settings.acf:
             os.unlink(acf)
+        loop = _ApplyLoop(settings, records, plan, ingest, poller, alarm, long_strings, spares)
         process.print_ready({
             "ca_port": int(os.environ.get("EPICS_CAS_SERVER_PORT") or os.environ.get("EPICS_CA_SERVER_PORT")
                            or 5064),
@@ -568,10 +569,11 @@ def serve(settings: Any, status_pvs: Sequence[tuple[str, str, str]], ingest: Any
             "server": "softioc",
             "channels": len(plan.channels),
             "restarts": int(state.get("restarts", 0)),
+            # How the ai/longin records are set: "batch" (C) unless asked for "set" or the poster is unusable.
+            "record_updates": "batch" if loop.batch is not None else "set",
         })
         logger.info("gateway IOC serving %d channel PVs and %d status PVs", len(plan.channels),
                     len(records.status) + len(records.status_text))
-        loop = _ApplyLoop(settings, records, plan, ingest, poller, alarm, long_strings, spares)
         loop.mark_undefined()
         if message is not None:
             loop.header = message.data_header
@@ -616,23 +618,25 @@ def _install_access_security(writable: bool, allow_hosts: Sequence[str], site_fi
 
 
 class _ScalarBatch:
-    """The ``ai`` and ``longin`` records, updated in one call per message from C (``ca/_recordpost.c``);
-    with ``--record-batch`` only (docs/gateway.md).
+    """The ``ai`` and ``longin`` records, updated in one call per message from C (``ca/_recordpost.c``); the
+    default (``--record-updates batch``, docs/gateway.md).
 
-    pythonSoftIOC's ``set`` processes the record and its processing calls back into Python under the
-    GIL (~100 us a record update); here the apply loop stages (value, alarm, timestamp) per record, and
-    ``flush`` hands the round to a poster thread that gives it to C at once, GIL released. The thread
-    matters: posting takes each record's lock, which the CA server's event tasks hold while they read
-    it for their clients; posted from the apply loop, 10 clients x 500 PVs held it up to 2.8 applied
-    messages a second instead of 7.7 (measured). What the thread has not posted yet is merged with the
-    next round (the newest value of a record wins, as a monitor queue does). The last staged values are
-    kept, so that a record EPICS processes for another reason (a field set by ``relabel``: softioc's
-    device support then writes its own stale copy) is put right at once (``repost``).
+    pythonSoftIOC's ``set`` processes the record: EPICS' callback thread takes the GIL from this loop and
+    runs the device support in Python (~100 us and two thread switches a record update). Here the apply
+    loop stages (value, alarm, timestamp) per record and ``flush`` hands the round to the C Poster, which
+    merges it into what its own EPICS thread has not posted yet (the newest value of a record wins, as a
+    monitor queue does) and returns at once: the loop never waits for EPICS. That thread runs at the
+    priority of the thread that processes records in softioc's path, above rsrv's threads, so that where
+    EPICS threads are real-time ten busy clients cannot starve the posting (docs/performance.md, issue 22).
+    The last staged values are kept, so that a record EPICS processes for another reason (a field set by
+    ``relabel``: softioc's device support then writes its own stale copy) is put right at once
+    (``repost``).
     """
 
     def __init__(self, records: Sequence[Any]) -> None:
         from sf_bsread_writer.ca import _recordpost
 
+        _check_abi(getattr(_recordpost, "EPICS_ABI", ""))
         self.index = {id(record): number for number, record in enumerate(records)}
         self.poster = _recordpost.Poster([record.name for record in records])
         count = len(records)
@@ -641,21 +645,16 @@ class _ScalarBatch:
         self.statuses = np.zeros(count, dtype=np.int16)
         self.stamps = np.full(count, np.nan)
         self.staged: list[int] = []
-        self._lock = threading.Condition()
-        self._pending = np.zeros(count, dtype=bool)
-        self._posted = (self.values.copy(), self.severities.copy(), self.statuses.copy(), self.stamps.copy())
-        self.failures = 0
-        self._posting = False
-        threading.Thread(target=self._run, name="record-poster", daemon=True).start()
 
     @classmethod
     def of(cls, records: Sequence[Any]) -> "_ScalarBatch | None":
-        """A batch of ``records``, or None where the compiled part is not built (softioc's set then)."""
+        """A batch of ``records``, or None where the compiled part is not built or was built for another
+        EPICS ABI (softioc's set then, record by record)."""
         try:
             return cls(records)
-        except ImportError:
-            logger.warning("--record-batch: sf_bsread_writer.ca._recordpost is not built; records are set one "
-                           "by one")
+        except ImportError as error:
+            logger.warning("record updates: the compiled poster is not usable (%s); records are set one by one "
+                           "through pythonSoftIOC (more CPU a record update)", error)
             return None
 
     def stage(self, number: int, value: Any, severity: int, status: int, stamp: float | None) -> None:
@@ -666,48 +665,33 @@ class _ScalarBatch:
         self.staged.append(number)
 
     def flush(self) -> int:
-        """Hand what was staged to the poster thread (merged with what it has not posted yet)."""
+        """Hand what was staged to the Poster's thread (merged with what it has not posted yet)."""
         if not self.staged:
             return 0
         numbers = np.asarray(self.staged, dtype=np.int32)
         self.staged.clear()
-        with self._lock:
-            for posted, latest in zip(self._posted, (self.values, self.severities, self.statuses, self.stamps)):
-                posted[numbers] = latest[numbers]
-            self._pending[numbers] = True
-            self._lock.notify()
-        return len(numbers)
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._pending.any():
-                    self._lock.wait()
-                numbers = np.flatnonzero(self._pending).astype(np.int32)
-                self._pending[numbers] = False
-                arrays = [posted[numbers] for posted in self._posted]
-                self._posting = True
-            try:
-                self.poster.post(numbers, *arrays)
-            except Exception:  # one bad round must not end the thread: the next one is posted
-                self.failures += 1
-                if self.failures <= 10:
-                    logger.exception("posting the scalar records failed")
-            finally:
-                with self._lock:
-                    self._posting = False
-                    self._lock.notify_all()
+        return self.poster.post(numbers, self.values[numbers], self.severities[numbers], self.statuses[numbers],
+                                self.stamps[numbers])
 
     def wait_posted(self, timeout: float = 5.0) -> bool:
         """Until everything flushed has been posted (benchmarks and tests; the apply loop never waits)."""
-        with self._lock:
-            return self._lock.wait_for(lambda: not self._pending.any() and not self._posting, timeout)
+        return self.poster.wait_posted(timeout)
 
     def repost(self, record: Any) -> None:
         number = self.index.get(id(record))
         if number is not None and not np.isnan(self.stamps[number]):
             self.staged.append(number)
             self.flush()
+
+
+def _check_abi(built_for: str) -> None:
+    """ImportError unless the compiled poster was built for the epicscorelibs ABI in use (it writes into
+    EPICS' record structures: another EPICS release may lay them out differently)."""
+    from epicscorelibs.version import base_version
+
+    running = ".".join(base_version.split(".")[:5])
+    if built_for != running:
+        raise ImportError(f"built for epicscorelibs ABI {built_for or 'unknown'}, running {running}")
 
 
 class _ApplyLoop:
@@ -739,7 +723,7 @@ class _ApplyLoop:
         scalars = [records.by_pv[channel.pv][0] for channel in (*plan.channels, *plan.retired)
                    if channel.record.kind in ("ai", "longin")]
         scalars += [record for slot, record in records.all_spares() if slot in ("ai", "longin")]
-        self.batch = _ScalarBatch.of(scalars) if getattr(settings, "record_batch", False) else None
+        self.batch = _ScalarBatch.of(scalars) if settings.record_updates == "batch" else None
 
     def run(self, stop: threading.Event) -> int:
         next_due = 0.0
