@@ -281,13 +281,43 @@ class Stream:
         self.simulator.close(linger=0)
 
 
+# The writer's CLI with an audit hook that notes every module imported once the process no longer runs as root:
+# after the privilege drop the checkout (a 0700 clone, its venv inside) and even the interpreter's own library
+# (a pyenv Python under a 0700 /root) may no longer be readable, so such an import can fail in production.
+# Said at the end: IMPORTED_AFTER_THE_DROP [...].
+_WATCH_IMPORTS = """
+import json, os, sys
+after_the_drop = []
+def note(event, args):
+    if event == "import" and os.geteuid() != 0:
+        after_the_drop.append(args[0])
+sys.addaudithook(note)
+from sf_bsread_writer.writer.cli import main
+code = main(sys.argv[1:])
+print("IMPORTED_AFTER_THE_DROP", json.dumps(after_the_drop), flush=True)
+sys.exit(code)
+"""
+
+
 def writer_process(address: str, output_file: str | os.PathLike, *options: str, user_id: str = "-1",
-                   **kwargs: Any) -> tuple[Child, WriterClient]:
-    """The writer's CLI as a child process (``--finished-grace 0.5``), and a ``WriterClient`` of its REST API."""
-    child = Child.python_module("sf_bsread_writer.writer", address, str(output_file), user_id, "0",
-                                "--finished-grace", "0.5", *options, **kwargs)
+                   watch_imports: bool = False, **kwargs: Any) -> tuple[Child, WriterClient]:
+    """The writer's CLI as a child process (``--finished-grace 0.5``), and a ``WriterClient`` of its REST API.
+
+    ``watch_imports``: the child says what it imported after dropping its privileges (``imported_after_the_drop``).
+    """
+    arguments = (address, str(output_file), user_id, "0", "--finished-grace", "0.5", *options)
+    if watch_imports:
+        child = Child([sys.executable, "-c", _WATCH_IMPORTS, *arguments], **kwargs)
+    else:
+        child = Child.python_module("sf_bsread_writer.writer", *arguments, **kwargs)
     line = child.wait_for_line("READY ", timeout=STREAM_DEADLINE)
     return child, WriterClient(json.loads(line.split("READY ", 1)[1])["rest"], timeout=STREAM_DEADLINE)
+
+
+def imported_after_the_drop(child: Child) -> list[str]:
+    """What a ``writer_process(..., watch_imports=True)`` that has ended imported after dropping its privileges."""
+    line = child.wait_for_line("IMPORTED_AFTER_THE_DROP ", timeout=STREAM_DEADLINE)
+    return json.loads(line.split("IMPORTED_AFTER_THE_DROP ", 1)[1])
 
 
 def descendants_of(pid: int) -> list[int]:
