@@ -25,15 +25,14 @@ ingest is (``max_message_bytes``, the same default): a message larger than
 that is counted (``oversize``) and dropped; a part larger than twice that is
 refused by ZeroMQ at its header (``MAXMSGSIZE``) before any of it is
 buffered. libzmq then drops the connection *for good* (a protocol error: it
-does not reconnect, unlike after a peer that went away), so the reader
-watches its socket's disconnects and replaces the socket at each one
-(``reconnects``): the next message arrives on the new one, whatever ended
-the connection.
+does not reconnect, unlike after a peer that went away); the reader connects
+again (``transport.connection.ConnectionWatch``, counted in ``reconnects``).
 """
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +42,7 @@ from sf_bsread_writer.bsread.parts import PackedParts
 from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
 from sf_bsread_writer.jsontext import depth
 from sf_bsread_writer.status import BufferStatus
+from sf_bsread_writer.transport.connection import ConnectionWatch
 from sf_bsread_writer.transport.partsio import MessageCutError, PartsReceiver
 
 __all__ = ["FeedReader", "FeedStatusError", "STATUS_HTYPE", "status_message", "is_status_message",
@@ -122,7 +122,7 @@ class FeedReader:
         self.sockets_replaced = 0
         self.reconnects = 0
         self.socket: zmq.Socket | None = None
-        self._disconnects: zmq.Socket | None = None  # the socket's monitor: its EVENT_DISCONNECTED
+        self._connection: ConnectionWatch | None = None
         try:
             self._open()
         except BaseException:
@@ -130,20 +130,6 @@ class FeedReader:
             raise
 
     def _open(self) -> None:
-        self.socket = self._connected_socket()
-        self._disconnects = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-
-    def _close_socket(self) -> None:
-        if self._disconnects is not None:
-            if self.socket is not None:
-                self.socket.disable_monitor()
-            self._disconnects.close(0)
-            self._disconnects = None
-        if self.socket is not None:
-            self.socket.close(0)
-            self.socket = None
-
-    def _connected_socket(self) -> zmq.Socket:
         socket = self._context.socket(zmq.SUB if self.mode == "sub" else zmq.PULL)
         try:
             socket.setsockopt(zmq.RCVHWM, self.hwm)
@@ -151,24 +137,26 @@ class FeedReader:
             socket.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_message_bytes)  # as the buffer's ingest
             if self.mode == "sub":
                 socket.setsockopt(zmq.SUBSCRIBE, b"")
-            socket.connect(self.address)
+            self._connection = ConnectionWatch(socket, self.address, f"feed {self.address}")
         except BaseException:
             socket.close(0)
             raise
-        return socket
+        self.socket = socket
+
+    def _close_socket(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        if self.socket is not None:
+            self.socket.close(0)
+            self.socket = None
 
     def receive(self, timeout: float) -> PackedParts | BufferStatus | None:
         """The next message or status within ``timeout`` seconds, else None."""
         if self.socket is None:
             raise RuntimeError("feed reader closed")
-        if self._disconnects is not None and self._disconnects.poll(0):
-            # Perhaps for good (a part over MAXMSGSIZE, module docstring): a new socket, one connection.
-            self._close_socket()
-            self._open()
-            self.reconnects += 1
-            logger.warning("feed %s: connection dropped (a part over %d bytes refused, or the buffer went away); "
-                           "connecting anew (%d so far)", self.address, 2 * self.max_message_bytes, self.reconnects)
-            return None
+        if self._connection is not None and self._connection.check(time.monotonic()):
+            self.reconnects += 1  # given up by libzmq after a part over MAXMSGSIZE (module docstring)
         if not self.socket.poll(max(0, int(timeout * 1000))):
             return None
         try:

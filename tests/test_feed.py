@@ -130,6 +130,44 @@ def test_an_oversized_message_is_counted_and_dropped_and_the_reader_goes_on():
         context.term()
 
 
+def test_a_feed_bound_anew_is_reconnected_by_zeromq_and_never_connected_twice():
+    """The buffer binds a feed again (after a cut message) or restarts: libzmq connects again by itself, and the
+    reader's watch (transport.connection) must not add a second connection: a SUB with two connections to one
+    PUB gets every message twice. Watched for twice the time after which the watch would connect anew."""
+    import time
+
+    from sf_bsread_writer.transport.connection import GIVEN_UP_SECONDS
+
+    context = zmq.Context()
+    publisher = context.socket(zmq.PUB)
+    publisher.setsockopt(zmq.LINGER, 0)
+    port = publisher.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with FeedReader(f"tcp://127.0.0.1:{port}") as reader:
+            _first(reader, lambda: publisher.send_multipart(build_message(1, CHANNELS, [1])), object, "a message")
+            publisher.close(0)
+            publisher = context.socket(zmq.PUB)
+            publisher.setsockopt(zmq.LINGER, 0)
+            publisher.bind(f"tcp://127.0.0.1:{port}")
+            _first(reader, lambda: publisher.send_multipart(build_message(2, CHANNELS, [2])), object,
+                   "a message from the feed bound anew")
+            pulse_ids = []
+            watched_until = time.monotonic() + 2 * GIVEN_UP_SECONDS
+            for pulse_id in range(3, 10**6):
+                if time.monotonic() > watched_until:
+                    break
+                publisher.send_multipart(build_message(pulse_id, CHANNELS, [pulse_id]))
+                item = reader.receive(0.02)
+                while item is not None:
+                    pulse_ids.append(MessageParser().parse(item).pulse_id)
+                    item = reader.receive(0)
+            assert pulse_ids and len(pulse_ids) == len(set(pulse_ids)), pulse_ids  # each message once
+            assert reader.reconnects == 0
+    finally:
+        publisher.close(0)
+        context.term()
+
+
 def test_a_bsread_parser_ignores_the_status_message_as_a_control_message():
     from sf_bsread_writer.bsread.spec import IgnoredMessage
 

@@ -71,7 +71,7 @@ class WebCounters:
     feed_overrun: int = 0  # parsed messages dropped because the loop was behind
     feed_sockets_replaced: int = 0  # the feed socket left mid-message (transport.partsio.MessageCutError)
     feed_oversize: int = 0  # feed messages over max_message_bytes, dropped by the reader (feed.FeedReader)
-    feed_reconnects: int = 0  # feed connections dropped (a part over MAXMSGSIZE refused, the buffer gone)
+    feed_reconnects: int = 0  # feed connections given up by libzmq (a part over MAXMSGSIZE), made anew
     values_sent: int = 0
     values_dropped: int = 0
     clients_total: int = 0
@@ -242,7 +242,7 @@ class WebService:
               counters.feed_sockets_replaced)
         m.one("feed_oversize_messages_total", "counter", "Feed messages over the size limit, dropped.",
               counters.feed_oversize)
-        m.one("feed_reconnects_total", "counter", "Feed connections dropped and made anew.",
+        m.one("feed_reconnects_total", "counter", "Feed connections given up by ZeroMQ and made anew.",
               counters.feed_reconnects)
         m.one("unauthorized_requests_total", "counter", "Requests refused for a missing or wrong token.",
               counters.unauthorized)
