@@ -23,7 +23,6 @@ from typing import Any
 from sf_bsread_writer.buffer.service import Buffer
 from sf_bsread_writer.buffer.settings import BufferSettings
 from sf_bsread_writer.client import WriterClient
-from sf_bsread_writer.process import die_with_parent
 from sf_bsread_writer.status import RingStatus
 from sf_bsread_writer.tools.simulate import Simulator
 
@@ -124,6 +123,23 @@ def process_gone(pid: int) -> bool:
         return True
 
 
+# How a Child dies with the thread that started it, as with the package's own children (process.start_child):
+# a killed test run leaves no process behind (the CA repeater was one). Without preexec_fn, unsafe in a
+# threaded parent (tests/test_supervision.py): a launcher arms PR_SET_PDEATHSIG for itself, ends as the signal
+# would have ended it if that thread is gone already (it may end while the launcher starts), and execs the
+# command, which keeps the setting (nats-server, softIoc: commands that cannot arm it themselves).
+_DIE_WITH_PARENT = """
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG: when the starting thread ends
+except AttributeError:
+    pass  # not Linux
+if not os.path.exists(f"/proc/{sys.argv[1]}/task/{sys.argv[2]}"):
+    os.kill(os.getpid(), signal.SIGTERM)
+os.execvp(sys.argv[3], sys.argv[3:])
+"""
+
+
 class Child:
     """A subprocess whose combined output is read line by line in a thread.
 
@@ -145,9 +161,9 @@ class Child:
             full_env.update(env)
         self.args = list(args)
         self.process = subprocess.Popen(
-            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [sys.executable, "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), str(threading.get_native_id()),
+             *self.args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=full_env, cwd=cwd, text=True, bufsize=1,
-            preexec_fn=die_with_parent,  # a killed test run leaves no process behind (the CA repeater was one)
             # new_session: its own session and process group (as `setsid`), so that a test can signal the
             # whole group the way a terminal does (os.killpg(child.process.pid, SIGHUP)).
             start_new_session=new_session,
