@@ -20,20 +20,29 @@ The reader replaces its socket after a message cut in half
 (``transport.partsio.MessageCutError``): the next message arrives whole on
 the new one. A status message that cannot be read is counted
 (``status_rejected``) and logged, never raised: the feed comes from another
-process.
+process. A loopback feed is still network input, bounded as the buffer's
+ingest is (``max_message_bytes``, the same default): a message larger than
+that is counted (``oversize``) and dropped; a part larger than twice that is
+refused by ZeroMQ at its header (``MAXMSGSIZE``) before any of it is
+buffered. libzmq then drops the connection *for good* (a protocol error: it
+does not reconnect, unlike after a peer that went away); the reader connects
+again (``transport.connection.ConnectionWatch``, counted in ``reconnects``).
 """
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import zmq
 
 from sf_bsread_writer.bsread.parts import PackedParts
+from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
 from sf_bsread_writer.jsontext import depth
 from sf_bsread_writer.status import BufferStatus
+from sf_bsread_writer.transport.connection import ConnectionWatch
 from sf_bsread_writer.transport.partsio import MessageCutError, PartsReceiver
 
 __all__ = ["FeedReader", "FeedStatusError", "STATUS_HTYPE", "status_message", "is_status_message",
@@ -91,47 +100,63 @@ class FeedReader:
     read, or a socket replaced after a cut message).
 
     One owner thread. ``mode`` "sub" (a buffer's feed or live output) or "pull". Counters:
-    ``messages``, ``statuses``, ``status_rejected``, ``sockets_replaced``.
+    ``messages``, ``statuses``, ``status_rejected``, ``oversize``, ``sockets_replaced``, ``reconnects``.
+    ``max_message_bytes``: as the buffer's (module docstring).
     """
 
     def __init__(self, address: str, mode: str = "sub", *, hwm: int = FEED_HWM,
-                 context: zmq.Context | None = None) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, context: zmq.Context | None = None) -> None:
         if mode not in ("sub", "pull"):
             raise ValueError(f"mode must be sub or pull, not {mode!r}")
         self.address = address
         self.mode = mode
         self.hwm = hwm
+        self.max_message_bytes = max_message_bytes
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context
         self._receiver = PartsReceiver()
         self.messages = 0
         self.statuses = 0
         self.status_rejected = 0
+        self.oversize = 0
         self.sockets_replaced = 0
+        self.reconnects = 0
         self.socket: zmq.Socket | None = None
+        self._connection: ConnectionWatch | None = None
         try:
-            self.socket = self._connected_socket()
+            self._open()
         except BaseException:
             self.close()
             raise
 
-    def _connected_socket(self) -> zmq.Socket:
+    def _open(self) -> None:
         socket = self._context.socket(zmq.SUB if self.mode == "sub" else zmq.PULL)
         try:
             socket.setsockopt(zmq.RCVHWM, self.hwm)
             socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_message_bytes)  # as the buffer's ingest
             if self.mode == "sub":
                 socket.setsockopt(zmq.SUBSCRIBE, b"")
-            socket.connect(self.address)
+            self._connection = ConnectionWatch(socket, self.address, f"feed {self.address}")
         except BaseException:
             socket.close(0)
             raise
-        return socket
+        self.socket = socket
+
+    def _close_socket(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        if self.socket is not None:
+            self.socket.close(0)
+            self.socket = None
 
     def receive(self, timeout: float) -> PackedParts | BufferStatus | None:
         """The next message or status within ``timeout`` seconds, else None."""
         if self.socket is None:
             raise RuntimeError("feed reader closed")
+        if self._connection is not None and self._connection.check(time.monotonic()):
+            self.reconnects += 1  # given up by libzmq after a part over MAXMSGSIZE (module docstring)
         if not self.socket.poll(max(0, int(timeout * 1000))):
             return None
         try:
@@ -139,13 +164,18 @@ class FeedReader:
         except zmq.Again:
             return None
         except MessageCutError as error:  # a new socket; the next message arrives whole on it
-            self.socket.close(0)
-            self.socket = None
-            self.socket = self._connected_socket()
+            self._close_socket()
+            self._open()
             self.sockets_replaced += 1
             logger.error("feed socket replaced (%d so far): %s", self.sockets_replaced, error)
             return None
         if parts is None:
+            return None
+        if parts.nbytes > self.max_message_bytes:
+            self.oversize += 1
+            if self.oversize <= REJECTIONS_LOGGED:
+                logger.warning("message of %d bytes from %s dropped (most %d)", parts.nbytes, self.address,
+                               self.max_message_bytes)
             return None
         if is_status_message(parts):
             try:
@@ -162,9 +192,7 @@ class FeedReader:
 
     def close(self) -> None:
         """Close the socket (and the context this reader made); idempotent."""
-        if self.socket is not None:
-            self.socket.close(0)
-            self.socket = None
+        self._close_socket()
         if self._own_context and not self._context.closed:
             self._context.term()
 

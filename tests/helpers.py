@@ -23,7 +23,6 @@ from typing import Any
 from sf_bsread_writer.buffer.service import Buffer
 from sf_bsread_writer.buffer.settings import BufferSettings
 from sf_bsread_writer.client import WriterClient
-from sf_bsread_writer.process import die_with_parent
 from sf_bsread_writer.status import RingStatus
 from sf_bsread_writer.tools.simulate import Simulator
 
@@ -124,6 +123,23 @@ def process_gone(pid: int) -> bool:
         return True
 
 
+# How a Child dies with the thread that started it, as with the package's own children (process.start_child):
+# a killed test run leaves no process behind (the CA repeater was one). Without preexec_fn, unsafe in a
+# threaded parent (tests/test_supervision.py): a launcher arms PR_SET_PDEATHSIG for itself, ends as the signal
+# would have ended it if that thread is gone already (it may end while the launcher starts), and execs the
+# command, which keeps the setting (nats-server, softIoc: commands that cannot arm it themselves).
+_DIE_WITH_PARENT = """
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG: when the starting thread ends
+except AttributeError:
+    pass  # not Linux
+if not os.path.exists(f"/proc/{sys.argv[1]}/task/{sys.argv[2]}"):
+    os.kill(os.getpid(), signal.SIGTERM)
+os.execvp(sys.argv[3], sys.argv[3:])
+"""
+
+
 class Child:
     """A subprocess whose combined output is read line by line in a thread.
 
@@ -145,9 +161,9 @@ class Child:
             full_env.update(env)
         self.args = list(args)
         self.process = subprocess.Popen(
-            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [sys.executable, "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), str(threading.get_native_id()),
+             *self.args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=full_env, cwd=cwd, text=True, bufsize=1,
-            preexec_fn=die_with_parent,  # a killed test run leaves no process behind (the CA repeater was one)
             # new_session: its own session and process group (as `setsid`), so that a test can signal the
             # whole group the way a terminal does (os.killpg(child.process.pid, SIGHUP)).
             start_new_session=new_session,
@@ -281,13 +297,43 @@ class Stream:
         self.simulator.close(linger=0)
 
 
+# The writer's CLI with an audit hook that notes every module imported once the process no longer runs as root:
+# after the privilege drop the checkout (a 0700 clone, its venv inside) and even the interpreter's own library
+# (a pyenv Python under a 0700 /root) may no longer be readable, so such an import can fail in production.
+# Said at the end: IMPORTED_AFTER_THE_DROP [...].
+_WATCH_IMPORTS = """
+import json, os, sys
+after_the_drop = []
+def note(event, args):
+    if event == "import" and os.geteuid() != 0:
+        after_the_drop.append(args[0])
+sys.addaudithook(note)
+from sf_bsread_writer.writer.cli import main
+code = main(sys.argv[1:])
+print("IMPORTED_AFTER_THE_DROP", json.dumps(after_the_drop), flush=True)
+sys.exit(code)
+"""
+
+
 def writer_process(address: str, output_file: str | os.PathLike, *options: str, user_id: str = "-1",
-                   **kwargs: Any) -> tuple[Child, WriterClient]:
-    """The writer's CLI as a child process (``--finished-grace 0.5``), and a ``WriterClient`` of its REST API."""
-    child = Child.python_module("sf_bsread_writer.writer", address, str(output_file), user_id, "0",
-                                "--finished-grace", "0.5", *options, **kwargs)
+                   watch_imports: bool = False, **kwargs: Any) -> tuple[Child, WriterClient]:
+    """The writer's CLI as a child process (``--finished-grace 0.5``), and a ``WriterClient`` of its REST API.
+
+    ``watch_imports``: the child says what it imported after dropping its privileges (``imported_after_the_drop``).
+    """
+    arguments = (address, str(output_file), user_id, "0", "--finished-grace", "0.5", *options)
+    if watch_imports:
+        child = Child([sys.executable, "-c", _WATCH_IMPORTS, *arguments], **kwargs)
+    else:
+        child = Child.python_module("sf_bsread_writer.writer", *arguments, **kwargs)
     line = child.wait_for_line("READY ", timeout=STREAM_DEADLINE)
     return child, WriterClient(json.loads(line.split("READY ", 1)[1])["rest"], timeout=STREAM_DEADLINE)
+
+
+def imported_after_the_drop(child: Child) -> list[str]:
+    """What a ``writer_process(..., watch_imports=True)`` that has ended imported after dropping its privileges."""
+    line = child.wait_for_line("IMPORTED_AFTER_THE_DROP ", timeout=STREAM_DEADLINE)
+    return json.loads(line.split("IMPORTED_AFTER_THE_DROP ", 1)[1])
 
 
 def descendants_of(pid: int) -> list[int]:

@@ -17,10 +17,10 @@ import h5py
 import pytest
 
 from sf_bsread_writer.writer.service import Writer, WriterSettings
-from tests.helpers import NATS_SERVER, NatsServer, wait_for
+from tests.helpers import NATS_SERVER, NatsServer, imported_after_the_drop, wait_for
 from tests.test_archive import DEADLINE, archived_up_to, message, source_time
 from tests.test_buffer import push_source, running_buffer
-from tests.test_writer import PARAMETERS, in_process_writer, writer_process
+from tests.test_writer import PARAMETERS, in_process_writer, shared_directory, writer_process  # noqa: F401
 
 pytestmark = pytest.mark.skipif(NATS_SERVER is None, reason="nats-server is not installed (Debian package "
                                 "nats-server; .ci/run installs it)")
@@ -151,6 +151,24 @@ def test_a_nats_writer_writes_from_the_archive_alone_with_the_buffer_stopped(nat
     assert written["attrs"]["outcome"] == "complete"
     assert json.loads(written["attrs"]["pulse_sources"]) == [
         {"origin": "archive", "first_pulse_id": 5003, "last_pulse_id": 5090, "count": 88}]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_a_nats_writer_as_another_user_imports_nothing_after_dropping_privileges(nats_server, shared_directory):
+    """The archive reader (nats-py) loads on first use: a nats:// writer run as another user (USER_ID) must have
+    it before the drop, when that user may not read the checkout (a 0700 clone, its venv inside)."""
+    with push_source() as (source, address), \
+            running_buffer(address, max_clock_skew=1e9, archive=nats_server.url, name="NOBODY_USER",
+                           buffer_length=RING) as buffer:
+        fill(source, buffer, 6000, 6029)
+    output = shared_directory / "as_nobody.h5"
+    child, client = writer_process(f"{nats_server.url}/NOBODY_USER", output, user_id="65534", watch_imports=True)
+    with child:
+        client.stop_pulse_id(6020)
+        client.start_pulse_id(6000)
+        assert child.wait(timeout=DEADLINE) == 0, child.output()
+        assert imported_after_the_drop(child) == []
+    assert rows(output)["pulse_id"] == list(range(6000, 6021)) and output.stat().st_uid == 65534
 
 
 def test_a_nats_writer_for_an_archive_that_does_not_exist_is_refused_at_start(nats_server, tmp_path):

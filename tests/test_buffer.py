@@ -624,6 +624,30 @@ def test_writers_that_never_read_cannot_grow_the_buffer():
     assert grown < 150, f"buffer RSS grew by {grown:.0f} MB"
 
 
+def test_a_source_part_over_twice_the_limit_is_refused_and_the_buffer_connects_again():
+    """libzmq refuses a part over MAXMSGSIZE at its header and drops the connection for good (a protocol error
+    is never reconnected, unlike a source that went away): without a new connection the buffer never heard
+    from its source again. The next messages arrive, and the connection made anew is counted."""
+    limit = 10_000
+    channels = [{"name": "X", "type": "int32"}]
+    with push_source() as (source, address), running_buffer(address, max_message_bytes=limit) as buffer:
+        source.setsockopt(zmq.SNDTIMEO, int(DEADLINE * 1000))
+        source.send_multipart(build_message(1, channels, [1]))
+        wait_for(lambda: buffer.statistics().received == 1, DEADLINE, message="pulse 1")
+        source.send_multipart(build_message(2, channels, [2])[:1] + [b"\0" * (3 * limit)])
+        pulse_id = iter(range(3, 10**6))
+
+        def sent_and_received():  # what was queued for the dropped connection went with it
+            try:
+                source.send_multipart(build_message(next(pulse_id), channels, [0]), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # not connected again yet
+            return buffer.statistics().received >= 2
+
+        wait_for(sent_and_received, DEADLINE, interval=0.05, message="a message after the refused part")
+        assert buffer.ingest_reconnects == 1
+
+
 def test_a_source_announcing_a_huge_part_is_disconnected_before_it_costs_memory():
     """A raw ZMTP peer announces a 2 GiB part and streams: libzmq drops it at the header (ZMQ_MAXMSGSIZE).
 

@@ -300,6 +300,32 @@ def test_an_empty_waveform_or_an_unusable_value_is_absent_and_never_ends_the_bri
     assert third.data_header.channels[0].type == "int32" and third.value(0).tolist() == [7, 8]
 
 
+def test_a_value_from_before_a_disconnect_is_never_sent_after_the_reconnect():
+    """pyepics calls the connection callback before the (re)subscribed monitor delivers the IOC's first value:
+    in between, the PV is connected and its last value is the one from before the disconnect (an IOC reboot:
+    a waveform of the old IOC where the new one has NORD 0). That value is absent until the IOC sends one."""
+    from sf_bsread_writer.bsread.message import MessageParser
+    from sf_bsread_writer.ca.bridge import Bridge, Update
+
+    bridge = Bridge(["B:WF"], port=0)
+    wave = bridge.states["B:WF"]
+    assert wave.connection_changed(True)
+    wave.updated(Update(6, np.array([1.0, 2.0, 3.0]), 100, 0))
+    parser = MessageParser()
+    assert parser.parse(bridge.build(1, 100.0)).value(0).tolist() == [1.0, 2.0, 3.0]
+
+    wave.connection_changed(False)
+    assert wave.connection_changed(True)  # reconnected; the new IOC's first value not delivered yet
+    between = parser.parse(bridge.build(2, 101.0))
+    assert not between.is_present(0) and between.value(1).tolist() == [3]  # absent, INVALID
+    assert between.data_header.channels[0].shape == (3,) and between.data_header.channels[0].type == "float64"
+
+    wave.updated(Update(6, np.zeros(0), 102, 0, severity=3))  # the rebooted IOC's empty waveform
+    assert not parser.parse(bridge.build(3, 102.0)).is_present(0)
+    wave.updated(Update(6, np.array([4.0, 5.0, 6.0]), 103, 0))
+    assert parser.parse(bridge.build(4, 103.0)).value(0).tolist() == [4.0, 5.0, 6.0]
+
+
 def test_pv_metadata_goes_into_the_data_header():
     """Units, precision, enum strings and DESC (from DBR_CTRL and .DESC) become data-header fields."""
     from sf_bsread_writer.bsread.message import MessageParser

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import requests
 import zmq
 
 from sf_bsread_writer.bsread.build import build_message
 from sf_bsread_writer.bsread.message import MessageParser
+from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
 from sf_bsread_writer.buffer.service import Buffer
 from sf_bsread_writer.buffer.settings import BufferSettings
 from sf_bsread_writer.feed import (
@@ -81,6 +83,90 @@ def test_a_status_message_that_is_no_status_is_counted_and_dropped(publisher, bo
                          message="the next message")
         assert [bytes(part) for part in parts] == frames
         assert reader.statuses == 0
+
+
+def test_an_oversized_message_is_counted_and_dropped_and_the_reader_goes_on():
+    """Every network-facing socket has a bound, the feed's too, from the same limit as the buffer's ingest
+    (``max_message_bytes``): a message larger than it is counted (``oversize``) and dropped; a part larger than
+    twice the limit is refused by ZeroMQ at its header before any of it is buffered (libzmq drops the connection
+    for good) and the reader connects anew. Either way the next message is read as usual. (PUSH -> PULL: each
+    send reaches the reader.)"""
+    limit = 4096
+    context = zmq.Context()
+    pusher = context.socket(zmq.PUSH)
+    pusher.setsockopt(zmq.LINGER, 0)
+    pusher.setsockopt(zmq.SNDTIMEO, int(STREAM_DEADLINE * 1000))
+    address = f"tcp://127.0.0.1:{pusher.bind_to_random_port('tcp://127.0.0.1')}"
+    image = [{"name": "IMG", "type": "uint8", "shape": [6000]}]
+    try:
+        with FeedReader(address, "pull") as default:  # the web service's and the gateway's: the buffer's default
+            assert default.socket.getsockopt(zmq.MAXMSGSIZE) == 2 * DEFAULT_MAX_MESSAGE_BYTES
+        with FeedReader(address, "pull", max_message_bytes=limit) as reader:
+            def next_item():
+                return wait_for(lambda: reader.receive(0.05) or None, STREAM_DEADLINE, message="a message")
+
+            big = build_message(9, image, [np.zeros(6000, np.uint8)])  # between the limit and twice it
+            assert limit < sum(len(part) for part in big) and all(len(part) < 2 * limit for part in big)
+            pusher.send_multipart(big)
+            pusher.send_multipart(build_message(10, CHANNELS, [10]))
+            assert MessageParser().parse(next_item()).pulse_id == 10
+            assert reader.oversize == 1 and reader.messages == 1
+
+            pusher.send_multipart(build_message(11, CHANNELS, [11])[:1] + [b"\0" * (3 * limit)])
+
+            def sent_again_and_received():  # what was queued for the dropped connection went with it
+                try:
+                    pusher.send_multipart(build_message(12, CHANNELS, [12]), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # not connected again yet
+                return reader.receive(0.05) or None
+
+            after = wait_for(sent_again_and_received, STREAM_DEADLINE, message="a message after the refused part")
+            assert MessageParser().parse(after).pulse_id == 12
+            assert reader.oversize == 1  # 11 never reached the reader: ZeroMQ refused it
+            assert reader.reconnects == 1  # libzmq does not connect again after a refused part: the reader does
+    finally:
+        pusher.close(0)
+        context.term()
+
+
+def test_a_feed_bound_anew_is_reconnected_by_zeromq_and_never_connected_twice():
+    """The buffer binds a feed again (after a cut message) or restarts: libzmq connects again by itself, and the
+    reader's watch (transport.connection) must not add a second connection: a SUB with two connections to one
+    PUB gets every message twice. Watched for twice the time after which the watch would connect anew."""
+    import time
+
+    from sf_bsread_writer.transport.connection import GIVEN_UP_SECONDS
+    from sf_bsread_writer.transport.partsio import bind_again
+
+    context = zmq.Context()
+    publisher = context.socket(zmq.PUB)
+    publisher.setsockopt(zmq.LINGER, 0)
+    port = publisher.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with FeedReader(f"tcp://127.0.0.1:{port}") as reader:
+            _first(reader, lambda: publisher.send_multipart(build_message(1, CHANNELS, [1])), object, "a message")
+            publisher.close(0)
+            publisher = context.socket(zmq.PUB)
+            publisher.setsockopt(zmq.LINGER, 0)
+            bind_again(publisher, f"tcp://127.0.0.1:{port}")  # as the buffer does (the old listener closes late)
+            _first(reader, lambda: publisher.send_multipart(build_message(2, CHANNELS, [2])), object,
+                   "a message from the feed bound anew")
+            pulse_ids = []
+            watched_until = time.monotonic() + 2 * GIVEN_UP_SECONDS
+            for pulse_id in range(3, 10**6):
+                if time.monotonic() > watched_until:
+                    break
+                publisher.send_multipart(build_message(pulse_id, CHANNELS, [pulse_id]))
+                item = reader.receive(0.02)
+                while item is not None:
+                    pulse_ids.append(MessageParser().parse(item).pulse_id)
+                    item = reader.receive(0)
+            assert pulse_ids and len(pulse_ids) == len(set(pulse_ids)), pulse_ids  # each message once
+            assert reader.reconnects == 0
+    finally:
+        publisher.close(0)
+        context.term()
 
 
 def test_a_bsread_parser_ignores_the_status_message_as_a_control_message():

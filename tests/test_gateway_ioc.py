@@ -257,6 +257,40 @@ def test_the_ingest_keeps_each_sparse_channel_once_and_stays_bounded():
     assert ingest.take_messages(0) == []
 
 
+def test_a_feed_whose_every_status_is_unreadable_shows_invalid_status_pvs_never_the_gateways_own_view():
+    """The buffer's --ca feed carries its status. When none of it can be read (a buffer of another version, say),
+    a status is still expected: the status PVs go INVALID/COMM as when it stops coming, never the gateway's own
+    view of the stream with NO_ALARM as if all were well (policy.status_values)."""
+    import zmq
+
+    from sf_bsread_writer.bsread.build import build_message
+    from sf_bsread_writer.ca.feed import Ingest
+    from sf_bsread_writer.ca.policy import StatusValue, status_values
+    from sf_bsread_writer.feed import STATUS_HEAD
+
+    context = zmq.Context()
+    publisher = context.socket(zmq.PUB)
+    publisher.setsockopt(zmq.LINGER, 0)
+    address = f"tcp://127.0.0.1:{publisher.bind_to_random_port('tcp://127.0.0.1')}"
+    ingest = Ingest(address, "sub", lambda: None)
+    ingest.start()
+    try:
+        def sent_and_read():  # a SUB joins late; in order on its connection: a status, then data
+            publisher.send_multipart([STATUS_HEAD, b"a status of another version"])
+            publisher.send_multipart(build_message(7, [{"name": "A", "type": "float64"}], [1.0]))
+            return ingest.received >= 5
+        wait_for(sent_and_read, timeout=30, interval=0.02, message="data and statuses read")
+        assert ingest.latest is None  # not one status was readable
+        shown = status_values(None, None, ingest.expected, {"PULSE_ID": 7, "RATE": 50.0, "IDLE_S": 0.0})
+        own_view = ("PULSE_ID", "RATE", "IDLE_S")
+        assert {suffix: shown[suffix] for suffix in own_view} == {suffix: StatusValue(None, "COMM") for suffix in own_view}
+    finally:
+        ingest.stop()
+        ingest.join(timeout=10)
+        publisher.close(0)
+        context.term()
+
+
 def test_metadata_and_severity_of_a_bridged_ioc_pv_are_served_as_its_record_fields(env):
     """What the CA bridge carries from an IOC (units, precision, DESC, enum states in the data header;
     severity in the ``.SEVR`` companion) comes back out of the gateway as EGU/PREC/DESC, an mbbi's
@@ -526,11 +560,13 @@ def test_gateway_statistics_pvs_count_clients_channels_and_updates(env, served):
     monitor = Tool("camonitor", [PREFIX + "F64", PREFIX + "I32"], env)
     try:
         wait_for(lambda: len(monitor.lines) >= 2, timeout=20, interval=0.1, message="the monitor connected")
-        names = [f"{NAME}:{s}" for s in ("CA_CLIENTS", "CA_CHANNELS", "PV_UPDATES_S", "APPLIED_S", "SKIPPED")]
+        names = [f"{NAME}:{s}" for s in ("CA_CLIENTS", "CA_CHANNELS", "PV_UPDATES_S", "APPLIED_S", "SKIPPED",
+                                         "FEED_REPLACED", "FEED_OVERSIZE", "FEED_RECONNECTS")]
         stats = wait_for(lambda: (lambda v: v if float(v[names[0]]) >= 1 and float(v[names[1]]) >= 2 else None)(
             _caget(env, *names)), timeout=10, interval=0.3, message="the monitor counted")
         assert float(stats[f"{NAME}:PV_UPDATES_S"]) > 0 and float(stats[f"{NAME}:APPLIED_S"]) > 0
         assert float(stats[f"{NAME}:SKIPPED"]) >= 0
+        assert [float(stats[f"{NAME}:{s}"]) for s in ("FEED_REPLACED", "FEED_OVERSIZE", "FEED_RECONNECTS")] == [0] * 3
     finally:
         monitor.stop()
 

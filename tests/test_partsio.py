@@ -737,3 +737,36 @@ def test_the_buffer_replaces_a_cut_ingest_socket_and_stores_the_next_message_who
     finally:
         source.close(linger=0)
         context.term()
+
+
+def test_the_direct_source_connects_again_after_zeromq_refused_a_part_over_its_bound():
+    """A part over MAXMSGSIZE (twice --max-message-bytes) is refused at its header and libzmq gives the
+    connection up for good (transport.connection): a --direct writer never heard from its stream again."""
+    from sf_bsread_writer.writer.direct import DirectSource
+
+    limit = 4096
+    context = zmq.Context()
+    sender = context.socket(zmq.PUSH)
+    sender.setsockopt(zmq.LINGER, 0)
+    sender.setsockopt(zmq.SNDTIMEO, 20_000)
+    port = sender.bind_to_random_port("tcp://127.0.0.1")
+    source = DirectSource(f"tcp://127.0.0.1:{port}", max_message_bytes=limit).start()
+    try:
+        sender.send_multipart([b"first", b"h", b"v"])
+        assert [bytes(part) for part in wait_for(lambda: source.receive(0.05), 20, message="a message").frames] == [
+            b"first", b"h", b"v"]
+        sender.send_multipart([b"refused", b"h", b"\0" * (3 * limit)])
+
+        def sent_and_received():  # what was queued for the dropped connection went with it
+            try:
+                sender.send_multipart([b"next", b"h", b"v"], zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # not connected again yet
+            return source.receive(0.05)
+
+        got = wait_for(sent_and_received, 20, message="a message after the refused part")
+        assert [bytes(part) for part in got.frames] == [b"next", b"h", b"v"] and source.reconnects == 1
+    finally:
+        sender.close(linger=0)
+        source.close()
+        context.term()

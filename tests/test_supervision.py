@@ -95,14 +95,32 @@ def test_start_child_runs_the_child_in_its_own_session_and_tells_it_its_parent(t
     assert out.split() == [str(lone.pid), "None"]
 
 
-def test_no_preexec_fn_in_the_package():
-    """Python documents preexec_fn as unsafe in a threaded parent; the package starts children by start_child."""
+def test_no_preexec_fn_in_the_package_or_its_tests():
+    """Python documents preexec_fn as unsafe in a threaded parent; the package starts children by start_child,
+    the tests by helpers.Child (test processes have threads too: every Child's reader, in-process buffers)."""
     offenders = []
-    for path in sorted((ROOT / "sf_bsread_writer").rglob("*.py")):
+    for path in sorted([*(ROOT / "sf_bsread_writer").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Call) and any(k.arg == "preexec_fn" for k in node.keywords):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []
+
+
+def test_a_child_of_a_test_dies_with_the_thread_that_started_it():
+    """helpers.Child: a killed test run leaves no process behind (the CA repeater was one), whatever the command
+    (nats-server and softIoc cannot arm it themselves as the package's commands do)."""
+    import threading
+
+    started = []
+    waits = "import threading; threading.Event().wait()"
+    starter = threading.Thread(target=lambda: started.append(Child([sys.executable, "-c", waits])))
+    starter.start()
+    starter.join(DEADLINE)
+    child = started[0]
+    try:
+        assert child.process.wait(timeout=DEADLINE) == -signal.SIGTERM
+    finally:
+        child.stop()
 
 
 def test_every_child_of_the_package_is_started_by_start_child():

@@ -69,8 +69,10 @@ def stack():
         url = endpoints["web"]  # --web-port 0: the buffer chose the port and says which
         wait_for(lambda: _web_up(url) and _json(url + "/api/v1/channels")[1].get("status") == "ok", timeout=60,
                  interval=0.2, message="the web service's first live values")
-        wait_for(lambda: _json(url + "/api/v1/status")[1]["look_back"]["messages"] >= 100, timeout=30,
-                 interval=0.2, message="100 messages in the buffer")
+        # The first data can come before the first status (the feed keeps 4 messages: a status may be dropped),
+        # and until one has come /api/v1/status answers {"state": "error"}: wait for the count, not for the key.
+        wait_for(lambda: _json(url + "/api/v1/status")[1].get("look_back", {}).get("messages", 0) >= 100,
+                 timeout=30, interval=0.2, message="100 messages in the buffer")
         yield url, endpoints
     finally:
         if buffer is not None:

@@ -28,7 +28,7 @@ from sf_bsread_writer.tools.simulate import channel_metadata, expected_values
 from sf_bsread_writer.writer.cli import drop_privileges, main
 from sf_bsread_writer.writer.rest import make_app
 from sf_bsread_writer.writer.service import Writer, WriterSettings
-from tests.helpers import Child, FakeClock, Stream, free_port, wait_for, writer_process
+from tests.helpers import Child, FakeClock, Stream, free_port, imported_after_the_drop, wait_for, writer_process
 
 PROFILE = "mixed"
 COMPRESSION = "bitshuffle_lz4"
@@ -294,12 +294,14 @@ def shared_directory():
 def test_user_id_drops_privileges_and_says_when_it_cannot(stream, shared_directory):
     shared = shared_directory
     nobody = 65534
-    child, client = writer_process(stream.replay, shared / "as_nobody.h5", user_id=str(nobody))
+    child, client = writer_process(stream.replay, shared / "as_nobody.h5", user_id=str(nobody), watch_imports=True)
     with child:
         start = stream.ring().oldest_pulse_id
         client.start_pulse_id(start)
         client.stop_pulse_id(start + 9)
         assert child.wait(timeout=DEADLINE) == 0
+        # Another user may not read the checkout (a 0700 clone): everything a run may need came before the drop.
+        assert imported_after_the_drop(child) == []
     assert (shared / "as_nobody.h5").stat().st_uid == nobody
     assert written_pulse_ids(shared / "as_nobody.h5") == list(range(start, start + 10))
 

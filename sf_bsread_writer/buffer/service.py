@@ -45,6 +45,7 @@ from sf_bsread_writer.replay.endpoint import ReplayEndpoint
 from sf_bsread_writer.ring import Ring
 from sf_bsread_writer.status import BufferStatus, Endpoints
 from sf_bsread_writer.transport import partsio
+from sf_bsread_writer.transport.connection import ConnectionWatch
 from sf_bsread_writer.transport.partsio import (
     MessageCutError,
     PartsReceiver,
@@ -116,6 +117,8 @@ class Buffer:
         self._registry_entry = None
         self._sockets: list[zmq.Socket] = []  # the loop thread's, closed at the end
         self.sockets_replaced: dict[str, int] = {}  # by socket, after a message cut in half (loop thread only)
+        self._ingest_connection: ConnectionWatch | None = None
+        self.ingest_reconnects = 0  # connections to the source made anew after ZeroMQ gave one up (loop thread)
         self._forwarded = 0  # the live output's counters (loop thread only; published through snapshots)
         self._output_drops = 0
         self._snapshots = Snapshots(settings, clock())
@@ -189,6 +192,8 @@ class Buffer:
                 http.stop()
             if self._replay is not None:
                 self._replay.close()
+            if self._ingest_connection is not None:
+                self._ingest_connection.close()
             for sock in sockets:
                 sock.close(linger=0)
             context.term()
@@ -204,11 +209,12 @@ class Buffer:
         ingest.setsockopt(zmq.LINGER, 0)
         # A part far larger than a message may be (twice the limit) disconnects the source at
         # its header, before libzmq buffers any of it; anything up to that arrives whole and
-        # is counted as oversize by the parser.
+        # is counted as oversize by the parser. libzmq never connects again after that refusal:
+        # the watch does (transport.connection), checked with each snapshot.
         ingest.setsockopt(zmq.MAXMSGSIZE, 2 * settings.max_message_bytes)
         if settings.source_mode == "sub":
             ingest.setsockopt(zmq.SUBSCRIBE, b"")
-        ingest.connect(settings.stream)
+        self._ingest_connection = ConnectionWatch(ingest, settings.stream, "buffer ingest")
         return ingest
 
     def _open_output(self, context: zmq.Context, address: str, again: bool = False) -> zmq.Socket:
@@ -231,6 +237,8 @@ class Buffer:
         replaced = []
         if is_cut(ingest):
             poller.unregister(ingest)
+            if self._ingest_connection is not None:
+                self._ingest_connection.close()
             ingest.close(linger=0)
             ingest = self._open_ingest(context)
             poller.register(ingest, zmq.POLLIN)
@@ -309,6 +317,8 @@ class Buffer:
                 replay.expire(now)
                 self._publish_snapshot(now, feeds=True)
                 self.ingest.check_idle(now)
+                if self._ingest_connection is not None and self._ingest_connection.check(now):
+                    self.ingest_reconnects += 1
                 self._snapshots.status_line(now)
                 next_snapshot = now + self.settings.snapshot_interval
             if watchdog is not None and now >= next_watchdog:

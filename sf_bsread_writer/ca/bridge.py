@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,36 @@ class PVState:
     unusable: int = 0  # values that could not be sent (empty array, wrong type): sent as absent
     last_count: int = 1  # element count of the last non-empty array: the header keeps it for an empty one
 
+    def connection_changed(self, connected: bool) -> bool:
+        """A CA connection callback; True when the PV (re)connected (its metadata is to be read again).
+
+        A disconnect forgets the value (its type and length stay, so the data
+        header does not change): pyepics reports the reconnection before the
+        IOC's first value arrives, and in between the value from before the
+        disconnect (an IOC reboot: the old IOC's waveform) would be sent as
+        the PV's current one.
+        """
+        if connected:
+            logger.info("PV %s connected", self.name)
+        else:
+            if self.connected:
+                self.disconnects += 1
+                logger.warning("PV %s disconnected; sending it as absent until it is back", self.name)
+            latest = self.latest
+            if latest is not None and latest.value is not None:
+                if latest.ca_type is not None and np.size(latest.value) > 0:
+                    self.last_count = int(np.size(latest.value))
+                self.latest = replace(latest, value=None, severity=INVALID_SEVERITY)
+        self.connected = connected
+        return connected
+
+    def updated(self, update: Update) -> None:
+        """A CA monitor update (replaces the whole previous one)."""
+        self.latest = update
+        self.updates += 1
+        if not self.connected:  # a value means connected, whatever order callbacks come in
+            self.connected = True
+
     def spec(self, latest: Update | None) -> dict[str, Any]:
         """The data-header entry of this PV's channel (float64 [1] until its type is known)."""
         if latest is None or latest.ca_type is None:
@@ -219,14 +249,8 @@ class Bridge:
             state = self._state_of(pvname)
             if state is None:
                 return
-            if conn:
-                logger.info("PV %s connected", pvname)
-                if state is not self._pulse_state:
-                    self._metadata_wanted.put(pv_by_name.get(pvname))  # never a CA call in a callback
-            elif state.connected:
-                state.disconnects += 1
-                logger.warning("PV %s disconnected; sending it as absent until it is back", pvname)
-            state.connected = bool(conn)
+            if state.connection_changed(bool(conn)) and state is not self._pulse_state:
+                self._metadata_wanted.put(pv_by_name.get(pvname))  # never a CA call in a callback
 
         def on_value(pvname: str | None = None, value: Any = None, ftype: int | None = None,
                      posixseconds: int = 0, nanoseconds: int = 0, severity: int | None = 0, **_: Any) -> None:
@@ -236,11 +260,8 @@ class Bridge:
             native = epics.dbr.native_type(ftype) if ftype is not None else None
             if isinstance(value, np.ndarray):
                 value = value.copy()  # libca reuses its buffer
-            state.latest = Update(native, value, int(posixseconds), int(nanoseconds),
-                                  int(severity) if severity is not None else INVALID_SEVERITY)
-            state.updates += 1
-            if not state.connected:  # a value means connected, whatever order callbacks come in
-                state.connected = True
+            state.updated(Update(native, value, int(posixseconds), int(nanoseconds),
+                                 int(severity) if severity is not None else INVALID_SEVERITY))
 
         names = self.pv_names + ([self.pulse_id_pv] if self.pulse_id_pv else [])
         for name in names:

@@ -74,12 +74,18 @@ class Ingest(threading.Thread):
         # The buffer's status as it comes on the feed (its own --ca feed carries it; a live output does not).
         self.latest: BufferStatus | None = None
         self.latest_monotonic: float | None = None
+        # The feed reader's counters (feed.FeedReader), for the gateway statistics PVs.
+        self.status_rejected = 0
         self.sockets_replaced = 0
+        self.oversize = 0
+        self.reconnects = 0
 
     @property
     def expected(self) -> bool:
-        """A status is to be had from this feed: one has come (a plain live output never sends one)."""
-        return self.latest is not None
+        """A status is to be had from this feed: one has come, readable or not (a plain live output never sends
+        one). A feed whose every status is unreadable still carries one: its absence is a fault (INVALID/COMM),
+        never a reason to show the gateway's own view of the stream in the buffer's place."""
+        return self.latest is not None or self.status_rejected > 0
 
     def take(self) -> list[Any] | None:
         with self._lock:
@@ -172,7 +178,8 @@ class Ingest(threading.Thread):
                         received = True
                         notify = self.arrive(item, now) or notify
                     item = reader.receive(0)
-                self.sockets_replaced = reader.sockets_replaced
+                self.status_rejected, self.sockets_replaced = reader.status_rejected, reader.sockets_replaced
+                self.oversize, self.reconnects = reader.oversize, reader.reconnects
                 if not received:
                     continue
                 self.last_receive_monotonic = time.monotonic()

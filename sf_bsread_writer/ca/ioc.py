@@ -1015,7 +1015,9 @@ class _ApplyLoop:
         self.own_rates.add(now, self.applied, self.record_sets)
         rates = self.own_rates.rates() or (0.0, 0.0)
         values = {"CA_CLIENTS": clients, "CA_CHANNELS": channels, "APPLIED_S": rates[0],
-                  "PV_UPDATES_S": rates[1], "SKIPPED": float(max(0, self.ingest.received - self.applied))}
+                  "PV_UPDATES_S": rates[1], "SKIPPED": float(max(0, self.ingest.received - self.applied)),
+                  "FEED_REPLACED": float(self.ingest.sockets_replaced), "FEED_OVERSIZE": float(self.ingest.oversize),
+                  "FEED_RECONNECTS": float(self.ingest.reconnects)}
         for suffix, record in self.records.stats.items():
             value = values.get(suffix)
             if value is not None:

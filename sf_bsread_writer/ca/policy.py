@@ -79,6 +79,9 @@ GATEWAY_STATS_PVS: tuple[tuple[str, str, str], ...] = (
     ("PV_UPDATES_S", "DOUBLE", "record updates per second"),
     ("APPLIED_S", "DOUBLE", "stream messages applied per second"),
     ("SKIPPED", "DOUBLE", "messages received but never applied"),
+    ("FEED_REPLACED", "DOUBLE", "feed sockets replaced (a message cut)"),
+    ("FEED_OVERSIZE", "DOUBLE", "feed messages over the size limit"),
+    ("FEED_RECONNECTS", "DOUBLE", "feed connections made anew"),
 )
 #: The status PVs the gateway fills from the stream when it has no buffer status URL.
 OWN_STATUS = ("PULSE_ID", "RATE", "IDLE_S")

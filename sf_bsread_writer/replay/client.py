@@ -11,6 +11,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -175,12 +176,10 @@ class ReplayClient:
                 if self._cut is not None or not socket.poll(int(min(remaining, 0.05) * 1000) + 1):
                     socket = self._replace_if_cut(socket)
                     continue
-                try:
-                    kind, rest = self._receiver.receive(socket, 0, 1)
-                except MessageCutError as error:
-                    self._cut = error
-                    socket = self._replace_if_cut(socket)
+                socket, parts = self._receive(socket)
+                if parts is None:
                     continue
+                kind, rest = parts
                 event = self.state.received_parts(kind[0] if kind else None, rest, self._clock())
                 if isinstance(event, Refused):
                     raise ReplayHandshakeError(f"the buffer at {self.address} refused the request: "
@@ -208,6 +207,19 @@ class ReplayClient:
             self._socket.disable_monitor()
             self._monitor.close(linger=0)
         self._monitor = None
+
+    def _receive(self, socket: zmq.Socket) -> tuple[zmq.Socket, tuple[list[bytes], Any] | None]:
+        """One message from ``socket`` (which has one waiting): (socket, (the kind frame, the rest packed)).
+
+        A message cut in half leaves the socket in the middle of the next one:
+        then (the socket that replaced it, None), the rest of the range
+        requested again on the new one (:meth:`_replace_if_cut`).
+        """
+        try:
+            return socket, self._receiver.receive(socket, 0, 1)
+        except MessageCutError as error:
+            self._cut = error
+            return self._replace_if_cut(socket), None
 
     def _replace_if_cut(self, socket: zmq.Socket) -> zmq.Socket:
         """After a message cut in half on ``socket``: a new socket, the rest of the range requested on it."""
@@ -302,12 +314,10 @@ class ReplayClient:
                 if now >= deadline:
                     return None
                 continue
-            try:
-                kind, rest = self._receiver.receive(socket, 0, 1)
-            except MessageCutError as error:
-                self._cut = error
-                socket = self._replace_if_cut(socket)
+            socket, parts = self._receive(socket)
+            if parts is None:
                 continue
+            kind, rest = parts
             received_at = clock()
             event = state.received_parts(kind[0] if kind else None, rest, received_at)
             if event is None:

@@ -70,6 +70,8 @@ class WebCounters:
     feed_rejected: int = 0
     feed_overrun: int = 0  # parsed messages dropped because the loop was behind
     feed_sockets_replaced: int = 0  # the feed socket left mid-message (transport.partsio.MessageCutError)
+    feed_oversize: int = 0  # feed messages over max_message_bytes, dropped by the reader (feed.FeedReader)
+    feed_reconnects: int = 0  # feed connections given up by libzmq (a part over MAXMSGSIZE), made anew
     values_sent: int = 0
     values_dropped: int = 0
     clients_total: int = 0
@@ -132,6 +134,8 @@ class WebService:
             while not self._stop.is_set():
                 item = reader.receive(0.2)
                 self.counters.feed_sockets_replaced = reader.sockets_replaced
+                self.counters.feed_oversize = reader.oversize
+                self.counters.feed_reconnects = reader.reconnects
                 if item is None:
                     continue
                 if isinstance(item, BufferStatus):
@@ -236,6 +240,10 @@ class WebService:
               counters.feed_overrun)
         m.one("feed_sockets_replaced_total", "counter", "Feed sockets replaced after a message cut in half.",
               counters.feed_sockets_replaced)
+        m.one("feed_oversize_messages_total", "counter", "Feed messages over the size limit, dropped.",
+              counters.feed_oversize)
+        m.one("feed_reconnects_total", "counter", "Feed connections given up by ZeroMQ and made anew.",
+              counters.feed_reconnects)
         m.one("unauthorized_requests_total", "counter", "Requests refused for a missing or wrong token.",
               counters.unauthorized)
         m.one("origin_refused_total", "counter", "Websockets refused for a page origin not allowed.",

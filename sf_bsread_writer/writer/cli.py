@@ -16,6 +16,7 @@ when the terminal is gone (``process.survive_hangup``).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import pwd
@@ -36,7 +37,7 @@ from sf_bsread_writer.writer.outputs import DEV_NULL, resolve_output_file
 from sf_bsread_writer.writer.rest import make_app
 from sf_bsread_writer.writer.service import Writer, WriterSettings
 
-__all__ = ["main", "serve", "drop_privileges"]
+__all__ = ["main", "serve", "drop_privileges", "import_what_a_run_may_need"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,22 @@ logger = logging.getLogger(__name__)
 SIGNAL_LATENCY = 0.1
 # How long the answers of /stop and /kill (and of status polls) may take to reach their clients.
 ANSWER_FLUSH_SECONDS = 2.0
+
+
+#: What a run imports on first use, not at the writer's start: bitshuffle (a value it must decode), the archive
+#: reader with nats-py (a ``nats://`` source, or a range that reaches back past the ring into the archive).
+#: A writer that drops its privileges imports them before: as another user, the checkout (a 0700 clone, its venv
+#: inside) or the interpreter's own library (a Python under a 0700 home) may no longer be readable.
+IMPORTED_ON_FIRST_USE = ("bitshuffle", "sf_bsread_writer.archive.reader")
+
+
+def import_what_a_run_may_need() -> None:
+    """Import :data:`IMPORTED_ON_FIRST_USE` now (one that is not installed is left to fail where it is needed)."""
+    for name in IMPORTED_ON_FIRST_USE:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            logger.info("%s not imported before dropping privileges: %s", name, error)
 
 
 def drop_privileges(user_id: int) -> None:
@@ -145,9 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.CONFIGURATION
     try:
         if args.user_id != -1:
-            # What the writer imports on first use (bitshuffle, for values it must decode) is imported now:
-            # once another user, the package's own folder may no longer be readable.
-            import bitshuffle  # noqa: F401
+            import_what_a_run_may_need()
         drop_privileges(args.user_id)
         if settings.output_root is not None and not os.path.isdir(settings.output_root):
             raise ValueError(f"--output-root {settings.output_root} is not a directory")
