@@ -106,7 +106,8 @@ def test_values_arrive_with_their_bsread_timestamps(env, served):
         values = []
         pv = epics.get_pv({PREFIX + 'F64'!r}, form='time', timeout=20)
         pv.wait_for_connection(timeout=20)
-        pv.add_callback(lambda value=None, timestamp=None, **kw: values.append((value, timestamp)))
+        pv.add_callback(lambda value=None, timestamp=None, severity=None, **kw:
+                        values.append((value, timestamp, severity)))
         image = epics.caget({PREFIX + 'IMAGE'!r}, timeout=20)
         text = epics.caget({PREFIX + 'LONGTEXT'!r}, as_string=True, timeout=20)
         deadline = time.monotonic() + 30
@@ -115,10 +116,13 @@ def test_values_arrive_with_their_bsread_timestamps(env, served):
         result = {{"values": values, "image": list(map(int, image)), "text": text}}
     """, env)
     assert len(result["values"]) >= 5
-    for value, stamp in result["values"]:
+    for value, stamp, _severity in result["values"]:
         assert value == pytest.approx(0.1 * round(stamp - T0))  # value and timestamp from the same pulse
-    stamps = [stamp for _, stamp in result["values"]]
-    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)  # each update once, in order
+    # Each value once, in order. A value posted again with an alarm is another update of the same sample:
+    # on a loaded machine the feed can be three intervals late and the channel is flagged overdue with
+    # its last value (policy: INVALID/TIMEOUT), then valid again with the next one.
+    stamps = [stamp for _, stamp, severity in result["values"] if severity == 0]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps), result["values"]
     assert len(result["image"]) == 12 and min(result["image"]) >= 65000  # uint16 unsigned, via LONG
     assert result["text"].startswith("L" * 60)  # a long string, whole
 
