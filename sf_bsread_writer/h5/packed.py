@@ -187,9 +187,11 @@ class PackedRows:
     def __init__(self) -> None:
         self.first_row = 0
         self.count = 0
-        self._values = bytearray()
-        self._stamps = bytearray()
-        self._present = bytearray()
+        # One entry per row (bytes or a contiguous array), joined once at the scatter: a growing
+        # bytearray would copy the whole block again each time it is reallocated.
+        self._values: list[Any] = []
+        self._stamps: list[Any] = []
+        self._present: list[bytes] = []
 
     def add(self, plan: HeaderPlan, frames: Any, row: int,
             column_for: Callable[[ChannelSpec], Column | None]) -> tuple[int, int] | None:
@@ -224,9 +226,9 @@ class PackedRows:
             self.scatter(plan, column_for)
         if not self.count:
             self.first_row = row
-        self._values += b"".join(values)
-        self._stamps += b"".join(stamps)
-        self._present += present
+        self._values.append(b"".join(values))
+        self._stamps.append(b"".join(stamps))
+        self._present.append(bytes(present))
         self.count += 1
         return accepted, absent
 
@@ -250,10 +252,9 @@ class PackedRows:
             source = np.frombuffer(message.small + gather.pad if gather.pad else message.small, dtype=np.uint8)
             values = source.take(gather.value_index)
             stamps = source.take(gather.stamp_index)
-        # memoryview of a contiguous copy, not `+= array`: numpy would add
-        self._values += memoryview(np.ascontiguousarray(values))
-        self._stamps += memoryview(np.ascontiguousarray(stamps))
-        self._present += gather.present
+        self._values.append(np.ascontiguousarray(values))
+        self._stamps.append(np.ascontiguousarray(stamps))
+        self._present.append(gather.present)
         self.count += 1
         return gather.accepted, gather.absent
 
@@ -262,9 +263,7 @@ class PackedRows:
         if not self.count or self.first_row + self.count <= row:
             return
         keep = max(0, row - self.first_row)
-        for name in ("_values", "_stamps", "_present"):
-            data = getattr(self, name)
-            del data[keep * (len(data) // self.count):]
+        del self._values[keep:], self._stamps[keep:], self._present[keep:]
         self.count = keep
 
     def scatter(self, plan: HeaderPlan | None, column_for: Callable[[ChannelSpec], Column | None]) -> None:
@@ -275,9 +274,9 @@ class PackedRows:
             return
         assert plan is not None
         packed = plan.packed
-        values = np.frombuffer(self._values, dtype="u1").reshape(count, plan.row_nbytes)
-        stamps = np.frombuffer(self._stamps, dtype="u1").reshape(count, TIMESTAMP_BYTES * len(packed))
-        present = np.frombuffer(self._present, dtype="u1").reshape(count, len(packed))
+        values = np.frombuffer(b"".join(self._values), dtype="u1").reshape(count, plan.row_nbytes)
+        stamps = np.frombuffer(b"".join(self._stamps), dtype="u1").reshape(count, TIMESTAMP_BYTES * len(packed))
+        present = np.frombuffer(b"".join(self._present), dtype="u1").reshape(count, len(packed))
         all_present = bool(present.all())
         offsets = plan.offsets
         channels = plan.header.channels
@@ -294,6 +293,6 @@ class PackedRows:
                                 stamps[:, TIMESTAMP_BYTES * j:TIMESTAMP_BYTES * (j + 1)],
                                 np.ascontiguousarray(column_present))
         self.count = 0
-        self._values = bytearray()
-        self._stamps = bytearray()
-        self._present = bytearray()
+        self._values = []
+        self._stamps = []
+        self._present = []
