@@ -187,11 +187,9 @@ class PackedRows:
     def __init__(self) -> None:
         self.first_row = 0
         self.count = 0
-        # One entry per row (bytes or a contiguous array), joined once at the scatter: a growing
-        # bytearray would copy the whole block again each time it is reallocated.
-        self._values: list[Any] = []
-        self._stamps: list[Any] = []
-        self._present: list[bytes] = []
+        self._values = bytearray()
+        self._stamps = bytearray()
+        self._present = bytearray()
 
     def add(self, plan: HeaderPlan, frames: Any, row: int,
             column_for: Callable[[ChannelSpec], Column | None]) -> tuple[int, int] | None:
@@ -226,9 +224,9 @@ class PackedRows:
             self.scatter(plan, column_for)
         if not self.count:
             self.first_row = row
-        self._values.append(b"".join(values))
-        self._stamps.append(b"".join(stamps))
-        self._present.append(bytes(present))
+        self._values += b"".join(values)
+        self._stamps += b"".join(stamps)
+        self._present += present
         self.count += 1
         return accepted, absent
 
@@ -252,9 +250,10 @@ class PackedRows:
             source = np.frombuffer(message.small + gather.pad if gather.pad else message.small, dtype=np.uint8)
             values = source.take(gather.value_index)
             stamps = source.take(gather.stamp_index)
-        self._values.append(np.ascontiguousarray(values))
-        self._stamps.append(np.ascontiguousarray(stamps))
-        self._present.append(gather.present)
+        # memoryview of a contiguous copy, not `+= array`: numpy would add
+        self._values += memoryview(np.ascontiguousarray(values))
+        self._stamps += memoryview(np.ascontiguousarray(stamps))
+        self._present += gather.present
         self.count += 1
         return gather.accepted, gather.absent
 
@@ -263,7 +262,9 @@ class PackedRows:
         if not self.count or self.first_row + self.count <= row:
             return
         keep = max(0, row - self.first_row)
-        del self._values[keep:], self._stamps[keep:], self._present[keep:]
+        for name in ("_values", "_stamps", "_present"):
+            data = getattr(self, name)
+            del data[keep * (len(data) // self.count):]
         self.count = keep
 
     def scatter(self, plan: HeaderPlan | None, column_for: Callable[[ChannelSpec], Column | None]) -> None:
@@ -274,9 +275,9 @@ class PackedRows:
             return
         assert plan is not None
         packed = plan.packed
-        values = np.frombuffer(b"".join(self._values), dtype="u1").reshape(count, plan.row_nbytes)
-        stamps = np.frombuffer(b"".join(self._stamps), dtype="u1").reshape(count, TIMESTAMP_BYTES * len(packed))
-        present = np.frombuffer(b"".join(self._present), dtype="u1").reshape(count, len(packed))
+        values = np.frombuffer(self._values, dtype="u1").reshape(count, plan.row_nbytes)
+        stamps = np.frombuffer(self._stamps, dtype="u1").reshape(count, TIMESTAMP_BYTES * len(packed))
+        present = np.frombuffer(self._present, dtype="u1").reshape(count, len(packed))
         all_present = bool(present.all())
         offsets = plan.offsets
         channels = plan.header.channels
@@ -293,6 +294,6 @@ class PackedRows:
                                 stamps[:, TIMESTAMP_BYTES * j:TIMESTAMP_BYTES * (j + 1)],
                                 np.ascontiguousarray(column_present))
         self.count = 0
-        self._values = []
-        self._stamps = []
-        self._present = []
+        self._values = bytearray()
+        self._stamps = bytearray()
+        self._present = bytearray()
