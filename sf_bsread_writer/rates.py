@@ -30,14 +30,20 @@ class RateEstimator:
         self.resolution = float(resolution)
         self._samples: deque[tuple[float, tuple[int, ...]]] = deque()
 
-    def add(self, now: float, *totals: int) -> None:
-        """Record the running totals at ``now`` (non-decreasing times)."""
+    def add(self, now: float, *totals: int) -> bool:
+        """Record the running totals at ``now`` (non-decreasing times).
+
+        False when the sample was dropped (within ``resolution`` of the last
+        one): the rates are then what they were, and a caller that adds per
+        message need not read them again.
+        """
         samples = self._samples
         if samples and now - samples[-1][0] < self.resolution:
-            return
+            return False
         samples.append((now, totals))
         while len(samples) > 2 and now - samples[0][0] > self.window:
             samples.popleft()
+        return True
 
     @property
     def span(self) -> float:

@@ -1296,6 +1296,51 @@ def test_a_packed_message_is_written_exactly_as_its_frames(tmp_path: Path) -> No
     assert packed["attrs"]["absent_values"] > 0
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32", "int16", "uint8", "mixed"])
+def test_a_packed_scalar_stream_is_copied_bit_for_bit(tmp_path: Path, dtype: str) -> None:
+    """Values and timestamps of any bits (NaN payloads, implausible stamps) reach the file as sent, packed or not.
+
+    A stream whose packed channels all have one size, one after the other, is
+    gathered with two strided copies (``LayoutGather.regular``, issue 24);
+    others (mixed sizes) with numpy takes. Either way: the bytes sent.
+    """
+    from sf_bsread_writer.bsread.parts import LayoutCache, pack
+
+    types = ["float64", "float32", "int16", "uint8"] * 3 if dtype == "mixed" else [dtype] * 12
+    channels = [channel(f"C{i}", kind) for i, kind in enumerate(types)]
+    rng = np.random.default_rng(24)
+    stream = []
+    for pulse_id in range(1, 41):
+        frames = build_message(pulse_id, channels, [0] * len(channels), timestamp=1_700_000_000 + pulse_id / 100)
+        for i, kind in enumerate(types):
+            frames[2 + 2 * i] = rng.bytes(np.dtype(kind).itemsize)
+            if pulse_id % 3 == 0:  # stamps of any bits: a quiet NaN's, all ones, random
+                frames[3 + 2 * i] = (b"\xff" * 16, bytes.fromhex("7ff8000000000001") * 2, rng.bytes(16))[i % 3]
+        stream.append(frames)
+    layouts = LayoutCache()
+    header = None
+    regular = []
+    for path, packed in ((tmp_path / "frames.h5", False), (tmp_path / "packed.h5", True)):
+        with H5File(path, block_rows=16) as h5:
+            for frames in stream:
+                if packed:
+                    parts = pack(frames, layouts, header)
+                    header = parts.header
+                    h5.append(_PARSER.parse(parts))
+                    regular.append(h5._plan.gather_for(parts.layout).regular is not None)
+                else:
+                    h5.append(_PARSER.parse(frames))
+    plain, packed = _datasets(tmp_path / "frames.h5"), _datasets(tmp_path / "packed.h5")
+    assert plain.keys() == packed.keys()
+    for name in plain:
+        if name != "attrs":
+            assert plain[name].tobytes() == packed[name].tobytes(), name
+    for i, kind in enumerate(types):
+        sent = b"".join(frames[2 + 2 * i] for frames in stream)
+        assert packed[f"data/C{i}/data"].tobytes() == sent
+    assert all(regular) is (dtype != "mixed")
+
+
 def test_an_append_that_fails_half_way_leaves_no_trace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """All or nothing per row: a failure after some channels took their value shifts no later row."""
     specs = [channel("A", "float64"), channel("S", "string")]

@@ -31,6 +31,16 @@ def test_resolution_bounds_the_samples_however_often_add_is_called():
     assert estimator.rate() == pytest.approx(10_000, rel=0.01)
 
 
+def test_add_says_whether_it_kept_the_sample_so_a_caller_recomputes_only_then():
+    """The writer's run loop reads the rate once per kept sample, not once per message (issue 24)."""
+    estimator = RateEstimator(window=2.0, resolution=0.1)
+    assert estimator.add(0.0, 0) is True
+    assert estimator.add(0.05, 5) is False  # within the resolution: dropped, the rate cannot have changed
+    assert estimator.rate() is None
+    assert estimator.add(0.1, 10) is True
+    assert estimator.rate() == pytest.approx(100.0)
+
+
 def test_a_missed_sample_costs_resolution_never_correctness():
     """Totals, not increments: the rate is right after a gap in the samples."""
     estimator = RateEstimator(window=10.0)

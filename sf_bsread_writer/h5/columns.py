@@ -327,13 +327,14 @@ class FixedColumn(Column):
             values = values[present.astype(bool)]
         if spec.dtype != self.dtype:  # same type, other byte order
             values = np.ascontiguousarray(values).view(spec.dtype).astype(self.dtype).view("u1")
-        self.values += np.ascontiguousarray(values).tobytes()
-        self.present += present.tobytes()
+        # memoryview, not tobytes(): the strided slices are copied once (into contiguous arrays), not twice.
+        self.values += memoryview(np.ascontiguousarray(values))
+        self.present += memoryview(present)
         spec_order = ">" if spec.encoding == "big" else "<"
         stamps = np.ascontiguousarray(stamps)
         if spec_order != self.ts_order:
-            stamps = stamps.view(spec_order + "i8").astype(self.ts_order + "i8").view("u1")
-        self.timestamps += stamps.tobytes()
+            stamps = np.ascontiguousarray(stamps.view(spec_order + "i8").astype(self.ts_order + "i8").view("u1"))
+        self.timestamps += memoryview(stamps)
         self.filled = row + len(present)
 
     def _write_values(self, start: int, count: int) -> int:

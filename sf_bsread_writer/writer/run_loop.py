@@ -200,11 +200,15 @@ class RunLoop:
         return self.counters.messages_written / elapsed if elapsed > 0 else None
 
     def _update_rate(self, now: float) -> None:
-        """Every loop turn, data or not: the rate falls to 0 within a second when nothing is written."""
-        self._rate.add(now, self.counters.messages_written)
-        rate = self._rate.rate()
-        if rate is not None and self._rate.span >= RATE_WINDOW_SECONDS / 2:
-            self.counters.rate = rate
+        """Every loop turn, data or not: the rate falls to 0 within a second when nothing is written.
+
+        The rate is read again only when the estimator kept the sample (once
+        per tenth of the window): in between it cannot have changed.
+        """
+        if self._rate.add(now, self.counters.messages_written):
+            rate = self._rate.rate()
+            if rate is not None and self._rate.span >= RATE_WINDOW_SECONDS / 2:
+                self.counters.rate = rate
         if now >= self._next_progress_log:
             self._next_progress_log = now + PROGRESS_LOG_SECONDS
             progress = self.range.progress()
