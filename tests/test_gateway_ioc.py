@@ -708,3 +708,23 @@ def test_the_ioc_schedules_no_thread_in_real_time(env, feeder):
         assert {name: policy for name, policy in threads.items() if policy[0] != 0} == {}, threads
     finally:
         child.stop()
+
+
+def test_the_ioc_children_end_with_their_supervisor_after_forgoing_real_time(env, feeder):
+    """A supervisor killed with SIGKILL leaves no IOC serving stale PVs (an orphan holding the CA port):
+    the IOC child and its standby arm their parent-death signal at start and then drop CAP_SYS_NICE
+    (process.forgo_realtime_scheduling), which keeps it (Linux resets it only when credentials gain)."""
+    child, _ready = start_gateway(feeder.address, _local(env), "--ca-prefix", "PD:", "--name", "PD")
+    iocs: list[int] = []
+    try:
+        _ioc_threads(child.process.pid)  # the serving IOC runs
+        iocs = children_of(child.process.pid)
+        assert iocs, "no IOC child"
+        os.kill(child.process.pid, signal.SIGKILL)
+        wait_for(lambda: all(process_gone(pid) for pid in iocs), timeout=20, interval=0.1,
+                 message=f"the IOC children {iocs} end with their supervisor")
+    finally:
+        for pid in iocs:  # by pid: an orphan of a failed run
+            if not process_gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        child.stop()
