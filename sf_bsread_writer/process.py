@@ -397,53 +397,6 @@ except (OSError, AttributeError):  # not Linux
     _prctl = None
 
 
-# ---------------------------------------------------------------------- scheduling
-_CAP_SYS_NICE = 23  # linux/capability.h
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-
-
-def forgo_realtime_scheduling() -> bool:
-    """From now on no thread this process starts can be real-time (SCHED_FIFO/SCHED_RR); True when so.
-
-    For the CA gateway's IOC: EPICS base runs its threads SCHED_FIFO wherever it may (as root: cbLow at
-    58, rsrv's event threads at 18 ...) and falls back to normal scheduling where it may not. A gateway
-    has no hardware to serve on time, and real time cost it: ten clients on 1000 PVs left the CA process
-    at 140-155 % CPU in priority-inheritance lock waits (docs/performance.md, issue 22). The systemd unit
-    already refuses real time (``RestrictRealtime=yes``, no capabilities); this makes a gateway started by
-    hand as root behave the same. ``RLIMIT_RTPRIO`` 0 for a user with real-time rights, and
-    ``CAP_SYS_NICE`` dropped from this thread's sets (capabilities are per thread: call it before starting
-    threads; threads started later inherit them). Linux only; elsewhere False.
-    """
-    import resource
-
-    try:
-        resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
-    except (ValueError, OSError, AttributeError):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        header, data = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
-        if libc.capget(ctypes.byref(header), data) != 0:
-            return False
-        mask = ~(1 << _CAP_SYS_NICE) & 0xFFFFFFFF
-        if not (data[0].effective | data[0].permitted) & (1 << _CAP_SYS_NICE):
-            return True
-        data[0].effective &= mask
-        data[0].permitted &= mask
-        data[0].inheritable &= mask
-        return libc.capset(ctypes.byref(header), data) == 0
-    except (OSError, AttributeError):
-        return False
-
-
 # ---------------------------------------------------------------------- allocator
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

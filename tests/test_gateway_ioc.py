@@ -697,23 +697,25 @@ def test_a_poster_built_for_another_epics_abi_is_not_used():
 
 
 def test_the_ioc_schedules_no_thread_in_real_time(env, feeder):
-    """The IOC forgoes real-time scheduling however it is started: as root EPICS would run its threads
-    SCHED_FIFO (cbLow 58, rsrv's event threads 18 ...), and ten clients on 1000 PVs then left the CA process
-    at 140-155 % CPU in priority-inheritance lock waits between the poster and rsrv (docs/performance.md,
-    issue 22); the systemd unit already refuses real time (RestrictRealtime=yes, no capabilities). Run as a
-    user without real-time rights this holds trivially."""
+    """The IOC forgoes real-time scheduling and locks no memory however it is started: as root EPICS would
+    run its threads SCHED_FIFO (cbLow 58, rsrv's event threads 18 ...) and mlockall the IOC, and ten clients
+    on 1000 PVs then left the CA process at 140-155 % CPU in priority-inheritance lock waits between the
+    poster and rsrv (docs/performance.md, issue 22); the systemd unit already refuses real time
+    (RestrictRealtime=yes, no capabilities). Run as a user without real-time rights this holds trivially."""
     child, _ready = start_gateway(feeder.address, _local(env), "--ca-prefix", "RT:", "--name", "RT")
     try:
         threads = _ioc_threads(child.process.pid)
         assert {name: policy for name, policy in threads.items() if policy[0] != 0} == {}, threads
+        for pid in children_of(child.process.pid):  # the serving IOC and its standby
+            with open(f"/proc/{pid}/status") as status:
+                locked = [line.split()[1] for line in status if line.startswith("VmLck:")]
+            assert locked == ["0"], (pid, locked)
     finally:
         child.stop()
 
 
-def test_the_ioc_children_end_with_their_supervisor_after_forgoing_real_time(env, feeder):
-    """A supervisor killed with SIGKILL leaves no IOC serving stale PVs (an orphan holding the CA port):
-    the IOC child and its standby arm their parent-death signal at start and then drop CAP_SYS_NICE
-    (process.forgo_realtime_scheduling), which keeps it (Linux resets it only when credentials gain)."""
+def test_the_ioc_children_end_with_their_supervisor_killed(env, feeder):
+    """A supervisor killed with SIGKILL leaves no IOC serving stale PVs (an orphan holding the CA port)."""
     child, _ready = start_gateway(feeder.address, _local(env), "--ca-prefix", "PD:", "--name", "PD")
     iocs: list[int] = []
     try:

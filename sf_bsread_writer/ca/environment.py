@@ -28,6 +28,15 @@ _PVA_LOOPBACK_DEFAULTS = {
 }
 
 
+# EPICS base's own switch for real-time threads (libCom's POSIX epicsThread). As root, or for a user with
+# real-time rights, EPICS runs its threads SCHED_FIFO (cbLow 58, rsrv's event threads 18 ...) and locks all
+# the IOC's memory at iocInit (mlockall: 1.2 GB locked, RSS 241 against 68 MB for one record). A gateway has
+# no hardware to serve on time, and real time cost it: ten clients on 1000 PVs sometimes left the CA process
+# at 140-155 % CPU in priority-inheritance lock waits (docs/performance.md, issue 22). The systemd unit
+# refuses real time anyway (RestrictRealtime=yes, no capabilities); a site that wants it sets YES.
+_REALTIME = "EPICS_ALLOW_POSIX_THREAD_PRIORITY_SCHEDULING"
+
+
 def prepare_server_environment(environ: MutableMapping[str, str]) -> list[str]:
     """Complete ``environ`` for a CA server the way EPICS base reads it; returns what was changed.
 
@@ -39,6 +48,8 @@ def prepare_server_environment(environ: MutableMapping[str, str]) -> list[str]:
       server listens on 127.0.0.1 only, and when it names no beacon
       addresses, beacons go to 127.0.0.1 only (EPICS base would broadcast
       them on every interface). Set the standard variables to serve a network.
+    * No real-time threads and no locked memory: EPICS_ALLOW_POSIX_THREAD_PRIORITY_SCHEDULING
+      defaults to NO (the reason is beside ``_REALTIME``).
     """
     changes: list[str] = []
 
@@ -59,6 +70,8 @@ def prepare_server_environment(environ: MutableMapping[str, str]) -> list[str]:
     if not any(environ.get(key) for key in _PVA_LOOPBACK_DEFAULTS):
         for key, value in _PVA_LOOPBACK_DEFAULTS.items():
             put(key, value)
+    if not environ.get(_REALTIME):
+        put(_REALTIME, "NO")
     return changes
 
 

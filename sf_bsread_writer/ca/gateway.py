@@ -107,9 +107,6 @@ def _run_ioc(settings: GatewaySettings, child: bool, argv: list[str]) -> int:
                 logger.error("%s", error)
                 return ExitCode.CONFIGURATION
         return supervisor.supervise(argv)
-    # No real-time threads (EPICS would make its threads SCHED_FIFO as root): before any thread starts.
-    if not process.forgo_realtime_scheduling():
-        logger.warning("could not forgo real-time scheduling: EPICS may run its threads SCHED_FIFO")
     # The feed first: its first message arrives while EPICS loads (start-up).
     from sf_bsread_writer.ca import feed
 
