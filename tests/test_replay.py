@@ -510,3 +510,36 @@ def test_client_rejects_bad_arguments():
         ReplayClient("tcp://127.0.0.1:1")
     with pytest.raises(ValueError):
         ReplayClient("tcp://127.0.0.1:1", start_pulse_id=1, window=0)
+
+
+def test_a_session_whose_heartbeat_waits_unread_in_the_socket_is_not_expired():
+    """The buffer decides a writer is silent only after reading what it sent: a buffer that could not
+    run for a while (a loaded machine; the in-process test writer holding the interpreter in one long
+    HDF5 call) finds the heartbeats waiting in its socket. CI saw a busy writer's session expire
+    ("writer silent for 0.7 s") while its heartbeats were queued (test_busy_writer)."""
+    from sf_bsread_writer.replay.endpoint import ReplayEndpoint
+
+    from .helpers import FakeClock, wait_for
+
+    clock = FakeClock()
+    context = zmq.Context.instance()
+    ring = Ring(100, 10**8)
+    for pulse_id in range(1, 11):
+        ring.append(pulse_id, 1000.0 + pulse_id, [b'{"pulse_id": %d}' % pulse_id, b"header", b"v%d" % pulse_id])
+    endpoint = ReplayEndpoint(context, "tcp://127.0.0.1:0", ring, 0.1, 0.5, clock=clock)
+    client = ReplayClient(endpoint.address, start_pulse_id=1, stop_pulse_id=10, window=2, context=context,
+                          heartbeat_interval=0.1, clock=clock)
+    try:
+        client.start()
+        wait_for(lambda: endpoint.serve(clock() + 10) is not None and endpoint.status().active_sessions == 1, 20,
+                 interval=0.01, message="the session")
+        clock.advance(0.45)  # heard at the start; the writer stays busy ...
+        client.keep_alive()  # ... and sends a heartbeat (due: 0.1 s), which the buffer has not read yet
+        wait_for(lambda: endpoint.socket.poll(10), 20, message="the heartbeat waiting in the socket")
+        clock.advance(0.2)  # 0.65 s after the last message the buffer READ
+        endpoint.expire(clock())
+        assert endpoint.status().active_sessions == 1, endpoint.status()
+        assert endpoint.status().expired == 0
+    finally:
+        client.close()
+        endpoint.close()

@@ -163,7 +163,17 @@ class ReplayEndpoint:
                 return busy
 
     def expire(self, now: float) -> None:
-        """Drop the sessions whose writer has been silent for ``session_timeout``."""
+        """Drop the sessions whose writer has been silent for ``session_timeout``.
+
+        What the writers sent is read first: a buffer that could not run for a while (a loaded machine, a
+        long call holding the interpreter) finds their heartbeats waiting in its socket, and a writer that
+        kept sending is never taken for a silent one. A message cut in half is left to :meth:`serve`, which
+        replaces the socket (a cut socket refuses every later call) where its caller sees it.
+        """
+        try:
+            self._read_requests(now)
+        except MessageCutError:
+            return
         for identity, session in list(self._sessions.items()):
             if session.expired(now, self.session_timeout):
                 logger.warning("replay: session %s expired (writer silent for %.1f s) after %d messages; "
