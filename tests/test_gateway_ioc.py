@@ -730,3 +730,13 @@ def test_the_ioc_children_end_with_their_supervisor_killed(env, feeder):
             if not process_gone(pid):
                 os.kill(pid, signal.SIGKILL)
         child.stop()
+
+
+def test_pv_names_move_only_on_the_epics_series_whose_name_table_layout_is_known(monkeypatch):
+    """The name move reads EPICS base's private record-name table through copied structures: on another
+    EPICS series it is refused (a retype no record holds then replaces the IOC, as before), never guessed."""
+    from sf_bsread_writer.ca import ioc
+
+    assert ioc._names_layout_known()  # the epicscorelibs this suite runs on
+    monkeypatch.setattr(ioc, "_epics_base_version", lambda: "7.1.0")
+    assert not ioc._names_layout_known()

@@ -234,6 +234,19 @@ class _Pvd(ctypes.Structure):  # dbPvd, private to dbPvdLib.c (unchanged since E
 _IS_ALIAS = 2  # DBRN_FLAGS_ISALIAS, dbBase.h
 
 
+def _epics_base_version() -> str:
+    from epicscorelibs import version
+
+    return str(version.base_version)
+
+
+def _names_layout_known() -> bool:
+    """True for the EPICS base series whose dbBase/dbPvd layout the structures above copy (7.0: unchanged
+    since 3.15). Another series: names are never unlinked (reading a moved field could crash the IOC), and a
+    retype no record holds replaces the IOC as before."""
+    return _epics_base_version().startswith("7.0.")
+
+
 class _Names:
     """The PV names of the IOC's records (its record-name table, EPICS base ``dbPvdLib.c``): aliases are
     added (``dbCreateAlias``) and, to move a retyped channel's PV name to another record, unlinked.
@@ -313,7 +326,14 @@ class _Names:
             return True
         if not node.flags & _IS_ALIAS:
             return False
-        pvd = _Pvd.from_address(_DbBase.from_address(self._base.value).ppvd)
+        if not _names_layout_known():
+            logger.error("EPICS base %s: its record-name table's layout is not the one this code knows (EPICS 7.0): "
+                         "%s not moved", _epics_base_version(), alias)
+            return False
+        table = _DbBase.from_address(self._base.value).ppvd
+        if not table:
+            return False
+        pvd = _Pvd.from_address(table)
         size = pvd.size
         if size < 256 or size & (size - 1) or pvd.mask != size - 1:
             logger.error("EPICS record-name table not as expected (size %d, mask %d): %s not moved", size,
