@@ -159,10 +159,14 @@ def draw_plan(kind: str) -> Plan:
     plan = Plan(kind, signal_name, profile, compression, back=rng.randrange(10, 60), ahead=rng.randrange(150, 250),
                 trigger=rng.uniform(0.25, 0.7), pause=rng.uniform(0.3, 1.0))
     if kind == "undecodable_channel":
-        names = [entry["name"] for entry in channel_metadata(profile, compression, N_SCALARS, CAMERA_SHAPE)]
-        plan.bad_channel = rng.choice(names)
+        metadata = channel_metadata(profile, compression, N_SCALARS, CAMERA_SHAPE)
+        plan.bad_channel = rng.choice([entry["name"] for entry in metadata])
         plan.bad_mode = rng.choice(["huge_shape", "claims_2gib"])
         plan.bad_count = rng.randrange(1, 20)
+        if {entry["name"]: entry.get("type") for entry in metadata}[plan.bad_channel] == "string":
+            # A string's value is its bytes whatever shape the header claims (the writer stores it, rightly):
+            # a claimed shape makes no string undecodable, a claimed compression does.
+            plan.bad_mode = "claims_2gib"
     elif kind == "clock_invalid":
         plan.bad_mode = rng.choice(["negative_seconds", "ns_overflow", "nan"])
         plan.bad_count = rng.randrange(1, 20)
