@@ -321,7 +321,21 @@ def _bound_pull(context):
 
 def test_a_receive_interrupted_between_parts_never_hands_out_half_a_message(context, implementation):
     """A raising signal handler during a 200k-part receive: the next message arrives whole, on this socket if it
-    is still whole, else (MessageCutError, the socket refused) on the socket that replaces it."""
+    is still whole, else (MessageCutError, the socket refused) on the socket that replaces it. The pure-Python
+    receive must be cut where the handler runs between two parts: on a loaded machine one receive may pass
+    between two alarms' deliveries, so that is asked of one of up to five receives (each checked whole)."""
+    for _attempt in range(5):
+        outcome = _receive_interrupted_once(context, implementation)
+        if implementation != "python" or outcome == "cut":
+            break
+    if implementation == "python":
+        assert outcome == "cut"  # CPython ran the raising handler between two parts
+    # The compiled receive is cut too where the signal reaches this thread between two parts: libzmq checks
+    # its command mailbox every 100 parts with poll(0), and poll reports the pending signal as EINTR.
+
+
+def _receive_interrupted_once(context, implementation) -> str:
+    """One 200k-part receive under raising alarms, the next message checked whole; returns the outcome."""
     sender = context.socket(zmq.PUSH)
     sender.setsockopt(zmq.LINGER, 0)
     port = sender.bind_to_random_port("tcp://127.0.0.1")
@@ -365,10 +379,9 @@ def test_a_receive_interrupted_between_parts_never_hands_out_half_a_message(cont
     assert receiver.poll(20_000)
     _, parts = receive(receiver)
     assert [bytes(p) for p in parts] == [b"next", b"h", b"v"], f"after {outcome}: a message's tail handed out"
-    if implementation == "python":
-        assert outcome == "cut"  # CPython ran the raising handler between two parts
-    # The compiled receive is cut too where the signal reaches this thread between two parts: libzmq checks
-    # its command mailbox every 100 parts with poll(0), and poll reports the pending signal as EINTR.
+    receiver.close(linger=0)
+    sender.close(linger=0)
+    return outcome
 
 
 def test_a_send_interrupted_between_parts_never_glues_two_messages(context, implementation):
