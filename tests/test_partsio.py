@@ -582,11 +582,18 @@ def test_the_direct_source_replaces_a_cut_socket_and_the_next_message_arrives_wh
                 got = "interrupted"
             finally:
                 alarm.armed = False
-        if implementation == "python":
+        if got == "interrupted" and implementation == "python":  # raised before the first part was taken
+            assert not partsio.is_cut(source._socket) and source.sockets_replaced == 0
+            got = source.receive(20)
+            assert [bytes(p) for p in got.frames] == _MANY  # the message, whole, on the same socket
+            sender.send_multipart([b"next", b"h", b"v"])
+            got = source.receive(20)
+        elif implementation == "python":
             assert got is None and source.sockets_replaced == 1  # cut: replaced, nothing handed out
         if got is None:
             got = wait_for(lambda: sender.send_multipart([b"next", b"h", b"v"]) or source.receive(0.02), 20,
                            message="a message on the new socket")
+        # (compiled: "interrupted" after the C call took the message: that message is gone, nothing half)
         if got != "interrupted" and [bytes(p) for p in got.frames][:1] != [b"next"]:
             assert [bytes(p) for p in got.frames] == _MANY
             sender.send_multipart([b"next", b"h", b"v"])
