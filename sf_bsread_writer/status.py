@@ -142,6 +142,10 @@ class SourceStatus(Record):
     # Of those, messages whose global_timestamp was no time at all (NaN, negative, ns out of range,
     # beyond int64 ns: bsread.timebase.plausible_stamp): kept, their values stored, their time replaced.
     invalid_timestamps: int = 0
+    # Connections to the source made anew after ZeroMQ gave one up: it refuses a part over twice
+    # --max-message-bytes at its header and never connects again by itself (transport.connection).
+    # The messages the source sent meanwhile are lost.
+    reconnects: int = 0
 
 
 @dataclass(frozen=True)
@@ -445,6 +449,9 @@ def prometheus_text(status: BufferStatus) -> str:
     m.one("source_invalid_timestamps_total", "counter",
           "Messages whose global timestamp was no time (kept; timed by the receive time).",
           status.source.invalid_timestamps)
+    m.one("source_reconnects_total", "counter",
+          "Connections to the source made anew after ZeroMQ gave one up (a part over twice the size limit).",
+          status.source.reconnects)
     m.one("ignored_messages_total", "counter", "Control messages (htype not bsr_m-*) ignored.", status.ignored)
     m.one("duplicate_messages_total", "counter", "Messages dropped because their pulse id repeated the newest.",
           status.duplicates)

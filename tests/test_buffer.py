@@ -26,6 +26,7 @@ from sf_bsread_writer.buffer.service import Buffer
 from sf_bsread_writer.buffer.settings import BufferSettings
 from sf_bsread_writer.replay.client import ReplayClient
 from sf_bsread_writer.replay.messages import Data, End, Gap
+from sf_bsread_writer.status import prometheus_text
 from sf_bsread_writer.tools.simulate import Simulator, expected_values
 from tests.helpers import Child, free_port, wait_for
 
@@ -646,6 +647,10 @@ def test_a_source_part_over_twice_the_limit_is_refused_and_the_buffer_connects_a
 
         wait_for(sent_and_received, DEADLINE, interval=0.05, message="a message after the refused part")
         assert buffer.ingest_reconnects == 1
+        # What operators see: /statistics (source.reconnects) and /metrics, from the next snapshot on.
+        wait_for(lambda: buffer.statistics().source.reconnects == 1, DEADLINE, message="source.reconnects")
+        assert 'sf_bsread_buffer_source_reconnects_total{buffer="' in prometheus_text(buffer.statistics())
+        assert f'source_reconnects_total{{buffer="{buffer.name}"}} 1' in prometheus_text(buffer.statistics())
 
 
 def test_a_source_announcing_a_huge_part_is_disconnected_before_it_costs_memory():

@@ -371,7 +371,7 @@ class Buffer:
             now, time.time(), ingest=self.ingest, ring=self.ring,
             replay=self._replay.status() if self._replay is not None else NO_REPLAY,
             endpoints=self._endpoints(), forwarded=self._forwarded, output_drops=self._output_drops,
-            feeds=self._feeds, children=self._children.status(), io_path=partsio.IMPLEMENTATION, state=state,
+            source_reconnects=self.ingest_reconnects, feeds=self._feeds, children=self._children.status(), io_path=partsio.IMPLEMENTATION, state=state,
             archive=self._archive.status(self.ring) if self._archive is not None else None)
         if feeds:
             for name, feed in (("CA feed", self._feeds["ca"]), ("web feed", self._feeds["web"])):

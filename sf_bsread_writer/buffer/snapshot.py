@@ -58,7 +58,7 @@ class Snapshots:
             return self._latest
 
     def publish(self, now: float, wall_time: float, *, ingest: Ingest, ring: Ring, replay: ReplayStatus,
-                endpoints: Endpoints, forwarded: int, output_drops: int, feeds: dict[str, LoopbackFeed | None],
+                endpoints: Endpoints, forwarded: int, output_drops: int, source_reconnects: int, feeds: dict[str, LoopbackFeed | None],
                 children: Iterable[ChildStatus], io_path: str, state: str = "running",
                 archive: ArchiveStatus | None = None) -> BufferStatus:
         """A new snapshot from the loop's parts (loop thread; ``now``: the loop's clock, ``wall_time``: time.time)."""
@@ -78,7 +78,7 @@ class Snapshots:
             source=SourceStatus(address=settings.stream, mode=settings.source_mode, idle_seconds=idle,
                                 last_message_time=ingest.last_message_time, connected_once=last is not None,
                                 timed_by_receive=ingest.timed_by_receive, clock_offset_seconds=ingest.clock_offset,
-                                invalid_timestamps=ingest.invalid_timestamps),
+                                invalid_timestamps=ingest.invalid_timestamps, reconnects=source_reconnects),
             received=ingest.received,
             received_bytes=ingest.received_bytes,
             forwarded=forwarded,

@@ -410,6 +410,7 @@ def _status_rows(status: BufferStatus) -> list[tuple[str, Any]]:
              if ring.look_back_seconds is not None else None),
             ("pulse ids", f"{ring.oldest_pulse_id} .. {ring.newest_pulse_id}"),
             ("rejected", f"{status.rejected_total} {dict(status.rejected) or ''}"),
+            ("source reconnects", status.source.reconnects),
             ("pulse-id jumps/resets", f"{status.pulse_ids.jumps} / {status.pulse_ids.resets}"),
             ("writers", status.replay.active_sessions), ("evicted", ring.evicted),
             *_archive_rows(status)]

@@ -336,7 +336,10 @@ function updateStatus(document) {
   setText("lookback", document.look_back.seconds === null ? "-" : document.look_back.seconds.toFixed(1) + " s");
   setText("pulses", (ring.oldest_pulse_id ?? "-") + " .. " + (ring.newest_pulse_id ?? "-"));
   setText("rejected", String(buffer.rejected_total));
-  setText("rejected-reasons", Object.entries(buffer.rejected).map(([reason, n]) => reason + " " + n).join(", "));
+  // A source connection ZeroMQ gave up (a part over twice the size limit) and the buffer made anew: its messages meanwhile are lost.
+  const reconnects = buffer.source.reconnects ?? 0;  // absent from an older buffer
+  setText("rejected-reasons", Object.entries(buffer.rejected).map(([reason, n]) => reason + " " + n)
+    .concat(reconnects ? ["source reconnects " + reconnects] : []).join(", "));
   setText("jumps", buffer.pulse_ids.jumps + " / " + buffer.pulse_ids.resets);
   const archive = buffer.archive;  // --archive (docs/archive.md): lag, what it holds, what it lost
   $("archive-card").hidden = !archive;
