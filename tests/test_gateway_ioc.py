@@ -565,14 +565,39 @@ def test_gateway_statistics_pvs_count_clients_channels_and_updates(env, served):
     try:
         wait_for(lambda: len(monitor.lines) >= 2, timeout=20, interval=0.1, message="the monitor connected")
         names = [f"{NAME}:{s}" for s in ("CA_CLIENTS", "CA_CHANNELS", "PV_UPDATES_S", "APPLIED_S", "SKIPPED",
-                                         "FEED_REPLACED", "FEED_OVERSIZE", "FEED_RECONNECTS")]
+                                         "FEED_REPLACED", "FEED_OVERSIZE", "FEED_RECONNECTS", "FEED_REJECTED",
+                                         "FEED_STATUS_REJECTED")]
         stats = wait_for(lambda: (lambda v: v if float(v[names[0]]) >= 1 and float(v[names[1]]) >= 2 else None)(
             _caget(env, *names)), timeout=10, interval=0.3, message="the monitor counted")
         assert float(stats[f"{NAME}:PV_UPDATES_S"]) > 0 and float(stats[f"{NAME}:APPLIED_S"]) > 0
         assert float(stats[f"{NAME}:SKIPPED"]) >= 0
-        assert [float(stats[f"{NAME}:{s}"]) for s in ("FEED_REPLACED", "FEED_OVERSIZE", "FEED_RECONNECTS")] == [0] * 3
+        assert [float(stats[f"{NAME}:{s}"]) for s in ("FEED_REPLACED", "FEED_OVERSIZE", "FEED_RECONNECTS",
+                                                     "FEED_REJECTED", "FEED_STATUS_REJECTED")] == [0] * 5
     finally:
         monitor.stop()
+
+
+def test_messages_the_gateway_cannot_show_are_counted_in_a_statistics_pv(env):
+    """A message the gateway's feed refuses (it does not parse: ca/feed.Ingest.rejected) was only logged, ten
+    times: NAME:FEED_REJECTED counts every one, beside NAME:FEED_OVERSIZE and the other feed faults."""
+    import zmq
+
+    context = zmq.Context()
+    source = context.socket(zmq.PUB)
+    source.setsockopt(zmq.LINGER, 0)
+    port = source.bind_to_random_port("tcp://127.0.0.1")
+    local = _local(env)
+    child, _ = start_gateway(f"tcp://127.0.0.1:{port}", local, "--ca-prefix", "BAD:", "--name", "BADGW")
+    try:
+        def rejected() -> float:
+            source.send_multipart([b"{not json", b"{}"])  # again and again: a PUB drops what it sends unjoined
+            return float(_caget(local, "BADGW:FEED_REJECTED")["BADGW:FEED_REJECTED"])
+
+        assert wait_for(lambda: rejected() >= 1, timeout=20, interval=0.2, message="FEED_REJECTED counted")
+    finally:
+        child.stop()
+        source.close()
+        context.term()
 
 
 def test_pvaccess_serves_the_same_records_read_only(env, served):

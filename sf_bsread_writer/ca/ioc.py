@@ -1037,7 +1037,8 @@ class _ApplyLoop:
         values = {"CA_CLIENTS": clients, "CA_CHANNELS": channels, "APPLIED_S": rates[0],
                   "PV_UPDATES_S": rates[1], "SKIPPED": float(max(0, self.ingest.received - self.applied)),
                   "FEED_REPLACED": float(self.ingest.sockets_replaced), "FEED_OVERSIZE": float(self.ingest.oversize),
-                  "FEED_RECONNECTS": float(self.ingest.reconnects)}
+                  "FEED_RECONNECTS": float(self.ingest.reconnects), "FEED_REJECTED": float(self.ingest.rejected),
+                  "FEED_STATUS_REJECTED": float(self.ingest.status_rejected)}
         for suffix, record in self.records.stats.items():
             value = values.get(suffix)
             if value is not None:

@@ -82,6 +82,8 @@ GATEWAY_STATS_PVS: tuple[tuple[str, str, str], ...] = (
     ("FEED_REPLACED", "DOUBLE", "feed sockets replaced (a message cut)"),
     ("FEED_OVERSIZE", "DOUBLE", "feed messages over the size limit"),
     ("FEED_RECONNECTS", "DOUBLE", "feed connections made anew"),
+    ("FEED_REJECTED", "DOUBLE", "feed messages that do not parse"),
+    ("FEED_STATUS_REJECTED", "DOUBLE", "feed status messages unreadable"),
 )
 #: The status PVs the gateway fills from the stream when it has no buffer status URL.
 OWN_STATUS = ("PULSE_ID", "RATE", "IDLE_S")
