@@ -312,7 +312,9 @@ WRITER_OPTIONS: list[Option] = [
     Option("flush_interval", ("--flush-interval",), 1.0, float,
            "Seconds between flushes of the file (what survives a kill -9)."),
     Option("max_message_bytes", ("--max-message-bytes",), DEFAULT_MAX_MESSAGE_BYTES, int,
-           "A message larger than this is rejected (set it as the buffer's --max-message-bytes)."),
+           "A message larger than this is rejected (set it as the buffer's --max-message-bytes); the replay "
+           "request says it, so a buffer sends a larger one as a missing pulse (oversize), and the socket takes "
+           "no part over twice it."),
     Option("max_clock_skew", ("--max-clock-skew",), MAX_CLOCK_SKEW, float,
            "With --direct: seconds a source's global timestamp may differ from the receive time; beyond "
            "(or when absent) the receive time is the message's time for start_now/stop_now."),

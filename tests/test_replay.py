@@ -8,7 +8,8 @@ import time
 import pytest
 import zmq
 
-from sf_bsread_writer.replay.client import ReplayClient
+from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
+from sf_bsread_writer.replay.client import ReplayClient, ReplayOversizeError
 from sf_bsread_writer.replay.client_state import ReplayClientState, Rerequest
 from sf_bsread_writer.replay.messages import (
     MAX_WINDOW,
@@ -50,6 +51,7 @@ from sf_bsread_writer.ring import Ring
     Request(start_pulse_id=20_000_000_000, stop_pulse_id=20_000_000_100, window=1),
     Request(start_time=1.7e9, stop_time=1.7e9 + 10.5, window=MAX_WINDOW),
     Request(start_time=1.7e9, stop_pulse_id=5),
+    Request(start_pulse_id=3, max_message_bytes=10_000),
 ])
 def test_request_round_trip(request_):
     assert parse_writer_message(build_request(request_)) == request_
@@ -318,6 +320,33 @@ def test_session_bytes_in_flight_are_bounded_as_well_as_messages():
     assert _data(tiny.poll(ring, 0.0)) == [0]  # one message always fits, however large
 
 
+def test_a_message_larger_than_the_writer_takes_is_sent_as_a_gap_naming_its_pulse():
+    """A writer says how large a message it takes (``max_message_bytes``, an extension of version 1): a larger one
+    is never sent (it would be refused at the writer's socket, or rejected by its parser, at the cost of its
+    bytes); a gap names its pulse (``oversize``, counted lost), and the messages after it follow as before."""
+    ring = Ring(1000, 10**9)
+    for pulse_id in range(10, 15):
+        ring.append(pulse_id, 0.0, [b"m%d" % pulse_id, b"h", b"v" * (5_000 if pulse_id == 12 else 10), b"t" * 16])
+    session = ReplaySession("s", Request(start_pulse_id=10, window=8, max_message_bytes=1_000), ring, 0.0)
+    events = session.poll(ring, 0.0)
+    assert _data(events) == [10, 11, 13, 14]
+    assert [event for event in events if isinstance(event, Gap)] == [Gap(12, 12, "oversize", 1)]
+    assert events.index(Gap(12, 12, "oversize", 1)) == 2  # in its place, between 11 and 13
+    assert session.status().lost == 1 and session.status().gaps == 1 and session.in_flight == 4
+    older = ReplaySession("o", Request(start_pulse_id=10, window=8), ring, 0.0)  # a writer that says nothing
+    assert _data(older.poll(ring, 0.0)) == [10, 11, 12, 13, 14]
+    stop = ReplaySession("p", Request(start_pulse_id=10, stop_pulse_id=12, max_message_bytes=1_000), ring, 0.0)
+    assert stop.poll(ring, 0.0)[-2:] == [Gap(12, 12, "oversize", 1), End("stop_pulse_id", 12)]
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "10"])
+def test_a_request_with_a_bad_message_size_limit_is_refused(bad):
+    body = json.dumps({"type": "request", "version": 1, "start_pulse_id": 1, "max_message_bytes": bad}).encode()
+    with pytest.raises(ReplayProtocolError) as error:
+        parse_writer_message([body])
+    assert error.value.reason == ErrorReason.BAD_FIELD
+
+
 def test_session_budget_bounds_work_per_poll():
     ring = _ring(range(0, 500))
     session = ReplaySession("s", Request(start_pulse_id=0, window=MAX_WINDOW), ring, 0.0)
@@ -413,7 +442,8 @@ def test_client_grants_credit_over_a_socket(context):
         client.start()
         assert router.poll(10_000)
         identity, body = router.recv_multipart()
-        assert parse_writer_message([body]) == Request(start_pulse_id=7, window=4, message_times=True)
+        assert parse_writer_message([body]) == Request(start_pulse_id=7, window=4, message_times=True,
+                                                       max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES)
         router.send_multipart([identity, *build_accepted(Accepted(4, None, None))])
         for pulse_id in (7, 8):
             router.send_multipart([identity, *build_data(pulse_id, _frames(pulse_id))])
@@ -454,8 +484,51 @@ def test_client_re_requests_on_a_new_socket(context):
             identity, body = router.recv_multipart()
             if isinstance(message := parse_writer_message([body]), Request):
                 requests.append((identity, message))
-        assert requests == [(requests[0][0], Request(start_pulse_id=8, window=4, message_times=True))]
+        assert requests == [(requests[0][0], Request(start_pulse_id=8, window=4, message_times=True,
+                                                     max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES))]
         assert requests[0][0] != first and client.restarts == 1
+    finally:
+        client.close()
+        router.close()
+
+
+def test_a_part_over_the_clients_bound_is_refused_counted_and_reported(context):
+    """The writer's replay socket trusted its buffer: a part of any size arrived whole in the writer's memory.
+    Now a part over twice ``max_message_bytes`` is refused at its header (ZMQ_MAXMSGSIZE); libzmq gives the
+    connection up for good, and the client asks for the rest of the range on a new socket (counted in
+    ``reconnects``), reporting a loss whose pulse ids it cannot know (the writer's outcome: partial). A peer that
+    sends it again before anything else arrives fails the session with a clear error, never a loop."""
+    limit = 10_000
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("tcp://127.0.0.1:0")
+    client = ReplayClient(router.getsockopt_string(zmq.LAST_ENDPOINT), start_pulse_id=7, window=4,
+                          context=context, max_message_bytes=limit)
+    try:
+        client.start()
+        assert router.poll(10_000)
+        first, body = router.recv_multipart()
+        assert parse_writer_message([body]).max_message_bytes == limit
+        router.send_multipart([first, *build_data(7, _frames(7))])
+        router.send_multipart([first, *build_data(8, _frames(8)[:2] + [b"\0" * (3 * limit)])])
+        assert client.receive(10).pulse_id == 7
+        deadline = time.monotonic() + 10
+        event = None
+        while event is None and time.monotonic() < deadline:
+            event = client.receive(0.1)
+        assert event == Gap(None, None, "oversize", None) and client.reconnects == 1
+        requests = []
+        while not requests:
+            assert router.poll(10_000)
+            identity, body = router.recv_multipart()
+            if identity != first and isinstance(message := parse_writer_message([body]), Request):
+                requests.append((identity, message))
+        assert requests[0][1].start_pulse_id == 8  # the rest of the range, after the last pulse received
+        router.send_multipart([requests[0][0], *build_data(8, _frames(8)[:2] + [b"\0" * (3 * limit)])])
+        with pytest.raises(ReplayOversizeError, match="twice"):
+            while time.monotonic() < deadline:
+                client.receive(0.1)
+        assert client.reconnects == 1 and client.state.parts_refused == 2
     finally:
         client.close()
         router.close()
@@ -485,7 +558,8 @@ def test_client_heartbeats_and_gives_up_a_silent_buffer_on_its_clock(context):
         client.start()
         assert router.poll(10_000)
         first, body = router.recv_multipart()
-        assert parse_writer_message([body]) == Request(start_pulse_id=7, window=4, message_times=True)
+        assert parse_writer_message([body]) == Request(start_pulse_id=7, window=4, message_times=True,
+                                                       max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES)
         event = client.receive(timeout=60.0)  # fake seconds: the buffer stays silent
         assert isinstance(event, BufferLost) and event.seconds_silent > 5.0
         messages = []
@@ -497,7 +571,8 @@ def test_client_heartbeats_and_gives_up_a_silent_buffer_on_its_clock(context):
         assert credits and all(credit == Credit(0) for credit in credits)  # heartbeats while it waited
         requests = [(i, m) for i, m in messages if isinstance(m, Request)]
         assert len(requests) == 1 and requests[0][0] != first  # the range again, from a new socket
-        assert requests[0][1] == Request(start_pulse_id=7, window=4, message_times=True) and client.restarts == 1
+        assert requests[0][1] == Request(start_pulse_id=7, window=4, message_times=True,
+                                         max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES) and client.restarts == 1
     finally:
         client.close()
         router.close()

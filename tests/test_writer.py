@@ -21,14 +21,25 @@ import h5py
 import hdf5plugin  # noqa: F401  (bitshuffle filter for reading)
 import numpy as np
 import pytest
+import zmq
 
+from sf_bsread_writer.bsread.build import build_message
 from sf_bsread_writer.client import WriterClient, WriterError
 from sf_bsread_writer.httpserver import HttpServer
 from sf_bsread_writer.tools.simulate import channel_metadata, expected_values
 from sf_bsread_writer.writer.cli import drop_privileges, main
 from sf_bsread_writer.writer.rest import make_app
 from sf_bsread_writer.writer.service import Writer, WriterSettings
-from tests.helpers import Child, FakeClock, Stream, free_port, imported_after_the_drop, wait_for, writer_process
+from tests.helpers import (
+    Child,
+    FakeClock,
+    Stream,
+    free_port,
+    imported_after_the_drop,
+    wait_for,
+    writer_process,
+)
+from tests.test_buffer import push_source, running_buffer
 
 PROFILE = "mixed"
 COMPRESSION = "bitshuffle_lz4"
@@ -255,6 +266,56 @@ def test_direct_mode_reads_a_plain_stream(stream, tmp_path):
         assert statistics["missing_pulses"] == 0, statistics
     assert written_pulse_ids(tmp_path / "direct.h5") == list(range(start, start + 30))
     assert_values(tmp_path / "direct.h5", list(range(start, start + 30)))
+
+
+def test_a_message_larger_than_the_writer_takes_is_a_missing_pulse_never_its_bytes(tmp_path):
+    """A buffer may hold messages larger than its writer takes (its --max-message-bytes is larger): the writer
+    says its limit in the request and the buffer sends an ``oversize`` gap in the message's place. The file
+    records that pulse missing with that reason and the outcome is partial, never complete; the other pulses
+    are written. (Before: the message's bytes went to the writer, which took them whole and then rejected it.)"""
+    limit = 10_000
+    with push_source() as (source, address), running_buffer(address) as buffer:
+        for pulse_id in range(1, 6):
+            size = 3 * limit if pulse_id == 3 else 1
+            source.send_multipart(build_message(pulse_id, [{"name": "X", "type": "int8", "shape": [size]}],
+                                                [np.ones(size, dtype=np.int8)]))
+        wait_for(lambda: buffer.statistics().received == 5, DEADLINE, message="5 messages in the ring")
+        with in_process_writer(buffer.replay_address, tmp_path / "oversize.h5", max_message_bytes=limit) as (_, client):
+            client.start_pulse_id(1)
+            client.stop_pulse_id(5)
+            assert client.wait_for("finished", timeout=DEADLINE) == "finished"
+            statistics = client.statistics()
+    assert statistics["outcome"] == "partial" and statistics["messages_rejected"] == 0, statistics
+    assert statistics["missing"] == [{"first_pulse_id": 3, "last_pulse_id": 3, "count": 1, "reason": "oversize"}]
+    with h5py.File(tmp_path / "oversize.h5", "r") as file:
+        assert file["data/X/pulse_id"][()].tolist() == [1, 2, 4, 5]
+        assert file["missing"][()].tolist() == [(3, 3, 1, b"oversize")]
+
+
+def test_a_direct_source_connected_anew_after_an_oversize_part_is_counted_in_the_statistics(tmp_path):
+    """--direct: ZeroMQ gives the stream's connection up after a part over twice --max-message-bytes and the
+    source connects again; operators see it in the writer's /statistics (``source_reconnects``), not only the log."""
+    limit = 10_000
+    channels = [{"name": "X", "type": "int32"}]
+    with push_source() as (source, address), \
+            in_process_writer(address, tmp_path / "direct.h5", direct=True, max_message_bytes=limit) as (_, client):
+        client.start_pulse_id(1)
+        client.stop_pulse_id(1000)
+        source.setsockopt(zmq.SNDTIMEO, int(DEADLINE * 1000))
+        source.send_multipart(build_message(1, channels, [1]))
+        wait_for(lambda: client.statistics()["messages_written"] == 1, DEADLINE, message="pulse 1")
+        source.send_multipart(build_message(2, channels, [2])[:1] + [b"\0" * (3 * limit)])
+        pulse_id = iter(range(3, 1000))
+
+        def sent_and_written():  # what was queued for the dropped connection went with it
+            try:
+                source.send_multipart(build_message(next(pulse_id), channels, [0]), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # not connected again yet
+            return client.statistics()["messages_written"] >= 2
+
+        wait_for(sent_and_written, DEADLINE, interval=0.05, message="a message after the refused part")
+        assert client.statistics()["source_reconnects"] == 1
 
 
 def test_dev_null_consumes_without_writing(stream):

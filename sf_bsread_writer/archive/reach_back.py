@@ -36,6 +36,7 @@ from sf_bsread_writer.archive.records import (
     OriginLog,
     should_reach_back,
 )
+from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
 from sf_bsread_writer.replay.client import HANDSHAKE_SECONDS, ReplayClient
 from sf_bsread_writer.replay.messages import Accepted, Data, End, Gap
 
@@ -61,7 +62,7 @@ class ReachBackSource:
 
     def __init__(self, address: str, start_pulse_id: int | None = None, start_time: float | None = None,
                  stop_pulse_id: int | None = None, stop_time: float | None = None, label: str | None = None,
-                 replay_factory: Callable[..., Any] = ReplayClient,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, replay_factory: Callable[..., Any] = ReplayClient,
                  archive_factory: Callable[..., Any] = _archive_source) -> None:
         self.address = address
         self.start_pulse_id = start_pulse_id
@@ -69,6 +70,7 @@ class ReachBackSource:
         self.stop_pulse_id = stop_pulse_id
         self.stop_time = stop_time
         self.label = label  # the replay request's label (a writer's output file: the status page's writers)
+        self.max_message_bytes = max_message_bytes  # the writer's: its replay socket's bound and request
         self._replay_factory = replay_factory
         self._archive_factory = archive_factory
         self._ring: Any = None
@@ -81,6 +83,7 @@ class ReachBackSource:
         self.accepted: Accepted | None = None
         self.ended: End | None = None
         self._restarts = 0
+        self._reconnects = 0  # of ring clients closed before the current one
 
     # -- what a source tells ----------------------------------------------------
     @property
@@ -92,6 +95,11 @@ class ReachBackSource:
         return self._restarts + (getattr(self._ring, "restarts", 0) if self._ring is not None else 0)
 
     @property
+    def reconnects(self) -> int:
+        """Ring connections ZeroMQ gave up after a part over the writer's bound, asked anew (replay.client)."""
+        return self._reconnects + (getattr(self._ring, "reconnects", 0) if self._ring is not None else 0)
+
+    @property
     def pulse_sources(self) -> list[dict[str, Any]] | None:
         """Runs of pulses by origin (``ring`` / ``archive``); None if the archive was never used."""
         return self._origins.runs() if ARCHIVE in self._origins.used else None
@@ -100,9 +108,11 @@ class ReachBackSource:
     def _ring_client(self, after: int | None) -> Any:
         if after is None:
             return self._replay_factory(self.address, start_pulse_id=self.start_pulse_id, start_time=self.start_time,
-                                        stop_pulse_id=self.stop_pulse_id, stop_time=self.stop_time, label=self.label)
+                                        stop_pulse_id=self.stop_pulse_id, stop_time=self.stop_time, label=self.label,
+                                        max_message_bytes=self.max_message_bytes)
         return self._replay_factory(self.address, start_pulse_id=after + 1, stop_pulse_id=self.stop_pulse_id,
-                                    stop_time=self.stop_time, label=self.label)
+                                    stop_time=self.stop_time, label=self.label,
+                                    max_message_bytes=self.max_message_bytes)
 
     def start(self) -> "ReachBackSource":
         self._ring = self._ring_client(None).start()
@@ -129,6 +139,7 @@ class ReachBackSource:
             self._ring.keep_alive()
 
     def close(self) -> None:
+        self._reconnects = self.reconnects
         for source in (self._archive, self._ring):
             if source is not None:
                 source.close()
@@ -192,6 +203,7 @@ class ReachBackSource:
         logger.info("pulses from %s on are older than the ring (%s): reading them from the archive %s",
                     start_pulse_id if start_pulse_id is not None else f"time {start_time}", gap.reason,
                     self._archive_target.url() if self._archive_target else "?")
+        self._reconnects += getattr(self._ring, "reconnects", 0)
         self._ring.close()
         self._ring = None
         self._archive = archive

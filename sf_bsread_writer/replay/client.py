@@ -16,30 +16,36 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from sf_bsread_writer.replay.client_state import ReplayClientState, Rerequest
+from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
+from sf_bsread_writer.replay.client_state import (
+    ReplayClientState,
+    ReplayOversizeError,
+    Rerequest,
+)
 from sf_bsread_writer.replay.messages import (
     DEFAULT_WINDOW,
     Accepted,
     Data,
     End,
     ErrorReason,
+    Gap,
     Refused,
     ReplayEvent,
     Request,
 )
+from sf_bsread_writer.transport.connection import WATCHED_EVENTS, GivenUp
 from sf_bsread_writer.transport.partsio import (
     MessageCutError,
     PartsReceiver,
     send_parts,
 )
 
-__all__ = ["ReplayClient", "ReplayHandshakeError", "HANDSHAKE_SECONDS"]
+__all__ = ["ReplayClient", "ReplayHandshakeError", "ReplayOversizeError", "HANDSHAKE_SECONDS"]
 
 #: How long a writer's start waits for the buffer to accept its request.
 HANDSHAKE_SECONDS = 3.0
-_HANDSHAKE_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
-                     | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_MONITORED_EVENTS = (WATCHED_EVENTS | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 _FIX = ("use the replay address from the buffer's READY line (its --replay-port), or --direct to read a "
         "plain bsread stream without a buffer")
 
@@ -71,28 +77,42 @@ class ReplayClient:
     message cut in half on the socket (``partsio.MessageCutError``, sending
     or receiving) does the same, silently for the caller: the socket is
     replaced (``sockets_replaced``, one log line) and the rest of the range
-    re-requested after the last pulse id handed out. Not thread-safe: use
-    from one thread. ``clock`` is for tests.
+    re-requested after the last pulse id handed out.
+
+    The socket takes no part over twice ``max_message_bytes`` (the
+    writer's limit, also sent in the request so that a buffer sends a
+    larger message as an ``oversize`` gap): ZeroMQ refuses a larger one at
+    its header, before any of it is buffered, and gives the connection up
+    for good. The client sees that in the socket's monitor
+    (``transport.connection.GivenUp``), asks for the rest of the range on a
+    new socket (``reconnects``) and returns ``Gap(None, None, "oversize",
+    None)``; the same part again before any data ends the session
+    (``ReplayOversizeError``, ``replay.client_state``). Not thread-safe:
+    use from one thread. ``clock`` is for tests.
     """
 
     def __init__(self, address: str, start_pulse_id: int | None = None, start_time: float | None = None,
                  stop_pulse_id: int | None = None, stop_time: float | None = None, window: int = DEFAULT_WINDOW,
                  heartbeat_interval: float = 1.0, peer_timeout: float = 5.0,
                  context: zmq.Context | None = None, clock: Callable[[], float] = time.monotonic,
-                 label: str | None = None) -> None:
+                 label: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.address = address
         self.state = ReplayClientState(Request(start_pulse_id, start_time, stop_pulse_id, stop_time, window,
-                                               message_times=True, label=label),
+                                               message_times=True, label=label,
+                                               max_message_bytes=max_message_bytes),
                                        heartbeat_interval, peer_timeout)
+        self.max_part_bytes = 2 * max_message_bytes  # the socket's ZMQ_MAXMSGSIZE, as every bounded socket's
         self._clock = clock
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
         self.session_id: str | None = None  # the routing id of the current socket, as the buffer logs it
-        self._monitor: zmq.Socket | None = None  # ZeroMQ's own view of the connection, until the handshake
+        self._monitor: zmq.Socket | None = None  # ZeroMQ's own view of the connection (handshake, given up)
+        self._given_up = GivenUp()
         self._early: list[ReplayEvent] = []  # events read during the handshake, for receive()
         self._receiver = PartsReceiver()
         self._cut: MessageCutError | None = None  # a send cut the current socket: replace it before using it
         self.sockets_replaced = 0
+        self.reconnects = 0  # new sockets after ZeroMQ gave a connection up (a part over max_part_bytes)
 
     # -- what the state knows -------------------------------------------------
     @property
@@ -115,22 +135,25 @@ class ReplayClient:
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "ReplayClient":
-        self._open(watch=True)
+        self._open()
         self._send(self.state.start(self._clock()))
         logger.info("replay session %s: requested %s from %s", self.session_id, self.state.request, self.address)
         return self
 
-    def _open(self, watch: bool = False) -> None:
+    def _open(self) -> None:
         socket = self._context.socket(zmq.DEALER)
         try:
             socket.setsockopt(zmq.LINGER, 0)
             # Our own routing id: the buffer names the session by it, so both logs say the same id.
             self.session_id = secrets.token_hex(8)
             socket.setsockopt(zmq.ROUTING_ID, bytes.fromhex(self.session_id))
-            # In flight is bounded by the window: no receive limit needed here.
+            # In flight is bounded by the window (and the buffer's bytes in flight): no queue limit needed here.
             socket.setsockopt(zmq.RCVHWM, 0)
-            if watch:
-                self._monitor = socket.get_monitor_socket(_HANDSHAKE_EVENTS)
+            # But not the size of one part: whatever sends on this port, a part over the writer's own bound is
+            # refused at its header (the connection then given up: receive() sees it and asks anew).
+            socket.setsockopt(zmq.MAXMSGSIZE, self.max_part_bytes)
+            self._monitor = socket.get_monitor_socket(_MONITORED_EVENTS)
+            self._given_up = GivenUp()
             socket.connect(self.address)
         except BaseException:
             if self._monitor is not None:
@@ -186,20 +209,21 @@ class ReplayClient:
                                                f"{event.reason}: {event.detail}",
                                                unavailable=event.reason == ErrorReason.TOO_MANY_SESSIONS.value)
                 if isinstance(event, Rerequest):  # the buffer restarted meanwhile: ask it again
-                    self._stop_monitor()
                     self._restart()
                     socket = self._socket
                     connected = handshaken = True  # it answered: only its acceptance is awaited now
                 elif event is not None:
                     self._early.append(event)
-        finally:
+        except BaseException:
             self._stop_monitor()
+            raise
         return self.state.accepted
 
     def _monitor_events(self) -> list[int]:
         events = []
         while self._monitor is not None and self._monitor.poll(0):
             events.append(recv_monitor_message(self._monitor)["event"])
+            self._given_up.event(events[-1], time.monotonic())  # ZeroMQ's timing: the real clock
         return events
 
     def _stop_monitor(self) -> None:
@@ -229,13 +253,13 @@ class ReplayClient:
         self.sockets_replaced += 1
         logger.error("replay session %s: socket replaced (%d so far), the rest of the range requested again: %s",
                      self.session_id, self.sockets_replaced, error)
-        self._stop_monitor()
         self._restart()
         assert self._socket is not None
         return self._socket
 
     def _restart(self) -> None:
         """Re-request the rest of the range on a fresh socket (stale in-flight messages die with the old one)."""
+        self._stop_monitor()
         if self._socket is not None:
             self._socket.close(linger=0)
         self._open()
@@ -290,6 +314,17 @@ class ReplayClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _part_refused(self) -> Gap:
+        """ZeroMQ gave the connection up (a part over max_part_bytes refused): the rest on a new socket."""
+        gap = self.state.part_refused(self.max_part_bytes)  # or ReplayOversizeError: the same again
+        self.reconnects += 1
+        logger.error("replay session %s: the connection to %s was given up by ZeroMQ after a part over %d bytes "
+                     "(twice --max-message-bytes) after pulse_id %s: a message lost, the rest of the range "
+                     "requested again (%d so far)", self.session_id, self.address, self.max_part_bytes,
+                     self.state.last_pulse_id, self.reconnects)
+        self._restart()
+        return gap
+
     # -- receiving ---------------------------------------------------------
     def receive(self, timeout: float) -> ReplayEvent | None:
         """The next event, or None if nothing arrived within ``timeout`` seconds."""
@@ -304,6 +339,10 @@ class ReplayClient:
             self._send(state.credit(now))
             socket = self._replace_if_cut(socket)
             if not socket.poll(int(state.wait_seconds(now, deadline) * 1000)):
+                # Nothing more comes on a connection ZeroMQ gave up: looked at only when nothing arrives.
+                self._monitor_events()
+                if self._given_up.check(time.monotonic()):
+                    return self._part_refused()
                 now = clock()
                 lost = state.silence(now)
                 if lost is not None:

@@ -18,6 +18,13 @@ tested with a fake clock:
   received), so a restarted buffer continues the stream. The same happens
   when the buffer answers ``unknown_session`` (it restarted and forgot the
   writer): :class:`Rerequest`.
+* **a part over the socket's bound**: ZeroMQ refuses it at its header and
+  gives the connection up for good; the shell asks for the rest of the
+  range on a new socket and hands the writer a :class:`Gap` (``oversize``,
+  pulse ids unknown: a loss, the outcome partial). The same again before
+  any data arrived in between (a peer that sends it every time, e.g. a
+  buffer that does not know the request's ``max_message_bytes``) ends the
+  session: :class:`ReplayOversizeError`, never a loop.
 """
 from __future__ import annotations
 
@@ -33,6 +40,8 @@ from sf_bsread_writer.replay.messages import (
     Data,
     End,
     ErrorReason,
+    Gap,
+    GapReason,
     Heartbeat,
     Refused,
     ReplayEvent,
@@ -45,7 +54,7 @@ from sf_bsread_writer.replay.messages import (
     parse_buffer_parts,
 )
 
-__all__ = ["ReplayClientState", "Rerequest"]
+__all__ = ["ReplayClientState", "Rerequest", "ReplayOversizeError"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +62,10 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Rerequest:
     """The buffer forgot this session (it restarted): ask for the rest of the range on a new socket."""
+
+
+class ReplayOversizeError(ConnectionError):
+    """The peer at the replay address sent a part over the writer's bound again before anything else arrived."""
 
 
 class ReplayClientState:
@@ -86,6 +99,8 @@ class ReplayClientState:
         self.ended: End | None = None
         self.accepted: Accepted | None = None
         self.restarts = 0  # re-requests after a lost buffer / forgotten session
+        self.parts_refused = 0  # connections ZeroMQ gave up after a part over the socket's bound
+        self._data_since_refused = True
         self._credit_step = max(1, self.window // 4)
         self._received = 0  # Data returned to the caller on the current socket
         self._credited = 0  # last cumulative count reported
@@ -107,7 +122,8 @@ class ReplayClientState:
         else:
             start_pulse_id, start_time = self.request.start_pulse_id, self.request.start_time
         return build_request(Request(start_pulse_id, start_time, self.stop_pulse_id, self.stop_time, self.window,
-                                     self.request.message_times, self.request.label))
+                                     self.request.message_times, self.request.label,
+                                     self.request.max_message_bytes))
 
     def credit(self, now: float) -> list[bytes] | None:
         """A credit message if one is due (a quarter window consumed, or a heartbeat interval passed)."""
@@ -144,6 +160,23 @@ class ReplayClientState:
             return BufferLost(silent)
         return None
 
+    def part_refused(self, bound: int) -> Gap:
+        """ZeroMQ refused a part over ``bound`` bytes and gave the connection up: the loss to report.
+
+        Then :meth:`restart` on a new socket. The first message after the
+        last one received was that part's: its pulse id is unknown (so is
+        the count). Raises :class:`ReplayOversizeError` when nothing arrived
+        since the last refusal: the peer sends it again on every request.
+        """
+        self.parts_refused += 1
+        if self.parts_refused > 1 and not self._data_since_refused:
+            raise ReplayOversizeError(
+                f"the peer sent a part over {bound} bytes (twice --max-message-bytes) again after pulse_id "
+                f"{self.last_pulse_id}: a buffer with a larger --max-message-bytes that does not send such a message "
+                f"as a gap (an older version), or not a buffer; raise the writer's --max-message-bytes to take it")
+        self._data_since_refused = False
+        return Gap(None, None, GapReason.OVERSIZE.value, None)
+
     def received(self, frames: Sequence[Any], now: float) -> ReplayEvent | Rerequest | None:
         """One message from the buffer, as a list of frames: see :meth:`received_parts`."""
         return self.received_parts(frames[0] if frames else None, list(frames[1:]), now)
@@ -166,6 +199,7 @@ class ReplayClientState:
             return None
         if isinstance(event, Data):
             self._received += 1
+            self._data_since_refused = True
             self.last_pulse_id = event.pulse_id
             return event
         if isinstance(event, Heartbeat):

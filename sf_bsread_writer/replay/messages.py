@@ -101,6 +101,9 @@ class GapReason(str, enum.Enum):
     NOT_ARCHIVED = "not_archived"  # the ring lost them before the archiver stored them (counted by the buffer)
     ARCHIVE_DISCARDED = "archive_discarded"  # removed by the archive's retention while a reader was on its way
     SOURCE_RESET = "source_reset"  # the source restarted its pulse ids (count may be 0)
+    # Larger than the writer takes (its request's max_message_bytes): not sent. From a writer's own client
+    # (pulse ids unknown): a part over its socket's bound refused by ZeroMQ (replay.client).
+    OVERSIZE = "oversize"
 
 
 class EndReason(str, enum.Enum):
@@ -148,6 +151,10 @@ class Request:
     # extension within version 1 as well: a buffer that does not know it ignores it. At most
     # MAX_LABEL_CHARACTERS printable characters; anything else is refused as bad_field.
     label: str | None = None
+    # The largest message the writer takes (its --max-message-bytes): the buffer sends a larger one as a
+    # gap (``oversize``) in its place, never its bytes. An optional extension within version 1: a buffer that
+    # does not know it ignores it (the writer's socket bound then refuses what is far larger: replay.client).
+    max_message_bytes: int | None = None
 
 
 #: The longest label a request may carry (a file path; longer is not a label but a misuse).
@@ -205,6 +212,8 @@ def build_request(request: Request) -> list[bytes]:
         body["message_times"] = True
     if request.label is not None:
         body["label"] = request.label
+    if request.max_message_bytes is not None:
+        body["max_message_bytes"] = request.max_message_bytes
     return [_dumps(body)]
 
 
@@ -289,8 +298,13 @@ def parse_writer_message(frames: Sequence[Any]) -> Request | Credit | SetStop | 
         message_times = body.get("message_times", False)
         if not isinstance(message_times, bool):
             raise ReplayProtocolError(ErrorReason.BAD_FIELD, f"message_times must be true or false, not {message_times!r}")
+        max_message_bytes = body.get("max_message_bytes")
+        if max_message_bytes is not None and (isinstance(max_message_bytes, bool) or
+                                              not isinstance(max_message_bytes, int) or max_message_bytes < 1):
+            raise ReplayProtocolError(ErrorReason.BAD_FIELD,
+                                      f"max_message_bytes must be a positive integer, not {max_message_bytes!r}")
         return Request(start_pulse_id, start_time, stop_pulse_id, stop_time, window, message_times,
-                       _label_field(body))
+                       _label_field(body), max_message_bytes)
     if kind == "credit":
         received = body.get("received")
         if isinstance(received, bool) or not isinstance(received, int) or received < 0:

@@ -57,7 +57,9 @@ class ReplaySession:
       them (but always one message): what a writer that stops reading can
       pin in the buffer's memory is bounded whatever the message size;
     - messages in ring order, each at most once; a :class:`Gap` before the
-      first message after any loss (coalesced: one gap per hole);
+      first message after any loss (coalesced: one gap per hole); a message
+      larger than the request's ``max_message_bytes`` is a gap (``oversize``)
+      in its place, never sent;
     - :class:`End` after the stop (inclusive) and nothing afterwards;
     - a :class:`Heartbeat` when nothing else was sent for ``heartbeat_interval``.
     """
@@ -214,13 +216,18 @@ class ReplaySession:
             if self._order_pulse_id is not None and pulse_id <= self._order_pulse_id:
                 # Pulse ids went backwards without a loss for this writer: say so anyway.
                 self._add_gap(Gap(None, None, GapReason.SOURCE_RESET.value, 0), 0)
-            self._pending.append(Data(pulse_id, ring.message(self.cursor),
-                                      timestamp if self.request.message_times else None))
             size = ring.nbytes(self.cursor)
-            self._in_flight_sizes.append(size)
-            self._in_flight_bytes += size
+            limit = self.request.max_message_bytes
+            if limit is not None and size > limit:
+                # The writer would refuse it (at its socket, or its parser after taking its bytes).
+                self._add_gap(Gap(pulse_id, pulse_id, GapReason.OVERSIZE.value, 1), 1)
+            else:
+                self._pending.append(Data(pulse_id, ring.message(self.cursor),
+                                          timestamp if self.request.message_times else None))
+                self._in_flight_sizes.append(size)
+                self._in_flight_bytes += size
+                self.sent += 1
             self.cursor += 1
-            self.sent += 1
             self.last_pulse_id = pulse_id
             self.last_time = timestamp
             self._order_pulse_id = pulse_id

@@ -24,13 +24,40 @@ import logging
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-__all__ = ["ConnectionWatch", "GIVEN_UP_SECONDS"]
+__all__ = ["ConnectionWatch", "GivenUp", "GIVEN_UP_SECONDS", "WATCHED_EVENTS"]
 
 logger = logging.getLogger(__name__)
 
 #: A disconnect not followed by libzmq's own reconnection attempt within this long was given up.
 GIVEN_UP_SECONDS = 1.0
-_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECTED
+#: The monitor events :class:`GivenUp` needs.
+WATCHED_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECTED
+
+
+class GivenUp:
+    """The decision alone: a connecting socket's monitor events and ``now`` in, "libzmq gave it up" out.
+
+    For an owner that answers a given-up connection otherwise than by connecting the same socket again
+    (the writer's replay client asks for the rest of its range on a new socket).
+    """
+
+    def __init__(self) -> None:
+        self._dropped_at: float | None = None
+
+    def event(self, event: int, now: float) -> None:
+        if event == zmq.EVENT_DISCONNECTED:
+            if self._dropped_at is None:
+                self._dropped_at = now
+        elif event in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CONNECTED):
+            # CONNECT_RETRIED: libzmq connects again by itself (a peer that went away); CONNECTED: it has
+            self._dropped_at = None
+
+    def check(self, now: float) -> bool:
+        """True once for each disconnect that no reconnection attempt followed within GIVEN_UP_SECONDS."""
+        if self._dropped_at is None or now - self._dropped_at < GIVEN_UP_SECONDS:
+            return False
+        self._dropped_at = None
+        return True
 
 
 class ConnectionWatch:
@@ -45,8 +72,8 @@ class ConnectionWatch:
         self.address = address
         self.name = name
         self.reconnects = 0
-        self._dropped_at: float | None = None
-        self._monitor: zmq.Socket | None = socket.get_monitor_socket(_EVENTS)
+        self._given_up = GivenUp()
+        self._monitor: zmq.Socket | None = socket.get_monitor_socket(WATCHED_EVENTS)
         socket.connect(address)
 
     def check(self, now: float) -> bool:
@@ -55,15 +82,9 @@ class ConnectionWatch:
         if monitor is None:
             return False
         while monitor.poll(0):
-            event = recv_monitor_message(monitor)["event"]
-            if event == zmq.EVENT_DISCONNECTED:
-                if self._dropped_at is None:
-                    self._dropped_at = now
-            else:  # CONNECT_RETRIED: libzmq connects again by itself (a peer that went away); CONNECTED: it has
-                self._dropped_at = None
-        if self._dropped_at is None or now - self._dropped_at < GIVEN_UP_SECONDS:
+            self._given_up.event(recv_monitor_message(monitor)["event"], now)
+        if not self._given_up.check(now):
             return False
-        self._dropped_at = None
         self.socket.connect(self.address)
         self.reconnects += 1
         logger.warning("%s: the connection to %s was dropped and not made again by ZeroMQ (a part over %d bytes "

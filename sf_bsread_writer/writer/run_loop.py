@@ -70,6 +70,7 @@ class RunCounters:
     rejected_reasons: dict[str, int] = field(default_factory=dict)
     gap_notices: int = 0
     buffer_lost: int = 0
+    source_reconnects: int = 0  # the source's count (transport.connection): a part over its bound refused
     rate: float = 0.0
     time_base: str | None = None  # of the rows written: bsread.timebase (also the file attribute)
     # Losses whose pulse ids are unknown (a range by time before the buffer's
@@ -141,6 +142,7 @@ class RunLoop:
             if self.range.complete:
                 return RunEnd.STOP_REACHED.value
             event = self.source.receive(POLL_INTERVAL)
+            self.counters.source_reconnects = getattr(self.source, "reconnects", 0)
             # Commands after the receive, before the event: a stop posted while waiting
             # applies to the message that ended the wait.
             reason = self._apply_commands()

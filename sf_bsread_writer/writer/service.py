@@ -264,6 +264,7 @@ class Writer:
                 rejected_reasons=dict(counters.rejected_reasons),
                 gap_notices=counters.gap_notices,
                 buffer_lost=counters.buffer_lost,
+                source_reconnects=counters.source_reconnects,
                 **WriterStatistics.missing_summary(pulse_range.missing if pulse_range else ()),
                 unlocated_gaps=tuple(counters.unlocated_gaps),
                 absent_values=output.absent_values if output is not None else 0,
@@ -453,7 +454,8 @@ class Writer:
                                  stop_time=start.stop_time)
         return ReachBackSource(self.settings.stream_address, start_pulse_id=start.start_pulse_id,
                                start_time=start.start_time, stop_pulse_id=start.stop_pulse_id,
-                               stop_time=start.stop_time, label=make_label(start.output_file))
+                               stop_time=start.stop_time, label=make_label(start.output_file),
+                               max_message_bytes=self.settings.max_message_bytes)
 
     def _default_output(self, start: StartRun) -> Any:
         return open_output(start, self.settings.flush_interval, self.settings.output_root,

@@ -62,6 +62,10 @@ class WriterStatistics(Record):
     # Values stored absent because they were refused (a wrong data-header entry, a value that does not
     # decode), by channel and reason; also in absent_values and the file attribute refused_channels.
     refused_values: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    # Connections to the source that ZeroMQ gave up after refusing a part over twice --max-message-bytes,
+    # made anew (--direct: the stream; else the buffer's replay endpoint, asked for the rest of the range).
+    # What the source sent meanwhile is lost (a replay: one message, an unlocated oversize gap).
+    source_reconnects: int = 0
 
     @staticmethod
     def missing_summary(missing: Iterable[MissingRange]) -> dict[str, Any]:
