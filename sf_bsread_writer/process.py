@@ -17,7 +17,8 @@ CLI around its own loop; what they share about being a *process* lives here:
   (docs/operations.md, "Exit codes"); :func:`start_error_code` sorts a
   failure at start into permanent (2) and transient (1);
 * :func:`stop_on_signals`: SIGTERM (systemd, kill) and SIGINT (Ctrl-C) ask
-  the service to stop; the handler only records, the service's own loop acts;
+  the service to stop; the handler only wakes a thread, which asks, and the
+  service's own loop acts;
 * :func:`survive_hangup`: SIGHUP (the terminal is gone) does not end a
   service or an acquisition: it is logged, the terminal's output is dropped,
   the command goes on;
@@ -172,16 +173,38 @@ def configure_logging(level: str) -> None:
 def stop_on_signals(stop: Callable[[str], None]) -> Callable[[], None]:
     """SIGTERM and SIGINT call ``stop(signal_name)``; returns a function that restores the old handlers.
 
-    ``stop`` runs inside the signal handler, in the main thread between two
-    bytecodes, so it must only *ask*: set an event, append to a list, or
-    ``loop.call_soon_threadsafe`` for an asyncio loop. Taking a lock there
-    could deadlock with the interrupted code. The service's loop then ends,
-    closes its sockets and files, and the command returns 0: a clean stop,
-    no traceback.
-    """
-    def handler(signum: int, frame: Any) -> None:
-        stop(signal.Signals(signum).name)  # no logging here: a handler may interrupt a log call
+    ``stop`` must only *ask*: set an event, append to a list, or
+    ``loop.call_soon_threadsafe`` for an asyncio loop. The service's loop
+    then ends, closes its sockets and files, and the command returns 0: a
+    clean stop, no traceback.
 
+    ``stop`` runs on a thread of its own ("stop-signals"), never inside the
+    handler: a handler runs in the main thread between two bytecodes, and
+    even setting a ``threading.Event`` takes the event's lock, which the
+    interrupted main thread may hold (inside that event's ``wait``, which a
+    service's loop calls all the time): the handler then waits for itself
+    for ever (CI: the CA bridge did not end within 60 s of SIGTERM). The
+    handler only writes the signal's number to a pipe, as
+    :func:`survive_hangup`'s does.
+    """
+    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    os.set_blocking(wake_read, True)
+
+    def handler(signum: int, frame: Any) -> None:
+        try:
+            os.write(wake_write, bytes((signum,)))  # no lock, no logging: a handler may interrupt either
+        except BlockingIOError:  # thousands of signals not yet passed on: the service is stopping already
+            pass
+
+    def pass_on() -> None:
+        while True:
+            for signum in os.read(wake_read, 4096):
+                try:
+                    stop(signal.Signals(signum).name)
+                except Exception:  # a bug in stop: said, and the next signal still passed on
+                    logger.exception("stopping on %s", signal.Signals(signum).name)
+
+    threading.Thread(target=pass_on, name="stop-signals", daemon=True).start()
     previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
 
     def restore() -> None:

@@ -157,6 +157,8 @@ class Child:
         full_env = dict(os.environ)
         full_env.setdefault("OMP_NUM_THREADS", "1")
         full_env["PYTHONUNBUFFERED"] = "1"
+        # A fatal signal prints every thread's stack (Python's faulthandler): what wait_or_explain shows of a hang.
+        full_env.setdefault("PYTHONFAULTHANDLER", "1")
         if env:
             full_env.update(env)
         self.args = list(args)
@@ -233,6 +235,26 @@ class Child:
 
     def wait(self, timeout: float = 20.0) -> int:
         return self.process.wait(timeout=timeout)
+
+    def wait_or_explain(self, timeout: float = 20.0) -> int:
+        """The exit code; a child still running after ``timeout`` fails the test saying where each thread is.
+
+        Then SIGABRT: Python's faulthandler (on in every Child) writes every thread's stack to stderr, which
+        is in :meth:`output`, and the process ends. A hang seen once in CI then says why the next time.
+        """
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self.process.send_signal(signal.SIGABRT)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self._reader.join(timeout=5)
+        raise AssertionError(f"{' '.join(self.args)} did not end within {timeout} s; its threads then, and all "
+                             f"it said:\n{self.output()}")
 
     def stop(self, timeout: float = 10.0) -> int | None:
         if self.process.poll() is None:

@@ -241,11 +241,34 @@ def test_no_service_ends_on_a_hangup(tmp_path, name):
         child.wait_for_line(said, timeout=DEADLINE)
         assert child.process.poll() is None, child.output()
         child.signal(signal.SIGTERM)
-        assert child.wait(timeout=DEADLINE) == ExitCode.OK, child.output()
+        assert child.wait_or_explain(timeout=DEADLINE) == ExitCode.OK, child.output()
     try:
         os.killpg(child.process.pid, signal.SIGKILL)  # a child of the command (the gateway's IOC), if any is left
     except ProcessLookupError:
         pass
+
+
+# A service's main thread waits on the event its SIGTERM sets (the bridge: ``_stop.wait(...)`` between ticks).
+# The signal arrives while that thread holds the event's lock (inside Event.wait/clear: raised there at will).
+_STOP_WHILE_THE_EVENT_IS_HELD = """
+import signal, threading
+from sf_bsread_writer import process
+stop = threading.Event()
+process.stop_on_signals(lambda name: stop.set())
+with stop._cond:  # as Event.wait does: the lock the handler's set() needs
+    signal.raise_signal(signal.SIGTERM)
+    print("handler returned", flush=True)
+print("stopped" if stop.wait(20) else "not stopped", flush=True)
+"""
+
+
+def test_a_stop_signal_while_the_main_thread_holds_the_stop_events_lock_still_stops():
+    """CI: the bridge did not end within 60 s of SIGTERM. Its handler set a threading.Event, which takes the
+    event's lock; the main thread, interrupted between two bytecodes of that event's wait(), held it: the
+    handler waited for itself for ever. stop_on_signals now runs ``stop`` on a thread of its own."""
+    with Child([sys.executable, "-c", _STOP_WHILE_THE_EVENT_IS_HELD]) as child:
+        assert child.wait_or_explain(timeout=20) == 0, child.output()  # a hang: where each thread was
+        assert child.output().splitlines()[-2:] == ["handler returned", "stopped"], child.output()
 
 
 # --------------------------------------------------------------------------

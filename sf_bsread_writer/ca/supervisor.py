@@ -79,7 +79,7 @@ def supervise(argv: Sequence[str]) -> int:
     The next IOC is always started in advance and waits, its imports done
     (loading EPICS takes seconds on a busy machine), until it is told to go:
     a replacement costs the new IOC's ``iocInit``, not a Python start. Each
-    child dies with this process. The signal handler only sets an event.
+    child dies with this process. SIGTERM only sets an event (process.stop_on_signals: from its thread).
     """
     stopping = threading.Event()
     restore = process.stop_on_signals(lambda name: stopping.set())

@@ -101,9 +101,9 @@ def serve(writer: Writer, server: Any, wait_until_idle: Callable[[float], bool] 
     """Wait for the writer to finish, keep answering for the grace period, return the exit code.
 
     SIGTERM and SIGINT close the file (as ``/kill``); SIGHUP is only logged
-    (the run goes on: :func:`main` installs that). The handler only
-    records the signal; this loop, in the main thread, acts on it within
-    ``SIGNAL_LATENCY`` (taking locks inside a signal handler could deadlock).
+    (the run goes on: :func:`main` installs that). The signal is only
+    recorded (by process.stop_on_signals's thread); this loop, in the main
+    thread, acts on it within ``SIGNAL_LATENCY``.
     ``wait_until_idle(timeout)`` waits for the HTTP answers still being sent.
     """
     pending: list[str] = []
