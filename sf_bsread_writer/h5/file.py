@@ -81,6 +81,7 @@ import numpy as np
 from sf_bsread_writer.bsread.codecs import value_problem
 from sf_bsread_writer.bsread.message import Message
 from sf_bsread_writer.bsread.spec import ChannelSpec, RejectReason
+from sf_bsread_writer.h5 import guardian
 from sf_bsread_writer.h5.calls import CALLS
 from sf_bsread_writer.h5.columns import Column, ColumnMaker
 from sf_bsread_writer.h5.layout import (
@@ -99,6 +100,7 @@ from sf_bsread_writer.h5.layout import (
     storable_text,
 )
 from sf_bsread_writer.h5.packed import HeaderPlan, PackedRows
+from sf_bsread_writer.h5.journaled import JournaledFile, undo
 from sf_bsread_writer.h5.placement import FileSlot
 from sf_bsread_writer.h5.variants import merge_variants
 from sf_bsread_writer.replay.messages import MissingRange
@@ -196,7 +198,8 @@ class H5File:
                  extra_parameters: Mapping[str, Any] | None = None, *,
                  flush_interval: float = DEFAULT_FLUSH_INTERVAL, block_rows: int = DEFAULT_BLOCK_ROWS,
                  block_bytes: int = DEFAULT_BLOCK_BYTES, clock: Callable[[], float] = time.monotonic,
-                 directory_fd: int | None = None, decompress_images: bool = False) -> None:
+                 directory_fd: int | None = None, decompress_images: bool = False, journal: bool = True,
+                 guardian: bool = True) -> None:
         if block_rows < 1:
             raise ValueError(f"block_rows must be >= 1, not {block_rows}")
         self.path = os.fspath(path)
@@ -204,6 +207,8 @@ class H5File:
         self.block_rows = int(block_rows)
         self.block_bytes = int(block_bytes)
         self._clock = clock
+        self._journal = journal
+        self._guardian = journal and guardian
         self.decompress_images = decompress_images  # no direct chunks: plain datasets, readable without the plugin
         self._maker = ColumnMaker(decompress_images)  # channel groups, copied from one of their kind
 
@@ -260,35 +265,75 @@ class H5File:
         output-root check was made on it).
         """
         self._slot = FileSlot(self.path, directory_fd)
+        self._io: JournaledFile | None = None
+        self._guard_key: int | None = None
         try:
             try:
                 self._slot.reserve(RESERVE_BYTES)
             except OSError as error:
                 raise OSError(error.errno, f"no room for the writer's reserve of {RESERVE_BYTES} bytes beside "
                                            f"{self.path} ({error.strerror}): the disk is (nearly) full") from None
-            # Exclusive ("w-"): never truncates an existing file. Default (earliest)
-            # libver on purpose: no superblock "open for write" flag, so a file left
-            # by SIGKILL opens without h5clear. No raw data chunk cache: see CHUNK_CACHE_BYTES.
-            self._file = h5py.File(self._slot.creation_path, "w-", rdcc_nbytes=CHUNK_CACHE_BYTES,
-                                   rdcc_nslots=CHUNK_CACHE_SLOTS)
+            # The journal first (exclusive: one left by a killed writer and guardian refuses this start, JournalLeft),
+            # then the file under its temporary name; the guardian holds both before HDF5 writes a byte.
+            journal_fd = self._slot.create_journal() if self._journal else -1
+            try:
+                self._io = JournaledFile(self._slot.create_file())
+            except BaseException:
+                if journal_fd >= 0:
+                    os.close(journal_fd)
+                raise
+            if journal_fd >= 0:
+                self._io.set_journal(journal_fd)
+                if self._guardian:
+                    self._guard_key = guardian.watch(self._slot.directory_fd, self._io.fd, journal_fd,
+                                                     self._slot.journal_name, self.path)
+            # Exclusive ("w-"; the file is ours already, created with O_EXCL). Default (earliest) libver on
+            # purpose: no superblock "open for write" flag, so a file left by SIGKILL opens without h5clear.
+            # No raw data chunk cache: see CHUNK_CACHE_BYTES. Every write goes through self._io (the journal).
+            self._file = h5py.File(self._io, "w-", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=CHUNK_CACHE_SLOTS)
         except BaseException:
+            self._end_journal(cut=False)
+            self._slot.discard()
             self._slot.close()
             raise
         try:
-            self._file_fd = self._file.id.get_vfd_handle()
+            self._file_fd = self._io.fd
             self._data = self._file.create_group("data")
             self._write_general(dict(general or {}), dict(extra_parameters or {}))
             self._file.attrs["format"] = FORMAT_NAME
             self._file.attrs["format_version"] = FORMAT_VERSION
             self._write_file_attributes(complete=False)
             self._file.flush()
+            self._io.commit()  # from here on, an overwrite of these bytes is journaled first
             self._slot.publish()
         except BaseException:
             self._closed = True
             self._file.close()
+            self._end_journal(cut=False)
             self._slot.discard()
             self._slot.close()
             raise
+
+    def _end_journal(self, cut: bool = True) -> None:
+        """The file is closed whole (or removed): empty the journal, cut the file, remove the journal, tell the guardian.
+
+        In this order: a kill at any point leaves a journal that undoes
+        nothing (emptied) or no journal, never one that undoes a whole file.
+        """
+        io = self._io
+        if io is None:
+            return
+        try:
+            if io.fd >= 0:
+                io.end_journal()
+                if cut:
+                    io.finish()
+            self._slot.remove_journal()
+            if self._guard_key is not None:
+                guardian.done(self._guard_key)
+                self._guard_key = None
+        finally:
+            io.close()
 
     # -- public API ------------------------------------------------------
     @property
@@ -565,6 +610,7 @@ class H5File:
             self._write_missing()
             self._write_file_attributes(complete=False)
             self._file.flush()
+            self._io.commit()  # only now: the file on disk is this flush's, whole
         except Exception as error:
             if not is_disk_full(error) or isinstance(error, DiskFull):
                 raise
@@ -633,6 +679,7 @@ class H5File:
             self._write_missing()
             self._write_file_attributes(complete=False)
             self._file.flush()
+            self._io.commit()
         except Exception:  # noqa: BLE001 (the close tries again, with whatever room there is)
             logger.exception("%s: flushing after the full disk failed", self.path)
         self.disk_full = DiskFull(f"{self.path}: the disk is full ({error}); {self._rows_written} rows are in "
@@ -661,8 +708,18 @@ class H5File:
         finally:
             self._closed = True
             try:
-                self._file.close()
-                self._slot.close()
+                closed_whole = False
+                try:
+                    self._file.close()
+                    closed_whole = True
+                finally:
+                    try:
+                        if closed_whole:
+                            self._end_journal()
+                        else:  # HDF5 stopped half way through its close: the file as of the last flush
+                            self._undo_to_last_flush()
+                    finally:
+                        self._slot.close()
             finally:
                 self._maker.close()  # its in-memory templates: after the file, whatever happens there
         logger.info("closed %s: %d rows, %d channels, %d missing pulses",
@@ -692,8 +749,19 @@ class H5File:
                 self._file.close()
         finally:
             self._maker.close()
-            self._slot.remove()
-            self._slot.close()
+            try:
+                self._end_journal(cut=False)
+            finally:
+                self._slot.remove()
+                self._slot.close()
+
+    def _undo_to_last_flush(self) -> None:
+        """Apply the journal here and now (a close that failed half way), then remove it."""
+        io = self._io
+        if io is not None and io.fd >= 0 and io.journal_fd >= 0:
+            plan = undo(io.fd, io.journal_fd)
+            logger.error("%s: the close failed; the file is back at its last flush (%s)", self.path, plan.describe())
+        self._end_journal(cut=False)
 
     def __enter__(self) -> "H5File":
         return self
