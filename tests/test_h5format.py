@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -1221,6 +1222,50 @@ def test_a_close_that_fails_leaves_the_file_of_the_last_flush(tmp_path: Path, mo
         assert f.attrs["number_of_messages"] == 10 and f.attrs["complete"] == 0
         np.testing.assert_array_equal(f["data/X/data"][:10, 0], np.arange(1, 11))
         np.testing.assert_array_equal(f["data/CAM/data"][9], _image(10, (96, 80)))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_a_guardian_started_for_another_user_switches_at_once_and_still_undoes(tmp_path: Path) -> None:
+    """The writer that drops its privileges starts its guardian before (as root): it runs as that user, whole.
+
+    After the switch not even the interpreter's library may be readable (a pyenv Python under /root, as here):
+    everything the guardian needs is imported before it switches.
+    """
+    import tempfile
+
+    from sf_bsread_writer.h5 import guardian as guardian_module
+
+    nobody = 65534
+    shared = Path(tempfile.mkdtemp(prefix="sf_bsread_writer_test_"))
+    shared.chmod(0o777)
+    guardian = guardian_module.Guardian()
+    try:
+        (shared / "data.h5").write_bytes(b"CORRUPTED-AND-LONGER")
+        (shared / ".data.h5.journal").write_bytes(journal.encode_header(9) + journal.encode_record(0, b"committed"))
+        directory_fd = os.open(shared, os.O_RDONLY | os.O_DIRECTORY)
+        file_fd = os.open(shared / "data.h5", os.O_RDWR)
+        journal_fd = os.open(shared / ".data.h5.journal", os.O_RDWR)
+        try:
+            guardian.start(run_as=(nobody, nobody, [nobody]))
+            guardian.watch(directory_fd, file_fd, journal_fd, ".data.h5.journal", str(shared / "data.h5"))
+            pid = guardian.pid
+            wait_for(lambda: f"\t{nobody}\t" in _status_line(pid, "Uid:"), timeout=20, message="the switch")
+        finally:
+            for fd in (directory_fd, file_fd, journal_fd):
+                os.close(fd)
+        guardian._drop()  # this "writer" ends: the guardian reads end-of-file
+        wait_for(lambda: not (shared / ".data.h5.journal").exists(), timeout=20, message="the undo")
+        assert (shared / "data.h5").read_bytes() == b"committed"
+    finally:
+        guardian._drop()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _status_line(pid: int, key: str) -> str:
+    try:
+        return next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(key))
+    except (OSError, StopIteration):
+        return ""
 
 
 # --------------------------------------------------------------- the undo journal's bytes (pure)

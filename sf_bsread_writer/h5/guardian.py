@@ -15,7 +15,10 @@ ended, however it ended: every journal still watched is undone
 One guardian per writer process, started on first use
 (:func:`watch`) through ``process.start_child`` (its own session,
 ``dies_with_parent=False``: it must outlive the writer), as the user the
-writer runs as. It ignores SIGINT, SIGTERM and SIGHUP (a Ctrl-C or a
+writer runs as. A writer that drops its privileges starts it before the
+drop (:func:`start`, ``run_as``): after it, the interpreter itself may not
+be readable (a pyenv Python under a 0700 /root), so the guardian is
+started by root and switches to the writer's user as its first act. It ignores SIGINT, SIGTERM and SIGHUP (a Ctrl-C or a
 ``kill`` of the process group must not stop it before the writer's end),
 runs ``python -I -S`` and imports nothing of the package from disk: the
 writer hands it the source of the three modules it needs (this one,
@@ -31,7 +34,7 @@ import signal
 import socket
 import sys
 
-__all__ = ["Guardian", "watch", "done", "guardian_pid", "main", "GUARDIAN_TAG"]
+__all__ = ["Guardian", "start", "watch", "done", "guardian_pid", "main", "GUARDIAN_TAG"]
 
 GUARDIAN_TAG = "sf_bsread_writer-guardian"  # in its command line, for ps
 _MODULES = ("sf_bsread_writer.h5.journal", "sf_bsread_writer.h5.journaled", "sf_bsread_writer.h5.guardian")
@@ -39,9 +42,10 @@ _MESSAGE_BYTES = 64 * 1024
 _FDS_PER_WATCH = 3
 
 # The guardian's whole program before it has the package: ignore the stop signals first, then build the three
-# modules from the sources of the first message (package stubs above them) and run main().
+# modules from the sources of the first message (package stubs above them), switch user if asked (only now: the
+# standard library they import may be out of that user's reach) and run main().
 _BOOT = f"""
-import signal, socket, sys, types
+import os, signal, socket, sys, types
 for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(number, signal.SIG_IGN)
 channel = socket.socket(fileno=int(sys.argv[1]))
@@ -52,6 +56,10 @@ for package in ("sf_bsread_writer", "sf_bsread_writer.h5"):
 for name, source in zip(parts[0::2], parts[1::2]):
     module = sys.modules[name.decode()] = types.ModuleType(name.decode())
     exec(compile(source, "<" + name.decode() + ">", "exec"), module.__dict__)
+if len(sys.argv) > 3:  # started by root for a writer that drops its privileges: everything imported, now switch
+    os.setgroups([int(group) for group in sys.argv[5].split(",") if group])
+    os.setgid(int(sys.argv[4]))
+    os.setuid(int(sys.argv[3]))
 sys.exit(sys.modules["sf_bsread_writer.h5.guardian"].main(channel))
 """
 
@@ -109,6 +117,12 @@ class Guardian:
         """The guardian process's pid (None before the first watch)."""
         return self._child.pid if self._child is not None and self._pid == os.getpid() else None
 
+    def start(self, run_as: tuple[int, int, list[int]] | None = None) -> None:
+        """Start the guardian now if none runs; ``run_as`` (uid, gid, groups): it switches to that user first."""
+        with self._lock:
+            if self._socket is None or self._pid != os.getpid():
+                self._start(run_as)
+
     def watch(self, directory_fd: int, file_fd: int, journal_fd: int, journal_name: str, path: str) -> int:
         """Undo ``journal_fd`` into ``file_fd`` if this process ends before :meth:`done`; returns the key for done.
 
@@ -144,7 +158,7 @@ class Guardian:
                     raise
                 self._drop()
 
-    def _start(self) -> None:
+    def _start(self, run_as: tuple[int, int, list[int]] | None = None) -> None:
         import subprocess
 
         from sf_bsread_writer import process  # the package's one way to start a child
@@ -155,6 +169,9 @@ class Guardian:
         try:
             if _SOURCES is not None:
                 argv = [sys.executable, "-I", "-S", "-c", _BOOT, str(theirs.fileno()), GUARDIAN_TAG]
+                if run_as is not None:
+                    uid, gid, groups = run_as
+                    argv += [str(uid), str(gid), ",".join(map(str, groups))]
             else:
                 argv = [sys.executable, "-m", "sf_bsread_writer.h5.guardian", str(theirs.fileno()), GUARDIAN_TAG]
             # stdout nowhere (a pipe read by whoever started the writer must not wait for it), stderr: the log.
@@ -182,6 +199,11 @@ def _guardian() -> Guardian:
     if _GUARDIAN is None:
         _GUARDIAN = Guardian()
     return _GUARDIAN
+
+
+def start(run_as: tuple[int, int, list[int]] | None = None) -> None:
+    """:meth:`Guardian.start` of this process's guardian."""
+    _guardian().start(run_as)
 
 
 def watch(directory_fd: int, file_fd: int, journal_fd: int, journal_name: str, path: str) -> int:
