@@ -26,17 +26,32 @@ decompressed. When :func:`direct_chunk_compatible` says no (legacy
 block size, wrong size), the value is decoded and written through the
 filter instead.
 
-Why this is crash safe. The file is created with HDF5's default (earliest)
-format. Every flush writes the block, updates the file attributes
-(``number_of_messages`` ...) and calls ``H5Fflush``; between flushes nothing
-is written at all, because values wait in memory. A process killed with
-SIGKILL therefore leaves the file as of the last completed flush (plus, at
-worst, raw data that no metadata points at yet), and the earliest format has
-no "file open for write" superblock flag, so a plain ``h5py.File(path,
-"r")`` opens it (SWMR and ``libver="latest"`` files need ``h5clear`` first
-after a crash: checked with HDF5 2.0). The first ``number_of_messages`` rows
-of every channel are complete; tests/test_h5format.py proves it by killing a
-child writer at several moments.
+Why this is crash safe. A flush writes the block, updates the file
+attributes (``number_of_messages`` ...) and calls ``H5Fflush``; between
+flushes nothing is written at all, because values wait in memory. But
+during a flush, and during the close, HDF5 rewrites metadata in place in
+its own order (the superblock with the end of allocation last): a chunk
+index node that splits points to a node allocated past the end the
+superblock on disk still names, an attribute may be written before the
+index it counts. A SIGKILL there used to leave a file that does not open
+("addr overflow", seen in CI), whatever it held. So every write goes
+through :class:`~sf_bsread_writer.h5.journaled.JournaledFile` (h5py's
+``fileobj`` driver): before a write replaces bytes the file held at the
+last *commit* (the end of a flush: after ``H5Fflush`` returned), those
+bytes go to an undo journal beside the file (``h5.journal``). The
+guardian, a small process beside the writer (``h5.guardian``), holds the
+file's and the journal's descriptors; when the writer ends, however it
+ends, it puts those bytes back and cuts the file to its committed size.
+The file is then byte for byte the file of the last completed flush: it
+opens with plain ``h5py.File(path, "r")`` and its first
+``number_of_messages`` rows are complete. A writer and guardian both
+killed leave the journal; ``sf_bsread_ctl repair FILE`` applies it, and a
+new writer of that path refuses until then. A close that fails half way
+is undone here at once. The earliest format is kept: its superblock has no
+"file open for write" flag (SWMR and ``libver="latest"`` files need
+``h5clear`` after a crash: checked with HDF5 2.0).
+tests/test_h5format.py kills a writer at a spread of HDF5's writes of a
+flush and of the close, and kills writers at random moments.
 
 Why a full disk costs no row already written. HDF5 writes metadata at
 every flush and at the close (object headers, chunk index nodes, the
