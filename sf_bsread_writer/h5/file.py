@@ -98,7 +98,7 @@ from sf_bsread_writer.bsread.message import Message
 from sf_bsread_writer.bsread.spec import ChannelSpec, RejectReason
 from sf_bsread_writer.h5 import guardian
 from sf_bsread_writer.h5.calls import CALLS
-from sf_bsread_writer.h5.columns import INDEX_NODE_BYTES, MAX_CHUNK_ROWS, Column, ColumnMaker, _new_chunks
+from sf_bsread_writer.h5.columns import Column, ColumnMaker
 from sf_bsread_writer.h5.layout import (
     CALLER_ATTRIBUTES,
     FORMAT_NAME,
@@ -161,11 +161,9 @@ RESERVE_BYTES = 1024 * 1024
 FLUSH_MARGIN_BYTES = 64 * 1024
 GROUP_BYTES = 4 * 1024
 MISSING_RECORD_BYTES = 128
-# The undo journal beside the file takes room too: the committed bytes a flush rewrites in place. Per channel
-# group that existed at the last flush: its four object headers (<= 1 KiB each here) and, for each dataset
-# whose chunk index gets new chunks, a leaf and a parent node (3136 B for a rank-3 dataset; INDEX_NODE_BYTES).
-# Groups made since hold nothing committed. Measured: 0.8-3.3 KiB per channel and flush.
-JOURNAL_OBJECT_HEADER_BYTES = 1024
+# The undo journal beside the file takes room too: the committed bytes a flush rewrites in place, per channel
+# group that existed at the last flush Column.rewritten_bytes (object headers, index nodes, chunks shared with
+# rows already written); groups made since hold nothing committed. Measured: 0.8-3.3 KiB per channel and flush.
 JOURNAL_FILE_BYTES = 128 * 1024  # the file's own: superblock, root and /data groups, their attributes, /missing
 # Channels of HDF5 work (a group created, a column's block written) between two
 # calls of H5File.keep_alive: ~1 ms of work per channel, so a call every ~16 ms,
@@ -656,7 +654,7 @@ class H5File:
 
         An upper bound of what writing them takes (``Column.space_needed``),
         and of what the undo journal takes meanwhile (the committed bytes the
-        flush rewrites in place: ``JOURNAL_OBJECT_HEADER_BYTES``...), against the
+        flush rewrites in place: ``Column.rewritten_bytes``), against the
         file system's free space; the close has its own reserve.
         """
         self._scatter()
@@ -666,18 +664,12 @@ class H5File:
         margin = (FLUSH_MARGIN_BYTES + GROUP_BYTES * (self._groups_since_flush + unsettled)
                   + MISSING_RECORD_BYTES * self._missing_unwritten())
         free = self._slot.free_bytes() - margin
-        committed_columns = max(0, len(columns) - self._groups_since_flush)
-        journaled = self._io.journal_fd >= 0
-
-        def journal_bytes(rows: int) -> int:
-            if not journaled:
-                return 0
-            indexes = 4 if _new_chunks(start, rows, MAX_CHUNK_ROWS) else 1  # else only data's may grow
-            return JOURNAL_FILE_BYTES + committed_columns * (4 * JOURNAL_OBJECT_HEADER_BYTES
-                                                             + 2 * INDEX_NODE_BYTES * indexes)
+        if self._io.journal_fd >= 0:  # groups made since the last flush (the newest ones) rewrite nothing committed
+            committed = columns[:max(0, len(columns) - self._groups_since_flush)]
+            free -= JOURNAL_FILE_BYTES + sum(column.rewritten_bytes(start) for column in committed)
 
         def fits(rows: int) -> bool:
-            return sum(column.space_needed(start, rows) for column in columns) + journal_bytes(rows) <= free
+            return sum(column.space_needed(start, rows) for column in columns) <= free
 
         if fits(pending):
             return pending
