@@ -69,6 +69,10 @@ INDEX_NODE_ENTRIES = 32
 # HDF5's global heap (vlen strings): each string plus its object header, and a new collection (>= 4 KiB).
 HEAP_OBJECT_BYTES = 24
 HEAP_COLLECTION_BYTES = 4096
+# What a block write rewrites in place (the undo journal's share, h5/file.py): an object header (<= 1 KiB here),
+# a global heap collection strings were added to (HDF5 fills one up to 64 KiB before it starts another).
+OBJECT_HEADER_BYTES = 1024
+HEAP_REWRITTEN_BYTES = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +185,21 @@ class Column:
         row_chunks = _new_chunks(start, rows, MAX_CHUNK_ROWS)
         return (2 * _chunk_space(row_chunks, MAX_CHUNK_ROWS * 8, start == 0)
                 + _chunk_space(row_chunks, MAX_CHUNK_ROWS, start == 0) + self._values_space(start, rows))
+
+    def rewritten_bytes(self, start: int) -> int:
+        """At most the bytes already in the file that a block write from file row ``start`` rewrites in place.
+
+        For the undo journal's room (h5/file.py): the four object headers,
+        the chunk index nodes that change, and every chunk the block shares
+        with rows already written (HDF5 writes a chunk whole).
+        """
+        partial_rows = start % MAX_CHUNK_ROWS != 0
+        return (4 * OBJECT_HEADER_BYTES + 4 * 2 * INDEX_NODE_BYTES
+                + (MAX_CHUNK_ROWS * (8 + 8 + 1) if partial_rows else 0) + self._values_rewritten(start))
+
+    def _values_rewritten(self, start: int) -> int:
+        """The data dataset's share of :meth:`rewritten_bytes` (its chunk shared with written rows)."""
+        return 0
 
     def take_expansion(self) -> int:
         """Memory taken since the last call beyond the received bytes (a decompressed value is bigger).
@@ -319,6 +338,10 @@ class FixedColumn(Column):
         chunk_rows, per_slab, chunk_bytes = self._chunk_geometry
         return _chunk_space(_new_chunks(start, rows, chunk_rows) * per_slab, chunk_bytes, start == 0)
 
+    def _values_rewritten(self, start: int) -> int:
+        chunk_rows, per_slab, chunk_bytes = self._chunk_geometry
+        return chunk_bytes * per_slab if start % chunk_rows else 0
+
     def append_batch(self, spec: ChannelSpec, row: int, values: np.ndarray, stamps: np.ndarray,
                      present: np.ndarray) -> None:
         """Rows ``row..row+n`` at once from the packed fast path (absent rows hold zeros there, not here)."""
@@ -401,6 +424,10 @@ class StringColumn(Column):
         texts = sum(len(text.encode("utf-8", "surrogatepass")) + HEAP_OBJECT_BYTES for text in self.values[:rows])
         return (_chunk_space(_new_chunks(start, rows, MAX_CHUNK_ROWS), MAX_CHUNK_ROWS * 16, start == 0)
                 + texts + HEAP_COLLECTION_BYTES)
+
+    def _values_rewritten(self, start: int) -> int:
+        # The chunk of references shared with written rows, and the global heap collection strings are added to.
+        return (MAX_CHUNK_ROWS * 16 if start % MAX_CHUNK_ROWS else 0) + HEAP_REWRITTEN_BYTES
 
     def _write_values(self, start: int, count: int) -> int:
         self.data[start:start + count] = np.array(self.values, dtype=object)

@@ -26,17 +26,32 @@ decompressed. When :func:`direct_chunk_compatible` says no (legacy
 block size, wrong size), the value is decoded and written through the
 filter instead.
 
-Why this is crash safe. The file is created with HDF5's default (earliest)
-format. Every flush writes the block, updates the file attributes
-(``number_of_messages`` ...) and calls ``H5Fflush``; between flushes nothing
-is written at all, because values wait in memory. A process killed with
-SIGKILL therefore leaves the file as of the last completed flush (plus, at
-worst, raw data that no metadata points at yet), and the earliest format has
-no "file open for write" superblock flag, so a plain ``h5py.File(path,
-"r")`` opens it (SWMR and ``libver="latest"`` files need ``h5clear`` first
-after a crash: checked with HDF5 2.0). The first ``number_of_messages`` rows
-of every channel are complete; tests/test_h5format.py proves it by killing a
-child writer at several moments.
+Why this is crash safe. A flush writes the block, updates the file
+attributes (``number_of_messages`` ...) and calls ``H5Fflush``; between
+flushes nothing is written at all, because values wait in memory. But
+during a flush, and during the close, HDF5 rewrites metadata in place in
+its own order (the superblock with the end of allocation last): a chunk
+index node that splits points to a node allocated past the end the
+superblock on disk still names, an attribute may be written before the
+index it counts. A SIGKILL there used to leave a file that does not open
+("addr overflow", seen in CI), whatever it held. So every write goes
+through :class:`~sf_bsread_writer.h5.journaled.JournaledFile` (h5py's
+``fileobj`` driver): before a write replaces bytes the file held at the
+last *commit* (the end of a flush: after ``H5Fflush`` returned), those
+bytes go to an undo journal beside the file (``h5.journal``). The
+guardian, a small process beside the writer (``h5.guardian``), holds the
+file's and the journal's descriptors; when the writer ends, however it
+ends, it puts those bytes back and cuts the file to its committed size.
+The file is then byte for byte the file of the last completed flush: it
+opens with plain ``h5py.File(path, "r")`` and its first
+``number_of_messages`` rows are complete. A writer and guardian both
+killed leave the journal; ``sf_bsread_ctl repair FILE`` applies it, and a
+new writer of that path refuses until then. A close that fails half way
+is undone here at once. The earliest format is kept: its superblock has no
+"file open for write" flag (SWMR and ``libver="latest"`` files need
+``h5clear`` after a crash: checked with HDF5 2.0).
+tests/test_h5format.py kills a writer at a spread of HDF5's writes of a
+flush and of the close, and kills writers at random moments.
 
 Why a full disk costs no row already written. HDF5 writes metadata at
 every flush and at the close (object headers, chunk index nodes, the
@@ -81,6 +96,7 @@ import numpy as np
 from sf_bsread_writer.bsread.codecs import value_problem
 from sf_bsread_writer.bsread.message import Message
 from sf_bsread_writer.bsread.spec import ChannelSpec, RejectReason
+from sf_bsread_writer.h5 import guardian
 from sf_bsread_writer.h5.calls import CALLS
 from sf_bsread_writer.h5.columns import Column, ColumnMaker
 from sf_bsread_writer.h5.layout import (
@@ -99,6 +115,7 @@ from sf_bsread_writer.h5.layout import (
     storable_text,
 )
 from sf_bsread_writer.h5.packed import HeaderPlan, PackedRows
+from sf_bsread_writer.h5.journaled import JournaledFile, undo
 from sf_bsread_writer.h5.placement import FileSlot
 from sf_bsread_writer.h5.variants import merge_variants
 from sf_bsread_writer.replay.messages import MissingRange
@@ -144,6 +161,10 @@ RESERVE_BYTES = 1024 * 1024
 FLUSH_MARGIN_BYTES = 64 * 1024
 GROUP_BYTES = 4 * 1024
 MISSING_RECORD_BYTES = 128
+# The undo journal beside the file takes room too: the committed bytes a flush rewrites in place, per channel
+# group that existed at the last flush Column.rewritten_bytes (object headers, index nodes, chunks shared with
+# rows already written); groups made since hold nothing committed. Measured: 0.8-3.3 KiB per channel and flush.
+JOURNAL_FILE_BYTES = 128 * 1024  # the file's own: superblock, root and /data groups, their attributes, /missing
 # Channels of HDF5 work (a group created, a column's block written) between two
 # calls of H5File.keep_alive: ~1 ms of work per channel, so a call every ~16 ms,
 # a few microseconds each.
@@ -196,7 +217,8 @@ class H5File:
                  extra_parameters: Mapping[str, Any] | None = None, *,
                  flush_interval: float = DEFAULT_FLUSH_INTERVAL, block_rows: int = DEFAULT_BLOCK_ROWS,
                  block_bytes: int = DEFAULT_BLOCK_BYTES, clock: Callable[[], float] = time.monotonic,
-                 directory_fd: int | None = None, decompress_images: bool = False) -> None:
+                 directory_fd: int | None = None, decompress_images: bool = False, journal: bool = True,
+                 guardian: bool = True) -> None:
         if block_rows < 1:
             raise ValueError(f"block_rows must be >= 1, not {block_rows}")
         self.path = os.fspath(path)
@@ -204,6 +226,8 @@ class H5File:
         self.block_rows = int(block_rows)
         self.block_bytes = int(block_bytes)
         self._clock = clock
+        self._journal = journal
+        self._guardian = journal and guardian
         self.decompress_images = decompress_images  # no direct chunks: plain datasets, readable without the plugin
         self._maker = ColumnMaker(decompress_images)  # channel groups, copied from one of their kind
 
@@ -260,35 +284,79 @@ class H5File:
         output-root check was made on it).
         """
         self._slot = FileSlot(self.path, directory_fd)
+        self._io: JournaledFile | None = None
+        self._guard_key: int | None = None
         try:
             try:
                 self._slot.reserve(RESERVE_BYTES)
             except OSError as error:
                 raise OSError(error.errno, f"no room for the writer's reserve of {RESERVE_BYTES} bytes beside "
                                            f"{self.path} ({error.strerror}): the disk is (nearly) full") from None
-            # Exclusive ("w-"): never truncates an existing file. Default (earliest)
-            # libver on purpose: no superblock "open for write" flag, so a file left
-            # by SIGKILL opens without h5clear. No raw data chunk cache: see CHUNK_CACHE_BYTES.
-            self._file = h5py.File(self._slot.creation_path, "w-", rdcc_nbytes=CHUNK_CACHE_BYTES,
-                                   rdcc_nslots=CHUNK_CACHE_SLOTS)
+            # The journal first (exclusive: one left by a killed writer and guardian refuses this start, JournalLeft),
+            # then the file under its temporary name; the guardian holds both before HDF5 writes a byte.
+            journal_fd = self._slot.create_journal() if self._journal else -1
+            try:
+                self._io = JournaledFile(self._slot.create_file())
+            except BaseException:
+                if journal_fd >= 0:
+                    os.close(journal_fd)
+                raise
+            if journal_fd >= 0:
+                self._io.set_journal(journal_fd)
+                if self._guardian:
+                    try:
+                        self._guard_key = guardian.watch(self._slot.directory_fd, self._io.fd, journal_fd,
+                                                         self._slot.journal_name, self.path)
+                    except OSError as error:  # the file is still written; only a kill would need a repair by hand
+                        logger.error("%s: no guardian (%s): a kill of this process mid-flush would leave the file "
+                                     "for `sf_bsread_ctl repair %s`", self.path, error, self.path)
+            # Exclusive ("w-"; the file is ours already, created with O_EXCL). Default (earliest) libver on
+            # purpose: no superblock "open for write" flag, so a file left by SIGKILL opens without h5clear.
+            # No raw data chunk cache: see CHUNK_CACHE_BYTES. Every write goes through self._io (the journal).
+            self._file = h5py.File(self._io, "w-", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=CHUNK_CACHE_SLOTS)
         except BaseException:
+            self._end_journal(cut=False)
+            self._slot.discard()
             self._slot.close()
             raise
         try:
-            self._file_fd = self._file.id.get_vfd_handle()
+            self._file_fd = self._io.fd
             self._data = self._file.create_group("data")
             self._write_general(dict(general or {}), dict(extra_parameters or {}))
             self._file.attrs["format"] = FORMAT_NAME
             self._file.attrs["format_version"] = FORMAT_VERSION
             self._write_file_attributes(complete=False)
             self._file.flush()
+            self._io.commit()  # from here on, an overwrite of these bytes is journaled first
             self._slot.publish()
         except BaseException:
             self._closed = True
             self._file.close()
+            self._end_journal(cut=False)
             self._slot.discard()
             self._slot.close()
             raise
+
+    def _end_journal(self, cut: bool = True) -> None:
+        """The file is closed whole (or removed): empty the journal, cut the file, remove the journal, tell the guardian.
+
+        In this order: a kill at any point leaves a journal that undoes
+        nothing (emptied) or no journal, never one that undoes a whole file.
+        """
+        io = self._io
+        if io is None:
+            return
+        try:
+            if io.fd >= 0:
+                io.end_journal()
+                if cut:
+                    io.finish()
+            self._slot.remove_journal()
+            if self._guard_key is not None:
+                guardian.done(self._guard_key)
+                self._guard_key = None
+        finally:
+            io.close()
 
     # -- public API ------------------------------------------------------
     @property
@@ -565,6 +633,7 @@ class H5File:
             self._write_missing()
             self._write_file_attributes(complete=False)
             self._file.flush()
+            self._io.commit()  # only now: the file on disk is this flush's, whole
         except Exception as error:
             if not is_disk_full(error) or isinstance(error, DiskFull):
                 raise
@@ -583,16 +652,21 @@ class H5File:
     def _rows_that_fit(self) -> int:
         """How many pending rows fit on the disk with the margin of a flush (all of them, normally).
 
-        An upper bound of what writing them takes (``Column.space_needed``)
-        against the file system's free space; the close has its own reserve.
+        An upper bound of what writing them takes (``Column.space_needed``),
+        and of what the undo journal takes meanwhile (the committed bytes the
+        flush rewrites in place: ``Column.rewritten_bytes``), against the
+        file system's free space; the close has its own reserve.
         """
         self._scatter()
         start, pending = self._rows_written, self.rows - self._rows_written
         unsettled = sum(1 for name in self._last_spec if name not in self._columns and name not in self._refused)
+        columns = list(self._each_column())
         margin = (FLUSH_MARGIN_BYTES + GROUP_BYTES * (self._groups_since_flush + unsettled)
                   + MISSING_RECORD_BYTES * self._missing_unwritten())
         free = self._slot.free_bytes() - margin
-        columns = list(self._each_column())
+        if self._io.journal_fd >= 0:  # groups made since the last flush (the newest ones) rewrite nothing committed
+            committed = columns[:max(0, len(columns) - self._groups_since_flush)]
+            free -= JOURNAL_FILE_BYTES + sum(column.rewritten_bytes(start) for column in committed)
 
         def fits(rows: int) -> bool:
             return sum(column.space_needed(start, rows) for column in columns) <= free
@@ -633,6 +707,7 @@ class H5File:
             self._write_missing()
             self._write_file_attributes(complete=False)
             self._file.flush()
+            self._io.commit()
         except Exception:  # noqa: BLE001 (the close tries again, with whatever room there is)
             logger.exception("%s: flushing after the full disk failed", self.path)
         self.disk_full = DiskFull(f"{self.path}: the disk is full ({error}); {self._rows_written} rows are in "
@@ -661,8 +736,18 @@ class H5File:
         finally:
             self._closed = True
             try:
-                self._file.close()
-                self._slot.close()
+                closed_whole = False
+                try:
+                    self._file.close()
+                    closed_whole = True
+                finally:
+                    try:
+                        if closed_whole:
+                            self._end_journal()
+                        else:  # HDF5 stopped half way through its close: the file as of the last flush
+                            self._undo_to_last_flush()
+                    finally:
+                        self._slot.close()
             finally:
                 self._maker.close()  # its in-memory templates: after the file, whatever happens there
         logger.info("closed %s: %d rows, %d channels, %d missing pulses",
@@ -692,8 +777,19 @@ class H5File:
                 self._file.close()
         finally:
             self._maker.close()
-            self._slot.remove()
-            self._slot.close()
+            try:
+                self._end_journal(cut=False)
+            finally:
+                self._slot.remove()
+                self._slot.close()
+
+    def _undo_to_last_flush(self) -> None:
+        """Apply the journal here and now (a close that failed half way), then remove it."""
+        io = self._io
+        if io is not None and io.fd >= 0 and io.journal_fd >= 0:
+            plan = undo(io.fd, io.journal_fd)
+            logger.error("%s: the close failed; the file is back at its last flush (%s)", self.path, plan.describe())
+        self._end_journal(cut=False)
 
     def __enter__(self) -> "H5File":
         return self

@@ -29,6 +29,12 @@ Three promises of the writer depend on how the file meets the file system:
   killed writer leaves nothing behind) and gives it back when the file is
   closed or the disk is full (:meth:`FileSlot.release_reserve`); and it
   says how much the file may still take (:meth:`FileSlot.free_bytes`).
+* **Its journal beside it.** The undo journal (``h5.journal``) is created
+  exclusively in the same pinned directory, under a hidden name made from
+  the file's (:meth:`FileSlot.create_journal`), before the file itself: a
+  journal left by a writer and guardian both killed makes the next writer
+  of that path refuse (:class:`JournalLeft`) until ``sf_bsread_ctl repair``
+  has applied it.
 """
 from __future__ import annotations
 
@@ -37,7 +43,10 @@ import logging
 import os
 import secrets
 
-__all__ = ["FileSlot", "OutputFileGone"]
+from sf_bsread_writer.h5.journal import journal_name
+from sf_bsread_writer.h5.journaled import lock_journal
+
+__all__ = ["FileSlot", "OutputFileGone", "JournalLeft"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +55,10 @@ _PROC_FD = "/proc/self/fd"
 
 class OutputFileGone(OSError):
     """The output file is no longer the file at its path (its folder was removed, or it was replaced)."""
+
+
+class JournalLeft(FileExistsError):
+    """The file's journal is there: a writer of this path was killed mid-flush and nobody undid it yet."""
 
 
 class FileSlot:
@@ -67,6 +80,8 @@ class FileSlot:
         self.temporary_name = f".sf_bsread_writer.{os.getpid()}.{secrets.token_hex(4)}.creating"
         self.published = False
         self._reserve_fd = -1
+        self.journal_name = journal_name(self.name)
+        self._journal_created = False
 
     @staticmethod
     def open_directory(directory: str) -> int:
@@ -84,6 +99,45 @@ class FileSlot:
     @property
     def directory(self) -> str:
         return self.real_directory(self._dir_fd)
+
+    @property
+    def directory_fd(self) -> int:
+        """The pinned directory's descriptor (the slot's own: not to be closed by the caller)."""
+        return self._dir_fd
+
+    def create_file(self) -> int:
+        """Create the file under its temporary name (exclusively, in the pinned directory): its descriptor."""
+        return os.open(self.temporary_name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       0o666, dir_fd=self._dir_fd)
+
+    def create_journal(self) -> int:
+        """Create the file's (empty) journal exclusively beside it: its descriptor; JournalLeft if one is there."""
+        try:
+            fd = os.open(self.journal_name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=self._dir_fd)
+        except FileExistsError:
+            raise JournalLeft(
+                errno.EEXIST, f"{self.path} has an undo journal beside it ({self.journal_name}): a writer of this "
+                f"file was killed while writing it and its journal was not applied; run `sf_bsread_ctl repair "
+                f"{self.path}` (it puts the file back to its last completed flush), then write again") from None
+        try:
+            lock_journal(fd)  # ours (and our guardian's) until the end: `sf_bsread_ctl repair` leaves it alone
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.journal_name, dir_fd=self._dir_fd)
+            raise
+        self._journal_created = True
+        return fd
+
+    def remove_journal(self) -> None:
+        """Unlink the journal's name (the file is closed whole, or gone): idempotent."""
+        if not self._journal_created:
+            return
+        try:
+            os.unlink(self.journal_name, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            pass
+        self._journal_created = False
 
     @property
     def creation_path(self) -> str:

@@ -10,6 +10,7 @@
     sf_bsread_ctl write BUFFER START STOP FILE        # one acquisition; or --since 10s / --last 500
     sf_bsread_ctl plugin-path                         # the HDF5_PLUGIN_PATH for HDF5 tools (bitshuffle)
     sf_bsread_ctl h5dump [H5DUMP OPTIONS] FILE        # h5dump with it set
+    sf_bsread_ctl repair FILE...                      # files whose writer and guardian were both killed
 
 ``write`` is :func:`write_range` (also ``sf_bsread_writer.write_range``): a
 writer process, driven over its REST API like the DAQ system does, with a
@@ -710,6 +711,9 @@ def _parser() -> argparse.ArgumentParser:
     h5dump = commands.add_parser("h5dump", help="h5dump with the bitshuffle filter (h5dump's options and exit code)",
                                  prefix_chars="+", add_help=False)
     h5dump.add_argument("arguments", nargs=argparse.REMAINDER)
+    repair = commands.add_parser("repair", help="put a file whose writer and guardian were both killed back to its "
+                                                "last completed flush (its undo journal applied)")
+    repair.add_argument("files", nargs="+", metavar="FILE")
     return parser
 
 
@@ -732,12 +736,42 @@ def cmd_h5dump(args: argparse.Namespace) -> int:
         raise CtlError(str(error)) from None
 
 
+def cmd_repair(args: argparse.Namespace) -> int:
+    """Apply the undo journal beside each FILE (h5/journal.py): the file opens again, with its last flush's rows.
+
+    The writer's guardian does this by itself when a writer dies; only if
+    both were killed is the journal left, and a new writer of that path
+    refuses to start until this ran. One line per file; exit 0 (also for a
+    file without a journal: nothing to do), 1 if a file could not be
+    repaired (its journal still held by a running writer or guardian, an
+    I/O error): the others are repaired all the same.
+    """
+    from sf_bsread_writer.h5.journaled import journal_path, repair
+
+    failed = 0
+    for path in args.files:
+        try:
+            plan = repair(path)
+        except OSError as error:
+            print(f"sf_bsread_ctl: cannot repair {path}: {error.strerror or error}", file=sys.stderr)
+            failed += 1
+            continue
+        if plan is None:
+            print(f"{path}: no journal ({journal_path(path)}): nothing to repair")
+        elif not os.path.exists(path):
+            print(f"{path}: no such file (its writer was killed before it was named); its journal is removed")
+        else:
+            print(f"{path}: back to its last completed flush: {plan.describe()}")
+    return ExitCode.FAILED if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     process.service_start()  # first: the process-wide knobs, before anything loads bitshuffle
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"ls": cmd_ls, "status": cmd_status, "channels": cmd_channels, "peek": cmd_peek,
-                "watch": cmd_watch, "write": cmd_write, "plugin-path": cmd_plugin_path, "h5dump": cmd_h5dump}
+                "watch": cmd_watch, "write": cmd_write, "plugin-path": cmd_plugin_path, "h5dump": cmd_h5dump,
+                "repair": cmd_repair}
     try:
         return handlers[args.command](args)
     except CtlError as error:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sf_bsread_writer import config, process, registry
+from sf_bsread_writer.h5 import guardian
 from sf_bsread_writer.httpserver import HttpServer
 from sf_bsread_writer.process import ExitCode
 from sf_bsread_writer.transport import partsio
@@ -63,6 +64,34 @@ def import_what_a_run_may_need() -> None:
             logger.info("%s not imported before dropping privileges: %s", name, error)
 
 
+def _identity(user_id: int) -> tuple[int, str | None]:
+    """``user_id``'s primary group and name (an uid without a passwd entry: its group as the original did)."""
+    try:
+        entry = pwd.getpwuid(user_id)
+        return entry.pw_gid, entry.pw_name
+    except KeyError:
+        return user_id, None
+
+
+def start_guardian_as(user_id: int) -> None:
+    """Start the files' guardian (h5/guardian.py) now, to run as ``user_id``: before the drop, as root.
+
+    After the drop the interpreter itself may be out of reach (a pyenv
+    Python under a 0700 /root), so the guardian is started while the
+    writer still may, and switches to the writer's user as its first act.
+    Not root (the drop will fail and say why) or no switch: started on first use.
+    """
+    if user_id < 0 or os.geteuid() != 0 or user_id == os.getuid():
+        return
+    group_id, name = _identity(user_id)
+    groups = os.getgrouplist(name, group_id) if name is not None else [group_id]
+    try:
+        guardian.start(run_as=(user_id, group_id, groups))
+    except OSError as error:
+        logger.error("cannot start the files' guardian: %s (a kill mid-flush would need `sf_bsread_ctl repair`)",
+                     error)
+
+
 def drop_privileges(user_id: int) -> None:
     """Run as ``user_id`` and its primary group from now on (-1: keep the current user).
 
@@ -74,11 +103,7 @@ def drop_privileges(user_id: int) -> None:
         return
     if user_id < 0:
         raise ValueError(f"USER_ID must be -1 or a uid >= 0, not {user_id}")
-    try:
-        entry = pwd.getpwuid(user_id)
-        group_id, name = entry.pw_gid, entry.pw_name
-    except KeyError:
-        group_id, name = user_id, None  # an uid without a passwd entry: its group as the original did
+    group_id, name = _identity(user_id)
     if os.getuid() == user_id and os.geteuid() == user_id and os.getgid() == group_id:
         logger.info("Already running as uid %d gid %d.", user_id, group_id)
         return
@@ -163,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.user_id != -1:
             import_what_a_run_may_need()
+            start_guardian_as(args.user_id)  # a start may name a file over REST: also for /dev/null
         drop_privileges(args.user_id)
         if settings.output_root is not None and not os.path.isdir(settings.output_root):
             raise ValueError(f"--output-root {settings.output_root} is not a directory")
