@@ -424,8 +424,8 @@ def tune_allocator(mmap_threshold: int = 32 * 1024 * 1024,
     allocates each received image in its own glibc arena, and with the
     defaults that arena is trimmed (``madvise(MADV_DONTNEED)``) whenever the
     queue of received images runs empty, so the next images fault their
-    pages in again: 20-110 faults per 1 MB image in a receiving process,
-    against 3-4 so tuned (docs/performance.md, "The replay's receive, page
+    pages in again: 15-110 faults per 1 MB image in a receiving process,
+    against 3-5 so tuned (docs/performance.md, "The replay's receive, page
     by page"). Hence every ``ReplayClient`` calls this when it starts, unless
     told not to.
 

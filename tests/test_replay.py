@@ -596,7 +596,7 @@ print("ALLOCATOR " + json.dumps({"mapped": mapped, "kept": kept}), flush=True)
     ({"keep_receive_memory": False}, {"mapped": True, "kept": False}),
 ])
 def test_a_replay_client_keeps_its_process_receive_memory(options, expected):
-    """Issue 24: a fresh process receiving camera images through the replay paid 20-110 page faults per
+    """Issue 24: a fresh process receiving camera images through the replay paid 15-110 page faults per
     1 MB image, because glibc handed the freed images of libzmq's I/O thread back to the kernel
     (madvise(MADV_DONTNEED) trims of its arena, strace) and every next image faulted fresh pages in.
     A ReplayClient sets its process's allocator as the buffer's and the writer's are

@@ -80,7 +80,7 @@ class ReplayClient:
     libzmq receives for this client come from memory the process keeps and
     reuses, instead of memory glibc hands back to the kernel whenever the
     queue runs empty and faults in again for the next image (a fresh
-    process received 1 MB camera images with 20-110 page faults each, 3-4
+    process received 1 MB camera images with 15-110 page faults each, 3-5
     so; docs/performance.md). Process-wide, and the process keeps its peak
     (bounded by the window: at most ``max_in_flight_bytes`` of the buffer,
     64 MB, in flight, plus what the caller holds). False leaves the
