@@ -16,7 +16,8 @@ repeat, interleaved (so machine noise hits them alike):
                 REST POST /parameters, PUT /start_pulse_id, PUT /stop_pulse_id; timed from the
                 start request to /status == finished (file closed); its /statistics rate is shown too
   writer-tuned  (--tuned-variant) the same with glibc malloc set as process.tune_allocator() sets it
-                (GLIBC_TUNABLES), which the buffer calls and the writer does not
+                (GLIBC_TUNABLES), from before exec; the writer calls it itself since issue 14 (and its
+                ReplayClient since issue 24), so this now differs only in when the setting takes effect
   writer-python (--python-variant) the writer with SF_BSREAD_NO_EXTENSION=1 (the pure pyzmq fallback)
   writer-baseline  (--baseline-tree DIR) the writer CLI of another checkout (e.g. a git worktree of
                 an older commit), for before/after in one run; the buffer is this checkout's
@@ -394,8 +395,8 @@ def vm_rss(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-# glibc malloc settings equal to ring.tune_allocator()'s (which the buffer calls and the writer does not),
-# given to the writer through the environment: no code change (variant writer-tuned).
+# glibc malloc settings equal to process.tune_allocator()'s, given to the writer through the environment
+# (variant writer-tuned; from issue 14, when the writer did not call it yet: it does now).
 TUNED_MALLOC_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"}
 
 
