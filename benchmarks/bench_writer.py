@@ -16,7 +16,8 @@ repeat, interleaved (so machine noise hits them alike):
                 REST POST /parameters, PUT /start_pulse_id, PUT /stop_pulse_id; timed from the
                 start request to /status == finished (file closed); its /statistics rate is shown too
   writer-tuned  (--tuned-variant) the same with glibc malloc set as process.tune_allocator() sets it
-                (GLIBC_TUNABLES), which the buffer calls and the writer does not
+                (GLIBC_TUNABLES), from before exec; the writer calls it itself since issue 14 (and its
+                ReplayClient since issue 24), so this now differs only in when the setting takes effect
   writer-python (--python-variant) the writer with SF_BSREAD_NO_EXTENSION=1 (the pure pyzmq fallback)
   writer-baseline  (--baseline-tree DIR) the writer CLI of another checkout (e.g. a git worktree of
                 an older commit), for before/after in one run; the buffer is this checkout's
@@ -28,8 +29,14 @@ repeat, interleaved (so machine noise hits them alike):
                 the timed window; scalars: the compiled whole-message receive (partsio), no
                 parsing, no writing. Until issue 24 the bare loop read through a ReplayClient too
                 and started its timer before importing h5py: 0.95-1.18x then, 0.53x measured so.
-  replay-receive   (--receive-variants) a ReplayClient draining the buffer, receive only
+  replay-receive   (--receive-variants) a ReplayClient draining the buffer, receive only (the client
+                sets its process's allocator: ``keep_receive_memory``, issue 24)
+  replay-receive-untuned  (--receive-variants, camera) the same with keep_receive_memory=False: the
+                client before issue 24's fix, for before/after in one run
   direct-receive   (--receive-variants, camera) ``recv_multipart`` from the feeder, receive only
+                (glibc's allocator at its defaults, as a plain pyzmq loop has it: the baseline)
+  direct-receive-tuned  (--receive-variants, camera) the same after ``process.tune_allocator()``: what
+                the replay path costs apart from memory (not the baseline)
   original      scalars only: ReplayClient + MessageParser + the original writer's element-by-element
                 pattern (per message and channel: resize data/pulse_id/is_data_present by one row and
                 write one element each); on --original-messages messages (it is slow), rate measured
@@ -238,8 +245,10 @@ def run_bare(kind: str, source: str, first: int, last: int, out: str) -> None:
     ``recv_multipart`` + ``write_direct_chunk`` per image, the file created and
     closed inside the timed window as the writer's is; ``bare-scalars``: the
     compiled whole-message receive, no parsing, no writing;
-    ``direct-receive``: ``recv_multipart`` only), the buffer's replay address
-    for ``replay-receive`` (a ReplayClient, receive only) and ``original``.
+    ``direct-receive``: ``recv_multipart`` only; ``direct-receive-tuned``: the
+    same after ``process.tune_allocator()``), the buffer's replay address for
+    ``replay-receive`` (a ReplayClient, receive only; ``-untuned``: with
+    ``keep_receive_memory=False``) and ``original``.
     Every import comes before the timer starts.
     """
     import h5py
@@ -255,7 +264,11 @@ def run_bare(kind: str, source: str, first: int, last: int, out: str) -> None:
     received = 0
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
-    if kind in ("bare-camera", "bare-scalars", "direct-receive"):
+    if kind == "direct-receive-tuned":
+        from sf_bsread_writer.process import tune_allocator
+
+        tune_allocator()
+    if kind in DIRECT_KINDS:
         context = zmq.Context()
         pull = context.socket(zmq.PULL)
         pull.connect(source)
@@ -282,8 +295,9 @@ def run_bare(kind: str, source: str, first: int, last: int, out: str) -> None:
         context.term()
         _result(received, seconds, before)
         return
-    with ReplayClient(source, start_pulse_id=first, stop_pulse_id=last) as client:
-        if kind == "replay-receive":
+    with ReplayClient(source, start_pulse_id=first, stop_pulse_id=last,
+                      keep_receive_memory=kind != "replay-receive-untuned") as client:
+        if kind in ("replay-receive", "replay-receive-untuned"):
             handle = None
         elif kind == "original":
             f = h5py.File(out, "w")
@@ -381,8 +395,8 @@ def vm_rss(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-# glibc malloc settings equal to ring.tune_allocator()'s (which the buffer calls and the writer does not),
-# given to the writer through the environment: no code change (variant writer-tuned).
+# glibc malloc settings equal to process.tune_allocator()'s, given to the writer through the environment
+# (variant writer-tuned; from issue 14, when the writer did not call it yet: it does now).
 TUNED_MALLOC_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"}
 
 
@@ -440,7 +454,7 @@ def measure_writer(replay: str, first: int, last: int, out: str, timeout: float,
         writer.stop()
 
 
-DIRECT_KINDS = ("bare-camera", "bare-scalars", "direct-receive")
+DIRECT_KINDS = ("bare-camera", "bare-scalars", "direct-receive", "direct-receive-tuned")
 
 
 def measure_child(kind: str, replay: str, first: int, last: int, out: str, timeout: float) -> dict:
@@ -513,7 +527,8 @@ def throughput(profile: str, args: argparse.Namespace, workdir: Path) -> list[di
         bare = "bare-camera" if camera else "bare-scalars"
         kinds = ["writer", bare]
         if args.receive_variants:  # item 1 of issue 24: the replay path against a direct socket, receive only
-            kinds += ["replay-receive", "direct-receive"] if camera else ["replay-receive"]
+            kinds += (["replay-receive", "replay-receive-untuned", "direct-receive", "direct-receive-tuned"] if camera
+                      else ["replay-receive"])
         if args.tuned_variant:
             kinds.insert(1, "writer-tuned")
         if args.python_variant:
@@ -612,6 +627,16 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
                           f" (median {statistics.median(paired):.2f}x)")
             stat_rates = [r["stat_rate"] for r in rows if r["kind"] == w]
             print(f"{profile}: {w} own /statistics rate: {' / '.join(format(x, '.1f') for x in stat_rates)}")
+        # Issue 24, point 1: the replay's receive against a directly fed socket, paired per repeat.
+        for numerator, denominator in (("replay-receive", "direct-receive"), ("replay-receive-untuned", "direct-receive"),
+                                       ("replay-receive", "replay-receive-untuned"),
+                                       ("replay-receive", "direct-receive-tuned")):
+            by_repeat = {r["repeat"]: r["rate"] for r in rows if r["kind"] == denominator}
+            paired = [r["rate"] / by_repeat[r["repeat"]] for r in rows
+                      if r["kind"] == numerator and r["repeat"] in by_repeat]
+            if paired:
+                print(f"{profile}: {numerator} / {denominator} paired per repeat: "
+                      f"{' / '.join(format(x, '.2f') for x in paired)} (median {statistics.median(paired):.2f}x)")
         print(f"\n{profile}: CPU and faults per message while draining (from the start request / the drain's "
               f"first receive to the end; medians, runs in order), and the whole process (start-up included)")
         print("| variant | user ms / msg | system ms / msg | minor faults / msg | system ms / msg (runs) | "
@@ -759,7 +784,9 @@ def main(argv: list[str] | None = None) -> int:
                              "the commit before a change")
     parser.add_argument("--receive-variants", action="store_true",
                         help="also the receive-only loops: replay-receive (a ReplayClient draining the buffer) and, "
-                             "for cameras, direct-receive (recv_multipart from a PUSH feeder with the same frames)")
+                             "for cameras, replay-receive-untuned (keep_receive_memory=False), direct-receive "
+                             "(recv_multipart from a PUSH feeder with the same frames) and direct-receive-tuned "
+                             "(the same after process.tune_allocator())")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     profiles = [p for p in args.profiles.split(",") if p]

@@ -33,7 +33,6 @@ CLI around its own loop; what they share about being a *process* lives here:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import enum
 import errno
 import functools
@@ -444,17 +443,23 @@ def tune_allocator(mmap_threshold: int = 32 * 1024 * 1024,
     the kernel while the process runs, which is what a permanently running
     buffer wants.
 
-    Call once, early in the process (before the sockets receive anything).
-    Returns False, changing nothing, where the C library is not glibc.
+    The receiving side of the replay pays the same: libzmq's I/O thread
+    allocates each received image in its own glibc arena, and with the
+    defaults that arena is trimmed (``madvise(MADV_DONTNEED)``) whenever the
+    queue of received images runs empty, so the next images fault their
+    pages in again: 15-110 faults per 1 MB image in a receiving process,
+    against 3-5 so tuned (docs/performance.md, "The replay's receive, page
+    by page"). Hence every ``ReplayClient`` calls this when it starts, unless
+    told not to.
+
+    Call early in the process (before the sockets receive anything); calling
+    it again is cheap and changes nothing. Returns False, changing nothing,
+    where the C library is not glibc.
     """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _mallopt()
+    if mallopt is None:
         logger.info("no glibc mallopt: allocator left at its defaults")
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     ok = bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(
         mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
     if ok:
@@ -480,6 +485,21 @@ def release_free_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+@functools.lru_cache(maxsize=1)
+def _mallopt() -> Any:
+    """glibc's ``mallopt``, looked up once (the running process's symbols: no ldconfig), or None.
+
+    Once: every ReplayClient's start calls :func:`tune_allocator`, and a writer or a range may start many.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt
 
 
 @functools.lru_cache(maxsize=1)

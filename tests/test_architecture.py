@@ -40,7 +40,7 @@ ALLOWED = {
     "config": {"bsread"},
     "feed": {"bsread", "status", "jsontext", "transport"},
     "registry": {"process"},
-    "replay": {"bsread", "ring", "status", "transport"},
+    "replay": {"bsread", "ring", "status", "transport", "process"},  # process: the client tunes the allocator
     "h5": {"bsread", "replay", "process"},
     "archive": {"bsread", "replay", "status", "rates", "transport", "config", "process"},
     "buffer": {"bsread", "ring", "replay", "status", "rates", "transport", "config", "process", "httpserver", "registry",

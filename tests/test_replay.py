@@ -3,6 +3,7 @@ and the client's socket against a bare ROUTER."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import pytest
@@ -618,3 +619,71 @@ def test_a_session_whose_heartbeat_waits_unread_in_the_socket_is_not_expired():
     finally:
         client.close()
         endpoint.close()
+
+
+# A fresh process receives one 2 MB image through a ReplayClient from a bare ROUTER, then asks glibc where a
+# 24 MiB block comes from (mallinfo2: hblkhd counts mmapped bytes) and whether the heap keeps it once freed
+# (fordblks: bytes free inside the heaps). Its own process: allocator settings are per process, and this one's are not fresh.
+_ALLOCATOR_PROBE = r"""
+import ctypes, json, sys, zmq
+from sf_bsread_writer.replay.client import ReplayClient
+from sf_bsread_writer.replay.messages import Accepted, Data, build_accepted, build_data
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+context = zmq.Context()
+router = context.socket(zmq.ROUTER)
+router.setsockopt(zmq.LINGER, 0)
+router.bind("tcp://127.0.0.1:0")
+client = ReplayClient(router.getsockopt_string(zmq.LAST_ENDPOINT), start_pulse_id=7, context=context,
+                      **json.loads(sys.argv[1]))
+client.start()
+assert router.poll(20_000), "no request"
+identity, _ = router.recv_multipart()
+router.send_multipart([identity, *build_accepted(Accepted(64, None, None))])
+image = bytes(range(256)) * (2 * 4096)
+router.send_multipart([identity, *build_data(7, [b'{"pulse_id": 7}', b"header", image])])
+event = client.receive(20.0)
+assert isinstance(event, Data) and bytes(event.frames[2]) == image, event
+del event
+block_bytes = 24 * 2**20
+before = libc.mallinfo2()
+block = libc.malloc(block_bytes)
+mapped = libc.mallinfo2().hblkhd - before.hblkhd >= block_bytes
+libc.free(block)
+kept = libc.mallinfo2().fordblks >= block_bytes  # free but still the heap's: not trimmed
+client.close()
+router.close()
+context.term()
+print("ALLOCATOR " + json.dumps({"mapped": mapped, "kept": kept}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({}, {"mapped": False, "kept": True}),
+    ({"keep_receive_memory": False}, {"mapped": True, "kept": False}),
+])
+def test_a_replay_client_keeps_its_process_receive_memory(options, expected):
+    """Issue 24: a fresh process receiving camera images through the replay paid 15-110 page faults per
+    1 MB image, because glibc handed the freed images of libzmq's I/O thread back to the kernel
+    (madvise(MADV_DONTNEED) trims of its arena, strace) and every next image faulted fresh pages in.
+    A ReplayClient sets its process's allocator as the buffer's and the writer's are
+    (``process.tune_allocator``: large blocks from the heap, freed ones kept), unless told not to (the web
+    service, which gives a large range's memory back)."""
+    import ctypes
+
+    from .helpers import Child
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("not glibc >= 2.33: no mallinfo2 to ask")
+    with Child([sys.executable, "-c", _ALLOCATOR_PROBE, json.dumps(options)]) as child:
+        line = child.wait_for_line("ALLOCATOR ", timeout=60)
+        assert json.loads(line.split(" ", 1)[1]) == expected
+        assert child.wait(timeout=20) == 0

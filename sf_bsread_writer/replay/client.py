@@ -16,6 +16,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from sf_bsread_writer import process
 from sf_bsread_writer.bsread.spec import DEFAULT_MAX_MESSAGE_BYTES
 from sf_bsread_writer.replay.client_state import (
     ReplayClientState,
@@ -89,13 +90,26 @@ class ReplayClient:
     None)``; the same part again before any data ends the session
     (``ReplayOversizeError``, ``replay.client_state``). Not thread-safe:
     use from one thread. ``clock`` is for tests.
+
+    ``keep_receive_memory`` (default True): :meth:`start` sets the process's
+    allocator as the buffer's is (``process.tune_allocator``): the images
+    libzmq receives for this client come from memory the process keeps and
+    reuses, instead of memory glibc hands back to the kernel whenever the
+    queue runs empty and faults in again for the next image (a fresh
+    process received 1 MB camera images with 15-110 page faults each, 3-5
+    so; docs/performance.md). Process-wide, and the process keeps its peak
+    (bounded by the window: at most ``max_in_flight_bytes`` of the buffer,
+    64 MB, in flight, plus what the caller holds). False leaves the
+    allocator alone, for a process that gives its memory back (the web
+    service's ranges).
     """
 
     def __init__(self, address: str, start_pulse_id: int | None = None, start_time: float | None = None,
                  stop_pulse_id: int | None = None, stop_time: float | None = None, window: int = DEFAULT_WINDOW,
                  heartbeat_interval: float = 1.0, peer_timeout: float = 5.0,
                  context: zmq.Context | None = None, clock: Callable[[], float] = time.monotonic,
-                 label: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 label: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 keep_receive_memory: bool = True) -> None:
         self.address = address
         self.state = ReplayClientState(Request(start_pulse_id, start_time, stop_pulse_id, stop_time, window,
                                                message_times=True, label=label,
@@ -113,6 +127,7 @@ class ReplayClient:
         self._cut: MessageCutError | None = None  # a send cut the current socket: replace it before using it
         self.sockets_replaced = 0
         self.reconnects = 0  # new sockets after ZeroMQ gave a connection up (a part over max_part_bytes)
+        self.keep_receive_memory = keep_receive_memory
 
     # -- what the state knows -------------------------------------------------
     @property
@@ -135,6 +150,11 @@ class ReplayClient:
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "ReplayClient":
+        if self.keep_receive_memory:  # before the socket receives anything (class docstring)
+            try:
+                process.tune_allocator()
+            except Exception as error:  # an optimisation, never a reason not to receive
+                logger.warning("allocator tuning failed: %s", error)
         self._open()
         self._send(self.state.start(self._clock()))
         logger.info("replay session %s: requested %s from %s", self.session_id, self.state.request, self.address)

@@ -66,9 +66,12 @@ def fetch_range(replay_address: str, query: RangeQuery, limits: RangeLimits, tim
     parser = MessageParser()
     deadline = time.monotonic() + timeout
     # A buffer with --archive names it in its acceptance: pulses older than the ring come from there.
+    # The allocator is left as it is: the web service gives a range's memory back after each request
+    # (process.release_free_memory), and a long-running service should not keep its largest range's.
     client = ReachBackSource(replay_address, start_pulse_id=query.start_pulse_id, start_time=query.start_time,
                              stop_pulse_id=query.stop_pulse_id, stop_time=query.stop_time,
-                             replay_factory=functools.partial(ReplayClient, context=context))
+                             replay_factory=functools.partial(ReplayClient, context=context,
+                                                              keep_receive_memory=False))
     try:
         client.start()
         try:
