@@ -75,7 +75,7 @@ import zmq
 
 from sf_bsread_writer.bsread.build import build_message
 from sf_bsread_writer.client import WriterClient
-from sf_bsread_writer.h5.file import RESERVE_BYTES as WRITER_RESERVE
+from sf_bsread_writer.h5.file import RESERVED_BYTES as WRITER_RESERVE
 from sf_bsread_writer.process import parse_ready
 from sf_bsread_writer.tools.simulate import channel_metadata, expected_values
 

@@ -1730,3 +1730,34 @@ def test_a_group_is_sized_by_a_value_that_decodes_never_by_a_claim(tmp_path: Pat
         refused = json.loads(f.attrs["refused_channels"])
         assert {(r["channel"], r["reason"], r["values"]) for r in refused} == {("CLAIM", "value_invalid", 4),
                                                                               ("LATE", "value_invalid", 1)}
+
+
+def test_a_process_that_ends_with_its_file_open_exits_cleanly_and_leaves_the_last_flush(tmp_path: Path) -> None:
+    """HDF5 closes files left open from its own exit handler, after Python: through the journaled file object
+    that was a segmentation fault (exit -11) and a journal left for the guardian. Now the file goes back to its
+    last flush while Python runs, the process exits 0, and no journal stays."""
+    path = tmp_path / "left-open.h5"
+    script = textwrap.dedent("""
+        import sys
+        import numpy as np
+        from sf_bsread_writer.h5.file import H5File
+        from sf_bsread_writer.bsread.build import build_message
+        from sf_bsread_writer.bsread.message import MessageParser
+        channels = [{"name": "X", "type": "float64", "shape": [1]}]
+        h5 = H5File(sys.argv[1], {"general/user": "left-open"}, flush_interval=1e9)
+        parser = MessageParser()
+        for pulse_id in range(10):
+            h5.append(parser.parse(build_message(pulse_id, channels, [np.float64(pulse_id)])))
+        h5.flush()
+        for pulse_id in range(10, 15):  # appended, never flushed: not in the file
+            h5.append(parser.parse(build_message(pulse_id, channels, [np.float64(pulse_id)])))
+        print("leaving", flush=True)
+    """)
+    result = subprocess.run([sys.executable, "-c", script, str(path)], env=_child_env(), timeout=60,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "the file was left open; the file is back at its last flush" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no journal beside it
+    with h5py.File(path, "r") as f:
+        assert int(f.attrs["number_of_messages"]) == 10 and f.attrs["complete"] == 0
+        assert f["data/X/data"][:].ravel().tolist() == [float(i) for i in range(10)]

@@ -80,12 +80,14 @@ original writer's layout (the newest type under ``data``, older ones as
 """
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import logging
 import os
 import time
 import traceback
+import weakref
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -158,6 +160,12 @@ CHUNK_CACHE_SLOTS = 1
 # attributes, /missing records, metadata of a flush; a channel group's
 # metadata (four object headers, attributes, link): 2.3-2.6 KiB measured.
 RESERVE_BYTES = 1024 * 1024
+# The spare: room for a write that finds none although the check said there was (the check is an upper bound
+# of what HDF5 and the undo journal take, but a bound of HDF5's allocations, not a promise; another process may
+# take the room meanwhile). That write gets the spare instead of an error deep inside H5Fflush, the flush ends
+# whole, and the file takes no more rows (DiskFull after it). Both reserves are taken when the file is created.
+SPARE_BYTES = 1024 * 1024
+RESERVED_BYTES = RESERVE_BYTES + SPARE_BYTES  # what a writer needs free beside its data to start
 FLUSH_MARGIN_BYTES = 64 * 1024
 GROUP_BYTES = 4 * 1024
 MISSING_RECORD_BYTES = 128
@@ -176,11 +184,19 @@ _DISK_FULL_TEXTS = tuple(os.strerror(number) for number in DISK_FULL_ERRNOS)
 
 def is_disk_full(error: BaseException) -> bool:
     """True for an error of a write that found no room (h5py gives HDF5's errno as ``errno``, or in its text)."""
-    if isinstance(error, DiskFull):
-        return True
-    if not isinstance(error, OSError):
-        return False
-    return error.errno in DISK_FULL_ERRNOS or any(text in str(error) for text in _DISK_FULL_TEXTS)
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    # Through the chain: a write of the journaled file object that found no room raises inside h5py's driver,
+    # and h5py reports it as the SystemError of its next call into the object, caused by the OSError.
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, DiskFull):
+            return True
+        if isinstance(cause, OSError) and (cause.errno in DISK_FULL_ERRNOS
+                                           or any(text in str(cause) for text in _DISK_FULL_TEXTS)):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 class DiskFull(OSError):
@@ -260,6 +276,7 @@ class H5File:
         self._row_refusals: list[tuple[str, str, str]] = []  # of the row being added (all or nothing)
         self._last_flush = clock()
         self._groups_since_flush = 0  # channel groups made since the last flush (metadata it writes)
+        self._spare_spent = False  # a write found no room and got the spare reserve: no rows after this flush
         self.disk_full: DiskFull | None = None  # set once the disk was full: no more rows
         # Called every KEEP_ALIVE_CHANNELS channels of HDF5 work (groups, block writes): see _busy.
         self.keep_alive: Callable[[], None] | None = None
@@ -288,15 +305,16 @@ class H5File:
         self._guard_key: int | None = None
         try:
             try:
-                self._slot.reserve(RESERVE_BYTES)
+                self._slot.reserve(RESERVE_BYTES, spare=SPARE_BYTES)
             except OSError as error:
-                raise OSError(error.errno, f"no room for the writer's reserve of {RESERVE_BYTES} bytes beside "
+                raise OSError(error.errno, f"no room for the writer's reserve of {RESERVED_BYTES} bytes beside "
                                            f"{self.path} ({error.strerror}): the disk is (nearly) full") from None
             # The journal first (exclusive: one left by a killed writer and guardian refuses this start, JournalLeft),
             # then the file under its temporary name; the guardian holds both before HDF5 writes a byte.
             journal_fd = self._slot.create_journal() if self._journal else -1
             try:
                 self._io = JournaledFile(self._slot.create_file())
+                self._io.on_full = self._spend_spare
             except BaseException:
                 if journal_fd >= 0:
                     os.close(journal_fd)
@@ -314,6 +332,7 @@ class H5File:
             # purpose: no superblock "open for write" flag, so a file left by SIGKILL opens without h5clear.
             # No raw data chunk cache: see CHUNK_CACHE_BYTES. Every write goes through self._io (the journal).
             self._file = h5py.File(self._io, "w-", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=CHUNK_CACHE_SLOTS)
+            _OPEN.add(self)
         except BaseException:
             self._end_journal(cut=False)
             self._slot.discard()
@@ -648,6 +667,22 @@ class H5File:
                 self._rows_written, pending - fitting)
             logger.error("%s", self.disk_full)
             raise self.disk_full
+        if self._spare_spent and self.disk_full is None:
+            self.disk_full = DiskFull(
+                f"{self.path}: the disk is full; {self._rows_written} rows are in the file (their flush needed the "
+                f"spare reserve), no more fit ({self._slot.free_bytes()} bytes free)", self._rows_written, 0)
+            logger.error("%s", self.disk_full)
+            raise self.disk_full
+
+    def _spend_spare(self) -> bool:
+        """A write found no room although the check said there was: give it the spare reserve (once)."""
+        if not self._slot.release_spare():
+            return False
+        self._spare_spent = True
+        logger.error("%s: a write found no room (%d bytes free); the spare reserve of %d bytes is given to it, "
+                     "the rows appended so far are flushed, and no more are taken", self.path,
+                     self._slot.free_bytes(), SPARE_BYTES)
+        return True
 
     def _rows_that_fit(self) -> int:
         """How many pending rows fit on the disk with the margin of a flush (all of them, normally).
@@ -783,12 +818,37 @@ class H5File:
                 self._slot.remove()
                 self._slot.close()
 
-    def _undo_to_last_flush(self) -> None:
+    def leave_at_last_flush(self) -> None:
+        """Close without writing anything more: the file stays as of its last completed flush.
+
+        For a process that ends with the file open (an exception past the
+        close, a test that failed): HDF5 closes the file (whatever it writes
+        then is journaled) and the journal is applied here, as the guardian
+        would after a kill. Runs at exit for every file still open
+        (:func:`_leave_open_files`): HDF5's own exit handler would close it
+        after Python has gone, through h5py's driver that calls back into
+        Python: a segmentation fault, and a journal left for the guardian.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            try:
+                self._file.close()
+            finally:
+                try:
+                    self._undo_to_last_flush(reason="the file was left open")
+                finally:
+                    self._slot.close()
+        finally:
+            self._maker.close()
+
+    def _undo_to_last_flush(self, reason: str = "the close failed") -> None:
         """Apply the journal here and now (a close that failed half way), then remove it."""
         io = self._io
         if io is not None and io.fd >= 0 and io.journal_fd >= 0:
             plan = undo(io.fd, io.journal_fd)
-            logger.error("%s: the close failed; the file is back at its last flush (%s)", self.path, plan.describe())
+            logger.error("%s: %s; the file is back at its last flush (%s)", self.path, reason, plan.describe())
         self._end_journal(cut=False)
 
     def __enter__(self) -> "H5File":
@@ -1039,3 +1099,17 @@ class H5File:
                 logger.warning("parameter %r not stored as a dataset (%s); kept in the "
                                "'parameters' attribute", name, error)
         group.attrs["parameters"] = json.dumps(parameters, default=str, sort_keys=True)
+
+
+#: Files open in this process (weakly: an H5File nobody holds closes with its h5py file, while Python runs).
+_OPEN: "weakref.WeakSet[H5File]" = weakref.WeakSet()
+
+
+@atexit.register
+def _leave_open_files() -> None:
+    """At exit, every file still open back to its last flush, while Python can still serve h5py's driver."""
+    for h5file in list(_OPEN):
+        try:
+            h5file.leave_at_last_flush()
+        except Exception:  # noqa: BLE001 (the next file still gets its turn; the guardian undoes this one)
+            logger.exception("%s: leaving the file at its last flush failed", h5file.path)

@@ -13,12 +13,20 @@ runs :func:`undo` and must start fast and small.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the guardian imports this module: nothing it does not need at run time
+    from collections.abc import Callable
 
 from sf_bsread_writer.h5.journal import HEADER_SIZE, UndoPlan, encode_header, encode_record, journal_name, plan_undo
 
 __all__ = ["JournaledFile", "JournalInUse", "undo", "repair", "journal_path", "lock_journal"]
+
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})
+
 
 class JournalInUse(OSError):
     """The journal is locked: its writer (or the guardian that holds it after the writer's end) is alive."""
@@ -58,6 +66,11 @@ class JournaledFile:
         self._journaled: set[tuple[int, int]] = set()  # (offset, length) saved since the commit
         self.journal_bytes_at_commit = 0  # the journal's size when it was last committed (for space bounds)
         self.writes = 0
+        # Called when a write finds no room: True if it made some (the owner's spare reserve given back),
+        # then the write is tried again. An exception raised here reaches HDF5 through h5py's driver,
+        # which then goes on calling this object with the exception still set (a SystemError caused by it):
+        # the spare keeps that for the case where even it is not enough.
+        self.on_full: Callable[[], bool] | None = None
 
     # -- the journal -------------------------------------------------------
     def set_journal(self, journal_fd: int) -> None:
@@ -108,11 +121,21 @@ class JournaledFile:
             return
         before = os.pread(self.fd, length, offset)
         record = encode_record(offset, before)
-        written = os.pwrite(self._journal_fd, record, self._journal_size)
-        if written != len(record):  # a short write of a full disk: the record is torn, the write not done
-            raise OSError(28, f"journal write cut short ({written} of {len(record)} bytes)")
-        self._journal_size += written
+        # Whole before the write it protects; a record torn by a kill belongs to a write that never happened.
+        self._journal_size += self._write_all(self._journal_fd, record, self._journal_size)
         self._journaled.add(key)
+
+    def _write_all(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        """``pwrite`` all of ``data`` (short writes continued); no room: :attr:`on_full`, then once more."""
+        length = len(data)
+        done = 0
+        while done < length:
+            try:
+                done += os.pwrite(fd, data[done:] if done else data, offset + done)
+            except OSError as error:
+                if error.errno not in _NO_ROOM or self.on_full is None or not self.on_full():
+                    raise
+        return length
 
     # -- the file object h5py's fileobj driver calls ------------------------
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -148,9 +171,7 @@ class JournaledFile:
         self.writes += 1
         if position < self._committed:
             self._save(position, min(length, self._committed - position))
-        done = os.pwrite(self.fd, data, position)
-        while done < length:
-            done += os.pwrite(self.fd, data[done:], position + done)
+        self._write_all(self.fd, data, position)
         end = position + length
         self._position = end
         if end > self._size:

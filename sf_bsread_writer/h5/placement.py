@@ -80,6 +80,7 @@ class FileSlot:
         self.temporary_name = f".sf_bsread_writer.{os.getpid()}.{secrets.token_hex(4)}.creating"
         self.published = False
         self._reserve_fd = -1
+        self._spare_fd = -1
         self.journal_name = journal_name(self.name)
         self._journal_created = False
 
@@ -189,17 +190,29 @@ class FileSlot:
         if (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
             raise OutputFileGone(f"{self.path} was replaced by another file while it was written")
 
-    def reserve(self, nbytes: int) -> None:
-        """Take ``nbytes`` of the file system beside the file, for :meth:`release_reserve` to give back.
+    def reserve(self, nbytes: int, spare: int = 0) -> None:
+        """Take ``nbytes`` (+ ``spare``) of the file system beside the file, for the ``release_*`` to give back.
 
-        The space belongs to a file without a name (created, then unlinked
-        at once, held by its descriptor only): the kernel frees it when the
+        The space belongs to files without a name (created, then unlinked
+        at once, held by their descriptors only): the kernel frees it when the
         descriptor is closed, also when the process is killed. OSError
         (ENOSPC ...) if the space is not there: the file cannot be written
-        safely, so it is not started.
+        safely, so it is not started. ``nbytes`` is the close's
+        (:meth:`release_reserve`); ``spare`` the room a write gets that found
+        none although the check said there was (:meth:`release_spare`).
         """
         if self._reserve_fd >= 0 or nbytes <= 0:
             return
+        self._reserve_fd = self._take(nbytes)
+        if spare > 0:
+            try:
+                self._spare_fd = self._take(spare)
+            except BaseException:
+                self.release_reserve()
+                raise
+
+    def _take(self, nbytes: int) -> int:
+        """A descriptor of a file without a name that holds ``nbytes`` of the file system."""
         name = f".sf_bsread_writer.{os.getpid()}.{secrets.token_hex(4)}.reserve"
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=self._dir_fd)
@@ -217,14 +230,22 @@ class FileSlot:
         except BaseException:
             os.close(fd)
             raise
-        self._reserve_fd = fd
+        return fd
 
     def release_reserve(self) -> bool:
-        """Give the reserve back to the file system (idempotent); True if there was one."""
+        """Give the close's reserve back to the file system (idempotent); True if there was one."""
         if self._reserve_fd < 0:
             return False
         os.close(self._reserve_fd)
         self._reserve_fd = -1
+        return True
+
+    def release_spare(self) -> bool:
+        """Give the spare reserve back to the file system (idempotent); True if there was one."""
+        if self._spare_fd < 0:
+            return False
+        os.close(self._spare_fd)
+        self._spare_fd = -1
         return True
 
     def free_bytes(self) -> int:
@@ -239,6 +260,7 @@ class FileSlot:
         return stat.f_frsize * (stat.f_bfree if os.geteuid() == 0 else stat.f_bavail)
 
     def close(self) -> None:
+        self.release_spare()
         self.release_reserve()
         if self._dir_fd >= 0:
             os.close(self._dir_fd)
