@@ -89,8 +89,9 @@ def test_pvs_become_a_bsread_stream_with_their_epics_timestamps(ioc_env):
     ioc = start_ioc(ioc_env)
     bridge = consumer = None
     try:
-        # BR:PLAIN has no .DESC: its metadata read times out in the bridge's metadata thread, never in the stream.
-        bridge, ready = start_bridge(ioc_env, "--rate", "50", pvs=[*PVS, "BR:PLAIN"])
+        # BR:PLAIN has no .DESC: its metadata read times out in the bridge's metadata thread, never in the stream
+        # (named first: its timeout runs while the messages below come).
+        bridge, ready = start_bridge(ioc_env, "--rate", "50", pvs=["BR:PLAIN", *PVS])
         consumer = Consumer(ready["address"])
         messages = consumer.messages(40, where=all_present)
         header = {spec.name: (spec.type, spec.shape) for spec in messages[-1].data_header.channels}
