@@ -3,7 +3,8 @@
 PVs (each updated at RATE Hz from one counter ``n``, stamped with the time of the update):
 ``PREFIX:DOUBLE`` = n / 4, ``PREFIX:LONG`` = n, ``PREFIX:STRING`` = "s<n>",
 ``PREFIX:WAVE`` = [n, n+1, ..., n+7], ``PREFIX:PULSE`` = 1_000_000 + n (a pulse-id PV),
-``PREFIX:STATIC`` = 42.5 (never updated). Prints ``IOC READY`` once serving.
+``PREFIX:STATIC`` = 42.5 (never updated); all of them records with fields (``.DESC``: ``PREFIX:DOUBLE``'s is
+"n / 4"), except ``PREFIX:PLAIN`` = 7.0 (never updated, no fields). Prints ``IOC READY`` once serving.
 Run it with the loopback EPICS environment of the test.
 """
 from __future__ import annotations
@@ -16,12 +17,16 @@ from caproto.server import PVGroup, pvproperty, run
 
 
 class BridgeTestIOC(PVGroup):
-    DOUBLE = pvproperty(value=0.0, name="DOUBLE")
-    LONG = pvproperty(value=0, name="LONG")
-    STRING = pvproperty(value="s0", name="STRING", dtype=ChannelType.STRING)
-    WAVE = pvproperty(value=[0.0] * 8, name="WAVE")
-    PULSE = pvproperty(value=1_000_000.0, name="PULSE")
-    STATIC = pvproperty(value=42.5, name="STATIC")
+    # Records with their fields, as on any IOC: the bridge reads each PV's .DESC at every connection (a PV
+    # without one costs its metadata thread a CA timeout, and a bridge stopped meanwhile waits for it).
+    DOUBLE = pvproperty(value=0.0, name="DOUBLE", record="ai", doc="n / 4")
+    LONG = pvproperty(value=0, name="LONG", record="longin")
+    STRING = pvproperty(value="s0", name="STRING", dtype=ChannelType.STRING, record="stringin")
+    WAVE = pvproperty(value=[0.0] * 8, name="WAVE", record="waveform")
+    PULSE = pvproperty(value=1_000_000.0, name="PULSE", record="ai")
+    STATIC = pvproperty(value=42.5, name="STATIC", record="ai")
+    # A bare PV without record fields (no .DESC), as some CA servers have: its metadata read times out.
+    PLAIN = pvproperty(value=7.0, name="PLAIN")
 
     def __init__(self, *args, rate: float = 20.0, **kwargs):
         super().__init__(*args, **kwargs)

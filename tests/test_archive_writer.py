@@ -18,7 +18,7 @@ import pytest
 
 from sf_bsread_writer.writer.service import Writer, WriterSettings
 from tests.helpers import NATS_SERVER, NatsServer, imported_after_the_drop, wait_for
-from tests.test_archive import DEADLINE, archived_up_to, message, source_time
+from tests.test_archive import DEADLINE, archived_up_to, message, newest_stored, source_time
 from tests.test_buffer import push_source, running_buffer
 from tests.test_writer import PARAMETERS, in_process_writer, shared_directory, writer_process  # noqa: F401
 
@@ -42,13 +42,18 @@ def rows(path) -> dict:
 
 
 def fill(source, buffer, first: int, last: int) -> None:
-    """Pulses first..last into the buffer, at most half a ring ahead of the archiver (nothing lost on the way)."""
+    """Pulses first..last into the buffer, at most half a ring ahead of the archive (nothing lost on the way).
+
+    Paced on what the broker holds (``newest_stored``), then the buffer's statistics are awaited once: they
+    say the last pulse archived and nothing lost.
+    """
     wait_for(lambda: buffer.statistics().archive.state == "archiving", DEADLINE, message="the archiver running")
     for chunk in range(first, last + 1, RING // 2):
         chunk_last = min(chunk + RING // 2 - 1, last)
         for pulse_id in range(chunk, chunk_last + 1):
             source.send_multipart(message(pulse_id))
-        wait_for(lambda: archived_up_to(buffer, chunk_last), DEADLINE, message=f"pulse {chunk_last} archived")
+        wait_for(lambda: (newest_stored(buffer) or 0) >= chunk_last, DEADLINE, message=f"pulse {chunk_last} stored")
+    wait_for(lambda: archived_up_to(buffer, last), DEADLINE, message=f"pulse {last} archived")
     assert buffer.statistics().archive.lost == 0
 
 

@@ -89,13 +89,16 @@ def test_pvs_become_a_bsread_stream_with_their_epics_timestamps(ioc_env):
     ioc = start_ioc(ioc_env)
     bridge = consumer = None
     try:
-        bridge, ready = start_bridge(ioc_env, "--rate", "50")
+        # BR:PLAIN has no .DESC: its metadata read times out in the bridge's metadata thread, never in the stream
+        # (named first: its timeout runs while the messages below come).
+        bridge, ready = start_bridge(ioc_env, "--rate", "50", pvs=["BR:PLAIN", *PVS])
         consumer = Consumer(ready["address"])
         messages = consumer.messages(40, where=all_present)
         header = {spec.name: (spec.type, spec.shape) for spec in messages[-1].data_header.channels}
         assert header == {"BR:DOUBLE": ("float64", (1,)), "BR:LONG": ("int32", (1,)),
                           "BR:STRING": ("string", (1,)), "BR:WAVE": ("float64", (8,)),
-                          "BR:STATIC": ("float64", (1,)), **{pv + ".SEVR": ("uint16", (1,)) for pv in PVS}}
+                          "BR:STATIC": ("float64", (1,)), "BR:PLAIN": ("float64", (1,)),
+                          **{pv + ".SEVR": ("uint16", (1,)) for pv in [*PVS, "BR:PLAIN"]}}
         assert all(values_of(message)[pv + ".SEVR"][0][0] == 0 for pv in PVS for message in messages)
         pulse_ids = [message.pulse_id for message in messages]
         assert pulse_ids == sorted(set(pulse_ids)), "pulse ids strictly increase"
@@ -120,6 +123,9 @@ def test_pvs_become_a_bsread_stream_with_their_epics_timestamps(ioc_env):
         # Not "more than half": how often both PVs of one IOC update reach a message together depends on the
         # load (the IOC's two posts, the bridge's tick); the checks above need only some such messages.
         assert consistent > 0
+        # The PV without .DESC gets its other metadata, the stream goes on meanwhile and after.
+        bridge.wait_for_line("PV BR:PLAIN metadata:", timeout=30)
+        assert consumer.messages(5, where=all_present)[-1].pulse_id > messages[-1].pulse_id
     finally:
         for one in (consumer,):
             if one is not None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from .ca_helpers import T0, Feeder, Tool, run_pyepics, run_tool, start_gateway
-from .helpers import ROOT, Child, children_of, free_port, process_gone, wait_for
+from .helpers import ROOT, Child, children_of, command_line, descendants_of, free_port, process_gone, wait_for
 from .test_gateway import PYEPICS_WATCHER, env, feeder  # noqa: F401  (the same module fixtures: a repeater, a feeder)
 
 pytest.importorskip("softioc", reason="pythonSoftIOC is not installed: the default CA server cannot run")
@@ -647,8 +647,11 @@ def test_the_ioc_loads_epics_without_setuptools_and_setuptools_dso_still_works_w
 
 
 def _ioc_threads(supervisor_pid: int) -> dict[str, tuple[int, int]]:
-    """The serving IOC child's threads by name: (scheduling policy, real-time priority) of each (/proc)."""
-    for pid in children_of(supervisor_pid):
+    """The serving IOC child's threads by name: (scheduling policy, real-time priority) of each (/proc).
+
+    ``supervisor_pid`` may be the gateway's or a process above it (``strace`` of the ``served`` gateway).
+    """
+    for pid in descendants_of(supervisor_pid):
         threads = {}
         try:
             for task in os.listdir(f"/proc/{pid}/task"):
@@ -721,22 +724,22 @@ def test_a_poster_built_for_another_epics_abi_is_not_used():
             ioc._check_abi(other)
 
 
-def test_the_ioc_schedules_no_thread_in_real_time(env, feeder):
+def test_the_ioc_schedules_no_thread_in_real_time(served):
     """The IOC forgoes real-time scheduling and locks no memory however it is started: as root EPICS would
     run its threads SCHED_FIFO (cbLow 58, rsrv's event threads 18 ...) and mlockall the IOC, and ten clients
     on 1000 PVs then left the CA process at 140-155 % CPU in priority-inheritance lock waits between the
     poster and rsrv (docs/performance.md, issue 22); the systemd unit already refuses real time
-    (RestrictRealtime=yes, no capabilities). Run as a user without real-time rights this holds trivially."""
-    child, _ready = start_gateway(feeder.address, _local(env), "--ca-prefix", "RT:", "--name", "RT")
-    try:
-        threads = _ioc_threads(child.process.pid)
-        assert {name: policy for name, policy in threads.items() if policy[0] != 0} == {}, threads
-        for pid in children_of(child.process.pid):  # the serving IOC and its standby
-            with open(f"/proc/{pid}/status") as status:
-                locked = [line.split()[1] for line in status if line.startswith("VmLck:")]
-            assert locked == ["0"], (pid, locked)
-    finally:
-        child.stop()
+    (RestrictRealtime=yes, no capabilities). Run as a user without real-time rights this holds trivially.
+    The module's gateway (it only reads /proc): a gateway of its own cost a start."""
+    child, _ready, _trace = served
+    threads = _ioc_threads(child.process.pid)
+    assert {name: policy for name, policy in threads.items() if policy[0] != 0} == {}, threads
+    iocs = [pid for pid in descendants_of(child.process.pid) if command_line(pid).endswith(" --ioc-child")]
+    assert iocs, [command_line(pid) for pid in descendants_of(child.process.pid)]
+    for pid in iocs:  # the serving IOC and its standby
+        with open(f"/proc/{pid}/status") as status:
+            locked = [line.split()[1] for line in status if line.startswith("VmLck:")]
+        assert locked == ["0"], (pid, locked)
 
 
 def test_the_ioc_children_end_with_their_supervisor_killed(env, feeder):
