@@ -204,8 +204,10 @@ def test_a_killed_gateway_leaves_no_files_behind(env, tmp_path):
     try:
         child, _ = start_gateway(source.address, _local(env) | {"TMPDIR": str(tmp_path)}, "--ca-prefix", "KILL:",
                                  "--name", "KILL")
-        iocs = children_of(child.process.pid, "sf_bsread_writer.ca.gateway")
-        assert len(iocs) == 2  # the serving IOC and the warm standby
+        # the serving IOC and the warm standby (started once the serving one answers)
+        iocs = wait_for(lambda: (lambda pids: pids if len(pids) == 2 else None)(
+            children_of(child.process.pid, "sf_bsread_writer.ca.gateway")), timeout=30, interval=0.05,
+            message="the serving IOC and its warm standby")
         os.kill(child.process.pid, signal.SIGKILL)
         wait_for(lambda: all(process_gone(pid) for pid in [child.process.pid, *iocs]), timeout=20, interval=0.1,
                  message="the supervisor and its IOCs gone")
@@ -214,6 +216,31 @@ def test_a_killed_gateway_leaves_no_files_behind(env, tmp_path):
         if child is not None:
             child.stop()
         source.close()
+
+
+def _start_ticks(path: str) -> int:
+    """When a process or thread started, in clock ticks since boot (proc(5) stat field 22)."""
+    with open(path) as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[19])
+
+
+def test_the_warm_standby_starts_only_once_the_serving_ioc_runs_epics(env, feeder):
+    """Start-up: the standby's imports (~0.4 s of CPU) must not compete with the first IOC's before it answers
+    (on two cores with four busy loops the first answer took 3.0 s with both starting at once). So the
+    standby is started after the serving IOC's iocInit: after the threads EPICS starts there (cbLow, rsrv's
+    CAS-*), never beside its imports. A replacement still finds it waiting, its imports done."""
+    child, _ready = start_gateway(feeder.address, _local(env), "--ca-prefix", "SB:", "--name", "SB")
+    try:
+        serving = _ioc_pid(child.process.pid)
+        epics_started = max(_start_ticks(f"/proc/{serving}/task/{task}/stat")
+                            for task in os.listdir(f"/proc/{serving}/task")
+                            if _thread_name(serving, task) in ("cbLow", "CAS-TCP", "CAS-UDP"))
+        standby = wait_for(lambda: [pid for pid in children_of(child.process.pid) if pid != serving],
+                           timeout=30, interval=0.05, message="the warm standby")
+        assert len(standby) == 1, standby
+        assert _start_ticks(f"/proc/{standby[0]}/stat") >= epics_started, "the standby started beside the first IOC"
+    finally:
+        child.stop()
 
 
 def test_a_sparse_channel_is_served_when_the_gateway_applies_slower_than_messages_come(env):
@@ -619,6 +646,25 @@ def test_the_ioc_loads_epics_without_setuptools_and_setuptools_dso_still_works_w
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                                cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
     assert "RESULT True Extension" in completed.stdout, completed.stdout + completed.stderr
+
+
+def _thread_name(pid: int, task: str) -> str:
+    with open(f"/proc/{pid}/task/{task}/comm") as comm:
+        return comm.read().strip()
+
+
+def _ioc_pid(supervisor_pid: int) -> int:
+    """The serving IOC child (the one EPICS runs in: it has the callback thread cbLow), waited for."""
+    def serving() -> int | None:
+        for pid in children_of(supervisor_pid):
+            try:
+                if any(_thread_name(pid, task) == "cbLow" for task in os.listdir(f"/proc/{pid}/task")):
+                    return pid
+            except OSError:
+                continue
+        return None
+
+    return wait_for(serving, timeout=30, interval=0.05, message=f"the serving IOC child of {supervisor_pid}")
 
 
 def _ioc_threads(supervisor_pid: int) -> dict[str, tuple[int, int]]:
