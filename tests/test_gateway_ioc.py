@@ -648,6 +648,45 @@ def test_the_ioc_loads_epics_without_setuptools_and_setuptools_dso_still_works_w
     assert "RESULT True Extension" in completed.stdout, completed.stdout + completed.stderr
 
 
+def test_the_ioc_finds_the_epics_libraries_without_walking_the_python_stack():
+    """Start-up: setuptools_dso names the package a relative library name is in by ``inspect.stack()`` (every
+    frame's source file read and matched to a module), nine times while softioc loads and starts: 0.12 s of
+    the 0.27 s of CPU the imports took. The IOC names it from the caller's frame alone; the libraries found
+    are the ones setuptools_dso's own lookup finds."""
+    import subprocess
+
+    script = (
+        "import inspect, sys\n"
+        "calls = []\n"
+        "def stack(context=1):  # inspect.stack, counted: the frames from its caller's on, as inspect's own\n"
+        "    calls.append(1)\n"
+        "    return inspect.getouterframes(sys._getframe(1), context)\n"
+        "inspect.stack = stack\n"
+        "from sf_bsread_writer.ca import ioc\n"
+        "ioc._skip_setuptools_at_import()\n"
+        "ioc._name_library_callers_by_frame()\n"
+        "import softioc.asyncio_dispatcher, softioc.builder, softioc.softioc\n"
+        "from setuptools_dso.runtime import find_dso\n"
+        "import epicscorelibs.path\n"
+        "found = [find_dso('pvxslibs.lib.pvxsIoc', package='softioc')]\n"
+        "found += [epicscorelibs.path.get_lib(name) for name in ('Com', 'dbCore')]\n"
+        "print('RESULT', len(calls), found)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                               cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
+    assert "RESULT 0 " in completed.stdout, completed.stdout + completed.stderr
+    reference = (  # setuptools_dso's own lookup, stack walks and all
+        "import epicscorelibs.path\n"
+        "from setuptools_dso.runtime import find_dso\n"
+        "found = [find_dso('pvxslibs.lib.pvxsIoc', package='softioc')]\n"
+        "found += [epicscorelibs.path.get_lib(name) for name in ('Com', 'dbCore')]\n"
+        "print('RESULT', found)\n"
+    )
+    reference = subprocess.run([sys.executable, "-c", reference], capture_output=True, text=True, timeout=120,
+                               cwd=ROOT, check=False)
+    assert completed.stdout.split("RESULT 0 ")[1] == reference.stdout.split("RESULT ")[1], reference.stderr
+
+
 def _thread_name(pid: int, task: str) -> str:
     with open(f"/proc/{pid}/task/{task}/comm") as comm:
         return comm.read().strip()

@@ -114,6 +114,7 @@ def acf_text(writable: bool, allow_hosts: Sequence[str]) -> str:
 def wait_for_go() -> dict[str, Any] | None:
     """In an IOC child: load EPICS, then wait for the supervisor's ``go {state}`` (None: told to end)."""
     _skip_setuptools_at_import()
+    _name_library_callers_by_frame()
     import softioc.asyncio_dispatcher  # noqa: F401  (the slow imports, done while waiting)
     import softioc.builder  # noqa: F401
     import softioc.softioc  # noqa: F401
@@ -165,6 +166,26 @@ def _skip_setuptools_at_import() -> None:
         del sys.modules["setuptools_dso"]
         return
     package.find_dso, package.dylink_prepare_dso = runtime.find_dso, runtime.dylink_prepare_dso
+
+
+def _name_library_callers_by_frame() -> None:
+    """Spare each IOC process ~0.12 s of CPU at its start (of 0.27 s for loading softioc): where a library
+    name is relative, setuptools_dso's ``find_dso`` and ``dylink_prepare_dso`` find the caller's package by
+    ``inspect.stack()[2]`` (``_auto_pkg``), which reads the source file of every frame on the stack and
+    matches it to a module, nine times while softioc loads and starts. The caller's module is the name in
+    that frame's globals, as ``inspect.getmodule`` finds it for any imported module; looked up directly.
+    A setuptools_dso without ``_auto_pkg`` is left as it is."""
+    try:
+        from setuptools_dso import runtime
+    except ImportError:
+        return
+    if callable(getattr(runtime, "_auto_pkg", None)):
+        runtime._auto_pkg = _caller_package
+
+
+def _caller_package() -> str:
+    # 0: this function, 1: find_dso / dylink_prepare_dso / import_dsoinfo, 2: their caller (inspect.stack()[2]).
+    return sys._getframe(2).f_globals["__name__"]
 
 
 def _records_in(state: Mapping[str, Any]) -> dict[str, IocRecord]:
