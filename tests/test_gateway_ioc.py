@@ -687,6 +687,21 @@ def test_the_ioc_finds_the_epics_libraries_without_walking_the_python_stack():
     assert completed.stdout.split("RESULT 0 ")[1] == reference.stdout.split("RESULT ")[1], reference.stderr
 
 
+def test_the_ioc_imports_no_http_client_unless_it_polls_a_status_url():
+    """Start-up: urllib.request (http.client, email, ssl: ~0.03 s of CPU) serves only ``--status-url``'s poller;
+    an IOC fed by a buffer's ``--ca`` feed never polls, so its serving path does not import it."""
+    import subprocess
+
+    script = (
+        "import sys\n"
+        "from sf_bsread_writer.ca import feed, gateway, ioc, policy\n"
+        "print('RESULT', sorted(name for name in ('urllib.request', 'http.client') if name in sys.modules))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                               cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
+    assert "RESULT []" in completed.stdout, completed.stdout + completed.stderr
+
+
 def _thread_name(pid: int, task: str) -> str:
     with open(f"/proc/{pid}/task/{task}/comm") as comm:
         return comm.read().strip()
