@@ -119,6 +119,7 @@ def wait_for_go() -> dict[str, Any] | None:
     import softioc.builder  # noqa: F401
     import softioc.softioc  # noqa: F401
 
+    _check_fields_at_kept_positions()
     line = sys.stdin.readline().strip()
     if not line.startswith("go"):
         return None
@@ -186,6 +187,38 @@ def _name_library_callers_by_frame() -> None:
 def _caller_package() -> str:
     # 0: this function, 1: find_dso / dylink_prepare_dso / import_dsoinfo, 2: their caller (inspect.stack()[2]).
     return sys._getframe(2).f_globals["__name__"]
+
+
+def _check_fields_at_kept_positions() -> None:
+    """Spare each IOC ~0.09 s of CPU at its start (of 0.11 s for building 100 channels' records and the
+    spares): epicsdbbuilder checks every field value a record is built with by EPICS' ``dbVerify``, after
+    walking its record type's field list to that field, one ctypes call per field passed, for every field of
+    every record. Here the entry positioned at a field is kept, one per record type and field, and
+    ``dbVerify`` runs on it: the same check (an unknown field name raises AttributeError, a value EPICS
+    refuses AssertionError), without the walks. An epicsdbbuilder without this validator is left as it is."""
+    try:
+        from epicsdbbuilder import dbd, mydbstatic
+    except ImportError:
+        return
+    validator = getattr(dbd, "ValidateDbField", None)
+    if validator is None or not hasattr(validator, "ValidFieldValue") or not hasattr(dbd, "DBEntry"):
+        return
+
+    def valid_field_value(self: Any, name: str, value: Any) -> None:
+        self.ValidFieldName(name)
+        kept = self.__dict__.setdefault("_sf_field_entries", {})
+        entry = kept.get(name)
+        if entry is None:
+            entry = dbd.DBEntry(self.dbEntry)  # a copy on the same record type
+            for field_name in entry.iterate_fields():
+                if field_name == name:
+                    break
+            kept[name] = entry
+        value = str(value)
+        message = mydbstatic.dbVerify(entry, value)
+        assert message is None, f"Can't write {value!r} to field {name}: {message}"  # as epicsdbbuilder's own
+
+    validator.ValidFieldValue = valid_field_value
 
 
 def _records_in(state: Mapping[str, Any]) -> dict[str, IocRecord]:
