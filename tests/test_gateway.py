@@ -435,3 +435,48 @@ def test_buffer_ca_feed_is_rate_limited_and_leaves_a_push_output_whole(env, monk
     snapshot_slack = 2 * 0.25 * 5.0 + 2  # statistics are snapshots, published every 0.25 s
     assert 1 <= fed <= 5.0 * window + snapshot_slack, (fed, window)
     assert 1 <= value <= sent[-1]
+
+
+def test_the_status_poller_reads_the_buffers_statistics_and_counts_what_it_cannot():
+    """``--status-url``: GET /statistics once a second as a typed BufferStatus (the poller imports its HTTP
+    client when it starts: an IOC fed by a buffer's feed never loads it); an answer that is no status is
+    counted, never raised, and the last good status stays."""
+    import http.server
+    import json
+    import threading
+
+    from sf_bsread_writer.buffer.service import Buffer
+    from sf_bsread_writer.buffer.settings import BufferSettings
+    from sf_bsread_writer.ca.feed import StatusPoller
+
+    status = Buffer(BufferSettings("tcp://127.0.0.1:9", rest_port=None, name="POLLED")).statistics()
+    answers = [json.dumps({"statistics": status.to_json()}).encode()]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802  (the http.server name)
+            body = answers[-1]
+            self.send_response(200 if self.path == "/statistics" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    poller = StatusPoller(f"http://127.0.0.1:{server.server_address[1]}/", interval=0.05)
+    poller.start()
+    try:
+        wait_for(lambda: poller.latest is not None, timeout=20, message="the first status")
+        assert poller.latest == status and poller.failures == 0
+        answers.append(b"not json")
+        wait_for(lambda: poller.failures >= 2, timeout=20, message="unusable answers counted")
+        assert poller.latest == status and poller.is_alive()
+    finally:
+        poller.stop()
+        poller.join(timeout=5)
+        server.shutdown()
+        server.server_close()
+

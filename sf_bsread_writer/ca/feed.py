@@ -21,8 +21,6 @@ import json
 import logging
 import threading
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import numpy as np
@@ -231,6 +229,11 @@ class StatusPoller(threading.Thread):
         self._stop_event.set()
 
     def run(self) -> None:
+        # Here, not at the top: only a gateway started with --status-url polls, and an IOC's start-up is its
+        # imports (urllib.request brings http.client, email and ssl: ~0.03 s of CPU; docs/gateway.md).
+        import urllib.error
+        import urllib.request
+
         while not self._stop_event.is_set():
             started = time.monotonic()
             try:

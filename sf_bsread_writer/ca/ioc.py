@@ -114,10 +114,12 @@ def acf_text(writable: bool, allow_hosts: Sequence[str]) -> str:
 def wait_for_go() -> dict[str, Any] | None:
     """In an IOC child: load EPICS, then wait for the supervisor's ``go {state}`` (None: told to end)."""
     _skip_setuptools_at_import()
+    _name_library_callers_by_frame()
     import softioc.asyncio_dispatcher  # noqa: F401  (the slow imports, done while waiting)
     import softioc.builder  # noqa: F401
     import softioc.softioc  # noqa: F401
 
+    _check_fields_at_kept_positions()
     line = sys.stdin.readline().strip()
     if not line.startswith("go"):
         return None
@@ -165,6 +167,58 @@ def _skip_setuptools_at_import() -> None:
         del sys.modules["setuptools_dso"]
         return
     package.find_dso, package.dylink_prepare_dso = runtime.find_dso, runtime.dylink_prepare_dso
+
+
+def _name_library_callers_by_frame() -> None:
+    """Spare each IOC process ~0.12 s of CPU at its start (of 0.27 s for loading softioc): where a library
+    name is relative, setuptools_dso's ``find_dso`` and ``dylink_prepare_dso`` find the caller's package by
+    ``inspect.stack()[2]`` (``_auto_pkg``), which reads the source file of every frame on the stack and
+    matches it to a module, nine times while softioc loads and starts. The caller's module is the name in
+    that frame's globals, as ``inspect.getmodule`` finds it for any imported module; looked up directly.
+    A setuptools_dso without ``_auto_pkg`` is left as it is."""
+    try:
+        from setuptools_dso import runtime
+    except ImportError:
+        return
+    if callable(getattr(runtime, "_auto_pkg", None)):
+        runtime._auto_pkg = _caller_package
+
+
+def _caller_package() -> str:
+    # 0: this function, 1: find_dso / dylink_prepare_dso / import_dsoinfo, 2: their caller (inspect.stack()[2]).
+    return sys._getframe(2).f_globals["__name__"]
+
+
+def _check_fields_at_kept_positions() -> None:
+    """Spare each IOC ~0.09 s of CPU at its start (of 0.11 s for building 100 channels' records and the
+    spares): epicsdbbuilder checks every field value a record is built with by EPICS' ``dbVerify``, after
+    walking its record type's field list to that field, one ctypes call per field passed, for every field of
+    every record. Here the entry positioned at a field is kept, one per record type and field, and
+    ``dbVerify`` runs on it: the same check (an unknown field name raises AttributeError, a value EPICS
+    refuses AssertionError), without the walks. An epicsdbbuilder without this validator is left as it is."""
+    try:
+        from epicsdbbuilder import dbd, mydbstatic
+    except ImportError:
+        return
+    validator = getattr(dbd, "ValidateDbField", None)
+    if validator is None or not hasattr(validator, "ValidFieldValue") or not hasattr(dbd, "DBEntry"):
+        return
+
+    def valid_field_value(self: Any, name: str, value: Any) -> None:
+        self.ValidFieldName(name)
+        kept = self.__dict__.setdefault("_sf_field_entries", {})
+        entry = kept.get(name)
+        if entry is None:
+            entry = dbd.DBEntry(self.dbEntry)  # a copy on the same record type
+            for field_name in entry.iterate_fields():
+                if field_name == name:
+                    break
+            kept[name] = entry
+        value = str(value)
+        message = mydbstatic.dbVerify(entry, value)
+        assert message is None, f"Can't write {value!r} to field {name}: {message}"  # as epicsdbbuilder's own
+
+    validator.ValidFieldValue = valid_field_value
 
 
 def _records_in(state: Mapping[str, Any]) -> dict[str, IocRecord]:

@@ -11,7 +11,10 @@ channel name, and the channels that need long strings); the child prints
 before it exits with ``RESTART_EXIT_CODE`` to be replaced, ``NEXT {json}``:
 the state for its successor, which the supervisor keeps. Other output of
 the child is forwarded. A warm standby child, its slow imports done, waits
-for its ``go``: a replacement costs ``iocInit``, not a Python start.
+for its ``go``: a replacement costs ``iocInit``, not a Python start. The
+standby is started once the serving IOC has printed READY, never beside it:
+its imports would take half the CPU the first IOC needs before it answers
+(docs/gateway.md, "Start-up and memory").
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ class _IocChild:
         self.process = process.start_child([sys.executable, "-m", "sf_bsread_writer.ca.gateway", *argv,
                                             "--ioc-child"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.next_state: dict[str, Any] | None = None
+        self.serving = threading.Event()  # its READY line was read: it answers CA clients
         self._reader = threading.Thread(target=self._read, args=(on_line,), daemon=True,
                                         name=f"ioc-{self.process.pid}-stdout")
         self._reader.start()
@@ -76,10 +80,16 @@ class _IocChild:
 def supervise(argv: Sequence[str]) -> int:
     """Run the IOC as a child (``--ioc-child``) and start the next one whenever it asks to be replaced.
 
-    The next IOC is always started in advance and waits, its imports done
-    (loading EPICS takes seconds on a busy machine), until it is told to go:
-    a replacement costs the new IOC's ``iocInit``, not a Python start. Each
-    child dies with this process. SIGTERM only sets an event (process.stop_on_signals: from its thread).
+    The next IOC is started in advance and waits, its imports done (loading
+    EPICS takes seconds on a busy machine), until it is told to go: a
+    replacement costs the new IOC's ``iocInit``, not a Python start. It is
+    started once the serving IOC has said READY, not beside it: until then
+    the two would share the CPU the serving IOC needs to answer its first
+    client (on a loaded machine most of its start-up). A replacement asked
+    before any standby exists starts one and waits for it. Each child dies
+    with this process, and is started from this thread (``process.start_child``:
+    the thread that starts a child is its "parent"). SIGTERM only sets an event
+    (``process.stop_on_signals``: from its thread).
     """
     stopping = threading.Event()
     restore = process.stop_on_signals(lambda name: stopping.set())
@@ -99,17 +109,26 @@ def supervise(argv: Sequence[str]) -> int:
                 sys.stdout.flush()
             except (OSError, ValueError):  # nobody reads our stdout any more: the child's lines still are
                 pass
+        if line.startswith(process.READY_PREFIX):
+            child.serving.set()
 
     restarts = 0
     current = standby = None
     try:
         current = _IocChild(argv, on_line)
         current.go(state)
-        standby = _IocChild(argv, on_line)
         while True:
-            try:
-                code = current.process.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
+            if standby is None and current.serving.is_set() and not stopping.is_set():
+                standby = _IocChild(argv, on_line)  # the serving IOC answers: its successor may load now
+            if standby is None:  # woken by READY at once, else every half second for the checks below
+                current.serving.wait(0.5)
+                code = current.process.poll()
+            else:
+                try:
+                    code = current.process.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    code = None
+            if code is None:
                 if stopping.is_set():
                     current.stop()
                     return process.ExitCode.OK
@@ -125,9 +144,8 @@ def supervise(argv: Sequence[str]) -> int:
             state = dict(current.next_state or state)
             state["restarts"] = restarts
             logger.info("gateway IOC replaced to serve what its records cannot hold (replacement %d)", restarts)
-            current, standby = standby, None
+            current, standby = standby or _IocChild(argv, on_line), None
             current.go(state)
-            standby = _IocChild(argv, on_line)
     finally:
         for child in (current, standby):
             if child is not None:
