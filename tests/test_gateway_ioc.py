@@ -825,7 +825,9 @@ def test_both_record_paths_serve_values_alarms_and_timestamps_alike(env, feeder,
             # Posted by an EPICS thread scheduled as the one that processes records in softioc's path (cbLow),
             # not by a Python thread below rsrv's (ten clients starved one where EPICS ran real-time; the IOC
             # now forgoes real time: test_the_ioc_schedules_no_thread_in_real_time).
-            threads = _ioc_threads(child.process.pid)
+            # EPICS names a thread from inside it, once it first runs: until then /proc says "python" (CI, loaded).
+            threads = wait_for(lambda: (lambda t: t if "recordPost" in t else None)(_ioc_threads(child.process.pid)),
+                               timeout=30, message="the poster thread named recordPost in the serving IOC")
             assert threads.get("recordPost") == threads["cbLow"], threads
         _wait_alarm_free(local_env, "RB:F64")
         client = CaprotoClient(local_env)
