@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -1241,7 +1242,8 @@ def test_a_guardian_started_for_another_user_switches_at_once_and_still_undoes(t
     guardian = guardian_module.Guardian()
     try:
         (shared / "data.h5").write_bytes(b"CORRUPTED-AND-LONGER")
-        (shared / ".data.h5.journal").write_bytes(journal.encode_header(9) + journal.encode_record(0, b"committed"))
+        header = journal.encode_header(9)
+        (shared / ".data.h5.journal").write_bytes(header + journal.encode_record(0, b"committed", journal.record_seed(header)))
         directory_fd = os.open(shared, os.O_RDONLY | os.O_DIRECTORY)
         file_fd = os.open(shared / "data.h5", os.O_RDWR)
         journal_fd = os.open(shared / ".data.h5.journal", os.O_RDWR)
@@ -1282,8 +1284,10 @@ def test_undo_plan_of_an_empty_or_headerless_journal_restores_nothing() -> None:
 
 def test_undo_plan_applies_records_last_first_so_the_committed_bytes_win() -> None:
     """A region overwritten twice since the commit: its first before-image (the committed bytes) is restored last."""
-    content = (journal.encode_header(1000) + journal.encode_record(10, b"AAAA") + journal.encode_record(12, b"bbbb")
-               + journal.encode_record(10, b"cc"))
+    header = journal.encode_header(1000)
+    seed = journal.record_seed(header)
+    content = (header + journal.encode_record(10, b"AAAA", seed) + journal.encode_record(12, b"bbbb", seed)
+               + journal.encode_record(10, b"cc", seed))
     plan = journal.plan_undo(content)
     assert plan.committed_size == 1000 and plan.torn == 0
     assert [(r.offset, r.data) for r in plan.restores] == [(10, b"cc"), (12, b"bbbb"), (10, b"AAAA")]
@@ -1296,13 +1300,29 @@ def test_undo_plan_applies_records_last_first_so_the_committed_bytes_win() -> No
 @pytest.mark.parametrize("cut", [1, 5, journal.RECORD_HEADER_SIZE, journal.RECORD_HEADER_SIZE + 3])
 def test_undo_plan_ignores_a_torn_last_record(cut: int) -> None:
     """Killed while a record was appended: its write never happened; the records before it count."""
-    whole = journal.encode_header(50) + journal.encode_record(0, b"0123456789")
-    last = journal.encode_record(20, b"abcdefgh")
+    header = journal.encode_header(50)
+    whole = header + journal.encode_record(0, b"0123456789", journal.record_seed(header))
+    last = journal.encode_record(20, b"abcdefgh", journal.record_seed(header))
     plan = journal.plan_undo(whole + last[:cut])
     assert [(r.offset, r.data) for r in plan.restores] == [(0, b"0123456789")] and plan.torn == cut
     damaged = bytearray(whole + last)
     damaged[-1] ^= 0xFF  # whole length, wrong bytes: the same
     assert journal.plan_undo(bytes(damaged)).restores == plan.restores
+
+
+def test_undo_plan_ignores_the_records_of_an_older_commit_and_reads_the_first_format() -> None:
+    """The journal is reused (never cut while written): a commit's header makes the older records after it count no more."""
+    older = journal.encode_header(500, generation=1)
+    newer = journal.encode_header(700, generation=2)
+    old_record = journal.encode_record(30, b"old!", journal.record_seed(older))
+    plan = journal.plan_undo(newer + journal.encode_record(5, b"new", journal.record_seed(newer)) + old_record)
+    assert plan.committed_size == 700 and plan.torn == len(old_record)
+    assert [(r.offset, r.data) for r in plan.restores] == [(5, b"new")]
+    assert journal.plan_undo(newer + old_record).restores == ()  # the commit's header over an older journal
+    v1_header = b"SFJ1" + (42).to_bytes(8, "little")
+    v1_header += zlib.crc32(v1_header).to_bytes(4, "little")
+    v1 = journal.plan_undo(v1_header + journal.encode_record(0, b"abc", 0))  # left by the first format's writer
+    assert v1.committed_size == 42 and [(r.offset, r.data) for r in v1.restores] == [(0, b"abc")]
 
 
 def test_journal_names_are_hidden_beside_the_file_and_fit_a_file_name() -> None:

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import struct
 
-from sf_bsread_writer.h5.journal import HEADER_SIZE, UndoPlan, encode_header, encode_record, journal_name, plan_undo
+from sf_bsread_writer.h5.journal import (RECORD_HEADER_SIZE, UndoPlan, encode_header, journal_name, plan_undo,
+                                         record_checksum, record_seed)
+
+_RECORD = struct.Struct("<QQI")  # h5.journal's record header, packed here in place
 
 __all__ = ["JournaledFile", "JournalInUse", "undo", "repair", "journal_path", "lock_journal"]
 
@@ -38,14 +42,29 @@ class JournaledFile:
 
     ``fd``: the output file, open for reading and writing (this object
     owns it from now on: :meth:`close`). Without a journal
-    (:meth:`start_journal` not called) it only passes the writes through.
+    (:meth:`set_journal` not called) it only passes the writes through.
     The file never shrinks while it is written: HDF5 asks to cut it to its
     end of allocation at every flush, and bytes cut there would have no
     before-image; a longer file opens as well. :meth:`finish` applies the
     last size asked for.
 
+    What a journaled write costs (docs/performance.md, "The undo journal's
+    cost"): one ``pwrite`` of its record, into room allocated beforehand
+    (the journal is not cut at a commit, its room is reused: an append
+    that allocates costs twice as much; a full disk is the ``OSError`` of
+    the allocation, raised by the write that needed the room), and the
+    before-image: the bytes HDF5 read there since the commit if it did
+    (a metadata object is read, changed, written back), else a ``pread``.
+    Any copy taken since the commit will do: a byte a write changed before
+    is restored by that write's record, which comes earlier and is applied
+    later (``h5.journal``).
+
     Not thread safe: HDF5 calls it under h5py's lock, from the file's owner.
     """
+
+    # What the journal's room grows by at least, and what read images are kept at most between commits.
+    JOURNAL_GROWTH = 64 << 10
+    READ_IMAGES_BYTES = 32 << 20
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -54,10 +73,16 @@ class JournaledFile:
         self._wanted_size = self._size  # what HDF5 last made it (truncate), or longer by writes since
         self._committed = 0  # bytes below this are journaled before they are overwritten
         self._journal_fd = -1
-        self._journal_size = 0
+        self._journal_capacity = 0  # bytes of the journal allocated on the disk (its length)
+        self._journal_size = 0  # bytes of the header and records (the file is longer: its room)
+        self._generation = 0
+        self._seed = 0  # the header's checksum: where the records' checksums start
         self._journaled: set[tuple[int, int]] = set()  # (offset, length) saved since the commit
+        self._read_images: dict[int, bytes] = {}  # offset: committed bytes HDF5 read there since the commit
+        self._read_images_bytes = 0
         self.journal_bytes_at_commit = 0  # the journal's size when it was last committed (for space bounds)
         self.writes = 0
+        self.before_images_read = 0  # before-images that took a pread (the others: read images)
 
     # -- the journal -------------------------------------------------------
     def set_journal(self, journal_fd: int) -> None:
@@ -72,47 +97,89 @@ class JournaledFile:
         """The file is closed whole: empty the journal (it undoes nothing from now on), journal no more."""
         if self._journal_fd >= 0:
             os.ftruncate(self._journal_fd, 0)
+        self._journal_capacity = 0
         self._journal_size = 0
         self._committed = 0
-        self._journaled.clear()
+        self._forget()
 
     @property
     def journal_fd(self) -> int:
         return self._journal_fd
 
     @property
+    def journal_room(self) -> int:
+        """Bytes the journal has allocated on the disk (its length): reused by every commit, never cut until the end."""
+        return self._journal_capacity
+
+    @property
     def journal_size(self) -> int:
-        """Bytes in the journal now (header and records since the last commit)."""
+        """Bytes of the journal's content now (header and records since the last commit)."""
         return self._journal_size
 
     def commit(self) -> None:
         """The file as it is now is the state to come back to (call after ``H5Fflush`` returned).
 
-        The journal is emptied first, then gets its new header: a kill in
-        between leaves a journal with no header, which undoes nothing (the
-        file is whole: the flush had returned).
+        The new header, of a new generation, is written over the old one:
+        the records after it are of the old generation and no longer check
+        out. A kill while it is written leaves a header that does not check
+        out (nothing to undo: the flush had returned, the file is whole).
         """
         if self._journal_fd < 0:
             return
         self.journal_bytes_at_commit = self._journal_size
-        os.ftruncate(self._journal_fd, 0)
-        header = encode_header(self._size)
+        self._generation += 1
+        header = encode_header(self._size, self._generation)
+        if self._journal_capacity < len(header):
+            self._room(len(header))
         os.pwrite(self._journal_fd, header, 0)
         self._journal_size = len(header)
+        self._seed = record_seed(header)
         self._committed = self._size
+        self._forget()
+
+    def _forget(self) -> None:
         self._journaled.clear()
+        self._read_images.clear()
+        self._read_images_bytes = 0
+
+    def _room(self, needed: int) -> None:
+        """Allocate at least ``needed`` bytes of the journal on the disk (by doubling, or just that on a full disk)."""
+        capacity = max(needed, 2 * self._journal_capacity, self.JOURNAL_GROWTH)
+        try:
+            os.posix_fallocate(self._journal_fd, 0, capacity)
+        except OSError:
+            if capacity == needed:
+                raise
+            capacity = needed  # what the full-disk check counted on (h5/file.py _rows_that_fit)
+            os.posix_fallocate(self._journal_fd, 0, capacity)
+        self._journal_capacity = capacity
 
     def _save(self, offset: int, length: int) -> None:
         key = (offset, length)
         if key in self._journaled:  # this region's committed bytes are saved already
             return
-        before = os.pread(self.fd, length, offset)
-        record = encode_record(offset, before)
+        record = bytearray(RECORD_HEADER_SIZE + length)
+        image = self._read_images.get(offset)
+        if image is not None and len(image) >= length:
+            record[RECORD_HEADER_SIZE:] = image if len(image) == length else image[:length]
+        else:
+            with memoryview(record) as view:
+                os.preadv(self.fd, [view[RECORD_HEADER_SIZE:]], offset)  # short past the end: zeros stay
+            self.before_images_read += 1
+        with memoryview(record) as view:
+            checksum = record_checksum(offset, view[RECORD_HEADER_SIZE:], self._seed)
+        _RECORD.pack_into(record, 0, offset, length, checksum)
+        self._append(record)
+        self._journaled.add(key)
+
+    def _append(self, record: bytes | bytearray) -> None:
+        end = self._journal_size + len(record)
+        if end > self._journal_capacity:
+            self._room(end)
         written = os.pwrite(self._journal_fd, record, self._journal_size)
         if written != len(record):  # a short write of a full disk: the record is torn, the write not done
             raise OSError(28, f"journal write cut short ({written} of {len(record)} bytes)")
-        self._journal_size += written
-        self._journaled.add(key)
+        self._journal_size = end
 
     # -- the file object h5py's fileobj driver calls ------------------------
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -140,6 +207,13 @@ class JournaledFile:
         if done < wanted:  # past the end: HDF5 reads zeros there (sec2 does the same)
             buffer[done:] = bytes(wanted - done)
         self._position = position + wanted
+        if position < self._committed and self._read_images_bytes < self.READ_IMAGES_BYTES:
+            # Bytes as they are since the commit: the before-image of a write there (HDF5 reads metadata,
+            # changes it, writes it back; the class docstring says why any copy since the commit will do).
+            image = bytes(buffer[:min(wanted, self._committed - position)])
+            if len(self._read_images.get(position, b"")) < len(image):
+                self._read_images[position] = image
+                self._read_images_bytes += len(image)
         return wanted
 
     def write(self, data: memoryview) -> int:
