@@ -6,6 +6,9 @@ the package uses their Python fallbacks. ``sf_bsread_writer.transport._partsio``
 ``transport/partsio.py``) needs no libzmq headers or library at build time: it
 finds pyzmq's libzmq at import. ``sf_bsread_writer.bsread._blockwalk`` walks the
 bitshuffle_lz4 block structure (fallback: the loop in ``bsread/codecs.py``).
+``sf_bsread_writer.h5._journaledio`` is the output file's I/O as h5py's fileobj
+driver calls it, with the undo journal (fallback: the Python core in
+``h5/journaled.py``; needs zlib's header and library).
 ``sf_bsread_writer.ca._recordpost`` updates the CA gateway's scalar records in
 batches from C (fallback: pythonSoftIOC's per-record ``set``); it is built only
 where epicscorelibs (pythonSoftIOC's EPICS base) is importable at build time,
@@ -109,6 +112,8 @@ setup(
                            optional=True),
                  Extension("sf_bsread_writer.bsread._blockwalk", ["sf_bsread_writer/bsread/_blockwalk.c"],
                            extra_compile_args=["-O2", "-std=c11", "-Wall"], optional=True),
+                 Extension("sf_bsread_writer.h5._journaledio", ["sf_bsread_writer/h5/_journaledio.c"],
+                           libraries=["z"], extra_compile_args=["-O2", "-std=c11", "-Wall"], optional=True),
                  *_epics_extensions()],
     cmdclass={"build_ext": OptionalBuildExt},
     install_requires=CLIENTS,

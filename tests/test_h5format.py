@@ -29,7 +29,7 @@ import pytest
 from sf_bsread_writer.bsread.build import build_message
 from sf_bsread_writer.bsread.codecs import direct_chunk_compatible
 from sf_bsread_writer.bsread.message import Message, MessageParser
-from sf_bsread_writer.h5 import calls, columns, journal, layout, variants
+from sf_bsread_writer.h5 import calls, columns, journal, journaled, layout, variants
 from sf_bsread_writer.h5 import file as h5_file
 from sf_bsread_writer.h5.file import H5File
 from sf_bsread_writer.replay.messages import MissingRange
@@ -1114,15 +1114,19 @@ _KILL_POINTS_CHILD = textwrap.dedent("""
 
 
 def _kill_points(directory: Path, journal: bool, target: int, spread: int,
-                 orphan: bool = False) -> tuple[int, dict[Path, int]]:
+                 orphan: bool = False, core: str = "compiled") -> tuple[int, dict[Path, int]]:
     """Run _KILL_POINTS_CHILD: the writes of the target flush, and {file killed: rows of its last completed flush}.
 
-    ``orphan``: each writer kills its guardian (and waits for its end) just before itself.
+    ``orphan``: each writer kills its guardian (and waits for its end) just before itself. ``core``: the
+    implementation of the file object's I/O and journaling (h5.journaled.IMPLEMENTATIONS).
     """
+    if core not in journaled.IMPLEMENTATIONS:
+        pytest.skip(f"the compiled journaled I/O is not built: {journaled.FALLBACK_REASON}")
+    extra = {} if core == "compiled" else {journaled.NO_EXTENSION_VARIABLE: "1"}
     first = 30_000_000_000
     child = Child([sys.executable, "-c", _KILL_POINTS_CHILD, str(directory), "1" if journal else "0", str(target),
                    str(spread), str(first), str(_KILL_BLOCK), str(_KILL_FLUSHES), "orphan" if orphan else "guarded"],
-                  env=_child_env())
+                  env=_child_env(**extra))
     with child:
         writes = int(child.wait_for_line("writes ", timeout=60).split()[1])
         child.wait_for_line("done", timeout=120)
@@ -1144,11 +1148,12 @@ def _check_rows(path: Path, first: int, rows: int) -> None:
     assert _check_killed_file(path, first, rows) == rows
 
 
-@pytest.mark.parametrize("target", [2, 4, 0], ids=["flush-2", "flush-4", "close"])
+@pytest.mark.parametrize("target, core", [(2, "compiled"), (4, "compiled"), (0, "compiled"), (4, "python")],
+                         ids=["flush-2", "flush-4", "close", "flush-4-python-core"])
 def test_a_kill_at_any_write_of_a_flush_or_the_close_leaves_the_rows_of_the_last_flush(
-        tmp_path: Path, target: int) -> None:
+        tmp_path: Path, target: int, core: str) -> None:
     """The CI case (``addr overflow`` after a kill mid-flush), at every moment: the guardian undoes the journal."""
-    writes, killed = _kill_points(tmp_path, True, target, 12)
+    writes, killed = _kill_points(tmp_path, True, target, 12, core=core)
     assert writes > 50 and len(killed) >= 12
     for path, rows in killed.items():
         _wait_for_the_guardian(path)
@@ -1323,6 +1328,57 @@ def test_undo_plan_ignores_the_records_of_an_older_commit_and_reads_the_first_fo
     v1_header += zlib.crc32(v1_header).to_bytes(4, "little")
     v1 = journal.plan_undo(v1_header + journal.encode_record(0, b"abc", 0))  # left by the first format's writer
     assert v1.committed_size == 42 and [(r.offset, r.data) for r in v1.restores] == [(0, b"abc")]
+
+
+@pytest.mark.parametrize("core", ["compiled", "python"])
+def test_undoing_the_journal_after_any_reads_and_writes_gives_the_committed_file_back(tmp_path: Path, core: str) -> None:
+    """Both cores of JournaledFile, three commits into one journal (reused, never cut), reads and writes at random
+    (over committed bytes, across the committed end, past it): undone, the file is the committed one byte for byte.
+    Regions HDF5 read since the commit take their before-image from that read, the others a pread."""
+    import random
+
+    if core not in journaled.IMPLEMENTATIONS:
+        pytest.skip(f"the compiled journaled I/O is not built: {journaled.FALLBACK_REASON}")
+    rng = random.Random(2026)
+    path = tmp_path / "file"
+    path.write_bytes(b"")
+    io = journaled.IMPLEMENTATIONS[core](os.open(path, os.O_RDWR))
+    io.set_journal(os.open(tmp_path / "journal", os.O_RDWR | os.O_CREAT))
+    io.seek(0)
+    io.write(memoryview(rng.randbytes(6000)))
+    io.commit()
+    from_reads = 0
+    for _ in range(3):
+        committed = path.read_bytes()
+        reads_before = io.before_images_read
+        read: list[tuple[int, int]] = []
+        for _ in range(300):
+            offset, length = rng.randrange(0, len(committed) + 1500), rng.randrange(1, 900)
+            if read and rng.random() < 0.3:  # as HDF5 does with metadata: read, changed, written back
+                offset, length = rng.choice(read)
+                length = rng.randrange(1, length + 1)
+            io.seek(offset)
+            if rng.random() < 0.4:
+                buffer = bytearray(length)
+                assert io.readinto(memoryview(buffer)) == length
+                assert buffer == (path.read_bytes() + bytes(length + offset))[offset:offset + length]
+                read.append((offset, length))
+            else:
+                assert io.write(memoryview(rng.randbytes(length))) == length
+        records = len(journal.plan_undo(os.pread(io.journal_fd, io.journal_room, 0)).restores)
+        from_reads += records - (io.before_images_read - reads_before)
+        copy = tmp_path / "copy"
+        shutil.copyfile(path, copy)
+        copy_fd = os.open(copy, os.O_RDWR)
+        try:
+            journaled.undo(copy_fd, io.journal_fd)
+        finally:
+            os.close(copy_fd)
+        assert copy.read_bytes() == committed
+        io.commit()
+    assert from_reads > 20  # the read images were used
+    io.end_journal()
+    io.close()
 
 
 def test_journal_names_are_hidden_beside_the_file_and_fit_a_file_name() -> None:

@@ -22,7 +22,8 @@ from sf_bsread_writer.h5.journal import (RECORD_HEADER_SIZE, UndoPlan, encode_he
 
 _RECORD = struct.Struct("<QQI")  # h5.journal's record header, packed here in place
 
-__all__ = ["JournaledFile", "JournalInUse", "undo", "repair", "journal_path", "lock_journal"]
+__all__ = ["JournaledFile", "PythonJournaledFile", "CompiledJournaledFile", "IMPLEMENTATION", "IMPLEMENTATIONS",
+           "FALLBACK_REASON", "JournalInUse", "undo", "repair", "journal_path", "lock_journal"]
 
 class JournalInUse(OSError):
     """The journal is locked: its writer (or the guardian that holds it after the writer's end) is alive."""
@@ -37,7 +38,93 @@ def lock_journal(journal_fd: int) -> None:
         raise JournalInUse(11, "the journal is in use by a running writer or its guardian") from None
 
 
-class JournaledFile:
+class _PythonCore:
+    """seek, tell, readinto and write of :class:`JournaledFile` in Python: the fallback of ``_journaledio.c``.
+
+    The state is JournaledFile's (its ``__init__``); both cores keep it
+    under the same names.
+    """
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 0:
+            self._position = offset
+        elif whence == 2:
+            self._position = self._wanted_size + offset
+        else:
+            self._position += offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def readinto(self, buffer: memoryview) -> int:
+        position, wanted = self._position, len(buffer)
+        done = os.preadv(self.fd, [buffer], position)
+        if done < wanted:  # past the end: HDF5 reads zeros there (sec2 does the same)
+            buffer[done:] = bytes(wanted - done)
+        self._position = position + wanted
+        if position < self._committed and self._read_images_bytes < self._read_images_limit:
+            # Bytes as they are since the commit: the before-image of a write there (HDF5 reads metadata,
+            # changes it, writes it back; the class docstring says why any copy since the commit will do).
+            image = bytes(buffer[:min(wanted, self._committed - position)])
+            if len(self._read_images.get(position, b"")) < len(image):
+                self._read_images[position] = image
+                self._read_images_bytes += len(image)
+        return wanted
+
+    def write(self, data: memoryview) -> int:
+        position = self._position
+        length = len(data)
+        self.writes += 1
+        if position < self._committed:
+            self._save(position, min(length, self._committed - position))
+        done = os.pwrite(self.fd, data, position)
+        while done < length:
+            done += os.pwrite(self.fd, data[done:], position + done)
+        end = position + length
+        self._position = end
+        if end > self._size:
+            self._size = end
+        if end > self._wanted_size:
+            self._wanted_size = end
+        return length
+
+    def _save(self, offset: int, length: int) -> None:
+        if self._journaled.get(offset, -1) >= length:  # this region's committed bytes are saved already
+            return
+        record = bytearray(RECORD_HEADER_SIZE + length)
+        image = self._read_images.get(offset)
+        if image is not None and len(image) >= length:
+            record[RECORD_HEADER_SIZE:] = image if len(image) == length else image[:length]
+        else:
+            with memoryview(record) as view:
+                os.preadv(self.fd, [view[RECORD_HEADER_SIZE:]], offset)  # short past the end: zeros stay
+            self.before_images_read += 1
+        with memoryview(record) as view:
+            checksum = record_checksum(offset, view[RECORD_HEADER_SIZE:], self._seed)
+        _RECORD.pack_into(record, 0, offset, length, checksum)
+        self._append(record)
+        self._journaled[offset] = length
+
+
+
+def _load_core() -> tuple[type, str | None]:
+    """The compiled core, or the Python one and why."""
+    if os.environ.get(NO_EXTENSION_VARIABLE, "") not in ("", "0"):
+        return _PythonCore, f"{NO_EXTENSION_VARIABLE}={os.environ[NO_EXTENSION_VARIABLE]}"
+    try:
+        from sf_bsread_writer.h5._journaledio import FileCore  # type: ignore[import-not-found]
+    except ImportError as error:
+        return _PythonCore, f"the extension is not built ({error})"
+    return FileCore, None
+
+
+#: Set to 1 to use the Python core even where the compiled one is built (as transport.partsio).
+NO_EXTENSION_VARIABLE = "SF_BSREAD_NO_EXTENSION"
+_CompiledCore, FALLBACK_REASON = _load_core()
+
+
+class _Shell:
     """A file h5py writes through: positional I/O on ``fd``; overwrites of committed bytes journaled first.
 
     ``fd``: the output file, open for reading and writing (this object
@@ -77,9 +164,10 @@ class JournaledFile:
         self._journal_size = 0  # bytes of the header and records (the file is longer: its room)
         self._generation = 0
         self._seed = 0  # the header's checksum: where the records' checksums start
-        self._journaled: set[tuple[int, int]] = set()  # (offset, length) saved since the commit
+        self._journaled: dict[int, int] = {}  # offset: length saved there since the commit
         self._read_images: dict[int, bytes] = {}  # offset: committed bytes HDF5 read there since the commit
         self._read_images_bytes = 0
+        self._read_images_limit = self.READ_IMAGES_BYTES
         self.journal_bytes_at_commit = 0  # the journal's size when it was last committed (for space bounds)
         self.writes = 0
         self.before_images_read = 0  # before-images that took a pread (the others: read images)
@@ -154,24 +242,6 @@ class JournaledFile:
             os.posix_fallocate(self._journal_fd, 0, capacity)
         self._journal_capacity = capacity
 
-    def _save(self, offset: int, length: int) -> None:
-        key = (offset, length)
-        if key in self._journaled:  # this region's committed bytes are saved already
-            return
-        record = bytearray(RECORD_HEADER_SIZE + length)
-        image = self._read_images.get(offset)
-        if image is not None and len(image) >= length:
-            record[RECORD_HEADER_SIZE:] = image if len(image) == length else image[:length]
-        else:
-            with memoryview(record) as view:
-                os.preadv(self.fd, [view[RECORD_HEADER_SIZE:]], offset)  # short past the end: zeros stay
-            self.before_images_read += 1
-        with memoryview(record) as view:
-            checksum = record_checksum(offset, view[RECORD_HEADER_SIZE:], self._seed)
-        _RECORD.pack_into(record, 0, offset, length, checksum)
-        self._append(record)
-        self._journaled.add(key)
-
     def _append(self, record: bytes | bytearray) -> None:
         end = self._journal_size + len(record)
         if end > self._journal_capacity:
@@ -181,57 +251,13 @@ class JournaledFile:
             raise OSError(28, f"journal write cut short ({written} of {len(record)} bytes)")
         self._journal_size = end
 
-    # -- the file object h5py's fileobj driver calls ------------------------
-    def seek(self, offset: int, whence: int = 0) -> int:
-        if whence == 0:
-            self._position = offset
-        elif whence == 2:
-            self._position = self._wanted_size + offset
-        else:
-            self._position += offset
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
-
+    # -- the file object h5py's fileobj driver calls (seek, tell, readinto, write: the core's) -----
     def read(self, size: int = -1) -> bytes:
         """Present for h5py, which takes an object with ``read`` and ``seek`` for a file (it calls readinto)."""
         size = max(0, self._wanted_size - self._position) if size < 0 else size
         data = os.pread(self.fd, size, self._position)
         self._position += len(data)
         return data
-
-    def readinto(self, buffer: memoryview) -> int:
-        position, wanted = self._position, len(buffer)
-        done = os.preadv(self.fd, [buffer], position)
-        if done < wanted:  # past the end: HDF5 reads zeros there (sec2 does the same)
-            buffer[done:] = bytes(wanted - done)
-        self._position = position + wanted
-        if position < self._committed and self._read_images_bytes < self.READ_IMAGES_BYTES:
-            # Bytes as they are since the commit: the before-image of a write there (HDF5 reads metadata,
-            # changes it, writes it back; the class docstring says why any copy since the commit will do).
-            image = bytes(buffer[:min(wanted, self._committed - position)])
-            if len(self._read_images.get(position, b"")) < len(image):
-                self._read_images[position] = image
-                self._read_images_bytes += len(image)
-        return wanted
-
-    def write(self, data: memoryview) -> int:
-        position = self._position
-        length = len(data)
-        self.writes += 1
-        if position < self._committed:
-            self._save(position, min(length, self._committed - position))
-        done = os.pwrite(self.fd, data, position)
-        while done < length:
-            done += os.pwrite(self.fd, data[done:], position + done)
-        end = position + length
-        self._position = end
-        if end > self._size:
-            self._size = end
-        if end > self._wanted_size:
-            self._wanted_size = end
-        return length
 
     def truncate(self, size: int | None = None) -> int:
         size = self._position if size is None else size
@@ -261,6 +287,21 @@ class JournaledFile:
     @property
     def closed(self) -> bool:
         return self.fd < 0
+
+
+class PythonJournaledFile(_Shell, _PythonCore):
+    __doc__ = _Shell.__doc__
+
+
+class CompiledJournaledFile(_Shell, _CompiledCore):  # the Python core again where the extension is not built
+    __doc__ = _Shell.__doc__
+
+
+#: The implementation used: "compiled" (``_journaledio.c``) or "python" (tests run both: ``IMPLEMENTATIONS``).
+IMPLEMENTATION = "compiled" if FALLBACK_REASON is None else "python"
+IMPLEMENTATIONS = {"compiled": CompiledJournaledFile, "python": PythonJournaledFile} if FALLBACK_REASON is None \
+    else {"python": PythonJournaledFile}
+JournaledFile = CompiledJournaledFile if FALLBACK_REASON is None else PythonJournaledFile
 
 
 def journal_path(path: str | os.PathLike) -> str:
