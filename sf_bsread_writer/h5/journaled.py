@@ -8,8 +8,11 @@ record with those bytes is appended to the journal (``h5.journal`` has the
 format and why). :func:`undo` applies a journal (the guardian, ``sf_bsread_ctl
 repair``); :func:`repair` does it by path.
 
-Only ``os`` and the pure ``h5.journal`` are imported: the guardian process
-runs :func:`undo` and must start fast and small.
+Only ``os``, the pure ``h5.journal`` and the small compiled core
+(``_journaledio.c``: ``seek``/``tell``/``readinto``/``write`` with the
+journaling, one C call per HDF5 I/O; the Python core here is its fallback)
+are imported: the guardian process runs :func:`undo` and must start fast
+and small.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from sf_bsread_writer.h5.journal import (RECORD_HEADER_SIZE, UndoPlan, encode_he
 
 _RECORD = struct.Struct("<QQI")  # h5.journal's record header, packed here in place
 
-__all__ = ["JournaledFile", "PythonJournaledFile", "CompiledJournaledFile", "IMPLEMENTATION", "IMPLEMENTATIONS",
+__all__ = ["JournaledFile", "PythonJournaledFile", "IMPLEMENTATION", "IMPLEMENTATIONS",
            "FALLBACK_REASON", "JournalInUse", "undo", "repair", "journal_path", "lock_journal"]
 
 class JournalInUse(OSError):
@@ -107,7 +110,6 @@ class _PythonCore:
         self._journaled[offset] = length
 
 
-
 def _load_core() -> tuple[type, str | None]:
     """The compiled core, or the Python one and why."""
     if os.environ.get(NO_EXTENSION_VARIABLE, "") not in ("", "0"):
@@ -121,10 +123,11 @@ def _load_core() -> tuple[type, str | None]:
 
 #: Set to 1 to use the Python core even where the compiled one is built (as transport.partsio).
 NO_EXTENSION_VARIABLE = "SF_BSREAD_NO_EXTENSION"
-_CompiledCore, FALLBACK_REASON = _load_core()
+_Core, FALLBACK_REASON = _load_core()  # FileCore, or _PythonCore and why
 
 
 class _Shell:
+    # The docstring of JournaledFile (this shell over one of the two cores).
     """A file h5py writes through: positional I/O on ``fd``; overwrites of committed bytes journaled first.
 
     ``fd``: the output file, open for reading and writing (this object
@@ -289,19 +292,17 @@ class _Shell:
         return self.fd < 0
 
 
+class JournaledFile(_Shell, _Core):  # the Python core where the extension is not built
+    __doc__ = _Shell.__doc__
+
+
 class PythonJournaledFile(_Shell, _PythonCore):
-    __doc__ = _Shell.__doc__
+    """:class:`JournaledFile` on the Python core (the fallback; the journal tests run both)."""
 
 
-class CompiledJournaledFile(_Shell, _CompiledCore):  # the Python core again where the extension is not built
-    __doc__ = _Shell.__doc__
-
-
-#: The implementation used: "compiled" (``_journaledio.c``) or "python" (tests run both: ``IMPLEMENTATIONS``).
+#: The core used: "compiled" (``_journaledio.c``) or "python"; the classes of each core usable here (tests).
 IMPLEMENTATION = "compiled" if FALLBACK_REASON is None else "python"
-IMPLEMENTATIONS = {"compiled": CompiledJournaledFile, "python": PythonJournaledFile} if FALLBACK_REASON is None \
-    else {"python": PythonJournaledFile}
-JournaledFile = CompiledJournaledFile if FALLBACK_REASON is None else PythonJournaledFile
+IMPLEMENTATIONS: dict[str, type] = {IMPLEMENTATION: JournaledFile, "python": PythonJournaledFile}
 
 
 def journal_path(path: str | os.PathLike) -> str:
