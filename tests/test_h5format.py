@@ -1381,6 +1381,32 @@ def test_undoing_the_journal_after_any_reads_and_writes_gives_the_committed_file
     io.close()
 
 
+@pytest.mark.parametrize("core", ["compiled", "python"])
+def test_a_journal_without_room_fails_the_write_it_protects_before_it_happens(tmp_path: Path, core: str) -> None:
+    """No room for a record (a full disk at the journal's allocation): ENOSPC, as a full disk is recognised
+    (h5.file.is_disk_full), and the committed bytes are still in the file."""
+    if core not in journaled.IMPLEMENTATIONS:
+        pytest.skip(f"the compiled journaled I/O is not built: {journaled.FALLBACK_REASON}")
+    path = tmp_path / "file"
+    path.write_bytes(b"")
+    io = journaled.IMPLEMENTATIONS[core](os.open(path, os.O_RDWR))
+    io.set_journal(os.open(tmp_path / "journal", os.O_RDWR | os.O_CREAT))
+    io.write(memoryview(b"committed" * 20_000))
+    io.commit()
+
+    def no_room(needed: int) -> None:
+        raise OSError(28, os.strerror(28))
+
+    io._room = no_room
+    io.seek(0)  # a record of these bytes does not fit in the room the commit took
+    with pytest.raises(OSError) as raised:
+        io.write(memoryview(b"X" * (io.journal_room + 1)))
+    assert raised.value.errno == 28 and h5_file.is_disk_full(raised.value)
+    assert path.read_bytes() == b"committed" * 20_000
+    io.end_journal()
+    io.close()
+
+
 def test_journal_names_are_hidden_beside_the_file_and_fit_a_file_name() -> None:
     assert journal.journal_name("run_001.h5") == ".run_001.h5.journal"
     long_a, long_b = "a" * 250 + "1.h5", "a" * 250 + "2.h5"

@@ -160,7 +160,11 @@ save(FileCore *self, long long offset, long long length)
         goto fail;
     }
     if ((size_t)written != total) {  /* a short write of a full disk: the record is torn, the write not done */
-        PyErr_Format(PyExc_OSError, "journal write cut short (%zd of %zu bytes)", written, total);
+        PyObject *error = Py_BuildValue("(is)", ENOSPC, "journal write cut short");  /* errno as the Python core */
+        if (error != NULL) {
+            PyErr_SetObject(PyExc_OSError, error);
+            Py_DECREF(error);
+        }
         goto fail;
     }
     self->journal_size = end;
