@@ -6,6 +6,9 @@ the package uses their Python fallbacks. ``sf_bsread_writer.transport._partsio``
 ``transport/partsio.py``) needs no libzmq headers or library at build time: it
 finds pyzmq's libzmq at import. ``sf_bsread_writer.bsread._blockwalk`` walks the
 bitshuffle_lz4 block structure (fallback: the loop in ``bsread/codecs.py``).
+``sf_bsread_writer.h5._journaledio`` is the output file's I/O as h5py's fileobj
+driver calls it, with the undo journal (fallback: the Python core in
+``h5/journaled.py``; needs zlib's header and library).
 ``sf_bsread_writer.ca._recordpost`` updates the CA gateway's scalar records in
 batches from C (fallback: pythonSoftIOC's per-record ``set``); it is built only
 where epicscorelibs (pythonSoftIOC's EPICS base) is importable at build time,
@@ -65,6 +68,9 @@ SERVICES = [
     "bottle>=0.12",
     "softioc>=4.5",  # pythonSoftIOC: the gateway's CA server (EPICS records, C fan-out)
     "epicscorelibs>=7.0",  # EPICS base for softioc; ca/ioc.py calls its dbCore directly
+    # softioc's own, declared because ca/ioc.py's start-up shortcuts call into them (docs/dependencies.md)
+    "epicsdbbuilder>=1.5",
+    "setuptools-dso>=2.10",
     "pyepics>=3.5",  # the CA bridge's client (libca)
     "rich>=13",  # sf_bsread_ctl: tables, the live watch, the progress bar
     "nats-py>=2.16,<3",  # --archive and nats:// writers: NATS JetStream (docs/archive.md); pure Python
@@ -109,6 +115,8 @@ setup(
                            optional=True),
                  Extension("sf_bsread_writer.bsread._blockwalk", ["sf_bsread_writer/bsread/_blockwalk.c"],
                            extra_compile_args=["-O2", "-std=c11", "-Wall"], optional=True),
+                 Extension("sf_bsread_writer.h5._journaledio", ["sf_bsread_writer/h5/_journaledio.c"],
+                           libraries=["z"], extra_compile_args=["-O2", "-std=c11", "-Wall"], optional=True),
                  *_epics_extensions()],
     cmdclass={"build_ext": OptionalBuildExt},
     install_requires=CLIENTS,

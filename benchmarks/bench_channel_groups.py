@@ -19,9 +19,10 @@ time in brackets):
 - close: ``close()`` (every object closed, the file's metadata written).
 
 Each (tree, N) runs in a fresh child process; with ``--baseline-tree DIR``
-(a checkout of another commit, its compiled parts built) the children
-alternate between the trees, repeat after repeat, and the medians are
-printed side by side.
+(a checkout of another commit, its compiled parts built; given twice or
+more, several: "baseline", "baseline 2", ...) the children alternate
+between the trees, repeat after repeat, and the medians are printed side by
+side.
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ def main() -> int:
     parser.add_argument("--channels", default="2000,12000", help="comma-separated channel counts")
     parser.add_argument("--rows", type=int, default=100, help="rows per block (100: 1 s at 100 Hz)")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--baseline-tree", default=None)
+    parser.add_argument("--baseline-tree", action="append", default=[],
+                        help="another checkout to run interleaved (repeat the option for more)")
     parser.add_argument("--_child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--_tree", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -94,21 +96,21 @@ def main() -> int:
     import common  # here: it imports the package (tests/helpers), which a child must import from its tree
 
     variants = {"this tree": None}
-    if args.baseline_tree:
-        variants["baseline"] = str(Path(args.baseline_tree).resolve())
+    for number, tree in enumerate(args.baseline_tree, 1):
+        variants["baseline" if number == 1 else f"baseline {number}"] = str(Path(tree).resolve())
     counts = [int(n) for n in args.channels.split(",") if n]
     results: dict[tuple[str, int], list[dict]] = {(name, n): [] for name in variants for n in counts}
     print(f"# {common.machine_note()}", flush=True)
     for repeat in range(args.repeat):
         for n in counts:
-            for name, tree in (variants.items() if repeat % 2 == 0 else reversed(variants.items())):
+            for name, tree in (list(variants.items()) if repeat % 2 == 0 else reversed(variants.items())):
                 env = None if tree is None else {**os.environ, "PYTHONPATH": str(common.baseline_site(tree))}
                 out = subprocess.run([sys.executable, __file__, "--_child", str(n), "--rows", str(args.rows),
                                       *(["--_tree", tree] if tree else [])],
                                      capture_output=True, text=True, env=env, check=True)
                 times = json.loads(out.stdout.strip().splitlines()[-1])
                 results[(name, n)].append(times)
-                print(f"  {name:9s} {n:6d} ch, run {repeat + 1} ({times['tree'][0]}): " + ", ".join(
+                print(f"  {name:10s} {n:6d} ch, run {repeat + 1} ({times['tree'][0]}): " + ", ".join(
                     f"{stage} {times[stage][0]:.0f} ({times[stage][1]:.0f})" for stage in STAGES)
                     + f" us/ch; load {os.getloadavg()[0]:.1f}", flush=True)
     print(f"\n# {time.strftime('%Y-%m-%d %H:%M')}, {common.machine_note()}; medians of {args.repeat}, "

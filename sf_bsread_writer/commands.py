@@ -53,7 +53,7 @@ SERVICES_EXTRA = "pip install 'sf_bsread_writer[services]'"
 #: traceback is the right report.
 SERVICE_LIBRARIES = frozenset({
     "zmq", "bsread", "mflow", "h5py", "hdf5plugin", "bitshuffle", "lz4", "bottle", "caproto", "softioc",
-    "epicscorelibs", "epics", "rich", "nats",
+    "epicscorelibs", "epicsdbbuilder", "setuptools_dso", "epics", "rich", "nats",
 })
 
 

@@ -7,6 +7,7 @@ will give it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ import pytest
 from sf_bsread_writer.bsread.build import build_message
 from sf_bsread_writer.bsread.codecs import direct_chunk_compatible
 from sf_bsread_writer.bsread.message import Message, MessageParser
-from sf_bsread_writer.h5 import calls, columns, journal, layout, variants
+from sf_bsread_writer.h5 import calls, columns, journal, journaled, layout, variants
 from sf_bsread_writer.h5 import file as h5_file
 from sf_bsread_writer.h5.file import H5File
 from sf_bsread_writer.replay.messages import MissingRange
@@ -1113,15 +1115,19 @@ _KILL_POINTS_CHILD = textwrap.dedent("""
 
 
 def _kill_points(directory: Path, journal: bool, target: int, spread: int,
-                 orphan: bool = False) -> tuple[int, dict[Path, int]]:
+                 orphan: bool = False, core: str = "compiled") -> tuple[int, dict[Path, int]]:
     """Run _KILL_POINTS_CHILD: the writes of the target flush, and {file killed: rows of its last completed flush}.
 
-    ``orphan``: each writer kills its guardian (and waits for its end) just before itself.
+    ``orphan``: each writer kills its guardian (and waits for its end) just before itself. ``core``: the
+    implementation of the file object's I/O and journaling (h5.journaled.IMPLEMENTATIONS).
     """
+    if core not in journaled.IMPLEMENTATIONS:
+        pytest.skip(f"the compiled journaled I/O is not built: {journaled.FALLBACK_REASON}")
+    extra = {} if core == "compiled" else {journaled.NO_EXTENSION_VARIABLE: "1"}
     first = 30_000_000_000
     child = Child([sys.executable, "-c", _KILL_POINTS_CHILD, str(directory), "1" if journal else "0", str(target),
                    str(spread), str(first), str(_KILL_BLOCK), str(_KILL_FLUSHES), "orphan" if orphan else "guarded"],
-                  env=_child_env())
+                  env=_child_env(**extra))
     with child:
         writes = int(child.wait_for_line("writes ", timeout=60).split()[1])
         child.wait_for_line("done", timeout=120)
@@ -1143,11 +1149,12 @@ def _check_rows(path: Path, first: int, rows: int) -> None:
     assert _check_killed_file(path, first, rows) == rows
 
 
-@pytest.mark.parametrize("target", [2, 4, 0], ids=["flush-2", "flush-4", "close"])
+@pytest.mark.parametrize("target, core", [(2, "compiled"), (4, "compiled"), (0, "compiled"), (4, "python")],
+                         ids=["flush-2", "flush-4", "close", "flush-4-python-core"])
 def test_a_kill_at_any_write_of_a_flush_or_the_close_leaves_the_rows_of_the_last_flush(
-        tmp_path: Path, target: int) -> None:
+        tmp_path: Path, target: int, core: str) -> None:
     """The CI case (``addr overflow`` after a kill mid-flush), at every moment: the guardian undoes the journal."""
-    writes, killed = _kill_points(tmp_path, True, target, 12)
+    writes, killed = _kill_points(tmp_path, True, target, 12, core=core)
     assert writes > 50 and len(killed) >= 12
     for path, rows in killed.items():
         _wait_for_the_guardian(path)
@@ -1241,7 +1248,8 @@ def test_a_guardian_started_for_another_user_switches_at_once_and_still_undoes(t
     guardian = guardian_module.Guardian()
     try:
         (shared / "data.h5").write_bytes(b"CORRUPTED-AND-LONGER")
-        (shared / ".data.h5.journal").write_bytes(journal.encode_header(9) + journal.encode_record(0, b"committed"))
+        header = journal.encode_header(9)
+        (shared / ".data.h5.journal").write_bytes(header + journal.encode_record(0, b"committed", journal.record_seed(header)))
         directory_fd = os.open(shared, os.O_RDONLY | os.O_DIRECTORY)
         file_fd = os.open(shared / "data.h5", os.O_RDWR)
         journal_fd = os.open(shared / ".data.h5.journal", os.O_RDWR)
@@ -1282,8 +1290,10 @@ def test_undo_plan_of_an_empty_or_headerless_journal_restores_nothing() -> None:
 
 def test_undo_plan_applies_records_last_first_so_the_committed_bytes_win() -> None:
     """A region overwritten twice since the commit: its first before-image (the committed bytes) is restored last."""
-    content = (journal.encode_header(1000) + journal.encode_record(10, b"AAAA") + journal.encode_record(12, b"bbbb")
-               + journal.encode_record(10, b"cc"))
+    header = journal.encode_header(1000)
+    seed = journal.record_seed(header)
+    content = (header + journal.encode_record(10, b"AAAA", seed) + journal.encode_record(12, b"bbbb", seed)
+               + journal.encode_record(10, b"cc", seed))
     plan = journal.plan_undo(content)
     assert plan.committed_size == 1000 and plan.torn == 0
     assert [(r.offset, r.data) for r in plan.restores] == [(10, b"cc"), (12, b"bbbb"), (10, b"AAAA")]
@@ -1296,13 +1306,146 @@ def test_undo_plan_applies_records_last_first_so_the_committed_bytes_win() -> No
 @pytest.mark.parametrize("cut", [1, 5, journal.RECORD_HEADER_SIZE, journal.RECORD_HEADER_SIZE + 3])
 def test_undo_plan_ignores_a_torn_last_record(cut: int) -> None:
     """Killed while a record was appended: its write never happened; the records before it count."""
-    whole = journal.encode_header(50) + journal.encode_record(0, b"0123456789")
-    last = journal.encode_record(20, b"abcdefgh")
+    header = journal.encode_header(50)
+    whole = header + journal.encode_record(0, b"0123456789", journal.record_seed(header))
+    last = journal.encode_record(20, b"abcdefgh", journal.record_seed(header))
     plan = journal.plan_undo(whole + last[:cut])
     assert [(r.offset, r.data) for r in plan.restores] == [(0, b"0123456789")] and plan.torn == cut
     damaged = bytearray(whole + last)
     damaged[-1] ^= 0xFF  # whole length, wrong bytes: the same
     assert journal.plan_undo(bytes(damaged)).restores == plan.restores
+
+
+def test_undo_plan_ignores_the_records_of_an_older_commit_and_reads_the_first_format() -> None:
+    """The journal is reused (never cut while written): a commit's header makes the older records after it count no more."""
+    older = journal.encode_header(500, generation=1)
+    newer = journal.encode_header(700, generation=2)
+    old_record = journal.encode_record(30, b"old!", journal.record_seed(older))
+    plan = journal.plan_undo(newer + journal.encode_record(5, b"new", journal.record_seed(newer)) + old_record)
+    assert plan.committed_size == 700 and plan.torn == len(old_record)
+    assert [(r.offset, r.data) for r in plan.restores] == [(5, b"new")]
+    assert journal.plan_undo(newer + old_record).restores == ()  # the commit's header over an older journal
+    v1_header = b"SFJ1" + (42).to_bytes(8, "little")
+    v1_header += zlib.crc32(v1_header).to_bytes(4, "little")
+    v1 = journal.plan_undo(v1_header + journal.encode_record(0, b"abc", 0))  # left by the first format's writer
+    assert v1.committed_size == 42 and [(r.offset, r.data) for r in v1.restores] == [(0, b"abc")]
+
+
+@pytest.mark.parametrize("core", ["compiled", "python"])
+def test_undoing_the_journal_after_any_reads_and_writes_gives_the_committed_file_back(tmp_path: Path, core: str) -> None:
+    """Both cores of JournaledFile, three commits into one journal (reused, never cut), reads and writes at random
+    (over committed bytes, across the committed end, past it): undone, the file is the committed one byte for byte.
+    Regions HDF5 read since the commit take their before-image from that read, the others a pread."""
+    import random
+
+    if core not in journaled.IMPLEMENTATIONS:
+        pytest.skip(f"the compiled journaled I/O is not built: {journaled.FALLBACK_REASON}")
+    rng = random.Random(2026)
+    path = tmp_path / "file"
+    path.write_bytes(b"")
+    io = journaled.IMPLEMENTATIONS[core](os.open(path, os.O_RDWR))
+    io.set_journal(os.open(tmp_path / "journal", os.O_RDWR | os.O_CREAT))
+    io.seek(0)
+    io.write(memoryview(rng.randbytes(6000)))
+    io.commit()
+    from_reads = 0
+    for _ in range(3):
+        committed = path.read_bytes()
+        reads_before = io.before_images_read
+        read: list[tuple[int, int]] = []
+        for _ in range(300):
+            offset, length = rng.randrange(0, len(committed) + 1500), rng.randrange(1, 900)
+            if read and rng.random() < 0.3:  # as HDF5 does with metadata: read, changed, written back
+                offset, length = rng.choice(read)
+                length = rng.randrange(1, length + 1)
+            io.seek(offset)
+            if rng.random() < 0.4:
+                buffer = bytearray(length)
+                assert io.readinto(memoryview(buffer)) == length
+                assert buffer == (path.read_bytes() + bytes(length + offset))[offset:offset + length]
+                read.append((offset, length))
+            else:
+                assert io.write(memoryview(rng.randbytes(length))) == length
+        records = len(journal.plan_undo(os.pread(io.journal_fd, io.journal_room, 0)).restores)
+        from_reads += records - (io.before_images_read - reads_before)
+        copy = tmp_path / "copy"
+        shutil.copyfile(path, copy)
+        copy_fd = os.open(copy, os.O_RDWR)
+        try:
+            journaled.undo(copy_fd, io.journal_fd)
+        finally:
+            os.close(copy_fd)
+        assert copy.read_bytes() == committed
+        io.commit()
+    assert from_reads > 20  # the read images were used
+    io.end_journal()
+    io.close()
+
+
+@pytest.mark.parametrize("core", ["compiled", "python"])
+def test_a_journal_without_room_fails_the_write_it_protects_before_it_happens(tmp_path: Path, core: str) -> None:
+    """No room for a record (a full disk at the journal's allocation): ENOSPC, as a full disk is recognised
+    (h5.file.is_disk_full), and the committed bytes are still in the file."""
+    if core not in journaled.IMPLEMENTATIONS:
+        pytest.skip(f"the compiled journaled I/O is not built: {journaled.FALLBACK_REASON}")
+    path = tmp_path / "file"
+    path.write_bytes(b"")
+    io = journaled.IMPLEMENTATIONS[core](os.open(path, os.O_RDWR))
+    io.set_journal(os.open(tmp_path / "journal", os.O_RDWR | os.O_CREAT))
+    io.write(memoryview(b"committed" * 20_000))
+    io.commit()
+
+    def no_room(needed: int) -> None:
+        raise OSError(28, os.strerror(28))
+
+    io._room = no_room
+    io.seek(0)  # a record of these bytes does not fit in the room the commit took
+    with pytest.raises(OSError) as raised:
+        io.write(memoryview(b"X" * (io.journal_room + 1)))
+    assert raised.value.errno == 28 and h5_file.is_disk_full(raised.value)
+    assert path.read_bytes() == b"committed" * 20_000
+    io.end_journal()
+    io.close()
+
+
+@pytest.mark.parametrize("core", ["compiled", "python"])
+def test_a_write_that_finds_no_room_asks_its_owner_for_room_then_writes(tmp_path: Path, core: str) -> None:
+    """A full disk (a real tmpfs): the write calls ``on_full``; room made, it is written whole; no room
+    made, ENOSPC (never a short, silent write). The owner is H5File, whose spare reserve it gives."""
+    if core not in journaled.IMPLEMENTATIONS:
+        pytest.skip(f"the compiled journaled I/O is not built: {journaled.FALLBACK_REASON}")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        filler = os.open(disk / "filler", os.O_RDWR | os.O_CREAT)
+        with contextlib.suppress(OSError):  # take every block there is
+            for offset in range(0, 1 << 20, 4096):
+                os.pwrite(filler, b"f" * 4096, offset)
+        io = journaled.IMPLEMENTATIONS[core](os.open(disk / "file", os.O_RDWR | os.O_CREAT))
+        asked = []
+        io.on_full = lambda: asked.append("no") and False
+        with pytest.raises(OSError) as raised:
+            io.write(memoryview(b"D" * 64 * 1024))
+        assert raised.value.errno == errno.ENOSPC and asked == ["no"]
+
+        def make_room() -> bool:
+            asked.append("yes")
+            os.ftruncate(filler, 0)
+            return True
+
+        io.on_full = make_room
+        io.seek(0)
+        assert io.write(memoryview(b"D" * 64 * 1024)) == 64 * 1024
+        assert asked == ["no", "yes"] and (disk / "file").read_bytes() == b"D" * 64 * 1024
+        io.close()
+        os.close(filler)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_journal_names_are_hidden_beside_the_file_and_fit_a_file_name() -> None:

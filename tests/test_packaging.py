@@ -38,9 +38,9 @@ from packaging.utils import canonicalize_name
 from .helpers import ROOT
 
 PROBE = ("import sf_bsread_writer, sys; from sf_bsread_writer.transport import partsio; "
-         "from sf_bsread_writer.bsread.codecs import BLOCK_WALK; "
+         "from sf_bsread_writer.bsread.codecs import BLOCK_WALK; from sf_bsread_writer.h5 import journaled; "
          "print(sf_bsread_writer.__file__); print(partsio.IMPLEMENTATION); print(partsio.FALLBACK_REASON); "
-         "print(BLOCK_WALK)")
+         "print(BLOCK_WALK); print(journaled.IMPLEMENTATION)")
 
 
 def _build_wheel(tmp_path: Path, env: dict[str, str]) -> Path:
@@ -89,10 +89,11 @@ def test_a_wheel_with_the_extension_builds_and_imports_from_a_fresh_venv(tmp_pat
     with zipfile.ZipFile(wheel) as archive:
         assert any(name.startswith("sf_bsread_writer/transport/_partsio") and name.endswith(".so")
                    for name in archive.namelist()), archive.namelist()
-    location, implementation, reason, block_walk = _import_from_fresh_venv(tmp_path, wheel)
+    location, implementation, reason, block_walk, journaled_io = _import_from_fresh_venv(tmp_path, wheel)
     assert location.startswith(str(tmp_path / "venv")), location
     assert implementation == "compiled", reason
     assert block_walk == "compiled"
+    assert journaled_io == "compiled"  # h5/_journaledio.c: the output file's I/O and undo journal
     assert any(name.startswith("sf_bsread_writer/ca/_recordpost") and name.endswith(".so")
                for name in archive_names(wheel)), "the gateway's record poster is in the wheel"
     assert any(name.startswith("sf_bsread_writer/web/static/vendor/dygraph") for name in archive_names(wheel))
@@ -115,10 +116,11 @@ def test_without_a_compiler_the_wheel_builds_and_uses_the_pure_path(tmp_path, pu
     wheel = pure_wheel  # built with CC=/bin/false
     with zipfile.ZipFile(wheel) as archive:
         assert not any(name.endswith(".so") for name in archive.namelist())
-    location, implementation, reason, block_walk = _import_from_fresh_venv(tmp_path, wheel)
+    location, implementation, reason, block_walk, journaled_io = _import_from_fresh_venv(tmp_path, wheel)
     assert location.startswith(str(tmp_path / "venv")), location
     assert implementation == "python" and "not built" in reason
     assert block_walk == "python"
+    assert journaled_io == "python"
 
 
 def archive_names(wheel: Path) -> list[str]:

@@ -701,7 +701,8 @@ class H5File:
         free = self._slot.free_bytes() - margin
         if self._io.journal_fd >= 0:  # groups made since the last flush (the newest ones) rewrite nothing committed
             committed = columns[:max(0, len(columns) - self._groups_since_flush)]
-            free -= JOURNAL_FILE_BYTES + sum(column.rewritten_bytes(start) for column in committed)
+            journal = JOURNAL_FILE_BYTES + sum(column.rewritten_bytes(start) for column in committed)
+            free -= max(0, journal - self._io.journal_room)  # its room allocated already is not free and is reused
 
         def fits(rows: int) -> bool:
             return sum(column.space_needed(start, rows) for column in columns) <= free

@@ -12,14 +12,23 @@ the process that applies it when a writer dies.
 
 The journal, a file beside the output file (:func:`journal_name`)::
 
-    header  "SFJ1" | committed size (u64) | crc32 of the 12 bytes before (u32)
+    header  "SFJ2" | committed size (u64) | generation (u64) | crc32 of the 20 bytes before (u32)
     record  offset (u64) | length (u64) | crc32 of offset, length, bytes (u32) | the bytes before the write
 
-A commit empties the journal (truncated to nothing, then a new header):
-a journal without a whole header has nothing to undo and no size to cut
-to. Records are appended whole before their write happens, so a torn last
-record (killed while it was appended) belongs to a write that never
-happened, and is ignored. Records are applied last first: when a region
+The writer keeps the journal mapped (``h5.journaled``: a record is a copy
+into memory the kernel owns, not a system call), so the file is longer than
+its content: what follows the last record is zeros or the records of an
+older commit. A record's checksum is seeded with its header's checksum
+(:func:`record_seed`), and every commit has a new generation: a record of
+another commit never checks out, and the records are read up to the first
+that does not. A commit writes the new header over the old one: a kill
+while it is written leaves a header that does not check out (nothing to
+undo: the flush had returned, the file is whole). Records are copied whole
+before their write happens, so a torn last record (killed while it was
+copied) belongs to a write that never happened, and is ignored. The first
+format, "SFJ1" (a 16-byte header without a generation, records seeded with
+0, the file exactly as long as its records), is still read: a journal left
+by an older writer is repaired by this one. Records are applied last first: when a region
 was overwritten twice since the commit, the oldest before-image (the
 committed bytes) is the one that stays. Undoing twice is harmless: every
 record holds absolute bytes.
@@ -33,6 +42,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "MAGIC",
+    "MAGIC_V1",
     "HEADER_SIZE",
     "RECORD_HEADER_SIZE",
     "JOURNAL_SUFFIX",
@@ -41,13 +51,17 @@ __all__ = [
     "journal_name",
     "encode_header",
     "encode_record",
+    "record_seed",
     "plan_undo",
 ]
 
-MAGIC = b"SFJ1"
-_HEADER = struct.Struct("<4sQI")
+MAGIC = b"SFJ2"
+MAGIC_V1 = b"SFJ1"
+_HEADER = struct.Struct("<4sQQI")
+_HEADER_V1 = struct.Struct("<4sQI")
 _RECORD = struct.Struct("<QQI")
-HEADER_SIZE = _HEADER.size  # 16
+_RECORD_HEAD = struct.Struct("<QQ")
+HEADER_SIZE = _HEADER.size  # 24
 RECORD_HEADER_SIZE = _RECORD.size  # 20
 JOURNAL_SUFFIX = ".journal"
 _NAME_MAX = 255  # bytes of one file name on Linux file systems
@@ -69,8 +83,9 @@ class UndoPlan:
     cut, or it was never written): nothing to restore, the file is left as
     it is. Otherwise ``restores`` are applied in their order (the journal's
     records last first), then the file is cut to ``committed_size``.
-    ``torn``: bytes at the end that are no whole record (ignored: their
-    write never happened).
+    ``torn``: the bytes after the last record that checks out (ignored: a
+    torn record, whose write never happened, or the room after the records
+    of a mapped journal).
     """
 
     committed_size: int | None
@@ -85,9 +100,8 @@ class UndoPlan:
         """One line for a log: what was (or will be) done."""
         if self.committed_size is None:
             return "no committed state recorded (nothing to undo)"
-        text = (f"{len(self.restores)} regions ({self.restored_bytes} bytes) restored, "
+        return (f"{len(self.restores)} regions ({self.restored_bytes} bytes) restored, "
                 f"cut to {self.committed_size} bytes")
-        return text + (f"; a torn last record of {self.torn} bytes ignored" if self.torn else "")
 
 
 def journal_name(file_name: str) -> str:
@@ -104,17 +118,25 @@ def journal_name(file_name: str) -> str:
     return f".{stem.decode('utf-8', 'ignore')}.{digest}{JOURNAL_SUFFIX}"
 
 
-def encode_header(committed_size: int) -> bytes:
-    """The journal's first bytes after a commit at ``committed_size``."""
-    head = struct.pack("<4sQ", MAGIC, committed_size)
+def encode_header(committed_size: int, generation: int = 1) -> bytes:
+    """The journal's first bytes after the commit number ``generation`` at ``committed_size``."""
+    head = struct.pack("<4sQQ", MAGIC, committed_size, generation)
     return head + struct.pack("<I", zlib.crc32(head))
 
 
-def encode_record(offset: int, before: bytes | memoryview) -> bytes:
+def record_seed(header: bytes | memoryview) -> int:
+    """What the checksums of the records after ``header`` (an SFJ2 header) start from: the header's own."""
+    return int.from_bytes(header[HEADER_SIZE - 4:HEADER_SIZE], "little")
+
+
+def record_checksum(offset: int, before: bytes | memoryview, seed: int) -> int:
+    """The checksum of a record of ``before`` at ``offset`` after a header of seed ``seed``."""
+    return zlib.crc32(before, zlib.crc32(_RECORD_HEAD.pack(offset, len(before)), seed))
+
+
+def encode_record(offset: int, before: bytes | memoryview, seed: int) -> bytes:
     """One record: ``before`` are the bytes at ``offset`` that a write is about to replace."""
-    head = struct.pack("<QQ", offset, len(before))
-    checksum = zlib.crc32(before, zlib.crc32(head))
-    return head + struct.pack("<I", checksum) + bytes(before)
+    return _RECORD.pack(offset, len(before), record_checksum(offset, before, seed)) + bytes(before)
 
 
 def plan_undo(journal: bytes) -> UndoPlan:
@@ -122,15 +144,21 @@ def plan_undo(journal: bytes) -> UndoPlan:
 
     A header that is short, of another magic or with a wrong checksum
     counts as no header (a cut commit); records are read up to the first
-    that is short or whose checksum fails (a torn append).
+    that is short or whose checksum fails (a torn append, or the zeros and
+    older records after the last one). ``torn``: the bytes after the last
+    record that checks out.
     """
-    if len(journal) < HEADER_SIZE:
+    magic = journal[:4]
+    header = _HEADER if magic == MAGIC else _HEADER_V1
+    if len(journal) < header.size or magic not in (MAGIC, MAGIC_V1):
         return UndoPlan(None, ())
-    magic, committed_size, checksum = _HEADER.unpack_from(journal, 0)
-    if magic != MAGIC or checksum != zlib.crc32(journal[:HEADER_SIZE - 4]):
+    fields = header.unpack_from(journal, 0)
+    committed_size, checksum = fields[1], fields[-1]
+    if checksum != zlib.crc32(journal[:header.size - 4]):
         return UndoPlan(None, ())
+    seed = checksum if magic == MAGIC else 0
     restores: list[Restore] = []
-    position = HEADER_SIZE
+    position = header.size
     view = memoryview(journal)
     while position < len(journal):
         if len(journal) - position < RECORD_HEADER_SIZE:
@@ -140,7 +168,7 @@ def plan_undo(journal: bytes) -> UndoPlan:
         if length > len(journal) - start:
             break
         data = view[start:start + length]
-        if zlib.crc32(data, zlib.crc32(journal[position:position + 16])) != checksum:
+        if zlib.crc32(data, zlib.crc32(journal[position:position + 16], seed)) != checksum:
             break
         restores.append(Restore(offset, bytes(data)))
         position = start + length
