@@ -15,20 +15,16 @@ The journal, a file beside the output file (:func:`journal_name`)::
     header  "SFJ2" | committed size (u64) | generation (u64) | crc32 of the 20 bytes before (u32)
     record  offset (u64) | length (u64) | crc32 of offset, length, bytes (u32) | the bytes before the write
 
-The writer keeps the journal mapped (``h5.journaled``: a record is a copy
-into memory the kernel owns, not a system call), so the file is longer than
-its content: what follows the last record is zeros or the records of an
-older commit. A record's checksum is seeded with its header's checksum
+The journal's room on the disk is allocated once and reused by every
+commit (``h5.journaled``), so the file is longer than its content: what
+follows the last record is zeros or the records of an older commit. A record's checksum is seeded with its header's checksum
 (:func:`record_seed`), and every commit has a new generation: a record of
 another commit never checks out, and the records are read up to the first
 that does not. A commit writes the new header over the old one: a kill
 while it is written leaves a header that does not check out (nothing to
 undo: the flush had returned, the file is whole). Records are copied whole
 before their write happens, so a torn last record (killed while it was
-copied) belongs to a write that never happened, and is ignored. The first
-format, "SFJ1" (a 16-byte header without a generation, records seeded with
-0, the file exactly as long as its records), is still read: a journal left
-by an older writer is repaired by this one. Records are applied last first: when a region
+copied) belongs to a write that never happened, and is ignored. Records are applied last first: when a region
 was overwritten twice since the commit, the oldest before-image (the
 committed bytes) is the one that stays. Undoing twice is harmless: every
 record holds absolute bytes.
@@ -42,7 +38,6 @@ from dataclasses import dataclass
 
 __all__ = [
     "MAGIC",
-    "MAGIC_V1",
     "HEADER_SIZE",
     "RECORD_HEADER_SIZE",
     "JOURNAL_SUFFIX",
@@ -56,9 +51,7 @@ __all__ = [
 ]
 
 MAGIC = b"SFJ2"
-MAGIC_V1 = b"SFJ1"
 _HEADER = struct.Struct("<4sQQI")
-_HEADER_V1 = struct.Struct("<4sQI")
 _RECORD = struct.Struct("<QQI")
 _RECORD_HEAD = struct.Struct("<QQ")
 HEADER_SIZE = _HEADER.size  # 24
@@ -84,8 +77,8 @@ class UndoPlan:
     it is. Otherwise ``restores`` are applied in their order (the journal's
     records last first), then the file is cut to ``committed_size``.
     ``torn``: the bytes after the last record that checks out (ignored: a
-    torn record, whose write never happened, or the room after the records
-    of a mapped journal).
+    torn record, whose write never happened, or the room after the records,
+    reused from an older commit).
     """
 
     committed_size: int | None
@@ -148,17 +141,14 @@ def plan_undo(journal: bytes) -> UndoPlan:
     older records after the last one). ``torn``: the bytes after the last
     record that checks out.
     """
-    magic = journal[:4]
-    header = _HEADER if magic == MAGIC else _HEADER_V1
-    if len(journal) < header.size or magic not in (MAGIC, MAGIC_V1):
+    if len(journal) < _HEADER.size or journal[:4] != MAGIC:
         return UndoPlan(None, ())
-    fields = header.unpack_from(journal, 0)
-    committed_size, checksum = fields[1], fields[-1]
-    if checksum != zlib.crc32(journal[:header.size - 4]):
+    _, committed_size, _, checksum = _HEADER.unpack_from(journal, 0)
+    if checksum != zlib.crc32(journal[:_HEADER.size - 4]):
         return UndoPlan(None, ())
-    seed = checksum if magic == MAGIC else 0
+    seed = checksum
     restores: list[Restore] = []
-    position = header.size
+    position = _HEADER.size
     view = memoryview(journal)
     while position < len(journal):
         if len(journal) - position < RECORD_HEADER_SIZE:
