@@ -186,16 +186,30 @@ class Column:
         return (2 * _chunk_space(row_chunks, MAX_CHUNK_ROWS * 8, start == 0)
                 + _chunk_space(row_chunks, MAX_CHUNK_ROWS, start == 0) + self._values_space(start, rows))
 
-    def rewritten_bytes(self, start: int) -> int:
-        """At most the bytes already in the file that a block write from file row ``start`` rewrites in place.
+    def rewritten_bytes(self, start: int, rows: int) -> int:
+        """At most the bytes already in the file that a block of ``rows`` rows from file row ``start`` rewrites in place.
 
-        For the undo journal's room (h5/file.py): the four object headers,
-        the chunk index nodes that change, and every chunk the block shares
-        with rows already written (HDF5 writes a chunk whole).
+        For the undo journal's room (h5/file.py): the four object headers;
+        the chunk index nodes, only when the block adds a chunk (a block that
+        stays inside the last chunk changes no index: measured, 100-row
+        blocks of float64 scalars journal 3.4 KiB per channel, 10-11 KiB when
+        they start a chunk); the rows the block writes into the row datasets'
+        last chunk (HDF5 writes an uncompressed selection where it lies, not
+        its whole chunk: the same measurement); and the data dataset's share
+        (``_values_rewritten``: its whole shared chunk, a filtered chunk is
+        rewritten whole).
         """
-        partial_rows = start % MAX_CHUNK_ROWS != 0
-        return (4 * OBJECT_HEADER_BYTES + 4 * 2 * INDEX_NODE_BYTES
-                + (MAX_CHUNK_ROWS * (8 + 8 + 1) if partial_rows else 0) + self._values_rewritten(start))
+        if rows <= 0:
+            return 0
+        adds_chunk = start % MAX_CHUNK_ROWS == 0 or (start + rows - 1) // MAX_CHUNK_ROWS != start // MAX_CHUNK_ROWS
+        shared_rows = 0 if start % MAX_CHUNK_ROWS == 0 else min(rows, MAX_CHUNK_ROWS - start % MAX_CHUNK_ROWS)
+        return (4 * OBJECT_HEADER_BYTES + (4 * 2 * INDEX_NODE_BYTES if adds_chunk or self._adds_data_chunk(start, rows)
+                                           else 0)
+                + shared_rows * (8 + 8 + 1) + self._values_rewritten(start))
+
+    def _adds_data_chunk(self, start: int, rows: int) -> bool:
+        """Whether the block adds a chunk to the data dataset (its chunks may hold fewer rows than the others')."""
+        return False
 
     def _values_rewritten(self, start: int) -> int:
         """The data dataset's share of :meth:`rewritten_bytes` (its chunk shared with written rows)."""
@@ -341,6 +355,10 @@ class FixedColumn(Column):
     def _values_rewritten(self, start: int) -> int:
         chunk_rows, per_slab, chunk_bytes = self._chunk_geometry
         return chunk_bytes * per_slab if start % chunk_rows else 0
+
+    def _adds_data_chunk(self, start: int, rows: int) -> bool:
+        chunk_rows = self._chunk_geometry[0]
+        return start % chunk_rows == 0 or (start + rows - 1) // chunk_rows != start // chunk_rows
 
     def append_batch(self, spec: ChannelSpec, row: int, values: np.ndarray, stamps: np.ndarray,
                      present: np.ndarray) -> None:
