@@ -183,34 +183,17 @@ def stop_on_signals(stop: Callable[[str], None]) -> Callable[[], None]:
     interrupted main thread may hold (inside that event's ``wait``, which a
     service's loop calls all the time): the handler then waits for itself
     for ever (CI: the CA bridge did not end within 60 s of SIGTERM). The
-    handler only writes the signal's number to a pipe, as
-    :func:`survive_hangup`'s does.
+    handler only writes the signal's number to a pipe (:func:`_on_a_thread`,
+    as :func:`survive_hangup`'s).
     """
-    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    os.set_blocking(wake_read, True)
+    def pass_on(signums: bytes) -> None:
+        for signum in signums:
+            try:
+                stop(signal.Signals(signum).name)
+            except Exception:  # a bug in stop: said, and the next signal still passed on
+                logger.exception("stopping on %s", signal.Signals(signum).name)
 
-    def handler(signum: int, frame: Any) -> None:
-        try:
-            os.write(wake_write, bytes((signum,)))  # no lock, no logging: a handler may interrupt either
-        except BlockingIOError:  # thousands of signals not yet passed on: the service is stopping already
-            pass
-
-    def pass_on() -> None:
-        while True:
-            for signum in os.read(wake_read, 4096):
-                try:
-                    stop(signal.Signals(signum).name)
-                except Exception:  # a bug in stop: said, and the next signal still passed on
-                    logger.exception("stopping on %s", signal.Signals(signum).name)
-
-    threading.Thread(target=pass_on, name="stop-signals", daemon=True).start()
-    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
-
-    def restore() -> None:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-
-    return restore
+    return _on_a_thread(STOP_SIGNALS, pass_on, "stop-signals")
 
 
 def survive_hangup(meaning: str, action: Callable[[], None] | None = None,
@@ -236,30 +219,45 @@ def survive_hangup(meaning: str, action: Callable[[], None] | None = None,
     """
     if silence is None:
         silence = tuple(fd for fd in (1, 2) if _is_terminal(fd))
+    def watch(signums: bytes) -> None:  # hangups arrived together: one line, one action
+        logger.warning("SIGHUP: %s", meaning)
+        silence_output(silence)
+        if action is not None:
+            try:
+                action()
+            except Exception:
+                logger.exception("after SIGHUP")
+
+    return _on_a_thread((signal.SIGHUP,), watch, "hangup")
+
+
+def _on_a_thread(signums: Sequence[int], act: Callable[[bytes], None], name: str) -> Callable[[], None]:
+    """Handle ``signums`` on a daemon thread ``name``: ``act(numbers)`` with the signals that arrived since its
+    last call; returns a function that restores the old handlers.
+
+    The handler itself only writes the signal's number to a pipe: no lock, no logging (a handler runs in
+    the main thread between two bytecodes and may interrupt either, also a second handler), so ``act`` may
+    take locks and log.
+    """
     wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     os.set_blocking(wake_read, True)
 
     def handler(signum: int, frame: Any) -> None:
         try:
-            os.write(wake_write, b"h")
-        except BlockingIOError:  # thousands of hangups not yet logged: one more changes nothing
+            os.write(wake_write, bytes((signum,)))
+        except BlockingIOError:  # thousands of signals not yet handled: one more changes nothing
             pass
 
-    def watch() -> None:
-        while os.read(wake_read, 4096):
-            logger.warning("SIGHUP: %s", meaning)
-            silence_output(silence)
-            if action is not None:
-                try:
-                    action()
-                except Exception:
-                    logger.exception("after SIGHUP")
+    def run() -> None:
+        while signums_now := os.read(wake_read, 4096):
+            act(signums_now)
 
-    threading.Thread(target=watch, name="hangup", daemon=True).start()
-    previous = signal.signal(signal.SIGHUP, handler)
+    threading.Thread(target=run, name=name, daemon=True).start()
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
 
     def restore() -> None:
-        signal.signal(signal.SIGHUP, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
     return restore
 
